@@ -1,0 +1,87 @@
+"""taskorch: a resilient background task processor.
+
+A synchronous application calls ``run(fn, ...)`` and goes on; ``fn`` runs in a worker process,
+under a retry / backoff / timeout policy, out of the caller's way and past the GIL::
+
+    from taskorch import TaskOrchestrator
+
+    with TaskOrchestrator(worker_count=2, max_backlog=128) as orchestrator:
+        future = orchestrator.run(compact, "/var/data/db.sqlite")
+        ...
+
+This module is the whole public API. The parent-side names are imported lazily, so that worker
+processes, which import ``taskorch._worker_*`` (and so this package), stay light.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from taskorch._errors import (
+    CircuitOpenError,
+    OrchestratorBrokenError,
+    OrchestratorClosedError,
+    QueueFullError,
+    RemoteTaskError,
+    RemoteTraceback,
+    SerializationError,
+    TaskAbandonedError,
+    TaskorchError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from taskorch._policy import Features, Policy
+
+if TYPE_CHECKING:
+    from taskorch._parent_orchestrator import PolicyOverride, TaskOrchestrator
+    from taskorch._parent_task import TaskFuture
+    from taskorch._stats import Stats, StopReport
+
+__all__ = [
+    "CircuitOpenError",
+    "Features",
+    "OrchestratorBrokenError",
+    "OrchestratorClosedError",
+    "Policy",
+    "PolicyOverride",
+    "QueueFullError",
+    "RemoteTaskError",
+    "RemoteTraceback",
+    "SerializationError",
+    "Stats",
+    "StopReport",
+    "TaskAbandonedError",
+    "TaskFuture",
+    "TaskOrchestrator",
+    "TaskTimeoutError",
+    "TaskorchError",
+    "WorkerCrashedError",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger("taskorch").addHandler(logging.NullHandler())
+
+_LAZY = {
+    "PolicyOverride": "taskorch._parent_orchestrator",
+    "TaskOrchestrator": "taskorch._parent_orchestrator",
+    "TaskFuture": "taskorch._parent_task",
+    "Stats": "taskorch._stats",
+    "StopReport": "taskorch._stats",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskorch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,200 @@
+"""Parent process: the bounded backlog and the task ledger, shared by producers and dispatcher.
+
+Producers (any application thread via ``run()``, event loops via ``run_async()``) add
+``WorkItem``s; the dispatcher thread takes them for the workers and reports every transition
+back here, so the counts and the bound live in one place under one lock.
+
+The lock (``Backlog.lock``, a plain ``threading.Lock``):
+- guards ``pending``, every counter, ``closed``/``stop_deadline``, the room waiters, and each
+  item's ``state`` and ``worker`` fields;
+- is taken by producers once per task and by the dispatcher once per batch of events;
+- is never held across IPC, a ``join``, a Future method that runs callbacks, or logging of
+  user data: callers collect what to resolve and do it after releasing it.
+
+The bound is exact: ``queued`` counts tasks accepted and not yet started (in ``pending`` or
+prefetched by a worker), and ``offer`` checks and increments it under the lock, so no number of
+concurrent producers can push it past ``max_backlog``. A slot frees when a worker acknowledges
+the start of a task (or the task is cancelled), not when it is handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Callable
+
+from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
+from taskorch._parent_task import TaskState, WorkItem
+from taskorch._stats import Stats
+
+#: Terminal states and the counter each one increments.
+_TERMINAL = {
+    TaskState.SUCCEEDED: "succeeded",
+    TaskState.FAILED: "failed",
+    TaskState.CANCELLED: "cancelled",
+    TaskState.ABANDONED: "abandoned",
+}
+
+
+class Backlog:
+    def __init__(self, max_backlog: int) -> None:
+        self.max_backlog = max_backlog
+        self.lock = threading.Lock()
+        self.wake_dispatcher: Callable[[], None] = _no_dispatcher_yet
+        # Accepted tasks not handed to a worker, oldest first; re-queued ones go to the front.
+        self.pending: deque[WorkItem] = deque()
+        # True while the dispatcher is known to come back to `pending` without a wakeup (it
+        # was woken already, or it left work behind for lack of worker capacity): producers
+        # then skip the wakeup syscall. Cleared by the dispatcher when it empties `pending`.
+        self.dispatcher_will_look = False
+        self.closed = False
+        self.broken: str | None = None  # why no worker can be started, once that is so
+        self.stop_deadline: float | None = None  # time.monotonic() by which stop() must end
+        # asyncio futures of run_async() callers waiting for room, FIFO, with their loops.
+        self._room_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._last_task_id = 0
+        # Counters (see Stats).
+        self.submitted = self.queued = self.running = 0
+        self.succeeded = self.failed = self.cancelled = self.abandoned = 0
+        self.retried = self.dropped = self.rejected = 0
+        self.workers = self.worker_restarts = self.crashes = self.timeouts = 0
+        self.breaker_state = "closed"
+
+    # -- producers -----------------------------------------------------------------------
+
+    def offer(self, item: WorkItem, drop_when_full: bool) -> bool:
+        """Accept ``item`` (True), drop it (False), or raise QueueFullError / closed errors."""
+        with self.lock:
+            self._check_open()
+            if self.queued >= self.max_backlog:
+                if drop_when_full:
+                    self.dropped += 1
+                    return False
+                self.rejected += 1
+                raise QueueFullError(self.max_backlog)
+            self._accept(item)
+            wake = not self.dispatcher_will_look
+            self.dispatcher_will_look = True
+        if wake:
+            self.wake_dispatcher()
+        return True
+
+    def offer_or_wait(
+        self, item: WorkItem, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[None] | None:
+        """Accept ``item`` (None), or return a future that resolves when there may be room."""
+        with self.lock:
+            self._check_open()
+            if self.queued >= self.max_backlog:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._room_waiters.append((loop, waiter))
+                return waiter
+            self._accept(item)
+            wake = not self.dispatcher_will_look
+            self.dispatcher_will_look = True
+        if wake:
+            self.wake_dispatcher()
+        return None
+
+    def forget_waiter(self, waiter: asyncio.Future[None]) -> None:
+        """A run_async() caller gave up: drop its waiter, and pass on a wakeup it received."""
+        with self.lock:
+            for i, (_, w) in enumerate(self._room_waiters):
+                if w is waiter:
+                    del self._room_waiters[i]
+                    return
+            self._wake_room_waiters_locked(1)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise OrchestratorClosedError(
+                "the orchestrator was stopped and takes no new tasks; create a new one"
+            )
+        if self.broken is not None:
+            raise OrchestratorBrokenError(self.broken)
+
+    def _accept(self, item: WorkItem) -> None:
+        self._last_task_id += 1
+        item.task_id = item.future.task_id = self._last_task_id
+        self.submitted += 1
+        self.queued += 1
+        self.pending.append(item)
+
+    # -- state transitions (callers hold the lock) -------------------------------------------
+
+    def start_locked(self, item: WorkItem) -> None:
+        """A worker acknowledged the start of ``item``'s first attempt: its slot frees."""
+        if item.state is TaskState.QUEUED:
+            item.state = TaskState.RUNNING
+            self.queued -= 1
+            self.running += 1
+            item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
+            self._wake_room_waiters_locked(1)
+
+    def finish_locked(self, item: WorkItem, state: TaskState) -> None:
+        """Move ``item`` to a terminal state; the caller resolves its future after unlocking."""
+        if item.state is TaskState.QUEUED:
+            self.queued -= 1
+            self._wake_room_waiters_locked(1)
+        elif item.state is TaskState.RUNNING:
+            self.running -= 1
+        else:
+            raise AssertionError(f"{item!r} finished twice")
+        item.state = state
+        item.worker = None
+        setattr(self, _TERMINAL[state], getattr(self, _TERMINAL[state]) + 1)
+
+    def cancel_if_pending(self, item: WorkItem) -> bool:
+        """future.cancel(): succeeds only while the task waits in ``pending``."""
+        with self.lock:
+            if item.state is not TaskState.QUEUED or item.worker is not None:
+                return False
+            try:
+                self.pending.remove(item)
+            except ValueError:  # being handed over right now
+                return False
+            self.finish_locked(item, TaskState.CANCELLED)
+        return True
+
+    def close(self, deadline: float) -> None:
+        with self.lock:
+            self.closed = True
+            if self.stop_deadline is None or deadline < self.stop_deadline:
+                self.stop_deadline = deadline
+            self._wake_room_waiters_locked(len(self._room_waiters))  # they see `closed`
+
+    def _wake_room_waiters_locked(self, n: int) -> None:
+        while n > 0 and self._room_waiters:
+            loop, waiter = self._room_waiters.popleft()
+            try:
+                loop.call_soon_threadsafe(_deliver_room, self, waiter)
+            except RuntimeError:  # that loop is closed: its caller is gone
+                continue
+            n -= 1
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        with self.lock:
+            return Stats(
+                submitted=self.submitted, queued=self.queued, running=self.running,
+                succeeded=self.succeeded, failed=self.failed, cancelled=self.cancelled,
+                abandoned=self.abandoned, retried=self.retried, dropped=self.dropped,
+                rejected=self.rejected, workers=self.workers,
+                worker_restarts=self.worker_restarts, crashes=self.crashes,
+                timeouts=self.timeouts, breaker_state=self.breaker_state,
+            )
+
+
+def _deliver_room(backlog: Backlog, waiter: asyncio.Future[None]) -> None:
+    """On the waiter's loop: wake it, or pass the wakeup on if it was cancelled meanwhile."""
+    if waiter.done():
+        with backlog.lock:
+            backlog._wake_room_waiters_locked(1)
+    else:
+        waiter.set_result(None)
+
+
+def _no_dispatcher_yet() -> None:
+    raise AssertionError("Backlog.wake_dispatcher was not set")

@@ -1,0 +1,639 @@
+"""Parent process, the dispatcher thread: hands tasks to workers, reads their acks, supervises.
+
+Data flow:
+
+    run()/run_async()            dispatcher thread ("taskorch-dispatcher")        worker i
+    -----------------            -----------------------------------------        --------
+    cloudpickle the call
+    Backlog.offer() --pending--> take()  -- CALLS frame, private socketpair ----> run attempts
+    (wake pipe if asleep)        <------- STARTED / RETRYING / outcome frames ---- (tenacity)
+                                 update Backlog counts, resolve Futures
+                                 watch pidfds: a death re-queues or retries
+                                 timers: hard timeouts, retry backoff, stop deadline
+
+The actors:
+
+- Producers only touch the ``Backlog`` (one lock, one deque append) and write one byte to the
+  wake pipe when the dispatcher is not already due to look at the backlog.
+- The dispatcher is the only thread that talks to workers, spawns them (``PR_SET_PDEATHSIG``
+  in the workers is tied to the spawning thread, so this thread outlives every worker) and
+  kills them. It blocks in one place, ``selector.select(timeout)``, whose wakeup sources are:
+  the wake pipe (new tasks, stop()), each worker's channel (events), each worker's exit fd
+  (death), and the timeout (the nearest hard-timeout deadline, SIGKILL escalation, retry
+  backoff, respawn retry, or stop deadline). There is no fixed polling tick.
+- Workers run calls in the order handed over. A worker holds its running call plus a
+  prefetch sized from its recent task durations (``_parent_worker.PREFETCH_*``), so tiny
+  tasks stream without a round trip each while a slow task never holds many others back.
+
+Crash isolation: every worker has its own channel, so a death concerns one worker. The calls
+it held but had not started go back to the front of the backlog with no attempt charged (they
+never ran); the call it was running is charged one attempt and retried after the policy's
+backoff while the budget lasts, else fails with ``WorkerCrashedError``. A replacement worker
+is started at once. A call that started may have had side effects: after a crash a task runs
+at least once, not exactly once.
+
+The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
+stops every orchestrator first). Its body is guarded: if it ever fails, it kills the workers,
+fails every unresolved future with ``OrchestratorBrokenError`` and logs the error.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import threading
+import time
+from multiprocessing import Pipe
+from typing import Any
+
+from taskorch._errors import (
+    OrchestratorBrokenError,
+    SerializationError,
+    TaskAbandonedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from taskorch._parent_backlog import Backlog
+from taskorch._parent_task import TaskState, WorkItem
+from taskorch._parent_worker import PREFETCH_BYTES, WorkerProcess
+from taskorch._policy import Policy
+from taskorch._wire import (
+    FAILED,
+    RETIRING,
+    RETRYING,
+    STARTED,
+    SUCCEEDED,
+    Event,
+    decode_exception,
+    decode_frame,
+)
+
+log = logging.getLogger("taskorch")
+
+#: A worker that ignores SIGTERM after a hard timeout gets SIGKILL this much later.
+SIGKILL_AFTER = 0.5
+#: After stop() with nothing left to run, idle workers get this long to exit on their own
+#: before they are killed, even if stop's own timeout is shorter.
+IDLE_EXIT_GRACE = 2.0
+#: Consecutive workers that die before reporting anything, with none alive, before the
+#: orchestrator declares itself broken (e.g. the interpreter cannot start or import taskorch).
+MAX_START_FAILURES = 3
+RESPAWN_DELAY = 1.0
+
+_TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
+
+# Resolutions collected under the backlog lock and applied after it is released.
+_Resolution = tuple[WorkItem, str, Any]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        backlog: Backlog,
+        worker_count: int,
+        default_policy: Policy,
+        default_policy_bytes: bytes,
+        *,
+        kill_grace: float,
+        max_tasks_per_worker: int | None,
+        max_memory_per_worker: float | None,
+    ) -> None:
+        self._backlog = backlog
+        self._worker_count = worker_count
+        self._default_policy_bytes = default_policy_bytes
+        self._kill_grace = kill_grace
+        self._max_tasks_per_worker = max_tasks_per_worker
+        self._max_memory_per_worker = max_memory_per_worker
+        # Wake pipe: written by producers and stop() (non-blocking; a full pipe already means
+        # "wake up"), drained by the dispatcher after every select.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        # Lifeline: the workers inherit the read end; this process holds the only write end
+        # and never writes, so the workers see EOF exactly when this process dies.
+        self._lifeline_r, self._lifeline_w = Pipe(duplex=False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # Dispatcher thread only, except `pids` (a tuple swapped atomically, read by anyone).
+        self._workers: dict[int, WorkerProcess] = {}
+        self._slots = itertools.count(1)
+        self._delayed: list[tuple[float, int, WorkItem]] = []  # crash retries waiting backoff
+        self._delay_seq = itertools.count()
+        self._respawn_at: float | None = None
+        self._start_failures = 0
+        self.pids: tuple[int, ...] = ()
+        self.drained: bool | None = None  # set when the thread ends
+        self.finished = threading.Event()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run_guarded, name="taskorch-dispatcher", daemon=True)
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread; it spawns the workers. Raises if not even one could be started."""
+        self.thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self.finished.wait()
+            raise OrchestratorBrokenError(
+                f"could not start worker processes: {self._start_error}"
+            ) from self._start_error
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full: a wakeup is pending anyway; closed: the dispatcher is done
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run_guarded(self) -> None:
+        try:
+            try:
+                for _ in range(self._worker_count):
+                    self._spawn()
+            except BaseException as exc:
+                self._start_error = exc
+                self._backlog.broken = f"could not start worker processes: {exc}"
+                self._kill_everything()
+                return
+            finally:
+                self._started.set()
+            self._run()
+        except BaseException as exc:
+            log.critical("taskorch dispatcher failed; failing every unresolved task", exc_info=True)
+            self._backlog.broken = f"the dispatcher thread failed: {exc!r}"
+            self._kill_everything()
+            self._fail_everything(OrchestratorBrokenError(
+                f"the orchestrator's dispatcher thread failed ({exc!r}); see the 'taskorch' log"
+            ))
+        finally:
+            self._close_channels()
+            if self.drained is None:
+                self.drained = False
+            self.finished.set()
+
+    def _run(self) -> None:
+        while True:
+            for key, _ in self._selector.select(self._next_timeout()):
+                if key.data is None:
+                    self._drain_wake_pipe()
+                    continue
+                kind, worker = key.data
+                if worker.slot not in self._workers:
+                    continue  # handled earlier in this round
+                if kind == "exit":
+                    self._on_worker_exit(worker)
+                else:
+                    events = worker.receive()
+                    if events is None:  # channel ended: the exit fd follows
+                        self._selector.unregister(worker.conn)
+                    elif events:
+                        self._handle_events(worker, events)
+            now = time.monotonic()
+            self._fire_timers(now)
+            self._dispatch()
+            if self._finish_if_done(now):
+                return
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- events from workers -------------------------------------------------------------
+
+    def _handle_events(self, worker: WorkerProcess, events: list[Event]) -> None:
+        worker.events_seen = True
+        self._start_failures = 0
+        resolutions: list[_Resolution] = []
+        retries: list[tuple[WorkItem, Event]] = []
+        now = time.monotonic()
+        backlog = self._backlog
+        with backlog.lock:
+            for event in events:
+                tag = event[0]
+                if tag == STARTED:
+                    item = self._inflight_item(worker, event[1])
+                    item.attempts = event[2]
+                    item.attempt_started = now
+                    item.started_on = worker
+                    backlog.start_locked(item)
+                elif tag == RETRYING:
+                    item = self._inflight_item(worker, event[1])
+                    item.attempt_started = 0.0  # backing off: no attempt runs
+                    backlog.retried += 1
+                    if event[5]:
+                        backlog.timeouts += 1
+                    retries.append((item, event))
+                elif tag == SUCCEEDED or tag == FAILED:
+                    item = worker.inflight.popleft()
+                    if item.task_id != event[1]:
+                        raise AssertionError(f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
+                    worker.inflight_bytes -= len(item.payload)
+                    item.attempts = event[2]
+                    item.future.attempts = event[2]
+                    item.future.seconds = event[3]
+                    worker.record_duration(event[3] / max(1, event[2]))
+                    if tag == SUCCEEDED:
+                        backlog.finish_locked(item, TaskState.SUCCEEDED)
+                        resolutions.append((item, "result", event[4]))
+                    else:
+                        if event[5] == _TIMEOUT_TYPE:
+                            backlog.timeouts += 1
+                        backlog.finish_locked(item, TaskState.FAILED)
+                        resolutions.append((item, "error", event[4:]))
+                elif tag == RETIRING:
+                    worker.retiring = event[1]
+        for item, event in retries:
+            log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
+                     item.task_id, event[2], event[3], event[4])
+        if worker.retiring is not None:
+            self._begin_retirement(worker, worker.retiring)
+        self._resolve(resolutions)
+
+    @staticmethod
+    def _inflight_item(worker: WorkerProcess, task_id: int) -> WorkItem:
+        head = worker.inflight[0]
+        if head.task_id != task_id:
+            raise AssertionError(f"worker {worker.pid} started task {task_id}, expected {head!r}")
+        return head
+
+    def _resolve(self, resolutions: list[_Resolution]) -> None:
+        """Resolve futures; never under the backlog lock (callbacks are user code)."""
+        for item, kind, value in resolutions:
+            future = item.future
+            if kind == "result":
+                try:
+                    result = decode_frame(value)
+                except Exception as exc:
+                    err = SerializationError(
+                        f"the task's result could not be unpickled in the parent: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                    err.__cause__ = exc
+                    future.set_exception(err)
+                else:
+                    future.set_result(result)
+            elif kind == "error":
+                future.set_exception(decode_exception(*value))
+            elif kind == "exception":
+                future.set_exception(value)
+            elif kind == "cancel":
+                future._cancel_now()
+            else:
+                raise AssertionError(kind)
+
+    # -- dispatching -----------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        backlog = self._backlog
+        for worker in self._workers.values():
+            room = worker.room()
+            if room <= 0:
+                continue
+            batch: list[WorkItem] = []
+            size = worker.inflight_bytes
+            with backlog.lock:
+                pending = backlog.pending
+                while pending and len(batch) < room:
+                    item = pending[0]
+                    if (batch or worker.inflight) and size + len(item.payload) > PREFETCH_BYTES:
+                        break  # only an idle worker takes a large call (see _parent_worker)
+                    pending.popleft()
+                    item.worker = worker
+                    size += len(item.payload)
+                    batch.append(item)
+            if batch:
+                try:
+                    worker.send_calls(batch)
+                except OSError:
+                    # It is dying: the calls count as handed over, and go back to the backlog
+                    # uncharged when its exit is handled.
+                    worker.inflight.extend(batch)
+                    worker.channel_open = False
+                if self._max_tasks_per_worker and worker.handed >= self._max_tasks_per_worker:
+                    self._begin_retirement(worker, f"ran {worker.handed} tasks")
+        with backlog.lock:
+            # Will something other than a producer's wakeup bring us back to `pending`?
+            # Yes if it is non-empty: capacity only frees through events we will read.
+            backlog.dispatcher_will_look = bool(backlog.pending)
+
+    # -- worker life -----------------------------------------------------------------------
+
+    def _spawn(self) -> WorkerProcess:
+        slot = next(self._slots)
+        worker = WorkerProcess.spawn(
+            slot, self._lifeline_r, self._default_policy_bytes, self._max_memory_per_worker
+        )
+        self._workers[slot] = worker
+        self._selector.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
+        self._selector.register(worker.exit_fd, selectors.EVENT_READ, ("exit", worker))
+        self.pids = tuple(w.pid for w in self._workers.values())
+        with self._backlog.lock:
+            self._backlog.workers = len(self._workers)
+        log.debug("started worker %d (pid %d)", slot, worker.pid)
+        return worker
+
+    def _top_up(self, reason: str) -> None:
+        """Start replacements until ``worker_count`` workers take calls (retiring ones do not)."""
+        if self._respawn_at is not None or self._finishing() or self._backlog.broken:
+            return  # a retry is scheduled / nothing left to run / given up
+        while sum(w.retiring is None for w in self._workers.values()) < self._worker_count:
+            try:
+                self._spawn()
+            except Exception as exc:
+                log.error("could not start a replacement worker (%s): %s; retrying in %.1f s",
+                          reason, exc, RESPAWN_DELAY)
+                self._respawn_at = time.monotonic() + RESPAWN_DELAY
+                self._start_failures += 1
+                self._check_broken()
+                return
+            with self._backlog.lock:
+                self._backlog.worker_restarts += 1
+
+    def _begin_retirement(self, worker: WorkerProcess, reason: str) -> None:
+        """Recycle ``worker``: no more calls for it; its replacement starts now, so queued work
+        keeps flowing while it finishes what it holds (CPython gh-115634 hung here)."""
+        if worker.replacement_started:
+            return
+        worker.retiring = reason
+        worker.replacement_started = True
+        log.info("recycling worker pid %d: %s", worker.pid, reason)
+        self._top_up(f"recycling: {reason}")
+        if not worker.inflight:
+            worker.send_shutdown()
+
+    def _on_worker_exit(self, worker: WorkerProcess) -> None:
+        self._selector.unregister(worker.exit_fd)
+        if worker.channel_open:
+            self._selector.unregister(worker.conn)
+        events = worker.drain()
+        if events:
+            self._handle_events(worker, events)
+        exitcode = worker.reap()
+        worker.close()
+        del self._workers[worker.slot]
+        self.pids = tuple(w.pid for w in self._workers.values())
+
+        resolutions: list[_Resolution] = []
+        backlog = self._backlog
+        with backlog.lock:
+            backlog.workers = len(self._workers)
+            items = list(worker.inflight)
+            worker.inflight.clear()
+            # Only the head can have started here; the rest never ran: back to the front of
+            # the backlog, in order, with no attempt charged.
+            crashed = items.pop(0) if items and items[0].started_on is worker else None
+            for item in reversed(items):
+                item.worker = None
+                backlog.pending.appendleft(item)
+            if crashed is not None:
+                crashed.worker = crashed.started_on = None
+                backlog.crashes += 1
+                error = self._attempt_error(worker, crashed, exitcode)
+                if isinstance(error, TaskTimeoutError):
+                    backlog.timeouts += 1
+                if self._retryable(crashed, error):
+                    backlog.retried += 1
+                    delay = crashed.policy.backoff_before(crashed.attempts + 1)
+                    heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._delay_seq), crashed))
+                else:
+                    backlog.finish_locked(crashed, TaskState.FAILED)
+                    resolutions.append((crashed, "exception", error))
+            if items:
+                backlog.dispatcher_will_look = True
+
+        planned = worker.retiring is not None and exitcode == 0 and crashed is None
+        if crashed is not None:
+            log.warning(
+                "worker pid %d %s while running task %d (attempt %d of %d): %s",
+                worker.pid, _how(exitcode), crashed.task_id, crashed.attempts,
+                crashed.policy.max_attempts,
+                "retrying" if crashed.state is TaskState.RUNNING else "task failed",
+            )
+        elif not planned:
+            log.warning("worker pid %d %s while idle", worker.pid, _how(exitcode))
+        if not worker.events_seen and not planned and worker.kill_reason is None:
+            self._start_failures += 1
+        self._resolve(resolutions)
+        self._top_up(f"worker pid {worker.pid} {_how(exitcode)}")
+        self._check_broken()
+
+    def _attempt_error(self, worker: WorkerProcess, item: WorkItem, exitcode: int | None) -> BaseException:
+        if worker.kill_reason is not None and worker.kill_item is item:
+            return TaskTimeoutError(
+                f"attempt {item.attempts} ran past its {item.policy.timeout:g} s timeout and did "
+                f"not respond to the in-process interrupt (stuck in C code or blocking signals); "
+                f"its worker (pid {worker.pid}) was terminated {self._kill_grace:g} s later"
+            )
+        return WorkerCrashedError(worker.pid, exitcode, item.attempts)
+
+    @staticmethod
+    def _retryable(item: WorkItem, error: BaseException) -> bool:
+        if item.attempts >= item.policy.max_attempts:
+            return False
+        return isinstance(error, WorkerCrashedError) or isinstance(error, item.policy.retry_on)
+
+    def _check_broken(self) -> None:
+        if self._workers or self._start_failures < MAX_START_FAILURES:
+            return
+        reason = (
+            f"{self._start_failures} worker processes in a row died or failed while starting; "
+            "check that the interpreter can start and import taskorch (see the 'taskorch' log)"
+        )
+        log.error("orchestrator broken: %s", reason)
+        self._backlog.broken = reason
+        self._respawn_at = None
+        self._fail_everything(OrchestratorBrokenError(reason))
+
+    def _finishing(self) -> bool:
+        backlog = self._backlog
+        with backlog.lock:
+            return backlog.closed and not backlog.pending and not self._delayed and not any(
+                w.inflight for w in self._workers.values()
+            )
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _next_timeout(self) -> float | None:
+        deadlines: list[float] = []
+        for worker in self._workers.values():
+            if worker.sigkill_at is not None:
+                deadlines.append(worker.sigkill_at)
+            deadline = self._hard_deadline(worker)
+            if deadline is not None and worker.kill_reason is None:
+                deadlines.append(deadline)
+        if self._delayed:
+            deadlines.append(self._delayed[0][0])
+        if self._respawn_at is not None:
+            deadlines.append(self._respawn_at)
+        stop_deadline = self._backlog.stop_deadline
+        if stop_deadline is not None:
+            deadlines.append(stop_deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _hard_deadline(self, worker: WorkerProcess) -> float | None:
+        if not worker.inflight:
+            return None
+        item = worker.inflight[0]
+        timeout = item.policy.timeout
+        if timeout is None or item.state is not TaskState.RUNNING or not item.attempt_started:
+            return None
+        return item.attempt_started + timeout + self._kill_grace
+
+    def _fire_timers(self, now: float) -> None:
+        for worker in list(self._workers.values()):
+            if worker.sigkill_at is not None and now >= worker.sigkill_at:
+                log.warning("worker pid %d ignored SIGTERM; sending SIGKILL", worker.pid)
+                worker.sigkill_at = None
+                worker.kill()
+            deadline = self._hard_deadline(worker)
+            if deadline is not None and worker.kill_reason is None and now >= deadline:
+                item = worker.inflight[0]
+                log.warning(
+                    "task %d: attempt %d still running %.3g s past its %.3g s timeout; "
+                    "terminating worker pid %d", item.task_id, item.attempts, self._kill_grace,
+                    item.policy.timeout, worker.pid,
+                )
+                worker.kill_reason = "timeout"
+                worker.kill_item = item
+                worker.sigkill_at = now + SIGKILL_AFTER
+                worker.terminate()
+                # Its other calls were never started: give them to the other workers now.
+                self._take_back_unstarted(worker)
+        if self._delayed and self._delayed[0][0] <= now:
+            with self._backlog.lock:
+                due = []
+                while self._delayed and self._delayed[0][0] <= now:
+                    due.append(heapq.heappop(self._delayed)[2])
+                self._backlog.pending.extendleft(reversed(due))
+        if self._respawn_at is not None and now >= self._respawn_at:
+            self._respawn_at = None
+            self._top_up("retrying a failed start")
+
+    def _take_back_unstarted(self, worker: WorkerProcess) -> None:
+        with self._backlog.lock:
+            while len(worker.inflight) > 1:
+                item = worker.inflight.pop()
+                worker.inflight_bytes -= len(item.payload)
+                item.worker = item.started_on = None
+                self._backlog.pending.appendleft(item)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _finish_if_done(self, now: float) -> bool:
+        backlog = self._backlog
+        if not backlog.closed and backlog.broken is None:
+            return False
+        if self._finishing() or (backlog.broken is not None and backlog.closed):
+            deadline = max(backlog.stop_deadline or now, now + IDLE_EXIT_GRACE)
+            self._shut_down_workers(deadline)
+            self.drained = backlog.broken is None
+            return True
+        if backlog.stop_deadline is not None and now >= backlog.stop_deadline:
+            self._abandon_everything()
+            self.drained = False
+            return True
+        return False
+
+    def _shut_down_workers(self, deadline: float) -> None:
+        for worker in self._workers.values():
+            worker.retiring = "shutdown"
+            worker.send_shutdown()
+        while self._workers:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for key, _ in self._selector.select(remaining):
+                if key.data is not None and key.data[0] == "exit":
+                    worker = key.data[1]
+                    if worker.slot in self._workers:
+                        self._on_worker_exit(worker)
+                elif key.data is None:
+                    self._drain_wake_pipe()
+                elif key.data[1].slot in self._workers:
+                    events = key.data[1].receive()
+                    if events is None:
+                        self._selector.unregister(key.data[1].conn)
+        self._kill_everything()
+
+    def _abandon_everything(self) -> None:
+        """stop()'s timeout expired: kill the workers, then settle every unresolved task."""
+        for worker in self._workers.values():
+            worker.kill()
+        for worker in list(self._workers.values()):
+            events = worker.drain()  # outcomes that arrived before the kill still count
+            if events:
+                self._handle_events(worker, events)
+        self._fail_everything(None)
+        self._kill_everything()
+
+    def _fail_everything(self, error: BaseException | None) -> None:
+        """Settle every unresolved task: queued ones are cancelled, running ones abandoned
+        (``error`` None) or failed with ``error``."""
+        resolutions: list[_Resolution] = []
+        backlog = self._backlog
+        with backlog.lock:
+            items: list[WorkItem] = list(backlog.pending)
+            backlog.pending.clear()
+            items += [entry[2] for entry in self._delayed]
+            self._delayed.clear()
+            for worker in self._workers.values():
+                items += worker.inflight
+                worker.inflight.clear()
+            for item in items:
+                if error is not None:
+                    backlog.finish_locked(item, TaskState.FAILED)
+                    resolutions.append((item, "exception", error))
+                elif item.state is TaskState.RUNNING:
+                    backlog.finish_locked(item, TaskState.ABANDONED)
+                    resolutions.append((item, "exception", TaskAbandonedError(
+                        f"stop()'s timeout expired while task {item.task_id} was running "
+                        f"(attempt {item.attempts}); its worker was terminated"
+                    )))
+                else:
+                    backlog.finish_locked(item, TaskState.CANCELLED)
+                    resolutions.append((item, "cancel", None))
+        self._resolve(resolutions)
+
+    def _kill_everything(self) -> None:
+        for worker in list(self._workers.values()):
+            worker.kill()
+            worker.reap()
+            worker.close()
+        self._workers.clear()
+        self.pids = ()
+        with self._backlog.lock:
+            self._backlog.workers = 0
+
+    def _close_channels(self) -> None:
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._lifeline_w.close()
+        self._lifeline_r.close()
+
+
+def _how(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "vanished"
+    if exitcode < 0:
+        import signal
+
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"

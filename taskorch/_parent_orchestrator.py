@@ -1,0 +1,308 @@
+"""Parent process, the caller's threads: the ``TaskOrchestrator`` facade.
+
+Everything here runs in the application's threads (or event loops) and does little: validate,
+pickle the call (so a bad task fails in the caller), and offer it to the ``Backlog``. The
+dispatcher thread (``_parent_dispatcher``) does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import logging
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import Any, Callable
+
+from taskorch._parent_backlog import Backlog
+from taskorch._parent_dispatcher import Dispatcher
+from taskorch._parent_task import TaskFuture, WorkItem
+from taskorch._policy import Features, Policy
+from taskorch._stats import Stats, StopReport
+from taskorch._wire import encode_call, encode_policy
+
+log = logging.getLogger("taskorch")
+
+#: stop() waits this much longer than its timeout for the dispatcher before giving up on it
+#: (it only matters if the dispatcher itself is stuck, which would be a bug).
+_STOP_SLACK = 5.0
+#: How long the interpreter-exit hook lets an orchestrator that was never stopped drain.
+EXIT_TIMEOUT = 30.0
+
+
+class TaskOrchestrator:
+    """Runs callables in worker processes, with a bounded backlog and a resilience policy.
+
+    ``worker_count`` worker processes start in the constructor (loky's fork+exec start
+    method; the constructor returns once they are launched, without waiting for them to
+    import). At most ``max_backlog`` tasks wait to start; ``run()`` never waits for room,
+    ``run_async()`` does. ``policy`` (default ``Policy.default()``) applies to every task,
+    unless overridden per task with ``with_policy()``.
+
+    Fault tolerance: ``kill_grace`` is how long past its per-attempt timeout a task that does
+    not respond to the in-process interrupt may run before its worker is terminated (SIGTERM,
+    then SIGKILL 0.5 s later). ``max_tasks_per_worker`` and ``max_memory_per_worker`` (MiB of
+    resident memory, checked after each task) recycle a worker after the task that crossed the
+    line; its replacement starts at once.
+
+    Stop it with ``stop()``, ``with``, or ``async with``. One that is never stopped is stopped
+    at interpreter exit (drained for up to ``EXIT_TIMEOUT`` seconds), and if it is garbage
+    collected first, its intake closes and it drains in the background.
+    """
+
+    def __init__(
+        self,
+        worker_count: int = 2,
+        max_backlog: int = 128,
+        features: Features = Features.NONE,
+        policy: Policy | None = None,
+        *,
+        kill_grace: float = 1.0,
+        max_tasks_per_worker: int | None = None,
+        max_memory_per_worker: float | None = None,
+    ) -> None:
+        _check_int("worker_count", worker_count, minimum=1)
+        _check_int("max_backlog", max_backlog, minimum=1)
+        if not isinstance(features, Features):
+            raise ValueError(f"features must be a taskorch.Features flag, got {features!r}")
+        if policy is None:
+            policy = Policy.default()
+        elif not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
+        _check_number("kill_grace", kill_grace)
+        if max_tasks_per_worker is not None:
+            _check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        if max_memory_per_worker is not None:
+            _check_number("max_memory_per_worker", max_memory_per_worker)
+        self._worker_count = worker_count
+        self._max_backlog = max_backlog
+        self._features = features
+        self._drop_when_full = Features.ALLOW_SYNC_TASK_DROP in features
+        self._policy = policy
+        self._backlog = Backlog(max_backlog)
+        self._dispatcher = Dispatcher(
+            self._backlog, worker_count, policy, encode_policy(policy),
+            kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
+            max_memory_per_worker=max_memory_per_worker,
+        )
+        # Not a bound method of self: the finalizer below must not keep self alive.
+        self._backlog.wake_dispatcher = self._dispatcher.wake
+        self._dispatcher.start()
+        _running.add(self._dispatcher)
+        # Garbage-collected without stop(): close intake and let the dispatcher drain.
+        weakref.finalize(self, _close_intake, self._backlog, self._dispatcher, EXIT_TIMEOUT)
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def worker_count(self) -> int:
+        return self._worker_count
+
+    @property
+    def max_backlog(self) -> int:
+        return self._max_backlog
+
+    @property
+    def features(self) -> Features:
+        return self._features
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
+        """Enqueue ``fn(*args, **kwargs)`` without waiting; return its Future.
+
+        Raises ``QueueFullError`` when ``max_backlog`` tasks are queued (or, with
+        ``Features.ALLOW_SYNC_TASK_DROP``, drops the task with a logged warning and returns
+        None), ``SerializationError`` when the call does not pickle (nothing is enqueued), and
+        ``OrchestratorClosedError`` after ``stop()``.
+        """
+        return self._run(self._policy, None, fn, args, kwargs)
+
+    async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Enqueue ``fn(*args, **kwargs)``, waiting without blocking the loop for room.
+
+        Cancelling the wait enqueues nothing. Returns a ``concurrent.futures.Future``; await
+        ``asyncio.wrap_future(fut)`` for its result.
+        """
+        return await self._run_async(self._policy, None, fn, args, kwargs)
+
+    def with_policy(self, policy: Policy) -> PolicyOverride:
+        """``o.with_policy(Policy(retries=5)).run(fn, x)``: one task's own policy, without
+        taking a keyword argument away from ``fn``."""
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
+        return PolicyOverride(self, policy)
+
+    def _item(
+        self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> WorkItem:
+        if not callable(fn):
+            raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
+        payload = encode_call(fn, args, kwargs)  # SerializationError: nothing enqueued
+        future = TaskFuture()
+        item = WorkItem(0, future, payload, policy, policy_bytes)
+        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
+        return item
+
+    def _run(
+        self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> TaskFuture | None:
+        item = self._item(policy, policy_bytes, fn, args, kwargs)
+        if self._backlog.offer(item, self._drop_when_full):
+            return item.future
+        log.warning(
+            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
+            self._max_backlog, getattr(fn, "__qualname__", fn),
+        )
+        return None
+
+    async def _run_async(
+        self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> TaskFuture:
+        item = self._item(policy, policy_bytes, fn, args, kwargs)
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = self._backlog.offer_or_wait(item, loop)
+            if waiter is None:
+                return item.future
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._backlog.forget_waiter(waiter)
+                raise
+
+    # -- observing -------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A consistent snapshot of the counts (see ``Stats``)."""
+        return self._backlog.stats()
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes alive now."""
+        return list(self._dispatcher.pids)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 30.0) -> StopReport:
+        """Close intake, drain every queued and running task, stop the workers.
+
+        If ``timeout`` seconds pass first, queued tasks are cancelled and running ones are
+        terminated (their futures fail with ``TaskAbandonedError``); stop still returns within
+        about ``timeout``. Every future is resolved when it returns, and no worker process is
+        left. Idempotent and safe from any thread; a later call with a shorter timeout
+        shortens the deadline. Called from a future's callback (the dispatcher thread), it
+        starts the stop and returns without waiting.
+        """
+        _check_number("timeout", timeout, allow_zero=True)
+        started = time.monotonic()
+        self._backlog.close(started + timeout)
+        self._dispatcher.wake()
+        if threading.current_thread() is not self._dispatcher.thread:
+            self._dispatcher.finished.wait(timeout + _STOP_SLACK)
+        _running.discard(self._dispatcher)
+        return self._report(time.monotonic() - started)
+
+    async def stop_async(self, timeout: float = 30.0) -> StopReport:
+        """``stop()`` without blocking the event loop."""
+        return await asyncio.to_thread(self.stop, timeout)
+
+    def _report(self, seconds: float) -> StopReport:
+        s = self._backlog.stats()
+        return StopReport(
+            drained=bool(self._dispatcher.drained), succeeded=s.succeeded, failed=s.failed,
+            cancelled=s.cancelled, abandoned=s.abandoned, seconds=seconds,
+        )
+
+    def __enter__(self) -> TaskOrchestrator:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> TaskOrchestrator:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop_async()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "stopped" if self._dispatcher.finished.is_set() else (
+            "stopping" if self._backlog.closed else "running")
+        return (f"<TaskOrchestrator {state} workers={s.workers}/{self._worker_count} "
+                f"queued={s.queued}/{self._max_backlog} running={s.running}>")
+
+
+class PolicyOverride:
+    """``run``/``run_async`` of an orchestrator with another policy (see ``with_policy``)."""
+
+    def __init__(self, orchestrator: TaskOrchestrator, policy: Policy) -> None:
+        self._orchestrator = orchestrator
+        self._policy = policy
+        self._policy_bytes = encode_policy(policy)
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
+        return self._orchestrator._run(self._policy, self._policy_bytes, fn, args, kwargs)
+
+    async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        return await self._orchestrator._run_async(self._policy, self._policy_bytes, fn, args, kwargs)
+
+
+def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
+    if not backlog.cancel_if_pending(item):
+        return False
+    future._cancel_now()
+    return True
+
+
+# Dispatchers of orchestrators not yet stopped: the exit hook stops them.
+_running: set[Dispatcher] = set()
+_exit_hook_lock = threading.Lock()
+
+
+def _close_intake(backlog: Backlog, dispatcher: Dispatcher, timeout: float) -> None:
+    backlog.close(time.monotonic() + timeout)
+    dispatcher.wake()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    with _exit_hook_lock:
+        dispatchers = list(_running)
+        _running.clear()
+    for dispatcher in dispatchers:
+        if not dispatcher.finished.is_set():
+            log.info("stopping an orchestrator that was not stopped (interpreter exit)")
+            _close_intake(dispatcher._backlog, dispatcher, EXIT_TIMEOUT)
+    for dispatcher in dispatchers:
+        dispatcher.finished.wait(EXIT_TIMEOUT + _STOP_SLACK)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: object, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0) and value != float("inf")
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+

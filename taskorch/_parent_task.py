@@ -1,0 +1,89 @@
+"""Parent process: one accepted task (``WorkItem``) and the Future handed to the caller.
+
+Life of a task (each accepted task ends in exactly one terminal state, and its future is
+resolved then):
+
+    queued --start ack--> running --> succeeded | failed
+      |                      |  \\
+      |                      |   crash or hard timeout, budget left: re-dispatched, still running
+      |                      +--> abandoned   (stop's timeout expired while it ran)
+      +--> cancelled          (future.cancel() before hand-over, or stop's timeout expired)
+
+"queued" covers both the parent's backlog and a worker's prefetch (handed over, no start ack
+yet): a task handed to a worker that dies before starting it goes back to the front of the
+backlog with no attempt charged.
+"""
+
+from __future__ import annotations
+
+import enum
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from taskorch._parent_worker import WorkerProcess
+    from taskorch._policy import Policy
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ABANDONED = "abandoned"
+
+
+class TaskFuture(Future[Any]):
+    """The ``concurrent.futures.Future`` of one task, with what the worker reported.
+
+    ``attempts`` (attempts started so far) and ``seconds`` (worker-side time of the last
+    run, all its attempts included) are set before the future resolves. ``cancel()`` succeeds
+    only while the task waits in the parent's backlog; once handed to a worker it returns
+    False, as for ``concurrent.futures`` executors.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_id = 0
+        self.attempts = 0
+        self.seconds: float | None = None
+        # Set by the orchestrator: removes the task from the backlog if it is still there.
+        self._cancel_hook: Callable[[TaskFuture], bool] | None = None
+
+    def cancel(self) -> bool:
+        hook = self._cancel_hook
+        if hook is None or self.done():
+            return super().cancel()
+        return hook(self)
+
+    def _cancel_now(self) -> None:
+        """Cancel for real (the orchestrator decided) and wake wait()/as_completed() callers."""
+        Future.cancel(self)
+        self.set_running_or_notify_cancel()
+
+
+class WorkItem:
+    """The parent's record of an accepted task. Fields are guarded by the backlog's lock,
+    except ``started_on``, ``attempts`` and ``attempt_started`` (dispatcher thread only)."""
+
+    __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "state", "worker",
+                 "started_on", "attempts", "attempt_started")
+
+    def __init__(
+        self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
+        policy_bytes: bytes | None,
+    ) -> None:
+        self.task_id = task_id
+        self.future = future
+        self.payload = payload
+        self.policy = policy
+        self.policy_bytes = policy_bytes  # None: the workers' default policy
+        self.state = TaskState.QUEUED
+        self.worker: WorkerProcess | None = None  # set while handed over to a worker
+        self.started_on: WorkerProcess | None = None  # the worker running its current attempt
+        self.attempts = 0  # attempts started (and so charged) so far
+        self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
+
+    def __repr__(self) -> str:
+        return f"<WorkItem {self.task_id} {self.state.value} attempts={self.attempts}>"

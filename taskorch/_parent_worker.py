@@ -1,0 +1,188 @@
+"""Parent process, dispatcher thread only: the handle on one worker process.
+
+Why not ``loky.ProcessPoolExecutor``: when one of its workers dies it marks its shared queues
+"in a dirty state", fails every pending future with ``TerminatedWorkerError`` and kills every
+other worker (``terminate_broken`` in loky's ``process_executor.py``). taskorch instead starts
+each worker with loky's process context (start method "loky": fork+exec of a fresh
+interpreter, safe in a threaded parent, no re-run of ``__main__``) and gives it a private
+socketpair, so a death touches only that worker's channel and the task it was running.
+
+A worker's exit is watched through a pidfd where the kernel has one (Linux >= 5.3): readable
+exactly when the process ends, even if a grandchild started by the task inherited the worker's
+other descriptors. Elsewhere loky's sentinel pipe serves.
+
+Sends never block for long: the dispatcher keeps the bytes handed to a worker and not yet
+finished under ``PREFETCH_BYTES`` (far below the socket buffer), except for a single call to an
+idle worker, which is reading. Without that bound, a parent blocked sending to a busy worker
+and a worker blocked sending a large result to the parent would deadlock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Any
+
+from loky.backend.context import get_context
+from loky.backend.utils import kill_process_tree
+
+from taskorch._parent_task import WorkItem
+from taskorch._wire import SHUTDOWN, Event, decode_frame, encode_frame
+from taskorch._worker_main import worker_main
+
+#: Upper bound on payload bytes handed to a worker and not yet finished (see module docstring).
+PREFETCH_BYTES = 64 * 1024
+#: At most this many calls handed to one worker ahead of the one it runs. More amortizes the
+#: round trip for tiny tasks; fewer limits how long a call can wait behind a slow one.
+MAX_PREFETCH = 64
+#: Prefetch only as many calls as fit in this much expected run time (from the worker's recent
+#: task durations), so a task never waits long behind another worker's long task.
+PREFETCH_SECONDS = 0.002
+
+
+class WorkerProcess:
+    """One worker process and its channel, as the dispatcher sees it."""
+
+    def __init__(self, slot: int, process: Any, conn: Connection) -> None:
+        self.slot = slot
+        self.process = process  # a loky LokyProcess
+        self.pid: int = process.pid
+        self.conn = conn
+        self.exit_fd, self._owns_exit_fd = _exit_fd(process)
+        self.started_at = time.monotonic()
+        # Calls handed over and not finished, in the order the worker runs them; the head is
+        # running once its STARTED event arrived (item.state RUNNING and item.worker is self).
+        self.inflight: deque[WorkItem] = deque()
+        self.inflight_bytes = 0
+        self.handed = 0  # calls ever handed over (for max_tasks_per_worker)
+        self.events_seen = False  # has it ever reported anything (vs died while starting)
+        self.ewma_seconds: float | None = None  # recent task duration, for the prefetch depth
+        self.retiring: str | None = None  # why it takes no more calls (recycling, shutdown)
+        self.replacement_started = False  # retiring, and its successor already spawned
+        self.channel_open = True
+        # Hard-timeout escalation: the item being killed for, and when to escalate to SIGKILL.
+        self.kill_reason: str | None = None
+        self.kill_item: WorkItem | None = None
+        self.sigkill_at: float | None = None
+
+    @classmethod
+    def spawn(
+        cls, slot: int, lifeline: Connection, default_policy: bytes, max_memory_mib: float | None
+    ) -> WorkerProcess:
+        ctx = get_context("loky")
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        process = ctx.Process(
+            target=worker_main,
+            args=(child_conn, lifeline, default_policy, os.getpid(), max_memory_mib),
+            name=f"taskorch-worker-{slot}",
+        )
+        try:
+            process.start()
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+        return cls(slot, process, parent_conn)
+
+    # -- capacity ----------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """How many more calls to hand over now (see PREFETCH_*)."""
+        if self.retiring is not None or self.kill_reason is not None or not self.channel_open:
+            return 0
+        ewma = self.ewma_seconds
+        if ewma is None:
+            depth = 1
+        else:
+            depth = 1 + min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(ewma, 1e-6)))
+        return depth - len(self.inflight)
+
+    def record_duration(self, seconds: float) -> None:
+        ewma = self.ewma_seconds
+        self.ewma_seconds = seconds if ewma is None else 0.8 * ewma + 0.2 * seconds
+
+    # -- channel -----------------------------------------------------------------------------
+
+    def send_calls(self, items: list[WorkItem]) -> None:
+        self.conn.send_bytes(encode_frame(
+            [(it.task_id, it.payload, it.policy_bytes, it.attempts) for it in items]
+        ))
+        self.inflight.extend(items)
+        self.inflight_bytes += sum(len(it.payload) for it in items)
+        self.handed += len(items)
+
+    def send_shutdown(self) -> None:
+        try:
+            self.conn.send_bytes(SHUTDOWN)
+        except OSError:
+            pass  # it is dying anyway; its exit is noticed through exit_fd
+
+    def receive(self, limit: int = 64) -> list[Event] | None:
+        """Events from up to ``limit`` frames that have arrived; None once the channel ends."""
+        events: list[Event] = []
+        try:
+            for _ in range(limit):
+                events.extend(decode_frame(self.conn.recv_bytes()))
+                if not self.conn.poll():
+                    break
+        except (EOFError, OSError):
+            self.channel_open = False
+            return events or None
+        return events
+
+    def drain(self) -> list[Event]:
+        """After the process ended: every complete frame it managed to send."""
+        events: list[Event] = []
+        while self.channel_open:
+            try:
+                if not self.conn.poll():
+                    break
+                events.extend(decode_frame(self.conn.recv_bytes()))
+            except (EOFError, OSError):
+                break
+        self.channel_open = False
+        return events
+
+    # -- process -----------------------------------------------------------------------------
+
+    def terminate(self) -> None:
+        """SIGTERM the worker (its task may clean up); the caller escalates to kill()."""
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every process its task started."""
+        try:
+            kill_process_tree(self.process)
+        except (OSError, ValueError):
+            pass
+
+    def reap(self) -> int | None:
+        """The exit code once the process has ended (negative: killed by that signal)."""
+        self.process.join(timeout=5.0)
+        code: int | None = self.process.exitcode
+        return code
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._owns_exit_fd:
+            os.close(self.exit_fd)
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess slot={self.slot} pid={self.pid} inflight={len(self.inflight)}>"
+
+
+def _exit_fd(process: Any) -> tuple[int, bool]:
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            return pidfd_open(process.pid), True
+        except OSError:
+            pass
+    return process.sentinel, False

@@ -1,0 +1,116 @@
+"""Configuration values: ``Policy`` (per task) and ``Features`` (per orchestrator).
+
+Imported on both sides of the process boundary: the parent validates a policy and ships it to
+the workers pickled; the worker builds its tenacity controller from it (``_worker_attempts``).
+
+Which layer owns which limit:
+
+- ``retries``, ``backoff_*``, ``jitter``, ``retry_on``: one attempt budget per task. Exceptions
+  are retried by tenacity inside the worker, without a round trip; a crash of the worker or a
+  hard kill is retried by the parent, charged to the same budget.
+- ``timeout``: per attempt. The worker interrupts a running attempt with a signal timer
+  (``TaskTimeoutError``); tenacity itself never interrupts an attempt (its ``stop_after_delay``
+  is only checked between attempts, jd/tenacity#373).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tenacity.wait import wait_base
+
+__all__ = ["Features", "Policy"]
+
+
+class Features(enum.Flag):
+    """Behaviour switches of a ``TaskOrchestrator``."""
+
+    NONE = 0
+    #: run() drops a task that finds the backlog full (logged, counted in stats().dropped)
+    #: instead of raising QueueFullError.
+    ALLOW_SYNC_TASK_DROP = enum.auto()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Policy:
+    """The resilience policy applied to each attempt of a task.
+
+    ``retries`` are attempts after the first (``retries=2``: at most 3 attempts). Between
+    attempts the worker waits ``backoff_initial * 2**(n-1)`` seconds, capped at
+    ``backoff_max``, plus up to ``backoff_initial`` of random jitter when ``jitter`` is set
+    (tenacity's ``wait_exponential() + wait_random()``). ``timeout`` limits each attempt, in seconds.
+    Only exceptions that are instances of ``retry_on`` are retried; ``TaskTimeoutError`` is a
+    ``TimeoutError``, and worker crashes are always retried while the budget lasts.
+    """
+
+    retries: int = 0
+    timeout: float | None = None
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+    jitter: bool = True
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+        if self.timeout is not None:
+            _positive("timeout", self.timeout)
+        _non_negative("backoff_initial", self.backoff_initial)
+        _non_negative("backoff_max", self.backoff_max)
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError(
+                f"backoff_max ({self.backoff_max}) must be >= backoff_initial "
+                f"({self.backoff_initial})"
+            )
+        retry_on = self.retry_on
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+            object.__setattr__(self, "retry_on", retry_on)
+        if not isinstance(retry_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
+        ):
+            raise ValueError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")
+
+    @classmethod
+    def default(cls) -> Policy:
+        """The recommended policy for background work, used when none is given.
+
+        Up to 3 retries with exponential backoff from 0.2 s to 30 s with jitter, and a 10 minute
+        limit per attempt, so that a hung attempt cannot hold a worker forever.
+        """
+        return cls(retries=3, timeout=600.0, backoff_initial=0.2, backoff_max=30.0, jitter=True)
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def wait_strategy(self) -> wait_base:
+        """The tenacity wait strategy between attempts (used by the worker and the parent)."""
+        from tenacity import wait_exponential, wait_random
+
+        exponential = wait_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
+        if self.jitter:
+            return exponential + wait_random(0, self.backoff_initial)
+        return exponential
+
+    def backoff_before(self, attempt: int) -> float:
+        """Seconds to wait before attempt number ``attempt`` (2 for the first retry)."""
+        from tenacity import RetryCallState
+
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # waits read only attempt_number
+        state.attempt_number = attempt - 1
+        return float(self.wait_strategy()(state))
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")

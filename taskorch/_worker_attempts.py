@@ -1,0 +1,142 @@
+"""Worker process, main thread: runs one task's attempts under its policy.
+
+tenacity drives the attempts (stop after the budget left, exponential backoff with jitter,
+retry only on ``retry_on``), so an ordinary retry costs no round trip to the parent. tenacity
+never interrupts a running attempt, so the per-attempt timeout is ours: a one-shot
+``ITIMER_REAL`` timer whose ``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread
+(loky-spawned workers run tasks in their main thread, so Python signal handlers run there).
+
+Hazards, accepted and written down:
+- The interrupt lands between two bytecodes of the task, wherever it is (inside a ``finally``,
+  between acquiring and releasing a lock): the attempt is over, its partial side effects stay.
+- An attempt stuck in C code that never returns to the interpreter (or that blocks SIGALRM)
+  is not interrupted here; the parent's hard timeout kills the worker after a grace period.
+- A task that installs its own SIGALRM handler or itimer breaks the in-process interrupt;
+  the parent's hard timeout still holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import time
+from typing import Any, Callable
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from taskorch._errors import TaskTimeoutError
+from taskorch._policy import Policy
+from taskorch._wire import RETRYING, STARTED, Event, summarize
+
+Emit = Callable[[Event], None]
+
+
+class AttemptTimer:
+    """The in-process per-attempt deadline: SIGALRM raises TaskTimeoutError in the attempt.
+
+    ``_armed`` is set only while an attempt runs, so a late alarm (one that fired just as the
+    attempt returned) is ignored instead of escaping into the worker loop.
+    """
+
+    def __init__(self) -> None:
+        self._armed = False
+        self._timeout = 0.0
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None) -> Any:
+        if timeout is None:
+            return fn()
+        self._timeout = timeout
+        self._armed = True
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._armed = False
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        if self._armed:
+            self._armed = False
+            raise TaskTimeoutError(
+                f"the attempt ran longer than its {self._timeout:g} s timeout and was interrupted"
+            )
+
+
+class AttemptRunner:
+    """Runs tasks' attempts; reports each attempt start and retry through ``emit``.
+
+    ``emit(event)`` queues an event for the parent; ``flush()`` sends what is queued. Every
+    attempt start is flushed before the attempt runs, so the parent knows what is running even
+    if the attempt then hangs or kills the process.
+    """
+
+    def __init__(self, emit: Emit, flush: Callable[[], None], sleep: Callable[[float], None] = time.sleep) -> None:
+        self._emit = emit
+        self._flush = flush
+        self._sleep = sleep
+        self._timer = AttemptTimer()
+        self._retrying: dict[tuple[Policy, int], Retrying] = {}
+        # The task being run (main thread only): read by the tenacity callbacks.
+        self._task_id = 0
+        self._attempts_done = 0
+        self.attempt = 0
+
+    def announce_first_attempt(self, task_id: int, attempts_done: int) -> None:
+        self._task_id = task_id
+        self._attempts_done = attempts_done
+        self.attempt = attempts_done + 1
+        self._emit((STARTED, task_id, self.attempt))
+        self._flush()
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
+        """Run the attempts announced by ``announce_first_attempt``; return or raise the last."""
+        timeout = policy.timeout
+
+        def attempt() -> Any:
+            def call() -> Any:
+                result = fn(*args, **kwargs)
+                if inspect.iscoroutine(result):
+                    import asyncio  # only workers that run coroutines pay for the import
+
+                    result = asyncio.run(result)
+                return result
+
+            return self._timer.call(call, timeout)
+
+        budget = policy.max_attempts - self._attempts_done
+        if budget <= 1:
+            return attempt()  # one attempt: nothing for tenacity to decide
+        return self._retrying_for(policy, budget)(attempt)
+
+    def _retrying_for(self, policy: Policy, budget: int) -> Retrying:
+        key = (policy, budget)
+        retrying = self._retrying.get(key)
+        if retrying is None:
+            retrying = Retrying(
+                stop=stop_after_attempt(budget),
+                wait=policy.wait_strategy(),
+                retry=retry_if_exception_type(policy.retry_on),
+                before=self._before_attempt,
+                before_sleep=self._before_sleep,
+                sleep=self._sleep,
+                reraise=True,
+            )
+            if len(self._retrying) > 64:
+                self._retrying.clear()
+            self._retrying[key] = retrying
+        return retrying
+
+    def _before_attempt(self, state: RetryCallState) -> None:
+        if state.attempt_number > 1:  # attempt 1 was announced before the call was unpickled
+            self.attempt = self._attempts_done + state.attempt_number
+            self._emit((STARTED, self._task_id, self.attempt))
+            self._flush()
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        self._emit((
+            RETRYING, self._task_id, self.attempt, summarize(error) if error else "?", delay,
+            isinstance(error, TaskTimeoutError),
+        ))

@@ -1,0 +1,231 @@
+"""Task functions for the tests, importable by worker processes, and the handshakes they use.
+
+Handshakes, never sleeps: a task announces that it started by creating a file (and writes its
+worker's pid in it), and waits for its release on a FIFO that the test writes to; a task that
+must hang waits on a FIFO nobody writes. The test side polls for files to a deadline
+(``wait_until``): the deadline only catches deadlocks, it orders nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DEADLOCK_TIMEOUT = 30.0
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = DEADLOCK_TIMEOUT, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(0.002)
+
+
+class Gate:
+    """A started-file plus a release FIFO in ``directory``, for one blocking task."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.started = directory / f"{name}.started"
+        self.release_fifo = directory / f"{name}.release"
+        os.mkfifo(self.release_fifo)
+
+    def wait_started(self) -> int:
+        """Wait until the task started; return its worker's pid."""
+        wait_until(lambda: self.started.exists() and self.started.read_text(), what=f"{self.started}")
+        return int(self.started.read_text())
+
+    def release(self, value: str = "go") -> None:
+        with open(self.release_fifo, "w") as f:  # blocks until the task opens it for reading
+            f.write(value)
+
+
+# -- tasks (run in workers) --------------------------------------------------------------------
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int = 0, *, policy: str = "") -> tuple[int, str]:
+    return a + b, policy
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def announce(started: str) -> None:
+    tmp = started + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, started)
+
+
+def blocker(started: str, release_fifo: str) -> str:
+    """Announce the start, then block until the test writes to the release FIFO."""
+    announce(started)
+    with open(release_fifo) as f:
+        return f.read()
+
+
+def hang(started: str, never_fifo: str) -> None:
+    """Announce the start, then wait forever (a FIFO no one writes); interruptible by signals."""
+    announce(started)
+    with open(never_fifo) as f:
+        f.read()
+
+
+def hang_with_signals_blocked(started: str, never_fifo: str) -> None:
+    """Block every catchable signal, then wait in C: only SIGKILL (or SIGTERM's default
+    action, which the mask defers) ... nothing but the parent's hard kill ends this."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM, signal.SIGINT})
+    announce(started)
+    fd = os.open(never_fifo, os.O_RDONLY)  # C-level wait, no Python handler can run
+    os.read(fd, 1)
+
+
+def hang_ignoring_sigterm(started: str, never_fifo: str) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    announce(started)
+    fd = os.open(never_fifo, os.O_RDONLY)
+    os.read(fd, 1)
+
+
+def fail_until(counter: str, succeed_on: int) -> int:
+    """Raise until called for the ``succeed_on``-th time (counted in a file)."""
+    path = Path(counter)
+    n = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(n))
+    if n < succeed_on:
+        raise ConnectionError(f"attempt {n} failed")
+    return n
+
+
+def exit_first_time(marker: str, value: Any) -> Any:
+    """os._exit the first time (marker file absent), succeed afterwards."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(3)
+    return value
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")  # unpickles with one arg: fails
+
+
+def raise_unpicklable() -> None:
+    raise NeedsTwoArgs("x", "y")
+
+
+def call_sys_exit(code: int) -> None:
+    sys.exit(code)
+
+
+def raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def return_unpicklable() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+def crash_os_exit(code: int = 7) -> None:
+    os._exit(code)
+
+
+def crash_segfault() -> None:
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def write_file(path: str, text: str) -> str:
+    Path(path).write_text(text)
+    return path
+
+
+async def async_add(a: int, b: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0)
+    return a + b
+
+
+async def async_hang(started: str, never_fifo: str) -> None:
+    import asyncio
+
+    announce(started)
+    await asyncio.Event().wait()  # never set
+
+
+def allocate_mib(mib: int) -> int:
+    global _hoard
+    _hoard = bytearray(mib * 1024 * 1024)
+    for i in range(0, len(_hoard), 4096):
+        _hoard[i] = 1
+    return os.getpid()
+
+
+_hoard: bytearray | None = None
+
+
+class ExplodesOnUnpickle:
+    """Unpickling this in the worker calls ``action``: a crash in the 'unpickle the call' phase."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    def __reduce__(self) -> Any:
+        return (_explode, (self.action,))
+
+
+class ExplodesOnPickle:
+    """Pickling this (a task's result, in the worker) calls ``action``."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    def __reduce__(self) -> Any:
+        _explode(self.action)
+        raise AssertionError("unreachable")
+
+
+def _explode(action: str) -> Any:
+    if action == "raise":
+        raise RuntimeError("exploded")
+    if action == "exit":
+        sys.exit(5)
+    if action == "os_exit":
+        os._exit(6)
+    if action == "segfault":
+        crash_segfault()
+    if action == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError(action)
+
+
+def return_exploding(action: str) -> ExplodesOnPickle:
+    return ExplodesOnPickle(action)
+
+
+def takes(obj: Any) -> str:
+    return type(obj).__name__

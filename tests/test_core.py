@@ -1,0 +1,487 @@
+"""The core: results, errors, the exact backlog bound, run_async, retries, timeouts, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import _tasks as t
+from _tasks import Gate, wait_until
+from taskorch import (
+    Features,
+    OrchestratorClosedError,
+    Policy,
+    QueueFullError,
+    RemoteTaskError,
+    RemoteTraceback,
+    SerializationError,
+    Stats,
+    TaskAbandonedError,
+    TaskOrchestrator,
+    TaskTimeoutError,
+)
+
+Make = Callable[..., TaskOrchestrator]
+R = 30  # seconds: result() deadlines only catch deadlocks
+
+
+def invariant_holds(s: Stats) -> bool:
+    return s.submitted == (s.queued + s.running + s.succeeded + s.failed + s.cancelled
+                           + s.abandoned)
+
+
+def block_all_workers(o: TaskOrchestrator, gates: Callable[[str], Gate]) -> list[tuple[Gate, concurrent.futures.Future]]:
+    """Occupy every worker with a blocker and wait until each has started."""
+    blocked = []
+    for i in range(o.worker_count):
+        g = gates(f"blocker{i}")
+        fut = o.run(t.blocker, str(g.started), str(g.release_fifo))
+        blocked.append((g, fut))
+    for g, _ in blocked:
+        g.wait_started()
+    wait_until(lambda: o.stats().running == o.worker_count, what="blockers running")
+    return blocked
+
+
+def release_all(blocked: list[tuple[Gate, concurrent.futures.Future]]) -> None:
+    for g, fut in blocked:
+        g.release()
+        assert fut.result(R) == "go"
+
+
+# -- results and errors ---------------------------------------------------------------------
+
+
+def test_results_of_functions_lambdas_closures_and_coroutines(make_orchestrator: Make) -> None:
+    o = make_orchestrator()
+    offset = 10
+    futures = {
+        "module function": (o.run(t.square, 7), 49),
+        "kwargs": (o.run(t.add, 1, b=2), (3, "")),
+        "lambda": (o.run(lambda x: x + 1, 1), 2),
+        "closure": (o.run(lambda: offset * 3), 30),
+        "coroutine function": (o.run(t.async_add, 2, 3), 5),
+        "builtin": (o.run(sum, [1, 2, 3]), 6),
+    }
+    for name, (fut, expected) in futures.items():
+        assert fut is not None
+        assert fut.result(R) == expected, name
+        assert fut.attempts == 1
+    s = o.stats()
+    assert s.succeeded == 6 and s.submitted == 6 and invariant_holds(s)
+
+
+def test_task_exception_keeps_its_type_and_remote_traceback(make_orchestrator: Make) -> None:
+    o = make_orchestrator()
+    fut = o.run(t.raise_value_error, "bad input 42")
+    with pytest.raises(ValueError, match="bad input 42") as info:
+        fut.result(R)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "raise_value_error" in cause.tb and "ValueError: bad input 42" in cause.tb
+    assert o.stats().failed == 1
+
+
+@pytest.mark.parametrize(
+    "fn, type_name",
+    [
+        (t.raise_unpicklable, "NeedsTwoArgs"),
+        (lambda: t.call_sys_exit(3), "SystemExit"),
+        (t.raise_keyboard_interrupt, "KeyboardInterrupt"),
+    ],
+    ids=["exception-that-does-not-unpickle", "sys.exit", "KeyboardInterrupt"],
+)
+def test_exceptions_that_cannot_be_rebuilt_become_remote_task_error(make_orchestrator: Make, fn: Callable[[], None], type_name: str) -> None:
+    o = make_orchestrator(worker_count=1)
+    pid_before = o.worker_pids()
+    with pytest.raises(RemoteTaskError) as info:
+        o.run(fn).result(R)
+    assert type_name in info.value.type_name
+    assert type_name in info.value.traceback_text
+    # The worker lived on: same process, still works.
+    assert o.run(t.square, 3).result(R) == 9
+    assert o.worker_pids() == pid_before
+
+
+def test_unpicklable_result_fails_the_task_not_the_worker(make_orchestrator: Make) -> None:
+    o = make_orchestrator(worker_count=1)
+    pids = o.worker_pids()
+    with pytest.raises(SerializationError, match="lock"):
+        o.run(t.return_unpicklable).result(R)
+    assert o.run(t.square, 4).result(R) == 16
+    assert o.worker_pids() == pids
+
+
+def test_unpicklable_argument_raises_in_run_and_enqueues_nothing(make_orchestrator: Make) -> None:
+    o = make_orchestrator()
+    with pytest.raises(SerializationError) as info:
+        o.run(t.takes, threading.Lock())
+    assert isinstance(info.value, TypeError)
+    assert "takes" in str(info.value)
+    s = o.stats()
+    assert s.submitted == 0 and s.queued == 0
+    with pytest.raises(TypeError, match="callable"):
+        o.run(42)  # type: ignore[arg-type]
+
+
+def test_policy_override_does_not_take_fn_keyword_arguments(make_orchestrator: Make, tmp_path: Path) -> None:
+    o = make_orchestrator()
+    assert o.run(t.add, 1, 2, policy="mine").result(R) == (3, "mine")
+    retrying = o.with_policy(Policy(retries=2, backoff_initial=0.001, jitter=False))
+    fut = retrying.run(t.fail_until, str(tmp_path / "n"), 3)
+    assert fut.result(R) == 3 and fut.attempts == 3
+    # The orchestrator's own policy (no retries) is unchanged.
+    with pytest.raises(ConnectionError):
+        o.run(t.fail_until, str(tmp_path / "m"), 3).result(R)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"worker_count": 0}, "worker_count"),
+        ({"max_backlog": -1}, "max_backlog"),
+        ({"max_backlog": 0}, "max_backlog"),
+        ({"worker_count": 2.5}, "worker_count"),
+        ({"kill_grace": 0}, "kill_grace"),
+        ({"max_tasks_per_worker": 0}, "max_tasks_per_worker"),
+        ({"features": 1}, "features"),
+    ],
+)
+def test_bad_orchestrator_arguments_name_the_parameter(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        TaskOrchestrator(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"retries": -1}, "retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -2.0}, "timeout"),
+        ({"backoff_initial": -1}, "backoff_initial"),
+        ({"backoff_initial": 5, "backoff_max": 1}, "backoff_max"),
+        ({"retry_on": (int,)}, "retry_on"),
+    ],
+)
+def test_bad_policy_values_name_the_parameter(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Policy(**kwargs)
+
+
+# -- the backlog bound ---------------------------------------------------------------------
+
+
+def test_backlog_bound_is_exact_with_blocked_workers(make_orchestrator: Make, gates) -> None:
+    o = make_orchestrator(worker_count=2, max_backlog=3)
+    blocked = block_all_workers(o, gates)
+    queued = [o.run(t.square, i) for i in range(3)]
+    with pytest.raises(QueueFullError):
+        o.run(t.square, 99)
+    s = o.stats()
+    assert (s.queued, s.running, s.rejected, s.submitted) == (3, 2, 1, 5)
+    release_all(blocked)
+    assert [f.result(R) for f in queued] == [0, 1, 4]
+    s = o.stats()
+    assert s.succeeded == 5 and s.rejected == 1 and invariant_holds(s)
+
+
+def test_drop_flag_drops_logs_and_counts(make_orchestrator: Make, gates, caplog) -> None:
+    o = make_orchestrator(worker_count=1, max_backlog=2, features=Features.ALLOW_SYNC_TASK_DROP)
+    blocked = block_all_workers(o, gates)
+    kept = [o.run(t.square, 2), o.run(t.square, 3)]
+    with caplog.at_level(logging.WARNING, logger="taskorch"):
+        assert o.run(t.square, 4) is None
+    assert any("dropped" in r.getMessage() for r in caplog.records)
+    s = o.stats()
+    assert s.dropped == 1 and s.rejected == 0 and s.submitted == 3
+    release_all(blocked)
+    assert [f.result(R) for f in kept] == [4, 9]
+
+
+def test_producer_threads_never_push_the_backlog_past_its_bound(make_orchestrator: Make, gates) -> None:
+    o = make_orchestrator(worker_count=2, max_backlog=5)
+    blocked = block_all_workers(o, gates)
+    accepted: list[concurrent.futures.Future] = []
+    rejected = []
+    start = threading.Barrier(8)
+    lock = threading.Lock()
+
+    def produce() -> None:
+        start.wait()
+        for i in range(50):
+            try:
+                fut = o.run(t.square, i)
+            except QueueFullError:
+                with lock:
+                    rejected.append(i)
+            else:
+                with lock:
+                    accepted.append(fut)
+
+    threads = [threading.Thread(target=produce) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(accepted) == 5 and len(rejected) == 8 * 50 - 5
+    s = o.stats()
+    assert s.queued == 5 and s.rejected == 395
+    release_all(blocked)
+    for fut in accepted:
+        fut.result(R)
+    assert invariant_holds(o.stats())
+
+
+def test_run_async_waits_for_room_and_cancelling_the_wait_enqueues_nothing(make_orchestrator: Make, gates) -> None:
+    o = make_orchestrator(worker_count=1, max_backlog=1)
+    blocked = block_all_workers(o, gates)
+    first = o.run(t.square, 5)
+
+    async def scenario() -> None:
+        waiting = asyncio.create_task(o.run_async(t.square, 6))
+        given_up = asyncio.create_task(o.run_async(t.square, 7))
+        await asyncio.to_thread(wait_until, lambda: len(o._backlog._room_waiters) == 2)
+        assert not waiting.done() and not given_up.done()
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        assert o.stats().submitted == 2  # blocker + first
+        await asyncio.to_thread(release_all, blocked)
+        fut = await asyncio.wait_for(waiting, R)
+        assert await asyncio.wrap_future(fut) == 36
+
+    asyncio.run(scenario())
+    assert first.result(R) == 25
+    s = o.stats()
+    assert s.submitted == 3 and s.succeeded == 3
+
+
+def test_cancel_a_queued_future_frees_its_slot(make_orchestrator: Make, gates) -> None:
+    o = make_orchestrator(worker_count=1, max_backlog=2)
+    blocked = block_all_workers(o, gates)
+    a = o.run(t.square, 2)
+    b = o.run(t.square, 3)
+    assert b.cancel() and b.cancelled()
+    c = o.run(t.square, 4)  # the slot b held is free again
+    s = o.stats()
+    assert s.cancelled == 1 and s.queued == 2
+    release_all(blocked)
+    assert a.result(R) == 4 and c.result(R) == 16
+    assert not blocked[0][1].cancel()  # finished: nothing to cancel
+    assert invariant_holds(o.stats())
+
+
+def test_stats_invariant_holds_at_every_snapshot(make_orchestrator: Make, tmp_path: Path) -> None:
+    o = make_orchestrator(worker_count=2, max_backlog=1000)
+    retrying = o.with_policy(Policy(retries=1, backoff_initial=0.0, jitter=False))
+    futures = []
+    for i in range(300):
+        if i % 10 == 0:
+            futures.append(retrying.run(t.fail_until, str(tmp_path / f"c{i}"), 2))
+        elif i % 7 == 0:
+            futures.append(o.run(t.raise_value_error, "x"))
+        else:
+            futures.append(o.run(t.square, i))
+    snapshots = 0
+    while not all(f.done() for f in futures):
+        assert invariant_holds(o.stats())
+        snapshots += 1
+    concurrent.futures.wait(futures, R)
+    s = o.stats()
+    assert invariant_holds(s) and s.submitted == 300
+    assert s.retried == 30 and s.failed == len([i for i in range(300) if i % 10 and i % 7 == 0])
+    assert snapshots > 0
+
+
+# -- policy: retries, backoff, timeouts --------------------------------------------------------
+
+
+def test_retries_with_backoff_succeed_on_the_third_attempt(make_orchestrator: Make, tmp_path: Path, caplog) -> None:
+    o = make_orchestrator(policy=Policy(retries=3, backoff_initial=0.01, backoff_max=0.05))
+    with caplog.at_level(logging.INFO, logger="taskorch"):
+        fut = o.run(t.fail_until, str(tmp_path / "count"), 3)
+        assert fut.result(R) == 3
+    assert fut.attempts == 3
+    assert o.stats().retried == 2
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_retry_budget_exhausted_raises_the_last_error(make_orchestrator: Make, tmp_path: Path) -> None:
+    o = make_orchestrator(policy=Policy(retries=1, backoff_initial=0.0))
+    fut = o.run(t.fail_until, str(tmp_path / "count"), 5)
+    with pytest.raises(ConnectionError, match="attempt 2 failed"):
+        fut.result(R)
+    assert fut.attempts == 2
+
+
+def test_errors_outside_retry_on_are_not_retried(make_orchestrator: Make) -> None:
+    o = make_orchestrator(policy=Policy(retries=3, backoff_initial=0.0, retry_on=(ConnectionError,)))
+    fut = o.run(t.raise_value_error, "no retry")
+    with pytest.raises(ValueError):
+        fut.result(R)
+    assert fut.attempts == 1 and o.stats().retried == 0
+
+
+def test_timeout_interrupts_a_hanging_attempt_and_is_retried(make_orchestrator: Make, gates, fifo) -> None:
+    o = make_orchestrator(worker_count=1, policy=Policy(retries=1, timeout=0.3, backoff_initial=0.0))
+    g = gates("hang")
+    never = fifo("never")
+    pid = o.worker_pids()
+    fut = o.run(t.hang, str(g.started), never)
+    with pytest.raises(TaskTimeoutError, match="timeout"):
+        fut.result(R)
+    assert isinstance(fut.exception(), TimeoutError)
+    assert fut.attempts == 2
+    s = o.stats()
+    assert s.timeouts == 2 and s.retried == 1 and s.crashes == 0
+    assert o.worker_pids() == pid  # interrupted in-process: the worker lives on
+
+
+def test_timeout_interrupts_a_coroutine(make_orchestrator: Make, gates, fifo) -> None:
+    o = make_orchestrator(worker_count=1, policy=Policy(timeout=0.3))
+    g = gates("ahang")
+    with pytest.raises(TaskTimeoutError):
+        o.run(t.async_hang, str(g.started), fifo("never")).result(R)
+    assert o.run(t.async_add, 1, 1).result(R) == 2
+
+
+def test_backoff_intervals_follow_the_policy_without_wall_time() -> None:
+    from taskorch._worker_attempts import AttemptRunner
+
+    slept: list[float] = []
+    events: list[tuple] = []
+    runner = AttemptRunner(events.append, lambda: None, sleep=slept.append)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise ConnectionError("down")
+        return "up"
+
+    policy = Policy(retries=5, backoff_initial=0.1, backoff_max=0.25, jitter=False)
+    runner.announce_first_attempt(task_id=7, attempts_done=0)
+    assert runner.run(flaky, (), {}, policy) == "up"
+    assert slept == pytest.approx([0.1, 0.2, 0.25])
+    assert runner.attempt == 4
+    assert [e[0] for e in events] == [1, 2, 1, 2, 1, 2, 1]  # STARTED/RETRYING alternate
+
+    slept.clear()
+    calls.clear()
+    jittered = Policy(retries=5, backoff_initial=0.1, backoff_max=10.0, jitter=True)
+    runner.announce_first_attempt(task_id=8, attempts_done=0)
+    runner.run(flaky, (), {}, jittered)
+    for base, got in zip([0.1, 0.2, 0.4], slept):
+        assert base <= got <= base + 0.1
+    # A budget partly spent by earlier crashes leaves fewer attempts.
+    calls.clear()
+    slept.clear()
+    runner.announce_first_attempt(task_id=9, attempts_done=4)
+    with pytest.raises(ConnectionError):
+        runner.run(flaky, (), {}, policy)
+    assert len(calls) == 2 and runner.attempt == 6
+
+
+def test_default_policy_retries_with_backoff_and_a_timeout() -> None:
+    p = Policy.default()
+    assert p.retries >= 1 and p.timeout is not None and p.jitter
+    assert p.backoff_before(2) >= p.backoff_initial
+    with TaskOrchestrator(worker_count=1) as o:
+        assert o.policy == Policy.default()
+        assert o.run(t.square, 3).result(R) == 9
+
+
+# -- stop -----------------------------------------------------------------------------------
+
+
+def test_stop_drains_500_queued_tasks(tmp_path: Path) -> None:
+    o = TaskOrchestrator(worker_count=2, max_backlog=500, policy=Policy())
+    futures = [o.run(t.square, i) for i in range(500)]
+    report = o.stop(timeout=60)
+    assert report.drained and report.succeeded == 500
+    assert report.cancelled == report.abandoned == report.failed == 0
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == [i * i for i in range(500)]
+    assert o.worker_pids() == []
+
+
+def test_stop_timeout_cancels_queued_and_abandons_running(gates) -> None:
+    o = TaskOrchestrator(worker_count=2, max_backlog=10, policy=Policy())
+    blocked = block_all_workers(o, gates)
+    queued = [o.run(t.square, i) for i in range(3)]
+    started = time.monotonic()
+    report = o.stop(timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert not report.drained
+    assert (report.abandoned, report.cancelled) == (2, 3)
+    assert elapsed < 0.5 + 3.0  # "within about the timeout"; the bound only catches a hang
+    for _, fut in blocked:
+        assert isinstance(fut.exception(0), TaskAbandonedError)
+    assert all(f.cancelled() for f in queued)
+    s = o.stats()
+    assert invariant_holds(s) and s.queued == s.running == 0 and s.workers == 0
+
+
+def test_run_after_stop_raises_and_stop_is_idempotent(make_orchestrator: Make) -> None:
+    o = make_orchestrator()
+    assert o.run(t.square, 2).result(R) == 4
+    first = o.stop()
+    with pytest.raises(OrchestratorClosedError):
+        o.run(t.square, 3)
+    second = o.stop()
+    assert first.drained and second.drained and second.succeeded == 1
+
+    async def closed() -> None:
+        with pytest.raises(OrchestratorClosedError):
+            await o.run_async(t.square, 3)
+
+    asyncio.run(closed())
+
+
+def test_stop_from_several_threads_at_once(gates) -> None:
+    o = TaskOrchestrator(worker_count=1, policy=Policy())
+    blocked = block_all_workers(o, gates)
+    reports = []
+    threads = [threading.Thread(target=lambda: reports.append(o.stop(timeout=20))) for _ in range(4)]
+    for th in threads:
+        th.start()
+    wait_until(lambda: o.stats().running == 1 and o._backlog.closed, what="closing")
+    release_all(blocked)
+    for th in threads:
+        th.join(R)
+    assert len(reports) == 4 and all(r.drained and r.succeeded == 1 for r in reports)
+
+
+def test_context_managers_stop_on_exit() -> None:
+    with TaskOrchestrator(worker_count=1, policy=Policy()) as o:
+        fut = o.run(t.square, 6)
+    assert fut.done() and fut.result() == 36
+    assert o.worker_pids() == []
+
+    async def main() -> None:
+        async with TaskOrchestrator(worker_count=1, policy=Policy()) as o2:
+            fut2 = await o2.run_async(t.square, 7)
+        assert fut2.result(0) == 49
+        assert o2.worker_pids() == []
+
+    asyncio.run(main())
+
+
+def test_stop_from_a_done_callback_does_not_deadlock() -> None:
+    o = TaskOrchestrator(worker_count=1, policy=Policy())
+    reports = []
+    fut = o.run(t.square, 2)
+    fut.add_done_callback(lambda f: reports.append(o.stop()))
+    assert fut.result(R) == 4
+    report = o.stop(timeout=10)
+    assert report.drained and len(reports) == 1
