@@ -31,7 +31,7 @@ from taskorch._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from taskorch._policy import Features, Policy
+from taskorch._policy import BreakerMode, CircuitBreaker, Features, Policy
 
 if TYPE_CHECKING:
     from taskorch._parent_orchestrator import PolicyOverride, TaskOrchestrator
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from taskorch._stats import Stats, StopReport
 
 __all__ = [
+    "BreakerMode",
+    "CircuitBreaker",
     "CircuitOpenError",
     "Features",
     "OrchestratorBrokenError",

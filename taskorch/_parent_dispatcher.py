@@ -50,6 +50,7 @@ from multiprocessing import Pipe
 from typing import Any
 
 from taskorch._errors import (
+    CircuitOpenError,
     OrchestratorBrokenError,
     SerializationError,
     TaskAbandonedError,
@@ -57,11 +58,13 @@ from taskorch._errors import (
     WorkerCrashedError,
 )
 from taskorch._parent_backlog import Backlog
+from taskorch._parent_breaker import Breaker
 from taskorch._parent_task import TaskState, WorkItem
 from taskorch._parent_worker import PREFETCH_BYTES, WorkerProcess
-from taskorch._policy import Policy
+from taskorch._policy import BreakerMode, CircuitBreaker, Policy
 from taskorch._wire import (
     FAILED,
+    READY,
     RETIRING,
     RETRYING,
     STARTED,
@@ -78,8 +81,9 @@ SIGKILL_AFTER = 0.5
 #: After stop() with nothing left to run, idle workers get this long to exit on their own
 #: before they are killed, even if stop's own timeout is shorter.
 IDLE_EXIT_GRACE = 2.0
-#: Consecutive workers that die before reporting anything, with none alive, before the
-#: orchestrator declares itself broken (e.g. the interpreter cannot start or import taskorch).
+#: Consecutive workers that fail to start (the spawn raises, or the process dies before its
+#: READY event) before the orchestrator declares itself broken, e.g. because the interpreter
+#: cannot start or import taskorch. Each failure delays the next spawn by RESPAWN_DELAY.
 MAX_START_FAILURES = 3
 RESPAWN_DELAY = 1.0
 
@@ -100,6 +104,7 @@ class Dispatcher:
         kill_grace: float,
         max_tasks_per_worker: int | None,
         max_memory_per_worker: float | None,
+        circuit_breaker: CircuitBreaker | None,
     ) -> None:
         self._backlog = backlog
         self._worker_count = worker_count
@@ -107,6 +112,7 @@ class Dispatcher:
         self._kill_grace = kill_grace
         self._max_tasks_per_worker = max_tasks_per_worker
         self._max_memory_per_worker = max_memory_per_worker
+        self._breaker = Breaker(circuit_breaker) if circuit_breaker is not None else None
         # Wake pipe: written by producers and stop() (non-blocking; a full pipe already means
         # "wake up"), drained by the dispatcher after every select.
         self._wake_r, self._wake_w = os.pipe()
@@ -167,8 +173,7 @@ class Dispatcher:
         except BaseException as exc:
             log.critical("taskorch dispatcher failed; failing every unresolved task", exc_info=True)
             self._backlog.broken = f"the dispatcher thread failed: {exc!r}"
-            self._kill_everything()
-            self._fail_everything(OrchestratorBrokenError(
+            self._settle_and_kill(OrchestratorBrokenError(
                 f"the orchestrator's dispatcher thread failed ({exc!r}); see the 'taskorch' log"
             ))
         finally:
@@ -190,15 +195,23 @@ class Dispatcher:
                     self._on_worker_exit(worker)
                 else:
                     events = worker.receive()
-                    if events is None:  # channel ended: the exit fd follows
-                        self._selector.unregister(worker.conn)
-                    elif events:
+                    if events:
                         self._handle_events(worker, events)
+                    if not worker.channel_open:  # EOF: the exit fd follows
+                        self._unregister(worker.conn)
             now = time.monotonic()
             self._fire_timers(now)
             self._dispatch()
             if self._finish_if_done(now):
                 return
+
+    def _unregister(self, fileobj: Any) -> None:
+        """Forget a worker's fd before it is closed. A stale registration would shadow the
+        next worker's fd, which the kernel is free to give the same number."""
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -221,7 +234,7 @@ class Dispatcher:
                 tag = event[0]
                 if tag == STARTED:
                     item = self._inflight_item(worker, event[1])
-                    item.attempts = event[2]
+                    item.attempts = item.future.attempts = event[2]
                     item.attempt_started = now
                     item.started_on = worker
                     backlog.start_locked(item)
@@ -237,10 +250,11 @@ class Dispatcher:
                     if item.task_id != event[1]:
                         raise AssertionError(f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
                     worker.inflight_bytes -= len(item.payload)
-                    item.attempts = event[2]
-                    item.future.attempts = event[2]
+                    item.attempts = item.future.attempts = event[2]
                     item.future.seconds = event[3]
                     worker.record_duration(event[3] / max(1, event[2]))
+                    if self._breaker is not None:
+                        self._breaker.record(tag == FAILED, now)
                     if tag == SUCCEEDED:
                         backlog.finish_locked(item, TaskState.SUCCEEDED)
                         resolutions.append((item, "result", event[4]))
@@ -251,11 +265,15 @@ class Dispatcher:
                         resolutions.append((item, "error", event[4:]))
                 elif tag == RETIRING:
                     worker.retiring = event[1]
+                elif tag == READY:
+                    pass  # events_seen, set above, is what matters
         for item, event in retries:
             log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
                      item.task_id, event[2], event[3], event[4])
         if worker.retiring is not None:
             self._begin_retirement(worker, worker.retiring)
+            if not worker.inflight:
+                worker.send_shutdown()
         self._resolve(resolutions)
 
     @staticmethod
@@ -294,22 +312,35 @@ class Dispatcher:
 
     def _dispatch(self) -> None:
         backlog = self._backlog
-        for worker in self._workers.values():
+        # New tasks the circuit breaker lets start now (None: no limit). Retries of tasks that
+        # already started are never held back.
+        admit = self._breaker.admit(time.monotonic()) if self._breaker is not None else None
+        if admit is not None and self._breaker is not None and self._breaker.config.mode is BreakerMode.FAIL:
+            self._reject_beyond(admit)
+        for worker in list(self._workers.values()):  # retiring one may spawn another
             room = worker.room()
             if room <= 0:
                 continue
             batch: list[WorkItem] = []
             size = worker.inflight_bytes
+            new_tasks = 0
             with backlog.lock:
                 pending = backlog.pending
                 while pending and len(batch) < room:
                     item = pending[0]
                     if (batch or worker.inflight) and size + len(item.payload) > PREFETCH_BYTES:
                         break  # only an idle worker takes a large call (see _parent_worker)
+                    if item.state is TaskState.QUEUED:
+                        if admit is not None and new_tasks >= admit:
+                            break  # held back by the circuit breaker (HOLD mode)
+                        new_tasks += 1
                     pending.popleft()
                     item.worker = worker
                     size += len(item.payload)
                     batch.append(item)
+            if admit is not None and self._breaker is not None:
+                admit -= new_tasks
+                self._breaker.admitted(new_tasks)
             if batch:
                 try:
                     worker.send_calls(batch)
@@ -322,8 +353,35 @@ class Dispatcher:
                     self._begin_retirement(worker, f"ran {worker.handed} tasks")
         with backlog.lock:
             # Will something other than a producer's wakeup bring us back to `pending`?
-            # Yes if it is non-empty: capacity only frees through events we will read.
+            # Yes if it is non-empty: capacity only frees through events we will read (or,
+            # with the circuit open in HOLD mode, through the breaker's timer).
             backlog.dispatcher_will_look = bool(backlog.pending)
+            if self._breaker is not None:
+                backlog.breaker_state = self._breaker.state
+
+    def _reject_beyond(self, admit: int) -> None:
+        """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
+        rejected: list[_Resolution] = []
+        backlog = self._backlog
+        assert self._breaker is not None
+        retry_in = max(0.0, self._breaker.open_until - time.monotonic())
+        with backlog.lock:
+            kept: list[WorkItem] = []
+            for item in backlog.pending:
+                if item.state is TaskState.QUEUED and admit <= 0:
+                    backlog.finish_locked(item, TaskState.FAILED)
+                    rejected.append((item, "exception", CircuitOpenError(
+                        f"the circuit breaker is {self._breaker.state} after repeated task "
+                        f"failures: task {item.task_id} was not run; it lets tasks through "
+                        f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
+                    )))
+                else:
+                    admit -= item.state is TaskState.QUEUED
+                    kept.append(item)
+            if rejected:
+                backlog.pending.clear()
+                backlog.pending.extend(kept)
+        self._resolve(rejected)
 
     # -- worker life -----------------------------------------------------------------------
 
@@ -332,9 +390,15 @@ class Dispatcher:
         worker = WorkerProcess.spawn(
             slot, self._lifeline_r, self._default_policy_bytes, self._max_memory_per_worker
         )
+        try:
+            self._selector.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
+            self._selector.register(worker.exit_fd, selectors.EVENT_READ, ("exit", worker))
+        except BaseException:
+            self._unregister(worker.conn)
+            worker.kill()
+            worker.close()
+            raise
         self._workers[slot] = worker
-        self._selector.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
-        self._selector.register(worker.exit_fd, selectors.EVENT_READ, ("exit", worker))
         self.pids = tuple(w.pid for w in self._workers.values())
         with self._backlog.lock:
             self._backlog.workers = len(self._workers)
@@ -371,9 +435,8 @@ class Dispatcher:
             worker.send_shutdown()
 
     def _on_worker_exit(self, worker: WorkerProcess) -> None:
-        self._selector.unregister(worker.exit_fd)
-        if worker.channel_open:
-            self._selector.unregister(worker.conn)
+        self._unregister(worker.exit_fd)
+        self._unregister(worker.conn)
         events = worker.drain()
         if events:
             self._handle_events(worker, events)
@@ -396,6 +459,7 @@ class Dispatcher:
                 backlog.pending.appendleft(item)
             if crashed is not None:
                 crashed.worker = crashed.started_on = None
+                crashed.attempt_started = 0.0
                 backlog.crashes += 1
                 error = self._attempt_error(worker, crashed, exitcode)
                 if isinstance(error, TaskTimeoutError):
@@ -407,6 +471,8 @@ class Dispatcher:
                 else:
                     backlog.finish_locked(crashed, TaskState.FAILED)
                     resolutions.append((crashed, "exception", error))
+                    if self._breaker is not None:
+                        self._breaker.record(True, time.monotonic())
             if items:
                 backlog.dispatcher_will_look = True
 
@@ -420,8 +486,14 @@ class Dispatcher:
             )
         elif not planned:
             log.warning("worker pid %d %s while idle", worker.pid, _how(exitcode))
-        if not worker.events_seen and not planned and worker.kill_reason is None:
+        # A worker that exits on its own before READY could not start (an import error, say);
+        # one killed by a signal then (an impatient operator, a chaos test) is just replaced.
+        if not worker.events_seen and exitcode is not None and exitcode >= 0 and not planned:
             self._start_failures += 1
+            log.error("worker pid %d died while starting (%d in a row)", worker.pid, self._start_failures)
+            self._check_broken()
+            if self._backlog.broken is None:
+                self._respawn_at = time.monotonic() + RESPAWN_DELAY
         self._resolve(resolutions)
         self._top_up(f"worker pid {worker.pid} {_how(exitcode)}")
         self._check_broken()
@@ -442,16 +514,17 @@ class Dispatcher:
         return isinstance(error, WorkerCrashedError) or isinstance(error, item.policy.retry_on)
 
     def _check_broken(self) -> None:
-        if self._workers or self._start_failures < MAX_START_FAILURES:
+        if self._start_failures < MAX_START_FAILURES or self._backlog.broken is not None:
             return
         reason = (
-            f"{self._start_failures} worker processes in a row died or failed while starting; "
-            "check that the interpreter can start and import taskorch (see the 'taskorch' log)"
+            f"{self._start_failures} worker processes in a row failed to start; check that the "
+            "interpreter can start and import taskorch (see the 'taskorch' log)"
         )
         log.error("orchestrator broken: %s", reason)
-        self._backlog.broken = reason
+        with self._backlog.lock:
+            self._backlog.broken = reason
         self._respawn_at = None
-        self._fail_everything(OrchestratorBrokenError(reason))
+        self._settle_and_kill(OrchestratorBrokenError(reason))
 
     def _finishing(self) -> bool:
         backlog = self._backlog
@@ -474,6 +547,8 @@ class Dispatcher:
             deadlines.append(self._delayed[0][0])
         if self._respawn_at is not None:
             deadlines.append(self._respawn_at)
+        if self._breaker is not None and (change := self._breaker.next_change()) is not None:
+            deadlines.append(change)
         stop_deadline = self._backlog.stop_deadline
         if stop_deadline is not None:
             deadlines.append(stop_deadline)
@@ -486,8 +561,8 @@ class Dispatcher:
             return None
         item = worker.inflight[0]
         timeout = item.policy.timeout
-        if timeout is None or item.state is not TaskState.RUNNING or not item.attempt_started:
-            return None
+        if timeout is None or item.started_on is not worker or not item.attempt_started:
+            return None  # no timeout, not started here yet, or backing off between attempts
         return item.attempt_started + timeout + self._kill_grace
 
     def _fire_timers(self, now: float) -> None:
@@ -561,20 +636,25 @@ class Dispatcher:
                 elif key.data is None:
                     self._drain_wake_pipe()
                 elif key.data[1].slot in self._workers:
-                    events = key.data[1].receive()
-                    if events is None:
-                        self._selector.unregister(key.data[1].conn)
+                    key.data[1].receive()  # nothing is running: only EOF can come
+                    if not key.data[1].channel_open:
+                        self._unregister(key.data[1].conn)
         self._kill_everything()
 
     def _abandon_everything(self) -> None:
         """stop()'s timeout expired: kill the workers, then settle every unresolved task."""
+        self._settle_and_kill(None)
+
+    def _settle_and_kill(self, error: BaseException | None) -> None:
+        """Kill every worker, read what they sent before dying, then settle every task that
+        is still unresolved (see ``_fail_everything``)."""
         for worker in self._workers.values():
             worker.kill()
         for worker in list(self._workers.values()):
             events = worker.drain()  # outcomes that arrived before the kill still count
             if events:
                 self._handle_events(worker, events)
-        self._fail_everything(None)
+        self._fail_everything(error)
         self._kill_everything()
 
     def _fail_everything(self, error: BaseException | None) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from taskorch._parent_backlog import Backlog
 from taskorch._parent_dispatcher import Dispatcher
 from taskorch._parent_task import TaskFuture, WorkItem
-from taskorch._policy import Features, Policy
+from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
 from taskorch._wire import encode_call, encode_policy
 
@@ -46,7 +46,8 @@ class TaskOrchestrator:
     not respond to the in-process interrupt may run before its worker is terminated (SIGTERM,
     then SIGKILL 0.5 s later). ``max_tasks_per_worker`` and ``max_memory_per_worker`` (MiB of
     resident memory, checked after each task) recycle a worker after the task that crossed the
-    line; its replacement starts at once.
+    line; its replacement starts at once. ``circuit_breaker`` (a ``CircuitBreaker``) stops
+    tasks from starting while the work keeps failing.
 
     Stop it with ``stop()``, ``with``, or ``async with``. One that is never stopped is stopped
     at interpreter exit (drained for up to ``EXIT_TIMEOUT`` seconds), and if it is garbage
@@ -63,6 +64,7 @@ class TaskOrchestrator:
         kill_grace: float = 1.0,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: float | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> None:
         _check_int("worker_count", worker_count, minimum=1)
         _check_int("max_backlog", max_backlog, minimum=1)
@@ -77,6 +79,9 @@ class TaskOrchestrator:
             _check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
         if max_memory_per_worker is not None:
             _check_number("max_memory_per_worker", max_memory_per_worker)
+        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
+            raise ValueError(
+                f"circuit_breaker must be a taskorch.CircuitBreaker, got {circuit_breaker!r}")
         self._worker_count = worker_count
         self._max_backlog = max_backlog
         self._features = features
@@ -86,7 +91,7 @@ class TaskOrchestrator:
         self._dispatcher = Dispatcher(
             self._backlog, worker_count, policy, encode_policy(policy),
             kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
-            max_memory_per_worker=max_memory_per_worker,
+            max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker,
         )
         # Not a bound method of self: the finalizer below must not keep self alive.
         self._backlog.wake_dispatcher = self._dispatcher.wake

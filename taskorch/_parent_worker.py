@@ -62,6 +62,7 @@ class WorkerProcess:
         self.ewma_seconds: float | None = None  # recent task duration, for the prefetch depth
         self.retiring: str | None = None  # why it takes no more calls (recycling, shutdown)
         self.replacement_started = False  # retiring, and its successor already spawned
+        self.shutdown_sent = False
         self.channel_open = True
         # Hard-timeout escalation: the item being killed for, and when to escalate to SIGKILL.
         self.kill_reason: str | None = None
@@ -116,6 +117,10 @@ class WorkerProcess:
         self.handed += len(items)
 
     def send_shutdown(self) -> None:
+        """Ask the worker to exit once it has run what it holds (idempotent)."""
+        if self.shutdown_sent:
+            return
+        self.shutdown_sent = True
         try:
             self.conn.send_bytes(SHUTDOWN)
         except OSError:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tenacity.wait import wait_base
 
-__all__ = ["Features", "Policy"]
+__all__ = ["BreakerMode", "CircuitBreaker", "Features", "Policy"]
 
 
 class Features(enum.Flag):
@@ -114,3 +114,49 @@ def _positive(name: str, value: float) -> None:
 def _non_negative(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+class BreakerMode(enum.Enum):
+    """What happens to a task that reaches dispatch while the circuit is open."""
+
+    #: It fails at once with CircuitOpenError, without running.
+    FAIL = "fail"
+    #: It stays in the backlog, so the backlog fills and back-pressure reaches the producers
+    #: (run() raises QueueFullError or drops, run_async() waits).
+    HOLD = "hold"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CircuitBreaker:
+    """Circuit breaker settings, for ``TaskOrchestrator(circuit_breaker=...)``.
+
+    One breaker in the parent, shared by all workers, counting finished tasks (after their
+    retries): it opens after ``failure_threshold`` consecutive failed tasks, or, when
+    ``failure_ratio`` is set, when at least ``minimum_throughput`` tasks finished in the last
+    ``sampling_window`` seconds and that share of them failed (Polly's advanced breaker). It
+    stays open for ``break_duration`` seconds, then half-open: up to ``half_open_probes``
+    tasks are let through; a success closes it, a failure opens it again.
+    """
+
+    failure_threshold: int = 5
+    break_duration: float = 30.0
+    failure_ratio: float | None = None
+    sampling_window: float = 60.0
+    minimum_throughput: int = 10
+    half_open_probes: int = 1
+    mode: BreakerMode = BreakerMode.FAIL
+
+    def __post_init__(self) -> None:
+        for name in ("failure_threshold", "minimum_throughput", "half_open_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _positive("break_duration", self.break_duration)
+        _positive("sampling_window", self.sampling_window)
+        ratio = self.failure_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1
+        ):
+            raise ValueError(f"failure_ratio must be in (0, 1], got {ratio!r}")
+        if not isinstance(self.mode, BreakerMode):
+            raise ValueError(f"mode must be a taskorch.BreakerMode, got {self.mode!r}")

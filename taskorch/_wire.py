@@ -30,6 +30,8 @@ worker -> parent, a frame is a list of events (several per frame when the worker
                                                  does not round-trip through pickle
     (RETIRING, reason)                           the worker leaves after its current frame
                                                  (recycling); it takes no more calls
+    (READY, pid)                                 sent once, when the worker has started: a
+                                                 worker that dies before it failed to start
 
 The names on each side: the parent holds a ``_parent_task.WorkItem`` (with the Future); a call
 item is what goes to the worker; events are what come back.
@@ -56,6 +58,7 @@ RETRYING = 2
 SUCCEEDED = 3
 FAILED = 4
 RETIRING = 5
+READY = 6
 
 CallItem = tuple[int, bytes, "bytes | None", int]
 Event = tuple[Any, ...]

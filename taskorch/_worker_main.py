@@ -35,6 +35,7 @@ from taskorch._errors import SerializationError
 from taskorch._policy import Policy
 from taskorch._wire import (
     FAILED,
+    READY,
     RETIRING,
     SHUTDOWN,
     SUCCEEDED,
@@ -74,6 +75,7 @@ def worker_main(
     runner = AttemptRunner(outbox.append, flush)
     calls: deque[CallItem] = deque()
     try:
+        conn.send_bytes(encode_frame([(READY, os.getpid())]))
         while True:
             if not calls:
                 flush()
@@ -120,7 +122,7 @@ def _run_task(
     seconds = time.perf_counter() - started
     try:
         result = encode_result(value)
-    except SerializationError as exc:
+    except BaseException as exc:  # noqa: BLE001 - a __reduce__ may even call sys.exit()
         return (FAILED, task_id, runner.attempt, seconds, *encode_exception(exc))
     return (SUCCEEDED, task_id, runner.attempt, seconds, result)
 

@@ -89,9 +89,9 @@ def hang(started: str, never_fifo: str) -> None:
 
 
 def hang_with_signals_blocked(started: str, never_fifo: str) -> None:
-    """Block every catchable signal, then wait in C: only SIGKILL (or SIGTERM's default
-    action, which the mask defers) ... nothing but the parent's hard kill ends this."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM, signal.SIGINT})
+    """Block SIGALRM (the in-process timeout), then wait in C: only the parent's hard kill
+    (SIGTERM, whose default action needs no Python code) ends this."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     announce(started)
     fd = os.open(never_fifo, os.O_RDONLY)  # C-level wait, no Python handler can run
     os.read(fd, 1)
@@ -229,3 +229,11 @@ def return_exploding(action: str) -> ExplodesOnPickle:
 
 def takes(obj: Any) -> str:
     return type(obj).__name__
+
+
+def busy_identity(x: Any, seconds: float) -> Any:
+    """Spin on the CPU for ``seconds``, then return ``x``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return x

@@ -1,0 +1,91 @@
+"""Parent process, dispatcher thread only: the circuit breaker's state machine.
+
+    closed --(threshold consecutive failures, or failure ratio over the window)--> open
+    open --(break_duration elapsed)--> half_open
+    half_open --(a task succeeds)--> closed
+    half_open --(a task fails)--> open
+
+It counts finished tasks (a task that failed after all its retries is one failure), not
+attempts: retrying is the policy's job, and the breaker answers "is the thing these tasks call
+broken?". Tasks it rejects are not counted. Each transition is logged on "taskorch".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from taskorch._policy import CircuitBreaker
+
+log = logging.getLogger("taskorch")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class Breaker:
+    def __init__(self, config: CircuitBreaker) -> None:
+        self.config = config
+        self.state = CLOSED
+        self._consecutive_failures = 0
+        self._window: deque[tuple[float, bool]] = deque()  # (finished at, failed)
+        self._window_failures = 0
+        self.open_until = 0.0
+        self._probes_in_flight = 0
+
+    def next_change(self) -> float | None:
+        """When an open circuit turns half-open (for the dispatcher's timer)."""
+        return self.open_until if self.state == OPEN else None
+
+    def admit(self, now: float) -> int | None:
+        """How many new tasks may start now: None for no limit."""
+        if self.state == OPEN and now >= self.open_until:
+            self._move(HALF_OPEN, "break duration elapsed; letting probe tasks through")
+        if self.state == CLOSED:
+            return None
+        if self.state == OPEN:
+            return 0
+        return max(0, self.config.half_open_probes - self._probes_in_flight)
+
+    def admitted(self, n: int) -> None:
+        if self.state == HALF_OPEN:
+            self._probes_in_flight += n
+
+    def record(self, failed: bool, now: float) -> None:
+        config = self.config
+        if self.state == HALF_OPEN:
+            self._probes_in_flight = max(0, self._probes_in_flight - 1)
+            if failed:
+                self._open(now, "a probe task failed")
+            else:
+                self._move(CLOSED, "a probe task succeeded")
+                self._consecutive_failures = 0
+                self._window.clear()
+                self._window_failures = 0
+            return
+        if self.state == OPEN:
+            return  # tasks started before it opened: the circuit is already open
+        self._consecutive_failures = self._consecutive_failures + 1 if failed else 0
+        if self._consecutive_failures >= config.failure_threshold:
+            self._open(now, f"{self._consecutive_failures} consecutive tasks failed")
+            return
+        if config.failure_ratio is None:
+            return
+        self._window.append((now, failed))
+        self._window_failures += failed
+        while self._window and self._window[0][0] < now - config.sampling_window:
+            self._window_failures -= self._window.popleft()[1]
+        total = len(self._window)
+        if total >= config.minimum_throughput and self._window_failures / total >= config.failure_ratio:
+            self._open(now, f"{self._window_failures} of the last {total} tasks failed")
+
+    def _open(self, now: float, why: str) -> None:
+        self.open_until = now + self.config.break_duration
+        self._probes_in_flight = 0
+        self._consecutive_failures = 0
+        self._window.clear()
+        self._window_failures = 0
+        self._move(OPEN, f"{why}; open for {self.config.break_duration:g} s")
+
+    def _move(self, state: str, why: str) -> None:
+        log.warning("circuit breaker %s -> %s: %s", self.state, state, why)
+        self.state = state
