@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Union
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
 from taskorch._parent_task import TaskState, WorkItem
@@ -51,8 +52,9 @@ class Backlog:
         self.closed = False
         self.broken: str | None = None  # why no worker can be started, once that is so
         self.stop_deadline: float | None = None  # time.monotonic() by which stop() must end
-        # asyncio futures of run_async() callers waiting for room, FIFO, with their loops.
-        self._room_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        # Callers waiting for room, FIFO: run_async() (an asyncio future and its loop) and
+        # blocking producers such as map() (a threading.Event, loop None).
+        self._room_waiters: deque[tuple[asyncio.AbstractEventLoop | None, _Waiter]] = deque()
         self._last_task_id = 0
         # Counters (see Stats).
         self.submitted = self.queued = self.running = 0
@@ -97,8 +99,28 @@ class Backlog:
             self.wake_dispatcher()
         return None
 
-    def forget_waiter(self, waiter: asyncio.Future[None]) -> None:
-        """A run_async() caller gave up: drop its waiter, and pass on a wakeup it received."""
+    def offer_blocking(self, item: WorkItem, deadline: float | None) -> bool:
+        """Accept ``item`` (True), waiting for room until ``deadline`` (False: timed out)."""
+        while True:
+            with self.lock:
+                self._check_open()
+                if self.queued < self.max_backlog:
+                    self._accept(item)
+                    wake = not self.dispatcher_will_look
+                    self.dispatcher_will_look = True
+                    break
+                event = threading.Event()
+                self._room_waiters.append((None, event))
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if (remaining is not None and remaining <= 0) or not event.wait(remaining):
+                self.forget_waiter(event)
+                return False
+        if wake:
+            self.wake_dispatcher()
+        return True
+
+    def forget_waiter(self, waiter: _Waiter) -> None:
+        """A waiting caller gave up: drop its waiter, and pass on a wakeup it received."""
         with self.lock:
             for i, (_, w) in enumerate(self._room_waiters):
                 if w is waiter:
@@ -167,10 +189,14 @@ class Backlog:
     def _wake_room_waiters_locked(self, n: int) -> None:
         while n > 0 and self._room_waiters:
             loop, waiter = self._room_waiters.popleft()
-            try:
-                loop.call_soon_threadsafe(_deliver_room, self, waiter)
-            except RuntimeError:  # that loop is closed: its caller is gone
-                continue
+            if isinstance(waiter, threading.Event):
+                waiter.set()
+            else:
+                assert loop is not None
+                try:
+                    loop.call_soon_threadsafe(_deliver_room, self, waiter)
+                except RuntimeError:  # that loop is closed: its caller is gone
+                    continue
             n -= 1
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -194,6 +220,9 @@ def _deliver_room(backlog: Backlog, waiter: asyncio.Future[None]) -> None:
             backlog._wake_room_waiters_locked(1)
     else:
         waiter.set_result(None)
+
+
+_Waiter = Union["asyncio.Future[None]", threading.Event]
 
 
 def _no_dispatcher_yet() -> None:

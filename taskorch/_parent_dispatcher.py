@@ -46,7 +46,6 @@ import os
 import selectors
 import threading
 import time
-from multiprocessing import Pipe
 from typing import Any
 
 from taskorch._errors import (
@@ -59,12 +58,13 @@ from taskorch._errors import (
 )
 from taskorch._parent_backlog import Backlog
 from taskorch._parent_breaker import Breaker
-from taskorch._parent_task import TaskState, WorkItem
-from taskorch._parent_worker import PREFETCH_BYTES, WorkerProcess
+from taskorch._parent_task import RawOutcome, TaskState, WorkItem
+from taskorch._parent_worker import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._policy import BreakerMode, CircuitBreaker, Policy
 from taskorch._wire import (
     FAILED,
     READY,
+    RECALLED,
     RETIRING,
     RETRYING,
     STARTED,
@@ -88,6 +88,9 @@ MAX_START_FAILURES = 3
 RESPAWN_DELAY = 1.0
 
 _TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
+
+# Events that show a worker making progress (a RECALLED answer does not).
+_PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
 
 # Resolutions collected under the backlog lock and applied after it is released.
 _Resolution = tuple[WorkItem, str, Any]
@@ -118,9 +121,6 @@ class Dispatcher:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        # Lifeline: the workers inherit the read end; this process holds the only write end
-        # and never writes, so the workers see EOF exactly when this process dies.
-        self._lifeline_r, self._lifeline_w = Pipe(duplex=False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         # Dispatcher thread only, except `pids` (a tuple swapped atomically, read by anyone).
@@ -129,6 +129,7 @@ class Dispatcher:
         self._delayed: list[tuple[float, int, WorkItem]] = []  # crash retries waiting backoff
         self._delay_seq = itertools.count()
         self._respawn_at: float | None = None
+        self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._start_failures = 0
         self.pids: tuple[int, ...] = ()
         self.drained: bool | None = None  # set when the thread ends
@@ -232,6 +233,8 @@ class Dispatcher:
         with backlog.lock:
             for event in events:
                 tag = event[0]
+                if tag in _PROGRESS:
+                    worker.last_progress = now
                 if tag == STARTED:
                     item = self._inflight_item(worker, event[1])
                     item.attempts = item.future.attempts = event[2]
@@ -265,6 +268,9 @@ class Dispatcher:
                         resolutions.append((item, "error", event[4:]))
                 elif tag == RETIRING:
                     worker.retiring = event[1]
+                elif tag == RECALLED:
+                    self._take_back_locked(worker, set(event[1]))
+                    worker.recall_sent = False
                 elif tag == READY:
                     pass  # events_seen, set above, is what matters
         for item, event in retries:
@@ -287,7 +293,9 @@ class Dispatcher:
         """Resolve futures; never under the backlog lock (callbacks are user code)."""
         for item, kind, value in resolutions:
             future = item.future
-            if kind == "result":
+            if item.raw and kind in ("result", "error"):
+                future.set_result(RawOutcome(kind == "result", value))
+            elif kind == "result":
                 try:
                     result = decode_frame(value)
                 except Exception as exc:
@@ -317,8 +325,17 @@ class Dispatcher:
         admit = self._breaker.admit(time.monotonic()) if self._breaker is not None else None
         if admit is not None and self._breaker is not None and self._breaker.config.mode is BreakerMode.FAIL:
             self._reject_beyond(admit)
-        for worker in list(self._workers.values()):  # retiring one may spawn another
-            room = worker.room()
+        now = time.monotonic()
+        # Idle workers first; list() because retiring one may spawn another.
+        rooms = sorted(((w, w.room(now)) for w in list(self._workers.values())),
+                       key=lambda wr: len(wr[0].inflight))
+        takers = sum(room > 0 for _, room in rooms)
+        with backlog.lock:
+            # No worker takes more than its share of what waits: prefetch must not starve
+            # a worker that is idle now.
+            share = -(-len(backlog.pending) // takers) if takers else 0
+        for worker, room in rooms:
+            room = min(room, share)
             if room <= 0:
                 continue
             batch: list[WorkItem] = []
@@ -343,7 +360,7 @@ class Dispatcher:
                 self._breaker.admitted(new_tasks)
             if batch:
                 try:
-                    worker.send_calls(batch)
+                    worker.send_calls(batch, now)
                 except OSError:
                     # It is dying: the calls count as handed over, and go back to the backlog
                     # uncharged when its exit is handled.
@@ -355,9 +372,41 @@ class Dispatcher:
             # Will something other than a producer's wakeup bring us back to `pending`?
             # Yes if it is non-empty: capacity only frees through events we will read (or,
             # with the circuit open in HOLD mode, through the breaker's timer).
-            backlog.dispatcher_will_look = bool(backlog.pending)
+            backlog.dispatcher_will_look = idle_backlog = bool(backlog.pending)
             if self._breaker is not None:
                 backlog.breaker_state = self._breaker.state
+        self._rebalance_at = None if idle_backlog else self._recall_for_idle_workers(now)
+
+    def _recall_for_idle_workers(self, now: float) -> float | None:
+        """Nothing waits in the backlog, yet a worker idles while another holds calls it has
+        not started behind a long task: recall them, so the idle worker can take them. Returns
+        when to look again (a holder that is not yet SLOW_AFTER late)."""
+        workers = self._workers.values()
+        if not any(not w.inflight and w.room(now) > 0 for w in workers):
+            return None
+        again: float | None = None
+        for worker in workers:
+            if worker.recall_sent or worker.unstarted() == 0 or worker.kill_reason is not None:
+                continue
+            due = worker.last_progress + SLOW_AFTER
+            if now >= due:
+                log.debug("recalling %d calls from busy worker pid %d", worker.unstarted(), worker.pid)
+                worker.send_recall()
+            elif again is None or due < again:
+                again = due
+        return again
+
+    def _take_back_locked(self, worker: WorkerProcess, task_ids: set[int]) -> None:
+        """Calls ``worker`` never started go back to the front of the backlog, in order."""
+        back = [item for item in worker.inflight if item.task_id in task_ids]
+        if not back:
+            return
+        worker.inflight = type(worker.inflight)(i for i in worker.inflight if i.task_id not in task_ids)
+        for item in reversed(back):
+            worker.inflight_bytes -= len(item.payload)
+            item.worker = item.started_on = None
+            self._backlog.pending.appendleft(item)
+        self._backlog.dispatcher_will_look = True
 
     def _reject_beyond(self, admit: int) -> None:
         """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
@@ -388,7 +437,7 @@ class Dispatcher:
     def _spawn(self) -> WorkerProcess:
         slot = next(self._slots)
         worker = WorkerProcess.spawn(
-            slot, self._lifeline_r, self._default_policy_bytes, self._max_memory_per_worker
+            slot, self._default_policy_bytes, self._max_memory_per_worker
         )
         try:
             self._selector.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
@@ -547,6 +596,8 @@ class Dispatcher:
             deadlines.append(self._delayed[0][0])
         if self._respawn_at is not None:
             deadlines.append(self._respawn_at)
+        if self._rebalance_at is not None:
+            deadlines.append(self._rebalance_at)
         if self._breaker is not None and (change := self._breaker.next_change()) is not None:
             deadlines.append(change)
         stop_deadline = self._backlog.stop_deadline
@@ -584,7 +635,8 @@ class Dispatcher:
                 worker.sigkill_at = now + SIGKILL_AFTER
                 worker.terminate()
                 # Its other calls were never started: give them to the other workers now.
-                self._take_back_unstarted(worker)
+                with self._backlog.lock:
+                    self._take_back_locked(worker, {i.task_id for i in list(worker.inflight)[1:]})
         if self._delayed and self._delayed[0][0] <= now:
             with self._backlog.lock:
                 due = []
@@ -594,14 +646,6 @@ class Dispatcher:
         if self._respawn_at is not None and now >= self._respawn_at:
             self._respawn_at = None
             self._top_up("retrying a failed start")
-
-    def _take_back_unstarted(self, worker: WorkerProcess) -> None:
-        with self._backlog.lock:
-            while len(worker.inflight) > 1:
-                item = worker.inflight.pop()
-                worker.inflight_bytes -= len(item.payload)
-                item.worker = item.started_on = None
-                self._backlog.pending.appendleft(item)
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -702,8 +746,6 @@ class Dispatcher:
                 os.close(fd)
             except OSError:
                 pass
-        self._lifeline_w.close()
-        self._lifeline_r.close()
 
 
 def _how(exitcode: int | None) -> str:

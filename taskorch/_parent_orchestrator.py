@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from taskorch._parent_backlog import Backlog
 from taskorch._parent_dispatcher import Dispatcher
@@ -145,6 +145,39 @@ class TaskOrchestrator:
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         return PolicyOverride(self, policy)
 
+    def map(
+        self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """``fn(*items)`` for each set of items of ``iterables``, results in order.
+
+        The bulk API: items travel in chunks (``chunksize`` items per task; by default sized
+        from the measured time per item), so a large batch costs few messages. The input is
+        read lazily and at most ``2 * worker_count`` chunks are in flight, so memory stays
+        flat however long the input; when the backlog is full, ``map`` waits for room.
+        The policy applies to each chunk: an item that raises fails (and retries) its chunk,
+        and the exception is raised here when iteration reaches that chunk, unless
+        ``return_exceptions`` is set: then each item's exception is yielded as its result
+        and nothing is retried. Closing the iterator early cancels the chunks not started.
+        """
+        from taskorch._parent_map import map_in_chunks
+
+        if chunksize is not None:
+            _check_int("chunksize", chunksize, minimum=1)
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        return map_in_chunks(self, fn, iterables, chunksize, return_exceptions)
+
+    # -- internals shared with map() and the service -------------------------------------------
+
+    def _new_item(
+        self, payload: bytes, policy: Policy, policy_bytes: bytes | None, raw: bool = False,
+    ) -> WorkItem:
+        future = TaskFuture()
+        item = WorkItem(0, future, payload, policy, policy_bytes, raw)
+        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
+        return item
+
     def _item(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -152,29 +185,37 @@ class TaskOrchestrator:
         if not callable(fn):
             raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
         payload = encode_call(fn, args, kwargs)  # SerializationError: nothing enqueued
-        future = TaskFuture()
-        item = WorkItem(0, future, payload, policy, policy_bytes)
-        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
-        return item
+        return self._new_item(payload, policy, policy_bytes)
 
     def _run(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture | None:
         item = self._item(policy, policy_bytes, fn, args, kwargs)
-        if self._backlog.offer(item, self._drop_when_full):
-            return item.future
-        log.warning(
-            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
-            self._max_backlog, getattr(fn, "__qualname__", fn),
-        )
-        return None
+        return self._offer(item, getattr(fn, "__qualname__", fn))
 
     async def _run_async(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture:
-        item = self._item(policy, policy_bytes, fn, args, kwargs)
+        return await self._offer_async(self._item(policy, policy_bytes, fn, args, kwargs))
+
+    def _offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
+        """run()'s semantics for a ready item: accept, raise QueueFullError, or drop."""
+        if self._backlog.offer(item, self._drop_when_full):
+            return item.future
+        log.warning(
+            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
+            self._max_backlog, what or "sent by a client",
+        )
+        return None
+
+    def _offer_blocking(self, item: WorkItem, deadline: float | None = None) -> TaskFuture | None:
+        """Accept ``item``, waiting for room until ``deadline`` (None: timed out)."""
+        return item.future if self._backlog.offer_blocking(item, deadline) else None
+
+    async def _offer_async(self, item: WorkItem) -> TaskFuture:
+        """run_async()'s semantics for a ready item: wait for room, cancellable."""
         loop = asyncio.get_running_loop()
         while True:
             waiter = self._backlog.offer_or_wait(item, loop)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 if TYPE_CHECKING:
     from taskorch._parent_worker import WorkerProcess
@@ -63,22 +63,33 @@ class TaskFuture(Future[Any]):
         self.set_running_or_notify_cancel()
 
 
+class RawOutcome(NamedTuple):
+    """A raw task's result: the worker's outcome, still pickled, for a process that forwards
+    it (``taskorch serve``) and must not unpickle user objects itself. ``ok``: ``data`` is the
+    pickled return value; else ``data`` is ``_wire.encode_exception()``'s tuple."""
+
+    ok: bool
+    data: Any
+
+
 class WorkItem:
     """The parent's record of an accepted task. Fields are guarded by the backlog's lock,
     except ``started_on``, ``attempts`` and ``attempt_started`` (dispatcher thread only)."""
 
-    __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "state", "worker",
-                 "started_on", "attempts", "attempt_started")
+    __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
+                 "worker", "started_on", "attempts", "attempt_started")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
-        policy_bytes: bytes | None,
+        policy_bytes: bytes | None, raw: bool = False,
     ) -> None:
         self.task_id = task_id
         self.future = future
         self.payload = payload
         self.policy = policy
         self.policy_bytes = policy_bytes  # None: the workers' default policy
+        # Raw: the future gets the worker's pickled outcome, undecoded (see RawOutcome).
+        self.raw = raw
         self.state = TaskState.QUEUED
         self.worker: WorkerProcess | None = None  # set while handed over to a worker
         self.started_on: WorkerProcess | None = None  # the worker running its current attempt

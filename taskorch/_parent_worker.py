@@ -30,7 +30,7 @@ from loky.backend.context import get_context
 from loky.backend.utils import kill_process_tree
 
 from taskorch._parent_task import WorkItem
-from taskorch._wire import SHUTDOWN, Event, decode_frame, encode_frame
+from taskorch._wire import RECALL, SHUTDOWN, Event, decode_frame, encode_frame
 from taskorch._worker_main import worker_main
 
 #: Upper bound on payload bytes handed to a worker and not yet finished (see module docstring).
@@ -41,6 +41,9 @@ MAX_PREFETCH = 64
 #: Prefetch only as many calls as fit in this much expected run time (from the worker's recent
 #: task durations), so a task never waits long behind another worker's long task.
 PREFETCH_SECONDS = 0.002
+#: A worker that has reported nothing for this long is treated as busy with a long task: it
+#: gets no prefetch, and while another worker idles, its calls not started are recalled.
+SLOW_AFTER = 0.02
 
 
 class WorkerProcess:
@@ -60,6 +63,8 @@ class WorkerProcess:
         self.handed = 0  # calls ever handed over (for max_tasks_per_worker)
         self.events_seen = False  # has it ever reported anything (vs died while starting)
         self.ewma_seconds: float | None = None  # recent task duration, for the prefetch depth
+        self.last_progress = self.started_at  # last event, or hand-over to it while idle
+        self.recall_sent = False  # a RECALL is unanswered
         self.retiring: str | None = None  # why it takes no more calls (recycling, shutdown)
         self.replacement_started = False  # retiring, and its successor already spawned
         self.shutdown_sent = False
@@ -70,14 +75,12 @@ class WorkerProcess:
         self.sigkill_at: float | None = None
 
     @classmethod
-    def spawn(
-        cls, slot: int, lifeline: Connection, default_policy: bytes, max_memory_mib: float | None
-    ) -> WorkerProcess:
+    def spawn(cls, slot: int, default_policy: bytes, max_memory_mib: float | None) -> WorkerProcess:
         ctx = get_context("loky")
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         process = ctx.Process(
             target=worker_main,
-            args=(child_conn, lifeline, default_policy, os.getpid(), max_memory_mib),
+            args=(child_conn, default_policy, os.getpid(), max_memory_mib),
             name=f"taskorch-worker-{slot}",
         )
         try:
@@ -91,12 +94,12 @@ class WorkerProcess:
 
     # -- capacity ----------------------------------------------------------------------------
 
-    def room(self) -> int:
-        """How many more calls to hand over now (see PREFETCH_*)."""
+    def room(self, now: float) -> int:
+        """How many more calls to hand over now (see PREFETCH_* and SLOW_AFTER)."""
         if self.retiring is not None or self.kill_reason is not None or not self.channel_open:
             return 0
         ewma = self.ewma_seconds
-        if ewma is None:
+        if ewma is None or (self.inflight and now - self.last_progress > SLOW_AFTER):
             depth = 1
         else:
             depth = 1 + min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(ewma, 1e-6)))
@@ -108,13 +111,28 @@ class WorkerProcess:
 
     # -- channel -----------------------------------------------------------------------------
 
-    def send_calls(self, items: list[WorkItem]) -> None:
+    def send_calls(self, items: list[WorkItem], now: float) -> None:
+        if not self.inflight:
+            self.last_progress = now  # busy from now on
         self.conn.send_bytes(encode_frame(
             [(it.task_id, it.payload, it.policy_bytes, it.attempts) for it in items]
         ))
         self.inflight.extend(items)
         self.inflight_bytes += sum(len(it.payload) for it in items)
         self.handed += len(items)
+
+    def unstarted(self) -> int:
+        """Calls handed over that it has not started (all but a started head)."""
+        n = len(self.inflight)
+        return n - 1 if n and self.inflight[0].started_on is self else n
+
+    def send_recall(self) -> None:
+        """Ask for the calls not started back (answered by a RECALLED event)."""
+        self.recall_sent = True
+        try:
+            self.conn.send_bytes(RECALL)
+        except OSError:
+            pass  # it is dying: its calls come back when its exit is handled
 
     def send_shutdown(self) -> None:
         """Ask the worker to exit once it has run what it holds (idempotent)."""

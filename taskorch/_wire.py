@@ -13,6 +13,8 @@ parent -> worker, one frame at a time:
               charged to the task by earlier crashes (the budget left is ``max_attempts -
               attempts_done``).
     SHUTDOWN  an empty frame: finish what you hold, then exit.
+    RECALL    the bytes ``RECALL``: hand back the calls you have not started (answered with
+              RECALLED), so that an idle worker can take them.
 
 worker -> parent, a frame is a list of events (several per frame when the worker is busy):
 
@@ -32,6 +34,8 @@ worker -> parent, a frame is a list of events (several per frame when the worker
                                                  (recycling); it takes no more calls
     (READY, pid)                                 sent once, when the worker has started: a
                                                  worker that dies before it failed to start
+    (RECALLED, [task_id, ...])                   the answer to RECALL: these calls were not
+                                                 started and never will be here
 
 The names on each side: the parent holds a ``_parent_task.WorkItem`` (with the Future); a call
 item is what goes to the worker; events are what come back.
@@ -51,6 +55,7 @@ from taskorch._policy import Policy
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 SHUTDOWN = b""
+RECALL = b"recall"  # never a pickle of a list
 
 # Event tags (the first element of each event tuple).
 STARTED = 1
@@ -59,6 +64,7 @@ SUCCEEDED = 3
 FAILED = 4
 RETIRING = 5
 READY = 6
+RECALLED = 7
 
 CallItem = tuple[int, bytes, "bytes | None", int]
 Event = tuple[Any, ...]

@@ -1,17 +1,25 @@
-"""Worker process entry point: the loop that reads calls and writes events, in the main thread.
+"""Worker process entry point: the main thread runs calls, a reader thread receives them.
 
 The process is started by the parent's dispatcher thread with loky's process context (start
 method "loky": fork+exec of a fresh interpreter, safe from a threaded parent; the parent's
-``__main__`` is not re-run). Its only channels are the ones it was handed:
+``__main__`` is not re-run). Its one channel is ``conn``, the private duplex connection to the
+parent (see ``_wire``), used by two threads:
 
-- ``conn``: the private duplex connection to the parent (see ``_wire``). Read by the main
-  thread only when it holds no call, so the parent's prefetch limit bounds what waits in the
-  socket buffer. EOF means the parent is gone: exit.
-- ``lifeline``: the read end of a pipe whose only write end the parent holds and never writes.
-  A daemon thread blocks on it; EOF means the parent process died (even by SIGKILL), and the
-  worker exits at once, mid-task included (the stdlib pools leave orphans: CPython gh-111873).
-  On Linux, ``PR_SET_PDEATHSIG`` backs it up for a task that holds the GIL in C code; it is
-  tied to the *thread* that spawned us, which is why only the dispatcher thread spawns.
+- "taskorch-call-reader" (daemon) is the only reader. It moves CALLS into ``_Inbox`` (so the
+  socket buffer stays empty and the parent's sends never block while the main thread is busy),
+  answers RECALL by handing back the calls not started yet (the parent gives them to an idle
+  worker), and on SHUTDOWN closes the inbox. EOF means the parent process died, even by
+  SIGKILL: it exits the process at once, mid-task included (the stdlib pools leave orphans:
+  CPython gh-111873). On Linux, ``PR_SET_PDEATHSIG`` backs it up for a task that holds the GIL
+  in C code, where no thread of ours can run; it is tied to the *thread* that spawned us, which
+  is why only the parent's dispatcher thread spawns workers.
+- the main thread runs calls in order (tasks run in the main thread, so the per-attempt
+  SIGALRM interrupt reaches them) and writes the events.
+
+``_Inbox.cond`` guards the calls not started and the closed flag; the reader takes it to add or
+hand back calls, the main thread to take the next one. ``send_lock`` serializes writes to
+``conn`` (events from the main thread, RECALLED from the reader); nothing blocks while holding
+it but the write itself.
 
 Signals: SIGINT is ignored (Ctrl-C in a terminal reaches the whole process group; the parent
 decides). SIGTERM keeps its default action, so the parent's hard kill works. SIGALRM belongs to
@@ -36,6 +44,8 @@ from taskorch._policy import Policy
 from taskorch._wire import (
     FAILED,
     READY,
+    RECALL,
+    RECALLED,
     RETIRING,
     SHUTDOWN,
     SUCCEEDED,
@@ -54,37 +64,45 @@ from taskorch._worker_attempts import AttemptRunner
 EXIT_PARENT_GONE = 70
 
 
+class _Inbox:
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.calls: deque[CallItem] = deque()  # handed over, not started, in order
+        self.closed = False  # SHUTDOWN received: no more calls will come
+
+
 def worker_main(
-    conn: Connection,
-    lifeline: Connection,
-    default_policy: bytes,
-    parent_pid: int,
-    max_memory_mib: float | None,
+    conn: Connection, default_policy: bytes, parent_pid: int, max_memory_mib: float | None,
 ) -> None:
     _detach_from_parent_signals(parent_pid)
-    _watch_parent(lifeline)
-    policies: dict[bytes, Policy] = {}
-    default = decode_policy(default_policy)
+    send_lock = threading.Lock()
     outbox: list[Event] = []
 
     def flush() -> None:
         if outbox:
-            conn.send_bytes(encode_frame(outbox))
+            with send_lock:
+                conn.send_bytes(encode_frame(outbox))
             outbox.clear()
 
+    inbox = _Inbox()
+    threading.Thread(target=_read_calls, args=(conn, inbox, send_lock),
+                     name="taskorch-call-reader", daemon=True).start()
+    policies: dict[bytes, Policy] = {}
+    default = decode_policy(default_policy)
     runner = AttemptRunner(outbox.append, flush)
-    calls: deque[CallItem] = deque()
+    outbox.append((READY, os.getpid()))
     try:
-        conn.send_bytes(encode_frame([(READY, os.getpid())]))
         while True:
-            if not calls:
-                flush()
-                frame = conn.recv_bytes()
-                if frame == SHUTDOWN:
+            with inbox.cond:
+                call = inbox.calls.popleft() if inbox.calls else None
+                if call is None and inbox.closed:
                     break
-                calls.extend(decode_frame(frame))
+            if call is None:
+                flush()  # before waiting: the parent must see every outcome
+                with inbox.cond:
+                    inbox.cond.wait_for(lambda: inbox.calls or inbox.closed)
                 continue
-            task_id, payload, policy_bytes, attempts_done = calls.popleft()
+            task_id, payload, policy_bytes, attempts_done = call
             if policy_bytes is None:
                 policy = default
             else:
@@ -94,12 +112,34 @@ def worker_main(
             outbox.append(_run_task(runner, task_id, payload, policy, attempts_done))
             if max_memory_mib is not None and _rss_mib() > max_memory_mib:
                 outbox.append((RETIRING, f"resident memory above {max_memory_mib:g} MiB"))
-                break  # calls still held were never started: the parent re-dispatches them
+                break  # calls still in the inbox were never started: the parent re-dispatches them
         flush()
-    except (EOFError, OSError):
-        os._exit(EXIT_PARENT_GONE)  # the parent closed our channel or died
-    finally:
-        conn.close()
+    except OSError:
+        os._exit(EXIT_PARENT_GONE)  # the channel broke: the parent is gone
+
+
+def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> None:
+    try:
+        while True:
+            frame = conn.recv_bytes()
+            if frame == SHUTDOWN:
+                with inbox.cond:
+                    inbox.closed = True
+                    inbox.cond.notify()
+                return
+            if frame == RECALL:
+                with inbox.cond:
+                    recalled = [call[0] for call in inbox.calls]
+                    inbox.calls.clear()
+                with send_lock:
+                    conn.send_bytes(encode_frame([(RECALLED, recalled)]))
+                continue
+            calls = decode_frame(frame)
+            with inbox.cond:
+                inbox.calls.extend(calls)
+                inbox.cond.notify()
+    except BaseException:
+        os._exit(EXIT_PARENT_GONE)  # EOF: the parent died or dropped us
 
 
 def _run_task(
@@ -137,21 +177,9 @@ def _detach_from_parent_signals(parent_pid: int) -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
-            pass  # the lifeline thread still watches the parent
+            pass  # the reader thread still sees the parent's death as EOF
     if os.getppid() != parent_pid:  # the parent died before the watch was in place
         os._exit(EXIT_PARENT_GONE)
-
-
-def _watch_parent(lifeline: Connection) -> None:
-    def wait_for_parent_death() -> None:
-        try:
-            lifeline.recv_bytes()  # the parent never writes: this returns only by EOF
-        except BaseException:
-            pass
-        os._exit(EXIT_PARENT_GONE)
-
-    # Daemon: it must never keep a finished worker alive; it exits with the process.
-    threading.Thread(target=wait_for_parent_death, name="taskorch-parent-watch", daemon=True).start()
 
 
 def _rss_mib() -> float:

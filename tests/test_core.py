@@ -485,3 +485,20 @@ def test_stop_from_a_done_callback_does_not_deadlock() -> None:
     assert fut.result(R) == 4
     report = o.stop(timeout=10)
     assert report.drained and len(reports) == 1
+
+
+def test_calls_prefetched_behind_a_long_task_move_to_an_idle_worker(make_orchestrator: Make, gates) -> None:
+    # Tiny tasks teach both workers to prefetch deeply; then a long task arrives with quick
+    # ones in the same burst. Those handed to the long task's worker must not wait for it.
+    o = make_orchestrator(worker_count=2, max_backlog=200)
+    for f in [o.run(t.square, i) for i in range(200)]:
+        f.result(R)
+    g = gates("long")
+    long = o.run(t.blocker, str(g.started), str(g.release_fifo))
+    quick = [o.run(t.getpid) for _ in range(20)]
+    long_pid = g.wait_started()
+    pids = {f.result(R) for f in quick}  # would hang until release without recall
+    assert long_pid not in pids and not long.done()
+    g.release()
+    assert long.result(R) == "go"
+    assert all(f.attempts == 1 for f in quick) and o.stats().retried == 0

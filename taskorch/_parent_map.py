@@ -1,0 +1,81 @@
+"""Parent process, the caller's thread: ``TaskOrchestrator.map()``, the bulk API.
+
+Items are grouped into chunks, each chunk one task (``_worker_map.run_chunk``), so a batch of
+a million tiny items costs thousands of messages, not millions. The chunk size, unless given,
+follows the measured worker time per item so that a chunk runs for about
+``TARGET_CHUNK_SECONDS``: long enough to amortize a round trip, short enough that the last
+chunks do not leave a worker idle for long. The input is consumed lazily; at most
+``2 * worker_count`` chunks are in flight, so memory stays flat whatever the input's length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from taskorch._errors import OrchestratorClosedError
+from taskorch._wire import decode_exception, encode_call
+from taskorch._worker_map import ItemError, run_chunk
+
+if TYPE_CHECKING:
+    from taskorch._parent_orchestrator import TaskOrchestrator
+    from taskorch._parent_task import TaskFuture
+
+#: Aim for chunks that keep a worker busy this long (seconds of worker time).
+TARGET_CHUNK_SECONDS = 0.02
+#: Never more items than this in one chunk (bounds one message's size).
+MAX_CHUNK_ITEMS = 10_000
+
+
+def map_in_chunks(
+    orchestrator: TaskOrchestrator, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+    chunksize: int | None, return_exceptions: bool,
+) -> Iterator[Any]:
+    items = zip(*iterables)
+    known = _known_length(iterables)
+    in_flight_limit = max(2, 2 * orchestrator.worker_count)
+    cap = MAX_CHUNK_ITEMS
+    if known is not None:  # leave every worker several chunks, as multiprocessing.Pool does
+        cap = max(1, min(cap, math.ceil(known / (4 * orchestrator.worker_count))))
+    size = chunksize or 1
+    in_flight: deque[tuple[TaskFuture, int]] = deque()
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(in_flight) < in_flight_limit:
+                chunk = list(itertools.islice(items, size))
+                if not chunk:
+                    exhausted = True
+                    break
+                payload = encode_call(run_chunk, (fn, chunk, return_exceptions), {})
+                item = orchestrator._new_item(payload, orchestrator.policy, None)
+                future = orchestrator._offer_blocking(item)
+                if future is None:  # cannot happen without a deadline
+                    raise OrchestratorClosedError("map(): the task was not accepted")
+                in_flight.append((future, len(chunk)))
+            if not in_flight:
+                return
+            future, count = in_flight.popleft()
+            results = future.result()
+            if chunksize is None and future.seconds:
+                per_item = future.seconds / count
+                size = max(1, min(cap, int(TARGET_CHUNK_SECONDS / max(per_item, 1e-7))))
+            for value in results:
+                if isinstance(value, ItemError):
+                    value = decode_exception(*value.described)
+                yield value
+    finally:
+        for future, _ in in_flight:
+            future.cancel()  # only those still in the backlog; the others finish unobserved
+
+
+def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    lengths = []
+    for iterable in iterables:
+        try:
+            lengths.append(len(iterable))  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return min(lengths)
