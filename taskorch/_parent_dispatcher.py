@@ -150,6 +150,9 @@ class Dispatcher:
                 f"could not start worker processes: {self._start_error}"
             ) from self._start_error
 
+    def effective_worker_count(self) -> int:
+        return self._worker_count
+
     def wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator
 
 from taskorch._parent_backlog import Backlog
-from taskorch._parent_dispatcher import Dispatcher
+from taskorch._parent_backend import Backend, Dispatcher, LocalBackend, PoolConfig
 from taskorch._parent_task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
@@ -36,9 +36,10 @@ EXIT_TIMEOUT = 30.0
 class TaskOrchestrator:
     """Runs callables in worker processes, with a bounded backlog and a resilience policy.
 
-    ``worker_count`` worker processes start in the constructor (loky's fork+exec start
-    method; the constructor returns once they are launched, without waiting for them to
-    import). At most ``max_backlog`` tasks wait to start; ``run()`` never waits for room,
+    ``worker_count`` (default 2) worker processes start in the constructor (loky's fork+exec
+    start method; the constructor returns once they are launched, without waiting for them to
+    import). With ``backend=taskorch.dask.DaskBackend(address)`` the tasks run on a Dask
+    cluster instead, with the same backlog, policy and stop semantics. At most ``max_backlog`` tasks wait to start; ``run()`` never waits for room,
     ``run_async()`` does. ``policy`` (default ``Policy.default()``) applies to every task,
     unless overridden per task with ``with_policy()``.
 
@@ -56,7 +57,7 @@ class TaskOrchestrator:
 
     def __init__(
         self,
-        worker_count: int = 2,
+        worker_count: int | None = None,
         max_backlog: int = 128,
         features: Features = Features.NONE,
         policy: Policy | None = None,
@@ -65,8 +66,10 @@ class TaskOrchestrator:
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: float | None = None,
         circuit_breaker: CircuitBreaker | None = None,
+        backend: Backend | None = None,
     ) -> None:
-        _check_int("worker_count", worker_count, minimum=1)
+        if worker_count is not None:
+            _check_int("worker_count", worker_count, minimum=1)
         _check_int("max_backlog", max_backlog, minimum=1)
         if not isinstance(features, Features):
             raise ValueError(f"features must be a taskorch.Features flag, got {features!r}")
@@ -82,21 +85,25 @@ class TaskOrchestrator:
         if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
             raise ValueError(
                 f"circuit_breaker must be a taskorch.CircuitBreaker, got {circuit_breaker!r}")
-        self._worker_count = worker_count
         self._max_backlog = max_backlog
         self._features = features
         self._drop_when_full = Features.ALLOW_SYNC_TASK_DROP in features
         self._policy = policy
+        if backend is None:
+            backend = LocalBackend()
+        elif not callable(getattr(backend, "create_dispatcher", None)):
+            raise ValueError(f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
+        self._backend = backend
         self._backlog = Backlog(max_backlog)
-        self._dispatcher = Dispatcher(
-            self._backlog, worker_count, policy, encode_policy(policy),
+        self._dispatcher = backend.create_dispatcher(self._backlog, PoolConfig(
+            worker_count=worker_count, policy=policy, policy_bytes=encode_policy(policy),
             kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker,
-        )
+        ))
         # Not a bound method of self: the finalizer below must not keep self alive.
         self._backlog.wake_dispatcher = self._dispatcher.wake
         self._dispatcher.start()
-        _running.add(self._dispatcher)
+        _running[self._dispatcher] = self._backlog
         # Garbage-collected without stop(): close intake and let the dispatcher drain.
         weakref.finalize(self, _close_intake, self._backlog, self._dispatcher, EXIT_TIMEOUT)
 
@@ -104,7 +111,13 @@ class TaskOrchestrator:
 
     @property
     def worker_count(self) -> int:
-        return self._worker_count
+        """How many tasks run at once: the worker processes (local), or the in-flight bound
+        on a cluster (which follows the cluster's threads unless worker_count was given)."""
+        return self._dispatcher.effective_worker_count()
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
 
     @property
     def max_backlog(self) -> int:
@@ -255,7 +268,7 @@ class TaskOrchestrator:
         self._dispatcher.wake()
         if threading.current_thread() is not self._dispatcher.thread:
             self._dispatcher.finished.wait(timeout + _STOP_SLACK)
-        _running.discard(self._dispatcher)
+        _running.pop(self._dispatcher, None)
         return self._report(time.monotonic() - started)
 
     async def stop_async(self, timeout: float = 30.0) -> StopReport:
@@ -291,7 +304,7 @@ class TaskOrchestrator:
         s = self.stats()
         state = "stopped" if self._dispatcher.finished.is_set() else (
             "stopping" if self._backlog.closed else "running")
-        return (f"<TaskOrchestrator {state} workers={s.workers}/{self._worker_count} "
+        return (f"<TaskOrchestrator {state} workers={s.workers}/{self.worker_count} "
                 f"queued={s.queued}/{self._max_backlog} running={s.running}>")
 
 
@@ -318,7 +331,7 @@ def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
 
 
 # Dispatchers of orchestrators not yet stopped: the exit hook stops them.
-_running: set[Dispatcher] = set()
+_running: dict[Dispatcher, Backlog] = {}
 _exit_hook_lock = threading.Lock()
 
 
@@ -330,13 +343,13 @@ def _close_intake(backlog: Backlog, dispatcher: Dispatcher, timeout: float) -> N
 @atexit.register
 def _stop_all_at_exit() -> None:
     with _exit_hook_lock:
-        dispatchers = list(_running)
+        dispatchers = list(_running.items())
         _running.clear()
-    for dispatcher in dispatchers:
+    for dispatcher, backlog in dispatchers:
         if not dispatcher.finished.is_set():
             log.info("stopping an orchestrator that was not stopped (interpreter exit)")
-            _close_intake(dispatcher._backlog, dispatcher, EXIT_TIMEOUT)
-    for dispatcher in dispatchers:
+            _close_intake(backlog, dispatcher, EXIT_TIMEOUT)
+    for dispatcher, _ in dispatchers:
         dispatcher.finished.wait(EXIT_TIMEOUT + _STOP_SLACK)
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 import inspect
 import signal
 import time
-from typing import Any, Callable
-
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import TaskTimeoutError
 from taskorch._policy import Policy
 from taskorch._wire import RETRYING, STARTED, Event, summarize
+
+if TYPE_CHECKING:  # tenacity is imported on first use: a worker whose tasks have no retries
+    from tenacity import RetryCallState, Retrying  # never pays its import (~30 ms)
 
 Emit = Callable[[Event], None]
 
@@ -113,6 +114,8 @@ class AttemptRunner:
         key = (policy, budget)
         retrying = self._retrying.get(key)
         if retrying is None:
+            from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
             retrying = Retrying(
                 stop=stop_after_attempt(budget),
                 wait=policy.wait_strategy(),

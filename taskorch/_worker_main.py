@@ -116,6 +116,22 @@ def worker_main(
         flush()
     except OSError:
         os._exit(EXIT_PARENT_GONE)  # the channel broke: the parent is gone
+    _exit_quickly()
+
+
+def _exit_quickly() -> None:
+    """Exit without the interpreter's teardown (module cleanup and a final GC take tens of ms,
+    which stop() would wait for), but after the atexit handlers that tasks may have registered
+    (multiprocessing's, which joins processes a task started, among them) and a stdio flush."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(0)
 
 
 def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> None:

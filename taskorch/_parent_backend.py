@@ -1,0 +1,77 @@
+"""Parent process: the one seam between the orchestrator and what runs the tasks.
+
+``TaskOrchestrator`` owns the bounded ``Backlog`` (the exact bound, the futures, the counts)
+and hands it to a *dispatcher*, made by a ``Backend``, which takes tasks from the backlog, runs
+them somewhere, and reports every transition back through the backlog's ``*_locked`` methods.
+Two backends exist:
+
+- ``LocalBackend`` (the default): worker processes on this machine, started with loky, each
+  with a private channel (``_parent_dispatcher``, ``_parent_worker``, ``_worker_*``);
+- ``taskorch.dask.DaskBackend``: a Dask distributed cluster (``_dask_dispatcher``).
+
+A dispatcher owns one thread, which it starts in ``start()`` and which ends, with every
+accepted task resolved, once the backlog is closed and drained (``drained`` True) or its stop
+deadline passed (``drained`` False); ``finished`` is set then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from taskorch._policy import CircuitBreaker, Policy
+
+if TYPE_CHECKING:
+    from taskorch._parent_backlog import Backlog
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """What a TaskOrchestrator was asked for, as a backend sees it."""
+
+    worker_count: int | None  # None: the backend's own default (local: 2; Dask: cluster threads)
+    policy: Policy
+    policy_bytes: bytes  # the policy pickled once, for the workers
+    kill_grace: float
+    max_tasks_per_worker: int | None
+    max_memory_per_worker: float | None
+    circuit_breaker: CircuitBreaker | None
+
+
+class Dispatcher(Protocol):
+    thread: threading.Thread  # its one thread (stop() must not wait on itself)
+    finished: threading.Event  # set when the thread has ended
+    drained: bool | None  # None while running; then whether everything ran to completion
+    pids: tuple[int, ...]  # worker processes on this machine (empty for remote ones)
+
+    def start(self) -> None:
+        """Start the thread and the workers; raise OrchestratorBrokenError if none can start."""
+
+    def wake(self) -> None:
+        """Look at the backlog soon (new tasks, or stop() was called). Any thread."""
+
+    def effective_worker_count(self) -> int:
+        """How many tasks may run at once now."""
+
+
+class Backend(Protocol):
+    def create_dispatcher(self, backlog: Backlog, config: PoolConfig) -> Dispatcher:
+        """A dispatcher for one orchestrator (not started)."""
+
+
+class LocalBackend:
+    """Worker processes on this machine (the default)."""
+
+    def create_dispatcher(self, backlog: Backlog, config: PoolConfig) -> Dispatcher:
+        from taskorch._parent_dispatcher import Dispatcher as LocalDispatcher
+
+        return LocalDispatcher(
+            backlog, config.worker_count or 2, config.policy, config.policy_bytes,
+            kill_grace=config.kill_grace, max_tasks_per_worker=config.max_tasks_per_worker,
+            max_memory_per_worker=config.max_memory_per_worker,
+            circuit_breaker=config.circuit_breaker,
+        )
+
+    def __repr__(self) -> str:
+        return "LocalBackend()"
