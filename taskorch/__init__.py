@@ -36,12 +36,14 @@ from taskorch._policy import BreakerMode, CircuitBreaker, Features, Policy
 if TYPE_CHECKING:
     from taskorch._parent_orchestrator import PolicyOverride, TaskOrchestrator
     from taskorch._parent_task import TaskFuture
+    from taskorch._service_client import Client, connect
     from taskorch._stats import Stats, StopReport
 
 __all__ = [
     "BreakerMode",
     "CircuitBreaker",
     "CircuitOpenError",
+    "Client",
     "Features",
     "OrchestratorBrokenError",
     "OrchestratorClosedError",
@@ -59,6 +61,7 @@ __all__ = [
     "TaskTimeoutError",
     "TaskorchError",
     "WorkerCrashedError",
+    "connect",
 ]
 
 __version__ = "0.1.0"
@@ -71,6 +74,8 @@ _LAZY = {
     "TaskFuture": "taskorch._parent_task",
     "Stats": "taskorch._stats",
     "StopReport": "taskorch._stats",
+    "Client": "taskorch._service_client",
+    "connect": "taskorch._service_client",
 }
 
 

@@ -1,0 +1,372 @@
+"""``taskorch run TARGET``: a function over JSON-lines inputs (parent process).
+
+Threads, each with one job:
+
+- main: parses arguments, starts the others, then waits on ``_Run.finished``; it also runs
+  the signal handlers, which only set flags and never touch the orchestrator's locks.
+- "taskorch-cli-reader": reads input lines, parses them, submits them. Submitting waits for
+  room in the backlog (back-pressure: memory stays flat however long the input), or, with
+  ``--drop``, drops. It is a daemon: after a signal the main thread stops waiting for it,
+  since it may be blocked reading a stdin that never closes; ``_Run.lock`` makes sure a line
+  it holds is either submitted or recorded as cancelled, never lost.
+- "taskorch-cli-writer": writes one JSON record per input as tasks finish, updates the
+  progress bar. Fed by the futures' done callbacks (in the dispatcher thread) through a
+  ``queue.SimpleQueue``, so the dispatcher never waits on output.
+
+Every input line that was read gets exactly one record: a result, an error, ``Dropped``
+(``--drop`` and a full backlog), or ``Cancelled`` (never started because of a signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import CancelledError, Future
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import IO, Any, Callable, Iterator
+
+from taskorch.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    UsageError,
+    add_pool_arguments,
+    orchestrator_from_args,
+)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run", help="run a function over JSON-lines inputs",
+        description="Call TARGET once per input line, in worker processes. Each line is a JSON "
+                    'array (positional arguments), an object (keyword arguments), or {"args": '
+                    '[...], "kwargs": {...}}. One JSON record per input is written as it '
+                    "finishes. Exit status: 0 all succeeded, 1 some failed, 2 usage error, "
+                    "130/143 after SIGINT/SIGTERM (a first signal stops reading and drains, a "
+                    "second abandons running tasks).",
+    )
+    p.add_argument("target", metavar="TARGET",
+                   help="package.module:function, or path/to/file.py:function")
+    p.add_argument("--input", "-i", metavar="FILE", help="JSON-lines input (default: stdin)")
+    p.add_argument("--output", "-o", metavar="FILE", help="JSON-lines records (default: stdout)")
+    progress = p.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="show a progress bar on stderr (default: when stderr is a terminal)")
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+    add_pool_arguments(p)
+    p.set_defaults(handler=main)
+
+
+# -- TARGET ----------------------------------------------------------------------------------
+
+
+def resolve_target(spec: str) -> Callable[..., Any]:
+    """``package.module:function`` or ``path/to/file.py:function`` -> the function.
+
+    A module named by path need not be on sys.path: it is imported under a private name and
+    its functions travel to the workers by value (cloudpickle), so the workers never need to
+    import it. The current directory is put on sys.path, as ``python -m`` does, so that
+    ``module:function`` finds a module beside the user.
+    """
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise UsageError(f"TARGET must be package.module:function or path/to/file.py:function, got {spec!r}")
+    module: ModuleType
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise UsageError(f"TARGET file {str(path)!r} does not exist")
+        name = f"taskorch_target_{abs(hash(str(path.resolve())))}"
+        spec_ = importlib.util.spec_from_file_location(name, path)
+        if spec_ is None or spec_.loader is None:
+            raise UsageError(f"cannot import {str(path)!r}")
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules[name] = module
+        try:
+            spec_.loader.exec_module(module)
+        except Exception as exc:
+            raise UsageError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_part)
+        except Exception as exc:
+            raise UsageError(f"cannot import module {module_part!r}: {type(exc).__name__}: {exc}") from exc
+    fn = module
+    for part in attr.split("."):
+        try:
+            fn = getattr(fn, part)
+        except AttributeError:
+            raise UsageError(f"{module_part!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise UsageError(f"TARGET {spec!r} is not callable")
+    return fn
+
+
+def parse_input(line: str, line_number: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"input line {line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(value, list):
+        return tuple(value), {}
+    if isinstance(value, dict):
+        if value and set(value) <= {"args", "kwargs"}:
+            args, kwargs = value.get("args", []), value.get("kwargs", {})
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise UsageError(f'input line {line_number}: "args" must be an array and "kwargs" an object')
+            return tuple(args), kwargs
+        return (), value
+    raise UsageError(f"input line {line_number}: expected a JSON array or object, got {type(value).__name__}")
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def record(index: int, future: Future[Any] | None, error: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The output record of one input (see the module docstring)."""
+    if future is None:
+        assert error is not None
+        return {"index": index, "ok": False, "error": {"type": error[0], "message": error[1]}, "attempts": 0}
+    attempts = getattr(future, "attempts", 0)
+    if future.cancelled():
+        return {"index": index, "ok": False,
+                "error": {"type": "Cancelled", "message": "never started: the run was interrupted"},
+                "attempts": attempts}
+    exc = future.exception()
+    if exc is not None:
+        type_name = getattr(exc, "type_name", None) or type(exc).__name__
+        return {"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
+                "attempts": attempts}
+    out: dict[str, Any] = {"index": index, "ok": True, "result": future.result(), "attempts": attempts,
+                           "seconds": round(getattr(future, "seconds", None) or 0.0, 6)}
+    return out
+
+
+def dump_record(rec: dict[str, Any]) -> str:
+    try:
+        return json.dumps(rec)
+    except (TypeError, ValueError):
+        rec["result"] = repr(rec["result"])
+        rec["result_is_repr"] = True  # the result was not JSON-serializable
+        return json.dumps(rec)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str]) -> None:
+        self.args = args
+        self.fn = fn
+        self.out = out
+        self.orchestrator = orchestrator_from_args(args)
+        # Guards read/submitted/outstanding/stopping/holding_line (reader, writer, main).
+        self.lock = threading.Condition()
+        self.read = 0  # input records read (and so owed a record)
+        self.outstanding = 0  # records not yet written
+        self.reader_done = False
+        self.holding_line = False  # the reader has read a line it has not submitted/recorded
+        self.stopping = False  # a signal (or an input error): stop reading
+        self.usage_error: str | None = None
+        self.signals: list[int] = []
+        self.counts = {"ok": 0, "failed": 0}
+        self.finished = threading.Event()  # all records written and no more input coming
+        self.done_queue: queue.SimpleQueue[tuple[int, Future[Any] | None, tuple[str, str] | None] | None] = queue.SimpleQueue()
+
+    # main thread ----------------------------------------------------------------------
+
+    def execute(self, lines: Iterator[str]) -> int:
+        started = time.monotonic()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        reader = threading.Thread(target=self._read, args=(lines,), name="taskorch-cli-reader", daemon=True)
+        writer = threading.Thread(target=self._write, name="taskorch-cli-writer")
+        writer.start()
+        reader.start()
+        try:
+            while not self.finished.wait():  # signal handlers run here
+                pass
+        finally:
+            report = self.orchestrator.stop()
+            with self.lock:  # a line the reader holds is submitted or recorded before we end
+                self.stopping = True
+                self.lock.wait_for(lambda: not self.holding_line, timeout=5.0)
+                self.lock.wait_for(lambda: self.outstanding == 0, timeout=5.0)
+            self.done_queue.put(None)
+            writer.join()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self._summary(time.monotonic() - started, report.drained)
+        if self.signals:
+            return EXIT_SIGINT if self.signals[0] == signal.SIGINT else EXIT_SIGTERM
+        if self.usage_error:
+            print(f"taskorch run: error: {self.usage_error}", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_FAILED if self.counts["failed"] else EXIT_OK
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+        if len(self.signals) == 1:
+            print(f"taskorch run: {signal.Signals(signum).name}: no more input is read; "
+                  "finishing what was accepted (signal again to abandon it)", file=sys.stderr)
+            self._stop_reading()
+        elif len(self.signals) == 2:
+            print(f"taskorch run: {signal.Signals(signum).name} again: abandoning running tasks",
+                  file=sys.stderr)
+            threading.Thread(target=self.orchestrator.stop, args=(0,), name="taskorch-cli-abandon",
+                             daemon=True).start()
+
+    def _stop_reading(self) -> None:
+        # Never take self.lock here: a signal handler may run while the main thread holds it.
+        self.stopping = True
+        threading.Thread(target=self._finish_when_drained, name="taskorch-cli-drain", daemon=True).start()
+
+    def _finish_when_drained(self) -> None:
+        with self.lock:
+            self.lock.wait_for(lambda: not self.holding_line and self.outstanding == 0)
+        self.finished.set()
+
+    # reader thread ----------------------------------------------------------------------
+
+    def _read(self, lines: Iterator[str]) -> None:
+        o = self.orchestrator
+        policy = o.policy
+        try:
+            for line_number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                with self.lock:
+                    if self.stopping:
+                        return
+                    self.holding_line = True
+                    index = self.read
+                    self.read += 1
+                    self.outstanding += 1
+                try:
+                    args, kwargs = parse_input(line, line_number)
+                except UsageError as exc:
+                    self.usage_error = str(exc)
+                    self._owe(index, None, ("UsageError", str(exc)))
+                    self._stop_reading()
+                    return
+                try:
+                    item = o._item(policy, None, self.fn, args, kwargs)
+                    future = o._offer(item, self.fn) if self.args.drop else o._offer_blocking(item)
+                except Exception as exc:  # closed by a signal, or the call does not pickle
+                    closed = self.stopping
+                    self._owe(index, None, ("Cancelled", "never started: the run was interrupted")
+                              if closed else (type(exc).__name__, str(exc)))
+                    continue
+                if future is None:
+                    self._owe(index, None, ("Dropped", "the backlog was full (--drop)"))
+                    continue
+                future.add_done_callback(lambda f, i=index: self.done_queue.put((i, f, None)))
+                with self.lock:
+                    self.holding_line = False
+                    self.lock.notify_all()
+        except Exception as exc:  # reading the input failed (e.g. not UTF-8)
+            self.usage_error = f"reading the input failed: {type(exc).__name__}: {exc}"
+            self.stopping = True
+        finally:
+            with self.lock:
+                self.reader_done = True
+                self.lock.notify_all()
+                if self.outstanding == 0 and not self.holding_line:
+                    self.finished.set()
+
+    def _owe(self, index: int, future: Future[Any] | None, error: tuple[str, str]) -> None:
+        self.done_queue.put((index, future, error))
+        with self.lock:
+            self.holding_line = False
+            self.lock.notify_all()
+
+    # writer thread -----------------------------------------------------------------------
+
+    def _write(self) -> None:
+        bar = _progress_bar(self.args)
+        out = self.out
+        try:
+            while True:
+                entry = self.done_queue.get()
+                if entry is None:
+                    return
+                index, future, error = entry
+                try:
+                    rec = record(index, future, error)
+                except CancelledError:  # pragma: no cover - record() checks cancelled() first
+                    rec = record(index, None, ("Cancelled", "never started"))
+                out.write(dump_record(rec) + "\n")
+                if self.done_queue.empty():
+                    out.flush()
+                self.counts["ok" if rec["ok"] else "failed"] += 1
+                if bar is not None:
+                    bar.update(1)
+                with self.lock:
+                    self.outstanding -= 1
+                    if self.outstanding == 0:
+                        self.lock.notify_all()
+                        if self.reader_done and not self.holding_line:
+                            self.finished.set()
+        finally:
+            out.flush()
+            if bar is not None:
+                bar.close()
+
+    def _summary(self, seconds: float, drained: bool) -> None:
+        s = self.orchestrator.stats()
+        n = self.counts["ok"] + self.counts["failed"]
+        rate = n / seconds if seconds > 0 else 0.0
+        print(
+            f"taskorch run: {n} inputs: {self.counts['ok']} ok, {self.counts['failed']} failed "
+            f"({s.cancelled} cancelled, {s.abandoned} abandoned, {s.dropped} dropped) in "
+            f"{seconds:.2f} s ({rate:.0f}/s); {s.retried} retries, {s.crashes} worker crashes, "
+            f"{s.timeouts} timeouts" + ("" if drained else "; not drained"),
+            file=sys.stderr,
+        )
+
+
+def _progress_bar(args: argparse.Namespace) -> Any:
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(unit="task", file=sys.stderr, dynamic_ncols=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    fn = resolve_target(args.target)
+    with contextlib.ExitStack() as stack:
+        if args.input:
+            try:
+                source: IO[str] = stack.enter_context(open(args.input, encoding="utf-8"))
+            except OSError as exc:
+                raise UsageError(f"cannot read --input: {exc}") from exc
+        else:
+            source = sys.stdin
+        if args.output:
+            try:
+                out: IO[str] = stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise UsageError(f"cannot write --output: {exc}") from exc
+        else:
+            out = sys.stdout
+        return _Run(args, fn, out).execute(iter(source))

@@ -1,0 +1,200 @@
+"""The command line, end to end, as subprocesses with real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from _tasks import wait_until
+
+R = 60
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def taskorch(*args: str, input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "taskorch", *args], input=input, capture_output=True,
+                          text=True, timeout=R, cwd=cwd, env=ENV)
+
+
+def records(stdout: str) -> list[dict]:
+    return sorted((json.loads(line) for line in stdout.splitlines() if line.strip()),
+                  key=lambda r: r["index"])
+
+
+@pytest.fixture
+def jobfile(tmp_path: Path) -> Path:
+    path = tmp_path / "jobs.py"
+    path.write_text(textwrap.dedent("""
+        import os, time
+
+        def scale(x, factor=1):
+            if x == 3:
+                raise ValueError("three is not allowed")
+            return x * factor
+
+        def a_set(x):
+            return {x}
+
+        def gated(i, directory):
+            # inputs 0 and 1 block their workers until the test writes to their FIFO
+            if i < 2:
+                tmp = os.path.join(directory, f"{i}.tmp")
+                with open(tmp, "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(tmp, os.path.join(directory, f"{i}.started"))
+                with open(os.path.join(directory, f"{i}.fifo")) as f:
+                    return f.read()
+            return i
+    """))
+    return path
+
+
+def test_help_and_version() -> None:
+    out = taskorch("--help")
+    assert out.returncode == 0
+    for command in ("run", "serve", "status", "demo"):
+        assert command in out.stdout
+    assert taskorch("run", "--help").returncode == 0
+    assert taskorch("--version").stdout.startswith("taskorch ")
+
+
+def test_run_over_a_jsonl_file_and_stdin(jobfile: Path, tmp_path: Path) -> None:
+    lines = ['[1]', '[2, 10]', '{"x": 4, "factor": 2}', '{"args": [5], "kwargs": {"factor": 3}}', '']
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines))
+    out_file = tmp_path / "out.jsonl"
+    by_file = taskorch("run", f"{jobfile}:scale", "--input", str(source), "--output", str(out_file),
+                       "--workers", "2", "--no-progress")
+    assert by_file.returncode == 0, by_file.stderr
+    by_stdin = taskorch("run", f"{jobfile}:scale", input="\n".join(lines), cwd=tmp_path)
+    assert by_stdin.returncode == 0, by_stdin.stderr
+    for recs in (records(out_file.read_text()), records(by_stdin.stdout)):
+        assert [r["result"] for r in recs] == [1, 20, 8, 15]
+        assert all(r["ok"] and r["attempts"] == 1 and r["seconds"] >= 0 for r in recs)
+    assert "4 inputs: 4 ok, 0 failed" in by_stdin.stderr
+
+
+def test_module_target_from_the_current_directory(jobfile: Path) -> None:
+    out = taskorch("run", "jobs:scale", input="[6]\n", cwd=jobfile.parent)
+    assert out.returncode == 0, out.stderr
+    assert records(out.stdout)[0]["result"] == 6
+
+
+def test_a_failing_item_gives_exit_1_and_its_error_record(jobfile: Path) -> None:
+    out = taskorch("run", f"{jobfile}:scale", "--retries", "1", "--backoff-initial", "0",
+                   input="[2]\n[3]\n[4]\n")
+    assert out.returncode == 1
+    recs = records(out.stdout)
+    assert [r["ok"] for r in recs] == [True, False, True]
+    assert recs[1]["error"] == {"type": "ValueError", "message": "three is not allowed"}
+    assert recs[1]["attempts"] == 2
+    assert "1 failed" in out.stderr and "1 retries" in out.stderr
+
+
+def test_a_result_that_is_not_json_is_written_as_repr(jobfile: Path) -> None:
+    out = taskorch("run", f"{jobfile}:a_set", input="[7]\n")
+    assert out.returncode == 0
+    rec = records(out.stdout)[0]
+    assert rec["result"] == "{7}" and rec["result_is_repr"] is True
+
+
+@pytest.mark.parametrize("target, message", [
+    ("nosuchmodule:fn", "cannot import module 'nosuchmodule'"),
+    ("no_colon", "TARGET must be"),
+    ("/nonexistent/file.py:fn", "does not exist"),
+])
+def test_bad_target_is_a_usage_error(target: str, message: str) -> None:
+    out = taskorch("run", target, input="[1]\n")
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_json_line_is_a_usage_error_with_its_line_number(jobfile: Path) -> None:
+    out = taskorch("run", f"{jobfile}:scale", input='[1]\n\n[2\n[4]\n')
+    assert out.returncode == 2
+    assert "input line 3" in out.stderr
+    recs = records(out.stdout)
+    assert recs[0]["result"] == 1  # what was accepted before the bad line still ran
+
+
+def _start_gated_run(jobfile: Path, tmp_path: Path, n: int) -> tuple[subprocess.Popen[str], Path]:
+    gate_dir = tmp_path / "gates"
+    gate_dir.mkdir()
+    for i in range(2):
+        os.mkfifo(gate_dir / f"{i}.fifo")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps([i, str(gate_dir)]) + "\n" for i in range(n)))
+    out_file = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskorch", "run", f"{jobfile}:gated", "--input", str(source),
+         "--output", str(out_file), "--workers", "2", "--backlog", "4"],
+        stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    for i in range(2):
+        wait_until(lambda i=i: (gate_dir / f"{i}.started").exists(), what=f"input {i} started")
+    return proc, gate_dir
+
+
+def test_sigterm_stops_reading_drains_and_writes_a_record_for_every_input(jobfile: Path, tmp_path: Path) -> None:
+    proc, gate_dir = _start_gated_run(jobfile, tmp_path, n=1000)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        wait_until(lambda: "no more input is read" in proc.stderr.readline(), what="signal noticed")
+        for i in range(2):
+            with open(gate_dir / f"{i}.fifo", "w") as f:
+                f.write("released")
+        _, err = proc.communicate(timeout=R)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    recs = records((tmp_path / "out.jsonl").read_text())
+    assert 2 <= len(recs) < 1000  # it stopped reading
+    assert [r["index"] for r in recs] == list(range(len(recs)))  # every input read has a record
+    assert all(r["ok"] for r in recs)  # the accepted ones were drained, not cancelled
+    assert recs[0]["result"] == "released"
+
+
+def test_a_second_signal_abandons_running_tasks_and_still_records_them(jobfile: Path, tmp_path: Path) -> None:
+    proc, _ = _start_gated_run(jobfile, tmp_path, n=1000)
+    try:
+        assert proc.stderr is not None
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: "no more input is read" in proc.stderr.readline(), what="first signal")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=R)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    recs = records((tmp_path / "out.jsonl").read_text())
+    assert [r["index"] for r in recs] == list(range(len(recs)))
+    types = {r["index"]: r["error"]["type"] for r in recs if not r["ok"]}
+    assert types[0] == types[1] == "TaskAbandonedError"
+    assert set(types.values()) <= {"TaskAbandonedError", "Cancelled"}
+
+
+def test_drop_writes_dropped_records(jobfile: Path, tmp_path: Path) -> None:
+    out = taskorch("run", f"{jobfile}:scale", "--drop", "--backlog", "1", "--workers", "1",
+                   input="".join(f"[{i}]\n" for i in range(300)))
+    recs = records(out.stdout)
+    assert [r["index"] for r in recs] == list(range(300))
+    kinds = {r["error"]["type"] for r in recs if not r["ok"]}
+    assert kinds <= {"Dropped", "ValueError"}
+
+
+def test_the_demo_runs(tmp_path: Path) -> None:
+    out = taskorch("demo", "--scale", "0.05", "--no-progress", "--keep", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr
+    assert "12 jobs succeeded, 0 failed" in out.stdout
+    assert "speed-up" in out.stdout

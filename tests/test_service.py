@@ -1,0 +1,401 @@
+"""``taskorch serve`` and ``taskorch.connect()``: a real server process, real clients.
+
+Each test starts ``python -m taskorch serve`` as a subprocess (its stderr goes to a file) and
+waits for its ready line. Ordering comes from the gates in ``_tasks`` (a task announces its
+start, then waits for a release), from answers on the connection, and from polling the
+server's log or stats to a deadline; never from sleeps. The fixture stops every server with
+SIGTERM and checks that it exits 0, so each test also exercises the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import _tasks as t
+from _tasks import wait_until
+from taskorch import (
+    Client,
+    OrchestratorClosedError,
+    Policy,
+    QueueFullError,
+    RemoteTaskError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashedError,
+    connect,
+)
+from taskorch._wire import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
+
+R = 30  # deadline for any one result: only catches deadlocks
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+class Server:
+    """A ``taskorch serve`` subprocess and what it printed."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, address: Any, authkey_file: Path) -> None:
+        self.proc = proc
+        self.log = log
+        self.address = address  # a socket path, or (host, port)
+        self.authkey_file = authkey_file
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def wait_logged(self, text: str) -> None:
+        wait_until(lambda: text in self.stderr(), what=f"{text!r} in the server's stderr")
+
+    def connect(self) -> Client:
+        return connect(self.address, authkey_file=self.authkey_file)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(R)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the server did not stop on SIGTERM:\n{self.stderr()}") from None
+
+
+def _env() -> dict[str, str]:
+    # The server's workers import task functions by name (``_tasks``), like an application's
+    # modules: the server needs them on its path.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _taskorch(*args: str, **kwargs: Any) -> list[str]:
+    return [sys.executable, "-m", "taskorch", *args]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="to-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(*options: str, tcp: bool = False) -> Server:
+        n = len(servers)
+        log = short_dir / f"serve{n}.log"
+        key = short_dir / f"key{n}"
+        where = ["--tcp", "127.0.0.1:0"] if tcp else ["--socket", str(short_dir / f"run{n}" / "s.sock")]
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                _taskorch("serve", *where, "--authkey-file", str(key), *options),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=_env())
+        server = Server(proc, log, None, key)
+        servers.append(server)
+
+        def ready() -> re.Match[str] | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited with {proc.returncode}:\n{server.stderr()}")
+            return re.search(r"taskorch serve: listening on (unix|tcp):(\S+) ", server.stderr())
+
+        match = wait_until(ready, what="the server's ready line")
+        if match.group(1) == "unix":
+            server.address = match.group(2)
+        else:
+            host, port = match.group(2).rsplit(":", 1)
+            server.address = (host, int(port))
+        return server
+
+    yield start
+    failures = []
+    for server in servers:
+        code = server.stop()
+        if code != 0:
+            failures.append(f"server exited with {code}:\n{server.stderr()}")
+    assert not failures, "\n".join(failures)
+
+
+# -- round trips ------------------------------------------------------------------------------------
+
+
+def test_round_trip_with_a_lambda_a_module_function_and_run_async(start_server, short_dir) -> None:
+    server = start_server()
+    key = server.authkey_file.read_bytes()
+    assert len(key) == 32 and server.authkey_file.stat().st_mode & 0o777 == 0o600
+    assert (Path(server.address).parent.stat().st_mode & 0o777) == 0o700
+    with server.connect() as client:
+        f = client.run(lambda x: x + 1, 41)  # travels by value
+        assert f is not None and f.result(R) == 42
+        assert f.attempts == 1 and f.seconds is not None and f.task_id >= 1
+        g = client.run(t.add, 2, 3, policy="kw")  # by reference: the server's workers import _tasks
+        assert g is not None and g.result(R) == (5, "kw")
+        h = client.with_policy(Policy(retries=2, backoff_initial=0, backoff_max=0)).run(
+            t.fail_until, str(short_dir / "counter"), 3)
+        assert h is not None and h.result(R) == 3 and h.attempts == 3
+        assert not f.cancel()  # a remote task is not cancellable from the client
+
+        async def submit() -> Any:
+            fut = await client.run_async(t.square, 9)
+            return await asyncio.wrap_future(fut)
+
+        assert asyncio.run(submit()) == 81
+        assert client.server_info["workers"] == 2
+    # Closed: a closed client refuses new work.
+    with pytest.raises(OrchestratorClosedError):
+        client.run(t.square, 1)
+
+
+def test_task_exceptions_cross_with_their_type(start_server) -> None:
+    server = start_server()
+    with server.connect() as client:
+        with pytest.raises(ValueError, match="boom") as info:
+            client.run(t.raise_value_error, "boom").result(R)
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "raise_value_error" in info.value.__cause__.tb
+        with pytest.raises(RemoteTaskError, match="NeedsTwoArgs"):
+            client.run(t.raise_unpicklable).result(R)
+        with pytest.raises(WorkerCrashedError) as crash:  # a taskorch error, pickled across
+            client.run(t.crash_os_exit, 7).result(R)
+        assert crash.value.exitcode == 7 and crash.value.pid
+        # Nothing is sent for a call that does not pickle, or is over the frame limit.
+        before = client.stats().submitted
+        with pytest.raises(SerializationError):
+            client.run(t.takes, threading.Lock())
+        with pytest.raises(SerializationError, match="frame limit"):
+            client.run(t.takes, b"x" * (SERVICE_MAX_FRAME + 1))
+        assert client.stats().submitted == before
+
+
+def test_stats_via_the_client_and_taskorch_status(start_server) -> None:
+    server = start_server()
+    with server.connect() as client:
+        assert [client.run(t.square, i).result(R) for i in range(3)] == [0, 1, 4]
+        with pytest.raises(ValueError):
+            client.run(t.raise_value_error, "x").result(R)
+        stats = client.stats()
+    assert (stats.submitted, stats.succeeded, stats.failed, stats.workers) == (4, 3, 1, 2)
+    status = ["status", "--socket", server.address, "--authkey-file", str(server.authkey_file)]
+    out = subprocess.run(_taskorch(*status, "--json"), capture_output=True, text=True, timeout=R, env=_env())
+    assert out.returncode == 0, out.stderr
+    fields = json.loads(out.stdout)
+    assert (fields["submitted"], fields["succeeded"], fields["failed"]) == (4, 3, 1)
+    out = subprocess.run(_taskorch(*status), capture_output=True, text=True, timeout=R, env=_env())
+    assert out.returncode == 0 and re.search(r"succeeded\s+3", out.stdout), out
+
+
+def test_tcp_on_loopback_and_refusing_other_addresses(start_server, short_dir) -> None:
+    server = start_server(tcp=True)
+    host, port = server.address
+    with connect(f"{host}:{port}", authkey_file=server.authkey_file) as client:
+        assert client.run(t.square, 5).result(R) == 25
+    refused = subprocess.run(
+        _taskorch("serve", "--tcp", "0.0.0.0:0", "--authkey-file", str(short_dir / "k")),
+        capture_output=True, text=True, timeout=R, env=_env())
+    assert refused.returncode == 2 and "--allow-remote" in refused.stderr, refused.stderr
+
+
+# -- back-pressure -------------------------------------------------------------------------------
+
+
+def test_a_full_backlog_raises_queue_full_in_the_client_and_run_async_waits(start_server, gates) -> None:
+    server = start_server("--workers", "1", "--backlog", "2")
+    running, queued = gates("running"), gates("queued")
+    with server.connect() as client:
+        first = client.run(t.blocker, str(running.started), str(running.release_fifo))
+        running.wait_started()  # the only worker is busy: everything else queues
+        second = client.run(t.blocker, str(queued.started), str(queued.release_fifo))
+        third = client.run(t.square, 3)
+        with pytest.raises(QueueFullError):
+            client.run(t.square, 4)
+        assert client.stats().rejected == 1
+
+        async def withdrawn() -> None:
+            task = asyncio.ensure_future(client.run_async(t.square, 4))
+            await asyncio.sleep(0)  # one step of the task: it has sent its C_SUBMIT frame
+            client.stats()  # frames are read in order: the server has the submit, waiting for room
+            task.cancel()  # sends C_WITHDRAW
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(withdrawn())
+
+        loop = asyncio.new_event_loop()
+        waiting = asyncio.run_coroutine_threadsafe(client.run_async(t.square, 5), loop)
+        thread = threading.Thread(target=loop.run_forever, name="test-loop")
+        thread.start()
+        try:
+            running.release()
+            queued.wait_started()
+            queued.release()
+            assert [f.result(R) for f in (first, second, third)] == ["go", "go", 9]
+            assert waiting.result(R).result(R) == 25
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+        stats = client.stats()  # the withdrawn request was never enqueued
+        assert (stats.submitted, stats.succeeded, stats.rejected) == (4, 4, 1)
+
+
+def test_drop_mode_returns_none_across_the_connection(start_server, gates) -> None:
+    server = start_server("--workers", "1", "--backlog", "1", "--drop")
+    g = gates("busy")
+    with server.connect() as client:
+        busy = client.run(t.blocker, str(g.started), str(g.release_fifo))
+        g.wait_started()
+        queued = client.run(t.square, 2)
+        assert client.run(t.square, 3) is None
+        assert client.stats().dropped == 1
+        g.release()
+        assert busy.result(R) == "go" and queued.result(R) == 4
+    server.wait_logged("dropped task from connection")
+
+
+# -- bad clients ---------------------------------------------------------------------------------
+
+
+def test_a_wrong_key_is_refused_and_the_server_serves_others(start_server) -> None:
+    server = start_server()
+    with pytest.raises(AuthenticationError):
+        connect(server.address, authkey=b"not the key")
+    server.wait_logged("failed to authenticate")
+    with server.connect() as client:
+        assert client.run(t.square, 6).result(R) == 36
+
+
+def _raw_socket(server: Server) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(server.address)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(R)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return True
+        if not data:
+            return True
+
+
+def _authenticated(server: Server) -> tuple[socket.socket, Connection[Any, Any]]:
+    sock = _raw_socket(server)
+    conn: Connection[Any, Any] = Connection(os.dup(sock.fileno()))
+    key = server.authkey_file.read_bytes()
+    answer_challenge(conn, key)
+    deliver_challenge(conn, key)
+    assert pickle.loads(conn.recv_bytes())[0] == S_HELLO
+    return sock, conn
+
+
+def test_garbage_oversized_and_malicious_frames_close_only_their_connection(start_server) -> None:
+    server = start_server()
+    with server.connect() as bystander:
+        # Garbage before authenticating: never reaches pickle.
+        sock = _raw_socket(server)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _closed_by_server(sock)
+        sock.close()
+        server.wait_logged("failed to authenticate")
+
+        # Authenticated, then a frame announcing 1 GiB: refused from its length alone.
+        sock, conn = _authenticated(server)
+        sock.sendall(struct.pack("!i", 2**30))
+        assert _closed_by_server(sock)
+        conn.close()
+        sock.close()
+        server.wait_logged("a frame over the 64 MiB limit")
+
+        # Authenticated, then a pickle that names a global: the server imports nothing.
+        sock, conn = _authenticated(server)
+        conn.send_bytes(pickle.dumps((C_STATS, os.system)))
+        assert _closed_by_server(sock)
+        conn.close()
+        sock.close()
+        server.wait_logged("may not reference posix.system")
+
+        # Authenticated, then bytes that are not a pickle at all.
+        sock, conn = _authenticated(server)
+        conn.send_bytes(b"\x80\x05garbage")
+        assert _closed_by_server(sock)
+        conn.close()
+        sock.close()
+
+        # A well-formed frame on a raw connection still works; so does the other client.
+        sock, conn = _authenticated(server)
+        conn.send_bytes(pickle.dumps((C_STATS, 7)))
+        tag, req, fields = pickle.loads(conn.recv_bytes())
+        assert (tag, req) == (S_STATS, 7) and fields["workers"] == 2
+        conn.close()
+        sock.close()
+        assert bystander.run(t.square, 8).result(R) == 64
+
+
+def test_a_client_that_leaves_mid_task_does_not_stop_the_task(start_server, gates) -> None:
+    server = start_server()
+    g = gates("orphan")
+    leaving = server.connect()
+    orphan = leaving.run(t.blocker, str(g.started), str(g.release_fifo))
+    g.wait_started()
+    leaving.close(timeout=0)  # disconnects with the task running
+    with pytest.raises(OrchestratorClosedError):
+        orphan.result(R)
+    server.wait_logged("with 1 task(s) accepted and not finished")
+    g.release()
+    with server.connect() as other:
+        wait_until(lambda: other.stats().succeeded == 1, what="the orphaned task to finish")
+        assert other.run(t.square, 2).result(R) == 4
+
+
+# -- stopping ------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_accepting_drains_and_exits_0(start_server, gates) -> None:
+    server = start_server("--backlog", "1000")
+    g = gates("inflight")
+    client = server.connect()
+    try:
+        inflight = client.run(t.blocker, str(g.started), str(g.release_fifo))
+        g.wait_started()
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_logged("SIGTERM: stopping")
+
+        def intake_closed() -> bool:  # the connection stays open while the server drains
+            try:
+                client.run(t.square, 1)
+            except OrchestratorClosedError:
+                return True
+            return False
+
+        wait_until(intake_closed, what="the server to close its intake")
+        assert not os.path.exists(server.address)  # no new connections
+        g.release()
+        assert inflight.result(R) == "go"  # the outcome still reaches its client
+        assert server.proc.wait(R) == 0
+        assert "taskorch serve: stopped (drained" in server.stderr()
+        with pytest.raises(OrchestratorClosedError):  # the server closed the connection
+            client.run(t.square, 1)
+    finally:
+        client.close()
