@@ -4,11 +4,14 @@ Threads, each with one job:
 
 - main: parses arguments, starts the others, then waits on ``_Run.finished``; it also runs
   the signal handlers, which only set flags and never touch the orchestrator's locks.
-- "taskorch-cli-reader": reads input lines, parses them, submits them. Submitting waits for
-  room in the backlog (back-pressure: memory stays flat however long the input), or, with
-  ``--drop``, drops. It is a daemon: after a signal the main thread stops waiting for it,
-  since it may be blocked reading a stdin that never closes; ``_Run.lock`` makes sure a line
-  it holds is either submitted or recorded as cancelled, never lost.
+- "taskorch-cli-reader": reads input lines, parses them, submits them (one task per input,
+  or one per ``--chunksize`` inputs: the bulk path). Submitting waits for room in the backlog
+  (back-pressure: memory stays flat however long the input), or, with ``--drop``, drops. It
+  is a daemon: after a signal the main thread stops waiting for it, since it may be blocked
+  reading a stdin that never closes; ``_Run.lock`` (with ``busy`` and ``chunk``) makes sure
+  every input it read is submitted or recorded as cancelled, never lost.
+- "taskorch-cli-drain", started by a first signal: sends the inputs read but not yet sent,
+  waits until every record is written, then lets the main thread finish.
 - "taskorch-cli-writer": writes one JSON record per input as tasks finish, updates the
   progress bar. Fed by the futures' done callbacks (in the dispatcher thread) through a
   ``queue.SimpleQueue``, so the dispatcher never waits on output.
@@ -35,6 +38,8 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import IO, Any, Callable, Iterator
 
+from taskorch._wire import decode_exception, encode_call
+from taskorch._worker_map import ItemError, run_chunk
 from taskorch.cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -42,6 +47,7 @@ from taskorch.cli import (
     EXIT_SIGTERM,
     EXIT_USAGE,
     UsageError,
+    _positive_int,
     add_pool_arguments,
     orchestrator_from_args,
 )
@@ -61,6 +67,10 @@ def add_parser(sub: Any) -> None:
                    help="package.module:function, or path/to/file.py:function")
     p.add_argument("--input", "-i", metavar="FILE", help="JSON-lines input (default: stdin)")
     p.add_argument("--output", "-o", metavar="FILE", help="JSON-lines records (default: stdout)")
+    p.add_argument("--chunksize", type=_positive_int, default=1, metavar="N",
+                   help="send N inputs per task, the bulk path (much faster for tiny tasks); "
+                        "retries and timeouts then apply to the whole chunk, and records carry "
+                        "the chunk's attempts and no seconds (default: 1)")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="show a progress bar on stderr (default: when stderr is a terminal)")
@@ -159,6 +169,24 @@ def record(index: int, future: Future[Any] | None, error: tuple[str, str] | None
     return out
 
 
+def records_of(indices: list[int], future: Future[Any] | None, error: tuple[str, str] | None,
+               chunked: bool) -> list[dict[str, Any]]:
+    """The records of one submission: one input, or a chunk of them (--chunksize > 1)."""
+    if not chunked or future is None or future.cancelled() or future.exception() is not None:
+        return [record(i, future, error) for i in indices]
+    out = []
+    attempts = getattr(future, "attempts", 0)
+    for index, item in zip(indices, future.result()):
+        if isinstance(item, ItemError):
+            exc = decode_exception(*item.described)
+            type_name = getattr(exc, "type_name", None) or type(exc).__name__
+            out.append({"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
+                        "attempts": attempts})
+        else:
+            out.append({"index": index, "ok": True, "result": item, "attempts": attempts})
+    return out
+
+
 def dump_record(rec: dict[str, Any]) -> str:
     try:
         return json.dumps(rec)
@@ -171,24 +199,33 @@ def dump_record(rec: dict[str, Any]) -> str:
 # -- the run -----------------------------------------------------------------------------------
 
 
+_Done = tuple[list[int], "Future[Any] | None", "tuple[str, str] | None", bool]
+
+
 class _Run:
     def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str]) -> None:
         self.args = args
         self.fn = fn
         self.out = out
         self.orchestrator = orchestrator_from_args(args)
-        # Guards read/submitted/outstanding/stopping/holding_line (reader, writer, main).
+        # Guards the fields below up to `stopping` (reader, writer, main and drain threads).
         self.lock = threading.Condition()
-        self.read = 0  # input records read (and so owed a record)
-        self.outstanding = 0  # records not yet written
+        self.read = 0  # inputs read (and so owed a record)
+        self.outstanding = 0  # records owed and not yet written
         self.reader_done = False
-        self.holding_line = False  # the reader has read a line it has not submitted/recorded
+        # Inputs read and parsed, not yet sent (fewer than --chunksize of them).
+        self.chunk: list[tuple[int, tuple[Any, ...], dict[str, Any]]] = []
+        # A thread is between reading an input and putting it in `chunk`, or is sending a
+        # chunk: its inputs are in no list the others can see.
+        self.busy = False
         self.stopping = False  # a signal (or an input error): stop reading
         self.usage_error: str | None = None
         self.signals: list[int] = []
         self.counts = {"ok": 0, "failed": 0}
         self.finished = threading.Event()  # all records written and no more input coming
-        self.done_queue: queue.SimpleQueue[tuple[int, Future[Any] | None, tuple[str, str] | None] | None] = queue.SimpleQueue()
+        # (input indices, the task's future or None, (error type, message) or None, whether
+        # the task is a chunk); None ends the writer.
+        self.done_queue: queue.SimpleQueue[_Done | None] = queue.SimpleQueue()
 
     # main thread ----------------------------------------------------------------------
 
@@ -204,10 +241,9 @@ class _Run:
                 pass
         finally:
             report = self.orchestrator.stop()
-            with self.lock:  # a line the reader holds is submitted or recorded before we end
+            with self.lock:  # inputs in hand are submitted or recorded before we end
                 self.stopping = True
-                self.lock.wait_for(lambda: not self.holding_line, timeout=5.0)
-                self.lock.wait_for(lambda: self.outstanding == 0, timeout=5.0)
+                self.lock.wait_for(lambda: not self.busy and self.outstanding == 0, timeout=5.0)
             self.done_queue.put(None)
             writer.join()
             for sig, handler in previous.items():
@@ -238,23 +274,30 @@ class _Run:
         threading.Thread(target=self._finish_when_drained, name="taskorch-cli-drain", daemon=True).start()
 
     def _finish_when_drained(self) -> None:
+        # The reader may be blocked reading a stdin that never closes: the inputs it read and
+        # had not sent yet (a partial --chunksize chunk) are sent from here.
         with self.lock:
-            self.lock.wait_for(lambda: not self.holding_line and self.outstanding == 0)
+            self.lock.wait_for(lambda: not self.busy)
+            chunk, self.chunk = self.chunk, []
+            self.busy = bool(chunk)
+        if chunk:
+            self._submit(chunk)
+        with self.lock:
+            self.lock.wait_for(lambda: not self.busy and self.outstanding == 0)
         self.finished.set()
 
     # reader thread ----------------------------------------------------------------------
 
     def _read(self, lines: Iterator[str]) -> None:
-        o = self.orchestrator
-        policy = o.policy
+        size = self.args.chunksize
         try:
             for line_number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 with self.lock:
                     if self.stopping:
-                        return
-                    self.holding_line = True
+                        break
+                    self.busy = True
                     index = self.read
                     self.read += 1
                     self.outstanding += 1
@@ -262,38 +305,64 @@ class _Run:
                     args, kwargs = parse_input(line, line_number)
                 except UsageError as exc:
                     self.usage_error = str(exc)
-                    self._owe(index, None, ("UsageError", str(exc)))
+                    self._owe([index], None, ("UsageError", str(exc)))
                     self._stop_reading()
-                    return
-                try:
-                    item = o._item(policy, None, self.fn, args, kwargs)
-                    future = o._offer(item, self.fn) if self.args.drop else o._offer_blocking(item)
-                except Exception as exc:  # closed by a signal, or the call does not pickle
-                    closed = self.stopping
-                    self._owe(index, None, ("Cancelled", "never started: the run was interrupted")
-                              if closed else (type(exc).__name__, str(exc)))
-                    continue
-                if future is None:
-                    self._owe(index, None, ("Dropped", "the backlog was full (--drop)"))
-                    continue
-                future.add_done_callback(lambda f, i=index: self.done_queue.put((i, f, None)))
+                    break
                 with self.lock:
-                    self.holding_line = False
+                    self.chunk.append((index, args, kwargs))
+                    full, self.busy = len(self.chunk) >= size, False
+                    if full:
+                        chunk, self.chunk, self.busy = self.chunk, [], True
                     self.lock.notify_all()
+                if full:
+                    self._submit(chunk)
         except Exception as exc:  # reading the input failed (e.g. not UTF-8)
             self.usage_error = f"reading the input failed: {type(exc).__name__}: {exc}"
             self.stopping = True
         finally:
             with self.lock:
+                chunk, self.chunk = self.chunk, []
+                self.busy = bool(chunk)
+            if chunk:
+                self._submit(chunk)
+            with self.lock:
                 self.reader_done = True
                 self.lock.notify_all()
-                if self.outstanding == 0 and not self.holding_line:
+                if self.outstanding == 0:
                     self.finished.set()
 
-    def _owe(self, index: int, future: Future[Any] | None, error: tuple[str, str]) -> None:
-        self.done_queue.put((index, future, error))
+    def _submit(self, chunk: list[tuple[int, tuple[Any, ...], dict[str, Any]]]) -> None:
+        """One task per input, or, with --chunksize, one task for the whole chunk (the bulk
+        path of ``map()``: one message for many inputs; the policy then applies per chunk).
+        The caller set ``busy``; this clears it."""
+        o = self.orchestrator
+        indices = [index for index, _, _ in chunk]
+        chunked = self.args.chunksize > 1
+        try:
+            if not chunked:
+                _, args, kwargs = chunk[0]
+                item = o._item(o.policy, None, self.fn, args, kwargs)
+            else:
+                payload = encode_call(run_chunk, (self.fn, [a for _, a, _ in chunk], True,
+                                                  [k for _, _, k in chunk]), {})
+                item = o._new_item(payload, o.policy, None)
+            future = o._offer(item, self.fn) if self.args.drop else o._offer_blocking(item)
+        except Exception as exc:  # closed by a signal, or the call does not pickle
+            self._owe(indices, None, ("Cancelled", "never started: the run was interrupted")
+                      if self.stopping else (type(exc).__name__, str(exc)))
+            return
+        if future is None:
+            self._owe(indices, None, ("Dropped", "the backlog was full (--drop)"))
+            return
+        future.add_done_callback(lambda f: self.done_queue.put((indices, f, None, chunked)))
         with self.lock:
-            self.holding_line = False
+            self.busy = False
+            self.lock.notify_all()
+
+    def _owe(self, indices: list[int], future: Future[Any] | None, error: tuple[str, str]) -> None:
+        self.done_queue.put((indices, future, error, False))
+        with self.lock:
+            self.busy = False
             self.lock.notify_all()
 
     # writer thread -----------------------------------------------------------------------
@@ -306,22 +375,19 @@ class _Run:
                 entry = self.done_queue.get()
                 if entry is None:
                     return
-                index, future, error = entry
-                try:
-                    rec = record(index, future, error)
-                except CancelledError:  # pragma: no cover - record() checks cancelled() first
-                    rec = record(index, None, ("Cancelled", "never started"))
-                out.write(dump_record(rec) + "\n")
+                indices, future, error, chunked = entry
+                for rec in records_of(indices, future, error, chunked):
+                    out.write(dump_record(rec) + "\n")
+                    self.counts["ok" if rec["ok"] else "failed"] += 1
                 if self.done_queue.empty():
                     out.flush()
-                self.counts["ok" if rec["ok"] else "failed"] += 1
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(indices))
                 with self.lock:
-                    self.outstanding -= 1
+                    self.outstanding -= len(indices)
                     if self.outstanding == 0:
                         self.lock.notify_all()
-                        if self.reader_done and not self.holding_line:
+                        if self.reader_done and not self.busy and not self.chunk:
                             self.finished.set()
         finally:
             out.flush()

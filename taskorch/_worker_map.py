@@ -25,11 +25,15 @@ class ItemError:
         return (ItemError, (self.described,))
 
 
-def run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]], return_exceptions: bool) -> list[Any]:
+def run_chunk(
+    fn: Callable[..., Any], chunk: list[tuple[Any, ...]], return_exceptions: bool,
+    kwargs: list[dict[str, Any]] | None = None,
+) -> list[Any]:
+    """``fn(*chunk[i], **kwargs[i])`` for each item (``kwargs`` None: no keyword arguments)."""
     results: list[Any] = []
-    for args in chunk:
+    for i, args in enumerate(chunk):
         try:
-            value = fn(*args)
+            value = fn(*args, **kwargs[i]) if kwargs is not None else fn(*args)
             if inspect.iscoroutine(value):
                 import asyncio
 

@@ -198,3 +198,15 @@ def test_the_demo_runs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "12 jobs succeeded, 0 failed" in out.stdout
     assert "speed-up" in out.stdout
+
+
+def test_chunksize_sends_inputs_in_bulk_with_per_input_records(jobfile: Path) -> None:
+    lines = "".join(f"[{i}]\n" for i in range(1000)) + '{"x": 5, "factor": 10}\n'
+    out = taskorch("run", f"{jobfile}:scale", "--chunksize", "64", input=lines)
+    assert out.returncode == 1  # input 3 fails, alone
+    recs = records(out.stdout)
+    assert [r["index"] for r in recs] == list(range(1001))
+    assert recs[3]["error"]["type"] == "ValueError" and not recs[3]["ok"]
+    assert all(r["ok"] and r["result"] == r["index"] for r in recs[:1000] if r["index"] != 3)
+    assert recs[1000]["result"] == 50
+    assert "1001 inputs: 1000 ok, 1 failed" in out.stderr
