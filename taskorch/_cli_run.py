@@ -343,7 +343,7 @@ class _Run:
                 _, args, kwargs = chunk[0]
                 item = o._item(o.policy, None, self.fn, args, kwargs)
             else:
-                payload = encode_call(run_chunk, (self.fn, [a for _, a, _ in chunk], True,
+                payload = encode_call(run_chunk, (self.fn, [a for _, a, _ in chunk], True, True,
                                                   [k for _, _, k in chunk]), {})
                 item = o._new_item(payload, o.policy, None)
             future = o._offer(item, self.fn) if self.args.drop else o._offer_blocking(item)

@@ -33,13 +33,18 @@ def map_in_chunks(
     orchestrator: TaskOrchestrator, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
     chunksize: int | None, return_exceptions: bool,
 ) -> Iterator[Any]:
-    items = zip(*iterables)
+    star = len(iterables) > 1
+    items = iter(zip(*iterables) if star else iterables[0])
     known = _known_length(iterables)
     in_flight_limit = max(2, 2 * orchestrator.worker_count)
     cap = MAX_CHUNK_ITEMS
     if known is not None:  # leave every worker several chunks, as multiprocessing.Pool does
         cap = max(1, min(cap, math.ceil(known / (4 * orchestrator.worker_count))))
-    size = chunksize or 1
+    if chunksize is not None:
+        cap = chunksize
+    # Without a measurement yet: multiprocessing.Pool.map's choice when the length is known
+    # (a few chunks per worker), one item when it is not; then TARGET_CHUNK_SECONDS decides.
+    size = chunksize or (cap if known is not None else 1)
     in_flight: deque[tuple[TaskFuture, int]] = deque()
     exhausted = False
     try:
@@ -49,7 +54,7 @@ def map_in_chunks(
                 if not chunk:
                     exhausted = True
                     break
-                payload = encode_call(run_chunk, (fn, chunk, return_exceptions), {})
+                payload = encode_call(run_chunk, (fn, chunk, return_exceptions, star), {})
                 item = orchestrator._new_item(payload, orchestrator.policy, None)
                 future = orchestrator._offer_blocking(item)
                 if future is None:  # cannot happen without a deadline
@@ -62,6 +67,9 @@ def map_in_chunks(
             if chunksize is None and future.seconds:
                 per_item = future.seconds / count
                 size = max(1, min(cap, int(TARGET_CHUNK_SECONDS / max(per_item, 1e-7))))
+            if not return_exceptions:
+                yield from results
+                continue
             for value in results:
                 if isinstance(value, ItemError):
                     value = decode_exception(*value.described)

@@ -7,7 +7,7 @@ place, pickled alone so that one unpicklable exception cannot spoil its neighbou
 
 from __future__ import annotations
 
-import inspect
+from types import CoroutineType
 from typing import Any, Callable
 
 from taskorch._wire import encode_exception
@@ -26,15 +26,21 @@ class ItemError:
 
 
 def run_chunk(
-    fn: Callable[..., Any], chunk: list[tuple[Any, ...]], return_exceptions: bool,
+    fn: Callable[..., Any], chunk: list[Any], return_exceptions: bool, star: bool,
     kwargs: list[dict[str, Any]] | None = None,
 ) -> list[Any]:
-    """``fn(*chunk[i], **kwargs[i])`` for each item (``kwargs`` None: no keyword arguments)."""
+    """For each item: ``fn(item)``, or with ``star`` ``fn(*item, **kwargs[i])`` (``kwargs``
+    None: no keyword arguments). Plain items (one iterable) pickle far smaller than tuples."""
     results: list[Any] = []
-    for i, args in enumerate(chunk):
+    for i, item in enumerate(chunk):
         try:
-            value = fn(*args, **kwargs[i]) if kwargs is not None else fn(*args)
-            if inspect.iscoroutine(value):
+            if not star:
+                value = fn(item)
+            elif kwargs is not None:
+                value = fn(*item, **kwargs[i])
+            else:
+                value = fn(*item)
+            if isinstance(value, CoroutineType):
                 import asyncio
 
                 value = asyncio.run(value)
