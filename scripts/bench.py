@@ -251,6 +251,10 @@ class PoolAdapter:
         """The fast path for bulk collection: the library's own result call."""
         return handle.result(timeout=max(0.0, timeout))
 
+    def map(self, fn: Callable[..., Any], items: list[Any]) -> list[Any]:
+        """Section I: the library's bulk API, results in order."""
+        raise NotImplementedError
+
     def stop(self, timeout: float) -> None:
         raise NotImplementedError
 
