@@ -75,9 +75,7 @@ class Backlog:
                     return False
                 self.rejected += 1
                 raise QueueFullError(self.max_backlog)
-            self._accept(item)
-            wake = not self.dispatcher_will_look
-            self.dispatcher_will_look = True
+            wake = self._accept(item)
         if wake:
             self.wake_dispatcher()
         return True
@@ -92,9 +90,7 @@ class Backlog:
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._room_waiters.append((loop, waiter))
                 return waiter
-            self._accept(item)
-            wake = not self.dispatcher_will_look
-            self.dispatcher_will_look = True
+            wake = self._accept(item)
         if wake:
             self.wake_dispatcher()
         return None
@@ -105,9 +101,7 @@ class Backlog:
             with self.lock:
                 self._check_open()
                 if self.queued < self.max_backlog:
-                    self._accept(item)
-                    wake = not self.dispatcher_will_look
-                    self.dispatcher_will_look = True
+                    wake = self._accept(item)
                     break
                 event = threading.Event()
                 self._room_waiters.append((None, event))
@@ -136,12 +130,16 @@ class Backlog:
         if self.broken is not None:
             raise OrchestratorBrokenError(self.broken)
 
-    def _accept(self, item: WorkItem) -> None:
+    def _accept(self, item: WorkItem) -> bool:
+        """Enqueue (lock held); True if the caller must wake the dispatcher after unlocking."""
         self._last_task_id += 1
         item.task_id = item.future.task_id = self._last_task_id
         self.submitted += 1
         self.queued += 1
         self.pending.append(item)
+        wake = not self.dispatcher_will_look
+        self.dispatcher_will_look = True
+        return wake
 
     # -- state transitions (callers hold the lock) -------------------------------------------
 

@@ -637,9 +637,9 @@ class Dispatcher:
                 worker.kill_item = item
                 worker.sigkill_at = now + SIGKILL_AFTER
                 worker.terminate()
-                # Its other calls were never started: give them to the other workers now.
-                with self._backlog.lock:
-                    self._take_back_locked(worker, {i.task_id for i in list(worker.inflight)[1:]})
+                # Its other calls go back to the backlog, uncharged, when its exit is handled
+                # (at most SIGKILL_AFTER from now), not before: a task that survives SIGTERM
+                # and returns would let the worker start them, and they would run twice.
         if self._delayed and self._delayed[0][0] <= now:
             with self._backlog.lock:
                 due = []
