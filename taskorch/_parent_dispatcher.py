@@ -51,14 +51,13 @@ from typing import Any
 from taskorch._errors import (
     CircuitOpenError,
     OrchestratorBrokenError,
-    SerializationError,
     TaskAbandonedError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
 from taskorch._parent_backlog import Backlog
 from taskorch._parent_breaker import Breaker
-from taskorch._parent_task import RawOutcome, TaskState, WorkItem
+from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._parent_worker import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._policy import BreakerMode, CircuitBreaker, Policy
 from taskorch._wire import (
@@ -70,8 +69,6 @@ from taskorch._wire import (
     STARTED,
     SUCCEEDED,
     Event,
-    decode_exception,
-    decode_frame,
 )
 
 log = logging.getLogger("taskorch")
@@ -92,8 +89,6 @@ _TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
 # Events that show a worker making progress (a RECALLED answer does not).
 _PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
 
-# Resolutions collected under the backlog lock and applied after it is released.
-_Resolution = tuple[WorkItem, str, Any]
 
 
 class Dispatcher:
@@ -229,7 +224,7 @@ class Dispatcher:
     def _handle_events(self, worker: WorkerProcess, events: list[Event]) -> None:
         worker.events_seen = True
         self._start_failures = 0
-        resolutions: list[_Resolution] = []
+        resolutions: list[Resolution] = []
         retries: list[tuple[WorkItem, Event]] = []
         now = time.monotonic()
         backlog = self._backlog
@@ -292,32 +287,8 @@ class Dispatcher:
             raise AssertionError(f"worker {worker.pid} started task {task_id}, expected {head!r}")
         return head
 
-    def _resolve(self, resolutions: list[_Resolution]) -> None:
-        """Resolve futures; never under the backlog lock (callbacks are user code)."""
-        for item, kind, value in resolutions:
-            future = item.future
-            if item.raw and kind in ("result", "error"):
-                future.set_result(RawOutcome(kind == "result", value))
-            elif kind == "result":
-                try:
-                    result = decode_frame(value)
-                except Exception as exc:
-                    err = SerializationError(
-                        f"the task's result could not be unpickled in the parent: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-                    err.__cause__ = exc
-                    future.set_exception(err)
-                else:
-                    future.set_result(result)
-            elif kind == "error":
-                future.set_exception(decode_exception(*value))
-            elif kind == "exception":
-                future.set_exception(value)
-            elif kind == "cancel":
-                future._cancel_now()
-            else:
-                raise AssertionError(kind)
+    def _resolve(self, resolutions: list[Resolution]) -> None:
+        resolve_all(resolutions)
 
     # -- dispatching -----------------------------------------------------------------------
 
@@ -413,7 +384,7 @@ class Dispatcher:
 
     def _reject_beyond(self, admit: int) -> None:
         """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
-        rejected: list[_Resolution] = []
+        rejected: list[Resolution] = []
         backlog = self._backlog
         assert self._breaker is not None
         retry_in = max(0.0, self._breaker.open_until - time.monotonic())
@@ -497,7 +468,7 @@ class Dispatcher:
         del self._workers[worker.slot]
         self.pids = tuple(w.pid for w in self._workers.values())
 
-        resolutions: list[_Resolution] = []
+        resolutions: list[Resolution] = []
         backlog = self._backlog
         with backlog.lock:
             backlog.workers = len(self._workers)
@@ -707,7 +678,7 @@ class Dispatcher:
     def _fail_everything(self, error: BaseException | None) -> None:
         """Settle every unresolved task: queued ones are cancelled, running ones abandoned
         (``error`` None) or failed with ``error``."""
-        resolutions: list[_Resolution] = []
+        resolutions: list[Resolution] = []
         backlog = self._backlog
         with backlog.lock:
             items: list[WorkItem] = list(backlog.pending)

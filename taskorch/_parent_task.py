@@ -17,8 +17,12 @@ backlog with no attempt charged.
 from __future__ import annotations
 
 import enum
-from concurrent.futures import Future
+import logging
+from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from taskorch._errors import SerializationError
+from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
     from taskorch._parent_worker import WorkerProcess
@@ -98,3 +102,46 @@ class WorkItem:
 
     def __repr__(self) -> str:
         return f"<WorkItem {self.task_id} {self.state.value} attempts={self.attempts}>"
+
+
+#: What to do with an item's future: ("result", pickled value), ("error", encode_exception
+#: tuple), ("exception", an exception object), or ("cancel", None).
+Resolution = tuple[WorkItem, str, Any]
+
+log = logging.getLogger("taskorch")
+
+
+def resolve_all(resolutions: list[Resolution]) -> None:
+    """Resolve futures (dispatcher threads), never under the backlog lock: done-callbacks are
+    user code and run here, so a slow one delays every other task's dispatch."""
+    for item, kind, value in resolutions:
+        try:
+            _resolve(item, kind, value)
+        except InvalidStateError:  # the caller resolved the future itself
+            log.warning("task %d: its future was already resolved by someone else", item.task_id)
+
+
+def _resolve(item: WorkItem, kind: str, value: Any) -> None:
+    future = item.future
+    if item.raw and kind in ("result", "error"):
+        future.set_result(RawOutcome(kind == "result", value))
+    elif kind == "result":
+        try:
+            result = decode_frame(value)
+        except Exception as exc:
+            err = SerializationError(
+                f"the task's result could not be unpickled in the parent: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            future.set_exception(err)
+        else:
+            future.set_result(result)
+    elif kind == "error":
+        future.set_exception(decode_exception(*value))
+    elif kind == "exception":
+        future.set_exception(value)
+    elif kind == "cancel":
+        future._cancel_now()
+    else:
+        raise AssertionError(kind)
