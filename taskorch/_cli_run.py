@@ -220,6 +220,7 @@ class _Run:
         self.busy = False
         self.stopping = False  # a signal (or an input error): stop reading
         self.usage_error: str | None = None
+        self.output_error: str | None = None
         self.signals: list[int] = []
         self.counts = {"ok": 0, "failed": 0}
         self.finished = threading.Event()  # all records written and no more input coming
@@ -243,11 +244,18 @@ class _Run:
             report = self.orchestrator.stop()
             with self.lock:  # inputs in hand are submitted or recorded before we end
                 self.stopping = True
-                self.lock.wait_for(lambda: not self.busy and self.outstanding == 0, timeout=5.0)
+                self.lock.wait_for(lambda: self.output_error is not None
+                                   or not self.busy and self.outstanding == 0, timeout=5.0)
             self.done_queue.put(None)
             writer.join()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self.output_error:
+            with contextlib.suppress(OSError, ValueError):
+                print(f"taskorch run: error: {self.output_error}", file=sys.stderr)
+            with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+            return EXIT_FAILED
         self._summary(time.monotonic() - started, report.drained)
         if self.signals:
             return EXIT_SIGINT if self.signals[0] == signal.SIGINT else EXIT_SIGTERM
@@ -368,6 +376,16 @@ class _Run:
     # writer thread -----------------------------------------------------------------------
 
     def _write(self) -> None:
+        try:
+            self._write_records()
+        except BaseException as exc:  # e.g. `taskorch run ... | head`: the reader went away
+            # Nobody will read the records: abandon the run instead of hanging on them.
+            self.output_error = f"writing the output failed: {type(exc).__name__}: {exc}"
+            self.stopping = True
+            self.orchestrator.stop(timeout=0)
+            self.finished.set()
+
+    def _write_records(self) -> None:
         bar = _progress_bar(self.args)
         out = self.out
         try:
@@ -390,9 +408,9 @@ class _Run:
                         if self.reader_done and not self.busy and not self.chunk:
                             self.finished.set()
         finally:
-            out.flush()
             if bar is not None:
                 bar.close()
+            out.flush()
 
     def _summary(self, seconds: float, drained: bool) -> None:
         s = self.orchestrator.stats()

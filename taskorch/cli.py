@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class UsageError(Exception):
@@ -44,6 +45,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                       help="recycle a worker after N tasks")
     pool.add_argument("--max-memory-per-worker", type=_positive_float, default=None, metavar="MIB",
                       help="recycle a worker whose resident memory passed MIB after a task")
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                        help="logging level on stderr (default: WARNING)")
 
 
 def orchestrator_from_args(args: argparse.Namespace) -> Any:
@@ -72,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with retries, timeouts and a bounded backlog.",
     )
     parser.add_argument("--version", action="version", version=f"taskorch {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS,
                         help="logging level on stderr (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

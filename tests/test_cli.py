@@ -210,3 +210,17 @@ def test_chunksize_sends_inputs_in_bulk_with_per_input_records(jobfile: Path) ->
     assert all(r["ok"] and r["result"] == r["index"] for r in recs[:1000] if r["index"] != 3)
     assert recs[1000]["result"] == 50
     assert "1001 inputs: 1000 ok, 1 failed" in out.stderr
+
+
+def test_output_reader_going_away_ends_the_run_instead_of_hanging(jobfile: Path, tmp_path: Path) -> None:
+    # `taskorch run ... | head -1`: the records have nowhere to go.
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f"[{i}]\n" for i in range(20000)))
+    proc = subprocess.Popen([sys.executable, "-m", "taskorch", "run", f"{jobfile}:scale", "--input",
+                             str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=R) == 1
+    assert "writing the output failed" in err and "Traceback" not in err
