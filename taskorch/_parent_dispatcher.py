@@ -356,8 +356,8 @@ class Dispatcher:
         not started behind a long task: recall them, so the idle worker can take them. Returns
         when to look again (a holder that is not yet SLOW_AFTER late)."""
         workers = self._workers.values()
-        if not any(not w.inflight and w.room(now) > 0 for w in workers):
-            return None
+        if not any(w.events_seen and not w.inflight and w.room(now) > 0 for w in workers):
+            return None  # no worker that is up and idle
         again: float | None = None
         for worker in workers:
             if worker.recall_sent or worker.unstarted() == 0 or worker.kill_reason is not None:
