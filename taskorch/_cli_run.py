@@ -133,7 +133,10 @@ def parse_input(line: str, line_number: int) -> tuple[tuple[Any, ...], dict[str,
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"input line {line_number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        shown = line.strip()
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise UsageError(f"input line {line_number}: not valid JSON ({exc.msg} at column "
+                         f"{exc.colno}): {shown!r}") from None
     if isinstance(value, list):
         return tuple(value), {}
     if isinstance(value, dict):

@@ -112,7 +112,12 @@ class Dispatcher:
         self._max_memory_per_worker = max_memory_per_worker
         self._breaker = Breaker(circuit_breaker) if circuit_breaker is not None else None
         # Wake pipe: written by producers and stop() (non-blocking; a full pipe already means
-        # "wake up"), drained by the dispatcher after every select.
+        # "wake up"), drained by the dispatcher after every select. `_wake_lock` orders the
+        # writes against the close at the end: wake() may be called after the dispatcher is
+        # done (a late stop(), a finalizer), and a write to a closed descriptor number would
+        # land in whatever file reuses it (it once put a NUL into a subprocess's stdin).
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -149,10 +154,13 @@ class Dispatcher:
         return self._worker_count
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # full: a wakeup is pending anyway; closed: the dispatcher is done
+        with self._wake_lock:
+            if self._wake_closed:
+                return  # the dispatcher is done
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # full: a wakeup is pending anyway
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -715,11 +723,10 @@ class Dispatcher:
 
     def _close_channels(self) -> None:
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._wake_lock:
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 def _how(exitcode: int | None) -> str:

@@ -502,3 +502,28 @@ def test_calls_prefetched_behind_a_long_task_move_to_an_idle_worker(make_orchest
     g.release()
     assert long.result(R) == "go"
     assert all(f.attempts == 1 for f in quick) and o.stats().retried == 0
+
+
+def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
+    import os
+
+    o = TaskOrchestrator(worker_count=1, policy=Policy())
+    old_fd = o._dispatcher._wake_w
+    o.stop()
+    pipes = []
+    try:
+        while True:  # reopen descriptors until one takes the wake pipe's old number
+            r, w = os.pipe()
+            pipes.append((r, w))
+            if old_fd in (r, w) or len(pipes) > 100:
+                break
+        o._dispatcher.wake()  # what a late stop() or finalizer does
+        o.stop()
+        for r, w in pipes:
+            os.set_blocking(r, False)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 1)  # nothing was written into someone else's pipe
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
