@@ -149,7 +149,8 @@ class Backlog:
             item.state = TaskState.RUNNING
             self.queued -= 1
             self.running += 1
-            item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
+            if not item.future.done():  # (unless the caller resolved it itself)
+                item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
             self._wake_room_waiters_locked(1)
 
     def finish_locked(self, item: WorkItem, state: TaskState) -> None:
@@ -176,6 +177,13 @@ class Backlog:
                 return False
             self.finish_locked(item, TaskState.CANCELLED)
         return True
+
+    def mark_broken(self, reason: str) -> None:
+        """No task can run any more: producers and waiters get OrchestratorBrokenError."""
+        with self.lock:
+            if self.broken is None:
+                self.broken = reason
+            self._wake_room_waiters_locked(len(self._room_waiters))  # they see `broken`
 
     def close(self, deadline: float) -> None:
         with self.lock:

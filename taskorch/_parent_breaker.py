@@ -8,10 +8,15 @@
 It counts finished tasks (a task that failed after all its retries is one failure), not
 attempts: retrying is the policy's job, and the breaker answers "is the thing these tasks call
 broken?". Tasks it rejects are not counted. Each transition is logged on "taskorch".
+
+Half-open probes are tracked by task id from hand-over to outcome; a probe that comes back
+unstarted (recalled by the dispatcher, or its worker died before starting it) frees its slot,
+or the circuit could wait forever for an outcome that will never come.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
 
@@ -19,50 +24,58 @@ from taskorch._policy import CircuitBreaker
 
 log = logging.getLogger("taskorch")
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
 
 class Breaker:
     def __init__(self, config: CircuitBreaker) -> None:
         self.config = config
-        self.state = CLOSED
+        self.state = State.CLOSED
         self._consecutive_failures = 0
         self._window: deque[tuple[float, bool]] = deque()  # (finished at, failed)
         self._window_failures = 0
         self.open_until = 0.0
-        self._probes_in_flight = 0
+        self._probes: set[int] = set()  # half-open: task ids handed over, no outcome yet
 
     def next_change(self) -> float | None:
         """When an open circuit turns half-open (for the dispatcher's timer)."""
-        return self.open_until if self.state == OPEN else None
+        return self.open_until if self.state is State.OPEN else None
 
     def admit(self, now: float) -> int | None:
         """How many new tasks may start now: None for no limit."""
-        if self.state == OPEN and now >= self.open_until:
-            self._move(HALF_OPEN, "break duration elapsed; letting probe tasks through")
-        if self.state == CLOSED:
+        if self.state is State.OPEN and now >= self.open_until:
+            self._move(State.HALF_OPEN, "break duration elapsed; letting probe tasks through")
+        if self.state is State.CLOSED:
             return None
-        if self.state == OPEN:
+        if self.state is State.OPEN:
             return 0
-        return max(0, self.config.half_open_probes - self._probes_in_flight)
+        return max(0, self.config.half_open_probes - len(self._probes))
 
-    def admitted(self, n: int) -> None:
-        if self.state == HALF_OPEN:
-            self._probes_in_flight += n
+    def admitted(self, task_ids: list[int]) -> None:
+        if self.state is State.HALF_OPEN:
+            self._probes.update(task_ids)
 
-    def record(self, failed: bool, now: float) -> None:
+    def release(self, task_id: int) -> None:
+        """A task handed over came back unstarted: if it was a probe, its slot is free."""
+        self._probes.discard(task_id)
+
+    def record(self, task_id: int, failed: bool, now: float) -> None:
+        self._probes.discard(task_id)
         config = self.config
-        if self.state == HALF_OPEN:
-            self._probes_in_flight = max(0, self._probes_in_flight - 1)
+        if self.state is State.HALF_OPEN:
             if failed:
                 self._open(now, "a probe task failed")
             else:
-                self._move(CLOSED, "a probe task succeeded")
+                self._move(State.CLOSED, "a probe task succeeded")
                 self._consecutive_failures = 0
                 self._window.clear()
                 self._window_failures = 0
             return
-        if self.state == OPEN:
+        if self.state is State.OPEN:
             return  # tasks started before it opened: the circuit is already open
         self._consecutive_failures = self._consecutive_failures + 1 if failed else 0
         if self._consecutive_failures >= config.failure_threshold:
@@ -80,12 +93,12 @@ class Breaker:
 
     def _open(self, now: float, why: str) -> None:
         self.open_until = now + self.config.break_duration
-        self._probes_in_flight = 0
+        self._probes.clear()
         self._consecutive_failures = 0
         self._window.clear()
         self._window_failures = 0
-        self._move(OPEN, f"{why}; open for {self.config.break_duration:g} s")
+        self._move(State.OPEN, f"{why}; open for {self.config.break_duration:g} s")
 
-    def _move(self, state: str, why: str) -> None:
-        log.warning("circuit breaker %s -> %s: %s", self.state, state, why)
+    def _move(self, state: State, why: str) -> None:
+        log.warning("circuit breaker %s -> %s: %s", self.state.value, state.value, why)
         self.state = state

@@ -54,6 +54,7 @@ from taskorch._errors import (
     TaskAbandonedError,
     TaskTimeoutError,
     WorkerCrashedError,
+    _signal_name,
 )
 from taskorch._parent_backlog import Backlog
 from taskorch._parent_breaker import Breaker
@@ -141,7 +142,8 @@ class Dispatcher:
     # -- called from other threads -------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the thread; it spawns the workers. Raises if not even one could be started."""
+        """Start the thread; it spawns the workers. Raises if any of them could not be started
+        (the interpreter cannot be spawned: nothing would work)."""
         self.thread.start()
         self._started.wait()
         if self._start_error is not None:
@@ -171,7 +173,7 @@ class Dispatcher:
                     self._spawn()
             except BaseException as exc:
                 self._start_error = exc
-                self._backlog.broken = f"could not start worker processes: {exc}"
+                self._backlog.mark_broken(f"could not start worker processes: {exc}")
                 self._kill_everything()
                 return
             finally:
@@ -179,7 +181,7 @@ class Dispatcher:
             self._run()
         except BaseException as exc:
             log.critical("taskorch dispatcher failed; failing every unresolved task", exc_info=True)
-            self._backlog.broken = f"the dispatcher thread failed: {exc!r}"
+            self._backlog.mark_broken(f"the dispatcher thread failed: {exc!r}")
             self._settle_and_kill(OrchestratorBrokenError(
                 f"the orchestrator's dispatcher thread failed ({exc!r}); see the 'taskorch' log"
             ))
@@ -263,7 +265,7 @@ class Dispatcher:
                     item.future.seconds = event[3]
                     worker.record_duration(event[3] / max(1, event[2]))
                     if self._breaker is not None:
-                        self._breaker.record(tag == FAILED, now)
+                        self._breaker.record(item.task_id, tag == FAILED, now)
                     if tag == SUCCEEDED:
                         backlog.finish_locked(item, TaskState.SUCCEEDED)
                         resolutions.append((item, "result", event[4]))
@@ -301,9 +303,16 @@ class Dispatcher:
     # -- dispatching -----------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        while self._dispatch_round():
+            pass
+
+    def _dispatch_round(self) -> bool:
+        """Hand waiting tasks to workers with room. True: tasks arrived meanwhile that a
+        worker could take, so go round again (their producers saw `dispatcher_will_look` set
+        and wrote no wakeup)."""
         backlog = self._backlog
-        # New tasks the circuit breaker lets start now (None: no limit). Retries of tasks that
-        # already started are never held back.
+        # New tasks the circuit breaker lets start now (None: no limit). Crash retries of
+        # tasks that already started are not counted against it.
         admit = self._breaker.admit(time.monotonic()) if self._breaker is not None else None
         if admit is not None and self._breaker is not None and self._breaker.config.mode is BreakerMode.FAIL:
             self._reject_beyond(admit)
@@ -316,30 +325,33 @@ class Dispatcher:
             # No worker takes more than its share of what waits: prefetch must not starve
             # a worker that is idle now.
             share = -(-len(backlog.pending) // takers) if takers else 0
+            submitted_before = backlog.submitted
         for worker, room in rooms:
             room = min(room, share)
+            if self._max_tasks_per_worker:  # never hand a worker more than its quota
+                room = min(room, self._max_tasks_per_worker - worker.handed)
             if room <= 0:
                 continue
             batch: list[WorkItem] = []
             size = worker.inflight_bytes
-            new_tasks = 0
+            probes: list[int] = []
             with backlog.lock:
                 pending = backlog.pending
                 while pending and len(batch) < room:
                     item = pending[0]
                     if (batch or worker.inflight) and size + len(item.payload) > PREFETCH_BYTES:
                         break  # only an idle worker takes a large call (see _parent_worker)
-                    if item.state is TaskState.QUEUED:
-                        if admit is not None and new_tasks >= admit:
+                    if item.state is TaskState.QUEUED and admit is not None:
+                        if len(probes) >= admit:
                             break  # held back by the circuit breaker (HOLD mode)
-                        new_tasks += 1
+                        probes.append(item.task_id)
                     pending.popleft()
                     item.worker = worker
                     size += len(item.payload)
                     batch.append(item)
             if admit is not None and self._breaker is not None:
-                admit -= new_tasks
-                self._breaker.admitted(new_tasks)
+                admit -= len(probes)
+                self._breaker.admitted(probes)
             if batch:
                 try:
                     worker.send_calls(batch, now)
@@ -354,10 +366,15 @@ class Dispatcher:
             # Will something other than a producer's wakeup bring us back to `pending`?
             # Yes if it is non-empty: capacity only frees through events we will read (or,
             # with the circuit open in HOLD mode, through the breaker's timer).
-            backlog.dispatcher_will_look = idle_backlog = bool(backlog.pending)
+            waiting = bool(backlog.pending)
+            backlog.dispatcher_will_look = waiting
+            arrived = backlog.submitted != submitted_before
             if self._breaker is not None:
-                backlog.breaker_state = self._breaker.state
-        self._rebalance_at = None if idle_backlog else self._recall_for_idle_workers(now)
+                backlog.breaker_state = self._breaker.state.value
+        if waiting and arrived and any(w.room(now) > 0 for w in self._workers.values()):
+            return True
+        self._rebalance_at = None if waiting else self._recall_for_idle_workers(now)
+        return False
 
     def _recall_for_idle_workers(self, now: float) -> float | None:
         """Nothing waits in the backlog, yet a worker idles while another holds calls it has
@@ -388,6 +405,8 @@ class Dispatcher:
             worker.inflight_bytes -= len(item.payload)
             item.worker = item.started_on = None
             self._backlog.pending.appendleft(item)
+            if self._breaker is not None:
+                self._breaker.release(item.task_id)
         self._backlog.dispatcher_will_look = True
 
     def _reject_beyond(self, admit: int) -> None:
@@ -402,7 +421,7 @@ class Dispatcher:
                 if item.state is TaskState.QUEUED and admit <= 0:
                     backlog.finish_locked(item, TaskState.FAILED)
                     rejected.append((item, "exception", CircuitOpenError(
-                        f"the circuit breaker is {self._breaker.state} after repeated task "
+                        f"the circuit breaker is {self._breaker.state.value} after repeated task "
                         f"failures: task {item.task_id} was not run; it lets tasks through "
                         f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
                     )))
@@ -488,6 +507,8 @@ class Dispatcher:
             for item in reversed(items):
                 item.worker = None
                 backlog.pending.appendleft(item)
+                if self._breaker is not None:
+                    self._breaker.release(item.task_id)
             if crashed is not None:
                 crashed.worker = crashed.started_on = None
                 crashed.attempt_started = 0.0
@@ -503,7 +524,7 @@ class Dispatcher:
                     backlog.finish_locked(crashed, TaskState.FAILED)
                     resolutions.append((crashed, "exception", error))
                     if self._breaker is not None:
-                        self._breaker.record(True, time.monotonic())
+                        self._breaker.record(crashed.task_id, True, time.monotonic())
             if items:
                 backlog.dispatcher_will_look = True
 
@@ -516,7 +537,8 @@ class Dispatcher:
                 "retrying" if crashed.state is TaskState.RUNNING else "task failed",
             )
         elif not planned:
-            log.warning("worker pid %d %s while idle", worker.pid, _how(exitcode))
+            log.warning("worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
+                        f" ({len(items)} calls it held go to other workers)" if items else "")
         # A worker that exits on its own before READY could not start (an import error, say);
         # one killed by a signal then (an impatient operator, a chaos test) is just replaced.
         if not worker.events_seen and exitcode is not None and exitcode >= 0 and not planned:
@@ -552,8 +574,7 @@ class Dispatcher:
             "interpreter can start and import taskorch (see the 'taskorch' log)"
         )
         log.error("orchestrator broken: %s", reason)
-        with self._backlog.lock:
-            self._backlog.broken = reason
+        self._backlog.mark_broken(reason)
         self._respawn_at = None
         self._settle_and_kill(OrchestratorBrokenError(reason))
 
@@ -616,9 +637,12 @@ class Dispatcher:
                 worker.kill_item = item
                 worker.sigkill_at = now + SIGKILL_AFTER
                 worker.terminate()
-                # Its other calls go back to the backlog, uncharged, when its exit is handled
-                # (at most SIGKILL_AFTER from now), not before: a task that survives SIGTERM
-                # and returns would let the worker start them, and they would run twice.
+                # Its other calls come back uncharged: now, through RECALL, if its reader
+                # thread can still run, else when its exit is handled (at most SIGKILL_AFTER
+                # from now). Not taken back here: a task that survives SIGTERM and returns
+                # would let the worker start them, and they would run twice.
+                if worker.unstarted() and not worker.recall_sent:
+                    worker.send_recall()
         if self._delayed and self._delayed[0][0] <= now:
             with self._backlog.lock:
                 due = []
@@ -702,9 +726,11 @@ class Dispatcher:
                     resolutions.append((item, "exception", error))
                 elif item.state is TaskState.RUNNING:
                     backlog.finish_locked(item, TaskState.ABANDONED)
+                    where = ("its worker was terminated" if item.started_on is not None
+                             else "it was waiting to retry after a crash")
                     resolutions.append((item, "exception", TaskAbandonedError(
                         f"stop()'s timeout expired while task {item.task_id} was running "
-                        f"(attempt {item.attempts}); its worker was terminated"
+                        f"(attempt {item.attempts}); {where}"
                     )))
                 else:
                     backlog.finish_locked(item, TaskState.CANCELLED)
@@ -713,6 +739,8 @@ class Dispatcher:
 
     def _kill_everything(self) -> None:
         for worker in list(self._workers.values()):
+            self._unregister(worker.exit_fd)
+            self._unregister(worker.conn)
             worker.kill()
             worker.reap()
             worker.close()
@@ -732,11 +760,5 @@ class Dispatcher:
 def _how(exitcode: int | None) -> str:
     if exitcode is None:
         return "vanished"
-    if exitcode < 0:
-        import signal
-
-        try:
-            return f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"was killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
+    name = _signal_name(exitcode)
+    return f"was killed by {name}" if name else f"exited with code {exitcode}"

@@ -119,6 +119,8 @@ def resolve_all(resolutions: list[Resolution]) -> None:
             _resolve(item, kind, value)
         except InvalidStateError:  # the caller resolved the future itself
             log.warning("task %d: its future was already resolved by someone else", item.task_id)
+        except BaseException:  # a done-callback that raised SystemExit, say: not our thread's end
+            log.exception("task %d: resolving its future raised", item.task_id)
 
 
 def _resolve(item: WorkItem, kind: str, value: Any) -> None:
@@ -128,7 +130,7 @@ def _resolve(item: WorkItem, kind: str, value: Any) -> None:
     elif kind == "result":
         try:
             result = decode_frame(value)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
             err = SerializationError(
                 f"the task's result could not be unpickled in the parent: "
                 f"{type(exc).__name__}: {exc}"

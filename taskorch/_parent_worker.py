@@ -19,6 +19,7 @@ and a worker blocked sending a large result to the parent would deadlock.
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import signal
 import time
@@ -73,6 +74,7 @@ class WorkerProcess:
         self.kill_reason: str | None = None
         self.kill_item: WorkItem | None = None
         self.sigkill_at: float | None = None
+        self.descendants: list[int] = []  # noted at SIGTERM, killed when it is gone
 
     @classmethod
     def spawn(cls, slot: int, default_policy: bytes, max_memory_mib: float | None) -> WorkerProcess:
@@ -90,6 +92,11 @@ class WorkerProcess:
             raise
         finally:
             child_conn.close()
+        # taskorch reaps its workers itself. Left in multiprocessing's registry, they would be
+        # joined, without a timeout, by multiprocessing's exit hook, which can run before ours
+        # (atexit order is registration order, reversed) and would wait forever for workers
+        # that only leave when we tell them to.
+        multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
         return cls(slot, process, parent_conn)
 
     # -- capacity ----------------------------------------------------------------------------
@@ -173,7 +180,9 @@ class WorkerProcess:
     # -- process -----------------------------------------------------------------------------
 
     def terminate(self) -> None:
-        """SIGTERM the worker (its task may clean up); the caller escalates to kill()."""
+        """SIGTERM the worker (its task may clean up); the caller escalates to kill(). The
+        processes its task started are noted now and killed once it is gone (see reap())."""
+        self.descendants = _descendants(self.pid)
         try:
             os.kill(self.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -189,6 +198,12 @@ class WorkerProcess:
     def reap(self) -> int | None:
         """The exit code once the process has ended (negative: killed by that signal)."""
         self.process.join(timeout=5.0)
+        for pid in self.descendants:  # a terminated task's own processes must not outlive it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.descendants = []
         code: int | None = self.process.exitcode
         return code
 
@@ -199,6 +214,32 @@ class WorkerProcess:
 
     def __repr__(self) -> str:
         return f"<WorkerProcess slot={self.slot} pid={self.pid} inflight={len(self.inflight)}>"
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, from /proc (Linux); empty where there is none."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])  # the name may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _exit_fd(process: Any) -> tuple[int, bool]:

@@ -90,6 +90,10 @@ class AttemptRunner:
         self._emit((STARTED, task_id, self.attempt))
         self._flush()
 
+    def timed(self, fn: Callable[[], Any], timeout: float | None) -> Any:
+        """``fn()`` under the per-attempt timer (unpickling the call, pickling the result)."""
+        return self._timer.call(fn, timeout)
+
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
         """Run the attempts announced by ``announce_first_attempt``; return or raise the last."""
         timeout = policy.timeout
@@ -143,3 +147,4 @@ class AttemptRunner:
             RETRYING, self._task_id, self.attempt, summarize(error) if error else "?", delay,
             isinstance(error, TaskTimeoutError),
         ))
+        self._flush()  # now, not after the sleep: the parent's hard timeout must pause

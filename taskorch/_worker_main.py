@@ -38,6 +38,7 @@ import threading
 import time
 from collections import deque
 from multiprocessing.connection import Connection
+from typing import Any
 
 from taskorch._errors import SerializationError
 from taskorch._policy import Policy
@@ -102,14 +103,7 @@ def worker_main(
                 with inbox.cond:
                     inbox.cond.wait_for(lambda: inbox.calls or inbox.closed)
                 continue
-            task_id, payload, policy_bytes, attempts_done = call
-            if policy_bytes is None:
-                policy = default
-            else:
-                policy = policies.get(policy_bytes) or policies.setdefault(
-                    policy_bytes, decode_policy(policy_bytes)
-                )
-            outbox.append(_run_task(runner, task_id, payload, policy, attempts_done))
+            outbox.append(_run_task(runner, call, default, policies))
             if max_memory_mib is not None and _rss_mib() > max_memory_mib:
                 outbox.append((RETIRING, f"resident memory above {max_memory_mib:g} MiB"))
                 break  # calls still in the inbox were never started: the parent re-dispatches them
@@ -159,28 +153,50 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
 
 
 def _run_task(
-    runner: AttemptRunner, task_id: int, payload: bytes, policy: Policy, attempts_done: int
+    runner: AttemptRunner, call: CallItem, default: Policy, policies: dict[bytes, Policy],
 ) -> Event:
+    """One call, start to outcome. Everything after the start ack fails only this task: a
+    policy or a call that does not unpickle here, the task's own exceptions, a result that
+    does not pickle. Unpickling and pickling the result count against the first and last
+    attempt's timeout, as the parent's hard timeout counts them (it runs from the start ack)."""
+    task_id, payload, policy_bytes, attempts_done = call
     started = time.perf_counter()
     runner.announce_first_attempt(task_id, attempts_done)
+    timeout = None
     try:
-        try:
-            fn, args, kwargs = decode_call(payload)
-        except Exception as exc:
-            raise SerializationError(
-                f"the task could not be unpickled in the worker: {type(exc).__name__}: {exc}. "
-                "Its function and arguments must be importable there (a module on sys.path), "
-                "or defined in __main__, a lambda or a closure (sent by value)"
-            ) from exc
+        policy = default if policy_bytes is None else _policy(policy_bytes, policies)
+        timeout = policy.timeout
+        fn, args, kwargs = runner.timed(lambda: _unpickle_call(payload), timeout)
         value = runner.run(fn, args, kwargs, policy)
+        result = runner.timed(lambda: encode_result(value), timeout)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
         return (FAILED, task_id, runner.attempt, time.perf_counter() - started, *encode_exception(exc))
-    seconds = time.perf_counter() - started
+    return (SUCCEEDED, task_id, runner.attempt, time.perf_counter() - started, result)
+
+
+def _policy(data: bytes, cache: dict[bytes, Policy]) -> Policy:
+    policy = cache.get(data)
+    if policy is None:
+        try:
+            policy = decode_policy(data)
+        except Exception as exc:
+            raise SerializationError(
+                f"the task's policy could not be unpickled in the worker: {type(exc).__name__}: "
+                f"{exc}. The exception classes in its retry_on must be importable there"
+            ) from exc
+        cache[data] = policy
+    return policy
+
+
+def _unpickle_call(payload: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     try:
-        result = encode_result(value)
-    except BaseException as exc:  # noqa: BLE001 - a __reduce__ may even call sys.exit()
-        return (FAILED, task_id, runner.attempt, seconds, *encode_exception(exc))
-    return (SUCCEEDED, task_id, runner.attempt, seconds, result)
+        return decode_call(payload)
+    except Exception as exc:
+        raise SerializationError(
+            f"the task could not be unpickled in the worker: {type(exc).__name__}: {exc}. "
+            "Its function and arguments must be importable there (a module on sys.path), "
+            "or defined in __main__, a lambda or a closure (sent by value)"
+        ) from exc
 
 
 def _detach_from_parent_signals(parent_pid: int) -> None:

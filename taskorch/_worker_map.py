@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import CoroutineType
 from typing import Any, Callable
 
+from taskorch._errors import TaskTimeoutError
 from taskorch._wire import encode_exception
 
 
@@ -45,8 +46,8 @@ def run_chunk(
 
                 value = asyncio.run(value)
         except Exception as exc:
-            if not return_exceptions:
-                raise
+            if not return_exceptions or isinstance(exc, TaskTimeoutError):
+                raise  # a timeout ends the chunk's attempt, whichever item it hit
             value = ItemError(encode_exception(exc))
         results.append(value)
     return results

@@ -237,3 +237,12 @@ def busy_identity(x: Any, seconds: float) -> Any:
     while time.perf_counter() < end:
         pass
     return x
+
+
+def spawn_child_then_hang(started: str, never_fifo: str, child_pid_file: str) -> None:
+    """Start a grandchild process, then hang in C with SIGALRM blocked (only a hard kill ends it)."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    Path(child_pid_file).write_text(str(child.pid))
+    hang_with_signals_blocked(started, never_fifo)

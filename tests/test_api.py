@@ -99,3 +99,12 @@ def test_map_applies_the_policy_per_chunk(make_orchestrator: Make, tmp_path) -> 
     # The one chunk fails on its first attempt (fail_until raises until its 2nd call).
     assert list(o.map(t.fail_until, [str(counter)], [2])) == [2]
     assert o.stats().retried == 1
+
+
+def test_map_with_return_exceptions_still_times_out_its_chunk(make_orchestrator: Make, gates, fifo) -> None:
+    from taskorch import TaskTimeoutError
+
+    o = make_orchestrator(worker_count=1, policy=Policy(timeout=0.3))
+    g = gates("hung-item")
+    with pytest.raises(TaskTimeoutError):
+        list(o.map(t.hang, [str(g.started)], [fifo("never")], return_exceptions=True))

@@ -121,3 +121,25 @@ def test_garbage_collected_orchestrator_drains_in_the_background(tmp_path: Path)
     gc.collect()
     assert finished.wait(R)
     assert fut.result(0) == str(tmp_path / "f")
+
+
+def test_interpreter_exit_without_stop_does_not_hang_whatever_was_registered_first(tmp_path: Path) -> None:
+    # multiprocessing's exit hook must not join taskorch's workers: an earlier finalizer (a
+    # TemporaryDirectory, say) changes the order in which exit hooks run.
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, tempfile
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        scratch = tempfile.TemporaryDirectory()
+        import _tasks
+        from taskorch import Policy, TaskOrchestrator
+        o = TaskOrchestrator(worker_count=2, policy=Policy())
+        fut = o.run(_tasks.write_file, {str(tmp_path / "done")!r}, "yes")
+        print(*o.worker_pids(), flush=True)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "done").read_text() == "yes"
+    pids = [int(p) for p in proc.stdout.split()]
+    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                               for p in pids), timeout=10, what="workers gone")

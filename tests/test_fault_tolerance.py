@@ -391,3 +391,57 @@ def test_chaos_random_worker_kills_and_crashing_tasks(tmp_path: Path) -> None:
     assert s.queued == s.running == s.cancelled == s.abandoned == 0
     assert s.crashes >= 20 and s.retried >= s.crashes - s.failed
     assert s.failed <= 5
+
+
+def test_hard_timeout_also_kills_the_processes_the_task_started(make_orchestrator: Make, gates, fifo, tmp_path: Path) -> None:
+    o = make_orchestrator(worker_count=1, kill_grace=0.2, policy=Policy(timeout=0.3))
+    g = gates("parent")
+    pid_file = tmp_path / "grandchild"
+    fut = o.run(t.spawn_child_then_hang, str(g.started), fifo("never"), str(pid_file))
+    with pytest.raises(TaskTimeoutError):
+        fut.result(R)
+    grandchild = int(pid_file.read_text())
+    wait_until(lambda: not _alive(grandchild), timeout=10, what="the task's own process to be killed")
+
+
+def test_a_retry_backoff_longer_than_kill_grace_is_not_a_hang(make_orchestrator: Make, gates, fifo) -> None:
+    # Between attempts the worker sleeps; the parent's hard-timeout clock must pause then.
+    o = make_orchestrator(worker_count=1, kill_grace=0.2,
+                          policy=Policy(timeout=0.2, retries=1, backoff_initial=1.0, jitter=False))
+    pid = o.worker_pids()
+    g = gates("sleepy")
+    fut = o.run(t.hang, str(g.started), fifo("never"))
+    with pytest.raises(TaskTimeoutError, match="interrupted"):
+        fut.result(R)
+    s = o.stats()
+    assert fut.attempts == 2 and s.crashes == 0 and s.timeouts == 2
+    assert o.worker_pids() == pid
+
+
+def test_a_policy_the_worker_cannot_unpickle_fails_only_its_task(make_orchestrator: Make) -> None:
+    import types
+
+    ghost = types.ModuleType("taskorch_test_ghost_module")  # importable here, not in workers
+    exec("class GhostError(Exception):\n    pass\n", ghost.__dict__)
+    sys.modules[ghost.__name__] = ghost
+    try:
+        o = make_orchestrator(worker_count=1)
+        pid = o.worker_pids()
+        fut = o.with_policy(Policy(retries=2, retry_on=(ghost.GhostError,))).run(t.square, 3)
+        with pytest.raises(SerializationError, match="policy"):
+            fut.result(R)
+        assert o.run(t.square, 4).result(R) == 16
+        assert o.worker_pids() == pid and o.stats().crashes == 0
+    finally:
+        del sys.modules[ghost.__name__]
+
+
+def test_a_future_resolved_by_its_caller_does_not_break_the_orchestrator(make_orchestrator: Make, gates) -> None:
+    o = make_orchestrator(worker_count=1)
+    g = gates("meddled")
+    fut = o.run(t.blocker, str(g.started), str(g.release_fifo))
+    g.wait_started()
+    fut.set_result("mine")  # the caller meddles with the future while the task runs
+    g.release()
+    assert o.run(t.square, 5).result(R) == 25
+    assert fut.result(0) == "mine" and o.stats().succeeded == 2
