@@ -1,0 +1,24 @@
+"""The benchmark still runs (its quick mode): a smoke test, never a speed test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
+
+
+def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| A no-op throughput" in proc.stdout and "Ratios" in proc.stdout
+    data = json.loads(out.read_text())
+    taskorch = data["pools"]["taskorch"]["sections"]
+    assert set(data["pools"]) == {"taskorch", "cf", "loky", "mp", "pebble"}
+    for section in "ABCDEFGHI":
+        assert section in taskorch and "error" not in taskorch[section], (section, taskorch.get(section))
+    assert taskorch["F"]["ok"] == 199 and taskorch["F"]["usable"]
