@@ -27,7 +27,7 @@ class UsageError(Exception):
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by every command that starts a pool."""
     pool = parser.add_argument_group("pool")
-    pool.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+    pool.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                       help="worker processes (default: 2)")
     pool.add_argument("--backlog", type=_positive_int, default=128, metavar="N",
                       help="tasks that may wait to start (default: 128)")
@@ -45,25 +45,42 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
                       help="recycle a worker after N tasks")
     pool.add_argument("--max-memory-per-worker", type=_positive_float, default=None, metavar="MIB",
                       help="recycle a worker whose resident memory passed MIB after a task")
+    pool.add_argument("--dask", metavar="ADDRESS", default=None,
+                      help="run the tasks on a Dask cluster (scheduler address, e.g. "
+                           "tcp://host:8786; needs taskorch[dask]) instead of local workers; "
+                           "--workers then bounds the tasks in flight (default: the cluster's threads)")
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="logging level on stderr (default: WARNING)")
 
 
 def orchestrator_from_args(args: argparse.Namespace) -> Any:
     """A TaskOrchestrator configured by ``add_pool_arguments``' options."""
-    from taskorch import Features, Policy, TaskOrchestrator
+    from taskorch import Features, OrchestratorBrokenError, Policy, TaskOrchestrator
 
     try:
         policy = Policy(retries=args.retries, timeout=args.timeout,
                         backoff_initial=args.backoff_initial, backoff_max=args.backoff_max)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    return TaskOrchestrator(
-        worker_count=args.workers, max_backlog=args.backlog, policy=policy,
-        features=Features.ALLOW_SYNC_TASK_DROP if args.drop else Features.NONE,
-        max_tasks_per_worker=args.max_tasks_per_worker,
-        max_memory_per_worker=args.max_memory_per_worker,
-    )
+    backend = None
+    if args.dask:
+        try:
+            from taskorch.dask import DaskBackend
+
+            backend = DaskBackend(args.dask)
+        except (ImportError, ValueError) as exc:
+            raise UsageError(f"--dask: {exc}") from exc
+    try:
+        return TaskOrchestrator(
+            worker_count=args.workers, max_backlog=args.backlog, policy=policy,
+            features=Features.ALLOW_SYNC_TASK_DROP if args.drop else Features.NONE,
+            max_tasks_per_worker=args.max_tasks_per_worker,
+            max_memory_per_worker=args.max_memory_per_worker, backend=backend,
+        )
+    except ValueError as exc:  # e.g. an option a Dask cluster cannot honour
+        raise UsageError(str(exc)) from exc
+    except OrchestratorBrokenError as exc:  # e.g. no scheduler at the --dask address
+        raise UsageError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1050 @@
+"""Parent process, the Dask dispatcher thread: hands tasks to a Dask cluster, reads what comes back.
+
+Data flow:
+
+    run()/run_async()       "taskorch-dask-dispatcher"                    Dask cluster
+    -----------------       --------------------------                    ------------
+    cloudpickle the call
+    Backlog.offer() -----> take from `pending`, pin each call to one
+    (inbox.put(WAKE)        worker with room: Client.map(run_call,
+     if it is asleep)       key=unique, workers=[w]) -----------------> scheduler -> worker w,
+                                                                        a task thread:
+                                                                        _worker_dask.run_call
+                            <--inbox-- topic handler <-- scheduler <--- log_event STARTED /
+                                                                        RETRYING (tenacity),
+                                                                        small outcomes
+                            <--inbox-- gather coroutine <-- scheduler <-- return value (larger
+                                                                        outcomes)
+                            <--inbox-- "all" topic: add-worker / remove-worker
+                            update Backlog counts, resolve Futures
+                            timers: crash-retry backoff, recall, breaker, worker probe,
+                            stop deadline
+
+The actors:
+
+- Producers only touch the ``Backlog`` (one lock, one deque append) and, when the dispatcher is
+  not already due to look at the backlog, put a WAKE into the inbox.
+- The dispatcher thread is the only one that submits, cancels or recalls Dask tasks and the
+  only one that changes this module's state. It blocks in one place, ``inbox.get(timeout)``,
+  whose wakeup sources are: WAKE (new tasks, stop()), task events, outcomes, cluster events,
+  answers to recalls and worker probes, and the timeout (the nearest crash-retry backoff,
+  recall check, breaker change, worker probe or stop deadline). No fixed polling tick, except
+  the worker probe, a safety net that runs only while calls are on the cluster.
+- The ``distributed.Client``'s event-loop thread (Dask's, not ours) runs our topic handlers and
+  our gather coroutines. They put tuples into the inbox, and for a small outcome sent inline
+  (``_worker_dask.INLINE_OUTCOME_BYTES``) the topic handler also releases the call's Dask
+  future, so that the gather waiting on it ends (cancelled) instead of fetching the task's
+  None: that runs before the scheduler's "key-in-memory" message for the task, which follows
+  the event on the same stream. They never take the backlog lock, so a slow dispatcher can
+  never stall the client's communications.
+- Dask worker threads run ``_worker_dask.run_call``: unpickle the call, run its attempts under
+  the policy, return the outcome as bytes; user objects are decoded only here, in the parent.
+
+Locks: the dispatcher takes the backlog's lock (see ``_parent_backlog``) to move calls between
+``pending`` and its own records and to update the counts, once per batch of inbox entries and
+once per dispatch. It never holds it across a call into the Client (submit, cancel, release,
+recall, probe) nor while it resolves futures (done-callbacks are user code): what those need is
+collected under the lock and done after. ``_ClusterEventsListener._lock`` only guards its
+registry; nothing is called under it but the Client's non-blocking subscribe.
+
+The inbox (``queue.SimpleQueue``): producers are the client's loop thread and ``wake()``;
+consumer is the dispatcher thread. It is unbounded but stays small: at most a few events and
+one outcome per call handed over (their number is bounded, see below), plus wakeups.
+
+Bounds: a call handed to Dask stays "queued" in the backlog until its STARTED event arrives,
+so the backlog bound is exact as locally. What runs at once is bounded by the cluster's
+threads: each call is pinned to one worker (``workers=[w]``, ``allow_other_workers=False``),
+and each worker gets at most its ``nthreads`` plus a prefetch sized from its recent task
+durations (``PREFETCH_SECONDS``), so tiny tasks stream without a round trip each. With an
+explicit ``worker_count`` smaller than the cluster's threads, at most that many calls are
+handed over at all. A worker with a free thread while another holds calls it has not started
+behind a slow task makes the dispatcher *recall* them (``_worker_dask.recall_unstarted`` on
+the busy worker's event loop, which marks the calls that have not begun so that they never
+run): the ones it confirms go back to the front of the backlog, uncharged.
+
+Why pin: when a worker dies, the scheduler re-runs the tasks it was processing on another
+worker, up to ``allowed_failures`` times, without telling the client. A re-run is an attempt
+the policy did not allow, with no backoff, and perhaps a second run of a task whose first run
+had side effects. A pinned task whose worker is gone cannot run anywhere ("no-worker"): the
+dispatcher learns of the loss from the "remove-worker" event (or a ``KilledWorker`` outcome, or
+the worker probe), cancels the worker's calls, charges an attempt to each call that had
+started there (``WorkerCrashedError``, retried after the policy's backoff while the budget
+lasts, as the local dispatcher does) and puts the others back in the backlog, uncharged. A call
+that started may have had side effects: after a loss a task runs at least once, not exactly
+once. A result that was computed but not yet gathered when its worker died is lost too: that
+call is retried like a crash.
+
+Accepted races, written down:
+- A call handed over and not started when stop()'s timeout expires is cancelled here, but its
+  worker may have begun it just then; it then runs to its end on the cluster, unobserved.
+- A running call cannot be stopped on Dask (the thread is Dask's): stop()'s timeout abandons
+  it (``TaskAbandonedError``) and cancels its Dask task, and it runs on, its result discarded.
+- A worker that restarts on the same address (a fixed ``--worker-port``) before the dispatcher
+  cancelled its pinned calls could run them again; the cancel follows the "remove-worker"
+  event at once, and a restart takes far longer.
+
+Events per topic are kept by the scheduler (``distributed.admin.low-level-log-length``, 1000 by
+default): each orchestrator leaves at most that many small events behind on the scheduler (a
+start event is about 100 bytes; an inline outcome at most ``INLINE_OUTCOME_BYTES`` more).
+
+A Client that loses its scheduler cancels every future it holds; the dispatcher then declares
+the orchestrator broken: unresolved tasks fail with ``OrchestratorBrokenError``.
+
+The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
+stops every orchestrator first). Its body is guarded: if it ever fails, it cancels what it
+submitted, fails every unresolved future with ``OrchestratorBrokenError`` and logs the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable, Coroutine
+
+from taskorch._errors import (
+    CircuitOpenError,
+    OrchestratorBrokenError,
+    TaskAbandonedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from taskorch._parent_backlog import Backlog
+from taskorch._parent_breaker import Breaker
+from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._policy import BreakerMode, CircuitBreaker
+from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED
+from taskorch._worker_dask import OUTCOME as _INLINE_OUTCOME
+
+log = logging.getLogger("taskorch")
+
+#: Prefetch to a worker, per thread, as many calls as fit in this much expected run time (from
+#: its recent task durations), and at least one once a duration is known: the round trip
+#: through the scheduler (10-20 ms on a local cluster, more across a network) would otherwise
+#: idle the thread between two tasks. More hides it for tiny tasks; less limits how long a
+#: call waits behind a slow one (recall bounds that: see SLOW_AFTER).
+PREFETCH_SECONDS = 0.05
+#: At most this many calls handed to a worker per thread, beyond the ones it runs.
+MAX_PREFETCH = 32
+#: A worker that has reported nothing for this long while it holds calls is treated as busy
+#: with long tasks: it gets no prefetch, and while another worker has a free thread, its calls
+#: not started are recalled. Several scheduler round trips, so a busy stream of short tasks is
+#: not mistaken for a slow one.
+SLOW_AFTER = 0.25
+#: While calls are on the cluster, ask the scheduler for its workers this often: a safety net
+#: for a "remove-worker" event that never reached us (someone replaced the "all" topic handler
+#: of a shared Client, a reconnect), without which calls pinned to a dead worker would wait
+#: forever.
+WORKER_PROBE_INTERVAL = 5.0
+#: How long closing our own Client may take at the end.
+CLIENT_CLOSE_TIMEOUT = 5.0
+
+_TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
+
+# Inbox entry kinds (the first element of each tuple).
+_WAKE = 0  # (WAKE,)
+_TASK = 1  # (TASK, msg): a run_call event
+_OUTCOME = 2  # (OUTCOME, sub_id, outcome tuple or None, exception or None)
+_CLUSTER = 3  # (CLUSTER, msg): an "all" topic event about workers
+_RECALL_ANSWER = 4  # (RECALL_ANSWER, address, [sub_id, ...] or None)
+_WORKERS = 5  # (WORKERS, {address: nthreads} or None, probe number): a probe's answer
+
+
+
+class _Worker:
+    """A Dask worker as the dispatcher sees it (dispatcher thread only)."""
+
+    __slots__ = ("address", "nthreads", "subs", "ewma_seconds", "last_progress", "recall_sent")
+
+    def __init__(self, address: str, nthreads: int) -> None:
+        self.address = address
+        self.nthreads = max(1, nthreads)
+        self.subs: dict[int, _Sub] = {}  # calls pinned here without an outcome, in hand-over order
+        self.ewma_seconds: float | None = None  # recent task duration, for the prefetch depth
+        self.last_progress = time.monotonic()  # last event or outcome, or hand-over while idle
+        self.recall_sent = False  # a recall is unanswered
+
+    def room(self, now: float) -> int:
+        depth = self.nthreads
+        ewma = self.ewma_seconds
+        if ewma is not None and not (self.subs and now - self.last_progress > SLOW_AFTER):
+            ahead = max(1, min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(ewma, 1e-6))))
+            depth += self.nthreads * ahead
+        return depth - len(self.subs)
+
+    def record_duration(self, seconds: float) -> None:
+        ewma = self.ewma_seconds
+        self.ewma_seconds = seconds if ewma is None else 0.8 * ewma + 0.2 * seconds
+
+
+class _Sub:
+    """One submission of a call to Dask (a task's attempts after a crash are new ones)."""
+
+    __slots__ = ("sub_id", "item", "key", "worker", "future", "started", "pid")
+
+    def __init__(self, sub_id: int, item: WorkItem, key: str, worker: _Worker) -> None:
+        self.sub_id = sub_id
+        self.item = item
+        self.key = key
+        self.worker = worker
+        self.future: Any = None  # the distributed.Future, once submitted
+        self.started = False  # its STARTED event arrived: it may have had side effects
+        self.pid: int | None = None  # the Dask worker process running it
+
+
+class DaskDispatcher:
+    def __init__(
+        self,
+        backlog: Backlog,
+        target: Any,  # a scheduler address, or a distributed.Client (not ours to close)
+        worker_count: int | None,
+        default_policy_bytes: bytes,
+        circuit_breaker: CircuitBreaker | None,
+        connect_timeout: float | None,
+    ) -> None:
+        self._backlog = backlog
+        self._target = target
+        self._worker_count = worker_count
+        self._default_policy_bytes = default_policy_bytes
+        self._connect_timeout = connect_timeout
+        self._breaker = Breaker(circuit_breaker) if circuit_breaker is not None else None
+        # Unique per dispatcher: the events topic, and the prefix of every Dask key, so that
+        # no submission is ever merged with another by the scheduler.
+        self._uid = uuid.uuid4().hex[:16]
+        self._topic = f"taskorch-events-{self._uid}"
+        # The inbox (see the module docstring). put() from any thread; get() by ours only.
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        # Set in start(), before the thread starts; read-only afterwards.
+        self._client: Any = None
+        self._own_client = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cluster_events: _ClusterEventsListener | None = None
+        # Dispatcher thread only, except `_total_threads` (an int, read by any thread).
+        self._workers: dict[str, _Worker] = {}
+        self._total_threads = 0
+        self._subs: dict[int, _Sub] = {}
+        self._sub_ids = itertools.count(1)
+        self._delayed: list[tuple[float, int, WorkItem]] = []  # crash retries waiting backoff
+        self._delay_seq = itertools.count()
+        self._rebalance_at: float | None = None  # when to look again for calls to recall
+        self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
+        self._probe_in_flight = False  # one probe at a time, so answers come in order
+        self._probe_again = False  # a worker joined while one was in flight
+        self._probes_sent = 0
+        # Workers removed by an event -> the probe in flight then (a snapshot taken before the
+        # removal must not bring them back).
+        self._removed: dict[str, int] = {}
+        # Found under the backlog lock, acted upon after it is released (_handle).
+        self._break_reason: str | None = None
+        self._to_release: list[Any] = []  # Dask futures whose outcome is in
+        self.pids: tuple[int, ...] = ()  # Dask workers are not our processes
+        self.drained: bool | None = None  # set when the thread ends
+        self.finished = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run_guarded, name="taskorch-dask-dispatcher", daemon=True)
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (or adopt the given Client), learn the workers, start the thread."""
+        try:
+            self._connect()
+        except Exception as exc:
+            self._disconnect()
+            self.drained = False
+            self.finished.set()
+            where = self._target if isinstance(self._target, str) else repr(self._target)
+            raise OrchestratorBrokenError(
+                f"could not use the Dask cluster at {where}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.thread.start()
+
+    def effective_worker_count(self) -> int:
+        if self._worker_count is not None:
+            return self._worker_count
+        return max(1, self._total_threads)  # no worker yet: tasks wait, and map() needs >= 1
+
+    def wake(self) -> None:
+        self._inbox.put((_WAKE,))
+
+    # -- connecting ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        import distributed
+
+        if isinstance(self._target, str):
+            kwargs: dict[str, Any] = {"set_as_default": False}
+            if self._connect_timeout is not None:
+                kwargs["timeout"] = self._connect_timeout
+            client_class: Any = distributed.Client  # untyped constructor
+            self._client = client_class(self._target, **kwargs)
+            self._own_client = True
+        else:
+            self._client = self._target
+            if self._client.status != "running":
+                raise RuntimeError(f"the Client is {self._client.status}")
+        self._loop = self._client.loop.asyncio_loop
+        # Subscribed before anything is submitted: both go through the client's one stream to
+        # the scheduler, in order, so no event of ours can precede the subscription.
+        self._client.subscribe_topic(self._topic, self._on_task_event)
+        self._cluster_events = _ClusterEventsListener(self._client, self._on_cluster_event)
+        self._set_workers(self._client.nthreads())
+
+    def _disconnect(self) -> None:
+        """Undo _connect (dispatcher thread at its end, or start() after a failure)."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            if self._cluster_events is not None:
+                self._cluster_events.close()
+            if client.status == "running":
+                client.unsubscribe_topic(self._topic)
+        except Exception:
+            log.debug("could not unsubscribe from the Dask scheduler's events", exc_info=True)
+        if self._own_client:
+            try:
+                client.close(timeout=CLIENT_CLOSE_TIMEOUT)
+            except Exception:
+                log.warning("closing the Dask client failed", exc_info=True)
+
+    # -- handlers on the Client's event loop thread: put into the inbox, nothing else -----------
+
+    def _on_task_event(self, event: tuple[float, Any]) -> None:
+        msg = event[1]
+        self._inbox.put((_TASK, msg))
+        if msg.get("e") == _INLINE_OUTCOME:
+            # Reads the dispatcher's dict without its lock: one atomic get; release() is
+            # idempotent and thread-safe.
+            sub = self._subs.get(msg.get("s", 0))
+            future = sub.future if sub is not None else None
+            if future is not None:
+                future.release()
+
+    def _on_cluster_event(self, msg: Any) -> None:
+        self._inbox.put((_CLUSTER, msg))
+
+    async def _collect(self, pairs: list[tuple[int, Any]]) -> None:
+        """Wait for each submitted call's outcome and post it (concurrent gathers of one
+        Client are merged into few requests by distributed)."""
+        client = self._client
+        inbox = self._inbox
+
+        async def one(sub_id: int, future: Any) -> None:
+            try:
+                value = await client.gather(future, asynchronous=True)
+            except BaseException as exc:  # cancelled (by us, or not), KilledWorker, a lost client
+                inbox.put((_OUTCOME, sub_id, None, exc))
+            else:
+                if value is not None:  # None: the outcome came inline, in an event
+                    inbox.put((_OUTCOME, sub_id, value, None))
+
+        await asyncio.gather(*(one(s, f) for s, f in pairs), return_exceptions=True)
+
+    def _call_soon(
+        self, make: Callable[[], Coroutine[Any, Any, Any]],
+        on_done: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> concurrent.futures.Future[Any] | None:
+        """Run the coroutine ``make()`` returns on the Client's loop; ``on_done(result, exc)``
+        runs there too (or here, at once, if it cannot even start: the Client may be
+        reconnecting, or closed)."""
+        assert self._loop is not None
+        coro = None
+        try:
+            coro = make()
+            cf = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except Exception as exc:
+            if coro is not None:
+                coro.close()
+            if on_done is not None:
+                on_done(None, exc)
+            else:
+                log.debug("could not send a request to the Dask scheduler: %r", exc)
+            return None
+
+        def done(cf: Any) -> None:
+            if cf.cancelled():
+                exc: BaseException | None = asyncio.CancelledError()
+            else:
+                exc = cf.exception()
+            if on_done is not None:
+                on_done(None if exc is not None else cf.result(), exc)
+            elif exc is not None:
+                log.debug("a Dask request failed: %r", exc)
+
+        cf.add_done_callback(done)
+        return cf
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            log.critical("taskorch Dask dispatcher failed; failing every unresolved task", exc_info=True)
+            self._backlog.mark_broken(f"the dispatcher thread failed: {exc!r}")
+            try:
+                self._settle(OrchestratorBrokenError(
+                    f"the orchestrator's dispatcher thread failed ({exc!r}); see the 'taskorch' log"
+                ))
+            except BaseException:
+                log.critical("could not settle the tasks", exc_info=True)
+        finally:
+            try:
+                self._disconnect()
+            finally:
+                if self.drained is None:
+                    self.drained = False
+                self.finished.set()
+
+    def _run(self) -> None:
+        inbox = self._inbox
+        while True:
+            timeout = self._next_timeout()
+            entries: list[tuple[Any, ...]] = []
+            try:
+                entries.append(inbox.get(timeout=timeout))
+            except queue.Empty:
+                pass
+            while True:
+                try:
+                    entries.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if entries:
+                self._handle(entries)
+            now = time.monotonic()
+            self._fire_timers(now)
+            self._dispatch(now)
+            if self._finish_if_done(now):
+                return
+
+    # -- what comes back -------------------------------------------------------------------
+
+    def _handle(self, entries: list[tuple[Any, ...]]) -> None:
+        resolutions: list[Resolution] = []
+        retries: list[tuple[WorkItem, dict[str, Any]]] = []
+        lost: list[tuple[str, str]] = []  # (address, why)
+        recalled: list[tuple[str, list[int] | None]] = []
+        workers: dict[str, int] | None = None
+        probe = 0
+        refresh = False
+        now = time.monotonic()
+        backlog = self._backlog
+        with backlog.lock:
+            for entry in entries:
+                kind = entry[0]
+                if kind == _TASK:
+                    self._on_event_locked(entry[1], now, retries, resolutions, lost)
+                elif kind == _OUTCOME:
+                    self._on_outcome_locked(entry[1], entry[2], entry[3], now, resolutions, lost)
+                elif kind == _CLUSTER:
+                    msg = entry[1]
+                    if msg.get("action") == "remove-worker":
+                        expected = " (retired)" if msg.get("expected") else ""
+                        lost.append((str(msg.get("worker")), f"the scheduler removed it{expected}"))
+                    else:
+                        refresh = True  # a worker joined: learn its threads
+                elif kind == _RECALL_ANSWER:
+                    recalled.append((entry[1], entry[2]))
+                elif kind == _WORKERS:
+                    self._probe_in_flight = False
+                    if entry[1] is not None:
+                        workers, probe = entry[1], entry[2]
+        for item, event in retries:
+            log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
+                     item.task_id, event.get("a"), event.get("x"), event.get("d", 0.0))
+        for future in self._to_release:
+            if future is not None:
+                future.release()  # thread-safe: hops to the Client's loop
+        self._to_release.clear()
+        if self._break_reason is not None:
+            log.error("orchestrator broken: %s", self._break_reason)
+            backlog.mark_broken(self._break_reason)
+            self._break_reason = None
+        self._resolve(resolutions)
+        for address, taken in recalled:
+            self._on_recall_answer(address, taken)
+        for address, why in lost:
+            self._on_worker_lost(address, why)
+        if workers is not None:
+            self._on_workers(workers, probe)
+        if refresh or (self._probe_again and not self._probe_in_flight):
+            self._probe_workers()
+
+    def _on_event_locked(
+        self, msg: dict[str, Any], now: float, retries: list[tuple[WorkItem, dict[str, Any]]],
+        resolutions: list[Resolution], lost: list[tuple[str, str]],
+    ) -> None:
+        sub = self._subs.get(msg.get("s", 0))
+        if sub is None:
+            return  # from a call taken back, lost or abandoned
+        sub.worker.last_progress = now
+        item = sub.item
+        tag = msg.get("e")
+        if tag == _INLINE_OUTCOME:
+            self._on_outcome_locked(sub.sub_id, tuple(msg["o"]), None, now, resolutions, lost)
+        elif tag == STARTED:
+            sub.started = True
+            sub.pid = msg.get("p")
+            item.attempts = item.future.attempts = msg["a"]
+            item.attempt_started = now
+            self._backlog.start_locked(item)
+        elif tag == RETRYING:
+            item.attempt_started = 0.0  # backing off: no attempt runs
+            self._backlog.retried += 1
+            if msg.get("o"):
+                self._backlog.timeouts += 1
+            retries.append((item, msg))
+
+    def _on_outcome_locked(
+        self, sub_id: int, outcome: Any, exc: BaseException | None, now: float,
+        resolutions: list[Resolution], lost: list[tuple[str, str]],
+    ) -> None:
+        sub = self._subs.get(sub_id)
+        if sub is None:
+            return  # taken back, lost or abandoned: we cancelled it
+        worker = sub.worker
+        worker.last_progress = now
+        backlog = self._backlog
+        item = sub.item
+        if exc is not None:
+            self._on_dask_error_locked(sub, exc, resolutions, lost)
+            return
+        if not isinstance(outcome, tuple):
+            raise AssertionError(f"unexpected outcome {outcome!r} for {item!r}")
+        self._to_release.append(self._forget_sub(sub))
+        tag = outcome[0]
+        if tag == RECALLED:  # taken back by a recall whose answer we have not read yet
+            self._requeue_locked([item])
+            return
+        backlog.start_locked(item)  # its STARTED event may not have come first
+        item.attempts = item.future.attempts = outcome[1]
+        item.future.seconds = outcome[2]
+        worker.record_duration(outcome[2] / max(1, outcome[1]))
+        if self._breaker is not None:
+            self._breaker.record(item.task_id, tag == FAILED, now)
+        if tag == SUCCEEDED:
+            backlog.finish_locked(item, TaskState.SUCCEEDED)
+            resolutions.append((item, "result", outcome[3]))
+        elif tag == FAILED:
+            if outcome[4] == _TIMEOUT_TYPE:
+                backlog.timeouts += 1
+            backlog.finish_locked(item, TaskState.FAILED)
+            resolutions.append((item, "error", outcome[3:]))
+        else:
+            raise AssertionError(f"unknown outcome {tag!r} for {item!r}")
+
+    def _on_dask_error_locked(
+        self, sub: _Sub, exc: BaseException, resolutions: list[Resolution],
+        lost: list[tuple[str, str]],
+    ) -> None:
+        """The Dask task itself failed: our run_call never fails, so the cluster did this."""
+        import distributed
+
+        name = type(exc).__name__
+        if isinstance(exc, distributed.KilledWorker):
+            # The scheduler gave up on it after a worker death (allowed_failures): the same as
+            # the "remove-worker" event, which may not have come yet.
+            lost.append((sub.worker.address, "the scheduler reported KilledWorker"))
+            return
+        if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+            # Not by us (we forget a call before cancelling it): the Client was closed or lost
+            # its scheduler, or someone cancelled our key (Client.restart(), Client.cancel).
+            if self._client.status != "running":
+                reason = getattr(exc, "reason", None) or self._client.status
+                self._break_reason = (
+                    f"the Dask client lost its scheduler or was closed ({reason}), and with it "
+                    "every task it had submitted; create a new orchestrator"
+                )
+                return  # _handle marks the backlog broken, _fire_timers settles everything
+            self._forget_sub(sub)  # cancelled already
+            self._crash_locked(sub, f"its Dask task was cancelled on the cluster ({exc})", resolutions,
+                               worker_lost=False)
+            return
+        # e.g. the worker cannot import taskorch, or the outcome does not deserialize.
+        self._to_release.append(self._forget_sub(sub))
+        log.error("task %d: its Dask task failed outside taskorch's worker function (%s: %s); "
+                  "is the same taskorch installed on every Dask worker?", sub.item.task_id, name, exc)
+        if self._breaker is not None:
+            self._breaker.record(sub.item.task_id, True, time.monotonic())
+        self._backlog.finish_locked(sub.item, TaskState.FAILED)
+        resolutions.append((sub.item, "exception", exc))
+
+    def _requeue_locked(self, items: list[WorkItem]) -> None:
+        """Calls handed over that never started go back to the front of the backlog, in
+        order, uncharged (they never ran); a half-open circuit's probe slot frees."""
+        if not items:
+            return
+        self._backlog.pending.extendleft(reversed(items))
+        self._backlog.dispatcher_will_look = True
+        if self._breaker is not None:
+            for item in items:
+                self._breaker.release(item.task_id)
+
+    def _forget_sub(self, sub: _Sub) -> Any:
+        """Stop tracking a call; return its distributed.Future (or None), for the caller to
+        release (its outcome is in) or cancel (it must not run)."""
+        self._subs.pop(sub.sub_id, None)
+        sub.worker.subs.pop(sub.sub_id, None)
+        future, sub.future = sub.future, None
+        return future
+
+    def _crash_locked(
+        self, sub: _Sub, why: str, resolutions: list[Resolution], worker_lost: bool = True,
+    ) -> None:
+        """The attempt that started on ``sub.worker`` was lost: charge it, retry or fail."""
+        item = sub.item
+        backlog = self._backlog
+        backlog.crashes += 1
+        item.attempt_started = 0.0
+        error = _worker_lost_error(sub, why, worker_lost)
+        if item.attempts < item.policy.max_attempts:  # crashes are always retryable
+            backlog.retried += 1
+            delay = item.policy.backoff_before(item.attempts + 1)
+            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._delay_seq), item))
+            outcome = f"retrying in {delay:.3g} s"
+        else:
+            backlog.finish_locked(item, TaskState.FAILED)
+            resolutions.append((item, "exception", error))
+            if self._breaker is not None:
+                self._breaker.record(item.task_id, True, time.monotonic())
+            outcome = "task failed"
+        log.warning("task %d: attempt %d of %d lost: %s; %s", item.task_id, item.attempts,
+                    item.policy.max_attempts, error, outcome)
+
+    def _resolve(self, resolutions: list[Resolution]) -> None:
+        """Resolve futures as the local dispatcher does (decoded here, RawOutcome for raw
+        tasks); never under the backlog lock (callbacks are user code)."""
+        if resolutions:
+            resolve_all(resolutions)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _set_workers(self, nthreads: dict[str, int]) -> None:
+        for address, n in nthreads.items():
+            if address not in self._workers:
+                self._workers[address] = _Worker(address, int(n))
+        self._total_threads = sum(w.nthreads for w in self._workers.values())
+        with self._backlog.lock:
+            self._backlog.workers = len(self._workers)
+
+    def _on_workers(self, nthreads: dict[str, int], probe: int) -> None:
+        """Probe number ``probe``'s answer: the scheduler's workers when it answered."""
+        for address in [a for a in self._workers if a not in nthreads]:
+            self._on_worker_lost(address, "it is no longer in the cluster")
+        stale = {a for a, seen_by in self._removed.items() if seen_by >= probe}
+        nthreads = {a: n for a, n in nthreads.items() if a not in stale}
+        self._removed = {a: seen_by for a, seen_by in self._removed.items() if seen_by > probe}
+        joined = [a for a in nthreads if a not in self._workers]
+        self._set_workers(nthreads)
+        if joined:
+            log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined), self._total_threads)
+            with self._backlog.lock:
+                self._backlog.worker_restarts += len(joined)
+
+    def _probe_workers(self) -> None:
+        """Ask the scheduler for its workers (asynchronously: the answer comes to the inbox)."""
+        if self._probe_in_flight:
+            self._probe_again = True
+            return
+        self._probe_in_flight = True
+        self._probe_again = False
+        self._probes_sent += 1
+        probe = self._probes_sent
+        inbox = self._inbox
+
+        def on_done(result: Any, exc: BaseException | None) -> None:
+            # A failed request answers "nothing known": the next probe will tell.
+            inbox.put((_WORKERS, None if exc is not None else dict(result), probe))
+
+        client = self._client
+        self._call_soon(lambda: client.nthreads(asynchronous=True), on_done)
+
+    def _on_worker_lost(self, address: str, why: str) -> None:
+        worker = self._workers.pop(address, None)
+        if worker is None:
+            return
+        self._removed[address] = self._probes_sent
+        self._total_threads = sum(w.nthreads for w in self._workers.values())
+        subs = list(worker.subs.values())
+        resolutions: list[Resolution] = []
+        backlog = self._backlog
+        with backlog.lock:
+            backlog.workers = len(self._workers)
+            futures = [self._forget_sub(sub) for sub in subs]
+            # Calls that never started: back to the front of the backlog, in order, uncharged.
+            requeue = [sub.item for sub in subs if not sub.started]
+            self._requeue_locked(requeue)
+            for sub in subs:
+                if sub.started:
+                    self._crash_locked(sub, why, resolutions)
+        self._cancel(futures)  # they wait in "no-worker" state: drop them
+        log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
+                    "running call(s) lost; %d threads left", address, why, len(requeue),
+                    len(subs) - len(requeue), self._total_threads)
+        self._resolve(resolutions)
+
+    def _cancel(self, futures: list[Any]) -> None:
+        """Cancel Dask tasks (asynchronously): one not started is dropped; one running runs
+        on, its result discarded (Dask cannot stop it)."""
+        futures = [f for f in futures if f is not None]
+        client = self._client
+        if futures and client is not None and client.status == "running":
+            self._call_soon(lambda: client.cancel(futures, asynchronous=True, reason="taskorch"))
+
+    # -- dispatching -----------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        backlog = self._backlog
+        if backlog.broken is not None:
+            return
+        status = self._client.status
+        if status != "running":
+            # "connecting": it lost its scheduler, and cancels every future it held; their
+            # outcomes (cancelled) break the orchestrator. Closed: nothing will come.
+            if status in ("closing", "closed", "failed"):
+                reason = f"the Dask client is {status}; create a new orchestrator"
+                log.error("orchestrator broken: %s", reason)
+                backlog.mark_broken(reason)
+            return
+        admit = self._breaker.admit(now) if self._breaker is not None else None
+        if admit is not None and self._breaker is not None and self._breaker.config.mode is BreakerMode.FAIL:
+            self._reject_beyond(admit)
+        batches: dict[str, list[_Sub]] = {}
+        probes: list[int] = []  # new tasks let through while the circuit is not closed
+        with backlog.lock:
+            pending = backlog.pending
+            if pending and self._workers:
+                cap = self._worker_count if self._worker_count is not None else len(pending) + len(self._subs)
+                handed = len(self._subs)
+                rooms = {w.address: w.room(now) for w in self._workers.values()}
+                while pending and handed < cap:
+                    # The least loaded worker with room: free threads first, then prefetch
+                    # evenly (a worker that prefetches deeper must not take everything).
+                    takers = [w for w in self._workers.values() if rooms[w.address] > 0]
+                    if not takers:
+                        break
+                    address = min(takers, key=lambda w: len(w.subs) / w.nthreads).address
+                    item = pending[0]
+                    if item.state is TaskState.QUEUED and admit is not None:
+                        if len(probes) >= admit:
+                            break  # held back by the circuit breaker (HOLD mode)
+                        probes.append(item.task_id)
+                    pending.popleft()
+                    worker = self._workers[address]
+                    sub_id = next(self._sub_ids)
+                    sub = _Sub(sub_id, item, f"taskorch-{self._uid}-{sub_id}", worker)
+                    if not worker.subs:
+                        worker.last_progress = now  # busy from now on
+                    worker.subs[sub_id] = sub
+                    self._subs[sub_id] = sub
+                    batches.setdefault(address, []).append(sub)
+                    rooms[address] -= 1
+                    handed += 1
+            # Will something other than a producer's wakeup bring us back to `pending`? Yes if
+            # it is non-empty: room only frees through outcomes, losses and answers we will
+            # read (or, with the circuit open in HOLD mode, through the breaker's timer).
+            backlog.dispatcher_will_look = idle_backlog = bool(pending)
+            if self._breaker is not None:
+                backlog.breaker_state = self._breaker.state.value
+        if self._breaker is not None and probes:
+            self._breaker.admitted(probes)
+        for address, subs in batches.items():
+            self._submit(address, subs)
+        self._rebalance_at = None if idle_backlog else self._recall_for_idle_workers(now)
+        if self._subs and self._probe_at is None:
+            self._probe_at = now + WORKER_PROBE_INTERVAL
+
+    def _submit(self, address: str, subs: list[_Sub]) -> None:
+        from taskorch._worker_dask import run_call
+
+        try:
+            futures = self._client.map(
+                run_call,
+                [sub.sub_id for sub in subs],
+                [sub.item.payload for sub in subs],  # the bytes run() made: not pickled again
+                [sub.item.policy_bytes for sub in subs],
+                [sub.item.attempts for sub in subs],
+                key=[sub.key for sub in subs],
+                workers=[address],
+                allow_other_workers=False,
+                # A new scheduler "generation" per submission, so that a worker runs our calls
+                # in the order handed over: within Dask's default 100 ms, two submissions'
+                # tasks tie on priority and may run in either order.
+                fifo_timeout="0ms",
+                retries=0,
+                pure=False,
+                topic=self._topic,
+                default_policy=self._default_policy_bytes,
+            )
+        except Exception as exc:
+            # The client is closed, or the calls cannot be sent: as if the worker were lost
+            # before starting them (they go back to the backlog), and the client is checked.
+            log.error("could not submit %d call(s) to Dask worker %s: %r", len(subs), address, exc)
+            with self._backlog.lock:
+                for sub in subs:
+                    self._forget_sub(sub)
+                self._requeue_locked([sub.item for sub in subs])
+            if self._client.status != "running":
+                reason = f"the Dask client is {self._client.status}; create a new orchestrator"
+                log.error("orchestrator broken: %s", reason)
+                self._backlog.mark_broken(reason)
+            return
+        for sub, future in zip(subs, futures):
+            sub.future = future
+        # Each gather ends with an outcome, or cancelled: by an inline outcome's release, by
+        # our cancel, or when the Client closes (it cancels every future it holds).
+        pairs = [(sub.sub_id, sub.future) for sub in subs]
+        self._call_soon(lambda: self._collect(pairs))
+
+    def _recall_for_idle_workers(self, now: float) -> float | None:
+        """Nothing waits in the backlog, yet a worker has a free thread while another holds
+        calls it has not started behind slow ones: recall those. Returns when to look again."""
+        workers = self._workers.values()
+        if not any(len(w.subs) < w.nthreads for w in workers):
+            return None
+        again: float | None = None
+        for worker in workers:
+            if worker.recall_sent or len(worker.subs) <= worker.nthreads:
+                continue  # every call it holds can run now
+            due = worker.last_progress + SLOW_AFTER
+            if now < due:
+                again = due if again is None else min(again, due)
+                continue
+            calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
+            if calls:
+                self._send_recall(worker, calls)
+        return again
+
+    def _send_recall(self, worker: _Worker, calls: list[tuple[int, str]]) -> None:
+        from taskorch._worker_dask import recall_unstarted
+
+        log.debug("recalling %d calls from busy Dask worker %s", len(calls), worker.address)
+        worker.recall_sent = True
+        inbox = self._inbox
+        address = worker.address
+
+        def on_done(result: Any, exc: BaseException | None) -> None:
+            taken = None if exc is not None else result.get(address)
+            inbox.put((_RECALL_ANSWER, address, taken if isinstance(taken, list) else None))
+
+        client, topic = self._client, self._topic
+        self._call_soon(lambda: client.run(
+            recall_unstarted, topic, calls, workers=[address], on_error="return",
+            asynchronous=True,
+        ), on_done)
+
+    def _on_recall_answer(self, address: str, taken: list[int] | None) -> None:
+        worker = self._workers.get(address)
+        if worker is not None:
+            worker.recall_sent = False
+        subs = [self._subs[s] for s in taken or () if s in self._subs]
+        subs = [sub for sub in subs if not sub.started]  # marked calls never start; defensive
+        if not subs:
+            return
+        backlog = self._backlog
+        with backlog.lock:
+            futures = [self._forget_sub(sub) for sub in subs]
+            self._requeue_locked([sub.item for sub in subs])
+        self._cancel(futures)
+
+    def _reject_beyond(self, admit: int) -> None:
+        """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
+        rejected: list[Resolution] = []
+        backlog = self._backlog
+        assert self._breaker is not None
+        retry_in = max(0.0, self._breaker.open_until - time.monotonic())
+        with backlog.lock:
+            kept: list[WorkItem] = []
+            for item in backlog.pending:
+                if item.state is TaskState.QUEUED and admit <= 0:
+                    backlog.finish_locked(item, TaskState.FAILED)
+                    rejected.append((item, "exception", CircuitOpenError(
+                        f"the circuit breaker is {self._breaker.state.value} after repeated task "
+                        f"failures: task {item.task_id} was not run; it lets tasks through "
+                        f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
+                    )))
+                else:
+                    admit -= item.state is TaskState.QUEUED
+                    kept.append(item)
+            if rejected:
+                backlog.pending.clear()
+                backlog.pending.extend(kept)
+        self._resolve(rejected)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _next_timeout(self) -> float | None:
+        deadlines: list[float] = []
+        if self._delayed:
+            deadlines.append(self._delayed[0][0])
+        if self._rebalance_at is not None:
+            deadlines.append(self._rebalance_at)
+        if self._probe_at is not None:
+            deadlines.append(self._probe_at)
+        if self._breaker is not None and (change := self._breaker.next_change()) is not None:
+            deadlines.append(change)
+        stop_deadline = self._backlog.stop_deadline
+        if stop_deadline is not None:
+            deadlines.append(stop_deadline)
+        if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):
+            deadlines.append(time.monotonic())  # settle at once
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _fire_timers(self, now: float) -> None:
+        if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):
+            self._settle(OrchestratorBrokenError(self._backlog.broken))
+            return
+        if self._delayed and self._delayed[0][0] <= now:
+            with self._backlog.lock:
+                due = []
+                while self._delayed and self._delayed[0][0] <= now:
+                    due.append(heapq.heappop(self._delayed)[2])
+                self._backlog.pending.extendleft(reversed(due))
+        if self._probe_at is not None and now >= self._probe_at:
+            self._probe_at = None
+            if self._subs:
+                self._probe_workers()
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _finish_if_done(self, now: float) -> bool:
+        backlog = self._backlog
+        if not backlog.closed:
+            return False
+        with backlog.lock:
+            empty = not backlog.pending and not self._delayed and not self._subs
+        if empty:
+            self.drained = backlog.broken is None
+            return True
+        if backlog.stop_deadline is not None and now >= backlog.stop_deadline:
+            self._settle(None)
+            self.drained = False
+            return True
+        return False
+
+    def _settle(self, error: BaseException | None) -> None:
+        """Settle every unresolved task: queued ones are cancelled, running ones abandoned
+        (``error`` None) or failed with ``error``; cancel their Dask tasks."""
+        resolutions: list[Resolution] = []
+        backlog = self._backlog
+        subs = list(self._subs.values())
+        with backlog.lock:
+            items: list[WorkItem] = list(backlog.pending)
+            backlog.pending.clear()
+            items += [entry[2] for entry in self._delayed]
+            self._delayed.clear()
+            where = {}
+            futures = []
+            for sub in subs:
+                futures.append(self._forget_sub(sub))
+                items.append(sub.item)
+                where[sub.item.task_id] = sub.worker.address
+            for item in items:
+                if error is not None:
+                    backlog.finish_locked(item, TaskState.FAILED)
+                    resolutions.append((item, "exception", error))
+                elif item.state is TaskState.RUNNING:
+                    backlog.finish_locked(item, TaskState.ABANDONED)
+                    on = where.get(item.task_id)
+                    resolutions.append((item, "exception", TaskAbandonedError(
+                        f"stop()'s timeout expired while task {item.task_id} was running "
+                        f"(attempt {item.attempts}"
+                        + (f", on Dask worker {on}" if on else ", waiting to be retried")
+                        + "); its Dask task was cancelled, but Dask cannot stop a running "
+                        "task: it may run on there, its result discarded"
+                    )))
+                else:
+                    backlog.finish_locked(item, TaskState.CANCELLED)
+                    resolutions.append((item, "cancel", None))
+        self._cancel(futures)
+        self._resolve(resolutions)
+
+
+def _worker_lost_error(sub: _Sub, why: str, worker_lost: bool) -> WorkerCrashedError:
+    """The error of an attempt lost with its Dask worker (or cancelled on the cluster)."""
+    attempts = sub.item.attempts
+    error = WorkerCrashedError(sub.pid, None, attempts, why)
+    pid = f", pid {sub.pid}" if sub.pid is not None else ""
+    if worker_lost:
+        text = (
+            f"the Dask worker running this task ({sub.worker.address}{pid}) was lost: {why}; "
+            f"{attempts} attempt(s) spent. A segfault or os._exit in the task, an out-of-memory "
+            "kill, a signal from outside or a lost connection are the usual causes; other tasks "
+            "were not affected"
+        )
+    else:
+        text = f"{why}; {attempts} attempt(s) spent"
+    # WorkerCrashedError's own text speaks of an exit code, unknown for a remote process.
+    error.args = (text,)
+    return error
+
+
+class _ClusterEventsListener:
+    """Worker joins and departures from the scheduler's "all" topic, for one dispatcher.
+
+    A Client keeps one handler per topic, so the dispatchers that share a Client share one
+    handler (``_fan_out``), which also calls a handler someone had installed before us; the
+    last listener to leave restores it. ``_lock`` guards ``_by_client``; handlers run on the
+    Client's loop thread and copy the listener list under the lock.
+    """
+
+    _lock = threading.Lock()
+    # client id -> (the Client, the handler we replaced or None, listeners)
+    _by_client: dict[str, tuple[Any, Any, list[Callable[[Any], None]]]] = {}
+
+    def __init__(self, client: Any, listener: Callable[[Any], None]) -> None:
+        self._client = client
+        self._listener = listener
+        with self._lock:
+            entry = self._by_client.get(client.id)
+            if entry is None:
+                previous = getattr(client, "_event_handlers", {}).get("all")
+                entry = (client, previous, [])
+                self._by_client[client.id] = entry
+                client.subscribe_topic("all", self._fan_out_for(client.id))
+            entry[2].append(listener)
+
+    @classmethod
+    def _fan_out_for(cls, client_id: str) -> Callable[[tuple[float, Any]], Any]:
+        def fan_out(event: tuple[float, Any]) -> Any:
+            with cls._lock:
+                entry = cls._by_client.get(client_id)
+                listeners = list(entry[2]) if entry is not None else []
+                previous = entry[1] if entry is not None else None
+            msg = event[1]
+            if isinstance(msg, dict) and msg.get("action") in ("add-worker", "remove-worker"):
+                for listener in listeners:
+                    listener(msg)
+            if previous is not None:
+                return previous(event)
+            return None
+
+        return fan_out
+
+    def close(self) -> None:
+        client = self._client
+        with self._lock:
+            entry = self._by_client.get(client.id)
+            if entry is None or self._listener not in entry[2]:
+                return
+            entry[2].remove(self._listener)
+            if entry[2]:
+                return
+            del self._by_client[client.id]
+            previous = entry[1]
+        if client.status != "running":
+            return
+        if previous is not None:
+            client.subscribe_topic("all", previous)
+        else:
+            client.unsubscribe_topic("all")

@@ -1,0 +1,398 @@
+"""Dask worker process, a task thread of the Dask worker's executor: runs one taskorch call.
+
+The parent's Dask dispatcher (``_dask_dispatcher``) submits ``run_call`` as a Dask task, pinned
+to one Dask worker, with the call as the bytes ``run()`` made (``_wire.encode_call``): they are
+unpickled only here, and the outcome is pickled here, so that user objects are decoded only in
+the parent. Everything else runs as in a local worker (``_worker_main``): tenacity drives the
+attempts under the task's policy, so an ordinary retry costs no round trip.
+
+What goes back, and how (the Dask side of ``_wire``'s protocol):
+
+    events, through ``Worker.log_event`` to the dispatcher's own topic (scheduler -> client):
+        {"e": STARTED, "s": sub_id, "a": attempt, "p": pid}          before every attempt;
+                                                 for attempt 1 this is the start ack
+        {"e": RETRYING, "s": sub_id, "a": attempt, "x": summary, "d": delay, "o": timed_out}
+      The scheduler adds "worker" (this worker's address) to each.
+        {"e": OUTCOME, "s": sub_id, "o": outcome}   a small outcome (INLINE_OUTCOME_BYTES),
+                                                 sent before the task returns None
+    the outcome, as the Dask task's return value otherwise (fetched by the parent with a gather):
+        (SUCCEEDED, attempts, seconds, result_bytes)
+        (FAILED, attempts, seconds, exc_bytes_or_None, type_name, message, traceback_text)
+        (RECALLED,)       the parent took the call back before it started (``recall_unstarted``);
+                          nothing ran
+
+Events travel on the worker's batched stream, the one that later reports the task finished, so
+the parent sees a task's events before its outcome, and an inline outcome before the scheduler
+says the task finished: the parent then releases the task instead of gathering its None, which
+saves a round trip through the scheduler to this worker per task. Larger outcomes are gathered:
+the scheduler keeps each topic's last events (``distributed.admin.low-level-log-length``), and
+is no place for bulk data.
+
+The per-attempt timeout: Dask runs tasks in threads, where no signal handler runs, so the
+SIGALRM timer of ``_worker_attempts`` cannot serve. ``ThreadTimer`` (one daemon thread per
+worker process, "taskorch-attempt-timer", started on demand, gone when idle) raises
+``TaskTimeoutError`` in the attempt's thread with ``PyThreadState_SetAsyncExc``. Hazards,
+accepted and written down:
+
+- The exception is delivered only when the thread runs Python bytecode: a call blocked in C
+  (``time.sleep(60)``, a socket read, a C extension) is interrupted only when it returns to
+  Python. Nothing can kill it: the thread belongs to Dask, and the process to the cluster.
+- It lands between two bytecodes of the task, wherever it is (in a ``finally``, holding a
+  lock): the attempt is over, its partial side effects stay (as with SIGALRM locally).
+- A task that catches ``Exception`` and carries on swallows it, as it would swallow the local
+  worker's ``TaskTimeoutError``.
+- The timer and the attempt's end race: the timer fires only while the attempt is armed
+  (under ``ThreadTimer._lock``), and an attempt that ends after the timer fired clears a
+  still-pending exception (``PyThreadState_SetAsyncExc(tid, NULL)``), so it never escapes into
+  Dask's own code in this thread. Delivered after the task returned, it turns that attempt
+  into a timeout: it was still running at its deadline.
+- The exception may land inside Python-level library code the attempt called, e.g. in
+  ``threading.Condition.__enter__`` just after it acquired its lock, which then stays held.
+  SIGALRM has the same hazard locally; taskorch's own arming and disarming use only C-level
+  primitives (see ``ThreadTimer``), so they can neither deadlock nor be left half-done.
+
+This module imports only the worker side (``_wire``, ``_errors``, ``_policy``) and starts no
+thread at import; ``distributed`` is imported when a task runs (it is loaded already in a Dask
+worker), tenacity when a task has attempts left to retry.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import math
+import os
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from taskorch._errors import SerializationError, TaskTimeoutError
+from taskorch._policy import Policy
+from taskorch._wire import (
+    FAILED,
+    RECALLED,
+    RETRYING,
+    STARTED,
+    SUCCEEDED,
+    decode_call,
+    decode_policy,
+    encode_exception,
+    encode_result,
+    summarize,
+)
+
+if TYPE_CHECKING:  # tenacity is imported on a task's first retry
+    from tenacity import RetryCallState
+
+#: The timer thread exits after this long with no attempt armed; the next attempt with a
+#: timeout starts it again. Longer keeps a thread that nothing needs; shorter restarts it
+#: between the tasks of a slow stream.
+TIMER_IDLE_EXIT = 2.0
+#: Outcomes up to this size (pickled result or exception text, in bytes) go to the parent in an
+#: event instead of through a gather. Larger saves more gathers (one scheduler round trip and
+#: worker request each) but puts more bytes in the scheduler's event log, which keeps the last
+#: 1000 events of each topic.
+INLINE_OUTCOME_BYTES = 1024
+#: The tag of the inline-outcome event.
+OUTCOME = 8
+#: Decoded policies kept per process, by their pickled bytes.
+_POLICY_CACHE_SIZE = 64
+
+Outcome = tuple[Any, ...]
+Emit = Callable[[dict[str, Any]], None]
+
+
+def run_call(
+    sub_id: int, payload: bytes, policy_bytes: bytes | None, attempts_done: int, *,
+    topic: str, default_policy: bytes,
+) -> Outcome | None:
+    """The Dask task: run one call's attempts (``attempts_done`` were charged already by
+    crashes) and return its outcome. Never raises: everything after the start event fails only
+    this task and is in the outcome (a policy or call that does not unpickle here, the task's
+    exceptions, a result that does not pickle). As in a local worker, unpickling the call and
+    pickling the result count against the first and last attempt's timeout."""
+    if _take_recall_mark(topic, sub_id):
+        return (RECALLED,)
+    started = time.perf_counter()
+    emit = _emitter(topic)
+    runner = _Runner(sub_id, attempts_done, emit)
+    runner.announce(attempts_done + 1)
+    outcome: Outcome
+    try:
+        policy = _policy(policy_bytes if policy_bytes is not None else default_policy)
+        timeout = policy.timeout
+        fn, args, kwargs = TIMER.call(lambda: _unpickle_call(payload), timeout)
+        value = runner.run(fn, args, kwargs, policy)
+        result = TIMER.call(lambda: encode_result(value), timeout)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
+        outcome = (FAILED, runner.attempt, time.perf_counter() - started, *encode_exception(exc))
+    else:
+        outcome = (SUCCEEDED, runner.attempt, time.perf_counter() - started, result)
+    if sum(len(part) for part in outcome[3:] if part is not None) <= INLINE_OUTCOME_BYTES:
+        try:
+            emit({"e": OUTCOME, "s": sub_id, "o": outcome})
+        except Exception:
+            return outcome  # then it goes the long way
+        return None
+    return outcome
+
+
+def _emitter(topic: str) -> Emit:
+    from distributed import get_worker
+
+    worker = get_worker()
+    return lambda msg: worker.log_event(topic, msg)  # thread-safe: hops to the worker's loop
+
+
+_policies: dict[bytes, Policy] = {}
+
+
+def _policy(data: bytes) -> Policy:
+    policy = _policies.get(data)
+    if policy is None:
+        try:
+            policy = decode_policy(data)
+        except Exception as exc:
+            raise SerializationError(
+                f"the task's policy could not be unpickled in the Dask worker: "
+                f"{type(exc).__name__}: {exc}. The exception classes in its retry_on must be "
+                "importable there"
+            ) from exc
+        if len(_policies) >= _POLICY_CACHE_SIZE:
+            _policies.clear()
+        _policies[data] = policy  # a race only decodes twice
+    return policy
+
+
+def _unpickle_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    try:
+        return decode_call(payload)
+    except Exception as exc:
+        raise SerializationError(
+            f"the task could not be unpickled in the Dask worker: {type(exc).__name__}: {exc}. "
+            "Its function and arguments must be importable there (a module installed on every "
+            "Dask worker), or defined in __main__, a lambda or a closure (sent by value)"
+        ) from exc
+
+
+class _Runner:
+    """One call's attempts under tenacity, in the calling thread (one per call: Dask runs
+    several calls at once in one process)."""
+
+    def __init__(self, sub_id: int, attempts_done: int, emit: Emit) -> None:
+        self._sub_id = sub_id
+        self._attempts_done = attempts_done
+        self._emit = emit
+        self.attempt = attempts_done + 1
+
+    def announce(self, attempt: int) -> None:
+        self.attempt = attempt
+        self._emit({"e": STARTED, "s": self._sub_id, "a": attempt, "p": os.getpid()})
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
+        timeout = policy.timeout
+
+        def attempt() -> Any:
+            def call() -> Any:
+                result = fn(*args, **kwargs)
+                if inspect.iscoroutine(result):
+                    import asyncio
+
+                    result = asyncio.run(result)  # a fresh loop in this thread, not Dask's
+                return result
+
+            return TIMER.call(call, timeout)
+
+        budget = policy.max_attempts - self._attempts_done
+        if budget <= 1:
+            return attempt()  # one attempt: nothing for tenacity to decide
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+        retrying = Retrying(
+            stop=stop_after_attempt(budget),
+            wait=policy.wait_strategy(),
+            retry=retry_if_exception_type(policy.retry_on),
+            before=self._before_attempt,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def _before_attempt(self, state: RetryCallState) -> None:
+        if state.attempt_number > 1:  # attempt 1 was announced before the call was unpickled
+            self.announce(self._attempts_done + state.attempt_number)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        self._emit({
+            "e": RETRYING, "s": self._sub_id, "a": self.attempt,
+            "x": summarize(error) if error else "?", "d": float(delay),
+            "o": isinstance(error, TaskTimeoutError),
+        })
+
+
+# -- the per-attempt timeout in threads -----------------------------------------------------
+
+
+class AttemptInterrupted(TaskTimeoutError):
+    """Raised asynchronously in an attempt's thread at its deadline (no message: the C API
+    instantiates it without arguments); ``ThreadTimer.call`` turns it into a TaskTimeoutError
+    that says which timeout."""
+
+
+# A private prototype: setting argtypes on ctypes.pythonapi's shared function would change it
+# for every other user in the process.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Schedule ``exc_type`` in thread ``thread_id`` (None: clear one still pending)."""
+    arg = ctypes.py_object(exc_type) if exc_type is not None else ctypes.py_object()
+    if _set_async_exc(thread_id, arg) > 1:  # cannot happen: thread ids are unique
+        _set_async_exc(thread_id, ctypes.py_object())
+
+
+class _Arming:
+    __slots__ = ("thread_id", "deadline", "fired")
+
+    def __init__(self, thread_id: int, deadline: float) -> None:
+        self.thread_id = thread_id
+        self.deadline = deadline
+        self.fired = False
+
+
+class ThreadTimer:
+    """Per-attempt deadlines for any number of threads, enforced by one timer thread.
+
+    The threads that run attempts may receive the exception at any bytecode, so on their side
+    only C-level primitives are used while an attempt is armed or disarmed: ``_lock`` (a plain
+    ``threading.Lock``, whose ``with`` acquires and releases in C, so an interrupt can never
+    leave it held; a ``Condition`` acquires in Python code and could) and ``_wakeups`` (a
+    ``queue.SimpleQueue``, written in C). The timer thread never receives the exception and
+    waits on ``_wakeups`` with a timeout.
+
+    ``_lock`` guards ``_armed`` (thread id -> the attempt it runs now; a thread runs one attempt
+    at a time, so the timer scans one entry per busy thread), ``_thread`` and
+    ``_waiting_until`` (the deadline the timer thread sleeps until: only an attempt that ends
+    earlier wakes it). The timer schedules the exception while holding it, so an attempt that
+    disarms afterwards knows (``fired``) and clears it if it is still pending. Nothing blocks
+    under it.
+    """
+
+    def __init__(self, idle_exit: float = TIMER_IDLE_EXIT) -> None:
+        self._lock = threading.Lock()
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._armed: dict[int, _Arming] = {}
+        self._thread: threading.Thread | None = None
+        self._waiting_until = math.inf
+        self._idle_exit = idle_exit
+
+    def call(self, fn: Callable[[], Any], timeout: float | None) -> Any:
+        """``fn()`` in this thread; TaskTimeoutError if it runs past ``timeout`` seconds."""
+        if timeout is None:
+            return fn()
+        arming = _Arming(threading.get_ident(), time.monotonic() + timeout)
+        try:
+            try:
+                with self._lock:  # the timer cannot fire while we hold it: no interrupt here
+                    self._armed[arming.thread_id] = arming
+                    if self._thread is None:
+                        self._thread = threading.Thread(
+                            target=self._run, name="taskorch-attempt-timer", daemon=True)
+                        self._thread.start()
+                    elif arming.deadline < self._waiting_until:
+                        self._wakeups.put(None)
+                return fn()
+            finally:
+                self._disarm(arming)
+        except AttemptInterrupted as exc:
+            raise TaskTimeoutError(
+                f"the attempt ran longer than its {timeout:g} s timeout and was interrupted"
+            ) from exc
+
+    def _disarm(self, arming: _Arming) -> None:
+        with self._lock:
+            fired = arming.fired
+            if not fired:
+                del self._armed[arming.thread_id]
+        if fired:
+            _raise_in_thread(arming.thread_id, None)  # delivered already, or cleared here
+
+    def _run(self) -> None:
+        """The timer thread (daemon: it must never keep a worker process alive). Wakes at the
+        nearest deadline, or when an attempt with an earlier one is armed; exits after
+        ``_idle_exit`` seconds with nothing armed."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                nearest = math.inf
+                for thread_id, arming in list(self._armed.items()):
+                    if arming.deadline <= now:
+                        del self._armed[thread_id]
+                        arming.fired = True
+                        _raise_in_thread(thread_id, AttemptInterrupted)
+                    elif arming.deadline < nearest:
+                        nearest = arming.deadline
+                self._waiting_until = nearest
+            idle = nearest == math.inf
+            try:
+                self._wakeups.get(timeout=self._idle_exit if idle else nearest - now)
+            except queue.Empty:
+                if idle:
+                    with self._lock:
+                        if not self._armed:
+                            self._thread = None  # the next attempt starts a new one
+                            return
+
+
+TIMER = ThreadTimer()
+
+
+# -- recall: the parent takes back calls a busy worker has not started ------------------------
+
+# (topic, sub_id) -> Dask key, of calls recalled before they started: run_call returns
+# RECALLED for them. Written by recall_unstarted (the Dask worker's event loop thread), taken by
+# run_call (task threads), under _recall_lock.
+_recall_lock = threading.Lock()
+_recall_marks: dict[tuple[str, int], str] = {}
+
+
+def _take_recall_mark(topic: str, sub_id: int) -> bool:
+    if not _recall_marks:  # the common case, without the lock
+        return False
+    with _recall_lock:
+        return _recall_marks.pop((topic, sub_id), None) is not None
+
+
+#: Dask worker task states in which a task has not begun to execute ("released" is not one:
+#: a finished task passes through it too).
+_NOT_STARTED = frozenset({"waiting", "ready", "constrained"})
+
+
+def recall_unstarted(topic: str, calls: list[tuple[int, str]], dask_worker: Any = None) -> list[int]:
+    """Run by ``Client.run`` on a Dask worker's event loop thread, the thread that moves tasks
+    to "executing": mark the calls (sub_id, Dask key) that have not begun, so that they never
+    run the user's call, and return their sub_ids. A call whose key the worker does not hold
+    (not arrived yet, or finished) or that is executing is not taken back.
+
+    Uses the worker's state machine (``Worker.state.tasks``, distributed >= 2022.8); with
+    another layout it takes nothing back, which is always safe."""
+    tasks = getattr(getattr(dask_worker, "state", None), "tasks", None)
+    if not isinstance(tasks, dict):
+        return []
+    taken = []
+    with _recall_lock:
+        # Marks of calls the parent cancelled before they ran: the worker forgot their keys.
+        for mark, key in list(_recall_marks.items()):
+            if key not in tasks:
+                del _recall_marks[mark]
+        for sub_id, key in calls:
+            ts = tasks.get(key)
+            if ts is not None and getattr(ts, "state", None) in _NOT_STARTED:
+                _recall_marks[(topic, sub_id)] = key
+                taken.append(sub_id)
+    return taken
