@@ -55,13 +55,20 @@ if SCRIPT_DIR not in sys.path:
 import _bench_tasks as T  # noqa: E402  (importable only once SCRIPT_DIR is on sys.path)
 
 MIB = 1024 * 1024
-ALL_POOLS = ("taskorch", "cf", "loky", "mp", "pebble")
+ALL_POOLS = ("taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask")
+# The Dask pair runs only A and B (no-op throughput, CPU-bound speedup) on a 2-worker
+# distributed.LocalCluster (processes, one thread each), with fewer no-op tasks: a Dask task
+# costs a few scheduler messages, so 20,000 of them would take minutes.
+DASK_POOLS = ("taskorch-dask", "dask")
+DASK_A_TASKS = 2_000
 POOL_LABELS = {
     "taskorch": "taskorch.TaskOrchestrator.run",
     "cf": "concurrent.futures.ProcessPoolExecutor.submit",
     "loky": "loky.ProcessPoolExecutor.submit",
     "mp": "multiprocessing.Pool.apply_async",
     "pebble": "pebble.ProcessPool.schedule",
+    "taskorch-dask": "taskorch.TaskOrchestrator.run on a Dask LocalCluster",
+    "dask": "distributed.Client.submit on a Dask LocalCluster",
 }
 ALL_SECTIONS = "ABCDEFGHI"
 # Execution order inside a child, which is not the table order: D first, so that "cold start"
@@ -212,6 +219,7 @@ def bulk_chunksize(n: int, workers: int) -> int:
 
 
 class PoolAdapter:
+    sections = ALL_SECTIONS  # the sections this pool runs
     """One pool instance. ``create`` is the timed constructor; ``stop`` is a graceful drain."""
 
     name = ""
@@ -474,8 +482,84 @@ class PebbleAdapter(PoolAdapter):
         self.pool.join(timeout=timeout)
 
 
+class _LocalCluster:
+    """A 2-worker distributed.LocalCluster (processes, one thread each) and its Client."""
+
+    def __init__(self, workers: int) -> None:
+        import importlib
+
+        distributed: Any = importlib.import_module("distributed")  # untyped library
+        self.cluster: Any = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        self.client: Any = distributed.Client(self.cluster, set_as_default=False)
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+class DaskAdapter(PoolAdapter):
+    name = "dask"
+    sections = "AB"
+
+    @staticmethod
+    def preload() -> str:
+        import distributed
+
+        return str(getattr(distributed, "__version__", "?"))
+
+    def create(self) -> None:
+        self.local = _LocalCluster(self.workers)
+        self.pool = self.local.client
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        return self.pool.submit(fn, *args, pure=False)
+
+    def stop(self, timeout: float) -> None:
+        self.local.close()
+
+    def kill(self, timeout: float) -> None:
+        self.local.close()
+
+    def start_method(self) -> str:
+        return "dask"
+
+
+class TaskorchDaskAdapter(TaskorchAdapter):
+    name = "taskorch-dask"
+    sections = "AB"
+
+    @staticmethod
+    def preload() -> str:
+        import distributed
+
+        from taskorch.dask import DaskBackend  # noqa: F401
+
+        return str(getattr(distributed, "__version__", "?"))
+
+    def create(self) -> None:
+        from taskorch import Policy, TaskOrchestrator
+        from taskorch.dask import DaskBackend
+
+        self.local = _LocalCluster(self.workers)
+        self.pool = TaskOrchestrator(backend=DaskBackend(self.local.client),
+                                     max_backlog=1_000_000, policy=Policy())
+
+    def stop(self, timeout: float) -> None:
+        self.pool.stop(timeout=timeout)
+        self.local.close()
+
+    def kill(self, timeout: float) -> None:
+        self.pool.stop(timeout=min(timeout, 2.0))
+        self.local.close()
+
+    def start_method(self) -> str:
+        return "dask"
+
+
 ADAPTERS: dict[str, type[PoolAdapter]] = {
-    a.name: a for a in (TaskorchAdapter, CfAdapter, LokyAdapter, MpAdapter, PebbleAdapter)
+    a.name: a for a in (TaskorchAdapter, CfAdapter, LokyAdapter, MpAdapter, PebbleAdapter,
+                        TaskorchDaskAdapter, DaskAdapter)
 }
 
 
@@ -599,7 +683,7 @@ class Child:
     # -- sections: each function is one repetition, on its own fresh pool --------------------
 
     def sec_A(self) -> dict[str, Any]:
-        n = self.p["a_tasks"]
+        n = min(self.p["a_tasks"], DASK_A_TASKS) if self.pool_name in DASK_POOLS else self.p["a_tasks"]
         pool = self.new_pool()
         try:
             self.warm(pool)
@@ -900,7 +984,7 @@ class Child:
         meter, overall = NoiseMeter(), NoiseMeter()
         overall.start()
         for key in EXEC_ORDER:
-            if key not in self.sections:
+            if key not in self.sections or key not in self.cls.sections:
                 continue
             self.result["current"] = key
             self.write()
@@ -1154,11 +1238,12 @@ def noisy(children: dict[str, Any], pool: str, section: str) -> bool:
 
 
 def ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
+    lines = dask_ratio_lines(children, pools)
+    pools = [p for p in pools if p not in DASK_POOLS]
     anchors = [a for a in pools if a != "taskorch"]
     if "taskorch" not in pools or not anchors:
-        return ["(ratio lines compare taskorch with the anchors: include taskorch and at least "
-                "one anchor in --pools)"]
-    lines = []
+        return lines or ["(ratio lines compare taskorch with the anchors: include taskorch and "
+                         "at least one anchor in --pools)"]
     for section, field, label, higher in RATIOS:
         mine = number(children, "taskorch", section, field)
         if section not in children.get("taskorch", {}).get("sections", {}):
@@ -1187,6 +1272,23 @@ def ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
     return lines
 
 
+def dask_ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
+    """taskorch on Dask against plain Client.submit on the same kind of cluster."""
+    if not all(p in pools for p in DASK_POOLS):
+        return []
+    parts = []
+    for section, field, label in (("A", "tasks_per_s", "A no-op tasks/s"),
+                                  ("B", "speedup", "B CPU speedup")):
+        mine = number(children, "taskorch-dask", section, field)
+        theirs = number(children, "dask", section, field)
+        if mine is not None and theirs is not None and theirs > 0:
+            noisy_mark = " (noisy)" if noisy(children, "taskorch-dask", section) or \
+                noisy(children, "dask", section) else ""
+            parts.append(f"{label} taskorch-dask/dask = {mine / theirs:.2f}x{noisy_mark}")
+    return [f"Dask LocalCluster, 2 workers x 1 thread ({DASK_A_TASKS:,} no-op tasks): "
+            + "; ".join(parts)] if parts else []
+
+
 def render(children: dict[str, Any], pools: list[str], meta: dict[str, Any]) -> str:
     sections = meta["sections"]
     head = ["section"] + pools
@@ -1200,7 +1302,8 @@ def render(children: dict[str, Any], pools: list[str], meta: dict[str, Any]) -> 
             title += f" ({meta['b_tasks']} x {CPU_TASK_S * 1e3:.0f} ms; serial " \
                      f"{meta['serial']['serial_s']:.2f} s)"
         if row[0] == "A":
-            title += f" ({meta['a_tasks']:,} tasks)"
+            title += f" ({meta['a_tasks']:,} tasks"
+            title += f"; Dask pools {DASK_A_TASKS:,})" if any(p in pools for p in DASK_POOLS) else ")"
         if row[0] == "I":
             title += (f" ({meta['i_items']:,} items; taskorch map(), automatic chunks; others "
                       "map/imap with Pool.map's chunksize)")

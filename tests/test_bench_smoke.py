@@ -18,7 +18,10 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     assert "| A no-op throughput" in proc.stdout and "Ratios" in proc.stdout
     data = json.loads(out.read_text())
     taskorch = data["pools"]["taskorch"]["sections"]
-    assert set(data["pools"]) == {"taskorch", "cf", "loky", "mp", "pebble"}
+    assert set(data["pools"]) == {"taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask"}
     for section in "ABCDEFGHI":
         assert section in taskorch and "error" not in taskorch[section], (section, taskorch.get(section))
     assert taskorch["F"]["ok"] == 199 and taskorch["F"]["usable"]
+    for pool in ("taskorch-dask", "dask"):
+        sections = data["pools"][pool]["sections"]
+        assert set(sections) == {"A", "B"} and not any("error" in r for r in sections.values()), sections
