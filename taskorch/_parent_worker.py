@@ -43,7 +43,8 @@ MAX_PREFETCH = 64
 #: task durations), so a task never waits long behind another worker's long task.
 PREFETCH_SECONDS = 0.002
 #: A worker that has reported nothing for this long is treated as busy with a long task: it
-#: gets no prefetch, and while another worker idles, its calls not started are recalled.
+#: gets at most one call ahead, and while another worker idles, its calls not started are
+#: recalled.
 SLOW_AFTER = 0.02
 
 
@@ -106,10 +107,15 @@ class WorkerProcess:
         if self.retiring is not None or self.kill_reason is not None or not self.channel_open:
             return 0
         ewma = self.ewma_seconds
-        if ewma is None or (self.inflight and now - self.last_progress > SLOW_AFTER):
-            depth = 1
+        if ewma is None:
+            depth = 1  # nothing known yet: no bet on how long tasks take
+        elif self.inflight and now - self.last_progress > SLOW_AFTER:
+            # Busy with a long task: one call waits in its inbox, so that the next task
+            # starts without a round trip to us (on a loaded machine the round trip waits
+            # for a CPU); if another worker idles meanwhile, the dispatcher recalls it.
+            depth = 2
         else:
-            depth = 1 + min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(ewma, 1e-6)))
+            depth = 2 + min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(ewma, 1e-6)))
         return depth - len(self.inflight)
 
     def record_duration(self, seconds: float) -> None:
