@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import IO, Any, Callable, Iterator

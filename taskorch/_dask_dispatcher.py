@@ -109,14 +109,13 @@ import uuid
 from typing import Any, Callable, Coroutine
 
 from taskorch._errors import (
-    CircuitOpenError,
     OrchestratorBrokenError,
     TaskAbandonedError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
 from taskorch._parent_backlog import Backlog
-from taskorch._parent_breaker import Breaker
+from taskorch._parent_breaker import Breaker, reject_beyond
 from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import BreakerMode, CircuitBreaker
 from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED
@@ -857,27 +856,8 @@ class DaskDispatcher:
 
     def _reject_beyond(self, admit: int) -> None:
         """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
-        rejected: list[Resolution] = []
-        backlog = self._backlog
         assert self._breaker is not None
-        retry_in = max(0.0, self._breaker.open_until - time.monotonic())
-        with backlog.lock:
-            kept: list[WorkItem] = []
-            for item in backlog.pending:
-                if item.state is TaskState.QUEUED and admit <= 0:
-                    backlog.finish_locked(item, TaskState.FAILED)
-                    rejected.append((item, "exception", CircuitOpenError(
-                        f"the circuit breaker is {self._breaker.state.value} after repeated task "
-                        f"failures: task {item.task_id} was not run; it lets tasks through "
-                        f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
-                    )))
-                else:
-                    admit -= item.state is TaskState.QUEUED
-                    kept.append(item)
-            if rejected:
-                backlog.pending.clear()
-                backlog.pending.extend(kept)
-        self._resolve(rejected)
+        self._resolve(reject_beyond(self._backlog, self._breaker, admit))
 
     # -- timers ----------------------------------------------------------------------------
 

@@ -18,9 +18,16 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import deque
+from typing import TYPE_CHECKING
 
+from taskorch._errors import CircuitOpenError
+from taskorch._parent_task import Resolution, TaskState, WorkItem
 from taskorch._policy import CircuitBreaker
+
+if TYPE_CHECKING:
+    from taskorch._parent_backlog import Backlog
 
 log = logging.getLogger("taskorch")
 
@@ -102,3 +109,28 @@ class Breaker:
     def _move(self, state: State, why: str) -> None:
         log.warning("circuit breaker %s -> %s: %s", self.state.value, state.value, why)
         self.state = state
+
+
+def reject_beyond(backlog: Backlog, breaker: Breaker, admit: int) -> list[Resolution]:
+    """FAIL mode, circuit not closed: the new tasks in the backlog beyond the ``admit``
+    probes fail without running (the caller resolves them, outside the lock). Crash retries
+    of tasks that already started stay."""
+    rejected: list[Resolution] = []
+    retry_in = max(0.0, breaker.open_until - time.monotonic())
+    with backlog.lock:
+        kept: list[WorkItem] = []
+        for item in backlog.pending:
+            if item.state is TaskState.QUEUED and admit <= 0:
+                backlog.finish_locked(item, TaskState.FAILED)
+                rejected.append((item, "exception", CircuitOpenError(
+                    f"the circuit breaker is {breaker.state.value} after repeated task "
+                    f"failures: task {item.task_id} was not run; it lets tasks through "
+                    f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
+                )))
+            else:
+                admit -= item.state is TaskState.QUEUED
+                kept.append(item)
+        if rejected:
+            backlog.pending.clear()
+            backlog.pending.extend(kept)
+    return rejected

@@ -49,7 +49,6 @@ import time
 from typing import Any
 
 from taskorch._errors import (
-    CircuitOpenError,
     OrchestratorBrokenError,
     TaskAbandonedError,
     TaskTimeoutError,
@@ -57,7 +56,7 @@ from taskorch._errors import (
     _signal_name,
 )
 from taskorch._parent_backlog import Backlog
-from taskorch._parent_breaker import Breaker
+from taskorch._parent_breaker import Breaker, reject_beyond
 from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._parent_worker import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._policy import BreakerMode, CircuitBreaker, Policy
@@ -411,27 +410,8 @@ class Dispatcher:
 
     def _reject_beyond(self, admit: int) -> None:
         """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
-        rejected: list[Resolution] = []
-        backlog = self._backlog
         assert self._breaker is not None
-        retry_in = max(0.0, self._breaker.open_until - time.monotonic())
-        with backlog.lock:
-            kept: list[WorkItem] = []
-            for item in backlog.pending:
-                if item.state is TaskState.QUEUED and admit <= 0:
-                    backlog.finish_locked(item, TaskState.FAILED)
-                    rejected.append((item, "exception", CircuitOpenError(
-                        f"the circuit breaker is {self._breaker.state.value} after repeated task "
-                        f"failures: task {item.task_id} was not run; it lets tasks through "
-                        f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
-                    )))
-                else:
-                    admit -= item.state is TaskState.QUEUED
-                    kept.append(item)
-            if rejected:
-                backlog.pending.clear()
-                backlog.pending.extend(kept)
-        self._resolve(rejected)
+        self._resolve(reject_beyond(self._backlog, self._breaker, admit))
 
     # -- worker life -----------------------------------------------------------------------
 

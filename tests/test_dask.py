@@ -494,7 +494,7 @@ def test_calls_waiting_behind_a_slow_task_are_recalled_for_an_idle_worker(
         (gate, blocked), = _start_blockers(o, gates, "slow")
         fast = [o.run(t.getpid) for _ in range(30)]  # tiny: prefetched, some behind "slow"
         try:
-            slow_pid = gate.wait_started()
+            gate.wait_started()
             ran_on = [f.result(R) for f in fast]  # never, if one stayed behind "slow"
             assert not blocked.done() and len(ran_on) == 30
         finally:
