@@ -106,6 +106,11 @@ class WorkerProcess:
         """How many more calls to hand over now (see PREFETCH_* and SLOW_AFTER)."""
         if self.retiring is not None or self.kill_reason is not None or not self.channel_open:
             return 0
+        if not self.events_seen:
+            # Still starting (no READY yet). Calls wait in the backlog rather than in its
+            # socket: whichever worker is up first takes them, as from a shared queue, instead
+            # of the first call waiting for the slower of two interpreters to boot.
+            return 0
         ewma = self.ewma_seconds
         if ewma is None:
             depth = 1  # nothing known yet: no bet on how long tasks take
