@@ -92,7 +92,16 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 
 
 def decode_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    fn, args, kwargs = pickle.loads(payload)
+    """Unpickle a task in a worker; a failure is the task's SerializationError."""
+    try:
+        fn, args, kwargs = pickle.loads(payload)
+    except Exception as exc:
+        raise SerializationError(
+            f"the task could not be unpickled in the worker: {type(exc).__name__}: {exc}. "
+            "Its function and arguments must be importable there (a module on the worker's "
+            "sys.path; on Dask, installed on every worker), or defined in __main__, a lambda or "
+            "a closure (sent by value)"
+        ) from exc
     return fn, args, kwargs
 
 
@@ -104,8 +113,16 @@ def encode_policy(policy: Policy) -> bytes:
 
 
 def decode_policy(data: bytes) -> Policy:
-    policy = pickle.loads(data)
-    assert isinstance(policy, Policy)
+    """Unpickle a policy in a worker; a failure is the task's SerializationError."""
+    try:
+        policy = pickle.loads(data)
+    except Exception as exc:
+        raise SerializationError(
+            f"the task's policy could not be unpickled in the worker: {type(exc).__name__}: "
+            f"{exc}. The exception classes in its retry_on must be importable there"
+        ) from exc
+    if not isinstance(policy, Policy):
+        raise SerializationError(f"expected a pickled taskorch.Policy, got {type(policy).__name__}")
     return policy
 
 

@@ -32,6 +32,16 @@ if TYPE_CHECKING:  # tenacity is imported on first use: a worker whose tasks hav
 Emit = Callable[[Event], None]
 
 
+def call_to_completion(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)``; a coroutine it returns is run to completion on a new loop."""
+    result = fn(*args, **kwargs)
+    if inspect.iscoroutine(result):
+        import asyncio  # only workers that run coroutines pay for the import
+
+        result = asyncio.run(result)
+    return result
+
+
 class AttemptTimer:
     """The in-process per-attempt deadline: SIGALRM raises TaskTimeoutError in the attempt.
 
@@ -99,15 +109,7 @@ class AttemptRunner:
         timeout = policy.timeout
 
         def attempt() -> Any:
-            def call() -> Any:
-                result = fn(*args, **kwargs)
-                if inspect.iscoroutine(result):
-                    import asyncio  # only workers that run coroutines pay for the import
-
-                    result = asyncio.run(result)
-                return result
-
-            return self._timer.call(call, timeout)
+            return self._timer.call(lambda: call_to_completion(fn, args, kwargs), timeout)
 
         budget = policy.max_attempts - self._attempts_done
         if budget <= 1:

@@ -59,7 +59,6 @@ worker), tenacity when a task has attempts left to retry.
 from __future__ import annotations
 
 import ctypes
-import inspect
 import math
 import os
 import queue
@@ -67,7 +66,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from taskorch._errors import SerializationError, TaskTimeoutError
+from taskorch._errors import TaskTimeoutError
 from taskorch._policy import Policy
 from taskorch._wire import (
     FAILED,
@@ -81,6 +80,7 @@ from taskorch._wire import (
     encode_result,
     summarize,
 )
+from taskorch._worker_attempts import call_to_completion
 
 if TYPE_CHECKING:  # tenacity is imported on a task's first retry
     from tenacity import RetryCallState
@@ -122,7 +122,7 @@ def run_call(
     try:
         policy = _policy(policy_bytes if policy_bytes is not None else default_policy)
         timeout = policy.timeout
-        fn, args, kwargs = TIMER.call(lambda: _unpickle_call(payload), timeout)
+        fn, args, kwargs = TIMER.call(lambda: decode_call(payload), timeout)
         value = runner.run(fn, args, kwargs, policy)
         result = TIMER.call(lambda: encode_result(value), timeout)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
@@ -151,29 +151,11 @@ _policies: dict[bytes, Policy] = {}
 def _policy(data: bytes) -> Policy:
     policy = _policies.get(data)
     if policy is None:
-        try:
-            policy = decode_policy(data)
-        except Exception as exc:
-            raise SerializationError(
-                f"the task's policy could not be unpickled in the Dask worker: "
-                f"{type(exc).__name__}: {exc}. The exception classes in its retry_on must be "
-                "importable there"
-            ) from exc
+        policy = decode_policy(data)  # SerializationError: this task fails
         if len(_policies) >= _POLICY_CACHE_SIZE:
             _policies.clear()
         _policies[data] = policy  # a race only decodes twice
     return policy
-
-
-def _unpickle_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    try:
-        return decode_call(payload)
-    except Exception as exc:
-        raise SerializationError(
-            f"the task could not be unpickled in the Dask worker: {type(exc).__name__}: {exc}. "
-            "Its function and arguments must be importable there (a module installed on every "
-            "Dask worker), or defined in __main__, a lambda or a closure (sent by value)"
-        ) from exc
 
 
 class _Runner:
@@ -193,16 +175,8 @@ class _Runner:
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
         timeout = policy.timeout
 
-        def attempt() -> Any:
-            def call() -> Any:
-                result = fn(*args, **kwargs)
-                if inspect.iscoroutine(result):
-                    import asyncio
-
-                    result = asyncio.run(result)  # a fresh loop in this thread, not Dask's
-                return result
-
-            return TIMER.call(call, timeout)
+        def attempt() -> Any:  # a coroutine gets a fresh loop in this thread, not Dask's
+            return TIMER.call(lambda: call_to_completion(fn, args, kwargs), timeout)
 
         budget = policy.max_attempts - self._attempts_done
         if budget <= 1:

@@ -38,9 +38,7 @@ import threading
 import time
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any
 
-from taskorch._errors import SerializationError
 from taskorch._policy import Policy
 from taskorch._wire import (
     FAILED,
@@ -166,7 +164,7 @@ def _run_task(
     try:
         policy = default if policy_bytes is None else _policy(policy_bytes, policies)
         timeout = policy.timeout
-        fn, args, kwargs = runner.timed(lambda: _unpickle_call(payload), timeout)
+        fn, args, kwargs = runner.timed(lambda: decode_call(payload), timeout)
         value = runner.run(fn, args, kwargs, policy)
         result = runner.timed(lambda: encode_result(value), timeout)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
@@ -177,26 +175,8 @@ def _run_task(
 def _policy(data: bytes, cache: dict[bytes, Policy]) -> Policy:
     policy = cache.get(data)
     if policy is None:
-        try:
-            policy = decode_policy(data)
-        except Exception as exc:
-            raise SerializationError(
-                f"the task's policy could not be unpickled in the worker: {type(exc).__name__}: "
-                f"{exc}. The exception classes in its retry_on must be importable there"
-            ) from exc
-        cache[data] = policy
+        policy = cache[data] = decode_policy(data)  # SerializationError: this task fails
     return policy
-
-
-def _unpickle_call(payload: bytes) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    try:
-        return decode_call(payload)
-    except Exception as exc:
-        raise SerializationError(
-            f"the task could not be unpickled in the worker: {type(exc).__name__}: {exc}. "
-            "Its function and arguments must be importable there (a module on sys.path), "
-            "or defined in __main__, a lambda or a closure (sent by value)"
-        ) from exc
 
 
 def _detach_from_parent_signals(parent_pid: int) -> None:
