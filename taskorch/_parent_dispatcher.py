@@ -645,7 +645,7 @@ class Dispatcher:
             self.drained = backlog.broken is None
             return True
         if backlog.stop_deadline is not None and now >= backlog.stop_deadline:
-            self._abandon_everything()
+            self._settle_and_kill(None)  # stop()'s timeout expired: abandon
             self.drained = False
             return True
         return False
@@ -670,10 +670,6 @@ class Dispatcher:
                     if not key.data[1].channel_open:
                         self._unregister(key.data[1].conn)
         self._kill_everything()
-
-    def _abandon_everything(self) -> None:
-        """stop()'s timeout expired: kill the workers, then settle every unresolved task."""
-        self._settle_and_kill(None)
 
     def _settle_and_kill(self, error: BaseException | None) -> None:
         """Kill every worker, read what they sent before dying, then settle every task that
