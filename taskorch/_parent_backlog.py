@@ -19,15 +19,17 @@ the start of a task (or the task is cancelled), not when it is handed over.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import deque
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
 from taskorch._parent_task import TaskState, WorkItem
 from taskorch._stats import Stats
+
+if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it
+    import asyncio
 
 #: Terminal states and the counter each one increments.
 _TERMINAL = {

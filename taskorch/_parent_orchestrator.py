@@ -7,7 +7,6 @@ dispatcher thread (``_parent_dispatcher``) does the rest.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import functools
 import logging
@@ -229,6 +228,8 @@ class TaskOrchestrator:
 
     async def _offer_async(self, item: WorkItem) -> TaskFuture:
         """run_async()'s semantics for a ready item: wait for room, cancellable."""
+        import asyncio  # here, not at the top: importing it costs ~14 ms a sync caller never needs
+
         loop = asyncio.get_running_loop()
         while True:
             waiter = self._backlog.offer_or_wait(item, loop)
@@ -273,6 +274,8 @@ class TaskOrchestrator:
 
     async def stop_async(self, timeout: float = 30.0) -> StopReport:
         """``stop()`` without blocking the event loop."""
+        import asyncio
+
         return await asyncio.to_thread(self.stop, timeout)
 
     def _report(self, seconds: float) -> StopReport:
