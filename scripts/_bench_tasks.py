@@ -23,6 +23,12 @@ def echo(value: object) -> object:
     return value
 
 
+def pid_after(seconds: float) -> int:
+    """Warm-up: hold a worker briefly, so that the others get tasks too; say which ran it."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def cpu(loops: int) -> int:
     """Section B: pure-Python CPU work, holding the GIL the whole time.
 

@@ -19,7 +19,8 @@ Sections:
   A  no-op throughput: N tasks submitted one by one, all results collected; tasks/s
   B  CPU-bound speedup: N tasks of ~50 ms pure Python vs the same run serially in the parent
   C  producer latency: each submit call timed while the workers are busy; p50 / p99 in us
-  D  cold start: constructor to the first result of a no-op, in a fresh interpreter; ms
+  D  cold start: constructor to the first result of a no-op, in a fresh interpreter whose
+     library is already imported (the import is timed apart and shown with it); ms
   E  memory: RSS of the process that owns the pool, USS of each worker; MiB
   F  crash: 200 tasks, one calls os._exit(1); how many of the 199 others succeed; still usable?
   G  hard timeout: a hung task with a 0.5 s per-task timeout; how late its failure is seen; ms
@@ -71,9 +72,11 @@ POOL_LABELS = {
     "dask": "distributed.Client.submit on a Dask LocalCluster",
 }
 ALL_SECTIONS = "ABCDEFGHI"
-# Execution order inside a child, which is not the table order: D first, so that "cold start"
-# really is the first pool this interpreter builds; E next, before sections A-C have grown the
-# heap with tens of thousands of futures; F last, since a crash may leave a pool half-broken.
+# Execution order inside a child, which is not the table order. D runs in children of its own
+# (see run_cold_starts); were it asked of a child with others, it goes first, so that "cold
+# start" really is the first pool this interpreter builds. E next, before sections A-C have
+# grown the heap with tens of thousands of futures; F last, since a crash may leave a pool
+# half-broken.
 EXEC_ORDER = "DEABCIGHF"
 
 # Sizes. QUICK keeps the whole run (4-5 pools) under a minute; FULL under six.
@@ -88,6 +91,7 @@ FULL: dict[str, Any] = {
     "stop_timeout": 30.0,
 }
 CPU_TASK_S = 0.050          # section B: target duration of one CPU task
+WARM_TASK_S = 0.005         # warm-up: each task holds its worker this long
 C_SLEEP_S = 0.001           # section C: each task sleeps this long, so the backlog builds up
 F_CRASH_INDEX = 49          # section F: the 50th task submitted kills its worker
 F_TASK_S = 0.002            # section F: innocent tasks sleep this long
@@ -289,6 +293,10 @@ class TaskorchAdapter(PoolAdapter):
     def preload() -> str:
         import taskorch
         from taskorch import Policy, TaskOrchestrator  # noqa: F401 (lazy names: import now)
+        # The constructor imports the local backend (and loky, which it is built on) on first
+        # use; import it here, as every other adapter imports its whole library here, so that
+        # D times starting a pool in each, not importing modules. The import is timed apart.
+        import taskorch._parent_dispatcher  # noqa: F401
 
         return str(getattr(taskorch, "__version__", "?"))
 
@@ -665,7 +673,20 @@ class Child:
         pool.stopped = True
 
     def warm(self, pool: PoolAdapter) -> None:
-        """Bring every worker up and through one round trip before anything is timed."""
+        """Bring every worker up and through a round trip before anything is timed.
+
+        Rounds of short tasks until each of the workers has run one: spawn-based pools (loky,
+        taskorch) boot their workers one after another, and a fast first worker would run a
+        round of no-ops alone, leaving the second one's boot inside the timed section (it
+        cost B 3-4% of its speedup here)."""
+        deadline = time.perf_counter() + 30.0
+        seen: set[int] = set()
+        while len(seen) < self.workers:
+            if time.perf_counter() >= deadline:
+                raise SectionError(f"warm-up: only {len(seen)} of {self.workers} workers ran "
+                                   "a task within 30 s")
+            handles = [pool.submit(T.pid_after, (WARM_TASK_S,)) for _ in range(2 * self.workers)]
+            seen.update(pool.get(h, max(0.0, deadline - time.perf_counter())) for h in handles)
         handles = [pool.submit(T.noop, ()) for _ in range(4 * self.workers)]
         self.wait_all(pool, handles, 30.0, "warm-up")
 
@@ -967,6 +988,7 @@ class Child:
             out["cold_ms"] = runs[0]["cold_ms"]
             if len(runs) > 1:
                 out["restart_ms"] = median([r["cold_ms"] for r in runs[1:]])
+            out["import_ms"] = self.result.get("import_ms")
         return out
 
     def main(self) -> int:
@@ -974,7 +996,9 @@ class Child:
 
         self.rss_bare = psutil.Process().memory_info().rss
         try:
+            t0 = time.perf_counter()
             self.result["version"] = self.cls.preload()
+            self.result["import_ms"] = (time.perf_counter() - t0) * 1e3
         except BaseException as exc:  # noqa: BLE001 (e.g. taskorch not importable yet)
             self.result["import_error"] = describe(exc)
             self.write()
@@ -1052,8 +1076,10 @@ def kill_pids(procs: list[Any]) -> list[int]:
 
 
 def run_child(pool: str, args: Any, p: dict[str, Any], cpu_loops: int,
-              serial_s: float) -> dict[str, Any]:
-    """Run one pool in a fresh interpreter under a deadline; return its (maybe partial) JSON."""
+              serial_s: float, sections: str | None = None,
+              reps: int | None = None) -> dict[str, Any]:
+    """Run one pool in a fresh interpreter under a deadline; return its (maybe partial) JSON.
+    ``sections`` and ``reps`` override the command line's."""
     import psutil
     import subprocess
     import tempfile
@@ -1062,12 +1088,12 @@ def run_child(pool: str, args: Any, p: dict[str, Any], cpu_loops: int,
     with tempfile.TemporaryDirectory(prefix=f"bench-{pool}-") as tmp:
         out_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", pool, "--child-out", out_path,
-               "--workers", str(args.workers), "--sections", args.sections,
+               "--workers", str(args.workers), "--sections", sections or args.sections,
                "--cpu-loops", str(cpu_loops), "--serial-s", repr(serial_s)]
         if args.quick:
             cmd.append("--quick")
-        if args.reps is not None:
-            cmd += ["--reps", str(args.reps)]
+        if (reps or args.reps) is not None:
+            cmd += ["--reps", str(reps or args.reps)]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [SCRIPT_DIR, env.get("PYTHONPATH")]))
         with open(os.path.join(tmp, "stderr"), "w+b") as err:
@@ -1126,6 +1152,56 @@ def run_child(pool: str, args: Any, p: dict[str, Any], cpu_loops: int,
     return result
 
 
+def run_cold_starts(pools: list[str], args: Any, p: dict[str, Any],
+                    log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """Section D in fresh interpreters of its own: one per pool and repetition.
+
+    A cold start happens once per interpreter, so a median over repetitions needs as many
+    interpreters; one sample each (as when D ran inside the main child) swung by 30% from run
+    to run here. The pools take turns, rotating who goes first, so a disturbance of a few
+    seconds does not land on one pool's samples only. In full mode each child also builds a
+    second pool ("restart")."""
+    reps = args.reps or p["reps"]
+    runs: dict[str, list[dict[str, Any]]] = {pool: [] for pool in pools}
+    for rep in range(reps):
+        k = rep % len(pools)
+        for pool in pools[k:] + pools[:k]:
+            runs[pool].append(run_child(pool, args, p, 0, 0.0, sections="D",
+                                        reps=2 if p["warmup"] else 1))
+    log(f"bench: D (cold start): {reps} fresh interpreter(s) per pool for {', '.join(pools)}")
+    return runs
+
+
+def merge_cold_starts(child: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Fold the D children's results into the pool's main result, medians across them."""
+    samples: list[dict[str, Any]] = []
+    for run in runs:
+        res = run.get("sections", {}).get("D")
+        if res is None or "error" in res:
+            why = (res or {}).get("error") or run.get("killed") or run.get("import_error")
+            child["sections"]["D"] = {"error": why or "the cold-start child gave no result"}
+            break
+        samples.append(res)
+    else:
+        cold = [r["cold_ms"] for r in samples]
+        merged: dict[str, Any] = {"cold_ms": median(cold), "cold_each": cold, "reps": samples}
+        for field in ("import_ms", "restart_ms"):
+            values = [r[field] for r in samples if isinstance(r.get(field), (int, float))]
+            if values:
+                merged[field] = median(values)
+        child["sections"]["D"] = merged
+    noises = [r.get("noise", {}).get("D") for r in runs]
+    known = [n for n in noises if n and n.get("cores") is not None]
+    child.setdefault("noise", {})["D"] = (max(known, key=lambda n: n["cores"]) if known
+                                         else next((n for n in noises if n), None))
+    for key in ("version", "start_method"):
+        if child.get(key) in (None, "?"):
+            child[key] = next((r[key] for r in runs if r.get(key) not in (None, "?")),
+                              child.get(key))
+    child.setdefault("notes", []).extend(
+        f"D: {note}" for run in runs for note in run.get("notes", []))
+
+
 # -- formatting ---------------------------------------------------------------------------------
 
 ROWS: list[tuple[str, str]] = [  # (section, row title); a section may have several rows
@@ -1160,8 +1236,10 @@ def fmt_cell(row: str, res: dict[str, Any] | None) -> str:
     if section == "C":
         return f"{res['p50_us']:.1f} / {res['p99_us']:.1f}"
     if section == "D":
-        text = f"{res['cold_ms']:.0f}"
-        return text + (f" (restart {res['restart_ms']:.0f})" if "restart_ms" in res else "")
+        extra = [f"import {res['import_ms']:.0f}"] if res.get("import_ms") is not None else []
+        if "restart_ms" in res:
+            extra.append(f"restart {res['restart_ms']:.0f}")
+        return f"{res['cold_ms']:.0f}" + (f" ({'; '.join(extra)})" if extra else "")
     if row == "E":
         return f"{res['parent_rss_mib']:.1f} (+{res['parent_rss_over_bare_mib']:.1f})"
     if row == "E2":
@@ -1427,6 +1505,24 @@ def parse_args(argv: list[str] | None) -> Any:
     return args
 
 
+def compile_bytecode() -> list[str]:
+    """Write the .pyc files of taskorch and of this directory, as ``pip install`` does for a
+    package (and did for every anchor library in site-packages).
+
+    Hazard, measured here: taskorch is installed editable, and with PYTHONDONTWRITEBYTECODE set
+    (as in this workplace's shells) no import ever writes a .pyc, so every fresh interpreter
+    (each child, each worker) compiled taskorch from source: ~5 ms more in each worker's boot
+    and more in the parent, all of it charged to taskorch's cold start (D) and none to the
+    anchors. Returns the directories that could not be compiled (read-only, say)."""
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("taskorch")
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))
+    return [d for d in dirs if not compileall.compile_dir(d, quiet=1)]
+
+
 def parent_main(args: Any) -> int:
     import platform
 
@@ -1437,6 +1533,10 @@ def parent_main(args: Any) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    for failed in compile_bytecode():
+        log(f"bench: could not write the .pyc files under {failed}; imports there compile "
+            "from source in every fresh interpreter")
+
     cpu_loops = 0
     serial: dict[str, Any] = {"serial_s": 0.0, "runs": [], "noise": {"cores": 0.0, "wall_s": 0.0}}
     if "B" in args.sections:
@@ -1445,11 +1545,21 @@ def parent_main(args: Any) -> int:
         log(f"bench: CPU task = {cpu_loops:,} loops (~{CPU_TASK_S * 1e3:.0f} ms); serial "
             f"{p['b_tasks']} tasks = {serial['serial_s']:.2f} s")
     children: dict[str, Any] = {}
+    cold_pools = [pool for pool in args.pool_list if pool not in DASK_POOLS]
+    cold = run_cold_starts(cold_pools, args, p, log) if "D" in args.sections and cold_pools else {}
+    rest = args.sections.replace("D", "")
     for pool in args.pool_list:
-        log(f"bench: {pool} ...")
-        children[pool] = run_child(pool, args, p, cpu_loops, serial["serial_s"])
-        state = children[pool].get("killed") or children[pool].get("import_error") or "done"
-        log(f"bench: {pool}: {state} in {children[pool]['elapsed_s']:.1f} s")
+        if rest:
+            log(f"bench: {pool} ...")
+            children[pool] = run_child(pool, args, p, cpu_loops, serial["serial_s"],
+                                       sections=rest)
+            state = children[pool].get("killed") or children[pool].get("import_error") or "done"
+            log(f"bench: {pool}: {state} in {children[pool]['elapsed_s']:.1f} s")
+        else:
+            children[pool] = {"pool": pool, "sections": {}, "noise": {}, "notes": [],
+                              "elapsed_s": sum(r["elapsed_s"] for r in cold.get(pool, []))}
+        if pool in cold:
+            merge_cold_starts(children[pool], cold[pool])
     meta = {
         "mode": "quick" if args.quick else "full", "reps": reps,
         "warmup": bool(p["warmup"]),
@@ -1475,8 +1585,9 @@ def parent_main(args: Any) -> int:
                                 for p in args.pool_list) + ".")
     print("C times each submit call alone (perf_counter_ns) while "
           f"{meta['c_tasks']:,} tasks of {C_SLEEP_S * 1e3:g} ms keep the workers busy. "
-          f"D is the first pool built in a fresh interpreter (no warm-up; 'restart' = later "
-          f"pools in it). E: RSS of the interpreter that owns the pool (+ what importing the "
+          f"D is the first pool built in a fresh interpreter that has imported the library "
+          f"(the import is timed apart), median over {reps} such interpreter(s) per pool, "
+          f"no warm-up ('restart' = a second pool in the same interpreter). E: RSS of the interpreter that owns the pool (+ what importing the "
           f"library and running the pool added); USS of each worker. F: {meta['f_tasks']} "
           f"tasks, the 50th calls os._exit(1); the worst repetition is shown, and a future "
           f"unresolved after {F_DEADLINE_S:g} s counts as lost. "
