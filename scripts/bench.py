@@ -82,13 +82,13 @@ EXEC_ORDER = "DEABCIGHF"
 # Sizes. QUICK keeps the whole run (4-5 pools) under a minute; FULL under six.
 QUICK: dict[str, Any] = {
     "a_tasks": 5_000, "b_tasks": 20, "c_tasks": 1_000, "e_tasks": 500, "f_tasks": 200,
-    "h_tasks": 50, "i_items": 50_000, "reps": 1, "warmup": False, "child_timeout": 45.0,
-    "stop_timeout": 10.0,
+    "h_tasks": 50, "i_items": 50_000, "reps": 1, "d_reps": 1, "warmup": False,
+    "child_timeout": 45.0, "stop_timeout": 10.0,
 }
 FULL: dict[str, Any] = {
     "a_tasks": 20_000, "b_tasks": 40, "c_tasks": 2_000, "e_tasks": 1_000, "f_tasks": 200,
-    "h_tasks": 50, "i_items": 200_000, "reps": 3, "warmup": True, "child_timeout": 150.0,
-    "stop_timeout": 30.0,
+    "h_tasks": 50, "i_items": 200_000, "reps": 3, "d_reps": 7, "warmup": True,
+    "child_timeout": 150.0, "stop_timeout": 30.0,
 }
 CPU_TASK_S = 0.050          # section B: target duration of one CPU task
 WARM_TASK_S = 0.005         # warm-up: each task holds its worker this long
@@ -1158,10 +1158,11 @@ def run_cold_starts(pools: list[str], args: Any, p: dict[str, Any],
 
     A cold start happens once per interpreter, so a median over repetitions needs as many
     interpreters; one sample each (as when D ran inside the main child) swung by 30% from run
-    to run here. The pools take turns, rotating who goes first, so a disturbance of a few
-    seconds does not land on one pool's samples only. In full mode each child also builds a
-    second pool ("restart")."""
-    reps = args.reps or p["reps"]
+    to run here, and loky's own samples spread from 87 to 125 ms within one run, so full mode
+    takes 7 (``d_reps``; ``--reps`` overrides). The pools take turns, rotating who goes first,
+    so a disturbance of a few seconds does not land on one pool's samples only. In full mode
+    each child also builds a second pool ("restart")."""
+    reps = args.reps or p["d_reps"]
     runs: dict[str, list[dict[str, Any]]] = {pool: [] for pool in pools}
     for rep in range(reps):
         k = rep % len(pools)
@@ -1561,7 +1562,7 @@ def parent_main(args: Any) -> int:
         if pool in cold:
             merge_cold_starts(children[pool], cold[pool])
     meta = {
-        "mode": "quick" if args.quick else "full", "reps": reps,
+        "mode": "quick" if args.quick else "full", "reps": reps, "d_reps": args.reps or p["d_reps"],
         "warmup": bool(p["warmup"]),
         "workers": args.workers, "sections": args.sections, "pools": args.pool_list,
         "a_tasks": p["a_tasks"], "b_tasks": p["b_tasks"], "c_tasks": p["c_tasks"],
@@ -1586,8 +1587,9 @@ def parent_main(args: Any) -> int:
     print("C times each submit call alone (perf_counter_ns) while "
           f"{meta['c_tasks']:,} tasks of {C_SLEEP_S * 1e3:g} ms keep the workers busy. "
           f"D is the first pool built in a fresh interpreter that has imported the library "
-          f"(the import is timed apart), median over {reps} such interpreter(s) per pool, "
-          f"no warm-up ('restart' = a second pool in the same interpreter). E: RSS of the interpreter that owns the pool (+ what importing the "
+          f"(the import is timed apart), median over {args.reps or p['d_reps']} such "
+          f"interpreter(s) per pool, no warm-up ('restart' = a second pool in the same "
+          f"interpreter). E: RSS of the interpreter that owns the pool (+ what importing the "
           f"library and running the pool added); USS of each worker. F: {meta['f_tasks']} "
           f"tasks, the 50th calls os._exit(1); the worst repetition is shown, and a future "
           f"unresolved after {F_DEADLINE_S:g} s counts as lost. "
