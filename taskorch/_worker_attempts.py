@@ -42,6 +42,26 @@ def call_to_completion(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     return result
 
 
+def new_retrying(
+    policy: Policy, budget: int, before: Callable[[RetryCallState], None],
+    before_sleep: Callable[[RetryCallState], None], sleep: Callable[[float], None] = time.sleep,
+) -> Retrying:
+    """The tenacity controller for ``policy`` with ``budget`` attempts left: stop after them,
+    back off by the policy's wait, retry only on ``retry_on``, re-raise the last error.
+    Shared by the local and the Dask worker; imports tenacity on first use."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+    return Retrying(
+        stop=stop_after_attempt(budget),
+        wait=policy.wait_strategy(),
+        retry=retry_if_exception_type(policy.retry_on),
+        before=before,
+        before_sleep=before_sleep,
+        sleep=sleep,
+        reraise=True,
+    )
+
+
 class AttemptTimer:
     """The in-process per-attempt deadline: SIGALRM raises TaskTimeoutError in the attempt.
 
@@ -120,17 +140,8 @@ class AttemptRunner:
         key = (policy, budget)
         retrying = self._retrying.get(key)
         if retrying is None:
-            from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
-
-            retrying = Retrying(
-                stop=stop_after_attempt(budget),
-                wait=policy.wait_strategy(),
-                retry=retry_if_exception_type(policy.retry_on),
-                before=self._before_attempt,
-                before_sleep=self._before_sleep,
-                sleep=self._sleep,
-                reraise=True,
-            )
+            retrying = new_retrying(policy, budget, self._before_attempt, self._before_sleep,
+                                    self._sleep)
             if len(self._retrying) > 64:
                 self._retrying.clear()
             self._retrying[key] = retrying

@@ -80,7 +80,7 @@ from taskorch._wire import (
     encode_result,
     summarize,
 )
-from taskorch._worker_attempts import call_to_completion
+from taskorch._worker_attempts import call_to_completion, new_retrying
 
 if TYPE_CHECKING:  # tenacity is imported on a task's first retry
     from tenacity import RetryCallState
@@ -181,17 +181,7 @@ class _Runner:
         budget = policy.max_attempts - self._attempts_done
         if budget <= 1:
             return attempt()  # one attempt: nothing for tenacity to decide
-        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
-
-        retrying = Retrying(
-            stop=stop_after_attempt(budget),
-            wait=policy.wait_strategy(),
-            retry=retry_if_exception_type(policy.retry_on),
-            before=self._before_attempt,
-            before_sleep=self._before_sleep,
-            reraise=True,
-        )
-        return retrying(attempt)
+        return new_retrying(policy, budget, self._before_attempt, self._before_sleep)(attempt)
 
     def _before_attempt(self, state: RetryCallState) -> None:
         if state.attempt_number > 1:  # attempt 1 was announced before the call was unpickled
