@@ -99,7 +99,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import heapq
 import itertools
 import logging
 import queue
@@ -114,7 +113,7 @@ from taskorch._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from taskorch._parent_backlog import Backlog
+from taskorch._parent_backlog import Backlog, BackoffQueue
 from taskorch._parent_breaker import Breaker, reject_beyond
 from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import BreakerMode, CircuitBreaker
@@ -229,8 +228,7 @@ class DaskDispatcher:
         self._total_threads = 0
         self._subs: dict[int, _Sub] = {}
         self._sub_ids = itertools.count(1)
-        self._delayed: list[tuple[float, int, WorkItem]] = []  # crash retries waiting backoff
-        self._delay_seq = itertools.count()
+        self._delayed = BackoffQueue()  # crash retries waiting out their backoff
         self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
         self._probe_in_flight = False  # one probe at a time, so answers come in order
@@ -607,7 +605,7 @@ class DaskDispatcher:
         if item.attempts < item.policy.max_attempts:  # crashes are always retryable
             backlog.retried += 1
             delay = item.policy.backoff_before(item.attempts + 1)
-            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._delay_seq), item))
+            self._delayed.push(item, delay)
             outcome = f"retrying in {delay:.3g} s"
         else:
             backlog.finish_locked(item, TaskState.FAILED)
@@ -863,8 +861,8 @@ class DaskDispatcher:
 
     def _next_timeout(self) -> float | None:
         deadlines: list[float] = []
-        if self._delayed:
-            deadlines.append(self._delayed[0][0])
+        if (due := self._delayed.next_due()) is not None:
+            deadlines.append(due)
         if self._rebalance_at is not None:
             deadlines.append(self._rebalance_at)
         if self._probe_at is not None:
@@ -884,12 +882,7 @@ class DaskDispatcher:
         if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):
             self._settle(OrchestratorBrokenError(self._backlog.broken))
             return
-        if self._delayed and self._delayed[0][0] <= now:
-            with self._backlog.lock:
-                due = []
-                while self._delayed and self._delayed[0][0] <= now:
-                    due.append(heapq.heappop(self._delayed)[2])
-                self._backlog.pending.extendleft(reversed(due))
+        self._delayed.release_due(now, self._backlog)
         if self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
             if self._subs:
@@ -921,8 +914,7 @@ class DaskDispatcher:
         with backlog.lock:
             items: list[WorkItem] = list(backlog.pending)
             backlog.pending.clear()
-            items += [entry[2] for entry in self._delayed]
-            self._delayed.clear()
+            items += self._delayed.take_all()
             where = {}
             futures = []
             for sub in subs:

@@ -39,7 +39,6 @@ fails every unresolved future with ``OrchestratorBrokenError`` and logs the erro
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
@@ -55,7 +54,7 @@ from taskorch._errors import (
     WorkerCrashedError,
     _signal_name,
 )
-from taskorch._parent_backlog import Backlog
+from taskorch._parent_backlog import Backlog, BackoffQueue
 from taskorch._parent_breaker import Breaker, reject_beyond
 from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._parent_worker import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
@@ -126,8 +125,7 @@ class Dispatcher:
         # Dispatcher thread only, except `pids` (a tuple swapped atomically, read by anyone).
         self._workers: dict[int, WorkerProcess] = {}
         self._slots = itertools.count(1)
-        self._delayed: list[tuple[float, int, WorkItem]] = []  # crash retries waiting backoff
-        self._delay_seq = itertools.count()
+        self._delayed = BackoffQueue()  # crash retries waiting out their backoff
         self._respawn_at: float | None = None
         self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._start_failures = 0
@@ -499,7 +497,7 @@ class Dispatcher:
                 if self._retryable(crashed, error):
                     backlog.retried += 1
                     delay = crashed.policy.backoff_before(crashed.attempts + 1)
-                    heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._delay_seq), crashed))
+                    self._delayed.push(crashed, delay)
                 else:
                     backlog.finish_locked(crashed, TaskState.FAILED)
                     resolutions.append((crashed, "exception", error))
@@ -575,8 +573,8 @@ class Dispatcher:
             deadline = self._hard_deadline(worker)
             if deadline is not None and worker.kill_reason is None:
                 deadlines.append(deadline)
-        if self._delayed:
-            deadlines.append(self._delayed[0][0])
+        if (due := self._delayed.next_due()) is not None:
+            deadlines.append(due)
         if self._respawn_at is not None:
             deadlines.append(self._respawn_at)
         if self._rebalance_at is not None:
@@ -623,12 +621,7 @@ class Dispatcher:
                 # would let the worker start them, and they would run twice.
                 if worker.unstarted() and not worker.recall_sent:
                     worker.send_recall()
-        if self._delayed and self._delayed[0][0] <= now:
-            with self._backlog.lock:
-                due = []
-                while self._delayed and self._delayed[0][0] <= now:
-                    due.append(heapq.heappop(self._delayed)[2])
-                self._backlog.pending.extendleft(reversed(due))
+        self._delayed.release_due(now, self._backlog)
         if self._respawn_at is not None and now >= self._respawn_at:
             self._respawn_at = None
             self._top_up("retrying a failed start")
@@ -691,8 +684,7 @@ class Dispatcher:
         with backlog.lock:
             items: list[WorkItem] = list(backlog.pending)
             backlog.pending.clear()
-            items += [entry[2] for entry in self._delayed]
-            self._delayed.clear()
+            items += self._delayed.take_all()
             for worker in self._workers.values():
                 items += worker.inflight
                 worker.inflight.clear()

@@ -527,3 +527,24 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+def test_backoff_queue_puts_due_retries_at_the_front_of_the_backlog_in_due_order() -> None:
+    from taskorch._parent_backlog import Backlog, BackoffQueue
+    from taskorch._parent_task import TaskFuture, WorkItem
+
+    backlog = Backlog(max_backlog=10)
+    items = [WorkItem(i, TaskFuture(), b"", Policy(), None) for i in range(4)]
+    backlog.pending.append(items[3])  # a task queued meanwhile
+    delays = BackoffQueue()
+    delays.push(items[0], 60.0)
+    delays.push(items[1], 10.0)
+    delays.push(items[2], 10.0)
+    first = delays.next_due()
+    assert first is not None
+    delays.release_due(first - 1.0, backlog)  # nothing due yet
+    assert list(backlog.pending) == [items[3]]
+    delays.release_due(first + 5.0, backlog)  # items 1 and 2 due, item 0 not
+    assert list(backlog.pending) == [items[1], items[2], items[3]]
+    assert delays and delays.take_all() == [items[0]]
+    assert not delays and delays.next_due() is None
