@@ -113,6 +113,7 @@ from taskorch._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from taskorch._parent_backend import seconds_until_first
 from taskorch._parent_backlog import Backlog, BackoffQueue
 from taskorch._parent_breaker import Breaker, reject_beyond
 from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
@@ -860,23 +861,14 @@ class DaskDispatcher:
     # -- timers ----------------------------------------------------------------------------
 
     def _next_timeout(self) -> float | None:
-        deadlines: list[float] = []
-        if (due := self._delayed.next_due()) is not None:
-            deadlines.append(due)
-        if self._rebalance_at is not None:
-            deadlines.append(self._rebalance_at)
-        if self._probe_at is not None:
-            deadlines.append(self._probe_at)
-        if self._breaker is not None and (change := self._breaker.next_change()) is not None:
-            deadlines.append(change)
-        stop_deadline = self._backlog.stop_deadline
-        if stop_deadline is not None:
-            deadlines.append(stop_deadline)
+        deadlines = [
+            self._delayed.next_due(), self._rebalance_at, self._probe_at,
+            self._breaker.next_change() if self._breaker is not None else None,
+            self._backlog.stop_deadline,
+        ]
         if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):
             deadlines.append(time.monotonic())  # settle at once
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        return seconds_until_first(deadlines)
 
     def _fire_timers(self, now: float) -> None:
         if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Protocol
+import time
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 from taskorch._policy import CircuitBreaker, Policy
 
@@ -75,3 +76,11 @@ class LocalBackend:
 
     def __repr__(self) -> str:
         return "LocalBackend()"
+
+
+def seconds_until_first(deadlines: Iterable[float | None]) -> float | None:
+    """A dispatcher's select/wait timeout: seconds until the earliest of ``deadlines``
+    (``time.monotonic()`` values; None entries are timers not set), 0 if one has passed,
+    None if no timer is set."""
+    first = min((d for d in deadlines if d is not None), default=None)
+    return None if first is None else max(0.0, first - time.monotonic())

@@ -54,6 +54,7 @@ from taskorch._errors import (
     WorkerCrashedError,
     _signal_name,
 )
+from taskorch._parent_backend import seconds_until_first
 from taskorch._parent_backlog import Backlog, BackoffQueue
 from taskorch._parent_breaker import Breaker, reject_beyond
 from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
@@ -566,27 +567,16 @@ class Dispatcher:
     # -- timers --------------------------------------------------------------------------
 
     def _next_timeout(self) -> float | None:
-        deadlines: list[float] = []
+        deadlines = [
+            self._delayed.next_due(), self._respawn_at, self._rebalance_at,
+            self._breaker.next_change() if self._breaker is not None else None,
+            self._backlog.stop_deadline,
+        ]
         for worker in self._workers.values():
-            if worker.sigkill_at is not None:
-                deadlines.append(worker.sigkill_at)
-            deadline = self._hard_deadline(worker)
-            if deadline is not None and worker.kill_reason is None:
-                deadlines.append(deadline)
-        if (due := self._delayed.next_due()) is not None:
-            deadlines.append(due)
-        if self._respawn_at is not None:
-            deadlines.append(self._respawn_at)
-        if self._rebalance_at is not None:
-            deadlines.append(self._rebalance_at)
-        if self._breaker is not None and (change := self._breaker.next_change()) is not None:
-            deadlines.append(change)
-        stop_deadline = self._backlog.stop_deadline
-        if stop_deadline is not None:
-            deadlines.append(stop_deadline)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.monotonic())
+            deadlines.append(worker.sigkill_at)
+            if worker.kill_reason is None:
+                deadlines.append(self._hard_deadline(worker))
+        return seconds_until_first(deadlines)
 
     def _hard_deadline(self, worker: WorkerProcess) -> float | None:
         if not worker.inflight:
