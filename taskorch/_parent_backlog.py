@@ -15,6 +15,9 @@ The bound is exact: ``queued`` counts tasks accepted and not yet started (in ``p
 prefetched by a worker), and ``offer`` checks and increments it under the lock, so no number of
 concurrent producers can push it past ``max_backlog``. A slot frees when a worker acknowledges
 the start of a task (or the task is cancelled), not when it is handed over.
+
+``BackoffQueue`` (one per dispatcher, its thread only) holds crash retries while they wait out
+their backoff; they are started tasks, outside the bound, and re-enter ``pending`` at its front.
 """
 
 from __future__ import annotations
