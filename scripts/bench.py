@@ -1163,13 +1163,13 @@ def run_cold_starts(pools: list[str], args: Any, p: dict[str, Any],
     so a disturbance of a few seconds does not land on one pool's samples only. In full mode
     each child also builds a second pool ("restart")."""
     reps = args.reps or p["d_reps"]
+    log(f"bench: D (cold start): {reps} fresh interpreter(s) per pool for {', '.join(pools)} ...")
     runs: dict[str, list[dict[str, Any]]] = {pool: [] for pool in pools}
     for rep in range(reps):
         k = rep % len(pools)
         for pool in pools[k:] + pools[:k]:
             runs[pool].append(run_child(pool, args, p, 0, 0.0, sections="D",
                                         reps=2 if p["warmup"] else 1))
-    log(f"bench: D (cold start): {reps} fresh interpreter(s) per pool for {', '.join(pools)}")
     return runs
 
 
