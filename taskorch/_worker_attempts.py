@@ -1,7 +1,8 @@
 """Worker process, main thread: runs one task's attempts under its policy.
 
 tenacity drives the attempts (stop after the budget left, exponential backoff with jitter,
-retry only on ``retry_on``), so an ordinary retry costs no round trip to the parent. tenacity
+retry only on ``retry_on``), so an ordinary retry costs no round trip to the parent; a first
+attempt that succeeds never goes through it (``run_attempts``). tenacity
 never interrupts a running attempt, so the per-attempt timeout is ours: a one-shot
 ``ITIMER_REAL`` timer whose ``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread
 (loky-spawned workers run tasks in their main thread, so Python signal handlers run there).
@@ -40,6 +41,36 @@ def call_to_completion(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: di
 
         result = asyncio.run(result)
     return result
+
+
+def run_attempts(
+    attempt: Callable[[], Any], policy: Policy, budget: int, retrying: Callable[[], Retrying],
+) -> Any:
+    """Run ``attempt`` up to ``budget`` times under ``policy``; return or raise the last.
+
+    The first attempt runs directly: most succeed, and a pass through tenacity costs tens of
+    microseconds (measured: 2 workers ran 33k no-op tasks/s without retries, 20-23k with
+    retries on, all of the difference tenacity's). A retryable failure brings in tenacity
+    (``retrying()``, built only then), which replays that failure as its own first attempt:
+    its attempt count, backoff and callbacks are those of a run it drove from the start."""
+    if budget <= 1:
+        return attempt()  # one attempt: nothing for tenacity to decide
+    try:
+        return attempt()
+    except BaseException as exc:  # noqa: BLE001 - tenacity's own check: retry_on or re-raise
+        if not isinstance(exc, policy.retry_on):
+            raise
+        first_failure = exc
+    replayed = False
+
+    def replay_then_attempt() -> Any:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            raise first_failure
+        return attempt()
+
+    return retrying()(replay_then_attempt)
 
 
 def new_retrying(
@@ -132,9 +163,7 @@ class AttemptRunner:
             return self._timer.call(lambda: call_to_completion(fn, args, kwargs), timeout)
 
         budget = policy.max_attempts - self._attempts_done
-        if budget <= 1:
-            return attempt()  # one attempt: nothing for tenacity to decide
-        return self._retrying_for(policy, budget)(attempt)
+        return run_attempts(attempt, policy, budget, lambda: self._retrying_for(policy, budget))
 
     def _retrying_for(self, policy: Policy, budget: int) -> Retrying:
         key = (policy, budget)

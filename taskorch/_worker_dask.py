@@ -80,7 +80,7 @@ from taskorch._wire import (
     encode_result,
     summarize,
 )
-from taskorch._worker_attempts import call_to_completion, new_retrying
+from taskorch._worker_attempts import call_to_completion, new_retrying, run_attempts
 
 if TYPE_CHECKING:  # tenacity is imported on a task's first retry
     from tenacity import RetryCallState
@@ -179,9 +179,8 @@ class _Runner:
             return TIMER.call(lambda: call_to_completion(fn, args, kwargs), timeout)
 
         budget = policy.max_attempts - self._attempts_done
-        if budget <= 1:
-            return attempt()  # one attempt: nothing for tenacity to decide
-        return new_retrying(policy, budget, self._before_attempt, self._before_sleep)(attempt)
+        return run_attempts(attempt, policy, budget, lambda: new_retrying(
+            policy, budget, self._before_attempt, self._before_sleep))
 
     def _before_attempt(self, state: RetryCallState) -> None:
         if state.attempt_number > 1:  # attempt 1 was announced before the call was unpickled

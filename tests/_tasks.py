@@ -105,6 +105,11 @@ def hang_ignoring_sigterm(started: str, never_fifo: str) -> None:
     os.read(fd, 1)
 
 
+def has_module(name: str) -> bool:
+    """Whether the process running this task has imported ``name``."""
+    return name in sys.modules
+
+
 def fail_until(counter: str, succeed_on: int) -> int:
     """Raise until called for the ``succeed_on``-th time (counted in a file)."""
     path = Path(counter)

@@ -316,6 +316,16 @@ def test_retries_with_backoff_succeed_on_the_third_attempt(make_orchestrator: Ma
     assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_a_first_attempt_that_succeeds_never_goes_through_tenacity(make_orchestrator: Make, tmp_path: Path) -> None:
+    # tenacity costs tens of microseconds a task: only a retryable failure brings it in, and
+    # then it counts, backs off and reports as if it had driven the first attempt too.
+    o = make_orchestrator(worker_count=1, policy=Policy(retries=2, backoff_initial=0.001))
+    assert [o.run(t.has_module, "tenacity").result(R) for _ in range(3)] == [False] * 3
+    fut = o.run(t.fail_until, str(tmp_path / "count"), 2)
+    assert fut.result(R) == 2 and fut.attempts == 2 and o.stats().retried == 1
+    assert o.run(t.has_module, "tenacity").result(R) is True
+
+
 def test_retry_budget_exhausted_raises_the_last_error(make_orchestrator: Make, tmp_path: Path) -> None:
     o = make_orchestrator(policy=Policy(retries=1, backoff_initial=0.0))
     fut = o.run(t.fail_until, str(tmp_path / "count"), 5)
