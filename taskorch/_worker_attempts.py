@@ -3,8 +3,9 @@
 tenacity drives the attempts (stop after the budget left, exponential backoff with jitter,
 retry only on ``retry_on``), so an ordinary retry costs no round trip to the parent; a first
 attempt that succeeds never goes through it (``run_attempts``). tenacity never interrupts a
-running attempt, so the per-attempt timeout is ours: a one-shot ``ITIMER_REAL`` timer whose ``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread
-(loky-spawned workers run tasks in their main thread, so Python signal handlers run there).
+running attempt, so the per-attempt timeout is ours: a one-shot ``ITIMER_REAL`` timer whose
+``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread (loky-spawned workers run
+tasks in their main thread, so Python signal handlers run there).
 
 Hazards, accepted and written down:
 - The interrupt lands between two bytecodes of the task, wherever it is (inside a ``finally``,
