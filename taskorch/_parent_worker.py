@@ -31,7 +31,7 @@ from loky.backend.context import get_context
 from loky.backend.utils import kill_process_tree
 
 from taskorch._parent_task import WorkItem
-from taskorch._wire import RECALL, SHUTDOWN, Event, decode_frame, encode_frame
+from taskorch._wire import RECALL, SHUTDOWN, Event, decode_frame, encode_frame, split_frames
 from taskorch._worker_main import worker_main
 
 #: Upper bound on payload bytes handed to a worker and not yet finished (see module docstring).
@@ -46,6 +46,8 @@ PREFETCH_SECONDS = 0.002
 #: gets at most one call ahead, and while another worker idles, its calls not started are
 #: recalled.
 SLOW_AFTER = 0.02
+#: The most the parent reads from a channel at once (frames are split from it in _wire).
+RECEIVE_CHUNK = 256 * 1024
 
 
 class WorkerProcess:
@@ -56,6 +58,8 @@ class WorkerProcess:
         self.process = process  # a loky LokyProcess
         self.pid: int = process.pid
         self.conn = conn
+        self._fd = conn.fileno()
+        self._received = bytearray()  # read from the channel, not yet a complete frame
         self.exit_fd, self._owns_exit_fd = _exit_fd(process)
         self.started_at = time.monotonic()
         # Calls handed over and not finished, in the order the worker runs them; the head is
@@ -162,18 +166,20 @@ class WorkerProcess:
         except OSError:
             pass  # it is dying anyway; its exit is noticed through exit_fd
 
-    def receive(self, limit: int = 64) -> list[Event] | None:
-        """Events from up to ``limit`` frames that have arrived; None once the channel ends."""
-        events: list[Event] = []
+    def receive(self) -> list[Event] | None:
+        """The events of every complete frame that has arrived (call when the channel is
+        readable: one read, which does not block then); None once the channel has ended."""
         try:
-            for _ in range(limit):
-                events.extend(decode_frame(self.conn.recv_bytes()))
-                if not self.conn.poll():
-                    break
-        except (EOFError, OSError):
+            data = os.read(self._fd, RECEIVE_CHUNK)
+        except OSError:
+            data = b""
+        if not data:
             self.channel_open = False
-            return events or None
-        return events
+        self._received += data
+        events: list[Event] = []
+        for frame in split_frames(self._received):
+            events.extend(decode_frame(frame))
+        return events if data else (events or None)
 
     def drain(self) -> list[Event]:
         """After the process ended: every complete frame it managed to send."""
@@ -182,9 +188,9 @@ class WorkerProcess:
             try:
                 if not self.conn.poll():
                     break
-                events.extend(decode_frame(self.conn.recv_bytes()))
             except (EOFError, OSError):
                 break
+            events += self.receive() or []
         self.channel_open = False
         return events
 

@@ -1,0 +1,44 @@
+"""The parent's reading of worker channels: frames split from raw reads (``_wire.split_frames``)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import struct
+
+import pytest
+
+from taskorch._wire import split_frames
+
+SIZES = [0, 1, 100, 0, 70_000, 3]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+def test_frames_sent_by_a_connection_come_back_whole_from_any_chunking(chunk: int) -> None:
+    reader, writer = multiprocessing.Pipe()  # a socketpair, as between parent and worker
+    sent = [bytes([i % 251]) * size for i, size in enumerate(SIZES)]
+    raw = bytearray()
+    try:
+        for frame in sent:  # ~70 KiB in all: fits in the socket's buffer
+            writer.send_bytes(frame)
+        while len(raw) < sum(4 + len(frame) for frame in sent):
+            raw += os.read(reader.fileno(), 1 << 20)
+    finally:
+        reader.close()
+        writer.close()
+    buffer, got = bytearray(), []
+    for start in range(0, len(raw), chunk):
+        buffer += raw[start:start + chunk]
+        got += split_frames(buffer)
+    assert got == sent and buffer == b""
+
+
+def test_the_long_length_form_and_a_partial_frame() -> None:
+    buffer = bytearray(struct.pack("!i", -1) + struct.pack("!Q", 5) + b"hello")
+    buffer += struct.pack("!i", 10) + b"part"  # the rest of this frame has not arrived
+    assert split_frames(buffer) == [b"hello"]
+    assert bytes(buffer) == struct.pack("!i", 10) + b"part"
+    buffer += b"ial..."
+    assert split_frames(buffer) == [b"partial..."] and buffer == b""
+    buffer += struct.pack("!i", -1) + b"\0\0"  # the long header itself incomplete
+    assert split_frames(buffer) == [] and len(buffer) == 6
