@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import TaskTimeoutError
 from taskorch._policy import Policy
-from taskorch._wire import RETRYING, STARTED, Event, summarize
+from taskorch._wire import RETRYING, STARTED, Event, decode_call, encode_result, summarize
 
 if TYPE_CHECKING:  # tenacity is imported on first use: a worker whose tasks have no retries
     from tenacity import RetryCallState, Retrying  # never pays its import (~30 ms)
@@ -96,8 +96,12 @@ def new_retrying(
 class AttemptTimer:
     """The in-process per-attempt deadline: SIGALRM raises TaskTimeoutError in the attempt.
 
-    ``_armed`` is set only while an attempt runs, so a late alarm (one that fired just as the
-    attempt returned) is ignored instead of escaping into the worker loop.
+    One clock per attempt: ``start`` arms a one-shot ``ITIMER_REAL``, ``stop`` disarms it. A
+    task that succeeds at its first attempt costs two timer calls, its unpickling, its run and
+    its result's pickling all on the one clock (as the parent's hard timeout counts them, from
+    the start ack). ``_armed`` is cleared before the timer is, and the handler raises only
+    while it is set, so an alarm that fires as the clock stops is ignored instead of escaping
+    into the worker loop.
     """
 
     def __init__(self) -> None:
@@ -105,17 +109,19 @@ class AttemptTimer:
         self._timeout = 0.0
         signal.signal(signal.SIGALRM, self._on_alarm)
 
-    def call(self, fn: Callable[[], Any], timeout: float | None) -> Any:
-        if timeout is None:
-            return fn()
+    def start(self, timeout: float | None) -> None:
+        """Start the clock for ``timeout`` seconds, unless it is running (or no timeout)."""
+        if timeout is None or self._armed:
+            return
         self._timeout = timeout
         self._armed = True
         signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def stop(self) -> None:
+        """Stop the clock, if it runs (after it fired, there is nothing to stop)."""
+        if self._armed:
             self._armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _on_alarm(self, signum: int, frame: object) -> None:
         if self._armed:
@@ -151,16 +157,34 @@ class AttemptRunner:
         self._emit((STARTED, task_id, self.attempt))
         self._flush()
 
-    def timed(self, fn: Callable[[], Any], timeout: float | None) -> Any:
-        """``fn()`` under the per-attempt timer (unpickling the call, pickling the result)."""
-        return self._timer.call(fn, timeout)
+    def run_call(self, payload: bytes, policy: Policy) -> bytes:
+        """Unpickle the call announced by ``announce_first_attempt``, run its attempts, and
+        return its pickled result (or raise the last error). The first attempt's clock starts
+        before the unpickling; the last one's stops after the result is pickled."""
+        self._timer.start(policy.timeout)
+        try:
+            fn, args, kwargs = decode_call(payload)
+            return encode_result(self._attempts(fn, args, kwargs, policy))
+        finally:
+            self._timer.stop()
 
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
         """Run the attempts announced by ``announce_first_attempt``; return or raise the last."""
-        timeout = policy.timeout
+        try:
+            return self._attempts(fn, args, kwargs, policy)
+        finally:
+            self._timer.stop()
+
+    def _attempts(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
+        timer, timeout = self._timer, policy.timeout
 
         def attempt() -> Any:
-            return self._timer.call(lambda: call_to_completion(fn, args, kwargs), timeout)
+            timer.start(timeout)  # a no-op for a first attempt whose clock already runs
+            try:
+                return call_to_completion(fn, args, kwargs)
+            except BaseException:
+                timer.stop()  # before tenacity's bookkeeping and the backoff sleep
+                raise
 
         budget = policy.max_attempts - self._attempts_done
         return run_attempts(attempt, policy, budget, lambda: self._retrying_for(policy, budget))

@@ -50,12 +50,10 @@ from taskorch._wire import (
     SUCCEEDED,
     CallItem,
     Event,
-    decode_call,
     decode_frame,
     decode_policy,
     encode_exception,
     encode_frame,
-    encode_result,
 )
 from taskorch._worker_attempts import AttemptRunner
 
@@ -160,13 +158,9 @@ def _run_task(
     task_id, payload, policy_bytes, attempts_done = call
     started = time.perf_counter()
     runner.announce_first_attempt(task_id, attempts_done)
-    timeout = None
     try:
         policy = default if policy_bytes is None else _policy(policy_bytes, policies)
-        timeout = policy.timeout
-        fn, args, kwargs = runner.timed(lambda: decode_call(payload), timeout)
-        value = runner.run(fn, args, kwargs, policy)
-        result = runner.timed(lambda: encode_result(value), timeout)
+        result = runner.run_call(payload, policy)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
         return (FAILED, task_id, runner.attempt, time.perf_counter() - started, *encode_exception(exc))
     return (SUCCEEDED, task_id, runner.attempt, time.perf_counter() - started, result)

@@ -203,6 +203,16 @@ class ExplodesOnUnpickle:
         return (_explode, (self.action,))
 
 
+class SlowToUnpickle:
+    """Unpickling this spins on the CPU for ``seconds`` (it arrives as ``seconds``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> Any:
+        return (busy_identity, (self.seconds, self.seconds))
+
+
 class ExplodesOnPickle:
     """Pickling this (a task's result, in the worker) calls ``action``."""
 

@@ -371,6 +371,18 @@ def test_timeout_interrupts_a_hanging_attempt_and_is_retried(make_orchestrator: 
     assert o.worker_pids() == pid  # interrupted in-process: the worker lives on
 
 
+def test_unpickling_the_call_runs_on_the_first_attempts_clock(make_orchestrator: Make) -> None:
+    # 0.2 s to unpickle the argument, then 0.2 s of run: together past the 0.3 s timeout
+    # (each alone is not), so the attempt is interrupted in-process; the worker runs on.
+    o = make_orchestrator(worker_count=1, policy=Policy(timeout=0.3))
+    pid = o.run(t.getpid).result(R)
+    fut = o.run(t.busy_identity, t.SlowToUnpickle(0.2), 0.2)
+    with pytest.raises(TaskTimeoutError, match="0.3 s timeout"):
+        fut.result(R)
+    assert fut.attempts == 1
+    assert o.run(t.getpid).result(R) == pid and o.stats().crashes == 0
+
+
 def test_timeout_interrupts_a_coroutine(make_orchestrator: Make, gates, fifo) -> None:
     o = make_orchestrator(worker_count=1, policy=Policy(timeout=0.3))
     g = gates("ahang")
