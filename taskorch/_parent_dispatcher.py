@@ -204,7 +204,7 @@ class Dispatcher:
                     events = worker.receive()
                     if events:
                         self._handle_events(worker, events)
-                    if not worker.channel_open:  # EOF: the exit fd follows
+                    if worker.eof:  # the exit fd follows
                         self._unregister(worker.conn)
             now = time.monotonic()
             self._fire_timers(now)
@@ -585,7 +585,12 @@ class Dispatcher:
         timeout = item.policy.timeout
         if timeout is None or item.started_on is not worker or not item.attempt_started:
             return None  # no timeout, not started here yet, or backing off between attempts
-        return item.attempt_started + timeout + self._kill_grace
+        deadline = item.attempt_started + timeout + self._kill_grace
+        if worker.mid_frame():
+            # An outcome is arriving (a large result takes several reads): no kill while its
+            # bytes keep coming; a sender stalled for kill_grace is killed as before.
+            deadline = max(deadline, worker.last_read + self._kill_grace)
+        return deadline
 
     def _fire_timers(self, now: float) -> None:
         for worker in list(self._workers.values()):
@@ -650,7 +655,7 @@ class Dispatcher:
                     self._drain_wake_pipe()
                 elif key.data[1].slot in self._workers:
                     key.data[1].receive()  # nothing is running: only EOF can come
-                    if not key.data[1].channel_open:
+                    if key.data[1].eof:
                         self._unregister(key.data[1].conn)
         self._kill_everything()
 

@@ -74,7 +74,9 @@ class WorkerProcess:
         self.retiring: str | None = None  # why it takes no more calls (recycling, shutdown)
         self.replacement_started = False  # retiring, and its successor already spawned
         self.shutdown_sent = False
-        self.channel_open = True
+        self.channel_open = True  # calls may be sent (False after EOF or a failed send)
+        self.eof = False  # its side of the channel is closed and every byte was read
+        self.last_read = 0.0  # time.monotonic() of the last bytes read from it
         # Hard-timeout escalation: the item being killed for, and when to escalate to SIGKILL.
         self.kill_reason: str | None = None
         self.kill_item: WorkItem | None = None
@@ -174,23 +176,32 @@ class WorkerProcess:
         except OSError:
             data = b""
         if not data:
+            self.eof = True
             self.channel_open = False
+            return None
+        self.last_read = time.monotonic()
         self._received += data
         events: list[Event] = []
         for frame in split_frames(self._received):
             events.extend(decode_frame(frame))
-        return events if data else (events or None)
+        return events
+
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived, not all of it (a large result, say)."""
+        return bool(self._received)
 
     def drain(self) -> list[Event]:
-        """After the process ended: every complete frame it managed to send."""
+        """After the process ended: every complete frame it managed to send. (Reads until EOF,
+        or until nothing more is there: a process the task started may hold the channel.)"""
         events: list[Event] = []
-        while self.channel_open:
+        while not self.eof:
             try:
                 if not self.conn.poll():
                     break
             except (EOFError, OSError):
                 break
             events += self.receive() or []
+        self.eof = True
         self.channel_open = False
         return events
 

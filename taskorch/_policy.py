@@ -60,6 +60,8 @@ class Policy:
             raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
         if self.timeout is not None:
             _positive("timeout", self.timeout)
+            if self.timeout > MAX_TIMEOUT:  # the worker's interval timer takes no more
+                raise ValueError(f"timeout must be at most {MAX_TIMEOUT:g} seconds, got {self.timeout!r}")
         _non_negative("backoff_initial", self.backoff_initial)
         _non_negative("backoff_max", self.backoff_max)
         if self.backoff_max < self.backoff_initial:
@@ -105,6 +107,10 @@ class Policy:
         state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # waits read only attempt_number
         state.attempt_number = attempt - 1
         return float(self.wait_strategy()(state))
+
+
+#: The longest per-attempt timeout (about 31 years): setitimer() refuses 1e10 s on Linux.
+MAX_TIMEOUT = 1e9
 
 
 def _positive(name: str, value: float) -> None:

@@ -60,14 +60,13 @@ def run_attempts(
     except BaseException as exc:  # noqa: BLE001 - tenacity's own check: retry_on or re-raise
         if not isinstance(exc, policy.retry_on):
             raise
-        first_failure = exc
-    replayed = False
+        first_failure: BaseException | None = exc
 
     def replay_then_attempt() -> Any:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            raise first_failure
+        nonlocal first_failure
+        if first_failure is not None:
+            failure, first_failure = first_failure, None  # its traceback dies with tenacity's use
+            raise failure
         return attempt()
 
     return retrying()(replay_then_attempt)
@@ -115,7 +114,11 @@ class AttemptTimer:
             return
         self._timeout = timeout
         self._armed = True
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        except BaseException:
+            self._armed = False  # else the next task's start() would take the clock as running
+            raise
 
     def stop(self) -> None:
         """Stop the clock, if it runs (after it fired, there is nothing to stop)."""

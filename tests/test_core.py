@@ -182,6 +182,7 @@ def test_bad_orchestrator_arguments_name_the_parameter(kwargs: dict, name: str) 
         ({"retries": -1}, "retries"),
         ({"timeout": 0}, "timeout"),
         ({"timeout": -2.0}, "timeout"),
+        ({"timeout": 1e12}, "timeout"),  # past what the worker's interval timer takes
         ({"backoff_initial": -1}, "backoff_initial"),
         ({"backoff_initial": 5, "backoff_max": 1}, "backoff_max"),
         ({"retry_on": (int,)}, "retry_on"),
@@ -381,6 +382,43 @@ def test_unpickling_the_call_runs_on_the_first_attempts_clock(make_orchestrator:
         fut.result(R)
     assert fut.attempts == 1
     assert o.run(t.getpid).result(R) == pid and o.stats().crashes == 0
+
+
+def test_a_clock_that_failed_to_start_is_not_taken_as_running() -> None:
+    # The next attempt's start() must arm the timer, not believe it armed already.
+    import signal
+
+    from taskorch._worker_attempts import AttemptTimer
+
+    before = signal.getsignal(signal.SIGALRM)
+    timer = AttemptTimer()
+    try:
+        with pytest.raises((OverflowError, ValueError, OSError)):
+            timer.start(1e12)
+        timer.start(0.05)
+        with pytest.raises(TaskTimeoutError):
+            t.busy_identity(None, 30.0)  # interrupted by the clock long before
+        timer.stop()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def test_no_hard_kill_while_a_result_is_still_arriving() -> None:
+    # A large outcome takes several reads; the hard deadline waits while its bytes keep coming.
+    from types import SimpleNamespace
+
+    from taskorch._parent_dispatcher import Dispatcher
+
+    dispatcher = SimpleNamespace(_kill_grace=1.0)
+    worker = SimpleNamespace(inflight=[], last_read=0.0, mid_frame=lambda: False)
+    item = SimpleNamespace(policy=Policy(timeout=10.0), started_on=worker, attempt_started=100.0)
+    worker.inflight.append(item)
+    assert Dispatcher._hard_deadline(dispatcher, worker) == 111.0  # type: ignore[arg-type]
+    worker.mid_frame, worker.last_read = (lambda: True), 115.0
+    assert Dispatcher._hard_deadline(dispatcher, worker) == 116.0  # type: ignore[arg-type]
+    worker.last_read = 105.0  # stalled mid-frame since before the deadline: no reprieve
+    assert Dispatcher._hard_deadline(dispatcher, worker) == 111.0  # type: ignore[arg-type]
 
 
 def test_timeout_interrupts_a_coroutine(make_orchestrator: Make, gates, fifo) -> None:
