@@ -8,8 +8,8 @@ Which layer owns which limit:
 - ``retries``, ``backoff_*``, ``jitter``, ``retry_on``: one attempt budget per task. Exceptions
   are retried by tenacity inside the worker, without a round trip; a crash of the worker or a
   hard kill is retried by the parent, charged to the same budget.
-- ``timeout``: per attempt (the first one's clock includes unpickling the call, the last
-  one's pickling the result). The worker interrupts a running attempt with a signal timer
+- ``timeout``: per attempt (in a local worker the first one's clock includes unpickling the
+  call and the last one's pickling the result). The worker interrupts a running attempt with a signal timer
   (``TaskTimeoutError``); tenacity itself never interrupts an attempt (its ``stop_after_delay``
   is only checked between attempts, jd/tenacity#373).
 """

@@ -110,8 +110,9 @@ def run_call(
     """The Dask task: run one call's attempts (``attempts_done`` were charged already by
     crashes) and return its outcome. Never raises: everything after the start event fails only
     this task and is in the outcome (a policy or call that does not unpickle here, the task's
-    exceptions, a result that does not pickle). As in a local worker, unpickling the call and
-    pickling the result count against the first and last attempt's timeout."""
+    exceptions, a result that does not pickle). Unpickling the call and pickling the result are
+    timed too, each on a clock of its own (a local worker puts them on the first and the last
+    attempt's clock; here the parent has no hard timeout that they must fit in)."""
     if _take_recall_mark(topic, sub_id):
         return (RECALLED,)
     started = time.perf_counter()
