@@ -2,8 +2,9 @@
 
 Each worker has a private duplex connection to the parent (a socketpair, no lock shared with
 any other worker, so a worker killed mid-write can only corrupt its own channel). Frames are
-``pickle`` bytes; the task itself travels inside as bytes already pickled by cloudpickle in
-``run()``, so the dispatcher never pickles user objects.
+``pickle`` bytes; the task itself travels inside as bytes already pickled in ``run()``
+(``encode_call``: cloudpickle, or a cached reference to a module function and its arguments),
+so the dispatcher never pickles user objects.
 
 parent -> worker, one frame at a time:
 
@@ -46,6 +47,8 @@ from __future__ import annotations
 import pickle
 import struct
 import traceback
+import weakref
+from types import FunctionType
 from typing import Any, Callable
 
 import cloudpickle
@@ -112,10 +115,43 @@ _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
 
 
+# A call's payload (``encode_call``) is one of two forms, told apart by the first byte:
+#
+#   b"\x80..."            cloudpickle of ``(fn, args, kwargs)``: the general form;
+#   BY_REFERENCE n fn a    a module-level Python function that cloudpickle pickles by reference
+#                          (its module and name, nothing else): ``n`` (2 bytes, big-endian) is
+#                          the length of ``fn``, its pickle, made once per function and cached
+#                          in the parent; ``a`` is the pickle of ``(args, kwargs)``, by the C
+#                          pickler when they are plain scalars. Same objects in the worker.
+#
+# The first form costs ~3.4 us a call, mostly cloudpickle deciding again, in Python, that the
+# function is pickled by reference; the second ~0.5-2 us. Nothing is cached for a function
+# cloudpickle pickles by value (lambdas, closures, __main__ functions, modules registered for
+# pickling by value): their pickle carries state that may change between calls, and they keep
+# one pickle with their arguments, so objects shared between the two stay shared. While any
+# module is registered with cloudpickle.register_pickle_by_value, the cache is not used.
+BY_REFERENCE = b"R"
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
+_by_reference: weakref.WeakKeyDictionary[Callable[..., Any], bytes | None] = weakref.WeakKeyDictionary()
+
+
 def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a task in the caller's thread, so that a bad task fails in run(), not later."""
     try:
-        return cloudpickle.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
+        fn_bytes = (
+            _reference_pickle(fn)
+            if type(fn) is FunctionType and not cloudpickle.list_registry_pickle_by_value()
+            else None
+        )
+        if fn_bytes is None:
+            return cloudpickle.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
+        if all(type(a) in _PLAIN_TYPES for a in args) and all(
+            type(v) in _PLAIN_TYPES for v in kwargs.values()
+        ):
+            rest = pickle.dumps((args, kwargs), PROTOCOL)
+        else:
+            rest = cloudpickle.dumps((args, kwargs), PROTOCOL)
+        return b"".join((BY_REFERENCE, _FN_LENGTH.pack(len(fn_bytes)), fn_bytes, rest))
     except Exception as exc:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise SerializationError(
@@ -126,10 +162,34 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
         ) from exc
 
 
+def _reference_pickle(fn: FunctionType) -> bytes | None:
+    """``fn``'s pickle if cloudpickle pickles it by reference (then it is the plain pickle of
+    its module and name, the same bytes the C pickler makes), else None. Decided once per
+    function object; a function that is not importable by its name is pickled by value."""
+    try:
+        return _by_reference[fn]
+    except KeyError:
+        pass
+    by_value = cloudpickle.dumps(fn, PROTOCOL)
+    try:
+        plain: bytes | None = pickle.dumps(fn, PROTOCOL)
+    except Exception:  # noqa: BLE001 - not picklable by reference at all
+        plain = None
+    found = by_value if plain == by_value and len(by_value) <= _MAX_FN_LENGTH else None
+    _by_reference[fn] = found
+    return found
+
+
 def decode_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     """Unpickle a task in a worker; a failure is the task's SerializationError."""
     try:
-        fn, args, kwargs = pickle.loads(payload)
+        if payload[:1] == BY_REFERENCE:
+            view = memoryview(payload)
+            end = 1 + _FN_LENGTH.size + _FN_LENGTH.unpack_from(view, 1)[0]
+            fn = pickle.loads(view[1 + _FN_LENGTH.size:end])
+            args, kwargs = pickle.loads(view[end:])
+        else:
+            fn, args, kwargs = pickle.loads(payload)
     except Exception as exc:
         raise SerializationError(
             f"the task could not be unpickled in the worker: {type(exc).__name__}: {exc}. "
@@ -138,6 +198,10 @@ def decode_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], di
             "a closure (sent by value)"
         ) from exc
     return fn, args, kwargs
+
+
+_FN_LENGTH = struct.Struct("!H")
+_MAX_FN_LENGTH = 0xFFFF
 
 
 def encode_policy(policy: Policy) -> bytes:

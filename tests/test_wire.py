@@ -1,14 +1,17 @@
-"""The parent's reading of worker channels: frames split from raw reads (``_wire.split_frames``)."""
+"""What crosses the process boundary: frames split from raw reads of a worker channel, and
+calls as run() encodes them and a worker decodes them (``_wire``)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import struct
+from typing import Callable
 
 import pytest
 
-from taskorch._wire import split_frames
+import _tasks as t
+from taskorch._wire import BY_REFERENCE, decode_call, encode_call, split_frames
 
 SIZES = [0, 1, 100, 0, 70_000, 3]
 
@@ -62,3 +65,42 @@ def test_drain_reads_what_a_dead_worker_sent_even_after_a_failed_send() -> None:
         assert worker.eof and not worker.channel_open
     finally:
         reader.close()
+
+
+# -- calls: encode_call in the parent, decode_call in the worker --------------------------------
+
+
+def _make_closure(shared: list) -> Callable[[list], bool]:
+    return lambda arg: arg is shared
+
+
+def test_a_module_function_is_sent_by_reference_and_its_arguments_each_time() -> None:
+    first = encode_call(t.add, (1,), {"b": 2})
+    assert first[:1] == BY_REFERENCE  # the cached form
+    assert decode_call(first) == (t.add, (1,), {"b": 2})
+    nested = encode_call(t.add, ([1, {"x": (2, 3)}],), {"policy": "p"})  # not plain: cloudpickle
+    assert decode_call(nested) == (t.add, ([1, {"x": (2, 3)}],), {"policy": "p"})
+    assert decode_call(encode_call(t.add, (5,), {}))[1] == (5,)  # never a stale argument
+
+
+def test_functions_pickled_by_value_keep_one_pickle_with_their_arguments() -> None:
+    shared = [1, 2]
+    payload = encode_call(_make_closure(shared), (shared,), {})
+    assert payload[:1] == b"\x80"  # the general form
+    fn, args, kwargs = decode_call(payload)
+    assert fn(*args) is True  # the captured list and the argument are still one object
+    assert encode_call(lambda: 1, (), {})[:1] == b"\x80"
+
+
+def test_a_module_registered_for_pickling_by_value_is_not_sent_by_reference() -> None:
+    import cloudpickle
+
+    assert encode_call(t.square, (3,), {})[:1] == BY_REFERENCE  # now cached as by reference
+    cloudpickle.register_pickle_by_value(t)
+    try:
+        payload = encode_call(t.square, (3,), {})
+        assert payload[:1] == b"\x80"
+        fn, args, _ = decode_call(payload)
+        assert fn(*args) == 9 and fn is not t.square  # a copy, sent by value
+    finally:
+        cloudpickle.unregister_pickle_by_value(t)
