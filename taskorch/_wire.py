@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 import traceback
 import weakref
-from types import FunctionType
+from types import FunctionType, ModuleType
 from typing import Any, Callable
 
 import cloudpickle
@@ -130,9 +131,15 @@ _LONG_LENGTH = struct.Struct("!Q")
 # pickling by value): their pickle carries state that may change between calls, and they keep
 # one pickle with their arguments, so objects shared between the two stay shared. While any
 # module is registered with cloudpickle.register_pickle_by_value, the cache is not used.
+# Hazard: whatever decodes calls must know the second form. A `taskorch serve` from before it
+# speaks SERVICE_VERSION 1, and the client's handshake refuses it; Dask workers must run the
+# same taskorch as the client, as for the rest of what crosses to them.
 BY_REFERENCE = b"R"
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
-_by_reference: weakref.WeakKeyDictionary[Callable[..., Any], bytes | None] = weakref.WeakKeyDictionary()
+# function -> (its module when decided, its pickle or None)
+_by_reference: weakref.WeakKeyDictionary[Callable[..., Any], tuple[ModuleType, bytes | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -163,21 +170,35 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 
 
 def _reference_pickle(fn: FunctionType) -> bytes | None:
-    """``fn``'s pickle if cloudpickle pickles it by reference (then it is the plain pickle of
-    its module and name, the same bytes the C pickler makes), else None. Decided once per
-    function object; a function that is not importable by its name is pickled by value."""
-    try:
-        return _by_reference[fn]
-    except KeyError:
-        pass
-    by_value = cloudpickle.dumps(fn, PROTOCOL)
+    """``fn``'s pickle if cloudpickle would pickle it by reference now (then it is the plain
+    pickle of its module and name, the same bytes the C pickler makes), else None.
+
+    As cloudpickle does on every call, it checks every time that ``fn`` is still what its
+    module (still the one in sys.modules: not reloaded, not removed) holds under its name; a
+    lambda, a closure or a __main__ function fails these checks before anything is pickled.
+    The pickle itself is made once per function object and module."""
+    module_name, qualname = fn.__module__, fn.__qualname__
+    if module_name == "__main__" or "<locals>" in qualname:
+        return None
+    module = sys.modules.get(module_name) if module_name else None
+    if module is None:
+        return None
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not fn:
+        return None
+    cached = _by_reference.get(fn)
+    if cached is not None and cached[0] is module:
+        return cached[1]
+    reference = cloudpickle.dumps(fn, PROTOCOL)
     try:
         plain: bytes | None = pickle.dumps(fn, PROTOCOL)
-    except Exception:  # noqa: BLE001 - not picklable by reference at all
+    except Exception:  # noqa: BLE001 - then cloudpickle's decision stands
         plain = None
-    found = by_value if plain == by_value and len(by_value) <= _MAX_FN_LENGTH else None
-    _by_reference[fn] = found
-    return found
+    result = reference if plain == reference and len(reference) <= _MAX_FN_LENGTH else None
+    _by_reference[fn] = (module, result)
+    return result
 
 
 def decode_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
@@ -360,7 +381,8 @@ from typing import TYPE_CHECKING  # noqa: E402  (this section is appended; see i
 if TYPE_CHECKING:
     from taskorch._stats import Stats
 
-SERVICE_VERSION = 1
+#: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
+SERVICE_VERSION = 2
 
 #: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
 #: beyond it fails alone with SerializationError; a peer that announces a longer frame is

@@ -104,3 +104,26 @@ def test_a_module_registered_for_pickling_by_value_is_not_sent_by_reference() ->
         assert fn(*args) == 9 and fn is not t.square  # a copy, sent by value
     finally:
         cloudpickle.unregister_pickle_by_value(t)
+
+
+def test_a_function_no_longer_importable_by_its_name_is_sent_by_value() -> None:
+    # cloudpickle decides on every call; so does the cache: a module function replaced in its
+    # module, or whose module left sys.modules, goes by value from then on.
+    import sys
+    import types
+
+    module = types.ModuleType("taskorch_test_dynamic")
+    exec("def f(x):\n    return ('v1', x)\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    original = module.f
+    try:
+        assert encode_call(original, (1,), {})[:1] == BY_REFERENCE
+        exec("def f(x):\n    return ('v2', x)\n", module.__dict__)  # replaced, as by a reload
+        payload = encode_call(original, (1,), {})
+        assert payload[:1] == b"\x80"
+        del sys.modules[module.__name__]  # the worker could not import it: by value still works
+        fn, args, _ = decode_call(payload)
+        assert fn(*args) == ("v1", 1)
+        assert encode_call(module.f, (1,), {})[:1] == b"\x80"
+    finally:
+        sys.modules.pop(module.__name__, None)
