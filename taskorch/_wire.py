@@ -135,6 +135,8 @@ _LONG_LENGTH = struct.Struct("!Q")
 # speaks SERVICE_VERSION 1, and the client's handshake refuses it; Dask workers must run the
 # same taskorch as the client, as for the rest of what crosses to them.
 BY_REFERENCE = b"R"
+_FN_LENGTH = struct.Struct("!H")
+_MAX_FN_LENGTH = 0xFFFF
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
 # function -> (its module when decided, its pickle or None)
 _by_reference: weakref.WeakKeyDictionary[Callable[..., Any], tuple[ModuleType, bytes | None]] = (
@@ -219,10 +221,6 @@ def decode_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], di
             "a closure (sent by value)"
         ) from exc
     return fn, args, kwargs
-
-
-_FN_LENGTH = struct.Struct("!H")
-_MAX_FN_LENGTH = 0xFFFF
 
 
 def encode_policy(policy: Policy) -> bytes:

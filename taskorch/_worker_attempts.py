@@ -171,13 +171,6 @@ class AttemptRunner:
         finally:
             self._timer.stop()
 
-    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
-        """Run the attempts announced by ``announce_first_attempt``; return or raise the last."""
-        try:
-            return self._attempts(fn, args, kwargs, policy)
-        finally:
-            self._timer.stop()
-
     def _attempts(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
         timer, timeout = self._timer, policy.timeout
 

@@ -429,41 +429,46 @@ def test_timeout_interrupts_a_coroutine(make_orchestrator: Make, gates, fifo) ->
     assert o.run(t.async_add, 1, 1).result(R) == 2
 
 
-def test_backoff_intervals_follow_the_policy_without_wall_time() -> None:
+def test_backoff_intervals_follow_the_policy_without_wall_time(tmp_path: Path) -> None:
+    import pickle
+    import signal
+
+    from taskorch._wire import encode_call
     from taskorch._worker_attempts import AttemptRunner
 
     slept: list[float] = []
     events: list[tuple] = []
-    runner = AttemptRunner(events.append, lambda: None, sleep=slept.append)
-    calls = []
+    before = signal.getsignal(signal.SIGALRM)
+    runner = AttemptRunner(events.append, lambda: None, sleep=slept.append)  # takes SIGALRM
 
-    def flaky() -> str:
-        calls.append(1)
-        if len(calls) < 4:
-            raise ConnectionError("down")
-        return "up"
+    def flaky(counter: str) -> bytes:  # fails three times, then succeeds (counted in a file)
+        return encode_call(t.fail_until, (str(tmp_path / counter), 4), {})
 
-    policy = Policy(retries=5, backoff_initial=0.1, backoff_max=0.25, jitter=False)
-    runner.announce_first_attempt(task_id=7, attempts_done=0)
-    assert runner.run(flaky, (), {}, policy) == "up"
-    assert slept == pytest.approx([0.1, 0.2, 0.25])
-    assert runner.attempt == 4
-    assert [e[0] for e in events] == [1, 2, 1, 2, 1, 2, 1]  # STARTED/RETRYING alternate
+    def calls(counter: str) -> int:
+        return int((tmp_path / counter).read_text())
 
-    slept.clear()
-    calls.clear()
-    jittered = Policy(retries=5, backoff_initial=0.1, backoff_max=10.0, jitter=True)
-    runner.announce_first_attempt(task_id=8, attempts_done=0)
-    runner.run(flaky, (), {}, jittered)
-    for base, got in zip([0.1, 0.2, 0.4], slept):
-        assert base <= got <= base + 0.1
-    # A budget partly spent by earlier crashes leaves fewer attempts.
-    calls.clear()
-    slept.clear()
-    runner.announce_first_attempt(task_id=9, attempts_done=4)
-    with pytest.raises(ConnectionError):
-        runner.run(flaky, (), {}, policy)
-    assert len(calls) == 2 and runner.attempt == 6
+    try:
+        policy = Policy(retries=5, backoff_initial=0.1, backoff_max=0.25, jitter=False)
+        runner.announce_first_attempt(task_id=7, attempts_done=0)
+        assert pickle.loads(runner.run_call(flaky("a"), policy)) == 4
+        assert slept == pytest.approx([0.1, 0.2, 0.25])
+        assert runner.attempt == 4
+        assert [e[0] for e in events] == [1, 2, 1, 2, 1, 2, 1]  # STARTED/RETRYING alternate
+
+        slept.clear()
+        jittered = Policy(retries=5, backoff_initial=0.1, backoff_max=10.0, jitter=True)
+        runner.announce_first_attempt(task_id=8, attempts_done=0)
+        runner.run_call(flaky("b"), jittered)
+        for base, got in zip([0.1, 0.2, 0.4], slept):
+            assert base <= got <= base + 0.1
+        # A budget partly spent by earlier crashes leaves fewer attempts.
+        slept.clear()
+        runner.announce_first_attempt(task_id=9, attempts_done=4)
+        with pytest.raises(ConnectionError):
+            runner.run_call(flaky("c"), policy)
+        assert calls("c") == 2 and runner.attempt == 6
+    finally:
+        signal.signal(signal.SIGALRM, before)
 
 
 def test_default_policy_retries_with_backoff_and_a_timeout() -> None:
