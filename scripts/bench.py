@@ -296,7 +296,7 @@ class TaskorchAdapter(PoolAdapter):
         # The constructor imports the local backend (and loky, which it is built on) on first
         # use; import it here, as every other adapter imports its whole library here, so that
         # D times starting a pool in each, not importing modules. The import is timed apart.
-        import taskorch._parent_dispatcher  # noqa: F401
+        import taskorch._parent.local  # noqa: F401
 
         return str(getattr(taskorch, "__version__", "?"))
 

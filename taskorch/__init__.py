@@ -34,9 +34,9 @@ from taskorch._errors import (
 from taskorch._policy import BreakerMode, CircuitBreaker, Features, Policy
 
 if TYPE_CHECKING:
-    from taskorch._parent_orchestrator import PolicyOverride, TaskOrchestrator
-    from taskorch._parent_task import TaskFuture
-    from taskorch._service_client import Client, connect
+    from taskorch._parent.orchestrator import PolicyOverride, TaskOrchestrator
+    from taskorch._parent.task import TaskFuture
+    from taskorch._service.client import Client, connect
     from taskorch._stats import Stats, StopReport
 
 __all__ = [
@@ -69,13 +69,13 @@ __version__ = "0.1.0"
 logging.getLogger("taskorch").addHandler(logging.NullHandler())
 
 _LAZY = {
-    "PolicyOverride": "taskorch._parent_orchestrator",
-    "TaskOrchestrator": "taskorch._parent_orchestrator",
-    "TaskFuture": "taskorch._parent_task",
+    "PolicyOverride": "taskorch._parent.orchestrator",
+    "TaskOrchestrator": "taskorch._parent.orchestrator",
+    "TaskFuture": "taskorch._parent.task",
     "Stats": "taskorch._stats",
     "StopReport": "taskorch._stats",
-    "Client": "taskorch._service_client",
-    "connect": "taskorch._service_client",
+    "Client": "taskorch._service.client",
+    "connect": "taskorch._service.client",
 }
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from taskorch.cli import main
+from taskorch.cli.main import main
 
 sys.exit(main())

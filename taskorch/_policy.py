@@ -1,7 +1,7 @@
 """Configuration values: ``Policy`` (per task) and ``Features`` (per orchestrator).
 
 Imported on both sides of the process boundary: the parent validates a policy and ships it to
-the workers pickled; the worker builds its tenacity controller from it (``_worker_attempts``).
+the workers pickled; the worker builds its tenacity controller from it (``_worker.attempts``).
 
 Which layer owns which limit:
 

@@ -307,8 +307,8 @@ def summarize(exc: BaseException) -> str:
 # =============================================================================================
 #
 # A second boundary, between processes that share nothing but a socket (a Unix socket, or TCP
-# on loopback unless the operator allowed remote clients). Server side: ``_service_server``
-# (per connection, a reader thread and a writer thread). Client side: ``_service_client`` (the
+# on loopback unless the operator allowed remote clients). Server side: ``_service.server``
+# (per connection, a reader thread and a writer thread). Client side: ``_service.client`` (the
 # caller's threads send and wait for their answer; one reader thread receives).
 #
 # Transport: ``multiprocessing.connection`` framing (a 4-byte big-endian signed length, or -1

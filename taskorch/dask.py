@@ -50,7 +50,7 @@ What differs from local workers, because the cluster's processes and threads are
 - ``worker_pids()`` is empty; ``stats().workers`` counts Dask workers, and ``worker_restarts``
   the workers that joined after the orchestrator started.
 - taskorch must be installed on every Dask worker (the worker side is
-  ``taskorch._worker_dask``), and a task's function must be importable there, or sent by value
+  ``taskorch._worker.dask``), and a task's function must be importable there, or sent by value
   (lambdas, closures, ``__main__``), as for any Dask task.
 - A task handed to a Dask worker but not yet started when ``stop()``'s timeout expires may
   still start there; a task whose worker dies after it finished but before its result was
@@ -74,8 +74,8 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from taskorch._parent_backend import Dispatcher, PoolConfig
-    from taskorch._parent_backlog import Backlog
+    from taskorch._parent.backend import Dispatcher, PoolConfig
+    from taskorch._parent.backlog import Backlog
 
 __all__ = ["DaskBackend"]
 
@@ -137,7 +137,7 @@ class DaskBackend:
                 "thread, so a task stuck in C code past its timeout runs on until it returns",
                 UserWarning, stacklevel=3,  # the TaskOrchestrator(...) call
             )
-        from taskorch._dask_dispatcher import DaskDispatcher
+        from taskorch._parent.dask import DaskDispatcher
 
         return DaskDispatcher(
             backlog, self._address, config.worker_count, config.policy_bytes,
@@ -149,7 +149,7 @@ class DaskBackend:
 
 
 def _default_kill_grace() -> float:
-    from taskorch._parent_orchestrator import TaskOrchestrator
+    from taskorch._parent.orchestrator import TaskOrchestrator
 
     default = inspect.signature(TaskOrchestrator.__init__).parameters["kill_grace"].default
     return float(default)

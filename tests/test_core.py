@@ -388,7 +388,7 @@ def test_a_clock_that_failed_to_start_is_not_taken_as_running() -> None:
     # The next attempt's start() must arm the timer, not believe it armed already.
     import signal
 
-    from taskorch._worker_attempts import AttemptTimer
+    from taskorch._worker.attempts import AttemptTimer
 
     before = signal.getsignal(signal.SIGALRM)
     timer = AttemptTimer()
@@ -408,7 +408,7 @@ def test_no_hard_kill_while_a_result_is_still_arriving() -> None:
     # A large outcome takes several reads; the hard deadline waits while its bytes keep coming.
     from types import SimpleNamespace
 
-    from taskorch._parent_dispatcher import Dispatcher
+    from taskorch._parent.local import Dispatcher
 
     dispatcher = SimpleNamespace(_kill_grace=1.0)
     worker = SimpleNamespace(inflight=[], last_read=0.0, mid_frame=lambda: False)
@@ -434,7 +434,7 @@ def test_backoff_intervals_follow_the_policy_without_wall_time(tmp_path: Path) -
     import signal
 
     from taskorch._wire import encode_call
-    from taskorch._worker_attempts import AttemptRunner
+    from taskorch._worker.attempts import AttemptRunner
 
     slept: list[float] = []
     events: list[tuple] = []
@@ -609,8 +609,8 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
 
 
 def test_backoff_queue_puts_due_retries_at_the_front_of_the_backlog_in_due_order() -> None:
-    from taskorch._parent_backlog import Backlog, BackoffQueue
-    from taskorch._parent_task import TaskFuture, WorkItem
+    from taskorch._parent.backlog import Backlog, BackoffQueue
+    from taskorch._parent.task import TaskFuture, WorkItem
 
     backlog = Backlog(max_backlog=10)
     items = [WorkItem(i, TaskFuture(), b"", Policy(), None) for i in range(4)]

@@ -40,7 +40,7 @@ from taskorch import (  # noqa: E402
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from taskorch._parent_task import RawOutcome  # noqa: E402
+from taskorch._parent.task import RawOutcome  # noqa: E402
 from taskorch._wire import decode_frame, encode_call  # noqa: E402
 from taskorch.dask import DaskBackend  # noqa: E402
 
@@ -331,7 +331,7 @@ def test_the_thread_timer_in_process_never_leaves_an_interrupt_behind() -> None:
     # The worker side's timer, run here in plain threads: interrupts on time, never late.
     import threading
 
-    from taskorch._worker_dask import AttemptInterrupted, ThreadTimer
+    from taskorch._worker.dask import AttemptInterrupted, ThreadTimer
 
     timer = ThreadTimer(idle_exit=0.05)
     results: list[str] = []
@@ -553,7 +553,7 @@ def test_distributed_is_imported_only_when_used() -> None:
 def test_the_dask_worker_side_is_import_light() -> None:
     # What the Dask workers import: no parent module, not even tenacity until a retry.
     code = (
-        "import sys, threading, taskorch._worker_dask\n"
+        "import sys, threading, taskorch._worker.dask\n"
         "print(sorted(m for m in sys.modules if m.startswith(('taskorch._parent', "
         "'taskorch._dask', 'taskorch._service', 'distributed', 'tenacity'))), "
         "threading.active_count())\n"

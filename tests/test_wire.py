@@ -50,7 +50,7 @@ def test_the_long_length_form_and_a_partial_frame() -> None:
 def test_drain_reads_what_a_dead_worker_sent_even_after_a_failed_send() -> None:
     # A failed send closes the channel for calls (channel_open False), not for reading: the
     # outcomes the worker sent before dying still count when its exit is handled.
-    from taskorch._parent_worker import WorkerProcess
+    from taskorch._parent.process import WorkerProcess
     from taskorch._wire import READY, SUCCEEDED, encode_frame
 
     reader, writer = multiprocessing.Pipe()

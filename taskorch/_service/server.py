@@ -71,9 +71,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import OrchestratorClosedError, SerializationError, TaskorchError
-from taskorch._parent_task import RawOutcome, TaskFuture, WorkItem
+from taskorch._parent.task import RawOutcome, TaskFuture, WorkItem
 from taskorch._policy import Features
-from taskorch._service_client import (
+from taskorch._service.client import (
     default_authkey_path,
     describe_address,
     parse_tcp_address,
@@ -105,7 +105,7 @@ from taskorch._wire import (
 )
 
 if TYPE_CHECKING:
-    from taskorch._parent_orchestrator import TaskOrchestrator
+    from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._stats import StopReport
 
 log = logging.getLogger("taskorch")
@@ -136,7 +136,7 @@ _STOP = None  # the outbox sentinel: flush what is queued, then exit
 
 
 def add_parser(subparsers: Any) -> None:
-    from taskorch.cli import add_pool_arguments
+    from taskorch.cli.main import add_pool_arguments
 
     p = subparsers.add_parser(
         "serve", help="a long-running pool that other processes submit to (taskorch.connect)",
@@ -170,7 +170,7 @@ def add_parser(subparsers: Any) -> None:
 
 def serve_main(args: argparse.Namespace) -> int:
     """``taskorch serve``: runs in the main thread until SIGTERM / SIGINT."""
-    from taskorch.cli import EXIT_FAILED, EXIT_OK, UsageError, orchestrator_from_args
+    from taskorch.cli.main import EXIT_FAILED, EXIT_OK, UsageError, orchestrator_from_args
 
     if not args.drain_timeout >= 0 or args.drain_timeout == float("inf"):
         raise UsageError(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
@@ -273,7 +273,7 @@ def _wake(wake_w: int, byte: int) -> None:
 def _bind(args: argparse.Namespace) -> tuple[socket.socket, str | tuple[str, int], int | None]:
     """The listening socket (non-blocking), the address it is bound to, and the inode of its
     socket file (None for TCP). UsageError for a refused or malformed address."""
-    from taskorch.cli import UsageError
+    from taskorch.cli.main import UsageError
 
     if args.tcp is not None:
         try:
@@ -325,7 +325,7 @@ def _bind(args: argparse.Namespace) -> tuple[socket.socket, str | tuple[str, int
 
 def _remove_stale_socket(path: str) -> None:
     """A socket file left by a server that died is removed; a live server's is not touched."""
-    from taskorch.cli import UsageError
+    from taskorch.cli.main import UsageError
 
     try:
         mode = os.lstat(path).st_mode
@@ -360,7 +360,7 @@ def _remove_socket_file(path: str | None, inode: int | None) -> None:
 def _load_or_create_authkey(path: Path) -> tuple[bytes, bool]:
     """The key in ``path``, created (32 random bytes, mode 0600) if missing; (key, created).
     A key readable or writable by others is refused: whoever holds it can run code here."""
-    from taskorch.cli import UsageError
+    from taskorch.cli.main import UsageError
 
     created = False
     if not path.exists():

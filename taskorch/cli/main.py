@@ -1,9 +1,9 @@
 """The ``taskorch`` command (parent process, main thread): argument parsing and dispatch.
 
-    taskorch run TARGET      run a function over JSON-lines inputs (taskorch._cli_run)
-    taskorch serve           a long-running pool other processes submit to (taskorch._service_server)
-    taskorch status          print a server's statistics (taskorch._service_client)
-    taskorch demo            the main job: offload real cleanup work (taskorch._cli_demo)
+    taskorch run TARGET      run a function over JSON-lines inputs (taskorch.cli.run)
+    taskorch serve           a long-running pool other processes submit to (taskorch._service.server)
+    taskorch status          print a server's statistics (taskorch._service.client)
+    taskorch demo            the main job: offload real cleanup work (taskorch.cli.demo)
 
 Exit codes: 0 success, 1 some task failed, 2 usage error, 130 / 143 after SIGINT / SIGTERM.
 """
@@ -96,12 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging level on stderr (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from taskorch import _cli_demo, _cli_run, _service_client, _service_server
+    from taskorch._service import client as service_client
+    from taskorch._service import server as service_server
+    from taskorch.cli import demo as cli_demo
+    from taskorch.cli import run as cli_run
 
-    _cli_run.add_parser(sub)
-    _service_server.add_parser(sub)
-    _service_client.add_status_parser(sub)
-    _cli_demo.add_parser(sub)
+    cli_run.add_parser(sub)
+    service_server.add_parser(sub)
+    service_client.add_status_parser(sub)
+    cli_demo.add_parser(sub)
     return parser
 
 

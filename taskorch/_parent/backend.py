@@ -6,8 +6,8 @@ them somewhere, and reports every transition back through the backlog's ``*_lock
 Two backends exist:
 
 - ``LocalBackend`` (the default): worker processes on this machine, started with loky, each
-  with a private channel (``_parent_dispatcher``, ``_parent_worker``, ``_worker_*``);
-- ``taskorch.dask.DaskBackend``: a Dask distributed cluster (``_dask_dispatcher``).
+  with a private channel (``_parent.local``, ``_parent.process``, ``_worker_*``);
+- ``taskorch.dask.DaskBackend``: a Dask distributed cluster (``_parent.dask``).
 
 A dispatcher owns one thread, which it starts in ``start()`` and which ends, with every
 accepted task resolved, once the backlog is closed and drained (``drained`` True) or its stop
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from taskorch._policy import CircuitBreaker, Policy
 
 if TYPE_CHECKING:
-    from taskorch._parent_backlog import Backlog
+    from taskorch._parent.backlog import Backlog
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,7 +65,7 @@ class LocalBackend:
     """Worker processes on this machine (the default)."""
 
     def create_dispatcher(self, backlog: Backlog, config: PoolConfig) -> Dispatcher:
-        from taskorch._parent_dispatcher import Dispatcher as LocalDispatcher
+        from taskorch._parent.local import Dispatcher as LocalDispatcher
 
         return LocalDispatcher(
             backlog, config.worker_count or 2, config.policy, config.policy_bytes,

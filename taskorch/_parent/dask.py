@@ -40,7 +40,7 @@ The actors:
 - Dask worker threads run ``_worker_dask.run_call``: unpickle the call, run its attempts under
   the policy, return the outcome as bytes; user objects are decoded only here, in the parent.
 
-Locks: the dispatcher takes the backlog's lock (see ``_parent_backlog``) to move calls between
+Locks: the dispatcher takes the backlog's lock (see ``_parent.backlog``) to move calls between
 ``pending`` and its own records and to update the counts, once per batch of inbox entries and
 once per dispatch. It never holds it across a call into the Client (submit, cancel, release,
 recall, probe) nor while it resolves futures (done-callbacks are user code): what those need is
@@ -113,13 +113,13 @@ from taskorch._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from taskorch._parent_backend import seconds_until_first
-from taskorch._parent_backlog import Backlog, BackoffQueue
-from taskorch._parent_breaker import Breaker, reject_beyond
-from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._parent.backend import seconds_until_first
+from taskorch._parent.backlog import Backlog, BackoffQueue
+from taskorch._parent.breaker import Breaker, reject_beyond
+from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import BreakerMode, CircuitBreaker
 from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED
-from taskorch._worker_dask import OUTCOME as _INLINE_OUTCOME
+from taskorch._worker.dask import OUTCOME as _INLINE_OUTCOME
 
 log = logging.getLogger("taskorch")
 
@@ -761,7 +761,7 @@ class DaskDispatcher:
             self._probe_at = now + WORKER_PROBE_INTERVAL
 
     def _submit(self, address: str, subs: list[_Sub]) -> None:
-        from taskorch._worker_dask import run_call
+        from taskorch._worker.dask import run_call
 
         try:
             futures = self._client.map(
@@ -822,7 +822,7 @@ class DaskDispatcher:
         return again
 
     def _send_recall(self, worker: _Worker, calls: list[tuple[int, str]]) -> None:
-        from taskorch._worker_dask import recall_unstarted
+        from taskorch._worker.dask import recall_unstarted
 
         log.debug("recalling %d calls from busy Dask worker %s", len(calls), worker.address)
         worker.recall_sent = True

@@ -54,11 +54,11 @@ from taskorch._errors import (
     WorkerCrashedError,
     _signal_name,
 )
-from taskorch._parent_backend import seconds_until_first
-from taskorch._parent_backlog import Backlog, BackoffQueue
-from taskorch._parent_breaker import Breaker, reject_beyond
-from taskorch._parent_task import Resolution, TaskState, WorkItem, resolve_all
-from taskorch._parent_worker import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
+from taskorch._parent.backend import seconds_until_first
+from taskorch._parent.backlog import Backlog, BackoffQueue
+from taskorch._parent.breaker import Breaker, reject_beyond
+from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._policy import BreakerMode, CircuitBreaker, Policy
 from taskorch._wire import (
     FAILED,

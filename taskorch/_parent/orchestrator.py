@@ -2,7 +2,7 @@
 
 Everything here runs in the application's threads (or event loops) and does little: validate,
 pickle the call (so a bad task fails in the caller), and offer it to the ``Backlog``. The
-dispatcher thread (``_parent_dispatcher``) does the rest.
+dispatcher thread (``_parent.local``) does the rest.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import weakref
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator
 
-from taskorch._parent_backlog import Backlog
-from taskorch._parent_backend import Backend, Dispatcher, LocalBackend, PoolConfig
-from taskorch._parent_task import TaskFuture, WorkItem
+from taskorch._parent.backlog import Backlog
+from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
+from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
 from taskorch._wire import encode_call, encode_policy
@@ -172,7 +172,7 @@ class TaskOrchestrator:
         ``return_exceptions`` is set: then each item's exception is yielded as its result
         and nothing is retried. Closing the iterator early cancels the chunks not started.
         """
-        from taskorch._parent_map import map_in_chunks
+        from taskorch._parent.map import map_in_chunks
 
         if chunksize is not None:
             _check_int("chunksize", chunksize, minimum=1)

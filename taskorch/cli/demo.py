@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future, as_completed
 from typing import Any
 
-from taskorch.cli import EXIT_FAILED, EXIT_OK, UsageError
+from taskorch.cli.main import EXIT_FAILED, EXIT_OK, UsageError
 
 
 def add_parser(sub: Any) -> None:
@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace, root: str) -> int:
     from taskorch import Policy, TaskOrchestrator
-    from taskorch._cli_run import resolve_target
+    from taskorch.cli.run import resolve_target
     from taskorch.workers import demo_workload
 
     out = sys.stdout

@@ -54,7 +54,7 @@ from taskorch._errors import (
     OrchestratorClosedError,
     SerializationError,
 )
-from taskorch._parent_task import TaskFuture
+from taskorch._parent.task import TaskFuture
 from taskorch._policy import Policy
 from taskorch._wire import (
     C_STATS,
@@ -679,7 +679,7 @@ def add_status_parser(subparsers: Any) -> None:
 def status_main(args: argparse.Namespace) -> int:
     import json
 
-    from taskorch.cli import EXIT_FAILED, EXIT_OK, UsageError
+    from taskorch.cli.main import EXIT_FAILED, EXIT_OK, UsageError
 
     address: Address
     if args.tcp is not None:

@@ -23,11 +23,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from taskorch._errors import CircuitOpenError
-from taskorch._parent_task import Resolution, TaskState, WorkItem
+from taskorch._parent.task import Resolution, TaskState, WorkItem
 from taskorch._policy import CircuitBreaker
 
 if TYPE_CHECKING:
-    from taskorch._parent_backlog import Backlog
+    from taskorch._parent.backlog import Backlog
 
 log = logging.getLogger("taskorch")
 

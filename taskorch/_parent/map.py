@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorClosedError
 from taskorch._wire import decode_exception, encode_call
-from taskorch._worker_map import ItemError, run_chunk
+from taskorch._worker.map import ItemError, run_chunk
 
 if TYPE_CHECKING:
-    from taskorch._parent_orchestrator import TaskOrchestrator
-    from taskorch._parent_task import TaskFuture
+    from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._parent.task import TaskFuture
 
 #: Aim for chunks that keep a worker busy this long (seconds of worker time).
 TARGET_CHUNK_SECONDS = 0.02

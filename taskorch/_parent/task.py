@@ -25,7 +25,7 @@ from taskorch._errors import SerializationError
 from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
-    from taskorch._parent_worker import WorkerProcess
+    from taskorch._parent.process import WorkerProcess
     from taskorch._policy import Policy
 
 

@@ -23,10 +23,10 @@ it but the write itself.
 
 Signals: SIGINT is ignored (Ctrl-C in a terminal reaches the whole process group; the parent
 decides). SIGTERM keeps its default action, so the parent's hard kill works. SIGALRM belongs to
-the per-attempt timer (``_worker_attempts``).
+the per-attempt timer (``_worker.attempts``).
 
 This module imports only the worker side (``_wire``, ``_errors``, ``_policy``,
-``_worker_attempts``) and starts no thread at import.
+``_worker.attempts``) and starts no thread at import.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from taskorch._wire import (
     encode_exception,
     encode_frame,
 )
-from taskorch._worker_attempts import AttemptRunner
+from taskorch._worker.attempts import AttemptRunner
 
 #: Exit status of a worker that saw its parent die.
 EXIT_PARENT_GONE = 70

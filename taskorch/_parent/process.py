@@ -30,9 +30,9 @@ from typing import Any
 from loky.backend.context import get_context
 from loky.backend.utils import kill_process_tree
 
-from taskorch._parent_task import WorkItem
+from taskorch._parent.task import WorkItem
 from taskorch._wire import RECALL, SHUTDOWN, Event, decode_frame, encode_frame, split_frames
-from taskorch._worker_main import worker_main
+from taskorch._worker.main import worker_main
 
 #: Upper bound on payload bytes handed to a worker and not yet finished (see module docstring).
 PREFETCH_BYTES = 64 * 1024

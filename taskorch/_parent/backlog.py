@@ -30,7 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, Union
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
-from taskorch._parent_task import TaskState, WorkItem
+from taskorch._parent.task import TaskState, WorkItem
 from taskorch._stats import Stats
 
 if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it

@@ -39,8 +39,8 @@ from types import FrameType, ModuleType
 from typing import IO, Any, Callable, Iterator
 
 from taskorch._wire import decode_exception, encode_call
-from taskorch._worker_map import ItemError, run_chunk
-from taskorch.cli import (
+from taskorch._worker.map import ItemError, run_chunk
+from taskorch.cli.main import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_SIGINT,

@@ -1,9 +1,9 @@
 """Dask worker process, a task thread of the Dask worker's executor: runs one taskorch call.
 
-The parent's Dask dispatcher (``_dask_dispatcher``) submits ``run_call`` as a Dask task, pinned
+The parent's Dask dispatcher (``_parent.dask``) submits ``run_call`` as a Dask task, pinned
 to one Dask worker, with the call as the bytes ``run()`` made (``_wire.encode_call``): they are
 unpickled only here, and the outcome is pickled here, so that user objects are decoded only in
-the parent. Everything else runs as in a local worker (``_worker_main``): tenacity drives the
+the parent. Everything else runs as in a local worker (``_worker.main``): tenacity drives the
 attempts under the task's policy, so an ordinary retry costs no round trip.
 
 What goes back, and how (the Dask side of ``_wire``'s protocol):
@@ -29,7 +29,7 @@ the scheduler keeps each topic's last events (``distributed.admin.low-level-log-
 is no place for bulk data.
 
 The per-attempt timeout: Dask runs tasks in threads, where no signal handler runs, so the
-SIGALRM timer of ``_worker_attempts`` cannot serve. ``ThreadTimer`` (one daemon thread per
+SIGALRM timer of ``_worker.attempts`` cannot serve. ``ThreadTimer`` (one daemon thread per
 worker process, "taskorch-attempt-timer", started on demand, gone when idle) raises
 ``TaskTimeoutError`` in the attempt's thread with ``PyThreadState_SetAsyncExc``. Hazards,
 accepted and written down:
@@ -80,7 +80,7 @@ from taskorch._wire import (
     encode_result,
     summarize,
 )
-from taskorch._worker_attempts import call_to_completion, new_retrying, run_attempts
+from taskorch._worker.attempts import call_to_completion, new_retrying, run_attempts
 
 if TYPE_CHECKING:  # tenacity is imported on a task's first retry
     from tenacity import RetryCallState

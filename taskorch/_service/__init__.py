@@ -1,0 +1,1 @@
+"""``taskorch serve`` and its clients: the protocol, the server process, ``connect()``."""
