@@ -21,7 +21,8 @@ worker -> parent, a frame is a list of events (several per frame when the worker
 
     (STARTED, task_id, attempt)                  attempt ``attempt`` (1-based, over the whole
                                                  task) is about to run; for attempt 1 this is
-                                                 the start ack that frees a backlog slot
+                                                 the start ack that frees a backlog slot (a
+                                                 Dask worker appends its pid)
     (RETRYING, task_id, attempt, error, delay, timed_out)
                                                  attempt failed with ``error`` (a one-line
                                                  summary; ``timed_out``: it was a
@@ -37,6 +38,9 @@ worker -> parent, a frame is a list of events (several per frame when the worker
                                                  worker that dies before it failed to start
     (RECALLED, [task_id, ...])                   the answer to RECALL: these calls were not
                                                  started and never will be here
+
+The Dask backend speaks the same events (``_worker.dask``), with its submission id in place
+of the task id, carried by the scheduler instead of a socketpair.
 
 The names on each side: the parent holds a ``_parent_task.WorkItem`` (with the Future); a call
 item is what goes to the worker; events are what come back.

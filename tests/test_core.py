@@ -408,17 +408,16 @@ def test_no_hard_kill_while_a_result_is_still_arriving() -> None:
     # A large outcome takes several reads; the hard deadline waits while its bytes keep coming.
     from types import SimpleNamespace
 
-    from taskorch._parent.local import Dispatcher
+    from taskorch._parent.local import hard_deadline
 
-    dispatcher = SimpleNamespace(_kill_grace=1.0)
     worker = SimpleNamespace(inflight=[], last_read=0.0, mid_frame=lambda: False)
     item = SimpleNamespace(policy=Policy(timeout=10.0), started_on=worker, attempt_started=100.0)
     worker.inflight.append(item)
-    assert Dispatcher._hard_deadline(dispatcher, worker) == 111.0  # type: ignore[arg-type]
+    assert hard_deadline(worker, 1.0) == 111.0  # type: ignore[arg-type]
     worker.mid_frame, worker.last_read = (lambda: True), 115.0
-    assert Dispatcher._hard_deadline(dispatcher, worker) == 116.0  # type: ignore[arg-type]
+    assert hard_deadline(worker, 1.0) == 116.0  # type: ignore[arg-type]
     worker.last_read = 105.0  # stalled mid-frame since before the deadline: no reprieve
-    assert Dispatcher._hard_deadline(dispatcher, worker) == 111.0  # type: ignore[arg-type]
+    assert hard_deadline(worker, 1.0) == 111.0  # type: ignore[arg-type]
 
 
 def test_timeout_interrupts_a_coroutine(make_orchestrator: Make, gates, fifo) -> None:
@@ -608,22 +607,18 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
             os.close(w)
 
 
-def test_backoff_queue_puts_due_retries_at_the_front_of_the_backlog_in_due_order() -> None:
-    from taskorch._parent.backlog import Backlog, BackoffQueue
+def test_backoff_queue_gives_due_retries_in_due_order() -> None:
+    from taskorch._parent.dispatch import BackoffQueue
     from taskorch._parent.task import TaskFuture, WorkItem
 
-    backlog = Backlog(max_backlog=10)
     items = [WorkItem(i, TaskFuture(), b"", Policy(), None) for i in range(4)]
-    backlog.pending.append(items[3])  # a task queued meanwhile
-    delays = BackoffQueue()
+    now = [1000.0]
+    delays = BackoffQueue(clock=lambda: now[0])
     delays.push(items[0], 60.0)
     delays.push(items[1], 10.0)
     delays.push(items[2], 10.0)
-    first = delays.next_due()
-    assert first is not None
-    delays.release_due(first - 1.0, backlog)  # nothing due yet
-    assert list(backlog.pending) == [items[3]]
-    delays.release_due(first + 5.0, backlog)  # items 1 and 2 due, item 0 not
-    assert list(backlog.pending) == [items[1], items[2], items[3]]
+    assert delays.next_due() == 1010.0
+    assert delays.take_due(1009.0) == []  # nothing due yet
+    assert delays.take_due(1015.0) == [items[1], items[2]]  # due, in order; item 0 not
     assert delays and delays.take_all() == [items[0]]
     assert not delays and delays.next_due() is None

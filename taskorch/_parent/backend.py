@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from taskorch._policy import CircuitBreaker, Policy
 
@@ -65,10 +64,10 @@ class LocalBackend:
     """Worker processes on this machine (the default)."""
 
     def create_dispatcher(self, backlog: Backlog, config: PoolConfig) -> Dispatcher:
-        from taskorch._parent.local import Dispatcher as LocalDispatcher
+        from taskorch._parent.local import LocalDispatcher
 
         return LocalDispatcher(
-            backlog, config.worker_count or 2, config.policy, config.policy_bytes,
+            backlog, config.worker_count or 2, config.policy_bytes,
             kill_grace=config.kill_grace, max_tasks_per_worker=config.max_tasks_per_worker,
             max_memory_per_worker=config.max_memory_per_worker,
             circuit_breaker=config.circuit_breaker,
@@ -76,11 +75,3 @@ class LocalBackend:
 
     def __repr__(self) -> str:
         return "LocalBackend()"
-
-
-def seconds_until_first(deadlines: Iterable[float | None]) -> float | None:
-    """A dispatcher's select/wait timeout: seconds until the earliest of ``deadlines``
-    (``time.monotonic()`` values; None entries are timers not set), 0 if one has passed,
-    None if no timer is set."""
-    first = min((d for d in deadlines if d is not None), default=None)
-    return None if first is None else max(0.0, first - time.monotonic())

@@ -15,15 +15,10 @@ The bound is exact: ``queued`` counts tasks accepted and not yet started (in ``p
 prefetched by a worker), and ``offer`` checks and increments it under the lock, so no number of
 concurrent producers can push it past ``max_backlog``. A slot frees when a worker acknowledges
 the start of a task (or the task is cancelled), not when it is handed over.
-
-``BackoffQueue`` (one per dispatcher, its thread only) holds crash retries while they wait out
-their backoff; they are started tasks, outside the bound, and re-enter ``pending`` at its front.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections import deque
@@ -236,42 +231,6 @@ def _deliver_room(backlog: Backlog, waiter: asyncio.Future[None]) -> None:
 
 
 _Waiter = Union["asyncio.Future[None]", threading.Event]
-
-
-class BackoffQueue:
-    """Crash retries waiting out their backoff, soonest first; when due they go back to the
-    front of the backlog. Used by one dispatcher thread; it moves items into the backlog
-    under the backlog's lock."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, WorkItem]] = []
-        self._seq = itertools.count()  # ties keep their order; WorkItems do not compare
-
-    def __bool__(self) -> bool:
-        return bool(self._heap)
-
-    def push(self, item: WorkItem, delay: float) -> None:
-        heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), item))
-
-    def next_due(self) -> float | None:
-        """When the soonest retry is due (a ``time.monotonic()`` value), or None."""
-        return self._heap[0][0] if self._heap else None
-
-    def release_due(self, now: float, backlog: Backlog) -> None:
-        """Put the retries due by ``now`` at the front of ``backlog``, in due order."""
-        if not self._heap or self._heap[0][0] > now:
-            return
-        with backlog.lock:
-            due = []
-            while self._heap and self._heap[0][0] <= now:
-                due.append(heapq.heappop(self._heap)[2])
-            backlog.pending.extendleft(reversed(due))
-
-    def take_all(self) -> list[WorkItem]:
-        """Empty it (stopping or failing everything); the items in due order."""
-        items = [entry[2] for entry in sorted(self._heap)]
-        self._heap.clear()
-        return items
 
 
 def _no_dispatcher_yet() -> None:

@@ -12,6 +12,11 @@ broken?". Tasks it rejects are not counted. Each transition is logged on "taskor
 Half-open probes are tracked by task id from hand-over to outcome; a probe that comes back
 unstarted (recalled by the dispatcher, or its worker died before starting it) frees its slot,
 or the circuit could wait forever for an outcome that will never come.
+
+Time comes from ``clock`` (``time.monotonic`` unless a test injects another), and every state
+change goes to ``publish`` at once. The dispatcher calls ``admit``, ``record`` and
+``reject_beyond_locked`` with the backlog lock held, so ``stats().breaker_state`` changes
+under that lock, before the futures of the tasks that opened or closed the circuit resolve.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import enum
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from taskorch._errors import CircuitOpenError
 from taskorch._parent.task import Resolution, TaskState, WorkItem
-from taskorch._policy import CircuitBreaker
+from taskorch._policy import BreakerMode, CircuitBreaker
 
 if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
@@ -38,9 +43,33 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+class Admission:
+    """How many new tasks (not crash retries) may start in one dispatch round: ``left`` None
+    for no limit; ``probes`` collects the task ids let through while it is limited."""
+
+    __slots__ = ("left", "probes")
+
+    def __init__(self, left: int | None) -> None:
+        self.left = left
+        self.probes: list[int] = []
+
+    def allows(self, item: WorkItem) -> bool:
+        return self.left is None or item.state is not TaskState.QUEUED or self.left > 0
+
+    def count(self, item: WorkItem) -> None:
+        if self.left is not None and item.state is TaskState.QUEUED:
+            self.left -= 1
+            self.probes.append(item.task_id)
+
+
 class Breaker:
-    def __init__(self, config: CircuitBreaker) -> None:
+    def __init__(
+        self, config: CircuitBreaker, *, publish: Callable[[str], None] = lambda state: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self._publish = publish
+        self._clock = clock
         self.state = State.CLOSED
         self._consecutive_failures = 0
         self._window: deque[tuple[float, bool]] = deque()  # (finished at, failed)
@@ -52,15 +81,20 @@ class Breaker:
         """When an open circuit turns half-open (for the dispatcher's timer)."""
         return self.open_until if self.state is State.OPEN else None
 
-    def admit(self, now: float) -> int | None:
-        """How many new tasks may start now: None for no limit."""
-        if self.state is State.OPEN and now >= self.open_until:
+    @property
+    def fails_fast(self) -> bool:
+        """FAIL mode: tasks it holds back fail at once (HOLD: they wait)."""
+        return self.config.mode is BreakerMode.FAIL
+
+    def admit(self) -> Admission:
+        """How many new tasks may start now."""
+        if self.state is State.OPEN and self._clock() >= self.open_until:
             self._move(State.HALF_OPEN, "break duration elapsed; letting probe tasks through")
         if self.state is State.CLOSED:
-            return None
+            return Admission(None)
         if self.state is State.OPEN:
-            return 0
-        return max(0, self.config.half_open_probes - len(self._probes))
+            return Admission(0)
+        return Admission(max(0, self.config.half_open_probes - len(self._probes)))
 
     def admitted(self, task_ids: list[int]) -> None:
         if self.state is State.HALF_OPEN:
@@ -70,7 +104,9 @@ class Breaker:
         """A task handed over came back unstarted: if it was a probe, its slot is free."""
         self._probes.discard(task_id)
 
-    def record(self, task_id: int, failed: bool, now: float) -> None:
+    def record(self, task_id: int, failed: bool) -> None:
+        """A task finished (``failed``: after all its retries)."""
+        now = self._clock()
         self._probes.discard(task_id)
         config = self.config
         if self.state is State.HALF_OPEN:
@@ -109,21 +145,20 @@ class Breaker:
     def _move(self, state: State, why: str) -> None:
         log.warning("circuit breaker %s -> %s: %s", self.state.value, state.value, why)
         self.state = state
+        self._publish(state.value)
 
-
-def reject_beyond(backlog: Backlog, breaker: Breaker, admit: int) -> list[Resolution]:
-    """FAIL mode, circuit not closed: the new tasks in the backlog beyond the ``admit``
-    probes fail without running (the caller resolves them, outside the lock). Crash retries
-    of tasks that already started stay."""
-    rejected: list[Resolution] = []
-    retry_in = max(0.0, breaker.open_until - time.monotonic())
-    with backlog.lock:
+    def reject_beyond_locked(self, backlog: Backlog, admit: int) -> list[Resolution]:
+        """FAIL mode, circuit not closed: the new tasks in the backlog beyond the ``admit``
+        probes fail without running (the caller resolves them, after releasing the backlog
+        lock it holds). Crash retries of tasks that already started stay."""
+        rejected: list[Resolution] = []
+        retry_in = max(0.0, self.open_until - self._clock())
         kept: list[WorkItem] = []
         for item in backlog.pending:
             if item.state is TaskState.QUEUED and admit <= 0:
                 backlog.finish_locked(item, TaskState.FAILED)
                 rejected.append((item, "exception", CircuitOpenError(
-                    f"the circuit breaker is {breaker.state.value} after repeated task "
+                    f"the circuit breaker is {self.state.value} after repeated task "
                     f"failures: task {item.task_id} was not run; it lets tasks through "
                     f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
                 )))
@@ -133,4 +168,4 @@ def reject_beyond(backlog: Backlog, breaker: Breaker, admit: int) -> list[Resolu
         if rejected:
             backlog.pending.clear()
             backlog.pending.extend(kept)
-    return rejected
+        return rejected

@@ -1,4 +1,8 @@
-"""Parent process, the Dask dispatcher thread: hands tasks to a Dask cluster, reads what comes back.
+"""Parent process, the Dask dispatcher thread: the Dask backend behind the dispatcher core.
+
+The task life (start, retry, outcome, crash charge, breaker, stop) is the core's
+(``dispatch.DispatcherCore``); this module supplies how tasks reach a Dask cluster and what
+comes back, in the same event vocabulary as local workers (``_wire``, ``_worker.dask``).
 
 Data flow:
 
@@ -102,24 +106,17 @@ import concurrent.futures
 import itertools
 import logging
 import queue
-import threading
 import time
 import uuid
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Iterable
 
-from taskorch._errors import (
-    OrchestratorBrokenError,
-    TaskAbandonedError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-)
-from taskorch._parent.backend import seconds_until_first
-from taskorch._parent.backlog import Backlog, BackoffQueue
-from taskorch._parent.breaker import Breaker, reject_beyond
-from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
-from taskorch._policy import BreakerMode, CircuitBreaker
-from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED
-from taskorch._worker.dask import OUTCOME as _INLINE_OUTCOME
+from taskorch._parent.backlog import Backlog
+from taskorch._parent.breaker import Admission
+from taskorch._parent.dask_cluster import ClusterEventsListener, worker_lost_error
+from taskorch._parent.dispatch import DispatcherCore
+from taskorch._parent.task import WorkItem
+from taskorch._policy import CircuitBreaker
+from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED, Event
 
 log = logging.getLogger("taskorch")
 
@@ -144,16 +141,15 @@ WORKER_PROBE_INTERVAL = 5.0
 #: How long closing our own Client may take at the end.
 CLIENT_CLOSE_TIMEOUT = 5.0
 
-_TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
-
 # Inbox entry kinds (the first element of each tuple).
 _WAKE = 0  # (WAKE,)
-_TASK = 1  # (TASK, msg): a run_call event
-_OUTCOME = 2  # (OUTCOME, sub_id, outcome tuple or None, exception or None)
+_EVENT = 1  # (EVENT, event): a ``_wire`` event from run_call, sent through the scheduler
+_OUTCOME = 2  # (OUTCOME, sub_id, outcome event or None, exception or None): a gather's end
 _CLUSTER = 3  # (CLUSTER, msg): an "all" topic event about workers
 _RECALL_ANSWER = 4  # (RECALL_ANSWER, address, [sub_id, ...] or None)
 _WORKERS = 5  # (WORKERS, {address: nthreads} or None, probe number): a probe's answer
 
+_OUTCOMES = frozenset({SUCCEEDED, FAILED})
 
 
 class _Worker:
@@ -197,7 +193,9 @@ class _Sub:
         self.pid: int | None = None  # the Dask worker process running it
 
 
-class DaskDispatcher:
+class DaskDispatcher(DispatcherCore):
+    thread_name = "taskorch-dask-dispatcher"
+
     def __init__(
         self,
         backlog: Backlog,
@@ -207,30 +205,27 @@ class DaskDispatcher:
         circuit_breaker: CircuitBreaker | None,
         connect_timeout: float | None,
     ) -> None:
-        self._backlog = backlog
+        super().__init__(backlog, circuit_breaker)
         self._target = target
         self._worker_count = worker_count
         self._default_policy_bytes = default_policy_bytes
         self._connect_timeout = connect_timeout
-        self._breaker = Breaker(circuit_breaker) if circuit_breaker is not None else None
         # Unique per dispatcher: the events topic, and the prefix of every Dask key, so that
         # no submission is ever merged with another by the scheduler.
         self._uid = uuid.uuid4().hex[:16]
         self._topic = f"taskorch-events-{self._uid}"
         # The inbox (see the module docstring). put() from any thread; get() by ours only.
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        # Set in start(), before the thread starts; read-only afterwards.
+        # Set in _open(), before any call is submitted.
         self._client: Any = None
         self._own_client = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._cluster_events: _ClusterEventsListener | None = None
+        self._cluster_events: ClusterEventsListener | None = None
         # Dispatcher thread only, except `_total_threads` (an int, read by any thread).
         self._workers: dict[str, _Worker] = {}
         self._total_threads = 0
         self._subs: dict[int, _Sub] = {}
         self._sub_ids = itertools.count(1)
-        self._delayed = BackoffQueue()  # crash retries waiting out their backoff
-        self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
         self._probe_in_flight = False  # one probe at a time, so answers come in order
         self._probe_again = False  # a worker joined while one was in flight
@@ -241,27 +236,9 @@ class DaskDispatcher:
         # Found under the backlog lock, acted upon after it is released (_handle).
         self._break_reason: str | None = None
         self._to_release: list[Any] = []  # Dask futures whose outcome is in
-        self.pids: tuple[int, ...] = ()  # Dask workers are not our processes
-        self.drained: bool | None = None  # set when the thread ends
-        self.finished = threading.Event()
-        self.thread = threading.Thread(
-            target=self._run_guarded, name="taskorch-dask-dispatcher", daemon=True)
+        self._to_cancel: list[Any] = []  # Dask futures of calls settled at stop
 
     # -- called from other threads -------------------------------------------------------------
-
-    def start(self) -> None:
-        """Connect (or adopt the given Client), learn the workers, start the thread."""
-        try:
-            self._connect()
-        except Exception as exc:
-            self._disconnect()
-            self.drained = False
-            self.finished.set()
-            where = self._target if isinstance(self._target, str) else repr(self._target)
-            raise OrchestratorBrokenError(
-                f"could not use the Dask cluster at {where}: {type(exc).__name__}: {exc}"
-            ) from exc
-        self.thread.start()
 
     def effective_worker_count(self) -> int:
         if self._worker_count is not None:
@@ -273,7 +250,8 @@ class DaskDispatcher:
 
     # -- connecting ------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _open(self) -> None:
+        """Connect (or adopt the given Client) and learn the workers."""
         import distributed
 
         if isinstance(self._target, str):
@@ -291,14 +269,19 @@ class DaskDispatcher:
         # Subscribed before anything is submitted: both go through the client's one stream to
         # the scheduler, in order, so no event of ours can precede the subscription.
         self._client.subscribe_topic(self._topic, self._on_task_event)
-        self._cluster_events = _ClusterEventsListener(self._client, self._on_cluster_event)
+        self._cluster_events = ClusterEventsListener(self._client, self._on_cluster_event)
         self._set_workers(self._client.nthreads())
 
-    def _disconnect(self) -> None:
-        """Undo _connect (dispatcher thread at its end, or start() after a failure)."""
+    def _describe_start_failure(self, exc: BaseException) -> str:
+        where = self._target if isinstance(self._target, str) else repr(self._target)
+        return f"could not use the Dask cluster at {where}: {type(exc).__name__}: {exc}"
+
+    def _close(self) -> None:
+        """Undo _open (at the thread's end, or after a failed start)."""
         client = self._client
         if client is None:
             return
+        self._client = None
         try:
             if self._cluster_events is not None:
                 self._cluster_events.close()
@@ -315,12 +298,16 @@ class DaskDispatcher:
     # -- handlers on the Client's event loop thread: put into the inbox, nothing else -----------
 
     def _on_task_event(self, event: tuple[float, Any]) -> None:
-        msg = event[1]
-        self._inbox.put((_TASK, msg))
-        if msg.get("e") == _INLINE_OUTCOME:
-            # Reads the dispatcher's dict without its lock: one atomic get; release() is
-            # idempotent and thread-safe.
-            sub = self._subs.get(msg.get("s", 0))
+        ours: Event = tuple(event[1].get("ev") or ())
+        if not ours:
+            return
+        self._inbox.put((_EVENT, ours))
+        if ours[0] in _OUTCOMES:
+            # An outcome sent inline: release the call's Dask future, so that the gather
+            # waiting on it ends (cancelled) instead of fetching the task's None. Reads the
+            # dispatcher's dict without its lock: one atomic get; release() is idempotent
+            # and thread-safe.
+            sub = self._subs.get(ours[1])
             future = sub.future if sub is not None else None
             if future is not None:
                 future.release()
@@ -341,14 +328,14 @@ class DaskDispatcher:
                 inbox.put((_OUTCOME, sub_id, None, exc))
             else:
                 if value is not None:  # None: the outcome came inline, in an event
-                    inbox.put((_OUTCOME, sub_id, value, None))
+                    inbox.put((_OUTCOME, sub_id, tuple(value), None))
 
         await asyncio.gather(*(one(s, f) for s, f in pairs), return_exceptions=True)
 
     def _call_soon(
         self, make: Callable[[], Coroutine[Any, Any, Any]],
         on_done: Callable[[Any, BaseException | None], None] | None = None,
-    ) -> concurrent.futures.Future[Any] | None:
+    ) -> None:
         """Run the coroutine ``make()`` returns on the Client's loop; ``on_done(result, exc)``
         runs there too (or here, at once, if it cannot even start: the Client may be
         reconnecting, or closed)."""
@@ -364,70 +351,36 @@ class DaskDispatcher:
                 on_done(None, exc)
             else:
                 log.debug("could not send a request to the Dask scheduler: %r", exc)
-            return None
+            return
 
-        def done(cf: Any) -> None:
-            if cf.cancelled():
-                exc: BaseException | None = asyncio.CancelledError()
-            else:
-                exc = cf.exception()
+        def done(cf: concurrent.futures.Future[Any]) -> None:
+            exc: BaseException | None
+            exc = asyncio.CancelledError() if cf.cancelled() else cf.exception()
             if on_done is not None:
                 on_done(None if exc is not None else cf.result(), exc)
             elif exc is not None:
                 log.debug("a Dask request failed: %r", exc)
 
         cf.add_done_callback(done)
-        return cf
-
-    # -- the thread ------------------------------------------------------------------------
-
-    def _run_guarded(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            log.critical("taskorch Dask dispatcher failed; failing every unresolved task", exc_info=True)
-            self._backlog.mark_broken(f"the dispatcher thread failed: {exc!r}")
-            try:
-                self._settle(OrchestratorBrokenError(
-                    f"the orchestrator's dispatcher thread failed ({exc!r}); see the 'taskorch' log"
-                ))
-            except BaseException:
-                log.critical("could not settle the tasks", exc_info=True)
-        finally:
-            try:
-                self._disconnect()
-            finally:
-                if self.drained is None:
-                    self.drained = False
-                self.finished.set()
-
-    def _run(self) -> None:
-        inbox = self._inbox
-        while True:
-            timeout = self._next_timeout()
-            entries: list[tuple[Any, ...]] = []
-            try:
-                entries.append(inbox.get(timeout=timeout))
-            except queue.Empty:
-                pass
-            while True:
-                try:
-                    entries.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            if entries:
-                self._handle(entries)
-            now = time.monotonic()
-            self._fire_timers(now)
-            self._dispatch(now)
-            if self._finish_if_done(now):
-                return
 
     # -- what comes back -------------------------------------------------------------------
 
+    def _wait_and_handle(self, timeout: float | None) -> None:
+        inbox = self._inbox
+        entries: list[tuple[Any, ...]] = []
+        try:
+            entries.append(inbox.get(timeout=timeout))
+        except queue.Empty:
+            pass
+        while True:
+            try:
+                entries.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        if entries:
+            self._handle(entries)
+
     def _handle(self, entries: list[tuple[Any, ...]]) -> None:
-        resolutions: list[Resolution] = []
-        retries: list[tuple[WorkItem, dict[str, Any]]] = []
         lost: list[tuple[str, str]] = []  # (address, why)
         recalled: list[tuple[str, list[int] | None]] = []
         workers: dict[str, int] | None = None
@@ -438,10 +391,10 @@ class DaskDispatcher:
         with backlog.lock:
             for entry in entries:
                 kind = entry[0]
-                if kind == _TASK:
-                    self._on_event_locked(entry[1], now, retries, resolutions, lost)
+                if kind == _EVENT:
+                    self._on_event_locked(entry[1], now, lost)
                 elif kind == _OUTCOME:
-                    self._on_outcome_locked(entry[1], entry[2], entry[3], now, resolutions, lost)
+                    self._on_outcome_locked(entry[1], entry[2], entry[3], now, lost)
                 elif kind == _CLUSTER:
                     msg = entry[1]
                     if msg.get("action") == "remove-worker":
@@ -455,9 +408,6 @@ class DaskDispatcher:
                     self._probe_in_flight = False
                     if entry[1] is not None:
                         workers, probe = entry[1], entry[2]
-        for item, event in retries:
-            log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
-                     item.task_id, event.get("a"), event.get("x"), event.get("d", 0.0))
         for future in self._to_release:
             if future is not None:
                 future.release()  # thread-safe: hops to the Client's loop
@@ -466,7 +416,6 @@ class DaskDispatcher:
             log.error("orchestrator broken: %s", self._break_reason)
             backlog.mark_broken(self._break_reason)
             self._break_reason = None
-        self._resolve(resolutions)
         for address, taken in recalled:
             self._on_recall_answer(address, taken)
         for address, why in lost:
@@ -476,77 +425,46 @@ class DaskDispatcher:
         if refresh or (self._probe_again and not self._probe_in_flight):
             self._probe_workers()
 
-    def _on_event_locked(
-        self, msg: dict[str, Any], now: float, retries: list[tuple[WorkItem, dict[str, Any]]],
-        resolutions: list[Resolution], lost: list[tuple[str, str]],
-    ) -> None:
-        sub = self._subs.get(msg.get("s", 0))
+    def _on_event_locked(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
+        sub = self._subs.get(event[1])
         if sub is None:
             return  # from a call taken back, lost or abandoned
         sub.worker.last_progress = now
-        item = sub.item
-        tag = msg.get("e")
-        if tag == _INLINE_OUTCOME:
-            self._on_outcome_locked(sub.sub_id, tuple(msg["o"]), None, now, resolutions, lost)
+        tag = event[0]
+        if tag in _OUTCOMES:
+            self._on_outcome_locked(sub.sub_id, event, None, now, lost)
         elif tag == STARTED:
             sub.started = True
-            sub.pid = msg.get("p")
-            item.attempts = item.future.attempts = msg["a"]
-            item.attempt_started = now
-            self._backlog.start_locked(item)
+            sub.pid = event[3] if len(event) > 3 else None
+            self._started_locked(sub.item, event[2], now)
         elif tag == RETRYING:
-            item.attempt_started = 0.0  # backing off: no attempt runs
-            self._backlog.retried += 1
-            if msg.get("o"):
-                self._backlog.timeouts += 1
-            retries.append((item, msg))
+            self._retrying_locked(sub.item, event[2], event[3], event[4], event[5])
 
     def _on_outcome_locked(
-        self, sub_id: int, outcome: Any, exc: BaseException | None, now: float,
-        resolutions: list[Resolution], lost: list[tuple[str, str]],
+        self, sub_id: int, outcome: Event | None, exc: BaseException | None, now: float,
+        lost: list[tuple[str, str]],
     ) -> None:
         sub = self._subs.get(sub_id)
         if sub is None:
             return  # taken back, lost or abandoned: we cancelled it
-        worker = sub.worker
-        worker.last_progress = now
-        backlog = self._backlog
-        item = sub.item
+        sub.worker.last_progress = now
         if exc is not None:
-            self._on_dask_error_locked(sub, exc, resolutions, lost)
+            self._on_dask_error_locked(sub, exc, lost)
             return
-        if not isinstance(outcome, tuple):
-            raise AssertionError(f"unexpected outcome {outcome!r} for {item!r}")
+        if not isinstance(outcome, tuple) or not outcome:
+            raise AssertionError(f"unexpected outcome {outcome!r} for {sub.item!r}")
         self._to_release.append(self._forget_sub(sub))
-        tag = outcome[0]
-        if tag == RECALLED:  # taken back by a recall whose answer we have not read yet
-            self._requeue_locked([item])
+        if outcome[0] == RECALLED:  # taken back by a recall whose answer we have not read yet
+            self._requeue_locked([sub.item])
             return
-        backlog.start_locked(item)  # its STARTED event may not have come first
-        item.attempts = item.future.attempts = outcome[1]
-        item.future.seconds = outcome[2]
-        worker.record_duration(outcome[2] / max(1, outcome[1]))
-        if self._breaker is not None:
-            self._breaker.record(item.task_id, tag == FAILED, now)
-        if tag == SUCCEEDED:
-            backlog.finish_locked(item, TaskState.SUCCEEDED)
-            resolutions.append((item, "result", outcome[3]))
-        elif tag == FAILED:
-            if outcome[4] == _TIMEOUT_TYPE:
-                backlog.timeouts += 1
-            backlog.finish_locked(item, TaskState.FAILED)
-            resolutions.append((item, "error", outcome[3:]))
-        else:
-            raise AssertionError(f"unknown outcome {tag!r} for {item!r}")
+        sub.worker.record_duration(self._outcome_locked(sub.item, outcome, now))
 
     def _on_dask_error_locked(
-        self, sub: _Sub, exc: BaseException, resolutions: list[Resolution],
-        lost: list[tuple[str, str]],
+        self, sub: _Sub, exc: BaseException, lost: list[tuple[str, str]],
     ) -> None:
         """The Dask task itself failed: our run_call never fails, so the cluster did this."""
         import distributed
 
-        name = type(exc).__name__
         if isinstance(exc, distributed.KilledWorker):
             # The scheduler gave up on it after a worker death (allowed_failures): the same as
             # the "remove-worker" event, which may not have come yet.
@@ -561,30 +479,25 @@ class DaskDispatcher:
                     f"the Dask client lost its scheduler or was closed ({reason}), and with it "
                     "every task it had submitted; create a new orchestrator"
                 )
-                return  # _handle marks the backlog broken, _fire_timers settles everything
+                return  # _handle marks the backlog broken; the core then settles everything
             self._forget_sub(sub)  # cancelled already
-            self._crash_locked(sub, f"its Dask task was cancelled on the cluster ({exc})", resolutions,
-                               worker_lost=False)
+            self._crash_sub_locked(sub, f"its Dask task was cancelled on the cluster ({exc})",
+                                   worker_lost=False)
             return
         # e.g. the worker cannot import taskorch, or the outcome does not deserialize.
         self._to_release.append(self._forget_sub(sub))
         log.error("task %d: its Dask task failed outside taskorch's worker function (%s: %s); "
-                  "is the same taskorch installed on every Dask worker?", sub.item.task_id, name, exc)
-        if self._breaker is not None:
-            self._breaker.record(sub.item.task_id, True, time.monotonic())
-        self._backlog.finish_locked(sub.item, TaskState.FAILED)
-        resolutions.append((sub.item, "exception", exc))
+                  "is the same taskorch installed on every Dask worker?", sub.item.task_id,
+                  type(exc).__name__, exc)
+        self._fail_locked(sub.item, exc)
 
-    def _requeue_locked(self, items: list[WorkItem]) -> None:
-        """Calls handed over that never started go back to the front of the backlog, in
-        order, uncharged (they never ran); a half-open circuit's probe slot frees."""
-        if not items:
-            return
-        self._backlog.pending.extendleft(reversed(items))
-        self._backlog.dispatcher_will_look = True
-        if self._breaker is not None:
-            for item in items:
-                self._breaker.release(item.task_id)
+    def _crash_sub_locked(self, sub: _Sub, why: str, worker_lost: bool = True) -> None:
+        """The attempt that started on ``sub.worker`` was lost: the core charges it."""
+        item = sub.item
+        error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
+        outcome = self._crash_locked(item, error)
+        log.warning("task %d: attempt %d of %d lost: %s; %s", item.task_id, item.attempts,
+                    item.policy.max_attempts, error, outcome)
 
     def _forget_sub(self, sub: _Sub) -> Any:
         """Stop tracking a call; return its distributed.Future (or None), for the caller to
@@ -593,35 +506,6 @@ class DaskDispatcher:
         sub.worker.subs.pop(sub.sub_id, None)
         future, sub.future = sub.future, None
         return future
-
-    def _crash_locked(
-        self, sub: _Sub, why: str, resolutions: list[Resolution], worker_lost: bool = True,
-    ) -> None:
-        """The attempt that started on ``sub.worker`` was lost: charge it, retry or fail."""
-        item = sub.item
-        backlog = self._backlog
-        backlog.crashes += 1
-        item.attempt_started = 0.0
-        error = _worker_lost_error(sub, why, worker_lost)
-        if item.attempts < item.policy.max_attempts:  # crashes are always retryable
-            backlog.retried += 1
-            delay = item.policy.backoff_before(item.attempts + 1)
-            self._delayed.push(item, delay)
-            outcome = f"retrying in {delay:.3g} s"
-        else:
-            backlog.finish_locked(item, TaskState.FAILED)
-            resolutions.append((item, "exception", error))
-            if self._breaker is not None:
-                self._breaker.record(item.task_id, True, time.monotonic())
-            outcome = "task failed"
-        log.warning("task %d: attempt %d of %d lost: %s; %s", item.task_id, item.attempts,
-                    item.policy.max_attempts, error, outcome)
-
-    def _resolve(self, resolutions: list[Resolution]) -> None:
-        """Resolve futures as the local dispatcher does (decoded here, RawOutcome for raw
-        tasks); never under the backlog lock (callbacks are user code)."""
-        if resolutions:
-            resolve_all(resolutions)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -643,7 +527,8 @@ class DaskDispatcher:
         joined = [a for a in nthreads if a not in self._workers]
         self._set_workers(nthreads)
         if joined:
-            log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined), self._total_threads)
+            log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined),
+                     self._total_threads)
             with self._backlog.lock:
                 self._backlog.worker_restarts += len(joined)
 
@@ -672,22 +557,18 @@ class DaskDispatcher:
         self._removed[address] = self._probes_sent
         self._total_threads = sum(w.nthreads for w in self._workers.values())
         subs = list(worker.subs.values())
-        resolutions: list[Resolution] = []
-        backlog = self._backlog
-        with backlog.lock:
-            backlog.workers = len(self._workers)
+        with self._backlog.lock:
+            self._backlog.workers = len(self._workers)
             futures = [self._forget_sub(sub) for sub in subs]
-            # Calls that never started: back to the front of the backlog, in order, uncharged.
             requeue = [sub.item for sub in subs if not sub.started]
             self._requeue_locked(requeue)
             for sub in subs:
                 if sub.started:
-                    self._crash_locked(sub, why, resolutions)
+                    self._crash_sub_locked(sub, why)
         self._cancel(futures)  # they wait in "no-worker" state: drop them
         log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
                     "running call(s) lost; %d threads left", address, why, len(requeue),
                     len(subs) - len(requeue), self._total_threads)
-        self._resolve(resolutions)
 
     def _cancel(self, futures: list[Any]) -> None:
         """Cancel Dask tasks (asynchronously): one not started is dropped; one running runs
@@ -697,12 +578,10 @@ class DaskDispatcher:
         if futures and client is not None and client.status == "running":
             self._call_soon(lambda: client.cancel(futures, asynchronous=True, reason="taskorch"))
 
-    # -- dispatching -----------------------------------------------------------------------
+    # -- handing over ----------------------------------------------------------------------
 
-    def _dispatch(self, now: float) -> None:
+    def _hand_over(self, now: float, admission: Admission) -> None:
         backlog = self._backlog
-        if backlog.broken is not None:
-            return
         status = self._client.status
         if status != "running":
             # "connecting": it lost its scheduler, and cancels every future it held; their
@@ -712,15 +591,12 @@ class DaskDispatcher:
                 log.error("orchestrator broken: %s", reason)
                 backlog.mark_broken(reason)
             return
-        admit = self._breaker.admit(now) if self._breaker is not None else None
-        if admit is not None and self._breaker is not None and self._breaker.config.mode is BreakerMode.FAIL:
-            self._reject_beyond(admit)
         batches: dict[str, list[_Sub]] = {}
-        probes: list[int] = []  # new tasks let through while the circuit is not closed
         with backlog.lock:
             pending = backlog.pending
             if pending and self._workers:
-                cap = self._worker_count if self._worker_count is not None else len(pending) + len(self._subs)
+                cap = (self._worker_count if self._worker_count is not None
+                       else len(pending) + len(self._subs))
                 handed = len(self._subs)
                 rooms = {w.address: w.room(now) for w in self._workers.values()}
                 while pending and handed < cap:
@@ -729,34 +605,21 @@ class DaskDispatcher:
                     takers = [w for w in self._workers.values() if rooms[w.address] > 0]
                     if not takers:
                         break
-                    address = min(takers, key=lambda w: len(w.subs) / w.nthreads).address
-                    item = pending[0]
-                    if item.state is TaskState.QUEUED and admit is not None:
-                        if len(probes) >= admit:
-                            break  # held back by the circuit breaker (HOLD mode)
-                        probes.append(item.task_id)
-                    pending.popleft()
-                    worker = self._workers[address]
+                    worker = min(takers, key=lambda w: len(w.subs) / w.nthreads)
+                    taken = self._take_locked(admission, 1)
+                    if not taken:
+                        break  # held back by the circuit breaker (HOLD mode)
                     sub_id = next(self._sub_ids)
-                    sub = _Sub(sub_id, item, f"taskorch-{self._uid}-{sub_id}", worker)
+                    sub = _Sub(sub_id, taken[0], f"taskorch-{self._uid}-{sub_id}", worker)
                     if not worker.subs:
                         worker.last_progress = now  # busy from now on
                     worker.subs[sub_id] = sub
                     self._subs[sub_id] = sub
-                    batches.setdefault(address, []).append(sub)
-                    rooms[address] -= 1
+                    batches.setdefault(worker.address, []).append(sub)
+                    rooms[worker.address] -= 1
                     handed += 1
-            # Will something other than a producer's wakeup bring us back to `pending`? Yes if
-            # it is non-empty: room only frees through outcomes, losses and answers we will
-            # read (or, with the circuit open in HOLD mode, through the breaker's timer).
-            backlog.dispatcher_will_look = idle_backlog = bool(pending)
-            if self._breaker is not None:
-                backlog.breaker_state = self._breaker.state.value
-        if self._breaker is not None and probes:
-            self._breaker.admitted(probes)
         for address, subs in batches.items():
             self._submit(address, subs)
-        self._rebalance_at = None if idle_backlog else self._recall_for_idle_workers(now)
         if self._subs and self._probe_at is None:
             self._probe_at = now + WORKER_PROBE_INTERVAL
 
@@ -802,9 +665,13 @@ class DaskDispatcher:
         pairs = [(sub.sub_id, sub.future) for sub in subs]
         self._call_soon(lambda: self._collect(pairs))
 
-    def _recall_for_idle_workers(self, now: float) -> float | None:
-        """Nothing waits in the backlog, yet a worker has a free thread while another holds
-        calls it has not started behind slow ones: recall those. Returns when to look again."""
+    def _has_room(self, now: float) -> bool:
+        return False  # one hand-over per round: Dask's own round trips dominate
+
+    def _has_inflight(self) -> bool:
+        return bool(self._subs)
+
+    def _recall_unstarted(self, now: float) -> float | None:
         workers = self._workers.values()
         if not any(len(w.subs) < w.nthreads for w in workers):
             return None
@@ -847,168 +714,32 @@ class DaskDispatcher:
         subs = [sub for sub in subs if not sub.started]  # marked calls never start; defensive
         if not subs:
             return
-        backlog = self._backlog
-        with backlog.lock:
+        with self._backlog.lock:
             futures = [self._forget_sub(sub) for sub in subs]
             self._requeue_locked([sub.item for sub in subs])
         self._cancel(futures)
 
-    def _reject_beyond(self, admit: int) -> None:
-        """FAIL mode, circuit not closed: new tasks beyond the probes fail without running."""
-        assert self._breaker is not None
-        self._resolve(reject_beyond(self._backlog, self._breaker, admit))
+    # -- timers and stopping ---------------------------------------------------------------
 
-    # -- timers ----------------------------------------------------------------------------
+    def _backend_deadlines(self) -> Iterable[float | None]:
+        return (self._probe_at,)
 
-    def _next_timeout(self) -> float | None:
-        deadlines = [
-            self._delayed.next_due(), self._rebalance_at, self._probe_at,
-            self._breaker.next_change() if self._breaker is not None else None,
-            self._backlog.stop_deadline,
-        ]
-        if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):
-            deadlines.append(time.monotonic())  # settle at once
-        return seconds_until_first(deadlines)
-
-    def _fire_timers(self, now: float) -> None:
-        if self._backlog.broken is not None and (self._subs or self._delayed or self._backlog.pending):
-            self._settle(OrchestratorBrokenError(self._backlog.broken))
-            return
-        self._delayed.release_due(now, self._backlog)
+    def _fire_backend_timers(self, now: float) -> None:
         if self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
             if self._subs:
                 self._probe_workers()
 
-    # -- stopping --------------------------------------------------------------------------
+    def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:
+        held = []
+        for sub in list(self._subs.values()):
+            self._to_cancel.append(self._forget_sub(sub))
+            held.append((sub.item, (
+                f"it was on Dask worker {sub.worker.address}: its Dask task was cancelled, but "
+                "Dask cannot stop a running task: it may run on there, its result discarded"
+            )))
+        return held
 
-    def _finish_if_done(self, now: float) -> bool:
-        backlog = self._backlog
-        if not backlog.closed:
-            return False
-        with backlog.lock:
-            empty = not backlog.pending and not self._delayed and not self._subs
-        if empty:
-            self.drained = backlog.broken is None
-            return True
-        if backlog.stop_deadline is not None and now >= backlog.stop_deadline:
-            self._settle(None)
-            self.drained = False
-            return True
-        return False
-
-    def _settle(self, error: BaseException | None) -> None:
-        """Settle every unresolved task: queued ones are cancelled, running ones abandoned
-        (``error`` None) or failed with ``error``; cancel their Dask tasks."""
-        resolutions: list[Resolution] = []
-        backlog = self._backlog
-        subs = list(self._subs.values())
-        with backlog.lock:
-            items: list[WorkItem] = list(backlog.pending)
-            backlog.pending.clear()
-            items += self._delayed.take_all()
-            where = {}
-            futures = []
-            for sub in subs:
-                futures.append(self._forget_sub(sub))
-                items.append(sub.item)
-                where[sub.item.task_id] = sub.worker.address
-            for item in items:
-                if error is not None:
-                    backlog.finish_locked(item, TaskState.FAILED)
-                    resolutions.append((item, "exception", error))
-                elif item.state is TaskState.RUNNING:
-                    backlog.finish_locked(item, TaskState.ABANDONED)
-                    on = where.get(item.task_id)
-                    resolutions.append((item, "exception", TaskAbandonedError(
-                        f"stop()'s timeout expired while task {item.task_id} was running "
-                        f"(attempt {item.attempts}"
-                        + (f", on Dask worker {on}" if on else ", waiting to be retried")
-                        + "); its Dask task was cancelled, but Dask cannot stop a running "
-                        "task: it may run on there, its result discarded"
-                    )))
-                else:
-                    backlog.finish_locked(item, TaskState.CANCELLED)
-                    resolutions.append((item, "cancel", None))
+    def _after_settle(self) -> None:
+        futures, self._to_cancel = self._to_cancel, []
         self._cancel(futures)
-        self._resolve(resolutions)
-
-
-def _worker_lost_error(sub: _Sub, why: str, worker_lost: bool) -> WorkerCrashedError:
-    """The error of an attempt lost with its Dask worker (or cancelled on the cluster)."""
-    attempts = sub.item.attempts
-    error = WorkerCrashedError(sub.pid, None, attempts, why)
-    pid = f", pid {sub.pid}" if sub.pid is not None else ""
-    if worker_lost:
-        text = (
-            f"the Dask worker running this task ({sub.worker.address}{pid}) was lost: {why}; "
-            f"{attempts} attempt(s) spent. A segfault or os._exit in the task, an out-of-memory "
-            "kill, a signal from outside or a lost connection are the usual causes; other tasks "
-            "were not affected"
-        )
-    else:
-        text = f"{why}; {attempts} attempt(s) spent"
-    # WorkerCrashedError's own text speaks of an exit code, unknown for a remote process.
-    error.args = (text,)
-    return error
-
-
-class _ClusterEventsListener:
-    """Worker joins and departures from the scheduler's "all" topic, for one dispatcher.
-
-    A Client keeps one handler per topic, so the dispatchers that share a Client share one
-    handler (``_fan_out``), which also calls a handler someone had installed before us; the
-    last listener to leave restores it. ``_lock`` guards ``_by_client``; handlers run on the
-    Client's loop thread and copy the listener list under the lock.
-    """
-
-    _lock = threading.Lock()
-    # client id -> (the Client, the handler we replaced or None, listeners)
-    _by_client: dict[str, tuple[Any, Any, list[Callable[[Any], None]]]] = {}
-
-    def __init__(self, client: Any, listener: Callable[[Any], None]) -> None:
-        self._client = client
-        self._listener = listener
-        with self._lock:
-            entry = self._by_client.get(client.id)
-            if entry is None:
-                previous = getattr(client, "_event_handlers", {}).get("all")
-                entry = (client, previous, [])
-                self._by_client[client.id] = entry
-                client.subscribe_topic("all", self._fan_out_for(client.id))
-            entry[2].append(listener)
-
-    @classmethod
-    def _fan_out_for(cls, client_id: str) -> Callable[[tuple[float, Any]], Any]:
-        def fan_out(event: tuple[float, Any]) -> Any:
-            with cls._lock:
-                entry = cls._by_client.get(client_id)
-                listeners = list(entry[2]) if entry is not None else []
-                previous = entry[1] if entry is not None else None
-            msg = event[1]
-            if isinstance(msg, dict) and msg.get("action") in ("add-worker", "remove-worker"):
-                for listener in listeners:
-                    listener(msg)
-            if previous is not None:
-                return previous(event)
-            return None
-
-        return fan_out
-
-    def close(self) -> None:
-        client = self._client
-        with self._lock:
-            entry = self._by_client.get(client.id)
-            if entry is None or self._listener not in entry[2]:
-                return
-            entry[2].remove(self._listener)
-            if entry[2]:
-                return
-            del self._by_client[client.id]
-            previous = entry[1]
-        if client.status != "running":
-            return
-        if previous is not None:
-            client.subscribe_topic("all", previous)
-        else:
-            client.unsubscribe_topic("all")

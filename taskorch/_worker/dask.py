@@ -6,20 +6,21 @@ unpickled only here, and the outcome is pickled here, so that user objects are d
 the parent. Everything else runs as in a local worker (``_worker.main``): tenacity drives the
 attempts under the task's policy, so an ordinary retry costs no round trip.
 
-What goes back, and how (the Dask side of ``_wire``'s protocol):
+What goes back: the events of ``_wire`` (the local workers' vocabulary), with the submission's
+``sub_id`` where a local worker puts the task id, and how:
 
-    events, through ``Worker.log_event`` to the dispatcher's own topic (scheduler -> client):
-        {"e": STARTED, "s": sub_id, "a": attempt, "p": pid}          before every attempt;
-                                                 for attempt 1 this is the start ack
-        {"e": RETRYING, "s": sub_id, "a": attempt, "x": summary, "d": delay, "o": timed_out}
-      The scheduler adds "worker" (this worker's address) to each.
-        {"e": OUTCOME, "s": sub_id, "o": outcome}   a small outcome (INLINE_OUTCOME_BYTES),
-                                                 sent before the task returns None
+    events, as ``{"ev": [event...]}`` through ``Worker.log_event`` to the dispatcher's own
+    topic (scheduler -> client):
+        (STARTED, sub_id, attempt, pid)          before every attempt; for attempt 1 this is
+                                                 the start ack
+        (RETRYING, sub_id, attempt, error, delay, timed_out)
+        (SUCCEEDED | FAILED, sub_id, ...)        a small outcome (INLINE_OUTCOME_BYTES), sent
+                                                 before the task returns None
     the outcome, as the Dask task's return value otherwise (fetched by the parent with a gather):
-        (SUCCEEDED, attempts, seconds, result_bytes)
-        (FAILED, attempts, seconds, exc_bytes_or_None, type_name, message, traceback_text)
-        (RECALLED,)       the parent took the call back before it started (``recall_unstarted``);
-                          nothing ran
+        (SUCCEEDED, sub_id, attempts, seconds, result_bytes)
+        (FAILED, sub_id, attempts, seconds, exc_bytes_or_None, type_name, message, traceback)
+        (RECALLED, [sub_id])  the parent took the call back before it started
+                              (``recall_unstarted``); nothing ran
 
 Events travel on the worker's batched stream, the one that later reports the task finished, so
 the parent sees a task's events before its outcome, and an inline outcome before the scheduler
@@ -74,6 +75,7 @@ from taskorch._wire import (
     RETRYING,
     STARTED,
     SUCCEEDED,
+    Event,
     decode_call,
     decode_policy,
     encode_exception,
@@ -94,13 +96,11 @@ TIMER_IDLE_EXIT = 2.0
 #: worker request each) but puts more bytes in the scheduler's event log, which keeps the last
 #: 1000 events of each topic.
 INLINE_OUTCOME_BYTES = 1024
-#: The tag of the inline-outcome event.
-OUTCOME = 8
 #: Decoded policies kept per process, by their pickled bytes.
 _POLICY_CACHE_SIZE = 64
 
 Outcome = tuple[Any, ...]
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Event], None]
 
 
 def run_call(
@@ -114,7 +114,7 @@ def run_call(
     timed too, each on a clock of its own (a local worker puts them on the first and the last
     attempt's clock; here the parent has no hard timeout that they must fit in)."""
     if _take_recall_mark(topic, sub_id):
-        return (RECALLED,)
+        return (RECALLED, [sub_id])
     started = time.perf_counter()
     emit = _emitter(topic)
     runner = _Runner(sub_id, attempts_done, emit)
@@ -127,12 +127,13 @@ def run_call(
         value = runner.run(fn, args, kwargs, policy)
         result = TIMER.call(lambda: encode_result(value), timeout)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
-        outcome = (FAILED, runner.attempt, time.perf_counter() - started, *encode_exception(exc))
+        outcome = (FAILED, sub_id, runner.attempt, time.perf_counter() - started,
+                   *encode_exception(exc))
     else:
-        outcome = (SUCCEEDED, runner.attempt, time.perf_counter() - started, result)
-    if sum(len(part) for part in outcome[3:] if part is not None) <= INLINE_OUTCOME_BYTES:
+        outcome = (SUCCEEDED, sub_id, runner.attempt, time.perf_counter() - started, result)
+    if sum(len(part) for part in outcome[4:] if part is not None) <= INLINE_OUTCOME_BYTES:
         try:
-            emit({"e": OUTCOME, "s": sub_id, "o": outcome})
+            emit(outcome)
         except Exception:
             return outcome  # then it goes the long way
         return None
@@ -143,7 +144,8 @@ def _emitter(topic: str) -> Emit:
     from distributed import get_worker
 
     worker = get_worker()
-    return lambda msg: worker.log_event(topic, msg)  # thread-safe: hops to the worker's loop
+    # thread-safe: hops to the worker's loop. (A dict: the scheduler adds the worker's address.)
+    return lambda event: worker.log_event(topic, {"ev": list(event)})
 
 
 _policies: dict[bytes, Policy] = {}
@@ -171,7 +173,7 @@ class _Runner:
 
     def announce(self, attempt: int) -> None:
         self.attempt = attempt
-        self._emit({"e": STARTED, "s": self._sub_id, "a": attempt, "p": os.getpid()})
+        self._emit((STARTED, self._sub_id, attempt, os.getpid()))
 
     def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
         timeout = policy.timeout
@@ -190,11 +192,8 @@ class _Runner:
     def _before_sleep(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         delay = state.next_action.sleep if state.next_action is not None else 0.0
-        self._emit({
-            "e": RETRYING, "s": self._sub_id, "a": self.attempt,
-            "x": summarize(error) if error else "?", "d": float(delay),
-            "o": isinstance(error, TaskTimeoutError),
-        })
+        self._emit((RETRYING, self._sub_id, self.attempt, summarize(error) if error else "?",
+                    float(delay), isinstance(error, TaskTimeoutError)))
 
 
 # -- the per-attempt timeout in threads -----------------------------------------------------

@@ -1,0 +1,483 @@
+"""Parent process, the dispatcher thread: the ONE core that owns a task's life, for every backend.
+
+Data flow (the backend's part in brackets):
+
+    run()/run_async()          dispatcher thread                                  workers
+    -----------------          -----------------                                  -------
+    cloudpickle the call
+    Backlog.offer() --pending--> _dispatch(): breaker admission, then
+    (wake() if asleep)            [_hand_over: take calls, send them] ---------> run attempts
+                                 [_wait_and_handle: read what came back] <----- STARTED /
+                                   _started_locked / _retrying_locked /          RETRYING /
+                                   _outcome_locked / _requeue_locked /           outcome events
+                                   _crash_locked  (the rules, written once)       (``_wire``)
+                                 _fire_timers(): crash-retry backoff, breaker,
+                                   [hard timeouts, respawns, probes]
+                                 _finish_if_done(): drain, or settle at stop()'s deadline
+
+The rules, each written once here, whatever runs the tasks:
+
+- A call handed over but never started goes back to the front of the backlog, in order, with
+  no attempt charged (``_requeue_locked``): it never ran. A half-open circuit's probe slot it
+  held frees.
+- An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
+  lost with its Dask worker) is charged (``_crash_locked``): retried after the policy's backoff
+  while the task's one attempt budget lasts (crashes always, a hard timeout if the policy
+  retries ``TaskTimeoutError``), else the task fails with that error. A call that started may
+  have had side effects: after a crash a task runs at least once, not exactly once.
+- The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
+  backlog lock, at the moment it changes, before the futures that changed it resolve.
+- At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
+  passes first, queued tasks are cancelled and running ones abandoned (``_settle``). A broken
+  orchestrator (no worker can run anything) fails what it holds with
+  ``OrchestratorBrokenError``.
+
+What a backend supplies (the hooks below, marked "backend"): how to start (``_open``), how to
+wait and what came back (``_wait_and_handle``, calling the ``*_locked`` rules under the backlog
+lock), how to hand over (``_hand_over``), how to take calls back from a busy worker
+(``_recall_unstarted``), its own timers, how to give everything back at stop
+(``_take_all_inflight_locked``), and how to end (``_shut_down``, ``_close``).
+
+Locks: the backlog's lock (see ``backlog``) guards ``pending``, the counts and the items'
+states; the ``*_locked`` methods need it held. Nothing here holds it across IPC, a process
+join, or user code: futures are resolved (``task.resolve_all``) after it is released, from
+``self._resolutions``, which only the dispatcher thread touches.
+
+The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
+stops every orchestrator first). Its body is guarded: if it ever fails, the backend is told
+to give everything back, every unresolved future fails with ``OrchestratorBrokenError``, and
+the error is logged.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Iterable
+
+from taskorch._errors import (
+    OrchestratorBrokenError,
+    TaskAbandonedError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+from taskorch._parent.backlog import Backlog
+from taskorch._parent.breaker import Admission, Breaker
+from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._policy import CircuitBreaker
+from taskorch._wire import FAILED, SUCCEEDED, Event
+
+log = logging.getLogger("taskorch")
+
+#: The type name a FAILED event carries for a per-attempt timeout.
+TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
+
+
+class DispatcherCore:
+    """The task life, the loop and its guard; a backend subclass supplies the hooks."""
+
+    #: The thread's name (a stack dump then reads like a diagram).
+    thread_name = "taskorch-dispatcher"
+
+    def __init__(self, backlog: Backlog, circuit_breaker: CircuitBreaker | None) -> None:
+        self._backlog = backlog
+        self._breaker = (
+            Breaker(circuit_breaker, publish=self._publish_breaker_locked)
+            if circuit_breaker is not None else None
+        )
+        # Dispatcher thread only.
+        self._delayed = BackoffQueue()  # crash retries waiting out their backoff
+        self._rebalance_at: float | None = None  # when to look again for calls to recall
+        self._resolutions: list[Resolution] = []  # collected under the lock, resolved after
+        self._retries: list[tuple[WorkItem, int, str, float]] = []  # logged after the lock
+        # Read by any thread.
+        self.pids: tuple[int, ...] = ()  # worker processes on this machine (swapped whole)
+        self.drained: bool | None = None  # set when the thread ends
+        self.finished = threading.Event()
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run_guarded, name=self.thread_name,
+                                       daemon=True)
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread, which starts the backend (local workers must be spawned by the
+        thread that outlives them); raise OrchestratorBrokenError if it could not start."""
+        self.thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self.finished.wait()
+            raise OrchestratorBrokenError(
+                self._describe_start_failure(self._start_error)
+            ) from self._start_error
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run_guarded(self) -> None:
+        try:
+            try:
+                self._open()
+            except BaseException as exc:
+                self._start_error = exc
+                self._backlog.mark_broken(self._describe_start_failure(exc))
+                return  # (the backend's _close, below, releases what _open made)
+            finally:
+                self._started.set()
+            self._run()
+        except BaseException as exc:
+            log.critical("taskorch dispatcher failed; failing every unresolved task", exc_info=True)
+            self._backlog.mark_broken(f"the dispatcher thread failed: {exc!r}")
+            try:
+                self._settle(OrchestratorBrokenError(
+                    f"the orchestrator's dispatcher thread failed ({exc!r}); see the 'taskorch' log"
+                ))
+            except BaseException:
+                log.critical("could not settle the tasks", exc_info=True)
+        finally:
+            try:
+                self._close()
+            finally:
+                if self.drained is None:
+                    self.drained = False
+                self.finished.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wait_and_handle(self._next_timeout())
+            self._flush()
+            now = time.monotonic()
+            self._fire_timers(now)
+            self._dispatch(now)
+            self._flush()
+            if self._finish_if_done(now):
+                return
+
+    def _flush(self) -> None:
+        """Log the retries and resolve the futures collected under the lock (never under it:
+        resolving wakes waiters and hands done-callbacks over)."""
+        retries, self._retries = self._retries, []
+        for item, attempt, summary, delay in retries:
+            log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
+                     item.task_id, attempt, summary, delay)
+        resolutions, self._resolutions = self._resolutions, []
+        if resolutions:
+            resolve_all(resolutions)
+
+    # -- the task life: what comes back (backends call these with the backlog lock held) --------
+
+    def _started_locked(self, item: WorkItem, attempt: int, now: float) -> None:
+        """Attempt ``attempt`` of ``item`` began; the first one frees its backlog slot."""
+        item.attempts = item.future.attempts = attempt
+        item.attempt_started = now
+        self._backlog.start_locked(item)
+
+    def _retrying_locked(self, item: WorkItem, attempt: int, summary: str, delay: float,
+                         timed_out: bool) -> None:
+        """Attempt ``attempt`` failed inside the worker, which retries after ``delay``."""
+        item.attempt_started = 0.0  # backing off: no attempt runs
+        self._backlog.retried += 1
+        if timed_out:
+            self._backlog.timeouts += 1
+        self._retries.append((item, attempt, summary, delay))
+
+    def _outcome_locked(self, item: WorkItem, event: Event, now: float) -> float:
+        """A SUCCEEDED or FAILED event (``_wire``): the task is over. Returns its worker-side
+        seconds per attempt, for the backend's prefetch estimate."""
+        tag, _, attempts, seconds = event[:4]
+        backlog = self._backlog
+        backlog.start_locked(item)  # (on Dask its STARTED event may not have come first)
+        item.attempts = item.future.attempts = attempts
+        item.future.seconds = seconds
+        failed = tag != SUCCEEDED
+        if tag == SUCCEEDED:
+            backlog.finish_locked(item, TaskState.SUCCEEDED)
+            self._resolutions.append((item, "result", event[4]))
+        elif tag == FAILED:
+            if event[5] == TIMEOUT_TYPE:
+                backlog.timeouts += 1
+            backlog.finish_locked(item, TaskState.FAILED)
+            self._resolutions.append((item, "error", event[4:]))
+        else:
+            raise AssertionError(f"not an outcome: {event!r} for {item!r}")
+        if self._breaker is not None:
+            self._breaker.record(item.task_id, failed)
+        return float(seconds) / max(1, int(attempts))
+
+    def _requeue_locked(self, items: list[WorkItem]) -> None:
+        """Calls handed over that never started go back to the front of the backlog, in
+        order, uncharged (they never ran); a half-open circuit's probe slot frees."""
+        if not items:
+            return
+        for item in items:
+            item.worker = item.started_on = None
+            if self._breaker is not None:
+                self._breaker.release(item.task_id)
+        self._backlog.pending.extendleft(reversed(items))
+        self._backlog.dispatcher_will_look = True
+
+    def _crash_locked(self, item: WorkItem, error: BaseException) -> str:
+        """The attempt of ``item`` that started was lost with its worker: charge it; retry
+        after the policy's backoff while the budget lasts, else fail with ``error``. Returns
+        what became of it, for the backend's log line."""
+        backlog = self._backlog
+        item.worker = item.started_on = None
+        item.attempt_started = 0.0
+        backlog.crashes += 1
+        if isinstance(error, TaskTimeoutError):
+            backlog.timeouts += 1
+        retryable = isinstance(error, WorkerCrashedError) or isinstance(error, item.policy.retry_on)
+        if retryable and item.attempts < item.policy.max_attempts:
+            backlog.retried += 1
+            delay = item.policy.backoff_before(item.attempts + 1)
+            self._delayed.push(item, delay)
+            return f"retrying in {delay:.3g} s"
+        backlog.finish_locked(item, TaskState.FAILED)
+        self._resolutions.append((item, "exception", error))
+        if self._breaker is not None:
+            self._breaker.record(item.task_id, True)
+        return "task failed"
+
+    def _fail_locked(self, item: WorkItem, error: BaseException) -> None:
+        """The task fails with ``error`` without a retry (the backend could not run it)."""
+        self._backlog.finish_locked(item, TaskState.FAILED)
+        self._resolutions.append((item, "exception", error))
+        if self._breaker is not None:
+            self._breaker.record(item.task_id, True)
+
+    def _publish_breaker_locked(self, state: str) -> None:
+        """The breaker changed state (it only does under the backlog lock): show it now."""
+        self._backlog.breaker_state = state
+
+    # -- dispatching -----------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        """Hand waiting tasks to workers with room, as the circuit breaker allows."""
+        backlog = self._backlog
+        if backlog.broken is not None:
+            return
+        while True:
+            with backlog.lock:
+                admission = self._admission_locked()
+                submitted_before = backlog.submitted
+            self._hand_over(now, admission)
+            if self._breaker is not None and admission.probes:
+                self._breaker.admitted(admission.probes)
+            with backlog.lock:
+                # Will something other than a producer's wakeup bring us back to `pending`?
+                # Yes if it is non-empty: capacity only frees through what the workers send
+                # (or, with the circuit open in HOLD mode, through the breaker's timer).
+                waiting = bool(backlog.pending)
+                backlog.dispatcher_will_look = waiting
+                arrived = backlog.submitted != submitted_before
+            # Tasks that arrived meanwhile found `dispatcher_will_look` set and wrote no
+            # wakeup: go round again while a worker could take them.
+            if not (waiting and arrived and self._has_room(now)):
+                break
+        self._rebalance_at = None if waiting else self._recall_unstarted(now)
+
+    def _admission_locked(self) -> Admission:
+        """New tasks the breaker lets start now; in FAIL mode with the circuit not closed,
+        the new tasks beyond those fail at once (crash retries of started tasks stay)."""
+        if self._breaker is None:
+            return Admission(None)
+        admission = self._breaker.admit()
+        if admission.left is not None and self._breaker.fails_fast:
+            self._resolutions += self._breaker.reject_beyond_locked(self._backlog, admission.left)
+        return admission
+
+    def _take_locked(
+        self, admission: Admission, limit: int, budget: int | None = None,
+        first_may_exceed: bool = True,
+    ) -> list[WorkItem]:
+        """Up to ``limit`` calls from the front of ``pending``, as ``admission`` allows; with a
+        ``budget`` (payload bytes), a call that would cross it is left for later unless it is
+        the first and ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
+        pending = self._backlog.pending
+        taken: list[WorkItem] = []
+        size = 0
+        while pending and len(taken) < limit:
+            item = pending[0]
+            if budget is not None and size + len(item.payload) > budget and (
+                    taken or not first_may_exceed):
+                break
+            if not admission.allows(item):
+                break  # held back by the circuit breaker (HOLD mode)
+            admission.count(item)
+            pending.popleft()
+            size += len(item.payload)
+            taken.append(item)
+        return taken
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _next_timeout(self) -> float | None:
+        """Seconds until the nearest timer (the wait's timeout), 0 if one is due, None if none."""
+        backlog = self._backlog
+        if backlog.broken is not None and self._holds_anything():
+            return 0.0  # settle at once
+        deadlines = [
+            self._delayed.next_due(), self._rebalance_at, backlog.stop_deadline,
+            self._breaker.next_change() if self._breaker is not None else None,
+            *self._backend_deadlines(),
+        ]
+        first = min((d for d in deadlines if d is not None), default=None)
+        return None if first is None else max(0.0, first - time.monotonic())
+
+    def _fire_timers(self, now: float) -> None:
+        backlog = self._backlog
+        if backlog.broken is not None and self._holds_anything():
+            self._settle(OrchestratorBrokenError(backlog.broken))
+            return
+        self._fire_backend_timers(now)
+        due = self._delayed.take_due(now)
+        if due:
+            with backlog.lock:
+                backlog.pending.extendleft(reversed(due))
+
+    def _holds_anything(self) -> bool:
+        with self._backlog.lock:
+            return bool(self._backlog.pending) or bool(self._delayed) or self._has_inflight()
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _finish_if_done(self, now: float) -> bool:
+        backlog = self._backlog
+        if not backlog.closed:
+            return False
+        if backlog.broken is not None or not self._holds_anything():
+            self._shut_down(backlog.stop_deadline)
+            self._flush()  # (outcomes read while the workers left)
+            self.drained = backlog.broken is None
+            return True
+        if backlog.stop_deadline is not None and now >= backlog.stop_deadline:
+            self._settle(None)  # stop()'s timeout expired: abandon
+            self.drained = False
+            return True
+        return False
+
+    def _settle(self, error: BaseException | None) -> None:
+        """Settle every unresolved task: queued ones are cancelled, running ones abandoned
+        (``error`` None: stop()'s deadline) or failed with ``error`` (broken)."""
+        self._before_settle()
+        backlog = self._backlog
+        with backlog.lock:
+            items: list[WorkItem] = list(backlog.pending)
+            backlog.pending.clear()
+            items += self._delayed.take_all()
+            held = self._take_all_inflight_locked()
+            items += [item for item, _ in held]
+            notes = {item.task_id: note for item, note in held}
+            for item in items:
+                if error is not None:
+                    backlog.finish_locked(item, TaskState.FAILED)
+                    self._resolutions.append((item, "exception", error))
+                elif item.state is TaskState.RUNNING:
+                    backlog.finish_locked(item, TaskState.ABANDONED)
+                    note = notes.get(item.task_id) or "it was waiting to be retried after a crash"
+                    self._resolutions.append((item, "exception", TaskAbandonedError(
+                        f"stop()'s timeout expired while task {item.task_id} was running "
+                        f"(attempt {item.attempts}); {note}"
+                    )))
+                else:
+                    backlog.finish_locked(item, TaskState.CANCELLED)
+                    self._resolutions.append((item, "cancel", None))
+        self._after_settle()
+        self._flush()
+
+    # -- the backend's part --------------------------------------------------------------------
+
+    def wake(self) -> None:  # backend
+        """Look at the backlog soon (new tasks, or stop() was called). Any thread."""
+        raise NotImplementedError
+
+    def effective_worker_count(self) -> int:  # backend
+        """How many tasks may run at once now."""
+        raise NotImplementedError
+
+    def _open(self) -> None:  # backend
+        """Start the workers or connect (on the dispatcher thread); raise if nothing can run."""
+        raise NotImplementedError
+
+    def _describe_start_failure(self, exc: BaseException) -> str:  # backend
+        raise NotImplementedError
+
+    def _wait_and_handle(self, timeout: float | None) -> None:  # backend
+        """Block until something comes back, a wakeup, or ``timeout``; handle what came."""
+        raise NotImplementedError
+
+    def _hand_over(self, now: float, admission: Admission) -> None:  # backend
+        """Take calls (``_take_locked``) for the workers with room, and send them."""
+        raise NotImplementedError
+
+    def _has_room(self, now: float) -> bool:  # backend
+        """Could a worker take another call now?"""
+        raise NotImplementedError
+
+    def _recall_unstarted(self, now: float) -> float | None:  # backend
+        """Nothing waits in the backlog: take back calls a busy worker holds unstarted while
+        another idles. Returns when to look again (None: no need)."""
+        raise NotImplementedError
+
+    def _has_inflight(self) -> bool:  # backend (backlog lock held)
+        """Are calls handed over and not finished?"""
+        raise NotImplementedError
+
+    def _backend_deadlines(self) -> Iterable[float | None]:  # backend
+        return ()
+
+    def _fire_backend_timers(self, now: float) -> None:  # backend
+        pass
+
+    def _before_settle(self) -> None:  # backend
+        """About to settle everything: stop the workers from starting anything more."""
+
+    def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:  # backend
+        """Forget every call handed over; each with what stop() did to it if it runs."""
+        raise NotImplementedError
+
+    def _after_settle(self) -> None:  # backend
+        """Everything was settled: cancel or kill what may still run."""
+
+    def _shut_down(self, deadline: float | None) -> None:  # backend
+        """Everything ran (or the orchestrator is broken): let the workers go (by stop()'s
+        ``deadline``, a ``time.monotonic()`` value, if one was set)."""
+
+    def _close(self) -> None:  # backend
+        """The thread ends: release what the backend holds (channels, a client)."""
+
+
+class BackoffQueue:
+    """Crash retries waiting out their backoff, soonest first; the dispatcher thread moves the
+    due ones to the front of the backlog. They are started tasks, outside the bound."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, int, WorkItem]] = []
+        self._seq = itertools.count()  # ties keep their order; WorkItems do not compare
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def push(self, item: WorkItem, delay: float) -> None:
+        heapq.heappush(self._heap, (self._clock() + delay, next(self._seq), item))
+
+    def next_due(self) -> float | None:
+        """When the soonest retry is due (a ``time.monotonic()`` value), or None."""
+        return self._heap[0][0] if self._heap else None
+
+    def take_due(self, now: float) -> list[WorkItem]:
+        """The retries due by ``now``, in due order."""
+        due = []
+        while self._heap and self._heap[0][0] <= now:
+            due.append(heapq.heappop(self._heap)[2])
+        return due
+
+    def take_all(self) -> list[WorkItem]:
+        """Empty it (stopping or failing everything); the items in due order."""
+        items = [entry[2] for entry in sorted(self._heap)]
+        self._heap.clear()
+        return items
