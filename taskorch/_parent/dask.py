@@ -13,7 +13,7 @@ Data flow:
     (inbox.put(WAKE)        worker with room: Client.map(run_call,
      if it is asleep)       key=unique, workers=[w]) -----------------> scheduler -> worker w,
                                                                         a task thread:
-                                                                        _worker_dask.run_call
+                                                                        _worker.dask.run_call
                             <--inbox-- topic handler <-- scheduler <--- log_event STARTED /
                                                                         RETRYING (tenacity),
                                                                         small outcomes
@@ -34,26 +34,17 @@ The actors:
   answers to recalls and worker probes, and the timeout (the nearest crash-retry backoff,
   recall check, breaker change, worker probe or stop deadline). No fixed polling tick, except
   the worker probe, a safety net that runs only while calls are on the cluster.
-- The ``distributed.Client``'s event-loop thread (Dask's, not ours) runs our topic handlers and
-  our gather coroutines. They put tuples into the inbox, and for a small outcome sent inline
-  (``_worker_dask.INLINE_OUTCOME_BYTES``) the topic handler also releases the call's Dask
-  future, so that the gather waiting on it ends (cancelled) instead of fetching the task's
-  None: that runs before the scheduler's "key-in-memory" message for the task, which follows
-  the event on the same stream. They never take the backlog lock, so a slow dispatcher can
-  never stall the client's communications.
-- Dask worker threads run ``_worker_dask.run_call``: unpickle the call, run its attempts under
+- The ``distributed.Client``'s event-loop thread (Dask's) runs our topic handler and gathers
+  (``dask_cluster.ClusterLink``): they only put into the inbox.
+- Dask worker threads run ``_worker.dask.run_call``: unpickle the call, run its attempts under
   the policy, return the outcome as bytes; user objects are decoded only here, in the parent.
 
 Locks: the dispatcher takes the backlog's lock (see ``_parent.backlog``) to move calls between
 ``pending`` and its own records and to update the counts, once per batch of inbox entries and
 once per dispatch. It never holds it across a call into the Client (submit, cancel, release,
 recall, probe) nor while it resolves futures (done-callbacks are user code): what those need is
-collected under the lock and done after. ``_ClusterEventsListener._lock`` only guards its
+collected under the lock and done after. ``dask_cluster.ClusterEventsListener._lock`` only guards its
 registry; nothing is called under it but the Client's non-blocking subscribe.
-
-The inbox (``queue.SimpleQueue``): producers are the client's loop thread and ``wake()``;
-consumer is the dispatcher thread. It is unbounded but stays small: at most a few events and
-one outcome per call handed over (their number is bounded, see below), plus wakeups.
 
 Bounds: a call handed to Dask stays "queued" in the backlog until its STARTED event arrives,
 so the backlog bound is exact as locally. What runs at once is bounded by the cluster's
@@ -62,7 +53,7 @@ and each worker gets at most its ``nthreads`` plus a prefetch sized from its rec
 durations (``PREFETCH_SECONDS``), so tiny tasks stream without a round trip each. With an
 explicit ``worker_count`` smaller than the cluster's threads, at most that many calls are
 handed over at all. A worker with a free thread while another holds calls it has not started
-behind a slow task makes the dispatcher *recall* them (``_worker_dask.recall_unstarted`` on
+behind a slow task makes the dispatcher *recall* them (``_worker.dask.recall_unstarted`` on
 the busy worker's event loop, which marks the calls that have not begun so that they never
 run): the ones it confirms go back to the front of the backlog, uncharged.
 
@@ -108,11 +99,21 @@ import logging
 import queue
 import time
 import uuid
-from typing import Any, Callable, Coroutine, Iterable
+from typing import Any, Iterable
 
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission
-from taskorch._parent.dask_cluster import ClusterEventsListener, worker_lost_error
+from taskorch._parent.dask_cluster import (
+    CLUSTER,
+    EVENT,
+    OUTCOME,
+    RECALL_ANSWER,
+    WAKE,
+    WORKERS,
+    ClusterLink,
+    Inbox,
+    worker_lost_error,
+)
 from taskorch._parent.dispatch import DispatcherCore
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
@@ -138,17 +139,6 @@ SLOW_AFTER = 0.25
 #: of a shared Client, a reconnect), without which calls pinned to a dead worker would wait
 #: forever.
 WORKER_PROBE_INTERVAL = 5.0
-#: How long closing our own Client may take at the end.
-CLIENT_CLOSE_TIMEOUT = 5.0
-
-# Inbox entry kinds (the first element of each tuple).
-_WAKE = 0  # (WAKE,)
-_EVENT = 1  # (EVENT, event): a ``_wire`` event from run_call, sent through the scheduler
-_OUTCOME = 2  # (OUTCOME, sub_id, outcome event or None, exception or None): a gather's end
-_CLUSTER = 3  # (CLUSTER, msg): an "all" topic event about workers
-_RECALL_ANSWER = 4  # (RECALL_ANSWER, address, [sub_id, ...] or None)
-_WORKERS = 5  # (WORKERS, {address: nthreads} or None, probe number): a probe's answer
-
 _OUTCOMES = frozenset({SUCCEEDED, FAILED})
 
 
@@ -206,21 +196,15 @@ class DaskDispatcher(DispatcherCore):
         connect_timeout: float | None,
     ) -> None:
         super().__init__(backlog, circuit_breaker)
-        self._target = target
         self._worker_count = worker_count
         self._default_policy_bytes = default_policy_bytes
-        self._connect_timeout = connect_timeout
         # Unique per dispatcher: the events topic, and the prefix of every Dask key, so that
         # no submission is ever merged with another by the scheduler.
         self._uid = uuid.uuid4().hex[:16]
-        self._topic = f"taskorch-events-{self._uid}"
-        # The inbox (see the module docstring). put() from any thread; get() by ours only.
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        # Set in _open(), before any call is submitted.
-        self._client: Any = None
-        self._own_client = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._cluster_events: ClusterEventsListener | None = None
+        # The inbox (see ``dask_cluster``). put() from any thread; get() by ours only.
+        self._inbox: Inbox = queue.SimpleQueue()
+        self._link = ClusterLink(target, connect_timeout, f"taskorch-events-{self._uid}",
+                                 self._inbox, self._future_of)
         # Dispatcher thread only, except `_total_threads` (an int, read by any thread).
         self._workers: dict[str, _Worker] = {}
         self._total_threads = 0
@@ -246,124 +230,23 @@ class DaskDispatcher(DispatcherCore):
         return max(1, self._total_threads)  # no worker yet: tasks wait, and map() needs >= 1
 
     def wake(self) -> None:
-        self._inbox.put((_WAKE,))
+        self._inbox.put((WAKE,))
 
-    # -- connecting ------------------------------------------------------------------------
-
-    def _open(self) -> None:
-        """Connect (or adopt the given Client) and learn the workers."""
-        import distributed
-
-        if isinstance(self._target, str):
-            kwargs: dict[str, Any] = {"set_as_default": False}
-            if self._connect_timeout is not None:
-                kwargs["timeout"] = self._connect_timeout
-            client_class: Any = distributed.Client  # untyped constructor
-            self._client = client_class(self._target, **kwargs)
-            self._own_client = True
-        else:
-            self._client = self._target
-            if self._client.status != "running":
-                raise RuntimeError(f"the Client is {self._client.status}")
-        self._loop = self._client.loop.asyncio_loop
-        # Subscribed before anything is submitted: both go through the client's one stream to
-        # the scheduler, in order, so no event of ours can precede the subscription.
-        self._client.subscribe_topic(self._topic, self._on_task_event)
-        self._cluster_events = ClusterEventsListener(self._client, self._on_cluster_event)
-        self._set_workers(self._client.nthreads())
-
-    def _describe_start_failure(self, exc: BaseException) -> str:
-        where = self._target if isinstance(self._target, str) else repr(self._target)
-        return f"could not use the Dask cluster at {where}: {type(exc).__name__}: {exc}"
-
-    def _close(self) -> None:
-        """Undo _open (at the thread's end, or after a failed start)."""
-        client = self._client
-        if client is None:
-            return
-        self._client = None
-        try:
-            if self._cluster_events is not None:
-                self._cluster_events.close()
-            if client.status == "running":
-                client.unsubscribe_topic(self._topic)
-        except Exception:
-            log.debug("could not unsubscribe from the Dask scheduler's events", exc_info=True)
-        if self._own_client:
-            try:
-                client.close(timeout=CLIENT_CLOSE_TIMEOUT)
-            except Exception:
-                log.warning("closing the Dask client failed", exc_info=True)
-
-    # -- handlers on the Client's event loop thread: put into the inbox, nothing else -----------
-
-    def _on_task_event(self, event: tuple[float, Any]) -> None:
-        ours: Event = tuple(event[1].get("ev") or ())
-        if not ours:
-            return
-        self._inbox.put((_EVENT, ours))
-        if ours[0] in _OUTCOMES:
-            # An outcome sent inline: release the call's Dask future, so that the gather
-            # waiting on it ends (cancelled) instead of fetching the task's None. Reads the
-            # dispatcher's dict without its lock: one atomic get; release() is idempotent
-            # and thread-safe.
-            sub = self._subs.get(ours[1])
-            future = sub.future if sub is not None else None
-            if future is not None:
-                future.release()
-
-    def _on_cluster_event(self, msg: Any) -> None:
-        self._inbox.put((_CLUSTER, msg))
-
-    async def _collect(self, pairs: list[tuple[int, Any]]) -> None:
-        """Wait for each submitted call's outcome and post it (concurrent gathers of one
-        Client are merged into few requests by distributed)."""
-        client = self._client
-        inbox = self._inbox
-
-        async def one(sub_id: int, future: Any) -> None:
-            try:
-                value = await client.gather(future, asynchronous=True)
-            except BaseException as exc:  # cancelled (by us, or not), KilledWorker, a lost client
-                inbox.put((_OUTCOME, sub_id, None, exc))
-            else:
-                if value is not None:  # None: the outcome came inline, in an event
-                    inbox.put((_OUTCOME, sub_id, tuple(value), None))
-
-        await asyncio.gather(*(one(s, f) for s, f in pairs), return_exceptions=True)
-
-    def _call_soon(
-        self, make: Callable[[], Coroutine[Any, Any, Any]],
-        on_done: Callable[[Any, BaseException | None], None] | None = None,
-    ) -> None:
-        """Run the coroutine ``make()`` returns on the Client's loop; ``on_done(result, exc)``
-        runs there too (or here, at once, if it cannot even start: the Client may be
-        reconnecting, or closed)."""
-        assert self._loop is not None
-        coro = None
-        try:
-            coro = make()
-            cf = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        except Exception as exc:
-            if coro is not None:
-                coro.close()
-            if on_done is not None:
-                on_done(None, exc)
-            else:
-                log.debug("could not send a request to the Dask scheduler: %r", exc)
-            return
-
-        def done(cf: concurrent.futures.Future[Any]) -> None:
-            exc: BaseException | None
-            exc = asyncio.CancelledError() if cf.cancelled() else cf.exception()
-            if on_done is not None:
-                on_done(None if exc is not None else cf.result(), exc)
-            elif exc is not None:
-                log.debug("a Dask request failed: %r", exc)
-
-        cf.add_done_callback(done)
+    def _future_of(self, sub_id: int) -> Any:
+        """A submission's distributed.Future (the Client's loop thread asks: one atomic get)."""
+        sub = self._subs.get(sub_id)
+        return sub.future if sub is not None else None
 
     # -- what comes back -------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self._set_workers(self._link.open())
+
+    def _describe_start_failure(self, exc: BaseException) -> str:
+        return self._link.describe_failure(exc)
+
+    def _close(self) -> None:
+        self._link.close()
 
     def _wait_and_handle(self, timeout: float | None) -> None:
         inbox = self._inbox
@@ -391,26 +274,24 @@ class DaskDispatcher(DispatcherCore):
         with backlog.lock:
             for entry in entries:
                 kind = entry[0]
-                if kind == _EVENT:
+                if kind == EVENT:
                     self._on_event_locked(entry[1], now, lost)
-                elif kind == _OUTCOME:
+                elif kind == OUTCOME:
                     self._on_outcome_locked(entry[1], entry[2], entry[3], now, lost)
-                elif kind == _CLUSTER:
+                elif kind == CLUSTER:
                     msg = entry[1]
                     if msg.get("action") == "remove-worker":
                         expected = " (retired)" if msg.get("expected") else ""
                         lost.append((str(msg.get("worker")), f"the scheduler removed it{expected}"))
                     else:
                         refresh = True  # a worker joined: learn its threads
-                elif kind == _RECALL_ANSWER:
+                elif kind == RECALL_ANSWER:
                     recalled.append((entry[1], entry[2]))
-                elif kind == _WORKERS:
+                elif kind == WORKERS:
                     self._probe_in_flight = False
                     if entry[1] is not None:
                         workers, probe = entry[1], entry[2]
-        for future in self._to_release:
-            if future is not None:
-                future.release()  # thread-safe: hops to the Client's loop
+        self._link.release(self._to_release)
         self._to_release.clear()
         if self._break_reason is not None:
             log.error("orchestrator broken: %s", self._break_reason)
@@ -473,8 +354,8 @@ class DaskDispatcher(DispatcherCore):
         if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
             # Not by us (we forget a call before cancelling it): the Client was closed or lost
             # its scheduler, or someone cancelled our key (Client.restart(), Client.cancel).
-            if self._client.status != "running":
-                reason = getattr(exc, "reason", None) or self._client.status
+            if self._link.status != "running":
+                reason = getattr(exc, "reason", None) or self._link.status
                 self._break_reason = (
                     f"the Dask client lost its scheduler or was closed ({reason}), and with it "
                     "every task it had submitted; create a new orchestrator"
@@ -540,15 +421,7 @@ class DaskDispatcher(DispatcherCore):
         self._probe_in_flight = True
         self._probe_again = False
         self._probes_sent += 1
-        probe = self._probes_sent
-        inbox = self._inbox
-
-        def on_done(result: Any, exc: BaseException | None) -> None:
-            # A failed request answers "nothing known": the next probe will tell.
-            inbox.put((_WORKERS, None if exc is not None else dict(result), probe))
-
-        client = self._client
-        self._call_soon(lambda: client.nthreads(asynchronous=True), on_done)
+        self._link.ask_workers(self._probes_sent)
 
     def _on_worker_lost(self, address: str, why: str) -> None:
         worker = self._workers.pop(address, None)
@@ -565,24 +438,16 @@ class DaskDispatcher(DispatcherCore):
             for sub in subs:
                 if sub.started:
                     self._crash_sub_locked(sub, why)
-        self._cancel(futures)  # they wait in "no-worker" state: drop them
+        self._link.cancel(futures)  # they wait in "no-worker" state: drop them
         log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
                     "running call(s) lost; %d threads left", address, why, len(requeue),
                     len(subs) - len(requeue), self._total_threads)
-
-    def _cancel(self, futures: list[Any]) -> None:
-        """Cancel Dask tasks (asynchronously): one not started is dropped; one running runs
-        on, its result discarded (Dask cannot stop it)."""
-        futures = [f for f in futures if f is not None]
-        client = self._client
-        if futures and client is not None and client.status == "running":
-            self._call_soon(lambda: client.cancel(futures, asynchronous=True, reason="taskorch"))
 
     # -- handing over ----------------------------------------------------------------------
 
     def _hand_over(self, now: float, admission: Admission) -> None:
         backlog = self._backlog
-        status = self._client.status
+        status = self._link.status
         if status != "running":
             # "connecting": it lost its scheduler, and cancels every future it held; their
             # outcomes (cancelled) break the orchestrator. Closed: nothing will come.
@@ -624,26 +489,12 @@ class DaskDispatcher(DispatcherCore):
             self._probe_at = now + WORKER_PROBE_INTERVAL
 
     def _submit(self, address: str, subs: list[_Sub]) -> None:
-        from taskorch._worker.dask import run_call
-
         try:
-            futures = self._client.map(
-                run_call,
-                [sub.sub_id for sub in subs],
+            futures = self._link.submit(
+                address, [sub.sub_id for sub in subs], [sub.key for sub in subs],
                 [sub.item.payload for sub in subs],  # the bytes run() made: not pickled again
-                [sub.item.policy_bytes for sub in subs],
-                [sub.item.attempts for sub in subs],
-                key=[sub.key for sub in subs],
-                workers=[address],
-                allow_other_workers=False,
-                # A new scheduler "generation" per submission, so that a worker runs our calls
-                # in the order handed over: within Dask's default 100 ms, two submissions'
-                # tasks tie on priority and may run in either order.
-                fifo_timeout="0ms",
-                retries=0,
-                pure=False,
-                topic=self._topic,
-                default_policy=self._default_policy_bytes,
+                [sub.item.policy_bytes for sub in subs], [sub.item.attempts for sub in subs],
+                self._default_policy_bytes,
             )
         except Exception as exc:
             # The client is closed, or the calls cannot be sent: as if the worker were lost
@@ -653,17 +504,13 @@ class DaskDispatcher(DispatcherCore):
                 for sub in subs:
                     self._forget_sub(sub)
                 self._requeue_locked([sub.item for sub in subs])
-            if self._client.status != "running":
-                reason = f"the Dask client is {self._client.status}; create a new orchestrator"
+            if self._link.status != "running":
+                reason = f"the Dask client is {self._link.status}; create a new orchestrator"
                 log.error("orchestrator broken: %s", reason)
                 self._backlog.mark_broken(reason)
             return
         for sub, future in zip(subs, futures):
             sub.future = future
-        # Each gather ends with an outcome, or cancelled: by an inline outcome's release, by
-        # our cancel, or when the Client closes (it cancels every future it holds).
-        pairs = [(sub.sub_id, sub.future) for sub in subs]
-        self._call_soon(lambda: self._collect(pairs))
 
     def _has_room(self, now: float) -> bool:
         return False  # one hand-over per round: Dask's own round trips dominate
@@ -689,22 +536,9 @@ class DaskDispatcher(DispatcherCore):
         return again
 
     def _send_recall(self, worker: _Worker, calls: list[tuple[int, str]]) -> None:
-        from taskorch._worker.dask import recall_unstarted
-
         log.debug("recalling %d calls from busy Dask worker %s", len(calls), worker.address)
         worker.recall_sent = True
-        inbox = self._inbox
-        address = worker.address
-
-        def on_done(result: Any, exc: BaseException | None) -> None:
-            taken = None if exc is not None else result.get(address)
-            inbox.put((_RECALL_ANSWER, address, taken if isinstance(taken, list) else None))
-
-        client, topic = self._client, self._topic
-        self._call_soon(lambda: client.run(
-            recall_unstarted, topic, calls, workers=[address], on_error="return",
-            asynchronous=True,
-        ), on_done)
+        self._link.recall(worker.address, calls)
 
     def _on_recall_answer(self, address: str, taken: list[int] | None) -> None:
         worker = self._workers.get(address)
@@ -717,7 +551,7 @@ class DaskDispatcher(DispatcherCore):
         with self._backlog.lock:
             futures = [self._forget_sub(sub) for sub in subs]
             self._requeue_locked([sub.item for sub in subs])
-        self._cancel(futures)
+        self._link.cancel(futures)
 
     # -- timers and stopping ---------------------------------------------------------------
 
@@ -742,4 +576,4 @@ class DaskDispatcher(DispatcherCore):
 
     def _after_settle(self) -> None:
         futures, self._to_cancel = self._to_cancel, []
-        self._cancel(futures)
+        self._link.cancel(futures)
