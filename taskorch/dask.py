@@ -69,7 +69,6 @@ What differs from local workers, because the cluster's processes and threads are
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +130,7 @@ class DaskBackend:
                 "max_memory_per_worker cannot be honoured on Dask: the cluster's workers are "
                 "not taskorch's to recycle; use the Dask worker's --memory-limit instead"
             )
-        if config.kill_grace != _default_kill_grace():
+        if config.kill_grace is not None:
             warnings.warn(
                 "kill_grace has no meaning on Dask: taskorch cannot kill a Dask worker's "
                 "thread, so a task stuck in C code past its timeout runs on until it returns",
@@ -146,10 +145,3 @@ class DaskBackend:
 
     def __repr__(self) -> str:
         return f"DaskBackend({self._address!r})"
-
-
-def _default_kill_grace() -> float:
-    from taskorch._parent.orchestrator import TaskOrchestrator
-
-    default = inspect.signature(TaskOrchestrator.__init__).parameters["kill_grace"].default
-    return float(default)

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
 
 
+#: Seconds a local task may run past its timeout, unresponsive, before its worker is killed.
+DEFAULT_KILL_GRACE = 1.0
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PoolConfig:
     """What a TaskOrchestrator was asked for, as a backend sees it."""
@@ -33,7 +37,7 @@ class PoolConfig:
     worker_count: int | None  # None: the backend's own default (local: 2; Dask: cluster threads)
     policy: Policy
     policy_bytes: bytes  # the policy pickled once, for the workers
-    kill_grace: float
+    kill_grace: float | None  # None: not given (the backend's default)
     max_tasks_per_worker: int | None
     max_memory_per_worker: float | None
     circuit_breaker: CircuitBreaker | None
@@ -68,7 +72,8 @@ class LocalBackend:
 
         return LocalDispatcher(
             backlog, config.worker_count or 2, config.policy_bytes,
-            kill_grace=config.kill_grace, max_tasks_per_worker=config.max_tasks_per_worker,
+            kill_grace=DEFAULT_KILL_GRACE if config.kill_grace is None else config.kill_grace,
+            max_tasks_per_worker=config.max_tasks_per_worker,
             max_memory_per_worker=config.max_memory_per_worker,
             circuit_breaker=config.circuit_breaker,
         )

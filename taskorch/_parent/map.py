@@ -36,6 +36,7 @@ def map_in_chunks(
     star = len(iterables) > 1
     items = iter(zip(*iterables) if star else iterables[0])
     known = _known_length(iterables)
+    intake = orchestrator.intake
     in_flight_limit = max(2, 2 * orchestrator.worker_count)
     cap = MAX_CHUNK_ITEMS
     if known is not None:  # leave every worker several chunks, as multiprocessing.Pool does
@@ -55,8 +56,7 @@ def map_in_chunks(
                     exhausted = True
                     break
                 payload = encode_call(run_chunk, (fn, chunk, return_exceptions, star), {})
-                item = orchestrator._new_item(payload, orchestrator.policy, None)
-                future = orchestrator._offer_blocking(item)
+                future = intake.offer_blocking(intake.prepare(payload))
                 if future is None:  # cannot happen without a deadline
                     raise OrchestratorClosedError("map(): the task was not accepted")
                 in_flight.append((future, len(chunk)))

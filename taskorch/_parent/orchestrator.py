@@ -42,9 +42,9 @@ class TaskOrchestrator:
     ``run_async()`` does. ``policy`` (default ``Policy.default()``) applies to every task,
     unless overridden per task with ``with_policy()``.
 
-    Fault tolerance: ``kill_grace`` is how long past its per-attempt timeout a task that does
-    not respond to the in-process interrupt may run before its worker is terminated (SIGTERM,
-    then SIGKILL 0.5 s later). ``max_tasks_per_worker`` and ``max_memory_per_worker`` (MiB of
+    Fault tolerance: ``kill_grace`` (default 1 s) is how long past its per-attempt timeout a
+    task that does not respond to the in-process interrupt may run before its worker is
+    terminated (SIGTERM, then SIGKILL 0.5 s later). ``max_tasks_per_worker`` and ``max_memory_per_worker`` (MiB of
     resident memory, checked after each task) recycle a worker after the task that crossed the
     line; its replacement starts at once. ``circuit_breaker`` (a ``CircuitBreaker``) stops
     tasks from starting while the work keeps failing.
@@ -61,7 +61,7 @@ class TaskOrchestrator:
         features: Features = Features.NONE,
         policy: Policy | None = None,
         *,
-        kill_grace: float = 1.0,
+        kill_grace: float | None = None,
         max_tasks_per_worker: int | None = None,
         max_memory_per_worker: float | None = None,
         circuit_breaker: CircuitBreaker | None = None,
@@ -76,7 +76,8 @@ class TaskOrchestrator:
             policy = Policy.default()
         elif not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        _check_number("kill_grace", kill_grace)
+        if kill_grace is not None:
+            _check_number("kill_grace", kill_grace)
         if max_tasks_per_worker is not None:
             _check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
         if max_memory_per_worker is not None:
@@ -94,6 +95,7 @@ class TaskOrchestrator:
             raise ValueError(f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
         self._backend = backend
         self._backlog = Backlog(max_backlog)
+        self._intake = Intake(self._backlog, policy, self._drop_when_full)
         self._dispatcher = backend.create_dispatcher(self._backlog, PoolConfig(
             worker_count=worker_count, policy=policy, policy_bytes=encode_policy(policy),
             kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
@@ -180,66 +182,25 @@ class TaskOrchestrator:
             raise TypeError("map() needs at least one iterable")
         return map_in_chunks(self, fn, iterables, chunksize, return_exceptions)
 
-    # -- internals shared with map() and the service -------------------------------------------
-
-    def _new_item(
-        self, payload: bytes, policy: Policy, policy_bytes: bytes | None, raw: bool = False,
-    ) -> WorkItem:
-        future = TaskFuture()
-        item = WorkItem(0, future, payload, policy, policy_bytes, raw)
-        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
-        return item
-
-    def _item(
-        self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
-        args: tuple[Any, ...], kwargs: dict[str, Any],
-    ) -> WorkItem:
-        if not callable(fn):
-            raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
-        payload = encode_call(fn, args, kwargs)  # SerializationError: nothing enqueued
-        return self._new_item(payload, policy, policy_bytes)
+    @property
+    def intake(self) -> Intake:
+        """Where callers that prepare calls themselves submit them (``map()``, the CLI, the
+        server); see ``Intake``. Not part of the public API."""
+        return self._intake
 
     def _run(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture | None:
-        item = self._item(policy, policy_bytes, fn, args, kwargs)
-        return self._offer(item, getattr(fn, "__qualname__", fn))
+        item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
+        return self._intake.offer(item, getattr(fn, "__qualname__", fn))
 
     async def _run_async(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture:
-        return await self._offer_async(self._item(policy, policy_bytes, fn, args, kwargs))
-
-    def _offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
-        """run()'s semantics for a ready item: accept, raise QueueFullError, or drop."""
-        if self._backlog.offer(item, self._drop_when_full):
-            return item.future
-        log.warning(
-            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
-            self._max_backlog, what or "sent by a client",
-        )
-        return None
-
-    def _offer_blocking(self, item: WorkItem, deadline: float | None = None) -> TaskFuture | None:
-        """Accept ``item``, waiting for room until ``deadline`` (None: timed out)."""
-        return item.future if self._backlog.offer_blocking(item, deadline) else None
-
-    async def _offer_async(self, item: WorkItem) -> TaskFuture:
-        """run_async()'s semantics for a ready item: wait for room, cancellable."""
-        import asyncio  # here, not at the top: importing it costs ~14 ms a sync caller never needs
-
-        loop = asyncio.get_running_loop()
-        while True:
-            waiter = self._backlog.offer_or_wait(item, loop)
-            if waiter is None:
-                return item.future
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._backlog.forget_waiter(waiter)
-                raise
+        item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
+        return await self._intake.offer_async(item)
 
     # -- observing -------------------------------------------------------------------------
 
@@ -309,6 +270,72 @@ class TaskOrchestrator:
             "stopping" if self._backlog.closed else "running")
         return (f"<TaskOrchestrator {state} workers={s.workers}/{self.worker_count} "
                 f"queued={s.queued}/{self._max_backlog} running={s.running}>")
+
+
+class Intake:
+    """An orchestrator's intake: make a task from a call (``prepare_call``) or from bytes
+    pickled elsewhere (``prepare``: ``map()``'s chunks, the CLI's bulk path, the server, which
+    forwards calls it must never unpickle), then offer it with one of three semantics. Runs in
+    the submitting thread; everything it touches is the backlog's, under its lock."""
+
+    def __init__(self, backlog: Backlog, default_policy: Policy, drop_when_full: bool) -> None:
+        self._backlog = backlog
+        self._default_policy = default_policy
+        self._drop_when_full = drop_when_full
+
+    def prepare(
+        self, payload: bytes, policy: Policy | None = None, policy_bytes: bytes | None = None,
+        *, raw: bool = False,
+    ) -> WorkItem:
+        """A task from ``_wire.encode_call`` bytes. ``policy_bytes`` None: the workers'
+        default policy (``policy`` must then be the orchestrator's, or None). ``raw``: its
+        future gets the worker's outcome still pickled (``task.RawOutcome``)."""
+        future = TaskFuture()
+        item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
+        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
+        return item
+
+    def prepare_call(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        policy: Policy | None = None, policy_bytes: bytes | None = None,
+    ) -> WorkItem:
+        """A task that calls ``fn(*args, **kwargs)``; SerializationError if it does not
+        pickle (nothing is enqueued)."""
+        if not callable(fn):
+            raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
+        return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes)
+
+    def offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
+        """run()'s semantics: accept, raise QueueFullError, or drop (None, logged) when the
+        orchestrator has ``Features.ALLOW_SYNC_TASK_DROP``."""
+        if self._backlog.offer(item, self._drop_when_full):
+            return item.future
+        log.warning(
+            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
+            self._backlog.max_backlog, what or "sent by a client",
+        )
+        return None
+
+    def offer_blocking(self, item: WorkItem, deadline: float | None = None) -> TaskFuture | None:
+        """Accept ``item``, waiting for room until ``deadline`` (a ``time.monotonic()`` value;
+        None: no limit). None: the deadline passed first, nothing was enqueued."""
+        return item.future if self._backlog.offer_blocking(item, deadline) else None
+
+    async def offer_async(self, item: WorkItem) -> TaskFuture:
+        """run_async()'s semantics: wait for room without blocking the loop; cancelling the
+        wait enqueues nothing."""
+        import asyncio  # here, not at the top: importing it costs ~14 ms a sync caller never needs
+
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = self._backlog.offer_or_wait(item, loop)
+            if waiter is None:
+                return item.future
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._backlog.forget_waiter(waiter)
+                raise
 
 
 class PolicyOverride:

@@ -16,12 +16,12 @@ Threads of the server process:
                                 died); then shuts down (below)
     "taskorch-serve-accept"     accepts connections, starts a reader for each
     "taskorch-serve-conn-N"     per connection: the HMAC handshake, then reads frames and
-                                submits; ``run()`` semantics (``o._offer``) never block, and
+                                submits; ``run()`` semantics (``o.intake.offer``) never block, and
                                 ``run_async()`` ones are handed to the asyncio thread
     "taskorch-serve-send-N"     per connection, once authenticated: writes the frames queued
                                 in its outbox (answers, outcomes, stats)
     "taskorch-serve-async"      an asyncio loop for submits that wait for room
-                                (``await o._offer_async``), cancellable by a withdraw
+                                (``await o.intake.offer_async``), cancellable by a withdraw
     "taskorch-serve-drain"      runs ``o.stop()`` at shutdown, so that the main thread can
                                 take a second signal and shorten the drain
     "taskorch-dispatcher"       the orchestrator's: resolves TaskFutures; their callbacks only
@@ -643,14 +643,14 @@ class _ServedConnection:
             except ValueError as exc:
                 self._answer((S_REJECTED, req, encode_service_error(SerializationError(f"invalid policy: {exc}"))))
                 return
-        item = o._new_item(payload, policy, policy_bytes, raw=True)
+        item = o.intake.prepare(payload, policy, policy_bytes, raw=True)
         if wait:
             if not self._on_loop(self._start_waiting, req, item):
                 self._answer((S_REJECTED, req, encode_service_error(
                     OrchestratorClosedError("taskorch serve is stopping"))))
             return
         try:
-            future = o._offer(item, f"from {self.peer}")
+            future = o.intake.offer(item, f"from {self.peer}")
         except TaskorchError as exc:  # QueueFullError, OrchestratorClosedError, ...BrokenError
             self._answer((S_REJECTED, req, encode_service_error(exc)))
             return
@@ -707,7 +707,7 @@ class _ServedConnection:
 
     async def _offer_when_room(self, req: int, item: WorkItem) -> None:
         try:
-            future = await self.orchestrator._offer_async(item)  # cancelled: nothing enqueued
+            future = await self.orchestrator.intake.offer_async(item)  # cancelled: nothing enqueued
         except TaskorchError as exc:
             self.send((S_REJECTED, req, encode_service_error(exc)))
             return

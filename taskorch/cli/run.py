@@ -352,12 +352,13 @@ class _Run:
         try:
             if not chunked:
                 _, args, kwargs = chunk[0]
-                item = o._item(o.policy, None, self.fn, args, kwargs)
+                item = o.intake.prepare_call(self.fn, args, kwargs)
             else:
                 payload = encode_call(run_chunk, (self.fn, [a for _, a, _ in chunk], True, True,
                                                   [k for _, _, k in chunk]), {})
-                item = o._new_item(payload, o.policy, None)
-            future = o._offer(item, self.fn) if self.args.drop else o._offer_blocking(item)
+                item = o.intake.prepare(payload)
+            future = (o.intake.offer(item, self.fn) if self.args.drop
+                      else o.intake.offer_blocking(item))
         except Exception as exc:  # closed by a signal, or the call does not pickle
             self._owe(indices, None, ("Cancelled", "never started: the run was interrupted")
                       if self.stopping else (type(exc).__name__, str(exc)))
