@@ -206,8 +206,8 @@ def test_an_existing_client_is_shared_and_not_closed(make_orchestrator: Make, cl
 def test_raw_tasks_get_the_pickled_outcome(make_dask: Make) -> None:
     o = make_dask()
     policy = Policy(retries=0)
-    ok = o._offer(o._new_item(encode_call(t.square, (5,), {}), policy, None, raw=True))
-    bad = o._offer(o._new_item(encode_call(t.raise_value_error, ("x",), {}), policy, None, raw=True))
+    ok = o.intake.offer(o.intake.prepare(encode_call(t.square, (5,), {}), raw=True))
+    bad = o.intake.offer(o.intake.prepare(encode_call(t.raise_value_error, ("x",), {}), raw=True))
     assert ok is not None and bad is not None
     outcome = ok.result(R)
     assert isinstance(outcome, RawOutcome) and outcome.ok and decode_frame(outcome.data) == 25
