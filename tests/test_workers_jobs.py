@@ -1,4 +1,9 @@
-"""Tests of the ready-made jobs in ``taskorch.workers``, run in-process on small real data.
+"""Tests of the ready-made jobs in the top-level ``workers/`` folder, on small real data.
+
+The job modules are plain files, loaded here by path as ``taskorch run workers/X.py:fn``
+loads them (no package, nothing on ``sys.path``).  Most tests call them in-process; the last
+ones run them in worker processes, where they arrive by value, and check that they import
+only the standard library.
 
 Each job is checked for: the right result, idempotence (a second run reports zero work),
 clear errors on bad input, and completion after a partially done run (a leftover temp file,
@@ -8,8 +13,9 @@ by wrapping one internal call, never by timing; nothing here sleeps.
 
 from __future__ import annotations
 
+import ast
 import gzip
-import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -18,11 +24,25 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-from taskorch.workers import dedupe, demo_workload, log_rotate, pq_compact, sqlite_purge
+WORKERS = Path(__file__).resolve().parents[1] / "workers"
+JOB_MODULES = ("dedupe", "demo_workload", "log_rotate", "pq_compact", "sqlite_purge")
+
+
+def _load(name: str) -> ModuleType:
+    """Execute ``workers/<name>.py`` by path under a private name (not in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(f"_test_workers_{name}", WORKERS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dedupe, demo_workload, log_rotate, pq_compact, sqlite_purge = (_load(m) for m in JOB_MODULES)
 
 NOW = 1_700_000_000.0
 
@@ -685,9 +705,9 @@ def test_purge_deleted_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def _resolve(target: str) -> Callable[..., dict[str, Any]]:
-    module, _, name = target.partition(":")
-    function: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), name)
-    return function
+    from taskorch.cli.run import resolve_target  # the CLI's own resolution of a path target
+
+    return resolve_target(target)
 
 
 def test_demo_workload_builds_and_every_job_runs_serially(tmp_path: Path) -> None:
@@ -696,8 +716,9 @@ def test_demo_workload_builds_and_every_job_runs_serially(tmp_path: Path) -> Non
     json.dumps(info)
     calls = demo_workload.jobs(str(root))
     targets = [target for target, _, _ in calls]
-    assert targets.count("taskorch.workers.log_rotate:compress_file") == 6
-    assert targets.count("taskorch.workers.dedupe:remove_duplicates") == 4
+    assert targets.count(f"{WORKERS / 'log_rotate.py'}:compress_file") == 6
+    assert targets.count(f"{WORKERS / 'dedupe.py'}:remove_duplicates") == 4
+    assert all(Path(target.rpartition(":")[0]).parent == WORKERS for target in targets)
 
     results = []
     for target, args, kwargs in calls:
@@ -737,24 +758,119 @@ def test_demo_workload_rejects_bad_input(tmp_path: Path) -> None:
         demo_workload.jobs(str(tmp_path / "never-built"))
 
 
-def test_worker_modules_are_import_light() -> None:
-    """Importing a job module adds only stdlib modules and starts no thread (in a fresh child)."""
-    code = """
-import sys, threading
-import taskorch
+# --------------------------------------------------------------------------- the folder itself
+
+
+def _imports(tree: ast.AST) -> list[tuple[int, str, int]]:
+    """(line, module, relative level) of every import in ``tree``, at any depth."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name, 0) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, node.module or "", node.level))
+    return found
+
+
+def test_job_modules_import_only_the_stdlib_and_nothing_relative() -> None:
+    """Every import statement of every ``workers/*.py``, module level or inside a function,
+    names a stdlib module: a file run by path has no package for a relative import, and a
+    worker that receives it by value may have nothing else installed."""
+    files = sorted(WORKERS.glob("*.py"))
+    assert {f.stem for f in files} >= set(JOB_MODULES)
+    assert not (WORKERS / "__init__.py").exists()  # plain modules, not a package
+    bad = []
+    for path in files:
+        for line, module, level in _imports(ast.parse(path.read_text(), str(path))):
+            if level or module.split(".")[0] not in sys.stdlib_module_names:
+                bad.append(f"{path.name}:{line}: {'.' * level}{module}")
+    assert not bad, "non-stdlib or relative imports in workers/:\n" + "\n".join(bad)
+
+
+def test_job_modules_load_by_path_adding_only_stdlib_modules_and_no_thread(tmp_path: Path) -> None:
+    """In a fresh interpreter that never imports taskorch, from a directory where nothing of
+    ours is importable: loading every job module by path (and building the demo workload,
+    which loads its sibling ``pq_compact`` by path) adds only stdlib modules, no thread."""
+    code = f"""
+import importlib.util, sys, threading
 before = set(sys.modules)
-import taskorch.workers.sqlite_purge, taskorch.workers.log_rotate, taskorch.workers.dedupe
-import taskorch.workers.pq_compact, taskorch.workers.demo_workload
+loaded = {{}}
+for name in {JOB_MODULES!r}:
+    path = {str(WORKERS)!r} + "/" + name + ".py"
+    spec = importlib.util.spec_from_file_location("_job_" + name, path)
+    loaded[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded[name])
+loaded["demo_workload"].build({str(tmp_path / "demo")!r}, scale=0.02)
 added = set(sys.modules) - before
-foreign = sorted(m for m in added
-                 if not m.startswith("taskorch.workers")
-                 and m.split(".")[0].lstrip("_") not in sys.stdlib_module_names
-                 and m.split(".")[0] not in sys.stdlib_module_names)
-print(foreign, threading.active_count())
+foreign = sorted(m for m in added if m.split(".")[0] not in sys.stdlib_module_names)
+print(foreign, threading.active_count(), "taskorch" in sys.modules)
 """
-    root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": root},
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+        check=True,
     ).stdout
-    assert out.split() == ["[]", "1"]
+    assert out.split() == ["[]", "1", "False"]
+
+
+def test_every_job_runs_in_a_worker_by_path_and_arrives_by_value(
+    tmp_path: Path, make_orchestrator: Callable[..., Any]
+) -> None:
+    """The path form end to end: targets resolved as ``taskorch run`` resolves them, run in
+    worker processes that never import the job files (the private module names the parent
+    gave them are absent there), including ``demo_workload.build``, whose sibling
+    ``pq_compact`` is loaded by path inside the worker."""
+    from _tasks import has_module
+
+    from taskorch import Policy
+
+    o = make_orchestrator(worker_count=2, policy=Policy(retries=0, timeout=120.0))
+    build = _resolve(f"{WORKERS / 'demo_workload.py'}:build")
+    info = o.run(build, str(tmp_path / "demo"), scale=0.05).result(timeout=120)
+    assert info["pq"]["deleted"] > 0
+
+    calls = _resolve(f"{WORKERS / 'demo_workload.py'}:jobs")(str(tmp_path / "demo"))
+    functions = {target: _resolve(target) for target, _, _ in calls}
+    futures = [(t, o.run(functions[t], *args, **kwargs)) for t, args, kwargs in calls]
+    results: dict[str, list[dict[str, Any]]] = {}
+    for target, future in futures:
+        results.setdefault(target.rpartition(":")[2], []).append(future.result(timeout=120))
+    assert sum(r["bytes_in"] for r in results["compress_file"]) == info["logs"]["bytes"]
+    assert results["purge_expired"][0]["deleted"] == info["sqlite"]["expired"]
+    removed = sum(r["removed_files"] for r in results["remove_duplicates"])
+    assert removed == info["files"]["duplicates"]
+    assert results["purge_deleted"][0]["rows_deleted"] == info["pq"]["deleted"]
+
+    private_names = {fn.__module__ for fn in functions.values()} | {build.__module__}
+    assert len(private_names) == 5 and all(name in sys.modules for name in private_names)
+    # Belt and braces: had any of them been pickled by reference, its task would have failed
+    # above with ModuleNotFoundError in the worker.
+    assert not any(o.run(has_module, name).result(timeout=60) for name in private_names)
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskorch", "demo", "--no-progress", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_demo_default_jobs_folder_is_the_checkouts_workers() -> None:
+    from taskorch.cli.demo import default_jobs_dir
+
+    assert default_jobs_dir() == WORKERS
+
+
+def test_demo_runs_the_jobs_of_a_folder_given_with_jobs(tmp_path: Path) -> None:
+    jobs = tmp_path / "my-jobs"
+    shutil.copytree(WORKERS, jobs, ignore=shutil.ignore_patterns("__pycache__"))
+    out = _demo("--jobs", str(jobs), "--scale", "0.02", "--no-serial",
+                "--keep", str(tmp_path / "w"))
+    assert out.returncode == 0, out.stderr
+    assert "12 jobs succeeded, 0 failed" in out.stdout
+
+
+def test_demo_without_a_jobs_folder_says_where_the_jobs_are(tmp_path: Path) -> None:
+    out = _demo("--jobs", str(tmp_path / "nowhere"))
+    assert out.returncode == 2
+    assert "holds no demo_workload.py" in out.stderr and "--jobs path/to/workers" in out.stderr
+    assert "Traceback" not in out.stderr

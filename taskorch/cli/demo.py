@@ -2,10 +2,15 @@
 
 It builds a realistic cleanup workload twice in a temporary directory (a SQLite database with
 expired sessions, application logs, file trees with duplicates, a priority-queue store with
-nodes marked deleted: ``taskorch.workers.demo_workload``), runs the jobs once serially in this
+nodes marked deleted: ``workers/demo_workload.py``), runs the jobs once serially in this
 process, then hands the same jobs on the twin copy to a ``TaskOrchestrator`` the way an
 application would (``run()`` and go on), while the main thread keeps "serving" and measures how
 long it was ever held up. It prints what each job did and the two timings.
+
+The jobs are the plain modules of the ``workers/`` folder at the top of a source checkout
+(``--jobs`` names another), loaded by path as ``taskorch run`` loads a path target: their
+functions travel to the workers by value, so nothing of ``workers/`` is installed anywhere.
+A wheel holds only the ``taskorch`` package, hence the clear error when the folder is missing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import sys
 import tempfile
 import time
 from concurrent.futures import Future, as_completed
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from taskorch.cli.main import EXIT_FAILED, EXIT_OK, UsageError
 
@@ -33,13 +39,37 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temporary directory)")
     p.add_argument("--no-serial", action="store_true", help="skip the serial comparison run")
+    p.add_argument("--jobs", metavar="DIR", default=None,
+                   help="the folder of job modules, holding demo_workload.py (default: the "
+                        f"workers/ folder of the source checkout, {str(default_jobs_dir())!r})")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None)
     progress.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(handler=main)
 
 
+def default_jobs_dir() -> Path:
+    """``workers/`` beside the ``taskorch`` package: the top of a source checkout (an editable
+    install, or ``python -m taskorch`` run from the checkout)."""
+    return Path(__file__).resolve().parents[2] / "workers"
+
+
+def _demo_workload(jobs_dir: str | None) -> Path:
+    """The path of ``demo_workload.py`` in the job folder, or a UsageError saying what to do."""
+    folder = Path(jobs_dir) if jobs_dir is not None else default_jobs_dir()
+    module = folder / "demo_workload.py"
+    if not module.is_file():
+        where = "--jobs" if jobs_dir is not None else "the default job folder"
+        raise UsageError(
+            f"{where} {str(folder)!r} holds no demo_workload.py: the demo's jobs live in the "
+            "workers/ folder of a taskorch source checkout, which an installed wheel does not "
+            "include; run it from a clone (./scripts/demo) or pass --jobs path/to/workers"
+        )
+    return module
+
+
 def main(args: argparse.Namespace) -> int:
+    workload = _demo_workload(args.jobs)  # first: a missing folder is reported before any work
     if not args.scale > 0:
         raise UsageError(f"--scale must be > 0, got {args.scale}")
     if args.workers < 1:
@@ -48,26 +78,34 @@ def main(args: argparse.Namespace) -> int:
         os.makedirs(args.keep, exist_ok=True)
         if os.listdir(args.keep):
             raise UsageError(f"--keep {args.keep!r} must be an empty directory")
-        return _demo(args, args.keep)
+        return _demo(args, args.keep, workload)
     root = tempfile.mkdtemp(prefix="taskorch-demo-")
     try:
-        return _demo(args, root)
+        return _demo(args, root, workload)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _demo(args: argparse.Namespace, root: str) -> int:
+def _demo(args: argparse.Namespace, root: str, workload: Path) -> int:
     from taskorch import Policy, TaskOrchestrator
     from taskorch.cli.run import resolve_target
-    from taskorch.workers import demo_workload
 
+    # Each target is loaded once: resolve_target executes a path target's file on every call.
+    resolved: dict[str, Callable[..., Any]] = {}
+
+    def resolve(target: str) -> Callable[..., Any]:
+        if target not in resolved:
+            resolved[target] = resolve_target(target)
+        return resolved[target]
+
+    build, list_jobs = resolve(f"{workload}:build"), resolve(f"{workload}:jobs")
     out = sys.stdout
     pool_root = os.path.join(root, "pool")
     serial_root = os.path.join(root, "serial")
     started = time.perf_counter()
-    info = demo_workload.build(pool_root, scale=args.scale)
+    info = build(pool_root, scale=args.scale)
     if not args.no_serial:
-        demo_workload.build(serial_root, scale=args.scale)
+        build(serial_root, scale=args.scale)
     out.write(
         f"Built a cleanup workload in {root} in {time.perf_counter() - started:.1f} s:\n"
         f"  {info['sqlite']['rows']:,} sessions in app.db ({info['sqlite']['expired']:,} expired)\n"
@@ -77,15 +115,15 @@ def _demo(args: argparse.Namespace, root: str) -> int:
         f"  a priority queue of {info['pq']['nodes']:,} nodes, {info['pq']['deleted']:,} marked deleted\n\n"
     )
     # The longest job (the SQLite purge) first, as a scheduler that knows its jobs would.
-    jobs = sorted(demo_workload.jobs(pool_root), key=lambda job: "purge_expired" not in job[0])
+    jobs = sorted(list_jobs(pool_root), key=lambda job: "purge_expired" not in job[0])
 
     serial_seconds = None
     if not args.no_serial:
         out.write(f"Serial, in this process: {len(jobs)} jobs ... ")
         out.flush()
         t0 = time.perf_counter()
-        for target, job_args, job_kwargs in demo_workload.jobs(serial_root):  # any order: serial
-            resolve_target(target)(*job_args, **job_kwargs)
+        for target, job_args, job_kwargs in list_jobs(serial_root):  # any order: serial
+            resolve(target)(*job_args, **job_kwargs)
         serial_seconds = time.perf_counter() - t0
         out.write(f"{serial_seconds:.2f} s\n")
 
@@ -102,7 +140,7 @@ def _demo(args: argparse.Namespace, root: str) -> int:
         futures: dict[Future[Any], str] = {}
         t0 = time.perf_counter()
         for target, job_args, job_kwargs in jobs:
-            future = o.run(resolve_target(target), *job_args, **job_kwargs)
+            future = o.run(resolve(target), *job_args, **job_kwargs)
             assert future is not None
             futures[future] = target
         submitted = time.perf_counter() - t0

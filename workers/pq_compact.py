@@ -2,7 +2,8 @@
 
 Runs in: ``ExternalPriorityQueue`` in the application's threads (one instance per thread: a
 ``sqlite3`` connection is not shared across threads); ``purge_deleted`` in a worker process,
-main thread.  Stdlib only, nothing at import.
+main thread, sent there by value (``taskorch run workers/pq_compact.py:purge_deleted``).
+Stdlib only, nothing at import.
 
 The motivating consumer of taskorch: a concurrent priority queue whose elements are too big
 for memory and live as blob files in a directory, indexed by a SQLite table of nodes

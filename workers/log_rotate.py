@@ -1,6 +1,8 @@
 """Job: gzip log files in place (``x.log`` -> ``x.log.gz``) and keep the N newest archives.
 
-Runs in: a worker process, main thread (imported there; stdlib only, nothing at import).
+Runs in: a worker process, main thread.  A plain file in ``workers/``, run by path
+(``taskorch run workers/log_rotate.py:FUNCTION``): the parent loads it and its functions travel to
+the worker by value, so the worker needs nothing installed.  Stdlib only, nothing at import.
 
 The crash protocol for one file, and why each step is where it is:
 

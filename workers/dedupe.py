@@ -1,6 +1,8 @@
 """Job: find files with identical content under a directory, and delete all but one copy.
 
-Runs in: a worker process, main thread (imported there; stdlib only, nothing at import).
+Runs in: a worker process, main thread.  A plain file in ``workers/``, run by path
+(``taskorch run workers/dedupe.py:FUNCTION``): the parent loads it and its functions travel to
+the worker by value, so the worker needs nothing installed.  Stdlib only, nothing at import.
 
 Files are grouped by size first (one ``lstat`` each, already paid for by ``scandir``), and
 only files that share a size are hashed, with BLAKE2b (256-bit) in chunks: on ordinary trees

@@ -3,6 +3,15 @@
 Runs in: the parent (``build`` and ``jobs``, before the pool starts); nothing here runs in a
 worker except through the job targets it names.  Stdlib only, nothing at import.
 
+Like every module in ``workers/``, this is a plain file loaded by path, not part of a package:
+it has no relative imports.  It needs its sibling ``pq_compact`` (to write a queue store the
+way the application would) and loads it by path too, when ``build`` runs, under a private
+name that is deliberately *not* put in ``sys.modules``: should anything of it ever be pickled
+(``build`` itself run as a task, ``taskorch run workers/demo_workload.py:build``), cloudpickle
+finds no importable module behind it and sends it by value, so a worker that cannot import
+anything of ours still runs it.  (``sys.modules`` under a private name would be worse than
+nothing: cloudpickle would pickle by reference to a name no worker can import.)
+
 ``build(root)`` writes, at ``scale=1``:
 
 - ``app.db``: a ``sessions`` table of 60,000 rows, 60% expired, interleaved as real sessions
@@ -21,14 +30,14 @@ from a seeded ``random.Random``: two builds with the same seed and scale are ide
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
 import sqlite3
 import time
+from types import ModuleType
 from typing import Any
-
-from .pq_compact import ExternalPriorityQueue
 
 Job = tuple[str, tuple[Any, ...], dict[str, Any]]
 
@@ -82,7 +91,9 @@ def build(root: str, *, scale: float = 1.0, seed: int = 0) -> dict[str, Any]:
 
 
 def jobs(root: str) -> list[Job]:
-    """The job calls for a workload built in ``root``: ``("module:function", args, kwargs)``.
+    """The job calls for a workload built in ``root``: ``("path/to/job.py:function", args,
+    kwargs)``, naming the job modules beside this file by absolute path (the form
+    ``taskorch run`` takes, and ``taskorch.cli.run.resolve_target`` resolves).
 
     Heaviest first (the gzip jobs), so that a pool that starts them in order finishes
     sooner.  Arguments are plain str/int/bool values, ready to pickle or to print as JSON.
@@ -95,6 +106,9 @@ def jobs(root: str) -> list[Job]:
     for required in (db_path, logs_dir, files_dir, pq_db):
         if not os.path.exists(required):
             raise FileNotFoundError(f"{required!r} is missing: run build({root!r}) first")
+    log_rotate, sqlite_purge, dedupe, pq_compact = (
+        _sibling_path(name) for name in ("log_rotate", "sqlite_purge", "dedupe", "pq_compact")
+    )
 
     result: list[Job] = []
     for name in sorted(os.listdir(logs_dir)):
@@ -103,11 +117,11 @@ def jobs(root: str) -> list[Job]:
             # Level 9: an archive is written once and kept for weeks, so the best ratio is
             # worth the CPU, and it makes these the heavy, parallel part of the workload.
             result.append(
-                ("taskorch.workers.log_rotate:compress_file", (path,), {"compresslevel": 9})
+                (f"{log_rotate}:compress_file", (path,), {"compresslevel": 9})
             )
     result.append(
         (
-            "taskorch.workers.sqlite_purge:purge_expired",
+            f"{sqlite_purge}:purge_expired",
             (db_path, "sessions", "expires_at"),
             {"chunk_size": 1000},
         )
@@ -115,13 +129,34 @@ def jobs(root: str) -> list[Job]:
     for name in sorted(os.listdir(files_dir)):
         result.append(
             (
-                "taskorch.workers.dedupe:remove_duplicates",
+                f"{dedupe}:remove_duplicates",
                 (os.path.join(files_dir, name),),
                 {"dry_run": False},
             )
         )
-    result.append(("taskorch.workers.pq_compact:purge_deleted", (pq_db,), {"chunk_size": 500}))
+    result.append((f"{pq_compact}:purge_deleted", (pq_db,), {"chunk_size": 500}))
     return result
+
+
+def _sibling_path(name: str) -> str:
+    """The absolute path of the job module ``name`` beside this file."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+
+
+def _load_sibling(name: str) -> ModuleType:
+    """Execute the job module ``name`` beside this file, by path, as a fresh module object.
+
+    Not registered in ``sys.modules`` (see the module docstring: that keeps it by value for
+    cloudpickle); nothing else looks it up there, and the job modules use no ``dataclasses``
+    or ``typing.get_type_hints`` that would.
+    """
+    path = _sibling_path(name)
+    spec = importlib.util.spec_from_file_location(f"_taskorch_workers_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the job module {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _scaled(count: int, scale: float, minimum: int) -> int:
@@ -299,7 +334,9 @@ def _build_queue(directory: str, rng: random.Random, scale: float) -> dict[str, 
     nodes = _scaled(_PQ_NODES, scale, 10)
     db_path = os.path.join(directory, "queue.db")
     os.makedirs(directory)
-    with ExternalPriorityQueue.create(db_path, os.path.join(directory, "blobs")) as queue:
+    pq_compact = _load_sibling("pq_compact")
+    blob_dir = os.path.join(directory, "blobs")
+    with pq_compact.ExternalPriorityQueue.create(db_path, blob_dir) as queue:
         ids = queue.push_many(
             (rng.uniform(0, 1_000), rng.randbytes(rng.randrange(512, 4_096))) for _ in range(nodes)
         )

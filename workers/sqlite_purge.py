@@ -1,6 +1,8 @@
 """Job: purge expired rows from a SQLite table in bounded chunks, then VACUUM.
 
-Runs in: a worker process, main thread (imported there; stdlib only, nothing at import).
+Runs in: a worker process, main thread.  A plain file in ``workers/``, run by path
+(``taskorch run workers/sqlite_purge.py:FUNCTION``): the parent loads it and its functions travel to
+the worker by value, so the worker needs nothing installed.  Stdlib only, nothing at import.
 
 Why chunks: the application keeps writing to the same database while this runs.  Each chunk
 is one short ``BEGIN IMMEDIATE ... COMMIT`` transaction, so the write lock is held for about
