@@ -3,9 +3,9 @@ state it publishes: in stats() before the futures that changed it resolve."""
 
 from __future__ import annotations
 
+import _tasks as t
 import pytest
 
-import _tasks as t
 from taskorch import CircuitBreaker, Policy, TaskOrchestrator
 from taskorch._parent.breaker import Breaker
 from taskorch._parent.task import TaskFuture, TaskState, WorkItem

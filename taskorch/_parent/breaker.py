@@ -131,7 +131,8 @@ class Breaker:
         while self._window and self._window[0][0] < now - config.sampling_window:
             self._window_failures -= self._window.popleft()[1]
         total = len(self._window)
-        if total >= config.minimum_throughput and self._window_failures / total >= config.failure_ratio:
+        ratio = self._window_failures / total if total else 0.0
+        if total >= config.minimum_throughput and ratio >= config.failure_ratio:
             self._open(now, f"{self._window_failures} of the last {total} tasks failed")
 
     def _open(self, now: float, why: str) -> None:

@@ -43,8 +43,8 @@ Locks: the dispatcher takes the backlog's lock (see ``_parent.backlog``) to move
 ``pending`` and its own records and to update the counts, once per batch of inbox entries and
 once per dispatch. It never holds it across a call into the Client (submit, cancel, release,
 recall, probe) nor while it resolves futures (done-callbacks are user code): what those need is
-collected under the lock and done after. ``dask_cluster.ClusterEventsListener._lock`` only guards its
-registry; nothing is called under it but the Client's non-blocking subscribe.
+collected under the lock and done after. ``dask_cluster.ClusterEventsListener._lock`` only
+guards its registry; nothing is called under it but the Client's non-blocking subscribe.
 
 Bounds: a call handed to Dask stays "queued" in the backlog until its STARTED event arrives,
 so the backlog bound is exact as locally. What runs at once is bounded by the cluster's

@@ -236,7 +236,8 @@ class LocalDispatcher(DispatcherCore):
             crashed = items.pop(0) if items and items[0].started_on is worker else None
             self._requeue_locked(items)
             if crashed is not None:
-                outcome = self._crash_locked(crashed, self._attempt_error(worker, crashed, exitcode))
+                error = self._attempt_error(worker, crashed, exitcode)
+                outcome = self._crash_locked(crashed, error)
         planned = worker.retiring is not None and exitcode == 0 and crashed is None
         if crashed is not None:
             log.warning("worker pid %d %s while running task %d (attempt %d of %d): %s",

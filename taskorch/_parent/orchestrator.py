@@ -16,8 +16,8 @@ import weakref
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator
 
-from taskorch._parent.backlog import Backlog
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
+from taskorch._parent.backlog import Backlog
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
@@ -38,16 +38,18 @@ class TaskOrchestrator:
     ``worker_count`` (default 2) worker processes start in the constructor (loky's fork+exec
     start method; the constructor returns once they are launched, without waiting for them to
     import). With ``backend=taskorch.dask.DaskBackend(address)`` the tasks run on a Dask
-    cluster instead, with the same backlog, policy and stop semantics. At most ``max_backlog`` tasks wait to start; ``run()`` never waits for room,
-    ``run_async()`` does. ``policy`` (default ``Policy.default()``) applies to every task,
-    unless overridden per task with ``with_policy()``.
+    cluster instead, with the same backlog, policy and stop semantics. At most
+    ``max_backlog`` tasks wait to start; ``run()`` never waits for room, ``run_async()``
+    does. ``policy`` (default ``Policy.default()``) applies to every task, unless overridden
+    per task with ``with_policy()``.
 
     Fault tolerance: ``kill_grace`` (default 1 s) is how long past its per-attempt timeout a
     task that does not respond to the in-process interrupt may run before its worker is
-    terminated (SIGTERM, then SIGKILL 0.5 s later). ``max_tasks_per_worker`` and ``max_memory_per_worker`` (MiB of
-    resident memory, checked after each task) recycle a worker after the task that crossed the
-    line; its replacement starts at once. ``circuit_breaker`` (a ``CircuitBreaker``) stops
-    tasks from starting while the work keeps failing.
+    terminated (SIGTERM, then SIGKILL 0.5 s later). ``max_tasks_per_worker`` and
+    ``max_memory_per_worker`` (MiB of resident memory, checked after each task) recycle a
+    worker after the task that crossed the line; its replacement starts at once.
+    ``circuit_breaker`` (a ``CircuitBreaker``) stops tasks from starting while the work keeps
+    failing.
 
     Stop it with ``stop()``, ``with``, or ``async with``. One that is never stopped is stopped
     at interpreter exit (drained for up to ``EXIT_TIMEOUT`` seconds), and if it is garbage
@@ -92,7 +94,8 @@ class TaskOrchestrator:
         if backend is None:
             backend = LocalBackend()
         elif not callable(getattr(backend, "create_dispatcher", None)):
-            raise ValueError(f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
+            raise ValueError(
+                f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
         self._backend = backend
         self._backlog = Backlog(max_backlog)
         self._intake = Intake(self._backlog, policy, self._drop_when_full)
@@ -350,7 +353,8 @@ class PolicyOverride:
         return self._orchestrator._run(self._policy, self._policy_bytes, fn, args, kwargs)
 
     async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        return await self._orchestrator._run_async(self._policy, self._policy_bytes, fn, args, kwargs)
+        return await self._orchestrator._run_async(
+            self._policy, self._policy_bytes, fn, args, kwargs)
 
 
 def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
