@@ -1,0 +1,370 @@
+"""Adversarial checks of taskorch, bounded in time, on this machine only (loopback and Unix
+sockets): the attacks of the hardening issue, re-run, each printing what it measured.
+
+    .venv/bin/python scripts/adversarial.py            # all, about a minute
+    .venv/bin/python scripts/adversarial.py slow_drip  # one (names below)
+
+Each scenario starts what it attacks itself (an orchestrator, or `taskorch serve` in a
+subprocess) and stops it; every loop is bounded in count and time. Figures are measurements
+on a noisy machine, not assertions; the regression tests live in tests/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+import taskorch
+from taskorch import Policy, TaskOrchestrator
+
+FAST = Policy(retries=0, timeout=None)
+PYTHON = sys.executable
+
+
+# -- tasks (sent by value: this file is __main__) ------------------------------------------------
+
+
+def noop() -> None:
+    return None
+
+
+def fork_then_die(hold_seconds: float) -> None:
+    """Leave a grandchild holding the worker's inherited descriptors, then crash."""
+    if os.fork() == 0:
+        time.sleep(hold_seconds)
+        os._exit(0)
+    os._exit(3)
+
+
+def start_popen_child(pid_file: str) -> int:
+    child = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    Path(pid_file).write_text(str(child.pid))
+    return child.pid
+
+
+class SlowToUnpickle:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> Any:
+        return (_slow_rebuild, (self.seconds,))
+
+
+def _slow_rebuild(seconds: float) -> str:
+    if os.environ.get("TASKORCH_ADVERSARIAL_PARENT") == str(os.getpid()):
+        time.sleep(seconds)  # only in the parent: the worker pickles, the parent unpickles
+    return "rebuilt"
+
+
+def slow_result(seconds: float) -> SlowToUnpickle:
+    return SlowToUnpickle(seconds)
+
+
+def takes(blob: bytes) -> int:
+    return len(blob)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def serve(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Any]:
+    """`taskorch serve` on a free loopback port; returns the process and its address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = tmp / "authkey"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "taskorch", "serve", "--tcp", f"127.0.0.1:{port}", "--authkey-file",
+         str(key), "--workers", "2", "--retries", "0", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with taskorch.connect(("127.0.0.1", port), authkey_file=key, timeout=1):
+                return proc, (("127.0.0.1", port), key)
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"taskorch serve exited: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+    raise RuntimeError("taskorch serve did not come up in 30 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def report(name: str, **figures: Any) -> None:
+    print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
+
+
+# -- the scenarios --------------------------------------------------------------------------
+
+
+def slow_drip(tmp: Path) -> None:
+    """300 connections that send a length header then a byte a second, never a key; a good
+    client connects every 0.2 s meanwhile. How many good connections are refused?"""
+    proc, (address, key) = serve(tmp)
+    attackers: list[socket.socket] = []
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(1.0):
+            for s in list(attackers):
+                try:
+                    s.send(b"x")
+                except OSError:
+                    attackers.remove(s)
+
+    try:
+        for _ in range(300):
+            s = socket.create_connection(address, timeout=2)
+            s.send(b"\x00\x00\x00\x40")  # a 64-byte frame is coming...
+            attackers.append(s)
+        dripper = threading.Thread(target=drip, daemon=True)
+        dripper.start()
+        refused = tried = 0
+        errors: set[str] = set()
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            tried += 1
+            try:
+                with taskorch.connect(address, authkey_file=key, timeout=5) as client:
+                    client.stats()
+            except Exception as exc:  # noqa: BLE001 - counted and described
+                refused += 1
+                errors.add(f"{type(exc).__name__}: {exc}"[:120])
+            time.sleep(0.2)
+        alive = sum(1 for s in attackers if _still_open(s))
+        report("slow_drip", good_connections_refused=f"{refused} of {tried}",
+               attackers_still_connected_after_15s=f"{alive} of 300",
+               errors=sorted(errors) or "none")
+    finally:
+        stop.set()
+        for s in attackers:
+            s.close()
+        stop_server(proc)
+
+
+def _still_open(s: socket.socket) -> bool:
+    try:
+        s.setblocking(False)
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def crash_with_fork(tmp: Path) -> None:
+    """A task forks a grandchild that keeps the worker's descriptors for 8 s, then its worker
+    dies; no-op tasks stream meanwhile. The longest gap between two completions is the stall."""
+    with TaskOrchestrator(worker_count=2, max_backlog=10_000, policy=FAST) as o:
+        o.run(noop).result(30)  # type: ignore[union-attr]
+        done: list[float] = []
+        lock = threading.Lock()
+
+        def on_done(_: Any) -> None:
+            with lock:
+                done.append(time.monotonic())
+
+        o.run(fork_then_die, 8.0)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            f = o.run(noop)
+            if f is not None:
+                f.add_done_callback(on_done)
+            time.sleep(0.002)
+        o.stop(30)
+    gaps = [b - a for a, b in zip(done, done[1:])]
+    report("crash_with_fork", longest_stall_ms=f"{max(gaps) * 1000:.0f}",
+           tasks_completed=len(done))
+
+
+def slow_unpickle(tmp: Path) -> None:
+    """22 tasks whose results take 5 s each to unpickle in the parent; stop(timeout=0.5)."""
+    os.environ["TASKORCH_ADVERSARIAL_PARENT"] = str(os.getpid())
+    o = TaskOrchestrator(worker_count=2, max_backlog=100, policy=FAST)
+    futures = [o.run(slow_result, 5.0) for _ in range(22)]
+    unrelated_started = time.monotonic()
+    unrelated = o.run(noop)
+    assert unrelated is not None
+    unrelated.result(60)
+    unrelated_s = time.monotonic() - unrelated_started
+    started = time.monotonic()
+    o.stop(timeout=0.5)
+    late = time.monotonic() - started - 0.5
+    unresolved = sum(not f.done() for f in futures if f is not None)
+    report("slow_unpickle", stop_late_by_s=f"{late:.2f}",
+           futures_unresolved_at_return=f"{unresolved} of 22",
+           unrelated_task_s=f"{unrelated_s:.2f}")
+
+
+def finished_futures(tmp: Path) -> None:
+    """What finished futures keep alive: fds (200 tasks, a new worker each) and memory (50
+    tasks with 4 MiB arguments)."""
+    me = psutil.Process()
+    fds_before = me.num_fds()
+    with TaskOrchestrator(worker_count=2, max_tasks_per_worker=1, max_backlog=300,
+                          policy=FAST) as o:
+        held = [o.run(noop) for _ in range(200)]
+        for f in held:
+            f.result(60)  # type: ignore[union-attr]
+    fds_held = me.num_fds() - fds_before
+    rss_before = me.memory_info().rss
+    with TaskOrchestrator(worker_count=2, max_backlog=100, policy=FAST) as o:
+        held2 = [o.run(takes, os.urandom(4 << 20)) for _ in range(50)]
+        for f in held2:
+            f.result(60)  # type: ignore[union-attr]
+    rss_held = (me.memory_info().rss - rss_before) / 2**20
+    report("finished_futures", fds_held_by_200=fds_held,
+           rss_held_by_50x4MiB=f"{rss_held:.0f} MiB")
+    del held, held2
+
+
+def tcp_round_trip(tmp: Path) -> None:
+    """The median time of a no-op run() + result() through `taskorch serve --tcp`."""
+    proc, (address, key) = serve(tmp)
+    try:
+        with taskorch.connect(address, authkey_file=key) as client:
+            for _ in range(20):
+                client.run(noop).result(30)  # type: ignore[union-attr]
+            times = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                client.run(noop).result(30)  # type: ignore[union-attr]
+                times.append(time.perf_counter() - t0)
+        report("tcp_round_trip", median_ms=f"{statistics.median(times) * 1000:.2f}",
+               p90_ms=f"{sorted(times)[int(len(times) * 0.9)] * 1000:.2f}")
+    finally:
+        stop_server(proc)
+
+
+def leftovers_after_stop(tmp: Path) -> None:
+    """A task starts a subprocess and returns; after stop(), is it still alive?"""
+    pid_file = tmp / "popen.pid"
+    with TaskOrchestrator(worker_count=1, policy=FAST) as o:
+        o.run(start_popen_child, str(pid_file)).result(30)  # type: ignore[union-attr]
+    pid = int(pid_file.read_text())
+    alive = _wait_gone([pid], 5)
+    report("leftovers_after_stop", processes_left=len(alive))
+    _kill(alive)
+
+
+PARENT_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from taskorch import Policy, TaskOrchestrator
+
+def fork_and_hold(path):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    Path(path).write_text(str(pid))
+    time.sleep(60)
+
+o = TaskOrchestrator(worker_count=2, policy=Policy(retries=0, timeout=None))
+o.run(fork_and_hold, sys.argv[1])
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+Path(sys.argv[2]).write_text(" ".join(map(str, o.worker_pids())))
+time.sleep(60)
+"""
+
+
+def leftovers_after_parent_sigkill(tmp: Path) -> None:
+    """An application whose task forked a grandchild is SIGKILLed: what outlives it?"""
+    script = tmp / "app.py"
+    script.write_text(PARENT_SCRIPT)
+    grandchild_file, workers_file = tmp / "grandchild.pid", tmp / "workers.pids"
+    app = subprocess.Popen([PYTHON, str(script), str(grandchild_file), str(workers_file)])
+    deadline = time.monotonic() + 30
+    while not workers_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    descendants = [p.pid for p in psutil.Process(app.pid).children(recursive=True)]
+    app.kill()
+    app.wait()
+    alive = _wait_gone(descendants, 5)
+    report("leftovers_after_parent_sigkill",
+           processes_left=f"{len(alive)} of {len(descendants)} descendants",
+           left=[_describe(pid) for pid in alive] or "none")
+    _kill(alive)
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    end = time.monotonic() + seconds
+    while True:
+        alive = [pid for pid in pids if _alive(pid)]
+        if not alive or time.monotonic() > end:
+            return alive
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid} ({' '.join(psutil.Process(pid).cmdline())[:60]})"
+    except psutil.Error:
+        return str(pid)
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+SCENARIOS: dict[str, Callable[[Path], None]] = {
+    "slow_drip": slow_drip,
+    "crash_with_fork": crash_with_fork,
+    "slow_unpickle": slow_unpickle,
+    "finished_futures": finished_futures,
+    "tcp_round_trip": tcp_round_trip,
+    "leftovers_after_stop": leftovers_after_stop,
+    "leftovers_after_parent_sigkill": leftovers_after_parent_sigkill,
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"taskorch-{name}-") as tmp:
+            try:
+                SCENARIOS[name](Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - one scenario's failure is a finding
+                report(name, failed=f"{type(exc).__name__}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
