@@ -292,11 +292,12 @@ class TaskorchAdapter(PoolAdapter):
     @staticmethod
     def preload() -> str:
         import taskorch
-        from taskorch import Policy, TaskOrchestrator  # noqa: F401 (lazy names: import now)
+
         # The constructor imports the local backend (and loky, which it is built on) on first
         # use; import it here, as every other adapter imports its whole library here, so that
         # D times starting a pool in each, not importing modules. The import is timed apart.
         import taskorch._parent.local  # noqa: F401
+        from taskorch import Policy, TaskOrchestrator  # noqa: F401 (lazy names: import now)
 
         return str(getattr(taskorch, "__version__", "?"))
 
@@ -704,7 +705,8 @@ class Child:
     # -- sections: each function is one repetition, on its own fresh pool --------------------
 
     def sec_A(self) -> dict[str, Any]:
-        n = min(self.p["a_tasks"], DASK_A_TASKS) if self.pool_name in DASK_POOLS else self.p["a_tasks"]
+        n = (min(self.p["a_tasks"], DASK_A_TASKS) if self.pool_name in DASK_POOLS
+             else self.p["a_tasks"])
         pool = self.new_pool()
         try:
             self.warm(pool)
@@ -1080,9 +1082,10 @@ def run_child(pool: str, args: Any, p: dict[str, Any], cpu_loops: int,
               reps: int | None = None) -> dict[str, Any]:
     """Run one pool in a fresh interpreter under a deadline; return its (maybe partial) JSON.
     ``sections`` and ``reps`` override the command line's."""
-    import psutil
     import subprocess
     import tempfile
+
+    import psutil
 
     timeout = args.child_timeout or p["child_timeout"]
     with tempfile.TemporaryDirectory(prefix=f"bench-{pool}-") as tmp:
@@ -1382,7 +1385,8 @@ def render(children: dict[str, Any], pools: list[str], meta: dict[str, Any]) -> 
                      f"{meta['serial']['serial_s']:.2f} s)"
         if row[0] == "A":
             title += f" ({meta['a_tasks']:,} tasks"
-            title += f"; Dask pools {DASK_A_TASKS:,})" if any(p in pools for p in DASK_POOLS) else ")"
+            title += (f"; Dask pools {DASK_A_TASKS:,})" if any(p in pools for p in DASK_POOLS)
+                      else ")")
         if row[0] == "I":
             title += (f" ({meta['i_items']:,} items; taskorch map(), automatic chunks; others "
                       "map/imap with Pool.map's chunksize)")

@@ -110,7 +110,9 @@ class WorkerCrashedError(TaskorchError):
         )
         super().__init__(text)
 
-    def __reduce__(self) -> tuple[type[WorkerCrashedError], tuple[int | None, int | None, int, str]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[WorkerCrashedError], tuple[int | None, int | None, int, str]]:
         return (type(self), (self.pid, self.exitcode, self.attempts, self.reason))
 
 

@@ -9,9 +9,9 @@ Which layer owns which limit:
   are retried by tenacity inside the worker, without a round trip; a crash of the worker or a
   hard kill is retried by the parent, charged to the same budget.
 - ``timeout``: per attempt (in a local worker the first one's clock includes unpickling the
-  call and the last one's pickling the result). The worker interrupts a running attempt with a signal timer
-  (``TaskTimeoutError``); tenacity itself never interrupts an attempt (its ``stop_after_delay``
-  is only checked between attempts, jd/tenacity#373).
+  call and the last one's pickling the result). The worker interrupts a running attempt with a
+  signal timer (``TaskTimeoutError``); tenacity itself never interrupts an attempt (its
+  ``stop_after_delay`` is only checked between attempts, jd/tenacity#373).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ class Policy:
     ``retries`` are attempts after the first (``retries=2``: at most 3 attempts). Between
     attempts the worker waits ``backoff_initial * 2**(n-1)`` seconds, capped at
     ``backoff_max``, plus up to ``backoff_initial`` of random jitter when ``jitter`` is set
-    (tenacity's ``wait_exponential() + wait_random()``). ``timeout`` limits each attempt, in seconds.
-    Only exceptions that are instances of ``retry_on`` are retried; ``TaskTimeoutError`` is a
-    ``TimeoutError``, and worker crashes are always retried while the budget lasts.
+    (tenacity's ``wait_exponential() + wait_random()``). ``timeout`` limits each attempt, in
+    seconds. Only exceptions that are instances of ``retry_on`` are retried; ``TaskTimeoutError``
+    is a ``TimeoutError``, and worker crashes are always retried while the budget lasts.
     """
 
     retries: int = 0
@@ -61,7 +61,9 @@ class Policy:
         if self.timeout is not None:
             _positive("timeout", self.timeout)
             if self.timeout > MAX_TIMEOUT:  # the worker's interval timer takes no more
-                raise ValueError(f"timeout must be at most {MAX_TIMEOUT:g} seconds, got {self.timeout!r}")
+                raise ValueError(
+                    f"timeout must be at most {MAX_TIMEOUT:g} seconds, got {self.timeout!r}"
+                )
         _non_negative("backoff_initial", self.backoff_initial)
         _non_negative("backoff_max", self.backoff_max)
         if self.backoff_max < self.backoff_initial:
@@ -114,12 +116,18 @@ MAX_TIMEOUT = 1e9
 
 
 def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        or math.isinf(value)
+    ):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
 def _non_negative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+        or math.isinf(value)
+    ):
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 

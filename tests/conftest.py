@@ -1,4 +1,5 @@
-"""Shared fixtures: orchestrators that are always stopped, and the no-leak check after every test."""
+"""Shared fixtures: orchestrators that are always stopped, and the no-leak check after every
+test."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
+from _tasks import Gate, wait_until
 
 from taskorch import Policy, TaskOrchestrator
-
-from _tasks import Gate, wait_until
 
 # A task must never wait on the default policy's 10-minute timeout in a test.
 FAST = Policy(retries=0, timeout=None)
@@ -118,7 +118,8 @@ def check_fds_closed(before: dict[int, str], test: str) -> None:
         raise AssertionError(f"the test left {len(freed)} fd(s) that only gc.collect() "
                              f"closed (TASKORCH_STRICT_FDS=1):\n{listing}")
     try:  # another (non-taskorch) thread of the test may still be closing one
-        wait_until(lambda: not leaked_fds(before), timeout=10, what="every fd of the test to be closed")
+        wait_until(lambda: not leaked_fds(before), timeout=10,
+                   what="every fd of the test to be closed")
     except AssertionError:
         left = leaked_fds(before)
         if left:

@@ -7,9 +7,9 @@ import sys
 import textwrap
 from typing import Callable
 
+import _tasks as t
 import pytest
 
-import _tasks as t
 import taskorch
 from taskorch import Policy, TaskOrchestrator
 
@@ -33,7 +33,8 @@ def test_worker_side_modules_import_no_parent_module_and_start_no_thread() -> No
         import taskorch._worker.main, taskorch._worker.map
         parent = sorted(m for m in sys.modules if m.startswith("taskorch._parent")
                         or m.startswith("taskorch._service") or m.startswith("taskorch._cli"))
-        heavy = sorted(m for m in ("asyncio", "tenacity", "loky.process_executor") if m in sys.modules)
+        heavy = sorted(m for m in ("asyncio", "tenacity", "loky.process_executor")
+                       if m in sys.modules)
         print(parent, heavy, threading.active_count())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=R)
@@ -42,7 +43,8 @@ def test_worker_side_modules_import_no_parent_module_and_start_no_thread() -> No
 
 
 def test_import_taskorch_does_not_import_the_optional_backends() -> None:
-    code = "import sys, taskorch; print(sorted(m for m in ('distributed', 'dask', 'tqdm') if m in sys.modules))"
+    code = ("import sys, taskorch; "
+            "print(sorted(m for m in ('distributed', 'dask', 'tqdm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=R)
     assert out.stdout.strip() == "[]"
 
@@ -101,7 +103,9 @@ def test_map_applies_the_policy_per_chunk(make_orchestrator: Make, tmp_path) -> 
     assert o.stats().retried == 1
 
 
-def test_map_with_return_exceptions_still_times_out_its_chunk(make_orchestrator: Make, gates, fifo) -> None:
+def test_map_with_return_exceptions_still_times_out_its_chunk(
+    make_orchestrator: Make, gates, fifo,
+) -> None:
     from taskorch import TaskTimeoutError
 
     o = make_orchestrator(worker_count=1, policy=Policy(timeout=0.3))

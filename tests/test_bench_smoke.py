@@ -20,7 +20,8 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     taskorch = data["pools"]["taskorch"]["sections"]
     assert set(data["pools"]) == {"taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask"}
     for section in "ABCDEFGHI":
-        assert section in taskorch and "error" not in taskorch[section], (section, taskorch.get(section))
+        assert section in taskorch and "error" not in taskorch[section], (
+            section, taskorch.get(section))
     assert taskorch["F"]["ok"] == 199 and taskorch["F"]["usable"]
     # D runs in interpreters of its own (one per pool in quick mode), the import timed apart.
     for pool in ("taskorch", "loky"):
@@ -28,4 +29,5 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
         assert len(cold["cold_each"]) == 1 and cold["cold_ms"] > 0 and cold["import_ms"] > 0, cold
     for pool in ("taskorch-dask", "dask"):
         sections = data["pools"][pool]["sections"]
-        assert set(sections) == {"A", "B"} and not any("error" in r for r in sections.values()), sections
+        assert set(sections) == {"A", "B"} and not any(
+            "error" in r for r in sections.values()), sections

@@ -29,6 +29,7 @@ distributed = pytest.importorskip("distributed")
 import _tasks as t  # noqa: E402
 from _tasks import wait_until  # noqa: E402
 from conftest import leftover_processes, taskorch_threads  # noqa: E402
+
 from taskorch import (  # noqa: E402
     CircuitBreaker,
     CircuitOpenError,
@@ -94,7 +95,8 @@ def no_leaks(client: Any) -> Iterator[None]:
         allowed = _cluster_pids(client)
         return [p for p in leftover_processes() if p.pid not in allowed]
 
-    wait_until(lambda: not strangers(), timeout=10, what="every process but the cluster's to be gone")
+    wait_until(lambda: not strangers(), timeout=10,
+               what="every process but the cluster's to be gone")
     wait_until(lambda: not taskorch_threads(), timeout=10, what="every taskorch thread to be gone")
 
 
@@ -205,7 +207,6 @@ def test_an_existing_client_is_shared_and_not_closed(make_orchestrator: Make, cl
 
 def test_raw_tasks_get_the_pickled_outcome(make_dask: Make) -> None:
     o = make_dask()
-    policy = Policy(retries=0)
     ok = o.intake.offer(o.intake.prepare(encode_call(t.square, (5,), {}), raw=True))
     bad = o.intake.offer(o.intake.prepare(encode_call(t.raise_value_error, ("x",), {}), raw=True))
     assert ok is not None and bad is not None
@@ -256,7 +257,9 @@ def test_worker_count_bounds_what_runs_at_once(make_dask: Make, gates) -> None:
     assert (first.result(R), second.result(R)) == ("go", "go")
 
 
-def test_the_in_flight_bound_follows_the_cluster_threads(make_dask: Make, cluster: Any, client: Any) -> None:
+def test_the_in_flight_bound_follows_the_cluster_threads(
+    make_dask: Make, cluster: Any, client: Any,
+) -> None:
     o = make_dask()
     assert o.worker_count == WORKERS
     cluster.scale(WORKERS + 1)
@@ -270,7 +273,7 @@ def test_the_in_flight_bound_follows_the_cluster_threads(make_dask: Make, cluste
     assert o.run(t.square, 3).result(R) == 9
 
 
-# -- the policy inside the Dask worker ---------------------------------------------------------------
+# -- the policy inside the Dask worker -------------------------------------------------------------
 
 
 def test_retries_run_inside_the_worker(make_dask: Make, tmp_path: Path) -> None:
@@ -279,7 +282,8 @@ def test_retries_run_inside_the_worker(make_dask: Make, tmp_path: Path) -> None:
     assert f.result(R) == 3 and f.attempts == 3
     s = o.stats()
     assert (s.retried, s.succeeded, s.crashes) == (2, 1, 0)
-    g = o.with_policy(Policy(retries=1, backoff_initial=0.01)).run(t.fail_until, str(tmp_path / "c2"), 5)
+    g = o.with_policy(Policy(retries=1, backoff_initial=0.01)).run(
+        t.fail_until, str(tmp_path / "c2"), 5)
     with pytest.raises(ConnectionError, match="attempt 2 failed"):
         g.result(R)
     assert g.attempts == 2
@@ -405,7 +409,7 @@ def test_stop_timeout_abandons_the_running_and_cancels_the_queued(make_dask: Mak
             gate.release()  # the Dask threads run on: free them for the next tests
 
 
-# -- a worker lost mid-task --------------------------------------------------------------------------
+# -- a worker lost mid-task ------------------------------------------------------------------------
 
 
 def test_a_killed_dask_worker_fails_only_its_task(make_dask: Make, gates, client: Any) -> None:
@@ -431,7 +435,9 @@ def test_a_killed_dask_worker_fails_only_its_task(make_dask: Make, gates, client
     assert [o.run(t.square, i).result(R) for i in range(4)] == [0, 1, 4, 9]
 
 
-def test_a_task_whose_worker_was_killed_is_retried_within_its_budget(make_dask: Make, gates) -> None:
+def test_a_task_whose_worker_was_killed_is_retried_within_its_budget(
+    make_dask: Make, gates,
+) -> None:
     o = make_dask(policy=Policy(retries=1, backoff_initial=0.01))
     (gate, f), = _start_blockers(o, gates, "task")
     killed = gate.wait_started()
@@ -445,7 +451,9 @@ def test_a_task_whose_worker_was_killed_is_retried_within_its_budget(make_dask: 
     assert (s.crashes, s.retried, s.succeeded) == (1, 1, 1)
 
 
-def test_calls_a_lost_worker_had_not_started_run_elsewhere_uncharged(make_dask: Make, gates) -> None:
+def test_calls_a_lost_worker_had_not_started_run_elsewhere_uncharged(
+    make_dask: Make, gates,
+) -> None:
     o = make_dask(policy=Policy(retries=0), max_backlog=200)
     # Tiny tasks first: the dispatcher learns their duration and prefetches from then on.
     assert [f.result(R) for f in [o.run(t.identity, i) for i in range(40)]] == list(range(40))
@@ -490,7 +498,7 @@ def test_a_closed_client_breaks_the_orchestrator(make_orchestrator: Make, cluste
     assert time.monotonic() - started < R
 
 
-# -- recall: calls prefetched behind a slow task move to an idle worker ---------------------------------
+# -- recall: calls prefetched behind a slow task move to an idle worker ----------------------------
 
 
 def test_calls_waiting_behind_a_slow_task_are_recalled_for_an_idle_worker(
@@ -513,7 +521,7 @@ def test_calls_waiting_behind_a_slow_task_are_recalled_for_an_idle_worker(
     assert recalls, "no call was prefetched behind the slow task: this test tested nothing"
 
 
-# -- the circuit breaker ---------------------------------------------------------------------------------
+# -- the circuit breaker ---------------------------------------------------------------------------
 
 
 def test_the_circuit_breaker_opens_on_dask_too(make_dask: Make) -> None:
@@ -526,7 +534,7 @@ def test_the_circuit_breaker_opens_on_dask_too(make_dask: Make) -> None:
     assert o.stats().breaker_state == "open"
 
 
-# -- what the backend refuses, and how it loads ---------------------------------------------------------
+# -- what the backend refuses, and how it loads ----------------------------------------------------
 
 
 def test_options_that_cannot_hold_on_dask_are_refused(cluster: Any) -> None:
@@ -581,14 +589,15 @@ def test_the_command_line_runs_on_the_cluster(cluster: Any, client: Any, tmp_pat
     jobs = tmp_path / "cli_jobs.py"
     jobs.write_text("import os\ndef where(x):\n    return [x * 2, os.getpid()]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "taskorch", "run", f"{jobs}:where", "--dask", cluster.scheduler_address,
-         "--retries", "1"], input="".join(f"[{i}]\n" for i in range(20)), capture_output=True,
-        text=True, timeout=120)
+        [sys.executable, "-m", "taskorch", "run", f"{jobs}:where",
+         "--dask", cluster.scheduler_address, "--retries", "1"],
+        input="".join(f"[{i}]\n" for i in range(20)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert sorted(r["result"][0] for r in records) == [2 * i for i in range(20)]
     assert {r["result"][1] for r in records} <= _cluster_pids(client)  # ran on the cluster
     refused = subprocess.run(
-        [sys.executable, "-m", "taskorch", "run", f"{jobs}:where", "--dask", cluster.scheduler_address,
-         "--max-tasks-per-worker", "5"], input="[1]\n", capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "taskorch", "run", f"{jobs}:where",
+         "--dask", cluster.scheduler_address, "--max-tasks-per-worker", "5"],
+        input="[1]\n", capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "max_tasks_per_worker" in refused.stderr

@@ -8,9 +8,9 @@ import os
 import struct
 from typing import Callable
 
+import _tasks as t
 import pytest
 
-import _tasks as t
 from taskorch._wire import BY_REFERENCE, decode_call, encode_call, split_frames
 
 SIZES = [0, 1, 100, 0, 70_000, 3]

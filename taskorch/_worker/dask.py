@@ -175,7 +175,9 @@ class _Runner:
         self.attempt = attempt
         self._emit((STARTED, self._sub_id, attempt, os.getpid()))
 
-    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
+    def run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy,
+    ) -> Any:
         timeout = policy.timeout
 
         def attempt() -> Any:  # a coroutine gets a fresh loop in this thread, not Dask's
@@ -336,7 +338,9 @@ def _take_recall_mark(topic: str, sub_id: int) -> bool:
 _NOT_STARTED = frozenset({"waiting", "ready", "constrained"})
 
 
-def recall_unstarted(topic: str, calls: list[tuple[int, str]], dask_worker: Any = None) -> list[int]:
+def recall_unstarted(
+    topic: str, calls: list[tuple[int, str]], dask_worker: Any = None,
+) -> list[int]:
     """Run by ``Client.run`` on a Dask worker's event loop thread, the thread that moves tasks
     to "executing": mark the calls (sub_id, Dask key) that have not begun, so that they never
     run the user's call, and return their sub_ids. A call whose key the worker does not hold

@@ -37,7 +37,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--scale", type=float, default=1.0, help="workload size factor (default: 1)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
-    p.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temporary directory)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="build in DIR and keep it (default: a temporary directory)")
     p.add_argument("--no-serial", action="store_true", help="skip the serial comparison run")
     p.add_argument("--jobs", metavar="DIR", default=None,
                    help="the folder of job modules, holding demo_workload.py (default: the "
@@ -112,7 +113,8 @@ def _demo(args: argparse.Namespace, root: str, workload: Path) -> int:
         f"  {len(info['logs']['files'])} logs, {info['logs']['bytes'] / 1e6:.0f} MB to compress\n"
         f"  {info['files']['files']:,} files in {len(info['files']['projects'])} trees, "
         f"{info['files']['duplicates']:,} of them duplicates\n"
-        f"  a priority queue of {info['pq']['nodes']:,} nodes, {info['pq']['deleted']:,} marked deleted\n\n"
+        f"  a priority queue of {info['pq']['nodes']:,} nodes, "
+        f"{info['pq']['deleted']:,} marked deleted\n\n"
     )
     # The longest job (the SQLite purge) first, as a scheduler that knows its jobs would.
     jobs = sorted(list_jobs(pool_root), key=lambda job: "purge_expired" not in job[0])
@@ -181,7 +183,9 @@ def _keep_serving_until_done(futures: list[Future[Any]]) -> float:
     return max(0.0, longest)
 
 
-def _collect(futures: dict[Future[Any], str], args: argparse.Namespace) -> list[tuple[str, Any, Any, Any]]:
+def _collect(
+    futures: dict[Future[Any], str], args: argparse.Namespace,
+) -> list[tuple[str, Any, Any, Any]]:
     bar = None
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     if show:
