@@ -261,3 +261,61 @@ def spawn_child_then_hang(started: str, never_fifo: str, child_pid_file: str) ->
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     Path(child_pid_file).write_text(str(child.pid))
     hang_with_signals_blocked(started, never_fifo)
+
+
+# -- outcomes whose unpickling in the parent is user code (tests/test_futures.py) ---------------
+
+#: Names of the parent's threads that unpickled a result or exception below, in order.
+UNPICKLED_IN: list[str] = []
+
+
+def _unpickled_after_release(value: Any, started: str, release_fifo: str) -> Any:
+    """Runs in the parent, while it unpickles: note the thread, announce, wait for release."""
+    import threading
+
+    UNPICKLED_IN.append(threading.current_thread().name)
+    announce(started)
+    with open(release_fifo) as f:
+        f.read()
+    return value
+
+
+class BlocksOnUnpickle:
+    """Pickled in the worker at no cost; unpickling it (in the parent) blocks on a Gate."""
+
+    def __init__(self, value: Any, started: str, release_fifo: str) -> None:
+        self.args = (value, started, release_fifo)
+
+    def __reduce__(self) -> Any:
+        return (_unpickled_after_release, self.args)
+
+
+def return_blocks_on_unpickle(value: Any, started: str, release_fifo: str) -> BlocksOnUnpickle:
+    return BlocksOnUnpickle(value, started, release_fifo)
+
+
+def _error_unpickled_after_release(message: str, started: str, release_fifo: str, parent: int) -> ValueError:
+    if os.getpid() != parent:  # the worker checks that the exception round-trips: not there
+        return ValueError(message)
+    return ValueError(_unpickled_after_release(message, started, release_fifo))
+
+
+class ErrorBlocksOnUnpickle(Exception):
+    """A task's exception whose unpickling in process ``parent`` blocks on a Gate; it arrives
+    as a ValueError(message)."""
+
+    def __reduce__(self) -> Any:
+        return (_error_unpickled_after_release, self.args)
+
+
+def raise_blocks_on_unpickle(message: str, started: str, release_fifo: str, parent: int) -> None:
+    raise ErrorBlocksOnUnpickle(message, started, release_fifo, parent)
+
+
+def return_exploding_on_unpickle(action: str) -> ExplodesOnUnpickle:
+    """A result that pickles in the worker and explodes (``action``) when the parent unpickles it."""
+    return ExplodesOnUnpickle(action)
+
+
+def payload_size(data: bytes) -> int:
+    return len(data)

@@ -1,4 +1,5 @@
-"""Parent process: one accepted task (``WorkItem``) and the Future handed to the caller.
+"""Parent process: one accepted task (``WorkItem``), the Future handed to the caller
+(``TaskFuture``), and how futures are resolved (``resolve_all``).
 
 Life of a task (each accepted task ends in exactly one terminal state, and its future is
 resolved then):
@@ -12,12 +13,33 @@ resolved then):
 "queued" covers both the parent's backlog and a worker's prefetch (handed over, no start ack
 yet): a task handed to a worker that dies before starting it goes back to the front of the
 backlog with no attempt charged.
+
+Which thread runs user code. The dispatcher threads resolve futures (``resolve_all``) and must
+never run user code: one slow ``__setstate__`` or blocking done-callback there once held every
+other task and made ``stop(timeout=0.5)`` return 5 s late with no future resolved (#11). So:
+
+- a result (or a task's exception) is unpickled lazily, by the first thread that calls
+  ``result()`` or ``exception()`` on its future (for ``asyncio.wrap_future``, the event loop's
+  thread), once; the future is resolved (done) with the bytes still pickled;
+- done-callbacks run on one thread, "taskorch-callbacks" (``_CallbackRunner``), in the order
+  they were added; a callback added to a future already done runs at once in the thread that
+  adds it, and the callbacks of a future cancelled by ``future.cancel()`` run in that caller's
+  thread before it returns, both as in ``concurrent.futures``.
+
+A finished task's ``WorkItem`` drops its payload (the pickled arguments), policy bytes and
+worker references, and its future drops the cancel hook that led to the item: a finished
+future holds its outcome and nothing else (#11: 200 held futures had kept 200 worker sentinel
+fds open, 50 with 4 MiB arguments 200 MiB).
 """
 
 from __future__ import annotations
 
+import atexit
 import enum
 import logging
+import os
+import threading
+from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
@@ -27,6 +49,17 @@ from taskorch._wire import decode_exception, decode_frame
 if TYPE_CHECKING:
     from taskorch._parent.process import WorkerProcess
     from taskorch._policy import Policy
+
+log = logging.getLogger("taskorch")
+
+#: The callback thread waits this long for more work before it exits. Longer spares a thread
+#: start (~0.1 ms) per completion when tasks finish slower than their callbacks run; shorter
+#: leaves an idle thread around for less time. Its exit is never needed for correctness.
+CALLBACK_IDLE_EXIT = 0.1
+#: At interpreter exit, how long to let queued done-callbacks run (after the orchestrators'
+#: own exit hook has stopped them, so that the callbacks of their last tasks run too) before
+#: giving up on a callback that blocks.
+CALLBACK_EXIT_TIMEOUT = 10.0
 
 
 class TaskState(enum.Enum):
@@ -38,6 +71,16 @@ class TaskState(enum.Enum):
     ABANDONED = "abandoned"
 
 
+class _PickledError(Exception):
+    """Stands in a future's ``_exception`` until the task's exception is unpickled, so that
+    ``concurrent.futures.wait(return_when=FIRST_EXCEPTION)`` sees a failure at once. Never
+    raised: ``result()`` and ``exception()`` replace it first."""
+
+
+# A future resolved with a pickled result holds this as its `_result` until it is unpickled.
+_PICKLED_RESULT: Any = object()
+
+
 class TaskFuture(Future[Any]):
     """The ``concurrent.futures.Future`` of one task, with what the worker reported.
 
@@ -45,7 +88,19 @@ class TaskFuture(Future[Any]):
     run, all its attempts included) are set before the future resolves. ``cancel()`` succeeds
     only while the task waits in the parent's backlog; once handed to a worker it returns
     False, as for ``concurrent.futures`` executors.
+
+    Threads (see the module docstring): the future is done as soon as the outcome arrives,
+    still pickled; the first ``result()`` or ``exception()`` call unpickles it, in its own
+    thread, once (others wait for it, then share the object). A result that does not unpickle
+    raises ``SerializationError`` from ``result()`` and is returned by ``exception()``; unlike
+    a task's own exception it is only known then, so ``wait(return_when=FIRST_EXCEPTION)``
+    counts it as a result. Done-callbacks run on the "taskorch-callbacks" thread, in order; one
+    that raises is logged (logger "taskorch"), as ``concurrent.futures`` does; one that blocks
+    delays the callbacks after it, never a task or ``stop()``.
     """
+
+    # Future's own (CPython, not in typeshed): the callbacks added before it was done.
+    _done_callbacks: list[Callable[[Future[Any]], object]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,18 +108,211 @@ class TaskFuture(Future[Any]):
         self.attempts = 0
         self.seconds: float | None = None
         # Set by the orchestrator: removes the task from the backlog if it is still there.
+        # Dropped once the future is done (it leads to the WorkItem and what it holds).
         self._cancel_hook: Callable[[TaskFuture], bool] | None = None
+        # The worker's outcome, still pickled: ("result", pickle bytes) or ("error",
+        # encode_exception() tuple). Set by the dispatcher before it resolves the future; read
+        # and cleared by the first result()/exception() under `_decode_lock`. None otherwise.
+        self._undecoded: tuple[str, Any] | None = None
+        # Held while unpickling (user code: can be slow): only result()/exception() callers
+        # of this future wait on it; `_condition`, which wait(), done() and the dispatcher
+        # take, is never held while user code runs.
+        self._decode_lock = threading.Lock()
 
     def cancel(self) -> bool:
         hook = self._cancel_hook
-        if hook is None or self.done():
-            return super().cancel()
-        return hook(self)
+        _inline.callbacks = True  # cancelled here: the callbacks run here, as for any Future
+        try:
+            if hook is None or self.done():
+                return super().cancel()
+            return hook(self)
+        finally:
+            _inline.callbacks = False
 
     def _cancel_now(self) -> None:
         """Cancel for real (the orchestrator decided) and wake wait()/as_completed() callers."""
+        self._cancel_hook = None
         Future.cancel(self)
         self.set_running_or_notify_cancel()
+
+    # -- the outcome, unpickled by the first thread that asks ------------------------------
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait_decoded(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_decoded(timeout)
+        return super().exception(0)
+
+    def _wait_decoded(self, timeout: float | None) -> None:
+        """Wait until done (CancelledError, TimeoutError as Future does), then make sure the
+        outcome is unpickled. `_undecoded` is set before the future is published as done, and
+        cleared only after the decoded outcome is stored under `_condition`: a reader that
+        sees it None finds the final outcome."""
+        super().exception(timeout)
+        if self._undecoded is not None:
+            self._decode()
+
+    def _set_undecoded(self, kind: str, data: Any) -> None:
+        """Resolve with the worker's outcome still pickled (dispatcher thread: no user code
+        runs, done-callbacks are queued for the callback thread)."""
+        self._undecoded = (kind, data)
+        try:
+            if kind == "result":
+                self.set_result(_PICKLED_RESULT)
+            else:
+                self.set_exception(_PickledError("the task's exception is not unpickled yet"))
+        except InvalidStateError:  # the caller resolved it itself: theirs stands
+            self._undecoded = None
+            raise
+
+    def _decode(self) -> None:
+        """Unpickle the outcome (the caller's thread; user code), once."""
+        with self._decode_lock:
+            pending = self._undecoded
+            if pending is None:
+                return  # another thread did it while we waited for the lock
+            kind, data = pending
+            if (self._result is not _PICKLED_RESULT if kind == "result"
+                    else not isinstance(self._exception, _PickledError)):
+                self._undecoded = None  # the caller resolved it itself (see _set_undecoded)
+                return
+            result: Any = None
+            exception: BaseException | None = None
+            if kind == "result":
+                try:
+                    result = decode_frame(data)
+                except KeyboardInterrupt:
+                    raise  # Ctrl-C in this thread, most likely: not the result's fault; retried next call
+                except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
+                    exception = SerializationError(
+                        f"the task's result could not be unpickled in the parent: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                    exception.__cause__ = exc
+            else:
+                try:
+                    exception = decode_exception(*data)  # falls back to RemoteTaskError itself
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
+                    exception = decode_exception(None, *data[1:])
+            with self._condition:
+                self._result = result
+                self._exception = exception
+                self._undecoded = None
+
+    def __repr__(self) -> str:
+        pending = self._undecoded  # never unpickle here: repr runs in logs, on any thread
+        if pending is not None:
+            what = "result" if pending[0] == "result" else "exception"
+            return f"<{type(self).__name__} at {id(self):#x} state=finished ({what} not unpickled yet)>"
+        return super().__repr__()
+
+    # -- done-callbacks, on the callback thread --------------------------------------------
+
+    def _invoke_callbacks(self) -> None:
+        """Called by Future when the future becomes done, in the thread that resolved it."""
+        callbacks = self._done_callbacks
+        if not callbacks:
+            return
+        self._done_callbacks = []  # done: nothing is added any more; let them go once run
+        if getattr(_inline, "callbacks", False):
+            _call_each(self, callbacks)
+        else:
+            _callbacks.submit(self, callbacks)
+
+
+# cancel() sets `callbacks` for the duration of the call: the callbacks of the future it
+# cancels run in its thread, as with any concurrent.futures.Future.
+_inline = threading.local()
+
+
+def _call_each(future: TaskFuture, callbacks: list[Callable[[Future[Any]], object]]) -> None:
+    for callback in callbacks:
+        try:
+            callback(future)
+        except BaseException:  # noqa: BLE001 - SystemExit too: not this thread's end
+            log.exception("exception calling callback for %r", future)
+
+
+class _CallbackRunner:
+    """Runs done-callbacks on one thread, "taskorch-callbacks", in the order they were queued.
+
+    Producers: whichever thread resolves a future (the dispatchers, ``stop()``'s settling),
+    through ``submit()``, which never blocks on user code. Consumer: the thread, started on
+    demand; it exits when the queue has stayed empty for ``CALLBACK_IDLE_EXIT``, so none is
+    left behind by a stopped orchestrator. A daemon: a callback that never returns must not
+    keep the interpreter alive; at exit, ``_drain_callbacks_at_exit`` gives the queue
+    ``CALLBACK_EXIT_TIMEOUT`` to run. A callback that blocks delays only the callbacks queued
+    after it (of every orchestrator in the process): no task, no dispatcher, no ``stop()``.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # `_lock` guards the queue, `_thread` and `_busy`; never held while a callback runs.
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the thread waits here for callbacks
+        self._idle = threading.Condition(self._lock)  # wait_idle() waits here
+        self._queue: deque[tuple[TaskFuture, list[Callable[[Future[Any]], object]]]] = deque()
+        self._thread: threading.Thread | None = None  # alive (or starting), or None
+        self._busy = False  # a batch is running outside the lock
+
+    def submit(self, future: TaskFuture, callbacks: list[Callable[[Future[Any]], object]]) -> None:
+        with self._lock:
+            self._queue.append((future, callbacks))
+            if self._thread is not None:
+                self._work.notify()
+                return
+            thread = self._thread = threading.Thread(
+                target=self._run, name="taskorch-callbacks", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads (interpreter shutdown, 3.12+): run them here
+            with self._lock:
+                self._thread = None
+                pending = list(self._queue)
+                self._queue.clear()
+            for fut, cbs in pending:
+                _call_each(fut, cbs)
+
+    def _run(self) -> None:
+        lock = self._lock
+        while True:
+            with lock:
+                self._busy = False
+                if not self._queue:
+                    self._idle.notify_all()
+                    self._work.wait(CALLBACK_IDLE_EXIT)  # woken by submit(), or times out
+                    if not self._queue:
+                        self._thread = None  # a later submit() starts a new thread
+                        return
+                future, callbacks = self._queue.popleft()
+                self._busy = True
+            _call_each(future, callbacks)  # guarded: this loop never dies on a callback
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued callback has run; False if ``timeout`` passed first."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+
+_callbacks = _CallbackRunner()
+# A forked child has none of the parent's threads: start afresh (its queue is the parent's).
+os.register_at_fork(after_in_child=_callbacks._reset)
+
+
+@atexit.register
+def _drain_callbacks_at_exit() -> None:
+    # Registered when this module is imported, so before the orchestrator module's own exit
+    # hook, which therefore runs first (atexit runs hooks in reverse): the orchestrators are
+    # stopped, every future resolved, then their callbacks get a bounded time to run.
+    if not _callbacks.wait_idle(CALLBACK_EXIT_TIMEOUT):
+        log.warning("interpreter exit: done-callbacks still running after %g s; not waiting",
+                    CALLBACK_EXIT_TIMEOUT)
 
 
 class RawOutcome(NamedTuple):
@@ -78,7 +326,8 @@ class RawOutcome(NamedTuple):
 
 class WorkItem:
     """The parent's record of an accepted task. Fields are guarded by the backlog's lock,
-    except ``started_on``, ``attempts`` and ``attempt_started`` (dispatcher thread only)."""
+    except ``started_on``, ``attempts`` and ``attempt_started`` (dispatcher thread only).
+    Once its future is resolved, ``release()`` drops what only a live task needs."""
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started")
@@ -100,6 +349,17 @@ class WorkItem:
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
 
+    def release(self) -> None:
+        """The task is over and its future resolved (dispatcher thread, after the dispatcher
+        is done with the item): drop the pickled call, the policy bytes and the worker
+        handles (a worker's process object holds its sentinel fd), and the future's cancel
+        hook, the only way from the future back to this item. The future the caller holds
+        then keeps its outcome alone."""
+        self.payload = b""
+        self.policy_bytes = None
+        self.worker = self.started_on = None
+        self.future._cancel_hook = None
+
     def __repr__(self) -> str:
         return f"<WorkItem {self.task_id} {self.state.value} attempts={self.attempts}>"
 
@@ -108,39 +368,29 @@ class WorkItem:
 #: tuple), ("exception", an exception object), or ("cancel", None).
 Resolution = tuple[WorkItem, str, Any]
 
-log = logging.getLogger("taskorch")
-
 
 def resolve_all(resolutions: list[Resolution]) -> None:
-    """Resolve futures (dispatcher threads), never under the backlog lock: done-callbacks are
-    user code and run here, so a slow one delays every other task's dispatch."""
+    """Resolve futures (dispatcher threads), never under the backlog lock. No user code runs
+    here: results and exceptions stay pickled until a caller asks for them, done-callbacks
+    are queued for the "taskorch-callbacks" thread. Each item is then released: the
+    dispatcher calls this only for items it is done with."""
     for item, kind, value in resolutions:
         try:
             _resolve(item, kind, value)
         except InvalidStateError:  # the caller resolved the future itself
             log.warning("task %d: its future was already resolved by someone else", item.task_id)
-        except BaseException:  # a done-callback that raised SystemExit, say: not our thread's end
+        except BaseException:  # noqa: BLE001 - a bug here must not end the dispatcher
             log.exception("task %d: resolving its future raised", item.task_id)
+        finally:
+            item.release()
 
 
 def _resolve(item: WorkItem, kind: str, value: Any) -> None:
     future = item.future
     if item.raw and kind in ("result", "error"):
         future.set_result(RawOutcome(kind == "result", value))
-    elif kind == "result":
-        try:
-            result = decode_frame(value)
-        except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
-            err = SerializationError(
-                f"the task's result could not be unpickled in the parent: "
-                f"{type(exc).__name__}: {exc}"
-            )
-            err.__cause__ = exc
-            future.set_exception(err)
-        else:
-            future.set_result(result)
-    elif kind == "error":
-        future.set_exception(decode_exception(*value))
+    elif kind == "result" or kind == "error":
+        future._set_undecoded(kind, value)
     elif kind == "exception":
         future.set_exception(value)
     elif kind == "cancel":
