@@ -52,11 +52,17 @@ def _read_pids(path: Path) -> list[int]:
 
 
 def test_a_crash_that_leaves_a_process_holding_its_pipes_does_not_stall_other_tasks(
-    make_orchestrator: Make, tmp_path: Path,
+    make_orchestrator: Make, gates, tmp_path: Path,
 ) -> None:
     # The grandchild calls setsid(): it escapes the worker's process group on purpose, so it
     # lives on, holding every descriptor the worker had (loky's sentinel pipe among them).
     o = make_orchestrator(worker_count=2)
+    warm = [gates("a"), gates("b")]  # both workers up first: no cold start inside STALL_GUARD
+    warming = [o.run(t.blocker, str(g.started), str(g.release_fifo)) for g in warm]
+    assert len({g.wait_started() for g in warm}) == 2
+    for g, fut in zip(warm, warming):
+        g.release()
+        fut.result(R)
     pid_file = tmp_path / "grandchild"
     crashing = o.run(t.orphan_then_exit, str(pid_file), 7, True)
     [grandchild] = _read_pids(pid_file)

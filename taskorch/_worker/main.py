@@ -25,8 +25,9 @@ Process group and signals (``_lead_own_process_group``, first thing, before any 
   SIGHUP still goes to the parent only). Every process a task starts joins that group, and
   the parent kills the group (``WorkerProcess.reap``/``kill``) whenever the worker ends: crash,
   hard timeout, stop, recycling. Signals sent to the *parent's* group (Ctrl-C's SIGINT,
-  ``timeout``'s or systemd's SIGTERM, ``kill -TERM -PGID``) no longer reach workers: the
-  parent decides (``taskorch run`` drains, exits 143). SIGINT is ignored as well.
+  ``timeout(1)``'s SIGTERM, ``kill -TERM -PGID``) no longer reach workers: the parent
+  decides (``taskorch run`` drains, exits 143). SIGINT is ignored as well, for a signal sent
+  to every process of the session.
 - Parent death. ``PR_SET_PDEATHSIG`` (SIGKILL) ends the worker even when its task holds the
   GIL in C code; it is tied to the *thread* that spawned us, which is why only the parent's
   dispatcher thread spawns workers. SIGKILL leaves no chance to kill the group, so a
@@ -36,7 +37,9 @@ Process group and signals (``_lead_own_process_group``, first thing, before any 
   SIGKILLs the group (itself included). It also covers a task that clears PDEATHSIG and
   holds the GIL (the guardian watches the parent itself). Without pidfds (Linux < 5.3,
   other systems) there is no guardian; the reader thread then kills the group on EOF
-  (``_exit_with_group``), which needs the GIL: a task holding it delays that.
+  (``_exit_with_group``), which needs the GIL: with PDEATHSIG the worker dies first and its
+  group lives on; without it (a task cleared it, or not Linux) a task holding the GIL keeps
+  the worker and its group alive until it lets go.
 - Not covered: a process that leaves the group itself (``setsid()``/``setpgid()``, as a
   daemon does) escapes every group kill: on a hard kill or a stop-timeout kill the parent
   still kills it if it is below the worker at that moment (from /proc), never after a crash
@@ -50,9 +53,17 @@ Process group and signals (``_lead_own_process_group``, first thing, before any 
   SIGALRM belongs to the per-attempt timer (``_worker.attempts``).
 - A task that waits for "any child" (``os.wait()``) with no child of its own waits forever
   instead of failing, since the guardian is a child of the worker.
-- A resource tracker that a task started (multiprocessing's, loky's) is in the group and is
-  killed with it, so it cannot unlink what a crashed task leaked (named semaphores, shared
-  memory); before, it lived on, often forever (a leftover held its pipe).
+- A task that reads the terminal gets EIO: workers are a background group of its session, and
+  SIGTTIN/SIGTTOU are ignored so that no worker is ever stopped by its terminal (before, a
+  task competed with the application for terminal input).
+- systemd's default ``KillMode=control-group`` signals every process of the unit's cgroup
+  one by one, not a process group: workers still get that SIGTERM and die of it. Run a
+  service with ``KillMode=mixed`` (SIGTERM to the main process only, SIGKILL to what is left
+  after ``TimeoutStopSec``), so that the parent drains.
+- Resource trackers: workers use the parent's (loky and multiprocessing hand theirs down), which
+  exit once nothing holds their pipes; a leftover holding them kept them alive before. One
+  that a worker starts itself is in its group and is killed with it, unable to unlink what a
+  crashed task leaked.
 
 This module imports only the worker side (``_wire``, ``_errors``, ``_policy``,
 ``_worker.attempts``) and starts no thread at import.
@@ -228,7 +239,8 @@ def _lead_own_process_group(parent_pid: int) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group or session leader: its group is its own anyway
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             libc = _libc()
@@ -305,10 +317,11 @@ def _stop_guardian() -> None:
     if _guardian is None:
         return
     try:
-        os.kill(_guardian, signal.SIGKILL)
+        os.waitid(os.P_PID, _guardian, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        os.kill(_guardian, signal.SIGKILL)  # still our child (perhaps a zombie): its pid is ours
         os.waitpid(_guardian, 0)
     except OSError:
-        pass  # a task reaped it (os.wait())
+        pass  # a task reaped it (os.wait()): its pid may be another process's now
 
 
 def _libc() -> ctypes.CDLL:
