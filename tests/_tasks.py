@@ -341,3 +341,12 @@ def clear_pdeathsig_then_hold_gil(started: str) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG, none
     announce(started)
     ctypes.PyDLL(None).pause()
+
+
+def process_groups() -> tuple[int, int, int]:
+    """(this worker's pid, its process group, the group of a child it starts)."""
+    import subprocess
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpgrp())"],
+                           capture_output=True, text=True, check=True)
+    return os.getpid(), os.getpgrp(), int(child.stdout)

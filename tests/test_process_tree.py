@@ -81,6 +81,14 @@ def test_a_crash_that_leaves_a_process_holding_its_pipes_does_not_stall_other_ta
 # -- 2. what a task starts goes with its worker ---------------------------------------------------
 
 
+def test_each_worker_leads_the_process_group_of_what_its_tasks_start(make_orchestrator: Make) -> None:
+    o = make_orchestrator(worker_count=2)
+    results = [o.run(t.process_groups).result(R) for _ in range(4)]
+    for pid, group, childs_group in results:
+        assert pid == group == childs_group != os.getpgrp()
+        assert os.getpgid(pid) == pid  # as seen from outside
+
+
 def test_a_popen_child_left_by_a_task_is_gone_after_stop(make_orchestrator: Make) -> None:
     o = make_orchestrator(worker_count=1)
     child = o.run(t.start_popen_child).result(R)
