@@ -319,3 +319,92 @@ def return_exploding_on_unpickle(action: str) -> ExplodesOnUnpickle:
 
 def payload_size(data: bytes) -> int:
     return len(data)
+
+
+# -- processes a task leaves behind (tests/test_process_tree.py) -------------------------------
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fork_orphan(setsid: bool = False) -> int:
+    """Fork a grandchild through a middle process that exits at once (the classic daemon
+    double fork), so the grandchild is reparented away from this process: /proc no longer
+    shows it below the worker. With ``setsid`` it also leaves the worker's process group and
+    session. It keeps every descriptor the worker had (the channel, loky's sentinel pipe) and
+    waits for signals forever. Returns its pid once it exists."""
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            if setsid:
+                os.setsid()
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.close(w)
+                try:
+                    while True:
+                        signal.pause()
+                finally:
+                    os._exit(0)
+            os.write(w, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 64):
+        data += chunk
+    os.close(r)
+    os.waitpid(middle, 0)
+    return int(data)
+
+
+def orphan_then_exit(pid_file: str, code: int, setsid: bool = False) -> None:
+    """Leave an orphaned grandchild (see ``_fork_orphan``), report its pid, then crash."""
+    _write_atomically(pid_file, str(_fork_orphan(setsid)))
+    os._exit(code)
+
+
+def orphan_then_hang(pid_file: str, started: str, never_fifo: str) -> None:
+    """Leave an orphaned grandchild, then hang where only the parent's hard kill ends it."""
+    _write_atomically(pid_file, str(_fork_orphan()))
+    hang_with_signals_blocked(started, never_fifo)
+
+
+def start_popen_child() -> int:
+    """Start a child process with subprocess and return at once, leaving it running."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return child.pid
+
+
+def start_descendants_then_block(pids_file: str, started: str, release_fifo: str) -> str:
+    """Start a Popen child and an orphaned grandchild, write their pids to ``pids_file``, then
+    block like ``blocker``."""
+    pids = [start_popen_child(), _fork_orphan()]
+    _write_atomically(pids_file, " ".join(map(str, pids)))
+    return blocker(started, release_fifo)
+
+
+def clear_pdeathsig_then_hold_gil(started: str) -> None:
+    """Clear this worker's PR_SET_PDEATHSIG, then wait in C *holding the GIL* (a PyDLL call
+    keeps it): no thread of the worker runs Python code until a signal ends the wait."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG, none
+    announce(started)
+    ctypes.PyDLL(None).pause()
+
+
+def process_groups() -> tuple[int, int, int]:
+    """(this worker's pid, its process group, the group of a child it starts)."""
+    import subprocess
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpgrp())"],
+                           capture_output=True, text=True, check=True)
+    return os.getpid(), os.getpgrp(), int(child.stdout)

@@ -11,6 +11,29 @@ A worker's exit is watched through a pidfd where the kernel has one (Linux >= 5.
 exactly when the process ends, even if a grandchild started by the task inherited the worker's
 other descriptors. Elsewhere loky's sentinel pipe serves.
 
+Nothing here waits on loky's sentinel pipe (``Process.join``): a process the task started
+inherits it, so a join could wait for that process rather than the worker (the dispatcher
+stalled 5 s per crash that way, issue #11). ``reap()`` asks the kernel directly (``waitid``
+with ``WNOWAIT``, then ``waitpid(WNOHANG)`` through loky's ``Popen.poll``, which keeps the
+``Process`` object's ``exitcode`` right); when the exit fd was readable it never blocks.
+
+Process tree. Each worker leads its own process group (``_worker.main`` does ``setpgid`` before
+it runs any task), which holds every process its tasks start. Whenever the worker ends, the
+group goes with it:
+
+- crash, stop, recycling: ``reap()`` SIGKILLs the group while the worker is still an unreaped
+  zombie (so its pid, the group's id, cannot have been reused yet);
+- hard timeout: ``terminate()`` sends SIGTERM to the group (the task and its processes may
+  clean up), ``kill()`` SIGKILL, and ``reap()`` once more;
+- parent death, even by SIGKILL: the worker's guardian process kills the group (see
+  ``_worker.main``).
+
+Not covered: a process that leaves the group itself (``setsid()``, a daemon's double fork with
+``setsid``) escapes the group kills. ``terminate()`` and ``kill()`` still kill such processes
+while they are below the worker (from /proc, at that moment); after a crash or a parent death
+they are orphans, out of reach, and live on. A worker still starting (before its ``setpgid``)
+has no group yet: then only its pid is signalled, and it has run no task.
+
 Sends never block for long: the dispatcher keeps the bytes handed to a worker and not yet
 finished under ``PREFETCH_BYTES`` (far below the socket buffer), except for a single call to an
 idle worker, which is reading. Without that bound, a parent blocked sending to a busy worker
@@ -21,6 +44,7 @@ from __future__ import annotations
 
 import multiprocessing.process
 import os
+import select
 import signal
 import time
 from collections import deque
@@ -28,7 +52,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from loky.backend.context import get_context
-from loky.backend.utils import kill_process_tree
 
 from taskorch._parent.task import WorkItem
 from taskorch._wire import RECALL, SHUTDOWN, Event, decode_frame, encode_frame, split_frames
@@ -48,6 +71,9 @@ PREFETCH_SECONDS = 0.002
 SLOW_AFTER = 0.02
 #: The most the parent reads from a channel at once (frames are split from it in _wire).
 RECEIVE_CHUNK = 256 * 1024
+#: reap() of a worker that has not ended yet (only right after kill(): the kernel finishing a
+#: SIGKILL) waits at most this long, then gives up (exit code None, "vanished").
+REAP_TIMEOUT = 5.0
 
 
 class WorkerProcess:
@@ -208,32 +234,66 @@ class WorkerProcess:
     # -- process -----------------------------------------------------------------------------
 
     def terminate(self) -> None:
-        """SIGTERM the worker (its task may clean up); the caller escalates to kill(). The
-        processes its task started are noted now and killed once it is gone (see reap())."""
+        """SIGTERM the worker's process group: the task and the processes it started may clean
+        up; the caller escalates to kill(). Processes below the worker that left its group are
+        noted now and killed once it is gone (see reap())."""
         self.descendants = _descendants(self.pid)
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        self._signal_group(signal.SIGTERM)
 
     def kill(self) -> None:
-        """SIGKILL the worker and every process its task started."""
-        try:
-            kill_process_tree(self.process)
-        except (OSError, ValueError):
-            pass
+        """SIGKILL the worker's process group, and the processes below the worker that left it."""
+        for pid in _descendants(self.pid):
+            _kill_pid(pid)
+        self._signal_group(signal.SIGKILL)
 
-    def reap(self) -> int | None:
-        """The exit code once the process has ended (negative: killed by that signal)."""
-        self.process.join(timeout=5.0)
+    def ended(self) -> bool:
+        """Whether the process has ended, without reaping it (it stays a zombie until reap())."""
+        if self.process._popen.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True  # reaped by someone else (SIGCHLD set to SIG_IGN in the application)
+
+    def reap(self, timeout: float = REAP_TIMEOUT) -> int | None:
+        """The exit code once the process has ended (negative: killed by that signal); None if
+        it is still running after ``timeout``. Kills what is left of its process group first.
+        Returns at once when the exit fd was readable; waits only for a process still dying
+        (just after kill()), on its pidfd, never on a pipe a task's process may hold."""
+        if not self._wait_ended(timeout):
+            return None
+        # The group's id is the worker's pid, reserved until the zombie is reaped just below.
+        self._signal_group(signal.SIGKILL)
         for pid in self.descendants:  # a terminated task's own processes must not outlive it
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            _kill_pid(pid)
         self.descendants = []
-        code: int | None = self.process.exitcode
+        code: int | None = self.process.exitcode  # waitpid(WNOHANG) in loky's Popen.poll
         return code
+
+    def _wait_ended(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        poller = None
+        while not self.ended():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._owns_exit_fd:  # a pidfd: readable once the process has ended
+                if poller is None:
+                    poller = select.poll()  # not select(): the fd may be above FD_SETSIZE
+                    poller.register(self.exit_fd, select.POLLIN)
+                poller.poll(remaining * 1000)
+            else:
+                time.sleep(min(remaining, 0.001))  # loky's sentinel may be held by a grandchild
+        return True
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            if self.process._popen.returncode is None:  # not reaped: the pid is still its own
+                _kill_pid(self.pid, sig)  # not leading its group yet: still starting, no task run
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.conn.close()
@@ -242,6 +302,13 @@ class WorkerProcess:
 
     def __repr__(self) -> str:
         return f"<WorkerProcess slot={self.slot} pid={self.pid} inflight={len(self.inflight)}>"
+
+
+def _kill_pid(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
 
 
 def _descendants(pid: int) -> list[int]:

@@ -9,10 +9,8 @@ parent (see ``_wire``), used by two threads:
   socket buffer stays empty and the parent's sends never block while the main thread is busy),
   answers RECALL by handing back the calls not started yet (the parent gives them to an idle
   worker), and on SHUTDOWN closes the inbox. EOF means the parent process died, even by
-  SIGKILL: it exits the process at once, mid-task included (the stdlib pools leave orphans:
-  CPython gh-111873). On Linux, ``PR_SET_PDEATHSIG`` backs it up for a task that holds the GIL
-  in C code, where no thread of ours can run; it is tied to the *thread* that spawned us, which
-  is why only the parent's dispatcher thread spawns workers.
+  SIGKILL: it ends the process at once, mid-task included, with its process group (the stdlib
+  pools leave orphans: CPython gh-111873).
 - the main thread runs calls in order (tasks run in the main thread, so the per-attempt
   SIGALRM interrupt reaches them) and writes the events.
 
@@ -21,9 +19,51 @@ hand back calls, the main thread to take the next one. ``send_lock`` serializes 
 ``conn`` (events from the main thread, RECALLED from the reader); nothing blocks while holding
 it but the write itself.
 
-Signals: SIGINT is ignored (Ctrl-C in a terminal reaches the whole process group; the parent
-decides). SIGTERM keeps its default action, so the parent's hard kill works. SIGALRM belongs to
-the per-attempt timer (``_worker.attempts``).
+Process group and signals (``_lead_own_process_group``, first thing, before any task runs):
+
+- The worker leads its own process group (``setpgid(0, 0)``; same session, so a terminal's
+  SIGHUP still goes to the parent only). Every process a task starts joins that group, and
+  the parent kills the group (``WorkerProcess.reap``/``kill``) whenever the worker ends: crash,
+  hard timeout, stop, recycling. Signals sent to the *parent's* group (Ctrl-C's SIGINT,
+  ``timeout(1)``'s SIGTERM, ``kill -TERM -PGID``) no longer reach workers: the parent
+  decides (``taskorch run`` drains, exits 143). SIGINT is ignored as well, for a signal sent
+  to every process of the session.
+- Parent death. ``PR_SET_PDEATHSIG`` (SIGKILL) ends the worker even when its task holds the
+  GIL in C code; it is tied to the *thread* that spawned us, which is why only the parent's
+  dispatcher thread spawns workers. SIGKILL leaves no chance to kill the group, so a
+  "guardian" does that: a process forked here before any thread or task exists
+  (``_guard_group``, named "taskorch-guard"), in the group, with every signal blocked and
+  no descriptor but two pidfds (the parent's and the worker's). When either process ends it
+  SIGKILLs the group (itself included). It also covers a task that clears PDEATHSIG and
+  holds the GIL (the guardian watches the parent itself). Without pidfds (Linux < 5.3,
+  other systems) there is no guardian; the reader thread then kills the group on EOF
+  (``_exit_with_group``), which needs the GIL: with PDEATHSIG the worker dies first and its
+  group lives on; without it (a task cleared it, or not Linux) a task holding the GIL keeps
+  the worker and its group alive until it lets go.
+- Not covered: a process that leaves the group itself (``setsid()``/``setpgid()``, as a
+  daemon does) escapes every group kill: on a hard kill or a stop-timeout kill the parent
+  still kills it if it is below the worker at that moment (from /proc), never after a crash
+  or a parent death. A SIGKILL to the guardian itself (the OOM killer, an operator) leaves
+  only the parent's group kill. Killed processes that the worker no longer parents are reaped
+  by init (or the nearest subreaper); a container whose PID 1 does not reap keeps zombies.
+- Startup window: between the fork and ``setpgid`` (interpreter start, before READY) a
+  worker is still in the parent's group; a group signal then kills it. It held no call (the
+  parent hands none over before READY), so it is only replaced.
+- SIGTERM keeps its default action (the parent's hard kill sends it to the group first);
+  SIGALRM belongs to the per-attempt timer (``_worker.attempts``).
+- A task that waits for "any child" (``os.wait()``) with no child of its own waits forever
+  instead of failing, since the guardian is a child of the worker.
+- A task that reads the terminal gets EIO: workers are a background group of its session, and
+  SIGTTIN/SIGTTOU are ignored so that no worker is ever stopped by its terminal (before, a
+  task competed with the application for terminal input).
+- systemd's default ``KillMode=control-group`` signals every process of the unit's cgroup
+  one by one, not a process group: workers still get that SIGTERM and die of it. Run a
+  service with ``KillMode=mixed`` (SIGTERM to the main process only, SIGKILL to what is left
+  after ``TimeoutStopSec``), so that the parent drains.
+- Resource trackers: workers use the parent's (loky and multiprocessing hand theirs down), which
+  exit once nothing holds their pipes; a leftover holding them kept them alive before. One
+  that a worker starts itself is in its group and is killed with it, unable to unlink what a
+  crashed task leaked.
 
 This module imports only the worker side (``_wire``, ``_errors``, ``_policy``,
 ``_worker.attempts``) and starts no thread at import.
@@ -31,13 +71,16 @@ This module imports only the worker side (``_wire``, ``_errors``, ``_policy``,
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import signal
 import sys
 import threading
 import time
 from collections import deque
 from multiprocessing.connection import Connection
+from typing import NoReturn
 
 from taskorch._policy import Policy
 from taskorch._wire import (
@@ -59,6 +102,13 @@ from taskorch._worker.attempts import AttemptRunner
 
 #: Exit status of a worker that saw its parent die.
 EXIT_PARENT_GONE = 70
+#: Linux prctl(2) options.
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+#: Pid of this worker's guardian (see the module docstring), None without one. Set once by the
+#: main thread before any other thread exists; read when the worker exits.
+_guardian: int | None = None
 
 
 class _Inbox:
@@ -71,7 +121,7 @@ class _Inbox:
 def worker_main(
     conn: Connection, default_policy: bytes, parent_pid: int, max_memory_mib: float | None,
 ) -> None:
-    _detach_from_parent_signals(parent_pid)
+    _lead_own_process_group(parent_pid)
     send_lock = threading.Lock()
     outbox: list[Event] = []
 
@@ -105,7 +155,7 @@ def worker_main(
                 break  # calls still in the inbox were never started: the parent re-dispatches them
         flush()
     except OSError:
-        os._exit(EXIT_PARENT_GONE)  # the channel broke: the parent is gone
+        _exit_with_group(EXIT_PARENT_GONE)  # the channel broke: the parent is gone
     _exit_quickly()
 
 
@@ -121,7 +171,15 @@ def _exit_quickly() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
+    _stop_guardian()  # what tasks left running is the parent's to kill (WorkerProcess.reap)
     os._exit(0)
+
+
+def _exit_with_group(code: int) -> NoReturn:
+    """End the worker now, and with it every process its tasks started (its group)."""
+    if _guardian is None and os.getpgrp() == os.getpid():
+        os.killpg(0, signal.SIGKILL)  # ourselves included: nothing is left to do here
+    os._exit(code)  # the guardian sees this and kills the group
 
 
 def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> None:
@@ -145,7 +203,7 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
                 inbox.calls.extend(calls)
                 inbox.cond.notify()
     except BaseException:
-        os._exit(EXIT_PARENT_GONE)  # EOF: the parent died or dropped us
+        _exit_with_group(EXIT_PARENT_GONE)  # EOF: the parent died or dropped us
 
 
 def _run_task(
@@ -173,19 +231,108 @@ def _policy(data: bytes, cache: dict[bytes, Policy]) -> Policy:
     return policy
 
 
-def _detach_from_parent_signals(parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _lead_own_process_group(parent_pid: int) -> None:
+    """Leave the parent's process group, watch the parent, start the guardian (see the module
+    docstring). Runs first in the worker, before any other thread or any task."""
+    global _guardian
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # already a group or session leader: its group is its own anyway
+    for sig in (signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            libc = _libc()
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the reader thread still sees the parent's death as EOF
-    if os.getppid() != parent_pid:  # the parent died before the watch was in place
-        os._exit(EXIT_PARENT_GONE)
+    watched = _pidfds(parent_pid)
+    if os.getppid() != parent_pid:  # the parent died before the watches were in place
+        _exit_with_group(EXIT_PARENT_GONE)
+    if watched is not None:
+        _guardian = _start_guardian(watched)
+
+
+def _pidfds(parent_pid: int) -> tuple[int, int] | None:
+    """pidfds of the parent and of this worker, or None where the kernel has none. (The parent's
+    is right only if it is still our parent after the call: the caller checks getppid().)"""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        parent_fd: int = pidfd_open(parent_pid)
+    except OSError:
+        return None
+    try:
+        own_fd: int = pidfd_open(os.getpid())
+    except OSError:
+        os.close(parent_fd)
+        return None
+    return parent_fd, own_fd
+
+
+def _start_guardian(watched: tuple[int, int]) -> int | None:
+    """Fork the guardian (single-threaded here: the fork is safe); its pid, None on failure."""
+    try:
+        pid = os.fork()
+    except OSError:
+        pid = None
+    if pid == 0:
+        _guard_group(watched)
+    for fd in watched:
+        os.close(fd)
+    return pid
+
+
+def _guard_group(watched: tuple[int, int]) -> NoReturn:
+    """The guardian's whole life: wait until the parent or the worker has ended, then SIGKILL
+    the worker's process group, itself included. Every signal is blocked (the parent's SIGTERM
+    to the group on a hard timeout must not end it; only SIGKILL does), and it holds no
+    descriptor of the worker's: not the channel, not loky's pipes, not stdio."""
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        low, high = sorted(watched)
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, _max_fd())
+        try:
+            _libc().prctl(_PR_SET_NAME, b"taskorch-guard", 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        poller = select.poll()
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        poller.poll()  # a pidfd is readable once its process has ended
+        os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def _stop_guardian() -> None:
+    """On a normal exit: end and reap the guardian, leaving no zombie for init."""
+    if _guardian is None:
+        return
+    try:
+        os.waitid(os.P_PID, _guardian, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        os.kill(_guardian, signal.SIGKILL)  # still our child (perhaps a zombie): its pid is ours
+        os.waitpid(_guardian, 0)
+    except OSError:
+        pass  # a task reaped it (os.wait()): its pid may be another process's now
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _max_fd() -> int:
+    try:
+        return max(int(os.sysconf("SC_OPEN_MAX")), 256)
+    except (OSError, ValueError):
+        return 65536
 
 
 def _rss_mib() -> float:
