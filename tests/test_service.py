@@ -42,7 +42,7 @@ from taskorch import (
     WorkerCrashedError,
     connect,
 )
-from taskorch._wire import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
+from taskorch._service.protocol import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)

@@ -16,7 +16,7 @@ Also ``taskorch status`` (main thread of the CLI).
 
 ``run()`` costs one round trip, so that a full backlog raises ``QueueFullError`` in the caller,
 as with a local orchestrator; the outcome arrives later on the same connection. The protocol
-is described at the end of ``taskorch._wire``.
+is described in ``taskorch._service.protocol``.
 
 Hazards: ``run()`` and ``stats()`` wait for the reader thread, so calling them from a future's
 callback (which runs in that thread) would deadlock: they raise RuntimeError there instead.
@@ -56,7 +56,7 @@ from taskorch._errors import (
 )
 from taskorch._parent.task import TaskFuture
 from taskorch._policy import Policy
-from taskorch._wire import (
+from taskorch._service.protocol import (
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
@@ -73,15 +73,14 @@ from taskorch._wire import (
     SERVICE_MAX_FRAME,
     SERVICE_VERSION,
     WirePolicy,
-    decode_exception,
     decode_server_frame,
     decode_service_error,
     decode_stats,
-    encode_call,
     encode_service_frame,
     encode_service_policy,
     encode_stats,
 )
+from taskorch._wire import decode_exception, encode_call
 
 if TYPE_CHECKING:
     import argparse

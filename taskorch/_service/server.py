@@ -3,9 +3,8 @@
 One ``TaskOrchestrator`` serves every client. The server never unpickles a user object: a
 call arrives as ``encode_call()`` bytes and goes to a worker unopened (a "raw" item), and its
 outcome comes back still pickled (``RawOutcome``) and is forwarded as is. Client frames are
-decoded with an unpickler that accepts builtins only (see the protocol at the end of
-``taskorch._wire``). The workers import the module functions that clients send by name
-(cloudpickle's rule), so the server needs the application's modules on its path, and the same
+decoded with an unpickler that accepts builtins only (see ``taskorch._service.protocol``). The
+workers import the module functions that clients send by name (cloudpickle's rule), so the server needs the application's modules on its path, and the same
 Python minor version as its clients for what travels by value.
 
 Threads of the server process:
@@ -80,7 +79,7 @@ from taskorch._service.client import (
     read_authkey,
     set_receive_timeout,
 )
-from taskorch._wire import (
+from taskorch._service.protocol import (
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
