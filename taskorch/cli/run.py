@@ -40,16 +40,17 @@ from typing import IO, Any, Callable, Iterator
 
 from taskorch._wire import decode_exception, encode_call
 from taskorch._worker.map import ItemError, run_chunk
-from taskorch.cli.main import (
+from taskorch.cli.options import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_OUTPUT,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
     UsageError,
-    _positive_int,
     add_pool_arguments,
     orchestrator_from_args,
+    positive_int,
 )
 
 
@@ -67,7 +68,7 @@ def add_parser(sub: Any) -> None:
                    help="package.module:function, or path/to/file.py:function")
     p.add_argument("--input", "-i", metavar="FILE", help="JSON-lines input (default: stdin)")
     p.add_argument("--output", "-o", metavar="FILE", help="JSON-lines records (default: stdout)")
-    p.add_argument("--chunksize", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--chunksize", type=positive_int, default=1, metavar="N",
                    help="send N inputs per task, the bulk path (much faster for tiny tasks); "
                         "retries and timeouts then apply to the whole chunk, and records carry "
                         "the chunk's attempts and no seconds (default: 1)")
