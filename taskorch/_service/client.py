@@ -99,7 +99,7 @@ def connect(
         sock.settimeout(None)  # Connection reads the fd with os.read: it must be blocking
         configure_socket(sock)
         conn = Connection(os.dup(sock.fileno()))
-        info = client_handshake(sock, conn, authkey, where, max(0.0, deadline - time.monotonic()))
+        info = client_handshake(sock, conn, authkey, where, deadline, timeout)
         server_python = info.get("python")
         here = f"{sys.version_info[0]}.{sys.version_info[1]}"
         if server_python != here:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, cast
@@ -99,8 +100,9 @@ class _RefusalAware:
 
 
 def client_handshake(sock: socket.socket, conn: Connection[Any, Any], authkey: bytes, where: str,
-                     timeout: float) -> dict[str, Any]:
-    """The client's half, done within ``timeout`` seconds in total; returns the server's info.
+                     deadline: float, timeout: float) -> dict[str, Any]:
+    """The client's half, done by ``deadline`` (``time.monotonic()``; ``timeout`` is the
+    caller's limit, for the message); returns the server's info.
 
     Raises AuthenticationError (the key), ConnectionRefusedError (the server said why),
     TimeoutError (the deadline), ConnectionError (anything else that ended it).
@@ -120,7 +122,7 @@ def client_handshake(sock: socket.socket, conn: Connection[Any, Any], authkey: b
 
     # A timer rather than SO_RCVTIMEO: the kernel timeout applies to each read, so a server
     # that drips a byte at a time would hold connect() forever.
-    timer = threading.Timer(timeout, cut)
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
     timer.name = "taskorch-connect-deadline"
     timer.daemon = True  # cancelled and joined below; must never keep an interpreter alive
     timer.start()
