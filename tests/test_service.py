@@ -56,6 +56,7 @@ class Server:
         self.log = log
         self.address = address  # a socket path, or (host, port)
         self.authkey_file = authkey_file
+        self.expected_exit = 143  # what the fixture expects at the end (SIGTERM, drained)
 
     def stderr(self) -> str:
         return self.log.read_text()
@@ -130,7 +131,7 @@ def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
     failures = []
     for server in servers:
         code = server.stop()
-        if code != 143:
+        if code != server.expected_exit:
             failures.append(f"server exited with {code}:\n{server.stderr()}")
     assert not failures, "\n".join(failures)
 
@@ -399,3 +400,18 @@ def test_sigterm_stops_accepting_drains_and_exits_143(start_server, gates) -> No
             client.run(t.square, 1)
     finally:
         client.close()
+
+
+def test_sigint_drains_and_exits_130(start_server, gates) -> None:
+    server = start_server()
+    server.expected_exit = 130
+    g = gates("inflight")
+    with server.connect() as client:
+        inflight = client.run(t.blocker, str(g.started), str(g.release_fifo))
+        g.wait_started()
+        server.proc.send_signal(signal.SIGINT)
+        server.wait_logged("SIGINT: stopping")
+        g.release()
+        assert inflight.result(R) == "go"
+    assert server.proc.wait(R) == 130
+    assert "taskorch serve: stopped (drained: 1 succeeded" in server.stderr()
