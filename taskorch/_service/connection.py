@@ -63,6 +63,9 @@ log = logging.getLogger("taskorch")
 #: read, before the connection is cut.
 FLUSH_TIMEOUT = 5.0
 
+#: How long refuse() waits for a handshake message being written to finish (see there).
+REFUSAL_LOCK_TIMEOUT = 1.0
+
 _STOP = None  # the outbox sentinel: flush what is queued, then exit
 
 
@@ -109,6 +112,17 @@ class ServedConnection:
 
     def start(self) -> None:
         self.reader.start()
+
+    def discard(self, reason: str) -> None:
+        """Refuse a connection that was never started (accept thread): tell the peer why,
+        close the fds. No other thread knows of it."""
+        self.refused = reason
+        try:
+            self.sock.send(refusal_frame(reason), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self.conn.close()
+        self.sock.close()
 
     # -- reader thread ----------------------------------------------------------------------
 
@@ -157,13 +171,14 @@ class ServedConnection:
         return True
 
     def refuse(self, reason: str) -> None:
-        """Tell the peer why it is not served, then cut the connection (any thread; never
-        blocks). For a connection that has not authenticated: its writer is not running, and
-        `_send_lock` serializes this frame with the handshake's own messages. If the reader
-        is in a send (it cannot block long: handshake messages fit any socket buffer), the
-        refusal is skipped and the connection just cut."""
+        """Tell the peer why it is not served, then cut the connection (any thread). For a
+        connection that has not authenticated: its writer is not running, and `_send_lock`
+        serializes this frame with the handshake's own messages. The reader holds that lock
+        only while it writes a handshake message (tens of bytes into an empty socket buffer:
+        it never waits on the peer, only, at worst, for the GIL), hence the short wait; if
+        even that passes, the refusal is skipped and the connection just cut."""
         self.refused = reason
-        if self._send_lock.acquire(blocking=False):
+        if self._send_lock.acquire(timeout=REFUSAL_LOCK_TIMEOUT):
             try:
                 if self.sock.fileno() != -1:
                     try:

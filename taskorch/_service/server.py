@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Callable
 
 from taskorch._policy import Features
 from taskorch._service.connection import ServedConnection, peer_name
-from taskorch._service.handshake import configure_socket, refusal_frame
+from taskorch._service.handshake import configure_socket
 from taskorch._service.listener import Listener
 
 if TYPE_CHECKING:
@@ -215,7 +215,12 @@ class Server:
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(True)  # Connection reads with os.read
         configure_socket(sock)
-        connection: ServedConnection | None = None
+        try:
+            connection = ServedConnection(self, sock, next(self._numbers))
+        except OSError as exc:  # out of fds for its dup(): this peer only
+            log.error("taskorch serve: cannot serve %s: %s", peer_name(sock), exc)
+            sock.close()
+            return
         evicted: ServedConnection | None = None
         with self._lock:
             if self._stopping:
@@ -228,20 +233,15 @@ class Server:
                 if len(self._pending) >= self.max_unauthenticated:
                     evicted = next(iter(self._pending))
                     del self._pending[evicted]
-                connection = ServedConnection(self, sock, next(self._numbers))
                 self._pending[connection] = time.monotonic() + self.handshake_timeout
         if evicted is not None:
             log.warning("taskorch serve: %d connections waiting to authenticate (the limit): "
                         "refusing the oldest, %s", self.max_unauthenticated, evicted.peer)
             evicted.refuse(f"{self.max_unauthenticated} connections were waiting to authenticate "
                            "(the server's limit) and this one was the oldest; retry")
-        if connection is None:
-            log.warning("taskorch serve: refusing %s: %s", peer_name(sock), refusal)
-            try:
-                sock.send(refusal_frame(refusal), socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            sock.close()
+        if refusal:
+            log.warning("taskorch serve: refusing %s: %s", connection.peer, refusal)
+            connection.discard(refusal)
             return
         connection.start()
 
