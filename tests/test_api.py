@@ -32,7 +32,7 @@ def test_worker_side_modules_import_no_parent_module_and_start_no_thread() -> No
         import sys, threading
         import taskorch._worker.main, taskorch._worker.map
         parent = sorted(m for m in sys.modules if m.startswith("taskorch._parent")
-                        or m.startswith("taskorch._service") or m.startswith("taskorch._cli"))
+                        or m.startswith("taskorch._service") or m.startswith("taskorch.cli"))
         heavy = sorted(m for m in ("asyncio", "tenacity", "loky.process_executor")
                        if m in sys.modules)
         print(parent, heavy, threading.active_count())

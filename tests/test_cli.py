@@ -222,5 +222,67 @@ def test_output_reader_going_away_ends_the_run_instead_of_hanging(jobfile: Path,
     proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=R) == 1
+    assert proc.wait(timeout=R) == 3  # its own code: not "some tasks failed" (1)
     assert "writing the output failed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["stdout", "--output"])
+def test_a_full_disk_exits_3(jobfile: Path, tmp_path: Path, where: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f"[{i}]\n" for i in range(10)))
+    command = [sys.executable, "-m", "taskorch", "run", f"{jobfile}:scale", "--input", str(source)]
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        out = subprocess.run(command + (["--output", "/dev/full"] if where == "--output" else []),
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=R, env=ENV)
+    assert out.returncode == 3, out.stderr
+    assert "writing the output failed" in out.stderr and "No space left" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _run_bytes(jobfile: Path, data: bytes, tmp_path: Path, by_file: bool) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "taskorch", "run", f"{jobfile}:scale"]
+    if by_file:
+        source = tmp_path / "in.bin"
+        source.write_bytes(data)
+        return subprocess.run(command + ["--input", str(source)], capture_output=True, timeout=R, env=ENV)
+    return subprocess.run(command, input=data, capture_output=True, timeout=R, env=ENV)
+
+
+def test_invalid_utf8_costs_its_line_alone_from_stdin_and_from_input(jobfile: Path, tmp_path: Path) -> None:
+    data = b"[0]\n[1]\n[2]\n[4]\n[5]\n[\"caf\xe9\"]\n[6]\n[7]\n"  # line 6 is Latin-1, not UTF-8
+    outs = [_run_bytes(jobfile, data, tmp_path, by_file) for by_file in (True, False)]
+    for out in outs:
+        assert out.returncode == 1, out.stderr  # one input failed
+        recs = records(out.stdout.decode())
+        assert [r["index"] for r in recs] == list(range(8))
+        assert [r.get("result") for r in recs] == [0, 1, 2, 4, 5, None, 6, 7]
+        assert recs[5]["error"]["type"] == "UnicodeDecodeError"
+        assert "input line 6: not valid UTF-8 (byte 0xe9 at column 6" in recs[5]["error"]["message"]
+    by_file, by_stdin = ([{k: v for k, v in r.items() if k != "seconds"} for r in records(out.stdout.decode())]
+                         for out in outs)
+    assert by_file == by_stdin
+
+
+def test_cr_crlf_and_lf_line_endings_read_the_same_from_stdin_and_from_input(jobfile: Path, tmp_path: Path) -> None:
+    data = b"[1]\r[2]\r\n[4]\n\r\n[5]"  # a blank line (skipped), and no ending on the last
+    for by_file in (True, False):
+        out = _run_bytes(jobfile, data, tmp_path, by_file)
+        assert out.returncode == 0, out.stderr
+        assert [r["result"] for r in records(out.stdout.decode())] == [1, 2, 4, 5]
+
+
+class _Chunks:
+    """A stream whose reads return the given pieces, as a pipe would."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def read1(self, size: int) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_line_ends_split_across_reads() -> None:
+    from taskorch.cli.lines import numbered_lines
+
+    lines = list(numbered_lines(_Chunks(b"[1]\r", b"\n[2]\r", b"[3", b"]\n\n[4]\r")))  # type: ignore[arg-type]
+    assert lines == [(1, b"[1]"), (2, b"[2]"), (3, b"[3]"), (4, b""), (5, b"[4]")]

@@ -4,7 +4,7 @@ Each test starts ``python -m taskorch serve`` as a subprocess (its stderr goes t
 waits for its ready line. Ordering comes from the gates in ``_tasks`` (a task announces its
 start, then waits for a release), from answers on the connection, and from polling the
 server's log or stats to a deadline; never from sleeps. The fixture stops every server with
-SIGTERM and checks that it exits 0, so each test also exercises the drain.
+SIGTERM and checks that it exits 143 (drained), so each test also exercises the drain.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from taskorch import (
     WorkerCrashedError,
     connect,
 )
-from taskorch._wire import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
+from taskorch._service.protocol import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -56,6 +56,7 @@ class Server:
         self.log = log
         self.address = address  # a socket path, or (host, port)
         self.authkey_file = authkey_file
+        self.expected_exit = 143  # what the fixture expects at the end (SIGTERM, drained)
 
     def stderr(self) -> str:
         return self.log.read_text()
@@ -130,7 +131,7 @@ def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
     failures = []
     for server in servers:
         code = server.stop()
-        if code != 0:
+        if code != server.expected_exit:
             failures.append(f"server exited with {code}:\n{server.stderr()}")
     assert not failures, "\n".join(failures)
 
@@ -372,7 +373,7 @@ def test_a_client_that_leaves_mid_task_does_not_stop_the_task(start_server, gate
 # -- stopping ------------------------------------------------------------------------------------
 
 
-def test_sigterm_stops_accepting_drains_and_exits_0(start_server, gates) -> None:
+def test_sigterm_stops_accepting_drains_and_exits_143(start_server, gates) -> None:
     server = start_server("--backlog", "1000")
     g = gates("inflight")
     client = server.connect()
@@ -393,9 +394,24 @@ def test_sigterm_stops_accepting_drains_and_exits_0(start_server, gates) -> None
         assert not os.path.exists(server.address)  # no new connections
         g.release()
         assert inflight.result(R) == "go"  # the outcome still reaches its client
-        assert server.proc.wait(R) == 0
+        assert server.proc.wait(R) == 143
         assert "taskorch serve: stopped (drained" in server.stderr()
         with pytest.raises(OrchestratorClosedError):  # the server closed the connection
             client.run(t.square, 1)
     finally:
         client.close()
+
+
+def test_sigint_drains_and_exits_130(start_server, gates) -> None:
+    server = start_server()
+    server.expected_exit = 130
+    g = gates("inflight")
+    with server.connect() as client:
+        inflight = client.run(t.blocker, str(g.started), str(g.release_fifo))
+        g.wait_started()
+        server.proc.send_signal(signal.SIGINT)
+        server.wait_logged("SIGINT: stopping")
+        g.release()
+        assert inflight.result(R) == "go"
+    assert server.proc.wait(R) == 130
+    assert "taskorch serve: stopped (drained: 1 succeeded" in server.stderr()

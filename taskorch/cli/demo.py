@@ -25,7 +25,7 @@ from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
-from taskorch.cli.main import EXIT_FAILED, EXIT_OK, UsageError
+from taskorch.cli.options import EXIT_FAILED, EXIT_OK, UsageError
 
 
 def add_parser(sub: Any) -> None:

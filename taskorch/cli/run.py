@@ -4,7 +4,8 @@ Threads, each with one job:
 
 - main: parses arguments, starts the others, then waits on ``_Run.finished``; it also runs
   the signal handlers, which only set flags and never touch the orchestrator's locks.
-- "taskorch-cli-reader": reads input lines, parses them, submits them (one task per input,
+- "taskorch-cli-reader": reads input lines (``lines``: bytes, split and decoded the same way
+  for stdin and ``--input``), parses them, submits them (one task per input,
   or one per ``--chunksize`` inputs: the bulk path). Submitting waits for room in the backlog
   (back-pressure: memory stays flat however long the input), or, with ``--drop``, drops. It
   is a daemon: after a signal the main thread stops waiting for it, since it may be blocked
@@ -17,7 +18,14 @@ Threads, each with one job:
   ``queue.SimpleQueue``, so the dispatcher never waits on output.
 
 Every input line that was read gets exactly one record: a result, an error, ``Dropped``
-(``--drop`` and a full backlog), or ``Cancelled`` (never started because of a signal).
+(``--drop`` and a full backlog), or ``Cancelled`` (never started because of a signal). A line
+that is not UTF-8 gets an error record (``UnicodeDecodeError``, with its line number) and
+reading goes on; a line that is not valid JSON stops the run (a usage error, exit 2), after
+the records of the lines before it.
+
+Exit status: 0 every input succeeded, 1 some failed, 2 usage error, 3 the records could not be
+written (``EXIT_OUTPUT``: a closed pipe, a full disk; the run is abandoned, since nobody can
+read its outcome), 130 / 143 after SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,20 +44,22 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, BinaryIO, Callable, Iterator
 
 from taskorch._wire import decode_exception, encode_call
 from taskorch._worker.map import ItemError, run_chunk
-from taskorch.cli.main import (
+from taskorch.cli.lines import LineError, decode_line, numbered_lines
+from taskorch.cli.options import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_OUTPUT,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
     UsageError,
-    _positive_int,
     add_pool_arguments,
     orchestrator_from_args,
+    positive_int,
 )
 
 
@@ -59,15 +69,16 @@ def add_parser(sub: Any) -> None:
         description="Call TARGET once per input line, in worker processes. Each line is a JSON "
                     'array (positional arguments), an object (keyword arguments), or {"args": '
                     '[...], "kwargs": {...}}. One JSON record per input is written as it '
-                    "finishes. Exit status: 0 all succeeded, 1 some failed, 2 usage error, "
-                    "130/143 after SIGINT/SIGTERM (a first signal stops reading and drains, a "
+                    "finishes. Lines end with \\n, \\r\\n or \\r; a line that is not UTF-8 gets an error "
+                    "record. Exit status: 0 all succeeded, 1 some failed, 2 usage error, 3 the "
+                    "output could not be written (closed pipe, full disk), 130/143 after SIGINT/SIGTERM (a first signal stops reading and drains, a "
                     "second abandons running tasks).",
     )
     p.add_argument("target", metavar="TARGET",
                    help="package.module:function, or path/to/file.py:function")
     p.add_argument("--input", "-i", metavar="FILE", help="JSON-lines input (default: stdin)")
     p.add_argument("--output", "-o", metavar="FILE", help="JSON-lines records (default: stdout)")
-    p.add_argument("--chunksize", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--chunksize", type=positive_int, default=1, metavar="N",
                    help="send N inputs per task, the bulk path (much faster for tiny tasks); "
                         "retries and timeouts then apply to the whole chunk, and records carry "
                         "the chunk's attempts and no seconds (default: 1)")
@@ -233,7 +244,7 @@ class _Run:
 
     # main thread ----------------------------------------------------------------------
 
-    def execute(self, lines: Iterator[str]) -> int:
+    def execute(self, lines: Iterator[tuple[int, bytes]]) -> int:
         started = time.monotonic()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         reader = threading.Thread(target=self._read, args=(lines,), name="taskorch-cli-reader", daemon=True)
@@ -258,7 +269,7 @@ class _Run:
                 print(f"taskorch run: error: {self.output_error}", file=sys.stderr)
             with contextlib.suppress(OSError, ValueError):  # no second error at exit's flush
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
-            return EXIT_FAILED
+            return EXIT_OUTPUT
         self._summary(time.monotonic() - started, report.drained)
         if self.signals:
             return EXIT_SIGINT if self.signals[0] == signal.SIGINT else EXIT_SIGTERM
@@ -299,11 +310,11 @@ class _Run:
 
     # reader thread ----------------------------------------------------------------------
 
-    def _read(self, lines: Iterator[str]) -> None:
+    def _read(self, lines: Iterator[tuple[int, bytes]]) -> None:
         size = self.args.chunksize
         try:
-            for line_number, line in enumerate(lines, 1):
-                if not line.strip():
+            for line_number, raw in lines:
+                if not raw.strip():
                     continue
                 with self.lock:
                     if self.stopping:
@@ -313,7 +324,10 @@ class _Run:
                     self.read += 1
                     self.outstanding += 1
                 try:
-                    args, kwargs = parse_input(line, line_number)
+                    args, kwargs = parse_input(decode_line(raw, line_number), line_number)
+                except LineError as exc:  # this line alone is lost: say so, read on
+                    self._owe([index], None, ("UnicodeDecodeError", str(exc)))
+                    continue
                 except UsageError as exc:
                     self.usage_error = str(exc)
                     self._owe([index], None, ("UsageError", str(exc)))
@@ -327,7 +341,7 @@ class _Run:
                     self.lock.notify_all()
                 if full:
                     self._submit(chunk)
-        except Exception as exc:  # reading the input failed (e.g. not UTF-8)
+        except Exception as exc:  # reading the input failed (an I/O error)
             self.usage_error = f"reading the input failed: {type(exc).__name__}: {exc}"
             self.stopping = True
         finally:
@@ -445,11 +459,14 @@ def main(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if args.input:
             try:
-                source: IO[str] = stack.enter_context(open(args.input, encoding="utf-8"))
+                source: BinaryIO = stack.enter_context(open(args.input, "rb"))
             except OSError as exc:
                 raise UsageError(f"cannot read --input: {exc}") from exc
         else:
-            source = sys.stdin
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise UsageError("there is no stdin to read the inputs from; pass --input FILE")
+            source = stdin
         if args.output:
             try:
                 out: IO[str] = stack.enter_context(open(args.output, "w", encoding="utf-8"))
@@ -457,4 +474,4 @@ def main(args: argparse.Namespace) -> int:
                 raise UsageError(f"cannot write --output: {exc}") from exc
         else:
             out = sys.stdout
-        return _Run(args, fn, out).execute(iter(source))
+        return _Run(args, fn, out).execute(numbered_lines(source))

@@ -1,0 +1,393 @@
+"""One client connection of ``taskorch serve``: its reader thread and its writer thread.
+
+Server process. Per connection, two threads:
+
+    "taskorch-serve-conn-N"     the handshake (``handshake.server_handshake``; the accept
+                                thread enforces its total deadline), then reads frames and
+                                submits: ``run()`` semantics (``o.intake.offer``) never block, and
+                                ``run_async()`` ones go to the server's asyncio thread
+    "taskorch-serve-send-N"     once authenticated: writes the frames queued in the outbox
+                                (answers from the asyncio thread, outcomes, the hello)
+
+plus callbacks from two threads it does not own: the orchestrator's dispatcher (a task's
+done callback queues S_DONE) and the server's asyncio thread (submits waiting for room). A
+slow or hostile client can hold only its own two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Callable
+
+from taskorch._errors import OrchestratorClosedError, SerializationError, TaskorchError
+from taskorch._parent.task import RawOutcome, TaskFuture, WorkItem
+from taskorch._service.handshake import SerializedSends, refusal_frame, server_handshake
+from taskorch._service.protocol import (
+    C_STATS,
+    C_SUBMIT,
+    C_WITHDRAW,
+    O_CANCELLED,
+    O_ERROR,
+    O_RAISED,
+    O_RESULT,
+    S_ACCEPTED,
+    S_DONE,
+    S_DROPPED,
+    S_HELLO,
+    S_REJECTED,
+    S_STATS,
+    SERVICE_MAX_FRAME,
+    SERVICE_VERSION,
+    ServiceProtocolError,
+    decode_client_frame,
+    decode_service_policy,
+    encode_service_error,
+    encode_service_frame,
+    encode_stats,
+)
+
+if TYPE_CHECKING:
+    from taskorch._service.server import Server
+
+log = logging.getLogger("taskorch")
+
+#: At shutdown, how long a connection's outbox may take to flush to a client that does not
+#: read, before the connection is cut.
+FLUSH_TIMEOUT = 5.0
+
+#: How long refuse() waits for a handshake message being written to finish (see there).
+REFUSAL_LOCK_TIMEOUT = 1.0
+
+_STOP = None  # the outbox sentinel: flush what is queued, then exit
+
+
+class ServedConnection:
+    """One client connection: its reader thread, its writer thread, and its tasks."""
+
+    def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
+        self.server = server
+        self.orchestrator = server.orchestrator
+        self.number = number
+        self.peer = f"connection {number} ({peer_name(sock)})"
+        # Two fds for one socket: `conn` frames messages, `sock` is for setsockopt/shutdown.
+        # Only the reader closes them, at its end, holding `_send_lock` and `_lock`, so that a
+        # shutdown from another thread never acts on a closed (possibly reused) fd number.
+        self.sock = sock
+        self.conn: Connection[Any, Any] = Connection(os.dup(sock.fileno()))
+        # Guards `_inflight`, `closed` and the fds' lifetime. Taken by the reader, the asyncio
+        # thread, the dispatcher's done callbacks and the main thread; never held across I/O.
+        self._lock = threading.Lock()
+        self._inflight: dict[int, TaskFuture] = {}  # accepted, outcome not yet queued, by req
+        self.closed = False  # no more frames are queued once set
+        # Why the server cut this connection before serving it (set by refuse(), once).
+        self.refused: str | None = None
+        # Held by the writer around each send_bytes() and by the reader while closing the fds.
+        self._send_lock = threading.Lock()
+        # The outbox: frames for the writer. Producers: the asyncio thread (answers to waiting
+        # submits) and the done callbacks (S_DONE, in the dispatcher thread); the reader sends
+        # its own answers directly. Unbounded, because no producer may ever wait on a client.
+        # Accepted hazard: a client that submits and never reads makes the server hold every
+        # outcome of its tasks here (each up to SERVICE_MAX_FRAME) until it disconnects.
+        # Sentinel _STOP: flush what is queued, then exit.
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # run_async() submits waiting for room, by req (asyncio thread only).
+        self._waiting: dict[int, asyncio.Task[None]] = {}
+        # Reader: blocks in recv_bytes(); wakeups: a frame, EOF or an error (the client left,
+        # a refuse() by the accept thread, or a shutdown() by the main thread at server stop). Exits on any
+        # of those, after closing the connection. Daemon: at server exit the main thread has
+        # joined it already, unless it is wedged, which must not keep the process alive.
+        self.reader = threading.Thread(target=self._read_guarded, name=f"taskorch-serve-conn-{number}", daemon=True)
+        # Writer: blocks in the outbox's get() and in send_bytes() (a client that does not
+        # read). Exits at _STOP or when a send fails. Daemon for the same reason. Started
+        # once the client has authenticated.
+        self.writer = threading.Thread(target=self._write_guarded, name=f"taskorch-serve-send-{number}", daemon=True)
+
+    def start(self) -> None:
+        self.reader.start()
+
+    def discard(self, reason: str) -> None:
+        """Refuse a connection that was never started (accept thread): tell the peer why,
+        close the fds. No other thread knows of it."""
+        self.refused = reason
+        try:
+            self.sock.send(refusal_frame(reason), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self.conn.close()
+        self.sock.close()
+
+    # -- reader thread ----------------------------------------------------------------------
+
+    def _read_guarded(self) -> None:
+        why = "the client disconnected"
+        level = logging.DEBUG
+        try:
+            if not self._handshake():
+                return
+            self.writer.start()
+            self.send((S_HELLO, SERVICE_VERSION, self.server.info))
+            self._read()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass  # the client left
+        except ServiceProtocolError as exc:
+            why, level = f"protocol error: {exc}", logging.WARNING
+        except OSError as exc:
+            if str(exc) == "bad message length":
+                why = f"a frame over the {SERVICE_MAX_FRAME // 2**20} MiB limit"
+            else:
+                why = f"{type(exc).__name__}: {exc}"
+            level = logging.WARNING
+        except BaseException as exc:
+            why, level = f"internal error: {type(exc).__name__}: {exc}", logging.ERROR
+            log.exception("taskorch serve: %s: reader failed", self.peer)
+        finally:
+            self._close(why, level)
+
+    def _handshake(self) -> bool:
+        """Authenticate the peer, then take a place among the authenticated connections."""
+        try:
+            server_handshake(SerializedSends(self.conn, self._send_lock), self.server.authkey)
+        except Exception as exc:  # EOF, a reset, AuthenticationError, garbage (AssertionError)
+            if self.refused is not None:  # cut by the server: the deadline, or room for another
+                log.warning("taskorch serve: %s refused before authenticating: %s", self.peer, self.refused)
+            elif isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
+                log.debug("taskorch serve: %s left before authenticating", self.peer)  # a probe
+            elif not self.server.stopping:
+                log.warning("taskorch serve: %s failed to authenticate (%s: %s); closed",
+                            self.peer, type(exc).__name__, exc)
+            return False
+        if not self.server.promote(self):  # refused (and told why) by promote() or earlier
+            log.warning("taskorch serve: %s refused after authenticating: %s", self.peer, self.refused)
+            return False
+        log.debug("taskorch serve: %s authenticated", self.peer)
+        return True
+
+    def refuse(self, reason: str) -> None:
+        """Tell the peer why it is not served, then cut the connection (any thread). For a
+        connection that has not authenticated: its writer is not running, and `_send_lock`
+        serializes this frame with the handshake's own messages. The reader holds that lock
+        only while it writes a handshake message (tens of bytes into an empty socket buffer:
+        it never waits on the peer, only, at worst, for the GIL), hence the short wait; if
+        even that passes, the refusal is skipped and the connection just cut."""
+        self.refused = reason
+        if self._send_lock.acquire(timeout=REFUSAL_LOCK_TIMEOUT):
+            try:
+                if self.sock.fileno() != -1:
+                    try:
+                        self.sock.send(refusal_frame(reason), socket.MSG_DONTWAIT)
+                    except OSError:
+                        pass
+                self.shut_down()
+            finally:
+                self._send_lock.release()
+        else:
+            self.shut_down()
+
+    def _read(self) -> None:
+        while True:
+            message = decode_client_frame(self.conn.recv_bytes(SERVICE_MAX_FRAME))
+            tag = message[0]
+            if tag == C_SUBMIT:
+                self._submit(*message[1:])
+            elif tag == C_STATS:
+                self._answer((S_STATS, message[1], encode_stats(self.orchestrator.stats())))
+            else:
+                assert tag == C_WITHDRAW
+                self._on_loop(self._withdraw, message[1])
+
+    def _submit(self, req: int, payload: bytes, wire_policy: Any, wait: bool) -> None:
+        o = self.orchestrator
+        if wire_policy is None:
+            policy, policy_bytes = o.policy, None
+        else:
+            try:
+                policy, policy_bytes = decode_service_policy(wire_policy)
+            except ValueError as exc:
+                self._answer((S_REJECTED, req, encode_service_error(SerializationError(f"invalid policy: {exc}"))))
+                return
+        item = o.intake.prepare(payload, policy, policy_bytes, raw=True)
+        if wait:
+            if not self._on_loop(self._start_waiting, req, item):
+                self._answer((S_REJECTED, req, encode_service_error(
+                    OrchestratorClosedError("taskorch serve is stopping"))))
+            return
+        try:
+            future = o.intake.offer(item, f"from {self.peer}")
+        except TaskorchError as exc:  # QueueFullError, OrchestratorClosedError, ...BrokenError
+            self._answer((S_REJECTED, req, encode_service_error(exc)))
+            return
+        if future is None:
+            self._answer((S_DROPPED, req))
+        else:
+            self._accepted(req, future, self._answer)
+
+    def _answer(self, message: tuple[Any, ...]) -> None:
+        """Send an answer from the reader thread itself, without the writer's thread hop (a
+        third of run()'s round trip). It blocks only this client's own reader, and only while
+        this client does not read its socket. Frames queued in the outbox before it may go
+        out after it; nothing relies on that order (see _accepted)."""
+        with self._send_lock:
+            self.conn.send_bytes(encode_service_frame(message))
+
+    def _accepted(self, req: int, future: TaskFuture, answer: Callable[[tuple[Any, ...]], None]) -> None:
+        """Answer ACCEPTED, then watch the outcome. The done callback is added only after the
+        answer is sent (reader) or queued (asyncio thread), so S_DONE, which goes through the
+        outbox, always follows S_ACCEPTED on the wire, even for a task already done."""
+        with self._lock:
+            self._inflight[req] = future
+        answer((S_ACCEPTED, req, future.task_id))
+        future.add_done_callback(functools.partial(self._task_done, req))
+
+    def _task_done(self, req: int, future: Any) -> None:
+        """Done callback (the dispatcher thread, usually): queue S_DONE, never block."""
+        with self._lock:
+            self._inflight.pop(req, None)
+        attempts, seconds = future.attempts, future.seconds
+        if future.cancelled():
+            self.send((S_DONE, req, O_CANCELLED, attempts, seconds, None))
+            return
+        exc = future.exception()
+        if exc is not None:
+            self.send((S_DONE, req, O_ERROR, attempts, seconds, encode_service_error(exc)))
+            return
+        outcome: RawOutcome = future.result()
+        self.send((S_DONE, req, O_RESULT if outcome.ok else O_RAISED, attempts, seconds, outcome.data))
+
+    # -- the asyncio thread's part ----------------------------------------------------------
+
+    def _on_loop(self, fn: Any, *args: Any) -> bool:
+        try:
+            self.server.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            return False
+        return True
+
+    def _start_waiting(self, req: int, item: WorkItem) -> None:
+        if self.closed:
+            return  # the client left before this reached the loop
+        self._waiting[req] = self.server.loop.create_task(self._offer_when_room(req, item))
+
+    async def _offer_when_room(self, req: int, item: WorkItem) -> None:
+        try:
+            future = await self.orchestrator.intake.offer_async(item)  # cancelled: nothing enqueued
+        except TaskorchError as exc:
+            self.send((S_REJECTED, req, encode_service_error(exc)))
+            return
+        finally:
+            self._waiting.pop(req, None)
+        self._accepted(req, future, self.send)
+
+    def _withdraw(self, req: int) -> None:
+        task = self._waiting.pop(req, None)
+        if task is not None:
+            task.cancel()
+            return
+        with self._lock:
+            future = self._inflight.get(req)
+        if future is not None:
+            future.cancel()  # succeeds only while queued in the backlog
+
+    def _cancel_waiting(self) -> None:
+        for task in list(self._waiting.values()):
+            task.cancel()
+
+    # -- writer thread ----------------------------------------------------------------------
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Queue a frame for the client (any thread; never blocks). Dropped once closed: the
+        outcome of a task whose client left is counted in the stats and discarded."""
+        if not self.closed:
+            self._outbox.put(message)
+
+    def _write_guarded(self) -> None:
+        try:
+            while True:
+                message = self._outbox.get()  # wakeups: a frame, or _STOP
+                if message is _STOP:
+                    return
+                frame = encode_service_frame(message)
+                if len(frame) > SERVICE_MAX_FRAME:
+                    frame = self._oversized(message, len(frame))
+                with self._send_lock:
+                    self.conn.send_bytes(frame)
+        except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed
+            log.debug("taskorch serve: %s: send failed: %s", self.peer, exc)
+            self.shut_down()  # wake the reader, which closes the connection
+        except BaseException:
+            log.exception("taskorch serve: %s: writer failed", self.peer)
+            self.shut_down()
+
+    @staticmethod
+    def _oversized(message: tuple[Any, ...], size: int) -> bytes:
+        error = SerializationError(
+            f"the task's outcome is {size / 2**20:.1f} MiB pickled, over taskorch serve's "
+            f"{SERVICE_MAX_FRAME // 2**20} MiB frame limit; return large data in a file and pass "
+            "its path")
+        if message[0] != S_DONE:
+            raise error
+        tag, req, _, attempts, seconds, _ = message
+        return encode_service_frame((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def shut_down(self) -> None:
+        """Wake both threads: blocked reads see EOF, blocked sends fail. Any thread."""
+        with self._lock:
+            if self.sock.fileno() == -1:
+                return
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        """Server stop (main thread): flush the outbox, then cut the connection."""
+        if self.writer.is_alive():
+            self._outbox.put(_STOP)
+            self.writer.join(FLUSH_TIMEOUT)
+        self.shut_down()
+
+    def join(self) -> None:
+        self.reader.join()
+
+    def _close(self, why: str, level: int) -> None:
+        """The reader's exit: stop queueing, stop the writer, close the fds, log."""
+        with self._lock:
+            self.closed = True
+            inflight = len(self._inflight)
+        self._on_loop(self._cancel_waiting)  # run_async() submits still waiting: nothing enqueued
+        self.shut_down()
+        if self.writer.is_alive():
+            self._outbox.put(_STOP)
+            self.writer.join()
+        with self._send_lock, self._lock:  # lock order: _send_lock, then _lock
+            self.conn.close()
+            self.sock.close()
+        self.server.forget(self)
+        if self.server.stopping:
+            level = logging.DEBUG
+        elif inflight:
+            level = max(level, logging.WARNING)
+            why += (f", with {inflight} task(s) accepted and not finished: they run to the end "
+                    "and count in the stats; their outcomes are discarded")
+        log.log(level, "taskorch serve: %s closed: %s", self.peer, why)
+
+
+def peer_name(sock: socket.socket) -> str:
+    """Who is on the other end, for logs: pid/uid of a local peer (SO_PEERCRED), else host:port."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return f"pid {pid}, uid {uid}"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "peer unknown"

@@ -1,0 +1,239 @@
+"""The service protocol: ``taskorch serve`` <-> ``taskorch.connect()``. Imported by both sides.
+
+No thread of its own: its functions run in the server's connection threads and in the
+client's callers and reader thread.
+
+A second boundary, between processes that share nothing but a socket (a Unix socket, or TCP
+on loopback unless the operator allowed remote clients). Server side: ``_service.server``
+(per connection, a reader thread and a writer thread). Client side: ``_service.client`` (the
+caller's threads send and wait for their answer; one reader thread receives).
+
+Transport: ``multiprocessing.connection`` framing (a 4-byte big-endian signed length, or -1
+and an 8-byte length, then the body). First, multiprocessing's HMAC challenge, both ways
+(the server runs ``deliver_challenge`` then ``answer_challenge``, the client the reverse),
+whose frames are read with a 256-byte limit: nothing an unauthenticated peer sends reaches
+pickle. After that every frame is one pickled tuple whose first element is its tag. A frame
+longer than SERVICE_MAX_FRAME is refused from its length alone (the body is never read) and
+the connection closed; senders check first and turn an oversized frame into an error for
+the one call concerned (``SerializationError``), nothing sent.
+
+Client frames hold builtins only (tuple, bytes, str, int, float, bool, None): the server
+decodes them with ``decode_client_frame``, an unpickler that refuses every global, so nothing
+a client sends imports a module or runs code in the server. The call travels as
+``encode_call()`` bytes that the server hands to a worker unopened; the per-task policy as
+``encode_policy()`` bytes for the worker plus the plain fields the parent needs (WirePolicy).
+
+server -> client, once, right after authentication:
+
+    (S_HELLO, version, info)              ``version``: SERVICE_VERSION (the client refuses
+                                          another); ``info``: a dict of plain data: pid,
+                                          taskorch (version), python ("3.11"), workers,
+                                          max_backlog, drop
+
+client -> server (``req``: an int the client picks, unique among its open requests):
+
+    (C_SUBMIT, req, payload, policy, wait)
+                                          ``payload``: ``encode_call()`` bytes; ``policy``:
+                                          None (the server's policy) or a WirePolicy;
+                                          ``wait`` False: run() semantics, answered at once
+                                          (ACCEPTED, DROPPED or REJECTED); True: run_async()
+                                          semantics, answered when there is room
+    (C_WITHDRAW, req)                     the client stopped waiting (run_async() cancelled):
+                                          a request still waiting for room is dropped
+                                          (nothing enqueued); one already accepted is
+                                          cancelled if it has not left the backlog. No answer.
+    (C_STATS, req)                        answered by S_STATS
+
+server -> client:
+
+    (S_ACCEPTED, req, task_id)            in the server's backlog as task ``task_id``; its
+                                          S_DONE always comes later on the same connection
+    (S_DROPPED, req)                      backlog full and the server runs with --drop:
+                                          run() returns None
+    (S_REJECTED, req, error)              ``error``: ``encode_service_error()`` bytes of the
+                                          exception the caller raises (QueueFullError,
+                                          OrchestratorClosedError, OrchestratorBrokenError,
+                                          SerializationError)
+    (S_DONE, req, outcome, attempts, seconds, data)
+                                          the server's TaskFuture resolved; ``attempts`` and
+                                          ``seconds`` as on it; by ``outcome``, ``data`` is:
+                                            O_RESULT     the pickled return value
+                                            O_RAISED     ``encode_exception()``'s tuple
+                                            O_ERROR      ``encode_service_error()`` bytes of
+                                                         a taskorch error (WorkerCrashedError,
+                                                         TaskTimeoutError, TaskAbandonedError,
+                                                         CircuitOpenError, ...)
+                                            O_CANCELLED  None
+    (S_STATS, req, fields)                ``encode_stats()``: the Stats fields as a dict
+
+Either side closes the connection to end it; there is no goodbye frame. The server ends a
+connection (and logs why on the "taskorch" logger) on a failed challenge, a frame over the
+limit, a frame that does not decode or has the wrong layout; tasks that connection submitted
+run to the end all the same, and count in the stats.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import TYPE_CHECKING, Any
+
+from taskorch._errors import RemoteTaskError
+from taskorch._policy import Policy
+from taskorch._wire import PROTOCOL, encode_exception, encode_policy
+
+if TYPE_CHECKING:
+    from taskorch._stats import Stats
+
+#: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
+SERVICE_VERSION = 2
+
+#: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
+#: beyond it fails alone with SerializationError; a peer that announces a longer frame is
+#: disconnected before its body is read, so one connection can make the server allocate at
+#: most this much. Large data belongs in files, passed by path.
+SERVICE_MAX_FRAME = 64 * 1024 * 1024
+
+# Client frame tags.
+C_SUBMIT = 1
+C_WITHDRAW = 2
+C_STATS = 3
+# Server frame tags.
+S_HELLO = 11
+S_ACCEPTED = 12
+S_DROPPED = 13
+S_REJECTED = 14
+S_DONE = 15
+S_STATS = 16
+# S_DONE outcomes.
+O_RESULT = 1
+O_RAISED = 2
+O_ERROR = 3
+O_CANCELLED = 4
+
+#: A per-task policy on the service wire: ``(policy_bytes, retries, timeout, backoff_initial,
+#: backoff_max, jitter, retry_timeouts)``. ``policy_bytes`` (``encode_policy()``) goes to the
+#: worker unopened; the plain fields rebuild, in the server, the part of the Policy the parent
+#: itself uses (the attempt budget, the backoff before retrying a crashed attempt, the hard
+#: timeout, and whether a hard timeout is retried: ``retry_timeouts``). Should the parent ever
+#: read another Policy field, it must be added here (and SERVICE_VERSION raised).
+WirePolicy = tuple[bytes, int, "float | None", float, float, bool, bool]
+
+
+class ServiceProtocolError(ValueError):
+    """A peer sent a frame that is not part of the service protocol."""
+
+
+class _BuiltinsOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a client frame may not reference {module}.{name}")
+
+
+def encode_service_frame(message: tuple[Any, ...]) -> bytes:
+    return pickle.dumps(message, PROTOCOL)
+
+
+def decode_client_frame(data: bytes) -> tuple[Any, ...]:
+    """Decode and check one client frame in the server: builtins only, known layouts only."""
+    import io
+
+    try:
+        message = _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:
+        raise ServiceProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(message, tuple) or not message:
+        raise ServiceProtocolError(f"a frame must be a non-empty tuple, got {type(message).__name__}")
+    tag = message[0]
+    if tag == C_SUBMIT and len(message) == 5:
+        _, req, payload, policy, wait = message
+        if (_is_req(req) and isinstance(payload, bytes) and isinstance(wait, bool)
+                and (policy is None or _is_wire_policy(policy))):
+            return message
+    elif tag in (C_WITHDRAW, C_STATS) and len(message) == 2 and _is_req(message[1]):
+        return message
+    raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
+
+
+def decode_server_frame(data: bytes) -> tuple[Any, ...]:
+    """Decode one server frame in the client (the client trusts the server it authenticated)."""
+    message = pickle.loads(data)
+    if not isinstance(message, tuple) or not message:
+        raise ServiceProtocolError(f"a frame must be a non-empty tuple, got {type(message).__name__}")
+    return message
+
+
+def encode_service_policy(policy: Policy) -> WirePolicy:
+    from taskorch._errors import TaskTimeoutError
+
+    return (
+        encode_policy(policy), policy.retries, policy.timeout, policy.backoff_initial,
+        policy.backoff_max, policy.jitter, issubclass(TaskTimeoutError, policy.retry_on),
+    )
+
+
+def decode_service_policy(wire: WirePolicy) -> tuple[Policy, bytes]:
+    """The server's view of a client's policy, and the bytes to forward to the worker.
+
+    The Policy object is rebuilt from plain fields: its ``retry_on`` is reduced to what the
+    parent tests it against (a hard ``TaskTimeoutError``); the worker applies the client's own
+    ``retry_on`` from ``policy_bytes``. ValueError: the fields are not a valid Policy.
+    """
+    from taskorch._errors import TaskTimeoutError
+
+    policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = wire
+    policy = Policy(
+        retries=retries, timeout=timeout, backoff_initial=backoff_initial,
+        backoff_max=backoff_max, jitter=jitter,
+        retry_on=(TaskTimeoutError,) if retry_timeouts else (),
+    )
+    return policy, policy_bytes
+
+
+def encode_service_error(exc: BaseException) -> bytes:
+    """Pickle a taskorch error (they all define ``__reduce__``) for the client to raise."""
+    try:
+        return pickle.dumps(exc, PROTOCOL)
+    except Exception:
+        _, type_name, message, tb = encode_exception(exc)
+        return pickle.dumps(RemoteTaskError(type_name, message, tb), PROTOCOL)
+
+
+def decode_service_error(data: bytes) -> BaseException:
+    try:
+        exc = pickle.loads(data)
+    except Exception as err:
+        return RemoteTaskError("taskorch.TaskorchError", f"an error from the server did not unpickle: {err}")
+    if not isinstance(exc, BaseException):
+        return RemoteTaskError("taskorch.TaskorchError", f"the server sent {type(exc).__name__} as an error")
+    return exc
+
+
+def encode_stats(stats: Stats) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(stats)
+
+
+def decode_stats(fields: dict[str, Any]) -> Stats:
+    """A ``taskorch.Stats`` from ``encode_stats()``'s dict (fields this version lacks ignored)."""
+    import dataclasses
+
+    from taskorch._stats import Stats
+
+    known = {f.name for f in dataclasses.fields(Stats)}
+    return Stats(**{k: v for k, v in fields.items() if k in known})
+
+
+def _is_req(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_wire_policy(value: object) -> bool:
+    if not isinstance(value, tuple) or len(value) != 7:
+        return False
+    policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = value
+    return (
+        isinstance(policy_bytes, bytes) and _is_req(retries)
+        and (timeout is None or isinstance(timeout, (int, float)))
+        and isinstance(backoff_initial, (int, float)) and isinstance(backoff_max, (int, float))
+        and isinstance(jitter, bool) and isinstance(retry_timeouts, bool)
+    )
