@@ -10,7 +10,7 @@ under a retry / backoff / timeout policy, out of the caller's way and past the G
         ...
 
 This module is the whole public API. The parent-side names are imported lazily, so that worker
-processes, which import ``taskorch._worker_*`` (and so this package), stay light.
+processes, which import ``taskorch._worker`` (and so this package), stay light.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ worker -> parent, a frame is a list of events (several per frame when the worker
 The Dask backend speaks the same events (``_worker.dask``), with its submission id in place
 of the task id, carried by the scheduler instead of a socketpair.
 
-The names on each side: the parent holds a ``_parent_task.WorkItem`` (with the Future); a call
+The names on each side: the parent holds a ``_parent.task.WorkItem`` (with the Future); a call
 item is what goes to the worker; events are what come back.
 """
 

@@ -1,12 +1,11 @@
 """Parent process: the one seam between the orchestrator and what runs the tasks.
 
 ``TaskOrchestrator`` owns the bounded ``Backlog`` (the exact bound, the futures, the counts)
-and hands it to a *dispatcher*, made by a ``Backend``, which takes tasks from the backlog, runs
-them somewhere, and reports every transition back through the backlog's ``*_locked`` methods.
-Two backends exist:
+and hands it to a *dispatcher*, made by a ``Backend``: the one core (``_parent.dispatch``),
+which owns the task life, specialized by how the tasks run. Two backends exist:
 
 - ``LocalBackend`` (the default): worker processes on this machine, started with loky, each
-  with a private channel (``_parent.local``, ``_parent.process``, ``_worker_*``);
+  with a private channel (``_parent.local``, ``_parent.process``, ``_worker``);
 - ``taskorch.dask.DaskBackend``: a Dask distributed cluster (``_parent.dask``).
 
 A dispatcher owns one thread, which it starts in ``start()`` and which ends, with every

@@ -338,6 +338,7 @@ class LocalDispatcher(DispatcherCore):
         except BaseException:
             self._unregister(worker.conn)
             worker.kill()
+            worker.reap()
             worker.close()
             raise
         self._workers[slot] = worker

@@ -1,6 +1,6 @@
 """Parent process, the caller's thread: ``TaskOrchestrator.map()``, the bulk API.
 
-Items are grouped into chunks, each chunk one task (``_worker_map.run_chunk``), so a batch of
+Items are grouped into chunks, each chunk one task (``_worker.map.run_chunk``), so a batch of
 a million tiny items costs thousands of messages, not millions. The chunk size, unless given,
 follows the measured worker time per item so that a chunk runs for about
 ``TARGET_CHUNK_SECONDS``: long enough to amortize a round trip, short enough that the last

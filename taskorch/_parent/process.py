@@ -296,9 +296,14 @@ class WorkerProcess:
             pass
 
     def close(self) -> None:
+        """Release the channel and the exit fd (after reap()). loky's Popen closes its
+        sentinel pipe only when the Popen object is freed (a ``util.Finalize``; it has no
+        ``close()``): drop our process handle's reference to it, so that the pipe closes now
+        and not at some later garbage collection."""
         self.conn.close()
         if self._owns_exit_fd:
             os.close(self.exit_fd)
+        self.process._popen = None
 
     def __repr__(self) -> str:
         return f"<WorkerProcess slot={self.slot} pid={self.pid} inflight={len(self.inflight)}>"

@@ -9,15 +9,16 @@ caller's threads (or event loops), and one reader thread per session
     cloudpickle the call (SerializationError here, nothing sent)
     register request ``req`` (``_lock``)
     C_SUBMIT frame --------------(``_send_lock``)----------------------------------->
-    wait for the answer (Event / asyncio future)                 <-- S_ACCEPTED / S_DROPPED / S_REJECTED
+    wait for the answer (Event / asyncio future)            <-- S_ACCEPTED / DROPPED / REJECTED
                                             answer the caller
                                                                  <-- S_DONE (any time later)
-                                            resolve the TaskFuture (user callbacks run here)
+                                            resolve the TaskFuture (no user code: see _resolve)
 
-Hazards: ``submit()`` and ``stats()`` wait for the reader thread, so calling them from a
-future's callback (which runs in that thread) would deadlock: they raise RuntimeError there
-instead. ``submit_async()`` writes its frame from the event loop's thread: a call with large
-arguments blocks the loop while it streams to the server (a few microseconds for a small call).
+Hazards: ``submit()`` and ``stats()`` wait for the reader thread, so calling them from the
+reader thread would deadlock: they raise RuntimeError there instead (futures' callbacks run
+on the "taskorch-callbacks" thread, not here). ``submit_async()`` writes its frame from the
+event loop's thread: a call with large arguments blocks the loop while it streams to the
+server (a few microseconds for a small call).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import pickle
 import socket
 import threading
 from multiprocessing.connection import Connection
@@ -58,7 +58,7 @@ from taskorch._service.protocol import (
     decode_stats,
     encode_service_frame,
 )
-from taskorch._wire import decode_exception, encode_call
+from taskorch._wire import encode_call
 
 if TYPE_CHECKING:
     from taskorch._stats import Stats
@@ -89,7 +89,9 @@ class _Request:
 class Session:
     """The connection and its request table, shared by the callers and the reader thread."""
 
-    def __init__(self, sock: socket.socket, conn: Connection[Any, Any], where: str, info: dict[str, Any]) -> None:
+    def __init__(
+        self, sock: socket.socket, conn: Connection[Any, Any], where: str, info: dict[str, Any],
+    ) -> None:
         self.where = where
         self.info = info
         # Two fds for one socket: `conn` frames messages, `_sock` is for shutdown(). Both are
@@ -114,7 +116,8 @@ class Session:
         # any error, after failing every request left. A daemon: a client never closed must
         # not keep the interpreter from exiting (the server runs what it accepted anyway).
         self.reader = threading.Thread(
-            target=self._read_guarded, name=f"taskorch-client-reader-{next(_client_numbers)}", daemon=True)
+            target=self._read_guarded, name=f"taskorch-client-reader-{next(_client_numbers)}",
+            daemon=True)
         self.reader.start()
 
     # -- callers' side -----------------------------------------------------------------------
@@ -125,7 +128,8 @@ class Session:
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
         request = _Request(_new_future())
-        answer = self._call(request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, False))
+        answer = self._call(
+            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, False))
         return self._accepted(request, answer)
 
     async def submit_async(
@@ -135,7 +139,8 @@ class Session:
         loop = asyncio.get_running_loop()
         request = _Request(_new_future(), loop, loop.create_future())
         assert request.waiter is not None
-        req = self._start(request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, True))
+        req = self._start(
+            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, True))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:
@@ -157,7 +162,9 @@ class Session:
             raise answer
         return decode_stats(answer[2])
 
-    def _call(self, request: _Request, build: Callable[[int], tuple[Any, ...]]) -> tuple[Any, ...] | BaseException:
+    def _call(
+        self, request: _Request, build: Callable[[int], tuple[Any, ...]],
+    ) -> tuple[Any, ...] | BaseException:
         self._start(request, build)
         assert request.event is not None
         request.event.wait()  # set by the reader on the answer, or when the connection ends
@@ -187,7 +194,9 @@ class Session:
             raise
         return req
 
-    def _accepted(self, request: _Request, answer: tuple[Any, ...] | BaseException) -> TaskFuture | None:
+    def _accepted(
+        self, request: _Request, answer: tuple[Any, ...] | BaseException,
+    ) -> TaskFuture | None:
         if isinstance(answer, BaseException):
             raise answer
         tag = answer[0]
@@ -283,7 +292,8 @@ class Session:
             elif tag in (S_ACCEPTED, S_DROPPED, S_REJECTED, S_STATS):
                 req = message[1]
                 with self._lock:
-                    request = self._requests.get(req) if tag == S_ACCEPTED else self._requests.pop(req, None)
+                    requests = self._requests
+                    request = requests.get(req) if tag == S_ACCEPTED else requests.pop(req, None)
                 if request is None:
                     continue  # withdrawn
                 if tag == S_ACCEPTED and request.future is not None:
@@ -354,23 +364,19 @@ def _deliver(waiter: asyncio.Future[Any], answer: Any) -> None:
             waiter.set_result(answer)
 
 
-def _resolve(future: TaskFuture, outcome: int, attempts: int, seconds: float | None, data: Any) -> None:
-    """Resolve a client future from S_DONE (reader thread; runs the future's callbacks)."""
+def _resolve(
+    future: TaskFuture, outcome: int, attempts: int, seconds: float | None, data: Any,
+) -> None:
+    """Resolve a client future from S_DONE (reader thread). No user code runs here: the
+    result or exception stays pickled until the caller asks (``TaskFuture``), and
+    done-callbacks run on the "taskorch-callbacks" thread, so a slow one holds no other
+    outcome of this connection."""
     future.attempts = attempts
     future.seconds = seconds
     if outcome == O_RESULT:
-        try:
-            value = pickle.loads(data)
-        except Exception as exc:
-            err = SerializationError(
-                f"the task's result could not be unpickled in this client: {type(exc).__name__}: "
-                f"{exc} (is the module defining it importable here?)")
-            err.__cause__ = exc
-            future.set_exception(err)
-        else:
-            future.set_result(value)
+        future._set_undecoded("result", data)
     elif outcome == O_RAISED:
-        future.set_exception(decode_exception(*data))
+        future._set_undecoded("error", data)
     elif outcome == O_ERROR:
         future.set_exception(decode_service_error(data))
     elif outcome == O_CANCELLED:
