@@ -132,11 +132,12 @@ _LONG_LENGTH = struct.Struct("!Q")
 #                          pickler when they are plain scalars. Same objects in the worker.
 #
 # The first form costs ~3.4 us a call, mostly cloudpickle deciding again, in Python, that the
-# function is pickled by reference; the second ~1.5 us with plain arguments (measured). Nothing is cached for a function
-# cloudpickle pickles by value (lambdas, closures, __main__ functions, modules registered for
-# pickling by value): their pickle carries state that may change between calls, and they keep
-# one pickle with their arguments, so objects shared between the two stay shared. While any
-# module is registered with cloudpickle.register_pickle_by_value, the cache is not used.
+# function is pickled by reference; the second ~1.5 us with plain arguments (measured). Nothing
+# is cached for a function cloudpickle pickles by value (lambdas, closures, __main__ functions,
+# modules registered for pickling by value): their pickle carries state that may change between
+# calls, and they keep one pickle with their arguments, so objects shared between the two stay
+# shared. While any module is registered with cloudpickle.register_pickle_by_value, the cache
+# is not used.
 # Hazard: whatever decodes calls must know the second form. A `taskorch serve` from before it
 # speaks SERVICE_VERSION 1, and the client's handshake refuses it; Dask workers must run the
 # same taskorch as the client, as for the rest of what crosses to them.

@@ -19,7 +19,9 @@ from typing import Any, Callable
 DEADLOCK_TIMEOUT = 30.0
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = DEADLOCK_TIMEOUT, what: str = "") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = DEADLOCK_TIMEOUT, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -40,7 +42,8 @@ class Gate:
 
     def wait_started(self) -> int:
         """Wait until the task started; return its worker's pid."""
-        wait_until(lambda: self.started.exists() and self.started.read_text(), what=f"{self.started}")
+        wait_until(lambda: self.started.exists() and self.started.read_text(),
+                   what=f"{self.started}")
         return int(self.started.read_text())
 
     def release(self, value: str = "go") -> None:
@@ -255,7 +258,8 @@ def busy_identity(x: Any, seconds: float) -> Any:
 
 
 def spawn_child_then_hang(started: str, never_fifo: str, child_pid_file: str) -> None:
-    """Start a grandchild process, then hang in C with SIGALRM blocked (only a hard kill ends it)."""
+    """Start a grandchild process, then hang in C with SIGALRM blocked (only a hard kill
+    ends it)."""
     import subprocess
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -294,7 +298,9 @@ def return_blocks_on_unpickle(value: Any, started: str, release_fifo: str) -> Bl
     return BlocksOnUnpickle(value, started, release_fifo)
 
 
-def _error_unpickled_after_release(message: str, started: str, release_fifo: str, parent: int) -> ValueError:
+def _error_unpickled_after_release(
+    message: str, started: str, release_fifo: str, parent: int
+) -> ValueError:
     if os.getpid() != parent:  # the worker checks that the exception round-trips: not there
         return ValueError(message)
     return ValueError(_unpickled_after_release(message, started, release_fifo))
@@ -313,7 +319,8 @@ def raise_blocks_on_unpickle(message: str, started: str, release_fifo: str, pare
 
 
 def return_exploding_on_unpickle(action: str) -> ExplodesOnUnpickle:
-    """A result that pickles in the worker and explodes (``action``) when the parent unpickles it."""
+    """A result that pickles in the worker and explodes (``action``) when the parent
+    unpickles it."""
     return ExplodesOnUnpickle(action)
 
 

@@ -11,16 +11,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from _tasks import wait_until
 
 R = 60
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def taskorch(*args: str, input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "taskorch", *args], input=input, capture_output=True,
-                          text=True, timeout=R, cwd=cwd, env=ENV)
+def taskorch(
+    *args: str, input: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "taskorch", *args], input=input,
+                          capture_output=True, text=True, timeout=R, cwd=cwd, env=ENV)
 
 
 def records(stdout: str) -> list[dict]:
@@ -66,7 +67,8 @@ def test_help_and_version() -> None:
 
 
 def test_run_over_a_jsonl_file_and_stdin(jobfile: Path, tmp_path: Path) -> None:
-    lines = ['[1]', '[2, 10]', '{"x": 4, "factor": 2}', '{"args": [5], "kwargs": {"factor": 3}}', '']
+    lines = ['[1]', '[2, 10]', '{"x": 4, "factor": 2}',
+             '{"args": [5], "kwargs": {"factor": 3}}', '']
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines))
     out_file = tmp_path / "out.jsonl"
@@ -142,7 +144,9 @@ def _start_gated_run(jobfile: Path, tmp_path: Path, n: int) -> tuple[subprocess.
     return proc, gate_dir
 
 
-def test_sigterm_stops_reading_drains_and_writes_a_record_for_every_input(jobfile: Path, tmp_path: Path) -> None:
+def test_sigterm_stops_reading_drains_and_writes_a_record_for_every_input(
+    jobfile: Path, tmp_path: Path
+) -> None:
     proc, gate_dir = _start_gated_run(jobfile, tmp_path, n=1000)
     try:
         proc.send_signal(signal.SIGTERM)
@@ -164,7 +168,9 @@ def test_sigterm_stops_reading_drains_and_writes_a_record_for_every_input(jobfil
     assert recs[0]["result"] == "released"
 
 
-def test_a_second_signal_abandons_running_tasks_and_still_records_them(jobfile: Path, tmp_path: Path) -> None:
+def test_a_second_signal_abandons_running_tasks_and_still_records_them(
+    jobfile: Path, tmp_path: Path
+) -> None:
     proc, _ = _start_gated_run(jobfile, tmp_path, n=1000)
     try:
         assert proc.stderr is not None
@@ -212,7 +218,9 @@ def test_chunksize_sends_inputs_in_bulk_with_per_input_records(jobfile: Path) ->
     assert "1001 inputs: 1000 ok, 1 failed" in out.stderr
 
 
-def test_output_reader_going_away_ends_the_run_instead_of_hanging(jobfile: Path, tmp_path: Path) -> None:
+def test_output_reader_going_away_ends_the_run_instead_of_hanging(
+    jobfile: Path, tmp_path: Path
+) -> None:
     # `taskorch run ... | head -1`: the records have nowhere to go.
     source = tmp_path / "in.jsonl"
     source.write_text("".join(f"[{i}]\n" for i in range(20000)))
@@ -239,16 +247,21 @@ def test_a_full_disk_exits_3(jobfile: Path, tmp_path: Path, where: str) -> None:
     assert "Traceback" not in out.stderr
 
 
-def _run_bytes(jobfile: Path, data: bytes, tmp_path: Path, by_file: bool) -> subprocess.CompletedProcess[bytes]:
+def _run_bytes(
+    jobfile: Path, data: bytes, tmp_path: Path, by_file: bool
+) -> subprocess.CompletedProcess[bytes]:
     command = [sys.executable, "-m", "taskorch", "run", f"{jobfile}:scale"]
     if by_file:
         source = tmp_path / "in.bin"
         source.write_bytes(data)
-        return subprocess.run(command + ["--input", str(source)], capture_output=True, timeout=R, env=ENV)
+        return subprocess.run(command + ["--input", str(source)], capture_output=True,
+                              timeout=R, env=ENV)
     return subprocess.run(command, input=data, capture_output=True, timeout=R, env=ENV)
 
 
-def test_invalid_utf8_costs_its_line_alone_from_stdin_and_from_input(jobfile: Path, tmp_path: Path) -> None:
+def test_invalid_utf8_costs_its_line_alone_from_stdin_and_from_input(
+    jobfile: Path, tmp_path: Path
+) -> None:
     data = b"[0]\n[1]\n[2]\n[4]\n[5]\n[\"caf\xe9\"]\n[6]\n[7]\n"  # line 6 is Latin-1, not UTF-8
     outs = [_run_bytes(jobfile, data, tmp_path, by_file) for by_file in (True, False)]
     for out in outs:
@@ -258,12 +271,15 @@ def test_invalid_utf8_costs_its_line_alone_from_stdin_and_from_input(jobfile: Pa
         assert [r.get("result") for r in recs] == [0, 1, 2, 4, 5, None, 6, 7]
         assert recs[5]["error"]["type"] == "UnicodeDecodeError"
         assert "input line 6: not valid UTF-8 (byte 0xe9 at column 6" in recs[5]["error"]["message"]
-    by_file, by_stdin = ([{k: v for k, v in r.items() if k != "seconds"} for r in records(out.stdout.decode())]
+    by_file, by_stdin = ([{k: v for k, v in r.items() if k != "seconds"}
+                          for r in records(out.stdout.decode())]
                          for out in outs)
     assert by_file == by_stdin
 
 
-def test_cr_crlf_and_lf_line_endings_read_the_same_from_stdin_and_from_input(jobfile: Path, tmp_path: Path) -> None:
+def test_cr_crlf_and_lf_line_endings_read_the_same_from_stdin_and_from_input(
+    jobfile: Path, tmp_path: Path
+) -> None:
     data = b"[1]\r[2]\r\n[4]\n\r\n[5]"  # a blank line (skipped), and no ending on the last
     for by_file in (True, False):
         out = _run_bytes(jobfile, data, tmp_path, by_file)

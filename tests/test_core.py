@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
-
 import _tasks as t
+import pytest
 from _tasks import Gate, wait_until
+
 from taskorch import (
     Features,
     OrchestratorClosedError,
@@ -37,7 +37,9 @@ def invariant_holds(s: Stats) -> bool:
                            + s.abandoned)
 
 
-def block_all_workers(o: TaskOrchestrator, gates: Callable[[str], Gate]) -> list[tuple[Gate, concurrent.futures.Future]]:
+def block_all_workers(
+    o: TaskOrchestrator, gates: Callable[[str], Gate]
+) -> list[tuple[Gate, concurrent.futures.Future]]:
     """Occupy every worker with a blocker and wait until each has started."""
     blocked = []
     for i in range(o.worker_count):
@@ -112,7 +114,9 @@ def test_task_exception_keeps_its_type_and_remote_traceback(make_orchestrator: M
     ],
     ids=["exception-that-does-not-unpickle", "sys.exit", "KeyboardInterrupt"],
 )
-def test_exceptions_that_cannot_be_rebuilt_become_remote_task_error(make_orchestrator: Make, fn: Callable[[], None], type_name: str) -> None:
+def test_exceptions_that_cannot_be_rebuilt_become_remote_task_error(
+    make_orchestrator: Make, fn: Callable[[], None], type_name: str
+) -> None:
     o = make_orchestrator(worker_count=1)
     pid_before = o.worker_pids()
     with pytest.raises(RemoteTaskError) as info:
@@ -145,7 +149,9 @@ def test_unpicklable_argument_raises_in_run_and_enqueues_nothing(make_orchestrat
         o.run(42)  # type: ignore[arg-type]
 
 
-def test_policy_override_does_not_take_fn_keyword_arguments(make_orchestrator: Make, tmp_path: Path) -> None:
+def test_policy_override_does_not_take_fn_keyword_arguments(
+    make_orchestrator: Make, tmp_path: Path
+) -> None:
     o = make_orchestrator()
     assert o.run(t.add, 1, 2, policy="mine").result(R) == (3, "mine")
     retrying = o.with_policy(Policy(retries=2, backoff_initial=0.001, jitter=False))
@@ -223,7 +229,9 @@ def test_drop_flag_drops_logs_and_counts(make_orchestrator: Make, gates, caplog)
     assert [f.result(R) for f in kept] == [4, 9]
 
 
-def test_producer_threads_never_push_the_backlog_past_its_bound(make_orchestrator: Make, gates) -> None:
+def test_producer_threads_never_push_the_backlog_past_its_bound(
+    make_orchestrator: Make, gates
+) -> None:
     o = make_orchestrator(worker_count=2, max_backlog=5)
     blocked = block_all_workers(o, gates)
     accepted: list[concurrent.futures.Future] = []
@@ -257,7 +265,9 @@ def test_producer_threads_never_push_the_backlog_past_its_bound(make_orchestrato
     assert invariant_holds(o.stats())
 
 
-def test_run_async_waits_for_room_and_cancelling_the_wait_enqueues_nothing(make_orchestrator: Make, gates) -> None:
+def test_run_async_waits_for_room_and_cancelling_the_wait_enqueues_nothing(
+    make_orchestrator: Make, gates
+) -> None:
     o = make_orchestrator(worker_count=1, max_backlog=1)
     blocked = block_all_workers(o, gates)
     first = o.run(t.square, 5)
@@ -321,7 +331,9 @@ def test_stats_invariant_holds_at_every_snapshot(make_orchestrator: Make, tmp_pa
 # -- policy: retries, backoff, timeouts --------------------------------------------------------
 
 
-def test_retries_with_backoff_succeed_on_the_third_attempt(make_orchestrator: Make, tmp_path: Path, caplog) -> None:
+def test_retries_with_backoff_succeed_on_the_third_attempt(
+    make_orchestrator: Make, tmp_path: Path, caplog
+) -> None:
     o = make_orchestrator(policy=Policy(retries=3, backoff_initial=0.01, backoff_max=0.05))
     with caplog.at_level(logging.INFO, logger="taskorch"):
         fut = o.run(t.fail_until, str(tmp_path / "count"), 3)
@@ -331,7 +343,9 @@ def test_retries_with_backoff_succeed_on_the_third_attempt(make_orchestrator: Ma
     assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_a_first_attempt_that_succeeds_never_goes_through_tenacity(make_orchestrator: Make, tmp_path: Path) -> None:
+def test_a_first_attempt_that_succeeds_never_goes_through_tenacity(
+    make_orchestrator: Make, tmp_path: Path
+) -> None:
     # tenacity costs tens of microseconds a task: only a retryable failure brings it in, and
     # then it counts, backs off and reports as if it had driven the first attempt too.
     o = make_orchestrator(worker_count=1, policy=Policy(retries=2, backoff_initial=0.001))
@@ -341,7 +355,9 @@ def test_a_first_attempt_that_succeeds_never_goes_through_tenacity(make_orchestr
     assert o.run(t.has_module, "tenacity").result(R) is True
 
 
-def test_retry_budget_exhausted_raises_the_last_error(make_orchestrator: Make, tmp_path: Path) -> None:
+def test_retry_budget_exhausted_raises_the_last_error(
+    make_orchestrator: Make, tmp_path: Path
+) -> None:
     o = make_orchestrator(policy=Policy(retries=1, backoff_initial=0.0))
     fut = o.run(t.fail_until, str(tmp_path / "count"), 5)
     with pytest.raises(ConnectionError, match="attempt 2 failed"):
@@ -350,15 +366,20 @@ def test_retry_budget_exhausted_raises_the_last_error(make_orchestrator: Make, t
 
 
 def test_errors_outside_retry_on_are_not_retried(make_orchestrator: Make) -> None:
-    o = make_orchestrator(policy=Policy(retries=3, backoff_initial=0.0, retry_on=(ConnectionError,)))
+    o = make_orchestrator(
+        policy=Policy(retries=3, backoff_initial=0.0, retry_on=(ConnectionError,))
+    )
     fut = o.run(t.raise_value_error, "no retry")
     with pytest.raises(ValueError):
         fut.result(R)
     assert fut.attempts == 1 and o.stats().retried == 0
 
 
-def test_timeout_interrupts_a_hanging_attempt_and_is_retried(make_orchestrator: Make, gates, fifo) -> None:
-    o = make_orchestrator(worker_count=1, policy=Policy(retries=1, timeout=0.3, backoff_initial=0.0))
+def test_timeout_interrupts_a_hanging_attempt_and_is_retried(
+    make_orchestrator: Make, gates, fifo
+) -> None:
+    o = make_orchestrator(worker_count=1,
+                          policy=Policy(retries=1, timeout=0.3, backoff_initial=0.0))
     g = gates("hang")
     never = fifo("never")
     pid = o.worker_pids()
@@ -530,7 +551,8 @@ def test_stop_from_several_threads_at_once(gates) -> None:
     o = TaskOrchestrator(worker_count=1, policy=Policy())
     blocked = block_all_workers(o, gates)
     reports = []
-    threads = [threading.Thread(target=lambda: reports.append(o.stop(timeout=20))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: reports.append(o.stop(timeout=20)))
+               for _ in range(4)]
     for th in threads:
         th.start()
     wait_until(lambda: o.stats().running == 1 and o._backlog.closed, what="closing")
@@ -567,7 +589,9 @@ def test_stop_from_a_done_callback_does_not_deadlock() -> None:
     assert report.drained and len(reports) == 1 and reports[0].drained
 
 
-def test_calls_prefetched_behind_a_long_task_move_to_an_idle_worker(make_orchestrator: Make, gates) -> None:
+def test_calls_prefetched_behind_a_long_task_move_to_an_idle_worker(
+    make_orchestrator: Make, gates
+) -> None:
     # Tiny tasks teach both workers to prefetch deeply; then a long task arrives with quick
     # ones in the same burst. Those handed to the long task's worker must not wait for it.
     o = make_orchestrator(worker_count=2, max_backlog=200)

@@ -10,11 +10,11 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+import _tasks as t
 import psutil
 import pytest
-
-import _tasks as t
 from _tasks import wait_until
+
 from taskorch import Policy, TaskOrchestrator, WorkerCrashedError
 
 Make = Callable[..., TaskOrchestrator]
@@ -42,7 +42,9 @@ def test_a_task_that_kills_its_worker_fails_alone(make_orchestrator: Make, gates
     assert s.crashes == 1 and s.worker_restarts == 1 and s.failed == 1 and s.succeeded == 5
 
 
-def test_sigkill_from_outside_fails_only_the_running_task_and_names_the_signal(make_orchestrator: Make, gates) -> None:
+def test_sigkill_from_outside_fails_only_the_running_task_and_names_the_signal(
+    make_orchestrator: Make, gates
+) -> None:
     o = make_orchestrator(worker_count=2)
     victim_gate, other_gate = gates("victim"), gates("other")
     victim = o.run(t.blocker, str(victim_gate.started), str(victim_gate.release_fifo))
@@ -66,7 +68,9 @@ def test_crash_is_retried_within_the_budget(make_orchestrator: Make, tmp_path: P
     assert s.crashes == 1 and s.retried == 1 and s.succeeded == 1
 
 
-def test_handed_over_but_unstarted_tasks_rerun_elsewhere_uncharged(make_orchestrator: Make, gates) -> None:
+def test_handed_over_but_unstarted_tasks_rerun_elsewhere_uncharged(
+    make_orchestrator: Make, gates
+) -> None:
     # One worker, so that quick tasks queue up behind the blocker in its prefetch.
     o = make_orchestrator(worker_count=1, max_backlog=100)
     for f in [o.run(t.square, i) for i in range(50)]:  # teach it that tasks are quick
@@ -107,7 +111,8 @@ def test_interpreter_exit_without_stop_drains_and_leaves_no_process(tmp_path: Pa
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 2
     assert sorted(p.name for p in out.iterdir()) == sorted(str(i) for i in range(20))
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    wait_until(lambda: not any(psutil.pid_exists(p)
+                               and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                                for p in pids), timeout=10, what="workers gone")
 
 
@@ -123,7 +128,9 @@ def test_garbage_collected_orchestrator_drains_in_the_background(tmp_path: Path)
     assert fut.result(0) == str(tmp_path / "f")
 
 
-def test_interpreter_exit_without_stop_does_not_hang_whatever_was_registered_first(tmp_path: Path) -> None:
+def test_interpreter_exit_without_stop_does_not_hang_whatever_was_registered_first(
+    tmp_path: Path
+) -> None:
     # multiprocessing's exit hook must not join taskorch's workers: an earlier finalizer (a
     # TemporaryDirectory, say) changes the order in which exit hooks run.
     script = tmp_path / "app.py"
@@ -141,5 +148,6 @@ def test_interpreter_exit_without_stop_does_not_hang_whatever_was_registered_fir
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "done").read_text() == "yes"
     pids = [int(p) for p in proc.stdout.split()]
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    wait_until(lambda: not any(psutil.pid_exists(p)
+                               and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                                for p in pids), timeout=10, what="workers gone")

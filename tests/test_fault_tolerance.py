@@ -17,11 +17,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import _tasks as t
 import psutil
 import pytest
-
-import _tasks as t
 from _tasks import wait_until
+
 from taskorch import (
     BreakerMode,
     CircuitBreaker,
@@ -50,10 +50,14 @@ def _alive(pid: int) -> bool:
 # -- hard timeouts ------------------------------------------------------------------------------
 
 
-def test_hard_timeout_kills_a_task_stuck_in_c_with_signals_blocked(make_orchestrator: Make, gates, fifo, caplog) -> None:
+def test_hard_timeout_kills_a_task_stuck_in_c_with_signals_blocked(
+    make_orchestrator: Make, gates, fifo, caplog
+) -> None:
     o = make_orchestrator(worker_count=2, kill_grace=0.2, policy=Policy(timeout=0.3))
     other_gate, stuck_gate = gates("other"), gates("stuck")
-    other = o.with_policy(Policy()).run(t.blocker, str(other_gate.started), str(other_gate.release_fifo))
+    other = o.with_policy(Policy()).run(
+        t.blocker, str(other_gate.started), str(other_gate.release_fifo)
+    )
     other_pid = other_gate.wait_started()
     with caplog.at_level(logging.WARNING, logger="taskorch"):
         stuck = o.run(t.hang_with_signals_blocked, str(stuck_gate.started), fifo("never"))
@@ -69,7 +73,9 @@ def test_hard_timeout_kills_a_task_stuck_in_c_with_signals_blocked(make_orchestr
     assert s.timeouts == 1 and s.crashes == 1 and s.worker_restarts == 1
 
 
-def test_a_task_ignoring_sigterm_is_escalated_to_sigkill(make_orchestrator: Make, gates, fifo, caplog) -> None:
+def test_a_task_ignoring_sigterm_is_escalated_to_sigkill(
+    make_orchestrator: Make, gates, fifo, caplog
+) -> None:
     o = make_orchestrator(worker_count=1, kill_grace=0.2, policy=Policy(timeout=0.2))
     g = gates("stubborn")
     with caplog.at_level(logging.WARNING, logger="taskorch"):
@@ -83,7 +89,9 @@ def test_a_task_ignoring_sigterm_is_escalated_to_sigkill(make_orchestrator: Make
     assert new_pid != pid and o.worker_pids() == [new_pid]
 
 
-def test_hard_timeout_is_retried_within_the_budget(make_orchestrator: Make, gates, fifo, tmp_path: Path) -> None:
+def test_hard_timeout_is_retried_within_the_budget(
+    make_orchestrator: Make, gates, fifo, tmp_path: Path
+) -> None:
     o = make_orchestrator(worker_count=1, kill_grace=0.2,
                           policy=Policy(timeout=0.3, retries=1, backoff_initial=0.0))
     g = gates("stuck")
@@ -130,10 +138,14 @@ PHASES = {"unpickling the call": _unpickle_phase, "running": _run_phase,
 # kind -> (expected exception type, attribute check)
 KINDS: dict[str, tuple[type[BaseException], Callable[[BaseException], bool]]] = {
     "raise": (Exception, lambda e: "exploded" in str(e)),
-    "sys.exit": (RemoteTaskError, lambda e: isinstance(e, RemoteTaskError) and e.type_name == "SystemExit"),
-    "os._exit": (WorkerCrashedError, lambda e: isinstance(e, WorkerCrashedError) and e.exitcode == 6),
-    "segfault": (WorkerCrashedError, lambda e: isinstance(e, WorkerCrashedError) and e.signal_name == "SIGSEGV"),
-    "sigkill": (WorkerCrashedError, lambda e: isinstance(e, WorkerCrashedError) and e.signal_name == "SIGKILL"),
+    "sys.exit": (RemoteTaskError,
+                 lambda e: isinstance(e, RemoteTaskError) and e.type_name == "SystemExit"),
+    "os._exit": (WorkerCrashedError,
+                 lambda e: isinstance(e, WorkerCrashedError) and e.exitcode == 6),
+    "segfault": (WorkerCrashedError,
+                 lambda e: isinstance(e, WorkerCrashedError) and e.signal_name == "SIGSEGV"),
+    "sigkill": (WorkerCrashedError,
+                lambda e: isinstance(e, WorkerCrashedError) and e.signal_name == "SIGKILL"),
 }
 ACTIONS = {"raise": "raise", "sys.exit": "exit", "os._exit": "os_exit", "segfault": "segfault",
            "sigkill": "sigkill"}
@@ -183,7 +195,9 @@ def test_recycling_keeps_queued_work_flowing(make_orchestrator: Make, gates) -> 
     wait_until(lambda: not _alive(long_pid), what="the retired worker to exit")
 
 
-def test_max_memory_per_worker_recycles_after_the_task_that_crossed_the_line(make_orchestrator: Make) -> None:
+def test_max_memory_per_worker_recycles_after_the_task_that_crossed_the_line(
+    make_orchestrator: Make
+) -> None:
     o = make_orchestrator(worker_count=1, max_memory_per_worker=150)
     small = o.run(t.allocate_mib, 1).result(R)
     assert o.run(t.getpid).result(R) == small  # under the line: same worker
@@ -198,7 +212,9 @@ def test_max_memory_per_worker_recycles_after_the_task_that_crossed_the_line(mak
 # -- circuit breaker --------------------------------------------------------------------------
 
 
-def test_breaker_opens_fails_fast_then_half_opens_and_closes(make_orchestrator: Make, tmp_path: Path, caplog) -> None:
+def test_breaker_opens_fails_fast_then_half_opens_and_closes(
+    make_orchestrator: Make, tmp_path: Path, caplog
+) -> None:
     breaker = CircuitBreaker(failure_threshold=3, break_duration=0.5)
     o = make_orchestrator(worker_count=2, circuit_breaker=breaker)
     with caplog.at_level(logging.WARNING, logger="taskorch"):
@@ -220,7 +236,8 @@ def test_breaker_opens_fails_fast_then_half_opens_and_closes(make_orchestrator: 
 
 
 def test_breaker_reopens_when_the_probe_fails(make_orchestrator: Make) -> None:
-    o = make_orchestrator(worker_count=1, circuit_breaker=CircuitBreaker(failure_threshold=1, break_duration=0.3))
+    o = make_orchestrator(worker_count=1,
+                          circuit_breaker=CircuitBreaker(failure_threshold=1, break_duration=0.3))
     with pytest.raises(ValueError):
         o.run(t.raise_value_error, "1").result(R)
     wait_until(lambda: o.stats().breaker_state == "half_open", what="half-open")
@@ -290,7 +307,8 @@ def test_workers_exit_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
         app.kill()
         app.wait(R)
         killed_at = time.monotonic()
-        wait_until(lambda: not any(_alive(p) for p in pids), timeout=R, what="orphaned workers to exit")
+        wait_until(lambda: not any(_alive(p) for p in pids), timeout=R,
+                   what="orphaned workers to exit")
         assert time.monotonic() - killed_at < 2.0
     finally:
         app.kill()
@@ -385,7 +403,8 @@ def test_chaos_random_worker_kills_and_crashing_tasks(tmp_path: Path) -> None:
         if fut.exception() is None:
             assert fut.result() == i
         else:  # only a task whose whole budget went to crashes may fail
-            assert isinstance(fut.exception(), WorkerCrashedError) and fut.attempts == 4, (i, fut.exception())
+            assert isinstance(fut.exception(), WorkerCrashedError) and fut.attempts == 4, (
+                i, fut.exception())
     s = o.stats()
     assert s.submitted == 2000 == s.succeeded + s.failed
     assert s.queued == s.running == s.cancelled == s.abandoned == 0
@@ -393,7 +412,9 @@ def test_chaos_random_worker_kills_and_crashing_tasks(tmp_path: Path) -> None:
     assert s.failed <= 5
 
 
-def test_hard_timeout_also_kills_the_processes_the_task_started(make_orchestrator: Make, gates, fifo, tmp_path: Path) -> None:
+def test_hard_timeout_also_kills_the_processes_the_task_started(
+    make_orchestrator: Make, gates, fifo, tmp_path: Path
+) -> None:
     o = make_orchestrator(worker_count=1, kill_grace=0.2, policy=Policy(timeout=0.3))
     g = gates("parent")
     pid_file = tmp_path / "grandchild"
@@ -401,10 +422,13 @@ def test_hard_timeout_also_kills_the_processes_the_task_started(make_orchestrato
     with pytest.raises(TaskTimeoutError):
         fut.result(R)
     grandchild = int(pid_file.read_text())
-    wait_until(lambda: not _alive(grandchild), timeout=10, what="the task's own process to be killed")
+    wait_until(lambda: not _alive(grandchild), timeout=10,
+               what="the task's own process to be killed")
 
 
-def test_a_retry_backoff_longer_than_kill_grace_is_not_a_hang(make_orchestrator: Make, gates, fifo) -> None:
+def test_a_retry_backoff_longer_than_kill_grace_is_not_a_hang(
+    make_orchestrator: Make, gates, fifo
+) -> None:
     # Between attempts the worker sleeps; the parent's hard-timeout clock must pause then.
     o = make_orchestrator(worker_count=1, kill_grace=0.2,
                           policy=Policy(timeout=0.2, retries=1, backoff_initial=1.0, jitter=False))
@@ -436,7 +460,9 @@ def test_a_policy_the_worker_cannot_unpickle_fails_only_its_task(make_orchestrat
         del sys.modules[ghost.__name__]
 
 
-def test_a_future_resolved_by_its_caller_does_not_break_the_orchestrator(make_orchestrator: Make, gates) -> None:
+def test_a_future_resolved_by_its_caller_does_not_break_the_orchestrator(
+    make_orchestrator: Make, gates
+) -> None:
     o = make_orchestrator(worker_count=1)
     g = gates("meddled")
     fut = o.run(t.blocker, str(g.started), str(g.release_fifo))

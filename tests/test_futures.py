@@ -18,10 +18,10 @@ import tracemalloc
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
-
 import _tasks as t
+import pytest
 from _tasks import Gate, wait_until
+
 from taskorch import SerializationError, TaskOrchestrator
 
 Make = Callable[..., TaskOrchestrator]
@@ -43,7 +43,9 @@ def _in_thread(fn: Callable[[], Any], name: str) -> tuple[threading.Thread, list
     return thread, out
 
 
-def _stop_quickly_with_tasks_in_flight(o: TaskOrchestrator, held: list[concurrent.futures.Future[Any]]) -> None:
+def _stop_quickly_with_tasks_in_flight(
+    o: TaskOrchestrator, held: list[concurrent.futures.Future[Any]]
+) -> None:
     """Submit more work, stop(timeout=0.5): it returns, and every future is resolved."""
     unrelated = o.run(t.square, 3)
     assert unrelated is not None
@@ -62,13 +64,16 @@ def _stop_quickly_with_tasks_in_flight(o: TaskOrchestrator, held: list[concurren
 
 
 @pytest.mark.parametrize("kind", ["result", "exception"])
-def test_stop_returns_on_time_while_an_outcome_unpickles(make_orchestrator: Make, gates: Callable[[str], Gate], kind: str) -> None:
+def test_stop_returns_on_time_while_an_outcome_unpickles(
+    make_orchestrator: Make, gates: Callable[[str], Gate], kind: str
+) -> None:
     o = make_orchestrator(worker_count=2)
     g = gates("unpickle")
     if kind == "result":
         slow = o.run(t.return_blocks_on_unpickle, "value", str(g.started), str(g.release_fifo))
     else:
-        slow = o.run(t.raise_blocks_on_unpickle, "value", str(g.started), str(g.release_fifo), os.getpid())
+        slow = o.run(t.raise_blocks_on_unpickle, "value", str(g.started), str(g.release_fifo),
+                     os.getpid())
     assert slow is not None
     concurrent.futures.wait([slow], timeout=R)  # done before anything is unpickled
     assert slow.done()
@@ -88,7 +93,9 @@ def test_stop_returns_on_time_while_an_outcome_unpickles(make_orchestrator: Make
             slow.result(0)
 
 
-def test_a_blocking_done_callback_holds_no_task_and_not_stop(make_orchestrator: Make, tmp_path: Path) -> None:
+def test_a_blocking_done_callback_holds_no_task_and_not_stop(
+    make_orchestrator: Make, tmp_path: Path
+) -> None:
     o = make_orchestrator(worker_count=2)
     started, release = tmp_path / "callback.started", tmp_path / "callback.release"
     os.mkfifo(release)
@@ -118,7 +125,9 @@ def test_a_blocking_done_callback_holds_no_task_and_not_stop(make_orchestrator: 
     assert ran_in in (["taskorch-callbacks"], [threading.current_thread().name])
 
 
-def test_stop_from_a_done_callback_waits_for_the_drain(make_orchestrator: Make, gates: Callable[[str], Gate]) -> None:
+def test_stop_from_a_done_callback_waits_for_the_drain(
+    make_orchestrator: Make, gates: Callable[[str], Gate]
+) -> None:
     o = make_orchestrator(worker_count=1)
     g = gates("first")
     blocked = o.run(t.blocker, str(g.started), str(g.release_fifo))
@@ -141,7 +150,9 @@ def test_stop_from_a_done_callback_waits_for_the_drain(make_orchestrator: Make, 
     assert later.result(0) == 9 and o.worker_pids() == []
 
 
-def test_callbacks_run_in_order_and_one_that_raises_is_logged(make_orchestrator: Make, gates: Callable[[str], Gate], caplog: pytest.LogCaptureFixture) -> None:
+def test_callbacks_run_in_order_and_one_that_raises_is_logged(
+    make_orchestrator: Make, gates: Callable[[str], Gate], caplog: pytest.LogCaptureFixture
+) -> None:
     o = make_orchestrator(worker_count=1)
     g = gates("hold")
     blocked = o.run(t.blocker, str(g.started), str(g.release_fifo))
@@ -166,11 +177,15 @@ def test_callbacks_run_in_order_and_one_that_raises_is_logged(make_orchestrator:
     assert [(i, tag) for i, tag, _ in calls] == [(i, tag) for i in range(5) for tag in "ab"]
     assert {name for _, _, name in calls} == {"taskorch-callbacks"}
     logged = [r for r in caplog.records if "exception calling callback" in r.getMessage()]
-    assert len(logged) == 5 and all(r.exc_info and "callback exploded" in str(r.exc_info[1]) for r in logged)
+    assert len(logged) == 5 and all(
+        r.exc_info and "callback exploded" in str(r.exc_info[1]) for r in logged
+    )
     assert blocked is not None and blocked.result(R) == "go"
 
 
-def test_cancel_runs_the_callbacks_in_the_caller_before_it_returns(make_orchestrator: Make, gates: Callable[[str], Gate]) -> None:
+def test_cancel_runs_the_callbacks_in_the_caller_before_it_returns(
+    make_orchestrator: Make, gates: Callable[[str], Gate]
+) -> None:
     o = make_orchestrator(worker_count=1)
     g = gates("hold")
     blocked = o.run(t.blocker, str(g.started), str(g.release_fifo))
@@ -187,7 +202,9 @@ def test_cancel_runs_the_callbacks_in_the_caller_before_it_returns(make_orchestr
     assert blocked is not None and blocked.result(R) == "go"
 
 
-def test_an_outcome_is_unpickled_once_by_the_first_caller(make_orchestrator: Make, gates: Callable[[str], Gate]) -> None:
+def test_an_outcome_is_unpickled_once_by_the_first_caller(
+    make_orchestrator: Make, gates: Callable[[str], Gate]
+) -> None:
     o = make_orchestrator(worker_count=1)
     g = gates("unpickle")
     fut = o.run(t.return_blocks_on_unpickle, ["shared"], str(g.started), str(g.release_fifo))
@@ -207,19 +224,25 @@ def test_an_outcome_is_unpickled_once_by_the_first_caller(make_orchestrator: Mak
 
 
 @pytest.mark.parametrize("action", ["raise", "exit"])
-def test_a_result_that_does_not_unpickle_fails_result_and_exception(make_orchestrator: Make, action: str) -> None:
+def test_a_result_that_does_not_unpickle_fails_result_and_exception(
+    make_orchestrator: Make, action: str
+) -> None:
     o = make_orchestrator(worker_count=1)
     fut = o.run(t.return_exploding_on_unpickle, action)
     assert fut is not None
     err = fut.exception(R)
-    assert isinstance(err, SerializationError) and "could not be unpickled in the parent" in str(err)
+    assert isinstance(err, SerializationError) and (
+        "could not be unpickled in the parent" in str(err)
+    )
     with pytest.raises(SerializationError) as info:
         fut.result(0)
     assert info.value is err  # decoded once
     assert o.run(t.square, 4).result(R) == 16  # type: ignore[union-attr]
 
 
-def test_wait_first_exception_sees_a_task_exception_before_it_is_unpickled(make_orchestrator: Make, gates: Callable[[str], Gate]) -> None:
+def test_wait_first_exception_sees_a_task_exception_before_it_is_unpickled(
+    make_orchestrator: Make, gates: Callable[[str], Gate]
+) -> None:
     o = make_orchestrator(worker_count=2)
     g = gates("hold")
     blocked = o.run(t.blocker, str(g.started), str(g.release_fifo))

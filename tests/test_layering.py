@@ -251,10 +251,11 @@ def cli_violations(imports: list[Import]) -> list[Import]:
 
 def describe_cycle(component: list[str], cycle: list[Import]) -> str:
     chain = "\n".join(f"      -> {imp.target}   ({imp.where()})" for imp in cycle)
-    return f"  {len(component)} modules: {', '.join(component)}; e.g.\n    {cycle[0].importer}\n{chain}"
+    return (f"  {len(component)} modules: {', '.join(component)}; e.g.\n"
+            f"    {cycle[0].importer}\n{chain}")
 
 
-# -- the tests --------------------------------------------------------------------------------------
+# -- the tests -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

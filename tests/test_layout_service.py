@@ -35,12 +35,14 @@ def test_only_the_cli_imports_the_cli() -> None:
         relative = path.relative_to(PACKAGE).as_posix()
         if relative.startswith("cli/") or relative == "__main__.py":
             continue
-        if any(name == "taskorch.cli" or name.startswith("taskorch.cli.") for name in _imports(path)):
+        if any(name == "taskorch.cli" or name.startswith("taskorch.cli.")
+               for name in _imports(path)):
             offenders.append(relative)
     assert offenders == []
 
 
-@pytest.mark.parametrize("path", [p for p in OURS if p.parent.name == "_service"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in OURS if p.parent.name == "_service"],
+                         ids=lambda p: p.name)
 def test_service_modules_host_no_argparse(path: Path) -> None:
     assert "argparse" not in _imports(path)
 
@@ -60,12 +62,14 @@ def test_wire_carries_the_worker_channel_only() -> None:
         elif isinstance(node, ast.Assign):
             defined.update(target.id for target in node.targets if isinstance(target, ast.Name))
     service = {"SERVICE_VERSION", "SERVICE_MAX_FRAME", "C_SUBMIT", "S_HELLO", "O_RESULT",
-               "encode_service_frame", "decode_client_frame", "encode_stats", "ServiceProtocolError"}
+               "encode_service_frame", "decode_client_frame", "encode_stats",
+               "ServiceProtocolError"}
     assert defined & service == set()
     assert "noqa: E402" not in source
 
 
-@pytest.mark.parametrize("path", [p for p in OURS if p.name != "demo.py"], ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", [p for p in OURS if p.name != "demo.py"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_modules_have_a_docstring_and_stay_under_500_lines(path: Path) -> None:
     source = path.read_text()
     assert ast.get_docstring(ast.parse(source)), f"{path.name} has no module docstring"

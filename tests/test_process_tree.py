@@ -13,11 +13,11 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+import _tasks as t
 import psutil
 import pytest
-
-import _tasks as t
 from _tasks import wait_until
+
 from taskorch import Policy, TaskOrchestrator, TaskTimeoutError, WorkerCrashedError
 
 Make = Callable[..., TaskOrchestrator]
@@ -81,7 +81,9 @@ def test_a_crash_that_leaves_a_process_holding_its_pipes_does_not_stall_other_ta
 # -- 2. what a task starts goes with its worker ---------------------------------------------------
 
 
-def test_each_worker_leads_the_process_group_of_what_its_tasks_start(make_orchestrator: Make) -> None:
+def test_each_worker_leads_the_process_group_of_what_its_tasks_start(
+    make_orchestrator: Make
+) -> None:
     o = make_orchestrator(worker_count=2)
     results = [o.run(t.process_groups).result(R) for _ in range(4)]
     for pid, group, childs_group in results:
@@ -100,7 +102,9 @@ def test_a_popen_child_left_by_a_task_is_gone_after_stop(make_orchestrator: Make
         _kill_if_alive([child])
 
 
-def test_an_orphaned_grandchild_is_gone_after_its_worker_crashes(make_orchestrator: Make, tmp_path: Path) -> None:
+def test_an_orphaned_grandchild_is_gone_after_its_worker_crashes(
+    make_orchestrator: Make, tmp_path: Path
+) -> None:
     o = make_orchestrator(worker_count=1)
     pid_file = tmp_path / "grandchild"
     fut = o.run(t.orphan_then_exit, str(pid_file), 7)
@@ -108,7 +112,8 @@ def test_an_orphaned_grandchild_is_gone_after_its_worker_crashes(make_orchestrat
     try:
         with pytest.raises(WorkerCrashedError):
             fut.result(R)
-        wait_until(lambda: not _alive(grandchild), timeout=10, what="the task's grandchild to be killed")
+        wait_until(lambda: not _alive(grandchild), timeout=10,
+                   what="the task's grandchild to be killed")
         assert o.run(t.square, 3).result(R) == 9  # a replacement took over
     finally:
         _kill_if_alive([grandchild])
@@ -125,7 +130,8 @@ def test_an_orphaned_grandchild_is_gone_after_a_hard_timeout_kill(
     try:
         with pytest.raises(TaskTimeoutError):
             fut.result(R)
-        wait_until(lambda: not _alive(grandchild), timeout=10, what="the task's grandchild to be killed")
+        wait_until(lambda: not _alive(grandchild), timeout=10,
+                   what="the task's grandchild to be killed")
     finally:
         _kill_if_alive([grandchild])
 
@@ -186,7 +192,9 @@ HOLDS_GIL_APP = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the guardian needs pidfds")
-def test_a_parent_sigkill_ends_a_worker_whose_task_cleared_pdeathsig_and_holds_the_gil(tmp_path: Path) -> None:
+def test_a_parent_sigkill_ends_a_worker_whose_task_cleared_pdeathsig_and_holds_the_gil(
+    tmp_path: Path
+) -> None:
     # Neither PR_SET_PDEATHSIG nor the reader thread (which needs the GIL) can act here.
     script = tmp_path / "app.py"
     script.write_text(HOLDS_GIL_APP.format(tests=TESTS, started=str(tmp_path / "started")))

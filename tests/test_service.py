@@ -27,10 +27,10 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import pytest
-
 import _tasks as t
+import pytest
 from _tasks import wait_until
+
 from taskorch import (
     Client,
     OrchestratorClosedError,
@@ -51,7 +51,9 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 class Server:
     """A ``taskorch serve`` subprocess and what it printed."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, address: Any, authkey_file: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], log: Path, address: Any, authkey_file: Path
+    ) -> None:
         self.proc = proc
         self.log = log
         self.address = address  # a socket path, or (host, port)
@@ -106,7 +108,8 @@ def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
         n = len(servers)
         log = short_dir / f"serve{n}.log"
         key = short_dir / f"key{n}"
-        where = ["--tcp", "127.0.0.1:0"] if tcp else ["--socket", str(short_dir / f"run{n}" / "s.sock")]
+        where = (["--tcp", "127.0.0.1:0"] if tcp
+                 else ["--socket", str(short_dir / f"run{n}" / "s.sock")])
         with open(log, "wb") as err:
             proc = subprocess.Popen(
                 _taskorch("serve", *where, "--authkey-file", str(key), *options),
@@ -116,7 +119,9 @@ def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
 
         def ready() -> re.Match[str] | None:
             if proc.poll() is not None:
-                raise AssertionError(f"the server exited with {proc.returncode}:\n{server.stderr()}")
+                raise AssertionError(
+                    f"the server exited with {proc.returncode}:\n{server.stderr()}"
+                )
             return re.search(r"taskorch serve: listening on (unix|tcp):(\S+) ", server.stderr())
 
         match = wait_until(ready, what="the server's ready line")
@@ -136,7 +141,7 @@ def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
     assert not failures, "\n".join(failures)
 
 
-# -- round trips ------------------------------------------------------------------------------------
+# -- round trips -----------------------------------------------------------------------------------
 
 
 def test_round_trip_with_a_lambda_a_module_function_and_run_async(start_server, short_dir) -> None:
@@ -196,7 +201,8 @@ def test_stats_via_the_client_and_taskorch_status(start_server) -> None:
         stats = client.stats()
     assert (stats.submitted, stats.succeeded, stats.failed, stats.workers) == (4, 3, 1, 2)
     status = ["status", "--socket", server.address, "--authkey-file", str(server.authkey_file)]
-    out = subprocess.run(_taskorch(*status, "--json"), capture_output=True, text=True, timeout=R, env=_env())
+    out = subprocess.run(_taskorch(*status, "--json"), capture_output=True, text=True, timeout=R,
+                         env=_env())
     assert out.returncode == 0, out.stderr
     fields = json.loads(out.stdout)
     assert (fields["submitted"], fields["succeeded"], fields["failed"]) == (4, 3, 1)
@@ -218,7 +224,9 @@ def test_tcp_on_loopback_and_refusing_other_addresses(start_server, short_dir) -
 # -- back-pressure -------------------------------------------------------------------------------
 
 
-def test_a_full_backlog_raises_queue_full_in_the_client_and_run_async_waits(start_server, gates) -> None:
+def test_a_full_backlog_raises_queue_full_in_the_client_and_run_async_waits(
+    start_server, gates
+) -> None:
     server = start_server("--workers", "1", "--backlog", "2")
     running, queued = gates("running"), gates("queued")
     with server.connect() as client:

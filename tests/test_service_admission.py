@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-
 from _tasks import wait_until
+
 from taskorch import TaskOrchestrator, connect
 from taskorch._service.handshake import REFUSED
 from taskorch._service.listener import bind_tcp, bind_unix
@@ -38,7 +38,9 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def make_server(make_orchestrator: Callable[..., TaskOrchestrator], short_dir: Path) -> Iterator[Callable[..., Server]]:
+def make_server(
+    make_orchestrator: Callable[..., TaskOrchestrator], short_dir: Path
+) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def make(tcp: bool = False, **limits: Any) -> Server:
@@ -105,7 +107,9 @@ def test_a_slow_drip_peer_is_cut_off_at_the_total_handshake_deadline(make_server
         assert client.stats().workers == 1
 
 
-def test_unauthenticated_connections_beyond_the_cap_are_refused_and_a_good_client_still_connects(make_server) -> None:
+def test_unauthenticated_connections_beyond_the_cap_are_refused_and_a_good_client_still_connects(
+    make_server
+) -> None:
     server = make_server(max_unauthenticated=3, handshake_timeout=R)
     silent = [_peer(server) for _ in range(3)]  # peers without the key, saying nothing
     assert len(server.connections()[0]) == 3
@@ -124,7 +128,8 @@ def test_unauthenticated_connections_beyond_the_cap_are_refused_and_a_good_clien
 def test_a_client_over_the_authenticated_cap_is_told_why(make_server) -> None:
     server = make_server(max_connections=1)
     with connect(server.listener.address, authkey=KEY) as first:
-        with pytest.raises(ConnectionRefusedError, match="1 clients are connected, the server's limit"):
+        with pytest.raises(ConnectionRefusedError,
+                           match="1 clients are connected, the server's limit"):
             connect(server.listener.address, authkey=KEY)
         assert first.stats().workers == 1
     wait_until(lambda: server.connections() == ([], []), what="the first client to be forgotten")

@@ -184,7 +184,8 @@ class TaskFuture(Future[Any]):
                 try:
                     result = decode_frame(data)
                 except KeyboardInterrupt:
-                    raise  # Ctrl-C in this thread, most likely: not the result's fault; retried next call
+                    # Ctrl-C in this thread, most likely: not the result's fault; retried next call
+                    raise
                 except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
                     exception = SerializationError(
                         f"the task's result could not be unpickled in the parent: "
@@ -207,7 +208,10 @@ class TaskFuture(Future[Any]):
         pending = self._undecoded  # never unpickle here: repr runs in logs, on any thread
         if pending is not None:
             what = "result" if pending[0] == "result" else "exception"
-            return f"<{type(self).__name__} at {id(self):#x} state=finished ({what} not unpickled yet)>"
+            return (
+                f"<{type(self).__name__} at {id(self):#x} state=finished "
+                f"({what} not unpickled yet)>"
+            )
         return super().__repr__()
 
     # -- done-callbacks, on the callback thread --------------------------------------------

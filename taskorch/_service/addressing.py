@@ -37,7 +37,9 @@ def normalize_address(address: Address) -> str | tuple[str, int]:
         return host, port
     text = os.fspath(address)
     if not isinstance(text, str) or not text:
-        raise ValueError(f"an address is a socket path, (host, port) or 'host:port', got {address!r}")
+        raise ValueError(
+            f"an address is a socket path, (host, port) or 'host:port', got {address!r}"
+        )
     if "/" not in text and ":" in text:
         try:
             return parse_tcp_address(text)

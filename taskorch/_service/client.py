@@ -53,8 +53,11 @@ CONNECT_TIMEOUT = 10.0
 
 
 def connect(
-    address: Address, authkey: bytes | None = None, authkey_file: str | os.PathLike[str] | None = None,
-    *, timeout: float = CONNECT_TIMEOUT,
+    address: Address,
+    authkey: bytes | None = None,
+    authkey_file: str | os.PathLike[str] | None = None,
+    *,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> Client:
     """Connect to a ``taskorch serve`` pool; returns a ``Client``.
 
@@ -76,8 +79,10 @@ def connect(
         try:
             authkey = read_authkey(key_path)
         except OSError as exc:
-            exc.add_note(f"taskorch.connect({where}): cannot read the authkey file {str(key_path)!r}; "
-                         "pass authkey_file= (the server prints where its key is)")
+            exc.add_note(
+                f"taskorch.connect({where}): cannot read the authkey file {str(key_path)!r}; "
+                "pass authkey_file= (the server prints where its key is)"
+            )
             raise
     elif not isinstance(authkey, bytes) or not authkey:
         raise ValueError("authkey must be non-empty bytes")

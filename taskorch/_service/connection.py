@@ -101,14 +101,19 @@ class ServedConnection:
         # run_async() submits waiting for room, by req (asyncio thread only).
         self._waiting: dict[int, asyncio.Task[None]] = {}
         # Reader: blocks in recv_bytes(); wakeups: a frame, EOF or an error (the client left,
-        # a refuse() by the accept thread, or a shutdown() by the main thread at server stop). Exits on any
-        # of those, after closing the connection. Daemon: at server exit the main thread has
-        # joined it already, unless it is wedged, which must not keep the process alive.
-        self.reader = threading.Thread(target=self._read_guarded, name=f"taskorch-serve-conn-{number}", daemon=True)
+        # a refuse() by the accept thread, or a shutdown() by the main thread at server stop).
+        # Exits on any of those, after closing the connection. Daemon: at server exit the main
+        # thread has joined it already, unless it is wedged, which must not keep the process
+        # alive.
+        self.reader = threading.Thread(
+            target=self._read_guarded, name=f"taskorch-serve-conn-{number}", daemon=True
+        )
         # Writer: blocks in the outbox's get() and in send_bytes() (a client that does not
         # read). Exits at _STOP or when a send fails. Daemon for the same reason. Started
         # once the client has authenticated.
-        self.writer = threading.Thread(target=self._write_guarded, name=f"taskorch-serve-send-{number}", daemon=True)
+        self.writer = threading.Thread(
+            target=self._write_guarded, name=f"taskorch-serve-send-{number}", daemon=True
+        )
 
     def start(self) -> None:
         self.reader.start()
@@ -157,7 +162,8 @@ class ServedConnection:
             server_handshake(SerializedSends(self.conn, self._send_lock), self.server.authkey)
         except Exception as exc:  # EOF, a reset, AuthenticationError, garbage (AssertionError)
             if self.refused is not None:  # cut by the server: the deadline, or room for another
-                log.warning("taskorch serve: %s refused before authenticating: %s", self.peer, self.refused)
+                log.warning("taskorch serve: %s refused before authenticating: %s",
+                            self.peer, self.refused)
             elif isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
                 log.debug("taskorch serve: %s left before authenticating", self.peer)  # a probe
             elif not self.server.stopping:
@@ -165,7 +171,8 @@ class ServedConnection:
                             self.peer, type(exc).__name__, exc)
             return False
         if not self.server.promote(self):  # refused (and told why) by promote() or earlier
-            log.warning("taskorch serve: %s refused after authenticating: %s", self.peer, self.refused)
+            log.warning("taskorch serve: %s refused after authenticating: %s",
+                        self.peer, self.refused)
             return False
         log.debug("taskorch serve: %s authenticated", self.peer)
         return True
@@ -211,7 +218,8 @@ class ServedConnection:
             try:
                 policy, policy_bytes = decode_service_policy(wire_policy)
             except ValueError as exc:
-                self._answer((S_REJECTED, req, encode_service_error(SerializationError(f"invalid policy: {exc}"))))
+                self._answer((S_REJECTED, req, encode_service_error(
+                    SerializationError(f"invalid policy: {exc}"))))
                 return
         item = o.intake.prepare(payload, policy, policy_bytes, raw=True)
         if wait:
@@ -237,7 +245,9 @@ class ServedConnection:
         with self._send_lock:
             self.conn.send_bytes(encode_service_frame(message))
 
-    def _accepted(self, req: int, future: TaskFuture, answer: Callable[[tuple[Any, ...]], None]) -> None:
+    def _accepted(
+        self, req: int, future: TaskFuture, answer: Callable[[tuple[Any, ...]], None]
+    ) -> None:
         """Answer ACCEPTED, then watch the outcome. The done callback is added only after the
         answer is sent (reader) or queued (asyncio thread), so S_DONE, which goes through the
         outbox, always follows S_ACCEPTED on the wire, even for a task already done."""
@@ -259,7 +269,9 @@ class ServedConnection:
             self.send((S_DONE, req, O_ERROR, attempts, seconds, encode_service_error(exc)))
             return
         outcome: RawOutcome = future.result()
-        self.send((S_DONE, req, O_RESULT if outcome.ok else O_RAISED, attempts, seconds, outcome.data))
+        self.send(
+            (S_DONE, req, O_RESULT if outcome.ok else O_RAISED, attempts, seconds, outcome.data)
+        )
 
     # -- the asyncio thread's part ----------------------------------------------------------
 
@@ -334,7 +346,9 @@ class ServedConnection:
         if message[0] != S_DONE:
             raise error
         tag, req, _, attempts, seconds, _ = message
-        return encode_service_frame((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
+        return encode_service_frame(
+            (tag, req, O_ERROR, attempts, seconds, encode_service_error(error))
+        )
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -385,7 +399,9 @@ def peer_name(sock: socket.socket) -> str:
     """Who is on the other end, for logs: pid/uid of a local peer (SO_PEERCRED), else host:port."""
     try:
         if sock.family == socket.AF_UNIX:
-            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            pid, uid, _ = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
             return f"pid {pid}, uid {uid}"
         host, port = sock.getpeername()[:2]
         return f"{host}:{port}"

@@ -92,7 +92,9 @@ class _RefusalAware:
         message = self._conn.recv_bytes(maxlength)
         if message.startswith(REFUSED):
             reason = message[len(REFUSED):].decode("utf-8", "replace")
-            raise ConnectionRefusedError(f"taskorch serve at {self._where} refused the connection: {reason}")
+            raise ConnectionRefusedError(
+                f"taskorch serve at {self._where} refused the connection: {reason}"
+            )
         return message
 
     def send_bytes(self, buf: bytes) -> None:

@@ -22,7 +22,9 @@ LISTEN_BACKLOG = 128
 class Listener:
     """A bound, listening, non-blocking socket and the address it is bound to."""
 
-    def __init__(self, sock: socket.socket, address: str | tuple[str, int], inode: int | None) -> None:
+    def __init__(
+        self, sock: socket.socket, address: str | tuple[str, int], inode: int | None
+    ) -> None:
         self.sock = sock
         self.address = address  # the socket path, or (host, port) with the port bound
         self.where = describe_address(address)
@@ -73,7 +75,9 @@ def bind_unix(path: str) -> Listener:
     """Listen on a Unix socket at ``path`` (its directory created with mode 0700 if missing)."""
     path = os.path.abspath(path)
     if len(os.fsencode(path)) >= 108:
-        raise ValueError(f"the socket path {path!r} is too long for a Unix socket (107 bytes at most)")
+        raise ValueError(
+            f"the socket path {path!r} is too long for a Unix socket (107 bytes at most)"
+        )
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         try:

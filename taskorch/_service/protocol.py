@@ -141,7 +141,9 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
     except Exception as exc:
         raise ServiceProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
     if not isinstance(message, tuple) or not message:
-        raise ServiceProtocolError(f"a frame must be a non-empty tuple, got {type(message).__name__}")
+        raise ServiceProtocolError(
+            f"a frame must be a non-empty tuple, got {type(message).__name__}"
+        )
     tag = message[0]
     if tag == C_SUBMIT and len(message) == 5:
         _, req, payload, policy, wait = message
@@ -157,7 +159,9 @@ def decode_server_frame(data: bytes) -> tuple[Any, ...]:
     """Decode one server frame in the client (the client trusts the server it authenticated)."""
     message = pickle.loads(data)
     if not isinstance(message, tuple) or not message:
-        raise ServiceProtocolError(f"a frame must be a non-empty tuple, got {type(message).__name__}")
+        raise ServiceProtocolError(
+            f"a frame must be a non-empty tuple, got {type(message).__name__}"
+        )
     return message
 
 
@@ -201,9 +205,13 @@ def decode_service_error(data: bytes) -> BaseException:
     try:
         exc = pickle.loads(data)
     except Exception as err:
-        return RemoteTaskError("taskorch.TaskorchError", f"an error from the server did not unpickle: {err}")
+        return RemoteTaskError(
+            "taskorch.TaskorchError", f"an error from the server did not unpickle: {err}"
+        )
     if not isinstance(exc, BaseException):
-        return RemoteTaskError("taskorch.TaskorchError", f"the server sent {type(exc).__name__} as an error")
+        return RemoteTaskError(
+            "taskorch.TaskorchError", f"the server sent {type(exc).__name__} as an error"
+        )
     return exc
 
 

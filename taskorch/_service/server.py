@@ -105,11 +105,14 @@ class Server:
 
     def __init__(
         self, orchestrator: TaskOrchestrator, listener: Listener, authkey: bytes, *,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT, max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
         max_connections: int = MAX_CONNECTIONS, on_thread_death: Callable[[], None] = lambda: None,
     ) -> None:
         if not handshake_timeout > 0 or max_unauthenticated < 1 or max_connections < 1:
-            raise ValueError("handshake_timeout, max_unauthenticated and max_connections must be > 0")
+            raise ValueError(
+                "handshake_timeout, max_unauthenticated and max_connections must be > 0"
+            )
         self.orchestrator = orchestrator
         self.authkey = authkey
         self.listener = listener
@@ -120,7 +123,8 @@ class Server:
         self._on_thread_death = on_thread_death
         self.info = {
             "pid": os.getpid(), "taskorch": _version(),
-            "python": f"{sys.version_info[0]}.{sys.version_info[1]}", "workers": orchestrator.worker_count,
+            "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+            "workers": orchestrator.worker_count,
             "max_backlog": orchestrator.max_backlog,
             "drop": Features.ALLOW_SYNC_TASK_DROP in orchestrator.features,
         }
@@ -141,11 +145,15 @@ class Server:
         # The asyncio thread: runs `loop` forever; wakeups are the loop's own (room for a
         # waiting submit, call_soon_threadsafe from readers). Exits when stop_loop() stops the
         # loop. Daemon, joined by stop_loop(): it must never keep a drained server alive.
-        self._loop_thread = threading.Thread(target=self._run_loop, name="taskorch-serve-async", daemon=True)
+        self._loop_thread = threading.Thread(
+            target=self._run_loop, name="taskorch-serve-async", daemon=True
+        )
         # The accept thread: blocks in select() on the listener and the stop pipe, with a
         # timeout at the next handshake deadline. Exits when the stop pipe is written.
         # Daemon for the same reason; joined by stop_accepting().
-        self._accept_thread = threading.Thread(target=self._accept_guarded, name="taskorch-serve-accept", daemon=True)
+        self._accept_thread = threading.Thread(
+            target=self._accept_guarded, name="taskorch-serve-accept", daemon=True
+        )
         self._accept_stopped = False
 
     @property
@@ -188,7 +196,8 @@ class Server:
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue  # the peer gave up between select() and accept()
                 except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...
-                    log.error("taskorch serve: accept() failed: %s; retrying in %g s", exc, ACCEPT_RETRY_DELAY)
+                    log.error("taskorch serve: accept() failed: %s; retrying in %g s",
+                              exc, ACCEPT_RETRY_DELAY)
                     if selector.select(ACCEPT_RETRY_DELAY) and os.read(self._stop_r, 1):
                         return
                     continue
@@ -335,9 +344,11 @@ class ServeOutcome:
 
 
 def serve(
-    orchestrator: TaskOrchestrator, listener: Listener, authkey: bytes, *, drain_timeout: float = 30.0,
+    orchestrator: TaskOrchestrator, listener: Listener, authkey: bytes, *,
+    drain_timeout: float = 30.0,
     say: Callable[[str], None] = log.warning, ready_details: str = "",
-    handshake_timeout: float = HANDSHAKE_TIMEOUT, max_unauthenticated: int = MAX_UNAUTHENTICATED,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_unauthenticated: int = MAX_UNAUTHENTICATED,
     max_connections: int = MAX_CONNECTIONS,
 ) -> ServeOutcome:
     """Serve ``orchestrator`` on ``listener`` until SIGTERM or SIGINT, then drain (main thread).
@@ -362,7 +373,9 @@ def serve(
         raise
     old_wakeup_fd = signal.set_wakeup_fd(wake_w)
     reports: list[StopReport] = []  # the drain thread's result
-    old_handlers = {signum: signal.signal(signum, _ignore_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+    old_handlers = {
+        signum: signal.signal(signum, _ignore_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         server.start()
         say(f"listening on {server.where} ({ready_details}pid {os.getpid()}, "
@@ -373,7 +386,11 @@ def serve(
             if byte in (signal.SIGTERM, signal.SIGINT) or byte == _WAKE_THREAD_DIED:
                 break
         stopped_by = None if byte == _WAKE_THREAD_DIED else byte
-        why = "a server thread died (see the log)" if stopped_by is None else signal.Signals(byte).name
+        why = (
+            "a server thread died (see the log)"
+            if stopped_by is None
+            else signal.Signals(byte).name
+        )
         s = orchestrator.stats()
         say(f"{why}: stopping; draining {s.queued} queued and {s.running} running tasks "
             f"(up to {drain_timeout:g} s)")
@@ -395,8 +412,8 @@ def serve(
         report = reports[0] if reports else None
         if report is not None:
             say(f"stopped ({'drained' if report.drained else 'drain timed out'}: "
-                f"{report.succeeded} succeeded, {report.failed} failed, {report.cancelled} cancelled, "
-                f"{report.abandoned} abandoned)")
+                f"{report.succeeded} succeeded, {report.failed} failed, "
+                f"{report.cancelled} cancelled, {report.abandoned} abandoned)")
         return ServeOutcome(stopped_by, report)
     finally:
         server.close()
@@ -415,7 +432,9 @@ def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     wakes the main thread."""
 
 
-def _drain(orchestrator: TaskOrchestrator, timeout: float, wake_w: int, out: list[StopReport]) -> None:
+def _drain(
+    orchestrator: TaskOrchestrator, timeout: float, wake_w: int, out: list[StopReport]
+) -> None:
     try:
         out.append(orchestrator.stop(timeout))
     except BaseException:

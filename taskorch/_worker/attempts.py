@@ -33,7 +33,9 @@ if TYPE_CHECKING:  # tenacity is imported on first use: a worker whose tasks hav
 Emit = Callable[[Event], None]
 
 
-def call_to_completion(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def call_to_completion(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     """``fn(*args, **kwargs)``; a coroutine it returns is run to completion on a new loop."""
     result = fn(*args, **kwargs)
     if inspect.iscoroutine(result):
@@ -142,7 +144,9 @@ class AttemptRunner:
     if the attempt then hangs or kills the process.
     """
 
-    def __init__(self, emit: Emit, flush: Callable[[], None], sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, emit: Emit, flush: Callable[[], None], sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self._emit = emit
         self._flush = flush
         self._sleep = sleep
@@ -171,7 +175,9 @@ class AttemptRunner:
         finally:
             self._timer.stop()
 
-    def _attempts(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy) -> Any:
+    def _attempts(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy
+    ) -> Any:
         timer, timeout = self._timer, policy.timeout
 
         def attempt() -> Any:

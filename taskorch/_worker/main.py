@@ -220,7 +220,9 @@ def _run_task(
         policy = default if policy_bytes is None else _policy(policy_bytes, policies)
         result = runner.run_call(payload, policy)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
-        return (FAILED, task_id, runner.attempt, time.perf_counter() - started, *encode_exception(exc))
+        return (
+            FAILED, task_id, runner.attempt, time.perf_counter() - started, *encode_exception(exc)
+        )
     return (SUCCEEDED, task_id, runner.attempt, time.perf_counter() - started, result)
 
 

@@ -62,4 +62,5 @@ def decode_line(raw: bytes, number: int) -> str:
         bad = raw[exc.start:exc.end]
         raise LineError(
             f"input line {number}: not valid UTF-8 (byte 0x{bad[0]:02x} at column {exc.start + 1}: "
-            f"{exc.reason}); the line was skipped. Convert the input to UTF-8 (e.g. iconv)") from None
+            f"{exc.reason}); the line was skipped. Convert the input to UTF-8 (e.g. iconv)"
+        ) from None

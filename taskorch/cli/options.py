@@ -31,7 +31,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--backlog", type=positive_int, default=128, metavar="N",
                       help="tasks that may wait to start (default: 128)")
     pool.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
-                      help="attempts after the first, for exceptions, timeouts and crashes (default: 0)")
+                      help="attempts after the first, for exceptions, timeouts and crashes "
+                           "(default: 0)")
     pool.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                       help="limit per attempt (default: none)")
     pool.add_argument("--backoff-initial", type=non_negative_float, default=0.1, metavar="SECONDS",
@@ -39,7 +40,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--backoff-max", type=non_negative_float, default=10.0, metavar="SECONDS",
                       help="longest wait between attempts (default: 10)")
     pool.add_argument("--drop", action="store_true",
-                      help="drop tasks that find the backlog full (ALLOW_SYNC_TASK_DROP) instead of waiting")
+                      help="drop tasks that find the backlog full (ALLOW_SYNC_TASK_DROP) "
+                           "instead of waiting")
     pool.add_argument("--max-tasks-per-worker", type=positive_int, default=None, metavar="N",
                       help="recycle a worker after N tasks")
     pool.add_argument("--max-memory-per-worker", type=positive_float, default=None, metavar="MIB",
@@ -47,7 +49,8 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--dask", metavar="ADDRESS", default=None,
                       help="run the tasks on a Dask cluster (scheduler address, e.g. "
                            "tcp://host:8786; needs taskorch[dask]) instead of local workers; "
-                           "--workers then bounds the tasks in flight (default: the cluster's threads)")
+                           "--workers then bounds the tasks in flight "
+                           "(default: the cluster's threads)")
     parser.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
                         help="logging level on stderr (default: WARNING)")
 

@@ -69,10 +69,11 @@ def add_parser(sub: Any) -> None:
         description="Call TARGET once per input line, in worker processes. Each line is a JSON "
                     'array (positional arguments), an object (keyword arguments), or {"args": '
                     '[...], "kwargs": {...}}. One JSON record per input is written as it '
-                    "finishes. Lines end with \\n, \\r\\n or \\r; a line that is not UTF-8 gets an error "
-                    "record. Exit status: 0 all succeeded, 1 some failed, 2 usage error, 3 the "
-                    "output could not be written (closed pipe, full disk), 130/143 after SIGINT/SIGTERM (a first signal stops reading and drains, a "
-                    "second abandons running tasks).",
+                    "finishes. Lines end with \\n, \\r\\n or \\r; a line that is not UTF-8 "
+                    "gets an error record. Exit status: 0 all succeeded, 1 some failed, 2 usage "
+                    "error, 3 the output could not be written (closed pipe, full disk), 130/143 "
+                    "after SIGINT/SIGTERM (a first signal stops reading and drains, a second "
+                    "abandons running tasks).",
     )
     p.add_argument("target", metavar="TARGET",
                    help="package.module:function, or path/to/file.py:function")
@@ -103,7 +104,9 @@ def resolve_target(spec: str) -> Callable[..., Any]:
     """
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
-        raise UsageError(f"TARGET must be package.module:function or path/to/file.py:function, got {spec!r}")
+        raise UsageError(
+            f"TARGET must be package.module:function or path/to/file.py:function, got {spec!r}"
+        )
     module: ModuleType
     if module_part.endswith(".py") or os.sep in module_part:
         path = Path(module_part)
@@ -118,7 +121,9 @@ def resolve_target(spec: str) -> Callable[..., Any]:
         try:
             spec_.loader.exec_module(module)
         except Exception as exc:
-            raise UsageError(f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise UsageError(
+                f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
@@ -128,7 +133,9 @@ def resolve_target(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(module_part)
         except Exception as exc:
-            raise UsageError(f"cannot import module {module_part!r}: {type(exc).__name__}: {exc}") from exc
+            raise UsageError(
+                f"cannot import module {module_part!r}: {type(exc).__name__}: {exc}"
+            ) from exc
     fn = module
     for part in attr.split("."):
         try:
@@ -154,20 +161,28 @@ def parse_input(line: str, line_number: int) -> tuple[tuple[Any, ...], dict[str,
         if value and set(value) <= {"args", "kwargs"}:
             args, kwargs = value.get("args", []), value.get("kwargs", {})
             if not isinstance(args, list) or not isinstance(kwargs, dict):
-                raise UsageError(f'input line {line_number}: "args" must be an array and "kwargs" an object')
+                raise UsageError(
+                    f'input line {line_number}: "args" must be an array and "kwargs" an object'
+                )
             return tuple(args), kwargs
         return (), value
-    raise UsageError(f"input line {line_number}: expected a JSON array or object, got {type(value).__name__}")
+    raise UsageError(
+        f"input line {line_number}: expected a JSON array or object, "
+        f"got {type(value).__name__}"
+    )
 
 
 # -- records ---------------------------------------------------------------------------------
 
 
-def record(index: int, future: Future[Any] | None, error: tuple[str, str] | None = None) -> dict[str, Any]:
+def record(
+    index: int, future: Future[Any] | None, error: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """The output record of one input (see the module docstring)."""
     if future is None:
         assert error is not None
-        return {"index": index, "ok": False, "error": {"type": error[0], "message": error[1]}, "attempts": 0}
+        return {"index": index, "ok": False,
+                "error": {"type": error[0], "message": error[1]}, "attempts": 0}
     attempts = getattr(future, "attempts", 0)
     if future.cancelled():
         return {"index": index, "ok": False,
@@ -178,7 +193,8 @@ def record(index: int, future: Future[Any] | None, error: tuple[str, str] | None
         type_name = getattr(exc, "type_name", None) or type(exc).__name__
         return {"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
                 "attempts": attempts}
-    out: dict[str, Any] = {"index": index, "ok": True, "result": future.result(), "attempts": attempts,
+    out: dict[str, Any] = {"index": index, "ok": True, "result": future.result(),
+                           "attempts": attempts,
                            "seconds": round(getattr(future, "seconds", None) or 0.0, 6)}
     return out
 
@@ -194,7 +210,8 @@ def records_of(indices: list[int], future: Future[Any] | None, error: tuple[str,
         if isinstance(item, ItemError):
             exc = decode_exception(*item.described)
             type_name = getattr(exc, "type_name", None) or type(exc).__name__
-            out.append({"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
+            out.append({"index": index, "ok": False,
+                        "error": {"type": type_name, "message": str(exc)},
                         "attempts": attempts})
         else:
             out.append({"index": index, "ok": True, "result": item, "attempts": attempts})
@@ -246,8 +263,12 @@ class _Run:
 
     def execute(self, lines: Iterator[tuple[int, bytes]]) -> int:
         started = time.monotonic()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        reader = threading.Thread(target=self._read, args=(lines,), name="taskorch-cli-reader", daemon=True)
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        reader = threading.Thread(
+            target=self._read, args=(lines,), name="taskorch-cli-reader", daemon=True
+        )
         writer = threading.Thread(target=self._write, name="taskorch-cli-writer")
         writer.start()
         reader.start()
@@ -293,7 +314,9 @@ class _Run:
     def _stop_reading(self) -> None:
         # Never take self.lock here: a signal handler may run while the main thread holds it.
         self.stopping = True
-        threading.Thread(target=self._finish_when_drained, name="taskorch-cli-drain", daemon=True).start()
+        threading.Thread(
+            target=self._finish_when_drained, name="taskorch-cli-drain", daemon=True
+        ).start()
 
     def _finish_when_drained(self) -> None:
         # The reader may be blocked reading a stdin that never closes: the inputs it read and

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from taskorch._service.addressing import default_authkey_path, load_or_create_authkey, parse_tcp_address
+from taskorch._service.addressing import (
+    default_authkey_path,
+    load_or_create_authkey,
+    parse_tcp_address,
+)
 from taskorch._service.listener import Listener, bind_tcp, bind_unix
 from taskorch._service.server import serve
 from taskorch.cli.options import (
@@ -39,12 +43,14 @@ def add_parser(subparsers: Any) -> None:
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", metavar="PATH",
-                       help="listen on this Unix socket (its directory is created with mode 0700 if missing)")
+                       help="listen on this Unix socket (its directory is created with mode 0700 "
+                            "if missing)")
     where.add_argument("--tcp", metavar="HOST:PORT",
-                       help="listen on TCP; only loopback addresses unless --allow-remote (port 0: any free port)")
+                       help="listen on TCP; only loopback addresses unless --allow-remote "
+                            "(port 0: any free port)")
     p.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback --tcp address: anyone holding the key can then run code as "
-                        "this user, and the traffic is authenticated but not encrypted")
+                   help="allow a non-loopback --tcp address: anyone holding the key can then run "
+                        "code as this user, and the traffic is authenticated but not encrypted")
     p.add_argument("--authkey-file", metavar="PATH",
                    help="the shared key (default: PATH.authkey next to the socket; "
                         "~/.config/taskorch/authkey for TCP)")
@@ -61,7 +67,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
     listener = _bind(args)
     try:
-        key_path = Path(args.authkey_file) if args.authkey_file else default_authkey_path(listener.address)
+        key_path = (
+            Path(args.authkey_file)
+            if args.authkey_file
+            else default_authkey_path(listener.address)
+        )
         try:
             authkey, created = load_or_create_authkey(key_path)
         except ValueError as exc:

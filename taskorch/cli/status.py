@@ -25,7 +25,8 @@ def add_parser(subparsers: Any) -> None:
     where.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
     where.add_argument("--tcp", metavar="HOST:PORT", help="the server's TCP address")
     p.add_argument("--authkey-file", metavar="PATH",
-                   help="the key (default: PATH.authkey next to the socket; ~/.config/taskorch/authkey for TCP)")
+                   help="the key (default: PATH.authkey next to the socket; "
+                        "~/.config/taskorch/authkey for TCP)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
                    help=f"give up connecting after SECONDS (default: {CONNECT_TIMEOUT:g})")
@@ -42,10 +43,13 @@ def main(args: argparse.Namespace) -> int:
     else:
         address = args.socket
     try:
-        stats, info, where = fetch_status(address, authkey_file=args.authkey_file, timeout=args.timeout)
+        stats, info, where = fetch_status(
+            address, authkey_file=args.authkey_file, timeout=args.timeout
+        )
     except (OSError, AuthenticationError, OrchestratorClosedError) as exc:
         notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
-        print(f"taskorch status: cannot get the statistics of {address}: {type(exc).__name__}: {exc}{notes}",
+        print(f"taskorch status: cannot get the statistics of {address}: "
+              f"{type(exc).__name__}: {exc}{notes}",
               file=sys.stderr)
         return EXIT_FAILED
     fields = encode_stats(stats)
