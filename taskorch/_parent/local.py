@@ -445,19 +445,7 @@ class LocalDispatcher(DispatcherCore):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for key, _ in self._selector.select(remaining):
-                if key.data is None:
-                    self._drain_wake_pipe()
-                    continue
-                kind, worker = key.data
-                if worker.slot not in self._workers:
-                    continue
-                if kind == "exit":
-                    self._on_worker_exit(worker)
-                else:
-                    worker.receive()  # nothing is running: only EOF can come
-                    if worker.eof:
-                        self._unregister(worker.conn)
+            self._wait_and_handle(remaining)  # nothing runs: EOFs and exits come
         self._kill_everything()
 
     def _before_settle(self) -> None:
