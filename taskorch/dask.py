@@ -69,7 +69,6 @@ What differs from local workers, because the cluster's processes and threads are
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -130,17 +129,13 @@ class DaskBackend:
                 "max_memory_per_worker cannot be honoured on Dask: the cluster's workers are "
                 "not taskorch's to recycle; use the Dask worker's --memory-limit instead"
             )
-        if config.kill_grace is not None:
-            warnings.warn(
-                "kill_grace has no meaning on Dask: taskorch cannot kill a Dask worker's "
-                "thread, so a task stuck in C code past its timeout runs on until it returns",
-                UserWarning, stacklevel=3,  # the TaskOrchestrator(...) call
-            )
+        from taskorch._parent.backend import DEFAULT_KILL_GRACE
         from taskorch._parent.dask import DaskDispatcher
 
         return DaskDispatcher(
             backlog, self._address, config.worker_count, config.policy_bytes,
             config.circuit_breaker, self._connect_timeout,
+            DEFAULT_KILL_GRACE if config.kill_grace is None else config.kill_grace,
         )
 
     def __repr__(self) -> str:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -543,7 +544,8 @@ def test_options_that_cannot_hold_on_dask_are_refused(cluster: Any) -> None:
         TaskOrchestrator(backend=backend, max_tasks_per_worker=10)
     with pytest.raises(ValueError, match="max_memory_per_worker"):
         TaskOrchestrator(backend=backend, max_memory_per_worker=512)
-    with pytest.warns(UserWarning, match="kill_grace has no meaning on Dask"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kill_grace has a meaning on Dask: the hard timeout
         o = TaskOrchestrator(backend=backend, kill_grace=3.0)
     o.stop(R)
     with pytest.raises(ValueError, match="scheduler address"):

@@ -108,10 +108,12 @@ from taskorch._parent.dask_cluster import (
     EVENT,
     OUTCOME,
     RECALL_ANSWER,
+    RESTARTED,
     WAKE,
     WORKERS,
     ClusterLink,
     Inbox,
+    hard_timeout_error,
     worker_lost_error,
 )
 from taskorch._parent.dispatch import DispatcherCore
@@ -171,7 +173,7 @@ class _Worker:
 class _Sub:
     """One submission of a call to Dask (a task's attempts after a crash are new ones)."""
 
-    __slots__ = ("sub_id", "item", "key", "worker", "future", "started", "pid")
+    __slots__ = ("sub_id", "item", "key", "worker", "future", "started", "pid", "ended")
 
     def __init__(self, sub_id: int, item: WorkItem, key: str, worker: _Worker) -> None:
         self.sub_id = sub_id
@@ -181,6 +183,7 @@ class _Sub:
         self.future: Any = None  # the distributed.Future, once submitted
         self.started = False  # its STARTED event arrived: it may have had side effects
         self.pid: int | None = None  # the Dask worker process running it
+        self.ended = False  # its Dask task finished: no hard timeout while its outcome comes
 
 
 class DaskDispatcher(DispatcherCore):
@@ -194,9 +197,11 @@ class DaskDispatcher(DispatcherCore):
         default_policy_bytes: bytes,
         circuit_breaker: CircuitBreaker | None,
         connect_timeout: float | None,
+        kill_grace: float,
     ) -> None:
         super().__init__(backlog, circuit_breaker)
         self._worker_count = worker_count
+        self._kill_grace = kill_grace
         self._default_policy_bytes = default_policy_bytes
         # Unique per dispatcher: the events topic, and the prefix of every Dask key, so that
         # no submission is ever merged with another by the scheduler.
@@ -210,6 +215,14 @@ class DaskDispatcher(DispatcherCore):
         self._total_threads = 0
         self._subs: dict[int, _Sub] = {}
         self._sub_ids = itertools.count(1)
+        self._running: dict[int, _Sub] = {}  # the subs of `_subs` that started: hard timeouts
+        # Calls timed out by the parent while their thread runs on (see _hard_timeout): each
+        # keeps its worker's slot busy, in its worker's `subs` and in the in-flight count,
+        # until the worker is restarted (an answer in `_restarts`) or, if it cannot be, until
+        # its Dask task ends. Their events and outcomes are ignored: the core settled them.
+        self._held: dict[int, _Sub] = {}
+        self._restarts: dict[str, float] = {}  # address -> when its restart was asked for
+        self._warned_no_restart = False
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
         self._probe_in_flight = False  # one probe at a time, so answers come in order
         self._probe_again = False  # a worker joined while one was in flight
@@ -233,8 +246,8 @@ class DaskDispatcher(DispatcherCore):
         self._inbox.put((WAKE,))
 
     def _future_of(self, sub_id: int) -> Any:
-        """A submission's distributed.Future (the Client's loop thread asks: one atomic get)."""
-        sub = self._subs.get(sub_id)
+        """A submission's distributed.Future (the Client's loop thread asks: atomic gets)."""
+        sub = self._subs.get(sub_id) or self._held.get(sub_id)
         return sub.future if sub is not None else None
 
     # -- what comes back -------------------------------------------------------------------
@@ -266,6 +279,7 @@ class DaskDispatcher(DispatcherCore):
     def _handle(self, entries: list[tuple[Any, ...]]) -> None:
         lost: list[tuple[str, str]] = []  # (address, why)
         recalled: list[tuple[str, list[int] | None]] = []
+        restarted: list[tuple[str, BaseException | None]] = []
         workers: dict[str, int] | None = None
         probe = 0
         refresh = False
@@ -287,6 +301,8 @@ class DaskDispatcher(DispatcherCore):
                         refresh = True  # a worker joined: learn its threads
                 elif kind == RECALL_ANSWER:
                     recalled.append((entry[1], entry[2]))
+                elif kind == RESTARTED:
+                    restarted.append((entry[1], entry[2]))
                 elif kind == WORKERS:
                     self._probe_in_flight = False
                     if entry[1] is not None:
@@ -301,6 +317,8 @@ class DaskDispatcher(DispatcherCore):
             self._on_recall_answer(address, taken)
         for address, why in lost:
             self._on_worker_lost(address, why)
+        for address, error in restarted:
+            self._on_restarted(address, error)
         if workers is not None:
             self._on_workers(workers, probe)
         if refresh or (self._probe_again and not self._probe_in_flight):
@@ -309,7 +327,10 @@ class DaskDispatcher(DispatcherCore):
     def _on_event_locked(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
         sub = self._subs.get(event[1])
         if sub is None:
-            return  # from a call taken back, lost or abandoned
+            held = self._held.get(event[1])
+            if held is not None and event[0] in _OUTCOMES:
+                self._held_ended_locked(held)
+            return  # from a call taken back, lost, abandoned or timed out
         sub.worker.last_progress = now
         tag = event[0]
         if tag in _OUTCOMES:
@@ -317,6 +338,7 @@ class DaskDispatcher(DispatcherCore):
         elif tag == STARTED:
             sub.started = True
             sub.pid = event[3] if len(event) > 3 else None
+            self._running[sub.sub_id] = sub
             self._started_locked(sub.item, event[2], now)
         elif tag == RETRYING:
             self._retrying_locked(sub.item, event[2], event[3], event[4], event[5])
@@ -327,7 +349,10 @@ class DaskDispatcher(DispatcherCore):
     ) -> None:
         sub = self._subs.get(sub_id)
         if sub is None:
-            return  # taken back, lost or abandoned: we cancelled it
+            held = self._held.get(sub_id)
+            if held is not None:
+                self._held_ended_locked(held)
+            return  # taken back, lost, abandoned or timed out
         sub.worker.last_progress = now
         if exc is not None:
             self._on_dask_error_locked(sub, exc, lost)
@@ -384,6 +409,8 @@ class DaskDispatcher(DispatcherCore):
         """Stop tracking a call; return its distributed.Future (or None), for the caller to
         release (its outcome is in) or cancel (it must not run)."""
         self._subs.pop(sub.sub_id, None)
+        self._running.pop(sub.sub_id, None)
+        self._held.pop(sub.sub_id, None)
         sub.worker.subs.pop(sub.sub_id, None)
         future, sub.future = sub.future, None
         return future
@@ -429,10 +456,13 @@ class DaskDispatcher(DispatcherCore):
             return
         self._removed[address] = self._probes_sent
         self._total_threads = sum(w.nthreads for w in self._workers.values())
-        subs = list(worker.subs.values())
+        held = [sub for sub in worker.subs.values() if sub.sub_id in self._held]
+        subs = [sub for sub in worker.subs.values() if sub.sub_id not in self._held]
         with self._backlog.lock:
             self._backlog.workers = len(self._workers)
             futures = [self._forget_sub(sub) for sub in subs]
+            if address not in self._restarts:  # else they hold their slots until its answer
+                futures += [self._forget_sub(sub) for sub in held]
             requeue = [sub.item for sub in subs if not sub.started]
             self._requeue_locked(requeue)
             for sub in subs:
@@ -460,10 +490,11 @@ class DaskDispatcher(DispatcherCore):
         with backlog.lock:
             pending = backlog.pending
             if pending and self._workers:
+                handed = len(self._subs) + len(self._held)  # a held slot is busy
                 cap = (self._worker_count if self._worker_count is not None
-                       else len(pending) + len(self._subs))
-                handed = len(self._subs)
-                rooms = {w.address: w.room(now) for w in self._workers.values()}
+                       else len(pending) + handed)
+                rooms = {w.address: 0 if w.address in self._restarts else w.room(now)
+                         for w in self._workers.values()}
                 while pending and handed < cap:
                     # The least loaded worker with room: free threads first, then prefetch
                     # evenly (a worker that prefetches deeper must not take everything).
@@ -520,7 +551,8 @@ class DaskDispatcher(DispatcherCore):
 
     def _recall_unstarted(self, now: float) -> float | None:
         workers = self._workers.values()
-        if not any(len(w.subs) < w.nthreads for w in workers):
+        if not any(len(w.subs) < w.nthreads and w.address not in self._restarts
+                   for w in workers):
             return None
         again: float | None = None
         for worker in workers:
@@ -556,13 +588,100 @@ class DaskDispatcher(DispatcherCore):
     # -- timers and stopping ---------------------------------------------------------------
 
     def _backend_deadlines(self) -> Iterable[float | None]:
-        return (self._probe_at,)
+        yield self._probe_at
+        for sub in self._running.values():
+            yield self._hard_deadline(sub)
 
     def _fire_backend_timers(self, now: float) -> None:
         if self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
             if self._subs:
                 self._probe_workers()
+        overdue = [sub for sub in self._running.values()
+                   if (deadline := self._hard_deadline(sub)) is not None and now >= deadline]
+        if overdue:
+            self._hard_timeout(overdue)
+
+    # -- the hard timeout: the core charges the attempt, the cluster restarts the worker -----
+
+    def _hard_deadline(self, sub: _Sub) -> float | None:
+        """When the parent gives up on ``sub``'s running attempt: its policy's timeout plus
+        ``kill_grace`` after its start event arrived (the worker's in-process interrupt fires
+        at the timeout on the worker's clock, which started earlier). None: no timeout, the
+        call is backing off between attempts, or its Dask task finished (the outcome comes)."""
+        item = sub.item
+        timeout = item.policy.timeout
+        if timeout is None or not item.attempt_started or sub.ended:
+            return None
+        return item.attempt_started + timeout + self._kill_grace
+
+    def _hard_timeout(self, subs: list[_Sub]) -> None:
+        """Attempts ran ``kill_grace`` past their timeout: the in-process interrupt could not
+        reach them (a thread blocked in C). The core charges each (``_crash_locked``, with a
+        TaskTimeoutError: retried only if the policy retries timeouts), and each one's worker is
+        restarted by its nanny: the only way to stop a Dask thread. Meanwhile the call holds
+        its slot (``_held``), and its worker gets nothing more; its calls not started are
+        recalled now (the rest come back uncharged, and the running ones are charged a crash,
+        when the worker leaves)."""
+        restart: list[_Worker] = []
+        with self._backlog.lock:
+            for sub in subs:
+                if sub.future is not None and sub.future.done():
+                    sub.ended = True  # it returned just now: its outcome is on its way
+                    continue
+                item, worker = sub.item, sub.worker
+                self._subs.pop(sub.sub_id)
+                self._running.pop(sub.sub_id)
+                self._held[sub.sub_id] = sub  # (still in worker.subs: the slot stays busy)
+                error = hard_timeout_error(item.attempts, item.policy.timeout or 0.0,
+                                           self._kill_grace, worker.address, sub.pid)
+                outcome = self._crash_locked(item, error)
+                log.warning("task %d: attempt %d of %d still running %g s past its %g s timeout "
+                            "on Dask worker %s; restarting it; %s", item.task_id, item.attempts,
+                            item.policy.max_attempts, self._kill_grace, item.policy.timeout,
+                            worker.address, outcome)
+                if worker.address not in self._restarts and worker not in restart:
+                    restart.append(worker)
+        now = time.monotonic()
+        for worker in restart:
+            self._restarts[worker.address] = now
+            self._link.restart_worker(worker.address)
+            calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
+            if calls and not worker.recall_sent:
+                self._send_recall(worker, calls)
+
+    def _held_ended_locked(self, sub: _Sub) -> None:
+        """A timed-out call's Dask task ended after all: its slot frees, unless its worker's
+        restart is under way (then the restart's answer frees it)."""
+        if sub.worker.address in self._restarts:
+            sub.ended = True
+        else:
+            self._to_release.append(self._forget_sub(sub))
+
+    def _on_restarted(self, address: str, error: BaseException | None) -> None:
+        """The answer to a restart: the held slots of ``address`` free once the worker is
+        back (or gone for good); if it could not be restarted, they free as their tasks end."""
+        asked = self._restarts.pop(address, None)
+        held = [sub for sub in self._held.values() if sub.worker.address == address]
+        worker = self._workers.get(address)
+        if error is None:
+            log.warning("Dask worker %s restarted (%.2f s after the request)", address,
+                        time.monotonic() - (asked or 0.0))
+        elif not self._warned_no_restart or not isinstance(error, ValueError):
+            self._warned_no_restart = True
+            log.warning(
+                "could not restart Dask worker %s after a task overran its timeout (%s: %s): "
+                "its attempt failed on time all the same, but its thread stays busy until the "
+                "task returns. Run Dask workers under a nanny (the default of 'dask worker') "
+                "so that taskorch can restart them", address, type(error).__name__, error)
+        if error is not None and worker is not None:
+            held = [sub for sub in held if sub.ended]  # the others free as their tasks end
+        with self._backlog.lock:
+            futures = [self._forget_sub(sub) for sub in held]
+        self._link.cancel(futures)
+        if error is None:
+            self._on_worker_lost(address, "it was restarted after a task overran its timeout")
+            self._probe_workers()  # learn of its successor
 
     def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:
         held = []

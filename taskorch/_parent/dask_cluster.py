@@ -1,9 +1,14 @@
 """Parent process: the Dask dispatcher's line to the cluster (``ClusterLink``), the listener
-for worker joins and departures, and the error of an attempt lost with its Dask worker.
+for worker joins and departures, and the errors of an attempt lost with its Dask worker or
+past its hard timeout.
 
-``ClusterLink``'s methods run on the dispatcher thread and only *start* requests on the
+````ClusterLink``'s methods run on the dispatcher thread and only *start* requests on the
 ``distributed.Client``'s event-loop thread (Dask's, not ours): submitting, gathering,
-cancelling, recalling, asking for the workers. What comes back, and the scheduler's events,
+cancelling, recalling, asking for the workers. A worker restart is the exception: it goes
+through ``Client.restart_workers``, a public blocking call that waits for the worker to come
+back (seconds), so it runs on a short-lived thread of its own, "taskorch-dask-restart" (a
+daemon: a restart still in progress must not keep the interpreter alive), which only calls the
+Client and puts the answer into the inbox. What comes back, and the scheduler's events,
 are put into the dispatcher's inbox by code on that loop thread, which never takes the backlog
 lock, so a slow dispatcher can never stall the Client's communications.
 
@@ -22,7 +27,7 @@ import queue
 import threading
 from typing import Any, Callable, Coroutine
 
-from taskorch._errors import WorkerCrashedError
+from taskorch._errors import TaskTimeoutError, WorkerCrashedError
 from taskorch._wire import FAILED, SUCCEEDED, Event
 
 log = logging.getLogger("taskorch")
@@ -33,9 +38,15 @@ OUTCOME = 2  # (OUTCOME, sub_id, outcome event or None, exception or None): a ga
 CLUSTER = 3  # (CLUSTER, msg): an "all" topic event about workers
 RECALL_ANSWER = 4  # (RECALL_ANSWER, address, [sub_id, ...] or None)
 WORKERS = 5  # (WORKERS, {address: nthreads} or None, probe number): a probe's answer
+RESTARTED = 6  # (RESTARTED, address, None or the exception): a worker restart's answer
 
 #: How long closing our own Client may take at the end.
 CLIENT_CLOSE_TIMEOUT = 5.0
+#: How long a worker restart may take, from the request until the cluster has its number of
+#: workers back. The nanny first asks the worker to close and waits 4 s for it (a task stuck
+#: in C keeps it from closing), then kills it and starts a new one (a second or two): longer
+#: only delays giving up on a nanny that cannot start its worker again.
+RESTART_TIMEOUT = 60.0
 
 Inbox = queue.SimpleQueue[tuple[Any, ...]]
 
@@ -179,6 +190,25 @@ class ClusterLink:
             asynchronous=True,
         ), on_done)
 
+    def restart_worker(self, address: str) -> None:
+        """Have the worker's nanny restart the worker process at ``address``; the answer comes
+        to the inbox as RESTARTED, once the cluster has its number of workers back. A worker
+        without a nanny is left alone (``Client.restart_workers`` refuses it: ValueError)."""
+        inbox, client = self._inbox, self.client
+
+        def restart() -> None:
+            error: BaseException | None = None
+            try:
+                status = client.restart_workers(
+                    [address], timeout=RESTART_TIMEOUT, raise_for_error=False)
+                if status.get(address) != "OK":
+                    error = RuntimeError(f"the scheduler answered {status.get(address)!r}")
+            except BaseException as exc:  # noqa: BLE001 - every failure is an answer
+                error = exc
+            inbox.put((RESTARTED, address, error))
+
+        threading.Thread(target=restart, name="taskorch-dask-restart", daemon=True).start()
+
     # -- on the Client's event loop thread: put into the inbox, nothing else -----------------
 
     def _on_task_event(self, event: tuple[float, Any]) -> None:
@@ -262,6 +292,17 @@ def worker_lost_error(
     # WorkerCrashedError's own text speaks of an exit code, unknown for a remote process.
     error.args = (text,)
     return error
+
+
+def hard_timeout_error(item_attempts: int, timeout: float, kill_grace: float, address: str,
+                       pid: int | None) -> TaskTimeoutError:
+    """The error of an attempt that ran ``kill_grace`` past its timeout on a Dask worker."""
+    where = f"{address}, pid {pid}" if pid is not None else address
+    return TaskTimeoutError(
+        f"attempt {item_attempts} ran past its {timeout:g} s timeout and did not respond to the "
+        f"in-process interrupt {kill_grace:g} s later (stuck in C code or a blocking call); "
+        f"the Dask worker running it ({where}) is restarted"
+    )
 
 
 class ClusterEventsListener:

@@ -1,0 +1,183 @@
+"""The hard timeout on Dask, on a real ``distributed.LocalCluster`` (2 worker processes under
+nannies, 1 thread each; its own, since these tests restart its workers): an attempt that the
+in-process interrupt cannot reach (a thread blocked in C) fails on time, the worker's nanny
+restarts the worker process, the slot stays busy until it is back, and the next task runs; a
+cluster without nannies fails the attempt on time all the same and says why it cannot restart.
+
+The fixtures (the cluster, ``no_leaks`` allowing the cluster's processes, gates, ``make_dask``)
+are test_dask's. Handshakes order events; the result timeouts only catch deadlocks: each is
+shorter than the blocking call it guards against, so that a timeout which only took effect
+when the call returned by itself fails the test instead of passing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+import _tasks as t  # noqa: E402
+import test_dask  # noqa: E402
+from _tasks import wait_until  # noqa: E402
+from test_dask import WORKERS, R, _Gate  # noqa: E402
+
+from taskorch import Policy, TaskOrchestrator, TaskTimeoutError  # noqa: E402
+from taskorch.dask import DaskBackend  # noqa: E402
+
+Make = Callable[..., TaskOrchestrator]
+#: How long the stuck tasks block by themselves: far longer than any guard below.
+STUCK = 60.0
+#: The deadlock guard for a hard timeout (0.5 s timeout + 1 s kill_grace, then events).
+SEEN_BY = 20.0
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """test_dask's cluster, but a LocalCluster closes a worker's nanny when a worker of the
+    same name has been gone for ``lost-worker-timeout`` (15 s) after *any* of its removals: a
+    second restart of the same worker within that time may be cut short by the first one's
+    timer. Here restarts follow each other closely: the timeout is made longer than the tests."""
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
+        c = distributed.LocalCluster(
+            n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None,
+        )
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+# test_dask's fixtures, on this module's cluster.
+client = test_dask.client
+no_leaks = test_dask.no_leaks
+gates = test_dask.gates
+make_dask = test_dask.make_dask
+
+
+# -- tasks (run in the Dask workers, imported by reference from this module) ----------------------
+
+
+def sleep_announced(started: str, seconds: float) -> str:
+    """Announce the start, then sleep in C: the thread interrupt cannot reach it."""
+    t.announce(started)
+    time.sleep(seconds)
+    return "slept"
+
+
+def hang_once(marker: str, started: str, never_fifo: str) -> str:
+    """The first time: announce, block SIGALRM and wait in C on a FIFO nobody writes. Then
+    (a retry, in the restarted or another worker process): return at once."""
+    if os.path.exists(marker):
+        return f"ran again in {os.getpid()}"
+    Path(marker).touch()
+    t.hang_with_signals_blocked(started, never_fifo)
+    return "unreachable"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _worker_pids(client: Any) -> set[int]:
+    return set(client.run(os.getpid, on_error="ignore").values())
+
+
+# -- the tests -------------------------------------------------------------------------------------
+
+
+def test_a_sleep_past_its_timeout_fails_on_time_and_its_worker_is_restarted(
+    make_dask: Make, client: Any, gates: Callable[[str], _Gate],
+) -> None:
+    o = make_dask(policy=Policy(timeout=0.5))
+    gate = gates("sleeper")
+    f = o.run(sleep_announced, str(gate.started), STUCK)
+    stuck_pid = gate.wait_started()
+    gate.done_with = True  # nothing to release: the restart ends it
+    error = f.exception(SEEN_BY)  # the sleep itself would take STUCK seconds
+    assert isinstance(error, TaskTimeoutError), error
+    assert "0.5 s timeout" in str(error) and "is restarted" in str(error)
+    assert f.attempts == 1
+    # A new worker process in its place: the cluster is back to its size without that pid.
+    wait_until(lambda: not alive(stuck_pid), what="the stuck worker process to be gone")
+    client.wait_for_workers(WORKERS, timeout=R)
+    wait_until(lambda: o.stats().workers == WORKERS and o.stats().worker_restarts >= 1,
+               what="the orchestrator to see the new worker")
+    assert stuck_pid not in _worker_pids(client)
+    assert [o.run(t.getpid).result(R) for _ in range(4)] != [stuck_pid] * 4
+    assert o.run(t.square, 7).result(R) == 49
+    s = o.stats()
+    assert (s.timeouts, s.crashes, s.failed, s.retried, s.running) == (1, 1, 1, 0, 0)
+
+
+def test_a_task_blocked_in_c_with_signals_blocked_is_retried_after_the_restart(
+    make_dask: Make, client: Any, gates: Callable[[str], _Gate], tmp_path: Path,
+) -> None:
+    o = make_dask(policy=Policy(timeout=0.5, retries=1, backoff_initial=0.01))
+    gate = gates("hung")
+    never = tmp_path / "never"
+    os.mkfifo(never)
+    f = o.run(hang_once, str(tmp_path / "marker"), str(gate.started), str(never))
+    stuck_pid = gate.wait_started()
+    gate.done_with = True
+    assert f.result(R).startswith("ran again in")  # the retry's outcome: the task's own
+    assert f.attempts == 2
+    s = o.stats()
+    assert (s.timeouts, s.crashes, s.retried, s.succeeded) == (1, 1, 1, 1)
+    wait_until(lambda: not alive(stuck_pid), what="the stuck worker process to be gone")
+
+
+def test_the_slot_stays_busy_until_the_restarted_worker_is_back(
+    make_dask: Make, client: Any, gates: Callable[[str], _Gate], tmp_path: Path,
+) -> None:
+    # One task at a time: while the stuck task's worker restarts, the other worker idles, and
+    # the next task must still wait, since the stuck thread runs on until the restart ends it.
+    o = make_dask(worker_count=1, policy=Policy(timeout=0.5))
+    gate = gates("hung")
+    never = tmp_path / "never"
+    os.mkfifo(never)
+    f = o.run(t.hang_with_signals_blocked, str(gate.started), str(never))
+    stuck_pid = gate.wait_started()
+    gate.done_with = True
+    assert isinstance(f.exception(SEEN_BY), TaskTimeoutError)
+    after = o.run(alive, stuck_pid)  # offered while the restart is under way
+    assert after.result(R) is False  # it started only once the stuck process was gone
+    assert o.stats().workers == WORKERS
+
+
+def test_a_worker_without_a_nanny_fails_the_attempt_on_time_and_says_why(
+    make_orchestrator: Make, gates: Callable[[str], _Gate], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Workers in this process (processes=False): no nanny can restart them.
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as bare:
+        o = make_orchestrator(backend=DaskBackend(bare.scheduler_address),
+                              policy=Policy(timeout=0.5))
+        gate = gates("blocked")
+        with caplog.at_level(logging.WARNING, logger="taskorch"):
+            f = o.run(t.blocker, str(gate.started), str(gate.release_fifo))
+            try:
+                gate.wait_started()
+                # The blocker waits for its release in C: only the hard timeout fails it.
+                assert isinstance(f.exception(SEEN_BY), TaskTimeoutError)
+                wait_until(lambda: any("could not restart" in r.getMessage()
+                                       for r in caplog.records), what="the warning")
+                assert o.run(t.square, 3).result(R) == 9  # the other thread serves
+            finally:
+                gate.release()  # the thread returns; the held slot frees
+        assert [o.run(t.square, i).result(R) for i in range(4)] == [0, 1, 4, 9]
+        warned = [r for r in caplog.records if "could not restart" in r.getMessage()]
+        assert len(warned) == 1 and "nanny" in warned[0].getMessage()
+        assert o.stop(R).drained
+        assert len(bare.scheduler.workers) == 1  # not shut down by taskorch
