@@ -302,3 +302,29 @@ def test_line_ends_split_across_reads() -> None:
 
     lines = list(numbered_lines(_Chunks(b"[1]\r", b"\n[2]\r", b"[3", b"]\n\n[4]\r")))  # type: ignore[arg-type]
     assert lines == [(1, b"[1]"), (2, b"[2]"), (3, b"[3]"), (4, b""), (5, b"[4]")]
+
+
+def test_a_module_beside_the_user_reaches_the_dask_workers(tmp_path: Path) -> None:
+    # `taskorch run mymodule:work --dask`: mymodule.py is only in the working directory, which
+    # the cluster's workers (started here, elsewhere) cannot import from: it travels by value.
+    # An installed module (json) still travels by reference.
+    distributed = pytest.importorskip("distributed")
+    (tmp_path / "mymodule.py").write_text(
+        "import os\ndef work(x):\n    return [x * 2, os.getpid()]\n")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            worker_pids = set(client.run(os.getpid).values())
+            proc = taskorch("run", "mymodule:work", "--dask", cluster.scheduler_address,
+                            input="".join(f"[{i}]\n" for i in range(5)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = [r["result"] for r in records(proc.stdout)]
+    assert [r[0] for r in results] == [0, 2, 4, 6, 8]
+    assert {r[1] for r in results} <= worker_pids  # ran on the cluster
+    chosen = subprocess.run(
+        [sys.executable, "-c", "import cloudpickle\n"
+         "from taskorch.cli.run import resolve_target\n"
+         "resolve_target('mymodule:work'), resolve_target('json:dumps')\n"
+         "print(sorted(cloudpickle.list_registry_pickle_by_value()))"],
+        capture_output=True, text=True, timeout=R, cwd=tmp_path, env=ENV)
+    assert chosen.stdout.split() == ["['mymodule']"], chosen.stderr
