@@ -24,6 +24,12 @@ The same semantics as on local worker processes:
   bound now);
 - the policy is applied inside the Dask worker, under tenacity: retries with backoff cost no
   round trip; the per-attempt timeout raises ``TaskTimeoutError`` in the task's thread;
+- the timeout holds: an attempt still running ``kill_grace`` (default 1 s) past its timeout
+  (stuck in C code, where the in-thread interrupt cannot reach) fails on time with
+  ``TaskTimeoutError`` (retried only if the policy retries timeouts), and its Dask worker
+  process is restarted by its nanny (``Client.restart_workers``); the slot counts as busy until
+  the worker is back; that worker's other tasks go back to the backlog uncharged if they had
+  not started, and are charged a crash if they had;
 - ``run()`` returns ``concurrent.futures.Future`` handles (``attempts`` and ``seconds`` set);
   results and exceptions are unpickled only in the parent; ``stats()`` counts the same things;
 - a Dask worker lost while it ran a task (killed, out of memory, segfault, a lost connection,
@@ -36,22 +42,28 @@ The same semantics as on local worker processes:
 
 What differs from local workers, because the cluster's processes and threads are not ours:
 
-- No hard kill. A task stuck in C code (``time.sleep(600)``, a blocking read, a C extension)
-  is interrupted by its timeout only when it returns to Python code, and ``stop(timeout)``
-  abandons a running task without stopping it: it runs on in its Dask thread, its result
-  discarded. ``kill_grace`` has no meaning (a warning if set), and a worker that runs such a
-  task keeps a thread busy until it returns.
+- The hard timeout restarts a whole Dask worker process (a few seconds: its nanny waits 4 s for
+  a graceful close, then kills it and starts another), and with it every task running there,
+  each charged a crash. Workers without a nanny (``dask worker --no-nanny``, in-process
+  clusters) cannot be restarted: a warning says so at the first such timeout, the attempt fails
+  on time all the same, and its thread stays busy (its slot too) until the task returns.
+- ``stop(timeout)`` abandons a running task without stopping it: it runs on in its Dask
+  thread, its result discarded.
 - Tasks run in the Dask workers' threads, several per process: a task that changes process
   state (signal handlers, ``os.chdir``, environment variables, global module state) affects
   the others, and a CPU-bound pure-Python task needs workers with one thread each (``dask
   worker --nthreads 1 --nworkers N``) to get past the GIL.
-- ``max_tasks_per_worker`` and ``max_memory_per_worker`` cannot be honoured (taskorch does not
-  recycle the cluster's workers; use the worker's own ``--memory-limit``): ``ValueError``.
+- ``max_tasks_per_worker`` and ``max_memory_per_worker`` are refused (``ValueError``): a
+  restart takes seconds and every task running in that worker process, so recycling shared
+  workers on a count would cost other tasks; use the worker's own ``--memory-limit``, which
+  its nanny enforces.
 - ``worker_pids()`` is empty; ``stats().workers`` counts Dask workers, and ``worker_restarts``
   the workers that joined after the orchestrator started.
 - taskorch must be installed on every Dask worker (the worker side is
   ``taskorch._worker.dask``), and a task's function must be importable there, or sent by value
-  (lambdas, closures, ``__main__``), as for any Dask task.
+  (lambdas, closures, ``__main__``), as for any Dask task. ``taskorch run`` sends a
+  ``path/file.py:function`` target, and a ``module:function`` whose module was found only in
+  the current directory, by value; an installed module by reference.
 - A task handed to a Dask worker but not yet started when ``stop()``'s timeout expires may
   still start there; a task whose worker dies after it finished but before its result was
   fetched is run again (at least once, as after any crash).

@@ -22,7 +22,10 @@ Data flow:
                             <--inbox-- "all" topic: add-worker / remove-worker
                             update Backlog counts, resolve Futures
                             timers: crash-retry backoff, recall, breaker, worker probe,
-                            stop deadline
+                            hard timeouts, stop deadline
+                            --restart_worker--> "taskorch-dask-restart" thread:
+                            Client.restart_workers([w]) --> w's nanny kills w, starts anew
+                            <--inbox-- its answer, once the cluster has its workers back
 
 The actors:
 
@@ -69,7 +72,26 @@ that started may have had side effects: after a loss a task runs at least once, 
 once. A result that was computed but not yet gathered when its worker died is lost too: that
 call is retried like a crash.
 
+The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
+a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
+its start event) and no outcome or retry came, the core charges it (``_crash_locked``, a
+``TaskTimeoutError``: retried only if the policy retries timeouts), as a local hard timeout
+is, and the Dask worker process is restarted by its nanny: nothing else stops a Dask thread.
+Until the restart's answer, the call holds its slot (``_held``: its worker gets no calls, and
+it counts against ``worker_count``), so the in-flight bound holds while the stuck thread runs;
+the worker's calls not started are recalled at once; when the worker leaves, the ones still
+there go back uncharged and the ones running are charged a crash, as for any lost worker. A
+worker without a nanny cannot be restarted (``Client.restart_workers`` refuses it, and taskorch
+never shuts a worker down): a warning says so once, the attempt fails on time all the same, and
+the slot stays held until its Dask task ends by itself.
+
 Accepted races, written down:
+- A stuck attempt that returns to Python between the parent's hard timeout and the worker's
+  end may start another attempt there (tenacity retries inside the worker) while the parent's
+  retry runs elsewhere: after a hard timeout a task runs at least once, as after a crash; its
+  events are ignored. On a LocalCluster (a ``SpecCluster``), restarting the same worker twice
+  within ``distributed.deploy.lost-worker-timeout`` (15 s) may let the first removal's timer
+  close that worker's nanny (the restart then times out after ``RESTART_TIMEOUT``).
 - A call handed over and not started when stop()'s timeout expires is cancelled here, but its
   worker may have begun it just then; it then runs to its end on the cluster, unobserved.
 - A running call cannot be stopped on Dask (the thread is Dask's): stop()'s timeout abandons
