@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import queue
@@ -43,8 +40,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType
 from typing import IO, Any, BinaryIO, Callable, Iterator
 
 from taskorch._wire import decode_exception, encode_call
@@ -62,6 +58,7 @@ from taskorch.cli.options import (
     orchestrator_from_args,
     positive_int,
 )
+from taskorch.cli.target import resolve_target as resolve_target  # (demo, tests import it here)
 
 
 def add_parser(sub: Any) -> None:
@@ -90,118 +87,6 @@ def add_parser(sub: Any) -> None:
     progress.add_argument("--no-progress", dest="progress", action="store_false")
     add_pool_arguments(p)
     p.set_defaults(handler=main)
-
-
-# -- TARGET ----------------------------------------------------------------------------------
-
-
-def resolve_target(spec: str) -> Callable[..., Any]:
-    """``package.module:function`` or ``path/to/file.py:function`` -> the function.
-
-    A module named by path need not be on sys.path: it is imported under a private name and
-    its functions travel to the workers by value (cloudpickle), so the workers never need to
-    import it. The current directory is put on sys.path, as ``python -m`` does, so that
-    ``module:function`` finds a module beside the user; such a module is not installed (the
-    workers of a Dask cluster, or of a ``taskorch serve`` started elsewhere, cannot import it),
-    so it travels by value too, with its whole top-level package. An installed one (found
-    without the current directory: site-packages, an editable install, PYTHONPATH) travels by
-    reference, as any function does: the workers import it.
-    """
-    module_part, sep, attr = spec.rpartition(":")
-    if not sep or not module_part or not attr:
-        raise UsageError(
-            f"TARGET must be package.module:function or path/to/file.py:function, got {spec!r}"
-        )
-    module: ModuleType
-    if module_part.endswith(".py") or os.sep in module_part:
-        path = Path(module_part)
-        if not path.is_file():
-            raise UsageError(f"TARGET file {str(path)!r} does not exist")
-        name = f"taskorch_target_{abs(hash(str(path.resolve())))}"
-        spec_ = importlib.util.spec_from_file_location(name, path)
-        if spec_ is None or spec_.loader is None:
-            raise UsageError(f"cannot import {str(path)!r}")
-        module = importlib.util.module_from_spec(spec_)
-        sys.modules[name] = module
-        try:
-            spec_.loader.exec_module(module)
-        except Exception as exc:
-            raise UsageError(
-                f"importing {str(path)!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        import cloudpickle
-
-        cloudpickle.register_pickle_by_value(module)
-    else:
-        if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_part)
-        except Exception as exc:
-            raise UsageError(
-                f"cannot import module {module_part!r}: {type(exc).__name__}: {exc}"
-            ) from exc
-        top = sys.modules.get(module_part.partition(".")[0])
-        if top is not None and _found_only_in_the_current_directory(top):
-            import cloudpickle
-
-            cloudpickle.register_pickle_by_value(top)  # and so every submodule
-    fn = module
-    for part in attr.split("."):
-        try:
-            fn = getattr(fn, part)
-        except AttributeError:
-            raise UsageError(f"{module_part!r} has no attribute {attr!r}") from None
-    if not callable(fn):
-        raise UsageError(f"TARGET {spec!r} is not callable")
-    return fn
-
-
-def _found_only_in_the_current_directory(top: ModuleType) -> bool:
-    """Whether the top-level module or package ``top`` was imported from the current
-    directory and would not be found without it (the import system's finders asked again,
-    sys.path without the current directory), nor is part of an editable install."""
-    if getattr(top, "__file__", None) is None:
-        return False  # built in, frozen, or a namespace package: leave it by reference
-    here = os.path.realpath(os.getcwd())
-    origin = os.path.realpath(top.__file__ or "")
-    if not origin.startswith(here + os.sep) or _in_an_editable_install(origin):
-        return False
-    elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
-    for finder in sys.meta_path:
-        try:
-            if finder is importlib.machinery.PathFinder:
-                spec = importlib.machinery.PathFinder.find_spec(top.__name__, elsewhere)
-            else:  # editable installs, built-in and frozen modules
-                find = getattr(finder, "find_spec", None)
-                spec = find(top.__name__, None) if find is not None else None
-        except Exception:
-            continue
-        if spec is not None:
-            return False
-    return True
-
-
-def _in_an_editable_install(path: str) -> bool:
-    """Whether ``path`` lies in the source tree of a distribution installed in editable mode
-    (``pip install -e``: its ``direct_url.json``, PEP 610), found through a .pth entry that
-    may be the current directory itself."""
-    import importlib.metadata
-    from urllib.parse import unquote, urlparse
-
-    for dist in importlib.metadata.distributions():
-        try:
-            info = json.loads(dist.read_text("direct_url.json") or "{}")
-        except (OSError, ValueError):
-            continue
-        if not isinstance(info, dict) or not (info.get("dir_info") or {}).get("editable"):
-            continue
-        url = urlparse(str(info.get("url", "")))
-        if url.scheme == "file":
-            root = os.path.realpath(unquote(url.path))
-            if path.startswith(root + os.sep):
-                return True
-    return False
 
 
 def parse_input(line: str, line_number: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
