@@ -49,67 +49,16 @@ recall, probe) nor while it resolves futures (done-callbacks are user code): wha
 collected under the lock and done after. ``dask_cluster.ClusterEventsListener._lock`` only
 guards its registry; nothing is called under it but the Client's non-blocking subscribe.
 
-Bounds: a call handed to Dask stays "queued" in the backlog until its STARTED event arrives,
-so the backlog bound is exact as locally. What runs at once is bounded by the cluster's
-threads: each call is pinned to one worker (``workers=[w]``, ``allow_other_workers=False``),
-and each worker gets at most its ``nthreads`` plus a prefetch sized from its recent task
-durations (``PREFETCH_SECONDS``), so tiny tasks stream without a round trip each. With an
-explicit ``worker_count`` smaller than the cluster's threads, at most that many calls are
-handed over at all. A worker with a free thread while another holds calls it has not started
-behind a slow task makes the dispatcher *recall* them (``_worker.dask.recall_unstarted`` on
-the busy worker's event loop, which marks the calls that have not begun so that they never
-run): the ones it confirms go back to the front of the backlog, uncharged.
-
-Why pin: when a worker dies, the scheduler re-runs the tasks it was processing on another
-worker, up to ``allowed_failures`` times, without telling the client. A re-run is an attempt
-the policy did not allow, with no backoff, and perhaps a second run of a task whose first run
-had side effects. A pinned task whose worker is gone cannot run anywhere ("no-worker"): the
-dispatcher learns of the loss from the "remove-worker" event (or a ``KilledWorker`` outcome, or
-the worker probe), cancels the worker's calls, charges an attempt to each call that had
-started there (``WorkerCrashedError``, retried after the policy's backoff while the budget
-lasts, as the local dispatcher does) and puts the others back in the backlog, uncharged. A call
-that started may have had side effects: after a loss a task runs at least once, not exactly
-once. A result that was computed but not yet gathered when its worker died is lost too: that
-call is retried like a crash.
-
-The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
-a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
-its start event) and no outcome or retry came, the core charges it (``_crash_locked``, a
-``TaskTimeoutError``: retried only if the policy retries timeouts), as a local hard timeout
-is, and the Dask worker process is restarted by its nanny: nothing else stops a Dask thread.
-Until the restart's answer, the call holds its slot (``_held``: its worker gets no calls, and
-it counts against ``worker_count``), so the in-flight bound holds while the stuck thread runs;
-the worker's calls not started are recalled at once; when the worker leaves, the ones still
-there go back uncharged and the ones running are charged a crash, as for any lost worker. A
-worker without a nanny cannot be restarted (``Client.restart_workers`` refuses it, and taskorch
-never shuts a worker down): a warning says so once, the attempt fails on time all the same, and
-the slot stays held until its Dask task ends by itself.
-
-Accepted races, written down:
-- A stuck attempt that returns to Python between the parent's hard timeout and the worker's
-  end may start another attempt there (tenacity retries inside the worker) while the parent's
-  retry runs elsewhere: after a hard timeout a task runs at least once, as after a crash; its
-  events are ignored. On a LocalCluster (a ``SpecCluster``), restarting the same worker twice
-  within ``distributed.deploy.lost-worker-timeout`` (15 s) may let the first removal's timer
-  close that worker's nanny (the restart then times out after ``RESTART_TIMEOUT``).
-- A call handed over and not started when stop()'s timeout expires is cancelled here, but its
-  worker may have begun it just then; it then runs to its end on the cluster, unobserved.
-- A running call cannot be stopped on Dask (the thread is Dask's): stop()'s timeout abandons
-  it (``TaskAbandonedError``) and cancels its Dask task, and it runs on, its result discarded.
+Accepted races, written down (the hard timeout's own: ``dask_timeout``):
+- stop()'s timeout: a call handed over may begin just as it is cancelled, and a running one
+  is abandoned and cancelled but runs on (Dask cannot stop a thread); both go unobserved.
 - A worker that restarts on the same address (a fixed ``--worker-port``) before the dispatcher
   cancelled its pinned calls could run them again; the cancel follows the "remove-worker"
   event at once, and a restart takes far longer.
 
-Events per topic are kept by the scheduler (``distributed.admin.low-level-log-length``, 1000 by
-default): each orchestrator leaves at most that many small events behind on the scheduler (a
-start event is about 100 bytes; an inline outcome at most ``INLINE_OUTCOME_BYTES`` more).
-
 A Client that loses its scheduler cancels every future it holds; the dispatcher then declares
-the orchestrator broken: unresolved tasks fail with ``OrchestratorBrokenError``.
-
-The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
-stops every orchestrator first). Its body is guarded: if it ever fails, it cancels what it
-submitted, fails every unresolved future with ``OrchestratorBrokenError`` and logs the error.
+the orchestrator broken: unresolved tasks fail with ``OrchestratorBrokenError``. (What a
+user sees of all this, events kept on the scheduler included: ``taskorch.dask``.)
 """
 
 from __future__ import annotations
@@ -135,80 +84,26 @@ from taskorch._parent.dask_cluster import (
     WORKERS,
     ClusterLink,
     Inbox,
-    hard_timeout_error,
     worker_lost_error,
 )
-from taskorch._parent.dispatch import DispatcherCore
+from taskorch._parent.dask_pool import (
+    SLOW_AFTER,
+    WORKER_PROBE_INTERVAL,
+    DaskWorker,
+    Membership,
+    Submission,
+)
+from taskorch._parent.dask_timeout import DaskHardTimeouts
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
 from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED, Event
 
 log = logging.getLogger("taskorch")
 
-#: Prefetch to a worker, per thread, as many calls as fit in this much expected run time (from
-#: its recent task durations), and at least one once a duration is known: the round trip
-#: through the scheduler (10-20 ms on a local cluster, more across a network) would otherwise
-#: idle the thread between two tasks. More hides it for tiny tasks; less limits how long a
-#: call waits behind a slow one (recall bounds that: see SLOW_AFTER).
-PREFETCH_SECONDS = 0.05
-#: At most this many calls handed to a worker per thread, beyond the ones it runs.
-MAX_PREFETCH = 32
-#: A worker that has reported nothing for this long while it holds calls is treated as busy
-#: with long tasks: it gets no prefetch, and while another worker has a free thread, its calls
-#: not started are recalled. Several scheduler round trips, so a busy stream of short tasks is
-#: not mistaken for a slow one.
-SLOW_AFTER = 0.25
-#: While calls are on the cluster, ask the scheduler for its workers this often: a safety net
-#: for a "remove-worker" event that never reached us (someone replaced the "all" topic handler
-#: of a shared Client, a reconnect), without which calls pinned to a dead worker would wait
-#: forever.
-WORKER_PROBE_INTERVAL = 5.0
 _OUTCOMES = frozenset({SUCCEEDED, FAILED})
 
 
-class _Worker:
-    """A Dask worker as the dispatcher sees it (dispatcher thread only)."""
-
-    __slots__ = ("address", "nthreads", "subs", "ewma_seconds", "last_progress", "recall_sent")
-
-    def __init__(self, address: str, nthreads: int) -> None:
-        self.address = address
-        self.nthreads = max(1, nthreads)
-        self.subs: dict[int, _Sub] = {}  # calls pinned here without an outcome, in hand-over order
-        self.ewma_seconds: float | None = None  # recent task duration, for the prefetch depth
-        self.last_progress = time.monotonic()  # last event or outcome, or hand-over while idle
-        self.recall_sent = False  # a recall is unanswered
-
-    def room(self, now: float) -> int:
-        depth = self.nthreads
-        ewma = self.ewma_seconds
-        if ewma is not None and not (self.subs and now - self.last_progress > SLOW_AFTER):
-            ahead = max(1, min(MAX_PREFETCH, int(PREFETCH_SECONDS / max(ewma, 1e-6))))
-            depth += self.nthreads * ahead
-        return depth - len(self.subs)
-
-    def record_duration(self, seconds: float) -> None:
-        ewma = self.ewma_seconds
-        self.ewma_seconds = seconds if ewma is None else 0.8 * ewma + 0.2 * seconds
-
-
-class _Sub:
-    """One submission of a call to Dask (a task's attempts after a crash are new ones)."""
-
-    __slots__ = ("sub_id", "item", "key", "worker", "future", "started", "pid", "ended")
-
-    def __init__(self, sub_id: int, item: WorkItem, key: str, worker: _Worker) -> None:
-        self.sub_id = sub_id
-        self.item = item
-        self.key = key
-        self.worker = worker
-        self.future: Any = None  # the distributed.Future, once submitted
-        self.started = False  # its STARTED event arrived: it may have had side effects
-        self.pid: int | None = None  # the Dask worker process running it
-        self.ended = False  # its Dask task finished: no hard timeout while its outcome comes
-
-
-class DaskDispatcher(DispatcherCore):
+class DaskDispatcher(DaskHardTimeouts):
     thread_name = "taskorch-dask-dispatcher"
 
     def __init__(
@@ -232,26 +127,16 @@ class DaskDispatcher(DispatcherCore):
         self._inbox: Inbox = queue.SimpleQueue()
         self._link = ClusterLink(target, connect_timeout, f"taskorch-events-{self._uid}",
                                  self._inbox, self._future_of)
-        # Dispatcher thread only, except `_total_threads` (an int, read by any thread).
-        self._workers: dict[str, _Worker] = {}
-        self._total_threads = 0
-        self._subs: dict[int, _Sub] = {}
+        # Dispatcher thread only, except `_members.total_threads` (an int, read by any thread).
+        self._members = Membership()
+        self._workers = self._members.workers  # (the same dict: read everywhere below)
+        self._subs: dict[int, Submission] = {}
         self._sub_ids = itertools.count(1)
-        self._running: dict[int, _Sub] = {}  # the subs of `_subs` that started: hard timeouts
-        # Calls timed out by the parent while their thread runs on (see _hard_timeout): each
-        # keeps its worker's slot busy, in its worker's `subs` and in the in-flight count,
-        # until the worker is restarted (an answer in `_restarts`) or, if it cannot be, until
-        # its Dask task ends. Their events and outcomes are ignored: the core settled them.
-        self._held: dict[int, _Sub] = {}
-        self._restarts: dict[str, float] = {}  # address -> when its restart was asked for
+        self._running: dict[int, Submission] = {}  # see dask_timeout, as for the next three
+        self._held: dict[int, Submission] = {}
+        self._restarts: dict[str, float] = {}
         self._warned_no_restart = False
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
-        self._probe_in_flight = False  # one probe at a time, so answers come in order
-        self._probe_again = False  # a worker joined while one was in flight
-        self._probes_sent = 0
-        # Workers removed by an event -> the probe in flight then (a snapshot taken before the
-        # removal must not bring them back).
-        self._removed: dict[str, int] = {}
         # Found under the backlog lock, acted upon after it is released (_handle).
         self._break_reason: str | None = None
         self._to_release: list[Any] = []  # Dask futures whose outcome is in
@@ -262,7 +147,8 @@ class DaskDispatcher(DispatcherCore):
     def effective_worker_count(self) -> int:
         if self._worker_count is not None:
             return self._worker_count
-        return max(1, self._total_threads)  # no worker yet: tasks wait, and map() needs >= 1
+        # No worker yet: tasks wait, and map() needs >= 1.
+        return max(1, self._members.total_threads)
 
     def wake(self) -> None:
         self._inbox.put((WAKE,))
@@ -302,8 +188,7 @@ class DaskDispatcher(DispatcherCore):
         lost: list[tuple[str, str]] = []  # (address, why)
         recalled: list[tuple[str, list[int] | None]] = []
         restarted: list[tuple[str, BaseException | None]] = []
-        workers: dict[str, int] | None = None
-        probe = 0
+        answers: list[tuple[dict[str, int] | None, int]] = []
         refresh = False
         now = time.monotonic()
         backlog = self._backlog
@@ -326,9 +211,7 @@ class DaskDispatcher(DispatcherCore):
                 elif kind == RESTARTED:
                     restarted.append((entry[1], entry[2]))
                 elif kind == WORKERS:
-                    self._probe_in_flight = False
-                    if entry[1] is not None:
-                        workers, probe = entry[1], entry[2]
+                    answers.append((entry[1], entry[2]))
         self._link.release(self._to_release)
         self._to_release.clear()
         if self._break_reason is not None:
@@ -341,9 +224,10 @@ class DaskDispatcher(DispatcherCore):
             self._on_worker_lost(address, why)
         for address, error in restarted:
             self._on_restarted(address, error)
-        if workers is not None:
-            self._on_workers(workers, probe)
-        if refresh or (self._probe_again and not self._probe_in_flight):
+        for nthreads, probe in answers:
+            self._on_workers(nthreads, probe)
+        members = self._members
+        if refresh or (members.probe_again and not members.probe_in_flight):
             self._probe_workers()
 
     def _on_event_locked(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
@@ -388,7 +272,7 @@ class DaskDispatcher(DispatcherCore):
         sub.worker.record_duration(self._outcome_locked(sub.item, outcome, now))
 
     def _on_dask_error_locked(
-        self, sub: _Sub, exc: BaseException, lost: list[tuple[str, str]],
+        self, sub: Submission, exc: BaseException, lost: list[tuple[str, str]],
     ) -> None:
         """The Dask task itself failed: our run_call never fails, so the cluster did this."""
         import distributed
@@ -419,7 +303,7 @@ class DaskDispatcher(DispatcherCore):
                   type(exc).__name__, exc)
         self._fail_locked(sub.item, exc)
 
-    def _crash_sub_locked(self, sub: _Sub, why: str, worker_lost: bool = True) -> None:
+    def _crash_sub_locked(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
         """The attempt that started on ``sub.worker`` was lost: the core charges it."""
         item = sub.item
         error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
@@ -427,7 +311,7 @@ class DaskDispatcher(DispatcherCore):
         log.warning("task %d: attempt %d of %d lost: %s; %s", item.task_id, item.attempts,
                     item.policy.max_attempts, error, outcome)
 
-    def _forget_sub(self, sub: _Sub) -> Any:
+    def _forget_sub(self, sub: Submission) -> Any:
         """Stop tracking a call; return its distributed.Future (or None), for the caller to
         release (its outcome is in) or cancel (it must not run)."""
         self._subs.pop(sub.sub_id, None)
@@ -439,45 +323,34 @@ class DaskDispatcher(DispatcherCore):
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _set_workers(self, nthreads: dict[str, int]) -> None:
-        for address, n in nthreads.items():
-            if address not in self._workers:
-                self._workers[address] = _Worker(address, int(n))
-        self._total_threads = sum(w.nthreads for w in self._workers.values())
+    def _set_workers(self, nthreads: dict[str, int]) -> list[str]:
+        joined = self._members.add(nthreads)
         with self._backlog.lock:
             self._backlog.workers = len(self._workers)
+        return joined
 
-    def _on_workers(self, nthreads: dict[str, int], probe: int) -> None:
+    def _on_workers(self, nthreads: dict[str, int] | None, probe: int) -> None:
         """Probe number ``probe``'s answer: the scheduler's workers when it answered."""
-        for address in [a for a in self._workers if a not in nthreads]:
+        gone, present = self._members.answered(nthreads, probe)
+        for address in gone:
             self._on_worker_lost(address, "it is no longer in the cluster")
-        stale = {a for a, seen_by in self._removed.items() if seen_by >= probe}
-        nthreads = {a: n for a, n in nthreads.items() if a not in stale}
-        self._removed = {a: seen_by for a, seen_by in self._removed.items() if seen_by > probe}
-        joined = [a for a in nthreads if a not in self._workers]
-        self._set_workers(nthreads)
+        joined = self._set_workers(present)
         if joined:
             log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined),
-                     self._total_threads)
+                     self._members.total_threads)
             with self._backlog.lock:
                 self._backlog.worker_restarts += len(joined)
 
     def _probe_workers(self) -> None:
         """Ask the scheduler for its workers (asynchronously: the answer comes to the inbox)."""
-        if self._probe_in_flight:
-            self._probe_again = True
-            return
-        self._probe_in_flight = True
-        self._probe_again = False
-        self._probes_sent += 1
-        self._link.ask_workers(self._probes_sent)
+        probe = self._members.next_probe()
+        if probe is not None:
+            self._link.ask_workers(probe)
 
     def _on_worker_lost(self, address: str, why: str) -> None:
-        worker = self._workers.pop(address, None)
+        worker = self._members.remove(address)
         if worker is None:
             return
-        self._removed[address] = self._probes_sent
-        self._total_threads = sum(w.nthreads for w in self._workers.values())
         held = [sub for sub in worker.subs.values() if sub.sub_id in self._held]
         subs = [sub for sub in worker.subs.values() if sub.sub_id not in self._held]
         with self._backlog.lock:
@@ -493,7 +366,7 @@ class DaskDispatcher(DispatcherCore):
         self._link.cancel(futures)  # they wait in "no-worker" state: drop them
         log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
                     "running call(s) lost; %d threads left", address, why, len(requeue),
-                    len(subs) - len(requeue), self._total_threads)
+                    len(subs) - len(requeue), self._members.total_threads)
 
     # -- handing over ----------------------------------------------------------------------
 
@@ -508,7 +381,7 @@ class DaskDispatcher(DispatcherCore):
                 log.error("orchestrator broken: %s", reason)
                 backlog.mark_broken(reason)
             return
-        batches: dict[str, list[_Sub]] = {}
+        batches: dict[str, list[Submission]] = {}
         with backlog.lock:
             pending = backlog.pending
             if pending and self._workers:
@@ -528,7 +401,7 @@ class DaskDispatcher(DispatcherCore):
                     if not taken:
                         break  # held back by the circuit breaker (HOLD mode)
                     sub_id = next(self._sub_ids)
-                    sub = _Sub(sub_id, taken[0], f"taskorch-{self._uid}-{sub_id}", worker)
+                    sub = Submission(sub_id, taken[0], f"taskorch-{self._uid}-{sub_id}", worker)
                     if not worker.subs:
                         worker.last_progress = now  # busy from now on
                     worker.subs[sub_id] = sub
@@ -541,7 +414,7 @@ class DaskDispatcher(DispatcherCore):
         if self._subs and self._probe_at is None:
             self._probe_at = now + WORKER_PROBE_INTERVAL
 
-    def _submit(self, address: str, subs: list[_Sub]) -> None:
+    def _submit(self, address: str, subs: list[Submission]) -> None:
         try:
             futures = self._link.submit(
                 address, [sub.sub_id for sub in subs], [sub.key for sub in subs],
@@ -589,7 +462,7 @@ class DaskDispatcher(DispatcherCore):
                 self._send_recall(worker, calls)
         return again
 
-    def _send_recall(self, worker: _Worker, calls: list[tuple[int, str]]) -> None:
+    def _send_recall(self, worker: DaskWorker, calls: list[tuple[int, str]]) -> None:
         log.debug("recalling %d calls from busy Dask worker %s", len(calls), worker.address)
         worker.recall_sent = True
         self._link.recall(worker.address, calls)
@@ -623,87 +496,6 @@ class DaskDispatcher(DispatcherCore):
                    if (deadline := self._hard_deadline(sub)) is not None and now >= deadline]
         if overdue:
             self._hard_timeout(overdue)
-
-    # -- the hard timeout: the core charges the attempt, the cluster restarts the worker -----
-
-    def _hard_deadline(self, sub: _Sub) -> float | None:
-        """When the parent gives up on ``sub``'s running attempt: its policy's timeout plus
-        ``kill_grace`` after its start event arrived (the worker's in-process interrupt fires
-        at the timeout on the worker's clock, which started earlier). None: no timeout, the
-        call is backing off between attempts, or its Dask task finished (the outcome comes)."""
-        item = sub.item
-        timeout = item.policy.timeout
-        if timeout is None or not item.attempt_started or sub.ended:
-            return None
-        return item.attempt_started + timeout + self._kill_grace
-
-    def _hard_timeout(self, subs: list[_Sub]) -> None:
-        """Attempts ran ``kill_grace`` past their timeout: the in-process interrupt could not
-        reach them (a thread blocked in C). The core charges each (``_crash_locked``, with a
-        TaskTimeoutError: retried only if the policy retries timeouts), and each one's worker is
-        restarted by its nanny: the only way to stop a Dask thread. Meanwhile the call holds
-        its slot (``_held``), and its worker gets nothing more; its calls not started are
-        recalled now (the rest come back uncharged, and the running ones are charged a crash,
-        when the worker leaves)."""
-        restart: list[_Worker] = []
-        with self._backlog.lock:
-            for sub in subs:
-                if sub.future is not None and sub.future.done():
-                    sub.ended = True  # it returned just now: its outcome is on its way
-                    continue
-                item, worker = sub.item, sub.worker
-                self._subs.pop(sub.sub_id)
-                self._running.pop(sub.sub_id)
-                self._held[sub.sub_id] = sub  # (still in worker.subs: the slot stays busy)
-                error = hard_timeout_error(item.attempts, item.policy.timeout or 0.0,
-                                           self._kill_grace, worker.address, sub.pid)
-                outcome = self._crash_locked(item, error)
-                log.warning("task %d: attempt %d of %d still running %g s past its %g s timeout "
-                            "on Dask worker %s; restarting it; %s", item.task_id, item.attempts,
-                            item.policy.max_attempts, self._kill_grace, item.policy.timeout,
-                            worker.address, outcome)
-                if worker.address not in self._restarts and worker not in restart:
-                    restart.append(worker)
-        now = time.monotonic()
-        for worker in restart:
-            self._restarts[worker.address] = now
-            self._link.restart_worker(worker.address)
-            calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
-            if calls and not worker.recall_sent:
-                self._send_recall(worker, calls)
-
-    def _held_ended_locked(self, sub: _Sub) -> None:
-        """A timed-out call's Dask task ended after all: its slot frees, unless its worker's
-        restart is under way (then the restart's answer frees it)."""
-        if sub.worker.address in self._restarts:
-            sub.ended = True
-        else:
-            self._to_release.append(self._forget_sub(sub))
-
-    def _on_restarted(self, address: str, error: BaseException | None) -> None:
-        """The answer to a restart: the held slots of ``address`` free once the worker is
-        back (or gone for good); if it could not be restarted, they free as their tasks end."""
-        asked = self._restarts.pop(address, None)
-        held = [sub for sub in self._held.values() if sub.worker.address == address]
-        worker = self._workers.get(address)
-        if error is None:
-            log.warning("Dask worker %s restarted (%.2f s after the request)", address,
-                        time.monotonic() - (asked or 0.0))
-        elif not self._warned_no_restart or not isinstance(error, ValueError):
-            self._warned_no_restart = True
-            log.warning(
-                "could not restart Dask worker %s after a task overran its timeout (%s: %s): "
-                "its attempt failed on time all the same, but its thread stays busy until the "
-                "task returns. Run Dask workers under a nanny (the default of 'dask worker') "
-                "so that taskorch can restart them", address, type(error).__name__, error)
-        if error is not None and worker is not None:
-            held = [sub for sub in held if sub.ended]  # the others free as their tasks end
-        with self._backlog.lock:
-            futures = [self._forget_sub(sub) for sub in held]
-        self._link.cancel(futures)
-        if error is None:
-            self._on_worker_lost(address, "it was restarted after a task overran its timeout")
-            self._probe_workers()  # learn of its successor
 
     def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:
         held = []
