@@ -14,13 +14,17 @@ import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from taskorch._errors import OrchestratorClosedError
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
+
+if TYPE_CHECKING:
+    from taskorch._parent.schedule import ScheduledTask, Scheduler, ScheduleStatus
 from taskorch._wire import encode_call, encode_policy
 
 log = logging.getLogger("taskorch")
@@ -99,6 +103,8 @@ class TaskOrchestrator:
         self._backend = backend
         self._backlog = Backlog(max_backlog)
         self._intake = Intake(self._backlog, policy, self._drop_when_full)
+        self._schedule_lock = threading.Lock()
+        self._scheduler: Scheduler | None = None  # made by the first schedule()
         self._dispatcher = backend.create_dispatcher(self._backlog, PoolConfig(
             worker_count=worker_count, policy=policy, policy_bytes=encode_policy(policy),
             kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
@@ -205,6 +211,52 @@ class TaskOrchestrator:
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
         return await self._intake.offer_async(item)
 
+    def schedule(
+        self, fn: Callable[..., Any], /, *, cron: str | None = None,
+        every: float | str | None = None, name: str | None = None, args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None, timezone: str | None = None, jitter: float = 0.0,
+        overlap: str = "skip", misfire: str = "coalesce", catch_up_limit: int = 10,
+        policy: Policy | None = None,
+    ) -> ScheduledTask:
+        """Run ``fn(*args, **kwargs)`` periodically: on a ``cron`` expression (five fields, in
+        ``timezone``, default UTC) or ``every`` so long (seconds, or "30s", "10m", "1h").
+        ``overlap`` ("skip", "queue", "allow") says what a tick does while the last run still
+        goes; ``misfire`` ("coalesce", "skip", "catch_up") what ticks missed do; ``jitter``
+        delays each run by up to that many seconds. Returns a handle (``cancel()``,
+        ``trigger()``, ``status()``). The schedules end with ``stop()``. See the README's
+        "Schedules"."""
+        from taskorch._parent.schedule import (
+            Misfire,
+            Overlap,
+            Schedule,
+            ScheduledTask,
+            Scheduler,
+            parse_choice,
+            parse_every,
+        )
+
+        spec = Schedule(
+            name=name or getattr(fn, "__qualname__", None) or repr(fn), cron=cron,
+            every=None if every is None else parse_every(every), timezone=timezone,
+            jitter=jitter, overlap=parse_choice(Overlap, overlap, "overlap"),
+            misfire=parse_choice(Misfire, misfire, "misfire"),
+            catch_up_limit=catch_up_limit,
+        )
+        with self._schedule_lock:
+            if self._scheduler is None:
+                if self._backlog.closed:
+                    raise OrchestratorClosedError(
+                        "the orchestrator was stopped and takes no new schedules")
+                self._scheduler = Scheduler(self._intake)
+            scheduler = self._scheduler
+        scheduler.add(spec, fn, args, kwargs, policy)
+        return ScheduledTask(scheduler, spec.name)
+
+    def schedules(self) -> list[ScheduleStatus]:
+        """The schedules' state: next and last run, the last outcome (see ``schedule()``)."""
+        scheduler = self._scheduler
+        return scheduler.status() if scheduler is not None else []
+
     # -- observing -------------------------------------------------------------------------
 
     def stats(self) -> Stats:
@@ -229,6 +281,10 @@ class TaskOrchestrator:
         """
         _check_number("timeout", timeout, allow_zero=True)
         started = time.monotonic()
+        with self._schedule_lock:
+            scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.stop()  # first: no tick may fire into a closing backlog
         self._backlog.close(started + timeout)
         self._dispatcher.wake()
         if threading.current_thread() is not self._dispatcher.thread:
