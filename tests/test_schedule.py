@@ -11,9 +11,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import _tasks as t
 import pytest
 
-import _tasks as t
 from taskorch import Policy, QueueFullError, TaskOrchestrator
 from taskorch._parent.schedule import (
     MemoryStore,
