@@ -91,7 +91,7 @@ def test_module_target_from_the_current_directory(jobfile: Path) -> None:
 
 def test_a_failing_item_gives_exit_1_and_its_error_record(jobfile: Path) -> None:
     out = taskorch("run", f"{jobfile}:scale", "--retries", "1", "--backoff-initial", "0",
-                   input="[2]\n[3]\n[4]\n")
+                   "--retry-on", "ValueError", input="[2]\n[3]\n[4]\n")
     assert out.returncode == 1
     recs = records(out.stdout)
     assert [r["ok"] for r in recs] == [True, False, True]

@@ -121,11 +121,12 @@ def connect(
 
 
 def fetch_status(address: Address, authkey_file: str | os.PathLike[str] | None = None, *,
-                 timeout: float = CONNECT_TIMEOUT) -> tuple[Stats, dict[str, Any], str]:
-    """A server's statistics, what it said about itself, and its address as shown: one
-    connection, one round trip. Raises what ``connect()`` and ``Client.stats()`` raise."""
+                 timeout: float = CONNECT_TIMEOUT) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A server's status fields (``protocol.encode_status``), what it said about itself, and
+    its address as shown: one connection, one round trip. Raises what ``connect()`` and
+    ``Client.stats()`` raise."""
     with connect(address, authkey_file=authkey_file, timeout=timeout) as client:
-        return client.stats(), client.server_info, client.address
+        return client._session.status(), client.server_info, client.address
 
 
 class Client:

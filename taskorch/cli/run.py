@@ -48,6 +48,7 @@ from typing import IO, Any, BinaryIO, Callable, Iterator
 
 from taskorch._wire import decode_exception, encode_call
 from taskorch._worker.map import ItemError, run_chunk
+from taskorch.cli.joblog import Joblog
 from taskorch.cli.lines import LineError, decode_line, numbered_lines
 from taskorch.cli.options import (
     EXIT_FAILED,
@@ -60,7 +61,12 @@ from taskorch.cli.options import (
     add_pool_arguments,
     orchestrator_from_args,
     positive_int,
+    prepend_import_paths,
 )
+
+#: A second SIGTERM this soon after the first is its echo (timeout(1) signals the process,
+#: then its process group): ignored, as by ``taskorch serve`` (``_service.server``).
+SIGNAL_ECHO_WINDOW = 1.0
 
 
 def add_parser(sub: Any) -> None:
@@ -83,6 +89,14 @@ def add_parser(sub: Any) -> None:
                    help="send N inputs per task, the bulk path (much faster for tiny tasks); "
                         "retries and timeouts then apply to the whole chunk, and records carry "
                         "the chunk's attempts and no seconds (default: 1)")
+    p.add_argument("--joblog", metavar="FILE",
+                   help="also write every record to FILE, with its input line number and a hash "
+                        "of the line, for --resume (appended to with --resume, else replaced)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the inputs that --joblog FILE has a record of (by line number; "
+                        "a line that differs from the one recorded is refused: another input)")
+    p.add_argument("--resume-failed", action="store_true",
+                   help="like --resume, but run again the inputs whose record says they failed")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="show a progress bar on stderr (default: when stderr is a terminal)")
@@ -234,14 +248,18 @@ _Done = tuple[list[int], "Future[Any] | None", "tuple[str, str] | None", bool]
 
 
 class _Run:
-    def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str]) -> None:
+    def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str],
+                 joblog: Joblog | None = None) -> None:
         self.args = args
         self.fn = fn
         self.out = out
+        self.joblog = joblog  # written by the writer thread; read (resume) by the reader
         self.orchestrator = orchestrator_from_args(args)
         # Guards the fields below up to `stopping` (reader, writer, main and drain threads).
         self.lock = threading.Condition()
         self.read = 0  # inputs read (and so owed a record)
+        self.numbered = 0  # non-empty input lines seen: the next record's "index"
+        self.skipped = 0  # inputs skipped by --resume (reader thread only)
         self.outstanding = 0  # records owed and not yet written
         self.reader_done = False
         # Inputs read and parsed, not yet sent (fewer than --chunksize of them).
@@ -253,6 +271,7 @@ class _Run:
         self.usage_error: str | None = None
         self.output_error: str | None = None
         self.signals: list[int] = []
+        self.first_signal_at = 0.0  # time.monotonic() of the first signal (main thread)
         self.counts = {"ok": 0, "failed": 0}
         self.finished = threading.Event()  # all records written and no more input coming
         # (input indices, the task's future or None, (error type, message) or None, whether
@@ -300,7 +319,12 @@ class _Run:
         return EXIT_FAILED if self.counts["failed"] else EXIT_OK
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals.append(signum)
+        now = time.monotonic()
+        if (self.signals and signum == self.signals[0] == signal.SIGTERM
+                and now - self.first_signal_at < SIGNAL_ECHO_WINDOW):
+            return  # an echo of the first: timeout(1) signals us, then our process group
+        if not self.signals:
+            self.first_signal_at = now
         if len(self.signals) == 1:
             print(f"taskorch run: {signal.Signals(signum).name}: no more input is read; "
                   "finishing what was accepted (signal again to abandon it)", file=sys.stderr)
@@ -339,11 +363,21 @@ class _Run:
             for line_number, raw in lines:
                 if not raw.strip():
                     continue
+                index = self.numbered
+                self.numbered += 1
+                if self.joblog is not None:
+                    try:
+                        if self.joblog.seen(index, line_number, raw):
+                            self.skipped += 1
+                            continue
+                    except ValueError as exc:  # a joblog of another input
+                        self.usage_error = str(exc)
+                        self._stop_reading()
+                        break
                 with self.lock:
                     if self.stopping:
                         break
                     self.busy = True
-                    index = self.read
                     self.read += 1
                     self.outstanding += 1
                 try:
@@ -436,10 +470,15 @@ class _Run:
                     return
                 indices, future, error, chunked = entry
                 for rec in records_of(indices, future, error, chunked):
-                    out.write(dump_record(rec) + "\n")
+                    line = dump_record(rec) + "\n"
+                    out.write(line)
+                    if self.joblog is not None:
+                        self.joblog.write(rec, line)
                     self.counts["ok" if rec["ok"] else "failed"] += 1
                 if self.done_queue.empty():
                     out.flush()
+                    if self.joblog is not None:
+                        self.joblog.flush()
                 if bar is not None:
                     bar.update(len(indices))
                 with self.lock:
@@ -461,7 +500,8 @@ class _Run:
             f"taskorch run: {n} inputs: {self.counts['ok']} ok, {self.counts['failed']} failed "
             f"({s.cancelled} cancelled, {s.abandoned} abandoned, {s.dropped} dropped) in "
             f"{seconds:.2f} s ({rate:.0f}/s); {s.retried} retries, {s.crashes} worker crashes, "
-            f"{s.timeouts} timeouts" + ("" if drained else "; not drained"),
+            f"{s.timeouts} timeouts" + ("" if drained else "; not drained")
+            + (f"; {self.skipped} inputs skipped (--resume)" if self.skipped else ""),
             file=sys.stderr,
         )
 
@@ -478,8 +518,18 @@ def _progress_bar(args: argparse.Namespace) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
+    prepend_import_paths(args.path)  # before the target is imported: it may live there
     fn = resolve_target(args.target)
     with contextlib.ExitStack() as stack:
+        joblog = None
+        if args.resume or args.resume_failed:
+            if not args.joblog:
+                raise UsageError("--resume and --resume-failed need --joblog FILE")
+        if args.joblog:
+            joblog = stack.enter_context(Joblog.open(
+                args.joblog, resume=args.resume or args.resume_failed,
+                rerun_failed=args.resume_failed,
+            ))
         if args.input:
             try:
                 source: BinaryIO = stack.enter_context(open(args.input, "rb"))
@@ -497,4 +547,4 @@ def main(args: argparse.Namespace) -> int:
                 raise UsageError(f"cannot write --output: {exc}") from exc
         else:
             out = sys.stdout
-        return _Run(args, fn, out).execute(numbered_lines(source))
+        return _Run(args, fn, out, joblog).execute(numbered_lines(source))
