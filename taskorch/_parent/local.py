@@ -265,8 +265,13 @@ class LocalDispatcher(DispatcherCore):
                         worker.pid, _how(exitcode), crashed.task_id, crashed.attempts,
                         crashed.policy.max_attempts, outcome)
         elif not planned:
-            log.warning("worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
-                        f" ({len(items)} calls it held go to other workers)" if items else "")
+            # One still starting (no READY yet: it held nothing) or ended while the pool stops
+            # costs nothing: a signal sent to the parent's whole group (timeout(1), before the
+            # worker left that group) is not worth a warning.
+            quiet = not worker.events_seen or not items and self._finishing()
+            log.log(logging.INFO if quiet else logging.WARNING,
+                    "worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
+                    f" ({len(items)} calls it held go to other workers)" if items else "")
         # A worker that exits on its own before READY could not start (an import error, say);
         # one killed by a signal then (an impatient operator, a chaos test) is just replaced.
         if not worker.events_seen and exitcode is not None and exitcode >= 0 and not planned:
