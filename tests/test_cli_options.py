@@ -171,3 +171,44 @@ def test_drop_help_says_what_happens_without_it() -> None:
     text = " ".join(out.stdout.split())
     assert "without it, taskorch run waits for room and a client's run() raises QueueFullError" \
         in text
+
+
+def test_a_sigterm_echoed_by_timeout_is_one_signal_for_run(tmp_path: Path) -> None:
+    # timeout(1) sends SIGTERM to the command, then to its whole process group: the run must
+    # drain (a first signal), not abandon its running task (a second one).
+    (tmp_path / "gate.py").write_text(textwrap.dedent("""
+        import os
+
+        def wait_for_release(directory):
+            open(os.path.join(directory, "started"), "w").close()
+            with open(os.path.join(directory, "release")) as f:
+                return f.read()
+    """))
+    import os
+    import signal
+
+    from _tasks import wait_until
+
+    os.mkfifo(tmp_path / "release")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskorch", "run", "gate.py:wait_for_release", "--workers", "1",
+         "--output", "out.jsonl"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, start_new_session=True)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps([str(tmp_path)]) + "\n")
+        proc.stdin.flush()
+        wait_until(lambda: (tmp_path / "started").exists(), what="the task started")
+        os.kill(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.stderr is not None
+        wait_until(lambda: "no more input is read" in proc.stderr.readline(), what="the signal")
+        with open(tmp_path / "release", "w") as f:
+            f.write("released")
+        _, err = proc.communicate(timeout=R)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and "again" not in err, err
+    assert records((tmp_path / "out.jsonl").read_text())[0]["result"] == "released"

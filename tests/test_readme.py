@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 R = 120  # seconds: a deadlock guard for one block (the Dask one starts a local cluster)
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-_MARKER = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->")
+_MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->$", re.M)  # alone on its line
 
 
 class Block(NamedTuple):
@@ -44,7 +44,7 @@ def readme_blocks() -> list[Block]:
     blocks = []
     for match in _FENCE.finditer(text):
         before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        marker = _MARKER.fullmatch(before.strip())
+        marker = _MARKER.fullmatch(before)
         blocks.append(Block(text.count("\n", 0, match.start()) + 1, match.group(1),
                             match.group(2), marker.group(1) if marker else None))
     return blocks
