@@ -5,7 +5,8 @@ the workers pickled; the worker builds its tenacity controller from it (``_worke
 
 Which layer owns which limit:
 
-- ``retries``, ``backoff_*``, ``jitter``, ``retry_on``: one attempt budget per task. Exceptions
+- ``retries``, ``backoff_*``, ``jitter``, ``retry_on``, ``retry_unless``: one attempt budget
+  per task. Exceptions
   are retried by tenacity inside the worker, without a round trip; a crash of the worker or a
   hard kill is retried by the parent, charged to the same budget.
 - ``timeout``: per attempt (in a local worker the first one's clock includes unpickling the
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
 
 __all__ = ["BreakerMode", "CircuitBreaker", "Features", "Policy"]
 
+#: What ``Policy.default()`` retries: errors that a later attempt may not meet. OS-level errors
+#: (I/O, connections, ``TimeoutError``, so ``TaskTimeoutError`` too; worker crashes are retried
+#: whatever the policy says, while the budget lasts).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+#: What ``Policy.default()`` never retries, though ``TRANSIENT_ERRORS`` covers it: OS errors
+#: that say the input or the set-up is wrong, which a retry meets again.
+PERMANENT_OS_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError,
+)
+
 
 class Features(enum.Flag):
     """Behaviour switches of a ``TaskOrchestrator``."""
@@ -44,8 +55,12 @@ class Policy:
     attempts the worker waits ``backoff_initial * 2**(n-1)`` seconds, capped at
     ``backoff_max``, plus up to ``backoff_initial`` of random jitter when ``jitter`` is set
     (tenacity's ``wait_exponential() + wait_random()``). ``timeout`` limits each attempt, in
-    seconds. Only exceptions that are instances of ``retry_on`` are retried; ``TaskTimeoutError``
-    is a ``TimeoutError``, and worker crashes are always retried while the budget lasts.
+    seconds. An exception is retried when it is an instance of ``retry_on`` and of none of
+    ``retry_unless`` (``retries_error``); ``TaskTimeoutError`` is a ``TimeoutError``, and worker
+    crashes are always retried while the budget lasts.
+
+    The constructor's defaults retry every ``Exception`` (``retries=0``: no retry at all);
+    ``Policy.default()``, used when no policy is given, retries only what is likely transient.
     """
 
     retries: int = 0
@@ -54,6 +69,7 @@ class Policy:
     backoff_max: float = 10.0
     jitter: bool = True
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_unless: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
@@ -71,23 +87,41 @@ class Policy:
                 f"backoff_max ({self.backoff_max}) must be >= backoff_initial "
                 f"({self.backoff_initial})"
             )
-        retry_on = self.retry_on
-        if isinstance(retry_on, type):
-            retry_on = (retry_on,)
-            object.__setattr__(self, "retry_on", retry_on)
-        if not isinstance(retry_on, tuple) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
-        ):
-            raise ValueError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")
+        for name in ("retry_on", "retry_unless"):
+            classes = getattr(self, name)
+            if isinstance(classes, type):
+                classes = (classes,)
+                object.__setattr__(self, name, classes)
+            if not isinstance(classes, tuple) or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in classes
+            ):
+                raise ValueError(f"{name} must be a tuple of exception classes, got {classes!r}")
 
     @classmethod
     def default(cls) -> Policy:
-        """The recommended policy for background work, used when none is given.
+        """The recommended policy for background work, used when none is given (by
+        ``TaskOrchestrator``, ``taskorch run`` and ``taskorch serve`` alike).
 
         Up to 3 retries with exponential backoff from 0.2 s to 30 s with jitter, and a 10 minute
-        limit per attempt, so that a hung attempt cannot hold a worker forever.
+        limit per attempt, so that a hung attempt cannot hold a worker forever. Retried: what is
+        likely transient, i.e. timeouts, worker crashes, and OS-level errors (``OSError``:
+        connections, I/O) other than those that say the input is wrong ("not found",
+        "permission denied", ...: ``PERMANENT_OS_ERRORS``). Anything else (``ValueError``,
+        ``TypeError``, ``KeyError``, a bug) fails at once: a retry would meet it again.
+        ``dataclasses.replace(Policy.default(), retry_on=...)`` says otherwise.
         """
-        return cls(retries=3, timeout=600.0, backoff_initial=0.2, backoff_max=30.0, jitter=True)
+        return cls(retries=3, timeout=600.0, backoff_initial=0.2, backoff_max=30.0, jitter=True,
+                   retry_on=TRANSIENT_ERRORS, retry_unless=PERMANENT_OS_ERRORS)
+
+    def retries_error(self, error: BaseException) -> bool:
+        """Whether ``error``, raised by an attempt, is retried (while attempts remain)."""
+        return self.retries_type(type(error))
+
+    def retries_type(self, error_type: type[BaseException]) -> bool:
+        """Whether errors of class ``error_type`` are retried (while attempts remain)."""
+        return issubclass(error_type, self.retry_on) and not issubclass(
+            error_type, self.retry_unless
+        )
 
     @property
     def max_attempts(self) -> int:

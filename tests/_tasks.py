@@ -123,6 +123,10 @@ def fail_until(counter: str, succeed_on: int) -> int:
     return n
 
 
+def read_text(path: str) -> str:
+    return Path(path).read_text()
+
+
 def exit_first_time(marker: str, value: Any) -> Any:
     """os._exit the first time (marker file absent), succeed afterwards."""
     if not os.path.exists(marker):

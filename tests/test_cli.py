@@ -91,7 +91,7 @@ def test_module_target_from_the_current_directory(jobfile: Path) -> None:
 
 def test_a_failing_item_gives_exit_1_and_its_error_record(jobfile: Path) -> None:
     out = taskorch("run", f"{jobfile}:scale", "--retries", "1", "--backoff-initial", "0",
-                   input="[2]\n[3]\n[4]\n")
+                   "--retry-on", "ValueError", input="[2]\n[3]\n[4]\n")
     assert out.returncode == 1
     recs = records(out.stdout)
     assert [r["ok"] for r in recs] == [True, False, True]
@@ -328,3 +328,23 @@ def test_a_module_beside_the_user_reaches_the_dask_workers(tmp_path: Path) -> No
          "print(sorted(cloudpickle.list_registry_pickle_by_value()))"],
         capture_output=True, text=True, timeout=R, cwd=tmp_path, env=ENV)
     assert chosen.stdout.split() == ["['mymodule']"], chosen.stderr
+
+
+def test_a_module_found_through_path_travels_by_value(tmp_path: Path) -> None:
+    # `--path DIR`: a module found only there is not installed either (a Dask worker or a
+    # `taskorch serve` elsewhere could not import it): by value, as one beside the user.
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "pathjob.py").write_text("def work(x):\n    return x + 1\n")
+    chosen = subprocess.run(
+        [sys.executable, "-c", "import sys, cloudpickle\n"
+         f"sys.path.insert(0, {str(jobs)!r})\n"
+         "from taskorch.cli.run import resolve_target\n"
+         f"resolve_target('pathjob:work', [{str(jobs)!r}])\n"
+         "print(sorted(cloudpickle.list_registry_pickle_by_value()))"],
+        capture_output=True, text=True, timeout=R, cwd=tmp_path, env=ENV)
+    assert chosen.stdout.split() == ["['pathjob']"], chosen.stderr
+    proc = taskorch("run", "pathjob:work", "--path", str(jobs), input="[1]\n[2]\n",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["result"] for r in records(proc.stdout)] == [2, 3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -498,6 +499,38 @@ def test_default_policy_retries_with_backoff_and_a_timeout() -> None:
     with TaskOrchestrator(worker_count=1) as o:
         assert o.policy == Policy.default()
         assert o.run(t.square, 3).result(R) == 9
+
+
+def test_default_policy_retries_what_is_transient_only() -> None:
+    p = Policy.default()
+    for transient in (ConnectionResetError(), TimeoutError(), TaskTimeoutError("t"),
+                      BrokenPipeError(), OSError(5, "EIO"), BlockingIOError()):
+        assert p.retries_error(transient), transient
+    for permanent in (FileNotFoundError(), PermissionError(), NotADirectoryError(),
+                      ValueError(), TypeError(), KeyError(), ZeroDivisionError()):
+        assert not p.retries_error(permanent), permanent
+    # retry_on / retry_unless say otherwise; the constructor's defaults retry every Exception.
+    assert Policy(retries=1).retries_error(ValueError())
+    assert not Policy(retries=1).retries_error(KeyboardInterrupt())
+    mine = dataclasses.replace(p, retry_on=(Exception,), retry_unless=(KeyError,))
+    assert mine.retries_error(ValueError()) and not mine.retries_error(KeyError())
+    assert Policy(retry_unless=ValueError).retry_unless == (ValueError,)
+    with pytest.raises(ValueError, match="retry_unless"):
+        Policy(retry_unless=("ValueError",))  # type: ignore[arg-type]
+
+
+def test_default_policy_in_a_worker_fails_a_missing_file_at_once_retries_a_connection_error(
+    make_orchestrator: Make, tmp_path: Path
+) -> None:
+    fast_default = dataclasses.replace(Policy.default(), backoff_initial=0.0, backoff_max=0.0)
+    o = make_orchestrator(worker_count=1, policy=fast_default)
+    missing = o.run(t.read_text, str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError):
+        missing.result(R)
+    assert missing.attempts == 1
+    flaky = o.run(t.fail_until, str(tmp_path / "counter"), 3)  # ConnectionError twice
+    assert flaky.result(R) == 3 and flaky.attempts == 3
+    assert o.stats().retried == 2
 
 
 # -- stop -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from taskorch._policy import CircuitBreaker, Policy
 
@@ -56,6 +56,9 @@ class Dispatcher(Protocol):
 
     def effective_worker_count(self) -> int:
         """How many tasks may run at once now."""
+
+    def status_details(self) -> dict[str, Any]:
+        """For ``taskorch status``: each worker, and the oldest queued task's age. Any thread."""
 
 
 class Backend(Protocol):

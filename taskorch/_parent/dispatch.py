@@ -54,6 +54,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Any, Iterable
@@ -229,7 +230,7 @@ class DispatcherCore:
         backlog.crashes += 1
         if isinstance(error, TaskTimeoutError):
             backlog.timeouts += 1
-        retryable = isinstance(error, WorkerCrashedError) or isinstance(error, item.policy.retry_on)
+        retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
         if retryable and item.attempts < item.policy.max_attempts:
             backlog.retried += 1
             delay = item.policy.backoff_before(item.attempts + 1)
@@ -398,6 +399,28 @@ class DispatcherCore:
         """How many tasks may run at once now."""
         raise NotImplementedError
 
+    def status_details(self) -> dict[str, Any]:
+        """What ``taskorch status`` shows beyond the counts: ``workers``, one dict per worker
+        process (``_describe_workers``; none for a backend whose workers are not ours), and
+        ``oldest_queued_seconds``, the age of the oldest task accepted and not yet started
+        (None: none is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
+        now = time.monotonic()
+        with self._backlog.lock:
+            queued_since = [self._backlog.pending[0].queued_at] if self._backlog.pending else []
+            workers = self._describe_workers_locked(now, queued_since)
+        for worker in workers:
+            worker["rss_mib"] = _rss_mib(worker["pid"])
+        return {"workers": workers,
+                "oldest_queued_seconds": round(now - min(queued_since), 3) if queued_since
+                else None}
+
+    def _describe_workers_locked(
+        self, now: float, queued_since: list[float]
+    ) -> list[dict[str, Any]]:  # backend
+        """Each worker process, described; appends to ``queued_since`` the accept times of
+        tasks handed to them and not started. Called with the backlog's lock held."""
+        return []
+
     def _open(self) -> None:  # backend
         """Start the workers or connect (on the dispatcher thread); raise if nothing can run."""
         raise NotImplementedError
@@ -481,3 +504,13 @@ class BackoffQueue:
         items = [entry[2] for entry in sorted(self._heap)]
         self._heap.clear()
         return items
+
+
+def _rss_mib(pid: int) -> float | None:
+    """A process's resident memory in MiB, from /proc (None where there is none)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)

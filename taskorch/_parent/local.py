@@ -130,6 +130,27 @@ class LocalDispatcher(DispatcherCore):
         thread without a lock (each worker's count is read at once), for tests and status."""
         return {w.pid: len(w.inflight) for w in list(self._workers.values())}
 
+    def _describe_workers_locked(
+        self, now: float, queued_since: list[float]
+    ) -> list[dict[str, Any]]:
+        # From another thread: the item fields read here are guarded by the backlog's lock
+        # (held); `_workers` and `inflight` belong to the dispatcher thread, so they are copied
+        # at once (list(), a C-level copy under the GIL) and may be a moment old.
+        out = []
+        for worker in list(self._workers.values()):
+            inflight = list(worker.inflight)
+            running = None
+            if inflight and inflight[0].started_on is worker:
+                head = inflight[0]
+                running = {"task_id": head.task_id, "attempt": head.attempts,
+                           "seconds": round(now - head.attempt_started, 3)}
+            waiting = inflight[1:] if running else inflight
+            if waiting:
+                queued_since.append(waiting[0].queued_at)
+            out.append({"pid": worker.pid, "tasks": max(worker.handed - len(inflight), 0),
+                        "prefetched": len(waiting), "running": running})
+        return out
+
     # -- starting and waiting ----------------------------------------------------------------
 
     def _open(self) -> None:
@@ -244,8 +265,13 @@ class LocalDispatcher(DispatcherCore):
                         worker.pid, _how(exitcode), crashed.task_id, crashed.attempts,
                         crashed.policy.max_attempts, outcome)
         elif not planned:
-            log.warning("worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
-                        f" ({len(items)} calls it held go to other workers)" if items else "")
+            # One still starting (no READY yet: it held nothing) or ended while the pool stops
+            # costs nothing: a signal sent to the parent's whole group (timeout(1), before the
+            # worker left that group) is not worth a warning.
+            quiet = not worker.events_seen or not items and self._finishing()
+            log.log(logging.INFO if quiet else logging.WARNING,
+                    "worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
+                    f" ({len(items)} calls it held go to other workers)" if items else "")
         # A worker that exits on its own before READY could not start (an import error, say);
         # one killed by a signal then (an impatient operator, a chaos test) is just replaced.
         if not worker.events_seen and exitcode is not None and exitcode >= 0 and not planned:

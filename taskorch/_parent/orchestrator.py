@@ -267,6 +267,11 @@ class TaskOrchestrator:
         """The pids of the worker processes alive now."""
         return list(self._dispatcher.pids)
 
+    def _status_details(self) -> dict[str, Any]:
+        """For ``taskorch status`` (the server's answer to a stats request): ``workers`` (pid,
+        RSS, tasks run, what each runs now) and ``oldest_queued_seconds``."""
+        return self._dispatcher.status_details()
+
     # -- stopping --------------------------------------------------------------------------
 
     def stop(self, timeout: float = 30.0) -> StopReport:

@@ -39,6 +39,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -334,7 +335,7 @@ class WorkItem:
     Once its future is resolved, ``release()`` drops what only a live task needs."""
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
-                 "worker", "started_on", "attempts", "attempt_started")
+                 "worker", "started_on", "attempts", "attempt_started", "queued_at")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -352,6 +353,7 @@ class WorkItem:
         self.started_on: WorkerProcess | None = None  # the worker running its current attempt
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
+        self.queued_at = time.monotonic()  # when it was accepted (for `taskorch status`)
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher

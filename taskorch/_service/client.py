@@ -74,17 +74,7 @@ def connect(
     where = describe_address(target)
     if authkey is not None and authkey_file is not None:
         raise ValueError("pass authkey or authkey_file, not both")
-    if authkey is None:
-        key_path = Path(authkey_file) if authkey_file is not None else default_authkey_path(target)
-        try:
-            authkey = read_authkey(key_path)
-        except OSError as exc:
-            exc.add_note(
-                f"taskorch.connect({where}): cannot read the authkey file {str(key_path)!r}; "
-                "pass authkey_file= (the server prints where its key is)"
-            )
-            raise
-    elif not isinstance(authkey, bytes) or not authkey:
+    if authkey is not None and (not isinstance(authkey, bytes) or not authkey):
         raise ValueError("authkey must be non-empty bytes")
 
     deadline = time.monotonic() + timeout
@@ -101,6 +91,8 @@ def connect(
             raise
     conn: Connection[Any, Any] | None = None
     try:
+        if authkey is None:  # read once a server is there: else "no server" is the news
+            authkey = _read_key(target, where, authkey_file)
         sock.settimeout(None)  # Connection reads the fd with os.read: it must be blocking
         configure_socket(sock)
         conn = Connection(os.dup(sock.fileno()))
@@ -120,12 +112,27 @@ def connect(
     return Client(Session(sock, conn, where, info))
 
 
+def _read_key(
+    target: str | tuple[str, int], where: str, authkey_file: str | os.PathLike[str] | None
+) -> bytes:
+    key_path = Path(authkey_file) if authkey_file is not None else default_authkey_path(target)
+    try:
+        return read_authkey(key_path)
+    except OSError as exc:
+        exc.add_note(
+            f"taskorch.connect({where}): cannot read the authkey file {str(key_path)!r}; "
+            "pass authkey_file= (the server prints where its key is)"
+        )
+        raise
+
+
 def fetch_status(address: Address, authkey_file: str | os.PathLike[str] | None = None, *,
-                 timeout: float = CONNECT_TIMEOUT) -> tuple[Stats, dict[str, Any], str]:
-    """A server's statistics, what it said about itself, and its address as shown: one
-    connection, one round trip. Raises what ``connect()`` and ``Client.stats()`` raise."""
+                 timeout: float = CONNECT_TIMEOUT) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A server's status fields (``protocol.encode_status``), what it said about itself, and
+    its address as shown: one connection, one round trip. Raises what ``connect()`` and
+    ``Client.stats()`` raise."""
     with connect(address, authkey_file=authkey_file, timeout=timeout) as client:
-        return client.stats(), client.server_info, client.address
+        return client._session.status(), client.server_info, client.address
 
 
 class Client:

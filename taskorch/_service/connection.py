@@ -51,7 +51,7 @@ from taskorch._service.protocol import (
     decode_service_policy,
     encode_service_error,
     encode_service_frame,
-    encode_stats,
+    encode_status,
 )
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class ServedConnection:
             if tag == C_SUBMIT:
                 self._submit(*message[1:])
             elif tag == C_STATS:
-                self._answer((S_STATS, message[1], encode_stats(self.orchestrator.stats())))
+                self._answer((S_STATS, message[1], encode_status(self.orchestrator)))
             else:
                 assert tag == C_WITHDRAW
                 self._on_loop(self._withdraw, message[1])

@@ -64,7 +64,8 @@ server -> client:
                                                          TaskTimeoutError, TaskAbandonedError,
                                                          CircuitOpenError, ...)
                                             O_CANCELLED  None
-    (S_STATS, req, fields)                ``encode_stats()``: the Stats fields as a dict
+    (S_STATS, req, fields)                ``encode_status()``: the Stats fields as a dict,
+                                          plus worker_details, oldest_queued_seconds
 
 Either side closes the connection to end it; there is no goodbye frame. The server ends a
 connection (and logs why on the "taskorch" logger) on a failed challenge, a frame over the
@@ -82,6 +83,7 @@ from taskorch._policy import Policy
 from taskorch._wire import PROTOCOL, encode_exception, encode_policy
 
 if TYPE_CHECKING:
+    from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._stats import Stats
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
@@ -170,7 +172,7 @@ def encode_service_policy(policy: Policy) -> WirePolicy:
 
     return (
         encode_policy(policy), policy.retries, policy.timeout, policy.backoff_initial,
-        policy.backoff_max, policy.jitter, issubclass(TaskTimeoutError, policy.retry_on),
+        policy.backoff_max, policy.jitter, policy.retries_type(TaskTimeoutError),
     )
 
 
@@ -219,6 +221,15 @@ def encode_stats(stats: Stats) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(stats)
+
+
+def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
+    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details`` and
+    ``oldest_queued_seconds`` for ``taskorch status`` (extra keys, which ``decode_stats``
+    and older clients ignore)."""
+    details = orchestrator._status_details()
+    return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
+            "oldest_queued_seconds": details["oldest_queued_seconds"]}
 
 
 def decode_stats(fields: dict[str, Any]) -> Stats:

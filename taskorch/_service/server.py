@@ -90,6 +90,13 @@ MAX_CONNECTIONS = 256
 #: After accept() fails (out of fds, say), wait this long before accepting again, instead of
 #: spinning on a listener that stays readable.
 ACCEPT_RETRY_DELAY = 0.1
+#: A second SIGTERM within this many seconds of the first is its echo, not a second signal:
+#: timeout(1) sends SIGTERM to the server and then to its whole process group, the server
+#: included (coreutils timeout.c, ``send_sig(0, sig)``), and the two can arrive apart. An
+#: operator who means a second SIGTERM sends it later than that; a second Ctrl-C (SIGINT)
+#: counts at once.
+SIGNAL_ECHO_WINDOW = 1.0
+
 #: Bytes written to the main thread's wake pipe besides signal numbers.
 _WAKE_DRAINED = 0
 _WAKE_THREAD_DIED = 255
@@ -386,6 +393,7 @@ def serve(
             if byte in (signal.SIGTERM, signal.SIGINT) or byte == _WAKE_THREAD_DIED:
                 break
         stopped_by = None if byte == _WAKE_THREAD_DIED else byte
+        stopped_at = time.monotonic()
         why = (
             "a server thread died (see the log)"
             if stopped_by is None
@@ -404,6 +412,9 @@ def serve(
             byte = os.read(wake_r, 1)[0]
             if byte == _WAKE_DRAINED:
                 break
+            if (byte == stopped_by == signal.SIGTERM
+                    and time.monotonic() - stopped_at < SIGNAL_ECHO_WINDOW):
+                continue  # the same signal again at once: an echo (SIGNAL_ECHO_WINDOW)
             if byte in (signal.SIGTERM, signal.SIGINT):
                 say("second signal: cancelling queued tasks, terminating running ones")
                 orchestrator.stop(timeout=0)  # shortens the drain's deadline; returns once done

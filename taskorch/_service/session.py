@@ -156,11 +156,17 @@ class Session:
         return future
 
     def stats(self) -> Stats:
+        return decode_stats(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """The server's S_STATS fields as sent (the Stats fields, and what only ``taskorch
+        status`` shows: ``protocol.encode_status``)."""
         self._check_not_reader("stats()")
         answer = self._call(_Request(None), lambda req: (C_STATS, req))
         if isinstance(answer, BaseException):
             raise answer
-        return decode_stats(answer[2])
+        fields: dict[str, Any] = answer[2]
+        return fields
 
     def _call(
         self, request: _Request, build: Callable[[int], tuple[Any, ...]],

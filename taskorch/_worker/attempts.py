@@ -1,11 +1,11 @@
 """Worker process, main thread: runs one task's attempts under its policy.
 
 tenacity drives the attempts (stop after the budget left, exponential backoff with jitter,
-retry only on ``retry_on``), so an ordinary retry costs no round trip to the parent; a first
-attempt that succeeds never goes through it (``run_attempts``). tenacity never interrupts a
-running attempt, so the per-attempt timeout is ours: a one-shot ``ITIMER_REAL`` timer whose
-``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread (loky-spawned workers run
-tasks in their main thread, so Python signal handlers run there).
+retry only what ``Policy.retries_error`` accepts), so an ordinary retry costs no round trip to
+the parent; a first attempt that succeeds never goes through it (``run_attempts``). tenacity
+never interrupts a running attempt, so the per-attempt timeout is ours: a one-shot
+``ITIMER_REAL`` timer whose ``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread
+(loky-spawned workers run tasks in their main thread, so Python signal handlers run there).
 
 Hazards, accepted and written down:
 - The interrupt lands between two bytecodes of the task, wherever it is (inside a ``finally``,
@@ -59,8 +59,8 @@ def run_attempts(
         return attempt()  # one attempt: nothing for tenacity to decide
     try:
         return attempt()
-    except BaseException as exc:  # noqa: BLE001 - tenacity's own check: retry_on or re-raise
-        if not isinstance(exc, policy.retry_on):
+    except BaseException as exc:  # noqa: BLE001 - tenacity's own check: retryable or re-raise
+        if not policy.retries_error(exc):
             raise
         first_failure: BaseException | None = exc
 
@@ -79,14 +79,15 @@ def new_retrying(
     before_sleep: Callable[[RetryCallState], None], sleep: Callable[[float], None] = time.sleep,
 ) -> Retrying:
     """The tenacity controller for ``policy`` with ``budget`` attempts left: stop after them,
-    back off by the policy's wait, retry only on ``retry_on``, re-raise the last error.
+    back off by the policy's wait, retry only what ``policy.retries_error`` accepts, re-raise
+    the last error.
     Shared by the local and the Dask worker; imports tenacity on first use."""
-    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
     return Retrying(
         stop=stop_after_attempt(budget),
         wait=policy.wait_strategy(),
-        retry=retry_if_exception_type(policy.retry_on),
+        retry=retry_if_exception(policy.retries_error),
         before=before,
         before_sleep=before_sleep,
         sleep=sleep,

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
-from taskorch.cli.options import EXIT_USAGE, LOG_LEVELS, UsageError
+from taskorch.cli.options import EXIT_OUTPUT, EXIT_USAGE, LOG_LEVELS, UsageError
 
 __all__ = ["build_parser", "main"]
 
@@ -56,8 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"taskorch {args.command}: error: {exc}\n")
+    except BrokenPipeError:
+        # The reader of stdout went away (`taskorch status | head -1`): what was written is
+        # all it wanted. Python's exit-time flush of stdout must not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OUTPUT
     return code
 
 

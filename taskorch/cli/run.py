@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import queue
 import signal
@@ -43,8 +42,9 @@ from concurrent.futures import Future
 from types import FrameType
 from typing import IO, Any, BinaryIO, Callable, Iterator
 
-from taskorch._wire import decode_exception, encode_call
-from taskorch._worker.map import ItemError, run_chunk
+from taskorch._wire import encode_call
+from taskorch._worker.map import run_chunk
+from taskorch.cli.joblog import Joblog
 from taskorch.cli.lines import LineError, decode_line, numbered_lines
 from taskorch.cli.options import (
     EXIT_FAILED,
@@ -57,8 +57,14 @@ from taskorch.cli.options import (
     add_pool_arguments,
     orchestrator_from_args,
     positive_int,
+    prepend_import_paths,
 )
+from taskorch.cli.records import dump_record, parse_input, records_of
 from taskorch.cli.target import resolve_target as resolve_target  # (demo, tests import it here)
+
+#: A second SIGTERM this soon after the first is its echo (timeout(1) signals the process,
+#: then its process group): ignored, as by ``taskorch serve`` (``_service.server``).
+SIGNAL_ECHO_WINDOW = 1.0
 
 
 def add_parser(sub: Any) -> None:
@@ -81,6 +87,14 @@ def add_parser(sub: Any) -> None:
                    help="send N inputs per task, the bulk path (much faster for tiny tasks); "
                         "retries and timeouts then apply to the whole chunk, and records carry "
                         "the chunk's attempts and no seconds (default: 1)")
+    p.add_argument("--joblog", metavar="FILE",
+                   help="also write every record to FILE, with its input line number and a hash "
+                        "of the line, for --resume (appended to with --resume, else replaced)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the inputs that --joblog FILE has a record of (by line number; "
+                        "a line that differs from the one recorded is refused: another input)")
+    p.add_argument("--resume-failed", action="store_true",
+                   help="like --resume, but run again the inputs whose record says they failed")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="show a progress bar on stderr (default: when stderr is a terminal)")
@@ -89,84 +103,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=main)
 
 
-def parse_input(line: str, line_number: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as exc:
-        shown = line.strip()
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise UsageError(f"input line {line_number}: not valid JSON ({exc.msg} at column "
-                         f"{exc.colno}): {shown!r}") from None
-    if isinstance(value, list):
-        return tuple(value), {}
-    if isinstance(value, dict):
-        if value and set(value) <= {"args", "kwargs"}:
-            args, kwargs = value.get("args", []), value.get("kwargs", {})
-            if not isinstance(args, list) or not isinstance(kwargs, dict):
-                raise UsageError(
-                    f'input line {line_number}: "args" must be an array and "kwargs" an object'
-                )
-            return tuple(args), kwargs
-        return (), value
-    raise UsageError(
-        f"input line {line_number}: expected a JSON array or object, "
-        f"got {type(value).__name__}"
-    )
-
-
-# -- records ---------------------------------------------------------------------------------
-
-
-def record(
-    index: int, future: Future[Any] | None, error: tuple[str, str] | None = None
-) -> dict[str, Any]:
-    """The output record of one input (see the module docstring)."""
-    if future is None:
-        assert error is not None
-        return {"index": index, "ok": False,
-                "error": {"type": error[0], "message": error[1]}, "attempts": 0}
-    attempts = getattr(future, "attempts", 0)
-    if future.cancelled():
-        return {"index": index, "ok": False,
-                "error": {"type": "Cancelled", "message": "never started: the run was interrupted"},
-                "attempts": attempts}
-    exc = future.exception()
-    if exc is not None:
-        type_name = getattr(exc, "type_name", None) or type(exc).__name__
-        return {"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
-                "attempts": attempts}
-    out: dict[str, Any] = {"index": index, "ok": True, "result": future.result(),
-                           "attempts": attempts,
-                           "seconds": round(getattr(future, "seconds", None) or 0.0, 6)}
-    return out
-
-
-def records_of(indices: list[int], future: Future[Any] | None, error: tuple[str, str] | None,
-               chunked: bool) -> list[dict[str, Any]]:
-    """The records of one submission: one input, or a chunk of them (--chunksize > 1)."""
-    if not chunked or future is None or future.cancelled() or future.exception() is not None:
-        return [record(i, future, error) for i in indices]
-    out = []
-    attempts = getattr(future, "attempts", 0)
-    for index, item in zip(indices, future.result()):
-        if isinstance(item, ItemError):
-            exc = decode_exception(*item.described)
-            type_name = getattr(exc, "type_name", None) or type(exc).__name__
-            out.append({"index": index, "ok": False,
-                        "error": {"type": type_name, "message": str(exc)},
-                        "attempts": attempts})
-        else:
-            out.append({"index": index, "ok": True, "result": item, "attempts": attempts})
-    return out
-
-
-def dump_record(rec: dict[str, Any]) -> str:
-    try:
-        return json.dumps(rec)
-    except (TypeError, ValueError):
-        rec["result"] = repr(rec["result"])
-        rec["result_is_repr"] = True  # the result was not JSON-serializable
-        return json.dumps(rec)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -176,14 +112,18 @@ _Done = tuple[list[int], "Future[Any] | None", "tuple[str, str] | None", bool]
 
 
 class _Run:
-    def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str]) -> None:
+    def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str],
+                 joblog: Joblog | None = None) -> None:
         self.args = args
         self.fn = fn
         self.out = out
+        self.joblog = joblog  # written by the writer thread; read (resume) by the reader
         self.orchestrator = orchestrator_from_args(args)
         # Guards the fields below up to `stopping` (reader, writer, main and drain threads).
         self.lock = threading.Condition()
         self.read = 0  # inputs read (and so owed a record)
+        self.numbered = 0  # non-empty input lines seen: the next record's "index"
+        self.skipped = 0  # inputs skipped by --resume (reader thread only)
         self.outstanding = 0  # records owed and not yet written
         self.reader_done = False
         # Inputs read and parsed, not yet sent (fewer than --chunksize of them).
@@ -195,6 +135,7 @@ class _Run:
         self.usage_error: str | None = None
         self.output_error: str | None = None
         self.signals: list[int] = []
+        self.first_signal_at = 0.0  # time.monotonic() of the first signal (main thread)
         self.counts = {"ok": 0, "failed": 0}
         self.finished = threading.Event()  # all records written and no more input coming
         # (input indices, the task's future or None, (error type, message) or None, whether
@@ -242,6 +183,12 @@ class _Run:
         return EXIT_FAILED if self.counts["failed"] else EXIT_OK
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if (self.signals and signum == self.signals[0] == signal.SIGTERM
+                and now - self.first_signal_at < SIGNAL_ECHO_WINDOW):
+            return  # an echo of the first: timeout(1) signals us, then our process group
+        if not self.signals:
+            self.first_signal_at = now
         self.signals.append(signum)
         if len(self.signals) == 1:
             print(f"taskorch run: {signal.Signals(signum).name}: no more input is read; "
@@ -281,11 +228,21 @@ class _Run:
             for line_number, raw in lines:
                 if not raw.strip():
                     continue
+                index = self.numbered
+                self.numbered += 1
+                if self.joblog is not None:
+                    try:
+                        if self.joblog.seen(index, line_number, raw):
+                            self.skipped += 1
+                            continue
+                    except ValueError as exc:  # a joblog of another input
+                        self.usage_error = str(exc)
+                        self._stop_reading()
+                        break
                 with self.lock:
                     if self.stopping:
                         break
                     self.busy = True
-                    index = self.read
                     self.read += 1
                     self.outstanding += 1
                 try:
@@ -378,10 +335,15 @@ class _Run:
                     return
                 indices, future, error, chunked = entry
                 for rec in records_of(indices, future, error, chunked):
-                    out.write(dump_record(rec) + "\n")
+                    line = dump_record(rec) + "\n"
+                    out.write(line)
+                    if self.joblog is not None:
+                        self.joblog.write(rec, line)
                     self.counts["ok" if rec["ok"] else "failed"] += 1
                 if self.done_queue.empty():
                     out.flush()
+                    if self.joblog is not None:
+                        self.joblog.flush()
                 if bar is not None:
                     bar.update(len(indices))
                 with self.lock:
@@ -403,7 +365,8 @@ class _Run:
             f"taskorch run: {n} inputs: {self.counts['ok']} ok, {self.counts['failed']} failed "
             f"({s.cancelled} cancelled, {s.abandoned} abandoned, {s.dropped} dropped) in "
             f"{seconds:.2f} s ({rate:.0f}/s); {s.retried} retries, {s.crashes} worker crashes, "
-            f"{s.timeouts} timeouts" + ("" if drained else "; not drained"),
+            f"{s.timeouts} timeouts" + ("" if drained else "; not drained")
+            + (f"; {self.skipped} inputs skipped (--resume)" if self.skipped else ""),
             file=sys.stderr,
         )
 
@@ -420,8 +383,18 @@ def _progress_bar(args: argparse.Namespace) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    fn = resolve_target(args.target)
+    prepend_import_paths(args.path)  # before the target is imported: it may live there
+    fn = resolve_target(args.target, args.path)
     with contextlib.ExitStack() as stack:
+        joblog = None
+        if args.resume or args.resume_failed:
+            if not args.joblog:
+                raise UsageError("--resume and --resume-failed need --joblog FILE")
+        if args.joblog:
+            joblog = stack.enter_context(Joblog.open(
+                args.joblog, resume=args.resume or args.resume_failed,
+                rerun_failed=args.resume_failed,
+            ))
         if args.input:
             try:
                 source: BinaryIO = stack.enter_context(open(args.input, "rb"))
@@ -439,4 +412,4 @@ def main(args: argparse.Namespace) -> int:
                 raise UsageError(f"cannot write --output: {exc}") from exc
         else:
             out = sys.stdout
-        return _Run(args, fn, out).execute(numbered_lines(source))
+        return _Run(args, fn, out, joblog).execute(numbered_lines(source))

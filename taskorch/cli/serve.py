@@ -5,6 +5,7 @@ into messages and an exit status (CLI, server process, main thread).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from taskorch.cli.options import (
     UsageError,
     add_pool_arguments,
     orchestrator_from_args,
+    prepend_import_paths,
 )
 
 
@@ -38,8 +40,8 @@ def add_parser(subparsers: Any) -> None:
                     "drain timed out (tasks were cancelled or abandoned) or the server failed; "
                     "a second signal cuts the drain short. Task functions defined in modules "
                     "travel by name: the server's workers import them, so run the server where "
-                    "the application's modules are importable (PYTHONPATH); lambdas and "
-                    "__main__ functions travel by value.",
+                    "the application's modules are importable (--path DIR, or PYTHONPATH); "
+                    "lambdas and __main__ functions travel by value.",
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", metavar="PATH",
@@ -54,6 +56,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--authkey-file", metavar="PATH",
                    help="the shared key (default: PATH.authkey next to the socket; "
                         "~/.config/taskorch/authkey for TCP)")
+    p.add_argument("--socket-mode", type=file_mode, default=None, metavar="MODE",
+                   help="the socket's permissions, in octal (e.g. 660 to let --socket-group "
+                        "connect; default: as the umask leaves them, in a 0700 directory)")
+    p.add_argument("--socket-group", metavar="GROUP", default=None,
+                   help="give the socket, its directory (if created here: mode 0710) and the "
+                        "authkey file (mode 0640) to GROUP, so that its members (say a web "
+                        "server's user) can connect; give --socket-mode 660 too")
+    p.add_argument("--pidfile", metavar="PATH", default=None,
+                   help="write the server's pid to PATH once it listens; removed at exit")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="at shutdown, how long tasks in flight may take before they are cancelled "
                         "or terminated (default: 30)")
@@ -65,7 +76,14 @@ def main(args: argparse.Namespace) -> int:
     """``taskorch serve``: runs in the main thread until SIGTERM / SIGINT."""
     if not args.drain_timeout >= 0 or args.drain_timeout == float("inf"):
         raise UsageError(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
+    if args.tcp is not None and (args.socket_mode is not None or args.socket_group is not None):
+        raise UsageError("--socket-mode and --socket-group apply to --socket, not --tcp")
+    gid = None if args.socket_group is None else _group_id(args.socket_group)
+    prepend_import_paths(args.path)
+    socket_dir_existed = args.socket is not None and os.path.isdir(
+        os.path.dirname(os.path.abspath(args.socket)))
     listener = _bind(args)
+    pidfile: Path | None = None
     try:
         key_path = (
             Path(args.authkey_file)
@@ -76,14 +94,25 @@ def main(args: argparse.Namespace) -> int:
             authkey, created = load_or_create_authkey(key_path)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+        if listener.unix_path is not None:
+            _share_socket(listener.unix_path, key_path, args.socket_mode, gid,
+                          not socket_dir_existed)
+        if args.pidfile is not None:
+            pidfile = _write_pidfile(Path(args.pidfile))
         orchestrator = orchestrator_from_args(args)
     except BaseException:
         listener.close()
+        if pidfile is not None:
+            _remove_pidfile(pidfile)
         raise
     if created:
         _say(f"generated a new authkey in {key_path} (mode 0600)")
-    outcome = serve(orchestrator, listener, authkey, drain_timeout=args.drain_timeout, say=_say,
-                    ready_details=f"authkey file {key_path}, ")
+    try:
+        outcome = serve(orchestrator, listener, authkey, drain_timeout=args.drain_timeout,
+                        say=_say, ready_details=f"authkey file {key_path}, ")
+    finally:
+        if pidfile is not None:
+            _remove_pidfile(pidfile)
     if not outcome.drained:
         return EXIT_FAILED  # a thread died, stop() failed, or the drain timed out: said above
     return EXIT_SIGINT if outcome.signal == signal.SIGINT else EXIT_SIGTERM
@@ -97,6 +126,81 @@ def _bind(args: argparse.Namespace) -> Listener:
         return bind_unix(args.socket)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def file_mode(text: str) -> int:
+    """``--socket-mode``: permissions in octal, e.g. ``660`` or ``0o660``."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an octal mode such as 660, got {text}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"must be between 000 and 777, got {text}")
+    return mode
+
+
+def _group_id(name: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid if not name.isdigit() else grp.getgrgid(int(name)).gr_gid
+    except KeyError:
+        raise UsageError(f"--socket-group: no group {name!r}") from None
+
+
+def _share_socket(
+    path: str, key_path: Path, mode: int | None, gid: int | None, created_dir: bool
+) -> None:
+    """``--socket-mode`` / ``--socket-group``: who besides this user may connect. A member of
+    the group needs to reach the socket (the directory's x bit), to connect (the socket's w
+    bit) and to read the key."""
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+            os.chown(key_path, -1, gid)
+            os.chmod(key_path, 0o640)
+            if created_dir:  # a directory of the operator's own is left as it is
+                directory = os.path.dirname(path)
+                os.chown(directory, -1, gid)
+                os.chmod(directory, 0o710)
+        if mode is not None:
+            os.chmod(path, mode)
+    except OSError as exc:
+        raise UsageError(f"cannot give the socket {path} to its group or mode: {exc}") from exc
+
+
+def _write_pidfile(path: Path) -> Path:
+    """Write our pid to ``path`` (atomically: a reader never sees it half written). A pidfile
+    whose process is alive belongs to another server: refused."""
+    try:
+        other = int(path.read_text().strip())
+    except (OSError, ValueError):
+        other = None
+    if other is not None and other != os.getpid():
+        try:
+            os.kill(other, 0)
+        except ProcessLookupError:
+            pass  # left by a server that died
+        except PermissionError:
+            raise UsageError(f"--pidfile {path}: process {other} (another user's) holds it")
+        else:
+            raise UsageError(f"--pidfile {path}: process {other} is running and holds it")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write --pidfile {path}: {exc}") from exc
+    return path
+
+
+def _remove_pidfile(path: Path) -> None:
+    """Remove our pidfile, unless another process has written its own there since."""
+    try:
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _say(line: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from multiprocessing import AuthenticationError
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from taskorch._errors import OrchestratorClosedError
 from taskorch._service.addressing import Address, parse_tcp_address
 from taskorch._service.client import CONNECT_TIMEOUT, fetch_status
-from taskorch._service.protocol import encode_stats
+from taskorch._service.protocol import decode_stats, encode_stats
 from taskorch.cli.options import EXIT_FAILED, EXIT_OK, UsageError
 
 
@@ -42,24 +43,60 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
     else:
         address = args.socket
+        if not os.path.exists(args.socket):
+            return _cannot(address, "no server is there: the socket does not exist (is "
+                                    f"`taskorch serve --socket {address}` running?)")
     try:
-        stats, info, where = fetch_status(
+        fields, info, where = fetch_status(
             address, authkey_file=args.authkey_file, timeout=args.timeout
         )
-    except (OSError, AuthenticationError, OrchestratorClosedError) as exc:
-        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
-        print(f"taskorch status: cannot get the statistics of {address}: "
-              f"{type(exc).__name__}: {exc}{notes}",
-              file=sys.stderr)
-        return EXIT_FAILED
-    fields = encode_stats(stats)
+    except ConnectionRefusedError as exc:
+        if exc.errno is None:  # the server answered and refused: its reason
+            return _cannot(address, f"the server refused the connection: {exc}")
+        return _cannot(address, "no server is listening there (connection refused: a server "
+                                "that stopped may have left its socket)")
+    except AuthenticationError as exc:
+        return _cannot(address, f"the server refused the key ({exc}); pass the key it uses "
+                                "with --authkey-file")
+    except (OSError, OrchestratorClosedError) as exc:
+        filename = getattr(exc, "filename", None)
+        if isinstance(exc, OSError) and filename is not None and "authkey" in "".join(
+            getattr(exc, "__notes__", ())
+        ):
+            return _cannot(address, f"cannot read the authkey file {filename} "
+                                    f"({exc.strerror}); pass --authkey-file (the server prints "
+                                    "where its key is)")
+        return _cannot(address, f"{type(exc).__name__}: {exc}")
     if args.json:
         print(json.dumps(fields))
         return EXIT_OK
+    stats = encode_stats(decode_stats(fields))
     print(f"taskorch serve at {where} (pid {info.get('pid')}, taskorch {info.get('taskorch')}, "
           f"{info.get('workers')} workers, backlog {info.get('max_backlog')}"
           f"{', --drop' if info.get('drop') else ''})")
-    width = max(len(name) for name in fields)
-    for name, value in fields.items():
+    width = max(len(name) for name in stats)
+    for name, value in stats.items():
         print(f"  {name:<{width}}  {value}")
+    oldest = fields.get("oldest_queued_seconds")
+    if "oldest_queued_seconds" in fields:
+        print(f"  {'oldest queued':<{width}}  "
+              + ("none queued" if oldest is None else f"{oldest:.3f} s ago"))
+    details = fields.get("worker_details")
+    if details:
+        print("  worker processes:")
+        for worker in details:
+            rss = worker.get("rss_mib")
+            running = worker.get("running")
+            doing = ("idle" if running is None else
+                     f"running task {running['task_id']} (attempt {running['attempt']}, "
+                     f"{running['seconds']:.3f} s)")
+            print(f"    pid {worker['pid']:<8} rss {'?' if rss is None else f'{rss:.1f}'} MiB"
+                  f"  tasks run {worker['tasks']:<6} prefetched {worker['prefetched']:<3} "
+                  f"{doing}")
     return EXIT_OK
+
+
+def _cannot(address: Address, why: str) -> int:
+    shown = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+    print(f"taskorch status: cannot get the statistics of {shown}: {why}", file=sys.stderr)
+    return EXIT_FAILED

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from taskorch.cli.options import UsageError
 
 
-def resolve_target(spec: str) -> Callable[..., Any]:
+def resolve_target(spec: str, local_dirs: list[str] | None = None) -> Callable[..., Any]:
     """``package.module:function`` or ``path/to/file.py:function`` -> the function.
 
     A module named by path need not be on sys.path: it is imported under a private name and
@@ -35,7 +35,8 @@ def resolve_target(spec: str) -> Callable[..., Any]:
     workers of a Dask cluster, or of a ``taskorch serve`` started elsewhere, cannot import it),
     so it travels by value too, with its whole top-level package. An installed one (found
     without the current directory: site-packages, an editable install, PYTHONPATH) travels by
-    reference, as any function does: the workers import it.
+    reference, as any function does: the workers import it. ``local_dirs`` (``--path``) are
+    treated as the current directory is: a module found only there travels by value.
     """
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
@@ -72,7 +73,7 @@ def resolve_target(spec: str) -> Callable[..., Any]:
                 f"cannot import module {module_part!r}: {type(exc).__name__}: {exc}"
             ) from exc
         top = sys.modules.get(module_part.partition(".")[0])
-        if top is not None and _found_only_in_the_current_directory(top):
+        if top is not None and _found_only_in_the_current_directory(top, local_dirs):
             import cloudpickle
 
             cloudpickle.register_pickle_by_value(top)  # and so every submodule
@@ -87,17 +88,19 @@ def resolve_target(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def _found_only_in_the_current_directory(top: ModuleType) -> bool:
+def _found_only_in_the_current_directory(
+    top: ModuleType, local_dirs: list[str] | None = None,
+) -> bool:
     """Whether the top-level module or package ``top`` was imported from the current
-    directory and would not be found without it (the import system's finders asked again,
-    sys.path without the current directory), nor is part of an editable install."""
+    directory (or one of ``local_dirs``) and would not be found without them (the import
+    system's finders asked again, sys.path without them), nor is part of an editable install."""
     if getattr(top, "__file__", None) is None:
         return False  # built in, frozen, or a namespace package: leave it by reference
-    here = os.path.realpath(os.getcwd())
+    local = {os.path.realpath(d) for d in [os.getcwd(), *(local_dirs or [])]}
     origin = os.path.realpath(top.__file__ or "")
-    if not origin.startswith(here + os.sep) or _in_an_editable_install(origin):
+    if not any(origin.startswith(d + os.sep) for d in local) or _in_an_editable_install(origin):
         return False
-    elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
+    elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) not in local]
     for finder in sys.meta_path:
         try:
             if finder is importlib.machinery.PathFinder:

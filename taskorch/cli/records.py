@@ -1,0 +1,94 @@
+"""``taskorch run``'s JSON lines: an input line parsed into a call's arguments, and the
+record written for each input (CLI, parent process; ``parse_input`` on the reader thread,
+the records on the writer thread). The record format is in the README and ``run``'s help.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future
+from typing import Any
+
+from taskorch._wire import decode_exception
+from taskorch._worker.map import ItemError
+from taskorch.cli.options import UsageError
+
+
+def parse_input(line: str, line_number: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        shown = line.strip()
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise UsageError(f"input line {line_number}: not valid JSON ({exc.msg} at column "
+                         f"{exc.colno}): {shown!r}") from None
+    if isinstance(value, list):
+        return tuple(value), {}
+    if isinstance(value, dict):
+        if value and set(value) <= {"args", "kwargs"}:
+            args, kwargs = value.get("args", []), value.get("kwargs", {})
+            if not isinstance(args, list) or not isinstance(kwargs, dict):
+                raise UsageError(
+                    f'input line {line_number}: "args" must be an array and "kwargs" an object'
+                )
+            return tuple(args), kwargs
+        return (), value
+    raise UsageError(
+        f"input line {line_number}: expected a JSON array or object, "
+        f"got {type(value).__name__}"
+    )
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def record(
+    index: int, future: Future[Any] | None, error: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The output record of one input (see the module docstring)."""
+    if future is None:
+        assert error is not None
+        return {"index": index, "ok": False,
+                "error": {"type": error[0], "message": error[1]}, "attempts": 0}
+    attempts = getattr(future, "attempts", 0)
+    if future.cancelled():
+        return {"index": index, "ok": False,
+                "error": {"type": "Cancelled", "message": "never started: the run was interrupted"},
+                "attempts": attempts}
+    exc = future.exception()
+    if exc is not None:
+        type_name = getattr(exc, "type_name", None) or type(exc).__name__
+        return {"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
+                "attempts": attempts}
+    out: dict[str, Any] = {"index": index, "ok": True, "result": future.result(),
+                           "attempts": attempts,
+                           "seconds": round(getattr(future, "seconds", None) or 0.0, 6)}
+    return out
+
+
+def records_of(indices: list[int], future: Future[Any] | None, error: tuple[str, str] | None,
+               chunked: bool) -> list[dict[str, Any]]:
+    """The records of one submission: one input, or a chunk of them (--chunksize > 1)."""
+    if not chunked or future is None or future.cancelled() or future.exception() is not None:
+        return [record(i, future, error) for i in indices]
+    out = []
+    attempts = getattr(future, "attempts", 0)
+    for index, item in zip(indices, future.result()):
+        if isinstance(item, ItemError):
+            exc = decode_exception(*item.described)
+            type_name = getattr(exc, "type_name", None) or type(exc).__name__
+            out.append({"index": index, "ok": False,
+                        "error": {"type": type_name, "message": str(exc)},
+                        "attempts": attempts})
+        else:
+            out.append({"index": index, "ok": True, "result": item, "attempts": attempts})
+    return out
+
+
+def dump_record(rec: dict[str, Any]) -> str:
+    try:
+        return json.dumps(rec)
+    except (TypeError, ValueError):
+        rec["result"] = repr(rec["result"])
+        rec["result_is_repr"] = True  # the result was not JSON-serializable
+        return json.dumps(rec)

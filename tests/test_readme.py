@@ -1,0 +1,118 @@
+"""The README's examples run as written: each ```python and ```sh block is run (a script, or
+bash with -e and pipefail), in the README's order, in one temporary directory that holds a copy
+of ``workers/`` as a checkout does (so a later block may use a file an earlier one made, as a
+reader following along would), with this venv's ``python`` and ``taskorch`` first on PATH.
+
+An HTML comment on the line before a block changes that, and is meant to be rare:
+
+- ``<!-- readme-test: skip (why) -->``: not run; the reason is required (a block that runs
+  for minutes, or needs machines the test does not have).
+- ``<!-- readme-test: server PATH -->``: a ``taskorch serve --socket PATH`` is started in
+  the directory first, and must drain and exit 143 on SIGTERM afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from _tasks import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+R = 120  # seconds: a deadlock guard for one block (the Dask one starts a local cluster)
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+_MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->$", re.M)  # alone on its line
+
+
+class Block(NamedTuple):
+    line: int
+    language: str
+    code: str
+    marker: str | None  # the readme-test comment before it, if any
+
+
+def readme_blocks() -> list[Block]:
+    text = README.read_text()
+    blocks = []
+    for match in _FENCE.finditer(text):
+        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        marker = _MARKER.fullmatch(before)
+        blocks.append(Block(text.count("\n", 0, match.start()) + 1, match.group(1),
+                            match.group(2), marker.group(1) if marker else None))
+    return blocks
+
+
+RUNNABLE = [b for b in readme_blocks() if b.language in ("python", "sh", "bash")]
+
+
+def test_markers_are_few_and_say_why() -> None:
+    skipped = [b for b in RUNNABLE if b.marker and b.marker.startswith("skip")]
+    for block in skipped:
+        assert re.fullmatch(r"skip \(.+\)", block.marker or ""), f"line {block.line}: no reason"
+    for block in RUNNABLE:
+        if block.marker:
+            assert re.fullmatch(r"skip \(.+\)|server \S+", block.marker), block
+    assert len(skipped) <= 6 and len(RUNNABLE) - len(skipped) >= 8
+    markers = _MARKER.findall(README.read_text())
+    assert len(markers) == sum(1 for b in RUNNABLE if b.marker), "a marker that marks no block"
+
+
+@pytest.fixture(scope="module")
+def checkout_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "workers", directory / "workers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return directory
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[f"line{b.line}-{b.language}" for b in RUNNABLE])
+def test_readme_example_runs_as_written(block: Block, checkout_like: Path) -> None:
+    if block.marker and block.marker.startswith("skip"):
+        pytest.skip(block.marker)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    server = None
+    if block.marker and block.marker.startswith("server "):
+        server = _start_server(block.marker.split(None, 1)[1], checkout_like, env)
+    try:
+        if block.language == "python":
+            (checkout_like / "example.py").write_text(block.code)
+            argv = [sys.executable, "example.py"]
+        else:
+            (checkout_like / "example.sh").write_text(block.code)
+            argv = ["bash", "-e", "-o", "pipefail", "example.sh"]
+        out = subprocess.run(argv, cwd=checkout_like, env=env, capture_output=True, text=True,
+                             timeout=R, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, (
+            f"README line {block.line} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+        assert "Traceback" not in out.stderr, out.stderr
+    finally:
+        if server is not None:
+            proc, log = server
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(R) == 143, log.read_text()
+
+
+def _start_server(socket: str, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes],
+                                                                          Path]:
+    log = cwd / "serve.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "taskorch", "serve", "--socket", socket],
+                                cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}:\n{log.read_text()}")
+        return "listening on" in log.read_text()
+
+    wait_until(ready, what="the README's server")
+    return proc, log
