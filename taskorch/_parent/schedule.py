@@ -489,6 +489,10 @@ def _count_ticks(schedule: Schedule, first: float, latest: float, cap: int = 10_
     return count
 
 
-def _when(t: float) -> str:
+def describe_time(t: float) -> str:
+    """A Unix time as the logs and ``--check-config`` show it."""
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%S UTC")
+
+
+_when = describe_time

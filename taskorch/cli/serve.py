@@ -18,6 +18,8 @@ from taskorch._service.addressing import (
 )
 from taskorch._service.listener import Listener, bind_tcp, bind_unix
 from taskorch._service.server import serve
+from taskorch.cli import config
+from taskorch.cli.config import ScheduleEntry
 from taskorch.cli.options import (
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -43,7 +45,14 @@ def add_parser(subparsers: Any) -> None:
                     "the application's modules are importable (--path DIR, or PYTHONPATH); "
                     "lambdas and __main__ functions travel by value.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="read options and [[schedule]] entries from a TOML file (keys: the long "
+                        "options of serve; options on the command line win; see the README's "
+                        "'Schedules')")
+    p.add_argument("--check-config", action="store_true",
+                   help="check --config (its options, schedules and their targets), print the "
+                        "next fire times of each schedule, and exit: 0 if it is good, 2 if not")
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH",
                        help="listen on this Unix socket (its directory is created with mode 0700 "
                             "if missing)")
@@ -69,11 +78,17 @@ def add_parser(subparsers: Any) -> None:
                    help="at shutdown, how long tasks in flight may take before they are cancelled "
                         "or terminated (default: 30)")
     add_pool_arguments(p)
-    p.set_defaults(handler=main)
+    p.set_defaults(handler=main, serve_parser=p)
 
 
 def main(args: argparse.Namespace) -> int:
     """``taskorch serve``: runs in the main thread until SIGTERM / SIGINT."""
+    entries = _read_config(args)
+    if args.check_config:
+        return _print_schedules(entries)
+    if (args.socket is None) == (args.tcp is None):
+        raise UsageError("give one of --socket PATH and --tcp HOST:PORT (on the command line "
+                         "or in --config)")
     if not args.drain_timeout >= 0 or args.drain_timeout == float("inf"):
         raise UsageError(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
     if args.tcp is not None and (args.socket_mode is not None or args.socket_group is not None):
@@ -100,6 +115,9 @@ def main(args: argparse.Namespace) -> int:
         if args.pidfile is not None:
             pidfile = _write_pidfile(Path(args.pidfile))
         orchestrator = orchestrator_from_args(args)
+        for entry in entries:
+            orchestrator.schedule(entry.fn, name=entry.name, args=entry.args,
+                                  kwargs=entry.kwargs, policy=entry.policy, **entry.options)
     except BaseException:
         listener.close()
         if pidfile is not None:
@@ -205,3 +223,35 @@ def _remove_pidfile(path: Path) -> None:
 
 def _say(line: str) -> None:
     print(f"taskorch serve: {line}", file=sys.stderr, flush=True)
+
+
+def _read_config(args: argparse.Namespace) -> list[ScheduleEntry]:
+    """``--config``: its options onto ``args`` (the command line wins), its schedules."""
+    if args.config is None:
+        if args.check_config:
+            raise UsageError("--check-config needs --config FILE")
+        return []
+    data = config.read_file(args.config)
+    config.apply_options(args.config, data, args, args.serve_parser)
+    prepend_import_paths(args.path)  # the schedules' targets may live there
+    return config.schedules(args.config, data, args.path)
+
+
+def _print_schedules(entries: list[ScheduleEntry], count: int = 3) -> int:
+    import time
+
+    from taskorch._parent.schedule import Schedule, describe_time
+
+    out = sys.stdout
+    out.write(f"config ok: {len(entries)} schedule(s)\n")
+    for entry in entries:
+        spec = Schedule(name=entry.name, **entry.options)
+        when = spec.cron and f"cron {spec.cron!r} ({spec.timezone or 'UTC'})" or (
+            f"every {spec.every:g} s")
+        out.write(f"{entry.name}: {entry.target}, {when}; next:")
+        tick = time.time()
+        for _ in range(count):
+            tick = spec.next_tick(tick)
+            out.write(f" {describe_time(tick)}")
+        out.write("\n")
+    return 0
