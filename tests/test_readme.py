@@ -70,6 +70,7 @@ def checkout_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("readme")
     shutil.copytree(ROOT / "workers", directory / "workers",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "taskorch.toml", directory / "taskorch.toml")  # the demo's config
     return directory
 
 
