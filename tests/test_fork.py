@@ -123,6 +123,8 @@ ORCHESTRATOR_SCRIPT = """if 1:
     o = taskorch.TaskOrchestrator(worker_count=1, policy=taskorch.Policy())
     assert o.run(t.square, 2).result(30) == 4
     workers = o.worker_pids()
+    executor = taskorch.Executor(1, policy=taskorch.Policy())
+    assert executor.submit(t.square, 3).result(30) == 9
 
     def child(use):
         pid = os.fork()
@@ -130,6 +132,8 @@ ORCHESTRATOR_SCRIPT = """if 1:
             if use:
                 assert o.run(t.square, 5).result(30) == 25
                 assert o.worker_pids() and not set(o.worker_pids()) & set(workers)
+                assert list(executor.map(t.square, range(5))) == [0, 1, 4, 9, 16]
+                executor.shutdown()
             sys.exit(0)  # the interpreter's exit: atexit hooks and finalizers run
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status
@@ -141,6 +145,8 @@ ORCHESTRATOR_SCRIPT = """if 1:
     assert o.run(t.square, 3).result(30) == 9
     s = o.stats()
     assert (s.submitted, s.succeeded, s.worker_restarts, s.crashes) == (2, 2, 0, 0), s
+    assert executor.submit(t.square, 4).result(30) == 16
+    executor.shutdown()
     print("ok", flush=True)
 """
 
@@ -150,7 +156,7 @@ def test_children_that_exit_leave_the_parents_workers_alone() -> None:
                           env=_env(), timeout=120)
     err = done.stderr.decode()
     assert done.returncode == 0 and done.stdout.decode() == "ok\n", err
-    assert err.count("starting its own workers here") == 2, err
+    assert err.count("starting its own workers here") == 4, err  # 2 children x 2 pools
     assert "Traceback" not in err and "WARNING" not in err, err
 
 

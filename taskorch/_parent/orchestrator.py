@@ -265,7 +265,8 @@ class TaskOrchestrator:
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture | None:
-        self._here()
+        if self._generation != _fork_generation:  # (_here(), inlined: run()'s hot path)
+            self._start_in_this_process()
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
         return self._intake.offer(item, getattr(fn, "__qualname__", fn))
 
