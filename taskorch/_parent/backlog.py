@@ -185,7 +185,8 @@ class Backlog:
 
     def cancel_queued(self, items: list[WorkItem], wait: float) -> list[WorkItem]:
         """``future.cancel()`` (and ``Executor.shutdown(cancel_futures=True)``): cancel those of
-        ``items`` that are queued; returns them, and the caller cancels their futures.
+        ``items`` that are queued, and their futures (after the lock is released, in this
+        thread: their callbacks run here when called from ``future.cancel()``); returns them.
 
         A call waiting in ``pending`` is cancelled at once. One handed to a worker and not
         started is recalled, if the dispatcher can (``recalls_for_cancel``): the caller waits
@@ -214,18 +215,23 @@ class Backlog:
             for item in cancelled:
                 del queued[id(item)]
                 self.finish_locked(item, TaskState.CANCELLED)
-            if not queued or not self.recalls_for_cancel:
-                return cancelled
-            handed = list(queued.values())
-            request = CancelRequest(handed)
-            self.recall_wanted += handed
-        self.wake_dispatcher()
-        request.done.wait(wait)
-        with self.lock:
-            for item in handed:
-                if item.cancel_request is request:  # unanswered in time: it stays queued
-                    item.cancel_request = None
-            cancelled += request.granted
+            handed = list(queued.values()) if self.recalls_for_cancel else []
+            if handed:
+                request = CancelRequest(handed)
+                self.recall_wanted += handed
+        try:
+            if handed:
+                self.wake_dispatcher()
+                request.done.wait(wait)
+        finally:  # (a KeyboardInterrupt in the wait too: a granted call is ours to resolve)
+            if handed:
+                with self.lock:
+                    for item in handed:
+                        if item.cancel_request is request:  # unanswered in time: it runs
+                            item.cancel_request = None
+                    cancelled += request.granted
+            for item in cancelled:
+                item.future._cancel_now()
         return cancelled
 
     def mark_broken(self, reason: str) -> None:

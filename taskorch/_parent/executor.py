@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorClosedError
 from taskorch._parent.backend import Backend
-from taskorch._parent.orchestrator import TaskOrchestrator
+from taskorch._parent.orchestrator import Intake, TaskOrchestrator
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._wire import encode_call
@@ -117,16 +117,16 @@ class Executor(concurrent.futures.Executor):
         star = len(iterables) != 1
         items = iter(zip(*iterables) if star else iterables[0])
         intake = self._orchestrator.intake
-        futures: list[TaskFuture] = []
+        chunks: list[WorkItem] = []
         try:
             while chunk := list(itertools.islice(items, chunksize)):
-                payload = encode_call(run_chunk, (fn, chunk, False, star), {})
-                futures.append(self._offer(intake.prepare(payload)))
+                item = intake.prepare(encode_call(run_chunk, (fn, chunk, False, star), {}))
+                self._offer(item)
+                chunks.append(item)
         except BaseException:
-            for future in futures:
-                future.cancel()
+            intake.cancel(chunks)
             raise
-        return _results_in_order(futures, end_time)
+        return _results_in_order(chunks, end_time, intake)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new tasks; with ``cancel_futures``, cancel every task not started; with
@@ -161,26 +161,24 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _results_in_order(futures: list[TaskFuture], end_time: float | None) -> Iterator[Any]:
+def _results_in_order(chunks: list[WorkItem], end_time: float | None,
+                      intake: Intake) -> Iterator[Any]:
     """Yield each chunk's results in order. Holds no reference to a result it has yielded
-    (nor to a future it is done with), as ``concurrent.futures`` (bpo-14406); cancels the
-    futures left when it is closed or fails."""
-    futures.reverse()  # pop() from the end: the first chunk first
+    (nor to a chunk it is done with), as ``concurrent.futures`` (bpo-14406); cancels the
+    chunks left (at once: one recall per worker) when it is closed or fails."""
+    chunks.reverse()  # pop() from the end: the first chunk first
     try:
-        while futures:
-            future = futures.pop()
-            try:
-                if end_time is None:
-                    results = future.result()
-                else:
-                    results = future.result(end_time - time.monotonic())
-            except BaseException:
-                future.cancel()
-                raise
+        while chunks:
+            future = chunks[-1].future
+            if end_time is None:
+                results = future.result()
+            else:
+                results = future.result(end_time - time.monotonic())
+            chunks.pop()
             del future
             results.reverse()
             while results:
                 yield results.pop()  # (no local name: it would keep the result alive)
     finally:
-        for future in futures:
-            future.cancel()
+        if chunks:
+            intake.cancel(chunks)

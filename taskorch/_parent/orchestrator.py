@@ -461,10 +461,7 @@ def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
 def cancel_items(backlog: Backlog, items: list[WorkItem]) -> int:
     """Cancel those of ``items`` still queued (recalling them from workers that have not
     started them) and their futures; how many were cancelled."""
-    cancelled = backlog.cancel_queued(items, RECALL_WAIT)
-    for item in cancelled:
-        item.future._cancel_now()
-    return len(cancelled)
+    return len(backlog.cancel_queued(items, RECALL_WAIT))
 
 
 # Dispatchers of orchestrators not yet stopped: the exit hook stops them.
