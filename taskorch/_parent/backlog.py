@@ -59,6 +59,9 @@ class Backlog:
         self.recalls_for_cancel = False
         # Calls handed over that a caller waits to cancel: the dispatcher recalls them.
         self.recall_wanted: list[WorkItem] = []
+        # Every accepted task not finished, by id, wherever it is (pending, in transit to a
+        # worker, held by one, backing off): what a forked child fails at the fork.
+        self.unfinished: dict[int, WorkItem] = {}
         # Callers waiting for room, FIFO: run_async() (an asyncio future and its loop) and
         # blocking producers such as map() (a threading.Event, loop None).
         self._room_waiters: deque[tuple[asyncio.AbstractEventLoop | None, _Waiter]] = deque()
@@ -144,6 +147,7 @@ class Backlog:
         self.submitted += 1
         self.queued += 1
         self.pending.append(item)
+        self.unfinished[item.task_id] = item
         wake = not self.dispatcher_will_look
         self.dispatcher_will_look = True
         return wake
@@ -175,6 +179,7 @@ class Backlog:
             raise AssertionError(f"{item!r} finished twice")
         item.state = state
         item.worker = None
+        self.unfinished.pop(item.task_id, None)
         setattr(self, _TERMINAL[state], getattr(self, _TERMINAL[state]) + 1)
         request = item.cancel_request
         if request is None:

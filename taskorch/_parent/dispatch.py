@@ -421,11 +421,11 @@ class DispatcherCore:
 
     def forget_in_forked_child(self) -> list[WorkItem]:
         """In a forked child, at the fork (this dispatcher's thread is the parent's, absent
-        here): every task it held, which the child's orchestrator fails; the backend lets go
-        of the parent's channels without a word on them (``_forget_channels_in_child``)."""
-        self._backlog.lock = threading.Lock()  # (may have been copied held; no thread uses it)
-        items = self._delayed.take_all()
-        items += [item for item, _ in self._take_all_inflight_locked()]
+        here): the backend lets go of the parent's channels without a word on them. Returns
+        the tasks that finished but whose futures the parent's thread had not resolved yet
+        at the fork (the child's orchestrator fails them with the unfinished ones)."""
+        items = [item for item, _, _ in self._resolutions]
+        self._resolutions = []
         try:
             self._forget_channels_in_child()
         finally:

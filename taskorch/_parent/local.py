@@ -41,7 +41,7 @@ from typing import Any, Iterable
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission
-from taskorch._parent.dispatch import DispatcherCore
+from taskorch._parent.dispatch import BackoffQueue, DispatcherCore
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
@@ -520,6 +520,7 @@ class LocalDispatcher(DispatcherCore):
         for worker in self._workers.values():
             worker.forget_in_forked_child()
         self._workers.clear()
+        self._delayed = BackoffQueue()
         self.pids = ()
 
 

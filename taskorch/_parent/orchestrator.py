@@ -167,7 +167,8 @@ class TaskOrchestrator:
         backlog = self._backlog
         backlog.lock = threading.Lock()
         backlog._room_waiters.clear()  # their threads and loops are the parent's
-        items = list(backlog.pending)
+        items = list(backlog.unfinished.values())
+        backlog.unfinished.clear()
         backlog.pending.clear()
         forget = getattr(self._dispatcher, "forget_in_forked_child", None)
         if forget is not None:
