@@ -56,8 +56,6 @@ assert _spec is not None and _spec.loader is not None
 cf: Any = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = cf
 _spec.loader.exec_module(cf)
-# Workers cannot import that module by name: its functions and classes travel by value.
-cloudpickle.register_pickle_by_value(cf)
 
 BROKEN_POOL = ("expects BrokenProcessPool: the whole pool broken by one crash; taskorch "
                "isolates it (the task fails with WorkerCrashedError, the pool goes on)")
@@ -143,6 +141,10 @@ class TaskorchMixin(cf.ExecutorMixin):  # type: ignore[misc]
         return None
 
     def setUp(self) -> None:
+        # Workers cannot import that module by name: its functions and classes travel by
+        # value, for the test's duration only (a registration changes how every call pickles).
+        cloudpickle.register_pickle_by_value(cf)
+        self.addCleanup(cloudpickle.unregister_pickle_by_value, cf)
         super().setUp()
         # Workers started, as a fork-based pool's are when it returns: a test that submits
         # and then cancels expects the first calls to have begun (test_cancel_futures).
