@@ -296,3 +296,32 @@ def test_gunicorn_preload_with_an_orchestrator_and_a_client_made_at_import(
     assert code == 0, text
     assert "SIGKILL" not in text and "Traceback" not in text, text
     wait_until(lambda: not _alive(everything), timeout=10, what="every process to be gone")
+
+
+def test_a_stopped_orchestrator_closes_none_of_the_childs_fds_at_the_fork(
+        make_orchestrator) -> None:
+    o = make_orchestrator(worker_count=1)
+    o.stop()
+    dispatcher = o._dispatcher
+    freed = {dispatcher._wake_r, dispatcher._wake_w}  # closed by stop(): free for reuse
+    pipes: list[tuple[int, int]] = []
+    try:
+        while not freed <= {fd for pipe in pipes for fd in pipe} and len(pipes) < 256:
+            pipes.append(os.pipe())  # the lowest free numbers first: the wake pipe's again
+        assert freed <= {fd for pipe in pipes for fd in pipe}
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for pipe in pipes:
+                    for fd in pipe:
+                        os.fstat(fd)  # still open: the fork hook closed nothing of ours
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for pipe in pipes:
+            for fd in pipe:
+                os.close(fd)

@@ -78,6 +78,7 @@ _PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
 
 class LocalDispatcher(DispatcherCore):
     thread_name = "taskorch-dispatcher"
+    recalls_for_cancel = True  # a worker hands back the calls it has not started (RECALL)
 
     def __init__(
         self,
@@ -332,8 +333,6 @@ class LocalDispatcher(DispatcherCore):
                 again = due
         return again
 
-    recalls_for_cancel = True
-
     def _recall_calls(self, items: list[WorkItem]) -> list[WorkItem]:
         # One RECALL per worker holding any of them, even if one is unanswered: that one may
         # have been sent before these calls, and would not bring them back. The worker hands
@@ -506,16 +505,17 @@ class LocalDispatcher(DispatcherCore):
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-
     def _forget_channels_in_child(self) -> None:
         # The copies of the parent's fds, closed through their owners so that nothing closes
-        # the same number again later. Closing a copy never reaches the parent's workers:
-        # their channels stay open in the parent (a worker sees EOF only when every copy is
-        # closed), and nothing is sent on them here.
+        # the same number again later (nor now, if the parent had closed them: a stopped
+        # orchestrator). Closing a copy never reaches the parent's workers: their channels
+        # stay open in the parent (a worker sees EOF only when every copy is closed), and
+        # nothing is sent on them here.
         self._wake_lock = threading.Lock()
-        self._wake_closed = True
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if not self._wake_closed:
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self._selector.close()
         for worker in self._workers.values():
             worker.forget_in_forked_child()

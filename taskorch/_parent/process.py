@@ -302,6 +302,7 @@ class WorkerProcess:
         and not at some later garbage collection."""
         self.conn.close()
         if self._owns_exit_fd:
+            self._owns_exit_fd = False  # (idempotent: a fork may copy a half-closed worker)
             os.close(self.exit_fd)
         self.process._popen = None
 
