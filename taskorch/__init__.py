@@ -34,6 +34,7 @@ from taskorch._errors import (
 from taskorch._policy import BreakerMode, CircuitBreaker, Features, Policy
 
 if TYPE_CHECKING:
+    from taskorch._parent.executor import Executor
     from taskorch._parent.orchestrator import PolicyOverride, TaskOrchestrator
     from taskorch._parent.task import TaskFuture
     from taskorch._service.client import Client, connect
@@ -44,6 +45,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "Client",
+    "Executor",
     "Features",
     "OrchestratorBrokenError",
     "OrchestratorClosedError",
@@ -69,6 +71,7 @@ __version__ = "0.1.0"
 logging.getLogger("taskorch").addHandler(logging.NullHandler())
 
 _LAZY = {
+    "Executor": "taskorch._parent.executor",
     "PolicyOverride": "taskorch._parent.orchestrator",
     "TaskOrchestrator": "taskorch._parent.orchestrator",
     "TaskFuture": "taskorch._parent.task",

@@ -419,3 +419,17 @@ def process_groups() -> tuple[int, int, int]:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpgrp())"],
                            capture_output=True, text=True, check=True)
     return os.getpid(), os.getpgrp(), int(child.stdout)
+
+
+# -- Executor and fork tests -------------------------------------------------------------------
+
+
+def print_line(text: str) -> None:
+    """Print ``text`` on the worker's stdout (inherited from the parent) and flush it."""
+    print(text, flush=True)
+
+
+def mark(path: str) -> str:
+    """Leave a file behind: proof that the task ran."""
+    Path(path).write_text(str(os.getpid()))
+    return path

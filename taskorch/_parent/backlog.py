@@ -25,7 +25,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, Union
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
-from taskorch._parent.task import TaskState, WorkItem
+from taskorch._parent.task import CancelRequest, TaskState, WorkItem
 from taskorch._stats import Stats
 
 if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it
@@ -54,6 +54,14 @@ class Backlog:
         self.closed = False
         self.broken: str | None = None  # why no worker can be started, once that is so
         self.stop_deadline: float | None = None  # time.monotonic() by which stop() must end
+        # Can the dispatcher take back a call handed over and not started, to cancel it? Set
+        # once by the orchestrator (the local backend can; see ``cancel_queued``).
+        self.recalls_for_cancel = False
+        # Calls handed over that a caller waits to cancel: the dispatcher recalls them.
+        self.recall_wanted: list[WorkItem] = []
+        # Every accepted task not finished, by id, wherever it is (pending, in transit to a
+        # worker, held by one, backing off): what a forked child fails at the fork.
+        self.unfinished: dict[int, WorkItem] = {}
         # Callers waiting for room, FIFO: run_async() (an asyncio future and its loop) and
         # blocking producers such as map() (a threading.Event, loop None).
         self._room_waiters: deque[tuple[asyncio.AbstractEventLoop | None, _Waiter]] = deque()
@@ -139,6 +147,7 @@ class Backlog:
         self.submitted += 1
         self.queued += 1
         self.pending.append(item)
+        self.unfinished[item.task_id] = item
         wake = not self.dispatcher_will_look
         self.dispatcher_will_look = True
         return wake
@@ -154,9 +163,13 @@ class Backlog:
             if not item.future.done():  # (unless the caller resolved it itself)
                 item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
             self._wake_room_waiters_locked(1)
+            if item.cancel_request is not None:  # it started first: too late to cancel
+                item.cancel_request.answer_locked(item, False)
 
-    def finish_locked(self, item: WorkItem, state: TaskState) -> None:
-        """Move ``item`` to a terminal state; the caller resolves its future after unlocking."""
+    def finish_locked(self, item: WorkItem, state: TaskState) -> bool:
+        """Move ``item`` to a terminal state; the caller resolves its future after unlocking,
+        unless this returns True: it ended cancelled while a caller of ``cancel()`` waited,
+        and that caller cancels the future itself (before its cancel() returns True)."""
         if item.state is TaskState.QUEUED:
             self.queued -= 1
             self._wake_room_waiters_locked(1)
@@ -166,19 +179,65 @@ class Backlog:
             raise AssertionError(f"{item!r} finished twice")
         item.state = state
         item.worker = None
+        self.unfinished.pop(item.task_id, None)
         setattr(self, _TERMINAL[state], getattr(self, _TERMINAL[state]) + 1)
+        request = item.cancel_request
+        if request is None:
+            return False
+        granted = state is TaskState.CANCELLED
+        request.answer_locked(item, granted)
+        return granted
 
-    def cancel_if_pending(self, item: WorkItem) -> bool:
-        """future.cancel(): succeeds only while the task waits in ``pending``."""
+    def cancel_queued(self, items: list[WorkItem], wait: float) -> list[WorkItem]:
+        """``future.cancel()`` (and ``Executor.shutdown(cancel_futures=True)``): cancel those of
+        ``items`` that are queued, and their futures (after the lock is released, in this
+        thread: their callbacks run here when called from ``future.cancel()``); returns them.
+
+        A call waiting in ``pending`` is cancelled at once. One handed to a worker and not
+        started is recalled, if the dispatcher can (``recalls_for_cancel``): the caller waits
+        up to ``wait`` seconds for the worker's answer (its reader thread answers at once,
+        even while a task runs; a worker that dies answers by its death). A call that starts
+        first, or whose answer is later than ``wait``, is not cancelled: it runs."""
+        cancelled: list[WorkItem] = []
         with self.lock:
-            if item.state is not TaskState.QUEUED or item.worker is not None:
-                return False
-            try:
-                self.pending.remove(item)
-            except ValueError:  # being handed over right now
-                return False
-            self.finish_locked(item, TaskState.CANCELLED)
-        return True
+            queued = {id(item): item for item in items if item.state is TaskState.QUEUED
+                      and item.cancel_request is None}
+            if not queued:
+                return cancelled
+            if len(queued) == 1:  # future.cancel(): no need to rebuild the deque
+                (item,) = queued.values()
+                try:
+                    self.pending.remove(item)
+                    cancelled.append(item)
+                except ValueError:  # handed over
+                    pass
+            else:
+                kept: deque[WorkItem] = deque()
+                for item in self.pending:
+                    (cancelled if id(item) in queued else kept).append(item)
+                self.pending.clear()
+                self.pending.extend(kept)
+            for item in cancelled:
+                del queued[id(item)]
+                self.finish_locked(item, TaskState.CANCELLED)
+            handed = list(queued.values()) if self.recalls_for_cancel else []
+            if handed:
+                request = CancelRequest(handed)
+                self.recall_wanted += handed
+        try:
+            if handed:
+                self.wake_dispatcher()
+                request.done.wait(wait)
+        finally:  # (a KeyboardInterrupt in the wait too: a granted call is ours to resolve)
+            if handed:
+                with self.lock:
+                    for item in handed:
+                        if item.cancel_request is request:  # unanswered in time: it runs
+                            item.cancel_request = None
+                    cancelled += request.granted
+            for item in cancelled:
+                item.future._cancel_now()
+        return cancelled
 
     def mark_broken(self, reason: str) -> None:
         """No task can run any more: producers and waiters get OrchestratorBrokenError."""

@@ -19,7 +19,9 @@ The rules, each written once here, whatever runs the tasks:
 
 - A call handed over but never started goes back to the front of the backlog, in order, with
   no attempt charged (``_requeue_locked``): it never ran. A half-open circuit's probe slot it
-  held frees.
+  held frees. If a caller waits to cancel it (``future.cancel()`` of a queued task the
+  dispatcher had handed over: ``_recall_for_cancel`` asked the backend to take it back), it
+  ends cancelled instead; if it starts first, the cancel is refused (``Backlog.start_locked``).
 - An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
   lost with its Dask worker) is charged (``_crash_locked``): retried after the policy's backoff
   while the task's one attempt budget lasts (crashes always, a hard timeout if the policy
@@ -35,8 +37,9 @@ The rules, each written once here, whatever runs the tasks:
 What a backend supplies (the hooks below, marked "backend"): how to start (``_open``), how to
 wait and what came back (``_wait_and_handle``, calling the ``*_locked`` rules under the backlog
 lock), how to hand over (``_hand_over``), how to take calls back from a busy worker
-(``_recall_unstarted``), its own timers, how to give everything back at stop
-(``_take_all_inflight_locked``), and how to end (``_shut_down``, ``_close``).
+(``_recall_unstarted``) or for a cancel (``_recall_calls``), its own timers, how to give
+everything back at stop (``_take_all_inflight_locked``), how to end (``_shut_down``,
+``_close``), and what to let go of in a forked child (``_forget_channels_in_child``).
 
 Locks: the backlog's lock (see ``backlog``) guards ``pending``, the counts and the items'
 states; the ``*_locked`` methods need it held. Nothing here holds it across IPC, a process
@@ -82,6 +85,8 @@ class DispatcherCore:
 
     #: The thread's name (a stack dump then reads like a diagram).
     thread_name = "taskorch-dispatcher"
+    #: Can ``_recall_calls`` take back a call handed over and not started (for a cancel)?
+    recalls_for_cancel = False
 
     def __init__(self, backlog: Backlog, circuit_breaker: CircuitBreaker | None) -> None:
         self._backlog = backlog
@@ -149,6 +154,7 @@ class DispatcherCore:
     def _run(self) -> None:
         while True:
             self._wait_and_handle(self._next_timeout())
+            self._recall_for_cancel()
             self._flush()
             now = time.monotonic()
             self._fire_timers(now)
@@ -213,12 +219,36 @@ class DispatcherCore:
         order, uncharged (they never ran); a half-open circuit's probe slot frees."""
         if not items:
             return
+        back = []
         for item in items:
             item.worker = item.started_on = None
             if self._breaker is not None:
                 self._breaker.release(item.task_id)
-        self._backlog.pending.extendleft(reversed(items))
+            if item.cancel_request is not None:
+                # A caller waits to cancel it: it never ran, so it is cancelled, and that
+                # caller cancels its future (finish_locked answers the request).
+                self._backlog.finish_locked(item, TaskState.CANCELLED)
+            else:
+                back.append(item)
+        self._backlog.pending.extendleft(reversed(back))
         self._backlog.dispatcher_will_look = True
+
+    def _recall_for_cancel(self) -> None:
+        """Callers wait to cancel calls that were handed over: ask the backend to take them
+        back (its answer comes through ``_requeue_locked``, or their start refuses it)."""
+        backlog = self._backlog
+        with backlog.lock:
+            if not backlog.recall_wanted:
+                return
+            items = [item for item in backlog.recall_wanted if item.cancel_request is not None
+                     and item.state is TaskState.QUEUED]
+            backlog.recall_wanted.clear()
+        refused = self._recall_calls(items) if items else []
+        if refused:
+            with backlog.lock:
+                for item in refused:
+                    if item.cancel_request is not None:
+                        item.cancel_request.answer_locked(item, False)
 
     def _crash_locked(self, item: WorkItem, error: BaseException) -> str:
         """The attempt of ``item`` that started was lost with its worker: charge it; retry
@@ -383,11 +413,25 @@ class DispatcherCore:
                         f"stop()'s timeout expired while task {item.task_id} was running "
                         f"(attempt {item.attempts}); {note}"
                     )))
-                else:
-                    backlog.finish_locked(item, TaskState.CANCELLED)
-                    self._resolutions.append((item, "cancel", None))
+                elif not backlog.finish_locked(item, TaskState.CANCELLED):
+                    self._resolutions.append((item, "cancel", None))  # (else its canceller does)
         self._after_settle()
         self._flush()
+
+    # -- fork ------------------------------------------------------------------------------
+
+    def forget_in_forked_child(self) -> list[WorkItem]:
+        """In a forked child, at the fork (this dispatcher's thread is the parent's, absent
+        here): the backend lets go of the parent's channels without a word on them. Returns
+        the tasks that finished but whose futures the parent's thread had not resolved yet
+        at the fork (the child's orchestrator fails them with the unfinished ones)."""
+        items = [item for item, _, _ in self._resolutions]
+        self._resolutions = []
+        try:
+            self._forget_channels_in_child()
+        finally:
+            self.finished.set()  # nothing of it runs here
+        return items
 
     # -- the backend's part --------------------------------------------------------------------
 
@@ -445,6 +489,12 @@ class DispatcherCore:
         another idles. Returns when to look again (None: no need)."""
         raise NotImplementedError
 
+    def _recall_calls(self, items: list[WorkItem]) -> list[WorkItem]:  # backend
+        """Take back ``items`` (handed over, not started when asked) for a cancel: each comes
+        back through ``_requeue_locked`` if it had not started. Returns those it cannot
+        recall (their cancel is refused). Only called if ``recalls_for_cancel``."""
+        return items
+
     def _has_inflight(self) -> bool:  # backend (backlog lock held)
         """Are calls handed over and not finished?"""
         raise NotImplementedError
@@ -468,6 +518,10 @@ class DispatcherCore:
     def _shut_down(self, deadline: float | None) -> None:  # backend
         """Everything ran (or the orchestrator is broken): let the workers go (by stop()'s
         ``deadline``, a ``time.monotonic()`` value, if one was set)."""
+
+    def _forget_channels_in_child(self) -> None:  # backend
+        """In a forked child: close this process's copies of the parent's channels (never send
+        on them, never shut a shared socket down)."""
 
     def _close(self) -> None:  # backend
         """The thread ends: release what the backend holds (channels, a client)."""

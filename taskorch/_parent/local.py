@@ -41,7 +41,7 @@ from typing import Any, Iterable
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission
-from taskorch._parent.dispatch import DispatcherCore
+from taskorch._parent.dispatch import BackoffQueue, DispatcherCore
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
@@ -68,6 +68,9 @@ IDLE_EXIT_GRACE = 2.0
 #: cannot start or import taskorch. Each failure delays the next spawn by RESPAWN_DELAY.
 MAX_START_FAILURES = 3
 RESPAWN_DELAY = 1.0
+#: The longest single wait in select(): epoll takes its timeout in int milliseconds, which a
+#: stop() deadline weeks away (Executor.shutdown(wait=True) has none) would overflow.
+MAX_SELECT_WAIT = 3600.0
 
 # Events that show a worker making progress (a RECALLED answer does not).
 _PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
@@ -75,6 +78,7 @@ _PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
 
 class LocalDispatcher(DispatcherCore):
     thread_name = "taskorch-dispatcher"
+    recalls_for_cancel = True  # a worker hands back the calls it has not started (RECALL)
 
     def __init__(
         self,
@@ -161,6 +165,8 @@ class LocalDispatcher(DispatcherCore):
         return f"could not start worker processes: {exc}"
 
     def _wait_and_handle(self, timeout: float | None) -> None:
+        if timeout is not None and timeout > MAX_SELECT_WAIT:
+            timeout = MAX_SELECT_WAIT  # (the loop just computes the rest again)
         for key, _ in self._selector.select(timeout):
             if key.data is None:
                 self._drain_wake_pipe()
@@ -353,6 +359,15 @@ class LocalDispatcher(DispatcherCore):
                 again = due
         return again
 
+    def _recall_calls(self, items: list[WorkItem]) -> list[WorkItem]:
+        # One RECALL per worker holding any of them, even if one is unanswered: that one may
+        # have been sent before these calls, and would not bring them back. The worker hands
+        # back every call it has not started; those nobody cancels are handed out again.
+        for worker in {id(item.worker): item.worker for item in items
+                       if item.worker is not None}.values():
+            worker.send_recall()
+        return [item for item in items if item.worker is None]
+
     # -- worker life -----------------------------------------------------------------------
 
     def _spawn(self) -> WorkerProcess:
@@ -515,6 +530,24 @@ class LocalDispatcher(DispatcherCore):
             self._wake_closed = True
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _forget_channels_in_child(self) -> None:
+        # The copies of the parent's fds, closed through their owners so that nothing closes
+        # the same number again later (nor now, if the parent had closed them: a stopped
+        # orchestrator). Closing a copy never reaches the parent's workers: their channels
+        # stay open in the parent (a worker sees EOF only when every copy is closed), and
+        # nothing is sent on them here.
+        self._wake_lock = threading.Lock()
+        if not self._wake_closed:
+            self._wake_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        self._selector.close()
+        for worker in self._workers.values():
+            worker.forget_in_forked_child()
+        self._workers.clear()
+        self._delayed = BackoffQueue()
+        self.pids = ()
 
 
 def hard_deadline(worker: WorkerProcess, kill_grace: float) -> float | None:

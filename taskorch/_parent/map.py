@@ -33,14 +33,31 @@ def map_in_chunks(
     orchestrator: TaskOrchestrator, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
     chunksize: int | None, return_exceptions: bool,
 ) -> Iterator[Any]:
+    intake = orchestrator.intake
+
+    def submit(payload: bytes) -> TaskFuture:
+        future = intake.offer_blocking(intake.prepare(payload))
+        if future is None:  # cannot happen without a deadline
+            raise OrchestratorClosedError("map(): the task was not accepted")
+        return future
+
+    return map_chunks(submit, orchestrator.worker_count, fn, iterables, chunksize,
+                      return_exceptions)
+
+
+def map_chunks(
+    submit: Callable[[bytes], TaskFuture], worker_count: int, fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...], chunksize: int | None, return_exceptions: bool,
+) -> Iterator[Any]:
+    """map() over any pool: ``submit`` takes a pickled chunk call and returns its future once
+    accepted (waiting for room); ``worker_count`` sizes the chunks and the window."""
     star = len(iterables) > 1
     items = iter(zip(*iterables) if star else iterables[0])
     known = _known_length(iterables)
-    intake = orchestrator.intake
-    in_flight_limit = max(2, 2 * orchestrator.worker_count)
+    in_flight_limit = max(2, 2 * worker_count)
     cap = MAX_CHUNK_ITEMS
     if known is not None:  # leave every worker several chunks, as multiprocessing.Pool does
-        cap = max(1, min(cap, math.ceil(known / (4 * orchestrator.worker_count))))
+        cap = max(1, min(cap, math.ceil(known / (4 * worker_count))))
     if chunksize is not None:
         cap = chunksize
     # Without a measurement yet: multiprocessing.Pool.map's choice when the length is known
@@ -56,10 +73,7 @@ def map_in_chunks(
                     exhausted = True
                     break
                 payload = encode_call(run_chunk, (fn, chunk, return_exceptions, star), {})
-                future = intake.offer_blocking(intake.prepare(payload))
-                if future is None:  # cannot happen without a deadline
-                    raise OrchestratorClosedError("map(): the task was not accepted")
-                in_flight.append((future, len(chunk)))
+                in_flight.append((submit(payload), len(chunk)))
             if not in_flight:
                 return
             future, count = in_flight.popleft()

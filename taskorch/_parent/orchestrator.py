@@ -10,13 +10,14 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import os
 import threading
 import time
 import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from taskorch._errors import OrchestratorClosedError
+from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.task import TaskFuture, WorkItem
@@ -101,21 +102,89 @@ class TaskOrchestrator:
             raise ValueError(
                 f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
         self._backend = backend
-        self._backlog = Backlog(max_backlog)
-        self._intake = Intake(self._backlog, policy, self._drop_when_full)
-        self._schedule_lock = threading.Lock()
-        self._scheduler: Scheduler | None = None  # made by the first schedule()
-        self._dispatcher = backend.create_dispatcher(self._backlog, PoolConfig(
+        self._config = PoolConfig(
             worker_count=worker_count, policy=policy, policy_bytes=encode_policy(policy),
             kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
             max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker,
-        ))
+        )
+        # Fork (see _after_fork_in_child): the process this orchestrator's workers belong to,
+        # and the fork generation it was made in; a forked child that uses it starts afresh
+        # (_start_in_this_process) under `_fork_lock`.
+        self._pid = os.getpid()
+        self._generation = _fork_generation
+        self._fork_lock = threading.Lock()
+        self._start()
+        _live.add(self)
+
+    def _start(self, *, idle: bool = False) -> None:
+        """Make the backlog and the dispatcher, and start it (its workers). ``idle``: stopped
+        in a forked child before any use there, nothing starts (see ``stop``)."""
+        self._backlog = Backlog(self._max_backlog)
+        self._intake = Intake(self._backlog, self._policy, self._drop_when_full)
+        # Schedules are this process's own: a forked child starts with none.
+        self._schedule_lock = threading.Lock()
+        self._scheduler: Scheduler | None = None  # made by the first schedule()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if idle:
+            self._backlog.close(time.monotonic())
+            self._dispatcher: Dispatcher = _NothingRan()
+            return
+        self._dispatcher = self._backend.create_dispatcher(self._backlog, self._config)
         # Not a bound method of self: the finalizer below must not keep self alive.
         self._backlog.wake_dispatcher = self._dispatcher.wake
+        self._backlog.recalls_for_cancel = bool(getattr(self._dispatcher, "recalls_for_cancel",
+                                                        False))
         self._dispatcher.start()
         _running[self._dispatcher] = self._backlog
         # Garbage-collected without stop(): close intake and let the dispatcher drain.
-        weakref.finalize(self, _close_intake, self._backlog, self._dispatcher, EXIT_TIMEOUT)
+        self._finalizer = weakref.finalize(
+            self, _close_intake, self._backlog, self._dispatcher, EXIT_TIMEOUT)
+
+    def _here(self) -> None:
+        """Every entry point calls this first: a forked child that inherited this orchestrator
+        starts its own workers on first use (one global read when nothing forked)."""
+        if self._generation != _fork_generation:
+            self._start_in_this_process()
+
+    def _start_in_this_process(self, *, idle: bool = False) -> None:
+        with self._fork_lock:
+            if self._generation == _fork_generation:
+                return  # another thread of this child did it
+            parent, self._pid = self._pid, os.getpid()
+            log.info(
+                "a TaskOrchestrator made in process %d is used in process %d, forked from it: "
+                "%s; the parent's tasks stay with the parent", parent, self._pid,
+                "stopped before any use here, nothing started" if idle
+                else "starting its own workers here",
+            )
+            self._start(idle=idle)
+            self._generation = _fork_generation
+
+    def _left_behind_in_child(self) -> None:
+        """In a forked child, at the fork (one thread; the parent's threads are gone): give up
+        the parent's state without touching the parent. Its locks may have been copied held;
+        its fds (worker channels, wake pipe) are the parent's: closed here, never written.
+        Futures of the parent's tasks fail here at once (a wait on them would never end);
+        the parent's objects, in the parent, are untouched."""
+        self._fork_lock = threading.Lock()
+        if self._finalizer is not None:
+            self._finalizer.detach()  # it would wake the parent's dispatcher through its pipe
+            self._finalizer = None
+        backlog = self._backlog
+        backlog.lock = threading.Lock()
+        backlog._room_waiters.clear()  # their threads and loops are the parent's
+        items = list(backlog.unfinished.values())
+        backlog.unfinished.clear()
+        backlog.pending.clear()
+        forget = getattr(self._dispatcher, "forget_in_forked_child", None)
+        if forget is not None:
+            items += forget()
+        child = os.getpid()
+        for item in items:
+            item.future._fail_in_forked_child(OrchestratorBrokenError(
+                f"task {item.task_id} was submitted in process {self._pid}, and this process "
+                f"({child}) was forked from it: the task belongs to that process, runs there, "
+                "and only there is its outcome known"))
 
     # -- properties ------------------------------------------------------------------------
 
@@ -123,6 +192,7 @@ class TaskOrchestrator:
     def worker_count(self) -> int:
         """How many tasks run at once: the worker processes (local), or the in-flight bound
         on a cluster (which follows the cluster's threads unless worker_count was given)."""
+        self._here()
         return self._dispatcher.effective_worker_count()
 
     @property
@@ -195,12 +265,15 @@ class TaskOrchestrator:
     def intake(self) -> Intake:
         """Where callers that prepare calls themselves submit them (``map()``, the CLI, the
         server); see ``Intake``. Not part of the public API."""
+        self._here()
         return self._intake
 
     def _run(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture | None:
+        if self._generation != _fork_generation:  # (_here(), inlined: run()'s hot path)
+            self._start_in_this_process()
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
         return self._intake.offer(item, getattr(fn, "__qualname__", fn))
 
@@ -208,6 +281,7 @@ class TaskOrchestrator:
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture:
+        self._here()
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
         return await self._intake.offer_async(item)
 
@@ -242,6 +316,7 @@ class TaskOrchestrator:
             misfire=parse_choice(Misfire, misfire, "misfire"),
             catch_up_limit=catch_up_limit,
         )
+        self._here()
         with self._schedule_lock:
             if self._scheduler is None:
                 if self._backlog.closed:
@@ -254,6 +329,7 @@ class TaskOrchestrator:
 
     def schedules(self) -> list[ScheduleStatus]:
         """The schedules' state: next and last run, the last outcome (see ``schedule()``)."""
+        self._here()
         scheduler = self._scheduler
         return scheduler.status() if scheduler is not None else []
 
@@ -261,10 +337,12 @@ class TaskOrchestrator:
 
     def stats(self) -> Stats:
         """A consistent snapshot of the counts (see ``Stats``)."""
+        self._here()
         return self._backlog.stats()
 
     def worker_pids(self) -> list[int]:
         """The pids of the worker processes alive now."""
+        self._here()
         return list(self._dispatcher.pids)
 
     def _status_details(self) -> dict[str, Any]:
@@ -285,6 +363,8 @@ class TaskOrchestrator:
         starts the stop and returns without waiting.
         """
         _check_number("timeout", timeout, allow_zero=True)
+        if self._generation != _fork_generation:  # a forked child, not used here yet
+            self._start_in_this_process(idle=True)
         started = time.monotonic()
         with self._schedule_lock:
             scheduler = self._scheduler
@@ -329,6 +409,8 @@ class TaskOrchestrator:
         await self.stop_async()
 
     def __repr__(self) -> str:
+        if self._generation != _fork_generation:
+            return f"<TaskOrchestrator of process {self._pid}, not used in this forked child>"
         s = self.stats()
         state = "stopped" if self._dispatcher.finished.is_set() else (
             "stopping" if self._backlog.closed else "running")
@@ -346,6 +428,17 @@ class Intake:
         self._backlog = backlog
         self._default_policy = default_policy
         self._drop_when_full = drop_when_full
+
+    def cancel(self, items: list[WorkItem]) -> int:
+        """Cancel those of ``items`` (tasks offered here) that have not started: see
+        ``cancel_items``. How many were cancelled."""
+        return cancel_items(self._backlog, items)
+
+    def close(self, timeout: float) -> None:
+        """No new tasks; what was accepted runs, within ``timeout`` seconds (stop() without
+        waiting)."""
+        self._backlog.close(time.monotonic() + timeout)
+        self._backlog.wake_dispatcher()
 
     def prepare(
         self, payload: bytes, policy: Policy | None = None, policy_bytes: bytes | None = None,
@@ -418,11 +511,21 @@ class PolicyOverride:
             self._policy, self._policy_bytes, fn, args, kwargs)
 
 
+#: How long ``future.cancel()`` of a queued task already handed to a worker waits for the
+#: worker to hand it back (its reader thread answers at once, unless a task holds the GIL in C
+#: code). Past it, cancel() returns False and the task runs: a bound on how long cancel() can
+#: block its caller (an event loop, say), traded against cancelling such a task at all.
+RECALL_WAIT = 2.0
+
+
 def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
-    if not backlog.cancel_if_pending(item):
-        return False
-    future._cancel_now()
-    return True
+    return bool(cancel_items(backlog, [item]))
+
+
+def cancel_items(backlog: Backlog, items: list[WorkItem]) -> int:
+    """Cancel those of ``items`` still queued (recalling them from workers that have not
+    started them) and their futures; how many were cancelled."""
+    return len(backlog.cancel_queued(items, RECALL_WAIT))
 
 
 # Dispatchers of orchestrators not yet stopped: the exit hook stops them.
@@ -433,6 +536,56 @@ _exit_hook_lock = threading.Lock()
 def _close_intake(backlog: Backlog, dispatcher: Dispatcher, timeout: float) -> None:
     backlog.close(time.monotonic() + timeout)
     dispatcher.wake()
+
+
+class _NothingRan:
+    """The dispatcher of an orchestrator that a forked child stopped before using it there:
+    no thread, no worker, nothing ran (``stop()`` then costs nothing)."""
+
+    drained: bool | None = True
+    pids: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.thread = threading.Thread()  # never started: stop() is never called from it
+        self.finished = threading.Event()
+        self.finished.set()
+
+    def start(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def effective_worker_count(self) -> int:
+        return 0
+
+    def status_details(self) -> dict[str, Any]:
+        return {"workers": [], "oldest_queued_seconds": None}
+
+
+# -- fork ------------------------------------------------------------------------------------
+# A forked child has a copy of every orchestrator, but none of the threads that ran them, and
+# the parent's worker channels. `_fork_generation` goes up in each child, at the fork; an
+# orchestrator made in an older generation starts afresh on first use (TaskOrchestrator._here).
+
+_fork_generation = 0
+# Orchestrators alive in this process, to be left behind in a forked child at the fork.
+_live: weakref.WeakSet[TaskOrchestrator] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation, _exit_hook_lock
+    _fork_generation += 1
+    _exit_hook_lock = threading.Lock()  # (may have been copied held)
+    _running.clear()  # the parent's dispatchers: not this process's to stop at exit
+    for orchestrator in list(_live):
+        try:
+            orchestrator._left_behind_in_child()
+        except BaseException:  # noqa: BLE001 - never let a fork hook fail the child's start
+            log.exception("taskorch: could not leave an orchestrator behind in a forked child")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

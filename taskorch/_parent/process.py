@@ -302,8 +302,18 @@ class WorkerProcess:
         and not at some later garbage collection."""
         self.conn.close()
         if self._owns_exit_fd:
+            self._owns_exit_fd = False  # (idempotent: a fork may copy a half-closed worker)
             os.close(self.exit_fd)
         self.process._popen = None
+
+    def forget_in_forked_child(self) -> None:
+        """In a forked child: close this process's copies of the channel and the exit fd.
+        No signal, no reap: the worker is the parent's."""
+        self.conn.close()
+        if self._owns_exit_fd:
+            os.close(self.exit_fd)
+            self._owns_exit_fd = False
+        self.inflight.clear()
 
     def __repr__(self) -> str:
         return f"<WorkerProcess slot={self.slot} pid={self.pid} inflight={len(self.inflight)}>"

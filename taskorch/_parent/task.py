@@ -8,7 +8,7 @@ resolved then):
       |                      |  \\
       |                      |   crash or hard timeout, budget left: re-dispatched, still running
       |                      +--> abandoned   (stop's timeout expired while it ran)
-      +--> cancelled          (future.cancel() before hand-over, or stop's timeout expired)
+      +--> cancelled          (future.cancel() before its start, or stop's timeout expired)
 
 "queued" covers both the parent's backlog and a worker's prefetch (handed over, no start ack
 yet): a task handed to a worker that dies before starting it goes back to the front of the
@@ -87,8 +87,11 @@ class TaskFuture(Future[Any]):
 
     ``attempts`` (attempts started so far) and ``seconds`` (worker-side time of the last
     run, all its attempts included) are set before the future resolves. ``cancel()`` succeeds
-    only while the task waits in the parent's backlog; once handed to a worker it returns
-    False, as for ``concurrent.futures`` executors.
+    while the task is queued: waiting in the parent's backlog, or handed to a worker that has
+    not started it (local workers: it is recalled, and cancel() waits for the worker's answer,
+    at most ``orchestrator.RECALL_WAIT``). Once started it returns False, as for
+    ``concurrent.futures`` executors. (On a Dask cluster a call handed over is not recalled
+    for a cancel: cancel() returns False for it.)
 
     Threads (see the module docstring): the future is done as soon as the outcome arrives,
     still pickled; the first ``result()`` or ``exception()`` call unpickles it, in its own
@@ -100,8 +103,10 @@ class TaskFuture(Future[Any]):
     delays the callbacks after it, never a task or ``stop()``.
     """
 
-    # Future's own (CPython, not in typeshed): the callbacks added before it was done.
+    # Future's own (CPython, not in typeshed): the callbacks added before it was done, and
+    # the waiters of wait() / as_completed().
     _done_callbacks: list[Callable[[Future[Any]], object]]
+    _waiters: list[Any]
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,6 +140,19 @@ class TaskFuture(Future[Any]):
         self._cancel_hook = None
         Future.cancel(self)
         self.set_running_or_notify_cancel()
+
+    def _fail_in_forked_child(self, error: BaseException) -> None:
+        """In a forked child, at the fork: this future's task belongs to the parent. Fail it
+        here, so that nothing here waits for it forever. Its locks may have been copied held,
+        and its waiters (``wait()``, ``as_completed()``) are threads of the parent: new locks,
+        no waiters (one thread runs in the child now)."""
+        self._condition = threading.Condition()
+        self._decode_lock = threading.Lock()
+        self._waiters = []
+        self._cancel_hook = None
+        self._undecoded = None
+        if not self.done():
+            self.set_exception(error)
 
     # -- the outcome, unpickled by the first thread that asks ------------------------------
 
@@ -335,7 +353,8 @@ class WorkItem:
     Once its future is resolved, ``release()`` drops what only a live task needs."""
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
-                 "worker", "started_on", "attempts", "attempt_started", "queued_at")
+                 "worker", "started_on", "attempts", "attempt_started", "queued_at",
+                 "cancel_request", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -354,6 +373,8 @@ class WorkItem:
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
         self.queued_at = time.monotonic()  # when it was accepted (for `taskorch status`)
+        # Set while a caller waits to cancel it, handed over and not started (backlog lock).
+        self.cancel_request: CancelRequest | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
@@ -368,6 +389,29 @@ class WorkItem:
 
     def __repr__(self) -> str:
         return f"<WorkItem {self.task_id} {self.state.value} attempts={self.attempts}>"
+
+
+class CancelRequest:
+    """``cancel()`` of calls handed to a worker and not started: the dispatcher recalls them,
+    and answers each (under the backlog lock) when the worker's answer tells: granted if the
+    call came back unstarted (it ends cancelled, and the caller cancels its future), refused
+    if it started first. The caller waits on ``done``; one that stops waiting withdraws what
+    is unanswered, under the same lock, so every call is answered at most once."""
+
+    def __init__(self, items: list[WorkItem]) -> None:
+        self.unanswered = len(items)
+        self.granted: list[WorkItem] = []
+        self.done = threading.Event()
+        for item in items:
+            item.cancel_request = self
+
+    def answer_locked(self, item: WorkItem, granted: bool) -> None:
+        item.cancel_request = None
+        if granted:
+            self.granted.append(item)
+        self.unanswered -= 1
+        if self.unanswered == 0:
+            self.done.set()
 
 
 #: What to do with an item's future: ("result", pickled value), ("error", encode_exception

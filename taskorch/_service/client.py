@@ -19,17 +19,20 @@ is unknown) and later calls raise ``OrchestratorClosedError``; connect again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import sys
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from taskorch._errors import OrchestratorClosedError
 from taskorch._parent.task import TaskFuture
 from taskorch._policy import Policy
 from taskorch._service.addressing import (
@@ -76,7 +79,17 @@ def connect(
         raise ValueError("pass authkey or authkey_file, not both")
     if authkey is not None and (not isinstance(authkey, bytes) or not authkey):
         raise ValueError("authkey must be non-empty bytes")
+    return Client(_open_session(target, where, authkey, authkey_file, timeout),
+                  functools.partial(_open_session, target, where, authkey, authkey_file,
+                                    timeout))
 
+
+def _open_session(
+    target: Any, where: str, authkey: bytes | None,
+    authkey_file: str | os.PathLike[str] | None, timeout: float,
+) -> Session:
+    """Connect, authenticate, read the hello: a new ``Session`` (``connect()``, and a forked
+    child's first use of a client it inherited)."""
     deadline = time.monotonic() + timeout
     if isinstance(target, tuple):
         sock = socket.create_connection(target, timeout=timeout)
@@ -109,7 +122,7 @@ def connect(
             conn.close()
         sock.close()
         raise
-    return Client(Session(sock, conn, where, info))
+    return Session(sock, conn, where, info)
 
 
 def _read_key(
@@ -148,27 +161,61 @@ class Client:
     ``close()``, ``with`` or ``async with``.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, reopen: Callable[[], Session] | None = None) -> None:
         self._session = session
+        self._reopen = reopen  # a new connection to the same server, with the same key
+        # Fork (see _after_fork_in_child): the fork generation the session belongs to; a
+        # forked child that uses this client opens its own connection (`_here`).
+        self._generation = _fork_generation
+        self._fork_lock = threading.Lock()
+        self._pid = os.getpid()
         # Not a bound method: the finalizer must not keep self alive. A client dropped without
         # close() disconnects; the server still runs what it accepted.
-        weakref.finalize(self, session.shut_down)
+        self._finalizer = weakref.finalize(self, session.shut_down)
+        _live.add(self)
+
+    def _here(self) -> Session:
+        """This process's session: in a forked child, a new connection on first use (the
+        parent's socket is the parent's: the child never reads, writes or shuts it down)."""
+        if self._generation != _fork_generation:
+            with self._fork_lock:
+                if self._generation != _fork_generation:
+                    if self._reopen is None:
+                        raise OrchestratorClosedError(
+                            "this taskorch.Client was opened in the process this one was forked "
+                            "from, and cannot reconnect; call taskorch.connect() here")
+                    parent, self._pid = self._pid, os.getpid()
+                    log.info("a taskorch.Client opened in process %d is used in process %d, "
+                             "forked from it: opening its own connection to %s", parent,
+                             self._pid, self._session.where)
+                    session = self._reopen()
+                    self._session = session
+                    self._finalizer = weakref.finalize(self, session.shut_down)
+                    self._generation = _fork_generation
+        return self._session
+
+    def _left_behind_in_child(self) -> None:
+        """In a forked child, at the fork (one thread): let go of the parent's connection
+        without touching it; the parent's futures fail here (see ``Session``)."""
+        self._fork_lock = threading.Lock()
+        self._finalizer.detach()  # shut_down() would cut the parent's connection
+        self._session.forget_in_forked_child()
 
     @property
     def address(self) -> str:
         """The server, as ``unix:PATH`` or ``tcp:HOST:PORT``."""
-        return self._session.where
+        return self._session.where  # (the same after a fork)
 
     @property
     def server_info(self) -> dict[str, Any]:
         """What the server said about itself on connecting: pid, taskorch version, workers,
         max_backlog, drop."""
-        return dict(self._session.info)
+        return dict(self._here().info)
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
         """Submit ``fn(*args, **kwargs)`` to the server's backlog; one round trip, no waiting
         for room. Same contract as ``TaskOrchestrator.run``."""
-        return self._session.submit(None, fn, args, kwargs)
+        return self._here().submit(None, fn, args, kwargs)
 
     async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Submit, waiting without blocking the loop until the server's backlog has room.
@@ -177,17 +224,39 @@ class Client:
         waiting for room; if it had accepted the task at that moment, the task is cancelled if
         it has not started, and otherwise runs with its outcome discarded.
         """
-        return await self._session.submit_async(None, fn, args, kwargs)
+        return await self._here().submit_async(None, fn, args, kwargs)
 
     def with_policy(self, policy: Policy) -> RemotePolicyOverride:
         """``client.with_policy(Policy(retries=5)).run(fn, x)``: one task's own policy."""
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        return RemotePolicyOverride(self._session, policy)
+        return RemotePolicyOverride(self, policy)
+
+    def map(
+        self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """``TaskOrchestrator.map`` on the server: results in order, items in chunks (one
+        task each), the input read lazily with a few chunks in flight; each chunk waits for
+        room in the server's backlog. Closing the iterator early stops submitting (the
+        chunks sent run on the server, their outcomes discarded)."""
+        from taskorch._parent.map import map_chunks
+
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(
+                chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        session = self._here()
+        workers = session.info.get("workers")
+        return map_chunks(
+            functools.partial(session.submit_payload_waiting, None),
+            workers if isinstance(workers, int) and workers > 0 else 2,
+            fn, iterables, chunksize, return_exceptions)
 
     def stats(self) -> Stats:
         """The server's ``stats()`` (every client's tasks), one round trip."""
-        return self._session.stats()
+        return self._here().stats()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop submitting, wait up to ``timeout`` s for outstanding futures, disconnect.
@@ -196,6 +265,9 @@ class Client:
         running on the server (and count in its stats). Idempotent. Called from a future's
         callback (the reader thread), it disconnects without waiting.
         """
+        if self._generation != _fork_generation:  # a forked child that never used it
+            self._generation = _fork_generation  # (its session is closed: calls now raise)
+            return
         self._session.close(timeout)
 
     def __enter__(self) -> Client:
@@ -224,12 +296,34 @@ class Client:
 class RemotePolicyOverride:
     """``run``/``run_async`` of a ``Client`` with another policy (see ``Client.with_policy``)."""
 
-    def __init__(self, session: Session, policy: Policy) -> None:
-        self._session = session
+    def __init__(self, client: Client, policy: Policy) -> None:
+        self._client = client
         self._wire_policy = encode_service_policy(policy)  # SerializationError here
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
-        return self._session.submit(self._wire_policy, fn, args, kwargs)
+        return self._client._here().submit(self._wire_policy, fn, args, kwargs)
 
     async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        return await self._session.submit_async(self._wire_policy, fn, args, kwargs)
+        return await self._client._here().submit_async(self._wire_policy, fn, args, kwargs)
+
+
+# -- fork --------------------------------------------------------------------------------------
+# A forked child has a copy of every client, its socket included, but not its reader thread.
+# `_fork_generation` goes up in each child at the fork; a client of an older generation opens
+# its own connection on first use (Client._here).
+
+_fork_generation = 0
+_live: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+    for client in list(_live):
+        try:
+            client._left_behind_in_child()
+        except BaseException:  # noqa: BLE001 - never let a fork hook fail the child's start
+            log.exception("taskorch: could not leave a client behind in a forked child")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

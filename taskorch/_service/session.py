@@ -155,6 +155,16 @@ class Session:
         assert future is not None  # the server never drops a waiting request
         return future
 
+    def submit_payload_waiting(self, wire_policy: WirePolicy | None, payload: bytes) -> TaskFuture:
+        """A call pickled by the caller (``Client.map()``'s chunks), accepted once the
+        server's backlog has room (the server waits, as for ``submit_async``)."""
+        self._check_not_reader("map()")
+        request = _Request(_new_future())
+        answer = self._call(request, lambda req: (C_SUBMIT, req, payload, wire_policy, True))
+        future = self._accepted(request, answer)
+        assert future is not None  # the server never drops a waiting request
+        return future
+
     def stats(self) -> Stats:
         return decode_stats(self.status())
 
@@ -262,6 +272,25 @@ class Session:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:  # already disconnected
                 pass
+
+    def forget_in_forked_child(self) -> None:
+        """In a forked child, at the fork (one thread; the reader is the parent's): close this
+        process's copies of the socket, without ``shutdown()``, which would end the parent's
+        connection too, and fail the parent's requests here (their answers go to the parent).
+        The locks may have been copied held: new ones."""
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._closing = True
+        self.closed_reason = "it was opened by the process this one was forked from"
+        requests = list(self._requests.values())
+        self._requests.clear()
+        self._conn.close()
+        self._sock.close()
+        for request in requests:
+            if request.future is not None:
+                request.future._fail_in_forked_child(OrchestratorBrokenError(
+                    "this task was submitted through a taskorch.Client by the process this one "
+                    "was forked from: its outcome goes to that process only"))
 
     # -- reader thread -----------------------------------------------------------------------
 
