@@ -23,6 +23,7 @@ from taskorch._policy import CircuitBreaker, Policy
 
 if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
+    from taskorch._parent.figures import WorkerView
 
 
 #: Seconds a local task may run past its timeout, unresponsive, before its worker is killed.
@@ -56,6 +57,9 @@ class Dispatcher(Protocol):
 
     def effective_worker_count(self) -> int:
         """How many tasks may run at once now."""
+
+    def worker_views(self) -> list[WorkerView]:
+        """The workers now, for the dashboard (any thread)."""
 
 
 class Backend(Protocol):

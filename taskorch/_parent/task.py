@@ -334,7 +334,7 @@ class WorkItem:
     Once its future is resolved, ``release()`` drops what only a live task needs."""
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
-                 "worker", "started_on", "attempts", "attempt_started")
+                 "worker", "started_on", "attempts", "attempt_started", "name", "accepted_at")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -352,6 +352,9 @@ class WorkItem:
         self.started_on: WorkerProcess | None = None  # the worker running its current attempt
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
+        # Set only while metrics are on (``figures``): the label, and when it was accepted.
+        self.name = ""
+        self.accepted_at = 0.0
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
