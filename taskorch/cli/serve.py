@@ -25,6 +25,7 @@ from taskorch.cli.options import (
     add_pool_arguments,
     orchestrator_from_args,
 )
+from taskorch.cli.serve_http import add_http_arguments, http_service_from_args
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,13 +51,15 @@ def add_parser(subparsers: Any) -> None:
                             "(port 0: any free port)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --tcp address: anyone holding the key can then run "
-                        "code as this user, and the traffic is authenticated but not encrypted")
+                        "code as this user, and the traffic is authenticated but not encrypted "
+                        "(and a non-loopback --http address, which then requires a token)")
     p.add_argument("--authkey-file", metavar="PATH",
                    help="the shared key (default: PATH.authkey next to the socket; "
                         "~/.config/taskorch/authkey for TCP)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="at shutdown, how long tasks in flight may take before they are cancelled "
                         "or terminated (default: 30)")
+    add_http_arguments(p)
     add_pool_arguments(p)
     p.set_defaults(handler=main)
 
@@ -77,13 +80,20 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         orchestrator = orchestrator_from_args(args)
+        try:
+            http, http_note = http_service_from_args(args, orchestrator)
+        except BaseException:
+            orchestrator.stop(timeout=0)
+            raise
     except BaseException:
         listener.close()
         raise
+    if http_note:
+        _say(http_note)
     if created:
         _say(f"generated a new authkey in {key_path} (mode 0600)")
     outcome = serve(orchestrator, listener, authkey, drain_timeout=args.drain_timeout, say=_say,
-                    ready_details=f"authkey file {key_path}, ")
+                    ready_details=f"authkey file {key_path}, ", http=http)
     if not outcome.drained:
         return EXIT_FAILED  # a thread died, stop() failed, or the drain timed out: said above
     return EXIT_SIGINT if outcome.signal == signal.SIGINT else EXIT_SIGTERM
