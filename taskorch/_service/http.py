@@ -79,7 +79,8 @@ class HttpService:
     check to ``/readyz`` (e.g. the journal's), at any time."""
 
     def __init__(self, orchestrator: TaskOrchestrator, host: str, port: int, *,
-                 token: str | None = None, allow_remote: bool = False) -> None:
+                 token: str | None = None, allow_remote: bool = False,
+                 sample_interval: float = SAMPLE_INTERVAL) -> None:
         shown = f"{host}:{port}"
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -106,6 +107,7 @@ class HttpService:
         # appended by the sampler, copied by requests (a deque's append and list() are atomic
         # under the GIL).
         self.history: deque[tuple[float, ...]] = deque(maxlen=HISTORY)
+        self.sample_interval = sample_interval
         try:
             server_class = _Server6 if family == socket.AF_INET6 else _Server
             self._server = server_class((str(sockaddr[0]), int(sockaddr[1])), _Handler)
@@ -155,7 +157,7 @@ class HttpService:
             log.exception("taskorch serve: the HTTP thread failed; metrics are unavailable")
 
     def _sample_until_closed(self) -> None:
-        while not self._stop.wait(SAMPLE_INTERVAL):
+        while not self._stop.wait(self.sample_interval):
             try:
                 self._sample()
             except Exception:  # noqa: BLE001 - the charts miss a point; the server goes on
@@ -196,7 +198,7 @@ class HttpService:
     def api(self, what: str) -> Any:
         """The answer to ``/api/<what>``; KeyError for an unknown one."""
         if what == "history":
-            return {"interval": SAMPLE_INTERVAL, "fields": [
+            return {"interval": self.sample_interval, "fields": [
                 "time", "submitted", "succeeded", "failed", "queued", "running", "workers"],
                 "samples": list(self.history)}
         if what == "workers":
