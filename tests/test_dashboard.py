@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import _tasks as T
 import pytest
 
-import _tasks as T
 from taskorch import Policy, TaskOrchestrator
 from taskorch._service.http import HttpService
 

@@ -11,11 +11,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import _tasks as T
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import Server, _env, _taskorch, short_dir, start_server  # noqa: F401 (fixtures)
 
-import _tasks as T
 from taskorch import CircuitBreaker, Policy, TaskOrchestrator
 from taskorch._service.http import HttpService, load_or_create_token
 
