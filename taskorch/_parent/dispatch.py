@@ -27,6 +27,10 @@ The rules, each written once here, whatever runs the tasks:
   have had side effects: after a crash a task runs at least once, not exactly once.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
   backlog lock, at the moment it changes, before the futures that changed it resolve.
+- Metrics (once ``figures.enable`` was called): the rules record a task's queue wait at its
+  first start, its run time and failure at its outcome, and a crash that ends it, into
+  ``backlog.figures``, under the lock they already hold; no I/O, nothing that waits. Readers
+  copy them under the same lock (``observe``).
 - At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
   passes first, queued tasks are cancelled and running ones abandoned (``_settle``). A broken
   orchestrator (no worker can run anything) fails what it holds with

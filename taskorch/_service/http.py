@@ -246,8 +246,10 @@ def _tasks_json(snap: Snapshot) -> list[dict[str, Any]]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    block_on_close = True  # server_close() joins the request threads
     service: HttpService
+    # Request threads not known to have ended (pruned at each request; joined by
+    # server_close()). Only the serve thread appends; server_close() runs after it ended.
+    request_threads: list[threading.Thread] = []
 
     def server_bind(self) -> None:
         # HTTPServer's, without its socket.getfqdn() (a reverse DNS lookup that can take
@@ -260,10 +262,13 @@ class _Server(ThreadingHTTPServer):
         thread = threading.Thread(target=self.process_request_thread,
                                   args=(request, client_address),
                                   name="taskorch-http-request", daemon=True)
-        threads = getattr(self, "_threads", None)
-        if threads is not None:
-            threads.append(thread)
+        self.request_threads = [t for t in self.request_threads if t.is_alive()] + [thread]
         thread.start()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for thread in self.request_threads:  # each ends within REQUEST_TIMEOUT
+            thread.join()
 
 
 class _Server6(_Server):
