@@ -27,6 +27,8 @@ Sections:
   H  drain: from the last of 50 short tasks completing to stop()/shutdown() returning; ms
   I  bulk map: N tiny items through the bulk API (taskorch map(), automatic chunk size;
      multiprocessing.Pool.imap and the executors' map with Pool.map's default chunk size)
+  M  metrics overhead (taskorch only): A's no-op throughput with the per-task figures off
+     and on (``taskorch.metrics``) on one pool, alternating blocks; the median on/off ratio
   noise: CPU that processes outside the pool's tree used during each section, % of one core
 
 Never asserts speed: every number is a measurement, not a verdict, and the exit status does
@@ -71,13 +73,15 @@ POOL_LABELS = {
     "taskorch-dask": "taskorch.TaskOrchestrator.run on a Dask LocalCluster",
     "dask": "distributed.Client.submit on a Dask LocalCluster",
 }
-ALL_SECTIONS = "ABCDEFGHI"
+ALL_SECTIONS = "ABCDEFGHIM"
+# Sections every pool runs; M (metrics overhead) is taskorch's alone.
+POOL_SECTIONS = "ABCDEFGHI"
 # Execution order inside a child, which is not the table order. D runs in children of its own
 # (see run_cold_starts); were it asked of a child with others, it goes first, so that "cold
 # start" really is the first pool this interpreter builds. E next, before sections A-C have
 # grown the heap with tens of thousands of futures; F last, since a crash may leave a pool
 # half-broken.
-EXEC_ORDER = "DEABCIGHF"
+EXEC_ORDER = "DEABCIGHMF"
 
 # Sizes. QUICK keeps the whole run (4-5 pools) under a minute; FULL under six.
 QUICK: dict[str, Any] = {
@@ -97,6 +101,7 @@ F_CRASH_INDEX = 49          # section F: the 50th task submitted kills its worke
 F_TASK_S = 0.002            # section F: innocent tasks sleep this long
 F_DEADLINE_S = 10.0         # section F: total wait for the 199 innocent tasks
 F_CRASHED_WAIT_S = 1.0      # section F: extra wait for the crashed task's own future
+M_PAIRS = 10                # section M: pairs of blocks (metrics off, on) of A's N / M_PAIRS
 PROBE_WAIT_S = 5.0          # "is the pool still usable": wait for one echo task
 G_TIMEOUT_S = 0.5           # section G: the per-task timeout
 G_HANG_S = 60.0             # section G: how long the hung task would sleep if left alone
@@ -223,7 +228,7 @@ def bulk_chunksize(n: int, workers: int) -> int:
 
 
 class PoolAdapter:
-    sections = ALL_SECTIONS  # the sections this pool runs
+    sections = POOL_SECTIONS  # the sections this pool runs
     """One pool instance. ``create`` is the timed constructor; ``stop`` is a graceful drain."""
 
     name = ""
@@ -288,6 +293,7 @@ class PoolAdapter:
 class TaskorchAdapter(PoolAdapter):
     name = "taskorch"
     has_task_timeout = True
+    sections = POOL_SECTIONS + "M"
 
     @staticmethod
     def preload() -> str:
@@ -720,6 +726,46 @@ class Child:
             return {"tasks_per_s": n / elapsed, "seconds": elapsed, "tasks": n}
         finally:
             self.close(pool, graceful=True)
+
+    def sec_M(self) -> dict[str, Any]:
+        """A's no-op throughput with metrics off and on, on ONE pool, in M_PAIRS pairs of
+        blocks of N / M_PAIRS tasks, the order alternating (off-on, on-off, ...); the median of
+        the pairs' on/off ratios, by wall time and by the parent's CPU time (which the other
+        processes of a shared machine disturb less). Successive blocks, and successive pools in
+        one interpreter, get slower (seen on main as well): comparing separate pools, or
+        blocks far apart, would measure that drift, not the metrics."""
+        from taskorch._parent import figures
+
+        n = max(200, self.p["a_tasks"] // M_PAIRS)
+        pool = self.new_pool()
+        wall: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        try:
+            self.warm(pool)
+            backlog = pool.pool._backlog
+            submit, noop = pool.submit, T.noop
+            for pair in range(M_PAIRS):
+                for metrics in ((False, True) if pair % 2 == 0 else (True, False)):
+                    recorder = figures.enable(backlog) if metrics else None
+                    if not metrics:
+                        figures.disable(backlog)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    handles = [submit(noop, ()) for _ in range(n)]
+                    self.wait_all(pool, handles, max(30.0, n / 200), "collect")
+                    wall[metrics].append(n / (time.perf_counter() - t0))
+                    cpu[metrics].append(n / max(1e-9, time.process_time() - c0))
+                    if recorder is not None:  # the figures did count the block's tasks
+                        counted = sum(sum(f.run.counts) for f in recorder.by_name.values())
+                        if counted < n:
+                            raise SectionError(f"metrics counted {counted} of {n} tasks")
+        finally:
+            self.close(pool, graceful=True)
+        return {
+            "off_tasks_per_s": median(wall[False]), "on_tasks_per_s": median(wall[True]),
+            "on_vs_off": median([on / off for on, off in zip(wall[True], wall[False])]),
+            "cpu_on_vs_off": median([on / off for on, off in zip(cpu[True], cpu[False])]),
+            "tasks": n * M_PAIRS * 2,
+        }
 
     def sec_B(self) -> dict[str, Any]:
         n = self.p["b_tasks"]
@@ -1219,6 +1265,7 @@ ROWS: list[tuple[str, str]] = [  # (section, row title); a section may have seve
     ("G", "G hard timeout: failure seen late by, ms"),
     ("H", "H drain: last result to stop() returned, ms"),
     ("I", "I bulk map, items/s"),
+    ("M", "M metrics overhead: no-op tasks/s, metrics off / on (on vs off)"),
 ]
 
 
@@ -1235,6 +1282,9 @@ def fmt_cell(row: str, res: dict[str, Any] | None) -> str:
         return "error: " + short(res["error"])
     if section == "A":
         return f"{res['tasks_per_s']:,.0f}"
+    if section == "M":
+        return (f"{res['off_tasks_per_s']:,.0f} / {res['on_tasks_per_s']:,.0f} "
+                f"({res['on_vs_off']:.3f}x; by parent CPU {res['cpu_on_vs_off']:.3f}x)")
     if section == "B":
         return f"{res['speedup']:.2f}x"
     if section == "C":
@@ -1321,6 +1371,13 @@ def noisy(children: dict[str, Any], pool: str, section: str) -> bool:
 
 def ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
     lines = dask_ratio_lines(children, pools)
+    on_vs_off = number(children, "taskorch", "M", "on_vs_off")
+    if on_vs_off is not None:
+        cpu = number(children, "taskorch", "M", "cpu_on_vs_off") or 0.0
+        lines.append(f"M taskorch no-op throughput with metrics on: {on_vs_off:.3f}x of metrics "
+                     f"off (same pool, alternating blocks; by the parent's CPU time "
+                     f"{cpu:.3f}x; target >= 0.95)"
+                     + (" (noisy)" if noisy(children, "taskorch", "M") else ""))
     pools = [p for p in pools if p not in DASK_POOLS]
     anchors = [a for a in pools if a != "taskorch"]
     if "taskorch" not in pools or not anchors:

@@ -23,6 +23,9 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
         assert section in taskorch and "error" not in taskorch[section], (
             section, taskorch.get(section))
     assert taskorch["F"]["ok"] == 199 and taskorch["F"]["usable"]
+    # M (taskorch only): metrics off and on, in the same run; a ratio, never asserted.
+    assert "error" not in taskorch["M"] and taskorch["M"]["on_vs_off"] > 0, taskorch["M"]
+    assert "M" not in data["pools"]["loky"]["sections"]
     # D runs in interpreters of its own (one per pool in quick mode), the import timed apart.
     for pool in ("taskorch", "loky"):
         cold = data["pools"][pool]["sections"]["D"]

@@ -23,6 +23,7 @@ from taskorch._policy import CircuitBreaker, Policy
 
 if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
+    from taskorch._parent.figures import WorkerView
 
 
 #: Seconds a local task may run past its timeout, unresponsive, before its worker is killed.
@@ -59,6 +60,9 @@ class Dispatcher(Protocol):
 
     def status_details(self) -> dict[str, Any]:
         """For ``taskorch status``: each worker, and the oldest queued task's age. Any thread."""
+
+    def worker_views(self) -> list[WorkerView]:
+        """The workers now, for the dashboard (any thread)."""
 
 
 class Backend(Protocol):

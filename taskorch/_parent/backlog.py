@@ -31,6 +31,8 @@ from taskorch._stats import Stats
 if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it
     import asyncio
 
+    from taskorch._parent.figures import Figures
+
 #: Terminal states and the counter each one increments.
 _TERMINAL = {
     TaskState.SUCCEEDED: "succeeded",
@@ -72,6 +74,10 @@ class Backlog:
         self.retried = self.dropped = self.rejected = 0
         self.workers = self.worker_restarts = self.crashes = self.timeouts = 0
         self.breaker_state = "closed"
+        # Workers started to replace another, by cause (sums to worker_restarts; for metrics).
+        self.restarts_by_cause: dict[str, int] = {}
+        # Per-task figures for metrics, once enabled (``figures.enable``); recorded under the lock.
+        self.figures: Figures | None = None
 
     # -- producers -----------------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class Backlog:
         item.task_id = item.future.task_id = self._last_task_id
         self.submitted += 1
         self.queued += 1
+        if self.figures is not None:
+            item.accepted_at = time.monotonic()
         self.pending.append(item)
         self.unfinished[item.task_id] = item
         wake = not self.dispatcher_will_look

@@ -29,6 +29,10 @@ The rules, each written once here, whatever runs the tasks:
   have had side effects: after a crash a task runs at least once, not exactly once.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
   backlog lock, at the moment it changes, before the futures that changed it resolve.
+- Metrics (once ``figures.enable`` was called): the rules record a task's queue wait at its
+  first start, its run time and failure at its outcome, and a crash that ends it, into
+  ``backlog.figures``, under the lock they already hold; no I/O, nothing that waits. Readers
+  copy them under the same lock (``observe``).
 - At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
   passes first, queued tasks are cancelled and running ones abandoned (``_settle``). A broken
   orchestrator (no worker can run anything) fails what it holds with
@@ -70,6 +74,7 @@ from taskorch._errors import (
 )
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission, Breaker
+from taskorch._parent.figures import WorkerView
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import CircuitBreaker
 from taskorch._wire import FAILED, SUCCEEDED, Event
@@ -180,6 +185,9 @@ class DispatcherCore:
         """Attempt ``attempt`` of ``item`` began; the first one frees its backlog slot."""
         item.attempts = item.future.attempts = attempt
         item.attempt_started = now
+        figures = self._backlog.figures
+        if figures is not None and item.state is TaskState.QUEUED:
+            figures.started(item, now)  # (metrics on: the queue wait; see figures.py)
         self._backlog.start_locked(item)
 
     def _retrying_locked(self, item: WorkItem, attempt: int, summary: str, delay: float,
@@ -196,6 +204,9 @@ class DispatcherCore:
         seconds per attempt, for the backend's prefetch estimate."""
         tag, _, attempts, seconds = event[:4]
         backlog = self._backlog
+        figures = backlog.figures
+        if figures is not None and item.state is TaskState.QUEUED:
+            figures.started(item, now)
         backlog.start_locked(item)  # (on Dask its STARTED event may not have come first)
         item.attempts = item.future.attempts = attempts
         item.future.seconds = seconds
@@ -210,6 +221,8 @@ class DispatcherCore:
             self._resolutions.append((item, "error", event[4:]))
         else:
             raise AssertionError(f"not an outcome: {event!r} for {item!r}")
+        if figures is not None:
+            figures.finished(item, seconds, event[4:] if failed else None)
         if self._breaker is not None:
             self._breaker.record(item.task_id, failed)
         return float(seconds) / max(1, int(attempts))
@@ -268,6 +281,8 @@ class DispatcherCore:
             return f"retrying in {delay:.3g} s"
         backlog.finish_locked(item, TaskState.FAILED)
         self._resolutions.append((item, "exception", error))
+        if backlog.figures is not None:
+            backlog.figures.failed(item, error)
         if self._breaker is not None:
             self._breaker.record(item.task_id, True)
         return "task failed"
@@ -276,6 +291,8 @@ class DispatcherCore:
         """The task fails with ``error`` without a retry (the backend could not run it)."""
         self._backlog.finish_locked(item, TaskState.FAILED)
         self._resolutions.append((item, "exception", error))
+        if self._backlog.figures is not None:
+            self._backlog.figures.failed(item, error)
         if self._breaker is not None:
             self._breaker.record(item.task_id, True)
 
@@ -464,6 +481,11 @@ class DispatcherCore:
         """Each worker process, described; appends to ``queued_since`` the accept times of
         tasks handed to them and not started. Called with the backlog's lock held."""
         return []
+
+    def worker_views(self) -> list[WorkerView]:  # backend
+        """The workers now, for the dashboard (any thread, no lock: a snapshot that may be a
+        moment stale). By default only their pids are known."""
+        return [WorkerView(pid=pid) for pid in self.pids]
 
     def _open(self) -> None:  # backend
         """Start the workers or connect (on the dispatcher thread); raise if nothing can run."""

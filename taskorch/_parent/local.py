@@ -42,6 +42,7 @@ from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission
 from taskorch._parent.dispatch import BackoffQueue, DispatcherCore
+from taskorch._parent.figures import WorkerView
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
@@ -128,6 +129,23 @@ class LocalDispatcher(DispatcherCore):
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:
                 pass  # full: a wakeup is pending anyway
+
+    def worker_views(self) -> list[WorkerView]:
+        """The workers now (see the core's): read without a lock from another thread, as
+        ``held_calls``; a worker's head call may be finishing while it is read."""
+        views = []
+        now = time.monotonic()
+        for w in list(self._workers.values()):
+            current = w.inflight[0] if w.inflight else None
+            running = current is not None and current.started_on is w and current.attempt_started
+            views.append(WorkerView(
+                pid=w.pid, tasks_run=w.tasks_run, held=len(w.inflight),
+                task_id=current.task_id if running and current else None,
+                task_name=(current.name or None) if running and current else None,
+                running_for=now - current.attempt_started if running and current else None,
+                retiring=w.retiring is not None,
+            ))
+        return views
 
     def held_calls(self) -> dict[int, int]:
         """Calls handed over and not finished, per worker pid. A snapshot taken from another
@@ -222,6 +240,7 @@ class LocalDispatcher(DispatcherCore):
                         raise AssertionError(
                             f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
                     worker.inflight_bytes -= len(item.payload)
+                    worker.tasks_run += 1
                     worker.record_duration(self._outcome_locked(item, event, now))
                 elif tag == RETIRING:
                     worker.retiring = event[1]
@@ -287,7 +306,10 @@ class LocalDispatcher(DispatcherCore):
             self._check_broken()
             if self._backlog.broken is None:
                 self._respawn_at = time.monotonic() + RESPAWN_DELAY
-        self._top_up(f"worker pid {worker.pid} {_how(exitcode)}")
+        cause = ("recycled" if planned else "start_failure" if not worker.events_seen
+                 else "timeout" if crashed is not None and worker.kill_reason == "timeout"
+                 else "crash" if crashed is not None else "died_idle")
+        self._top_up(f"worker pid {worker.pid} {_how(exitcode)}", cause)
 
     def _attempt_error(
         self, worker: WorkerProcess, item: WorkItem, exitcode: int | None,
@@ -389,7 +411,7 @@ class LocalDispatcher(DispatcherCore):
         log.debug("started worker %d (pid %d)", slot, worker.pid)
         return worker
 
-    def _top_up(self, reason: str) -> None:
+    def _top_up(self, reason: str, cause: str = "other") -> None:
         """Start replacements until ``worker_count`` workers take calls (retiring ones do not)."""
         if self._respawn_at is not None or self._finishing() or self._backlog.broken:
             return  # a retry is scheduled / nothing left to run / given up
@@ -405,6 +427,8 @@ class LocalDispatcher(DispatcherCore):
                 return
             with self._backlog.lock:
                 self._backlog.worker_restarts += 1
+                causes = self._backlog.restarts_by_cause
+                causes[cause] = causes.get(cause, 0) + 1
 
     def _finishing(self) -> bool:
         """stop() was called and nothing is left to run: no replacement is needed."""
@@ -421,7 +445,7 @@ class LocalDispatcher(DispatcherCore):
         worker.retiring = reason
         worker.replacement_started = True
         log.info("recycling worker pid %d: %s", worker.pid, reason)
-        self._top_up(f"recycling: {reason}")
+        self._top_up(f"recycling: {reason}", "recycled")
         if not worker.inflight:
             worker.send_shutdown()
 
@@ -472,7 +496,7 @@ class LocalDispatcher(DispatcherCore):
                     worker.send_recall()
         if self._respawn_at is not None and now >= self._respawn_at:
             self._respawn_at = None
-            self._top_up("retrying a failed start")
+            self._top_up("retrying a failed start", "start_failure")
 
     # -- stopping --------------------------------------------------------------------------
 

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
 from taskorch._parent.backlog import Backlog
+from taskorch._parent.figures import name_of, name_of_payload
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
 
 if TYPE_CHECKING:
+    from taskorch._parent.figures import WorkerView
     from taskorch._parent.schedule import ScheduledTask, Scheduler, ScheduleStatus
 from taskorch._wire import encode_call, encode_policy
 
@@ -442,14 +444,17 @@ class Intake:
 
     def prepare(
         self, payload: bytes, policy: Policy | None = None, policy_bytes: bytes | None = None,
-        *, raw: bool = False,
+        *, raw: bool = False, name: str | None = None,
     ) -> WorkItem:
         """A task from ``_wire.encode_call`` bytes. ``policy_bytes`` None: the workers'
         default policy (``policy`` must then be the orchestrator's, or None). ``raw``: its
-        future gets the worker's outcome still pickled (``task.RawOutcome``)."""
+        future gets the worker's outcome still pickled (``task.RawOutcome``). ``name``: the
+        task's label for metrics (by default read from ``payload``; see ``figures``)."""
         future = TaskFuture()
         item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
         future._cancel_hook = functools.partial(_cancel, self._backlog, item)
+        if self._backlog.figures is not None:  # metrics on: label the task (figures.py)
+            item.name = name or name_of_payload(payload)
         return item
 
     def prepare_call(
@@ -460,7 +465,8 @@ class Intake:
         pickle (nothing is enqueued)."""
         if not callable(fn):
             raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
-        return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes)
+        return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes,
+                            name=name_of(fn) if self._backlog.figures is not None else None)
 
     def offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
         """run()'s semantics: accept, raise QueueFullError, or drop (None, logged) when the
@@ -561,6 +567,9 @@ class _NothingRan:
 
     def status_details(self) -> dict[str, Any]:
         return {"workers": [], "oldest_queued_seconds": None}
+
+    def worker_views(self) -> list[WorkerView]:
+        return []
 
 
 # -- fork ------------------------------------------------------------------------------------

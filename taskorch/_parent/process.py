@@ -93,6 +93,7 @@ class WorkerProcess:
         self.inflight: deque[WorkItem] = deque()
         self.inflight_bytes = 0
         self.handed = 0  # calls ever handed over (for max_tasks_per_worker)
+        self.tasks_run = 0  # outcomes it sent (for the dashboard)
         self.events_seen = False  # has it ever reported anything (vs died while starting)
         self.ewma_seconds: float | None = None  # recent task duration, for the prefetch depth
         self.last_progress = self.started_at  # last event, or hand-over to it while idle

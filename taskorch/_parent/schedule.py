@@ -214,6 +214,7 @@ class ScheduleStatus:
     last_outcome: str | None  # "succeeded", "failed: <type>: <message>", "skipped: ..."
     last_seconds: float | None
     running: bool
+    last_success: float | None = None  # when a run last succeeded (its outcome arrived)
 
 
 class ScheduledTask:
@@ -257,6 +258,7 @@ class _Job:
         self.last_run: float | None = None
         self.last_outcome: str | None = None
         self.last_seconds: float | None = None
+        self.last_success: float | None = None
 
     def busy(self) -> bool:
         return self.future is not None and not self.future.done()
@@ -327,7 +329,8 @@ class Scheduler:
     def status(self) -> list[ScheduleStatus]:
         with self._lock:
             return [ScheduleStatus(j.schedule.name, j.next_due, j.last_run, j.last_outcome,
-                                   j.last_seconds, j.busy()) for j in self._jobs.values()]
+                                   j.last_seconds, j.busy(), j.last_success)
+                    for j in self._jobs.values()]
 
     def stop(self) -> None:
         """No more fires (runs already offered go on). Idempotent."""
@@ -452,6 +455,8 @@ class Scheduler:
         with self._lock:
             job.last_outcome = outcome
             job.last_seconds = future.seconds
+            if outcome == "succeeded":
+                job.last_success = self._clock()
             self._lock.notify_all()
         self._store.record_outcome(job.schedule.name, outcome, future.seconds)
 

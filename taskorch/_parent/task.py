@@ -354,7 +354,7 @@ class WorkItem:
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "queued_at",
-                 "cancel_request", "__weakref__")
+                 "cancel_request", "name", "accepted_at", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -375,6 +375,9 @@ class WorkItem:
         self.queued_at = time.monotonic()  # when it was accepted (for `taskorch status`)
         # Set while a caller waits to cancel it, handed over and not started (backlog lock).
         self.cancel_request: CancelRequest | None = None
+        # Set only while metrics are on (``figures``): the label, and when it was accepted.
+        self.name = ""
+        self.accepted_at = 0.0
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher

@@ -73,6 +73,7 @@ from taskorch._service.listener import Listener
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._service.http import HttpService
     from taskorch._stats import StopReport
 
 log = logging.getLogger("taskorch")
@@ -356,11 +357,12 @@ def serve(
     say: Callable[[str], None] = log.warning, ready_details: str = "",
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     max_unauthenticated: int = MAX_UNAUTHENTICATED,
-    max_connections: int = MAX_CONNECTIONS,
+    max_connections: int = MAX_CONNECTIONS, http: HttpService | None = None,
 ) -> ServeOutcome:
     """Serve ``orchestrator`` on ``listener`` until SIGTERM or SIGINT, then drain (main thread).
 
-    Takes ownership of both: returns with the listener closed and the orchestrator stopped.
+    Takes ownership of both (and of ``http``, the metrics and dashboard, up until the drain
+    ends): returns with the listener closed and the orchestrator stopped.
     ``say`` receives the lines an operator wants to see (ready, stopping, stopped);
     ``ready_details`` goes into the ready line. The limits are ``Server``'s.
     """
@@ -375,6 +377,8 @@ def serve(
     except BaseException:
         os.close(wake_r)
         os.close(wake_w)
+        if http is not None:
+            http.close()
         listener.close()
         orchestrator.stop(timeout=0)
         raise
@@ -385,6 +389,9 @@ def serve(
     }
     try:
         server.start()
+        if http is not None:
+            http.start()
+            say(f"metrics and dashboard on {http.url}")
         say(f"listening on {server.where} ({ready_details}pid {os.getpid()}, "
             f"{orchestrator.worker_count} workers)")
         # Sleep until a signal (its number, written by the C-level handler) or a thread's byte.
@@ -427,6 +434,8 @@ def serve(
                 f"{report.cancelled} cancelled, {report.abandoned} abandoned)")
         return ServeOutcome(stopped_by, report)
     finally:
+        if http is not None:
+            http.close()
         server.close()
         orchestrator.stop(timeout=0)
         listener.close()

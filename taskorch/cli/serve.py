@@ -29,6 +29,7 @@ from taskorch.cli.options import (
     orchestrator_from_args,
     prepend_import_paths,
 )
+from taskorch.cli.serve_http import add_http_arguments, http_service_from_args
 
 
 def add_parser(subparsers: Any) -> None:
@@ -61,7 +62,8 @@ def add_parser(subparsers: Any) -> None:
                             "(port 0: any free port)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --tcp address: anyone holding the key can then run "
-                        "code as this user, and the traffic is authenticated but not encrypted")
+                        "code as this user, and the traffic is authenticated but not encrypted "
+                        "(and a non-loopback --http address, which then requires a token)")
     p.add_argument("--authkey-file", metavar="PATH",
                    help="the shared key (default: PATH.authkey next to the socket; "
                         "~/.config/taskorch/authkey for TCP)")
@@ -77,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="at shutdown, how long tasks in flight may take before they are cancelled "
                         "or terminated (default: 30)")
+    add_http_arguments(p)
     add_pool_arguments(p)
     p.set_defaults(handler=main, serve_parser=p)
 
@@ -115,19 +118,26 @@ def main(args: argparse.Namespace) -> int:
         if args.pidfile is not None:
             pidfile = _write_pidfile(Path(args.pidfile))
         orchestrator = orchestrator_from_args(args)
-        for entry in entries:
-            orchestrator.schedule(entry.fn, name=entry.name, args=entry.args,
-                                  kwargs=entry.kwargs, policy=entry.policy, **entry.options)
+        try:
+            for entry in entries:
+                orchestrator.schedule(entry.fn, name=entry.name, args=entry.args,
+                                      kwargs=entry.kwargs, policy=entry.policy, **entry.options)
+            http, http_note = http_service_from_args(args, orchestrator)
+        except BaseException:
+            orchestrator.stop(timeout=0)
+            raise
     except BaseException:
         listener.close()
         if pidfile is not None:
             _remove_pidfile(pidfile)
         raise
+    if http_note:
+        _say(http_note)
     if created:
         _say(f"generated a new authkey in {key_path} (mode 0600)")
     try:
         outcome = serve(orchestrator, listener, authkey, drain_timeout=args.drain_timeout,
-                        say=_say, ready_details=f"authkey file {key_path}, ")
+                        say=_say, ready_details=f"authkey file {key_path}, ", http=http)
     finally:
         if pidfile is not None:
             _remove_pidfile(pidfile)

@@ -1,0 +1,381 @@
+"""``taskorch serve --http``: Prometheus metrics, health checks, a JSON API and a live dashboard
+(server process, threads of its own).
+
+The HTTP parsing is the standard library's (``http.server.ThreadingHTTPServer``): a maintained
+server that fits this process, whose other parts are threads too, and keeps every request off
+the dispatcher thread. A request reads the orchestrator the way ``stats()`` does (a copy under
+the backlog lock; see ``_parent.observe``), so a slow or stalled HTTP client holds one of these
+threads, never the dispatcher.
+
+    "taskorch-http"            ``serve_forever``: accepts, one thread per request (below).
+                               Daemon; ``close()`` shuts it down and joins it.
+    "taskorch-http-request"    one request: route, read the orchestrator, write the answer;
+                               the socket times out after ``REQUEST_TIMEOUT`` (a client that
+                               stalls loses its connection). Daemon; ``close()`` joins them.
+    "taskorch-http-sampler"    every ``SAMPLE_INTERVAL`` s, appends the counts to the history
+                               the dashboard's charts draw (``HISTORY`` samples); waits on an
+                               Event that ``close()`` sets. Daemon; joined by ``close()``.
+
+Endpoints: ``/metrics`` (the exposition, ``prometheus_client``), ``/healthz`` (the process
+answers), ``/readyz`` (every readiness check passes: 200, else 503 with the reasons), ``/api/...``
+(JSON: ``stats``, ``workers``, ``failures``, ``schedules``, ``tasks``, ``history``, and
+``overview``, all of them at once, which the dashboard polls), and ``/`` (the dashboard,
+``dashboard.html``).
+
+Security: loopback only unless the operator allows remote clients, and then a token is
+required. With a token, ``/metrics`` and ``/api/...`` need ``Authorization: Bearer TOKEN``
+(Prometheus' ``authorization`` setting); ``/``, ``/healthz`` and ``/readyz`` show no data and stay
+open, for supervisors and load balancers. The dashboard page reads the token from its URL's
+fragment (``/#token=...``), which browsers never send to a server or write to its logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import socketserver
+import stat
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from taskorch._parent.observe import Observer, Snapshot
+from taskorch.metrics import TaskorchCollector
+
+if TYPE_CHECKING:
+    from taskorch._parent.orchestrator import TaskOrchestrator
+
+log = logging.getLogger("taskorch")
+
+#: Seconds between two samples of the dashboard's history. One second shows a burst; the
+#: cost is a stats() call (one lock acquisition) per second.
+SAMPLE_INTERVAL = 1.0
+#: Samples kept: the charts' window (10 minutes at SAMPLE_INTERVAL).
+HISTORY = 600
+#: A request's socket timeout: a client that stalls longer loses its connection (and frees
+#: its thread).
+REQUEST_TIMEOUT = 10.0
+
+#: A readiness check: returns None when ready, else why not (a short sentence).
+ReadinessCheck = Callable[[], "str | None"]
+
+
+class HttpService:
+    """The HTTP side of one orchestrator: bind in the constructor (ValueError for an address
+    that cannot be used), ``start()``, ``close()`` (idempotent). ``add_readiness_check`` adds a
+    check to ``/readyz`` (e.g. the journal's), at any time."""
+
+    def __init__(self, orchestrator: TaskOrchestrator, host: str, port: int, *,
+                 token: str | None = None, allow_remote: bool = False,
+                 sample_interval: float = SAMPLE_INTERVAL) -> None:
+        shown = f"{host}:{port}"
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {host!r}: {exc}") from exc
+        family, _, _, _, sockaddr = infos[0]
+        if not ipaddress.ip_address(sockaddr[0]).is_loopback:
+            if not allow_remote:
+                raise ValueError(
+                    f"refusing to serve HTTP on {shown}, which other machines can reach: "
+                    "the metrics and the dashboard show task names and tracebacks. Use "
+                    "127.0.0.1, or pass --allow-remote (a token is then required)")
+            if not token:
+                raise ValueError(f"serving HTTP on the non-loopback {shown} needs a token")
+        self.observer = Observer(orchestrator)
+        self.token = token
+        self.readiness_checks: list[tuple[str, ReadinessCheck]] = [
+            ("intake", self._intake_open), ("workers", self._workers_up),
+            ("breaker", self._breaker_not_open),
+        ]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(TaskorchCollector(orchestrator))
+        # (time.time(), submitted, succeeded, failed, queued, running, workers), oldest first;
+        # appended by the sampler, copied by requests (a deque's append and list() are atomic
+        # under the GIL).
+        self.history: deque[tuple[float, ...]] = deque(maxlen=HISTORY)
+        self.sample_interval = sample_interval
+        try:
+            server_class = _Server6 if family == socket.AF_INET6 else _Server
+            self._server = server_class((str(sockaddr[0]), int(sockaddr[1])), _Handler)
+        except OSError as exc:
+            raise ValueError(f"cannot serve HTTP on {shown}: {exc}") from exc
+        self._server.service = self
+        self.host, self.port = str(self._server.server_address[0]), int(
+            self._server.server_address[1])
+        self._stop = threading.Event()
+        self._serve_thread = threading.Thread(target=self._serve_guarded, name="taskorch-http",
+                                              daemon=True)
+        self._sampler = threading.Thread(target=self._sample_until_closed,
+                                         name="taskorch-http-sampler", daemon=True)
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in str(self.host) else self.host
+        return f"http://{host}:{self.port}/"
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self.readiness_checks.append((name, check))
+
+    def start(self) -> None:
+        self._sample()
+        self._sampler.start()
+        self._serve_thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._serve_thread.is_alive():
+            self._server.shutdown()
+            self._serve_thread.join()
+        if self._sampler.is_alive():
+            self._sampler.join()
+        self._server.server_close()  # joins the request threads
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def _serve_guarded(self) -> None:
+        try:
+            self._server.serve_forever()
+        except BaseException:
+            log.exception("taskorch serve: the HTTP thread failed; metrics are unavailable")
+
+    def _sample_until_closed(self) -> None:
+        while not self._stop.wait(self.sample_interval):
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - the charts miss a point; the server goes on
+                log.exception("taskorch serve: sampling the counts failed")
+
+    def _sample(self) -> None:
+        s = self.observer.orchestrator.stats()
+        self.history.append((time.time(), s.submitted, s.succeeded, s.failed, s.queued,
+                             s.running, s.workers))
+
+    # -- readiness -----------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, str]:
+        """Each check's verdict: "ok" or why not."""
+        out = {}
+        for name, check in list(self.readiness_checks):
+            try:
+                out[name] = check() or "ok"
+            except Exception as exc:  # noqa: BLE001 - a failing check means not ready
+                out[name] = f"the check failed: {type(exc).__name__}: {exc}"
+        return out
+
+    def _intake_open(self) -> str | None:
+        backlog = self.observer.orchestrator._backlog
+        if backlog.broken is not None:
+            return f"the orchestrator is broken: {backlog.broken}"
+        return "the server is stopping" if backlog.closed else None
+
+    def _workers_up(self) -> str | None:
+        return None if self.observer.orchestrator.stats().workers > 0 else "no worker is up"
+
+    def _breaker_not_open(self) -> str | None:
+        state = self.observer.orchestrator.stats().breaker_state
+        return "the circuit breaker is open" if state == "open" else None
+
+    # -- the JSON API ---------------------------------------------------------------------------
+
+    def api(self, what: str) -> Any:
+        """The answer to ``/api/<what>``; KeyError for an unknown one."""
+        if what == "history":
+            return {"interval": self.sample_interval, "fields": [
+                "time", "submitted", "succeeded", "failed", "queued", "running", "workers"],
+                "samples": list(self.history)}
+        if what == "workers":
+            return self.observer.workers()
+        if what == "readiness":
+            return self.readiness()
+        snap = self.observer.snapshot()
+        views: dict[str, Callable[[Snapshot], Any]] = {
+            "stats": _stats_json, "failures": _failures_json, "schedules": _schedules_json,
+            "tasks": _tasks_json,
+        }
+        if what == "overview":
+            out = {name: view(snap) for name, view in views.items()}
+            out.update(workers=self.observer.workers(), history=self.api("history"),
+                       readiness=self.readiness())
+            return out
+        return views[what](snap)
+
+
+def _stats_json(snap: Snapshot) -> dict[str, Any]:
+    return dict(dataclasses.asdict(snap.stats), time=snap.at, worker_count=snap.worker_count,
+                max_backlog=snap.max_backlog, intake=snap.intake,
+                restarts_by_cause=snap.restarts_by_cause)
+
+
+def _failures_json(snap: Snapshot) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(f) for f in snap.failures]
+
+
+def _schedules_json(snap: Snapshot) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(s) for s in snap.schedules]
+
+
+def _tasks_json(snap: Snapshot) -> list[dict[str, Any]]:
+    out = []
+    for t in snap.tasks:
+        finished, started = sum(t.run_counts), sum(t.wait_counts)
+        out.append({"name": t.name, "finished": finished, "failed": t.failed,
+                    "mean_run_seconds": t.run_sum / finished if finished else None,
+                    "mean_wait_seconds": t.wait_sum / started if started else None})
+    return out
+
+
+# -- the server and its handler ----------------------------------------------------------------
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    service: HttpService
+    # Request threads not known to have ended (pruned at each request; joined by
+    # server_close()). Only the serve thread appends; server_close() runs after it ended.
+    request_threads: list[threading.Thread] = []
+
+    def server_bind(self) -> None:
+        # HTTPServer's, without its socket.getfqdn() (a reverse DNS lookup that can take
+        # seconds on a machine without a resolver); the name only goes into CGI variables.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn's, with a name for the thread (a stack dump then reads like a diagram).
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address),
+                                  name="taskorch-http-request", daemon=True)
+        self.request_threads = [t for t in self.request_threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def server_close(self) -> None:
+        super().server_close()
+        for thread in self.request_threads:  # each ends within REQUEST_TIMEOUT
+            thread.join()
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = REQUEST_TIMEOUT
+    server_version = "taskorch"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        service = self.server.service
+        path = urlsplit(self.path).path
+        try:
+            if path == "/healthz":
+                self._send(200, "application/json", {"alive": True})
+            elif path == "/readyz":
+                checks = service.readiness()
+                ready = all(v == "ok" for v in checks.values())
+                self._send(200 if ready else 503, "application/json",
+                           {"ready": ready, "checks": checks})
+            elif path in ("/", "/index.html"):
+                self._send(200, "text/html; charset=utf-8", _dashboard_html())
+            elif not self._authorized():
+                self._send(401, "application/json", {"error": "a valid token is required "
+                           "(Authorization: Bearer TOKEN)"},
+                           extra={"WWW-Authenticate": 'Bearer realm="taskorch"'})
+            elif path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(service.registry))
+            elif path.startswith("/api/"):
+                try:
+                    body = service.api(path[len("/api/"):])
+                except KeyError:
+                    self._send(404, "application/json", {"error": f"no such view: {path}"})
+                else:
+                    self._send(200, "application/json", body)
+            else:
+                self._send(404, "application/json", {"error": f"not found: {path}"})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away
+        except Exception as exc:  # noqa: BLE001 - one request fails, the server goes on
+            log.exception("taskorch serve: HTTP %s failed", path)
+            try:
+                self._send(500, "application/json", {"error": f"{type(exc).__name__}: {exc}"})
+            except OSError:
+                pass
+
+    def _authorized(self) -> bool:
+        token = self.server.service.token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), token.encode())
+
+    def _send(self, status: int, content_type: str, body: Any,
+              extra: dict[str, str] | None = None) -> None:
+        if isinstance(body, str):
+            data = body.encode()
+        elif isinstance(body, bytes):
+            data = body
+        else:
+            data = json.dumps(body, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
+        log.debug("taskorch serve: HTTP %s: " + format, self.client_address[0], *args)
+
+
+_html: list[str] = []
+
+
+def _dashboard_html() -> str:
+    if not _html:
+        _html.append(resources.files("taskorch._service").joinpath("dashboard.html").read_text(
+            encoding="utf-8"))
+    return _html[0]
+
+
+def load_or_create_token(path: Path) -> tuple[str, bool]:
+    """The HTTP token in ``path`` (text, stripped), created (``secrets.token_urlsafe``, mode
+    0600) if missing; returns (token, created). ValueError for an empty file or one that
+    other users can read."""
+    created = False
+    try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            created = True
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read or create the HTTP token file: {exc}") from exc
+    if mode & 0o077:
+        raise ValueError(f"the HTTP token file {str(path)!r} is accessible to other users "
+                         f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    if not token:
+        raise ValueError(f"the HTTP token file {str(path)!r} is empty")
+    return token, created
