@@ -462,25 +462,25 @@ class DispatcherCore:
 
     def status_details(self) -> dict[str, Any]:
         """What ``taskorch status`` shows beyond the counts: ``workers``, one dict per worker
-        process (``_describe_workers``; none for a backend whose workers are not ours), and
-        ``oldest_queued_seconds``, the age of the oldest task accepted and not yet started
-        (None: none is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
+        process (from ``worker_views``), and ``oldest_queued_seconds``, the age of the oldest
+        task accepted and not yet started, in the backlog or handed to a worker (None: none
+        is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
         now = time.monotonic()
+        views = self.worker_views()
         with self._backlog.lock:
             queued_since = [self._backlog.pending[0].queued_at] if self._backlog.pending else []
-            workers = self._describe_workers_locked(now, queued_since)
-        for worker in workers:
-            worker["rss_mib"] = _rss_mib(worker["pid"])
+        queued_since += [v.waiting_since for v in views if v.waiting_since is not None]
+        workers = [{
+            "pid": v.pid, "tasks": v.tasks_run or 0,
+            "prefetched": max(0, (v.held or 0) - (v.task_id is not None)),
+            "running": None if v.task_id is None else {
+                "task_id": v.task_id, "attempt": v.attempt,
+                "seconds": round(v.running_for or 0.0, 3)},
+            "rss_mib": _rss_mib(v.pid),
+        } for v in views]
         return {"workers": workers,
                 "oldest_queued_seconds": round(now - min(queued_since), 3) if queued_since
                 else None}
-
-    def _describe_workers_locked(
-        self, now: float, queued_since: list[float]
-    ) -> list[dict[str, Any]]:  # backend
-        """Each worker process, described; appends to ``queued_since`` the accept times of
-        tasks handed to them and not started. Called with the backlog's lock held."""
-        return []
 
     def worker_views(self) -> list[WorkerView]:  # backend
         """The workers now, for the dashboard (any thread, no lock: a snapshot that may be a

@@ -227,3 +227,5 @@ class WorkerView:
     task_name: str | None = None  # its label (metrics on)
     running_for: float | None = None  # seconds since that attempt started
     retiring: bool = False
+    attempt: int | None = None  # the attempt it runs now
+    waiting_since: float | None = None  # acceptance of the first call it holds unstarted

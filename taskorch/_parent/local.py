@@ -138,12 +138,15 @@ class LocalDispatcher(DispatcherCore):
         for w in list(self._workers.values()):
             current = w.inflight[0] if w.inflight else None
             running = current is not None and current.started_on is w and current.attempt_started
+            waiting = list(w.inflight)[1 if running else 0:]
             views.append(WorkerView(
                 pid=w.pid, tasks_run=w.tasks_run, held=len(w.inflight),
                 task_id=current.task_id if running and current else None,
                 task_name=(current.name or None) if running and current else None,
+                attempt=current.attempts if running and current else None,
                 running_for=now - current.attempt_started if running and current else None,
                 retiring=w.retiring is not None,
+                waiting_since=waiting[0].queued_at if waiting else None,
             ))
         return views
 
@@ -151,27 +154,6 @@ class LocalDispatcher(DispatcherCore):
         """Calls handed over and not finished, per worker pid. A snapshot taken from another
         thread without a lock (each worker's count is read at once), for tests and status."""
         return {w.pid: len(w.inflight) for w in list(self._workers.values())}
-
-    def _describe_workers_locked(
-        self, now: float, queued_since: list[float]
-    ) -> list[dict[str, Any]]:
-        # From another thread: the item fields read here are guarded by the backlog's lock
-        # (held); `_workers` and `inflight` belong to the dispatcher thread, so they are copied
-        # at once (list(), a C-level copy under the GIL) and may be a moment old.
-        out = []
-        for worker in list(self._workers.values()):
-            inflight = list(worker.inflight)
-            running = None
-            if inflight and inflight[0].started_on is worker:
-                head = inflight[0]
-                running = {"task_id": head.task_id, "attempt": head.attempts,
-                           "seconds": round(now - head.attempt_started, 3)}
-            waiting = inflight[1:] if running else inflight
-            if waiting:
-                queued_since.append(waiting[0].queued_at)
-            out.append({"pid": worker.pid, "tasks": max(worker.handed - len(inflight), 0),
-                        "prefetched": len(waiting), "running": running})
-        return out
 
     # -- starting and waiting ----------------------------------------------------------------
 
