@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from taskorch._parent.observe import Observer, Snapshot
+from taskorch._service.listener import resolve_tcp
 from taskorch.metrics import TaskorchCollector
 
 if TYPE_CHECKING:
@@ -82,19 +82,12 @@ class HttpService:
                  token: str | None = None, allow_remote: bool = False,
                  sample_interval: float = SAMPLE_INTERVAL) -> None:
         shown = f"{host}:{port}"
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ValueError(f"cannot resolve {host!r}: {exc}") from exc
-        family, _, _, _, sockaddr = infos[0]
-        if not ipaddress.ip_address(sockaddr[0]).is_loopback:
-            if not allow_remote:
-                raise ValueError(
-                    f"refusing to serve HTTP on {shown}, which other machines can reach: "
-                    "the metrics and the dashboard show task names and tracebacks. Use "
-                    "127.0.0.1, or pass --allow-remote (a token is then required)")
-            if not token:
-                raise ValueError(f"serving HTTP on the non-loopback {shown} needs a token")
+        family, sockaddr, loopback = resolve_tcp(
+            host, port, allow_remote=allow_remote,
+            why="the metrics and the dashboard show task names and tracebacks (with "
+                "--allow-remote, a token is then required)")
+        if not loopback and not token:
+            raise ValueError(f"serving HTTP on the non-loopback {shown} needs a token")
         self.observer = Observer(orchestrator)
         self.token = token
         self.readiness_checks: list[tuple[str, ReadinessCheck]] = [

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import stat
+from typing import Any
 
 from taskorch._service.addressing import describe_address
 
@@ -47,10 +48,12 @@ class Listener:
             pass
 
 
-def bind_tcp(host: str, port: int, *, allow_remote: bool = False) -> Listener:
-    """Listen on TCP. ValueError for an address that does not resolve, cannot be bound, or is
-    not loopback (unless ``allow_remote``: anyone with the key could then run code here)."""
-    shown = f"{host}:{port}"
+def resolve_tcp(host: str, port: int, *, allow_remote: bool, why: str,
+                ) -> tuple[socket.AddressFamily, Any, bool]:
+    """Where to listen: (family, socket address, loopback?). The one rule for every TCP
+    listener of ``serve`` (the service, the HTTP side): a non-loopback address is refused
+    unless ``allow_remote``, with ``why`` it is dangerous there. ValueError if it does not
+    resolve."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
@@ -59,9 +62,19 @@ def bind_tcp(host: str, port: int, *, allow_remote: bool = False) -> Listener:
     ip = ipaddress.ip_address(sockaddr[0])
     if not ip.is_loopback and not allow_remote:
         raise ValueError(
-            f"refusing to listen on {shown} ({ip}), which other machines can reach: any "
-            "client holding the key could run code as this user, and the traffic is not "
-            "encrypted. Use 127.0.0.1 (or a Unix socket), or pass --allow-remote")
+            f"refusing to listen on {host}:{port} ({ip}), which other machines can reach: "
+            f"{why}. Use 127.0.0.1, or pass --allow-remote")
+    return family, sockaddr, ip.is_loopback
+
+
+def bind_tcp(host: str, port: int, *, allow_remote: bool = False) -> Listener:
+    """Listen on TCP. ValueError for an address that does not resolve, cannot be bound, or is
+    not loopback (unless ``allow_remote``: anyone with the key could then run code here)."""
+    shown = f"{host}:{port}"
+    family, sockaddr, _ = resolve_tcp(
+        host, port, allow_remote=allow_remote,
+        why="any client holding the key could run code as this user, and the traffic is not "
+            "encrypted (a Unix socket is the other choice)")
     try:
         sock = socket.create_server(sockaddr[:2], family=family, backlog=LISTEN_BACKLOG)
     except OSError as exc:
