@@ -415,3 +415,13 @@ def process_groups() -> tuple[int, int, int]:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpgrp())"],
                            capture_output=True, text=True, check=True)
     return os.getpid(), os.getpgrp(), int(child.stdout)
+
+
+def record(path: str, value: Any) -> Any:
+    """Append ``value`` as a line to ``path`` (one write with O_APPEND: lines never mix)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
+    return value

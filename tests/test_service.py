@@ -80,10 +80,12 @@ class Server:
             raise AssertionError(f"the server did not stop on SIGTERM:\n{self.stderr()}") from None
 
 
-def _env() -> dict[str, str]:
+def _env(state: Path | None = None) -> dict[str, str]:
     # The server's workers import task functions by name (``_tasks``), like an application's
-    # modules: the server needs them on its path.
+    # modules: the server needs them on its path. ``state``: where default journals go.
     env = dict(os.environ)
+    if state is not None:
+        env["XDG_STATE_HOME"] = str(state)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
     return env
 
@@ -104,7 +106,8 @@ def short_dir() -> Iterator[Path]:
 def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(*options: str, tcp: bool = False) -> Server:
+    def start(*options: str, tcp: bool = False,
+              preexec_fn: Callable[[], None] | None = None) -> Server:
         n = len(servers)
         log = short_dir / f"serve{n}.log"
         key = short_dir / f"key{n}"
@@ -113,7 +116,8 @@ def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
         with open(log, "wb") as err:
             proc = subprocess.Popen(
                 _taskorch("serve", *where, "--authkey-file", str(key), *options),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=_env())
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env=_env(short_dir / "state"), preexec_fn=preexec_fn)
         server = Server(proc, log, None, key)
         servers.append(server)
 

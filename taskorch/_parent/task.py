@@ -334,7 +334,7 @@ class WorkItem:
     Once its future is resolved, ``release()`` drops what only a live task needs."""
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
-                 "worker", "started_on", "attempts", "attempt_started")
+                 "worker", "started_on", "attempts", "attempt_started", "on_start")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -352,6 +352,9 @@ class WorkItem:
         self.started_on: WorkerProcess | None = None  # the worker running its current attempt
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
+        # Called once, under the backlog lock, when the first attempt starts (taskorch serve
+        # journals it); must not block or take another lock. None: nobody asked.
+        self.on_start: Callable[[WorkItem], None] | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
@@ -362,6 +365,7 @@ class WorkItem:
         self.payload = b""
         self.policy_bytes = None
         self.worker = self.started_on = None
+        self.on_start = None
         self.future._cancel_hook = None
 
     def __repr__(self) -> str:

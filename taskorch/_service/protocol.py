@@ -30,30 +30,46 @@ server -> client, once, right after authentication:
                                           taskorch (version), python ("3.11"), workers,
                                           max_backlog, drop
 
-client -> server (``req``: an int the client picks, unique among its open requests):
+client -> server (``req``: an int the client picks, unique among its requests for the life of
+the client, across reconnections):
 
-    (C_SUBMIT, req, payload, policy, wait)
+    (C_SUBMIT, req, payload, policy, wait, client, retry)
                                           ``payload``: ``encode_call()`` bytes; ``policy``:
                                           None (the server's policy) or a WirePolicy;
-                                          ``wait`` False: run() semantics, answered at once
-                                          (ACCEPTED, DROPPED or REJECTED); True: run_async()
-                                          semantics, answered when there is room
+                                          ``wait`` False: run() semantics, answered as soon as
+                                          the task is journaled (ACCEPTED) or at once
+                                          (DROPPED or REJECTED); True: run_async() semantics,
+                                          answered when there is room and it is journaled.
+                                          ``client``: the client's token (16 random bytes,
+                                          the same over every connection of one Client);
+                                          ``(client, req)`` names the submission: the server
+                                          journals it once. ``retry`` True: this submission
+                                          may have been sent on an earlier connection; if
+                                          the journal has it, the answer is its ACCEPTED (and
+                                          later DONE) again, nothing new is enqueued
+    (C_RESULT, req, task_id)              wait for task ``task_id``'s outcome (any client's):
+                                          answered by S_DONE when it ends (at once if it
+                                          has), or S_REJECTED with TaskNotFoundError
     (C_WITHDRAW, req)                     the client stopped waiting (run_async() cancelled):
                                           a request still waiting for room is dropped
                                           (nothing enqueued); one already accepted is
-                                          cancelled if it has not left the backlog. No answer.
+                                          cancelled if it has not left the backlog; a C_RESULT
+                                          wait is dropped. No answer.
     (C_STATS, req)                        answered by S_STATS
 
 server -> client:
 
-    (S_ACCEPTED, req, task_id)            in the server's backlog as task ``task_id``; its
-                                          S_DONE always comes later on the same connection
+    (S_ACCEPTED, req, task_id)            committed to the journal and in the backlog as task
+                                          ``task_id`` (the journal's id: stable across server
+                                          restarts); its S_DONE always comes later on the same
+                                          connection, unless the connection ends first
     (S_DROPPED, req)                      backlog full and the server runs with --drop:
                                           run() returns None
     (S_REJECTED, req, error)              ``error``: ``encode_service_error()`` bytes of the
                                           exception the caller raises (QueueFullError,
                                           OrchestratorClosedError, OrchestratorBrokenError,
-                                          SerializationError)
+                                          SerializationError, JournalError: the journal
+                                          could not commit it, TaskNotFoundError)
     (S_DONE, req, outcome, attempts, seconds, data)
                                           the server's TaskFuture resolved; ``attempts`` and
                                           ``seconds`` as on it; by ``outcome``, ``data`` is:
@@ -85,7 +101,8 @@ if TYPE_CHECKING:
     from taskorch._stats import Stats
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
-SERVICE_VERSION = 2
+#: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT.
+SERVICE_VERSION = 3
 
 #: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
 #: beyond it fails alone with SerializationError; a peer that announces a longer frame is
@@ -97,6 +114,7 @@ SERVICE_MAX_FRAME = 64 * 1024 * 1024
 C_SUBMIT = 1
 C_WITHDRAW = 2
 C_STATS = 3
+C_RESULT = 4
 # Server frame tags.
 S_HELLO = 11
 S_ACCEPTED = 12
@@ -145,14 +163,25 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
             f"a frame must be a non-empty tuple, got {type(message).__name__}"
         )
     tag = message[0]
-    if tag == C_SUBMIT and len(message) == 5:
-        _, req, payload, policy, wait = message
+    if tag == C_SUBMIT and len(message) == 7:
+        _, req, payload, policy, wait, client, retry = message
         if (_is_req(req) and isinstance(payload, bytes) and isinstance(wait, bool)
-                and (policy is None or _is_wire_policy(policy))):
+                and (policy is None or _is_wire_policy(policy))
+                and isinstance(client, bytes) and 0 < len(client) <= 64
+                and isinstance(retry, bool)):
             return message
+    elif tag == C_RESULT and len(message) == 3 and _is_req(message[1]) and _is_req(message[2]):
+        return message
     elif tag in (C_WITHDRAW, C_STATS) and len(message) == 2 and _is_req(message[1]):
         return message
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
+
+
+def decode_builtins(data: bytes) -> Any:
+    """Unpickle data that may hold builtins only (the journal's policy and outcome columns)."""
+    import io
+
+    return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
 
 
 def decode_server_frame(data: bytes) -> tuple[Any, ...]:

@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import socket
 import threading
 from multiprocessing.connection import Connection
@@ -109,6 +110,8 @@ class Session:
         self._lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
         self._req_ids = itertools.count(1)
+        # Names this client's submissions in the server's journal, with their req.
+        self.token = os.urandom(16)
         self._closing = False  # close() was called: no new requests
         self.closed_reason: str | None = None  # set when the connection is gone
         # The reader: the only thread that receives. Blocks in recv_bytes(); its wakeups are a
@@ -129,7 +132,8 @@ class Session:
         self._check_not_reader("run()")
         request = _Request(_new_future())
         answer = self._call(
-            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, False))
+            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, False,
+                                  self.token, False))
         return self._accepted(request, answer)
 
     async def submit_async(
@@ -140,7 +144,8 @@ class Session:
         request = _Request(_new_future(), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(
-            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, True))
+            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, True,
+                                  self.token, False))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:

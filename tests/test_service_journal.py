@@ -1,0 +1,187 @@
+"""``taskorch serve``'s journal: real server processes, real signals (SIGKILL, SIGSTOP).
+
+Each server is a ``python -m taskorch serve`` subprocess (the fixtures of ``test_service``).
+A server killed on purpose is expected to exit -9; every other one is stopped by the fixture
+with SIGTERM and must drain (143). Ordering comes from gates (a started file, a release FIFO),
+from answers on the connection and from the journal itself; never from sleeps.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import _tasks as t
+import pytest
+import test_service
+from _tasks import wait_until
+from test_service import R, _env, _taskorch
+
+from taskorch import JournalError, Policy
+from taskorch._service.protocol import O_ERROR, O_RESULT
+
+NO_RETRY = Policy(retries=0)
+# test_service's fixtures, used here by name.
+short_dir = test_service.short_dir
+start_server = test_service.start_server
+
+
+def journal_counts(path: Path) -> dict[str, int]:
+    """Records by state (done ones by outcome code), read from the file (server stopped)."""
+    db = sqlite3.connect(path)
+    try:
+        out: dict[str, int] = {}
+        for state, outcome, n in db.execute(
+                "SELECT state, outcome, count(*) FROM tasks GROUP BY state, outcome"):
+            out[state if state != "done" else f"done:{outcome}"] = n
+        return out
+    finally:
+        db.close()
+
+
+def kill(server: Any) -> None:
+    server.proc.send_signal(signal.SIGKILL)
+    assert server.proc.wait(R) == -signal.SIGKILL
+    server.expected_exit = -signal.SIGKILL
+
+
+def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    out = short_dir / "ran.txt"
+    a = start_server("--journal", str(journal), "--workers", "2", "--backlog", "3000")
+    retried, poisoned = t.Gate(short_dir, "retried"), t.Gate(short_dir, "poisoned")
+    with a.connect() as client:
+        # Both workers busy: one task that may be retried, one that may not.
+        first = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
+            t.blocker, str(retried.started), str(retried.release_fifo))
+        second = client.with_policy(NO_RETRY).run(
+            t.hang, str(poisoned.started), str(poisoned.release_fifo))
+        assert first is not None and second is not None
+        retried.wait_started()
+        poisoned.wait_started()
+        futures = [client.with_policy(NO_RETRY).run(t.record, str(out), i) for i in range(2000)]
+        ids = [f.task_id for f in futures if f is not None]
+        assert len(ids) == 2000 and len(set(ids)) == 2000  # every run() returned: committed
+        kill(a)
+    assert journal_counts(journal) == {"queued": 2000, "running": 2}
+
+    retried.started.unlink()
+    b = start_server("--journal", str(journal), "--workers", "2", "--backlog", "3000")
+    b.wait_logged("2000 queued tasks queued again, 1 that were running retried (an attempt "
+                  "charged), 1 failed (attempts spent)")
+    retried.wait_started()  # run again, with its second (last) attempt
+    retried.release()
+    with b.connect() as client:
+        wait_until(lambda: client.stats().succeeded == 2001, what="every task done")
+        s = client.stats()
+        assert (s.submitted, s.failed, s.queued, s.running) == (2002, 1, 0, 0)
+        assert s.crashes == 2
+    b.stop()
+    assert b.proc.returncode == 143, b.stderr()
+    assert journal_counts(journal) == {f"done:{O_RESULT}": 2001, f"done:{O_ERROR}": 1}
+    ran = out.read_text().split()
+    assert set(ran) == {str(i) for i in range(2000)}  # none lost (at least once each)
+    db = sqlite3.connect(journal)
+    try:
+        attempts = dict(db.execute("SELECT id, attempts FROM tasks WHERE id <= 2"))
+    finally:
+        db.close()
+    assert attempts == {1: 2, 2: 1}
+
+
+def test_a_second_server_on_the_same_journal_is_refused(start_server, short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    a = start_server("--journal", str(journal))
+    with a.connect() as client:
+        assert client.run(t.square, 3).result(R) == 9
+    second = subprocess.run(
+        _taskorch("serve", "--socket", str(short_dir / "other.sock"), "--journal", str(journal)),
+        capture_output=True, text=True, timeout=R, env=_env())
+    assert second.returncode == 2
+    assert f"in use by another taskorch serve (pid {a.proc.pid})" in second.stderr
+    with a.connect() as client:  # the first one is untouched
+        assert client.run(t.square, 4).result(R) == 16
+
+
+@pytest.mark.parametrize("content", [b"this is not a database" * 100, "other-sqlite"])
+def test_a_corrupt_or_foreign_journal_is_refused_and_left_alone(short_dir, content) -> None:
+    journal = short_dir / "j.sqlite3"
+    if content == "other-sqlite":
+        db = sqlite3.connect(journal)
+        db.execute("CREATE TABLE mine (x)")
+        db.commit()
+        db.close()
+        expected = "not a taskorch journal"
+    else:
+        journal.write_bytes(content)
+        expected = "not a readable SQLite database"
+    before = journal.read_bytes()
+    proc = subprocess.run(
+        _taskorch("serve", "--socket", str(short_dir / "s.sock"), "--journal", str(journal)),
+        capture_output=True, text=True, timeout=R, env=_env())
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert journal.read_bytes() == before
+    assert not (short_dir / "s.sock").exists()
+
+
+def test_an_unwritable_journal_location_is_refused(short_dir) -> None:
+    (short_dir / "file").write_text("x")
+    proc = subprocess.run(
+        _taskorch("serve", "--socket", str(short_dir / "s.sock"),
+                  "--journal", str(short_dir / "file" / "j.sqlite3")),
+        capture_output=True, text=True, timeout=R, env=_env())
+    assert proc.returncode == 2 and "cannot create the journal's lock file" in proc.stderr
+
+
+def test_a_full_disk_fails_the_submission_and_nothing_half_written_runs(
+        start_server, short_dir) -> None:
+    """The server's files may not grow past 512 KiB (RLIMIT_FSIZE: writes fail with EFBIG,
+    as on a full disk); each submission carries 64 KiB, so the WAL soon cannot grow."""
+    journal = short_dir / "j.sqlite3"
+    marks = short_dir / "marks"
+    marks.mkdir()
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+
+    a = start_server("--journal", str(journal), preexec_fn=limit_files)
+    refused: list[int] = []
+    accepted = []
+    with a.connect() as client:
+        for i in range(40):
+            try:
+                f = client.run(t.write_file, str(marks / str(i)), "x" * 65536)
+            except JournalError as exc:
+                assert "NOT accepted" in str(exc)
+                refused.append(i)
+            else:
+                accepted.append(f)
+        assert refused, "the file size limit was never reached"
+        for f in accepted:
+            f.result(R)
+    a.stop()
+    assert a.proc.returncode == 143, a.stderr()
+    ran = {int(p.name) for p in marks.iterdir()}
+    assert ran.isdisjoint(refused) and len(ran) == len(accepted)
+
+
+def test_without_a_journal_the_server_keeps_tasks_in_memory(start_server, short_dir) -> None:
+    a = start_server("--no-journal")
+    assert "journal in memory" in a.stderr()
+    with a.connect() as client:
+        assert client.run(t.square, 5).result(R) == 25
+    assert not (short_dir / "state").exists()
+
+
+def test_the_default_journal_lives_under_the_state_directory(start_server, short_dir) -> None:
+    a = start_server()
+    journals = list((short_dir / "state" / "taskorch").glob("*.journal"))
+    assert len(journals) == 1 and f"journal {journals[0]}" in a.stderr()
+    with a.connect() as client:
+        assert client.run(t.square, 6).result(R) == 36
+    a.stop()
+    assert journal_counts(journals[0]) == {f"done:{O_RESULT}": 1}
