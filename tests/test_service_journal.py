@@ -12,6 +12,7 @@ import resource
 import signal
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import test_service
 from _tasks import wait_until
 from test_service import R, _env, _taskorch
 
-from taskorch import JournalError, Policy
+from taskorch import JournalError, Policy, TaskNotFoundError
 from taskorch._service.protocol import O_ERROR, O_RESULT
 
 NO_RETRY = Policy(retries=0)
@@ -185,3 +186,65 @@ def test_the_default_journal_lives_under_the_state_directory(start_server, short
         assert client.run(t.square, 6).result(R) == 36
     a.stop()
     assert journal_counts(journals[0]) == {f"done:{O_RESULT}": 1}
+
+
+def _result_in_another_process(address: Any, key: Path, task_id: int, timeout: float) -> str:
+    code = (
+        "import sys, taskorch\n"
+        f"c = taskorch.connect({address!r}, authkey_file={str(key)!r})\n"
+        "try:\n"
+        f"    print(repr(c.result({task_id}, timeout={timeout})))\n"
+        "except BaseException as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "finally:\n"
+        "    c.close()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=R, env=_env()).stdout.strip()
+
+
+def test_results_by_id_from_another_process_and_after_a_restart(start_server, short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    a = start_server("--journal", str(journal))
+    gate = t.Gate(short_dir, "slow")
+    with a.connect() as client:
+        done = client.run(t.square, 12)
+        failed = client.with_policy(NO_RETRY).run(t.raise_value_error, "nope")
+        slow = client.run(t.blocker, str(gate.started), str(gate.release_fifo))
+        assert done.result(R) == 144
+        with pytest.raises(ValueError):
+            failed.result(R)
+        # Another process fetches by id: a finished one, a failed one, one still running.
+        assert _result_in_another_process(a.address, a.authkey_file, done.task_id, R) == "144"
+        assert _result_in_another_process(
+            a.address, a.authkey_file, failed.task_id, R) == "ValueError nope"
+        gate.wait_started()
+        waiting = _result_in_another_process(a.address, a.authkey_file, slow.task_id, 0.2)
+        assert waiting.startswith("TimeoutError")
+        with pytest.raises(TimeoutError):
+            client.result(slow.task_id, timeout=0.05)
+        gate.release("late")
+        assert client.result(slow.task_id, timeout=R) == "late"
+        with pytest.raises(TaskNotFoundError):
+            client.result(99999, timeout=R)
+    a.stop()
+    b = start_server("--journal", str(journal))  # outcomes survive the restart
+    with b.connect() as client:
+        assert client.result(done.task_id, timeout=R) == 144
+        assert client.result(slow.task_id, timeout=R) == "late"
+
+
+def test_outcomes_are_pruned_after_the_result_ttl(start_server, short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    a = start_server("--journal", str(journal), "--result-ttl", "0")
+    with a.connect() as client:
+        f = client.run(t.square, 2)
+        assert f.result(R) == 4
+
+        def pruned() -> bool:
+            try:
+                client.result(f.task_id, timeout=R)
+            except TaskNotFoundError:
+                return True
+            return False
+
+        wait_until(pruned, what="the outcome pruned")

@@ -178,6 +178,16 @@ class Client:
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         return RemotePolicyOverride(self._session, policy)
 
+    def result(self, task_id: int, timeout: float | None = None) -> Any:
+        """Wait up to ``timeout`` seconds (None: no limit) for the outcome of the task with
+        id ``task_id`` (``future.task_id``), submitted by any client of this server, before
+        or after a reconnect or a server restart: its return value, or its exception raised
+        here. Outcomes stay on the server for ``--result-ttl`` seconds after the task ends.
+
+        Raises ``TaskNotFoundError`` for an id the server does not know (or pruned),
+        ``TimeoutError`` when the task has not ended in time (it goes on)."""
+        return self._session.result(task_id, timeout)
+
     def stats(self) -> Stats:
         """The server's ``stats()`` (every client's tasks), one round trip."""
         return self._session.stats()

@@ -59,8 +59,9 @@ SCHEMA_VERSION = 1
 MAX_BATCH = 2000
 #: Rows deleted per pruning transaction; another follows at once while more are due.
 PRUNE_CHUNK = 1000
-#: Longest pause between two pruning passes.
+#: Longest and shortest pause between two pruning passes (half the TTL between them).
 PRUNE_INTERVAL = 60.0
+PRUNE_MIN_INTERVAL = 1.0
 
 QUEUED, RUNNING, DONE = "queued", "running", "done"
 
@@ -387,7 +388,8 @@ class Journal:
         except sqlite3.Error as exc:
             log.warning("taskorch serve: pruning the journal failed: %s", exc)
             deleted = 0
-        pause = 0.0 if deleted == PRUNE_CHUNK else min(PRUNE_INTERVAL, self.result_ttl / 2)
+        pause = 0.0 if deleted == PRUNE_CHUNK else max(
+            PRUNE_MIN_INTERVAL, min(PRUNE_INTERVAL, self.result_ttl / 2))
         self._next_prune = time.monotonic() + pause
 
     def _transaction(self) -> _Transaction:

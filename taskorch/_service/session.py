@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -40,6 +41,7 @@ from taskorch._errors import (
 )
 from taskorch._parent.task import TaskFuture
 from taskorch._service.protocol import (
+    C_RESULT,
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
@@ -159,6 +161,31 @@ class Session:
         future = self._accepted(request, answer)
         assert future is not None  # the server never drops a waiting request
         return future
+
+    def result(self, task_id: int, timeout: float | None) -> Any:
+        """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
+        self._check_not_reader("result()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = _Request(_new_future())
+        req = self._start(request, lambda req: (C_RESULT, req, task_id))
+        assert request.event is not None and request.future is not None
+        # Set by the reader when the outcome (or a refusal) arrives, or the connection ends.
+        if not request.event.wait(timeout):
+            with self._lock:
+                self._requests.pop(req, None)
+            try:
+                self._send(encode_service_frame((C_WITHDRAW, req)))
+            except OrchestratorClosedError:
+                pass
+            raise TimeoutError(f"task {task_id} did not end within {timeout:g} s")
+        answer = request.answer
+        if isinstance(answer, BaseException):
+            raise answer
+        assert answer is not None
+        if answer[0] == S_REJECTED:
+            raise decode_service_error(answer[2])
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return request.future.result(remaining)  # resolved right after the event is set
 
     def stats(self) -> Stats:
         self._check_not_reader("stats()")
