@@ -39,6 +39,7 @@ from taskorch import (
     RemoteTaskError,
     RemoteTraceback,
     SerializationError,
+    ServerUnavailableError,
     WorkerCrashedError,
     connect,
 )
@@ -106,13 +107,17 @@ def short_dir() -> Iterator[Path]:
 def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(*options: str, tcp: bool = False,
-              preexec_fn: Callable[[], None] | None = None) -> Server:
+    def start(*options: str, tcp: bool = False, preexec_fn: Callable[[], None] | None = None,
+              like: Server | None = None) -> Server:
+        """``like``: a server to replace, on its address and with its key."""
         n = len(servers)
         log = short_dir / f"serve{n}.log"
-        key = short_dir / f"key{n}"
-        where = (["--tcp", "127.0.0.1:0"] if tcp
-                 else ["--socket", str(short_dir / f"run{n}" / "s.sock")])
+        key = short_dir / f"key{n}" if like is None else like.authkey_file
+        if like is not None:
+            where = ["--socket", str(like.address)]
+        else:
+            where = (["--tcp", "127.0.0.1:0"] if tcp
+                     else ["--socket", str(short_dir / f"run{n}" / "s.sock")])
         with open(log, "wb") as err:
             proc = subprocess.Popen(
                 _taskorch("serve", *where, "--authkey-file", str(key), *options),
@@ -408,7 +413,7 @@ def test_sigterm_stops_accepting_drains_and_exits_143(start_server, gates) -> No
         assert inflight.result(R) == "go"  # the outcome still reaches its client
         assert server.proc.wait(R) == 143
         assert "taskorch serve: stopped (drained" in server.stderr()
-        with pytest.raises(OrchestratorClosedError):  # the server closed the connection
+        with pytest.raises(ServerUnavailableError):  # gone: the client tries to reconnect
             client.run(t.square, 1)
     finally:
         client.close()

@@ -8,11 +8,14 @@ from answers on the connection and from the journal itself; never from sleeps.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import resource
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,17 @@ import test_service
 from _tasks import wait_until
 from test_service import R, _env, _taskorch
 
-from taskorch import JournalError, Policy, TaskNotFoundError
-from taskorch._service.protocol import O_ERROR, O_RESULT
+from taskorch import (
+    JournalError,
+    Policy,
+    ServerTimeoutError,
+    ServerUnavailableError,
+    TaskNotFoundError,
+    WorkerCrashedError,
+    connect,
+)
+from taskorch._service.protocol import C_SUBMIT, O_ERROR, O_RESULT, S_ACCEPTED
+from taskorch._service.requests import Request, new_future, payload
 
 NO_RETRY = Policy(retries=0)
 # test_service's fixtures, used here by name.
@@ -51,11 +63,14 @@ def kill(server: Any) -> None:
 
 
 def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) -> None:
+    """2,000 tasks queued and 2 running when the server is SIGKILLed; a new server on the same
+    journal and socket: the client reconnects by itself and every future resolves."""
     journal = short_dir / "j.sqlite3"
     out = short_dir / "ran.txt"
     a = start_server("--journal", str(journal), "--workers", "2", "--backlog", "3000")
     retried, poisoned = t.Gate(short_dir, "retried"), t.Gate(short_dir, "poisoned")
-    with a.connect() as client:
+    client = a.connect()
+    try:
         # Both workers busy: one task that may be retried, one that may not.
         first = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
             t.blocker, str(retried.started), str(retried.release_fifo))
@@ -68,30 +83,134 @@ def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) ->
         ids = [f.task_id for f in futures if f is not None]
         assert len(ids) == 2000 and len(set(ids)) == 2000  # every run() returned: committed
         kill(a)
-    assert journal_counts(journal) == {"queued": 2000, "running": 2}
+        assert journal_counts(journal) == {"queued": 2000, "running": 2}
+        with pytest.raises(ServerUnavailableError):  # at once, not after a timeout
+            wait_until(lambda: client.run(t.square, 1) and False, what="the client to notice")
 
-    retried.started.unlink()
-    b = start_server("--journal", str(journal), "--workers", "2", "--backlog", "3000")
-    b.wait_logged("2000 queued tasks queued again, 1 that were running retried (an attempt "
-                  "charged), 1 failed (attempts spent)")
-    retried.wait_started()  # run again, with its second (last) attempt
-    retried.release()
-    with b.connect() as client:
-        wait_until(lambda: client.stats().succeeded == 2001, what="every task done")
+        retried.started.unlink()
+        b = start_server("--journal", str(journal), "--workers", "2", "--backlog", "3000",
+                         like=a)
+        b.wait_logged("2000 queued tasks queued again, 1 that were running retried (an "
+                      "attempt charged), 1 failed (attempts spent)")
+        retried.wait_started()  # run again, with its second (last) attempt
+        retried.release()
+        assert [f.result(R) for f in futures] == list(range(2000))  # re-attached, resolved
+        assert first.result(R) == "go" and first.attempts == 2
+        with pytest.raises(WorkerCrashedError, match="taskorch serve died while it ran"):
+            second.result(R)
         s = client.stats()
-        assert (s.submitted, s.failed, s.queued, s.running) == (2002, 1, 0, 0)
+        assert (s.submitted, s.succeeded, s.failed, s.queued, s.running) == (2002, 2001, 1, 0, 0)
         assert s.crashes == 2
+    finally:
+        client.close()
     b.stop()
     assert b.proc.returncode == 143, b.stderr()
     assert journal_counts(journal) == {f"done:{O_RESULT}": 2001, f"done:{O_ERROR}": 1}
     ran = out.read_text().split()
     assert set(ran) == {str(i) for i in range(2000)}  # none lost (at least once each)
-    db = sqlite3.connect(journal)
+
+
+def test_submitters_during_a_sigkill_get_each_task_accepted_once(start_server, short_dir) -> None:
+    """8 threads submit while the server is killed and replaced: a submission whose answer was
+    lost is sent again and found in the journal, never accepted twice."""
+    journal = short_dir / "j.sqlite3"
+    out = short_dir / "ran.txt"
+    a = start_server("--journal", str(journal), "--backlog", "100000")
+    accepted: list[Any] = []
+    unavailable = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    client = a.connect()
+
+    def submit(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                f = client.with_policy(NO_RETRY).run(t.record, str(out), f"{n}-{i}")
+            except ServerUnavailableError:
+                with lock:
+                    unavailable[0] += 1
+                client._session._up.wait(R)  # (a test's shortcut: wait for the reconnection)
+                continue
+            with lock:
+                accepted.append(f)
+            i += 1
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
     try:
-        attempts = dict(db.execute("SELECT id, attempts FROM tasks WHERE id <= 2"))
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(accepted) >= 400, what="submissions flowing")
+        kill(a)
+        b = start_server("--journal", str(journal), "--backlog", "100000", like=a)
+        count = len(accepted)
+        wait_until(lambda: len(accepted) >= count + 400, what="submissions flowing again")
+        stop.set()
+        for thread in threads:
+            thread.join(R)
+        values = [f.result(R) for f in accepted]
     finally:
-        db.close()
-    assert attempts == {1: 2, 2: 1}
+        stop.set()
+        client.close()
+    b.stop()
+    assert len(set(values)) == len(values) == len(accepted)
+    assert journal_counts(journal) == {f"done:{O_RESULT}": len(accepted)}  # no duplicate
+    assert set(out.read_text().split()) == set(values)
+
+
+def test_a_resent_submission_is_found_in_the_journal(start_server) -> None:
+    """The protocol itself: the same (client token, req) sent again with ``retry`` on a new
+    connection is answered with the first task's id; nothing new is enqueued."""
+    a = start_server()
+    with a.connect() as first, a.connect() as second:
+        session = first._session
+        f = first.run(t.square, 7)
+        assert f.result(R) == 49
+        request = Request(new_future())
+        second._session.token = session.token  # as if the same client, reconnected
+        req = second._session._start(request, lambda req: (
+            C_SUBMIT, 1, payload(t.square, (8,), {}), None, False, session.token, True))
+        assert req >= 1 and request.event.wait(R)
+        assert request.answer[:3] == (S_ACCEPTED, 1, f.task_id)
+        assert second.stats().submitted == 1
+
+
+def test_a_stopped_server_makes_calls_fail_within_their_timeout(start_server, short_dir) -> None:
+    a = start_server()
+    client = connect(a.address, authkey_file=a.authkey_file, request_timeout=0.5)
+    try:
+        assert client.run(t.square, 2).result(R) == 4
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ServerTimeoutError, match="did not answer run"):
+                client.run(t.square, 3)
+            with pytest.raises(ServerTimeoutError):
+                client.stats()
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert client.run(t.square, 4).result(R) == 16  # the same client, once it answers
+    finally:
+        client.close()
+
+
+def test_run_async_waits_for_the_reconnection(start_server, short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    a = start_server("--journal", str(journal))
+    client = connect(a.address, authkey_file=a.authkey_file, request_timeout=R)
+    try:
+        kill(a)
+        wait_until(lambda: client._session.down_reason, what="the client to notice")
+
+        async def submit() -> Any:
+            fut = await client.run_async(t.square, 5)
+            return await asyncio.wrap_future(fut)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(asyncio.run, submit())
+            start_server("--journal", str(journal), like=a)
+            assert pending.result(R) == 25
+    finally:
+        client.close()
 
 
 def test_a_second_server_on_the_same_journal_is_refused(start_server, short_dir) -> None:

@@ -11,14 +11,21 @@ is described in ``taskorch._service.protocol``.
 
 What a remote future cannot do: ``cancel()`` returns False (the task belongs to the server
 once accepted; the server's own stop may still cancel it, and the future then ends
-cancelled), and ``running()`` stays False until it is done. If the connection is lost, every
-unresolved future fails with ``OrchestratorBrokenError`` (the task may have run: the outcome
-is unknown) and later calls raise ``OrchestratorClosedError``; connect again.
+cancelled), and ``running()`` stays False until it is done.
+
+A lost connection is re-established by the session (with backoff, for ``reconnect_for``
+seconds); meanwhile ``run()`` raises ``ServerUnavailableError`` at once, submissions that were
+sent and not answered are sent again (the server's journal recognizes them by the client's
+token and their number: never accepted twice), and futures still pending are re-attached by
+task id and resolve from the journal. Only when the session gives up do unresolved futures
+fail with ``OrchestratorBrokenError`` (the task may have run) and calls raise
+``OrchestratorClosedError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -50,6 +57,13 @@ log = logging.getLogger("taskorch")
 
 #: ``connect()``'s default limit for connecting, the HMAC handshake and the server's hello.
 CONNECT_TIMEOUT = 10.0
+#: Default limit on any wait for the server's answer, and on any send: long enough for a
+#: loaded server and a group commit on a slow disk, short enough that a stopped server does
+#: not look like a hung application.
+REQUEST_TIMEOUT = 30.0
+#: Default time a client keeps trying to reconnect: a server restarted by systemd is back in
+#: seconds; a deploy may take a minute or two.
+RECONNECT_FOR = 120.0
 
 
 def connect(
@@ -58,13 +72,19 @@ def connect(
     authkey_file: str | os.PathLike[str] | None = None,
     *,
     timeout: float = CONNECT_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT,
+    reconnect_for: float = RECONNECT_FOR,
 ) -> Client:
     """Connect to a ``taskorch serve`` pool; returns a ``Client``.
 
     ``address``: the server's Unix socket path, ``(host, port)`` or ``"host:port"``. The key is
     ``authkey``, else the contents of ``authkey_file``, else of the server's default key file
     (``PATH.authkey`` next to a socket; ``~/.config/taskorch/authkey`` for TCP). ``timeout``
-    bounds the whole of connecting, the handshake and the server's hello. Raises ``OSError``
+    bounds the whole of connecting, the handshake and the server's hello (each reconnection
+    too). ``request_timeout`` bounds every wait for the server's answer (``run()``,
+    ``stats()``) and every send: a stuck server makes them raise ``ServerTimeoutError``.
+    ``reconnect_for``: after losing the connection, how long the client tries to reconnect
+    (with backoff) before it gives up (0: never). Raises ``OSError``
     when no server answers in time (``ConnectionRefusedError``, ``FileNotFoundError``,
     ``TimeoutError``...), ``ConnectionRefusedError`` with the server's reason when it refuses
     the connection (too many connections, stopping), and ``multiprocessing.AuthenticationError``
@@ -87,6 +107,17 @@ def connect(
     elif not isinstance(authkey, bytes) or not authkey:
         raise ValueError("authkey must be non-empty bytes")
 
+    dial = functools.partial(_dial, target, authkey, where)
+    sock, conn, info = dial(timeout)
+    return Client(Session(sock, conn, where, info, dial=dial, connect_timeout=timeout,
+                          request_timeout=request_timeout, reconnect_for=reconnect_for))
+
+
+def _dial(
+    target: str | tuple[str, int], authkey: bytes, where: str, timeout: float,
+) -> tuple[socket.socket, Connection[Any, Any], dict[str, Any]]:
+    """Connect, authenticate and read the hello within ``timeout`` (connect(), and the
+    session's reconnections)."""
     deadline = time.monotonic() + timeout
     if isinstance(target, tuple):
         sock = socket.create_connection(target, timeout=timeout)
@@ -117,7 +148,7 @@ def connect(
             conn.close()
         sock.close()
         raise
-    return Client(Session(sock, conn, where, info))
+    return sock, conn, info
 
 
 def fetch_status(address: Address, authkey_file: str | os.PathLike[str] | None = None, *,
@@ -145,7 +176,7 @@ class Client:
         self._session = session
         # Not a bound method: the finalizer must not keep self alive. A client dropped without
         # close() disconnects; the server still runs what it accepted.
-        weakref.finalize(self, session.shut_down)
+        weakref.finalize(self, session.abandon)
 
     @property
     def address(self) -> str:
