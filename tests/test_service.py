@@ -43,7 +43,13 @@ from taskorch import (
     WorkerCrashedError,
     connect,
 )
-from taskorch._service.protocol import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
+from taskorch._service.protocol import (
+    C_STATS,
+    S_CREDIT,
+    S_HELLO,
+    S_STATS,
+    SERVICE_MAX_FRAME,
+)
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -325,6 +331,7 @@ def _authenticated(server: Server) -> tuple[socket.socket, Connection[Any, Any]]
     answer_challenge(conn, key)
     deliver_challenge(conn, key)
     assert pickle.loads(conn.recv_bytes())[0] == S_HELLO
+    assert pickle.loads(conn.recv_bytes())[0] == S_CREDIT  # (the backlog has room: credits)
     return sock, conn
 
 

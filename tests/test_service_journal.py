@@ -28,6 +28,7 @@ from test_service import R, _env, _taskorch
 from taskorch import (
     JournalError,
     Policy,
+    QueueFullError,
     ServerTimeoutError,
     ServerUnavailableError,
     TaskNotFoundError,
@@ -80,8 +81,9 @@ def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) ->
         retried.wait_started()
         poisoned.wait_started()
         futures = [client.with_policy(NO_RETRY).run(t.record, str(out), i) for i in range(2000)]
-        ids = [f.task_id for f in futures if f is not None]
-        assert len(ids) == 2000 and len(set(ids)) == 2000  # every run() returned: committed
+        # run() spends credits, without a round trip: a task id comes once committed.
+        wait_until(lambda: all(f.task_id for f in futures), what="every task committed")
+        assert len({f.task_id for f in futures}) == 2000
         kill(a)
         assert journal_counts(journal) == {"queued": 2000, "running": 2}
         with pytest.raises(ServerUnavailableError):  # at once, not after a timeout
@@ -183,7 +185,8 @@ def test_a_stopped_server_makes_calls_fail_within_their_timeout(start_server, sh
         a.proc.send_signal(signal.SIGSTOP)
         try:
             with pytest.raises(ServerTimeoutError, match="did not answer run"):
-                client.run(t.square, 3)
+                for _ in range(1000):  # the first ones spend credits: no answer awaited
+                    client.run(t.square, 3)
             with pytest.raises(ServerTimeoutError):
                 client.stats()
         finally:
@@ -272,17 +275,17 @@ def test_a_full_disk_fails_the_submission_and_nothing_half_written_runs(
     refused: list[int] = []
     accepted = []
     with a.connect() as client:
-        for i in range(40):
+        # run() spends credits: a refusal fails the future (a round trip would raise it).
+        futures = [client.run(t.write_file, str(marks / str(i)), "x" * 65536) for i in range(40)]
+        for i, f in enumerate(futures):
             try:
-                f = client.run(t.write_file, str(marks / str(i)), "x" * 65536)
+                f.result(R)
             except JournalError as exc:
                 assert "NOT accepted" in str(exc)
                 refused.append(i)
             else:
                 accepted.append(f)
         assert refused, "the file size limit was never reached"
-        for f in accepted:
-            f.result(R)
     a.stop()
     assert a.proc.returncode == 143, a.stderr()
     ran = {int(p.name) for p in marks.iterdir()}
@@ -367,3 +370,60 @@ def test_outcomes_are_pruned_after_the_result_ttl(start_server, short_dir) -> No
             return False
 
         wait_until(pruned, what="the outcome pruned")
+
+
+def _submit_until_full(client: Any, accepted: list[Any], value: int) -> None:
+    """run() until the server says full 20 times in a row (credits first, then round trips)."""
+    fulls = 0
+    while fulls < 20:
+        try:
+            accepted.append(client.run(t.square, value))
+            fulls = 0
+        except QueueFullError:
+            fulls += 1
+
+
+def test_credits_keep_the_backlog_bound_exact_across_8_clients(start_server, short_dir) -> None:
+    a = start_server("--workers", "1", "--backlog", "50")
+    gate = t.Gate(short_dir, "busy")
+    owner = a.connect()
+    clients = [a.connect() for _ in range(8)]
+    released = False
+    try:
+        busy = owner.run(t.blocker, str(gate.started), str(gate.release_fifo))
+        gate.wait_started()  # the only worker is busy: every task accepted now stays queued
+        accepted: list[list[Any]] = [[] for _ in clients]
+        barrier = threading.Barrier(len(clients))
+
+        def submit(n: int) -> None:
+            barrier.wait(R)
+            _submit_until_full(clients[n], accepted[n], n)
+
+        threads = [threading.Thread(target=submit, args=(n,)) for n in range(len(clients))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(R)
+        total = sum(len(a) for a in accepted)
+        wait_until(lambda: all(f.task_id for fs in accepted for f in fs), what="all committed")
+        s = owner.stats()
+        assert s.queued == total <= 50 and s.rejected > 0
+        # Slots still held as credits are freed when their clients leave: the bound is exact,
+        # and nothing leaks. A new client then fills the backlog to exactly 50.
+        for client in clients:
+            client.close(timeout=0)  # (their tasks stay queued behind the busy worker)
+        more: list[Any] = []
+        with a.connect() as last:
+            _submit_until_full(last, more, 99)
+            wait_until(lambda: all(f.task_id for f in more), what="all committed")
+            assert owner.stats().queued == total + len(more) == 50
+        gate.release()
+        released = True
+        assert busy.result(R) == "go"
+        assert [f.result(R) for f in more] == [99 * 99] * len(more)
+    finally:
+        if not released:
+            gate.release()
+        for client in clients:
+            client.close(timeout=0)
+        owner.close(timeout=R)

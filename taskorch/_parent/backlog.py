@@ -148,10 +148,23 @@ class Backlog:
             self.reserved += 1
         return None
 
-    def unreserve(self) -> None:
+    def reserve_share(self, limit: int, share: int) -> int:
+        """Hold up to ``limit`` slots, at most 1/``share`` of the room left; how many. Never
+        raises, never counts a rejection (taskorch serve's credits)."""
         with self.lock:
-            self.reserved -= 1
-            self._wake_room_waiters_locked(1)
+            if self.closed or self.broken is not None:
+                return 0
+            room = self.max_backlog - self.queued - self.reserved
+            n = max(0, min(limit, room // share))
+            self.reserved += n
+        return n
+
+    def unreserve(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        with self.lock:
+            self.reserved -= n
+            self._wake_room_waiters_locked(n)
 
     def admit_reserved(self, item: WorkItem) -> None:
         """Enqueue ``item`` in a slot held by ``reserve``; the slot is given back whatever

@@ -368,8 +368,12 @@ class Intake:
                 self._backlog.forget_waiter(waiter)
                 raise
 
-    def unreserve(self) -> None:
-        self._backlog.unreserve()
+    def reserve_share(self, limit: int, share: int) -> int:
+        """Hold up to ``limit`` slots, at most 1/``share`` of the room left (never raises)."""
+        return self._backlog.reserve_share(limit, share)
+
+    def unreserve(self, n: int = 1) -> None:
+        self._backlog.unreserve(n)
 
     def admit_reserved(self, item: WorkItem) -> TaskFuture:
         """Enqueue ``item`` in the slot ``reserve`` held (given back if this raises)."""

@@ -34,18 +34,22 @@ from typing import TYPE_CHECKING, Any
 
 from taskorch._errors import (
     OrchestratorClosedError,
+    QueueFullError,
     SerializationError,
     TaskNotFoundError,
     TaskorchError,
 )
+from taskorch._service.credits import ConnectionCredits
 from taskorch._service.handshake import SerializedSends, refusal_frame, server_handshake
 from taskorch._service.protocol import (
     C_RESULT,
+    C_RETURN,
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
     O_ERROR,
     S_ACCEPTED,
+    S_CREDIT,
     S_DONE,
     S_DROPPED,
     S_HELLO,
@@ -85,6 +89,7 @@ class ServedConnection:
         self.server = server
         self.orchestrator = server.orchestrator
         self.registry = server.registry
+        self.credits = ConnectionCredits(server.orchestrator.intake)
         self.number = number
         self.peer = f"connection {number} ({peer_name(sock)})"
         # Two fds for one socket: `conn` frames messages, `sock` is for setsockopt/shutdown.
@@ -151,6 +156,9 @@ class ServedConnection:
                 return
             self.writer.start()
             self.send((S_HELLO, SERVICE_VERSION, self.server.info))
+            granted = self.credits.top_up()
+            if granted:
+                self.send((S_CREDIT, granted))
             self._read()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             pass  # the client left
@@ -219,6 +227,8 @@ class ServedConnection:
             elif tag == C_RESULT:
                 _, req, task_id = message
                 self.registry.watch(task_id, functools.partial(self._watch, req, task_id))
+            elif tag == C_RETURN:
+                self.credits.give_back(message[1])
             elif tag == C_STATS:
                 self._reply((S_STATS, message[1], encode_stats(self.orchestrator.stats())))
             else:
@@ -226,8 +236,14 @@ class ServedConnection:
                 self._on_loop(self._withdraw, message[1])
 
     def _submit(self, req: int, payload: bytes, wire_policy: Any, wait: bool, client: bytes,
-                retry: bool) -> None:
-        if retry:  # sent before on another connection? Then the journal has it.
+                retry: bool, credit: bool) -> None:
+        if credit:  # the slot is one this connection holds (see credits)
+            if self.credits.spend():
+                self._journal(req, payload, wire_policy, client)
+            else:
+                self._reply((S_REJECTED, req, encode_service_error(
+                    QueueFullError(self.orchestrator.max_backlog))))
+        elif retry:  # sent before on another connection? Then the journal has it.
             self.registry.find(
                 client, req, functools.partial(self._admitted, req),
                 functools.partial(self._submit_new, req, payload, wire_policy, wait, client))
@@ -246,6 +262,8 @@ class ServedConnection:
             reserved = self.orchestrator.intake.reserve(f"from {self.peer}")
         except TaskorchError as exc:  # QueueFullError, OrchestratorClosedError, ...BrokenError
             self._reply((S_REJECTED, req, encode_service_error(exc)))
+            if isinstance(exc, QueueFullError):
+                self.server.recall_credits()  # held slots may be what fills it
             return
         if not reserved:
             self._reply((S_DROPPED, req))
@@ -270,7 +288,7 @@ class ServedConnection:
         task_id, out = admission
         with self._lock:
             self._inflight[req] = task_id
-        self.send((S_ACCEPTED, req, task_id))
+        self.send((S_ACCEPTED, req, task_id, self.credits.top_up()))
         out.add_done_callback(functools.partial(self._task_done, req))
 
     def _watch(self, req: int, task_id: int, out: Future[Outcome] | None) -> None:
@@ -416,6 +434,7 @@ class ServedConnection:
             self.closed = True
             inflight = len(self._inflight)
         self._on_loop(self._cancel_waiting)  # run_async() submits still waiting: nothing enqueued
+        self.credits.close()
         self.shut_down()
         if self.writer.is_alive():
             self._outbox.put(_STOP)

@@ -33,7 +33,7 @@ server -> client, once, right after authentication:
 client -> server (``req``: an int the client picks, unique among its requests for the life of
 the client, across reconnections):
 
-    (C_SUBMIT, req, payload, policy, wait, client, retry)
+    (C_SUBMIT, req, payload, policy, wait, client, retry, credit)
                                           ``payload``: ``encode_call()`` bytes; ``policy``:
                                           None (the server's policy) or a WirePolicy;
                                           ``wait`` False: run() semantics, answered as soon as
@@ -46,7 +46,15 @@ the client, across reconnections):
                                           journals it once. ``retry`` True: this submission
                                           may have been sent on an earlier connection; if
                                           the journal has it, the answer is its ACCEPTED (and
-                                          later DONE) again, nothing new is enqueued
+                                          later DONE) again, nothing new is enqueued.
+                                          ``credit`` True: run() spent one of its credits
+                                          (below) and did not wait: the server journals the
+                                          task in that slot (never QueueFullError); its
+                                          answer still comes (ACCEPTED, or REJECTED with a
+                                          JournalError or a closed error), the caller's
+                                          future already returned
+    (C_RETURN, n)                         the answer to S_RECALL: ``n`` credits not spent,
+                                          given back (the client now holds none)
     (C_RESULT, req, task_id)              wait for task ``task_id``'s outcome (any client's):
                                           answered by S_DONE when it ends (at once if it
                                           has), or S_REJECTED with TaskNotFoundError
@@ -59,10 +67,13 @@ the client, across reconnections):
 
 server -> client:
 
-    (S_ACCEPTED, req, task_id)            committed to the journal and in the backlog as task
+    (S_CREDIT, n)                         ``n`` more credits (after S_HELLO)
+    (S_RECALL,)                           give back the credits not spent (C_RETURN)
+    (S_ACCEPTED, req, task_id, grant)     committed to the journal and in the backlog as task
                                           ``task_id`` (the journal's id: stable across server
                                           restarts); its S_DONE always comes later on the same
-                                          connection, unless the connection ends first
+                                          connection, unless the connection ends first.
+                                          ``grant``: more credits (0 or more)
     (S_DROPPED, req)                      backlog full and the server runs with --drop:
                                           run() returns None
     (S_REJECTED, req, error)              ``error``: ``encode_service_error()`` bytes of the
@@ -81,6 +92,15 @@ server -> client:
                                                          CircuitOpenError, ...)
                                             O_CANCELLED  None
     (S_STATS, req, fields)                ``encode_stats()``: the Stats fields as a dict
+
+Credits (``_service.credits`` has the rules): a credit is a backlog slot the server holds for
+one connection, so that run() needs no round trip and the bound stays exact across clients:
+queued tasks plus every connection's credits never exceed ``max_backlog``. The server grants
+a few on connecting and with each ACCEPTED, recalls them when a round-trip submission finds
+the backlog full, and frees what a connection holds when it ends; the client spends one per
+run() while it has any, else submits with a round trip (QueueFullError decided there). After
+a reconnection the client holds none until granted; a credit submission sent on a link that
+was lost is sent again with ``wait`` True (it must not be refused for room: run() returned).
 
 Either side closes the connection to end it; there is no goodbye frame. The server ends a
 connection (and logs why on the "taskorch" logger) on a failed challenge, a frame over the
@@ -101,7 +121,7 @@ if TYPE_CHECKING:
     from taskorch._stats import Stats
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
-#: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT.
+#: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
 SERVICE_VERSION = 3
 
 #: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
@@ -115,6 +135,7 @@ C_SUBMIT = 1
 C_WITHDRAW = 2
 C_STATS = 3
 C_RESULT = 4
+C_RETURN = 5
 # Server frame tags.
 S_HELLO = 11
 S_ACCEPTED = 12
@@ -122,6 +143,8 @@ S_DROPPED = 13
 S_REJECTED = 14
 S_DONE = 15
 S_STATS = 16
+S_CREDIT = 17
+S_RECALL = 18
 # S_DONE outcomes.
 O_RESULT = 1
 O_RAISED = 2
@@ -163,16 +186,16 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
             f"a frame must be a non-empty tuple, got {type(message).__name__}"
         )
     tag = message[0]
-    if tag == C_SUBMIT and len(message) == 7:
-        _, req, payload, policy, wait, client, retry = message
+    if tag == C_SUBMIT and len(message) == 8:
+        _, req, payload, policy, wait, client, retry, credit = message
         if (_is_req(req) and isinstance(payload, bytes) and isinstance(wait, bool)
                 and (policy is None or _is_wire_policy(policy))
                 and isinstance(client, bytes) and 0 < len(client) <= 64
-                and isinstance(retry, bool)):
+                and isinstance(retry, bool) and isinstance(credit, bool)):
             return message
     elif tag == C_RESULT and len(message) == 3 and _is_req(message[1]) and _is_req(message[2]):
         return message
-    elif tag in (C_WITHDRAW, C_STATS) and len(message) == 2 and _is_req(message[1]):
+    elif tag in (C_WITHDRAW, C_STATS, C_RETURN) and len(message) == 2 and _is_req(message[1]):
         return message
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
 

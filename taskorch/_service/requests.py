@@ -29,7 +29,7 @@ from taskorch._wire import encode_call
 class Request:
     """One request waiting for its answer (and, once accepted, for its outcome)."""
 
-    __slots__ = ("future", "answered", "event", "loop", "waiter", "answer", "message")
+    __slots__ = ("future", "answered", "event", "loop", "waiter", "answer", "message", "credit")
 
     def __init__(
         self, future: TaskFuture | None, loop: asyncio.AbstractEventLoop | None = None,
@@ -44,6 +44,7 @@ class Request:
         self.answer: tuple[Any, ...] | BaseException | None = None
         # The frame sent, kept to send it again after a reconnection (None: not resendable).
         self.message: tuple[Any, ...] | None = None
+        self.credit = False  # a run() that spent a credit: nobody waits for the answer
 
     def deliver(self, answer: tuple[Any, ...] | BaseException) -> None:
         """Hand the answer to the caller (reader thread, or the session when it gives up)."""
@@ -113,7 +114,9 @@ def resend_message(req: int, request: Request) -> tuple[Any, ...] | None:
         return None
     message = request.message
     if message is not None and message[0] == C_SUBMIT:
-        return (*message[:6], True)  # the server finds it if the first frame got through
+        # The server finds it if the first frame got through. A credit run() returned already:
+        # it must not be refused for room now, so it waits for room (run_async's semantics).
+        return (*message[:4], message[4] or request.credit, message[5], True, False)
     return message  # a result() wait
 
 

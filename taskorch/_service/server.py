@@ -23,8 +23,7 @@ connection is a ``connection.ServedConnection``. Threads of the server process:
                                 (``await o.intake.offer_async``), cancellable by a withdraw
     "taskorch-serve-drain"      runs ``o.stop()`` at shutdown, so that the main thread can
                                 take a second signal and shorten the drain
-    "taskorch-serve-journal"    the journal's writer: commits submissions in groups, then
-                                enqueues them and answers (``journal``, ``registry``)
+    "taskorch-serve-journal"    the journal's writer: group commits (``journal``, ``registry``)
     "taskorch-dispatcher"       the orchestrator's: resolves TaskFutures; their callbacks only
                                 queue an S_DONE frame to the connection's outbox (never block)
 
@@ -45,9 +44,8 @@ crosses as plain fields (plus bytes for the worker), so even an authenticated cl
 the server import nothing. What the server does unpickle is its own workers' frames, as
 ``TaskOrchestrator`` always does.
 
-Start: the journal is opened (and locked) by the caller; ``serve()`` recovers what it holds
-unfinished (``TaskRegistry.recover``) before the listener accepts anyone, then starts its
-writer. The journal is closed last, after the drain and the callbacks of the last outcomes.
+Start: the caller opens (and locks) the journal; ``serve()`` recovers what it holds unfinished
+(``TaskRegistry.recover``) before accepting anyone. The journal is closed last.
 
 Shutdown (SIGTERM or SIGINT): stop accepting (close the listener, remove the socket file),
 ``o.stop(drain_timeout)`` while connections stay open, so that the outcomes of tasks in flight
@@ -77,6 +75,7 @@ from taskorch._service.connection import ServedConnection, peer_name
 from taskorch._service.handshake import configure_socket
 from taskorch._service.journal import Journal
 from taskorch._service.listener import Listener
+from taskorch._service.protocol import S_RECALL
 from taskorch._service.registry import TaskRegistry
 
 if TYPE_CHECKING:
@@ -98,8 +97,7 @@ MAX_CONNECTIONS = 256
 #: After accept() fails (out of fds, say), wait this long before accepting again, instead of
 #: spinning on a listener that stays readable.
 ACCEPT_RETRY_DELAY = 0.1
-#: At the end, how long the done-callbacks of the last outcomes may take to run (they queue
-#: the journal's records) before the journal is closed without them.
+#: At the end, how long the last outcomes' callbacks may take (they queue journal records).
 CALLBACKS_TIMEOUT = 5.0
 #: Bytes written to the main thread's wake pipe besides signal numbers.
 _WAKE_DRAINED = 0
@@ -293,6 +291,12 @@ class Server:
             self._pending.pop(connection, None)
             self._authenticated.discard(connection)
 
+    def recall_credits(self) -> None:
+        """A reader found the backlog full: ask the clients holding credits for them back."""
+        for connection in self.connections()[1]:
+            if connection.credits.recall():
+                connection.send((S_RECALL,))
+
     def connections(self) -> tuple[list[ServedConnection], list[ServedConnection]]:
         """(waiting to authenticate, authenticated): a snapshot, for tests and logs."""
         with self._lock:
@@ -371,18 +375,14 @@ def serve(
 ) -> ServeOutcome:
     """Serve ``orchestrator`` on ``listener`` until SIGTERM or SIGINT, then drain (main thread).
 
-    Takes ownership of all three: returns with the listener closed, the orchestrator stopped
-    and the journal closed. ``journal`` None: one in memory (no durability).
-    ``say`` receives the lines an operator wants to see (ready, stopping, stopped);
-    ``ready_details`` goes into the ready line. The limits are ``Server``'s.
-    """
+    Owns all three: returns with them closed or stopped (``journal`` None: one in memory).
+    ``say`` gets the operator's lines; ``ready_details`` goes into the ready line."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     try:
         if not drain_timeout >= 0 or drain_timeout == float("inf"):
             raise ValueError(f"the drain timeout must be a number >= 0, got {drain_timeout}")
-        if journal is None:
-            journal = Journal(None)
+        journal = journal or Journal(None)
         registry = TaskRegistry(orchestrator, journal)
         server = Server(orchestrator, listener, authkey, registry=registry,
                         handshake_timeout=handshake_timeout,
@@ -396,11 +396,11 @@ def serve(
         listener.close()
         orchestrator.stop(timeout=0)
         if journal is not None:
-            journal.close()
+            journal.close()  # (releases its lock)
         raise
     if queued or retried or failed:
-        say(f"recovered from the journal: {queued} queued tasks queued again, {retried} that "
-            f"were running retried (an attempt charged), {failed} failed (attempts spent)")
+        say(f"recovered from the journal: {queued} queued tasks queued again, {retried} that were "
+            f"running retried (an attempt charged), {failed} failed (attempts spent)")
     old_wakeup_fd = signal.set_wakeup_fd(wake_w)
     reports: list[StopReport] = []  # the drain thread's result
     old_handlers = {
@@ -452,7 +452,7 @@ def serve(
     finally:
         server.close()
         orchestrator.stop(timeout=0)
-        _wait_callbacks()  # the outcomes' journal records are queued by the callback thread
+        _wait_callbacks()
         journal.close()
         listener.close()
         for signum, handler in old_handlers.items():
@@ -464,7 +464,7 @@ def serve(
 
 def _wait_callbacks() -> None:
     from taskorch._parent.task import _callbacks
-    _callbacks.wait_idle(CALLBACKS_TIMEOUT)
+    _callbacks.wait_idle(CALLBACKS_TIMEOUT)  # (they queue the outcomes' journal records)
 
 
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:

@@ -55,14 +55,18 @@ from taskorch._errors import (
     ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
+from taskorch._service.link import Link
 from taskorch._service.protocol import (
     C_RESULT,
+    C_RETURN,
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
     S_ACCEPTED,
+    S_CREDIT,
     S_DONE,
     S_DROPPED,
+    S_RECALL,
     S_REJECTED,
     S_STATS,
     SERVICE_MAX_FRAME,
@@ -76,7 +80,6 @@ from taskorch._service.requests import (
     Request,
     new_future,
     payload,
-    resend_message,
     resolve,
     set_send_timeout,
 )
@@ -89,12 +92,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskorch")
 
 _client_numbers = itertools.count(1)
-#: Reconnection backoff: first pause, and the longest.
-RECONNECT_DELAY = 0.05
-RECONNECT_DELAY_MAX = 2.0
 
 
-class Session:
+class Session(Link):
     """The link and its request table, shared by the callers and the reader thread."""
 
     def __init__(
@@ -123,6 +123,7 @@ class Session:
         self._req_ids = itertools.count(1)
         # Names this client's submissions in the server's journal, with their req.
         self.token = os.urandom(16)
+        self._credits = 0  # backlog slots the server holds for us (see ``credits``)
         self._closing = False  # close() was called: no new requests
         self.closed_reason: str | None = None  # set when the session has ended
         self.down_reason: str | None = None  # set while the link is lost (reconnecting)
@@ -147,9 +148,21 @@ class Session:
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
         request = Request(new_future())
+        with self._lock:
+            request.credit = self._credits > 0 and self.down_reason is None
+            self._credits -= request.credit
+        if request.credit:  # no round trip: the answer resolves or fails the future later
+            try:
+                self._start(request, lambda req: (C_SUBMIT, req, payload(fn, args, kwargs),
+                                                  wire_policy, False, self.token, False, True))
+            except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
+                with self._lock:
+                    self._credits += 1
+                raise
+            return request.future
         answer = self._call(request, lambda req: (
-            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, False, self.token, False),
-            "run()")
+            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, False, self.token, False,
+            False), "run()")
         return self._accepted(request, answer)
 
     async def submit_async(
@@ -162,7 +175,7 @@ class Session:
         request = Request(new_future(), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: (
-            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, True, self.token, False))
+            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, True, self.token, False, False))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:
@@ -264,30 +277,6 @@ class Session:
         assert tag == S_REJECTED, answer
         raise decode_service_error(answer[2])
 
-    def _send(self, frame: bytes) -> None:
-        with self._send_lock:
-            conn = self._conn
-            if conn is None:
-                raise self._unavailable()
-            try:
-                conn.send_bytes(frame)
-                return
-            except (OSError, ValueError) as exc:  # ValueError: the reader closed the Connection
-                error = exc
-        self.shut_down()  # never send after a frame cut short: the reader reconnects
-        if isinstance(error, BlockingIOError):  # SO_SNDTIMEO: the server does not read
-            raise ServerTimeoutError(
-                f"taskorch serve at {self.where} did not read a request within "
-                f"{self.request_timeout:g} s (stopped, or overloaded?); reconnecting") from error
-        raise self._unavailable(str(error)) from error
-
-    def _unavailable(self, why: str | None = None) -> ServerUnavailableError:
-        return ServerUnavailableError(
-            f"not connected to taskorch serve at {self.where} "
-            f"({why or self.down_reason or 'connection lost'}); reconnecting for up to "
-            f"{self.reconnect_for:g} s. Nothing was sent: retry later, or use run_async(), "
-            "which waits for the connection")
-
     def _check_open_locked(self) -> None:
         if self._closing:
             raise OrchestratorClosedError("this taskorch.Client was closed; connect again")
@@ -316,22 +305,6 @@ class Session:
         self.abandon()
         if not in_reader:
             self.reader.join()
-
-    def abandon(self) -> None:
-        """End the session without waiting (close(), or the client was garbage-collected)."""
-        self._closing = True
-        self._stop_reconnecting.set()
-        self.shut_down()
-
-    def shut_down(self) -> None:
-        """Wake the reader with EOF (it then reconnects, or ends if closing)."""
-        with self._lock:
-            if self._sock is None or self._sock.fileno() == -1:
-                return
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already disconnected
-                pass
 
     # -- reader thread -----------------------------------------------------------------------
 
@@ -396,9 +369,25 @@ class Session:
                     continue
                 if tag == S_ACCEPTED and request.future is not None:
                     request.future.task_id = message[2]
+                    self._grant(message[3])
+                elif tag == S_REJECTED and request.credit and request.future is not None:
+                    request.future.set_exception(decode_service_error(message[2]))
                 request.deliver(message)
+            elif tag == S_CREDIT:
+                self._grant(message[1])
+            elif tag == S_RECALL:
+                with self._lock:
+                    n, self._credits = self._credits, 0
+                try:
+                    self._send(encode_service_frame((C_RETURN, n)))
+                except (ServerUnavailableError, ServerTimeoutError):
+                    pass  # the link is lost: the server frees them itself
             else:
                 raise ValueError(f"unexpected frame from the server (tag {tag!r})")
+
+    def _grant(self, n: int) -> None:
+        with self._lock:
+            self._credits += n
 
     def _lost(self, future: TaskFuture, error: BaseException) -> None:
         if not future.done():  # (S_REJECTED for a re-attached task: TaskNotFoundError)
@@ -406,73 +395,6 @@ class Session:
                 f"taskorch serve at {self.where} no longer knows task {future.task_id} "
                 f"({error}): it was restarted without its journal? The task may or may not "
                 "have run"))
-
-    def _go_down(self, why: str) -> None:
-        """The link is lost: close it; fail the requests that cannot be sent again."""
-        log.warning("taskorch.Client: lost the connection to %s (%s); reconnecting for up to "
-                    "%g s", self.where, why, self.reconnect_for)
-        self.shut_down()  # a sender blocked in send_bytes() fails now, releasing `_send_lock`
-        with self._send_lock, self._lock:  # lock order: _send_lock, then _lock
-            self.down_reason = why
-            self._up.clear()
-            self._close_link_locked()
-            stranded = [(req, r) for req, r in self._requests.items()
-                        if not r.answered and (r.message is None or r.message[0] == C_STATS)]
-            for req, _ in stranded:
-                del self._requests[req]
-        for _, request in stranded:
-            request.deliver(self._unavailable())
-
-    def _reconnect(self) -> bool:
-        """Dial with backoff until connected (True), closed or out of time (False)."""
-        deadline = time.monotonic() + self.reconnect_for
-        delay = RECONNECT_DELAY
-        while not self._closing:
-            remaining = deadline - time.monotonic()
-            try:
-                sock, conn, info = self._dial(max(0.05, min(self.connect_timeout, remaining)))
-            except Exception as exc:  # refused, missing socket, timeout, a refusal, the key
-                log.debug("taskorch.Client: reconnecting to %s: %s", self.where, exc)
-            else:
-                return self._install(sock, conn, info)
-            if time.monotonic() + delay > deadline or self._stop_reconnecting.wait(delay):
-                return False
-            delay = min(delay * 2, RECONNECT_DELAY_MAX)
-        return False
-
-    def _install(self, sock: socket.socket, conn: Connection[Any, Any],
-                 info: dict[str, Any]) -> bool:
-        """Use the new link; send again what the lost one left unanswered, in req order."""
-        set_send_timeout(sock, self.request_timeout)
-        with self._send_lock:
-            with self._lock:
-                if self._closing:
-                    conn.close()
-                    sock.close()
-                    return False
-                self._sock, self._conn, self.info = sock, conn, info
-                pending = sorted(self._requests.items())
-            try:
-                for req, request in pending:
-                    message = resend_message(req, request)
-                    if message is not None:
-                        conn.send_bytes(encode_service_frame(message))
-            except (OSError, ValueError) as exc:  # lost again: the reader sees it next
-                log.debug("taskorch.Client: re-sending to %s failed: %s", self.where, exc)
-                self.shut_down()
-            with self._lock:
-                self.down_reason = None
-        self._up.set()
-        log.warning("taskorch.Client: reconnected to %s (server pid %s); %d request(s) re-sent",
-                    self.where, info.get("pid"), len(pending))
-        return True
-
-    def _close_link_locked(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        if self._sock is not None:
-            self._sock.close()
-        self._conn = self._sock = None
 
     def _end(self, reason: str) -> None:
         self.shut_down()  # a sender blocked in send_bytes() fails now, releasing `_send_lock`
