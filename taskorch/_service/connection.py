@@ -57,11 +57,13 @@ from taskorch._service.protocol import (
     S_STATS,
     SERVICE_MAX_FRAME,
     SERVICE_VERSION,
+    FrameReader,
     ServiceProtocolError,
     decode_client_frame,
     encode_service_error,
     encode_service_frame,
     encode_stats,
+    frame_bytes,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +77,9 @@ log = logging.getLogger("taskorch")
 #: At shutdown, how long a connection's outbox may take to flush to a client that does not
 #: read, before the connection is cut.
 FLUSH_TIMEOUT = 5.0
+
+#: Most outbox frames the writer sends in one write.
+WRITE_BATCH = 256
 
 #: How long refuse() waits for a handshake message being written to finish (see there).
 REFUSAL_LOCK_TIMEOUT = 1.0
@@ -219,8 +224,9 @@ class ServedConnection:
             self.shut_down()
 
     def _read(self) -> None:
+        frames = FrameReader(self.conn.fileno())  # (the fds live as long as this thread)
         while True:
-            message = decode_client_frame(self.conn.recv_bytes(SERVICE_MAX_FRAME))
+            message = decode_client_frame(frames.read())
             tag = message[0]
             if tag == C_SUBMIT:
                 self._submit(*message[1:])
@@ -240,6 +246,9 @@ class ServedConnection:
         if credit:  # the slot is one this connection holds (see credits)
             if self.credits.spend():
                 self._journal(req, payload, wire_policy, client)
+                granted = self.credits.top_up_when_low()
+                if granted:  # now, not after the commit: the client streams on meanwhile
+                    self._reply((S_CREDIT, granted))
             else:
                 self._reply((S_REJECTED, req, encode_service_error(
                     QueueFullError(self.orchestrator.max_backlog))))
@@ -378,14 +387,24 @@ class ServedConnection:
     def _write_guarded(self) -> None:
         try:
             while True:
-                message = self._outbox.get()  # wakeups: a frame, or _STOP
-                if message is _STOP:
+                batch = [self._outbox.get()]  # wakeups: a frame, or _STOP
+                while batch[-1] is not _STOP and len(batch) < WRITE_BATCH:
+                    try:
+                        batch.append(self._outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                frames = []
+                for message in batch:
+                    if message is _STOP:
+                        break
+                    frame = frame_bytes(message)
+                    if len(frame) - 4 > SERVICE_MAX_FRAME:
+                        frame = self._oversized(message, len(frame) - 4)
+                    frames.append(frame)
+                with self._send_lock:  # every frame queued meanwhile, in one write
+                    self.sock.sendall(b"".join(frames))
+                if batch[-1] is _STOP:
                     return
-                frame = encode_service_frame(message)
-                if len(frame) > SERVICE_MAX_FRAME:
-                    frame = self._oversized(message, len(frame))
-                with self._send_lock:
-                    self.conn.send_bytes(frame)
         except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed
             log.debug("taskorch serve: %s: send failed: %s", self.peer, exc)
             self.shut_down()  # wake the reader, which closes the connection
@@ -402,9 +421,7 @@ class ServedConnection:
         if message[0] != S_DONE:
             raise error
         tag, req, _, attempts, seconds, _ = message
-        return encode_service_frame(
-            (tag, req, O_ERROR, attempts, seconds, encode_service_error(error))
-        )
+        return frame_bytes((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
 
     # -- closing ----------------------------------------------------------------------------
 

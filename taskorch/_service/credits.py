@@ -5,11 +5,14 @@ A credit is a slot held in the orchestrator's backlog (``Intake.reserve_share``)
 against ``max_backlog`` from the moment it is granted, so that however many clients spend
 credits at once, queued tasks plus held slots never exceed the bound. The client spends one
 per ``run()`` (C_SUBMIT with ``credit`` set) and does not wait: the server journals the task
-in that slot. Grants: when the client authenticates (S_CREDIT), and with each S_ACCEPTED, the
-connection is topped up to CREDIT_MAX, but each grant takes at most 1/CREDIT_SHARE of the room
-left, so that credits thin out as the backlog fills and the last slots go to round trips,
-where ``QueueFullError`` is decided by the server. A client without credits submits with a
-round trip, as before credits.
+in that slot. Grants: when the client authenticates (S_CREDIT), when half its credits are
+spent (S_CREDIT, as soon as the server reads the submission: a client streams on while the
+journal commits), and with each S_ACCEPTED, the connection is topped up to CREDIT_MAX, but
+each grant takes at most 1/CREDIT_SHARE of the room left, so that credits thin out as the
+backlog fills and the last slots go to round trips, where ``QueueFullError`` is decided by
+the server. A client out of credits whose credit submissions are still unanswered waits for
+their answers (which carry grants) rather than paying a round trip; with none unanswered, it
+submits with a round trip, as before credits.
 
 Credits that sit unused in one connection could starve the others; so when a round-trip
 submission finds the backlog full while slots are held, the server recalls credits
@@ -34,9 +37,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import Intake
 
-#: Most credits one connection holds: enough to stream many submissions per round trip of
-#: its grants; small, because held slots are slots other clients cannot use.
-CREDIT_MAX = 32
+#: Most credits one connection holds: enough to stream submissions through a group commit (a
+#: few ms of fsync) without running dry; held slots are slots other clients cannot use, and
+#: CREDIT_SHARE keeps a grant to a quarter of the room left.
+CREDIT_MAX = 256
 #: A grant takes at most this fraction (1/N) of the backlog's room left.
 CREDIT_SHARE = 4
 
@@ -58,6 +62,14 @@ class ConnectionCredits:
             n = self._intake.reserve_share(want, CREDIT_SHARE)
             self.held += n
             return n
+
+    def top_up_when_low(self) -> int:
+        """After a credit submission: top up once half are spent (one S_CREDIT per
+        CREDIT_MAX / 2 tasks), without waiting for the journal's commit."""
+        with self._lock:
+            if self.held > CREDIT_MAX // 2:
+                return 0
+        return self.top_up()
 
     def spend(self) -> bool:
         """A credit submission arrived: its slot is the caller's now. False: none held."""

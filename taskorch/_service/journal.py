@@ -295,7 +295,10 @@ class Journal:
             if op is None:
                 break
         more = ops[-1] is not None
-        batch = [op for op in ops if op is not None]
+        # A task that started and ended within one batch needs no "running" record.
+        ended = {op[1] for op in ops if op is not None and op[0] == "finished"}
+        batch = [op for op in ops
+                 if op is not None and not (op[0] == "started" and op[1] in ended)]
         callbacks: list[Callable[[], None]] = []
         try:
             with self._transaction():

@@ -49,6 +49,8 @@ class Link:
     _lock: threading.Lock
     _requests: dict[int, Request]
     _credits: int
+    _credit_inflight: int
+    _credit_change: threading.Condition
     _closing: bool
     down_reason: str | None
     _up: threading.Event
@@ -105,7 +107,8 @@ class Link:
         self.shut_down()  # a sender blocked in send_bytes() fails now, releasing `_send_lock`
         with self._send_lock, self._lock:  # lock order: _send_lock, then _lock
             self.down_reason = why
-            self._credits = 0  # the server frees them when it sees the connection end
+            self._credits = self._credit_inflight = 0  # the server frees what it granted
+            self._credit_change.notify_all()
             self._up.clear()
             self._close_link_locked()
             stranded = [(req, r) for req, r in self._requests.items()

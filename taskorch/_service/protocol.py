@@ -200,6 +200,54 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
 
 
+class FrameReader:
+    """Reads ``multiprocessing.connection`` frames from a blocking fd, many per ``read()``
+    (the reader threads of both sides, after the handshake, which reads exactly its own
+    frames). ``Connection.recv_bytes`` costs two reads per frame; a burst of small frames
+    here costs one read for all of them. A length over ``maxlength`` raises
+    ``OSError("bad message length")``, as ``recv_bytes`` does, before the body is read."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, fd: int, maxlength: int = SERVICE_MAX_FRAME) -> None:
+        self._fd = fd
+        self._maxlength = maxlength
+        self._buf = bytearray()
+        self._pos = 0  # start of the first unread byte in _buf
+
+    def read(self) -> bytes:
+        import os
+        import struct
+
+        while True:
+            buf, pos = self._buf, self._pos
+            avail = len(buf) - pos
+            need = 4
+            if avail >= 4:
+                (size,) = struct.unpack_from("!i", buf, pos)
+                if size < 0 or size > self._maxlength:
+                    raise OSError("bad message length")
+                need = 4 + size
+                if avail >= need:
+                    self._pos = pos + need
+                    return bytes(buf[pos + 4:pos + need])
+            if pos:
+                del buf[:pos]  # drop what was consumed before reading more
+                self._pos = 0
+            chunk = os.read(self._fd, max(self.CHUNK, need - avail))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+
+
+def frame_bytes(message: tuple[Any, ...]) -> bytes:
+    """``message`` encoded and framed as ``Connection.send_bytes`` would (frames < 2 GiB)."""
+    import struct
+
+    body = encode_service_frame(message)
+    return struct.pack("!i", len(body)) + body
+
+
 def decode_builtins(data: bytes) -> Any:
     """Unpickle data that may hold builtins only (the journal's policy and outcome columns)."""
     import io

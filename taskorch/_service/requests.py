@@ -33,18 +33,19 @@ class Request:
 
     def __init__(
         self, future: TaskFuture | None, loop: asyncio.AbstractEventLoop | None = None,
-        waiter: asyncio.Future[Any] | None = None,
+        waiter: asyncio.Future[Any] | None = None, credit: bool = False,
     ) -> None:
         self.future = future  # None for a stats request
         self.answered = False  # the answer was handed to the caller (reader thread only)
-        # How the caller waits: a threading.Event (run(), stats()) or an asyncio future.
-        self.event = threading.Event() if waiter is None else None
+        # How the caller waits: a threading.Event (run(), stats()) or an asyncio future; a
+        # credit run() does not wait (neither).
+        self.event = threading.Event() if waiter is None and not credit else None
         self.loop = loop
         self.waiter = waiter
         self.answer: tuple[Any, ...] | BaseException | None = None
         # The frame sent, kept to send it again after a reconnection (None: not resendable).
         self.message: tuple[Any, ...] | None = None
-        self.credit = False  # a run() that spent a credit: nobody waits for the answer
+        self.credit = credit  # a run() that spent a credit: nobody waits for the answer
 
     def deliver(self, answer: tuple[Any, ...] | BaseException) -> None:
         """Hand the answer to the caller (reader thread, or the session when it gives up)."""
@@ -52,8 +53,8 @@ class Request:
         self.answer = answer
         if self.event is not None:
             self.event.set()
-        else:
-            assert self.loop is not None and self.waiter is not None
+        elif self.waiter is not None:
+            assert self.loop is not None
             try:
                 self.loop.call_soon_threadsafe(_deliver, self.waiter, answer)
             except RuntimeError:  # that loop is closed: its caller is gone

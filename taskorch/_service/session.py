@@ -70,6 +70,7 @@ from taskorch._service.protocol import (
     S_REJECTED,
     S_STATS,
     SERVICE_MAX_FRAME,
+    FrameReader,
     WirePolicy,
     decode_server_frame,
     decode_service_error,
@@ -124,6 +125,8 @@ class Session(Link):
         # Names this client's submissions in the server's journal, with their req.
         self.token = os.urandom(16)
         self._credits = 0  # backlog slots the server holds for us (see ``credits``)
+        self._credit_inflight = 0  # credit submissions sent, not answered yet
+        self._credit_change = threading.Condition(self._lock)  # more credits, or an answer
         self._closing = False  # close() was called: no new requests
         self.closed_reason: str | None = None  # set when the session has ended
         self.down_reason: str | None = None  # set while the link is lost (reconnecting)
@@ -147,17 +150,21 @@ class Session(Link):
         kwargs: dict[str, Any],
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
-        request = Request(new_future())
         with self._lock:
-            request.credit = self._credits > 0 and self.down_reason is None
-            self._credits -= request.credit
-        if request.credit:  # no round trip: the answer resolves or fails the future later
+            # Out of credits while credit submissions are unanswered: their answers (or the
+            # S_CREDIT the server sends as it reads them) bring more, unless the backlog is
+            # full; wait for that rather than pay a round trip through a group commit.
+            self._credit_change.wait_for(self._credit_or_answers, self.request_timeout)
+            credit = self._credits > 0 and self.down_reason is None
+            self._credits -= credit
+            self._credit_inflight += credit
+        request = Request(new_future(), credit=credit)
+        if credit:  # no round trip: the answer resolves or fails the future later
             try:
                 self._start(request, lambda req: (C_SUBMIT, req, payload(fn, args, kwargs),
                                                   wire_policy, False, self.token, False, True))
             except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
-                with self._lock:
-                    self._credits += 1
+                self._grant(1, answered=True)
                 raise
             return request.future
         answer = self._call(request, lambda req: (
@@ -342,10 +349,11 @@ class Session(Link):
         raise AssertionError("unreachable")
 
     def _read(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        frames = FrameReader(conn.fileno())  # the reader alone replaces or closes the link
         while True:
-            conn = self._conn
-            assert conn is not None
-            message = decode_server_frame(conn.recv_bytes(SERVICE_MAX_FRAME))
+            message = decode_server_frame(frames.read())
             tag = message[0]
             if tag == S_DONE:
                 _, req, outcome, attempts, seconds, data = message
@@ -369,8 +377,9 @@ class Session(Link):
                     continue
                 if tag == S_ACCEPTED and request.future is not None:
                     request.future.task_id = message[2]
-                    self._grant(message[3])
+                    self._grant(message[3], request.credit)
                 elif tag == S_REJECTED and request.credit and request.future is not None:
+                    self._grant(0, answered=True)
                     request.future.set_exception(decode_service_error(message[2]))
                 request.deliver(message)
             elif tag == S_CREDIT:
@@ -385,9 +394,15 @@ class Session(Link):
             else:
                 raise ValueError(f"unexpected frame from the server (tag {tag!r})")
 
-    def _grant(self, n: int) -> None:
+    def _grant(self, n: int, answered: bool = False) -> None:
         with self._lock:
             self._credits += n
+            self._credit_inflight = max(0, self._credit_inflight - answered)
+            self._credit_change.notify_all()
+
+    def _credit_or_answers(self) -> bool:  # (_lock held)
+        return (self._credits > 0 or self._credit_inflight == 0 or self.down_reason is not None
+                or self._closing or self.closed_reason is not None)
 
     def _lost(self, future: TaskFuture, error: BaseException) -> None:
         if not future.done():  # (S_REJECTED for a re-attached task: TaskNotFoundError)
@@ -400,6 +415,7 @@ class Session(Link):
         self.shut_down()  # a sender blocked in send_bytes() fails now, releasing `_send_lock`
         with self._send_lock, self._lock:  # lock order: _send_lock, then _lock
             self.closed_reason = reason
+            self._credit_change.notify_all()
             requests = list(self._requests.values())
             self._requests.clear()
             self._close_link_locked()
