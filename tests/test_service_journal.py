@@ -427,3 +427,26 @@ def test_credits_keep_the_backlog_bound_exact_across_8_clients(start_server, sho
         for client in clients:
             client.close(timeout=0)
         owner.close(timeout=R)
+
+
+def test_taskorch_status_shows_one_task(start_server, short_dir) -> None:
+    a = start_server()
+    gate = t.Gate(short_dir, "slow")
+    with a.connect() as client:
+        done = client.run(t.square, 11)
+        assert done.result(R) == 121
+        slow = client.run(t.blocker, str(gate.started), str(gate.release_fifo))
+        wait_until(lambda: slow.task_id, what="committed")
+
+        def status(task_id: int) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                _taskorch("status", "--socket", str(a.address), "--authkey-file",
+                          str(a.authkey_file), "--task", str(task_id)),
+                capture_output=True, text=True, timeout=R, env=_env())
+
+        assert status(done.task_id).stdout == f"task {done.task_id}: succeeded: 121\n"
+        assert status(slow.task_id).stdout == f"task {slow.task_id}: pending: queued or running\n"
+        unknown = status(99999)
+        assert unknown.returncode == 1 and "knows no task 99999" in unknown.stderr
+        gate.release()
+        assert slow.result(R) == "go"

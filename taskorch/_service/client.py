@@ -216,7 +216,8 @@ class Client:
         here. Outcomes stay on the server for ``--result-ttl`` seconds after the task ends.
 
         Raises ``TaskNotFoundError`` for an id the server does not know (or pruned),
-        ``TimeoutError`` when the task has not ended in time (it goes on)."""
+        ``TimeoutError`` when the task has not ended in time (it goes on); ``timeout=0``
+        asks without waiting (one round trip)."""
         return self._session.result(task_id, timeout)
 
     def stats(self) -> Stats:

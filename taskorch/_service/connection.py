@@ -231,8 +231,8 @@ class ServedConnection:
             if tag == C_SUBMIT:
                 self._submit(*message[1:])
             elif tag == C_RESULT:
-                _, req, task_id = message
-                self.registry.watch(task_id, functools.partial(self._watch, req, task_id))
+                _, req, task_id, wait = message
+                self.registry.watch(task_id, functools.partial(self._watch, req, task_id, wait))
             elif tag == C_RETURN:
                 self.credits.give_back(message[1])
             elif tag == C_STATS:
@@ -300,12 +300,16 @@ class ServedConnection:
         self.send((S_ACCEPTED, req, task_id, self.credits.top_up()))
         out.add_done_callback(functools.partial(self._task_done, req))
 
-    def _watch(self, req: int, task_id: int, out: Future[Outcome] | None) -> None:
+    def _watch(self, req: int, task_id: int, wait: bool, out: Future[Outcome] | None) -> None:
         """C_RESULT: send the outcome of ``task_id`` when there is one."""
         if out is None:
             self.send((S_REJECTED, req, encode_service_error(TaskNotFoundError(
                 f"taskorch serve knows no task {task_id}: never accepted, or its outcome was "
                 "pruned (--result-ttl)"))))
+            return
+        if not wait and not out.done():
+            self.send((S_REJECTED, req, encode_service_error(
+                TimeoutError(f"task {task_id} has not ended (queued or running)"))))
             return
         with self._lock:
             self._inflight[req] = None

@@ -55,9 +55,11 @@ the client, across reconnections):
                                           future already returned
     (C_RETURN, n)                         the answer to S_RECALL: ``n`` credits not spent,
                                           given back (the client now holds none)
-    (C_RESULT, req, task_id)              wait for task ``task_id``'s outcome (any client's):
+    (C_RESULT, req, task_id, wait)        wait for task ``task_id``'s outcome (any client's):
                                           answered by S_DONE when it ends (at once if it
-                                          has), or S_REJECTED with TaskNotFoundError
+                                          has), or S_REJECTED with TaskNotFoundError; with
+                                          ``wait`` False, a task that has not ended is
+                                          answered at once: S_REJECTED with TimeoutError
     (C_WITHDRAW, req)                     the client stopped waiting (run_async() cancelled):
                                           a request still waiting for room is dropped
                                           (nothing enqueued); one already accepted is
@@ -193,7 +195,8 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
                 and isinstance(client, bytes) and 0 < len(client) <= 64
                 and isinstance(retry, bool) and isinstance(credit, bool)):
             return message
-    elif tag == C_RESULT and len(message) == 3 and _is_req(message[1]) and _is_req(message[2]):
+    elif (tag == C_RESULT and len(message) == 4 and _is_req(message[1]) and _is_req(message[2])
+          and isinstance(message[3], bool)):
         return message
     elif tag in (C_WITHDRAW, C_STATS, C_RETURN) and len(message) == 2 and _is_req(message[1]):
         return message

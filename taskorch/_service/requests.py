@@ -111,7 +111,7 @@ def resend_message(req: int, request: Request) -> tuple[Any, ...] | None:
     future = request.future
     if request.answered:
         if future is not None and not future.done():
-            return (C_RESULT, req, future.task_id)  # re-attach: its outcome from the journal
+            return (C_RESULT, req, future.task_id, True)  # re-attach: the outcome from the journal
         return None
     message = request.message
     if message is not None and message[0] == C_SUBMIT:

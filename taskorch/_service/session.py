@@ -154,7 +154,10 @@ class Session(Link):
             # Out of credits while credit submissions are unanswered: their answers (or the
             # S_CREDIT the server sends as it reads them) bring more, unless the backlog is
             # full; wait for that rather than pay a round trip through a group commit.
-            self._credit_change.wait_for(self._credit_or_answers, self.request_timeout)
+            if not self._credit_change.wait_for(self._credit_or_answers, self.request_timeout):
+                raise ServerTimeoutError(
+                    f"taskorch serve at {self.where} did not answer run() within "
+                    f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
             credit = self._credits > 0 and self.down_reason is None
             self._credits -= credit
             self._credit_inflight += credit
@@ -197,10 +200,11 @@ class Session(Link):
         self._check_not_reader("result()")
         deadline = None if timeout is None else time.monotonic() + timeout
         request = Request(new_future())
-        req = self._start(request, lambda req: (C_RESULT, req, task_id), when_down="queue")
+        wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
+        req = self._start(request, lambda req: (C_RESULT, req, task_id, wait), when_down="queue")
         assert request.event is not None and request.future is not None
         # Set by the reader when the outcome (or a refusal) arrives, or the session ends.
-        if not request.event.wait(timeout):
+        if not request.event.wait(timeout if wait else self.request_timeout):
             self._withdraw(req)
             raise TimeoutError(f"task {task_id} did not end within {timeout:g} s")
         answer = request.answer
