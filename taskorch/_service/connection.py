@@ -297,7 +297,7 @@ class ServedConnection:
         task_id, out = admission
         with self._lock:
             self._inflight[req] = task_id
-        self.send((S_ACCEPTED, req, task_id, self.credits.top_up()))
+        self.send((S_ACCEPTED, req, task_id, self.credits.top_up_when_low()))
         out.add_done_callback(functools.partial(self._task_done, req))
 
     def _watch(self, req: int, task_id: int, wait: bool, out: Future[Outcome] | None) -> None:

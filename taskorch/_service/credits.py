@@ -7,7 +7,7 @@ credits at once, queued tasks plus held slots never exceed the bound. The client
 per ``run()`` (C_SUBMIT with ``credit`` set) and does not wait: the server journals the task
 in that slot. Grants: when the client authenticates (S_CREDIT), when half its credits are
 spent (S_CREDIT, as soon as the server reads the submission: a client streams on while the
-journal commits), and with each S_ACCEPTED, the connection is topped up to CREDIT_MAX, but
+journal commits), and with an S_ACCEPTED when half are spent, it is topped up to CREDIT_MAX, but
 each grant takes at most 1/CREDIT_SHARE of the room left, so that credits thin out as the
 backlog fills and the last slots go to round trips, where ``QueueFullError`` is decided by
 the server. A client out of credits whose credit submissions are still unanswered waits for
@@ -64,8 +64,7 @@ class ConnectionCredits:
             return n
 
     def top_up_when_low(self) -> int:
-        """After a credit submission: top up once half are spent (one S_CREDIT per
-        CREDIT_MAX / 2 tasks), without waiting for the journal's commit."""
+        """Top up once half are spent: one grant per CREDIT_MAX / 2 tasks at most."""
         with self._lock:
             if self.held > CREDIT_MAX // 2:
                 return 0
