@@ -95,7 +95,8 @@ def serve(tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Any]:
     log_file = open(tmp / "serve.log", "wb")
     proc = subprocess.Popen(
         [PYTHON, "-m", "taskorch", "serve", "--tcp", f"127.0.0.1:{port}", "--authkey-file",
-         str(key), "--workers", "2", "--retries", "0", *extra],
+         str(key), "--journal", str(tmp / "journal.sqlite3"), "--workers", "2", "--retries",
+         "0", *extra],
         stdout=subprocess.DEVNULL, stderr=log_file,
     )
     log_file.close()

@@ -58,7 +58,8 @@ if SCRIPT_DIR not in sys.path:
 import _bench_tasks as T  # noqa: E402  (importable only once SCRIPT_DIR is on sys.path)
 
 MIB = 1024 * 1024
-ALL_POOLS = ("taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask")
+ALL_POOLS = ("taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask",
+             "taskorch-remote", "taskorch-remote-nj")
 # The Dask pair runs only A and B (no-op throughput, CPU-bound speedup) on a 2-worker
 # distributed.LocalCluster (processes, one thread each), with fewer no-op tasks: a Dask task
 # costs a few scheduler messages, so 20,000 of them would take minutes.
@@ -72,7 +73,11 @@ POOL_LABELS = {
     "pebble": "pebble.ProcessPool.schedule",
     "taskorch-dask": "taskorch.TaskOrchestrator.run on a Dask LocalCluster",
     "dask": "distributed.Client.submit on a Dask LocalCluster",
+    "taskorch-remote": "taskorch.connect().run to taskorch serve, journal on",
+    "taskorch-remote-nj": "taskorch.connect().run to taskorch serve --no-journal",
 }
+# The remote pair runs only A: remote run() against the local orchestrator, journal on and off.
+REMOTE_POOLS = ("taskorch-remote", "taskorch-remote-nj")
 ALL_SECTIONS = "ABCDEFGHIM"
 # Sections every pool runs; M (metrics overhead) is taskorch's alone.
 POOL_SECTIONS = "ABCDEFGHI"
@@ -572,9 +577,87 @@ class TaskorchDaskAdapter(TaskorchAdapter):
         return "dask"
 
 
+class TaskorchRemoteAdapter(PoolAdapter):
+    """``taskorch serve`` (a subprocess, Unix socket) and ``taskorch.connect()``: run() spends
+    the credits the server grants (no round trip per task) and each submission is committed to
+    the journal (WAL, group commit, synchronous=FULL) before the server enqueues it."""
+
+    name = "taskorch-remote"
+    sections = "A"
+    journal = True
+
+    @staticmethod
+    def preload() -> str:
+        import taskorch
+        from taskorch import connect  # noqa: F401 (a lazy name: import now)
+
+        return str(getattr(taskorch, "__version__", "?"))
+
+    def create(self) -> None:
+        import subprocess
+        import tempfile
+
+        from taskorch import connect
+
+        self.tmp = tempfile.mkdtemp(prefix="tob-")
+        sock, key, log = (os.path.join(self.tmp, name) for name in ("s.sock", "key", "log"))
+        journal = (["--journal", os.path.join(self.tmp, "journal.sqlite3")] if self.journal
+                   else ["--no-journal"])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (SCRIPT_DIR, os.environ.get("PYTHONPATH")) if p))  # workers import T
+        with open(log, "wb") as err:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "taskorch", "serve", "--socket", sock, "--authkey-file",
+                 key, "--workers", str(self.workers), "--backlog", "1000000", *journal],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        deadline = time.monotonic() + 30.0
+        while "listening on" not in open(log).read():
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise SectionError(f"taskorch serve did not start: {open(log).read()[-300:]}")
+            time.sleep(0.01)
+        self.pool = connect(sock, authkey_file=key)
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        return TaskorchAdapter.dropped_is_error(self.pool.run(fn, *args))
+
+    def stop(self, timeout: float) -> None:
+        import signal
+
+        self.pool.close(timeout)
+        self.server.send_signal(signal.SIGTERM)
+        self.server.wait(timeout)
+        self._cleanup()
+
+    def kill(self, timeout: float) -> None:
+        self.pool.close(0)
+        self.server.kill()
+        self.server.wait(timeout)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        return [p.pid for p in psutil.Process(self.server.pid).children(recursive=False)
+                if not is_helper_process(p)]
+
+    def start_method(self) -> str:
+        return "loky (server)"
+
+
+class TaskorchRemoteNoJournalAdapter(TaskorchRemoteAdapter):
+    name = "taskorch-remote-nj"
+    journal = False
+
+
 ADAPTERS: dict[str, type[PoolAdapter]] = {
     a.name: a for a in (TaskorchAdapter, CfAdapter, LokyAdapter, MpAdapter, PebbleAdapter,
-                        TaskorchDaskAdapter, DaskAdapter)
+                        TaskorchDaskAdapter, DaskAdapter, TaskorchRemoteAdapter,
+                        TaskorchRemoteNoJournalAdapter)
 }
 
 
@@ -1370,7 +1453,7 @@ def noisy(children: dict[str, Any], pool: str, section: str) -> bool:
 
 
 def ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
-    lines = dask_ratio_lines(children, pools)
+    lines = dask_ratio_lines(children, pools) + remote_ratio_lines(children, pools)
     on_vs_off = number(children, "taskorch", "M", "on_vs_off")
     if on_vs_off is not None:
         cpu = number(children, "taskorch", "M", "cpu_on_vs_off") or 0.0
@@ -1378,7 +1461,7 @@ def ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
                      f"off (same pool, alternating blocks; by the parent's CPU time "
                      f"{cpu:.3f}x; target >= 0.95)"
                      + (" (noisy)" if noisy(children, "taskorch", "M") else ""))
-    pools = [p for p in pools if p not in DASK_POOLS]
+    pools = [p for p in pools if p not in DASK_POOLS and p not in REMOTE_POOLS]
     anchors = [a for a in pools if a != "taskorch"]
     if "taskorch" not in pools or not anchors:
         return lines or ["(ratio lines compare taskorch with the anchors: include taskorch and "
@@ -1409,6 +1492,24 @@ def ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
         lines.append(f"F crash (more is better): taskorch {fmt_cell('F', mine_f)}; "
                      + "; ".join(parts))
     return lines
+
+
+def remote_ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
+    """Remote run() through taskorch serve against a local TaskOrchestrator (section A)."""
+    figures = {p: number(children, p, "A", "tasks_per_s")
+               for p in ("taskorch", *REMOTE_POOLS) if p in pools}
+    local, on, off = (figures.get(p) for p in ("taskorch", *REMOTE_POOLS))
+    parts = []
+    if on and local:
+        parts.append(f"journal on/local = {on / local:.2f}x (target >= 0.5x)")
+    if off and local:
+        parts.append(f"journal off/local = {off / local:.2f}x")
+    if on and off:
+        parts.append(f"journal on/off = {on / off:.2f}x (target >= 0.8x)")
+    if any(noisy(children, p, "A") for p in figures):
+        parts.append("(noisy)")
+    return ["A no-op tasks/s, remote run() through connect() (higher is better): "
+            + ", ".join(parts)] if parts else []
 
 
 def dask_ratio_lines(children: dict[str, Any], pools: list[str]) -> list[str]:
@@ -1607,7 +1708,8 @@ def parent_main(args: Any) -> int:
         log(f"bench: CPU task = {cpu_loops:,} loops (~{CPU_TASK_S * 1e3:.0f} ms); serial "
             f"{p['b_tasks']} tasks = {serial['serial_s']:.2f} s")
     children: dict[str, Any] = {}
-    cold_pools = [pool for pool in args.pool_list if pool not in DASK_POOLS]
+    cold_pools = [pool for pool in args.pool_list
+                  if pool not in DASK_POOLS and pool not in REMOTE_POOLS]
     cold = run_cold_starts(cold_pools, args, p, log) if "D" in args.sections and cold_pools else {}
     rest = args.sections.replace("D", "")
     for pool in args.pool_list:

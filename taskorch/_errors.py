@@ -9,8 +9,14 @@
     ├── TaskAbandonedError                 stop(timeout) expired while the task ran
     ├── WorkerCrashedError                 the worker process died while running the task
     ├── CircuitOpenError                   the circuit breaker rejected the task
-    └── RemoteTaskError                    the task raised something that cannot be rebuilt
-                                           here (or a SystemExit/KeyboardInterrupt)
+    ├── RemoteTaskError                    the task raised something that cannot be rebuilt
+    │                                      here (or a SystemExit/KeyboardInterrupt)
+    ├── JournalError(OSError)              taskorch serve could not commit the task to its
+    │                                      journal (a full disk): it was not accepted
+    ├── TaskNotFoundError(LookupError)     Client.result(): no such task id (or pruned)
+    ├── ServerUnavailableError(ConnectionError)   a Client is disconnected (reconnecting,
+    │                                      or gave up): nothing was sent
+    └── ServerTimeoutError(TimeoutError)   a Client call got no answer within its timeout
 
 A task's own exception reaches its future as itself when it pickles, with the remote traceback
 as ``__cause__`` (a ``RemoteTraceback``), as in ``concurrent.futures.process``. Subclassing the
@@ -23,13 +29,17 @@ import queue
 
 __all__ = [
     "CircuitOpenError",
+    "JournalError",
     "OrchestratorBrokenError",
     "OrchestratorClosedError",
     "QueueFullError",
     "RemoteTaskError",
     "RemoteTraceback",
     "SerializationError",
+    "ServerTimeoutError",
+    "ServerUnavailableError",
     "TaskAbandonedError",
+    "TaskNotFoundError",
     "TaskTimeoutError",
     "TaskorchError",
     "WorkerCrashedError",
@@ -136,6 +146,35 @@ class RemoteTaskError(TaskorchError):
 
     def __reduce__(self) -> tuple[type[RemoteTaskError], tuple[str, str, str]]:
         return (type(self), (self.type_name, self.message, self.traceback_text))
+
+
+class JournalError(TaskorchError, OSError):
+    """``taskorch serve`` could not commit a submission to its journal (a full disk, an I/O
+    error): the task was not accepted and will never run. Free space on the server, then retry.
+    Also raised by the server at start for a journal it cannot use (corrupt, locked by another
+    server, unwritable); nothing in the file is changed then."""
+
+    def __reduce__(self) -> tuple[type[JournalError], tuple[str]]:
+        return (type(self), (str(self),))
+
+
+class TaskNotFoundError(TaskorchError, LookupError):
+    """``Client.result(task_id)``: the server knows no task by that id (never accepted, or its
+    outcome was pruned after ``--result-ttl``)."""
+
+    def __reduce__(self) -> tuple[type[TaskNotFoundError], tuple[str]]:
+        return (type(self), (str(self),))
+
+
+class ServerUnavailableError(TaskorchError, ConnectionError):
+    """The ``taskorch.Client`` is not connected to its server now (it is reconnecting, or gave
+    up): nothing was sent. ``run()`` raises it at once instead of waiting; retry later, or use
+    ``run_async()``, which waits for the reconnection."""
+
+
+class ServerTimeoutError(TaskorchError, TimeoutError):
+    """The server did not answer within the client's timeout (stopped, overloaded, or a
+    network that drops packets). A submission may or may not have been accepted."""
 
 
 class RemoteTraceback(Exception):

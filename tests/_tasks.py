@@ -433,3 +433,13 @@ def mark(path: str) -> str:
     """Leave a file behind: proof that the task ran."""
     Path(path).write_text(str(os.getpid()))
     return path
+
+
+def record(path: str, value: Any) -> Any:
+    """Append ``value`` as a line to ``path`` (one write with O_APPEND: lines never mix)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)
+    return value

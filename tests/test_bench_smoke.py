@@ -18,7 +18,8 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     assert "| A no-op throughput" in proc.stdout and "Ratios" in proc.stdout
     data = json.loads(out.read_text())
     taskorch = data["pools"]["taskorch"]["sections"]
-    assert set(data["pools"]) == {"taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask"}
+    assert set(data["pools"]) == {"taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask",
+                                  "taskorch-remote", "taskorch-remote-nj"}
     for section in "ABCDEFGHI":
         assert section in taskorch and "error" not in taskorch[section], (
             section, taskorch.get(section))
@@ -34,3 +35,7 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
         sections = data["pools"][pool]["sections"]
         assert set(sections) == {"A", "B"} and not any(
             "error" in r for r in sections.values()), sections
+    for pool in ("taskorch-remote", "taskorch-remote-nj"):  # remote run(), journal on and off
+        sections = data["pools"][pool]["sections"]
+        assert set(sections) == {"A"} and "error" not in sections["A"], sections
+    assert "remote run() through connect()" in proc.stdout

@@ -39,10 +39,17 @@ from taskorch import (
     RemoteTaskError,
     RemoteTraceback,
     SerializationError,
+    ServerUnavailableError,
     WorkerCrashedError,
     connect,
 )
-from taskorch._service.protocol import C_STATS, S_HELLO, S_STATS, SERVICE_MAX_FRAME
+from taskorch._service.protocol import (
+    C_STATS,
+    S_CREDIT,
+    S_HELLO,
+    S_STATS,
+    SERVICE_MAX_FRAME,
+)
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -80,10 +87,12 @@ class Server:
             raise AssertionError(f"the server did not stop on SIGTERM:\n{self.stderr()}") from None
 
 
-def _env() -> dict[str, str]:
+def _env(state: Path | None = None) -> dict[str, str]:
     # The server's workers import task functions by name (``_tasks``), like an application's
-    # modules: the server needs them on its path.
+    # modules: the server needs them on its path. ``state``: where default journals go.
     env = dict(os.environ)
+    if state is not None:
+        env["XDG_STATE_HOME"] = str(state)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
     return env
 
@@ -104,16 +113,22 @@ def short_dir() -> Iterator[Path]:
 def start_server(short_dir: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def start(*options: str, tcp: bool = False) -> Server:
+    def start(*options: str, tcp: bool = False, preexec_fn: Callable[[], None] | None = None,
+              like: Server | None = None) -> Server:
+        """``like``: a server to replace, on its address and with its key."""
         n = len(servers)
         log = short_dir / f"serve{n}.log"
-        key = short_dir / f"key{n}"
-        where = (["--tcp", "127.0.0.1:0"] if tcp
-                 else ["--socket", str(short_dir / f"run{n}" / "s.sock")])
+        key = short_dir / f"key{n}" if like is None else like.authkey_file
+        if like is not None:
+            where = ["--socket", str(like.address)]
+        else:
+            where = (["--tcp", "127.0.0.1:0"] if tcp
+                     else ["--socket", str(short_dir / f"run{n}" / "s.sock")])
         with open(log, "wb") as err:
             proc = subprocess.Popen(
                 _taskorch("serve", *where, "--authkey-file", str(key), *options),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=_env())
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env=_env(short_dir / "state"), preexec_fn=preexec_fn)
         server = Server(proc, log, None, key)
         servers.append(server)
 
@@ -316,6 +331,7 @@ def _authenticated(server: Server) -> tuple[socket.socket, Connection[Any, Any]]
     answer_challenge(conn, key)
     deliver_challenge(conn, key)
     assert pickle.loads(conn.recv_bytes())[0] == S_HELLO
+    assert pickle.loads(conn.recv_bytes())[0] == S_CREDIT  # (the backlog has room: credits)
     return sock, conn
 
 
@@ -404,7 +420,7 @@ def test_sigterm_stops_accepting_drains_and_exits_143(start_server, gates) -> No
         assert inflight.result(R) == "go"  # the outcome still reaches its client
         assert server.proc.wait(R) == 143
         assert "taskorch serve: stopped (drained" in server.stderr()
-        with pytest.raises(OrchestratorClosedError):  # the server closed the connection
+        with pytest.raises(ServerUnavailableError):  # gone: the client tries to reconnect
             client.run(t.square, 1)
     finally:
         client.close()

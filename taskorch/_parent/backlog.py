@@ -15,6 +15,11 @@ The bound is exact: ``queued`` counts tasks accepted and not yet started (in ``p
 prefetched by a worker), and ``offer`` checks and increments it under the lock, so no number of
 concurrent producers can push it past ``max_backlog``. A slot frees when a worker acknowledges
 the start of a task (or the task is cancelled), not when it is handed over.
+
+``reserved`` slots count against the same bound: ``taskorch serve`` holds one for each
+submission while its journal record commits (``reserve`` ... ``admit_reserved`` or
+``unreserve``), so that a committed task always has its slot. ``recover`` alone may go past
+the bound: the tasks a server recovers from its journal were accepted before it died.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ class Backlog:
         # blocking producers such as map() (a threading.Event, loop None).
         self._room_waiters: deque[tuple[asyncio.AbstractEventLoop | None, _Waiter]] = deque()
         self._last_task_id = 0
+        # Slots held for tasks not yet enqueued (see the module docstring); they count in the
+        # bound, not in the stats.
+        self.reserved = 0
         # Counters (see Stats).
         self.submitted = self.queued = self.running = 0
         self.succeeded = self.failed = self.cancelled = self.abandoned = 0
@@ -85,7 +93,7 @@ class Backlog:
         """Accept ``item`` (True), drop it (False), or raise QueueFullError / closed errors."""
         with self.lock:
             self._check_open()
-            if self.queued >= self.max_backlog:
+            if self.queued + self.reserved >= self.max_backlog:
                 if drop_when_full:
                     self.dropped += 1
                     return False
@@ -102,7 +110,7 @@ class Backlog:
         """Accept ``item`` (None), or return a future that resolves when there may be room."""
         with self.lock:
             self._check_open()
-            if self.queued >= self.max_backlog:
+            if self.queued + self.reserved >= self.max_backlog:
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._room_waiters.append((loop, waiter))
                 return waiter
@@ -116,7 +124,7 @@ class Backlog:
         while True:
             with self.lock:
                 self._check_open()
-                if self.queued < self.max_backlog:
+                if self.queued + self.reserved < self.max_backlog:
                     wake = self._accept(item)
                     break
                 event = threading.Event()
@@ -128,6 +136,85 @@ class Backlog:
         if wake:
             self.wake_dispatcher()
         return True
+
+    def reserve(self, drop_when_full: bool) -> bool:
+        """Hold one slot (True), or count a drop (False) or raise QueueFullError as offer()
+        does. The holder then calls ``admit_reserved`` or ``unreserve``."""
+        with self.lock:
+            self._check_open()
+            if self.queued + self.reserved >= self.max_backlog:
+                if drop_when_full:
+                    self.dropped += 1
+                    return False
+                self.rejected += 1
+                raise QueueFullError(self.max_backlog)
+            self.reserved += 1
+        return True
+
+    def reserve_or_wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None] | None:
+        """Hold one slot (None), or return a future that resolves when there may be room."""
+        with self.lock:
+            self._check_open()
+            if self.queued + self.reserved >= self.max_backlog:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._room_waiters.append((loop, waiter))
+                return waiter
+            self.reserved += 1
+        return None
+
+    def reserve_share(self, limit: int, share: int) -> int:
+        """Hold up to ``limit`` slots, at most 1/``share`` of the room left; how many. Never
+        raises, never counts a rejection (taskorch serve's credits)."""
+        with self.lock:
+            if self.closed or self.broken is not None:
+                return 0
+            room = self.max_backlog - self.queued - self.reserved
+            n = max(0, min(limit, room // share))
+            self.reserved += n
+        return n
+
+    def unreserve(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        with self.lock:
+            self.reserved -= n
+            self._wake_room_waiters_locked(n)
+
+    def admit_reserved(self, item: WorkItem) -> None:
+        """Enqueue ``item`` in a slot held by ``reserve``; the slot is given back whatever
+        happens. Raises OrchestratorClosedError / OrchestratorBrokenError as offer() does."""
+        with self.lock:
+            self.reserved -= 1
+            try:
+                self._check_open()
+            except BaseException:
+                self._wake_room_waiters_locked(1)
+                raise
+            wake = self._accept(item)
+        if wake:
+            self.wake_dispatcher()
+
+    def recover(self, item: WorkItem, crashed: bool, fail: bool) -> None:
+        """Enqueue a task recovered from a journal, past the bound if need be. ``crashed``: it
+        was running when its server died (counted as a crash, and a retry unless ``fail``).
+        ``fail``: its attempts are spent; it is counted submitted and failed at once, and the
+        caller resolves its future."""
+        with self.lock:
+            self._check_open()
+            if crashed:
+                self.crashes += 1
+            if not fail:
+                self.retried += crashed
+                wake = self._accept(item)
+            else:
+                self._last_task_id += 1
+                item.task_id = item.future.task_id = self._last_task_id
+                self.submitted += 1
+                self.failed += 1
+                item.state = TaskState.FAILED
+                wake = False
+        if wake:
+            self.wake_dispatcher()
 
     def forget_waiter(self, waiter: _Waiter) -> None:
         """A waiting caller gave up: drop its waiter, and pass on a wakeup it received."""
@@ -168,6 +255,8 @@ class Backlog:
             item.state = TaskState.RUNNING
             self.queued -= 1
             self.running += 1
+            if item.on_start is not None:
+                item.on_start(item)  # (taskorch serve's journal: queues a record, never blocks)
             if not item.future.done():  # (unless the caller resolved it itself)
                 item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
             self._wake_room_waiters_locked(1)

@@ -501,6 +501,67 @@ class Intake:
                 raise
 
 
+    # -- taskorch serve's journal: a slot held while the record commits; recovery ------------
+
+    def reserve(self, what: object = "") -> bool:
+        """Hold a backlog slot for a task being journaled: True, or False (dropped, logged)
+        when full with ``ALLOW_SYNC_TASK_DROP``; else QueueFullError / closed errors."""
+        if self._backlog.reserve(self._drop_when_full):
+            return True
+        log.warning("backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
+                    self._backlog.max_backlog, what or "sent by a client")
+        return False
+
+    async def reserve_async(self) -> None:
+        """Hold a backlog slot, waiting for room without blocking the loop; cancelling the
+        wait holds nothing."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = self._backlog.reserve_or_wait(loop)
+            if waiter is None:
+                return
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._backlog.forget_waiter(waiter)
+                raise
+
+    def reserve_share(self, limit: int, share: int) -> int:
+        """Hold up to ``limit`` slots, at most 1/``share`` of the room left (never raises)."""
+        return self._backlog.reserve_share(limit, share)
+
+    def unreserve(self, n: int = 1) -> None:
+        self._backlog.unreserve(n)
+
+    def admit_reserved(self, item: WorkItem) -> TaskFuture:
+        """Enqueue ``item`` in the slot ``reserve`` held (given back if this raises)."""
+        self._backlog.admit_reserved(item)
+        return item.future
+
+    def recover(self, item: WorkItem, attempts: int, crashed: bool) -> TaskFuture:
+        """Enqueue a task recovered from a journal with ``attempts`` already charged (they
+        travel to the worker as ``attempts_done``), past the bound if need be.
+
+        ``crashed``: it was running when its server died. The rule is the dispatcher's
+        ``_crash_locked`` for a lost worker: that attempt is spent, and the task runs again
+        while its budget lasts, else fails with ``WorkerCrashedError`` (returned resolved).
+        Unlike a crash seen live, no backoff delays its retry: the restart took longer.
+        """
+        from taskorch._errors import WorkerCrashedError
+
+        item.attempts = item.future.attempts = attempts
+        fail = crashed and attempts >= item.policy.max_attempts
+        self._backlog.recover(item, crashed, fail)
+        if fail:
+            item.future.set_exception(WorkerCrashedError(
+                None, None, attempts, "taskorch serve died while it ran; its journal said so "
+                "at the restart"))
+            item.release()
+        return item.future
+
+
 class PolicyOverride:
     """``run``/``run_async`` of an orchestrator with another policy (see ``with_policy``)."""
 

@@ -354,7 +354,7 @@ class WorkItem:
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "queued_at",
-                 "cancel_request", "name", "accepted_at", "__weakref__")
+                 "cancel_request", "name", "accepted_at", "on_start", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -378,6 +378,9 @@ class WorkItem:
         # Set only while metrics are on (``figures``): the label, and when it was accepted.
         self.name = ""
         self.accepted_at = 0.0
+        # Called once, under the backlog lock, when the first attempt starts (taskorch serve
+        # journals it); must not block or take another lock. None: nobody asked.
+        self.on_start: Callable[[WorkItem], None] | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
@@ -388,6 +391,7 @@ class WorkItem:
         self.payload = b""
         self.policy_bytes = None
         self.worker = self.started_on = None
+        self.on_start = None
         self.future._cancel_hook = None
 
     def __repr__(self) -> str:

@@ -65,6 +65,24 @@ def default_authkey_path(address: str | tuple[str, int]) -> Path:
     return Path(config, "taskorch", "authkey")
 
 
+def default_journal_path(address: str | tuple[str, int]) -> Path | None:
+    """Where ``taskorch serve`` keeps its journal unless told: under the user's state
+    directory (``$XDG_STATE_HOME/taskorch``, else ``~/.local/state/taskorch``), named after the
+    address, so that a restarted server on the same address finds it. Not beside the socket:
+    sockets usually live under /run, which a reboot empties. None for TCP port 0 (a new
+    address each start: nothing could find the journal again)."""
+    if isinstance(address, tuple):
+        host, port = address
+        if port == 0:
+            return None
+        name = f"tcp-{host}-{port}"
+    else:
+        name = "unix" + os.path.abspath(address).replace(os.sep, "-")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return Path(state, "taskorch", f"{name}.journal")
+
+
 def read_authkey(path: Path) -> bytes:
     """The key file's bytes, as they are (no stripping: both sides read the same file)."""
     key = path.read_bytes()

@@ -11,9 +11,15 @@ is described in ``taskorch._service.protocol``.
 
 What a remote future cannot do: ``cancel()`` returns False (the task belongs to the server
 once accepted; the server's own stop may still cancel it, and the future then ends
-cancelled), and ``running()`` stays False until it is done. If the connection is lost, every
-unresolved future fails with ``OrchestratorBrokenError`` (the task may have run: the outcome
-is unknown) and later calls raise ``OrchestratorClosedError``; connect again.
+cancelled), and ``running()`` stays False until it is done.
+
+A lost connection is re-established by the session (with backoff, for ``reconnect_for``
+seconds); meanwhile ``run()`` raises ``ServerUnavailableError`` at once, submissions that were
+sent and not answered are sent again (the server's journal recognizes them by the client's
+token and their number: never accepted twice), and futures still pending are re-attached by
+task id and resolve from the journal. Only when the session gives up do unresolved futures
+fail with ``OrchestratorBrokenError`` (the task may have run) and calls raise
+``OrchestratorClosedError``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,13 @@ log = logging.getLogger("taskorch")
 
 #: ``connect()``'s default limit for connecting, the HMAC handshake and the server's hello.
 CONNECT_TIMEOUT = 10.0
+#: Default limit on any wait for the server's answer, and on any send: long enough for a
+#: loaded server and a group commit on a slow disk, short enough that a stopped server does
+#: not look like a hung application.
+REQUEST_TIMEOUT = 30.0
+#: Default time a client keeps trying to reconnect: a server restarted by systemd is back in
+#: seconds; a deploy may take a minute or two.
+RECONNECT_FOR = 120.0
 
 
 def connect(
@@ -61,13 +74,19 @@ def connect(
     authkey_file: str | os.PathLike[str] | None = None,
     *,
     timeout: float = CONNECT_TIMEOUT,
+    request_timeout: float = REQUEST_TIMEOUT,
+    reconnect_for: float = RECONNECT_FOR,
 ) -> Client:
     """Connect to a ``taskorch serve`` pool; returns a ``Client``.
 
     ``address``: the server's Unix socket path, ``(host, port)`` or ``"host:port"``. The key is
     ``authkey``, else the contents of ``authkey_file``, else of the server's default key file
     (``PATH.authkey`` next to a socket; ``~/.config/taskorch/authkey`` for TCP). ``timeout``
-    bounds the whole of connecting, the handshake and the server's hello. Raises ``OSError``
+    bounds the whole of connecting, the handshake and the server's hello (each reconnection
+    too). ``request_timeout`` bounds every wait for the server's answer (``run()``,
+    ``stats()``) and every send: a stuck server makes them raise ``ServerTimeoutError``.
+    ``reconnect_for``: after losing the connection, how long the client tries to reconnect
+    (with backoff) before it gives up (0: never). Raises ``OSError``
     when no server answers in time (``ConnectionRefusedError``, ``FileNotFoundError``,
     ``TimeoutError``...), ``ConnectionRefusedError`` with the server's reason when it refuses
     the connection (too many connections, stopping), and ``multiprocessing.AuthenticationError``
@@ -79,17 +98,30 @@ def connect(
         raise ValueError("pass authkey or authkey_file, not both")
     if authkey is not None and (not isinstance(authkey, bytes) or not authkey):
         raise ValueError("authkey must be non-empty bytes")
-    return Client(_open_session(target, where, authkey, authkey_file, timeout),
-                  functools.partial(_open_session, target, where, authkey, authkey_file,
-                                    timeout))
+    open_session = functools.partial(_open_session, target, where, authkey, authkey_file,
+                                     timeout, request_timeout, reconnect_for)
+    return Client(open_session(), open_session)
 
 
 def _open_session(
-    target: Any, where: str, authkey: bytes | None,
-    authkey_file: str | os.PathLike[str] | None, timeout: float,
+    target: str | tuple[str, int], where: str, authkey: bytes | None,
+    authkey_file: str | os.PathLike[str] | None, timeout: float, request_timeout: float,
+    reconnect_for: float,
 ) -> Session:
-    """Connect, authenticate, read the hello: a new ``Session`` (``connect()``, and a forked
-    child's first use of a client it inherited)."""
+    """A new ``Session`` (``connect()``, and a forked child's first use of a client it
+    inherited)."""
+    dial = functools.partial(_dial, target, where, authkey, authkey_file)
+    sock, conn, info = dial(timeout)
+    return Session(sock, conn, where, info, dial=dial, connect_timeout=timeout,
+                   request_timeout=request_timeout, reconnect_for=reconnect_for)
+
+
+def _dial(
+    target: str | tuple[str, int], where: str, authkey: bytes | None,
+    authkey_file: str | os.PathLike[str] | None, timeout: float,
+) -> tuple[socket.socket, Connection[Any, Any], dict[str, Any]]:
+    """Connect, authenticate and read the hello within ``timeout`` (a new session, and the
+    session's reconnections)."""
     deadline = time.monotonic() + timeout
     if isinstance(target, tuple):
         sock = socket.create_connection(target, timeout=timeout)
@@ -122,7 +154,7 @@ def _open_session(
             conn.close()
         sock.close()
         raise
-    return Session(sock, conn, where, info)
+    return sock, conn, info
 
 
 def _read_key(
@@ -171,7 +203,7 @@ class Client:
         self._pid = os.getpid()
         # Not a bound method: the finalizer must not keep self alive. A client dropped without
         # close() disconnects; the server still runs what it accepted.
-        self._finalizer = weakref.finalize(self, session.shut_down)
+        self._finalizer = weakref.finalize(self, session.abandon)
         _live.add(self)
 
     def _here(self) -> Session:
@@ -190,7 +222,7 @@ class Client:
                              self._pid, self._session.where)
                     session = self._reopen()
                     self._session = session
-                    self._finalizer = weakref.finalize(self, session.shut_down)
+                    self._finalizer = weakref.finalize(self, session.abandon)
                     self._generation = _fork_generation
         return self._session
 
@@ -198,7 +230,7 @@ class Client:
         """In a forked child, at the fork (one thread): let go of the parent's connection
         without touching it; the parent's futures fail here (see ``Session``)."""
         self._fork_lock = threading.Lock()
-        self._finalizer.detach()  # shut_down() would cut the parent's connection
+        self._finalizer.detach()  # abandon() would cut the parent's connection
         self._session.forget_in_forked_child()
 
     @property
@@ -253,6 +285,17 @@ class Client:
             functools.partial(session.submit_payload_waiting, None),
             workers if isinstance(workers, int) and workers > 0 else 2,
             fn, iterables, chunksize, return_exceptions)
+
+    def result(self, task_id: int, timeout: float | None = None) -> Any:
+        """Wait up to ``timeout`` seconds (None: no limit) for the outcome of the task with
+        id ``task_id`` (``future.task_id``), submitted by any client of this server, before
+        or after a reconnect or a server restart: its return value, or its exception raised
+        here. Outcomes stay on the server for ``--result-ttl`` seconds after the task ends.
+
+        Raises ``TaskNotFoundError`` for an id the server does not know (or pruned),
+        ``TimeoutError`` when the task has not ended in time (it goes on); ``timeout=0``
+        asks without waiting (one round trip)."""
+        return self._session.result(task_id, timeout)
 
     def stats(self) -> Stats:
         """The server's ``stats()`` (every client's tasks), one round trip."""

@@ -9,9 +9,14 @@ Server process. Per connection, two threads:
     "taskorch-serve-send-N"     once authenticated: writes the frames queued in the outbox
                                 (answers from the asyncio thread, outcomes, the hello)
 
-plus callbacks from two threads it does not own: the orchestrator's dispatcher (a task's
-done callback queues S_DONE) and the server's asyncio thread (submits waiting for room). A
-slow or hostile client can hold only its own two threads.
+plus callbacks from threads it does not own: the journal's writer (a submission committed:
+S_ACCEPTED; see ``registry``), the "taskorch-callbacks" thread (an outcome: S_DONE) and the
+server's asyncio thread (submits waiting for room). A slow or hostile client can hold only its
+own two threads.
+
+A submission: hold a backlog slot (``intake.reserve``: QueueFullError, a drop, or a slot;
+run_async() waits for one on the asyncio thread), hand it to the registry, which journals it
+and enqueues it once committed; the answer then goes out through the outbox.
 """
 
 from __future__ import annotations
@@ -25,20 +30,26 @@ import socket
 import struct
 import threading
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from taskorch._errors import OrchestratorClosedError, SerializationError, TaskorchError
-from taskorch._parent.task import RawOutcome, TaskFuture, WorkItem
+from taskorch._errors import (
+    OrchestratorClosedError,
+    QueueFullError,
+    SerializationError,
+    TaskNotFoundError,
+    TaskorchError,
+)
+from taskorch._service.credits import ConnectionCredits
 from taskorch._service.handshake import SerializedSends, refusal_frame, server_handshake
 from taskorch._service.protocol import (
+    C_RESULT,
+    C_RETURN,
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
-    O_CANCELLED,
     O_ERROR,
-    O_RAISED,
-    O_RESULT,
     S_ACCEPTED,
+    S_CREDIT,
     S_DONE,
     S_DROPPED,
     S_HELLO,
@@ -46,15 +57,19 @@ from taskorch._service.protocol import (
     S_STATS,
     SERVICE_MAX_FRAME,
     SERVICE_VERSION,
+    FrameReader,
     ServiceProtocolError,
     decode_client_frame,
-    decode_service_policy,
     encode_service_error,
     encode_service_frame,
     encode_status,
+    frame_bytes,
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from taskorch._service.registry import Outcome
     from taskorch._service.server import Server
 
 log = logging.getLogger("taskorch")
@@ -62,6 +77,9 @@ log = logging.getLogger("taskorch")
 #: At shutdown, how long a connection's outbox may take to flush to a client that does not
 #: read, before the connection is cut.
 FLUSH_TIMEOUT = 5.0
+
+#: Most outbox frames the writer sends in one write.
+WRITE_BATCH = 256
 
 #: How long refuse() waits for a handshake message being written to finish (see there).
 REFUSAL_LOCK_TIMEOUT = 1.0
@@ -75,6 +93,8 @@ class ServedConnection:
     def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
         self.server = server
         self.orchestrator = server.orchestrator
+        self.registry = server.registry
+        self.credits = ConnectionCredits(server.orchestrator.intake)
         self.number = number
         self.peer = f"connection {number} ({peer_name(sock)})"
         # Two fds for one socket: `conn` frames messages, `sock` is for setsockopt/shutdown.
@@ -85,7 +105,9 @@ class ServedConnection:
         # Guards `_inflight`, `closed` and the fds' lifetime. Taken by the reader, the asyncio
         # thread, the dispatcher's done callbacks and the main thread; never held across I/O.
         self._lock = threading.Lock()
-        self._inflight: dict[int, TaskFuture] = {}  # accepted, outcome not yet queued, by req
+        # Requests whose outcome is awaited, by req: an accepted submission (its task id, to
+        # cancel it on a withdraw) or a C_RESULT wait (None).
+        self._inflight: dict[int, int | None] = {}
         self.closed = False  # no more frames are queued once set
         # Why the server cut this connection before serving it (set by refuse(), once).
         self.refused: str | None = None
@@ -139,6 +161,9 @@ class ServedConnection:
                 return
             self.writer.start()
             self.send((S_HELLO, SERVICE_VERSION, self.server.info))
+            granted = self.credits.top_up()
+            if granted:
+                self.send((S_CREDIT, granted))
             self._read()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             pass  # the client left
@@ -199,79 +224,120 @@ class ServedConnection:
             self.shut_down()
 
     def _read(self) -> None:
+        frames = FrameReader(self.conn.fileno())  # (the fds live as long as this thread)
         while True:
-            message = decode_client_frame(self.conn.recv_bytes(SERVICE_MAX_FRAME))
+            message = decode_client_frame(frames.read())
             tag = message[0]
             if tag == C_SUBMIT:
                 self._submit(*message[1:])
+            elif tag == C_RESULT:
+                _, req, task_id, wait = message
+                self.registry.watch(task_id, functools.partial(self._watch, req, task_id, wait))
+            elif tag == C_RETURN:
+                self.credits.give_back(message[1])
             elif tag == C_STATS:
-                self._answer((S_STATS, message[1], encode_status(self.orchestrator)))
+                self._reply((S_STATS, message[1], encode_status(self.orchestrator)))
             else:
                 assert tag == C_WITHDRAW
                 self._on_loop(self._withdraw, message[1])
 
-    def _submit(self, req: int, payload: bytes, wire_policy: Any, wait: bool) -> None:
-        o = self.orchestrator
-        if wire_policy is None:
-            policy, policy_bytes = o.policy, None
+    def _submit(self, req: int, payload: bytes, wire_policy: Any, wait: bool, client: bytes,
+                retry: bool, credit: bool) -> None:
+        if credit:  # the slot is one this connection holds (see credits)
+            if self.credits.spend():
+                self._journal(req, payload, wire_policy, client)
+                granted = self.credits.top_up_when_low()
+                if granted:  # now, not after the commit: the client streams on meanwhile
+                    self.send((S_CREDIT, granted))  # (the outbox: never wait for the writer)
+            else:
+                self._reply((S_REJECTED, req, encode_service_error(
+                    QueueFullError(self.orchestrator.max_backlog))))
+        elif retry:  # sent before on another connection? Then the journal has it.
+            self.registry.find(
+                client, req, functools.partial(self._admitted, req),
+                functools.partial(self._submit_new, req, payload, wire_policy, wait, client))
         else:
-            try:
-                policy, policy_bytes = decode_service_policy(wire_policy)
-            except ValueError as exc:
-                self._answer((S_REJECTED, req, encode_service_error(
-                    SerializationError(f"invalid policy: {exc}"))))
-                return
-        item = o.intake.prepare(payload, policy, policy_bytes, raw=True)
+            self._submit_new(req, payload, wire_policy, wait, client)
+
+    def _submit_new(self, req: int, payload: bytes, wire_policy: Any, wait: bool,
+                    client: bytes) -> None:
+        """The reader (or the journal's writer, for a retry it did not find)."""
         if wait:
-            if not self._on_loop(self._start_waiting, req, item):
-                self._answer((S_REJECTED, req, encode_service_error(
+            if not self._on_loop(self._start_waiting, req, payload, wire_policy, client):
+                self._reply((S_REJECTED, req, encode_service_error(
                     OrchestratorClosedError("taskorch serve is stopping"))))
             return
         try:
-            future = o.intake.offer(item, f"from {self.peer}")
+            reserved = self.orchestrator.intake.reserve(f"from {self.peer}")
         except TaskorchError as exc:  # QueueFullError, OrchestratorClosedError, ...BrokenError
-            self._answer((S_REJECTED, req, encode_service_error(exc)))
+            self._reply((S_REJECTED, req, encode_service_error(exc)))
+            if isinstance(exc, QueueFullError):
+                self.server.recall_credits()  # held slots may be what fills it
             return
-        if future is None:
-            self._answer((S_DROPPED, req))
+        if not reserved:
+            self._reply((S_DROPPED, req))
+            return
+        self._journal(req, payload, wire_policy, client)
+
+    def _journal(self, req: int, payload: bytes, wire_policy: Any, client: bytes) -> None:
+        """A slot is held: journal the task; the registry calls _admitted once committed."""
+        try:
+            self.registry.submit_reserved(client, req, payload, wire_policy,
+                                          functools.partial(self._admitted, req))
+        except ValueError as exc:  # (the slot was given back)
+            self._reply((S_REJECTED, req, encode_service_error(
+                SerializationError(f"invalid policy: {exc}"))))
+
+    def _admitted(self, req: int, admission: Any) -> None:
+        """The journal's writer: the submission is committed and enqueued, or refused.
+        S_ACCEPTED is queued before the outcome is watched, so S_DONE always follows it."""
+        if isinstance(admission, BaseException):
+            self.send((S_REJECTED, req, encode_service_error(admission)))
+            return
+        task_id, out = admission
+        with self._lock:
+            self._inflight[req] = task_id
+        self.send((S_ACCEPTED, req, task_id, self.credits.top_up_when_low()))
+        out.add_done_callback(functools.partial(self._task_done, req))
+
+    def _watch(self, req: int, task_id: int, wait: bool, out: Future[Outcome] | None) -> None:
+        """C_RESULT: send the outcome of ``task_id`` when there is one."""
+        if out is None:
+            self.send((S_REJECTED, req, encode_service_error(TaskNotFoundError(
+                f"taskorch serve knows no task {task_id}: never accepted, or its outcome was "
+                "pruned (--result-ttl)"))))
+            return
+        if not wait and not out.done():
+            self.send((S_REJECTED, req, encode_service_error(
+                TimeoutError(f"task {task_id} has not ended (queued or running)"))))
+            return
+        with self._lock:
+            self._inflight[req] = None
+        out.add_done_callback(functools.partial(self._task_done, req))
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        """Answer directly from the reader thread (no thread hop), else through the outbox."""
+        if threading.current_thread() is self.reader:
+            self._answer(message)
         else:
-            self._accepted(req, future, self._answer)
+            self.send(message)
 
     def _answer(self, message: tuple[Any, ...]) -> None:
-        """Send an answer from the reader thread itself, without the writer's thread hop (a
-        third of run()'s round trip). It blocks only this client's own reader, and only while
-        this client does not read its socket. Frames queued in the outbox before it may go
-        out after it; nothing relies on that order (see _accepted)."""
+        """Send an answer from the reader thread itself, without the writer's thread hop. It
+        blocks only this client's own reader, and only while this client does not read its
+        socket. Frames queued in the outbox before it may go out after it; nothing relies on
+        that order (S_DONE follows S_ACCEPTED, and both go through the outbox)."""
         with self._send_lock:
             self.conn.send_bytes(encode_service_frame(message))
 
-    def _accepted(
-        self, req: int, future: TaskFuture, answer: Callable[[tuple[Any, ...]], None]
-    ) -> None:
-        """Answer ACCEPTED, then watch the outcome. The done callback is added only after the
-        answer is sent (reader) or queued (asyncio thread), so S_DONE, which goes through the
-        outbox, always follows S_ACCEPTED on the wire, even for a task already done."""
+    def _task_done(self, req: int, out: Future[Outcome]) -> None:
+        """The outcome is known (the callback thread, or whoever attached): queue S_DONE,
+        unless the request was withdrawn."""
         with self._lock:
-            self._inflight[req] = future
-        answer((S_ACCEPTED, req, future.task_id))
-        future.add_done_callback(functools.partial(self._task_done, req))
-
-    def _task_done(self, req: int, future: Any) -> None:
-        """Done callback (the dispatcher thread, usually): queue S_DONE, never block."""
-        with self._lock:
-            self._inflight.pop(req, None)
-        attempts, seconds = future.attempts, future.seconds
-        if future.cancelled():
-            self.send((S_DONE, req, O_CANCELLED, attempts, seconds, None))
-            return
-        exc = future.exception()
-        if exc is not None:
-            self.send((S_DONE, req, O_ERROR, attempts, seconds, encode_service_error(exc)))
-            return
-        outcome: RawOutcome = future.result()
-        self.send(
-            (S_DONE, req, O_RESULT if outcome.ok else O_RAISED, attempts, seconds, outcome.data)
-        )
+            if req not in self._inflight:
+                return
+            del self._inflight[req]
+        self.send((S_DONE, req, *out.result()))
 
     # -- the asyncio thread's part ----------------------------------------------------------
 
@@ -282,20 +348,23 @@ class ServedConnection:
             return False
         return True
 
-    def _start_waiting(self, req: int, item: WorkItem) -> None:
+    def _start_waiting(self, req: int, payload: bytes, wire_policy: Any, client: bytes) -> None:
         if self.closed:
             return  # the client left before this reached the loop
-        self._waiting[req] = self.server.loop.create_task(self._offer_when_room(req, item))
+        self._waiting[req] = self.server.loop.create_task(
+            self._reserve_when_room(req, payload, wire_policy, client))
 
-    async def _offer_when_room(self, req: int, item: WorkItem) -> None:
+    async def _reserve_when_room(
+        self, req: int, payload: bytes, wire_policy: Any, client: bytes
+    ) -> None:
         try:
-            future = await self.orchestrator.intake.offer_async(item)  # cancelled: nothing enqueued
+            await self.orchestrator.intake.reserve_async()  # cancelled: nothing held
         except TaskorchError as exc:
             self.send((S_REJECTED, req, encode_service_error(exc)))
             return
         finally:
             self._waiting.pop(req, None)
-        self._accepted(req, future, self.send)
+        self._journal(req, payload, wire_policy, client)
 
     def _withdraw(self, req: int) -> None:
         task = self._waiting.pop(req, None)
@@ -303,9 +372,9 @@ class ServedConnection:
             task.cancel()
             return
         with self._lock:
-            future = self._inflight.get(req)
-        if future is not None:
-            future.cancel()  # succeeds only while queued in the backlog
+            task_id = self._inflight.pop(req, None)
+        if task_id is not None:
+            self.registry.cancel(task_id)
 
     def _cancel_waiting(self) -> None:
         for task in list(self._waiting.values()):
@@ -322,14 +391,24 @@ class ServedConnection:
     def _write_guarded(self) -> None:
         try:
             while True:
-                message = self._outbox.get()  # wakeups: a frame, or _STOP
-                if message is _STOP:
+                batch = [self._outbox.get()]  # wakeups: a frame, or _STOP
+                while batch[-1] is not _STOP and len(batch) < WRITE_BATCH:
+                    try:
+                        batch.append(self._outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                frames = []
+                for message in batch:
+                    if message is _STOP:
+                        break
+                    frame = frame_bytes(message)
+                    if len(frame) - 4 > SERVICE_MAX_FRAME:
+                        frame = self._oversized(message, len(frame) - 4)
+                    frames.append(frame)
+                with self._send_lock:  # every frame queued meanwhile, in one write
+                    self.sock.sendall(b"".join(frames))
+                if batch[-1] is _STOP:
                     return
-                frame = encode_service_frame(message)
-                if len(frame) > SERVICE_MAX_FRAME:
-                    frame = self._oversized(message, len(frame))
-                with self._send_lock:
-                    self.conn.send_bytes(frame)
         except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed
             log.debug("taskorch serve: %s: send failed: %s", self.peer, exc)
             self.shut_down()  # wake the reader, which closes the connection
@@ -346,9 +425,7 @@ class ServedConnection:
         if message[0] != S_DONE:
             raise error
         tag, req, _, attempts, seconds, _ = message
-        return encode_service_frame(
-            (tag, req, O_ERROR, attempts, seconds, encode_service_error(error))
-        )
+        return frame_bytes((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
 
     # -- closing ----------------------------------------------------------------------------
 
@@ -378,6 +455,7 @@ class ServedConnection:
             self.closed = True
             inflight = len(self._inflight)
         self._on_loop(self._cancel_waiting)  # run_async() submits still waiting: nothing enqueued
+        self.credits.close()
         self.shut_down()
         if self.writer.is_alive():
             self._outbox.put(_STOP)

@@ -30,30 +30,59 @@ server -> client, once, right after authentication:
                                           taskorch (version), python ("3.11"), workers,
                                           max_backlog, drop
 
-client -> server (``req``: an int the client picks, unique among its open requests):
+client -> server (``req``: an int the client picks, unique among its requests for the life of
+the client, across reconnections):
 
-    (C_SUBMIT, req, payload, policy, wait)
+    (C_SUBMIT, req, payload, policy, wait, client, retry, credit)
                                           ``payload``: ``encode_call()`` bytes; ``policy``:
                                           None (the server's policy) or a WirePolicy;
-                                          ``wait`` False: run() semantics, answered at once
-                                          (ACCEPTED, DROPPED or REJECTED); True: run_async()
-                                          semantics, answered when there is room
+                                          ``wait`` False: run() semantics, answered as soon as
+                                          the task is journaled (ACCEPTED) or at once
+                                          (DROPPED or REJECTED); True: run_async() semantics,
+                                          answered when there is room and it is journaled.
+                                          ``client``: the client's token (16 random bytes,
+                                          the same over every connection of one Client);
+                                          ``(client, req)`` names the submission: the server
+                                          journals it once. ``retry`` True: this submission
+                                          may have been sent on an earlier connection; if
+                                          the journal has it, the answer is its ACCEPTED (and
+                                          later DONE) again, nothing new is enqueued.
+                                          ``credit`` True: run() spent one of its credits
+                                          (below) and did not wait: the server journals the
+                                          task in that slot (never QueueFullError); its
+                                          answer still comes (ACCEPTED, or REJECTED with a
+                                          JournalError or a closed error), the caller's
+                                          future already returned
+    (C_RETURN, n)                         the answer to S_RECALL: ``n`` credits not spent,
+                                          given back (the client now holds none)
+    (C_RESULT, req, task_id, wait)        wait for task ``task_id``'s outcome (any client's):
+                                          answered by S_DONE when it ends (at once if it
+                                          has), or S_REJECTED with TaskNotFoundError; with
+                                          ``wait`` False, a task that has not ended is
+                                          answered at once: S_REJECTED with TimeoutError
     (C_WITHDRAW, req)                     the client stopped waiting (run_async() cancelled):
                                           a request still waiting for room is dropped
                                           (nothing enqueued); one already accepted is
-                                          cancelled if it has not left the backlog. No answer.
+                                          cancelled if it has not left the backlog; a C_RESULT
+                                          wait is dropped. No answer.
     (C_STATS, req)                        answered by S_STATS
 
 server -> client:
 
-    (S_ACCEPTED, req, task_id)            in the server's backlog as task ``task_id``; its
-                                          S_DONE always comes later on the same connection
+    (S_CREDIT, n)                         ``n`` more credits (after S_HELLO)
+    (S_RECALL,)                           give back the credits not spent (C_RETURN)
+    (S_ACCEPTED, req, task_id, grant)     committed to the journal and in the backlog as task
+                                          ``task_id`` (the journal's id: stable across server
+                                          restarts); its S_DONE always comes later on the same
+                                          connection, unless the connection ends first.
+                                          ``grant``: more credits (0 or more)
     (S_DROPPED, req)                      backlog full and the server runs with --drop:
                                           run() returns None
     (S_REJECTED, req, error)              ``error``: ``encode_service_error()`` bytes of the
                                           exception the caller raises (QueueFullError,
                                           OrchestratorClosedError, OrchestratorBrokenError,
-                                          SerializationError)
+                                          SerializationError, JournalError: the journal
+                                          could not commit it, TaskNotFoundError)
     (S_DONE, req, outcome, attempts, seconds, data)
                                           the server's TaskFuture resolved; ``attempts`` and
                                           ``seconds`` as on it; by ``outcome``, ``data`` is:
@@ -66,6 +95,15 @@ server -> client:
                                             O_CANCELLED  None
     (S_STATS, req, fields)                ``encode_status()``: the Stats fields as a dict,
                                           plus worker_details, oldest_queued_seconds
+
+Credits (``_service.credits`` has the rules): a credit is a backlog slot the server holds for
+one connection, so that run() needs no round trip and the bound stays exact across clients:
+queued tasks plus every connection's credits never exceed ``max_backlog``. The server grants
+a few on connecting and with each ACCEPTED, recalls them when a round-trip submission finds
+the backlog full, and frees what a connection holds when it ends; the client spends one per
+run() while it has any, else submits with a round trip (QueueFullError decided there). After
+a reconnection the client holds none until granted; a credit submission sent on a link that
+was lost is sent again with ``wait`` True (it must not be refused for room: run() returned).
 
 Either side closes the connection to end it; there is no goodbye frame. The server ends a
 connection (and logs why on the "taskorch" logger) on a failed challenge, a frame over the
@@ -87,7 +125,8 @@ if TYPE_CHECKING:
     from taskorch._stats import Stats
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
-SERVICE_VERSION = 2
+#: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
+SERVICE_VERSION = 3
 
 #: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
 #: beyond it fails alone with SerializationError; a peer that announces a longer frame is
@@ -99,6 +138,8 @@ SERVICE_MAX_FRAME = 64 * 1024 * 1024
 C_SUBMIT = 1
 C_WITHDRAW = 2
 C_STATS = 3
+C_RESULT = 4
+C_RETURN = 5
 # Server frame tags.
 S_HELLO = 11
 S_ACCEPTED = 12
@@ -106,6 +147,8 @@ S_DROPPED = 13
 S_REJECTED = 14
 S_DONE = 15
 S_STATS = 16
+S_CREDIT = 17
+S_RECALL = 18
 # S_DONE outcomes.
 O_RESULT = 1
 O_RAISED = 2
@@ -147,14 +190,74 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
             f"a frame must be a non-empty tuple, got {type(message).__name__}"
         )
     tag = message[0]
-    if tag == C_SUBMIT and len(message) == 5:
-        _, req, payload, policy, wait = message
+    if tag == C_SUBMIT and len(message) == 8:
+        _, req, payload, policy, wait, client, retry, credit = message
         if (_is_req(req) and isinstance(payload, bytes) and isinstance(wait, bool)
-                and (policy is None or _is_wire_policy(policy))):
+                and (policy is None or _is_wire_policy(policy))
+                and isinstance(client, bytes) and 0 < len(client) <= 64
+                and isinstance(retry, bool) and isinstance(credit, bool)):
             return message
-    elif tag in (C_WITHDRAW, C_STATS) and len(message) == 2 and _is_req(message[1]):
+    elif (tag == C_RESULT and len(message) == 4 and _is_req(message[1]) and _is_req(message[2])
+          and isinstance(message[3], bool)):
+        return message
+    elif tag in (C_WITHDRAW, C_STATS, C_RETURN) and len(message) == 2 and _is_req(message[1]):
         return message
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
+
+
+class FrameReader:
+    """Reads ``multiprocessing.connection`` frames from a blocking fd, many per ``read()``
+    (the reader threads of both sides, after the handshake, which reads exactly its own
+    frames). ``Connection.recv_bytes`` costs two reads per frame; a burst of small frames
+    here costs one read for all of them. A length over ``maxlength`` raises
+    ``OSError("bad message length")``, as ``recv_bytes`` does, before the body is read."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, fd: int, maxlength: int = SERVICE_MAX_FRAME) -> None:
+        self._fd = fd
+        self._maxlength = maxlength
+        self._buf = bytearray()
+        self._pos = 0  # start of the first unread byte in _buf
+
+    def read(self) -> bytes:
+        import os
+        import struct
+
+        while True:
+            buf, pos = self._buf, self._pos
+            avail = len(buf) - pos
+            need = 4
+            if avail >= 4:
+                (size,) = struct.unpack_from("!i", buf, pos)
+                if size < 0 or size > self._maxlength:
+                    raise OSError("bad message length")
+                need = 4 + size
+                if avail >= need:
+                    self._pos = pos + need
+                    return bytes(buf[pos + 4:pos + need])
+            if pos:
+                del buf[:pos]  # drop what was consumed before reading more
+                self._pos = 0
+            chunk = os.read(self._fd, max(self.CHUNK, need - avail))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+
+
+def frame_bytes(message: tuple[Any, ...]) -> bytes:
+    """``message`` encoded and framed as ``Connection.send_bytes`` would (frames < 2 GiB)."""
+    import struct
+
+    body = encode_service_frame(message)
+    return struct.pack("!i", len(body)) + body
+
+
+def decode_builtins(data: bytes) -> Any:
+    """Unpickle data that may hold builtins only (the journal's policy and outcome columns)."""
+    import io
+
+    return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
 
 
 def decode_server_frame(data: bytes) -> tuple[Any, ...]:

@@ -23,6 +23,7 @@ connection is a ``connection.ServedConnection``. Threads of the server process:
                                 (``await o.intake.offer_async``), cancellable by a withdraw
     "taskorch-serve-drain"      runs ``o.stop()`` at shutdown, so that the main thread can
                                 take a second signal and shorten the drain
+    "taskorch-serve-journal"    the journal's writer: group commits (``journal``, ``registry``)
     "taskorch-dispatcher"       the orchestrator's: resolves TaskFutures; their callbacks only
                                 queue an S_DONE frame to the connection's outbox (never block)
 
@@ -42,6 +43,9 @@ Client frames are decoded by an unpickler that refuses every global; the per-tas
 crosses as plain fields (plus bytes for the worker), so even an authenticated client makes
 the server import nothing. What the server does unpickle is its own workers' frames, as
 ``TaskOrchestrator`` always does.
+
+Start: the caller opens (and locks) the journal; ``serve()`` recovers what it holds unfinished
+(``TaskRegistry.recover``) before accepting anyone. The journal is closed last.
 
 Shutdown (SIGTERM or SIGINT): stop accepting (close the listener, remove the socket file),
 ``o.stop(drain_timeout)`` while connections stay open, so that the outcomes of tasks in flight
@@ -69,7 +73,10 @@ from typing import TYPE_CHECKING, Callable
 from taskorch._policy import Features
 from taskorch._service.connection import ServedConnection, peer_name
 from taskorch._service.handshake import configure_socket
+from taskorch._service.journal import Journal
 from taskorch._service.listener import Listener
+from taskorch._service.protocol import S_RECALL
+from taskorch._service.registry import TaskRegistry
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
@@ -97,7 +104,8 @@ ACCEPT_RETRY_DELAY = 0.1
 #: operator who means a second SIGTERM sends it later than that; a second Ctrl-C (SIGINT)
 #: counts at once.
 SIGNAL_ECHO_WINDOW = 1.0
-
+#: At the end, how long the last outcomes' callbacks may take (they queue journal records).
+CALLBACKS_TIMEOUT = 5.0
 #: Bytes written to the main thread's wake pipe besides signal numbers.
 _WAKE_DRAINED = 0
 _WAKE_THREAD_DIED = 255
@@ -113,7 +121,7 @@ class Server:
 
     def __init__(
         self, orchestrator: TaskOrchestrator, listener: Listener, authkey: bytes, *,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        registry: TaskRegistry | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
         max_connections: int = MAX_CONNECTIONS, on_thread_death: Callable[[], None] = lambda: None,
     ) -> None:
@@ -122,6 +130,9 @@ class Server:
                 "handshake_timeout, max_unauthenticated and max_connections must be > 0"
             )
         self.orchestrator = orchestrator
+        # No registry (tests of admission): one with an in-memory journal, owned by the server.
+        self._own_journal = registry is None
+        self.registry = registry or TaskRegistry(orchestrator, Journal(None))
         self.authkey = authkey
         self.listener = listener
         self.where = listener.where
@@ -169,6 +180,8 @@ class Server:
         return self._stopping
 
     def start(self) -> None:
+        if self._own_journal:
+            self.registry.journal.start()
         self._loop_thread.start()
         self._accept_thread.start()
 
@@ -177,6 +190,8 @@ class Server:
         self.stop_accepting()
         self.close_connections()
         self.stop_loop()
+        if self._own_journal:
+            self.registry.journal.close()
 
     # -- accepting (the accept thread) ----------------------------------------------------
 
@@ -283,6 +298,12 @@ class Server:
             self._pending.pop(connection, None)
             self._authenticated.discard(connection)
 
+    def recall_credits(self) -> None:
+        """A reader found the backlog full: ask the clients holding credits for them back."""
+        for connection in self.connections()[1]:
+            if connection.credits.recall():
+                connection.send((S_RECALL,))
+
     def connections(self) -> tuple[list[ServedConnection], list[ServedConnection]]:
         """(waiting to authenticate, authenticated): a snapshot, for tests and logs."""
         with self._lock:
@@ -358,22 +379,27 @@ def serve(
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     max_unauthenticated: int = MAX_UNAUTHENTICATED,
     max_connections: int = MAX_CONNECTIONS, http: HttpService | None = None,
+    journal: Journal | None = None,
 ) -> ServeOutcome:
     """Serve ``orchestrator`` on ``listener`` until SIGTERM or SIGINT, then drain (main thread).
 
-    Takes ownership of both (and of ``http``, the metrics and dashboard, up until the drain
-    ends): returns with the listener closed and the orchestrator stopped.
-    ``say`` receives the lines an operator wants to see (ready, stopping, stopped);
-    ``ready_details`` goes into the ready line. The limits are ``Server``'s.
-    """
+    Owns them all: returns with the listener closed, the orchestrator stopped, the journal
+    (None: one in memory) closed, and ``http`` (the metrics and dashboard) closed after the
+    drain. ``say`` gets the operator's lines; ``ready_details`` goes into the ready line. The
+    limits are ``Server``'s."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     try:
         if not drain_timeout >= 0 or drain_timeout == float("inf"):
             raise ValueError(f"the drain timeout must be a number >= 0, got {drain_timeout}")
-        server = Server(orchestrator, listener, authkey, handshake_timeout=handshake_timeout,
+        journal = journal or Journal(None)
+        registry = TaskRegistry(orchestrator, journal)
+        server = Server(orchestrator, listener, authkey, registry=registry,
+                        handshake_timeout=handshake_timeout,
                         max_unauthenticated=max_unauthenticated, max_connections=max_connections,
                         on_thread_death=lambda: _wake(wake_w, _WAKE_THREAD_DIED))
+        queued, retried, failed = registry.recover()
+        journal.start()
     except BaseException:
         os.close(wake_r)
         os.close(wake_w)
@@ -381,7 +407,12 @@ def serve(
             http.close()
         listener.close()
         orchestrator.stop(timeout=0)
+        if journal is not None:
+            journal.close()  # (releases its lock)
         raise
+    if queued or retried or failed:
+        say(f"recovered from the journal: {queued} queued tasks queued again, {retried} that were "
+            f"running retried (an attempt charged), {failed} failed (attempts spent)")
     old_wakeup_fd = signal.set_wakeup_fd(wake_w)
     reports: list[StopReport] = []  # the drain thread's result
     old_handlers = {
@@ -406,6 +437,7 @@ def serve(
             if stopped_by is None
             else signal.Signals(byte).name
         )
+        registry.stopping = True
         s = orchestrator.stats()
         say(f"{why}: stopping; draining {s.queued} queued and {s.running} running tasks "
             f"(up to {drain_timeout:g} s)")
@@ -428,22 +460,32 @@ def serve(
         drain.join()
         server.close_connections()  # every outcome is queued by now: flush, then disconnect
         report = reports[0] if reports else None
+        _wait_callbacks()
         if report is not None:
+            left = (f"; {registry.left_for_next_start} left in the journal for the next start"
+                    if registry.left_for_next_start else "")
             say(f"stopped ({'drained' if report.drained else 'drain timed out'}: "
                 f"{report.succeeded} succeeded, {report.failed} failed, "
-                f"{report.cancelled} cancelled, {report.abandoned} abandoned)")
+                f"{report.cancelled} cancelled, {report.abandoned} abandoned{left})")
         return ServeOutcome(stopped_by, report)
     finally:
         if http is not None:
             http.close()
         server.close()
         orchestrator.stop(timeout=0)
+        _wait_callbacks()
+        journal.close()
         listener.close()
         for signum, handler in old_handlers.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(old_wakeup_fd)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _wait_callbacks() -> None:
+    from taskorch._parent.task import _callbacks
+    _callbacks.wait_idle(CALLBACKS_TIMEOUT)  # (they queue the outcomes' journal records)
 
 
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:

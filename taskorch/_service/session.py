@@ -1,24 +1,37 @@
-"""A client's connection to ``taskorch serve``: its request table and its reader thread.
+"""A client's link to ``taskorch serve``: its request table, its reader, its reconnections.
 
-Runs in the application's process: ``submit()``, ``submit_async()`` and ``stats()`` in the
-caller's threads (or event loops), and one reader thread per session
-("taskorch-client-reader-N") that receives every frame and resolves the futures.
+Runs in the application's process: ``submit()``, ``submit_async()``, ``result()`` and
+``stats()`` in the caller's threads (or event loops), and one reader thread per session
+("taskorch-client-reader-N") that receives every frame, resolves the futures, and, when the
+connection is lost, reconnects.
 
     caller's thread                         "taskorch-client-reader-N"           server
     ---------------                         --------------------------           ------
     cloudpickle the call (SerializationError here, nothing sent)
     register request ``req`` (``_lock``)
     C_SUBMIT frame --------------(``_send_lock``)----------------------------------->
-    wait for the answer (Event / asyncio future)            <-- S_ACCEPTED / DROPPED / REJECTED
+    wait for the answer (Event / asyncio future), at most request_timeout
+                                                       <-- S_ACCEPTED / DROPPED / REJECTED
                                             answer the caller
                                                                  <-- S_DONE (any time later)
-                                            resolve the TaskFuture (no user code: see _resolve)
+                                            resolve the TaskFuture (no user code: see resolve)
 
-Hazards: ``submit()`` and ``stats()`` wait for the reader thread, so calling them from the
-reader thread would deadlock: they raise RuntimeError there instead (futures' callbacks run
-on the "taskorch-callbacks" thread, not here). ``submit_async()`` writes its frame from the
-event loop's thread: a call with large arguments blocks the loop while it streams to the
-server (a few microseconds for a small call).
+Losing the connection (EOF, a reset, a send that timed out: the reader cuts the socket so
+that a half-written frame is never followed by another): the reader marks the session down
+(``down_reason``), fails the requests that cannot be sent again (stats), and dials again with
+backoff (50 ms doubling to 2 s) for ``reconnect_for`` seconds. While down, ``run()`` and
+``stats()`` raise ``ServerUnavailableError`` at once; ``run_async()`` waits for the link (at
+most ``request_timeout``); ``result()`` is sent once it is back. On reconnecting, in req
+order: a submission not answered is sent again with ``retry`` set (the server's journal knows
+it by ``(token, req)``: accepted once, whatever happened to the first frame), an accepted
+task whose outcome is pending is re-attached (C_RESULT with its task id), a result() wait is
+sent again. If the session gives up, every unresolved future fails with
+``OrchestratorBrokenError`` and later calls raise ``OrchestratorClosedError``.
+
+Hazards: ``submit()``, ``result()`` and ``stats()`` wait for the reader thread: from it they
+raise RuntimeError instead of deadlocking (futures' callbacks run on "taskorch-callbacks").
+``submit_async()`` writes its frame from the event loop's thread: large arguments block the
+loop while they stream (at most ``request_timeout``: the socket's send timeout).
 """
 
 from __future__ import annotations
@@ -27,8 +40,10 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -36,85 +51,93 @@ from taskorch._errors import (
     OrchestratorBrokenError,
     OrchestratorClosedError,
     SerializationError,
+    ServerTimeoutError,
+    ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
+from taskorch._service.link import Link
 from taskorch._service.protocol import (
+    C_RESULT,
+    C_RETURN,
     C_STATS,
     C_SUBMIT,
     C_WITHDRAW,
-    O_CANCELLED,
-    O_ERROR,
-    O_RAISED,
-    O_RESULT,
     S_ACCEPTED,
+    S_CREDIT,
     S_DONE,
     S_DROPPED,
+    S_RECALL,
     S_REJECTED,
     S_STATS,
     SERVICE_MAX_FRAME,
+    FrameReader,
     WirePolicy,
     decode_server_frame,
     decode_service_error,
     decode_stats,
     encode_service_frame,
 )
-from taskorch._wire import encode_call
+from taskorch._service.requests import (
+    Request,
+    new_future,
+    payload,
+    resolve,
+    set_send_timeout,
+)
 
 if TYPE_CHECKING:
     from taskorch._stats import Stats
+
+    Dial = Callable[[float], tuple[socket.socket, Connection[Any, Any], dict[str, Any]]]
 
 log = logging.getLogger("taskorch")
 
 _client_numbers = itertools.count(1)
 
 
-class _Request:
-    """One request waiting for its answer (and, once accepted, for its outcome)."""
-
-    __slots__ = ("future", "answered", "event", "loop", "waiter", "answer")
-
-    def __init__(
-        self, future: TaskFuture | None, loop: asyncio.AbstractEventLoop | None = None,
-        waiter: asyncio.Future[Any] | None = None,
-    ) -> None:
-        self.future = future  # None for a stats request
-        self.answered = False  # the answer was handed to the caller (reader thread only)
-        # How the caller waits: a threading.Event (run(), stats()) or an asyncio future.
-        self.event = threading.Event() if waiter is None else None
-        self.loop = loop
-        self.waiter = waiter
-        self.answer: tuple[Any, ...] | BaseException | None = None
-
-
-class Session:
-    """The connection and its request table, shared by the callers and the reader thread."""
+class Session(Link):
+    """The link and its request table, shared by the callers and the reader thread."""
 
     def __init__(
         self, sock: socket.socket, conn: Connection[Any, Any], where: str, info: dict[str, Any],
+        *, dial: Dial, connect_timeout: float, request_timeout: float, reconnect_for: float,
     ) -> None:
         self.where = where
         self.info = info
-        # Two fds for one socket: `conn` frames messages, `_sock` is for shutdown(). Both are
-        # closed by the reader thread when it ends, under `_send_lock` and `_lock`, so that a
-        # concurrent send or shut_down() never acts on a closed (possibly reused) fd number.
-        self._sock = sock
-        self._conn = conn
-        # Guards the frames on the wire: concurrent callers' frames must not interleave.
-        # Held only for one send_bytes(); never taken by the reader thread, never held while
-        # waiting for an answer. A send blocks only while the server does not read, and a
-        # shut_down() makes it fail.
+        self._dial = dial
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.reconnect_for = reconnect_for
+        # The link: two fds for one socket, `_conn` frames messages, `_sock` is for shutdown().
+        # None while down. Replaced and closed only by the reader, under `_send_lock` and
+        # `_lock`, so that a send or shut_down() never acts on a closed (reused) fd number.
+        self._sock: socket.socket | None = sock
+        self._conn: Connection[Any, Any] | None = conn
+        set_send_timeout(sock, request_timeout)
+        # Guards the frames on the wire (callers' frames must not interleave). Held for one
+        # send_bytes() (bounded by the send timeout), or by the reader while it re-sends.
         self._send_lock = threading.Lock()
-        # Guards `_requests`, `_closing`, `closed_reason` and the lifetime of `_sock`/`_conn`.
-        # Never held while sending, waiting, or resolving a future (user callbacks).
+        # Guards `_requests`, `_closing`, `closed_reason`, `down_reason` and the link's
+        # lifetime. Never held while sending, waiting, or resolving a future (user callbacks).
         self._lock = threading.Lock()
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, Request] = {}
         self._req_ids = itertools.count(1)
+        # Names this client's submissions in the server's journal, with their req.
+        self.token = os.urandom(16)
+        self._credits = 0  # backlog slots the server holds for us (see ``credits``)
+        self._credit_inflight = 0  # credit submissions sent, not answered yet
+        self._credit_change = threading.Condition(self._lock)  # more credits, or an answer
         self._closing = False  # close() was called: no new requests
-        self.closed_reason: str | None = None  # set when the connection is gone
-        # The reader: the only thread that receives. Blocks in recv_bytes(); its wakeups are a
-        # frame, EOF (the server closed, or shut_down() here) and errors. Exits at EOF or on
-        # any error, after failing every request left. A daemon: a client never closed must
-        # not keep the interpreter from exiting (the server runs what it accepted anyway).
+        self.closed_reason: str | None = None  # set when the session has ended
+        self.down_reason: str | None = None  # set while the link is lost (reconnecting)
+        self._up = threading.Event()  # set while connected, and once the session has ended
+        self._up.set()
+        self._stop_reconnecting = threading.Event()  # close(): stop the backoff now
+        # The reader: the only thread that receives, and the one that reconnects. Blocks in
+        # recv_bytes() (wakeups: a frame, EOF, errors, a shut_down()), then, while down, in
+        # dialing (bounded by connect_timeout) and in the backoff wait (woken by close()).
+        # Exits when closed, or when reconnecting gave up, after failing every request left.
+        # Daemon: a client never closed must not keep the interpreter from exiting.
         self.reader = threading.Thread(
             target=self._read_guarded, name=f"taskorch-client-reader-{next(_client_numbers)}",
             daemon=True)
@@ -127,9 +150,29 @@ class Session:
         kwargs: dict[str, Any],
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
-        request = _Request(_new_future())
-        answer = self._call(
-            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, False))
+        with self._lock:
+            # Out of credits while credit submissions are unanswered: their answers (or the
+            # S_CREDIT the server sends as it reads them) bring more, unless the backlog is
+            # full; wait for that rather than pay a round trip through a group commit.
+            if not self._credit_change.wait_for(self._credit_or_answers, self.request_timeout):
+                raise ServerTimeoutError(
+                    f"taskorch serve at {self.where} did not answer run() within "
+                    f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
+            credit = self._credits > 0 and self.down_reason is None
+            self._credits -= credit
+            self._credit_inflight += credit
+        request = Request(new_future(), credit=credit)
+        if credit:  # no round trip: the answer resolves or fails the future later
+            try:
+                self._start(request, lambda req: (C_SUBMIT, req, payload(fn, args, kwargs),
+                                                  wire_policy, False, self.token, False, True))
+            except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
+                self._grant(1, answered=True)
+                raise
+            return request.future
+        answer = self._call(request, lambda req: (
+            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, False, self.token, False,
+            False), "run()")
         return self._accepted(request, answer)
 
     async def submit_async(
@@ -137,33 +180,52 @@ class Session:
         kwargs: dict[str, Any],
     ) -> TaskFuture:
         loop = asyncio.get_running_loop()
-        request = _Request(_new_future(), loop, loop.create_future())
+        if self.down_reason is not None:
+            await loop.run_in_executor(None, self._up.wait, self.request_timeout)
+        request = Request(new_future(), loop, loop.create_future())
         assert request.waiter is not None
-        req = self._start(
-            request, lambda req: (C_SUBMIT, req, _payload(fn, args, kwargs), wire_policy, True))
+        req = self._start(request, lambda req: (
+            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, True, self.token, False, False))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:
-            with self._lock:
-                self._requests.pop(req, None)
-            try:
-                self._send(encode_service_frame((C_WITHDRAW, req)))
-            except OrchestratorClosedError:
-                pass
+            self._withdraw(req)
             raise
         future = self._accepted(request, answer)
         assert future is not None  # the server never drops a waiting request
         return future
 
-    def submit_payload_waiting(self, wire_policy: WirePolicy | None, payload: bytes) -> TaskFuture:
+    def submit_payload_waiting(self, wire_policy: WirePolicy | None, data: bytes) -> TaskFuture:
         """A call pickled by the caller (``Client.map()``'s chunks), accepted once the
         server's backlog has room (the server waits, as for ``submit_async``)."""
         self._check_not_reader("map()")
-        request = _Request(_new_future())
-        answer = self._call(request, lambda req: (C_SUBMIT, req, payload, wire_policy, True))
+        request = Request(new_future())
+        answer = self._call(request, lambda req: (
+            C_SUBMIT, req, data, wire_policy, True, self.token, False, False), "map()")
         future = self._accepted(request, answer)
         assert future is not None  # the server never drops a waiting request
         return future
+
+    def result(self, task_id: int, timeout: float | None) -> Any:
+        """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
+        self._check_not_reader("result()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = Request(new_future())
+        wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
+        req = self._start(request, lambda req: (C_RESULT, req, task_id, wait), when_down="queue")
+        assert request.event is not None and request.future is not None
+        # Set by the reader when the outcome (or a refusal) arrives, or the session ends.
+        if not request.event.wait(timeout if wait else self.request_timeout):
+            self._withdraw(req)
+            raise TimeoutError(f"task {task_id} did not end within {timeout:g} s")
+        answer = request.answer
+        if isinstance(answer, BaseException):
+            raise answer
+        assert answer is not None
+        if answer[0] == S_REJECTED:
+            raise decode_service_error(answer[2])
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return request.future.result(remaining)  # resolved right after the event is set
 
     def stats(self) -> Stats:
         return decode_stats(self.status())
@@ -172,47 +234,67 @@ class Session:
         """The server's S_STATS fields as sent (the Stats fields, and what only ``taskorch
         status`` shows: ``protocol.encode_status``)."""
         self._check_not_reader("stats()")
-        answer = self._call(_Request(None), lambda req: (C_STATS, req))
+        answer = self._call(Request(None), lambda req: (C_STATS, req), "stats()")
         if isinstance(answer, BaseException):
             raise answer
         fields: dict[str, Any] = answer[2]
         return fields
 
     def _call(
-        self, request: _Request, build: Callable[[int], tuple[Any, ...]],
+        self, request: Request, build: Callable[[int], tuple[Any, ...]], what: str,
     ) -> tuple[Any, ...] | BaseException:
-        self._start(request, build)
+        req = self._start(request, build)
         assert request.event is not None
-        request.event.wait()  # set by the reader on the answer, or when the connection ends
+        # Set by the reader on the answer, or when the session gives up.
+        if not request.event.wait(self.request_timeout):
+            self._withdraw(req)
+            if request.answer is None:
+                raise ServerTimeoutError(
+                    f"taskorch serve at {self.where} did not answer {what} within "
+                    f"{self.request_timeout:g} s (stopped, or overloaded?); a submission may or "
+                    "may not have been accepted")
         assert request.answer is not None
         return request.answer
 
-    def _start(self, request: _Request, build: Callable[[int], tuple[Any, ...]]) -> int:
-        """Register ``request`` and send its frame; raises (nothing sent) on a bad call."""
+    def _start(self, request: Request, build: Callable[[int], tuple[Any, ...]],
+               when_down: str = "fail") -> int:
+        """Register ``request`` and send its frame; raises (nothing sent) on a bad call, or
+        ServerUnavailableError while down (``when_down="queue"``: sent at reconnection)."""
         with self._lock:
             self._check_open_locked()
             req = next(self._req_ids)
-        frame = encode_service_frame(build(req))  # SerializationError from encode_call
+        message = build(req)
+        frame = encode_service_frame(message)  # SerializationError from encode_call
         if len(frame) > SERVICE_MAX_FRAME:
             raise SerializationError(
                 f"the call is {len(frame) / 2**20:.1f} MiB pickled, over taskorch serve's "
                 f"{SERVICE_MAX_FRAME // 2**20} MiB frame limit; nothing was sent. Pass large data "
-                "as a file path"
-            )
+                "as a file path")
+        request.message = message
         with self._lock:
             self._check_open_locked()
+            if self.down_reason is not None and when_down == "fail":
+                raise self._unavailable()
             self._requests[req] = request  # before sending: the answer may come at once
         try:
             self._send(frame)
-        except BaseException:
-            with self._lock:
-                self._requests.pop(req, None)
-            raise
+        except (ServerUnavailableError, ServerTimeoutError):
+            if when_down == "fail":
+                with self._lock:
+                    self._requests.pop(req, None)  # (a frame cut short is never accepted)
+                raise
         return req
 
-    def _accepted(
-        self, request: _Request, answer: tuple[Any, ...] | BaseException,
-    ) -> TaskFuture | None:
+    def _withdraw(self, req: int) -> None:
+        with self._lock:
+            self._requests.pop(req, None)
+        try:
+            self._send(encode_service_frame((C_WITHDRAW, req)))
+        except (OrchestratorClosedError, ServerUnavailableError, ServerTimeoutError):
+            pass
+
+    def _accepted(self, request: Request, answer: tuple[Any, ...] | BaseException,
+                  ) -> TaskFuture | None:
         if isinstance(answer, BaseException):
             raise answer
         tag = answer[0]
@@ -222,16 +304,6 @@ class Session:
             return None
         assert tag == S_REJECTED, answer
         raise decode_service_error(answer[2])
-
-    def _send(self, frame: bytes) -> None:
-        try:
-            with self._send_lock:
-                self._conn.send_bytes(frame)
-        except (OSError, ValueError) as exc:  # ValueError: the reader closed the Connection
-            raise OrchestratorClosedError(
-                f"the connection to taskorch serve at {self.where} is closed "
-                f"({self.closed_reason or exc}); connect again"
-            ) from exc
 
     def _check_open_locked(self) -> None:
         if self._closing:
@@ -246,8 +318,7 @@ class Session:
             raise RuntimeError(
                 f"Client.{what} was called from a future's callback, which runs in the client's "
                 "reader thread: waiting there for the server's answer would deadlock. Submit "
-                "from another thread, or use run_async() in an event loop"
-            )
+                "from another thread, or use run_async() in an event loop")
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -259,19 +330,9 @@ class Session:
         in_reader = threading.current_thread() is self.reader
         if not already and futures and not in_reader:
             concurrent.futures.wait(futures, timeout)
-        self.shut_down()
+        self.abandon()
         if not in_reader:
             self.reader.join()
-
-    def shut_down(self) -> None:
-        """Wake the reader with EOF (it then fails what is left and closes the fds)."""
-        with self._lock:
-            if self._sock.fileno() == -1:
-                return
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # already disconnected
-                pass
 
     def forget_in_forked_child(self) -> None:
         """In a forked child, at the fork (one thread; the reader is the parent's): close this
@@ -280,12 +341,17 @@ class Session:
         The locks may have been copied held: new ones."""
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._credit_change = threading.Condition(self._lock)
         self._closing = True
+        self._stop_reconnecting.set()
         self.closed_reason = "it was opened by the process this one was forked from"
         requests = list(self._requests.values())
         self._requests.clear()
-        self._conn.close()
-        self._sock.close()
+        if self._conn is not None:
+            self._conn.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._conn = self._sock = None
         for request in requests:
             if request.future is not None:
                 request.future._fail_in_forked_child(OrchestratorBrokenError(
@@ -295,35 +361,54 @@ class Session:
     # -- reader thread -----------------------------------------------------------------------
 
     def _read_guarded(self) -> None:
-        reason = "closed by the server"
+        reason = "closed by this client"
         try:
-            self._read()
-        except EOFError:
-            if self._closing:
-                reason = "closed by this client"
-        except Exception as exc:
-            if self._closing:
-                reason = "closed by this client"
-            else:
-                reason = f"{type(exc).__name__}: {exc}"
-                log.warning("taskorch.Client: lost the connection to %s: %s", self.where, reason,
-                            exc_info=not isinstance(exc, OSError))
+            while True:
+                why = self._read_until_lost()
+                if self._closing:
+                    break
+                if self.reconnect_for <= 0:
+                    reason = why
+                    break
+                self._go_down(why)
+                if not self._reconnect():
+                    if not self._closing:
+                        reason = f"{why}; could not reconnect within {self.reconnect_for:g} s"
+                    break
+        except BaseException as exc:
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("taskorch.Client: the reader of %s failed", self.where)
         finally:
             self._end(reason)
 
+    def _read_until_lost(self) -> str:
+        try:
+            self._read()
+        except EOFError:
+            return "closed by the server"
+        except Exception as exc:
+            if not self._closing:
+                log.warning("taskorch.Client: lost the connection to %s: %s: %s", self.where,
+                            type(exc).__name__, exc, exc_info=not isinstance(exc, OSError))
+            return f"{type(exc).__name__}: {exc}"
+        raise AssertionError("unreachable")
+
     def _read(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        frames = FrameReader(conn.fileno())  # the reader alone replaces or closes the link
         while True:
-            message = decode_server_frame(self._conn.recv_bytes(SERVICE_MAX_FRAME))
+            message = decode_server_frame(frames.read())
             tag = message[0]
             if tag == S_DONE:
                 _, req, outcome, attempts, seconds, data = message
                 with self._lock:
                     request = self._requests.pop(req, None)
-                if request is None or request.future is None:
+                if request is None or request.future is None or request.future.done():
                     continue  # withdrawn
-                if not request.answered:  # cannot happen (ACCEPTED comes first); be safe
-                    self._answer(request, (S_ACCEPTED, req, 0))
-                _resolve(request.future, outcome, attempts, seconds, data)
+                if not request.answered:  # a result() wait (or a resent submission)
+                    request.deliver((S_ACCEPTED, req, 0))
+                resolve(request.future, outcome, attempts, seconds, data)
             elif tag in (S_ACCEPTED, S_DROPPED, S_REJECTED, S_STATS):
                 req = message[1]
                 with self._lock:
@@ -331,36 +416,59 @@ class Session:
                     request = requests.get(req) if tag == S_ACCEPTED else requests.pop(req, None)
                 if request is None:
                     continue  # withdrawn
+                if request.answered:  # a re-attached task: accepted again, or lost
+                    if tag == S_REJECTED and request.future is not None:
+                        self._lost(request.future, decode_service_error(message[2]))
+                    continue
                 if tag == S_ACCEPTED and request.future is not None:
                     request.future.task_id = message[2]
-                self._answer(request, message)
+                    self._grant(message[3], request.credit)
+                elif tag == S_REJECTED and request.credit and request.future is not None:
+                    self._grant(0, answered=True)
+                    request.future.set_exception(decode_service_error(message[2]))
+                request.deliver(message)
+            elif tag == S_CREDIT:
+                self._grant(message[1])
+            elif tag == S_RECALL:
+                with self._lock:
+                    n, self._credits = self._credits, 0
+                try:
+                    self._send(encode_service_frame((C_RETURN, n)))
+                except (ServerUnavailableError, ServerTimeoutError):
+                    pass  # the link is lost: the server frees them itself
             else:
                 raise ValueError(f"unexpected frame from the server (tag {tag!r})")
 
-    def _answer(self, request: _Request, answer: tuple[Any, ...] | BaseException) -> None:
-        request.answered = True
-        request.answer = answer
-        if request.event is not None:
-            request.event.set()
-        else:
-            assert request.loop is not None and request.waiter is not None
-            try:
-                request.loop.call_soon_threadsafe(_deliver, request.waiter, answer)
-            except RuntimeError:  # that loop is closed: its caller is gone
-                pass
+    def _grant(self, n: int, answered: bool = False) -> None:
+        with self._lock:
+            self._credits += n
+            self._credit_inflight = max(0, self._credit_inflight - answered)
+            self._credit_change.notify_all()
+
+    def _credit_or_answers(self) -> bool:  # (_lock held)
+        return (self._credits > 0 or self._credit_inflight == 0 or self.down_reason is not None
+                or self._closing or self.closed_reason is not None)
+
+    def _lost(self, future: TaskFuture, error: BaseException) -> None:
+        if not future.done():  # (S_REJECTED for a re-attached task: TaskNotFoundError)
+            future.set_exception(OrchestratorBrokenError(
+                f"taskorch serve at {self.where} no longer knows task {future.task_id} "
+                f"({error}): it was restarted without its journal? The task may or may not "
+                "have run"))
 
     def _end(self, reason: str) -> None:
         self.shut_down()  # a sender blocked in send_bytes() fails now, releasing `_send_lock`
         with self._send_lock, self._lock:  # lock order: _send_lock, then _lock
             self.closed_reason = reason
+            self._credit_change.notify_all()
             requests = list(self._requests.values())
             self._requests.clear()
-            self._conn.close()
-            self._sock.close()
+            self._close_link_locked()
+        self._up.set()  # run_async() callers waiting for the link see the end
         closing = self._closing
         for request in requests:
             if not request.answered:
-                self._answer(request, OrchestratorClosedError(
+                request.deliver(OrchestratorClosedError(
                     f"the connection to taskorch serve at {self.where} closed ({reason}) before it "
                     "answered; the task was probably not accepted"))
             elif request.future is not None and not request.future.done():
@@ -373,48 +481,3 @@ class Session:
                         f"lost the connection to taskorch serve at {self.where} ({reason}) before "
                         "this task's outcome arrived: it may or may not have run")
                 request.future.set_exception(error)
-
-
-def _payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    if not callable(fn):
-        raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
-    return encode_call(fn, args, kwargs)
-
-
-def _new_future() -> TaskFuture:
-    future = TaskFuture()
-    future._cancel_hook = _cannot_cancel  # a remote task cannot be cancelled from here
-    return future
-
-
-def _cannot_cancel(future: TaskFuture) -> bool:
-    return False
-
-
-def _deliver(waiter: asyncio.Future[Any], answer: Any) -> None:
-    if not waiter.done():
-        if isinstance(answer, BaseException):
-            waiter.set_exception(answer)
-        else:
-            waiter.set_result(answer)
-
-
-def _resolve(
-    future: TaskFuture, outcome: int, attempts: int, seconds: float | None, data: Any,
-) -> None:
-    """Resolve a client future from S_DONE (reader thread). No user code runs here: the
-    result or exception stays pickled until the caller asks (``TaskFuture``), and
-    done-callbacks run on the "taskorch-callbacks" thread, so a slow one holds no other
-    outcome of this connection."""
-    future.attempts = attempts
-    future.seconds = seconds
-    if outcome == O_RESULT:
-        future._set_undecoded("result", data)
-    elif outcome == O_RAISED:
-        future._set_undecoded("error", data)
-    elif outcome == O_ERROR:
-        future.set_exception(decode_service_error(data))
-    elif outcome == O_CANCELLED:
-        future._cancel_now()
-    else:
-        raise ValueError(f"unknown outcome {outcome!r}")

@@ -11,11 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from taskorch._errors import JournalError
 from taskorch._service.addressing import (
     default_authkey_path,
+    default_journal_path,
     load_or_create_authkey,
+    normalize_address,
     parse_tcp_address,
 )
+from taskorch._service.journal import Journal
 from taskorch._service.listener import Listener, bind_tcp, bind_unix
 from taskorch._service.server import serve
 from taskorch.cli import config
@@ -80,6 +84,21 @@ def add_parser(subparsers: Any) -> None:
                    help="at shutdown, how long tasks in flight may take before they are cancelled "
                         "or terminated (default: 30)")
     add_http_arguments(p)
+    journal = p.add_mutually_exclusive_group()
+    journal.add_argument("--journal", metavar="PATH",
+                         help="the SQLite journal of accepted tasks (default: under "
+                              "$XDG_STATE_HOME/taskorch, else ~/.local/state/taskorch, named "
+                              "after the address; in memory for --tcp port 0). A task is "
+                              "accepted once committed there; unfinished tasks run again after "
+                              "a restart. One server per journal")
+    journal.add_argument("--no-journal", action="store_true",
+                         help="keep accepted tasks in memory only: a crash loses them")
+    p.add_argument("--journal-sync", choices=("full", "normal"), default="full",
+                   help="full (default): a commit survives a power loss (an fsync per group "
+                        "commit); normal: it survives a crash of the server, not of the machine")
+    p.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
+                   help="how long outcomes stay in the journal for Client.result(task_id) "
+                        "(default: 3600)")
     add_pool_arguments(p)
     p.set_defaults(handler=main, serve_parser=p)
 
@@ -96,11 +115,18 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--drain-timeout must be a number >= 0, got {args.drain_timeout}")
     if args.tcp is not None and (args.socket_mode is not None or args.socket_group is not None):
         raise UsageError("--socket-mode and --socket-group apply to --socket, not --tcp")
+    if not args.result_ttl >= 0 or args.result_ttl == float("inf"):
+        raise UsageError(f"--result-ttl must be a number >= 0, got {args.result_ttl}")
     gid = None if args.socket_group is None else _group_id(args.socket_group)
     prepend_import_paths(args.path)
     socket_dir_existed = args.socket is not None and os.path.isdir(
         os.path.dirname(os.path.abspath(args.socket)))
-    listener = _bind(args)
+    journal = _open_journal(args)
+    try:
+        listener = _bind(args)
+    except BaseException:
+        journal.close()
+        raise
     pidfile: Path | None = None
     try:
         key_path = (
@@ -128,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
             raise
     except BaseException:
         listener.close()
+        journal.close()
         if pidfile is not None:
             _remove_pidfile(pidfile)
         raise
@@ -135,15 +162,41 @@ def main(args: argparse.Namespace) -> int:
         _say(http_note)
     if created:
         _say(f"generated a new authkey in {key_path} (mode 0600)")
+    where = journal.path if journal.durable else "in memory"
     try:
         outcome = serve(orchestrator, listener, authkey, drain_timeout=args.drain_timeout,
-                        say=_say, ready_details=f"authkey file {key_path}, ", http=http)
+                        say=_say, ready_details=f"authkey file {key_path}, journal {where}, ",
+                        http=http, journal=journal)
     finally:
         if pidfile is not None:
             _remove_pidfile(pidfile)
     if not outcome.drained:
         return EXIT_FAILED  # a thread died, stop() failed, or the drain timed out: said above
     return EXIT_SIGINT if outcome.signal == signal.SIGINT else EXIT_SIGTERM
+
+
+def _open_journal(args: argparse.Namespace) -> Journal:
+    """Open and lock the journal before anything else, so that a second server on it is
+    refused before it binds; JournalError (corrupt, locked, unwritable) is a usage error."""
+    path: str | None = None
+    if args.journal:
+        path = args.journal
+    elif not args.no_journal:
+        try:
+            address = normalize_address(
+                args.socket if args.tcp is None else parse_tcp_address(args.tcp))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        default = default_journal_path(address)
+        if default is None:
+            _say("--tcp with port 0: the journal is in memory (pass --journal PATH to keep it)")
+        else:
+            default.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = str(default)
+    try:
+        return Journal(path, result_ttl=args.result_ttl, synchronous=args.journal_sync.upper())
+    except JournalError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _bind(args: argparse.Namespace) -> Listener:

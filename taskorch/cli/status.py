@@ -29,6 +29,9 @@ def add_parser(subparsers: Any) -> None:
                    help="the key (default: PATH.authkey next to the socket; "
                         "~/.config/taskorch/authkey for TCP)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.add_argument("--task", type=int, metavar="ID",
+                   help="show one task instead: whether it ended, and its result or error "
+                        "(from the server's journal; exit status 1 if it is unknown)")
     p.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
                    help=f"give up connecting after SECONDS (default: {CONNECT_TIMEOUT:g})")
     p.set_defaults(handler=main)
@@ -46,6 +49,8 @@ def main(args: argparse.Namespace) -> int:
         if not os.path.exists(args.socket):
             return _cannot(address, "no server is there: the socket does not exist (is "
                                     f"`taskorch serve --socket {address}` running?)")
+    if args.task is not None:
+        return _show_task(address, args)
     try:
         fields, info, where = fetch_status(
             address, authkey_file=args.authkey_file, timeout=args.timeout
@@ -100,3 +105,33 @@ def _cannot(address: Address, why: str) -> int:
     shown = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
     print(f"taskorch status: cannot get the statistics of {shown}: {why}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _show_task(address: Address, args: argparse.Namespace) -> int:
+    """``--task ID``: one line about the task (its outcome unpickled here, if it can be)."""
+    from taskorch._errors import TaskNotFoundError
+    from taskorch._service.client import connect
+
+    try:
+        with connect(address, authkey_file=args.authkey_file, timeout=args.timeout,
+                     reconnect_for=0) as client:
+            try:
+                value = client.result(args.task, timeout=0)
+            except TaskNotFoundError as exc:
+                print(f"taskorch status: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            except TimeoutError:
+                state, detail = "pending", "queued or running"
+            except Exception as exc:  # the task's own error, or a taskorch one
+                state, detail = "failed", f"{type(exc).__name__}: {exc}"
+            else:
+                state, detail = "succeeded", repr(value)
+    except (OSError, AuthenticationError, OrchestratorClosedError) as exc:
+        print(f"taskorch status: cannot reach {address}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"task": args.task, "state": state, "detail": detail}))
+    else:
+        print(f"task {args.task}: {state}: {detail}")
+    return EXIT_OK

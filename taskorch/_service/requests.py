@@ -1,0 +1,128 @@
+"""A client's requests to ``taskorch serve``, and how their answers resolve them (client side).
+
+Runs in the application's process: ``Request`` objects are made by the caller's threads and
+answered by the session's reader thread ("taskorch-client-reader-N"); ``resolve`` turns an
+``S_DONE`` frame into a resolved ``TaskFuture`` without running user code there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from typing import Any, Callable
+
+from taskorch._parent.task import TaskFuture
+from taskorch._service.protocol import (
+    C_RESULT,
+    C_SUBMIT,
+    O_CANCELLED,
+    O_ERROR,
+    O_RAISED,
+    O_RESULT,
+    decode_service_error,
+)
+from taskorch._wire import encode_call
+
+
+class Request:
+    """One request waiting for its answer (and, once accepted, for its outcome)."""
+
+    __slots__ = ("future", "answered", "event", "loop", "waiter", "answer", "message", "credit")
+
+    def __init__(
+        self, future: TaskFuture | None, loop: asyncio.AbstractEventLoop | None = None,
+        waiter: asyncio.Future[Any] | None = None, credit: bool = False,
+    ) -> None:
+        self.future = future  # None for a stats request
+        self.answered = False  # the answer was handed to the caller (reader thread only)
+        # How the caller waits: a threading.Event (run(), stats()) or an asyncio future; a
+        # credit run() does not wait (neither).
+        self.event = threading.Event() if waiter is None and not credit else None
+        self.loop = loop
+        self.waiter = waiter
+        self.answer: tuple[Any, ...] | BaseException | None = None
+        # The frame sent, kept to send it again after a reconnection (None: not resendable).
+        self.message: tuple[Any, ...] | None = None
+        self.credit = credit  # a run() that spent a credit: nobody waits for the answer
+
+    def deliver(self, answer: tuple[Any, ...] | BaseException) -> None:
+        """Hand the answer to the caller (reader thread, or the session when it gives up)."""
+        self.answered = True
+        self.answer = answer
+        if self.event is not None:
+            self.event.set()
+        elif self.waiter is not None:
+            assert self.loop is not None
+            try:
+                self.loop.call_soon_threadsafe(_deliver, self.waiter, answer)
+            except RuntimeError:  # that loop is closed: its caller is gone
+                pass
+
+
+def payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    if not callable(fn):
+        raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
+    return encode_call(fn, args, kwargs)
+
+
+def new_future() -> TaskFuture:
+    future = TaskFuture()
+    future._cancel_hook = _cannot_cancel  # a remote task cannot be cancelled from here
+    return future
+
+
+def _cannot_cancel(future: TaskFuture) -> bool:
+    return False
+
+
+def _deliver(waiter: asyncio.Future[Any], answer: Any) -> None:
+    if not waiter.done():
+        if isinstance(answer, BaseException):
+            waiter.set_exception(answer)
+        else:
+            waiter.set_result(answer)
+
+
+def resolve(
+    future: TaskFuture, outcome: int, attempts: int, seconds: float | None, data: Any,
+) -> None:
+    """Resolve a client future from S_DONE (reader thread). No user code runs here: the
+    result or exception stays pickled until the caller asks (``TaskFuture``), and
+    done-callbacks run on the "taskorch-callbacks" thread, so a slow one holds no other
+    outcome of this connection."""
+    future.attempts = attempts
+    future.seconds = seconds
+    if outcome == O_RESULT:
+        future._set_undecoded("result", data)
+    elif outcome == O_RAISED:
+        future._set_undecoded("error", data)
+    elif outcome == O_ERROR:
+        future.set_exception(decode_service_error(data))
+    elif outcome == O_CANCELLED:
+        future._cancel_now()
+    else:
+        raise ValueError(f"unknown outcome {outcome!r}")
+
+
+def resend_message(req: int, request: Request) -> tuple[Any, ...] | None:
+    """What to send for ``request`` on a new link (None: nothing)."""
+    future = request.future
+    if request.answered:
+        if future is not None and not future.done():
+            return (C_RESULT, req, future.task_id, True)  # re-attach: the outcome from the journal
+        return None
+    message = request.message
+    if message is not None and message[0] == C_SUBMIT:
+        # The server finds it if the first frame got through. A credit run() returned already:
+        # it must not be refused for room now, so it waits for room (run_async's semantics).
+        return (*message[:4], message[4] or request.credit, message[5], True, False)
+    return message  # a result() wait
+
+
+def set_send_timeout(sock: socket.socket, timeout: float) -> None:
+    """A send blocked that long on a server that does not read fails (BlockingIOError)."""
+    seconds = int(timeout)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
