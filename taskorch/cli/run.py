@@ -63,7 +63,7 @@ from taskorch.cli.records import dump_record, parse_input, records_of
 from taskorch.cli.target import resolve_target as resolve_target  # (demo, tests import it here)
 
 #: A second SIGTERM this soon after the first is its echo (timeout(1) signals the process,
-#: then its process group): ignored, as by ``taskorch serve`` (``_service.server``).
+#: then its process group): ignored, as by ``taskorch serve`` (``_service.serving``).
 SIGNAL_ECHO_WINDOW = 1.0
 
 

@@ -1,4 +1,4 @@
-"""``taskorch serve``: its options, and the translation of ``taskorch._service.server.serve()``
+"""``taskorch serve``: its options, and the translation of ``taskorch._service.serving.serve()``
 into messages and an exit status (CLI, server process, main thread).
 """
 
@@ -21,7 +21,7 @@ from taskorch._service.addressing import (
 )
 from taskorch._service.journal import Journal
 from taskorch._service.listener import Listener, bind_tcp, bind_unix
-from taskorch._service.server import serve
+from taskorch._service.serving import serve
 from taskorch.cli import config
 from taskorch.cli.config import ScheduleEntry
 from taskorch.cli.options import (

@@ -1,0 +1,206 @@
+"""``taskorch serve``'s process life: ``serve()`` starts the ``Server`` and waits in the main
+thread for a signal, then drains (the server process, main thread; "taskorch-serve-drain").
+
+Start: the caller opens (and locks) the journal; ``serve()`` recovers what it holds unfinished
+(``TaskRegistry.recover``) before accepting anyone. The journal is closed last.
+
+Shutdown (SIGTERM or SIGINT): stop accepting (close the listener, remove the socket file),
+``o.stop(drain_timeout)`` while connections stay open, so that the outcomes of tasks in flight
+reach their clients and new submits get ``OrchestratorClosedError``; then flush and close
+every connection and stop the asyncio loop. A second signal during the drain shortens it to
+nothing: queued tasks are cancelled, running ones terminated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Callable
+
+from taskorch._service.journal import Journal
+from taskorch._service.listener import Listener
+from taskorch._service.registry import TaskRegistry
+from taskorch._service.server import (
+    HANDSHAKE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_UNAUTHENTICATED,
+    Server,
+)
+
+if TYPE_CHECKING:
+    from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._service.http import HttpService
+    from taskorch._stats import StopReport
+
+log = logging.getLogger("taskorch")
+
+#: A second SIGTERM within this many seconds of the first is its echo, not a second signal:
+#: timeout(1) sends SIGTERM to the server and then to its whole process group, the server
+#: included (coreutils timeout.c, ``send_sig(0, sig)``), and the two can arrive apart. An
+#: operator who means a second SIGTERM sends it later than that; a second Ctrl-C (SIGINT)
+#: counts at once.
+SIGNAL_ECHO_WINDOW = 1.0
+#: At the end, how long the last outcomes' callbacks may take (they queue journal records).
+CALLBACKS_TIMEOUT = 5.0
+#: Bytes written to the main thread's wake pipe besides signal numbers.
+_WAKE_DRAINED = 0
+_WAKE_THREAD_DIED = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOutcome:
+    """How ``serve()`` ended."""
+
+    signal: int | None  # the signal that stopped it; None when a server thread died
+    report: StopReport | None  # the drain's report; None when stop() itself failed
+
+    @property
+    def drained(self) -> bool:
+        return self.signal is not None and self.report is not None and self.report.drained
+
+
+def serve(
+    orchestrator: TaskOrchestrator, listener: Listener, authkey: bytes, *,
+    drain_timeout: float = 30.0,
+    say: Callable[[str], None] = log.warning, ready_details: str = "",
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_unauthenticated: int = MAX_UNAUTHENTICATED,
+    max_connections: int = MAX_CONNECTIONS, http: HttpService | None = None,
+    journal: Journal | None = None,
+) -> ServeOutcome:
+    """Serve ``orchestrator`` on ``listener`` until SIGTERM or SIGINT, then drain (main thread).
+
+    Owns them all: returns with the listener closed, the orchestrator stopped, the journal
+    (None: one in memory) closed, and ``http`` (the metrics and dashboard) closed after the
+    drain. ``say`` gets the operator's lines; ``ready_details`` goes into the ready line. The
+    limits are ``Server``'s."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    try:
+        if not drain_timeout >= 0 or drain_timeout == float("inf"):
+            raise ValueError(f"the drain timeout must be a number >= 0, got {drain_timeout}")
+        journal = journal or Journal(None)
+        registry = TaskRegistry(orchestrator, journal)
+        server = Server(orchestrator, listener, authkey, registry=registry,
+                        handshake_timeout=handshake_timeout,
+                        max_unauthenticated=max_unauthenticated, max_connections=max_connections,
+                        on_thread_death=lambda: _wake(wake_w, _WAKE_THREAD_DIED))
+        queued, retried, failed = registry.recover()
+        journal.start()
+    except BaseException:
+        os.close(wake_r)
+        os.close(wake_w)
+        if http is not None:
+            http.close()
+        listener.close()
+        orchestrator.stop(timeout=0)
+        if journal is not None:
+            journal.close()  # (releases its lock)
+        raise
+    if queued or retried or failed:
+        say(f"recovered from the journal: {queued} queued tasks queued again, {retried} that were "
+            f"running retried (an attempt charged), {failed} failed (attempts spent)")
+    old_wakeup_fd = signal.set_wakeup_fd(wake_w)
+    reports: list[StopReport] = []  # the drain thread's result
+    old_handlers = {
+        signum: signal.signal(signum, _ignore_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        server.start()
+        if http is not None:
+            http.start()
+            say(f"metrics and dashboard on {http.url}")
+        say(f"listening on {server.where} ({ready_details}pid {os.getpid()}, "
+            f"{orchestrator.worker_count} workers)")
+        # Sleep until a signal (its number, written by the C-level handler) or a thread's byte.
+        while True:
+            byte = os.read(wake_r, 1)[0]
+            if byte in (signal.SIGTERM, signal.SIGINT) or byte == _WAKE_THREAD_DIED:
+                break
+        stopped_by = None if byte == _WAKE_THREAD_DIED else byte
+        stopped_at = time.monotonic()
+        why = (
+            "a server thread died (see the log)"
+            if stopped_by is None
+            else signal.Signals(byte).name
+        )
+        registry.stopping = True
+        s = orchestrator.stats()
+        say(f"{why}: stopping; draining {s.queued} queued and {s.running} running tasks "
+            f"(up to {drain_timeout:g} s)")
+        server.stop_accepting()
+        drain = threading.Thread(target=_drain, args=(orchestrator, drain_timeout, wake_w, reports),
+                                 name="taskorch-serve-drain", daemon=True)
+        # daemon: the main thread joins it below; if stop() itself hung (a bug) the process
+        # must still be able to exit.
+        drain.start()
+        while True:
+            byte = os.read(wake_r, 1)[0]
+            if byte == _WAKE_DRAINED:
+                break
+            if (byte == stopped_by == signal.SIGTERM
+                    and time.monotonic() - stopped_at < SIGNAL_ECHO_WINDOW):
+                continue  # the same signal again at once: an echo (SIGNAL_ECHO_WINDOW)
+            if byte in (signal.SIGTERM, signal.SIGINT):
+                say("second signal: cancelling queued tasks, terminating running ones")
+                orchestrator.stop(timeout=0)  # shortens the drain's deadline; returns once done
+        drain.join()
+        server.close_connections()  # every outcome is queued by now: flush, then disconnect
+        report = reports[0] if reports else None
+        _wait_callbacks()
+        if report is not None:
+            left = (f"; {registry.left_for_next_start} left in the journal for the next start"
+                    if registry.left_for_next_start else "")
+            say(f"stopped ({'drained' if report.drained else 'drain timed out'}: "
+                f"{report.succeeded} succeeded, {report.failed} failed, "
+                f"{report.cancelled} cancelled, {report.abandoned} abandoned{left})")
+        return ServeOutcome(stopped_by, report)
+    finally:
+        if http is not None:
+            http.close()
+        server.close()
+        orchestrator.stop(timeout=0)
+        _wait_callbacks()
+        journal.close()
+        listener.close()
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(old_wakeup_fd)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _wait_callbacks() -> None:
+    from taskorch._parent.task import _callbacks
+    _callbacks.wait_idle(CALLBACKS_TIMEOUT)  # (they queue the outcomes' journal records)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """The Python-level SIGTERM/SIGINT handler does nothing (so nothing that could take a lock
+    the interrupted code holds): the byte the C-level handler writes to the wakeup fd is what
+    wakes the main thread."""
+
+
+def _drain(
+    orchestrator: TaskOrchestrator, timeout: float, wake_w: int, out: list[StopReport]
+) -> None:
+    try:
+        out.append(orchestrator.stop(timeout))
+    except BaseException:
+        log.exception("taskorch serve: stop() failed")
+    finally:
+        _wake(wake_w, _WAKE_DRAINED)
+
+
+def _wake(wake_w: int, byte: int) -> None:
+    try:
+        os.write(wake_w, bytes([byte]))
+    except BlockingIOError:  # the pipe is full: the main thread has plenty to wake up for
+        pass
+    except OSError:  # closed: serve() has returned
+        pass
