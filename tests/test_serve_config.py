@@ -3,12 +3,15 @@ real server whose schedule runs end to end."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _tasks import wait_until
@@ -111,3 +114,96 @@ overlap = "skip"
     assert proc.returncode == 143, err
     stamps = [float(x.split()[0]) for x in out.read_text().splitlines()]
     assert all(b > a for a, b in zip(stamps, stamps[1:]))
+
+
+class Served(subprocess.Popen[str]):
+    said: str = ""  # stderr up to the ready line
+
+
+def _serve(tmp_path: Path, config: Path, *extra: str) -> tuple[Served, Path]:
+    sock = tmp_path / "s.sock"
+    proc = Served(
+        [sys.executable, "-m", "taskorch", "serve", "--config", str(config), "--socket",
+         str(sock), *extra], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the ready line is the handshake
+        proc.said += line
+        if "listening on" in line:
+            return proc, sock
+    raise AssertionError(f"taskorch serve did not start (exit {proc.wait()})")
+
+
+def _stop(proc: Served) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=R)
+    assert proc.returncode == 143, err
+    return proc.said + err
+
+
+def _status(sock: Path, tmp_path: Path) -> dict[str, Any]:
+    proc = taskorch("status", "--socket", str(sock), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_status_lists_the_schedules_and_trigger_runs_one_now(tmp_path: Path) -> None:
+    out = tmp_path / "stamps"
+    config = write_config(tmp_path, f'''
+[[schedule]]
+name = "hourly"
+target = "job.py:stamp"
+args = ["{out}"]
+every = "1h"
+''')
+    proc, sock = _serve(tmp_path, config, "--no-journal")
+    try:
+        assert not out.exists()
+        done = taskorch("trigger", "hourly", "--socket", str(sock), cwd=tmp_path)
+        assert done.returncode == 0 and "submitted" in done.stdout, done.stderr
+        wait_until(lambda: out.exists(), timeout=R, what="the triggered run")
+        wait_until(lambda: _status(sock, tmp_path)["schedules"][0]["last_outcome"] == "succeeded",
+                   timeout=R, what="its outcome in status")
+        [hourly] = _status(sock, tmp_path)["schedules"]
+        assert hourly["name"] == "hourly" and hourly["next_run"] > time.time()
+        table = taskorch("status", "--socket", str(sock), cwd=tmp_path)
+        assert "schedules:" in table.stdout and "hourly: next" in table.stdout, table.stdout
+        nope = taskorch("trigger", "nope", "--socket", str(sock), cwd=tmp_path)
+        assert nope.returncode == 1 and "no schedule named 'nope'" in nope.stderr, nope.stderr
+    finally:
+        _stop(proc)
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_the_last_fire_survives_restarts_and_missed_ticks_coalesce(tmp_path: Path) -> None:
+    from taskorch._service.journal import Journal
+
+    out, journal_path = tmp_path / "stamps", tmp_path / "journal.db"
+    config = write_config(tmp_path, f'''
+[[schedule]]
+name = "ten"
+target = "job.py:stamp"
+args = ["{out}"]
+every = "10m"
+''')
+    # A previous server fired "ten" an hour ago and then was down: six ticks passed since.
+    journal = Journal(str(journal_path))
+    journal.start()
+    journal.schedule_fired("ten", time.time() - 3600)
+    journal.close()
+    proc, sock = _serve(tmp_path, config, "--journal", str(journal_path))
+    try:
+        wait_until(lambda: out.exists(), timeout=R, what="the one run for the missed ticks")
+        [ten] = _status(sock, tmp_path)["schedules"]
+    finally:
+        err = _stop(proc)
+    assert "missed" in err and "one run for them (misfire=coalesce)" in err, err
+    assert len(out.read_text().splitlines()) == 1  # one run for six ticks
+    assert ten["last_run"] <= time.time() and ten["next_run"] > time.time()
+    # Restarted at once: the last tick ran, so nothing runs now, and status remembers it.
+    proc, sock = _serve(tmp_path, config, "--journal", str(journal_path))
+    try:
+        [again] = _status(sock, tmp_path)["schedules"]
+    finally:
+        _stop(proc)
+    assert again["last_run"] == ten["last_run"]
+    assert len(out.read_text().splitlines()) == 1  # no second run for the same tick

@@ -27,7 +27,12 @@ from taskorch._stats import Stats, StopReport
 
 if TYPE_CHECKING:
     from taskorch._parent.figures import WorkerView
-    from taskorch._parent.schedule import ScheduledTask, Scheduler, ScheduleStatus
+    from taskorch._parent.schedule import (
+        ScheduledTask,
+        Scheduler,
+        ScheduleStatus,
+        StateStore,
+    )
 from taskorch._wire import encode_call, encode_policy
 
 log = logging.getLogger("taskorch")
@@ -126,6 +131,7 @@ class TaskOrchestrator:
         # Schedules are this process's own: a forked child starts with none.
         self._schedule_lock = threading.Lock()
         self._scheduler: Scheduler | None = None  # made by the first schedule()
+        self._schedule_store: StateStore | None = None  # None: in memory
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if idle:
             self._backlog.close(time.monotonic())
@@ -324,10 +330,27 @@ class TaskOrchestrator:
                 if self._backlog.closed:
                     raise OrchestratorClosedError(
                         "the orchestrator was stopped and takes no new schedules")
-                self._scheduler = Scheduler(self._intake)
+                self._scheduler = Scheduler(self._intake, store=self._schedule_store)
             scheduler = self._scheduler
         scheduler.add(spec, fn, args, kwargs, policy)
         return ScheduledTask(scheduler, spec.name)
+
+    def keep_schedule_state(self, store: StateStore) -> None:
+        """Where the schedules keep their last fire and outcome (``taskorch serve``: its
+        journal); before the first ``schedule()``. By default, in memory."""
+        self._here()
+        with self._schedule_lock:
+            if self._scheduler is not None:
+                raise RuntimeError("keep_schedule_state() must come before the first schedule()")
+            self._schedule_store = store
+
+    def trigger(self, name: str) -> TaskFuture | None:
+        """Run the schedule ``name`` now, outside its ticks (KeyError: no such schedule)."""
+        self._here()
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise KeyError(f"no schedule named {name!r}; there are: none")
+        return scheduler.trigger(name)
 
     def schedules(self) -> list[ScheduleStatus]:
         """The schedules' state: next and last run, the last outcome (see ``schedule()``)."""

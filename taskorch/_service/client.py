@@ -180,6 +180,16 @@ def fetch_status(address: Address, authkey_file: str | os.PathLike[str] | None =
         return client._session.status(), client.server_info, client.address
 
 
+def trigger_schedule(address: Address, name: str,
+                     authkey_file: str | os.PathLike[str] | None = None, *,
+                     timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Run the schedule ``name`` of a ``taskorch serve`` now: True if its run was submitted,
+    False if the server's backlog was full (the run is dropped). ValueError: no such
+    schedule. Raises what ``connect()`` raises."""
+    with connect(address, authkey_file=authkey_file, timeout=timeout, reconnect_for=0) as client:
+        return bool(client._session.trigger(name)["submitted"])
+
+
 class Client:
     """A connection to a ``taskorch serve`` pool, with the submitting API of ``TaskOrchestrator``.
 

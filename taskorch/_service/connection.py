@@ -46,6 +46,7 @@ from taskorch._service.protocol import (
     C_RETURN,
     C_STATS,
     C_SUBMIT,
+    C_TRIGGER,
     C_WITHDRAW,
     O_ERROR,
     S_ACCEPTED,
@@ -237,9 +238,24 @@ class ServedConnection:
                 self.credits.give_back(message[1])
             elif tag == C_STATS:
                 self._reply((S_STATS, message[1], encode_status(self.orchestrator)))
+            elif tag == C_TRIGGER:
+                self._trigger(message[1], message[2])
             else:
                 assert tag == C_WITHDRAW
                 self._on_loop(self._withdraw, message[1])
+
+    def _trigger(self, req: int, name: str) -> None:
+        """``taskorch trigger NAME``: the schedule runs now (its run is the server's own task,
+        as its ticks' are; the client gets no future for it)."""
+        try:
+            future = self.orchestrator.trigger(name)
+        except KeyError as exc:
+            self._reply((S_REJECTED, req, encode_service_error(ValueError(exc.args[0]))))
+            return
+        except Exception as exc:  # closed, broken: said to the client
+            self._reply((S_REJECTED, req, encode_service_error(exc)))
+            return
+        self._reply((S_STATS, req, {"triggered": name, "submitted": future is not None}))
 
     def _submit(self, req: int, payload: bytes, wire_policy: Any, wait: bool, client: bytes,
                 retry: bool, credit: bool) -> None:

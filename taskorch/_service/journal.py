@@ -164,6 +164,9 @@ class Journal:
             if fresh:
                 db.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            # The schedules' state (taskorch serve --config): additive, so made in any journal.
+            db.execute("CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, "
+                       "last_fire REAL, last_outcome TEXT, last_seconds REAL)")
             # Prove now that it is writable, rather than at the first submission.
             db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (str(time.time()),))
         except JournalError:
@@ -227,7 +230,19 @@ class Journal:
             out[key] = n
         return out
 
+    def schedule_states(self) -> dict[str, float]:
+        """Each schedule's last fire time (Unix time), as the last server left it (before
+        ``start()``: main thread)."""
+        rows = self._db.execute("SELECT name, last_fire FROM schedules WHERE last_fire IS NOT NULL")
+        return {name: float(fire) for name, fire in rows}
+
     # -- producers (any thread; never block) --------------------------------------------------
+
+    def schedule_fired(self, name: str, tick: float) -> None:
+        self._ops.put(("schedule_fired", name, tick))
+
+    def schedule_ended(self, name: str, outcome: str, seconds: float | None) -> None:
+        self._ops.put(("schedule_ended", name, outcome, seconds))
 
     def start(self) -> None:
         self._next_prune = time.monotonic()
@@ -347,6 +362,15 @@ class Journal:
                 "seconds=?, data=? WHERE id=?",
                 (attempts, time.time(), outcome, seconds, data, task_id))
             return _nothing
+        if kind == "schedule_fired":
+            db.execute("INSERT INTO schedules (name, last_fire) VALUES (?, ?) ON CONFLICT (name) "
+                       "DO UPDATE SET last_fire=excluded.last_fire", (op[1], op[2]))
+            return _nothing
+        if kind == "schedule_ended":
+            db.execute("INSERT INTO schedules (name, last_outcome, last_seconds) VALUES (?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET last_outcome=excluded.last_outcome, "
+                       "last_seconds=excluded.last_seconds", (op[1], op[2][:1000], op[3]))
+            return _nothing
         if kind == "forget":
             _, task_id, then = op
             db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
@@ -455,3 +479,23 @@ def _lock(path: str) -> int:
 
 def _nothing() -> None:
     pass
+
+
+class JournalScheduleStore:
+    """The schedules' ``StateStore`` (``_parent.schedule``) in the journal: the last fires
+    read at start, each fire and outcome written through the writer (never blocking), so a
+    restarted server neither runs a tick twice nor forgets one that fell in its downtime."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._fires = journal.schedule_states()  # then the scheduler's thread's
+
+    def last_fire(self, name: str) -> float | None:
+        return self._fires.get(name)
+
+    def record_fire(self, name: str, tick: float) -> None:
+        self._fires[name] = tick
+        self._journal.schedule_fired(name, tick)
+
+    def record_outcome(self, name: str, outcome: str, seconds: float | None) -> None:
+        self._journal.schedule_ended(name, outcome, seconds)

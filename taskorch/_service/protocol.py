@@ -66,6 +66,10 @@ the client, across reconnections):
                                           cancelled if it has not left the backlog; a C_RESULT
                                           wait is dropped. No answer.
     (C_STATS, req)                        answered by S_STATS
+    (C_TRIGGER, req, name)                run the schedule ``name`` now (``taskorch trigger``):
+                                          answered by S_STATS with ``{"triggered": name,
+                                          "submitted": bool}`` (False: the backlog was full),
+                                          or S_REJECTED (no such schedule)
 
 server -> client:
 
@@ -94,7 +98,8 @@ server -> client:
                                                          CircuitOpenError, ...)
                                             O_CANCELLED  None
     (S_STATS, req, fields)                ``encode_status()``: the Stats fields as a dict,
-                                          plus worker_details, oldest_queued_seconds
+                                          plus worker_details, oldest_queued_seconds,
+                                          schedules
 
 Credits (``_service.credits`` has the rules): a credit is a backlog slot the server holds for
 one connection, so that run() needs no round trip and the bound stays exact across clients:
@@ -140,6 +145,7 @@ C_WITHDRAW = 2
 C_STATS = 3
 C_RESULT = 4
 C_RETURN = 5
+C_TRIGGER = 6
 # Server frame tags.
 S_HELLO = 11
 S_ACCEPTED = 12
@@ -201,6 +207,9 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
           and isinstance(message[3], bool)):
         return message
     elif tag in (C_WITHDRAW, C_STATS, C_RETURN) and len(message) == 2 and _is_req(message[1]):
+        return message
+    elif (tag == C_TRIGGER and len(message) == 3 and _is_req(message[1])
+          and isinstance(message[2], str) and 0 < len(message[2]) <= 1000):
         return message
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
 
@@ -330,9 +339,12 @@ def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
     """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details`` and
     ``oldest_queued_seconds`` for ``taskorch status`` (extra keys, which ``decode_stats``
     and older clients ignore)."""
+    import dataclasses
+
     details = orchestrator._status_details()
     return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
-            "oldest_queued_seconds": details["oldest_queued_seconds"]}
+            "oldest_queued_seconds": details["oldest_queued_seconds"],
+            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}
 
 
 def decode_stats(fields: dict[str, Any]) -> Stats:

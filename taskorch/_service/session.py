@@ -61,6 +61,7 @@ from taskorch._service.protocol import (
     C_RETURN,
     C_STATS,
     C_SUBMIT,
+    C_TRIGGER,
     C_WITHDRAW,
     S_ACCEPTED,
     S_CREDIT,
@@ -237,6 +238,17 @@ class Session(Link):
         answer = self._call(Request(None), lambda req: (C_STATS, req), "stats()")
         if isinstance(answer, BaseException):
             raise answer
+        fields: dict[str, Any] = answer[2]
+        return fields
+
+    def trigger(self, name: str) -> dict[str, Any]:
+        """Run the server's schedule ``name`` now (``taskorch trigger``)."""
+        self._check_not_reader("trigger()")
+        answer = self._call(Request(None), lambda req: (C_TRIGGER, req, name), "trigger()")
+        if isinstance(answer, BaseException):
+            raise answer
+        if answer[0] == S_REJECTED:
+            raise decode_service_error(answer[2])
         fields: dict[str, Any] = answer[2]
         return fields
 

@@ -3,6 +3,7 @@
     taskorch run TARGET      run a function over JSON-lines inputs (taskorch.cli.run)
     taskorch serve           a long-running pool other processes submit to (taskorch.cli.serve)
     taskorch status          print a server's statistics (taskorch.cli.status)
+    taskorch trigger NAME    run one of a server's schedules now (taskorch.cli.trigger)
     taskorch demo            the main job: offload real cleanup work (taskorch.cli.demo)
 
 Exit codes (``taskorch.cli.options``): 0 success, 1 some task failed, 2 usage error, 3 the
@@ -29,7 +30,7 @@ pipe, a full disk: records were lost); 130 / 143 stopped by SIGINT / SIGTERM, af
 
 def build_parser() -> argparse.ArgumentParser:
     from taskorch import __version__
-    from taskorch.cli import demo, run, serve, status
+    from taskorch.cli import demo, run, serve, status, trigger
 
     parser = argparse.ArgumentParser(
         prog="taskorch",
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     serve.add_parser(sub)
     status.add_parser(sub)
+    trigger.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

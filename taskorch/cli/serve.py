@@ -19,7 +19,7 @@ from taskorch._service.addressing import (
     normalize_address,
     parse_tcp_address,
 )
-from taskorch._service.journal import Journal
+from taskorch._service.journal import Journal, JournalScheduleStore
 from taskorch._service.listener import Listener, bind_tcp, bind_unix
 from taskorch._service.serving import serve
 from taskorch.cli import config
@@ -145,6 +145,8 @@ def main(args: argparse.Namespace) -> int:
             pidfile = _write_pidfile(Path(args.pidfile))
         orchestrator = orchestrator_from_args(args)
         try:
+            if entries:  # their last fires live in the journal (in memory with --no-journal)
+                orchestrator.keep_schedule_state(JournalScheduleStore(journal))
             for entry in entries:
                 orchestrator.schedule(entry.fn, name=entry.name, args=entry.args,
                                       kwargs=entry.kwargs, policy=entry.policy, **entry.options)

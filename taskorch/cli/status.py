@@ -98,7 +98,23 @@ def main(args: argparse.Namespace) -> int:
             print(f"    pid {worker['pid']:<8} rss {'?' if rss is None else f'{rss:.1f}'} MiB"
                   f"  tasks run {worker['tasks']:<6} prefetched {worker['prefetched']:<3} "
                   f"{doing}")
+    schedules = fields.get("schedules")
+    if schedules:
+        print("  schedules:")
+        for sched in schedules:
+            print(f"    {sched['name']}: next {_when(sched.get('next_run'))}; last "
+                  f"{_when(sched.get('last_run'))}"
+                  + (f" ({sched['last_outcome']}"
+                     + (f", {sched['last_seconds']:.3f} s" if sched.get("last_seconds") is not None
+                        else "") + ")" if sched.get("last_outcome") else "")
+                  + (", running now" if sched.get("running") else ""))
     return EXIT_OK
+
+
+def _when(t: float | None) -> str:
+    from taskorch._parent.schedule import describe_time
+
+    return "never" if t is None else describe_time(t)
 
 
 def _cannot(address: Address, why: str) -> int:
