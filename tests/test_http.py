@@ -171,7 +171,9 @@ def test_serve_http_end_to_end(start_server: Callable[..., Server]) -> None:  # 
     tasks = {t["name"]: t for t in json.loads(get(url + "api/tasks")[1])}
     assert tasks["_tasks.square"]["finished"] == 3
     assert tasks["_tasks.raise_value_error"]["failed"] == 1
-    assert get(url + "healthz")[0] == 200 and get(url + "readyz")[0] == 200
+    assert get(url + "healthz")[0] == 200
+    status, body, _ = get(url + "readyz")
+    assert status == 200 and "journal" in json.loads(body)["checks"], body  # serve adds it
 
 
 def test_serve_refuses_a_non_loopback_http_address_without_allow_remote(

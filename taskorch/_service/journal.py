@@ -142,6 +142,7 @@ class Journal:
         self._writer = threading.Thread(target=self._write_guarded, name="taskorch-serve-journal")
         self._next_prune = 0.0
         self._started = self._closed = False
+        self.last_failure: str | None = None  # the last failed transaction (writer thread)
 
     def _open(self, path: str | None, synchronous: str) -> sqlite3.Connection:
         where = path or ":memory:"
@@ -229,6 +230,13 @@ class Journal:
             key = state if state != DONE else f"done:{outcome}"
             out[key] = n
         return out
+
+    def unwritable(self) -> str | None:
+        """Why the journal cannot take submissions now (its last transaction failed, or its
+        writer stopped), else None: ``/readyz``'s "journal" check (any thread)."""
+        if self._started and not self._writer.is_alive() and not self._closed:
+            return "the journal's writer thread has stopped"
+        return None if self.last_failure is None else f"the last commit failed: {self.last_failure}"
 
     def schedule_states(self) -> dict[str, float]:
         """Each schedule's last fire time (Unix time), as the last server left it (before
@@ -319,7 +327,9 @@ class Journal:
             with self._transaction():
                 for op in batch:
                     callbacks.append(self._apply(op))
+            self.last_failure = None
         except sqlite3.Error as exc:
+            self.last_failure = f"{type(exc).__name__}: {exc}"
             callbacks = [self._refuse(op, exc) for op in batch]
         for callback in callbacks:
             try:

@@ -113,6 +113,7 @@ def serve(
     try:
         server.start()
         if http is not None:
+            http.add_readiness_check("journal", journal.unwritable)
             http.start()
             say(f"metrics and dashboard on {http.url}")
         say(f"listening on {server.where} ({ready_details}pid {os.getpid()}, "
