@@ -667,7 +667,7 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
 
 
 def test_backoff_queue_gives_due_retries_in_due_order() -> None:
-    from taskorch._parent.dispatch import BackoffQueue
+    from taskorch._parent.backoff import BackoffQueue
     from taskorch._parent.task import TaskFuture, WorkItem
 
     items = [WorkItem(i, TaskFuture(), b"", Policy(), None) for i in range(4)]

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorClosedError
 from taskorch._parent.backend import Backend
-from taskorch._parent.orchestrator import Intake, TaskOrchestrator
+from taskorch._parent.intake import Intake
+from taskorch._parent.orchestrator import TaskOrchestrator
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._wire import encode_call

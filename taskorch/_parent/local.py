@@ -40,8 +40,9 @@ from typing import Any, Iterable
 
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.backlog import Backlog
+from taskorch._parent.backoff import BackoffQueue
 from taskorch._parent.breaker import Admission
-from taskorch._parent.dispatch import BackoffQueue, DispatcherCore
+from taskorch._parent.dispatch import DispatcherCore
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem

@@ -8,7 +8,6 @@ dispatcher thread (``_parent.local``) does the rest.
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import os
 import threading
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
 from taskorch._parent.backlog import Backlog
-from taskorch._parent.figures import name_of, name_of_payload
-from taskorch._parent.task import TaskFuture, WorkItem
+from taskorch._parent.intake import Intake
+from taskorch._parent.task import TaskFuture
 from taskorch._policy import CircuitBreaker, Features, Policy
 from taskorch._stats import Stats, StopReport
 
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
         ScheduleStatus,
         StateStore,
     )
-from taskorch._wire import encode_call, encode_policy
+from taskorch._wire import encode_policy
 
 log = logging.getLogger("taskorch")
 
@@ -443,148 +442,6 @@ class TaskOrchestrator:
                 f"queued={s.queued}/{self._max_backlog} running={s.running}>")
 
 
-class Intake:
-    """An orchestrator's intake: make a task from a call (``prepare_call``) or from bytes
-    pickled elsewhere (``prepare``: ``map()``'s chunks, the CLI's bulk path, the server, which
-    forwards calls it must never unpickle), then offer it with one of three semantics. Runs in
-    the submitting thread; everything it touches is the backlog's, under its lock."""
-
-    def __init__(self, backlog: Backlog, default_policy: Policy, drop_when_full: bool) -> None:
-        self._backlog = backlog
-        self._default_policy = default_policy
-        self._drop_when_full = drop_when_full
-
-    def cancel(self, items: list[WorkItem]) -> int:
-        """Cancel those of ``items`` (tasks offered here) that have not started: see
-        ``cancel_items``. How many were cancelled."""
-        return cancel_items(self._backlog, items)
-
-    def close(self, timeout: float) -> None:
-        """No new tasks; what was accepted runs, within ``timeout`` seconds (stop() without
-        waiting)."""
-        self._backlog.close(time.monotonic() + timeout)
-        self._backlog.wake_dispatcher()
-
-    def prepare(
-        self, payload: bytes, policy: Policy | None = None, policy_bytes: bytes | None = None,
-        *, raw: bool = False, name: str | None = None,
-    ) -> WorkItem:
-        """A task from ``_wire.encode_call`` bytes. ``policy_bytes`` None: the workers'
-        default policy (``policy`` must then be the orchestrator's, or None). ``raw``: its
-        future gets the worker's outcome still pickled (``task.RawOutcome``). ``name``: the
-        task's label for metrics (by default read from ``payload``; see ``figures``)."""
-        future = TaskFuture()
-        item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
-        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
-        if self._backlog.figures is not None:  # metrics on: label the task (figures.py)
-            item.name = name or name_of_payload(payload)
-        return item
-
-    def prepare_call(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-        policy: Policy | None = None, policy_bytes: bytes | None = None,
-    ) -> WorkItem:
-        """A task that calls ``fn(*args, **kwargs)``; SerializationError if it does not
-        pickle (nothing is enqueued)."""
-        if not callable(fn):
-            raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
-        return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes,
-                            name=name_of(fn) if self._backlog.figures is not None else None)
-
-    def offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
-        """run()'s semantics: accept, raise QueueFullError, or drop (None, logged) when the
-        orchestrator has ``Features.ALLOW_SYNC_TASK_DROP``."""
-        if self._backlog.offer(item, self._drop_when_full):
-            return item.future
-        log.warning(
-            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
-            self._backlog.max_backlog, what or "sent by a client",
-        )
-        return None
-
-    def offer_blocking(self, item: WorkItem, deadline: float | None = None) -> TaskFuture | None:
-        """Accept ``item``, waiting for room until ``deadline`` (a ``time.monotonic()`` value;
-        None: no limit). None: the deadline passed first, nothing was enqueued."""
-        return item.future if self._backlog.offer_blocking(item, deadline) else None
-
-    async def offer_async(self, item: WorkItem) -> TaskFuture:
-        """run_async()'s semantics: wait for room without blocking the loop; cancelling the
-        wait enqueues nothing."""
-        import asyncio  # here, not at the top: importing it costs ~14 ms a sync caller never needs
-
-        loop = asyncio.get_running_loop()
-        while True:
-            waiter = self._backlog.offer_or_wait(item, loop)
-            if waiter is None:
-                return item.future
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._backlog.forget_waiter(waiter)
-                raise
-
-
-    # -- taskorch serve's journal: a slot held while the record commits; recovery ------------
-
-    def reserve(self, what: object = "") -> bool:
-        """Hold a backlog slot for a task being journaled: True, or False (dropped, logged)
-        when full with ``ALLOW_SYNC_TASK_DROP``; else QueueFullError / closed errors."""
-        if self._backlog.reserve(self._drop_when_full):
-            return True
-        log.warning("backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
-                    self._backlog.max_backlog, what or "sent by a client")
-        return False
-
-    async def reserve_async(self) -> None:
-        """Hold a backlog slot, waiting for room without blocking the loop; cancelling the
-        wait holds nothing."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        while True:
-            waiter = self._backlog.reserve_or_wait(loop)
-            if waiter is None:
-                return
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self._backlog.forget_waiter(waiter)
-                raise
-
-    def reserve_share(self, limit: int, share: int) -> int:
-        """Hold up to ``limit`` slots, at most 1/``share`` of the room left (never raises)."""
-        return self._backlog.reserve_share(limit, share)
-
-    def unreserve(self, n: int = 1) -> None:
-        self._backlog.unreserve(n)
-
-    def admit_reserved(self, item: WorkItem) -> TaskFuture:
-        """Enqueue ``item`` in the slot ``reserve`` held (given back if this raises)."""
-        self._backlog.admit_reserved(item)
-        return item.future
-
-    def recover(self, item: WorkItem, attempts: int, crashed: bool) -> TaskFuture:
-        """Enqueue a task recovered from a journal with ``attempts`` already charged (they
-        travel to the worker as ``attempts_done``), past the bound if need be.
-
-        ``crashed``: it was running when its server died. The rule is the dispatcher's
-        ``_crash_locked`` for a lost worker: that attempt is spent, and the task runs again
-        while its budget lasts, else fails with ``WorkerCrashedError`` (returned resolved).
-        Unlike a crash seen live, no backoff delays its retry: the restart took longer.
-        """
-        from taskorch._errors import WorkerCrashedError
-
-        item.attempts = item.future.attempts = attempts
-        fail = crashed and attempts >= item.policy.max_attempts
-        self._backlog.recover(item, crashed, fail)
-        if fail:
-            item.future.set_exception(WorkerCrashedError(
-                None, None, attempts, "taskorch serve died while it ran; its journal said so "
-                "at the restart"))
-            item.release()
-        return item.future
-
-
 class PolicyOverride:
     """``run``/``run_async`` of an orchestrator with another policy (see ``with_policy``)."""
 
@@ -599,23 +456,6 @@ class PolicyOverride:
     async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         return await self._orchestrator._run_async(
             self._policy, self._policy_bytes, fn, args, kwargs)
-
-
-#: How long ``future.cancel()`` of a queued task already handed to a worker waits for the
-#: worker to hand it back (its reader thread answers at once, unless a task holds the GIL in C
-#: code). Past it, cancel() returns False and the task runs: a bound on how long cancel() can
-#: block its caller (an event loop, say), traded against cancelling such a task at all.
-RECALL_WAIT = 2.0
-
-
-def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
-    return bool(cancel_items(backlog, [item]))
-
-
-def cancel_items(backlog: Backlog, items: list[WorkItem]) -> int:
-    """Cancel those of ``items`` still queued (recalling them from workers that have not
-    started them) and their futures; how many were cancelled."""
-    return len(backlog.cancel_queued(items, RECALL_WAIT))
 
 
 # Dispatchers of orchestrators not yet stopped: the exit hook stops them.

@@ -46,7 +46,7 @@ from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, Q
 from taskorch._policy import Policy
 
 if TYPE_CHECKING:
-    from taskorch._parent.orchestrator import Intake
+    from taskorch._parent.intake import Intake
     from taskorch._parent.task import TaskFuture
 
 log = logging.getLogger("taskorch")

@@ -89,7 +89,7 @@ class TaskFuture(Future[Any]):
     run, all its attempts included) are set before the future resolves. ``cancel()`` succeeds
     while the task is queued: waiting in the parent's backlog, or handed to a worker that has
     not started it (local workers: it is recalled, and cancel() waits for the worker's answer,
-    at most ``orchestrator.RECALL_WAIT``). Once started it returns False, as for
+    at most ``intake.RECALL_WAIT``). Once started it returns False, as for
     ``concurrent.futures`` executors. (On a Dask cluster a call handed over is not recalled
     for a cancel: cancel() returns False for it.)
 

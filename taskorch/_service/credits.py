@@ -35,7 +35,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from taskorch._parent.orchestrator import Intake
+    from taskorch._parent.intake import Intake
 
 #: Most credits one connection holds: enough to stream submissions through a group commit (a
 #: few ms of fsync) without running dry; held slots are slots other clients cannot use, and
