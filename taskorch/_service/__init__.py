@@ -8,6 +8,7 @@
     serving.py      the server process's life: recovery, signals, the drain (main thread)
     connection.py   one client connection in the server (its reader and writer threads)
     journal.py      the SQLite journal: group commits (its writer thread)
+    schedules.py    the schedules' state in the journal
     registry.py     submission -> commit -> enqueue; tasks by id; recovery (server threads)
     credits.py      backlog slots reserved per connection (server threads)
     http.py         metrics, health, the API and the dashboard (its HTTP threads)

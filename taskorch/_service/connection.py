@@ -245,15 +245,12 @@ class ServedConnection:
                 self._on_loop(self._withdraw, message[1])
 
     def _trigger(self, req: int, name: str) -> None:
-        """``taskorch trigger NAME``: the schedule runs now (its run is the server's own task,
-        as its ticks' are; the client gets no future for it)."""
+        """``taskorch trigger NAME``: the schedule runs now (the server's own task)."""
         try:
             future = self.orchestrator.trigger(name)
-        except KeyError as exc:
-            self._reply((S_REJECTED, req, encode_service_error(ValueError(exc.args[0]))))
-            return
-        except Exception as exc:  # closed, broken: said to the client
-            self._reply((S_REJECTED, req, encode_service_error(exc)))
+        except Exception as exc:  # no such schedule (KeyError), closed, broken
+            error = ValueError(exc.args[0]) if isinstance(exc, KeyError) else exc
+            self._reply((S_REJECTED, req, encode_service_error(error)))
             return
         self._reply((S_STATS, req, {"triggered": name, "submitted": future is not None}))
 

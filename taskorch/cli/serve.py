@@ -19,8 +19,9 @@ from taskorch._service.addressing import (
     normalize_address,
     parse_tcp_address,
 )
-from taskorch._service.journal import Journal, JournalScheduleStore
+from taskorch._service.journal import Journal
 from taskorch._service.listener import Listener, bind_tcp, bind_unix
+from taskorch._service.schedules import JournalScheduleStore
 from taskorch._service.serving import serve
 from taskorch.cli import config
 from taskorch.cli.config import ScheduleEntry
