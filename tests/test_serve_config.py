@@ -207,3 +207,19 @@ every = "10m"
         _stop(proc)
     assert again["last_run"] == ten["last_run"]
     assert len(out.read_text().splitlines()) == 1  # no second run for the same tick
+
+
+def test_the_journal_is_ready_again_once_a_commit_goes_through(tmp_path: Path) -> None:
+    # /readyz's "journal" check: a failed commit makes it unready until one goes through,
+    # a pruning pass included (a server nobody submits to must not stay unready).
+    from taskorch._service.journal import Journal
+
+    journal = Journal(str(tmp_path / "j.db"))
+    try:
+        assert journal.unwritable() is None
+        journal.last_failure = "OperationalError: database or disk is full"
+        assert "disk is full" in (journal.unwritable() or "")
+        journal._prune()  # what the writer does at least every PRUNE_INTERVAL
+        assert journal.unwritable() is None
+    finally:
+        journal.close()

@@ -131,6 +131,7 @@ class TaskOrchestrator:
         self._schedule_lock = threading.Lock()
         self._scheduler: Scheduler | None = None  # made by the first schedule()
         self._schedule_store: StateStore | None = None  # None: in memory
+        self._schedules_closed = False  # stop() began: no new scheduler
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if idle:
             self._backlog.close(time.monotonic())
@@ -326,7 +327,7 @@ class TaskOrchestrator:
         self._here()
         with self._schedule_lock:
             if self._scheduler is None:
-                if self._backlog.closed:
+                if self._backlog.closed or self._schedules_closed:
                     raise OrchestratorClosedError(
                         "the orchestrator was stopped and takes no new schedules")
                 self._scheduler = Scheduler(self._intake, store=self._schedule_store)
@@ -392,6 +393,7 @@ class TaskOrchestrator:
         started = time.monotonic()
         with self._schedule_lock:
             scheduler = self._scheduler
+            self._schedules_closed = True  # a schedule() racing this one is refused
         if scheduler is not None:
             scheduler.stop()  # first: no tick may fire into a closing backlog
         self._backlog.close(started + timeout)

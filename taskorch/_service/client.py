@@ -305,7 +305,7 @@ class Client:
         Raises ``TaskNotFoundError`` for an id the server does not know (or pruned),
         ``TimeoutError`` when the task has not ended in time (it goes on); ``timeout=0``
         asks without waiting (one round trip)."""
-        return self._session.result(task_id, timeout)
+        return self._here().result(task_id, timeout)
 
     def stats(self) -> Stats:
         """The server's ``stats()`` (every client's tasks), one round trip."""

@@ -27,7 +27,6 @@ import logging
 import os
 import queue
 import socket
-import struct
 import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,12 @@ from taskorch._errors import (
     TaskorchError,
 )
 from taskorch._service.credits import ConnectionCredits
-from taskorch._service.handshake import SerializedSends, refusal_frame, server_handshake
+from taskorch._service.handshake import (
+    SerializedSends,
+    peer_name,
+    refusal_frame,
+    server_handshake,
+)
 from taskorch._service.protocol import (
     C_RESULT,
     C_RETURN,
@@ -387,7 +391,8 @@ class ServedConnection:
         with self._lock:
             task_id = self._inflight.pop(req, None)
         if task_id is not None:
-            self.registry.cancel(task_id)
+            # Off the shared loop: a cancel may wait for a recall (intake.RECALL_WAIT).
+            self.server.loop.run_in_executor(None, self.registry.cancel, task_id)
 
     def _cancel_waiting(self) -> None:
         for task in list(self._waiting.values()):
@@ -484,17 +489,3 @@ class ServedConnection:
             why += (f", with {inflight} task(s) accepted and not finished: they run to the end "
                     "and count in the stats; their outcomes are discarded")
         log.log(level, "taskorch serve: %s closed: %s", self.peer, why)
-
-
-def peer_name(sock: socket.socket) -> str:
-    """Who is on the other end, for logs: pid/uid of a local peer (SO_PEERCRED), else host:port."""
-    try:
-        if sock.family == socket.AF_UNIX:
-            pid, uid, _ = struct.unpack(
-                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            )
-            return f"pid {pid}, uid {uid}"
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "peer unknown"

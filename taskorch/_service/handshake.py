@@ -158,3 +158,17 @@ def client_handshake(sock: socket.socket, conn: Connection[Any, Any], authkey: b
             f"{where} does not speak taskorch's service protocol version {SERVICE_VERSION} "
             f"(got {hello[:2]!r}); upgrade the older side")
     return dict(hello[2])
+
+
+def peer_name(sock: socket.socket) -> str:
+    """Who is on the other end, for logs: pid/uid of a local peer (SO_PEERCRED), else host:port."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, _ = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+            return f"pid {pid}, uid {uid}"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "peer unknown"

@@ -422,6 +422,7 @@ class Journal:
                 deleted = self._db.execute(
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished < ? "
                     "LIMIT ?)", (cutoff, PRUNE_CHUNK)).rowcount
+            self.last_failure = None  # a commit went through: writable again (readiness)
         except sqlite3.Error as exc:
             log.warning("taskorch serve: pruning the journal failed: %s", exc)
             deleted = 0

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import ServerTimeoutError, ServerUnavailableError
-from taskorch._service.protocol import C_STATS, encode_service_frame
+from taskorch._service.protocol import C_STATS, C_TRIGGER, encode_service_frame
 from taskorch._service.requests import Request, resend_message, set_send_timeout
 
 if TYPE_CHECKING:
@@ -112,7 +112,8 @@ class Link:
             self._up.clear()
             self._close_link_locked()
             stranded = [(req, r) for req, r in self._requests.items()
-                        if not r.answered and (r.message is None or r.message[0] == C_STATS)]
+                        if not r.answered and (r.message is None
+                                               or r.message[0] in (C_STATS, C_TRIGGER))]
             for req, _ in stranded:
                 del self._requests[req]
         for _, request in stranded:

@@ -60,8 +60,8 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from taskorch._policy import Features
-from taskorch._service.connection import ServedConnection, peer_name
-from taskorch._service.handshake import configure_socket
+from taskorch._service.connection import ServedConnection
+from taskorch._service.handshake import configure_socket, peer_name
 from taskorch._service.journal import Journal
 from taskorch._service.listener import Listener
 from taskorch._service.protocol import S_RECALL

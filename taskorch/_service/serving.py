@@ -71,14 +71,16 @@ def serve(
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     max_unauthenticated: int = MAX_UNAUTHENTICATED,
     max_connections: int = MAX_CONNECTIONS, http: HttpService | None = None,
-    journal: Journal | None = None,
+    journal: Journal | None = None, before_accepting: Callable[[], None] | None = None,
 ) -> ServeOutcome:
     """Serve ``orchestrator`` on ``listener`` until SIGTERM or SIGINT, then drain (main thread).
 
     Owns them all: returns with the listener closed, the orchestrator stopped, the journal
     (None: one in memory) closed, and ``http`` (the metrics and dashboard) closed after the
     drain. ``say`` gets the operator's lines; ``ready_details`` goes into the ready line. The
-    limits are ``Server``'s."""
+    limits are ``Server``'s. ``before_accepting`` runs once the journal is recovered and
+    its writer started, before any client is served (``taskorch serve`` adds its schedules
+    there); if it raises, everything is closed and the error propagates."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     try:
@@ -92,6 +94,8 @@ def serve(
                         on_thread_death=lambda: _wake(wake_w, _WAKE_THREAD_DIED))
         queued, retried, failed = registry.recover()
         journal.start()
+        if before_accepting is not None:  # (the schedules: they fire from now on)
+            before_accepting()
     except BaseException:
         os.close(wake_r)
         os.close(wake_w)

@@ -201,9 +201,13 @@ class Session(Link):
         server's backlog has room (the server waits, as for ``submit_async``)."""
         self._check_not_reader("map()")
         request = Request(new_future())
-        answer = self._call(request, lambda req: (
-            C_SUBMIT, req, data, wire_policy, True, self.token, False, False), "map()")
-        future = self._accepted(request, answer)
+        # As submit_async(): no deadline on room, and a lost link is waited out (re-sent).
+        self._start(request, lambda req: (
+            C_SUBMIT, req, data, wire_policy, True, self.token, False, False), when_down="queue")
+        assert request.event is not None
+        request.event.wait()  # the answer, or the session's end (a failure is delivered)
+        assert request.answer is not None
+        future = self._accepted(request, request.answer)
         assert future is not None  # the server never drops a waiting request
         return future
 

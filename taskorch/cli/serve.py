@@ -146,11 +146,6 @@ def main(args: argparse.Namespace) -> int:
             pidfile = _write_pidfile(Path(args.pidfile))
         orchestrator = orchestrator_from_args(args)
         try:
-            if entries:  # their last fires live in the journal (in memory with --no-journal)
-                orchestrator.keep_schedule_state(JournalScheduleStore(journal))
-            for entry in entries:
-                orchestrator.schedule(entry.fn, name=entry.name, args=entry.args,
-                                      kwargs=entry.kwargs, policy=entry.policy, **entry.options)
             http, http_note = http_service_from_args(args, orchestrator)
         except BaseException:
             orchestrator.stop(timeout=0)
@@ -169,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         outcome = serve(orchestrator, listener, authkey, drain_timeout=args.drain_timeout,
                         say=_say, ready_details=f"authkey file {key_path}, journal {where}, ",
-                        http=http, journal=journal)
+                        http=http, journal=journal,
+                        before_accepting=lambda: _add_schedules(orchestrator, journal, entries))
     finally:
         if pidfile is not None:
             _remove_pidfile(pidfile)
@@ -289,6 +285,16 @@ def _remove_pidfile(path: Path) -> None:
 
 def _say(line: str) -> None:
     print(f"taskorch serve: {line}", file=sys.stderr, flush=True)
+
+
+def _add_schedules(orchestrator: Any, journal: Journal, entries: list[ScheduleEntry]) -> None:
+    """Arm the config's schedules (``serve()``, once the journal is recovered and its writer
+    runs: a tick missed in the downtime fires now, after the recovered tasks)."""
+    if entries:  # their last fires live in the journal (in memory with --no-journal)
+        orchestrator.keep_schedule_state(JournalScheduleStore(journal))
+    for entry in entries:
+        orchestrator.schedule(entry.fn, name=entry.name, args=entry.args, kwargs=entry.kwargs,
+                              policy=entry.policy, **entry.options)
 
 
 def _read_config(args: argparse.Namespace) -> list[ScheduleEntry]:
