@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -194,3 +195,33 @@ def fifo(tmp_path: Path) -> Callable[[str], str]:
         return str(path)
 
     return make
+
+
+# The job module of the command-line tests (tests/test_cli.py, test_process_tree.py): a file
+# that `taskorch run` imports by path.
+@pytest.fixture
+def jobfile(tmp_path: Path) -> Path:
+    path = tmp_path / "jobs.py"
+    path.write_text(textwrap.dedent("""
+        import os, time
+
+        def scale(x, factor=1):
+            if x == 3:
+                raise ValueError("three is not allowed")
+            return x * factor
+
+        def a_set(x):
+            return {x}
+
+        def gated(i, directory):
+            # inputs 0 and 1 block their workers until the test writes to their FIFO
+            if i < 2:
+                tmp = os.path.join(directory, f"{i}.tmp")
+                with open(tmp, "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(tmp, os.path.join(directory, f"{i}.started"))
+                with open(os.path.join(directory, f"{i}.fifo")) as f:
+                    return f.read()
+            return i
+    """))
+    return path

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,34 +26,6 @@ def taskorch(
 def records(stdout: str) -> list[dict]:
     return sorted((json.loads(line) for line in stdout.splitlines() if line.strip()),
                   key=lambda r: r["index"])
-
-
-@pytest.fixture
-def jobfile(tmp_path: Path) -> Path:
-    path = tmp_path / "jobs.py"
-    path.write_text(textwrap.dedent("""
-        import os, time
-
-        def scale(x, factor=1):
-            if x == 3:
-                raise ValueError("three is not allowed")
-            return x * factor
-
-        def a_set(x):
-            return {x}
-
-        def gated(i, directory):
-            # inputs 0 and 1 block their workers until the test writes to their FIFO
-            if i < 2:
-                tmp = os.path.join(directory, f"{i}.tmp")
-                with open(tmp, "w") as f:
-                    f.write(str(os.getpid()))
-                os.replace(tmp, os.path.join(directory, f"{i}.started"))
-                with open(os.path.join(directory, f"{i}.fifo")) as f:
-                    return f.read()
-            return i
-    """))
-    return path
 
 
 def test_help_and_version() -> None:

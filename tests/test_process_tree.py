@@ -216,26 +216,12 @@ def test_a_parent_sigkill_ends_a_worker_whose_task_cleared_pdeathsig_and_holds_t
 # -- 3. a SIGTERM to the whole process group drains ------------------------------------------------
 
 
-JOBS = textwrap.dedent("""
-    import os
-
-    def gated(i, directory):
-        # inputs 0 and 1 block their workers until the test writes to their FIFO
-        if i < 2:
-            tmp = os.path.join(directory, f"{i}.tmp")
-            with open(tmp, "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(tmp, os.path.join(directory, f"{i}.started"))
-            with open(os.path.join(directory, f"{i}.fifo")) as f:
-                return f.read()
-        return i
-""")
 
 
-def test_a_sigterm_to_the_process_group_drains_instead_of_killing_tasks(tmp_path: Path) -> None:
+def test_a_sigterm_to_the_process_group_drains_instead_of_killing_tasks(
+    tmp_path: Path, jobfile: Path,
+) -> None:
     # What `timeout`, systemd and a shell's `kill -TERM -PGID` do: every process in the group.
-    jobfile = tmp_path / "jobs.py"
-    jobfile.write_text(JOBS)
     gate_dir = tmp_path / "gates"
     gate_dir.mkdir()
     for i in range(2):

@@ -85,37 +85,6 @@ def test_a_path_target_is_read_relative_to_the_config_file(tmp_path: Path) -> No
     assert "s: job.py:stamp, every 3600 s" in proc.stdout
 
 
-def test_a_real_server_runs_its_schedule_and_the_command_line_wins(tmp_path: Path) -> None:
-    out = tmp_path / "stamps"
-    config = write_config(tmp_path, f'''
-socket = "{tmp_path / 'wrong.sock'}"
-workers = 1
-[[schedule]]
-name = "stamp"
-target = "job.py:stamp"
-args = ["{out}"]
-every = "1s"
-overlap = "skip"
-''')
-    sock = tmp_path / "s.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "taskorch", "serve", "--config", str(config), "--socket",
-         str(sock)], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert f"listening on {sock}" in line or str(sock) in line, line
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, timeout=R,
-                   what="two scheduled runs")
-        assert not (tmp_path / "wrong.sock").exists()  # --socket overrode the file's
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=R)
-    assert proc.returncode == 143, err
-    stamps = [float(x.split()[0]) for x in out.read_text().splitlines()]
-    assert all(b > a for a, b in zip(stamps, stamps[1:]))
-
-
 class Served(subprocess.Popen[str]):
     said: str = ""  # stderr up to the ready line
 
@@ -138,6 +107,30 @@ def _stop(proc: Served) -> str:
     _, err = proc.communicate(timeout=R)
     assert proc.returncode == 143, err
     return proc.said + err
+
+
+def test_a_real_server_runs_its_schedule_and_the_command_line_wins(tmp_path: Path) -> None:
+    out = tmp_path / "stamps"
+    config = write_config(tmp_path, f'''
+socket = "{tmp_path / 'wrong.sock'}"
+workers = 1
+[[schedule]]
+name = "stamp"
+target = "job.py:stamp"
+args = ["{out}"]
+every = "1s"
+overlap = "skip"
+''')
+    proc, sock = _serve(tmp_path, config, "--no-journal")  # (waits for "listening on")
+    try:
+        assert f"listening on unix:{sock} " in proc.said, proc.said  # --socket won over the file
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, timeout=R,
+                   what="two scheduled runs")
+        assert not (tmp_path / "wrong.sock").exists()
+    finally:
+        _stop(proc)
+    stamps = [float(x.split()[0]) for x in out.read_text().splitlines()]
+    assert all(b > a for a, b in zip(stamps, stamps[1:]))
 
 
 def _status(sock: Path, tmp_path: Path) -> dict[str, Any]:

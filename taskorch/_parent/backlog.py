@@ -92,13 +92,8 @@ class Backlog:
     def offer(self, item: WorkItem, drop_when_full: bool) -> bool:
         """Accept ``item`` (True), drop it (False), or raise QueueFullError / closed errors."""
         with self.lock:
-            self._check_open()
-            if self.queued + self.reserved >= self.max_backlog:
-                if drop_when_full:
-                    self.dropped += 1
-                    return False
-                self.rejected += 1
-                raise QueueFullError(self.max_backlog)
+            if not self._room_or_refuse_locked(drop_when_full):
+                return False
             wake = self._accept(item)
         if wake:
             self.wake_dispatcher()
@@ -110,10 +105,8 @@ class Backlog:
         """Accept ``item`` (None), or return a future that resolves when there may be room."""
         with self.lock:
             self._check_open()
-            if self.queued + self.reserved >= self.max_backlog:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._room_waiters.append((loop, waiter))
-                return waiter
+            if not self._has_room_locked():
+                return self._room_waiter_locked(loop)
             wake = self._accept(item)
         if wake:
             self.wake_dispatcher()
@@ -124,7 +117,7 @@ class Backlog:
         while True:
             with self.lock:
                 self._check_open()
-                if self.queued + self.reserved < self.max_backlog:
+                if self._has_room_locked():
                     wake = self._accept(item)
                     break
                 event = threading.Event()
@@ -141,13 +134,8 @@ class Backlog:
         """Hold one slot (True), or count a drop (False) or raise QueueFullError as offer()
         does. The holder then calls ``admit_reserved`` or ``unreserve``."""
         with self.lock:
-            self._check_open()
-            if self.queued + self.reserved >= self.max_backlog:
-                if drop_when_full:
-                    self.dropped += 1
-                    return False
-                self.rejected += 1
-                raise QueueFullError(self.max_backlog)
+            if not self._room_or_refuse_locked(drop_when_full):
+                return False
             self.reserved += 1
         return True
 
@@ -155,12 +143,34 @@ class Backlog:
         """Hold one slot (None), or return a future that resolves when there may be room."""
         with self.lock:
             self._check_open()
-            if self.queued + self.reserved >= self.max_backlog:
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._room_waiters.append((loop, waiter))
-                return waiter
+            if not self._has_room_locked():
+                return self._room_waiter_locked(loop)
             self.reserved += 1
         return None
+
+    # -- the bound (the lock held) -------------------------------------------------------
+
+    def _has_room_locked(self) -> bool:
+        """The bound: queued tasks plus slots held for clients stay under max_backlog."""
+        return self.queued + self.reserved < self.max_backlog
+
+    def _room_or_refuse_locked(self, drop_when_full: bool) -> bool:
+        """run()'s rule: True if there is room; else count a drop (False) or a rejection
+        (QueueFullError). Closed and broken errors first."""
+        self._check_open()
+        if self._has_room_locked():
+            return True
+        if drop_when_full:
+            self.dropped += 1
+            return False
+        self.rejected += 1
+        raise QueueFullError(self.max_backlog)
+
+    def _room_waiter_locked(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future on ``loop`` that resolves when there may be room (FIFO among waiters)."""
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._room_waiters.append((loop, waiter))
+        return waiter
 
     def reserve_share(self, limit: int, share: int) -> int:
         """Hold up to ``limit`` slots, at most 1/``share`` of the room left; how many. Never
@@ -239,8 +249,7 @@ class Backlog:
         item.task_id = item.future.task_id = self._last_task_id
         self.submitted += 1
         self.queued += 1
-        if self.figures is not None:
-            item.accepted_at = time.monotonic()
+        item.accepted_at = time.monotonic()
         self.pending.append(item)
         self.unfinished[item.task_id] = item
         wake = not self.dispatcher_will_look

@@ -467,7 +467,7 @@ class DispatcherCore:
         now = time.monotonic()
         views = self.worker_views()
         with self._backlog.lock:
-            queued_since = [self._backlog.pending[0].queued_at] if self._backlog.pending else []
+            queued_since = [self._backlog.pending[0].accepted_at] if self._backlog.pending else []
         queued_since += [v.waiting_since for v in views if v.waiting_since is not None]
         workers = [{
             "pid": v.pid, "tasks": v.tasks_run or 0,

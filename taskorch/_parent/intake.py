@@ -93,11 +93,15 @@ class Intake:
         orchestrator has ``Features.ALLOW_SYNC_TASK_DROP``."""
         if self._backlog.offer(item, self._drop_when_full):
             return item.future
-        log.warning(
-            "backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
-            self._backlog.max_backlog, what or "sent by a client",
-        )
+        self._log_drop(what)
         return None
+
+    def _log_drop(self, what: object) -> None:
+        """A task dropped for a full backlog (``ALLOW_SYNC_TASK_DROP``); ``what``: its function,
+        or who sent it."""
+        log.warning("backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
+                    self._backlog.max_backlog,
+                    getattr(what, "__qualname__", what) or "sent by a client")
 
     def offer_blocking(self, item: WorkItem, deadline: float | None = None) -> TaskFuture | None:
         """Accept ``item``, waiting for room until ``deadline`` (a ``time.monotonic()`` value;
@@ -128,8 +132,7 @@ class Intake:
         when full with ``ALLOW_SYNC_TASK_DROP``; else QueueFullError / closed errors."""
         if self._backlog.reserve(self._drop_when_full):
             return True
-        log.warning("backlog full (%d tasks queued): dropped task %s (ALLOW_SYNC_TASK_DROP)",
-                    self._backlog.max_backlog, what or "sent by a client")
+        self._log_drop(what)
         return False
 
     async def reserve_async(self) -> None:

@@ -147,7 +147,7 @@ class LocalDispatcher(DispatcherCore):
                 attempt=current.attempts if running and current else None,
                 running_for=now - current.attempt_started if running and current else None,
                 retiring=w.retiring is not None,
-                waiting_since=waiting[0].queued_at if waiting else None,
+                waiting_since=waiting[0].accepted_at if waiting else None,
             ))
         return views
 

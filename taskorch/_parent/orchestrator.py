@@ -283,7 +283,7 @@ class TaskOrchestrator:
         if self._generation != _fork_generation:  # (_here(), inlined: run()'s hot path)
             self._start_in_this_process()
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
-        return self._intake.offer(item, getattr(fn, "__qualname__", fn))
+        return self._intake.offer(item, fn)  # (fn names the task if it is dropped)
 
     async def _run_async(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],

@@ -39,7 +39,6 @@ import enum
 import logging
 import os
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -353,8 +352,8 @@ class WorkItem:
     Once its future is resolved, ``release()`` drops what only a live task needs."""
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
-                 "worker", "started_on", "attempts", "attempt_started", "queued_at",
-                 "cancel_request", "name", "accepted_at", "on_start", "__weakref__")
+                 "worker", "started_on", "attempts", "attempt_started", "accepted_at",
+                 "cancel_request", "name", "on_start", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -372,12 +371,10 @@ class WorkItem:
         self.started_on: WorkerProcess | None = None  # the worker running its current attempt
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
-        self.queued_at = time.monotonic()  # when it was accepted (for `taskorch status`)
+        self.accepted_at = 0.0  # time.monotonic() of its acceptance (status, queue wait)
         # Set while a caller waits to cancel it, handed over and not started (backlog lock).
         self.cancel_request: CancelRequest | None = None
-        # Set only while metrics are on (``figures``): the label, and when it was accepted.
-        self.name = ""
-        self.accepted_at = 0.0
+        self.name = ""  # its label, set only while metrics are on (``figures``)
         # Called once, under the backlog lock, when the first attempt starts (taskorch serve
         # journals it); must not block or take another lock. None: nobody asked.
         self.on_start: Callable[[WorkItem], None] | None = None

@@ -228,3 +228,29 @@ def non_negative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a client command (status, trigger) finds a ``taskorch serve``, and its key."""
+    from taskorch._service.client import CONNECT_TIMEOUT
+
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="the server's TCP address")
+    parser.add_argument("--authkey-file", metavar="PATH",
+                        help="the key (default: PATH.authkey next to the socket; "
+                             "~/.config/taskorch/authkey for TCP)")
+    parser.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                        help=f"give up connecting after SECONDS (default: {CONNECT_TIMEOUT:g})")
+
+
+def server_address(args: argparse.Namespace) -> str | tuple[str, int]:
+    """``add_server_arguments``' address: a socket path or (host, port)."""
+    from taskorch._service.addressing import parse_tcp_address
+
+    if args.tcp is None:
+        return str(args.socket)
+    try:
+        return parse_tcp_address(args.tcp)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc

@@ -10,10 +10,10 @@ from multiprocessing import AuthenticationError
 from typing import Any
 
 from taskorch._errors import OrchestratorClosedError
-from taskorch._service.addressing import Address, parse_tcp_address
-from taskorch._service.client import CONNECT_TIMEOUT, fetch_status
+from taskorch._service.addressing import Address
+from taskorch._service.client import fetch_status
 from taskorch._service.protocol import decode_stats, encode_stats
-from taskorch.cli.options import EXIT_FAILED, EXIT_OK, UsageError
+from taskorch.cli.options import EXIT_FAILED, EXIT_OK, add_server_arguments, server_address
 
 
 def add_parser(subparsers: Any) -> None:
@@ -22,31 +22,18 @@ def add_parser(subparsers: Any) -> None:
         description="Connect to a taskorch serve pool and print its statistics. Exit status: 0, "
                     "or 1 when the server cannot be reached or refuses the key or the connection.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
-    where.add_argument("--tcp", metavar="HOST:PORT", help="the server's TCP address")
-    p.add_argument("--authkey-file", metavar="PATH",
-                   help="the key (default: PATH.authkey next to the socket; "
-                        "~/.config/taskorch/authkey for TCP)")
+    add_server_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument("--task", type=int, metavar="ID",
                    help="show one task instead: whether it ended, and its result or error "
                         "(from the server's journal; exit status 1 if it is unknown)")
-    p.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
-                   help=f"give up connecting after SECONDS (default: {CONNECT_TIMEOUT:g})")
     p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    address: Address
-    if args.tcp is not None:
-        try:
-            address = parse_tcp_address(args.tcp)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    else:
-        address = args.socket
-        if not os.path.exists(args.socket):
+    address = server_address(args)
+    if isinstance(address, str):
+        if not os.path.exists(address):
             return _cannot(address, "no server is there: the socket does not exist (is "
                                     f"`taskorch serve --socket {address}` running?)")
     if args.task is not None:

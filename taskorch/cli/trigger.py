@@ -8,9 +8,8 @@ from multiprocessing import AuthenticationError
 from typing import Any
 
 from taskorch._errors import OrchestratorClosedError
-from taskorch._service.addressing import Address, parse_tcp_address
-from taskorch._service.client import CONNECT_TIMEOUT, trigger_schedule
-from taskorch.cli.options import EXIT_FAILED, EXIT_OK, UsageError
+from taskorch._service.client import trigger_schedule
+from taskorch.cli.options import EXIT_FAILED, EXIT_OK, add_server_arguments, server_address
 
 
 def add_parser(subparsers: Any) -> None:
@@ -21,23 +20,12 @@ def add_parser(subparsers: Any) -> None:
                     "no such schedule, the backlog was full, or the server cannot be reached.",
     )
     p.add_argument("name", metavar="NAME", help="the schedule's name (see taskorch status)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", metavar="PATH", help="the server's Unix socket")
-    where.add_argument("--tcp", metavar="HOST:PORT", help="the server's TCP address")
-    p.add_argument("--authkey-file", metavar="PATH",
-                   help="the key (default: PATH.authkey next to the socket; "
-                        "~/.config/taskorch/authkey for TCP)")
-    p.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
-                   help=f"give up connecting after SECONDS (default: {CONNECT_TIMEOUT:g})")
+    add_server_arguments(p)
     p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    address: Address
-    try:
-        address = parse_tcp_address(args.tcp) if args.tcp is not None else args.socket
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    address = server_address(args)
     try:
         submitted = trigger_schedule(address, args.name, authkey_file=args.authkey_file,
                                      timeout=args.timeout)
