@@ -32,6 +32,24 @@ def wait_until(
         time.sleep(0.002)
 
 
+def sigstop(pid: int) -> None:
+    """SIGSTOP process ``pid`` and wait until every thread of it has stopped (``kill()``
+    returns before they do: one may still be running on another CPU)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended
+                continue
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    wait_until(stopped, what=f"every thread of process {pid} to stop")
+
+
 class Gate:
     """A started-file plus a release FIFO in ``directory``, for one blocking task."""
 

@@ -2,7 +2,7 @@
 forked after it (``os.fork()``, gunicorn ``--preload``) starts afresh there, and the parent's
 object, workers and connection are untouched.
 
-The in-process test forks pytest itself; the child reports through a pipe and leaves with
+The in-process tests fork pytest itself; the child reports through a pipe and leaves with
 ``os._exit``. The others run a script in a subprocess, whose children exit the normal way
 (atexit hooks, finalizers), which is where the old hangs and disturbances were. Deadlines only
 catch deadlocks; the exit hook's own wait is raised to 600 s in the scripts, so that a child
@@ -198,6 +198,39 @@ def test_a_client_opens_its_own_connection_in_a_forked_child(start_server) -> No
     assert done.returncode == 0 and done.stdout.decode() == "ok\n", err
     assert err.count("opening its own connection") == 1, err
     assert "Traceback" not in err, err
+
+
+def test_result_by_id_is_a_forked_childs_first_use_of_a_client(start_server) -> None:  # noqa: F811
+    # result() must open the child's own connection like run() does; on the parent's session
+    # (forgotten at the fork) it would raise OrchestratorClosedError.
+    server: Server = start_server()
+    with server.connect() as client:
+        done = client.run(t.square, 7)
+        assert done is not None and done.result(R) == 49
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            code = 1
+            try:
+                os.close(r)
+                value = client.result(done.task_id, timeout=R)  # its first use here
+                client.close()
+                os.write(w, json.dumps(value).encode())
+                code = 0
+            except BaseException:
+                os.write(w, traceback.format_exc().encode())
+            finally:
+                os._exit(code)
+        os.close(w)
+        try:
+            output = _read_all(r)
+        finally:
+            os.close(r)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, output.decode()
+        assert json.loads(output) == 49
+        assert client.result(done.task_id, timeout=R) == 49  # the parent's connection: intact
+        assert client.run(t.square, 3).result(R) == 9
 
 
 GUNICORN_APP = """

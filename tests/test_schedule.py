@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import zoneinfo
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import _tasks as t
 import pytest
 
-from taskorch import Policy, QueueFullError, TaskOrchestrator
+from taskorch import OrchestratorClosedError, Policy, QueueFullError, TaskOrchestrator
 from taskorch._parent.schedule import (
     MemoryStore,
     Misfire,
@@ -223,3 +224,34 @@ def test_a_real_orchestrator_runs_an_every_schedule_until_stopped(tmp_path: Path
     assert o.schedules() and out.exists()
     with pytest.raises(Exception, match="stopped"):
         o.schedule(t.identity, every=1)
+
+
+def test_a_schedule_racing_stop_is_refused_and_makes_no_scheduler(
+    make_orchestrator: Callable[..., TaskOrchestrator], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # stop() has found no scheduler to stop and has not closed the backlog yet: a schedule()
+    # from another thread in that gap must be refused, not make a scheduler nobody stops (a
+    # "taskorch-scheduler" thread firing into a stopped orchestrator). The gap is held open by
+    # a hook on the backlog's close(), the first thing stop() does after that check.
+    o = make_orchestrator(worker_count=1)
+    backlog = o._backlog
+    close = backlog.close
+    in_the_gap, raced = threading.Event(), threading.Event()
+
+    def close_once_raced(deadline: float) -> None:
+        in_the_gap.set()
+        assert raced.wait(R), "the test never ran its schedule()"
+        close(deadline)
+
+    monkeypatch.setattr(backlog, "close", close_once_raced)
+    stopper = threading.Thread(target=o.stop, kwargs={"timeout": R}, name="test-stop")
+    stopper.start()
+    try:
+        assert in_the_gap.wait(R)
+        with pytest.raises(OrchestratorClosedError, match="takes no new schedules"):
+            o.schedule(t.identity, every=3600, args=(1,), name="late")
+    finally:
+        raced.set()
+        stopper.join(R)
+    assert not stopper.is_alive()
+    assert o._scheduler is None and o.schedules() == []

@@ -9,12 +9,15 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _tasks import wait_until
+from _tasks import sigstop, wait_until
+
+from taskorch import ServerUnavailableError, connect
 
 R = 30
 REPO = Path(__file__).resolve().parent.parent
@@ -200,6 +203,68 @@ every = "10m"
         _stop(proc)
     assert again["last_run"] == ten["last_run"]
     assert len(out.read_text().splitlines()) == 1  # no second run for the same tick
+
+
+def test_a_trigger_whose_answer_was_lost_is_not_sent_again_after_a_reconnect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A trigger is not idempotent: sent again on the new link, its schedule would run twice if
+    # the first frame had been read. The caller gets ServerUnavailableError instead, as for
+    # stats(). Order: the server is stopped (SIGSTOP) so no answer can come; the trigger frame
+    # is sent (a hook on the session's send); then the server dies and another takes its
+    # place on the same socket, where the client reconnects.
+    out = tmp_path / "stamps"
+    config = write_config(tmp_path, f'''
+[[schedule]]
+name = "hourly"
+target = "job.py:stamp"
+args = ["{out}"]
+every = "1h"
+''')
+    first, sock = _serve(tmp_path, config, "--no-journal")
+    second: Served | None = None
+    client = connect(str(sock), request_timeout=R)
+    try:
+        session = client._session
+        send = session._send
+        sent = threading.Event()
+
+        def send_and_tell(frame: bytes) -> None:
+            send(frame)
+            if threading.current_thread().name == "test-trigger":
+                sent.set()
+
+        monkeypatch.setattr(session, "_send", send_and_tell)
+        outcome: list[object] = []
+
+        def trigger() -> None:
+            try:
+                outcome.append(session.trigger("hourly"))
+            except Exception as exc:
+                outcome.append(exc)
+
+        sigstop(first.pid)
+        caller = threading.Thread(target=trigger, name="test-trigger")
+        caller.start()
+        assert sent.wait(R), "the trigger frame was never sent"
+        first.kill()  # (stopped: it never read the frame)
+        first.communicate(timeout=R)
+        second, _ = _serve(tmp_path, config, "--no-journal")
+        caller.join(R)
+        assert not caller.is_alive()
+        [answer] = outcome
+        assert isinstance(answer, ServerUnavailableError), answer
+        wait_until(lambda: session.down_reason is None, timeout=R, what="the reconnection")
+        # Frames are read in order: whatever the reconnection re-sent came before this.
+        assert client.stats().submitted == 0
+    finally:
+        client.close()
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=R)
+        if second is not None:
+            _stop(second)
+    assert not out.exists()
 
 
 def test_the_journal_is_ready_again_once_a_commit_goes_through(tmp_path: Path) -> None:

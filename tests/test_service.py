@@ -4,7 +4,9 @@ Each test starts ``python -m taskorch serve`` as a subprocess (its stderr goes t
 waits for its ready line. Ordering comes from the gates in ``_tasks`` (a task announces its
 start, then waits for a release), from answers on the connection, and from polling the
 server's log or stats to a deadline; never from sleeps. The fixture stops every server with
-SIGTERM and checks that it exits 143 (drained), so each test also exercises the drain.
+SIGTERM and checks that it exits 143 (drained), so each test also exercises the drain. One
+test needs the server in this process, to stretch a wait of its own: it uses
+``test_service_admission``'s in-process ``Server``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Any, Callable, Iterator
 
 import _tasks as t
 import pytest
-from _tasks import wait_until
+from _tasks import sigstop, wait_until
+from test_executor import held
+from test_service_admission import KEY, make_server  # noqa: F401 - a fixture
 
 from taskorch import (
     Client,
@@ -43,13 +47,17 @@ from taskorch import (
     WorkerCrashedError,
     connect,
 )
+from taskorch._parent import intake
 from taskorch._service.protocol import (
     C_STATS,
+    C_SUBMIT,
+    S_ACCEPTED,
     S_CREDIT,
     S_HELLO,
     S_STATS,
     SERVICE_MAX_FRAME,
 )
+from taskorch._service.requests import Request, new_future, payload
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -279,6 +287,69 @@ def test_a_full_backlog_raises_queue_full_in_the_client_and_run_async_waits(
             loop.close()
         stats = client.stats()  # the withdrawn request was never enqueued
         assert (stats.submitted, stats.succeeded, stats.rejected) == (4, 4, 1)
+
+
+def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_async(
+    make_server, gates, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    # A withdraw that comes just as its task was accepted cancels the task, and that cancel
+    # waits (up to intake.RECALL_WAIT) for a worker holding the call to hand it back. The
+    # server's asyncio loop serves every connection's run_async(): the wait must not hold it.
+    # In this process, so that the wait lasts until the test lets it end: the worker holding
+    # the call is stopped (SIGSTOP), and RECALL_WAIT is only a deadlock guard.
+    monkeypatch.setattr(intake, "RECALL_WAIT", 10 * R)
+    server = make_server()
+    o = server.orchestrator
+    cancel = server.registry.cancel
+    cancelling = threading.Event()
+
+    def cancel_and_tell(task_id: int) -> None:
+        cancelling.set()
+        cancel(task_id)
+
+    monkeypatch.setattr(server.registry, "cancel", cancel_and_tell)
+    g = gates("busy")
+    withdrawing = connect(server.listener.address, authkey=KEY)
+    other = connect(server.listener.address, authkey=KEY)
+    stopped: int | None = None
+    released = False
+    try:
+        assert withdrawing.run(t.square, 1).result(R) == 1  # a first duration: prefetch deeper
+        busy = withdrawing.run(t.blocker, str(g.started), str(g.release_fifo))
+        worker = g.wait_started()
+        # A submission accepted, and held by the busy worker (taken ahead, not started).
+        session = withdrawing._session
+        request = Request(new_future())
+        req = session._start(request, lambda req: (
+            C_SUBMIT, req, payload(t.square, (2,), {}), None, False, session.token, False,
+            False))
+        assert request.event is not None and request.event.wait(R)
+        assert request.answer is not None and request.answer[0] == S_ACCEPTED
+        wait_until(lambda: held(o) == 2, what="the worker to take the call ahead")
+        stopped = worker
+        sigstop(worker)
+        session._withdraw(req)  # its cancel now waits for the stopped worker to answer
+        assert cancelling.wait(R)
+        try:
+            accepted = asyncio.run(asyncio.wait_for(other.run_async(t.square, 5), R))
+        except TimeoutError:
+            pytest.fail("another connection's run_async() was not served while a withdraw's "
+                        "cancel waited for its recall: the cancel holds the server's loop")
+        os.kill(worker, signal.SIGCONT)
+        stopped = None
+        wait_until(lambda: o.stats().cancelled == 1, what="the recall to cancel the task")
+        g.release()
+        released = True
+        assert busy.result(R) == "go" and accepted.result(R) == 25
+        s = o.stats()
+        assert (s.submitted, s.succeeded, s.cancelled) == (4, 3, 1)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        if not released:
+            g.release()
+        other.close()
+        withdrawing.close()
 
 
 def test_drop_mode_returns_none_across_the_connection(start_server, gates) -> None:

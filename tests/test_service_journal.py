@@ -216,6 +216,27 @@ def test_run_async_waits_for_the_reconnection(start_server, short_dir) -> None:
         client.close()
 
 
+def test_map_waits_for_the_reconnection(start_server, short_dir) -> None:
+    # As run_async(): a chunk submitted while the link is down is sent once it is back; it
+    # does not raise ServerUnavailableError.
+    journal = short_dir / "j.sqlite3"
+    a = start_server("--journal", str(journal))
+    client = connect(a.address, authkey_file=a.authkey_file, request_timeout=R)
+    try:
+        kill(a)
+        session = client._session
+        wait_until(lambda: session.down_reason, what="the client to notice")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(lambda: list(client.map(t.square, range(6), chunksize=2)))
+            # Its first chunk is waiting for the link before there is a server to take it.
+            wait_until(lambda: session._requests or pending.done(), what="a chunk to wait")
+            assert not pending.done(), pending.exception()
+            start_server("--journal", str(journal), like=a)
+            assert pending.result(R) == [i * i for i in range(6)]
+    finally:
+        client.close()
+
+
 def test_a_second_server_on_the_same_journal_is_refused(start_server, short_dir) -> None:
     journal = short_dir / "j.sqlite3"
     a = start_server("--journal", str(journal))

@@ -7,12 +7,11 @@ Server process. Per connection, two threads:
                                 submits: ``run()`` semantics (``o.intake.offer``) never block, and
                                 ``run_async()`` ones go to the server's asyncio thread
     "taskorch-serve-send-N"     once authenticated: writes the frames queued in the outbox
-                                (answers from the asyncio thread, outcomes, the hello)
+                                (answers from the asyncio thread, acceptances and outcomes)
 
-plus callbacks from threads it does not own: the journal's writer (a submission committed:
-S_ACCEPTED; see ``registry``), the "taskorch-callbacks" thread (an outcome: S_DONE) and the
-server's asyncio thread (submits waiting for room). A slow or hostile client can hold only its
-own two threads.
+plus calls from threads it does not own: the journal's writer (the registry's ``Sink``: a
+submission committed, S_ACCEPTED; an outcome committed, S_DONE) and the server's asyncio
+thread (submits waiting for room). A slow or hostile client can hold only its own two threads.
 
 A submission: hold a backlog slot (``intake.reserve``: QueueFullError, a drop, or a slot;
 run_async() waits for one on the asyncio thread), hand it to the registry, which journals it
@@ -35,7 +34,6 @@ from taskorch._errors import (
     OrchestratorClosedError,
     QueueFullError,
     SerializationError,
-    TaskNotFoundError,
     TaskorchError,
 )
 from taskorch._service.credits import ConnectionCredits
@@ -68,12 +66,11 @@ from taskorch._service.protocol import (
     encode_service_error,
     encode_service_frame,
     encode_status,
+    frame_batch,
     frame_bytes,
 )
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     from taskorch._service.registry import Outcome
     from taskorch._service.server import Server
 
@@ -108,7 +105,7 @@ class ServedConnection:
         self.sock = sock
         self.conn: Connection[Any, Any] = Connection(os.dup(sock.fileno()))
         # Guards `_inflight`, `closed` and the fds' lifetime. Taken by the reader, the asyncio
-        # thread, the dispatcher's done callbacks and the main thread; never held across I/O.
+        # thread, the journal's writer and the main thread; never held across I/O.
         self._lock = threading.Lock()
         # Requests whose outcome is awaited, by req: an accepted submission (its task id, to
         # cancel it on a withdraw) or a C_RESULT wait (None).
@@ -119,8 +116,8 @@ class ServedConnection:
         # Held by the writer around each send_bytes() and by the reader while closing the fds.
         self._send_lock = threading.Lock()
         # The outbox: frames for the writer. Producers: the asyncio thread (answers to waiting
-        # submits) and the done callbacks (S_DONE, in the dispatcher thread); the reader sends
-        # its own answers directly. Unbounded, because no producer may ever wait on a client.
+        # submits) and the journal's writer (S_ACCEPTED, S_DONE); the reader sends its own
+        # answers directly. Unbounded, because no producer may ever wait on a client.
         # Accepted hazard: a client that submits and never reads makes the server hold every
         # outcome of its tasks here (each up to SERVICE_MAX_FRAME) until it disconnects.
         # Sentinel _STOP: flush what is queued, then exit.
@@ -164,8 +161,8 @@ class ServedConnection:
         try:
             if not self._handshake():
                 return
+            self._answer((S_HELLO, SERVICE_VERSION, self.server.info))  # alone, first
             self.writer.start()
-            self.send((S_HELLO, SERVICE_VERSION, self.server.info))
             granted = self.credits.top_up()
             if granted:
                 self.send((S_CREDIT, granted))
@@ -237,7 +234,9 @@ class ServedConnection:
                 self._submit(*message[1:])
             elif tag == C_RESULT:
                 _, req, task_id, wait = message
-                self.registry.watch(task_id, functools.partial(self._watch, req, task_id, wait))
+                with self._lock:
+                    self._inflight[req] = None
+                self.registry.watch(task_id, self, req, wait)
             elif tag == C_RETURN:
                 self.credits.give_back(message[1])
             elif tag == C_STATS:
@@ -271,7 +270,7 @@ class ServedConnection:
                     QueueFullError(self.orchestrator.max_backlog))))
         elif retry:  # sent before on another connection? Then the journal has it.
             self.registry.find(
-                client, req, functools.partial(self._admitted, req),
+                client, req, self, req,
                 functools.partial(self._submit_new, req, payload, wire_policy, wait, client))
         else:
             self._submit_new(req, payload, wire_policy, wait, client)
@@ -297,40 +296,38 @@ class ServedConnection:
         self._journal(req, payload, wire_policy, client)
 
     def _journal(self, req: int, payload: bytes, wire_policy: Any, client: bytes) -> None:
-        """A slot is held: journal the task; the registry calls _admitted once committed."""
+        """A slot is held: journal the task; the registry calls admitted() once committed."""
         try:
-            self.registry.submit_reserved(client, req, payload, wire_policy,
-                                          functools.partial(self._admitted, req))
+            self.registry.submit_reserved(client, req, payload, wire_policy, self, req)
         except ValueError as exc:  # (the slot was given back)
             self._reply((S_REJECTED, req, encode_service_error(
                 SerializationError(f"invalid policy: {exc}"))))
 
-    def _admitted(self, req: int, admission: Any) -> None:
-        """The journal's writer: the submission is committed and enqueued, or refused.
-        S_ACCEPTED is queued before the outcome is watched, so S_DONE always follows it."""
+    # -- the registry's Sink: answers and outcomes (the journal's writer, mostly) -------------
+
+    def admitted(self, req: int, admission: int | BaseException) -> None:
+        """The submission is committed and enqueued as task ``admission``, or refused. The
+        registry calls this before any outcome() for it, so S_DONE always follows S_ACCEPTED."""
         if isinstance(admission, BaseException):
             self.send((S_REJECTED, req, encode_service_error(admission)))
             return
-        task_id, out = admission
         with self._lock:
-            self._inflight[req] = task_id
-        self.send((S_ACCEPTED, req, task_id, self.credits.top_up_when_low()))
-        out.add_done_callback(functools.partial(self._task_done, req))
+            self._inflight[req] = admission
+        self.send((S_ACCEPTED, req, admission, self.credits.top_up_when_low()))
 
-    def _watch(self, req: int, task_id: int, wait: bool, out: Future[Outcome] | None) -> None:
-        """C_RESULT: send the outcome of ``task_id`` when there is one."""
-        if out is None:
-            self.send((S_REJECTED, req, encode_service_error(TaskNotFoundError(
-                f"taskorch serve knows no task {task_id}: never accepted, or its outcome was "
-                "pruned (--result-ttl)"))))
-            return
-        if not wait and not out.done():
-            self.send((S_REJECTED, req, encode_service_error(
-                TimeoutError(f"task {task_id} has not ended (queued or running)"))))
-            return
+    def outcome(self, req: int, outcome: Outcome) -> None:
+        """The task of ``req`` ended: queue S_DONE, unless the request was withdrawn."""
         with self._lock:
-            self._inflight[req] = None
-        out.add_done_callback(functools.partial(self._task_done, req))
+            if req not in self._inflight:
+                return
+            del self._inflight[req]
+        self.send((S_DONE, req, *outcome))
+
+    def rejected(self, req: int, error: BaseException) -> None:
+        """A C_RESULT that has no outcome to wait for (see ``registry.watch``)."""
+        with self._lock:
+            self._inflight.pop(req, None)
+        self._reply((S_REJECTED, req, encode_service_error(error)))
 
     def _reply(self, message: tuple[Any, ...]) -> None:
         """Answer directly from the reader thread (no thread hop), else through the outbox."""
@@ -346,15 +343,6 @@ class ServedConnection:
         that order (S_DONE follows S_ACCEPTED, and both go through the outbox)."""
         with self._send_lock:
             self.conn.send_bytes(encode_service_frame(message))
-
-    def _task_done(self, req: int, out: Future[Outcome]) -> None:
-        """The outcome is known (the callback thread, or whoever attached): queue S_DONE,
-        unless the request was withdrawn."""
-        with self._lock:
-            if req not in self._inflight:
-                return
-            del self._inflight[req]
-        self.send((S_DONE, req, *out.result()))
 
     # -- the asyncio thread's part ----------------------------------------------------------
 
@@ -415,17 +403,15 @@ class ServedConnection:
                         batch.append(self._outbox.get_nowait())
                     except queue.Empty:
                         break
-                frames = []
-                for message in batch:
-                    if message is _STOP:
-                        break
-                    frame = frame_bytes(message)
-                    if len(frame) - 4 > SERVICE_MAX_FRAME:
-                        frame = self._oversized(message, len(frame) - 4)
-                    frames.append(frame)
-                with self._send_lock:  # every frame queued meanwhile, in one write
-                    self.sock.sendall(b"".join(frames))
-                if batch[-1] is _STOP:
+                stop = batch[-1] is _STOP
+                messages: list[tuple[Any, ...]] = batch[:-1] if stop else batch  # type: ignore
+                if messages:
+                    data = frame_batch(messages) if len(messages) > 1 else None
+                    if data is None:  # one message, or a batch over the limit: frame by frame
+                        data = b"".join(self._frame(message) for message in messages)
+                    with self._send_lock:  # every frame queued meanwhile, in one write
+                        self.sock.sendall(data)
+                if stop:
                     return
         except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed
             log.debug("taskorch serve: %s: send failed: %s", self.peer, exc)
@@ -433,6 +419,13 @@ class ServedConnection:
         except BaseException:
             log.exception("taskorch serve: %s: writer failed", self.peer)
             self.shut_down()
+
+    @classmethod
+    def _frame(cls, message: tuple[Any, ...]) -> bytes:
+        frame = frame_bytes(message)
+        if len(frame) - 4 > SERVICE_MAX_FRAME:
+            frame = cls._oversized(message, len(frame) - 4)
+        return frame
 
     @staticmethod
     def _oversized(message: tuple[Any, ...], size: int) -> bytes:

@@ -1,31 +1,32 @@
 """``taskorch serve``'s journal: every accepted task, in SQLite (server process).
 
 One thread, "taskorch-serve-journal" (the writer), owns the sqlite3 connection after
-``start()``; before it, the main thread opens the file and reads it for recovery. Everyone
-else (connection readers, the dispatcher's start hook, the callback thread that sees outcomes,
-the asyncio thread) only puts operations on ``_ops`` and is called back by the writer.
+``start()``; before it, the main thread opens the file (``journal_file``: lock, schema,
+checks) and reads it for recovery. Everyone else (connection readers, the dispatcher's start
+hook, whichever thread resolves a task's future, the asyncio thread) only puts operations on
+``_ops`` and is called back by the writer.
 
     submitters / hooks                     "taskorch-serve-journal"
     ------------------                     ------------------------
     submit(..., on_commit) --+
     started(id, attempts) ---+--> _ops --> take every op queued (up to MAX_BATCH),
-    finished(id, ...) -------+             apply them in ONE transaction, COMMIT,
-    lookup(id, on_row) ------+             then call back in order: group commit
+    finished(id, ..., then) -+             apply them in ONE transaction (one executemany
+    lookup(id, on_row) ------+             per kind of write), COMMIT, then call back in
+                                           order: group commit
 
 Group commit: while one transaction commits (an fsync with ``synchronous=FULL``), the
 submissions that arrive queue up, and the next transaction takes them all; a submitter waits
 for at most the commit in progress plus its own. There is one writer, so SQLite's "database is
-locked" between writers cannot happen; a second server on the same file is refused by an
-exclusive ``flock`` on ``PATH.lock`` (which names the holder's pid), taken before the database
-is opened, so that nothing is read or written by the loser.
+locked" between writers cannot happen (a second server is refused by ``journal_file``'s lock).
 
-Records (table ``tasks``): the task id clients see (never reused: AUTOINCREMENT), the client's
-token and submission number (unique together: a submission retried over a new connection
-finds its record instead of making a second one), the call and policy bytes, state (queued,
-running, done), attempts charged, timestamps (wall clock: the result TTL spans restarts), and
-for a done task its outcome (the ``S_DONE`` fields: outcome code, seconds, data). A done task
-drops its call bytes. Outcomes older than ``result_ttl`` are deleted by the writer, at most
-PRUNE_CHUNK rows per transaction, so that pruning never holds submissions long.
+Records (table ``tasks``): the task id clients see (given by the writer, never reused), the
+client's token and submission number (unique together: a submission retried over a new
+connection finds its record instead of making a second one), the call and policy bytes, state
+(queued, running, done), attempts charged, timestamps (wall clock: the result TTL spans
+restarts), and for a done task its outcome (the ``S_DONE`` fields: outcome code, seconds,
+data). A done task drops its call bytes. Outcomes older than ``result_ttl`` are deleted by
+the writer, at most PRUNE_CHUNK rows per transaction, so that pruning never holds submissions
+long.
 
 Failure: a transaction that fails (a full disk, an I/O error) is rolled back whole; its
 submissions are refused (their callbacks get ``JournalError``: never run, never half-written),
@@ -40,7 +41,7 @@ process (SIGKILL, OOM), not of the machine. ``path=None`` keeps the journal in m
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import logging
 import os
 import queue
@@ -50,10 +51,10 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
+from taskorch._service.journal_file import lock_journal, next_task_id, open_journal
 
 log = logging.getLogger("taskorch")
 
-SCHEMA_VERSION = 1
 #: Most operations applied in one transaction: bounds how long a commit keeps the callbacks of
 #: the submissions in it waiting, and the memory of one batch.
 MAX_BATCH = 2000
@@ -65,27 +66,6 @@ PRUNE_MIN_INTERVAL = 1.0
 
 QUEUED, RUNNING, DONE = "queued", "running", "done"
 
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE tasks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    client BLOB NOT NULL,
-    sub INTEGER NOT NULL,
-    payload BLOB,
-    policy BLOB,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    submitted REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    outcome INTEGER,
-    seconds REAL,
-    data BLOB,
-    UNIQUE (client, sub)
-);
-CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL;
-CREATE INDEX tasks_live ON tasks (state) WHERE state != 'done';
-"""
 
 
 class Row(NamedTuple):
@@ -126,9 +106,9 @@ class Journal:
         self.result_ttl = result_ttl
         self._lock_fd: int | None = None
         if path is not None:
-            self._lock_fd = _lock(path)
+            self._lock_fd = lock_journal(path)
         try:
-            self._db = self._open(path, synchronous)
+            self._db = open_journal(path, synchronous)
         except BaseException:
             self._unlock()
             raise
@@ -142,69 +122,11 @@ class Journal:
         self._writer = threading.Thread(target=self._write_guarded, name="taskorch-serve-journal")
         self._next_prune = 0.0
         self._started = self._closed = False
+        # The next task id (writer thread): ids are given here rather than by SQLite, so that
+        # a batch of submissions is one executemany(); never reused, as AUTOINCREMENT's are
+        # (an explicit id above the table's sequence moves the sequence).
+        self._next_id = next_task_id(self._db)
         self.last_failure: str | None = None  # the last failed transaction (writer thread)
-
-    def _open(self, path: str | None, synchronous: str) -> sqlite3.Connection:
-        where = path or ":memory:"
-        fresh = path is None or not os.path.exists(path) or os.path.getsize(path) == 0
-        try:
-            db = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise JournalError(f"cannot open the journal {where}: {exc}") from exc
-        try:
-            if path is None:
-                db.execute("PRAGMA journal_mode=MEMORY")
-                db.execute("PRAGMA synchronous=OFF")
-            elif not fresh:
-                self._check_existing(db, path)
-            if path is not None:
-                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode != "wal":
-                    raise JournalError(f"the journal {path} could not be switched to WAL mode")
-                db.execute(f"PRAGMA synchronous={synchronous}")
-            if fresh:
-                db.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            # The schedules' state (taskorch serve --config): additive, so made in any journal.
-            db.execute("CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, "
-                       "last_fire REAL, last_outcome TEXT, last_seconds REAL)")
-            # Prove now that it is writable, rather than at the first submission.
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (str(time.time()),))
-        except JournalError:
-            db.close()
-            raise
-        except sqlite3.Error as exc:
-            db.close()
-            raise JournalError(
-                f"cannot use the journal {where}: {exc}; nothing in it was changed. Check its "
-                "permissions and the free space, or pass another --journal") from exc
-        return db
-
-    @staticmethod
-    def _check_existing(db: sqlite3.Connection, path: str) -> None:
-        """Refuse a file that is not an intact taskorch journal (before any write)."""
-        try:
-            check = db.execute("PRAGMA quick_check").fetchall()
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            schema = None
-            if "meta" in tables:
-                found = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-                schema = found[0] if found else None
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(
-                f"the journal {path} is not a readable SQLite database ({exc}): corrupt, or "
-                "another kind of file. Nothing was changed; move it away (its accepted tasks "
-                "would be lost) or pass another --journal") from exc
-        if check != [("ok",)]:
-            problems = "; ".join(str(r[0]) for r in check[:3])
-            raise JournalError(
-                f"the journal {path} is corrupt (SQLite quick_check: {problems}). Nothing was "
-                "changed; try `sqlite3 PATH .recover`, or move it away")
-        if "tasks" not in tables or schema != str(SCHEMA_VERSION):
-            raise JournalError(
-                f"{path} is an SQLite database but not a taskorch journal of schema "
-                f"{SCHEMA_VERSION} (tables {sorted(tables)}, schema {schema}); nothing was "
-                "changed. Pass another --journal")
 
     # -- before start(): recovery (main thread) ---------------------------------------------
 
@@ -269,8 +191,9 @@ class Journal:
         self._ops.put(("started", task_id, attempts))
 
     def finished(self, task_id: int, outcome: int, attempts: int, seconds: float | None,
-                 data: bytes) -> None:
-        self._ops.put(("finished", task_id, outcome, attempts, seconds, data))
+                 data: bytes, then: Callable[[], None]) -> None:
+        """The task's outcome; ``then()`` once it is committed (or failed to be: logged)."""
+        self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then))
 
     def forget(self, task_id: int, then: Callable[[], None]) -> None:
         """Delete a record that was committed but not enqueued (the server was stopping)."""
@@ -322,11 +245,9 @@ class Journal:
         ended = {op[1] for op in ops if op is not None and op[0] == "finished"}
         batch = [op for op in ops
                  if op is not None and not (op[0] == "started" and op[1] in ended)]
-        callbacks: list[Callable[[], None]] = []
         try:
             with self._transaction():
-                for op in batch:
-                    callbacks.append(self._apply(op))
+                callbacks = self._apply_all(batch)
             self.last_failure = None
         except sqlite3.Error as exc:
             self.last_failure = f"{type(exc).__name__}: {exc}"
@@ -340,38 +261,63 @@ class Journal:
             self._prune()
         return more
 
+    def _apply_all(self, batch: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
+        """Apply a batch inside its transaction; return what to call after COMMIT, in order:
+        the submissions (in their order), the outcomes, then the other ops in theirs. The
+        writes go first, by kind, one ``executemany`` each (one task's ops are never in one
+        batch out of order: it starts only once its submission is committed), then the reads,
+        which see every write of the batch."""
+        db = self._db
+        now = time.time()
+        by_kind: dict[str, list[tuple[Any, ...]]] = {"submit": [], "started": [], "finished": []}
+        others: list[tuple[Any, ...]] = []
+        for op in batch:
+            (by_kind[op[0]] if op[0] in by_kind else others).append(op)
+        callbacks = self._insert(by_kind["submit"], now)
+        if by_kind["started"]:
+            db.executemany(
+                "UPDATE tasks SET state='running', attempts=?, started=? WHERE id=? "
+                "AND state != 'done'", [(op[2], now, op[1]) for op in by_kind["started"]])
+        if by_kind["finished"]:
+            db.executemany(
+                "UPDATE tasks SET state='done', payload=NULL, attempts=?, finished=?, outcome=?, "
+                "seconds=?, data=? WHERE id=?",
+                [(op[3], now, op[2], op[4], op[5], op[1]) for op in by_kind["finished"]])
+            callbacks += [op[6] for op in by_kind["finished"]]
+        callbacks += [self._apply(op) for op in others]
+        return callbacks
+
+    def _insert(self, submits: list[tuple[Any, ...]], now: float) -> list[Callable[[], None]]:
+        """New records for submissions, with the next ids; one that names a submission
+        already journaled (a retry: same client and number) gets that record instead."""
+        if not submits:
+            return []
+        first = self._next_id
+        self._next_id += len(submits)
+        inserted = self._db.executemany(
+            "INSERT OR IGNORE INTO tasks (id, client, sub, payload, policy, state, submitted) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            [(first + i, op[1], op[2], op[3], op[4], now) for i, op in enumerate(submits)],
+        ).rowcount
+        callbacks: list[Callable[[], None]] = []
+        for i, op in enumerate(submits):
+            on_commit: OnCommit = op[5]
+            existing = None if inserted == len(submits) else self._find(op[1], op[2])
+            if existing is None or existing.id == first + i:
+                callbacks.append(functools.partial(on_commit, first + i, None, None))
+            else:
+                callbacks.append(functools.partial(on_commit, existing.id, existing, None))
+        return callbacks
+
     def _apply(self, op: tuple[Any, ...]) -> Callable[[], None]:
-        """Apply one op inside the batch's transaction; return what to call after COMMIT."""
+        """Apply one op other than a submission, start or outcome inside the batch's
+        transaction; return what to call after COMMIT."""
         db = self._db
         kind = op[0]
-        if kind == "submit":
-            _, client, sub, payload, policy, on_commit = op
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO tasks (client, sub, payload, policy, state, submitted) "
-                "VALUES (?, ?, ?, ?, 'queued', ?)", (client, sub, payload, policy, time.time()))
-            if cursor.rowcount == 1:
-                task_id = cursor.lastrowid
-                assert task_id is not None
-                return lambda: on_commit(task_id, None, None)
-            existing = self._find(client, sub)
-            assert existing is not None
-            return lambda: on_commit(existing.id, existing, None)
         if kind == "find":
             _, client, sub, on_row = op
             row = self._find(client, sub)
             return lambda: on_row(row)
-        if kind == "started":
-            _, task_id, attempts = op
-            db.execute("UPDATE tasks SET state='running', attempts=?, started=? "
-                       "WHERE id=? AND state != 'done'", (attempts, time.time(), task_id))
-            return _nothing
-        if kind == "finished":
-            _, task_id, outcome, attempts, seconds, data = op
-            db.execute(
-                "UPDATE tasks SET state='done', payload=NULL, attempts=?, finished=?, outcome=?, "
-                "seconds=?, data=? WHERE id=?",
-                (attempts, time.time(), outcome, seconds, data, task_id))
-            return _nothing
         if kind == "schedule_fired":
             db.execute("INSERT INTO schedules (name, last_fire) VALUES (?, ?) ON CONFLICT (name) "
                        "DO UPDATE SET last_fire=excluded.last_fire", (op[1], op[2]))
@@ -404,6 +350,10 @@ class Journal:
             on_row = op[-1]
             return lambda: on_row(None)
         if kind == "forget":
+            return op[-1]  # type: ignore[no-any-return]
+        if kind == "finished":  # published all the same: the task did end
+            log.error("taskorch serve: journal write failed (%s): the outcome of task %d is not "
+                      "journaled; after a restart that task would run again", exc, op[1])
             return op[-1]  # type: ignore[no-any-return]
         log.error("taskorch serve: journal write failed (%s): the %s record of task %d is lost; "
                   "after a restart that task would run again", exc, kind, op[1])
@@ -463,29 +413,6 @@ class _Transaction:
             self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # no transaction left (SQLite rolled it back itself)
-
-
-def _lock(path: str) -> int:
-    """Take the exclusive lock of the journal at ``path`` (``PATH.lock``) and write our pid."""
-    lock_path = path + ".lock"
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise JournalError(
-            f"cannot create the journal's lock file {lock_path}: {exc.strerror}; is the "
-            "directory writable by this user?") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise JournalError(
-            f"the journal {path} is in use by another taskorch serve (pid {holder}); two "
-            "servers must not share one journal. Stop that one, or pass another --journal"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _nothing() -> None:

@@ -1,7 +1,8 @@
 """The link under a client's session: the socket, its loss, and reconnecting (client side).
 
-``Link`` is the base of ``session.Session``, which sets every attribute declared here in its
-constructor and owns the threads (see its docstring for the whole picture). The methods here
+``Link`` is the base of ``session.Session`` (through ``inbox.Inbox``), which sets every
+attribute declared here in its constructor and owns the threads (see its docstring for the
+whole picture). The methods here
 run in the callers' threads (``_send``, ``shut_down``, ``abandon``) and in the session's
 reader thread ("taskorch-client-reader-N": ``_go_down``, ``_reconnect``, ``_install``).
 
@@ -52,6 +53,7 @@ class Link:
     _credit_inflight: int
     _credit_change: threading.Condition
     _closing: bool
+    closed_reason: str | None
     down_reason: str | None
     _up: threading.Event
     _stop_reconnecting: threading.Event

@@ -100,6 +100,10 @@ server -> client:
     (S_STATS, req, fields)                ``encode_status()``: the Stats fields as a dict,
                                           plus worker_details, oldest_queued_seconds,
                                           schedules
+    (S_BATCH, messages)                   a tuple of the frames above (never S_BATCH), in
+                                          order: what the server's writer found queued, in
+                                          one frame and one pickle (``frame_batch``); a batch
+                                          over SERVICE_MAX_FRAME goes as separate frames
 
 Credits (``_service.credits`` has the rules): a credit is a backlog slot the server holds for
 one connection, so that run() needs no round trip and the bound stays exact across clients:
@@ -131,7 +135,8 @@ if TYPE_CHECKING:
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
 #: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
-SERVICE_VERSION = 3
+#: 4: S_BATCH.
+SERVICE_VERSION = 4
 
 #: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
 #: beyond it fails alone with SerializationError; a peer that announces a longer frame is
@@ -155,6 +160,7 @@ S_DONE = 15
 S_STATS = 16
 S_CREDIT = 17
 S_RECALL = 18
+S_BATCH = 19
 # S_DONE outcomes.
 O_RESULT = 1
 O_RAISED = 2
@@ -259,6 +265,18 @@ def frame_bytes(message: tuple[Any, ...]) -> bytes:
     import struct
 
     body = encode_service_frame(message)
+    return struct.pack("!i", len(body)) + body
+
+
+def frame_batch(messages: list[tuple[Any, ...]]) -> bytes | None:
+    """Several server messages as one framed S_BATCH (one pickle for all: a writer that finds
+    hundreds of S_ACCEPTED and S_DONE queued spends one ``dumps`` and the client one
+    ``loads``); None if the batch would exceed SERVICE_MAX_FRAME (send them one by one)."""
+    import struct
+
+    body = encode_service_frame((S_BATCH, tuple(messages)))
+    if len(body) > SERVICE_MAX_FRAME:
+        return None
     return struct.pack("!i", len(body)) + body
 
 

@@ -4,16 +4,22 @@
 a backlog slot already held (``Intake.reserve``, by the connection); the registry journals it
 and, once the record is committed, enqueues it in that slot (``Intake.admit_reserved``): a
 task is accepted only when committed, and a committed task always has its slot. It then
-watches the task: its start and its outcome go to the journal, and its outcome to whoever
-waits for that id (``Outcome`` futures: the submitting connection, ``Client.result()``
-callers on any connection).
+watches the task: its start and its outcome go to the journal, and once the outcome is
+committed, to whoever waits for that id (a ``Sink`` and its request number: the submitting
+connection, ``Client.result()`` callers on any connection).
 
-Threads: ``submit``/``find``/``watch`` run in connection readers and the asyncio thread; the
-journal's writer runs the commit callbacks (``_committed``: admit, answer); the dispatcher
-runs ``_started`` under the backlog lock (it only queues a journal op); the "taskorch-
-callbacks" thread runs ``_task_done``. ``_lock`` guards ``_live`` and orders "the outcome is
-queued for the journal" before "the id leaves ``_live``", so that a lookup that misses
-``_live`` is queued after the outcome and finds it. Never held across a callback.
+The outcome path, one hop: the dispatcher resolves the task's future, whose observer
+(``TaskFuture._observer``, called in the resolving thread, never user code) queues the outcome
+for the journal; the journal's writer commits it with the others of its batch, then publishes
+it (``_publish``) to the sinks, which queue S_DONE for their connection's writer.
+
+Threads: ``submit_reserved``/``find``/``watch`` run in connection readers and the asyncio
+thread; the journal's writer runs the commit callbacks (``_committed``: admit, answer) and
+``_publish``; the dispatcher runs ``_Live.started`` under the backlog lock and ``_ended`` (the
+observer) after it, both only queue a journal op (``_ended`` in whichever thread resolves the
+future: a canceller, ``stop()``, recovery). ``_lock`` guards ``_live``; an id leaves ``_live``
+only once its outcome is committed, so that a lookup that misses ``_live`` (queued after that
+commit) finds the outcome in the journal. Never held across a callback.
 
 Stopping with a durable journal: tasks that the drain's timeout cancels (queued) or abandons
 (running) are not recorded as ended: they stay queued or running in the journal, and the next
@@ -27,10 +33,15 @@ import functools
 import logging
 import pickle
 import threading
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
-from taskorch._errors import JournalError, TaskAbandonedError, TaskorchError
+from taskorch._errors import (
+    JournalError,
+    TaskAbandonedError,
+    TaskNotFoundError,
+    TaskorchError,
+)
+from taskorch._parent.task import RawOutcome
 from taskorch._service.journal import DONE, Journal, Row
 from taskorch._service.protocol import (
     O_CANCELLED,
@@ -46,7 +57,7 @@ from taskorch._wire import PROTOCOL
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._parent.task import RawOutcome, TaskFuture, WorkItem
+    from taskorch._parent.task import TaskFuture, WorkItem
 
 log = logging.getLogger("taskorch")
 
@@ -60,9 +71,59 @@ class Outcome(NamedTuple):
     data: Any
 
 
-#: What a submission became: ``(task_id, the Outcome future)``, or the error that refused it
-#: (QueueFullError, OrchestratorClosedError, JournalError, ...).
-Admission = "tuple[int, Future[Outcome]] | BaseException"
+class Sink(Protocol):
+    """Who hears about a task (a connection): each call names the request it answers. Called
+    by the journal's writer (``admitted``, ``outcome``) or the caller of ``watch`` and
+    ``find``; must not block."""
+
+    def admitted(self, req: int, admission: int | BaseException) -> None:
+        """Committed and enqueued as task ``admission``, or refused with that error."""
+
+    def outcome(self, req: int, outcome: Outcome) -> None:
+        """The task ended (its outcome is committed)."""
+
+    def rejected(self, req: int, error: BaseException) -> None:
+        """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
+
+
+class _Live:
+    """An accepted task whose outcome is not committed yet: its future, who waits for it (the
+    first watcher inline, the others in a list), and the task's hooks (bound methods of this
+    object, not partials: a live task holds few objects for the garbage collector to visit)."""
+
+    __slots__ = ("registry", "task_id", "future", "sink", "req", "more")
+
+    def __init__(self, registry: TaskRegistry, task_id: int, future: TaskFuture,
+                 watcher: tuple[Sink, int] | None) -> None:
+        self.registry = registry
+        self.task_id = task_id
+        self.future = future
+        self.sink: Sink | None = None
+        self.req = 0
+        if watcher is not None:
+            self.sink, self.req = watcher
+        self.more: list[tuple[Sink, int]] | None = None
+
+    def watch(self, sink: Sink, req: int) -> None:  # (registry lock held)
+        if self.sink is None:
+            self.sink, self.req = sink, req
+        elif self.more is None:
+            self.more = [(sink, req)]
+        else:
+            self.more.append((sink, req))
+
+    def watchers(self) -> list[tuple[Sink, int]]:
+        first = [] if self.sink is None else [(self.sink, self.req)]
+        return first + (self.more or [])
+
+    def started(self, item: WorkItem) -> None:
+        """``WorkItem.on_start``: the dispatcher, under the backlog lock: only queue the
+        record."""
+        self.registry.journal.started(self.task_id, item.attempts)
+
+    def ended(self, future: TaskFuture) -> None:
+        """``TaskFuture._observer``: see ``TaskRegistry._ended``."""
+        self.registry._ended(self.task_id, future)
 
 
 class TaskRegistry:
@@ -71,9 +132,9 @@ class TaskRegistry:
         self._intake = orchestrator.intake
         self.journal = journal
         self._lock = threading.Lock()
-        # Accepted, outcome not yet queued for the journal: the Outcome future and the task's.
-        self._live: dict[int, tuple[Future[Outcome], TaskFuture]] = {}
-        # Set when the server starts to stop (main thread); read by _task_done.
+        # Accepted, outcome not yet committed: by task id (see the module docstring).
+        self._live: dict[int, _Live] = {}
+        # Set when the server starts to stop (main thread); read by _ended.
         self.stopping = False
         self.left_for_next_start = 0  # tasks the drain ended that stay live in the journal
 
@@ -90,12 +151,8 @@ class TaskRegistry:
             attempts = max(1, row.attempts) if crashed else row.attempts
             policy, policy_bytes = self._policy(row.policy)
             item = self._intake.prepare(row.payload or b"", policy, policy_bytes, raw=True)
-            item.on_start = functools.partial(self._started, row.id)
-            out: Future[Outcome] = Future()
-            with self._lock:
-                self._live[row.id] = (out, item.future)
+            self._track(row.id, item, None)
             future = self._intake.recover(item, attempts, crashed)
-            future.add_done_callback(functools.partial(self._task_done, row.id, out))
             if crashed:
                 requeued.append((row.id, attempts))
             failed = crashed and future.done()
@@ -105,13 +162,12 @@ class TaskRegistry:
 
     # -- submitting (readers, the asyncio thread, the journal's writer) ----------------------
 
-    def submit_reserved(
-        self, client: bytes, sub: int, payload: bytes, wire_policy: WirePolicy | None,
-        on_admitted: Callable[[Any], None],
-    ) -> None:
-        """Journal a submission whose backlog slot is held; ``on_admitted(Admission)`` is
-        called (by the journal's writer) once it is committed and enqueued, or refused.
-        ValueError (slot released, nothing sent to the journal): a bad policy."""
+    def submit_reserved(self, client: bytes, sub: int, payload: bytes,
+                        wire_policy: WirePolicy | None, sink: Sink, req: int) -> None:
+        """Journal a submission whose backlog slot is held; ``sink.admitted(req, ...)`` is
+        called (by the journal's writer) once it is committed and enqueued, or refused, and
+        ``sink.outcome(req, ...)`` when it ends. ValueError (slot released, nothing sent to
+        the journal): a bad policy."""
         try:
             policy, policy_bytes = self._policy_of(wire_policy)
         except ValueError:
@@ -120,93 +176,103 @@ class TaskRegistry:
         item = self._intake.prepare(payload, policy, policy_bytes, raw=True)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
         self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, item, on_admitted))
+            self._committed, item, sink, req))
 
-    def _committed(
-        self, item: WorkItem, on_admitted: Callable[[Any], None], task_id: int,
-        existing: Row | None, error: JournalError | None,
-    ) -> None:
+    def _committed(self, item: WorkItem, sink: Sink, req: int, task_id: int,
+                   existing: Row | None, error: JournalError | None) -> None:
         """The journal's writer, after COMMIT."""
         if error is not None or existing is not None:
             self._intake.unreserve()
             if error is not None:
-                on_admitted(error)
+                sink.admitted(req, error)
             else:
                 assert existing is not None
-                self._attach(existing, on_admitted)
+                self._attach(existing, sink, req)
             return
-        item.on_start = functools.partial(self._started, task_id)
-        out: Future[Outcome] = Future()
-        with self._lock:
-            self._live[task_id] = (out, item.future)
+        self._track(task_id, item, (sink, req))
         try:
-            future = self._intake.admit_reserved(item)
+            self._intake.admit_reserved(item)
         except TaskorchError as exc:  # stopping: the record goes, then the client is told
             with self._lock:
                 self._live.pop(task_id, None)
-            self.journal.forget(task_id, functools.partial(on_admitted, exc))
+            item.future._observer = None
+            self.journal.forget(task_id, functools.partial(sink.admitted, req, exc))
             return
-        on_admitted((task_id, out))
-        future.add_done_callback(functools.partial(self._task_done, task_id, out))
+        # Before any outcome: both run on the journal's writer, which alone publishes.
+        sink.admitted(req, task_id)
 
-    def find(self, client: bytes, sub: int, on_found: Callable[[Any], None],
+    def _track(self, task_id: int, item: WorkItem, watcher: tuple[Sink, int] | None) -> None:
+        live = _Live(self, task_id, item.future, watcher)
+        item.on_start = live.started
+        item.future._observer = live.ended
+        with self._lock:
+            self._live[task_id] = live
+
+    def find(self, client: bytes, sub: int, sink: Sink, req: int,
              on_missing: Callable[[], None]) -> None:
-        """A retried submission: ``on_found(Admission)`` if its record exists, else
-        ``on_missing()`` (both from the journal's writer)."""
+        """A retried submission: its record, if there is one, answers ``req`` (admitted, then
+        its outcome when there is one); else ``on_missing()`` (from the journal's writer)."""
         def found(row: Row | None) -> None:
             if row is None:
                 on_missing()
             else:
-                self._attach(row, on_found)
+                self._attach(row, sink, req)
 
         self.journal.find(client, sub, found)
 
-    def watch(self, task_id: int, on_watch: Callable[[Future[Outcome] | None], None]) -> None:
-        """The Outcome future of ``task_id`` (None: unknown id) for ``Client.result()``."""
+    def watch(self, task_id: int, sink: Sink, req: int, wait: bool) -> None:
+        """``Client.result()``: ``sink.outcome(req, ...)`` once task ``task_id`` has ended (at
+        once if it has); ``sink.rejected(req, ...)`` for an unknown id, or, without ``wait``,
+        for a task that has not ended."""
         with self._lock:
             live = self._live.get(task_id)
-            if live is None:
-                self.journal.lookup(task_id, lambda row: on_watch(self._from_row(task_id, row)))
+            if live is not None and wait:
+                live.watch(sink, req)
                 return
-        on_watch(live[0])
+            if live is None:  # (queued after its outcome, if it has one: see the docstring)
+                self.journal.lookup(task_id, functools.partial(self._looked_up, task_id, sink,
+                                                                 req))
+                return
+        sink.rejected(req, TimeoutError(f"task {task_id} has not ended (queued or running)"))
+
+    def _looked_up(self, task_id: int, sink: Sink, req: int, row: Row | None) -> None:
+        if row is None:
+            sink.rejected(req, TaskNotFoundError(
+                f"taskorch serve knows no task {task_id}: never accepted, or its outcome was "
+                "pruned (--result-ttl)"))
+        else:
+            self._attach(row, sink, req, admitted=False)
 
     def cancel(self, task_id: int) -> None:
         """A run_async() withdrawn just as it was accepted: cancel it if not started."""
         with self._lock:
             live = self._live.get(task_id)
         if live is not None:
-            live[1].cancel()  # succeeds only while queued in the backlog
+            live.future.cancel()  # succeeds only while queued in the backlog
 
-    def _attach(self, row: Row, on_admitted: Callable[[Any], None]) -> None:
-        out = self._from_row(row.id, row)
-        assert out is not None
-        on_admitted((row.id, out))
-
-    def _from_row(self, task_id: int, row: Row | None) -> Future[Outcome] | None:
-        if row is None:
-            return None
+    def _attach(self, row: Row, sink: Sink, req: int, admitted: bool = True) -> None:
+        """An existing record answers ``req``: admitted (a retried submission), then its
+        outcome: now if it has one, else when it comes."""
+        if admitted:
+            sink.admitted(req, row.id)
         with self._lock:
-            live = self._live.get(task_id)
-        if live is not None:  # live: its record says queued or running
-            return live[0]
-        out: Future[Outcome] = Future()
+            live = self._live.get(row.id)
+            if live is not None:  # live: its record says queued or running
+                live.watch(sink, req)
+                return
         if row.state == DONE and row.outcome is not None:
             data = decode_builtins(row.data) if row.data is not None else None
-            out.set_result(Outcome(row.outcome, row.attempts, row.seconds, data))
+            sink.outcome(req, Outcome(row.outcome, row.attempts, row.seconds, data))
         else:
-            out.set_result(Outcome(O_ERROR, row.attempts, None, encode_service_error(
-                JournalError(f"task {task_id} is not running here and its outcome was not "
+            sink.outcome(req, Outcome(O_ERROR, row.attempts, None, encode_service_error(
+                JournalError(f"task {row.id} is not running here and its outcome was not "
                              "journaled (see the server's log; it runs again at a restart)"))))
-        return out
 
     # -- the task's life ----------------------------------------------------------------------
 
-    def _started(self, task_id: int, item: WorkItem) -> None:
-        """The dispatcher, under the backlog lock: only queue the record."""
-        self.journal.started(task_id, item.attempts)
-
-    def _task_done(self, task_id: int, out: Future[Outcome], future: Any) -> None:
-        """The "taskorch-callbacks" thread: journal the outcome, then publish it."""
+    def _ended(self, task_id: int, future: TaskFuture) -> None:
+        """The future's observer, in the thread that resolved it: queue the outcome for the
+        journal, which publishes it once committed."""
         outcome = _outcome_of(future)
         if self.stopping and self.journal.durable and (
                 outcome.outcome == O_CANCELLED or _abandoned(future)):
@@ -215,11 +281,16 @@ class TaskRegistry:
                 self.left_for_next_start += 1
             return  # left live in the journal for the next start (see the module docstring)
         blob = pickle.dumps(outcome.data, PROTOCOL)
+        self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
+                              blob, functools.partial(self._publish, task_id, outcome))
+
+    def _publish(self, task_id: int, outcome: Outcome) -> None:
+        """The journal's writer, once the outcome is committed (or failed to be)."""
         with self._lock:
-            self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
-                                  blob)
-            self._live.pop(task_id, None)
-        out.set_result(outcome)
+            live = self._live.pop(task_id, None)
+        if live is not None:
+            for sink, req in live.watchers():
+                sink.outcome(req, outcome)
 
     def _policy(self, blob: bytes | None) -> tuple[Any, bytes | None]:
         return self._policy_of(None if blob is None else decode_builtins(blob))
@@ -232,14 +303,15 @@ class TaskRegistry:
 
 def _outcome_of(future: TaskFuture) -> Outcome:
     attempts, seconds = future.attempts, future.seconds
-    if future.cancelled():
+    cancelled, exc, raw = future._settled()
+    if cancelled:
         return Outcome(O_CANCELLED, attempts, seconds, None)
-    exc = future.exception()
     if exc is not None:
         return Outcome(O_ERROR, attempts, seconds, encode_service_error(exc))
-    raw: RawOutcome = future.result()
+    assert isinstance(raw, RawOutcome)
     return Outcome(O_RESULT if raw.ok else O_RAISED, attempts, seconds, raw.data)
 
 
 def _abandoned(future: TaskFuture) -> bool:
-    return not future.cancelled() and isinstance(future.exception(), TaskAbandonedError)
+    cancelled, exc, _ = future._settled()
+    return not cancelled and isinstance(exc, TaskAbandonedError)

@@ -55,25 +55,18 @@ from taskorch._errors import (
     ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
-from taskorch._service.link import Link
+from taskorch._service.inbox import Inbox
 from taskorch._service.protocol import (
     C_RESULT,
-    C_RETURN,
     C_STATS,
     C_SUBMIT,
     C_TRIGGER,
     C_WITHDRAW,
     S_ACCEPTED,
-    S_CREDIT,
-    S_DONE,
     S_DROPPED,
-    S_RECALL,
     S_REJECTED,
-    S_STATS,
     SERVICE_MAX_FRAME,
-    FrameReader,
     WirePolicy,
-    decode_server_frame,
     decode_service_error,
     decode_stats,
     encode_service_frame,
@@ -82,7 +75,6 @@ from taskorch._service.requests import (
     Request,
     new_future,
     payload,
-    resolve,
     set_send_timeout,
 )
 
@@ -96,7 +88,7 @@ log = logging.getLogger("taskorch")
 _client_numbers = itertools.count(1)
 
 
-class Session(Link):
+class Session(Inbox):
     """The link and its request table, shared by the callers and the reader thread."""
 
     def __init__(
@@ -168,7 +160,7 @@ class Session(Link):
                 self._start(request, lambda req: (C_SUBMIT, req, payload(fn, args, kwargs),
                                                   wire_policy, False, self.token, False, True))
             except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
-                self._grant(1, answered=True)
+                self._grant(1, 1)
                 raise
             return request.future
         answer = self._call(request, lambda req: (
@@ -276,9 +268,8 @@ class Session(Link):
                when_down: str = "fail") -> int:
         """Register ``request`` and send its frame; raises (nothing sent) on a bad call, or
         ServerUnavailableError while down (``when_down="queue"``: sent at reconnection)."""
-        with self._lock:
-            self._check_open_locked()
-            req = next(self._req_ids)
+        self._check_open_locked()  # early, without the lock (checked again under it below)
+        req = next(self._req_ids)  # (atomic: itertools.count is C, under the GIL)
         message = build(req)
         frame = encode_service_frame(message)  # SerializationError from encode_call
         if len(frame) > SERVICE_MAX_FRAME:
@@ -373,127 +364,3 @@ class Session(Link):
                 request.future._fail_in_forked_child(OrchestratorBrokenError(
                     "this task was submitted through a taskorch.Client by the process this one "
                     "was forked from: its outcome goes to that process only"))
-
-    # -- reader thread -----------------------------------------------------------------------
-
-    def _read_guarded(self) -> None:
-        reason = "closed by this client"
-        try:
-            while True:
-                why = self._read_until_lost()
-                if self._closing:
-                    break
-                if self.reconnect_for <= 0:
-                    reason = why
-                    break
-                self._go_down(why)
-                if not self._reconnect():
-                    if not self._closing:
-                        reason = f"{why}; could not reconnect within {self.reconnect_for:g} s"
-                    break
-        except BaseException as exc:
-            reason = f"internal error: {type(exc).__name__}: {exc}"
-            log.exception("taskorch.Client: the reader of %s failed", self.where)
-        finally:
-            self._end(reason)
-
-    def _read_until_lost(self) -> str:
-        try:
-            self._read()
-        except EOFError:
-            return "closed by the server"
-        except Exception as exc:
-            if not self._closing:
-                log.warning("taskorch.Client: lost the connection to %s: %s: %s", self.where,
-                            type(exc).__name__, exc, exc_info=not isinstance(exc, OSError))
-            return f"{type(exc).__name__}: {exc}"
-        raise AssertionError("unreachable")
-
-    def _read(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        frames = FrameReader(conn.fileno())  # the reader alone replaces or closes the link
-        while True:
-            message = decode_server_frame(frames.read())
-            tag = message[0]
-            if tag == S_DONE:
-                _, req, outcome, attempts, seconds, data = message
-                with self._lock:
-                    request = self._requests.pop(req, None)
-                if request is None or request.future is None or request.future.done():
-                    continue  # withdrawn
-                if not request.answered:  # a result() wait (or a resent submission)
-                    request.deliver((S_ACCEPTED, req, 0))
-                resolve(request.future, outcome, attempts, seconds, data)
-            elif tag in (S_ACCEPTED, S_DROPPED, S_REJECTED, S_STATS):
-                req = message[1]
-                with self._lock:
-                    requests = self._requests
-                    request = requests.get(req) if tag == S_ACCEPTED else requests.pop(req, None)
-                if request is None:
-                    continue  # withdrawn
-                if request.answered:  # a re-attached task: accepted again, or lost
-                    if tag == S_REJECTED and request.future is not None:
-                        self._lost(request.future, decode_service_error(message[2]))
-                    continue
-                if tag == S_ACCEPTED and request.future is not None:
-                    request.future.task_id = message[2]
-                    self._grant(message[3], request.credit)
-                elif tag == S_REJECTED and request.credit and request.future is not None:
-                    self._grant(0, answered=True)
-                    request.future.set_exception(decode_service_error(message[2]))
-                request.deliver(message)
-            elif tag == S_CREDIT:
-                self._grant(message[1])
-            elif tag == S_RECALL:
-                with self._lock:
-                    n, self._credits = self._credits, 0
-                try:
-                    self._send(encode_service_frame((C_RETURN, n)))
-                except (ServerUnavailableError, ServerTimeoutError):
-                    pass  # the link is lost: the server frees them itself
-            else:
-                raise ValueError(f"unexpected frame from the server (tag {tag!r})")
-
-    def _grant(self, n: int, answered: bool = False) -> None:
-        with self._lock:
-            self._credits += n
-            self._credit_inflight = max(0, self._credit_inflight - answered)
-            self._credit_change.notify_all()
-
-    def _credit_or_answers(self) -> bool:  # (_lock held)
-        return (self._credits > 0 or self._credit_inflight == 0 or self.down_reason is not None
-                or self._closing or self.closed_reason is not None)
-
-    def _lost(self, future: TaskFuture, error: BaseException) -> None:
-        if not future.done():  # (S_REJECTED for a re-attached task: TaskNotFoundError)
-            future.set_exception(OrchestratorBrokenError(
-                f"taskorch serve at {self.where} no longer knows task {future.task_id} "
-                f"({error}): it was restarted without its journal? The task may or may not "
-                "have run"))
-
-    def _end(self, reason: str) -> None:
-        self.shut_down()  # a sender blocked in send_bytes() fails now, releasing `_send_lock`
-        with self._send_lock, self._lock:  # lock order: _send_lock, then _lock
-            self.closed_reason = reason
-            self._credit_change.notify_all()
-            requests = list(self._requests.values())
-            self._requests.clear()
-            self._close_link_locked()
-        self._up.set()  # run_async() callers waiting for the link see the end
-        closing = self._closing
-        for request in requests:
-            if not request.answered:
-                request.deliver(OrchestratorClosedError(
-                    f"the connection to taskorch serve at {self.where} closed ({reason}) before it "
-                    "answered; the task was probably not accepted"))
-            elif request.future is not None and not request.future.done():
-                if closing:
-                    error: Exception = OrchestratorClosedError(
-                        "the taskorch.Client was closed before this task's outcome arrived; the "
-                        "task still runs on the server")
-                else:
-                    error = OrchestratorBrokenError(
-                        f"lost the connection to taskorch serve at {self.where} ({reason}) before "
-                        "this task's outcome arrived: it may or may not have run")
-                request.future.set_exception(error)
