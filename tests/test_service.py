@@ -510,3 +510,44 @@ def test_sigint_drains_and_exits_130(start_server, gates) -> None:
         assert inflight.result(R) == "go"
     assert server.proc.wait(R) == 130
     assert "taskorch serve: stopped (drained: 1 succeeded" in server.stderr()
+
+
+_GC_ON_THE_CLOCK = r"""
+import gc, json, os, signal, sys, threading, weakref
+from taskorch import TaskOrchestrator
+from taskorch._service import serving
+from taskorch._service.listener import bind_unix
+
+serving.GC_INTERVAL = 0.05
+ready, collected, seen = threading.Event(), threading.Event(), {}
+
+class Cycle:
+    pass
+
+def check():
+    ready.wait()
+    seen["enabled_while_serving"] = gc.isenabled()
+    cycle = Cycle()
+    cycle.me = cycle  # garbage only a cyclic collection frees
+    weakref.finalize(cycle, collected.set)
+    del cycle
+    seen["collected"] = collected.wait(60)  # (a deadlock guard: the clock runs every 0.05 s)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=check).start()
+serving.serve(TaskOrchestrator(1), bind_unix(sys.argv[1]), b"k" * 32,
+              say=lambda line: ready.set() if line.startswith("listening on") else None)
+seen["enabled_after"] = gc.isenabled()
+print(json.dumps(seen))
+"""
+
+
+def test_the_server_collects_cyclic_garbage_on_a_clock_not_by_allocations(short_dir) -> None:
+    # serve() turns the allocation-driven collector off (it walked every queued task again and
+    # again) and collects on a clock instead; an idle server allocates nothing, so only the
+    # clock can free this cycle.
+    out = subprocess.run(
+        [sys.executable, "-c", _GC_ON_THE_CLOCK, str(short_dir / "s.sock")],
+        capture_output=True, text=True, env=_env(), timeout=R, check=True)
+    assert json.loads(out.stdout) == {
+        "enabled_while_serving": False, "collected": True, "enabled_after": True}

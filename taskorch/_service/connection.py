@@ -264,7 +264,7 @@ class ServedConnection:
                 self._journal(req, payload, wire_policy, client)
                 granted = self.credits.top_up_when_low()
                 if granted:  # now, not after the commit: the client streams on meanwhile
-                    self.send((S_CREDIT, granted))  # (the outbox: never wait for the writer)
+                    self._answer((S_CREDIT, granted))  # (now, not after the outbox: see _answer)
             else:
                 self._reply((S_REJECTED, req, encode_service_error(
                     QueueFullError(self.orchestrator.max_backlog))))

@@ -37,10 +37,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from taskorch._parent.intake import Intake
 
-#: Most credits one connection holds: enough to stream submissions through a group commit (a
-#: few ms of fsync) without running dry; held slots are slots other clients cannot use, and
-#: CREDIT_SHARE keeps a grant to a quarter of the room left.
-CREDIT_MAX = 256
+#: Most credits one connection holds: enough that a client streaming run() calls (~15 us each)
+#: does not run dry while its top-up travels back. The top-up is sent when half are spent, by
+#: the server's reader at once, but the client's reader thread may wait for the GIL up to the
+#: switch interval (5 ms: ~330 run() calls) behind the submitting thread: 256 ran dry (the
+#: submitting loop waited for credits half its time, measured), 1,024 does not. Held slots are
+#: slots other clients cannot use: CREDIT_SHARE keeps a grant to a quarter of the room left,
+#: and a recall frees them when a round trip finds the backlog full.
+CREDIT_MAX = 1024
 #: A grant takes at most this fraction (1/N) of the backlog's room left.
 CREDIT_SHARE = 4
 
