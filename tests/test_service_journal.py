@@ -22,15 +22,17 @@ from typing import Any
 import _tasks as t
 import pytest
 import test_service
-from _tasks import wait_until
+from _tasks import sigstop, wait_until
 from test_service import R, _env, _taskorch
 
 from taskorch import (
     JournalError,
+    OrchestratorClosedError,
     Policy,
     QueueFullError,
     ServerTimeoutError,
     ServerUnavailableError,
+    TaskFuture,
     TaskNotFoundError,
     WorkerCrashedError,
     connect,
@@ -82,8 +84,7 @@ def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) ->
         poisoned.wait_started()
         futures = [client.with_policy(NO_RETRY).run(t.record, str(out), i) for i in range(2000)]
         # run() spends credits, without a round trip: a task id comes once committed.
-        wait_until(lambda: all(f.task_id for f in futures), what="every task committed")
-        assert len({f.task_id for f in futures}) == 2000
+        assert len({client.accepted(f, R) for f in futures}) == 2000
         kill(a)
         assert journal_counts(journal) == {"queued": 2000, "running": 2}
         with pytest.raises(ServerUnavailableError):  # at once, not after a timeout
@@ -175,6 +176,32 @@ def test_a_resent_submission_is_found_in_the_journal(start_server) -> None:
         assert req >= 1 and request.event.wait(R)
         assert request.answer[:3] == (S_ACCEPTED, 1, f.task_id)
         assert second.stats().submitted == 1
+
+
+def test_accepted_waits_for_the_commit_of_a_run_that_spent_a_credit(
+        start_server, short_dir) -> None:
+    a = start_server("--journal", str(short_dir / "j.sqlite3"))
+    client = a.connect()
+    try:
+        first = client.run(t.square, 2)
+        assert first is not None
+        task_id = client.accepted(first, R)
+        assert task_id == first.task_id > 0
+        sigstop(a.proc.pid)
+        try:
+            stalled = client.run(t.square, 3)  # a credit: returned without the server
+            assert stalled is not None and stalled.task_id == 0
+            with pytest.raises(TimeoutError, match="did not commit the task within 0.2 s"):
+                client.accepted(stalled, 0.2)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert client.accepted(stalled, R) == stalled.task_id > task_id
+        with a.connect() as other:  # committed: any client finds it by its id
+            assert other.result(stalled.task_id, R) == 9
+    finally:
+        client.close()
+    with pytest.raises(OrchestratorClosedError, match="closed"):
+        client.accepted(TaskFuture(), R)  # (never to be answered: the client is closed)
 
 
 def test_a_stopped_server_makes_calls_fail_within_their_timeout(start_server, short_dir) -> None:
@@ -300,6 +327,7 @@ def test_a_full_disk_fails_the_submission_and_nothing_half_written_runs(
         futures = [client.run(t.write_file, str(marks / str(i)), "x" * 65536) for i in range(40)]
         for i, f in enumerate(futures):
             try:
+                client.accepted(f, R)  # (raises what refused it)
                 f.result(R)
             except JournalError as exc:
                 assert "NOT accepted" in str(exc)

@@ -296,6 +296,20 @@ class Client:
             workers if isinstance(workers, int) and workers > 0 else 2,
             fn, iterables, chunksize, return_exceptions)
 
+    def accepted(self, future: TaskFuture, timeout: float | None = None) -> int:
+        """Wait until the server has committed ``future``'s task to its journal; its task id.
+
+        ``run()`` returns before that when it spends a credit (no round trip): the task lives
+        in this process until the server's commit, a few ms later (``future.task_id`` is 0 until
+        then). Once accepted, it survives the server's crash or restart: answer "202 Accepted"
+        after this. ``future`` is one this client's ``run()`` or ``run_async()`` returned.
+        Raises what refused the task (``JournalError``: the server could not write it;
+        ``OrchestratorClosedError``: stopping), ``TimeoutError`` after ``timeout`` seconds
+        (None: no limit; the connection's own ``request_timeout`` does not apply: the server
+        may be reconnecting), or ``OrchestratorClosedError`` if this client closes first.
+        """
+        return self._here().accepted(future, timeout)
+
     def result(self, task_id: int, timeout: float | None = None) -> Any:
         """Wait up to ``timeout`` seconds (None: no limit) for the outcome of the task with
         id ``task_id`` (``future.task_id``), submitted by any client of this server, before

@@ -96,6 +96,7 @@ class Inbox(Link):
                      else requests.pop(m[1], None) if m[0] in _ANSWERS else None
                      for m in messages]
         granted = answered = 0
+        accepted = False  # a task id was set: wake accepted() callers (through _grant)
         for message, request in zip(messages, found):
             tag = message[0]
             if tag == S_DONE:
@@ -116,6 +117,7 @@ class Inbox(Link):
                     request.future.task_id = message[2]
                     granted += message[3]
                     answered += request.credit
+                    accepted = True
                 elif tag == S_REJECTED and request.credit and request.future is not None:
                     answered += 1
                     request.future.set_exception(decode_service_error(message[2]))
@@ -133,11 +135,12 @@ class Inbox(Link):
                     pass  # the link is lost: the server frees them itself
             else:
                 raise ValueError(f"unexpected frame from the server (tag {tag!r})")
-        if granted or answered:
+        if granted or answered or accepted:
             self._grant(granted, answered)
 
     def _grant(self, n: int, answered: int = 0) -> None:
-        """``n`` more credits; ``answered`` credit submissions answered."""
+        """``n`` more credits; ``answered`` credit submissions answered. Wakes whoever waits
+        for either (``submit``) or for a task id (``accepted``)."""
         with self._lock:
             self._credits += n
             self._credit_inflight = max(0, self._credit_inflight - answered)

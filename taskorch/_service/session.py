@@ -203,6 +203,31 @@ class Session(Inbox):
         assert future is not None  # the server never drops a waiting request
         return future
 
+    def accepted(self, future: TaskFuture, timeout: float | None) -> int:
+        """Wait until the server has committed ``future``'s task (see ``Client.accepted``)."""
+        self._check_not_reader("accepted()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            # Woken (_credit_change) by every S_ACCEPTED and refusal of a credit submission
+            # (the reader's grant), and by the session's end.
+            while not future.task_id and not future.done() and self.closed_reason is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"taskorch serve at {self.where} did not commit the task within "
+                        f"{timeout:g} s")
+                self._credit_change.wait(remaining)
+            reason = self.closed_reason
+        if future.task_id:
+            return future.task_id
+        if future.done():
+            error = future.exception(0)
+            raise error if error is not None else OrchestratorBrokenError(
+                "this future was not returned by this client's run()")
+        raise OrchestratorClosedError(
+            f"the connection to taskorch serve at {self.where} closed ({reason}) before the "
+            "server said whether it committed the task")
+
     def result(self, task_id: int, timeout: float | None) -> Any:
         """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
         self._check_not_reader("result()")
