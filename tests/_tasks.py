@@ -141,6 +141,16 @@ def fail_until(counter: str, succeed_on: int) -> int:
     return n
 
 
+def fail_then_block(counter: str, fails: int, started: str, release_fifo: str) -> str:
+    """Raise for the first ``fails`` calls (counted in a file), then behave as ``blocker``."""
+    path = Path(counter)
+    n = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(n))
+    if n <= fails:
+        raise ConnectionError(f"attempt {n} failed")
+    return blocker(started, release_fifo)
+
+
 def read_text(path: str) -> str:
     return Path(path).read_text()
 

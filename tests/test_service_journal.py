@@ -113,6 +113,41 @@ def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) ->
     assert set(ran) == {str(i) for i in range(2000)}  # none lost (at least once each)
 
 
+def test_a_restart_charges_every_attempt_the_task_started(start_server, short_dir) -> None:
+    """Retried inside its worker, a task is on its third attempt when the server is SIGKILLed:
+    the journal says so, and the next server charges all three (a budget of 4 leaves one)."""
+    journal = short_dir / "j.sqlite3"
+    gate = t.Gate(short_dir, "third")
+    a = start_server("--journal", str(journal))
+    client = a.connect()
+    try:
+        future = client.with_policy(Policy(retries=3, backoff_initial=0)).run(
+            t.fail_then_block, str(short_dir / "calls"), 2, str(gate.started),
+            str(gate.release_fifo))
+        assert future is not None
+        task_id = client.accepted(future, R)
+        gate.wait_started()
+
+        def attempts_journaled() -> int:
+            db = sqlite3.connect(journal)  # (WAL: a reader beside the running server)
+            try:
+                return int(db.execute("SELECT attempts FROM tasks WHERE id=?",
+                                      (task_id,)).fetchone()[0])
+            finally:
+                db.close()
+
+        wait_until(lambda: attempts_journaled() == 3, what="the third attempt journaled")
+        kill(a)
+        gate.started.unlink()
+        b = start_server("--journal", str(journal), like=a)
+        b.wait_logged("1 that were running retried (an attempt charged)")
+        gate.wait_started()
+        gate.release()
+        assert future.result(R) == "go" and future.attempts == 4
+    finally:
+        client.close()
+
+
 def test_submitters_during_a_sigkill_get_each_task_accepted_once(start_server, short_dir) -> None:
     """8 threads submit while the server is killed and replaced: a submission whose answer was
     lost is sent again and found in the journal, never accepted twice."""

@@ -264,8 +264,6 @@ class Backlog:
             item.state = TaskState.RUNNING
             self.queued -= 1
             self.running += 1
-            if item.on_start is not None:
-                item.on_start(item)  # (taskorch serve's journal: queues a record, never blocks)
             if not item.future.done():  # (unless the caller resolved it itself)
                 item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
             self._wake_room_waiters_locked(1)

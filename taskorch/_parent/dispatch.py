@@ -188,6 +188,8 @@ class DispatcherCore:
         if figures is not None and item.state is TaskState.QUEUED:
             figures.started(item, now)  # (metrics on: the queue wait; see figures.py)
         self._backlog.start_locked(item)
+        if item.on_start is not None:  # (taskorch serve's journal: queues a record)
+            item.on_start(item)
 
     def _retrying_locked(self, item: WorkItem, attempt: int, summary: str, delay: float,
                          timed_out: bool) -> None:

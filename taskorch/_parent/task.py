@@ -441,8 +441,9 @@ class WorkItem:
         # Set while a caller waits to cancel it, handed over and not started (backlog lock).
         self.cancel_request: CancelRequest | None = None
         self.name = ""  # its label, set only while metrics are on (``figures``)
-        # Called once, under the backlog lock, when the first attempt starts (taskorch serve
-        # journals it); must not block or take another lock. None: nobody asked.
+        # Called under the backlog lock each time an attempt starts, ``attempts`` counting it
+        # (taskorch serve journals it: a restart charges what was spent); must not block or
+        # take another lock. None: nobody asked.
         self.on_start: Callable[[WorkItem], None] | None = None
 
     def release(self) -> None:
