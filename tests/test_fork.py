@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import _tasks as t
 import psutil
@@ -39,6 +39,31 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p))
+
+
+def _in_forked_child(body: Callable[[], Any]) -> Any:
+    """Run ``body`` in a forked child (which never returns into pytest) and return what it
+    returned, through a pipe as JSON; the child's traceback fails the test."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, json.dumps(body()).encode())
+            code = 0
+        except BaseException:
+            os.write(w, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        output = _read_all(r)
+    finally:
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output.decode()
+    return json.loads(output)
 
 
 def _read_all(fd: int, timeout: float = 60) -> bytes:
@@ -68,38 +93,22 @@ def test_an_orchestrator_starts_afresh_in_a_forked_child(make_orchestrator, gate
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
-    r, w = os.pipe()
+    def child() -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        error = queued.exception(timeout=5)  # at once: it is the parent's
+        report["inherited"] = [type(error).__name__, str(error)]
+        report["square"] = o.run(t.square, 4).result(R)
+        report["workers"] = o.worker_pids()
+        report["submitted"] = o.stats().submitted
+        report["logged"] = [rec.getMessage() for rec in records]
+        report["stop"] = o.stop(timeout=R).drained
+        return report
+
     try:
-        pid = os.fork()
-        if pid == 0:  # the child: report through the pipe, never return into pytest
-            code = 1
-            try:
-                os.close(r)
-                report: dict[str, Any] = {}
-                error = queued.exception(timeout=5)  # at once: it is the parent's
-                report["inherited"] = [type(error).__name__, str(error)]
-                report["square"] = o.run(t.square, 4).result(R)
-                report["workers"] = o.worker_pids()
-                report["submitted"] = o.stats().submitted
-                report["logged"] = [rec.getMessage() for rec in records]
-                report["stop"] = o.stop(timeout=R).drained
-                os.write(w, json.dumps(report).encode())
-                code = 0
-            except BaseException:
-                os.write(w, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
+        report = _in_forked_child(child)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-    os.close(w)
-    try:
-        output = _read_all(r)
-    finally:
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, output.decode()
-    report = json.loads(output)
     assert report["inherited"][0] == OrchestratorBrokenError.__name__
     assert "forked" in report["inherited"][1]
     assert report["square"] == 16 and report["submitted"] == 1 and report["stop"] is True
@@ -207,28 +216,12 @@ def test_result_by_id_is_a_forked_childs_first_use_of_a_client(start_server) -> 
     with server.connect() as client:
         done = client.run(t.square, 7)
         assert done is not None and done.result(R) == 49
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report through the pipe, never return into pytest
-            code = 1
-            try:
-                os.close(r)
-                value = client.result(done.task_id, timeout=R)  # its first use here
-                client.close()
-                os.write(w, json.dumps(value).encode())
-                code = 0
-            except BaseException:
-                os.write(w, traceback.format_exc().encode())
-            finally:
-                os._exit(code)
-        os.close(w)
-        try:
-            output = _read_all(r)
-        finally:
-            os.close(r)
-            _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, output.decode()
-        assert json.loads(output) == 49
+        def child() -> Any:
+            value = client.result(done.task_id, timeout=R)  # its first use here
+            client.close()
+            return value
+
+        assert _in_forked_child(child) == 49
         assert client.result(done.task_id, timeout=R) == 49  # the parent's connection: intact
         assert client.run(t.square, 3).result(R) == 9
 

@@ -44,6 +44,17 @@ def write_config(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def hourly_config(tmp_path: Path, out: Path) -> Path:
+    """One schedule, "hourly", that stamps ``out`` (an hour apart: it runs when triggered)."""
+    return write_config(tmp_path, f'''
+[[schedule]]
+name = "hourly"
+target = "job.py:stamp"
+args = ["{out}"]
+every = "1h"
+''')
+
+
 def test_the_repository_config_checks_and_prints_the_next_fire_times() -> None:
     proc = taskorch("serve", "--config", "taskorch.toml", "--check-config", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -144,13 +155,7 @@ def _status(sock: Path, tmp_path: Path) -> dict[str, Any]:
 
 def test_status_lists_the_schedules_and_trigger_runs_one_now(tmp_path: Path) -> None:
     out = tmp_path / "stamps"
-    config = write_config(tmp_path, f'''
-[[schedule]]
-name = "hourly"
-target = "job.py:stamp"
-args = ["{out}"]
-every = "1h"
-''')
+    config = hourly_config(tmp_path, out)
     proc, sock = _serve(tmp_path, config, "--no-journal")
     try:
         assert not out.exists()
@@ -214,13 +219,7 @@ def test_a_trigger_whose_answer_was_lost_is_not_sent_again_after_a_reconnect(
     # is sent (a hook on the session's send); then the server dies and another takes its
     # place on the same socket, where the client reconnects.
     out = tmp_path / "stamps"
-    config = write_config(tmp_path, f'''
-[[schedule]]
-name = "hourly"
-target = "job.py:stamp"
-args = ["{out}"]
-every = "1h"
-''')
+    config = hourly_config(tmp_path, out)
     first, sock = _serve(tmp_path, config, "--no-journal")
     second: Served | None = None
     client = connect(str(sock), request_timeout=R)
