@@ -12,6 +12,8 @@ import concurrent.futures
 import gc
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -293,3 +295,25 @@ def test_finished_futures_keep_no_arguments_alive(make_orchestrator: Make) -> No
     finally:
         tracemalloc.stop()
     assert held < 40 << 20, f"50 finished futures hold {held / 2**20:.0f} MiB"
+
+
+_HANDLER_TOUCHES_A_HELD_FUTURE = r"""
+import os, signal
+from taskorch._parent.task import TaskFuture
+
+future, seen = TaskFuture(), []
+signal.signal(signal.SIGUSR1, lambda *_: seen.append(future.done()))
+with future._condition:  # as wait() and as_completed() hold it
+    os.kill(os.getpid(), signal.SIGUSR1)
+    for _ in range(1000):
+        pass  # the handler runs here, between two bytecodes, in this thread
+print(seen)
+"""
+
+
+def test_a_signal_handler_may_touch_a_future_whose_lock_its_thread_holds() -> None:
+    # A future's condition is reentrant, as concurrent.futures makes it: a handler (or a
+    # finalizer) that asks a future about itself must not deadlock its own thread.
+    out = subprocess.run([sys.executable, "-c", _HANDLER_TOUCHES_A_HELD_FUTURE],
+                         capture_output=True, text=True, timeout=R)
+    assert out.stdout.strip() == "[False]", out.stderr

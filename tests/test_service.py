@@ -551,3 +551,65 @@ def test_the_server_collects_cyclic_garbage_on_a_clock_not_by_allocations(short_
         capture_output=True, text=True, env=_env(), timeout=R, check=True)
     assert json.loads(out.stdout) == {
         "enabled_while_serving": False, "collected": True, "enabled_after": True}
+
+
+_DRAIN_ON_A_SLOW_DISK = r"""
+import json, os, signal, sys, threading, time
+from pathlib import Path
+
+import _tasks as t
+from taskorch import TaskOrchestrator, connect
+from taskorch._service import journal, serving
+from taskorch._service.listener import bind_unix
+
+# A slow disk: every COMMIT takes 0.2 s (a busy disk's fsync), so that the last outcome is
+# still being committed when the drain is over. (A fault injected, not an order of events.)
+commit = journal._Transaction.__exit__
+def slow_commit(self, *exc):
+    time.sleep(0.2)
+    return commit(self, *exc)
+journal._Transaction.__exit__ = slow_commit
+
+where = Path(sys.argv[1])
+key = where / "key"
+key.write_bytes(b"k" * 32)
+gate = t.Gate(where, "task")
+ready, draining, seen = threading.Event(), threading.Event(), {}
+
+def say(line):
+    if line.startswith("listening on"):
+        ready.set()
+    if "stopping; draining" in line:
+        draining.set()
+
+def client_side():
+    ready.wait()
+    with connect(str(where / "s.sock"), authkey_file=str(key)) as client:
+        future = client.run(t.blocker, str(gate.started), str(gate.release_fifo))
+        gate.wait_started()
+        os.kill(os.getpid(), signal.SIGTERM)
+        draining.wait(60)  # (a deadlock guard)
+        gate.release()
+        try:
+            seen["result"] = future.result(60)
+        except Exception as exc:
+            seen["result"] = f"{type(exc).__name__}: {exc}"
+
+thread = threading.Thread(target=client_side)
+thread.start()
+outcome = serving.serve(TaskOrchestrator(1), bind_unix(str(where / "s.sock")), key.read_bytes(),
+                        journal=journal.Journal(str(where / "j.sqlite3")), say=say)
+thread.join()
+seen["drained"] = outcome.drained
+print(json.dumps(seen))
+"""
+
+
+def test_an_outcome_committed_during_the_drain_still_reaches_its_client(short_dir) -> None:
+    # The server publishes an outcome once the journal has committed it; at the end of the
+    # drain it must wait for those commits before it closes the connections.
+    out = subprocess.run(
+        [sys.executable, "-c", _DRAIN_ON_A_SLOW_DISK, str(short_dir)],
+        capture_output=True, text=True, env=_env(), timeout=2 * R)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"result": "go", "drained": True}, out.stderr

@@ -233,10 +233,20 @@ def test_accepted_waits_for_the_commit_of_a_run_that_spent_a_credit(
         assert client.accepted(stalled, R) == stalled.task_id > task_id
         with a.connect() as other:  # committed: any client finds it by its id
             assert other.result(stalled.task_id, R) == 9
+        sigstop(a.proc.pid)
+        try:  # closing the client ends the wait, whether it began before or after
+            last = client.run(t.square, 4)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(client.accepted, last, R)
+                client.close(0)
+                with pytest.raises(OrchestratorClosedError):
+                    waiting.result(R)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
     finally:
         client.close()
-    with pytest.raises(OrchestratorClosedError, match="closed"):
-        client.accepted(TaskFuture(), R)  # (never to be answered: the client is closed)
+    with pytest.raises(ValueError, match="returned"):
+        client.accepted(TaskFuture(), R)  # not one of its futures: never to be answered
 
 
 def test_a_stopped_server_makes_calls_fail_within_their_timeout(start_server, short_dir) -> None:

@@ -83,20 +83,17 @@ _PICKLED_RESULT: Any = object()
 
 
 class _FutureCondition(threading.Condition):
-    """A future's ``_condition``: a ``threading.Condition`` on a plain ``Lock``, without the
-    five bound methods that ``Condition.__init__`` stores on each instance (``acquire`` and
-    ``release`` are methods of the class here; the lock-agnostic fallbacks of ``Condition``
-    serve ``wait()`` and ``notify()``). Why: every task alive holds its future, and a plain
-    ``Condition()`` makes seven objects the cyclic garbage collector tracks; with 20,000 tasks
-    queued, the collector's full passes over them cost ``taskorch serve`` about 50 us of CPU per
-    task (measured with ``gc.callbacks``; see README "Performance"). Two objects here.
+    """A future's ``_condition``: a ``threading.Condition`` on an ``RLock``, as
+    ``concurrent.futures`` makes it, without the five bound methods that
+    ``Condition.__init__`` stores on each instance (they are methods of the class here). Why:
+    every task alive holds its future, and a plain ``Condition()`` makes seven objects the
+    cyclic garbage collector tracks; with 20,000 tasks queued, the collector's passes over them
+    cost ``taskorch serve`` about 50 us of CPU per task (measured with ``gc.callbacks``; see
+    README "Performance"). Three objects here. Reentrant, as the stdlib's: a signal handler or
+    a finalizer may touch a future while its thread holds the condition."""
 
-    A plain Lock, not an RLock: ``concurrent.futures`` never takes a future's condition twice
-    in one thread (``wait()`` and ``as_completed()`` take each future of a set once, and no
-    callback runs while it is held), and neither does ``TaskFuture``."""
-
-    def __init__(self) -> None:  # noqa: D107 - (no super().__init__: see the class docstring)
-        self._lock = threading.Lock()
+    def __init__(self) -> None:  # (no super().__init__: see the class docstring)
+        self._lock = threading.RLock()
         self._waiters: deque[threading.Lock] = deque()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
@@ -104,6 +101,15 @@ class _FutureCondition(threading.Condition):
 
     def release(self) -> None:
         self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
 
 
 # What Future.__init__ sets, when it is exactly this (CPython 3.11-3.13): TaskFuture sets it
@@ -166,7 +172,8 @@ class TaskFuture(Future[Any]):
         self._decode_lock: threading.Lock | None = None
         # Internal: called once, with this future, in the thread that resolves it, before
         # its done-callbacks are queued (taskorch serve's registry journals the outcome). Must
-        # be quick and never block or raise: it runs on a dispatcher thread. Not for user code.
+        # be quick and never block or raise: it runs on a dispatcher thread mostly (else a
+        # canceller's, stop()'s, the server's recovery). Not for user code.
         self._observer: Callable[[TaskFuture], None] | None = None
 
     def cancel(self) -> bool:

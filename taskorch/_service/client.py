@@ -306,7 +306,8 @@ class Client:
         Raises what refused the task (``JournalError``: the server could not write it;
         ``OrchestratorClosedError``: stopping), ``TimeoutError`` after ``timeout`` seconds
         (None: no limit; the connection's own ``request_timeout`` does not apply: the server
-        may be reconnecting), or ``OrchestratorClosedError`` if this client closes first.
+        may be reconnecting), ``OrchestratorClosedError`` if this client closes first, and
+        ``ValueError`` for a future it did not return.
         """
         return self._here().accepted(future, timeout)
 

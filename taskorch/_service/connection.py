@@ -264,7 +264,7 @@ class ServedConnection:
                 self._journal(req, payload, wire_policy, client)
                 granted = self.credits.top_up_when_low()
                 if granted:  # now, not after the commit: the client streams on meanwhile
-                    self._answer((S_CREDIT, granted))  # (now, not after the outbox: see _answer)
+                    self._credit_now(granted)
             else:
                 self._reply((S_REJECTED, req, encode_service_error(
                     QueueFullError(self.orchestrator.max_backlog))))
@@ -335,6 +335,18 @@ class ServedConnection:
             self._answer(message)
         else:
             self.send(message)
+
+    def _credit_now(self, granted: int) -> None:
+        """S_CREDIT from the reader, without the writer's thread hop when the socket is free
+        (the client streams on sooner); through the outbox when the writer is sending, so
+        that the reader never waits behind a large batch to a slow client."""
+        if self._send_lock.acquire(blocking=False):
+            try:
+                self.conn.send_bytes(encode_service_frame((S_CREDIT, granted)))
+            finally:
+                self._send_lock.release()
+        else:
+            self.send((S_CREDIT, granted))
 
     def _answer(self, message: tuple[Any, ...]) -> None:
         """Send an answer from the reader thread itself, without the writer's thread hop. It

@@ -37,12 +37,23 @@ from taskorch._service.protocol import (
     decode_service_error,
     encode_service_frame,
 )
-from taskorch._service.requests import resolve
+from taskorch._service.requests import Request, resolve
 
 log = logging.getLogger("taskorch")
 
 #: Server messages that answer a request for good (its entry leaves the table).
 _ANSWERS = frozenset((S_DONE, S_DROPPED, S_REJECTED, S_STATS))
+
+
+class _Tally:
+    """What one batch of messages brought: credits, answers to credit submissions, task ids."""
+
+    __slots__ = ("granted", "answered", "accepted")
+
+    def __init__(self) -> None:
+        self.granted = 0
+        self.answered = 0
+        self.accepted = False
 
 
 class Inbox(Link):
@@ -89,54 +100,67 @@ class Inbox(Link):
 
     def _handle(self, messages: tuple[tuple[Any, ...], ...]) -> None:
         """Server messages, in order (the reader thread). The requests they answer are looked
-        up under one hold of the lock, and the credits they bring granted under one more."""
+        up under one hold of the lock, and the credits they bring granted under one more. If
+        one raises (the link is then dropped), the requests of the messages after it go back
+        in the table, as if not received: they are sent again after the reconnection."""
         with self._lock:
             requests = self._requests
             found = [requests.get(m[1]) if m[0] == S_ACCEPTED
                      else requests.pop(m[1], None) if m[0] in _ANSWERS else None
                      for m in messages]
-        granted = answered = 0
-        accepted = False  # a task id was set: wake accepted() callers (through _grant)
-        for message, request in zip(messages, found):
-            tag = message[0]
-            if tag == S_DONE:
-                if request is None or request.future is None or request.future.done():
-                    continue  # withdrawn
-                _, req, outcome, attempts, seconds, data = message
-                if not request.answered:  # a result() wait (or a resent submission)
-                    request.deliver((S_ACCEPTED, req, 0))
-                resolve(request.future, outcome, attempts, seconds, data)
-            elif tag in _ANSWERS or tag == S_ACCEPTED:
-                if request is None:
-                    continue  # withdrawn
-                if request.answered:  # a re-attached task: accepted again, or lost
-                    if tag == S_REJECTED and request.future is not None:
-                        self._lost(request.future, decode_service_error(message[2]))
-                    continue
-                if tag == S_ACCEPTED and request.future is not None:
-                    request.future.task_id = message[2]
-                    granted += message[3]
-                    answered += request.credit
-                    accepted = True
-                elif tag == S_REJECTED and request.credit and request.future is not None:
-                    answered += 1
-                    request.future.set_exception(decode_service_error(message[2]))
-                request.deliver(message)
-            elif tag == S_CREDIT:
-                granted += message[1]
-            elif tag == S_RECALL:
-                self._grant(granted, answered)  # (what came before it counts in the return)
-                granted = answered = 0
+        tally = _Tally()
+        for i, (message, request) in enumerate(zip(messages, found)):
+            try:
+                self._handle_one(message, request, tally)
+            except BaseException:
                 with self._lock:
-                    n, self._credits = self._credits, 0
-                try:
-                    self._send(encode_service_frame((C_RETURN, n)))
-                except (ServerUnavailableError, ServerTimeoutError):
-                    pass  # the link is lost: the server frees them itself
-            else:
-                raise ValueError(f"unexpected frame from the server (tag {tag!r})")
-        if granted or answered or accepted:
-            self._grant(granted, answered)
+                    for later, its in zip(messages[i + 1:], found[i + 1:]):
+                        if its is not None and later[0] in _ANSWERS:
+                            self._requests.setdefault(later[1], its)
+                raise
+        if tally.granted or tally.answered or tally.accepted:
+            self._grant(tally.granted, tally.answered)
+
+    def _handle_one(self, message: tuple[Any, ...], request: Request | None,
+                    tally: _Tally) -> None:
+        """One message and the request it answers (if any); credits counted in ``tally``."""
+        tag = message[0]
+        if tag == S_DONE:
+            if request is None or request.future is None or request.future.done():
+                return  # withdrawn
+            _, req, outcome, attempts, seconds, data = message
+            if not request.answered:  # a result() wait (or a resent submission)
+                request.deliver((S_ACCEPTED, req, 0))
+            resolve(request.future, outcome, attempts, seconds, data)
+        elif tag in _ANSWERS or tag == S_ACCEPTED:
+            if request is None:
+                return  # withdrawn
+            if request.answered:  # a re-attached task: accepted again, or lost
+                if tag == S_REJECTED and request.future is not None:
+                    self._lost(request.future, decode_service_error(message[2]))
+                return
+            if tag == S_ACCEPTED and request.future is not None:
+                request.future.task_id = message[2]
+                tally.granted += message[3]
+                tally.answered += request.credit
+                tally.accepted = True  # wake accepted() callers (through _grant)
+            elif tag == S_REJECTED and request.credit and request.future is not None:
+                tally.answered += 1
+                request.future.set_exception(decode_service_error(message[2]))
+            request.deliver(message)
+        elif tag == S_CREDIT:
+            tally.granted += message[1]
+        elif tag == S_RECALL:
+            self._grant(tally.granted, tally.answered)  # (what came before counts in the return)
+            tally.granted = tally.answered = 0
+            with self._lock:
+                n, self._credits = self._credits, 0
+            try:
+                self._send(encode_service_frame((C_RETURN, n)))
+            except (ServerUnavailableError, ServerTimeoutError):
+                pass  # the link is lost: the server frees them itself
+        else:
+            raise ValueError(f"unexpected frame from the server (tag {tag!r})")
 
     def _grant(self, n: int, answered: int = 0) -> None:
         """``n`` more credits; ``answered`` credit submissions answered. Wakes whoever waits

@@ -11,8 +11,9 @@ hook, whichever thread resolves a task's future, the asyncio thread) only puts o
     submit(..., on_commit) --+
     started(id, attempts) ---+--> _ops --> take every op queued (up to MAX_BATCH),
     finished(id, ..., then) -+             apply them in ONE transaction (one executemany
-    lookup(id, on_row) ------+             per kind of write), COMMIT, then call back in
-                                           order: group commit
+    lookup(id, on_row) ------+             per kind of write), COMMIT, then call back: the
+                                           submissions in order, the outcomes, then the
+                                           rest in order (``_apply_all``): group commit
 
 Group commit: while one transaction commits (an fsync with ``synchronous=FULL``), the
 submissions that arrive queue up, and the next transaction takes them all; a submitter waits
@@ -44,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 import queue
 import sqlite3
 import threading
@@ -52,6 +54,7 @@ from typing import Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
 from taskorch._service.journal_file import lock_journal, next_task_id, open_journal
+from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")
 
@@ -191,8 +194,10 @@ class Journal:
         self._ops.put(("started", task_id, attempts))
 
     def finished(self, task_id: int, outcome: int, attempts: int, seconds: float | None,
-                 data: bytes, then: Callable[[], None]) -> None:
-        """The task's outcome; ``then()`` once it is committed (or failed to be: logged)."""
+                 data: Any, then: Callable[[], None]) -> None:
+        """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer, off the
+        caller's thread: a dispatcher); ``then()`` once it is committed (or failed to be:
+        logged)."""
         self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then))
 
     def forget(self, task_id: int, then: Callable[[], None]) -> None:
@@ -201,6 +206,16 @@ class Journal:
 
     def lookup(self, task_id: int, on_row: Callable[[Row | None], None]) -> None:
         self._ops.put(("lookup", task_id, on_row))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every op queued before this call is applied and its callback has run
+        (outcomes published included); False if ``timeout`` passed first. Any thread but the
+        writer."""
+        if not self._writer.is_alive():
+            return True  # not started, or closed: nothing is pending
+        done = threading.Event()
+        self._ops.put(("flush", done))
+        return done.wait(timeout)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, close the file, release the lock."""
@@ -282,21 +297,23 @@ class Journal:
             db.executemany(
                 "UPDATE tasks SET state='done', payload=NULL, attempts=?, finished=?, outcome=?, "
                 "seconds=?, data=? WHERE id=?",
-                [(op[3], now, op[2], op[4], op[5], op[1]) for op in by_kind["finished"]])
+                [(op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL), op[1])
+                 for op in by_kind["finished"]])
             callbacks += [op[6] for op in by_kind["finished"]]
         callbacks += [self._apply(op) for op in others]
         return callbacks
 
     def _insert(self, submits: list[tuple[Any, ...]], now: float) -> list[Callable[[], None]]:
         """New records for submissions, with the next ids; one that names a submission
-        already journaled (a retry: same client and number) gets that record instead."""
+        already journaled (a retry: same client and number) gets that record instead. (Only
+        that conflict is ignored: an id already taken, a bug, fails the batch.)"""
         if not submits:
             return []
         first = self._next_id
         self._next_id += len(submits)
         inserted = self._db.executemany(
-            "INSERT OR IGNORE INTO tasks (id, client, sub, payload, policy, state, submitted) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            "INSERT INTO tasks (id, client, sub, payload, policy, state, submitted) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?) ON CONFLICT (client, sub) DO NOTHING",
             [(first + i, op[1], op[2], op[3], op[4], now) for i, op in enumerate(submits)],
         ).rowcount
         callbacks: list[Callable[[], None]] = []
@@ -331,6 +348,8 @@ class Journal:
             _, task_id, then = op
             db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
             return then  # type: ignore[no-any-return]
+        if kind == "flush":  # (its callback runs after every other of the batch: see above)
+            return op[1].set  # type: ignore[no-any-return]
         assert kind == "lookup", op
         _, task_id, on_row = op
         found = db.execute(f"SELECT {_ROW_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
@@ -351,6 +370,8 @@ class Journal:
             return lambda: on_row(None)
         if kind == "forget":
             return op[-1]  # type: ignore[no-any-return]
+        if kind == "flush":
+            return op[1].set  # type: ignore[no-any-return]
         if kind == "finished":  # published all the same: the task did end
             log.error("taskorch serve: journal write failed (%s): the outcome of task %d is not "
                       "journaled; after a restart that task would run again", exc, op[1])

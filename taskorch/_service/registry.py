@@ -19,7 +19,9 @@ thread; the journal's writer runs the commit callbacks (``_committed``: admit, a
 observer) after it, both only queue a journal op (``_ended`` in whichever thread resolves the
 future: a canceller, ``stop()``, recovery). ``_lock`` guards ``_live``; an id leaves ``_live``
 only once its outcome is committed, so that a lookup that misses ``_live`` (queued after that
-commit) finds the outcome in the journal. Never held across a callback.
+commit) finds the outcome in the journal; or with no outcome at all: a task left for the
+next start at stop, or a record forgotten because the server stopped before enqueuing it.
+Never held across a callback.
 
 Stopping with a durable journal: tasks that the drain's timeout cancels (queued) or abandons
 (running) are not recorded as ended: they stay queued or running in the journal, and the next
@@ -280,9 +282,8 @@ class TaskRegistry:
                 self._live.pop(task_id, None)
                 self.left_for_next_start += 1
             return  # left live in the journal for the next start (see the module docstring)
-        blob = pickle.dumps(outcome.data, PROTOCOL)
         self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
-                              blob, functools.partial(self._publish, task_id, outcome))
+                              outcome.data, functools.partial(self._publish, task_id, outcome))
 
     def _publish(self, task_id: int, outcome: Outcome) -> None:
         """The journal's writer, once the outcome is committed (or failed to be)."""

@@ -301,7 +301,8 @@ class Server:
 
     def close_connections(self) -> None:
         """Flush every outbox (up to FLUSH_TIMEOUT each), then cut the connections and join
-        their threads. After the drain, so every outcome has been queued."""
+        their threads. After the drain and a ``Journal.flush()``, so that every outcome has
+        been committed and queued in its connection's outbox (``serving.serve``)."""
         with self._lock:
             self._stopping = True
             connections = list(self._pending) + list(self._authenticated)

@@ -12,8 +12,10 @@ a quarter, which cost ``taskorch serve`` about a fifth of its CPU per task in th
 (section A, measured with ``gc.callbacks``). The server's per-task objects form no reference
 cycles (refcounting frees them); the collection on the clock still frees any cycle made
 elsewhere (an exception's traceback, a library's), at most GC_INTERVAL seconds late.
-Hazard: code that runs in the server process and makes cycles fast (not task code: tasks run
-in the workers) would hold their memory until the next tick.
+Hazards: code that runs in the server process and makes cycles fast (not task code: tasks
+run in the workers) would hold their memory until the next tick; and each collection holds the
+GIL while it walks the heap (a few ms per 100,000 objects alive: 20,000 queued tasks are about
+250,000), a pause of every server thread once per tick.
 
 Shutdown (SIGTERM or SIGINT): stop accepting (close the listener, remove the socket file),
 ``o.stop(drain_timeout)`` while connections stay open, so that the outcomes of tasks in flight
@@ -61,6 +63,9 @@ SIGNAL_ECHO_WINDOW = 1.0
 #: At the end, how long the last done-callbacks may take (the schedules' outcomes queue
 #: journal records there).
 CALLBACKS_TIMEOUT = 5.0
+#: After the drain, how long the journal may take to commit the last outcomes (a commit or
+#: two) before the connections are closed.
+OUTCOMES_TIMEOUT = 10.0
 #: Seconds between two full garbage collections (see the module docstring).
 GC_INTERVAL = 5.0
 #: Bytes written to the main thread's wake pipe besides signal numbers.
@@ -100,7 +105,8 @@ def serve(
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     gc_was_enabled = gc.isenabled()
-    gc.disable()  # collected on the clock instead (_next_byte; see the module docstring)
+    gc.disable()  # collected on the clock instead (_GcClock; see the module docstring)
+    clock = _GcClock()
     try:
         if not drain_timeout >= 0 or drain_timeout == float("inf"):
             raise ValueError(f"the drain timeout must be a number >= 0, got {drain_timeout}")
@@ -144,7 +150,7 @@ def serve(
             f"{orchestrator.worker_count} workers)")
         # Sleep until a signal (its number, written by the C-level handler) or a thread's byte.
         while True:
-            byte = _next_byte(wake_r)
+            byte = clock.next_byte(wake_r)
             if byte in (signal.SIGTERM, signal.SIGINT) or byte == _WAKE_THREAD_DIED:
                 break
         stopped_by = None if byte == _WAKE_THREAD_DIED else byte
@@ -165,7 +171,7 @@ def serve(
         # must still be able to exit.
         drain.start()
         while True:
-            byte = _next_byte(wake_r)
+            byte = clock.next_byte(wake_r)
             if byte == _WAKE_DRAINED:
                 break
             if (byte == stopped_by == signal.SIGTERM
@@ -175,9 +181,16 @@ def serve(
                 say("second signal: cancelling queued tasks, terminating running ones")
                 orchestrator.stop(timeout=0)  # shortens the drain's deadline; returns once done
         drain.join()
-        server.close_connections()  # every outcome is queued by now: flush, then disconnect
-        report = reports[0] if reports else None
+        # Every task has ended; its outcome reaches the connection once the journal has
+        # committed it (registry: the writer publishes after COMMIT). So: the schedules'
+        # callbacks (they queue records), the journal's ops queued so far, then the outboxes.
         _wait_callbacks()
+        if not journal.flush(OUTCOMES_TIMEOUT):
+            log.warning("taskorch serve: the journal did not commit the last outcomes within "
+                        "%g s; their clients may not get them (they run again after a restart "
+                        "if not journaled)", OUTCOMES_TIMEOUT)
+        server.close_connections()  # flush every outbox, then disconnect
+        report = reports[0] if reports else None
         if report is not None:
             left = (f"; {registry.left_for_next_start} left in the journal for the next start"
                     if registry.left_for_next_start else "")
@@ -202,12 +215,21 @@ def serve(
             gc.enable()
 
 
-def _next_byte(wake_r: int) -> int:
-    """The next byte on the wake pipe (main thread), collecting garbage every GC_INTERVAL
-    seconds meanwhile (see the module docstring)."""
-    while not select.select([wake_r], [], [], GC_INTERVAL)[0]:
-        gc.collect()
-    return os.read(wake_r, 1)[0]
+class _GcClock:
+    """The main thread's wait for the wake pipe, with a full garbage collection every
+    GC_INTERVAL seconds (see the module docstring), however often bytes arrive."""
+
+    def __init__(self) -> None:
+        self._due = time.monotonic() + GC_INTERVAL
+
+    def next_byte(self, wake_r: int) -> int:
+        while True:
+            wait = self._due - time.monotonic()
+            if wait <= 0:
+                gc.collect()
+                self._due = time.monotonic() + GC_INTERVAL
+            elif select.select([wake_r], [], [], wait)[0]:
+                return os.read(wake_r, 1)[0]
 
 
 def _wait_callbacks() -> None:

@@ -208,6 +208,10 @@ class Session(Inbox):
         self._check_not_reader("accepted()")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
+            if not (future.task_id or future.done()
+                    or any(r.future is future for r in self._requests.values())):
+                raise ValueError("accepted() takes a future that this client's run() or "
+                                 "run_async() returned")
             # Woken (_credit_change) by every S_ACCEPTED and refusal of a credit submission
             # (the reader's grant), and by the session's end.
             while not future.task_id and not future.done() and self.closed_reason is None:
@@ -222,8 +226,8 @@ class Session(Inbox):
             return future.task_id
         if future.done():
             error = future.exception(0)
-            raise error if error is not None else OrchestratorBrokenError(
-                "this future was not returned by this client's run()")
+            raise error if error is not None else ValueError(
+                "accepted() takes a future that this client's run() or run_async() returned")
         raise OrchestratorClosedError(
             f"the connection to taskorch serve at {self.where} closed ({reason}) before the "
             "server said whether it committed the task")
