@@ -8,7 +8,7 @@ watches the task: its start and its outcome go to the journal, and once the outc
 committed, to whoever waits for that id (a ``Sink`` and its request number: the submitting
 connection, ``Client.result()`` callers on any connection).
 
-The outcome path, one hop: the dispatcher resolves the task's future, whose observer
+The outcome path: the dispatcher resolves the task's future, whose observer
 (``TaskFuture._observer``, called in the resolving thread, never user code) queues the outcome
 for the journal; the journal's writer commits it with the others of its batch, then publishes
 it (``_publish``) to the sinks, which queue S_DONE for their connection's writer.
