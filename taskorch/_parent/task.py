@@ -86,10 +86,10 @@ class _FutureCondition(threading.Condition):
     """A future's ``_condition``: a ``threading.Condition`` on an ``RLock``, as
     ``concurrent.futures`` makes it, without the five bound methods that
     ``Condition.__init__`` stores on each instance (they are methods of the class here). Why:
-    every task alive holds its future, and a plain ``Condition()`` makes seven objects the
+    every task alive holds its future, and a plain ``Condition()`` makes eight objects the
     cyclic garbage collector tracks; with 20,000 tasks queued, the collector's passes over them
     cost ``taskorch serve`` about 50 us of CPU per task (measured with ``gc.callbacks``; see
-    README "Performance"). Three objects here. Reentrant, as the stdlib's: a signal handler or
+    README "Durability"). Three objects here. Reentrant, as the stdlib's: a signal handler or
     a finalizer may touch a future while its thread holds the condition."""
 
     def __init__(self) -> None:  # (no super().__init__: see the class docstring)
