@@ -553,28 +553,42 @@ def test_the_server_collects_cyclic_garbage_on_a_clock_not_by_allocations(short_
         "enabled_while_serving": False, "collected": True, "enabled_after": True}
 
 
-_DRAIN_ON_A_SLOW_DISK = r"""
-import json, os, signal, sys, threading, time
+_COMMIT_HELD_DURING_THE_DRAIN = r"""
+import json, os, signal, sys, threading
 from pathlib import Path
 
 import _tasks as t
 from taskorch import TaskOrchestrator, connect
 from taskorch._service import journal, serving
 from taskorch._service.listener import bind_unix
+from taskorch._service.server import Server
 
-# A slow disk: every COMMIT takes 0.2 s (a busy disk's fsync), so that the last outcome is
-# still being committed when the drain is over. (A fault injected, not an order of events.)
+# A slow disk, by a handshake: once the server drains, a COMMIT waits until the server either
+# asks its journal for what is pending (Journal.flush: the order that delivers the outcome)
+# or has closed its connections (the order that loses it). 60 s only catches a deadlock.
+draining, may_commit = threading.Event(), threading.Event()
 commit = journal._Transaction.__exit__
-def slow_commit(self, *exc):
-    time.sleep(0.2)
+def held_commit(self, *exc):
+    if draining.is_set():
+        may_commit.wait(60)
     return commit(self, *exc)
-journal._Transaction.__exit__ = slow_commit
+journal._Transaction.__exit__ = held_commit
+flush = journal.Journal.flush
+def flush_then_commit(self, timeout):
+    may_commit.set()
+    return flush(self, timeout)
+journal.Journal.flush = flush_then_commit
+close_connections = Server.close_connections
+def close_then_commit(self):
+    close_connections(self)
+    may_commit.set()
+Server.close_connections = close_then_commit
 
 where = Path(sys.argv[1])
 key = where / "key"
 key.write_bytes(b"k" * 32)
 gate = t.Gate(where, "task")
-ready, draining, seen = threading.Event(), threading.Event(), {}
+ready, seen = threading.Event(), {}
 
 def say(line):
     if line.startswith("listening on"):
@@ -584,7 +598,7 @@ def say(line):
 
 def client_side():
     ready.wait()
-    with connect(str(where / "s.sock"), authkey_file=str(key)) as client:
+    with connect(str(where / "s.sock"), authkey_file=str(key), reconnect_for=0) as client:
         future = client.run(t.blocker, str(gate.started), str(gate.release_fifo))
         gate.wait_started()
         os.kill(os.getpid(), signal.SIGTERM)
@@ -609,7 +623,7 @@ def test_an_outcome_committed_during_the_drain_still_reaches_its_client(short_di
     # The server publishes an outcome once the journal has committed it; at the end of the
     # drain it must wait for those commits before it closes the connections.
     out = subprocess.run(
-        [sys.executable, "-c", _DRAIN_ON_A_SLOW_DISK, str(short_dir)],
+        [sys.executable, "-c", _COMMIT_HELD_DURING_THE_DRAIN, str(short_dir)],
         capture_output=True, text=True, env=_env(), timeout=2 * R)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"result": "go", "drained": True}, out.stderr
