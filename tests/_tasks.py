@@ -14,7 +14,10 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # (not imported in the workers, which import this module)
+    import subprocess
 
 DEADLOCK_TIMEOUT = 30.0
 
@@ -30,6 +33,21 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(0.002)
+
+
+def stop_on_sigterm(proc: subprocess.Popen[Any], output: Callable[[], str]) -> int:
+    """SIGTERM a server process (unless it exited) and return its exit code; one that has not
+    exited within DEADLOCK_TIMEOUT is killed, and the test fails with its ``output()``."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(DEADLOCK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the server did not stop on SIGTERM:\n{output()}") from None
 
 
 def sigstop(pid: int) -> None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _tasks import wait_until
@@ -97,40 +98,57 @@ def test_bad_json_line_is_a_usage_error_with_its_line_number(jobfile: Path) -> N
     assert recs[0]["result"] == 1  # what was accepted before the bad line still ran
 
 
-def _start_gated_run(jobfile: Path, tmp_path: Path, n: int) -> tuple[subprocess.Popen[str], Path]:
+def start_gated_run(jobfile: Path, tmp_path: Path, n: int, *options: str,
+                    **popen: Any) -> tuple[subprocess.Popen[str], Path]:
+    """``taskorch run jobfile:gated`` over ``n`` inputs on 2 workers, its records in
+    ``out.jsonl``; returns once inputs 0 and 1 have started, each blocked on its FIFO in the
+    returned directory (``{i}.fifo``; ``{i}.started`` holds its worker's pid)."""
     gate_dir = tmp_path / "gates"
     gate_dir.mkdir()
     for i in range(2):
         os.mkfifo(gate_dir / f"{i}.fifo")
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps([i, str(gate_dir)]) + "\n" for i in range(n)))
-    out_file = tmp_path / "out.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskorch", "run", f"{jobfile}:gated", "--input", str(source),
-         "--output", str(out_file), "--workers", "2", "--backlog", "4"],
-        stderr=subprocess.PIPE, text=True, env=ENV,
+         "--output", str(tmp_path / "out.jsonl"), "--workers", "2", *options],
+        stderr=subprocess.PIPE, text=True, env=ENV, **popen,
     )
-    for i in range(2):
-        wait_until(lambda i=i: (gate_dir / f"{i}.started").exists(), what=f"input {i} started")
+    try:
+        for i in range(2):
+            wait_until(lambda i=i: (gate_dir / f"{i}.started").exists(), what=f"input {i} started")
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
     return proc, gate_dir
+
+
+def release_once_the_signal_is_noticed(proc: subprocess.Popen[str], fifos: list[Path]) -> str:
+    """A signalled ``taskorch run``: wait until it says it reads no more input, release the
+    tasks blocked on ``fifos``, and return its stderr once it exited (killed if anything here
+    fails)."""
+    try:
+        assert proc.stderr is not None
+        stderr = proc.stderr
+        wait_until(lambda: "no more input is read" in stderr.readline(), what="the signal noticed")
+        for fifo in fifos:
+            with open(fifo, "w") as f:
+                f.write("released")
+        _, err = proc.communicate(timeout=R)
+        return str(err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_sigterm_stops_reading_drains_and_writes_a_record_for_every_input(
     jobfile: Path, tmp_path: Path
 ) -> None:
-    proc, gate_dir = _start_gated_run(jobfile, tmp_path, n=1000)
-    try:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.stderr is not None
-        wait_until(lambda: "no more input is read" in proc.stderr.readline(), what="signal noticed")
-        for i in range(2):
-            with open(gate_dir / f"{i}.fifo", "w") as f:
-                f.write("released")
-        _, err = proc.communicate(timeout=R)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, gate_dir = start_gated_run(jobfile, tmp_path, 1000, "--backlog", "4")
+    proc.send_signal(signal.SIGTERM)
+    err = release_once_the_signal_is_noticed(proc, [gate_dir / f"{i}.fifo" for i in range(2)])
     assert proc.returncode == 143, err
     recs = records((tmp_path / "out.jsonl").read_text())
     assert 2 <= len(recs) < 1000  # it stopped reading
@@ -142,7 +160,7 @@ def test_sigterm_stops_reading_drains_and_writes_a_record_for_every_input(
 def test_a_second_signal_abandons_running_tasks_and_still_records_them(
     jobfile: Path, tmp_path: Path
 ) -> None:
-    proc, _ = _start_gated_run(jobfile, tmp_path, n=1000)
+    proc, _ = start_gated_run(jobfile, tmp_path, 1000, "--backlog", "4")
     try:
         assert proc.stderr is not None
         proc.send_signal(signal.SIGINT)

@@ -5,12 +5,16 @@ End to end, as subprocesses; the parsing itself in-process."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from _tasks import wait_until
+from test_cli import records, release_once_the_signal_is_noticed
 
 from taskorch import BreakerMode, Policy
 from taskorch.cli.main import build_parser
@@ -22,11 +26,6 @@ R = 60
 def taskorch(*args: str, cwd: Path, input: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "taskorch", *args], input=input,
                           capture_output=True, text=True, timeout=R, cwd=cwd)
-
-
-def records(stdout: str) -> list[dict]:
-    return sorted((json.loads(x) for x in stdout.splitlines() if x.strip()),
-                  key=lambda r: r["index"])
 
 
 @pytest.fixture
@@ -184,11 +183,6 @@ def test_a_sigterm_echoed_by_timeout_is_one_signal_for_run(tmp_path: Path) -> No
             with open(os.path.join(directory, "release")) as f:
                 return f.read()
     """))
-    import os
-    import signal
-
-    from _tasks import wait_until
-
     os.mkfifo(tmp_path / "release")
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskorch", "run", "gate.py:wait_for_release", "--workers", "1",
@@ -201,14 +195,10 @@ def test_a_sigterm_echoed_by_timeout_is_one_signal_for_run(tmp_path: Path) -> No
         wait_until(lambda: (tmp_path / "started").exists(), what="the task started")
         os.kill(proc.pid, signal.SIGTERM)
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.stderr is not None
-        wait_until(lambda: "no more input is read" in proc.stderr.readline(), what="the signal")
-        with open(tmp_path / "release", "w") as f:
-            f.write("released")
-        _, err = proc.communicate(timeout=R)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    err = release_once_the_signal_is_noticed(proc, [tmp_path / "release"])
     assert proc.returncode == 143 and "again" not in err, err
     assert records((tmp_path / "out.jsonl").read_text())[0]["result"] == "released"

@@ -54,8 +54,8 @@ WORKERS = 2
 # -- the cluster, once per module ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
+def local_cluster() -> Iterator[Any]:
+    """A LocalCluster of WORKERS processes (one thread each, nannies), closed after the yield."""
     c = distributed.LocalCluster(
         n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None,
     )
@@ -63,6 +63,11 @@ def cluster() -> Iterator[Any]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    yield from local_cluster()
 
 
 @pytest.fixture(scope="module")

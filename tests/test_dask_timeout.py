@@ -46,13 +46,7 @@ def cluster() -> Iterator[Any]:
     import dask
 
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
-        c = distributed.LocalCluster(
-            n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None,
-        )
-        try:
-            yield c
-        finally:
-            c.close()
+        yield from test_dask.local_cluster()
 
 
 # test_dask's fixtures, on this module's cluster.

@@ -4,7 +4,6 @@ deadlines only catch deadlocks."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import _tasks as t
 import psutil
 import pytest
 from _tasks import wait_until
+from test_cli import records, release_once_the_signal_is_noticed, start_gated_run
 
 from taskorch import Policy, TaskOrchestrator, TaskTimeoutError, WorkerCrashedError
 
@@ -216,44 +216,20 @@ def test_a_parent_sigkill_ends_a_worker_whose_task_cleared_pdeathsig_and_holds_t
 # -- 3. a SIGTERM to the whole process group drains ------------------------------------------------
 
 
-
-
 def test_a_sigterm_to_the_process_group_drains_instead_of_killing_tasks(
     tmp_path: Path, jobfile: Path,
 ) -> None:
     # What `timeout`, systemd and a shell's `kill -TERM -PGID` do: every process in the group.
-    gate_dir = tmp_path / "gates"
-    gate_dir.mkdir()
-    for i in range(2):
-        os.mkfifo(gate_dir / f"{i}.fifo")
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps([i, str(gate_dir)]) + "\n" for i in range(10)))
-    out_file = tmp_path / "out.jsonl"
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "taskorch", "run", f"{jobfile}:gated", "--input", str(source),
-         "--output", str(out_file), "--workers", "2", "--retries", "0", "--no-progress"],
-        stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True,
-    )
-    workers: list[int] = []
+    cli, gate_dir = start_gated_run(jobfile, tmp_path, 10, "--retries", "0", "--no-progress",
+                                    start_new_session=True)
+    workers = [int((gate_dir / f"{i}.started").read_text()) for i in range(2)]
     try:
-        for i in range(2):
-            wait_until(lambda i=i: (gate_dir / f"{i}.started").exists(), what=f"input {i} started")
-        workers = [int((gate_dir / f"{i}.started").read_text()) for i in range(2)]
         os.killpg(cli.pid, signal.SIGTERM)
-        assert cli.stderr is not None
-        wait_until(lambda: "no more input is read" in cli.stderr.readline(), what="SIGTERM noticed")
-        for i in range(2):
-            with open(gate_dir / f"{i}.fifo", "w") as f:
-                f.write("released")
-        _, err = cli.communicate(timeout=R)
+        err = release_once_the_signal_is_noticed(cli, [gate_dir / f"{i}.fifo" for i in range(2)])
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
         _kill_if_alive(workers)
     assert cli.returncode == 143, err
-    recs = sorted((json.loads(line) for line in out_file.read_text().splitlines()),
-                  key=lambda r: r["index"])
+    recs = records((tmp_path / "out.jsonl").read_text())
     assert [r["index"] for r in recs] == list(range(len(recs))) and len(recs) >= 2
     assert all(r["ok"] for r in recs), [r for r in recs if not r["ok"]]
     assert recs[0]["result"] == recs[1]["result"] == "released"

@@ -15,12 +15,12 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import _tasks as t
 import pytest
+import test_service
 from _tasks import wait_until
 
 from taskorch import connect
@@ -29,15 +29,11 @@ R = 30
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
+short_dir = test_service.short_dir  # (a fixture, used by name)
+
+
 def taskorch_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "taskorch", *args]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="to-"))  # Unix socket paths: 107 bytes at most
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Serve:
@@ -72,14 +68,7 @@ class Serve:
                           *options), text=True, timeout=R, **kwargs)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(R)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"serve did not stop:\n{self.stderr()}") from None
+        return t.stop_on_sigterm(self.proc, self.stderr)
 
 
 @pytest.fixture

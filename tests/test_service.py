@@ -85,14 +85,7 @@ class Server:
         return connect(self.address, authkey_file=self.authkey_file)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(R)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"the server did not stop on SIGTERM:\n{self.stderr()}") from None
+        return t.stop_on_sigterm(self.proc, self.stderr)
 
 
 def _env(state: Path | None = None) -> dict[str, str]:
