@@ -264,7 +264,7 @@ class ServedConnection:
                 self._journal(req, payload, wire_policy, client)
                 granted = self.credits.top_up_when_low()
                 if granted:  # now, not after the commit: the client streams on meanwhile
-                    self._credit_now(granted)
+                    self._answer((S_CREDIT, granted), unless_busy=True)
             else:
                 self._reply((S_REJECTED, req, encode_service_error(
                     QueueFullError(self.orchestrator.max_backlog))))
@@ -336,25 +336,20 @@ class ServedConnection:
         else:
             self.send(message)
 
-    def _credit_now(self, granted: int) -> None:
-        """S_CREDIT from the reader, without the writer's thread hop when the socket is free
-        (the client streams on sooner); through the outbox when the writer is sending, so
-        that the reader never waits behind a large batch to a slow client."""
-        if self._send_lock.acquire(blocking=False):
-            try:
-                self.conn.send_bytes(encode_service_frame((S_CREDIT, granted)))
-            finally:
-                self._send_lock.release()
-        else:
-            self.send((S_CREDIT, granted))
-
-    def _answer(self, message: tuple[Any, ...]) -> None:
+    def _answer(self, message: tuple[Any, ...], *, unless_busy: bool = False) -> None:
         """Send an answer from the reader thread itself, without the writer's thread hop. It
         blocks only this client's own reader, and only while this client does not read its
         socket. Frames queued in the outbox before it may go out after it; nothing relies on
-        that order (S_DONE follows S_ACCEPTED, and both go through the outbox)."""
-        with self._send_lock:
+        that order (S_DONE follows S_ACCEPTED, and both go through the outbox).
+        ``unless_busy``: if the writer is sending, queue it in the outbox instead of waiting
+        (an S_CREDIT: the reader must not wait behind a large batch to a slow client)."""
+        if not self._send_lock.acquire(blocking=not unless_busy):
+            self.send(message)
+            return
+        try:
             self.conn.send_bytes(encode_service_frame(message))
+        finally:
+            self._send_lock.release()
 
     # -- the asyncio thread's part ----------------------------------------------------------
 
@@ -416,7 +411,7 @@ class ServedConnection:
                     except queue.Empty:
                         break
                 stop = batch[-1] is _STOP
-                messages: list[tuple[Any, ...]] = batch[:-1] if stop else batch  # type: ignore
+                messages = [message for message in batch if message is not _STOP]
                 if messages:
                     data = frame_batch(messages) if len(messages) > 1 else None
                     if data is None:  # one message, or a batch over the limit: frame by frame
