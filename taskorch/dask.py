@@ -141,14 +141,13 @@ class DaskBackend:
                 "max_memory_per_worker cannot be honoured on Dask: the cluster's workers are "
                 "not taskorch's to recycle; use the Dask worker's --memory-limit instead"
             )
-        from taskorch._parent.backend import DEFAULT_KILL_GRACE
-        from taskorch._parent.dask import DaskDispatcher
+        from taskorch._parent.backend import DEFAULT_KILL_GRACE, dispatcher_over
+        from taskorch._parent.dask import DaskPool
 
-        return DaskDispatcher(
-            backlog, self._address, config.worker_count, config.policy_bytes,
-            config.circuit_breaker, self._connect_timeout,
+        return dispatcher_over(backlog, DaskPool(
+            self._address, config.worker_count, config.policy_bytes, self._connect_timeout,
             DEFAULT_KILL_GRACE if config.kill_grace is None else config.kill_grace,
-        )
+        ), config)
 
     def __repr__(self) -> str:
         return f"DaskBackend({self._address!r})"

@@ -645,7 +645,7 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
     import os
 
     o = TaskOrchestrator(worker_count=1, policy=Policy())
-    old_fd = o._dispatcher._wake_w
+    old_fd = o._dispatcher.pool._wake_w
     o.stop()
     pipes = []
     try:

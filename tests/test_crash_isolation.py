@@ -79,7 +79,7 @@ def test_handed_over_but_unstarted_tasks_rerun_elsewhere_uncharged(
     victim = o.run(t.blocker, str(g.started), str(g.release_fifo))
     behind = [o.run(t.getpid) for _ in range(5)]
     pid = g.wait_started()
-    wait_until(lambda: o._dispatcher.held_calls().get(pid, 0) > 1,
+    wait_until(lambda: o._dispatcher.pool.held_calls().get(pid, 0) > 1,
                what="calls prefetched behind the blocker")
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(WorkerCrashedError):

@@ -46,7 +46,7 @@ def make_executor() -> Iterator[Make]:
 
 def held(o: TaskOrchestrator) -> int:
     """Calls handed to the workers and not finished (the dispatcher's snapshot)."""
-    return sum(o._dispatcher.held_calls().values())  # type: ignore[attr-defined]
+    return sum(o._dispatcher.pool.held_calls().values())  # type: ignore[attr-defined]
 
 
 def busy_with_a_prefetched_call(o: TaskOrchestrator, gate: Gate) -> concurrent.futures.Future:

@@ -328,7 +328,7 @@ def test_a_stopped_orchestrator_closes_none_of_the_childs_fds_at_the_fork(
         make_orchestrator) -> None:
     o = make_orchestrator(worker_count=1)
     o.stop()
-    dispatcher = o._dispatcher
+    dispatcher = o._dispatcher.pool
     freed = {dispatcher._wake_r, dispatcher._wake_w}  # closed by stop(): free for reuse
     pipes: list[tuple[int, int]] = []
     try:

@@ -2,11 +2,12 @@
 
 ``TaskOrchestrator`` owns the bounded ``Backlog`` (the exact bound, the futures, the counts)
 and hands it to a *dispatcher*, made by a ``Backend``: the one core (``_parent.dispatch``),
-which owns the task life, specialized by how the tasks run. Two backends exist:
+which owns the task life, composed with a worker pool (``_parent.pool.WorkerPool``) that
+owns how the tasks run (``dispatcher_over``). Two backends exist:
 
 - ``LocalBackend`` (the default): worker processes on this machine, started with loky, each
-  with a private channel (``_parent.local``, ``_parent.process``, ``_worker``);
-- ``taskorch.dask.DaskBackend``: a Dask distributed cluster (``_parent.dask``).
+  with a private channel (``_parent.local.LocalPool``, ``_parent.process``, ``_worker``);
+- ``taskorch.dask.DaskBackend``: a Dask distributed cluster (``_parent.dask.DaskPool``).
 
 A dispatcher owns one thread, which it starts in ``start()`` and which ends, with every
 accepted task resolved, once the backlog is closed and drained (``drained`` True) or its stop
@@ -24,6 +25,7 @@ from taskorch._policy import CircuitBreaker, Policy
 if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
     from taskorch._parent.figures import WorkerView
+    from taskorch._parent.pool import WorkerPool
 
 
 #: Seconds a local task may run past its timeout, unresponsive, before its worker is killed.
@@ -47,7 +49,10 @@ class Dispatcher(Protocol):
     thread: threading.Thread  # its one thread (stop() must not wait on itself)
     finished: threading.Event  # set when the thread has ended
     drained: bool | None  # None while running; then whether everything ran to completion
-    pids: tuple[int, ...]  # worker processes on this machine (empty for remote ones)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Worker processes on this machine (empty for remote ones). Any thread."""
 
     def start(self) -> None:
         """Start the thread and the workers; raise OrchestratorBrokenError if none can start."""
@@ -70,19 +75,25 @@ class Backend(Protocol):
         """A dispatcher for one orchestrator (not started)."""
 
 
+def dispatcher_over(backlog: Backlog, pool: WorkerPool, config: PoolConfig) -> Dispatcher:
+    """The dispatcher core over ``pool`` for the orchestrator of ``backlog`` (not started)."""
+    from taskorch._parent.dispatch import DispatcherCore
+
+    return DispatcherCore(backlog, pool, config.circuit_breaker)
+
+
 class LocalBackend:
     """Worker processes on this machine (the default)."""
 
     def create_dispatcher(self, backlog: Backlog, config: PoolConfig) -> Dispatcher:
-        from taskorch._parent.local import LocalDispatcher
+        from taskorch._parent.local import LocalPool
 
-        return LocalDispatcher(
-            backlog, config.worker_count or 2, config.policy_bytes,
+        return dispatcher_over(backlog, LocalPool(
+            config.worker_count or 2, config.policy_bytes,
             kill_grace=DEFAULT_KILL_GRACE if config.kill_grace is None else config.kill_grace,
             max_tasks_per_worker=config.max_tasks_per_worker,
             max_memory_per_worker=config.max_memory_per_worker,
-            circuit_breaker=config.circuit_breaker,
-        )
+        ), config)
 
     def __repr__(self) -> str:
         return "LocalBackend()"

@@ -1,15 +1,16 @@
-"""Parent process, the Dask dispatcher thread: the Dask backend behind the dispatcher core.
+"""Parent process, the Dask dispatcher thread: the Dask pool the dispatcher core owns.
 
 The task life (start, retry, outcome, crash charge, breaker, stop) is the core's
 (``dispatch.DispatcherCore``); this module supplies how tasks reach a Dask cluster and what
-comes back, in the same event vocabulary as local workers (``_wire``, ``_worker.dask``).
+comes back, read from the same event vocabulary as local workers (``_wire``, ``_worker.dask``)
+and handed to the core as ``pool`` events (``pool.WorkerPool``).
 
 Data flow:
 
     run()/run_async()       "taskorch-dask-dispatcher"                    Dask cluster
     -----------------       --------------------------                    ------------
     cloudpickle the call
-    Backlog.offer() -----> take from `pending`, pin each call to one
+    Backlog.offer() -----> take from the backlog, pin each call to one
     (inbox.put(WAKE)        worker with room: Client.map(run_call,
      if it is asleep)       key=unique, workers=[w]) -----------------> scheduler -> worker w,
                                                                         a task thread:
@@ -20,7 +21,8 @@ Data flow:
                             <--inbox-- gather coroutine <-- scheduler <-- return value (larger
                                                                         outcomes)
                             <--inbox-- "all" topic: add-worker / remove-worker
-                            update Backlog counts, resolve Futures
+                            -> pool events: the core updates the counts and
+                            resolves the futures
                             timers: crash-retry backoff, recall, breaker, worker probe,
                             hard timeouts, stop deadline
                             --restart_worker--> "taskorch-dask-restart" thread:
@@ -42,12 +44,11 @@ The actors:
 - Dask worker threads run ``_worker.dask.run_call``: unpickle the call, run its attempts under
   the policy, return the outcome as bytes; user objects are decoded only here, in the parent.
 
-Locks: the dispatcher takes the backlog's lock (see ``_parent.backlog``) to move calls between
-``pending`` and its own records and to update the counts, once per batch of inbox entries and
-once per dispatch. It never holds it across a call into the Client (submit, cancel, release,
-recall, probe) nor while it resolves futures (done-callbacks are user code): what those need is
-collected under the lock and done after. ``dask_cluster.ClusterEventsListener._lock`` only
-guards its registry; nothing is called under it but the Client's non-blocking subscribe.
+Locks: this pool never takes the backlog's lock: the core applies the events it hands back under
+it, once per batch of inbox entries, and ``take`` holds it briefly. The pool's records are the
+dispatcher thread's alone (but ``_future_of``: atomic dict reads).
+``dask_cluster.ClusterEventsListener._lock`` only guards its registry; nothing is called under
+it but the Client's non-blocking subscribe.
 
 Accepted races, written down (the hard timeout's own: ``dask_timeout``):
 - stop()'s timeout: a call handed over may begin just as it is cancelled, and a running one
@@ -70,10 +71,8 @@ import logging
 import queue
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from taskorch._parent.backlog import Backlog
-from taskorch._parent.breaker import Admission
 from taskorch._parent.dask_cluster import (
     CLUSTER,
     EVENT,
@@ -94,8 +93,21 @@ from taskorch._parent.dask_pool import (
     Submission,
 )
 from taskorch._parent.dask_timeout import DaskHardTimeouts
+from taskorch._parent.figures import WorkerView
+from taskorch._parent.pool import (
+    Broken,
+    Failed,
+    Finished,
+    Lost,
+    PoolEvent,
+    Restarted,
+    Retrying,
+    Returned,
+    Started,
+    Take,
+    WorkersChanged,
+)
 from taskorch._parent.task import WorkItem
-from taskorch._policy import CircuitBreaker
 from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED, Event
 
 log = logging.getLogger("taskorch")
@@ -103,20 +115,21 @@ log = logging.getLogger("taskorch")
 _OUTCOMES = frozenset({SUCCEEDED, FAILED})
 
 
-class DaskDispatcher(DaskHardTimeouts):
+class DaskPool(DaskHardTimeouts):
+    """The workers of a Dask cluster (``pool.WorkerPool``)."""
+
     thread_name = "taskorch-dask-dispatcher"
+    recalls_for_cancel = False
+    pids: tuple[int, ...] = ()  # (no worker process on this machine)
 
     def __init__(
         self,
-        backlog: Backlog,
         target: Any,  # a scheduler address, or a distributed.Client (not ours to close)
         worker_count: int | None,
         default_policy_bytes: bytes,
-        circuit_breaker: CircuitBreaker | None,
         connect_timeout: float | None,
         kill_grace: float,
     ) -> None:
-        super().__init__(backlog, circuit_breaker)
         self._worker_count = worker_count
         self._kill_grace = kill_grace
         self._default_policy_bytes = default_policy_bytes
@@ -137,10 +150,10 @@ class DaskDispatcher(DaskHardTimeouts):
         self._restarts: dict[str, float] = {}
         self._warned_no_restart = False
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
-        # Found under the backlog lock, acted upon after it is released (_handle).
+        self._out: list[PoolEvent] = []  # events to hand back from the method running now
+        # Found while reading the inbox, acted upon after (_handle).
         self._break_reason: str | None = None
         self._to_release: list[Any] = []  # Dask futures whose outcome is in
-        self._to_cancel: list[Any] = []  # Dask futures of calls settled at stop
 
     # -- called from other threads -------------------------------------------------------------
 
@@ -153,6 +166,9 @@ class DaskDispatcher(DaskHardTimeouts):
     def wake(self) -> None:
         self._inbox.put((WAKE,))
 
+    def worker_views(self) -> list[WorkerView]:
+        return []  # (only local workers are shown)
+
     def _future_of(self, sub_id: int) -> Any:
         """A submission's distributed.Future (the Client's loop thread asks: atomic gets)."""
         sub = self._subs.get(sub_id) or self._held.get(sub_id)
@@ -160,16 +176,26 @@ class DaskDispatcher(DaskHardTimeouts):
 
     # -- what comes back -------------------------------------------------------------------
 
-    def _open(self) -> None:
-        self._set_workers(self._link.open())
+    def _handing_back(self) -> list[PoolEvent]:
+        """The events collected by the method that ends now, for the core."""
+        out, self._out = self._out, []
+        return out
 
-    def _describe_start_failure(self, exc: BaseException) -> str:
+    def open(self) -> list[PoolEvent]:
+        self._set_workers(self._link.open())
+        return self._handing_back()
+
+    def describe_start_failure(self, exc: BaseException) -> str:
         return self._link.describe_failure(exc)
 
-    def _close(self) -> None:
+    def close(self) -> list[PoolEvent]:
         self._link.close()
+        return []
 
-    def _wait_and_handle(self, timeout: float | None) -> None:
+    def forget_in_forked_child(self) -> None:
+        pass  # (nothing of the Client is touched in a child)
+
+    def wait(self, timeout: float | None) -> list[PoolEvent]:
         inbox = self._inbox
         entries: list[tuple[Any, ...]] = []
         try:
@@ -183,6 +209,7 @@ class DaskDispatcher(DaskHardTimeouts):
                 break
         if entries:
             self._handle(entries)
+        return self._handing_back()
 
     def _handle(self, entries: list[tuple[Any, ...]]) -> None:
         lost: list[tuple[str, str]] = []  # (address, why)
@@ -191,32 +218,30 @@ class DaskDispatcher(DaskHardTimeouts):
         answers: list[tuple[dict[str, int] | None, int]] = []
         refresh = False
         now = time.monotonic()
-        backlog = self._backlog
-        with backlog.lock:
-            for entry in entries:
-                kind = entry[0]
-                if kind == EVENT:
-                    self._on_event_locked(entry[1], now, lost)
-                elif kind == OUTCOME:
-                    self._on_outcome_locked(entry[1], entry[2], entry[3], now, lost)
-                elif kind == CLUSTER:
-                    msg = entry[1]
-                    if msg.get("action") == "remove-worker":
-                        expected = " (retired)" if msg.get("expected") else ""
-                        lost.append((str(msg.get("worker")), f"the scheduler removed it{expected}"))
-                    else:
-                        refresh = True  # a worker joined: learn its threads
-                elif kind == RECALL_ANSWER:
-                    recalled.append((entry[1], entry[2]))
-                elif kind == RESTARTED:
-                    restarted.append((entry[1], entry[2]))
-                elif kind == WORKERS:
-                    answers.append((entry[1], entry[2]))
+        for entry in entries:
+            kind = entry[0]
+            if kind == EVENT:
+                self._on_event(entry[1], now, lost)
+            elif kind == OUTCOME:
+                self._on_outcome(entry[1], entry[2], entry[3], now, lost)
+            elif kind == CLUSTER:
+                msg = entry[1]
+                if msg.get("action") == "remove-worker":
+                    expected = " (retired)" if msg.get("expected") else ""
+                    lost.append((str(msg.get("worker")), f"the scheduler removed it{expected}"))
+                else:
+                    refresh = True  # a worker joined: learn its threads
+            elif kind == RECALL_ANSWER:
+                recalled.append((entry[1], entry[2]))
+            elif kind == RESTARTED:
+                restarted.append((entry[1], entry[2]))
+            elif kind == WORKERS:
+                answers.append((entry[1], entry[2]))
         self._link.release(self._to_release)
         self._to_release.clear()
         if self._break_reason is not None:
             log.error("orchestrator broken: %s", self._break_reason)
-            backlog.mark_broken(self._break_reason)
+            self._out.append(Broken(self._break_reason))
             self._break_reason = None
         for address, taken in recalled:
             self._on_recall_answer(address, taken)
@@ -230,26 +255,26 @@ class DaskDispatcher(DaskHardTimeouts):
         if refresh or (members.probe_again and not members.probe_in_flight):
             self._probe_workers()
 
-    def _on_event_locked(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
+    def _on_event(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
         sub = self._subs.get(event[1])
         if sub is None:
             held = self._held.get(event[1])
             if held is not None and event[0] in _OUTCOMES:
-                self._held_ended_locked(held)
+                self._held_ended(held)
             return  # from a call taken back, lost, abandoned or timed out
         sub.worker.last_progress = now
         tag = event[0]
         if tag in _OUTCOMES:
-            self._on_outcome_locked(sub.sub_id, event, None, now, lost)
+            self._on_outcome(sub.sub_id, event, None, now, lost)
         elif tag == STARTED:
             sub.started = True
             sub.pid = event[3] if len(event) > 3 else None
             self._running[sub.sub_id] = sub
-            self._started_locked(sub.item, event[2], now)
+            self._out.append(Started(sub.item, event[2]))
         elif tag == RETRYING:
-            self._retrying_locked(sub.item, event[2], event[3], event[4], event[5])
+            self._out.append(Retrying(sub.item, event[2], event[3], event[4], event[5]))
 
-    def _on_outcome_locked(
+    def _on_outcome(
         self, sub_id: int, outcome: Event | None, exc: BaseException | None, now: float,
         lost: list[tuple[str, str]],
     ) -> None:
@@ -257,21 +282,23 @@ class DaskDispatcher(DaskHardTimeouts):
         if sub is None:
             held = self._held.get(sub_id)
             if held is not None:
-                self._held_ended_locked(held)
+                self._held_ended(held)
             return  # taken back, lost, abandoned or timed out
         sub.worker.last_progress = now
         if exc is not None:
-            self._on_dask_error_locked(sub, exc, lost)
+            self._on_dask_error(sub, exc, lost)
             return
         if not isinstance(outcome, tuple) or not outcome:
             raise AssertionError(f"unexpected outcome {outcome!r} for {sub.item!r}")
         self._to_release.append(self._forget_sub(sub))
         if outcome[0] == RECALLED:  # taken back by a recall whose answer we have not read yet
-            self._requeue_locked([sub.item])
+            self._out.append(Returned([sub.item]))
             return
-        sub.worker.record_duration(self._outcome_locked(sub.item, outcome, now))
+        if outcome[0] in _OUTCOMES:
+            sub.worker.record_duration(float(outcome[3]) / max(1, int(outcome[2])))
+        self._out.append(Finished(sub.item, outcome))
 
-    def _on_dask_error_locked(
+    def _on_dask_error(
         self, sub: Submission, exc: BaseException, lost: list[tuple[str, str]],
     ) -> None:
         """The Dask task itself failed: our run_call never fails, so the cluster did this."""
@@ -291,25 +318,25 @@ class DaskDispatcher(DaskHardTimeouts):
                     f"the Dask client lost its scheduler or was closed ({reason}), and with it "
                     "every task it had submitted; create a new orchestrator"
                 )
-                return  # _handle marks the backlog broken; the core then settles everything
+                return  # _handle hands back Broken; the core then settles everything
             self._forget_sub(sub)  # cancelled already
-            self._crash_sub_locked(sub, f"its Dask task was cancelled on the cluster ({exc})",
-                                   worker_lost=False)
+            self._crash_sub(sub, f"its Dask task was cancelled on the cluster ({exc})",
+                            worker_lost=False)
             return
         # e.g. the worker cannot import taskorch, or the outcome does not deserialize.
         self._to_release.append(self._forget_sub(sub))
         log.error("task %d: its Dask task failed outside taskorch's worker function (%s: %s); "
                   "is the same taskorch installed on every Dask worker?", sub.item.task_id,
                   type(exc).__name__, exc)
-        self._fail_locked(sub.item, exc)
+        self._out.append(Failed(sub.item, exc))
 
-    def _crash_sub_locked(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
+    def _crash_sub(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
         """The attempt that started on ``sub.worker`` was lost: the core charges it."""
         item = sub.item
         error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
-        outcome = self._crash_locked(item, error)
-        log.warning("task %d: attempt %d of %d lost: %s; %s", item.task_id, item.attempts,
-                    item.policy.max_attempts, error, outcome)
+        self._out.append(Lost(item, error, (
+            f"task {item.task_id}: attempt {item.attempts} of {item.policy.max_attempts} "
+            f"lost: {error}; ")))
 
     def _forget_sub(self, sub: Submission) -> Any:
         """Stop tracking a call; return its distributed.Future (or None), for the caller to
@@ -325,8 +352,7 @@ class DaskDispatcher(DaskHardTimeouts):
 
     def _set_workers(self, nthreads: dict[str, int]) -> list[str]:
         joined = self._members.add(nthreads)
-        with self._backlog.lock:
-            self._backlog.workers = len(self._workers)
+        self._out.append(WorkersChanged(len(self._workers)))
         return joined
 
     def _on_workers(self, nthreads: dict[str, int] | None, probe: int) -> None:
@@ -338,8 +364,7 @@ class DaskDispatcher(DaskHardTimeouts):
         if joined:
             log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined),
                      self._members.total_threads)
-            with self._backlog.lock:
-                self._backlog.worker_restarts += len(joined)
+            self._out.append(Restarted(len(joined), None))
 
     def _probe_workers(self) -> None:
         """Ask the scheduler for its workers (asynchronously: the answer comes to the inbox)."""
@@ -353,16 +378,16 @@ class DaskDispatcher(DaskHardTimeouts):
             return
         held = [sub for sub in worker.subs.values() if sub.sub_id in self._held]
         subs = [sub for sub in worker.subs.values() if sub.sub_id not in self._held]
-        with self._backlog.lock:
-            self._backlog.workers = len(self._workers)
-            futures = [self._forget_sub(sub) for sub in subs]
-            if address not in self._restarts:  # else they hold their slots until its answer
-                futures += [self._forget_sub(sub) for sub in held]
-            requeue = [sub.item for sub in subs if not sub.started]
-            self._requeue_locked(requeue)
-            for sub in subs:
-                if sub.started:
-                    self._crash_sub_locked(sub, why)
+        self._out.append(WorkersChanged(len(self._workers)))
+        futures = [self._forget_sub(sub) for sub in subs]
+        if address not in self._restarts:  # else they hold their slots until its answer
+            futures += [self._forget_sub(sub) for sub in held]
+        requeue = [sub.item for sub in subs if not sub.started]
+        if requeue:
+            self._out.append(Returned(requeue))
+        for sub in subs:
+            if sub.started:
+                self._crash_sub(sub, why)
         self._link.cancel(futures)  # they wait in "no-worker" state: drop them
         log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
                     "running call(s) lost; %d threads left", address, why, len(requeue),
@@ -370,8 +395,8 @@ class DaskDispatcher(DaskHardTimeouts):
 
     # -- handing over ----------------------------------------------------------------------
 
-    def _hand_over(self, now: float, admission: Admission) -> None:
-        backlog = self._backlog
+    def hand_over(self, now: float, waiting: int, take: Take,
+                  finishing: bool) -> list[PoolEvent]:
         status = self._link.status
         if status != "running":
             # "connecting": it lost its scheduler, and cancels every future it held; their
@@ -379,40 +404,38 @@ class DaskDispatcher(DaskHardTimeouts):
             if status in ("closing", "closed", "failed"):
                 reason = f"the Dask client is {status}; create a new orchestrator"
                 log.error("orchestrator broken: %s", reason)
-                backlog.mark_broken(reason)
-            return
+                self._out.append(Broken(reason))
+            return self._handing_back()
         batches: dict[str, list[Submission]] = {}
-        with backlog.lock:
-            pending = backlog.pending
-            if pending and self._workers:
-                handed = len(self._subs) + len(self._held)  # a held slot is busy
-                cap = (self._worker_count if self._worker_count is not None
-                       else len(pending) + handed)
-                rooms = {w.address: 0 if w.address in self._restarts else w.room(now)
-                         for w in self._workers.values()}
-                while pending and handed < cap:
-                    # The least loaded worker with room: free threads first, then prefetch
-                    # evenly (a worker that prefetches deeper must not take everything).
-                    takers = [w for w in self._workers.values() if rooms[w.address] > 0]
-                    if not takers:
-                        break
-                    worker = min(takers, key=lambda w: len(w.subs) / w.nthreads)
-                    taken = self._take_locked(admission, 1)
-                    if not taken:
-                        break  # held back by the circuit breaker (HOLD mode)
-                    sub_id = next(self._sub_ids)
-                    sub = Submission(sub_id, taken[0], f"taskorch-{self._uid}-{sub_id}", worker)
-                    if not worker.subs:
-                        worker.last_progress = now  # busy from now on
-                    worker.subs[sub_id] = sub
-                    self._subs[sub_id] = sub
-                    batches.setdefault(worker.address, []).append(sub)
-                    rooms[worker.address] -= 1
-                    handed += 1
+        if waiting and self._workers:
+            handed = len(self._subs) + len(self._held)  # a held slot is busy
+            cap = self._worker_count if self._worker_count is not None else waiting + handed
+            rooms = {w.address: 0 if w.address in self._restarts else w.room(now)
+                     for w in self._workers.values()}
+            while handed < cap:
+                # The least loaded worker with room: free threads first, then prefetch
+                # evenly (a worker that prefetches deeper must not take everything).
+                takers = [w for w in self._workers.values() if rooms[w.address] > 0]
+                if not takers:
+                    break
+                worker = min(takers, key=lambda w: len(w.subs) / w.nthreads)
+                taken = take(1)
+                if not taken:
+                    break  # none left, or held back by the circuit breaker (HOLD mode)
+                sub_id = next(self._sub_ids)
+                sub = Submission(sub_id, taken[0], f"taskorch-{self._uid}-{sub_id}", worker)
+                if not worker.subs:
+                    worker.last_progress = now  # busy from now on
+                worker.subs[sub_id] = sub
+                self._subs[sub_id] = sub
+                batches.setdefault(worker.address, []).append(sub)
+                rooms[worker.address] -= 1
+                handed += 1
         for address, subs in batches.items():
             self._submit(address, subs)
         if self._subs and self._probe_at is None:
             self._probe_at = now + WORKER_PROBE_INTERVAL
+        return self._handing_back()
 
     def _submit(self, address: str, subs: list[Submission]) -> None:
         try:
@@ -426,25 +449,24 @@ class DaskDispatcher(DaskHardTimeouts):
             # The client is closed, or the calls cannot be sent: as if the worker were lost
             # before starting them (they go back to the backlog), and the client is checked.
             log.error("could not submit %d call(s) to Dask worker %s: %r", len(subs), address, exc)
-            with self._backlog.lock:
-                for sub in subs:
-                    self._forget_sub(sub)
-                self._requeue_locked([sub.item for sub in subs])
+            for sub in subs:
+                self._forget_sub(sub)
+            self._out.append(Returned([sub.item for sub in subs]))
             if self._link.status != "running":
                 reason = f"the Dask client is {self._link.status}; create a new orchestrator"
                 log.error("orchestrator broken: %s", reason)
-                self._backlog.mark_broken(reason)
+                self._out.append(Broken(reason))
             return
         for sub, future in zip(subs, futures):
             sub.future = future
 
-    def _has_room(self, now: float) -> bool:
+    def has_room(self, now: float) -> bool:
         return False  # one hand-over per round: Dask's own round trips dominate
 
-    def _has_inflight(self) -> bool:
+    def has_inflight(self) -> bool:
         return bool(self._subs)
 
-    def _recall_unstarted(self, now: float) -> float | None:
+    def recall_unstarted(self, now: float) -> float | None:
         workers = self._workers.values()
         if not any(len(w.subs) < w.nthreads and w.address not in self._restarts
                    for w in workers):
@@ -462,6 +484,9 @@ class DaskDispatcher(DaskHardTimeouts):
                 self._send_recall(worker, calls)
         return again
 
+    def recall(self, items: list[WorkItem]) -> list[WorkItem]:
+        return items  # (a Dask task cannot be taken back for a cancel)
+
     def _send_recall(self, worker: DaskWorker, calls: list[tuple[int, str]]) -> None:
         log.debug("recalling %d calls from busy Dask worker %s", len(calls), worker.address)
         worker.recall_sent = True
@@ -475,19 +500,18 @@ class DaskDispatcher(DaskHardTimeouts):
         subs = [sub for sub in subs if not sub.started]  # marked calls never start; defensive
         if not subs:
             return
-        with self._backlog.lock:
-            futures = [self._forget_sub(sub) for sub in subs]
-            self._requeue_locked([sub.item for sub in subs])
+        futures = [self._forget_sub(sub) for sub in subs]
+        self._out.append(Returned([sub.item for sub in subs]))
         self._link.cancel(futures)
 
     # -- timers and stopping ---------------------------------------------------------------
 
-    def _backend_deadlines(self) -> Iterable[float | None]:
+    def deadlines(self) -> Iterable[float | None]:
         yield self._probe_at
         for sub in self._running.values():
             yield self._hard_deadline(sub)
 
-    def _fire_backend_timers(self, now: float) -> None:
+    def fire_timers(self, now: float) -> list[PoolEvent]:
         if self._probe_at is not None and now >= self._probe_at:
             self._probe_at = None
             if self._subs:
@@ -496,17 +520,21 @@ class DaskDispatcher(DaskHardTimeouts):
                    if (deadline := self._hard_deadline(sub)) is not None and now >= deadline]
         if overdue:
             self._hard_timeout(overdue)
+        return self._handing_back()
 
-    def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:
+    def stop_all(self) -> tuple[list[PoolEvent], list[tuple[WorkItem, str]]]:
+        """Forget every call handed over and cancel its Dask task (one that runs cannot be
+        stopped: it runs on, unobserved)."""
         held = []
+        futures = []
         for sub in list(self._subs.values()):
-            self._to_cancel.append(self._forget_sub(sub))
+            futures.append(self._forget_sub(sub))
             held.append((sub.item, (
                 f"it was on Dask worker {sub.worker.address}: its Dask task was cancelled, but "
                 "Dask cannot stop a running task: it may run on there, its result discarded"
             )))
-        return held
-
-    def _after_settle(self) -> None:
-        futures, self._to_cancel = self._to_cancel, []
         self._link.cancel(futures)
+        return self._handing_back(), held
+
+    def shut_down(self, deadline: float | None) -> Iterator[list[PoolEvent]]:
+        return iter(())  # (the workers are the cluster's: nothing to let go of)

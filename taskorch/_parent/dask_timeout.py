@@ -1,19 +1,20 @@
-"""Parent process, the Dask dispatcher thread: the hard timeout on Dask, a layer of the
-dispatcher (``dask.DaskDispatcher`` sets up the attributes declared below and supplies the
-methods this layer calls).
+"""Parent process, the Dask dispatcher thread: the hard timeout on Dask, a layer of the Dask
+pool (``dask.DaskPool`` sets up the attributes declared below and supplies the methods this
+layer calls).
 
 The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
 a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
-its start event) and no outcome or retry came, the core charges it (``_crash_locked``, a
-``TaskTimeoutError``: retried only if the policy retries timeouts), as a local hard timeout
-is, and the Dask worker process is restarted by its nanny: nothing else stops a Dask thread.
-Until the restart's answer, the call holds its slot (``_held``: its worker gets no calls, and
-it counts against ``worker_count``), so the in-flight bound holds while the stuck thread runs;
-the worker's calls not started are recalled at once; when the worker leaves, the ones still
-there go back uncharged and the ones running are charged a crash, as for any lost worker. A
-worker without a nanny cannot be restarted (``Client.restart_workers`` refuses it, and taskorch
-never shuts a worker down): a warning says so once, the attempt fails on time all the same, and
-the slot stays held until its Dask task ends by itself.
+its start event) and no outcome or retry came, the pool hands it back ``Lost`` and the core
+charges it (``_crash_locked``, a ``TaskTimeoutError``: retried only if the policy retries
+timeouts), as a local hard timeout is, and the Dask worker process is restarted by its nanny:
+nothing else stops a Dask thread. Until the restart's answer, the call holds its slot
+(``_held``: its worker gets no calls, and it counts against ``worker_count``), so the in-flight
+bound holds while the stuck thread runs; the worker's calls not started are recalled at once;
+when the worker leaves, the ones still there go back uncharged and the ones running are charged
+a crash, as for any lost worker. A worker without a nanny cannot be restarted
+(``Client.restart_workers`` refuses it, and taskorch never shuts a worker down): a warning says
+so once, the attempt fails on time all the same, and the slot stays held until its Dask task
+ends by itself.
 
 Accepted races: a stuck attempt that returns to Python between the parent's hard timeout and
 the worker's end may start another attempt there (tenacity retries inside the worker) while the
@@ -32,13 +33,13 @@ from typing import Any
 
 from taskorch._parent.dask_cluster import ClusterLink, hard_timeout_error
 from taskorch._parent.dask_pool import DaskWorker, Submission
-from taskorch._parent.dispatch import DispatcherCore
+from taskorch._parent.pool import Lost, PoolEvent
 
 log = logging.getLogger("taskorch")
 
 
-class DaskHardTimeouts(DispatcherCore):
-    # Set up by DaskDispatcher (dispatcher thread only).
+class DaskHardTimeouts:
+    # Set up by DaskPool (dispatcher thread only).
     _kill_grace: float
     _link: ClusterLink
     _workers: dict[str, DaskWorker]
@@ -52,6 +53,7 @@ class DaskHardTimeouts(DispatcherCore):
     _restarts: dict[str, float]  # address -> when its restart was asked for
     _warned_no_restart: bool
     _to_release: list[Any]
+    _out: list[PoolEvent]  # events for the core, handed back by the method running now
 
     def _send_recall(self, worker: DaskWorker, calls: list[tuple[int, str]]) -> None:
         raise NotImplementedError
@@ -78,31 +80,30 @@ class DaskHardTimeouts(DispatcherCore):
 
     def _hard_timeout(self, subs: list[Submission]) -> None:
         """Attempts ran ``kill_grace`` past their timeout: the in-process interrupt could not
-        reach them (a thread blocked in C). The core charges each (``_crash_locked``, with a
+        reach them (a thread blocked in C). Each is handed back ``Lost``: the core charges it
+        (``_crash_locked``, with a
         TaskTimeoutError: retried only if the policy retries timeouts), and each one's worker is
         restarted by its nanny: the only way to stop a Dask thread. Meanwhile the call holds
         its slot (``_held``), and its worker gets nothing more; its calls not started are
         recalled now (the rest come back uncharged, and the running ones are charged a crash,
         when the worker leaves)."""
         restart: list[DaskWorker] = []
-        with self._backlog.lock:
-            for sub in subs:
-                if sub.future is not None and sub.future.done():
-                    sub.ended = True  # it returned just now: its outcome is on its way
-                    continue
-                item, worker = sub.item, sub.worker
-                self._subs.pop(sub.sub_id)
-                self._running.pop(sub.sub_id)
-                self._held[sub.sub_id] = sub  # (still in worker.subs: the slot stays busy)
-                error = hard_timeout_error(item.attempts, item.policy.timeout or 0.0,
-                                           self._kill_grace, worker.address, sub.pid)
-                outcome = self._crash_locked(item, error)
-                log.warning("task %d: attempt %d of %d still running %g s past its %g s timeout "
-                            "on Dask worker %s; restarting it; %s", item.task_id, item.attempts,
-                            item.policy.max_attempts, self._kill_grace, item.policy.timeout,
-                            worker.address, outcome)
-                if worker.address not in self._restarts and worker not in restart:
-                    restart.append(worker)
+        for sub in subs:
+            if sub.future is not None and sub.future.done():
+                sub.ended = True  # it returned just now: its outcome is on its way
+                continue
+            item, worker = sub.item, sub.worker
+            self._subs.pop(sub.sub_id)
+            self._running.pop(sub.sub_id)
+            self._held[sub.sub_id] = sub  # (still in worker.subs: the slot stays busy)
+            error = hard_timeout_error(item.attempts, item.policy.timeout or 0.0,
+                                       self._kill_grace, worker.address, sub.pid)
+            self._out.append(Lost(item, error, (
+                f"task {item.task_id}: attempt {item.attempts} of {item.policy.max_attempts} "
+                f"still running {self._kill_grace:g} s past its {item.policy.timeout:g} s "
+                f"timeout on Dask worker {worker.address}; restarting it; ")))
+            if worker.address not in self._restarts and worker not in restart:
+                restart.append(worker)
         now = time.monotonic()
         for worker in restart:
             self._restarts[worker.address] = now
@@ -111,7 +112,7 @@ class DaskHardTimeouts(DispatcherCore):
             if calls and not worker.recall_sent:
                 self._send_recall(worker, calls)
 
-    def _held_ended_locked(self, sub: Submission) -> None:
+    def _held_ended(self, sub: Submission) -> None:
         """A timed-out call's Dask task ended after all: its slot frees, unless its worker's
         restart is under way (then the restart's answer frees it)."""
         if sub.worker.address in self._restarts:
@@ -137,8 +138,7 @@ class DaskHardTimeouts(DispatcherCore):
                 "so that taskorch can restart them", address, type(error).__name__, error)
         if error is not None and worker is not None:
             held = [sub for sub in held if sub.ended]  # the others free as their tasks end
-        with self._backlog.lock:
-            futures = [self._forget_sub(sub) for sub in held]
+        futures = [self._forget_sub(sub) for sub in held]
         self._link.cancel(futures)
         if error is None:
             self._on_worker_lost(address, "it was restarted after a task overran its timeout")

@@ -1,26 +1,33 @@
-"""Parent process, the dispatcher thread: the ONE core that owns a task's life, for every backend.
+"""Parent process, the dispatcher thread: the ONE core that owns a task's life, for every pool.
 
-Data flow (the backend's part in brackets):
+Data flow (the pool's part in brackets; ``pool.WorkerPool``, local processes or Dask):
 
     run()/run_async()          dispatcher thread                                  workers
     -----------------          -----------------                                  -------
     cloudpickle the call
     Backlog.offer() --pending--> _dispatch(): breaker admission, then
-    (wake() if asleep)            [_hand_over: take calls, send them] ---------> run attempts
-                                 [_wait_and_handle: read what came back] <----- STARTED /
-                                   _started_locked / _retrying_locked /          RETRYING /
-                                   _outcome_locked / _requeue_locked /           outcome events
-                                   _crash_locked  (the rules, written once)       (``_wire``)
+    (wake() if asleep)            [pool.hand_over: take calls, send them] -------> run attempts
+                                 [pool.wait: read what came back] <------------- STARTED /
+                                   -> Started / Retrying / Finished /            RETRYING /
+                                      Returned / Lost / ... (``pool`` events)    outcome events
+                                 _apply(): one pass under the backlog lock:      (``_wire``)
+                                   _started_locked / _retrying_locked /
+                                   _outcome_locked / _requeue_locked /
+                                   _crash_locked  (the rules, written once)
                                  _fire_timers(): crash-retry backoff, breaker,
-                                   [hard timeouts, respawns, probes]
+                                   [hard timeouts, probes]
                                  _finish_if_done(): drain, or settle at stop()'s deadline
+
+A call crosses to the pool once (``hand_over``) and comes back once (an event); the pool
+never calls the core and never takes the backlog lock, and the core never reaches into the
+pool's workers.
 
 The rules, each written once here, whatever runs the tasks:
 
 - A call handed over but never started goes back to the front of the backlog, in order, with
   no attempt charged (``_requeue_locked``): it never ran. A half-open circuit's probe slot it
   held frees. If a caller waits to cancel it (``future.cancel()`` of a queued task the
-  dispatcher had handed over: ``_recall_for_cancel`` asked the backend to take it back), it
+  dispatcher had handed over: ``_recall_for_cancel`` asked the pool to take it back), it
   ends cancelled instead; if it starts first, the cancel is refused (``Backlog.start_locked``).
 - An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
   lost with its Dask worker) is charged (``_crash_locked``): retried after the policy's backoff
@@ -38,21 +45,15 @@ The rules, each written once here, whatever runs the tasks:
   orchestrator (no worker can run anything) fails what it holds with
   ``OrchestratorBrokenError``.
 
-What a backend supplies (the hooks below, marked "backend"): how to start (``_open``), how to
-wait and what came back (``_wait_and_handle``, calling the ``*_locked`` rules under the backlog
-lock), how to hand over (``_hand_over``), how to take calls back from a busy worker
-(``_recall_unstarted``) or for a cancel (``_recall_calls``), its own timers, how to give
-everything back at stop (``_take_all_inflight_locked``), how to end (``_shut_down``,
-``_close``), and what to let go of in a forked child (``_forget_channels_in_child``).
-
 Locks: the backlog's lock (see ``backlog``) guards ``pending``, the counts and the items'
-states; the ``*_locked`` methods need it held. Nothing here holds it across IPC, a process
-join, or user code: futures are resolved (``task.resolve_all``) after it is released, from
-``self._resolutions``, which only the dispatcher thread touches.
+states; the ``*_locked`` methods need it held, and ``_apply`` takes it once per batch of pool
+events. Nothing here holds it across IPC, a process join, or user code: futures are resolved
+(``task.resolve_all``) after it is released, from ``self._resolutions``, which only the
+dispatcher thread touches; a pool's calls are made without it.
 
 The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
-stops every orchestrator first). Its body is guarded: if it ever fails, the backend is told
-to give everything back, every unresolved future fails with ``OrchestratorBrokenError``, and
+stops every orchestrator first). Its body is guarded: if it ever fails, the pool is told to
+give everything back, every unresolved future fails with ``OrchestratorBrokenError``, and
 the error is logged.
 """
 
@@ -62,7 +63,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable
 
 from taskorch._errors import (
     OrchestratorBrokenError,
@@ -74,6 +75,19 @@ from taskorch._parent.backlog import Backlog
 from taskorch._parent.backoff import BackoffQueue
 from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
+from taskorch._parent.pool import (
+    Broken,
+    Failed,
+    Finished,
+    Lost,
+    PoolEvent,
+    Restarted,
+    Retrying,
+    Returned,
+    Started,
+    WorkerPool,
+    WorkersChanged,
+)
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import CircuitBreaker
 from taskorch._wire import FAILED, SUCCEEDED, Event
@@ -85,15 +99,12 @@ TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
 
 
 class DispatcherCore:
-    """The task life, the loop and its guard; a backend subclass supplies the hooks."""
+    """The task life, the loop and its guard, over the worker pool it owns."""
 
-    #: The thread's name (a stack dump then reads like a diagram).
-    thread_name = "taskorch-dispatcher"
-    #: Can ``_recall_calls`` take back a call handed over and not started (for a cancel)?
-    recalls_for_cancel = False
-
-    def __init__(self, backlog: Backlog, circuit_breaker: CircuitBreaker | None) -> None:
+    def __init__(self, backlog: Backlog, pool: WorkerPool,
+                 circuit_breaker: CircuitBreaker | None) -> None:
         self._backlog = backlog
+        self.pool = pool  # dispatcher thread only, but for its methods marked "any thread"
         self._breaker = (
             Breaker(circuit_breaker, publish=self._publish_breaker_locked)
             if circuit_breaker is not None else None
@@ -101,40 +112,69 @@ class DispatcherCore:
         # Dispatcher thread only.
         self._delayed = BackoffQueue()  # crash retries waiting out their backoff
         self._rebalance_at: float | None = None  # when to look again for calls to recall
+        self._admission = Admission(None)  # what the breaker lets start in this hand-over
         self._resolutions: list[Resolution] = []  # collected under the lock, resolved after
         self._retries: list[tuple[WorkItem, int, str, float]] = []  # logged after the lock
+        self._losses: list[tuple[str, str]] = []  # (note, outcome) of crashes, logged after
+        # The rule for each kind of pool event (``_apply``), by its type.
+        self._rules: dict[type, Callable[[Any, float], None]] = {
+            Started: self._on_started, Finished: self._on_finished,
+            Retrying: self._on_retrying, Returned: self._on_returned, Lost: self._on_lost,
+            Failed: self._on_failed, WorkersChanged: self._on_workers_changed,
+            Restarted: self._on_restarted,
+        }
         # Read by any thread.
-        self.pids: tuple[int, ...] = ()  # worker processes on this machine (swapped whole)
         self.drained: bool | None = None  # set when the thread ends
         self.finished = threading.Event()
         self._started = threading.Event()
         self._start_error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run_guarded, name=self.thread_name,
+        self.thread = threading.Thread(target=self._run_guarded, name=pool.thread_name,
                                        daemon=True)
 
     # -- called from other threads -------------------------------------------------------------
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Worker processes on this machine (any thread)."""
+        return self.pool.pids
+
+    @property
+    def recalls_for_cancel(self) -> bool:
+        return self.pool.recalls_for_cancel
+
     def start(self) -> None:
-        """Start the thread, which starts the backend (local workers must be spawned by the
+        """Start the thread, which opens the pool (local workers must be spawned by the
         thread that outlives them); raise OrchestratorBrokenError if it could not start."""
         self.thread.start()
         self._started.wait()
         if self._start_error is not None:
             self.finished.wait()
             raise OrchestratorBrokenError(
-                self._describe_start_failure(self._start_error)
+                self.pool.describe_start_failure(self._start_error)
             ) from self._start_error
+
+    def wake(self) -> None:
+        """Look at the backlog soon (new tasks, or stop() was called). Any thread."""
+        self.pool.wake()
+
+    def effective_worker_count(self) -> int:
+        """How many tasks may run at once now. Any thread."""
+        return self.pool.effective_worker_count()
+
+    def worker_views(self) -> list[WorkerView]:
+        """The workers now, for the dashboard (any thread; see ``WorkerPool.worker_views``)."""
+        return self.pool.worker_views()
 
     # -- the thread ------------------------------------------------------------------------
 
     def _run_guarded(self) -> None:
         try:
             try:
-                self._open()
+                self._apply(self.pool.open())
             except BaseException as exc:
                 self._start_error = exc
-                self._backlog.mark_broken(self._describe_start_failure(exc))
-                return  # (the backend's _close, below, releases what _open made)
+                self._backlog.mark_broken(self.pool.describe_start_failure(exc))
+                return  # (the pool's close, below, releases what open made)
             finally:
                 self._started.set()
             self._run()
@@ -149,15 +189,16 @@ class DispatcherCore:
                 log.critical("could not settle the tasks", exc_info=True)
         finally:
             try:
-                self._close()
+                self._apply(self.pool.close())
             finally:
                 if self.drained is None:
                     self.drained = False
                 self.finished.set()
 
     def _run(self) -> None:
+        pool = self.pool
         while True:
-            self._wait_and_handle(self._next_timeout())
+            self._apply(pool.wait(self._next_timeout()))
             self._recall_for_cancel()
             self._flush()
             now = time.monotonic()
@@ -168,17 +209,73 @@ class DispatcherCore:
                 return
 
     def _flush(self) -> None:
-        """Log the retries and resolve the futures collected under the lock (never under it:
-        resolving wakes waiters and hands done-callbacks over)."""
-        retries, self._retries = self._retries, []
-        for item, attempt, summary, delay in retries:
-            log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
-                     item.task_id, attempt, summary, delay)
+        """Log the retries and crashes, and resolve the futures collected under the lock (never
+        under it: resolving wakes waiters and hands done-callbacks over)."""
+        if self._retries:
+            retries, self._retries = self._retries, []
+            for item, attempt, summary, delay in retries:
+                log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
+                         item.task_id, attempt, summary, delay)
+        if self._losses:
+            losses, self._losses = self._losses, []
+            for note, outcome in losses:
+                log.warning("%s%s", note, outcome)
         resolutions, self._resolutions = self._resolutions, []
         if resolutions:
             resolve_all(resolutions)
 
-    # -- the task life: what comes back (backends call these with the backlog lock held) --------
+    # -- what the pool hands back: applied in one pass under the backlog lock ------------------
+
+    def _apply(self, events: list[PoolEvent]) -> None:
+        """Apply a batch of pool events, in order, under one acquisition of the backlog lock.
+        ``Broken`` marks the backlog after it (``mark_broken`` takes the lock itself)."""
+        if not events:
+            return
+        broken: list[str] = []
+        now = time.monotonic()
+        rules = self._rules
+        with self._backlog.lock:
+            for event in events:
+                rule = rules.get(type(event))
+                if rule is not None:
+                    rule(event, now)
+                elif isinstance(event, Broken):
+                    broken.append(event.reason)
+                else:
+                    raise AssertionError(f"not a pool event: {event!r}")
+        for reason in broken:
+            self._backlog.mark_broken(reason)
+
+    def _on_started(self, event: Started, now: float) -> None:
+        self._started_locked(event.item, event.attempt, now)
+
+    def _on_retrying(self, event: Retrying, now: float) -> None:
+        self._retrying_locked(event.item, event.attempt, event.summary, event.delay,
+                              event.timed_out)
+
+    def _on_finished(self, event: Finished, now: float) -> None:
+        self._outcome_locked(event.item, event.outcome, now)
+
+    def _on_returned(self, event: Returned, now: float) -> None:
+        self._requeue_locked(event.items)
+
+    def _on_lost(self, event: Lost, now: float) -> None:
+        self._losses.append((event.note, self._crash_locked(event.item, event.error)))
+
+    def _on_failed(self, event: Failed, now: float) -> None:
+        self._fail_locked(event.item, event.error)
+
+    def _on_workers_changed(self, event: WorkersChanged, now: float) -> None:
+        self._backlog.workers = event.workers
+
+    def _on_restarted(self, event: Restarted, now: float) -> None:
+        backlog = self._backlog
+        backlog.worker_restarts += event.started
+        if event.cause is not None:
+            causes = backlog.restarts_by_cause
+            causes[event.cause] = causes.get(event.cause, 0) + event.started
+
+    # -- the task life: the rules (backlog lock held) ---------------------------------------------
 
     def _started_locked(self, item: WorkItem, attempt: int, now: float) -> None:
         """Attempt ``attempt`` of ``item`` began; the first one frees its backlog slot."""
@@ -200,9 +297,8 @@ class DispatcherCore:
             self._backlog.timeouts += 1
         self._retries.append((item, attempt, summary, delay))
 
-    def _outcome_locked(self, item: WorkItem, event: Event, now: float) -> float:
-        """A SUCCEEDED or FAILED event (``_wire``): the task is over. Returns its worker-side
-        seconds per attempt, for the backend's prefetch estimate."""
+    def _outcome_locked(self, item: WorkItem, event: Event, now: float) -> None:
+        """A SUCCEEDED or FAILED event (``_wire``): the task is over."""
         tag, _, attempts, seconds = event[:4]
         backlog = self._backlog
         figures = backlog.figures
@@ -226,7 +322,6 @@ class DispatcherCore:
             figures.finished(item, seconds, event[4:] if failed else None)
         if self._breaker is not None:
             self._breaker.record(item.task_id, failed)
-        return float(seconds) / max(1, int(attempts))
 
     def _requeue_locked(self, items: list[WorkItem]) -> None:
         """Calls handed over that never started go back to the front of the backlog, in
@@ -248,8 +343,9 @@ class DispatcherCore:
         self._backlog.dispatcher_will_look = True
 
     def _recall_for_cancel(self) -> None:
-        """Callers wait to cancel calls that were handed over: ask the backend to take them
-        back (its answer comes through ``_requeue_locked``, or their start refuses it)."""
+        """Callers wait to cancel calls that were handed over: ask the pool to take them back
+        (they come back ``Returned``, and ``_requeue_locked`` cancels them, or their start
+        refuses it)."""
         backlog = self._backlog
         with backlog.lock:
             if not backlog.recall_wanted:
@@ -257,7 +353,7 @@ class DispatcherCore:
             items = [item for item in backlog.recall_wanted if item.cancel_request is not None
                      and item.state is TaskState.QUEUED]
             backlog.recall_wanted.clear()
-        refused = self._recall_calls(items) if items else []
+        refused = self.pool.recall(items) if items else []
         if refused:
             with backlog.lock:
                 for item in refused:
@@ -267,7 +363,7 @@ class DispatcherCore:
     def _crash_locked(self, item: WorkItem, error: BaseException) -> str:
         """The attempt of ``item`` that started was lost with its worker: charge it; retry
         after the policy's backoff while the budget lasts, else fail with ``error``. Returns
-        what became of it, for the backend's log line."""
+        what became of it, for the pool's log line."""
         backlog = self._backlog
         item.worker = item.started_on = None
         item.attempt_started = 0.0
@@ -289,7 +385,7 @@ class DispatcherCore:
         return "task failed"
 
     def _fail_locked(self, item: WorkItem, error: BaseException) -> None:
-        """The task fails with ``error`` without a retry (the backend could not run it)."""
+        """The task fails with ``error`` without a retry (the pool could not run it)."""
         self._backlog.finish_locked(item, TaskState.FAILED)
         self._resolutions.append((item, "exception", error))
         if self._backlog.figures is not None:
@@ -301,6 +397,7 @@ class DispatcherCore:
         """The breaker changed state (it only does under the backlog lock): show it now."""
         self._backlog.breaker_state = state
 
+
     # -- dispatching -----------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> None:
@@ -308,25 +405,28 @@ class DispatcherCore:
         backlog = self._backlog
         if backlog.broken is not None:
             return
+        pool = self.pool
         while True:
             with backlog.lock:
-                admission = self._admission_locked()
+                self._admission = admission = self._admission_locked()
                 submitted_before = backlog.submitted
-            self._hand_over(now, admission)
+                waiting = len(backlog.pending)
+                finishing = backlog.closed and not waiting and not self._delayed
+            self._apply(pool.hand_over(now, waiting, self._take, finishing))
             if self._breaker is not None and admission.probes:
                 self._breaker.admitted(admission.probes)
             with backlog.lock:
                 # Will something other than a producer's wakeup bring us back to `pending`?
                 # Yes if it is non-empty: capacity only frees through what the workers send
                 # (or, with the circuit open in HOLD mode, through the breaker's timer).
-                waiting = bool(backlog.pending)
-                backlog.dispatcher_will_look = waiting
+                left = bool(backlog.pending)
+                backlog.dispatcher_will_look = left
                 arrived = backlog.submitted != submitted_before
             # Tasks that arrived meanwhile found `dispatcher_will_look` set and wrote no
             # wakeup: go round again while a worker could take them.
-            if not (waiting and arrived and self._has_room(now)):
+            if not (left and arrived and pool.has_room(now)):
                 break
-        self._rebalance_at = None if waiting else self._recall_unstarted(now)
+        self._rebalance_at = None if left else pool.recall_unstarted(now)
 
     def _admission_locked(self) -> Admission:
         """New tasks the breaker lets start now; in FAIL mode with the circuit not closed,
@@ -338,27 +438,28 @@ class DispatcherCore:
             self._resolutions += self._breaker.reject_beyond_locked(self._backlog, admission.left)
         return admission
 
-    def _take_locked(
-        self, admission: Admission, limit: int, budget: int | None = None,
-        first_may_exceed: bool = True,
-    ) -> list[WorkItem]:
-        """Up to ``limit`` calls from the front of ``pending``, as ``admission`` allows; with a
-        ``budget`` (payload bytes), a call that would cross it is left for later unless it is
-        the first and ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
-        pending = self._backlog.pending
+    def _take(self, limit: int, budget: int | None = None,
+              first_may_exceed: bool = True) -> list[WorkItem]:
+        """The pool's ``take`` (``pool.Take``): up to ``limit`` calls from the front of
+        ``pending``, as this hand-over's admission allows; with a ``budget`` (payload bytes),
+        a call that would cross it is left for later unless it is the first and
+        ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
+        admission = self._admission
         taken: list[WorkItem] = []
         size = 0
-        while pending and len(taken) < limit:
-            item = pending[0]
-            if budget is not None and size + len(item.payload) > budget and (
-                    taken or not first_may_exceed):
-                break
-            if not admission.allows(item):
-                break  # held back by the circuit breaker (HOLD mode)
-            admission.count(item)
-            pending.popleft()
-            size += len(item.payload)
-            taken.append(item)
+        with self._backlog.lock:
+            pending = self._backlog.pending
+            while pending and len(taken) < limit:
+                item = pending[0]
+                if budget is not None and size + len(item.payload) > budget and (
+                        taken or not first_may_exceed):
+                    break
+                if not admission.allows(item):
+                    break  # held back by the circuit breaker (HOLD mode)
+                admission.count(item)
+                pending.popleft()
+                size += len(item.payload)
+                taken.append(item)
         return taken
 
     # -- timers ----------------------------------------------------------------------------
@@ -371,7 +472,7 @@ class DispatcherCore:
         deadlines = [
             self._delayed.next_due(), self._rebalance_at, backlog.stop_deadline,
             self._breaker.next_change() if self._breaker is not None else None,
-            *self._backend_deadlines(),
+            *self.pool.deadlines(),
         ]
         first = min((d for d in deadlines if d is not None), default=None)
         return None if first is None else max(0.0, first - time.monotonic())
@@ -381,7 +482,7 @@ class DispatcherCore:
         if backlog.broken is not None and self._holds_anything():
             self._settle(OrchestratorBrokenError(backlog.broken))
             return
-        self._fire_backend_timers(now)
+        self._apply(self.pool.fire_timers(now))
         due = self._delayed.take_due(now)
         if due:
             with backlog.lock:
@@ -389,7 +490,7 @@ class DispatcherCore:
 
     def _holds_anything(self) -> bool:
         with self._backlog.lock:
-            return bool(self._backlog.pending) or bool(self._delayed) or self._has_inflight()
+            return bool(self._backlog.pending) or bool(self._delayed) or self.pool.has_inflight()
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -398,8 +499,9 @@ class DispatcherCore:
         if not backlog.closed:
             return False
         if backlog.broken is not None or not self._holds_anything():
-            self._shut_down(backlog.stop_deadline)
-            self._flush()  # (outcomes read while the workers left)
+            for events in self.pool.shut_down(backlog.stop_deadline):
+                self._apply(events)  # (outcomes read while the workers leave)
+            self._flush()
             self.drained = backlog.broken is None
             return True
         if backlog.stop_deadline is not None and now >= backlog.stop_deadline:
@@ -410,14 +512,15 @@ class DispatcherCore:
 
     def _settle(self, error: BaseException | None) -> None:
         """Settle every unresolved task: queued ones are cancelled, running ones abandoned
-        (``error`` None: stop()'s deadline) or failed with ``error`` (broken)."""
-        self._before_settle()
+        (``error`` None: stop()'s deadline) or failed with ``error`` (broken). What the pool
+        read before it stopped still counts, in the same pass."""
+        events, held = self.pool.stop_all()
+        self._apply(events)
         backlog = self._backlog
         with backlog.lock:
             items: list[WorkItem] = list(backlog.pending)
             backlog.pending.clear()
             items += self._delayed.take_all()
-            held = self._take_all_inflight_locked()
             items += [item for item, _ in held]
             notes = {item.task_id: note for item, note in held}
             for item in items:
@@ -433,33 +536,25 @@ class DispatcherCore:
                     )))
                 elif not backlog.finish_locked(item, TaskState.CANCELLED):
                     self._resolutions.append((item, "cancel", None))  # (else its canceller does)
-        self._after_settle()
         self._flush()
 
     # -- fork ------------------------------------------------------------------------------
 
     def forget_in_forked_child(self) -> list[WorkItem]:
         """In a forked child, at the fork (this dispatcher's thread is the parent's, absent
-        here): the backend lets go of the parent's channels without a word on them. Returns
+        here): the pool lets go of the parent's channels without a word on them. Returns
         the tasks that finished but whose futures the parent's thread had not resolved yet
         at the fork (the child's orchestrator fails them with the unfinished ones)."""
         items = [item for item, _, _ in self._resolutions]
         self._resolutions = []
+        self._delayed = BackoffQueue()
         try:
-            self._forget_channels_in_child()
+            self.pool.forget_in_forked_child()
         finally:
             self.finished.set()  # nothing of it runs here
         return items
 
-    # -- the backend's part --------------------------------------------------------------------
-
-    def wake(self) -> None:  # backend
-        """Look at the backlog soon (new tasks, or stop() was called). Any thread."""
-        raise NotImplementedError
-
-    def effective_worker_count(self) -> int:  # backend
-        """How many tasks may run at once now."""
-        raise NotImplementedError
+    # -- status ----------------------------------------------------------------------------
 
     def status_details(self) -> dict[str, Any]:
         """What ``taskorch status`` shows beyond the counts: ``workers``, one dict per worker
@@ -482,72 +577,6 @@ class DispatcherCore:
         return {"workers": workers,
                 "oldest_queued_seconds": round(now - min(queued_since), 3) if queued_since
                 else None}
-
-    def worker_views(self) -> list[WorkerView]:  # backend
-        """The workers now, for the dashboard (any thread, no lock: a snapshot that may be a
-        moment stale). By default only their pids are known."""
-        return [WorkerView(pid=pid) for pid in self.pids]
-
-    def _open(self) -> None:  # backend
-        """Start the workers or connect (on the dispatcher thread); raise if nothing can run."""
-        raise NotImplementedError
-
-    def _describe_start_failure(self, exc: BaseException) -> str:  # backend
-        raise NotImplementedError
-
-    def _wait_and_handle(self, timeout: float | None) -> None:  # backend
-        """Block until something comes back, a wakeup, or ``timeout``; handle what came."""
-        raise NotImplementedError
-
-    def _hand_over(self, now: float, admission: Admission) -> None:  # backend
-        """Take calls (``_take_locked``) for the workers with room, and send them."""
-        raise NotImplementedError
-
-    def _has_room(self, now: float) -> bool:  # backend
-        """Could a worker take another call now?"""
-        raise NotImplementedError
-
-    def _recall_unstarted(self, now: float) -> float | None:  # backend
-        """Nothing waits in the backlog: take back calls a busy worker holds unstarted while
-        another idles. Returns when to look again (None: no need)."""
-        raise NotImplementedError
-
-    def _recall_calls(self, items: list[WorkItem]) -> list[WorkItem]:  # backend
-        """Take back ``items`` (handed over, not started when asked) for a cancel: each comes
-        back through ``_requeue_locked`` if it had not started. Returns those it cannot
-        recall (their cancel is refused). Only called if ``recalls_for_cancel``."""
-        return items
-
-    def _has_inflight(self) -> bool:  # backend (backlog lock held)
-        """Are calls handed over and not finished?"""
-        raise NotImplementedError
-
-    def _backend_deadlines(self) -> Iterable[float | None]:  # backend
-        return ()
-
-    def _fire_backend_timers(self, now: float) -> None:  # backend
-        pass
-
-    def _before_settle(self) -> None:  # backend
-        """About to settle everything: stop the workers from starting anything more."""
-
-    def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:  # backend
-        """Forget every call handed over; each with what stop() did to it if it runs."""
-        raise NotImplementedError
-
-    def _after_settle(self) -> None:  # backend
-        """Everything was settled: cancel or kill what may still run."""
-
-    def _shut_down(self, deadline: float | None) -> None:  # backend
-        """Everything ran (or the orchestrator is broken): let the workers go (by stop()'s
-        ``deadline``, a ``time.monotonic()`` value, if one was set)."""
-
-    def _forget_channels_in_child(self) -> None:  # backend
-        """In a forked child: close this process's copies of the parent's channels (never send
-        on them, never shut a shared socket down)."""
-
-    def _close(self) -> None:  # backend
-        """The thread ends: release what the backend holds (channels, a client)."""
 
 
 def _rss_mib(pid: int) -> float | None:

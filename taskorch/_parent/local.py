@@ -1,15 +1,17 @@
-"""Parent process, the dispatcher thread: the local backend, worker processes on this machine.
+"""Parent process, the dispatcher thread: the local pool, worker processes on this machine.
 
 The task life (start, retry, outcome, crash charge, breaker, stop) is the core's
-(``dispatch.DispatcherCore``); this module supplies what is local:
+(``dispatch.DispatcherCore``), which owns this pool (``pool.WorkerPool``); this module supplies
+what is local, and hands back what came as ``pool`` events:
 
     dispatcher thread ("taskorch-dispatcher")                         worker i (``_worker.main``)
     -----------------------------------------                         --------
-    _hand_over: CALLS frame, private socketpair ----------------------> run attempts (tenacity)
-    _wait_and_handle: selector.select(timeout)  <--- STARTED / RETRYING / outcome frames
+    hand_over: CALLS frame, private socketpair -----------------------> run attempts (tenacity)
+    wait: selector.select(timeout)  <-------------- STARTED / RETRYING / outcome frames
       wake pipe | each worker's channel | each worker's exit fd (pidfd) | the timeout
-    a death: its unstarted calls re-queued uncharged, its running call charged a crash
-    timers: hard timeouts (SIGTERM, SIGKILL), respawn after a failed start
+      -> Started / Retrying / Finished / Returned (RECALLED) events, for the core
+    a death: its unstarted calls Returned (uncharged), its running call Lost (charged)
+    timers: hard timeouts (SIGTERM, SIGKILL); replacements start at the next hand_over
 
 - The dispatcher is the only thread that talks to workers, spawns them (``PR_SET_PDEATHSIG``
   in the workers is tied to the spawning thread, so this thread outlives every worker) and
@@ -24,7 +26,8 @@ The task life (start, retry, outcome, crash charge, breaker, stop) is the core's
 
 Crash isolation: every worker has its own channel, so a death concerns one worker: the calls
 it held but had not started go back uncharged, the one it was running is charged (the core's
-``_requeue_locked`` / ``_crash_locked``), and a replacement starts at once.
+``_requeue_locked`` / ``_crash_locked``), and a replacement starts at the next hand-over, in
+the same round (then the core, having applied the loss, knows whether anything is left).
 """
 
 from __future__ import annotations
@@ -36,17 +39,24 @@ import selectors
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
-from taskorch._parent.backlog import Backlog
-from taskorch._parent.backoff import BackoffQueue
-from taskorch._parent.breaker import Admission
-from taskorch._parent.dispatch import DispatcherCore
 from taskorch._parent.figures import WorkerView
+from taskorch._parent.pool import (
+    Broken,
+    Finished,
+    Lost,
+    PoolEvent,
+    Restarted,
+    Retrying,
+    Returned,
+    Started,
+    Take,
+    WorkersChanged,
+)
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
-from taskorch._policy import CircuitBreaker
 from taskorch._wire import (
     FAILED,
     READY,
@@ -78,22 +88,21 @@ MAX_SELECT_WAIT = 3600.0
 _PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
 
 
-class LocalDispatcher(DispatcherCore):
+class LocalPool:
+    """Worker processes on this machine, each with a private channel (``pool.WorkerPool``)."""
+
     thread_name = "taskorch-dispatcher"
     recalls_for_cancel = True  # a worker hands back the calls it has not started (RECALL)
 
     def __init__(
         self,
-        backlog: Backlog,
         worker_count: int,
         default_policy_bytes: bytes,
         *,
         kill_grace: float,
         max_tasks_per_worker: int | None,
         max_memory_per_worker: float | None,
-        circuit_breaker: CircuitBreaker | None,
     ) -> None:
-        super().__init__(backlog, circuit_breaker)
         self._worker_count = worker_count
         self._default_policy_bytes = default_policy_bytes
         self._kill_grace = kill_grace
@@ -111,11 +120,18 @@ class LocalDispatcher(DispatcherCore):
         os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # Read by any thread: worker processes (swapped whole).
+        self.pids: tuple[int, ...] = ()
         # Dispatcher thread only.
         self._workers: dict[int, WorkerProcess] = {}
         self._slots = itertools.count(1)
         self._respawn_at: float | None = None
         self._start_failures = 0
+        self._broken = False  # too many starts failed (a Broken event was handed back)
+        # Replacements to start at the next hand_over: (why, cause for metrics) each.
+        self._replace: list[tuple[str, str]] = []
+        self._finishing = False  # as the core said at the last hand_over: nothing left to run
+        self._out: list[PoolEvent] = []  # events to hand back from the method running now
 
     # -- called from other threads -------------------------------------------------------------
 
@@ -132,7 +148,7 @@ class LocalDispatcher(DispatcherCore):
                 pass  # full: a wakeup is pending anyway
 
     def worker_views(self) -> list[WorkerView]:
-        """The workers now (see the core's): read without a lock from another thread, as
+        """The workers now (see ``WorkerPool``): read without a lock from another thread, as
         ``held_calls``; a worker's head call may be finishing while it is read."""
         views = []
         now = time.monotonic()
@@ -158,14 +174,20 @@ class LocalDispatcher(DispatcherCore):
 
     # -- starting and waiting ----------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _handing_back(self) -> list[PoolEvent]:
+        """The events collected by the method that ends now, for the core."""
+        out, self._out = self._out, []
+        return out
+
+    def open(self) -> list[PoolEvent]:
         for _ in range(self._worker_count):
             self._spawn()
+        return self._handing_back()
 
-    def _describe_start_failure(self, exc: BaseException) -> str:
+    def describe_start_failure(self, exc: BaseException) -> str:
         return f"could not start worker processes: {exc}"
 
-    def _wait_and_handle(self, timeout: float | None) -> None:
+    def wait(self, timeout: float | None) -> list[PoolEvent]:
         if timeout is not None and timeout > MAX_SELECT_WAIT:
             timeout = MAX_SELECT_WAIT  # (the loop just computes the rest again)
         for key, _ in self._selector.select(timeout):
@@ -180,9 +202,10 @@ class LocalDispatcher(DispatcherCore):
             else:
                 events = worker.receive()
                 if events:
-                    self._handle_events(worker, events)
+                    self._read_events(worker, events)
                 if worker.eof:  # the exit fd follows
                     self._unregister(worker.conn)
+        return self._handing_back()
 
     def _unregister(self, fileobj: Any) -> None:
         """Forget a worker's fd before it is closed. A stale registration would shadow the
@@ -201,82 +224,82 @@ class LocalDispatcher(DispatcherCore):
 
     # -- events from workers -------------------------------------------------------------
 
-    def _handle_events(self, worker: WorkerProcess, events: list[Event]) -> None:
+    def _read_events(self, worker: WorkerProcess, events: list[Event]) -> None:
+        """What ``worker`` sent: its own records here, the task's moments for the core."""
         worker.events_seen = True
         self._start_failures = 0
         now = time.monotonic()
-        with self._backlog.lock:
-            for event in events:
-                tag = event[0]
-                if tag in _PROGRESS:
-                    worker.last_progress = now
-                if tag == STARTED:
-                    item = _head(worker, event[1])
-                    item.started_on = worker
-                    self._started_locked(item, event[2], now)
-                elif tag == RETRYING:
-                    self._retrying_locked(_head(worker, event[1]), event[2], event[3],
-                                          event[4], event[5])
-                elif tag == SUCCEEDED or tag == FAILED:
-                    item = worker.inflight.popleft()
-                    if item.task_id != event[1]:
-                        raise AssertionError(
-                            f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
-                    worker.inflight_bytes -= len(item.payload)
-                    worker.tasks_run += 1
-                    worker.record_duration(self._outcome_locked(item, event, now))
-                elif tag == RETIRING:
-                    worker.retiring = event[1]
-                elif tag == RECALLED:
-                    self._take_back_locked(worker, set(event[1]))
-                    worker.recall_sent = False
-                # READY: events_seen, set above, is what matters
+        out = self._out
+        for event in events:
+            tag = event[0]
+            if tag in _PROGRESS:
+                worker.last_progress = now
+            if tag == STARTED:
+                item = _head(worker, event[1])
+                item.started_on = worker
+                out.append(Started(item, event[2]))
+            elif tag == RETRYING:
+                out.append(Retrying(_head(worker, event[1]), event[2], event[3], event[4],
+                                    event[5]))
+            elif tag == SUCCEEDED or tag == FAILED:
+                item = worker.inflight.popleft()
+                if item.task_id != event[1]:
+                    raise AssertionError(
+                        f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
+                worker.inflight_bytes -= len(item.payload)
+                worker.tasks_run += 1
+                worker.record_duration(float(event[3]) / max(1, int(event[2])))
+                out.append(Finished(item, event))
+            elif tag == RETIRING:
+                worker.retiring = event[1]
+            elif tag == RECALLED:
+                self._take_back(worker, set(event[1]))
+                worker.recall_sent = False
+            # READY: events_seen, set above, is what matters
         if worker.retiring is not None:
             self._begin_retirement(worker, worker.retiring)
             if not worker.inflight:
                 worker.send_shutdown()
 
-    def _take_back_locked(self, worker: WorkerProcess, task_ids: set[int]) -> None:
+    def _take_back(self, worker: WorkerProcess, task_ids: set[int]) -> None:
         """Calls ``worker`` never started (it says) go back to the backlog, uncharged."""
         back = [item for item in worker.inflight if item.task_id in task_ids]
         if not back:
             return
         worker.inflight = deque(i for i in worker.inflight if i.task_id not in task_ids)
         worker.inflight_bytes -= sum(len(item.payload) for item in back)
-        self._requeue_locked(back)
+        self._out.append(Returned(back))
 
     def _on_worker_exit(self, worker: WorkerProcess) -> None:
         self._unregister(worker.exit_fd)
         self._unregister(worker.conn)
         events = worker.drain()
         if events:
-            self._handle_events(worker, events)
+            self._read_events(worker, events)
         exitcode = worker.reap()
         worker.close()
         del self._workers[worker.slot]
         self.pids = tuple(w.pid for w in self._workers.values())
-        backlog = self._backlog
-        outcome = ""
-        with backlog.lock:
-            backlog.workers = len(self._workers)
-            items = list(worker.inflight)
-            worker.inflight.clear()
-            # Only the head can have started here; the rest never ran.
-            crashed = items.pop(0) if items and items[0].started_on is worker else None
-            self._requeue_locked(items)
-            if crashed is not None:
-                error = self._attempt_error(worker, crashed, exitcode)
-                outcome = self._crash_locked(crashed, error)
+        items = list(worker.inflight)
+        worker.inflight.clear()
+        # Only the head can have started here; the rest never ran.
+        crashed = items.pop(0) if items and items[0].started_on is worker else None
+        out = self._out
+        out.append(WorkersChanged(len(self._workers)))
+        if items:
+            out.append(Returned(items))
         planned = worker.retiring is not None and exitcode == 0 and crashed is None
         if crashed is not None:
-            log.warning("worker pid %d %s while running task %d (attempt %d of %d): %s",
-                        worker.pid, _how(exitcode), crashed.task_id, crashed.attempts,
-                        crashed.policy.max_attempts, outcome)
+            out.append(Lost(crashed, self._attempt_error(worker, crashed, exitcode), (
+                f"worker pid {worker.pid} {_how(exitcode)} while running task "
+                f"{crashed.task_id} (attempt {crashed.attempts} of "
+                f"{crashed.policy.max_attempts}): ")))
         elif not planned:
             # One still starting (no READY yet: it held nothing) or ended while the pool stops
             # costs nothing: a signal sent to the parent's whole group (timeout(1), before the
             # worker left that group) is not worth a warning.
-            quiet = not worker.events_seen or not items and self._finishing()
+            quiet = not worker.events_seen or not items and self._finishing and not any(
+                w.inflight for w in self._workers.values())
             log.log(logging.INFO if quiet else logging.WARNING,
                     "worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
                     f" ({len(items)} calls it held go to other workers)" if items else "")
@@ -287,12 +310,12 @@ class LocalDispatcher(DispatcherCore):
             log.error("worker pid %d died while starting (%d in a row)", worker.pid,
                       self._start_failures)
             self._check_broken()
-            if self._backlog.broken is None:
+            if not self._broken:
                 self._respawn_at = time.monotonic() + RESPAWN_DELAY
         cause = ("recycled" if planned else "start_failure" if not worker.events_seen
                  else "timeout" if crashed is not None and worker.kill_reason == "timeout"
                  else "crash" if crashed is not None else "died_idle")
-        self._top_up(f"worker pid {worker.pid} {_how(exitcode)}", cause)
+        self._replace.append((f"worker pid {worker.pid} {_how(exitcode)}", cause))
 
     def _attempt_error(
         self, worker: WorkerProcess, item: WorkItem, exitcode: int | None,
@@ -307,47 +330,55 @@ class LocalDispatcher(DispatcherCore):
 
     # -- handing over ------------------------------------------------------------------------
 
-    def _hand_over(self, now: float, admission: Admission) -> None:
-        backlog = self._backlog
+    def hand_over(self, now: float, waiting: int, take: Take,
+                  finishing: bool) -> list[PoolEvent]:
+        self._finishing = finishing = finishing and not self.has_inflight()
+        if self._respawn_at is not None and now >= self._respawn_at:
+            self._respawn_at = None
+            self._replace.append(("retrying a failed start", "start_failure"))
+        replace, self._replace = self._replace, []
+        for reason, cause in replace:
+            self._top_up(reason, cause, finishing)
         # Idle workers first; list() because retiring one may spawn another.
         rooms = sorted(((w, w.room(now)) for w in list(self._workers.values())),
                        key=lambda wr: len(wr[0].inflight))
         takers = sum(room > 0 for _, room in rooms)
-        with backlog.lock:
-            # No worker takes more than its share of what waits: prefetch must not starve
-            # a worker that is idle now.
-            share = -(-len(backlog.pending) // takers) if takers else 0
+        # No worker takes more than its share of what waits: prefetch must not starve a worker
+        # that is idle now.
+        share = -(-waiting // takers) if takers else 0
         for worker, room in rooms:
             room = min(room, share)
             if self._max_tasks_per_worker:  # never hand a worker more than its quota
                 room = min(room, self._max_tasks_per_worker - worker.handed)
             if room <= 0:
                 continue
-            with backlog.lock:
-                batch = self._take_locked(
-                    admission, room, budget=PREFETCH_BYTES - worker.inflight_bytes,
-                    first_may_exceed=not worker.inflight,  # an idle worker is reading
-                )
-                for item in batch:
-                    item.worker = worker
-            if batch:
-                try:
-                    worker.send_calls(batch, now)
-                except OSError:
-                    # It is dying: the calls count as handed over, and go back to the backlog
-                    # uncharged when its exit is handled.
-                    worker.inflight.extend(batch)
-                    worker.channel_open = False
-                if self._max_tasks_per_worker and worker.handed >= self._max_tasks_per_worker:
-                    self._begin_retirement(worker, f"ran {worker.handed} tasks")
+            batch = take(room, PREFETCH_BYTES - worker.inflight_bytes,
+                         not worker.inflight)  # an idle worker is reading
+            if not batch:
+                continue
+            for item in batch:
+                item.worker = worker
+            try:
+                worker.send_calls(batch, now)
+            except OSError:
+                # It is dying: the calls count as handed over, and go back to the backlog
+                # uncharged when its exit is handled.
+                worker.inflight.extend(batch)
+                worker.channel_open = False
+            if self._max_tasks_per_worker and worker.handed >= self._max_tasks_per_worker:
+                self._begin_retirement(worker, f"ran {worker.handed} tasks")
+        replace, self._replace = self._replace, []
+        for reason, cause in replace:  # (recycled just now)
+            self._top_up(reason, cause, finishing)
+        return self._handing_back()
 
-    def _has_room(self, now: float) -> bool:
+    def has_room(self, now: float) -> bool:
         return any(w.room(now) > 0 for w in self._workers.values())
 
-    def _has_inflight(self) -> bool:
+    def has_inflight(self) -> bool:
         return any(w.inflight for w in self._workers.values())
 
-    def _recall_unstarted(self, now: float) -> float | None:
+    def recall_unstarted(self, now: float) -> float | None:
         workers = self._workers.values()
         if not any(w.events_seen and not w.inflight and w.room(now) > 0 for w in workers):
             return None  # no worker that is up and idle
@@ -364,7 +395,7 @@ class LocalDispatcher(DispatcherCore):
                 again = due
         return again
 
-    def _recall_calls(self, items: list[WorkItem]) -> list[WorkItem]:
+    def recall(self, items: list[WorkItem]) -> list[WorkItem]:
         # One RECALL per worker holding any of them, even if one is unanswered: that one may
         # have been sent before these calls, and would not bring them back. The worker hands
         # back every call it has not started; those nobody cancels are handed out again.
@@ -389,14 +420,13 @@ class LocalDispatcher(DispatcherCore):
             raise
         self._workers[slot] = worker
         self.pids = tuple(w.pid for w in self._workers.values())
-        with self._backlog.lock:
-            self._backlog.workers = len(self._workers)
+        self._out.append(WorkersChanged(len(self._workers)))
         log.debug("started worker %d (pid %d)", slot, worker.pid)
         return worker
 
-    def _top_up(self, reason: str, cause: str = "other") -> None:
+    def _top_up(self, reason: str, cause: str, finishing: bool) -> None:
         """Start replacements until ``worker_count`` workers take calls (retiring ones do not)."""
-        if self._respawn_at is not None or self._finishing() or self._backlog.broken:
+        if self._respawn_at is not None or finishing or self._broken:
             return  # a retry is scheduled / nothing left to run / given up
         while sum(w.retiring is None for w in self._workers.values()) < self._worker_count:
             try:
@@ -408,52 +438,44 @@ class LocalDispatcher(DispatcherCore):
                 self._start_failures += 1
                 self._check_broken()
                 return
-            with self._backlog.lock:
-                self._backlog.worker_restarts += 1
-                causes = self._backlog.restarts_by_cause
-                causes[cause] = causes.get(cause, 0) + 1
-
-    def _finishing(self) -> bool:
-        """stop() was called and nothing is left to run: no replacement is needed."""
-        backlog = self._backlog
-        with backlog.lock:
-            return backlog.closed and not backlog.pending and not self._delayed and not any(
-                w.inflight for w in self._workers.values())
+            self._out.append(Restarted(1, cause))
 
     def _begin_retirement(self, worker: WorkerProcess, reason: str) -> None:
-        """Recycle ``worker``: no more calls for it; its replacement starts now, so queued work
-        keeps flowing while it finishes what it holds (CPython gh-115634 hung here)."""
+        """Recycle ``worker``: no more calls for it; its replacement starts at the next
+        hand_over (this round), so queued work keeps flowing while it finishes what it holds
+        (CPython gh-115634 hung here)."""
         if worker.replacement_started:
             return
         worker.retiring = reason
         worker.replacement_started = True
         log.info("recycling worker pid %d: %s", worker.pid, reason)
-        self._top_up(f"recycling: {reason}", "recycled")
+        self._replace.append((f"recycling: {reason}", "recycled"))
         if not worker.inflight:
             worker.send_shutdown()
 
     def _check_broken(self) -> None:
         """Too many starts failed in a row: nothing can run (the core then settles)."""
-        if self._start_failures < MAX_START_FAILURES or self._backlog.broken is not None:
+        if self._start_failures < MAX_START_FAILURES or self._broken:
             return
         reason = (
             f"{self._start_failures} worker processes in a row failed to start; check that the "
             "interpreter can start and import taskorch (see the 'taskorch' log)"
         )
         log.error("orchestrator broken: %s", reason)
-        self._backlog.mark_broken(reason)
+        self._broken = True
+        self._out.append(Broken(reason))
         self._respawn_at = None
 
     # -- timers --------------------------------------------------------------------------
 
-    def _backend_deadlines(self) -> Iterable[float | None]:
+    def deadlines(self) -> Iterable[float | None]:
         yield self._respawn_at
         for worker in self._workers.values():
             yield worker.sigkill_at
             if worker.kill_reason is None:
                 yield hard_deadline(worker, self._kill_grace)
 
-    def _fire_backend_timers(self, now: float) -> None:
+    def fire_timers(self, now: float) -> list[PoolEvent]:
         for worker in list(self._workers.values()):
             if worker.sigkill_at is not None and now >= worker.sigkill_at:
                 log.warning("worker pid %d ignored SIGTERM; sending SIGKILL", worker.pid)
@@ -477,13 +499,11 @@ class LocalDispatcher(DispatcherCore):
                 # would let the worker start them, and they would run twice.
                 if worker.unstarted() and not worker.recall_sent:
                     worker.send_recall()
-        if self._respawn_at is not None and now >= self._respawn_at:
-            self._respawn_at = None
-            self._top_up("retrying a failed start", "start_failure")
+        return []  # (the respawn timer fires in hand_over, which the core calls next)
 
     # -- stopping --------------------------------------------------------------------------
 
-    def _shut_down(self, deadline: float | None) -> None:
+    def shut_down(self, deadline: float | None) -> Iterator[list[PoolEvent]]:
         now = time.monotonic()
         deadline = max(deadline or now, now + IDLE_EXIT_GRACE)
         for worker in self._workers.values():
@@ -493,28 +513,27 @@ class LocalDispatcher(DispatcherCore):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._wait_and_handle(remaining)  # nothing runs: EOFs and exits come
+            yield self.wait(remaining)  # nothing runs: EOFs and exits come
+        self._replace.clear()  # (no replacements: nothing is left to run)
         self._kill_everything()
+        yield self._handing_back()
 
-    def _before_settle(self) -> None:
-        """Kill every worker and read what they sent before dying: outcomes that arrived
-        before the kill still count."""
+    def stop_all(self) -> tuple[list[PoolEvent], list[tuple[WorkItem, str]]]:
+        """Kill every worker and read what they sent before dying (outcomes that arrived
+        before the kill still count); every call they held is given back."""
         for worker in self._workers.values():
             worker.kill()
         for worker in list(self._workers.values()):
             events = worker.drain()
             if events:
-                self._handle_events(worker, events)
-
-    def _take_all_inflight_locked(self) -> list[tuple[WorkItem, str]]:
+                self._read_events(worker, events)
         held: list[tuple[WorkItem, str]] = []
         for worker in self._workers.values():
             held += [(item, "its worker was terminated") for item in worker.inflight]
             worker.inflight.clear()
-        return held
-
-    def _after_settle(self) -> None:
+        self._replace.clear()
         self._kill_everything()
+        return self._handing_back(), held
 
     def _kill_everything(self) -> None:
         for worker in list(self._workers.values()):
@@ -525,20 +544,19 @@ class LocalDispatcher(DispatcherCore):
             worker.close()
         self._workers.clear()
         self.pids = ()
-        with self._backlog.lock:
-            self._backlog.workers = 0
+        self._out.append(WorkersChanged(0))
 
-    def _close(self) -> None:
+    def close(self) -> list[PoolEvent]:
         self._kill_everything()  # (none left, but after a failed start)
         self._selector.close()
         with self._wake_lock:
-            if self._wake_closed:
-                return
-            self._wake_closed = True
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            if not self._wake_closed:
+                self._wake_closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+        return self._handing_back()
 
-    def _forget_channels_in_child(self) -> None:
+    def forget_in_forked_child(self) -> None:
         # The copies of the parent's fds, closed through their owners so that nothing closes
         # the same number again later (nor now, if the parent had closed them: a stopped
         # orchestrator). Closing a copy never reaches the parent's workers: their channels
@@ -553,7 +571,7 @@ class LocalDispatcher(DispatcherCore):
         for worker in self._workers.values():
             worker.forget_in_forked_child()
         self._workers.clear()
-        self._delayed = BackoffQueue()
+        self._out = []
         self.pids = ()
 
 
