@@ -25,6 +25,8 @@ from .harness import SectionError, describe
 
 
 def f_crash(child: Child) -> dict[str, Any]:
+    """F: one task of N calls os._exit(1); how many of the innocent others succeed,
+    what became of the rest, and does the pool still run a task?"""
     n = child.p["f_tasks"]
     pool = child.new_pool()
     try:
@@ -90,6 +92,7 @@ def f_crash(child: Child) -> dict[str, Any]:
 
 
 def g_hard_timeout(child: Child) -> dict[str, Any]:
+    """G: a hung task with a per-task timeout: how late its failure is seen."""
     import tempfile
 
     if not child.cls.has_task_timeout:

@@ -18,6 +18,7 @@ from .harness import SectionError, call_bounded
 
 
 def d_cold_start(child: Child) -> dict[str, Any]:
+    """D: constructor to the first result, the library already imported; no warm-up."""
     pool = child.cls(child.workers)
     gc.collect()
     t0 = time.perf_counter()
@@ -34,6 +35,7 @@ def d_cold_start(child: Child) -> dict[str, Any]:
 
 
 def e_memory(child: Child) -> dict[str, Any]:
+    """E: RSS of this interpreter (which owns the pool) and USS of each worker."""
     import psutil
 
     gc.collect()
@@ -68,6 +70,7 @@ def e_memory(child: Child) -> dict[str, Any]:
 
 
 def h_drain(child: Child) -> dict[str, Any]:
+    """H: from the last of N short tasks completing to stop()/shutdown() returning."""
     n = child.p["h_tasks"]
     pool = child.new_pool()
     try:

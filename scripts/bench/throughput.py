@@ -17,6 +17,7 @@ from .harness import SectionError, median, percentile
 
 
 def a_noop_throughput(child: Child) -> dict[str, Any]:
+    """A: N no-op tasks submitted one by one, all results collected; tasks/s."""
     n = (min(child.p["a_tasks"], DASK_A_TASKS) if child.pool_name in DASK_POOLS
          else child.p["a_tasks"])
     pool = child.new_pool()
@@ -76,6 +77,7 @@ def m_metrics_overhead(child: Child) -> dict[str, Any]:
 
 
 def b_cpu_speedup(child: Child) -> dict[str, Any]:
+    """B: N CPU tasks of ~50 ms against the same run serially in the parent."""
     n = child.p["b_tasks"]
     pool = child.new_pool()
     try:
@@ -92,6 +94,7 @@ def b_cpu_speedup(child: Child) -> dict[str, Any]:
 
 
 def c_submit_latency(child: Child) -> dict[str, Any]:
+    """C: each submit call timed alone while sleeping tasks keep the workers busy."""
     n = child.p["c_tasks"]
     pool = child.new_pool()
     try:
@@ -114,6 +117,7 @@ def c_submit_latency(child: Child) -> dict[str, Any]:
 
 
 def i_bulk_map(child: Child) -> dict[str, Any]:
+    """I: N tiny items through the library's bulk API, results checked in order."""
     n = child.p["i_items"]
     pool = child.new_pool()
     try:
