@@ -1,10 +1,11 @@
-"""Task functions for scripts/bench.py.
+"""Task functions for the benchmark (``scripts/bench.py``).
 
 Runs in the pool workers (and in the bench parent, for the serial CPU baseline). The pools
-pickle these functions by reference (``_bench_tasks.noop``), so they live at module level in a
-module the workers can import: bench.py puts this directory on ``sys.path`` and on
-``PYTHONPATH`` for its children. Import-light on purpose: spawn-style workers (loky, taskorch)
-import it, and whatever it imports would be charged to their cold start and memory.
+pickle these functions by reference (``bench.tasks.noop``), so they live at module level in a
+module the workers can import: the launcher puts ``scripts/`` on ``sys.path``, and the parent
+puts it on ``PYTHONPATH`` for its children. Import-light on purpose: spawn-style workers (loky,
+taskorch) import it (and the package's ``__init__``, which imports nothing), and whatever it
+imports would be charged to their cold start and memory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def pid_after(seconds: float) -> int:
 def cpu(loops: int) -> int:
     """Section B: pure-Python CPU work, holding the GIL the whole time.
 
-    bench.py calibrates *loops* once in its parent (about 50 ms) and passes the number, so
+    The bench parent calibrates *loops* once (about 50 ms) and passes the number, so
     every pool runs the same amount of work.
     """
     acc = 0
