@@ -39,7 +39,8 @@ from taskorch._policy import BreakerMode, CircuitBreaker, Features, Policy
 
 if TYPE_CHECKING:
     from taskorch._parent.executor import Executor
-    from taskorch._parent.orchestrator import PolicyOverride, TaskOrchestrator
+    from taskorch._parent.intake import PolicyOverride
+    from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._parent.task import TaskFuture
     from taskorch._service.client import Client, connect
     from taskorch._stats import Stats, StopReport
@@ -80,7 +81,7 @@ logging.getLogger("taskorch").addHandler(logging.NullHandler())
 
 _LAZY = {
     "Executor": "taskorch._parent.executor",
-    "PolicyOverride": "taskorch._parent.orchestrator",
+    "PolicyOverride": "taskorch._parent.intake",
     "TaskOrchestrator": "taskorch._parent.orchestrator",
     "TaskFuture": "taskorch._parent.task",
     "Stats": "taskorch._stats",

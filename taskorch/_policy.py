@@ -209,3 +209,16 @@ class CircuitBreaker:
             raise ValueError(f"failure_ratio must be in (0, 1], got {ratio!r}")
         if not isinstance(self.mode, BreakerMode):
             raise ValueError(f"mode must be a taskorch.BreakerMode, got {self.mode!r}")
+
+
+def check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: object, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0) and value != float("inf")
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")

@@ -54,6 +54,10 @@ class Dispatcher(Protocol):
     def pids(self) -> tuple[int, ...]:
         """Worker processes on this machine (empty for remote ones). Any thread."""
 
+    @property
+    def recalls_for_cancel(self) -> bool:
+        """Can a call handed over and not started be taken back, for a cancel?"""
+
     def start(self) -> None:
         """Start the thread and the workers; raise OrchestratorBrokenError if none can start."""
 
@@ -68,6 +72,35 @@ class Dispatcher(Protocol):
 
     def worker_views(self) -> list[WorkerView]:
         """The workers now, for the dashboard (any thread)."""
+
+
+class NothingRan:
+    """The dispatcher of an orchestrator that a forked child stopped before using it there:
+    no thread, no worker, nothing ran (``stop()`` then costs nothing)."""
+
+    drained: bool | None = True
+    pids: tuple[int, ...] = ()
+    recalls_for_cancel = False
+
+    def __init__(self) -> None:
+        self.thread = threading.Thread()  # never started: stop() is never called from it
+        self.finished = threading.Event()
+        self.finished.set()
+
+    def start(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def effective_worker_count(self) -> int:
+        return 0
+
+    def status_details(self) -> dict[str, Any]:
+        return {"workers": [], "oldest_queued_seconds": None}
+
+    def worker_views(self) -> list[WorkerView]:
+        return []
 
 
 class Backend(Protocol):

@@ -30,7 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, Union
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
-from taskorch._parent.task import CancelRequest, TaskState, WorkItem
+from taskorch._parent.task import CancelRequest, TaskListener, TaskState, WorkItem
 from taskorch._stats import Stats
 
 if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it
@@ -86,6 +86,9 @@ class Backlog:
         self.restarts_by_cause: dict[str, int] = {}
         # Per-task figures for metrics, once enabled (``figures.enable``); recorded under the lock.
         self.figures: Figures | None = None
+        # The orchestrator's listeners to every task's moments (``listeners``; swapped whole,
+        # under the lock); called with it held.
+        self.listeners: tuple[TaskListener, ...] = ()
 
     # -- producers -----------------------------------------------------------------------
 
@@ -252,6 +255,8 @@ class Backlog:
         item.accepted_at = time.monotonic()
         self.pending.append(item)
         self.unfinished[item.task_id] = item
+        for listener in self.listeners:
+            listener.accepted(item)
         wake = not self.dispatcher_will_look
         self.dispatcher_will_look = True
         return wake
@@ -285,6 +290,11 @@ class Backlog:
         item.worker = None
         self.unfinished.pop(item.task_id, None)
         setattr(self, _TERMINAL[state], getattr(self, _TERMINAL[state]) + 1)
+        if state is TaskState.CANCELLED:
+            for listener in self.listeners:
+                listener.cancelled(item)
+            if item.listener is not None:
+                item.listener.cancelled(item)
         request = item.cancel_request
         if request is None:
             return False
@@ -340,7 +350,7 @@ class Backlog:
                             item.cancel_request = None
                     cancelled += request.granted
             for item in cancelled:
-                item.future._cancel_now()
+                item.future.cancel_now()
         return cancelled
 
     def mark_broken(self, reason: str) -> None:

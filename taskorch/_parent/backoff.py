@@ -1,6 +1,6 @@
 """Parent process, the dispatcher thread: crash retries waiting out their backoff.
 
-A task whose attempt was lost with its worker (``dispatch.DispatcherCore._crash_locked``) and
+A task whose attempt was lost with its worker (``dispatch.DispatcherCore._lost_locked``) and
 that has attempts left waits here for the policy's backoff; then the core puts it back at the
 front of the backlog. These are started tasks: outside the backlog's bound.
 """

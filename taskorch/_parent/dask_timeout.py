@@ -5,7 +5,7 @@ layer calls).
 The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
 a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
 its start event) and no outcome or retry came, the pool hands it back ``Lost`` and the core
-charges it (``_crash_locked``, a ``TaskTimeoutError``: retried only if the policy retries
+charges it (``_lost_locked``, a ``TaskTimeoutError``: retried only if the policy retries
 timeouts), as a local hard timeout is, and the Dask worker process is restarted by its nanny:
 nothing else stops a Dask thread. Until the restart's answer, the call holds its slot
 (``_held``: its worker gets no calls, and it counts against ``worker_count``), so the in-flight
@@ -81,7 +81,7 @@ class DaskHardTimeouts:
     def _hard_timeout(self, subs: list[Submission]) -> None:
         """Attempts ran ``kill_grace`` past their timeout: the in-process interrupt could not
         reach them (a thread blocked in C). Each is handed back ``Lost``: the core charges it
-        (``_crash_locked``, with a
+        (``_lost_locked``, with a
         TaskTimeoutError: retried only if the policy retries timeouts), and each one's worker is
         restarted by its nanny: the only way to stop a Dask thread. Meanwhile the call holds
         its slot (``_held``), and its worker gets nothing more; its calls not started are

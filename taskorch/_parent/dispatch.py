@@ -12,8 +12,9 @@ Data flow (the pool's part in brackets; ``pool.WorkerPool``, local processes or 
                                       Returned / Lost / ... (``pool`` events)    outcome events
                                  _apply(): one pass under the backlog lock:      (``_wire``)
                                    _started_locked / _retrying_locked /
-                                   _outcome_locked / _requeue_locked /
-                                   _crash_locked  (the rules, written once)
+                                   _finished_locked / _returned_locked /
+                                   _lost_locked  (the rules, written once),
+                                   announced to listeners (``listeners``)
                                  _fire_timers(): crash-retry backoff, breaker,
                                    [hard timeouts, probes]
                                  _finish_if_done(): drain, or settle at stop()'s deadline
@@ -25,21 +26,21 @@ pool's workers.
 The rules, each written once here, whatever runs the tasks:
 
 - A call handed over but never started goes back to the front of the backlog, in order, with
-  no attempt charged (``_requeue_locked``): it never ran. A half-open circuit's probe slot it
+  no attempt charged (``_returned_locked``): it never ran. A half-open circuit's probe slot it
   held frees. If a caller waits to cancel it (``future.cancel()`` of a queued task the
   dispatcher had handed over: ``_recall_for_cancel`` asked the pool to take it back), it
   ends cancelled instead; if it starts first, the cancel is refused (``Backlog.start_locked``).
 - An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
-  lost with its Dask worker) is charged (``_crash_locked``): retried after the policy's backoff
+  lost with its Dask worker) is charged (``_lost_locked``): retried after the policy's backoff
   while the task's one attempt budget lasts (crashes always, a hard timeout if the policy
   retries ``TaskTimeoutError``), else the task fails with that error. A call that started may
   have had side effects: after a crash a task runs at least once, not exactly once.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
   backlog lock, at the moment it changes, before the futures that changed it resolve.
-- Metrics (once ``figures.enable`` was called): the rules record a task's queue wait at its
-  first start, its run time and failure at its outcome, and a crash that ends it, into
-  ``backlog.figures``, under the lock they already hold; no I/O, nothing that waits. Readers
-  copy them under the same lock (``observe``).
+- Each moment (started, retrying, finished, crashed) is announced to the listeners
+  (``listeners.TaskListener``: ``Backlog.listeners``, such as the metrics' figures, and the
+  task's own ``WorkItem.listener``, such as ``taskorch serve``'s journal) under the lock the
+  rule already holds; they do no I/O and never wait.
 - At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
   passes first, queued tasks are cancelled and running ones abandoned (``_settle``). A broken
   orchestrator (no worker can run anything) fails what it holds with
@@ -90,7 +91,7 @@ from taskorch._parent.pool import (
 )
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import CircuitBreaker
-from taskorch._wire import FAILED, SUCCEEDED, Event
+from taskorch._wire import FAILED, SUCCEEDED
 
 log = logging.getLogger("taskorch")
 
@@ -118,10 +119,10 @@ class DispatcherCore:
         self._losses: list[tuple[str, str]] = []  # (note, outcome) of crashes, logged after
         # The rule for each kind of pool event (``_apply``), by its type.
         self._rules: dict[type, Callable[[Any, float], None]] = {
-            Started: self._on_started, Finished: self._on_finished,
-            Retrying: self._on_retrying, Returned: self._on_returned, Lost: self._on_lost,
-            Failed: self._on_failed, WorkersChanged: self._on_workers_changed,
-            Restarted: self._on_restarted,
+            Started: self._started_locked, Finished: self._finished_locked,
+            Retrying: self._retrying_locked, Returned: self._returned_locked,
+            Lost: self._lost_locked, Failed: self._fail_locked,
+            WorkersChanged: self._workers_changed_locked, Restarted: self._restarted_locked,
         }
         # Read by any thread.
         self.drained: bool | None = None  # set when the thread ends
@@ -246,29 +247,10 @@ class DispatcherCore:
         for reason in broken:
             self._backlog.mark_broken(reason)
 
-    def _on_started(self, event: Started, now: float) -> None:
-        self._started_locked(event.item, event.attempt, now)
-
-    def _on_retrying(self, event: Retrying, now: float) -> None:
-        self._retrying_locked(event.item, event.attempt, event.summary, event.delay,
-                              event.timed_out)
-
-    def _on_finished(self, event: Finished, now: float) -> None:
-        self._outcome_locked(event.item, event.outcome, now)
-
-    def _on_returned(self, event: Returned, now: float) -> None:
-        self._requeue_locked(event.items)
-
-    def _on_lost(self, event: Lost, now: float) -> None:
-        self._losses.append((event.note, self._crash_locked(event.item, event.error)))
-
-    def _on_failed(self, event: Failed, now: float) -> None:
-        self._fail_locked(event.item, event.error)
-
-    def _on_workers_changed(self, event: WorkersChanged, now: float) -> None:
+    def _workers_changed_locked(self, event: WorkersChanged, now: float) -> None:
         self._backlog.workers = event.workers
 
-    def _on_restarted(self, event: Restarted, now: float) -> None:
+    def _restarted_locked(self, event: Restarted, now: float) -> None:
         backlog = self._backlog
         backlog.worker_restarts += event.started
         if event.cause is not None:
@@ -277,59 +259,62 @@ class DispatcherCore:
 
     # -- the task life: the rules (backlog lock held) ---------------------------------------------
 
-    def _started_locked(self, item: WorkItem, attempt: int, now: float) -> None:
-        """Attempt ``attempt`` of ``item`` began; the first one frees its backlog slot."""
-        item.attempts = item.future.attempts = attempt
+    def _started_locked(self, event: Started, now: float) -> None:
+        """An attempt began; the first one frees its backlog slot."""
+        item = event.item
+        item.attempts = item.future.attempts = event.attempt
         item.attempt_started = now
-        figures = self._backlog.figures
-        if figures is not None and item.state is TaskState.QUEUED:
-            figures.started(item, now)  # (metrics on: the queue wait; see figures.py)
+        self._announce_started(item, now)
         self._backlog.start_locked(item)
-        if item.on_start is not None:  # (taskorch serve's journal: queues a record)
-            item.on_start(item)
 
-    def _retrying_locked(self, item: WorkItem, attempt: int, summary: str, delay: float,
-                         timed_out: bool) -> None:
-        """Attempt ``attempt`` failed inside the worker, which retries after ``delay``."""
+    def _announce_started(self, item: WorkItem, now: float) -> None:
+        for listener in self._backlog.listeners:  # (metrics on: the queue wait, at the first)
+            listener.started(item, now)
+        if item.listener is not None:  # (taskorch serve's journal: queues a record)
+            item.listener.started(item, now)
+
+    def _retrying_locked(self, event: Retrying, now: float) -> None:
+        """An attempt failed inside the worker, which retries after ``event.delay``."""
+        item = event.item
         item.attempt_started = 0.0  # backing off: no attempt runs
         self._backlog.retried += 1
-        if timed_out:
+        if event.timed_out:
             self._backlog.timeouts += 1
-        self._retries.append((item, attempt, summary, delay))
+        self._retries.append((item, event.attempt, event.summary, event.delay))
+        for listener in self._backlog.listeners:
+            listener.retrying(item, event.attempt, event.summary, event.delay)
 
-    def _outcome_locked(self, item: WorkItem, event: Event, now: float) -> None:
+    def _finished_locked(self, event: Finished, now: float) -> None:
         """A SUCCEEDED or FAILED event (``_wire``): the task is over."""
-        tag, _, attempts, seconds = event[:4]
+        item, outcome = event
+        tag, _, attempts, seconds = outcome[:4]
         backlog = self._backlog
-        figures = backlog.figures
-        if figures is not None and item.state is TaskState.QUEUED:
-            figures.started(item, now)
-        backlog.start_locked(item)  # (on Dask its STARTED event may not have come first)
+        if item.state is TaskState.QUEUED:  # (on Dask its STARTED event may not have come)
+            self._announce_started(item, now)
+        backlog.start_locked(item)
         item.attempts = item.future.attempts = attempts
         item.future.seconds = seconds
         failed = tag != SUCCEEDED
         if tag == SUCCEEDED:
             backlog.finish_locked(item, TaskState.SUCCEEDED)
-            self._resolutions.append((item, "result", event[4]))
+            self._resolutions.append((item, "result", outcome[4]))
         elif tag == FAILED:
-            if event[5] == TIMEOUT_TYPE:
+            if outcome[5] == TIMEOUT_TYPE:
                 backlog.timeouts += 1
             backlog.finish_locked(item, TaskState.FAILED)
-            self._resolutions.append((item, "error", event[4:]))
+            self._resolutions.append((item, "error", outcome[4:]))
         else:
-            raise AssertionError(f"not an outcome: {event!r} for {item!r}")
-        if figures is not None:
-            figures.finished(item, seconds, event[4:] if failed else None)
+            raise AssertionError(f"not an outcome: {outcome!r} for {item!r}")
+        for listener in backlog.listeners:
+            listener.finished(item, seconds, outcome[4:] if failed else None)
         if self._breaker is not None:
             self._breaker.record(item.task_id, failed)
 
-    def _requeue_locked(self, items: list[WorkItem]) -> None:
+    def _returned_locked(self, event: Returned, now: float) -> None:
         """Calls handed over that never started go back to the front of the backlog, in
         order, uncharged (they never ran); a half-open circuit's probe slot frees."""
-        if not items:
-            return
         back = []
-        for item in items:
+        for item in event.items:
             item.worker = item.started_on = None
             if self._breaker is not None:
                 self._breaker.release(item.task_id)
@@ -342,9 +327,48 @@ class DispatcherCore:
         self._backlog.pending.extendleft(reversed(back))
         self._backlog.dispatcher_will_look = True
 
+    def _lost_locked(self, event: Lost, now: float) -> None:
+        """The attempt that started was lost with its worker: charge it; retry after the
+        policy's backoff while the budget lasts, else fail. What became of it ends the
+        pool's warning (logged after the lock)."""
+        item, error, note = event
+        backlog = self._backlog
+        item.worker = item.started_on = None
+        item.attempt_started = 0.0
+        backlog.crashes += 1
+        if isinstance(error, TaskTimeoutError):
+            backlog.timeouts += 1
+        retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
+        if retryable and item.attempts < item.policy.max_attempts:
+            backlog.retried += 1
+            delay = item.policy.backoff_before(item.attempts + 1)
+            self._delayed.push(item, delay)
+            for listener in backlog.listeners:
+                listener.crashed(item, error, False)
+            self._losses.append((note, f"retrying in {delay:.3g} s"))
+            return
+        self._fail_locked(Failed(item, error), now)
+        self._losses.append((note, "task failed"))
+
+    def _fail_locked(self, event: Failed, now: float) -> None:
+        """The task fails with ``error`` without a retry (its last attempt was lost, or the
+        pool could not run it)."""
+        item, error = event
+        self._backlog.finish_locked(item, TaskState.FAILED)
+        self._resolutions.append((item, "exception", error))
+        for listener in self._backlog.listeners:
+            listener.crashed(item, error, True)
+        if self._breaker is not None:
+            self._breaker.record(item.task_id, True)
+
+    def _publish_breaker_locked(self, state: str) -> None:
+        """The breaker changed state (it only does under the backlog lock): show it now."""
+        self._backlog.breaker_state = state
+
+
     def _recall_for_cancel(self) -> None:
         """Callers wait to cancel calls that were handed over: ask the pool to take them back
-        (they come back ``Returned``, and ``_requeue_locked`` cancels them, or their start
+        (they come back ``Returned``, and ``_returned_locked`` cancels them, or their start
         refuses it)."""
         backlog = self._backlog
         with backlog.lock:
@@ -359,44 +383,6 @@ class DispatcherCore:
                 for item in refused:
                     if item.cancel_request is not None:
                         item.cancel_request.answer_locked(item, False)
-
-    def _crash_locked(self, item: WorkItem, error: BaseException) -> str:
-        """The attempt of ``item`` that started was lost with its worker: charge it; retry
-        after the policy's backoff while the budget lasts, else fail with ``error``. Returns
-        what became of it, for the pool's log line."""
-        backlog = self._backlog
-        item.worker = item.started_on = None
-        item.attempt_started = 0.0
-        backlog.crashes += 1
-        if isinstance(error, TaskTimeoutError):
-            backlog.timeouts += 1
-        retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
-        if retryable and item.attempts < item.policy.max_attempts:
-            backlog.retried += 1
-            delay = item.policy.backoff_before(item.attempts + 1)
-            self._delayed.push(item, delay)
-            return f"retrying in {delay:.3g} s"
-        backlog.finish_locked(item, TaskState.FAILED)
-        self._resolutions.append((item, "exception", error))
-        if backlog.figures is not None:
-            backlog.figures.failed(item, error)
-        if self._breaker is not None:
-            self._breaker.record(item.task_id, True)
-        return "task failed"
-
-    def _fail_locked(self, item: WorkItem, error: BaseException) -> None:
-        """The task fails with ``error`` without a retry (the pool could not run it)."""
-        self._backlog.finish_locked(item, TaskState.FAILED)
-        self._resolutions.append((item, "exception", error))
-        if self._backlog.figures is not None:
-            self._backlog.figures.failed(item, error)
-        if self._breaker is not None:
-            self._breaker.record(item.task_id, True)
-
-    def _publish_breaker_locked(self, state: str) -> None:
-        """The breaker changed state (it only does under the backlog lock): show it now."""
-        self._backlog.breaker_state = state
-
 
     # -- dispatching -----------------------------------------------------------------------
 

@@ -2,11 +2,11 @@
 
 Two sides, one lock (the backlog's):
 
-- the dispatcher thread records, with the backlog lock held, from the core's rules
-  (``dispatch.DispatcherCore._started_locked`` / ``_outcome_locked`` / ``_crash_locked`` /
-  ``_fail_locked``): a few additions and a ``bisect`` per event, no allocation on the common
-  path, no I/O, nothing that waits. ``Figures`` exists only once metrics were enabled
-  (``enable``); until then the core pays one attribute test per event;
+- the dispatcher thread records, with the backlog lock held, as a listener to the core's
+  rules (``listeners.TaskListener``: started, finished, crashed): a few additions and a
+  ``bisect`` per event, no allocation on the common path, no I/O, nothing that waits.
+  ``Figures`` exists only once metrics were enabled (``enable``); until then the core pays an
+  empty loop per event;
 - a reader (a Prometheus scrape, the HTTP server's threads) copies everything under the same
   lock (``snapshot``, a few hundred integers) and does the rest (cumulative buckets, decoding
   failures, formatting) after releasing it.
@@ -24,6 +24,8 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from taskorch._parent import listeners
+from taskorch._parent.task import TaskListener, TaskState
 from taskorch._wire import _FN_LENGTH, BY_REFERENCE
 
 if TYPE_CHECKING:
@@ -85,8 +87,9 @@ class Failure:
     traceback: str
 
 
-class Figures:
-    """What the dispatcher records (backlog lock held) and readers copy (same lock)."""
+class Figures(TaskListener):
+    """What the dispatcher records (a listener: backlog lock held) and readers copy (same
+    lock)."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, TaskFigures] = {}
@@ -108,8 +111,9 @@ class Figures:
     # -- the dispatcher thread, backlog lock held ----------------------------------------------
 
     def started(self, item: WorkItem, now: float) -> None:
-        """``item``'s first attempt started (the state is still QUEUED): its queue wait."""
-        if item.accepted_at:
+        """An attempt of ``item`` started: at its first (the state still QUEUED), its queue
+        wait."""
+        if item.accepted_at and item.state is TaskState.QUEUED:
             wait = (self.by_name.get(item.name) or self._of(item.name)).wait
             value = now - item.accepted_at
             wait.counts[bisect_left(wait.bounds, value)] += 1  # (Histogram.observe, inlined:
@@ -125,8 +129,10 @@ class Figures:
             figures.failed += 1
             self.failures.append((time.time(), item.task_id, item.name, item.attempts, error))
 
-    def failed(self, item: WorkItem, error: BaseException) -> None:
-        """The task failed without an outcome event (its last attempt crashed, say)."""
+    def crashed(self, item: WorkItem, error: BaseException, ended: bool) -> None:
+        """A lost attempt; if it ``ended`` the task, a failure without an outcome event."""
+        if not ended:
+            return
         self._of(item.name).failed += 1
         self.failures.append((time.time(), item.task_id, item.name, item.attempts, error))
 
@@ -143,16 +149,20 @@ class Figures:
 def enable(backlog: Backlog) -> Figures:
     """Start recording figures for the orchestrator of ``backlog`` (idempotent)."""
     with backlog.lock:
-        if backlog.figures is None:
-            backlog.figures = Figures()
-        return backlog.figures
+        figures = backlog.figures
+        if figures is None:
+            figures = backlog.figures = Figures()
+    listeners.add(backlog, figures)
+    return figures
 
 
 def disable(backlog: Backlog) -> None:
     """Stop recording (the benchmark toggles metrics on one pool; tasks in flight across the
     switch are left out of the figures)."""
     with backlog.lock:
-        backlog.figures = None
+        figures, backlog.figures = backlog.figures, None
+    if figures is not None:
+        listeners.remove(backlog, figures)
 
 
 # -- naming tasks (the submitting thread) -------------------------------------------------------

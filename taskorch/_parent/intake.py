@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.figures import name_of, name_of_payload
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import Policy
-from taskorch._wire import encode_call
+from taskorch._wire import encode_call, encode_policy
 
 log = logging.getLogger("taskorch")
 
@@ -72,7 +72,7 @@ class Intake:
         task's label for metrics (by default read from ``payload``; see ``figures``)."""
         future = TaskFuture()
         item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
-        future._cancel_hook = functools.partial(_cancel, self._backlog, item)
+        future.set_canceller(functools.partial(_cancel, self._backlog, item))
         if self._backlog.figures is not None:  # metrics on: label the task (figures.py)
             item.name = name or name_of_payload(payload)
         return item
@@ -168,7 +168,7 @@ class Intake:
         travel to the worker as ``attempts_done``), past the bound if need be.
 
         ``crashed``: it was running when its server died. The rule is the dispatcher's
-        ``_crash_locked`` for a lost worker: that attempt is spent, and the task runs again
+        ``_lost_locked`` for a lost worker: that attempt is spent, and the task runs again
         while its budget lasts, else fails with ``WorkerCrashedError`` (returned resolved).
         Unlike a crash seen live, no backoff delays its retry: the restart took longer.
         """
@@ -183,3 +183,27 @@ class Intake:
                 "at the restart"))
             item.release()
         return item.future
+
+
+class _HasIntake(Protocol):  # a TaskOrchestrator, as seen from here
+    @property
+    def intake(self) -> Intake: ...
+
+
+class PolicyOverride:
+    """``run``/``run_async`` of an orchestrator with another policy (see ``with_policy``)."""
+
+    def __init__(self, orchestrator: _HasIntake, policy: Policy) -> None:
+        self._orchestrator = orchestrator
+        self._policy = policy
+        self._policy_bytes = encode_policy(policy)
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
+        intake = self._orchestrator.intake  # (a forked child's starts afresh here)
+        item = intake.prepare_call(fn, args, kwargs, self._policy, self._policy_bytes)
+        return intake.offer(item, fn)  # (fn names the task if it is dropped)
+
+    async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        intake = self._orchestrator.intake
+        item = intake.prepare_call(fn, args, kwargs, self._policy, self._policy_bytes)
+        return await intake.offer_async(item)

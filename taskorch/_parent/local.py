@@ -26,7 +26,7 @@ what is local, and hands back what came as ``pool`` events:
 
 Crash isolation: every worker has its own channel, so a death concerns one worker: the calls
 it held but had not started go back uncharged, the one it was running is charged (the core's
-``_requeue_locked`` / ``_crash_locked``), and a replacement starts at the next hand-over, in
+``_returned_locked`` / ``_lost_locked``), and a replacement starts at the next hand-over, in
 the same round (then the core, having applied the loss, knows whether anything is left).
 """
 

@@ -57,7 +57,7 @@ class Observer:
 
     def __init__(self, orchestrator: TaskOrchestrator) -> None:
         self.orchestrator = orchestrator
-        self._backlog = orchestrator._backlog
+        self._backlog = orchestrator.backlog
         self._figures = enable(self._backlog)
 
     def snapshot(self) -> Snapshot:
@@ -81,7 +81,7 @@ class Observer:
 
     def workers(self) -> list[dict[str, Any]]:
         """The worker processes: pid, resident memory, tasks run, the task running now."""
-        views = self.orchestrator._dispatcher.worker_views()
+        views = self.orchestrator.worker_views()
         return [dict(dataclasses.asdict(view), rss_bytes=_rss(view.pid)) for view in views]
 
 

@@ -17,11 +17,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
-from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, PoolConfig
+from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, NothingRan, PoolConfig
 from taskorch._parent.backlog import Backlog
-from taskorch._parent.intake import Intake
+from taskorch._parent.intake import Intake, PolicyOverride
 from taskorch._parent.task import TaskFuture
-from taskorch._policy import CircuitBreaker, Features, Policy
+from taskorch._policy import CircuitBreaker, Features, Policy, check_int, check_number
 from taskorch._stats import Stats, StopReport
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ class TaskOrchestrator:
         backend: Backend | None = None,
     ) -> None:
         if worker_count is not None:
-            _check_int("worker_count", worker_count, minimum=1)
-        _check_int("max_backlog", max_backlog, minimum=1)
+            check_int("worker_count", worker_count, minimum=1)
+        check_int("max_backlog", max_backlog, minimum=1)
         if not isinstance(features, Features):
             raise ValueError(f"features must be a taskorch.Features flag, got {features!r}")
         if policy is None:
@@ -90,11 +90,11 @@ class TaskOrchestrator:
         elif not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         if kill_grace is not None:
-            _check_number("kill_grace", kill_grace)
+            check_number("kill_grace", kill_grace)
         if max_tasks_per_worker is not None:
-            _check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+            check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
         if max_memory_per_worker is not None:
-            _check_number("max_memory_per_worker", max_memory_per_worker)
+            check_number("max_memory_per_worker", max_memory_per_worker)
         if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
             raise ValueError(
                 f"circuit_breaker must be a taskorch.CircuitBreaker, got {circuit_breaker!r}")
@@ -102,9 +102,8 @@ class TaskOrchestrator:
         self._features = features
         self._drop_when_full = Features.ALLOW_SYNC_TASK_DROP in features
         self._policy = policy
-        if backend is None:
-            backend = LocalBackend()
-        elif not callable(getattr(backend, "create_dispatcher", None)):
+        backend = LocalBackend() if backend is None else backend
+        if not callable(getattr(backend, "create_dispatcher", None)):
             raise ValueError(
                 f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
         self._backend = backend
@@ -135,13 +134,12 @@ class TaskOrchestrator:
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if idle:
             self._backlog.close(time.monotonic())
-            self._dispatcher: Dispatcher = _NothingRan()
+            self._dispatcher: Dispatcher = NothingRan()
             return
         self._dispatcher = self._backend.create_dispatcher(self._backlog, self._config)
         # Not a bound method of self: the finalizer below must not keep self alive.
         self._backlog.wake_dispatcher = self._dispatcher.wake
-        self._backlog.recalls_for_cancel = bool(getattr(self._dispatcher, "recalls_for_cancel",
-                                                        False))
+        self._backlog.recalls_for_cancel = self._dispatcher.recalls_for_cancel
         self._dispatcher.start()
         _running[self._dispatcher] = self._backlog
         # Garbage-collected without stop(): close intake and let the dispatcher drain.
@@ -189,7 +187,7 @@ class TaskOrchestrator:
             items += forget()
         child = os.getpid()
         for item in items:
-            item.future._fail_in_forked_child(OrchestratorBrokenError(
+            item.future.fail_in_forked_child(OrchestratorBrokenError(
                 f"task {item.task_id} was submitted in process {self._pid}, and this process "
                 f"({child}) was forked from it: the task belongs to that process, runs there, "
                 "and only there is its outcome known"))
@@ -264,7 +262,7 @@ class TaskOrchestrator:
         from taskorch._parent.map import map_in_chunks
 
         if chunksize is not None:
-            _check_int("chunksize", chunksize, minimum=1)
+            check_int("chunksize", chunksize, minimum=1)
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         return map_in_chunks(self, fn, iterables, chunksize, return_exceptions)
@@ -370,10 +368,19 @@ class TaskOrchestrator:
         self._here()
         return list(self._dispatcher.pids)
 
-    def _status_details(self) -> dict[str, Any]:
+    def status_details(self) -> dict[str, Any]:
         """For ``taskorch status`` (the server's answer to a stats request): ``workers`` (pid,
         RSS, tasks run, what each runs now) and ``oldest_queued_seconds``."""
         return self._dispatcher.status_details()
+
+    def worker_views(self) -> list[WorkerView]:
+        """The workers now, for the dashboard (``observe``)."""
+        return self._dispatcher.worker_views()
+
+    @property
+    def backlog(self) -> Backlog:
+        """Its backlog, whose lock readers of the counts and figures take (``observe``)."""
+        return self._backlog
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -387,7 +394,7 @@ class TaskOrchestrator:
         shortens the deadline. Called from a future's callback (the dispatcher thread), it
         starts the stop and returns without waiting.
         """
-        _check_number("timeout", timeout, allow_zero=True)
+        check_number("timeout", timeout, allow_zero=True)
         if self._generation != _fork_generation:  # a forked child, not used here yet
             self._start_in_this_process(idle=True)
         started = time.monotonic()
@@ -444,22 +451,6 @@ class TaskOrchestrator:
                 f"queued={s.queued}/{self._max_backlog} running={s.running}>")
 
 
-class PolicyOverride:
-    """``run``/``run_async`` of an orchestrator with another policy (see ``with_policy``)."""
-
-    def __init__(self, orchestrator: TaskOrchestrator, policy: Policy) -> None:
-        self._orchestrator = orchestrator
-        self._policy = policy
-        self._policy_bytes = encode_policy(policy)
-
-    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
-        return self._orchestrator._run(self._policy, self._policy_bytes, fn, args, kwargs)
-
-    async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        return await self._orchestrator._run_async(
-            self._policy, self._policy_bytes, fn, args, kwargs)
-
-
 # Dispatchers of orchestrators not yet stopped: the exit hook stops them.
 _running: dict[Dispatcher, Backlog] = {}
 _exit_hook_lock = threading.Lock()
@@ -468,34 +459,6 @@ _exit_hook_lock = threading.Lock()
 def _close_intake(backlog: Backlog, dispatcher: Dispatcher, timeout: float) -> None:
     backlog.close(time.monotonic() + timeout)
     dispatcher.wake()
-
-
-class _NothingRan:
-    """The dispatcher of an orchestrator that a forked child stopped before using it there:
-    no thread, no worker, nothing ran (``stop()`` then costs nothing)."""
-
-    drained: bool | None = True
-    pids: tuple[int, ...] = ()
-
-    def __init__(self) -> None:
-        self.thread = threading.Thread()  # never started: stop() is never called from it
-        self.finished = threading.Event()
-        self.finished.set()
-
-    def start(self) -> None:
-        pass
-
-    def wake(self) -> None:
-        pass
-
-    def effective_worker_count(self) -> int:
-        return 0
-
-    def status_details(self) -> dict[str, Any]:
-        return {"workers": [], "oldest_queued_seconds": None}
-
-    def worker_views(self) -> list[WorkerView]:
-        return []
 
 
 # -- fork ------------------------------------------------------------------------------------
@@ -534,17 +497,3 @@ def _stop_all_at_exit() -> None:
             _close_intake(backlog, dispatcher, EXIT_TIMEOUT)
     for dispatcher, _ in dispatchers:
         dispatcher.finished.wait(EXIT_TIMEOUT + _STOP_SLACK)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: object, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value >= 0 if allow_zero else value > 0) and value != float("inf")
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-

@@ -21,7 +21,7 @@ other task and made ``stop(timeout=0.5)`` return 5 s late with no future resolve
 - a result (or a task's exception) is unpickled lazily, by the first thread that calls
   ``result()`` or ``exception()`` on its future (for ``asyncio.wrap_future``, the event loop's
   thread), once; the future is resolved (done) with the bytes still pickled;
-- done-callbacks run on one thread, "taskorch-callbacks" (``_CallbackRunner``), in the order
+- done-callbacks run on one thread, "taskorch-callbacks" (``callbacks``), in the order
   they were added; a callback added to a future already done runs at once in the thread that
   adds it, and the callbacks of a future cancelled by ``future.cancel()`` run in that caller's
   thread before it returns, both as in ``concurrent.futures``.
@@ -34,10 +34,8 @@ fds open, 50 with 4 MiB arguments 200 MiB).
 
 from __future__ import annotations
 
-import atexit
 import enum
 import logging
-import os
 import threading
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
@@ -45,6 +43,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from taskorch._errors import SerializationError
+from taskorch._parent.callbacks import call_each, callback_runner
 from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
@@ -52,16 +51,6 @@ if TYPE_CHECKING:
     from taskorch._policy import Policy
 
 log = logging.getLogger("taskorch")
-
-#: The callback thread waits this long for more work before it exits. Longer spares a thread
-#: start (~0.1 ms) per completion when tasks finish slower than their callbacks run; shorter
-#: leaves an idle thread around for less time. Its exit is never needed for correctness.
-CALLBACK_IDLE_EXIT = 0.1
-#: At interpreter exit, how long to let queued done-callbacks run (after the orchestrators'
-#: own exit hook has stopped them, so that the callbacks of their last tasks run too) before
-#: giving up on a callback that blocks.
-CALLBACK_EXIT_TIMEOUT = 10.0
-
 
 class TaskState(enum.Enum):
     QUEUED = "queued"
@@ -186,13 +175,25 @@ class TaskFuture(Future[Any]):
         finally:
             _inline.callbacks = False
 
-    def _cancel_now(self) -> None:
+    # -- for the package: what its other modules may do to a future ---------------------------
+
+    def set_canceller(self, hook: Callable[[TaskFuture], bool] | None) -> None:
+        """What ``cancel()`` does while the future is not done (the orchestrator: take the
+        task out of the backlog if it is still there; None: ``Future.cancel``)."""
+        self._cancel_hook = hook
+
+    def set_observer(self, observer: Callable[[TaskFuture], None] | None) -> None:
+        """Call ``observer`` once, in the thread that resolves this future (see
+        ``_observer``); None: no more."""
+        self._observer = observer
+
+    def cancel_now(self) -> None:
         """Cancel for real (the orchestrator decided) and wake wait()/as_completed() callers."""
         self._cancel_hook = None
         Future.cancel(self)
         self.set_running_or_notify_cancel()
 
-    def _fail_in_forked_child(self, error: BaseException) -> None:
+    def fail_in_forked_child(self, error: BaseException) -> None:
         """In a forked child, at the fork: this future's task belongs to the parent. Fail it
         here, so that nothing here waits for it forever. Its locks may have been copied held,
         and its waiters (``wait()``, ``as_completed()``) are threads of the parent: new locks,
@@ -225,14 +226,14 @@ class TaskFuture(Future[Any]):
         if self._undecoded is not None:
             self._decode()
 
-    def _settled(self) -> tuple[bool, BaseException | None, Any]:
+    def settled(self) -> tuple[bool, BaseException | None, Any]:
         """A done future's end as it was set: (cancelled, exception, result), with one hold of
         the lock and no unpickling (for its observer: a raw future's result is a RawOutcome)."""
         with self._condition:
             return (self._state in (CANCELLED, CANCELLED_AND_NOTIFIED), self._exception,
                     self._result)
 
-    def _set_undecoded(self, kind: str, data: Any) -> None:
+    def set_undecoded(self, kind: str, data: Any) -> None:
         """Resolve with the worker's outcome still pickled (dispatcher thread: no user code
         runs, done-callbacks are queued for the callback thread)."""
         self._undecoded = (kind, data)
@@ -260,7 +261,7 @@ class TaskFuture(Future[Any]):
             kind, data = pending
             if (self._result is not _PICKLED_RESULT if kind == "result"
                     else not isinstance(self._exception, _PickledError)):
-                self._undecoded = None  # the caller resolved it itself (see _set_undecoded)
+                self._undecoded = None  # the caller resolved it itself (see set_undecoded)
                 return
             result: Any = None
             exception: BaseException | None = None
@@ -314,100 +315,14 @@ class TaskFuture(Future[Any]):
             return
         self._done_callbacks = []  # done: nothing is added any more; let them go once run
         if getattr(_inline, "callbacks", False):
-            _call_each(self, callbacks)
+            call_each(self, callbacks)
         else:
-            _callbacks.submit(self, callbacks)
+            callback_runner.submit(self, callbacks)
 
 
 # cancel() sets `callbacks` for the duration of the call: the callbacks of the future it
 # cancels run in its thread, as with any concurrent.futures.Future.
 _inline = threading.local()
-
-
-def _call_each(future: TaskFuture, callbacks: list[Callable[[Future[Any]], object]]) -> None:
-    for callback in callbacks:
-        try:
-            callback(future)
-        except BaseException:  # noqa: BLE001 - SystemExit too: not this thread's end
-            log.exception("exception calling callback for %r", future)
-
-
-class _CallbackRunner:
-    """Runs done-callbacks on one thread, "taskorch-callbacks", in the order they were queued.
-
-    Producers: whichever thread resolves a future (the dispatchers, ``stop()``'s settling),
-    through ``submit()``, which never blocks on user code. Consumer: the thread, started on
-    demand; it exits when the queue has stayed empty for ``CALLBACK_IDLE_EXIT``, so none is
-    left behind by a stopped orchestrator. A daemon: a callback that never returns must not
-    keep the interpreter alive; at exit, ``_drain_callbacks_at_exit`` gives the queue
-    ``CALLBACK_EXIT_TIMEOUT`` to run. A callback that blocks delays only the callbacks queued
-    after it (of every orchestrator in the process): no task, no dispatcher, no ``stop()``.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        # `_lock` guards the queue, `_thread` and `_busy`; never held while a callback runs.
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # the thread waits here for callbacks
-        self._idle = threading.Condition(self._lock)  # wait_idle() waits here
-        self._queue: deque[tuple[TaskFuture, list[Callable[[Future[Any]], object]]]] = deque()
-        self._thread: threading.Thread | None = None  # alive (or starting), or None
-        self._busy = False  # a batch is running outside the lock
-
-    def submit(self, future: TaskFuture, callbacks: list[Callable[[Future[Any]], object]]) -> None:
-        with self._lock:
-            self._queue.append((future, callbacks))
-            if self._thread is not None:
-                self._work.notify()
-                return
-            thread = self._thread = threading.Thread(
-                target=self._run, name="taskorch-callbacks", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # no new threads (interpreter shutdown, 3.12+): run them here
-            with self._lock:
-                self._thread = None
-                pending = list(self._queue)
-                self._queue.clear()
-            for fut, cbs in pending:
-                _call_each(fut, cbs)
-
-    def _run(self) -> None:
-        lock = self._lock
-        while True:
-            with lock:
-                self._busy = False
-                if not self._queue:
-                    self._idle.notify_all()
-                    self._work.wait(CALLBACK_IDLE_EXIT)  # woken by submit(), or times out
-                    if not self._queue:
-                        self._thread = None  # a later submit() starts a new thread
-                        return
-                future, callbacks = self._queue.popleft()
-                self._busy = True
-            _call_each(future, callbacks)  # guarded: this loop never dies on a callback
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every queued callback has run; False if ``timeout`` passed first."""
-        with self._lock:
-            return self._idle.wait_for(lambda: not self._queue and not self._busy, timeout)
-
-
-_callbacks = _CallbackRunner()
-# A forked child has none of the parent's threads: start afresh (its queue is the parent's).
-os.register_at_fork(after_in_child=_callbacks._reset)
-
-
-@atexit.register
-def _drain_callbacks_at_exit() -> None:
-    # Registered when this module is imported, so before the orchestrator module's own exit
-    # hook, which therefore runs first (atexit runs hooks in reverse): the orchestrators are
-    # stopped, every future resolved, then their callbacks get a bounded time to run.
-    if not _callbacks.wait_idle(CALLBACK_EXIT_TIMEOUT):
-        log.warning("interpreter exit: done-callbacks still running after %g s; not waiting",
-                    CALLBACK_EXIT_TIMEOUT)
 
 
 class RawOutcome(NamedTuple):
@@ -419,6 +334,35 @@ class RawOutcome(NamedTuple):
     data: Any
 
 
+class TaskListener:
+    """A listener to the moments of tasks' lives; each method does nothing unless overridden
+    (backlog lock held for all of them)."""
+
+    __slots__ = ()
+
+    def accepted(self, item: WorkItem) -> None:
+        """``item`` was accepted into the backlog (its task id is set)."""
+
+    def started(self, item: WorkItem, now: float) -> None:
+        """An attempt of ``item`` started (``item.attempts`` counts it); ``item.state`` is
+        still QUEUED for its first (``now``: ``time.monotonic()``)."""
+
+    def retrying(self, item: WorkItem, attempt: int, summary: str, delay: float) -> None:
+        """Attempt ``attempt`` failed inside the worker, which retries after ``delay`` s."""
+
+    def finished(self, item: WorkItem, seconds: float, error: Any) -> None:
+        """An outcome came: ``error`` is the FAILED event's exception tuple (``_wire``), or
+        None for a success; ``seconds`` its attempts' run time in the worker."""
+
+    def crashed(self, item: WorkItem, error: BaseException, ended: bool) -> None:
+        """An attempt was lost with its worker (or could not run): ``ended``, the task fails
+        with ``error``; else it is retried after the policy's backoff."""
+
+    def cancelled(self, item: WorkItem) -> None:
+        """``item`` ended cancelled before it started."""
+
+
+
 class WorkItem:
     """The parent's record of an accepted task. Fields are guarded by the backlog's lock,
     except ``started_on``, ``attempts`` and ``attempt_started`` (dispatcher thread only).
@@ -426,7 +370,7 @@ class WorkItem:
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "accepted_at",
-                 "cancel_request", "name", "on_start", "__weakref__")
+                 "cancel_request", "name", "listener", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -448,10 +392,9 @@ class WorkItem:
         # Set while a caller waits to cancel it, handed over and not started (backlog lock).
         self.cancel_request: CancelRequest | None = None
         self.name = ""  # its label, set only while metrics are on (``figures``)
-        # Called under the backlog lock each time an attempt starts, ``attempts`` counting it
-        # (taskorch serve journals it: a restart charges what was spent); must not block or
-        # take another lock. None: nobody asked.
-        self.on_start: Callable[[WorkItem], None] | None = None
+        # This task's own listener (``listeners``; taskorch serve journals its starts: a restart
+        # charges what was spent), besides the orchestrator's. None: nobody asked.
+        self.listener: TaskListener | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
@@ -462,8 +405,8 @@ class WorkItem:
         self.payload = b""
         self.policy_bytes = None
         self.worker = self.started_on = None
-        self.on_start = None
-        self.future._cancel_hook = None
+        self.listener = None
+        self.future.set_canceller(None)
 
     def __repr__(self) -> str:
         return f"<WorkItem {self.task_id} {self.state.value} attempts={self.attempts}>"
@@ -518,10 +461,10 @@ def _resolve(item: WorkItem, kind: str, value: Any) -> None:
     if item.raw and kind in ("result", "error"):
         future.set_result(RawOutcome(kind == "result", value))
     elif kind == "result" or kind == "error":
-        future._set_undecoded(kind, value)
+        future.set_undecoded(kind, value)
     elif kind == "exception":
         future.set_exception(value)
     elif kind == "cancel":
-        future._cancel_now()
+        future.cancel_now()
     else:
         raise AssertionError(kind)

@@ -174,7 +174,7 @@ class HttpService:
         return out
 
     def _intake_open(self) -> str | None:
-        backlog = self.observer.orchestrator._backlog
+        backlog = self.observer.orchestrator.backlog
         if backlog.broken is not None:
             return f"the orchestrator is broken: {backlog.broken}"
         return "the server is stopping" if backlog.closed else None

@@ -359,7 +359,7 @@ def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
     and older clients ignore)."""
     import dataclasses
 
-    details = orchestrator._status_details()
+    details = orchestrator.status_details()
     return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
             "oldest_queued_seconds": details["oldest_queued_seconds"],
             "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}

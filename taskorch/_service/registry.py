@@ -9,19 +9,19 @@ committed, to whoever waits for that id (a ``Sink`` and its request number: the 
 connection, ``Client.result()`` callers on any connection).
 
 The outcome path: the dispatcher resolves the task's future, whose observer
-(``TaskFuture._observer``, called in the resolving thread, never user code) queues the outcome
+(``TaskFuture.set_observer``, called in the resolving thread, never user code) queues the outcome
 for the journal; the journal's writer commits it with the others of its batch, then publishes
 it (``_publish``) to the sinks, which queue S_DONE for their connection's writer.
 
 Threads: ``submit_reserved``/``find``/``watch`` run in connection readers and the asyncio
 thread; the journal's writer runs the commit callbacks (``_committed``: admit, answer) and
-``_publish``; the dispatcher runs ``_Live.started`` under the backlog lock and ``_ended`` (the
-observer) after it, both only queue a journal op (``_ended`` in whichever thread resolves the
-future: a canceller, ``stop()``, recovery). ``_lock`` guards ``_live``; an id leaves ``_live``
-only once its outcome is committed, so that a lookup that misses ``_live`` (queued after that
-commit) finds the outcome in the journal; or with no outcome at all: a task left for the
-next start at stop, or a record forgotten because the server stopped before enqueuing it.
-Never held across a callback.
+``_publish``; the dispatcher runs ``_Live.started`` (a ``TaskListener``) under the backlog lock
+and ``_ended`` (the observer) after it, both only queue a journal op (``_ended`` in whichever
+thread resolves the future: a canceller, ``stop()``, recovery). ``_lock`` guards ``_live``; an
+id leaves ``_live`` only once its outcome is committed, so that a lookup that misses ``_live``
+(queued after that commit) finds the outcome in the journal; or with no outcome at all: a task
+left for the next start at stop, or a record forgotten because the server stopped before
+enqueuing it. Never held across a callback.
 
 Stopping with a durable journal: tasks that the drain's timeout cancels (queued) or abandons
 (running) are not recorded as ended: they stay queued or running in the journal, and the next
@@ -43,7 +43,7 @@ from taskorch._errors import (
     TaskNotFoundError,
     TaskorchError,
 )
-from taskorch._parent.task import RawOutcome
+from taskorch._parent.task import RawOutcome, TaskListener
 from taskorch._service.journal import DONE, Journal, Row
 from taskorch._service.protocol import (
     O_CANCELLED,
@@ -88,7 +88,7 @@ class Sink(Protocol):
         """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
 
 
-class _Live:
+class _Live(TaskListener):
     """An accepted task whose outcome is not committed yet: its future, who waits for it (the
     first watcher inline, the others in a list), and the task's hooks (bound methods of this
     object, not partials: a live task holds few objects for the garbage collector to visit)."""
@@ -118,13 +118,13 @@ class _Live:
         first = [] if self.sink is None else [(self.sink, self.req)]
         return first + (self.more or [])
 
-    def started(self, item: WorkItem) -> None:
-        """``WorkItem.on_start``: the dispatcher, under the backlog lock: only queue the
-        record."""
+    def started(self, item: WorkItem, now: float) -> None:
+        """A ``TaskListener`` moment (the task's own, ``WorkItem.listener``): the dispatcher,
+        under the backlog lock: only queue the record."""
         self.registry.journal.started(self.task_id, item.attempts)
 
     def ended(self, future: TaskFuture) -> None:
-        """``TaskFuture._observer``: see ``TaskRegistry._ended``."""
+        """The future's observer (``TaskFuture.set_observer``): see ``TaskRegistry._ended``."""
         self.registry._ended(self.task_id, future)
 
 
@@ -197,7 +197,7 @@ class TaskRegistry:
         except TaskorchError as exc:  # stopping: the record goes, then the client is told
             with self._lock:
                 self._live.pop(task_id, None)
-            item.future._observer = None
+            item.future.set_observer(None)
             self.journal.forget(task_id, functools.partial(sink.admitted, req, exc))
             return
         # Before any outcome: both run on the journal's writer, which alone publishes.
@@ -205,8 +205,8 @@ class TaskRegistry:
 
     def _track(self, task_id: int, item: WorkItem, watcher: tuple[Sink, int] | None) -> None:
         live = _Live(self, task_id, item.future, watcher)
-        item.on_start = live.started
-        item.future._observer = live.ended
+        item.listener = live
+        item.future.set_observer(live.ended)
         with self._lock:
             self._live[task_id] = live
 
@@ -304,7 +304,7 @@ class TaskRegistry:
 
 def _outcome_of(future: TaskFuture) -> Outcome:
     attempts, seconds = future.attempts, future.seconds
-    cancelled, exc, raw = future._settled()
+    cancelled, exc, raw = future.settled()
     if cancelled:
         return Outcome(O_CANCELLED, attempts, seconds, None)
     if exc is not None:
@@ -314,5 +314,5 @@ def _outcome_of(future: TaskFuture) -> Outcome:
 
 
 def _abandoned(future: TaskFuture) -> bool:
-    cancelled, exc, _ = future._settled()
+    cancelled, exc, _ = future.settled()
     return not cancelled and isinstance(exc, TaskAbandonedError)

@@ -69,7 +69,7 @@ def payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
 
 def new_future() -> TaskFuture:
     future = TaskFuture()
-    future._cancel_hook = _cannot_cancel  # a remote task cannot be cancelled from here
+    future.set_canceller(_cannot_cancel)  # a remote task cannot be cancelled from here
     return future
 
 
@@ -95,13 +95,13 @@ def resolve(
     future.attempts = attempts
     future.seconds = seconds
     if outcome == O_RESULT:
-        future._set_undecoded("result", data)
+        future.set_undecoded("result", data)
     elif outcome == O_RAISED:
-        future._set_undecoded("error", data)
+        future.set_undecoded("error", data)
     elif outcome == O_ERROR:
         future.set_exception(decode_service_error(data))
     elif outcome == O_CANCELLED:
-        future._cancel_now()
+        future.cancel_now()
     else:
         raise ValueError(f"unknown outcome {outcome!r}")
 

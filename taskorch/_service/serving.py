@@ -233,8 +233,8 @@ class _GcClock:
 
 
 def _wait_callbacks() -> None:
-    from taskorch._parent.task import _callbacks
-    _callbacks.wait_idle(CALLBACKS_TIMEOUT)  # (the schedules' outcomes queue journal records)
+    from taskorch._parent.callbacks import callback_runner
+    callback_runner.wait_idle(CALLBACKS_TIMEOUT)  # (the schedules' outcomes queue journal records)
 
 
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:

@@ -390,6 +390,6 @@ class Session(Inbox):
         self._conn = self._sock = None
         for request in requests:
             if request.future is not None:
-                request.future._fail_in_forked_child(OrchestratorBrokenError(
+                request.future.fail_in_forked_child(OrchestratorBrokenError(
                     "this task was submitted through a taskorch.Client by the process this one "
                     "was forked from: its outcome goes to that process only"))
