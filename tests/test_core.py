@@ -430,7 +430,7 @@ def test_no_hard_kill_while_a_result_is_still_arriving() -> None:
     # A large outcome takes several reads; the hard deadline waits while its bytes keep coming.
     from types import SimpleNamespace
 
-    from taskorch._parent.local import hard_deadline
+    from taskorch._parent.local_workers import hard_deadline
 
     worker = SimpleNamespace(inflight=[], last_read=0.0, mid_frame=lambda: False)
     item = SimpleNamespace(policy=Policy(timeout=10.0), started_on=worker, attempt_started=100.0)

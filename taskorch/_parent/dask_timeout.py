@@ -1,6 +1,7 @@
-"""Parent process, the Dask dispatcher thread: the hard timeout on Dask, a layer of the Dask
-pool (``dask.DaskPool`` sets up the attributes declared below and supplies the methods this
-layer calls).
+"""Parent process, the Dask dispatcher thread: what is lost on Dask, a layer of the Dask pool
+(``dask.DaskPool`` sets up the attributes declared below and reads the inbox): hard timeouts,
+workers that leave (their calls not started ``Returned``, the running ones ``Lost``), Dask
+tasks that fail outside taskorch's worker function, the membership probes, and recalls.
 
 The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
 a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
@@ -27,13 +28,16 @@ removal's timer close that worker's nanny (the restart then times out after
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 from typing import Any
 
-from taskorch._parent.dask_cluster import ClusterLink, hard_timeout_error
-from taskorch._parent.dask_pool import DaskWorker, Submission
-from taskorch._parent.pool import Lost, PoolEvent
+from taskorch._parent.dask_cluster import ClusterLink, hard_timeout_error, worker_lost_error
+from taskorch._parent.dask_pool import SLOW_AFTER, DaskWorker, Membership, Submission
+from taskorch._parent.pool import Failed, Lost, PoolEvent, Restarted, Returned, WorkersChanged
+from taskorch._parent.task import WorkItem
 
 log = logging.getLogger("taskorch")
 
@@ -55,17 +59,8 @@ class DaskHardTimeouts:
     _to_release: list[Any]
     _out: list[PoolEvent]  # events for the core, handed back by the method running now
 
-    def _send_recall(self, worker: DaskWorker, calls: list[tuple[int, str]]) -> None:
-        raise NotImplementedError
-
-    def _forget_sub(self, sub: Submission) -> Any:
-        raise NotImplementedError
-
-    def _on_worker_lost(self, address: str, why: str) -> None:
-        raise NotImplementedError
-
-    def _probe_workers(self) -> None:
-        raise NotImplementedError
+    _members: Membership
+    _break_reason: str | None
 
     def _hard_deadline(self, sub: Submission) -> float | None:
         """When the parent gives up on ``sub``'s running attempt: its policy's timeout plus
@@ -143,3 +138,136 @@ class DaskHardTimeouts:
         if error is None:
             self._on_worker_lost(address, "it was restarted after a task overran its timeout")
             self._probe_workers()  # learn of its successor
+
+    # -- lost calls and workers ---------------------------------------------------------------
+
+    def _on_dask_error(
+        self, sub: Submission, exc: BaseException, lost: list[tuple[str, str]],
+    ) -> None:
+        """The Dask task itself failed: our run_call never fails, so the cluster did this."""
+        import distributed
+
+        if isinstance(exc, distributed.KilledWorker):
+            # The scheduler gave up on it after a worker death (allowed_failures): the same as
+            # the "remove-worker" event, which may not have come yet.
+            lost.append((sub.worker.address, "the scheduler reported KilledWorker"))
+            return
+        if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+            # Not by us (we forget a call before cancelling it): the Client was closed or lost
+            # its scheduler, or someone cancelled our key (Client.restart(), Client.cancel).
+            if self._link.status != "running":
+                reason = getattr(exc, "reason", None) or self._link.status
+                self._break_reason = (
+                    f"the Dask client lost its scheduler or was closed ({reason}), and with it "
+                    "every task it had submitted; create a new orchestrator"
+                )
+                return  # _handle hands back Broken; the core then settles everything
+            self._forget_sub(sub)  # cancelled already
+            self._crash_sub(sub, f"its Dask task was cancelled on the cluster ({exc})",
+                            worker_lost=False)
+            return
+        # e.g. the worker cannot import taskorch, or the outcome does not deserialize.
+        self._to_release.append(self._forget_sub(sub))
+        log.error("task %d: its Dask task failed outside taskorch's worker function (%s: %s); "
+                  "is the same taskorch installed on every Dask worker?", sub.item.task_id,
+                  type(exc).__name__, exc)
+        self._out.append(Failed(sub.item, exc))
+
+    def _crash_sub(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
+        """The attempt that started on ``sub.worker`` was lost: the core charges it."""
+        item = sub.item
+        error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
+        self._out.append(Lost(item, error, (
+            f"task {item.task_id}: attempt {item.attempts} of {item.policy.max_attempts} "
+            f"lost: {error}; ")))
+
+    def _forget_sub(self, sub: Submission) -> Any:
+        """Stop tracking a call; return its distributed.Future (or None), for the caller to
+        release (its outcome is in) or cancel (it must not run)."""
+        self._subs.pop(sub.sub_id, None)
+        self._running.pop(sub.sub_id, None)
+        self._held.pop(sub.sub_id, None)
+        sub.worker.subs.pop(sub.sub_id, None)
+        future, sub.future = sub.future, None
+        return future
+
+    def _set_workers(self, nthreads: dict[str, int]) -> list[str]:
+        joined = self._members.add(nthreads)
+        self._out.append(WorkersChanged(len(self._workers)))
+        return joined
+
+    def _on_workers(self, nthreads: dict[str, int] | None, probe: int) -> None:
+        """Probe number ``probe``'s answer: the scheduler's workers when it answered."""
+        gone, present = self._members.answered(nthreads, probe)
+        for address in gone:
+            self._on_worker_lost(address, "it is no longer in the cluster")
+        joined = self._set_workers(present)
+        if joined:
+            log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined),
+                     self._members.total_threads)
+            self._out.append(Restarted(len(joined), None))
+
+    def _probe_workers(self) -> None:
+        """Ask the scheduler for its workers (asynchronously: the answer comes to the inbox)."""
+        probe = self._members.next_probe()
+        if probe is not None:
+            self._link.ask_workers(probe)
+
+    def _on_worker_lost(self, address: str, why: str) -> None:
+        worker = self._members.remove(address)
+        if worker is None:
+            return
+        held = [sub for sub in worker.subs.values() if sub.sub_id in self._held]
+        subs = [sub for sub in worker.subs.values() if sub.sub_id not in self._held]
+        self._out.append(WorkersChanged(len(self._workers)))
+        futures = [self._forget_sub(sub) for sub in subs]
+        if address not in self._restarts:  # else they hold their slots until its answer
+            futures += [self._forget_sub(sub) for sub in held]
+        requeue = [sub.item for sub in subs if not sub.started]
+        if requeue:
+            self._out.append(Returned(requeue))
+        for sub in subs:
+            if sub.started:
+                self._crash_sub(sub, why)
+        self._link.cancel(futures)  # they wait in "no-worker" state: drop them
+        log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
+                    "running call(s) lost; %d threads left", address, why, len(requeue),
+                    len(subs) - len(requeue), self._members.total_threads)
+
+    def recall_unstarted(self, now: float) -> float | None:
+        workers = self._workers.values()
+        if not any(len(w.subs) < w.nthreads and w.address not in self._restarts
+                   for w in workers):
+            return None
+        again: float | None = None
+        for worker in workers:
+            if worker.recall_sent or len(worker.subs) <= worker.nthreads:
+                continue  # every call it holds can run now
+            due = worker.last_progress + SLOW_AFTER
+            if now < due:
+                again = due if again is None else min(again, due)
+                continue
+            calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
+            if calls:
+                self._send_recall(worker, calls)
+        return again
+
+    def recall(self, items: list[WorkItem]) -> list[WorkItem]:
+        return items  # (a Dask task cannot be taken back for a cancel)
+
+    def _send_recall(self, worker: DaskWorker, calls: list[tuple[int, str]]) -> None:
+        log.debug("recalling %d calls from busy Dask worker %s", len(calls), worker.address)
+        worker.recall_sent = True
+        self._link.recall(worker.address, calls)
+
+    def _on_recall_answer(self, address: str, taken: list[int] | None) -> None:
+        worker = self._workers.get(address)
+        if worker is not None:
+            worker.recall_sent = False
+        subs = [self._subs[s] for s in taken or () if s in self._subs]
+        subs = [sub for sub in subs if not sub.started]  # marked calls never start; defensive
+        if not subs:
+            return
+        futures = [self._forget_sub(sub) for sub in subs]
+        self._out.append(Returned([sub.item for sub in subs]))
+        self._link.cancel(futures)

@@ -11,7 +11,8 @@ what is local, and hands back what came as ``pool`` events:
       wake pipe | each worker's channel | each worker's exit fd (pidfd) | the timeout
       -> Started / Retrying / Finished / Returned (RECALLED) events, for the core
     a death: its unstarted calls Returned (uncharged), its running call Lost (charged)
-    timers: hard timeouts (SIGTERM, SIGKILL); replacements start at the next hand_over
+    the worker set (``local_workers.WorkerSet``): spawning, replacing at the next
+      hand_over, recycling, hard timeouts (SIGTERM, SIGKILL)
 
 - The dispatcher is the only thread that talks to workers, spawns them (``PR_SET_PDEATHSIG``
   in the workers is tied to the spawning thread, so this thread outlives every worker) and
@@ -32,28 +33,23 @@ the same round (then the core, having applied the loss, knows whether anything i
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import selectors
 import threading
 import time
 from collections import deque
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
-from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.figures import WorkerView
+from taskorch._parent.local_workers import WorkerSet
 from taskorch._parent.pool import (
-    Broken,
     Finished,
-    Lost,
     PoolEvent,
-    Restarted,
     Retrying,
     Returned,
     Started,
     Take,
-    WorkersChanged,
 )
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
@@ -70,16 +66,9 @@ from taskorch._wire import (
 
 log = logging.getLogger("taskorch")
 
-#: A worker that ignores SIGTERM after a hard timeout gets SIGKILL this much later.
-SIGKILL_AFTER = 0.5
 #: After stop() with nothing left to run, idle workers get this long to exit on their own
 #: before they are killed, even if stop's own timeout is shorter.
 IDLE_EXIT_GRACE = 2.0
-#: Consecutive workers that fail to start (the spawn raises, or the process dies before its
-#: READY event) before the orchestrator declares itself broken, e.g. because the interpreter
-#: cannot start or import taskorch. Each failure delays the next spawn by RESPAWN_DELAY.
-MAX_START_FAILURES = 3
-RESPAWN_DELAY = 1.0
 #: The longest single wait in select(): epoll takes its timeout in int milliseconds, which a
 #: stop() deadline weeks away (Executor.shutdown(wait=True) has none) would overflow.
 MAX_SELECT_WAIT = 3600.0
@@ -103,11 +92,8 @@ class LocalPool:
         max_tasks_per_worker: int | None,
         max_memory_per_worker: float | None,
     ) -> None:
-        self._worker_count = worker_count
-        self._default_policy_bytes = default_policy_bytes
         self._kill_grace = kill_grace
         self._max_tasks_per_worker = max_tasks_per_worker
-        self._max_memory_per_worker = max_memory_per_worker
         # Wake pipe: written by producers and stop() (non-blocking; a full pipe already means
         # "wake up"), drained by the dispatcher after every select. `_wake_lock` orders the
         # writes against the close at the end: wake() may be called after the dispatcher is
@@ -120,23 +106,22 @@ class LocalPool:
         os.set_blocking(self._wake_w, False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        # Read by any thread: worker processes (swapped whole).
-        self.pids: tuple[int, ...] = ()
         # Dispatcher thread only.
-        self._workers: dict[int, WorkerProcess] = {}
-        self._slots = itertools.count(1)
-        self._respawn_at: float | None = None
-        self._start_failures = 0
-        self._broken = False  # too many starts failed (a Broken event was handed back)
-        # Replacements to start at the next hand_over: (why, cause for metrics) each.
-        self._replace: list[tuple[str, str]] = []
-        self._finishing = False  # as the core said at the last hand_over: nothing left to run
         self._out: list[PoolEvent] = []  # events to hand back from the method running now
+        self._set = WorkerSet(worker_count, default_policy_bytes, max_memory_per_worker,
+                              self._selector, self._out)
+        self._workers = self._set.by_slot  # (the same dict: read everywhere below)
+        self._finishing = False  # as the core said at the last hand_over: nothing left to run
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Worker processes (any thread)."""
+        return self._set.pids
 
     # -- called from other threads -------------------------------------------------------------
 
     def effective_worker_count(self) -> int:
-        return self._worker_count
+        return self._set.worker_count
 
     def wake(self) -> None:
         with self._wake_lock:
@@ -148,40 +133,24 @@ class LocalPool:
                 pass  # full: a wakeup is pending anyway
 
     def worker_views(self) -> list[WorkerView]:
-        """The workers now (see ``WorkerPool``): read without a lock from another thread, as
-        ``held_calls``; a worker's head call may be finishing while it is read."""
-        views = []
-        now = time.monotonic()
-        for w in list(self._workers.values()):
-            current = w.inflight[0] if w.inflight else None
-            running = current is not None and current.started_on is w and current.attempt_started
-            waiting = list(w.inflight)[1 if running else 0:]
-            views.append(WorkerView(
-                pid=w.pid, tasks_run=w.tasks_run, held=len(w.inflight),
-                task_id=current.task_id if running and current else None,
-                task_name=(current.name or None) if running and current else None,
-                attempt=current.attempts if running and current else None,
-                running_for=now - current.attempt_started if running and current else None,
-                retiring=w.retiring is not None,
-                waiting_since=waiting[0].accepted_at if waiting else None,
-            ))
-        return views
+        return self._set.views()
 
     def held_calls(self) -> dict[int, int]:
         """Calls handed over and not finished, per worker pid. A snapshot taken from another
-        thread without a lock (each worker's count is read at once), for tests and status."""
-        return {w.pid: len(w.inflight) for w in list(self._workers.values())}
+        thread without a lock, for tests and status."""
+        return self._set.held_calls()
 
     # -- starting and waiting ----------------------------------------------------------------
 
     def _handing_back(self) -> list[PoolEvent]:
         """The events collected by the method that ends now, for the core."""
-        out, self._out = self._out, []
+        out = self._out[:]  # (the list stays: the worker set appends to it too)
+        self._out.clear()
         return out
 
     def open(self) -> list[PoolEvent]:
-        for _ in range(self._worker_count):
-            self._spawn()
+        for _ in range(self._set.worker_count):
+            self._set.spawn()
         return self._handing_back()
 
     def describe_start_failure(self, exc: BaseException) -> str:
@@ -204,16 +173,8 @@ class LocalPool:
                 if events:
                     self._read_events(worker, events)
                 if worker.eof:  # the exit fd follows
-                    self._unregister(worker.conn)
+                    self._set.unregister(worker.conn)
         return self._handing_back()
-
-    def _unregister(self, fileobj: Any) -> None:
-        """Forget a worker's fd before it is closed. A stale registration would shadow the
-        next worker's fd, which the kernel is free to give the same number."""
-        try:
-            self._selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -227,7 +188,7 @@ class LocalPool:
     def _read_events(self, worker: WorkerProcess, events: list[Event]) -> None:
         """What ``worker`` sent: its own records here, the task's moments for the core."""
         worker.events_seen = True
-        self._start_failures = 0
+        self._set.start_failures = 0
         now = time.monotonic()
         out = self._out
         for event in events:
@@ -257,7 +218,7 @@ class LocalPool:
                 worker.recall_sent = False
             # READY: events_seen, set above, is what matters
         if worker.retiring is not None:
-            self._begin_retirement(worker, worker.retiring)
+            self._set.begin_retirement(worker, worker.retiring)
             if not worker.inflight:
                 worker.send_shutdown()
 
@@ -271,74 +232,19 @@ class LocalPool:
         self._out.append(Returned(back))
 
     def _on_worker_exit(self, worker: WorkerProcess) -> None:
-        self._unregister(worker.exit_fd)
-        self._unregister(worker.conn)
+        self._set.unregister(worker.exit_fd)
+        self._set.unregister(worker.conn)
         events = worker.drain()
         if events:
             self._read_events(worker, events)
-        exitcode = worker.reap()
-        worker.close()
-        del self._workers[worker.slot]
-        self.pids = tuple(w.pid for w in self._workers.values())
-        items = list(worker.inflight)
-        worker.inflight.clear()
-        # Only the head can have started here; the rest never ran.
-        crashed = items.pop(0) if items and items[0].started_on is worker else None
-        out = self._out
-        out.append(WorkersChanged(len(self._workers)))
-        if items:
-            out.append(Returned(items))
-        planned = worker.retiring is not None and exitcode == 0 and crashed is None
-        if crashed is not None:
-            out.append(Lost(crashed, self._attempt_error(worker, crashed, exitcode), (
-                f"worker pid {worker.pid} {_how(exitcode)} while running task "
-                f"{crashed.task_id} (attempt {crashed.attempts} of "
-                f"{crashed.policy.max_attempts}): ")))
-        elif not planned:
-            # One still starting (no READY yet: it held nothing) or ended while the pool stops
-            # costs nothing: a signal sent to the parent's whole group (timeout(1), before the
-            # worker left that group) is not worth a warning.
-            quiet = not worker.events_seen or not items and self._finishing and not any(
-                w.inflight for w in self._workers.values())
-            log.log(logging.INFO if quiet else logging.WARNING,
-                    "worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
-                    f" ({len(items)} calls it held go to other workers)" if items else "")
-        # A worker that exits on its own before READY could not start (an import error, say);
-        # one killed by a signal then (an impatient operator, a chaos test) is just replaced.
-        if not worker.events_seen and exitcode is not None and exitcode >= 0 and not planned:
-            self._start_failures += 1
-            log.error("worker pid %d died while starting (%d in a row)", worker.pid,
-                      self._start_failures)
-            self._check_broken()
-            if not self._broken:
-                self._respawn_at = time.monotonic() + RESPAWN_DELAY
-        cause = ("recycled" if planned else "start_failure" if not worker.events_seen
-                 else "timeout" if crashed is not None and worker.kill_reason == "timeout"
-                 else "crash" if crashed is not None else "died_idle")
-        self._replace.append((f"worker pid {worker.pid} {_how(exitcode)}", cause))
-
-    def _attempt_error(
-        self, worker: WorkerProcess, item: WorkItem, exitcode: int | None,
-    ) -> BaseException:
-        if worker.kill_reason is not None and worker.kill_item is item:
-            return TaskTimeoutError(
-                f"attempt {item.attempts} ran past its {item.policy.timeout:g} s timeout and did "
-                f"not respond to the in-process interrupt (stuck in C code or blocking signals); "
-                f"its worker (pid {worker.pid}) was terminated {self._kill_grace:g} s later"
-            )
-        return WorkerCrashedError(worker.pid, exitcode, item.attempts)
+        self._set.exited(worker, self._kill_grace, self._finishing)
 
     # -- handing over ------------------------------------------------------------------------
 
     def hand_over(self, now: float, waiting: int, take: Take,
                   finishing: bool) -> list[PoolEvent]:
         self._finishing = finishing = finishing and not self.has_inflight()
-        if self._respawn_at is not None and now >= self._respawn_at:
-            self._respawn_at = None
-            self._replace.append(("retrying a failed start", "start_failure"))
-        replace, self._replace = self._replace, []
-        for reason, cause in replace:
-            self._top_up(reason, cause, finishing)
+        self._set.replace_due(now, finishing)
         # Idle workers first; list() because retiring one may spawn another.
         rooms = sorted(((w, w.room(now)) for w in list(self._workers.values())),
                        key=lambda wr: len(wr[0].inflight))
@@ -366,10 +272,8 @@ class LocalPool:
                 worker.inflight.extend(batch)
                 worker.channel_open = False
             if self._max_tasks_per_worker and worker.handed >= self._max_tasks_per_worker:
-                self._begin_retirement(worker, f"ran {worker.handed} tasks")
-        replace, self._replace = self._replace, []
-        for reason, cause in replace:  # (recycled just now)
-            self._top_up(reason, cause, finishing)
+                self._set.begin_retirement(worker, f"ran {worker.handed} tasks")
+        self._set.replace_due(now, finishing)  # (recycled just now)
         return self._handing_back()
 
     def has_room(self, now: float) -> bool:
@@ -404,101 +308,13 @@ class LocalPool:
             worker.send_recall()
         return [item for item in items if item.worker is None]
 
-    # -- worker life -----------------------------------------------------------------------
-
-    def _spawn(self) -> WorkerProcess:
-        slot = next(self._slots)
-        worker = WorkerProcess.spawn(slot, self._default_policy_bytes, self._max_memory_per_worker)
-        try:
-            self._selector.register(worker.conn, selectors.EVENT_READ, ("conn", worker))
-            self._selector.register(worker.exit_fd, selectors.EVENT_READ, ("exit", worker))
-        except BaseException:
-            self._unregister(worker.conn)
-            worker.kill()
-            worker.reap()
-            worker.close()
-            raise
-        self._workers[slot] = worker
-        self.pids = tuple(w.pid for w in self._workers.values())
-        self._out.append(WorkersChanged(len(self._workers)))
-        log.debug("started worker %d (pid %d)", slot, worker.pid)
-        return worker
-
-    def _top_up(self, reason: str, cause: str, finishing: bool) -> None:
-        """Start replacements until ``worker_count`` workers take calls (retiring ones do not)."""
-        if self._respawn_at is not None or finishing or self._broken:
-            return  # a retry is scheduled / nothing left to run / given up
-        while sum(w.retiring is None for w in self._workers.values()) < self._worker_count:
-            try:
-                self._spawn()
-            except Exception as exc:
-                log.error("could not start a replacement worker (%s): %s; retrying in %.1f s",
-                          reason, exc, RESPAWN_DELAY)
-                self._respawn_at = time.monotonic() + RESPAWN_DELAY
-                self._start_failures += 1
-                self._check_broken()
-                return
-            self._out.append(Restarted(1, cause))
-
-    def _begin_retirement(self, worker: WorkerProcess, reason: str) -> None:
-        """Recycle ``worker``: no more calls for it; its replacement starts at the next
-        hand_over (this round), so queued work keeps flowing while it finishes what it holds
-        (CPython gh-115634 hung here)."""
-        if worker.replacement_started:
-            return
-        worker.retiring = reason
-        worker.replacement_started = True
-        log.info("recycling worker pid %d: %s", worker.pid, reason)
-        self._replace.append((f"recycling: {reason}", "recycled"))
-        if not worker.inflight:
-            worker.send_shutdown()
-
-    def _check_broken(self) -> None:
-        """Too many starts failed in a row: nothing can run (the core then settles)."""
-        if self._start_failures < MAX_START_FAILURES or self._broken:
-            return
-        reason = (
-            f"{self._start_failures} worker processes in a row failed to start; check that the "
-            "interpreter can start and import taskorch (see the 'taskorch' log)"
-        )
-        log.error("orchestrator broken: %s", reason)
-        self._broken = True
-        self._out.append(Broken(reason))
-        self._respawn_at = None
-
     # -- timers --------------------------------------------------------------------------
 
     def deadlines(self) -> Iterable[float | None]:
-        yield self._respawn_at
-        for worker in self._workers.values():
-            yield worker.sigkill_at
-            if worker.kill_reason is None:
-                yield hard_deadline(worker, self._kill_grace)
+        return self._set.deadlines(self._kill_grace)
 
     def fire_timers(self, now: float) -> list[PoolEvent]:
-        for worker in list(self._workers.values()):
-            if worker.sigkill_at is not None and now >= worker.sigkill_at:
-                log.warning("worker pid %d ignored SIGTERM; sending SIGKILL", worker.pid)
-                worker.sigkill_at = None
-                worker.kill()
-            deadline = hard_deadline(worker, self._kill_grace)
-            if deadline is not None and worker.kill_reason is None and now >= deadline:
-                item = worker.inflight[0]
-                log.warning(
-                    "task %d: attempt %d still running %.3g s past its %.3g s timeout; "
-                    "terminating worker pid %d", item.task_id, item.attempts, self._kill_grace,
-                    item.policy.timeout, worker.pid,
-                )
-                worker.kill_reason = "timeout"
-                worker.kill_item = item
-                worker.sigkill_at = now + SIGKILL_AFTER
-                worker.terminate()
-                # Its other calls come back uncharged: now, through RECALL, if its reader
-                # thread can still run, else when its exit is handled (at most SIGKILL_AFTER
-                # from now). Not taken back here: a task that survives SIGTERM and returns
-                # would let the worker start them, and they would run twice.
-                if worker.unstarted() and not worker.recall_sent:
-                    worker.send_recall()
+        self._set.fire_timers(now, self._kill_grace)
         return []  # (the respawn timer fires in hand_over, which the core calls next)
 
     # -- stopping --------------------------------------------------------------------------
@@ -514,8 +330,7 @@ class LocalPool:
             if remaining <= 0:
                 break
             yield self.wait(remaining)  # nothing runs: EOFs and exits come
-        self._replace.clear()  # (no replacements: nothing is left to run)
-        self._kill_everything()
+        self._set.kill_everything()
         yield self._handing_back()
 
     def stop_all(self) -> tuple[list[PoolEvent], list[tuple[WorkItem, str]]]:
@@ -531,23 +346,11 @@ class LocalPool:
         for worker in self._workers.values():
             held += [(item, "its worker was terminated") for item in worker.inflight]
             worker.inflight.clear()
-        self._replace.clear()
-        self._kill_everything()
+        self._set.kill_everything()
         return self._handing_back(), held
 
-    def _kill_everything(self) -> None:
-        for worker in list(self._workers.values()):
-            self._unregister(worker.exit_fd)
-            self._unregister(worker.conn)
-            worker.kill()
-            worker.reap()
-            worker.close()
-        self._workers.clear()
-        self.pids = ()
-        self._out.append(WorkersChanged(0))
-
     def close(self) -> list[PoolEvent]:
-        self._kill_everything()  # (none left, but after a failed start)
+        self._set.kill_everything()  # (none left, but after a failed start)
         self._selector.close()
         with self._wake_lock:
             if not self._wake_closed:
@@ -568,29 +371,8 @@ class LocalPool:
             os.close(self._wake_r)
             os.close(self._wake_w)
         self._selector.close()
-        for worker in self._workers.values():
-            worker.forget_in_forked_child()
-        self._workers.clear()
-        self._out = []
-        self.pids = ()
-
-
-def hard_deadline(worker: WorkerProcess, kill_grace: float) -> float | None:
-    """When ``worker``'s running attempt is killed, if it still runs then: its policy's
-    timeout plus ``kill_grace`` after its start ack; while an outcome is arriving, no sooner
-    than ``kill_grace`` after its last bytes. None: no attempt to watch."""
-    if not worker.inflight:
-        return None
-    item = worker.inflight[0]
-    timeout = item.policy.timeout
-    if timeout is None or item.started_on is not worker or not item.attempt_started:
-        return None  # no timeout, not started here yet, or backing off between attempts
-    deadline = item.attempt_started + timeout + kill_grace
-    if worker.mid_frame():
-        # An outcome is arriving (a large result takes several reads): no kill while its
-        # bytes keep coming; a sender stalled for kill_grace is killed as before.
-        deadline = max(deadline, worker.last_read + kill_grace)
-    return deadline
+        self._set.forget_in_forked_child()
+        self._out.clear()
 
 
 def _head(worker: WorkerProcess, task_id: int) -> WorkItem:
@@ -599,10 +381,3 @@ def _head(worker: WorkerProcess, task_id: int) -> WorkItem:
     if head.task_id != task_id:
         raise AssertionError(f"worker {worker.pid} reported task {task_id}, expected {head!r}")
     return head
-
-
-def _how(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "vanished"
-    name = _signal_name(exitcode)
-    return f"was killed by {name}" if name else f"exited with code {exitcode}"

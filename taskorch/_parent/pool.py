@@ -106,8 +106,9 @@ class WorkerPool(Protocol):
     thread_name: str
     #: Can ``recall`` take back a call handed over and not started (for a cancel)?
     recalls_for_cancel: bool
-    #: Worker processes on this machine (swapped whole; read by any thread).
-    pids: tuple[int, ...]
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Worker processes on this machine (swapped whole; any thread)."""
 
     def wake(self) -> None:
         """Make ``wait`` return soon (new tasks, or stop() was called). Any thread."""
