@@ -21,7 +21,7 @@ Data flow:
                                                                         outcomes)
                             <--inbox-- "all" topic: add-worker / remove-worker
                             update Backlog counts, resolve Futures
-                            timers: crash-retry backoff, recall, breaker, worker probe,
+                            timers: tasks due (backlog), recall, breaker, worker probe,
                             hard timeouts, stop deadline
                             --restart_worker--> "taskorch-dask-restart" thread:
                             Client.restart_workers([w]) --> w's nanny kills w, starts anew
@@ -43,7 +43,7 @@ The actors:
   the policy, return the outcome as bytes; user objects are decoded only here, in the parent.
 
 Locks: the dispatcher takes the backlog's lock (see ``_parent.backlog``) to move calls between
-``pending`` and its own records and to update the counts, once per batch of inbox entries and
+the backlog and its own records and to update the counts, once per batch of inbox entries and
 once per dispatch. It never holds it across a call into the Client (submit, cancel, release,
 recall, probe) nor while it resolves futures (done-callbacks are user code): what those need is
 collected under the lock and done after. ``dask_cluster.ClusterEventsListener._lock`` only
@@ -192,7 +192,7 @@ class DaskDispatcher(DaskHardTimeouts):
         refresh = False
         now = time.monotonic()
         backlog = self._backlog
-        with backlog.lock:
+        with backlog.locked():
             for entry in entries:
                 kind = entry[0]
                 if kind == EVENT:
@@ -325,8 +325,8 @@ class DaskDispatcher(DaskHardTimeouts):
 
     def _set_workers(self, nthreads: dict[str, int]) -> list[str]:
         joined = self._members.add(nthreads)
-        with self._backlog.lock:
-            self._backlog.workers = len(self._workers)
+        with self._backlog.locked():
+            self._backlog.set_workers_locked(len(self._workers))
         return joined
 
     def _on_workers(self, nthreads: dict[str, int] | None, probe: int) -> None:
@@ -338,8 +338,7 @@ class DaskDispatcher(DaskHardTimeouts):
         if joined:
             log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined),
                      self._members.total_threads)
-            with self._backlog.lock:
-                self._backlog.worker_restarts += len(joined)
+            self._backlog.count_restarts(len(joined), None)
 
     def _probe_workers(self) -> None:
         """Ask the scheduler for its workers (asynchronously: the answer comes to the inbox)."""
@@ -353,8 +352,8 @@ class DaskDispatcher(DaskHardTimeouts):
             return
         held = [sub for sub in worker.subs.values() if sub.sub_id in self._held]
         subs = [sub for sub in worker.subs.values() if sub.sub_id not in self._held]
-        with self._backlog.lock:
-            self._backlog.workers = len(self._workers)
+        with self._backlog.locked():
+            self._backlog.set_workers_locked(len(self._workers))
             futures = [self._forget_sub(sub) for sub in subs]
             if address not in self._restarts:  # else they hold their slots until its answer
                 futures += [self._forget_sub(sub) for sub in held]
@@ -382,15 +381,15 @@ class DaskDispatcher(DaskHardTimeouts):
                 backlog.mark_broken(reason)
             return
         batches: dict[str, list[Submission]] = {}
-        with backlog.lock:
-            pending = backlog.pending
-            if pending and self._workers:
+        with backlog.locked():
+            ready = backlog.ready_count_locked()
+            if ready and self._workers:
                 handed = len(self._subs) + len(self._held)  # a held slot is busy
                 cap = (self._worker_count if self._worker_count is not None
-                       else len(pending) + handed)
+                       else ready + handed)
                 rooms = {w.address: 0 if w.address in self._restarts else w.room(now)
                          for w in self._workers.values()}
-                while pending and handed < cap:
+                while handed < cap:
                     # The least loaded worker with room: free threads first, then prefetch
                     # evenly (a worker that prefetches deeper must not take everything).
                     takers = [w for w in self._workers.values() if rooms[w.address] > 0]
@@ -399,7 +398,7 @@ class DaskDispatcher(DaskHardTimeouts):
                     worker = min(takers, key=lambda w: len(w.subs) / w.nthreads)
                     taken = self._take_locked(admission, 1)
                     if not taken:
-                        break  # held back by the circuit breaker (HOLD mode)
+                        break  # none left, or held back by the circuit breaker (HOLD mode)
                     sub_id = next(self._sub_ids)
                     sub = Submission(sub_id, taken[0], f"taskorch-{self._uid}-{sub_id}", worker)
                     if not worker.subs:
@@ -426,7 +425,7 @@ class DaskDispatcher(DaskHardTimeouts):
             # The client is closed, or the calls cannot be sent: as if the worker were lost
             # before starting them (they go back to the backlog), and the client is checked.
             log.error("could not submit %d call(s) to Dask worker %s: %r", len(subs), address, exc)
-            with self._backlog.lock:
+            with self._backlog.locked():
                 for sub in subs:
                     self._forget_sub(sub)
                 self._requeue_locked([sub.item for sub in subs])
@@ -475,7 +474,7 @@ class DaskDispatcher(DaskHardTimeouts):
         subs = [sub for sub in subs if not sub.started]  # marked calls never start; defensive
         if not subs:
             return
-        with self._backlog.lock:
+        with self._backlog.locked():
             futures = [self._forget_sub(sub) for sub in subs]
             self._requeue_locked([sub.item for sub in subs])
         self._link.cancel(futures)

@@ -85,7 +85,7 @@ class DaskHardTimeouts(DispatcherCore):
         recalled now (the rest come back uncharged, and the running ones are charged a crash,
         when the worker leaves)."""
         restart: list[DaskWorker] = []
-        with self._backlog.lock:
+        with self._backlog.locked():
             for sub in subs:
                 if sub.future is not None and sub.future.done():
                     sub.ended = True  # it returned just now: its outcome is on its way
@@ -137,7 +137,7 @@ class DaskHardTimeouts(DispatcherCore):
                 "so that taskorch can restart them", address, type(error).__name__, error)
         if error is not None and worker is not None:
             held = [sub for sub in held if sub.ended]  # the others free as their tasks end
-        with self._backlog.lock:
+        with self._backlog.locked():
             futures = [self._forget_sub(sub) for sub in held]
         self._link.cancel(futures)
         if error is None:

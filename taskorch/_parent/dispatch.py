@@ -11,27 +11,29 @@ Data flow (the backend's part in brackets):
                                    _started_locked / _retrying_locked /          RETRYING /
                                    _outcome_locked / _requeue_locked /           outcome events
                                    _crash_locked  (the rules, written once)       (``_wire``)
-                                 _fire_timers(): crash-retry backoff, breaker,
+                                 _fire_timers(): tasks due (backlog), breaker,
                                    [hard timeouts, respawns, probes]
                                  _finish_if_done(): drain, or settle at stop()'s deadline
 
 The rules, each written once here, whatever runs the tasks:
 
-- A call handed over but never started goes back to the front of the backlog, in order, with
-  no attempt charged (``_requeue_locked``): it never ran. A half-open circuit's probe slot it
-  held frees. If a caller waits to cancel it (``future.cancel()`` of a queued task the
-  dispatcher had handed over: ``_recall_for_cancel`` asked the backend to take it back), it
-  ends cancelled instead; if it starts first, the cancel is refused (``Backlog.start_locked``).
+- A call handed over but never started goes back to the front of the backlog (of its
+  priority), in order, with no attempt charged (``_requeue_locked``): it never ran. A half-open
+  circuit's probe slot it held frees. If a caller waits to cancel it (``future.cancel()`` of a
+  queued task the dispatcher had handed over: ``_recall_for_cancel`` asked the backend to take
+  it back), it ends cancelled instead; if it starts first, the cancel is refused
+  (``Backlog.start_locked``).
 - An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
   lost with its Dask worker) is charged (``_crash_locked``): retried after the policy's backoff
-  while the task's one attempt budget lasts (crashes always, a hard timeout if the policy
-  retries ``TaskTimeoutError``), else the task fails with that error. A call that started may
+  (waiting in the backlog: ``Backlog.crashed_locked``) while the task's one attempt budget
+  lasts (crashes always, a hard timeout if the policy retries ``TaskTimeoutError``), else the
+  task fails with that error. A call that started may
   have had side effects: after a crash a task runs at least once, not exactly once.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
   backlog lock, at the moment it changes, before the futures that changed it resolve.
 - Metrics (once ``figures.enable`` was called): the rules record a task's queue wait at its
   first start, its run time and failure at its outcome, and a crash that ends it, into
-  ``backlog.figures``, under the lock they already hold; no I/O, nothing that waits. Readers
+  ``Backlog.figures``, under the lock they already hold; no I/O, nothing that waits. Readers
   copy them under the same lock (``observe``).
 - At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
   passes first, queued tasks are cancelled and running ones abandoned (``_settle``). A broken
@@ -45,10 +47,10 @@ lock), how to hand over (``_hand_over``), how to take calls back from a busy wor
 everything back at stop (``_take_all_inflight_locked``), how to end (``_shut_down``,
 ``_close``), and what to let go of in a forked child (``_forget_channels_in_child``).
 
-Locks: the backlog's lock (see ``backlog``) guards ``pending``, the counts and the items'
-states; the ``*_locked`` methods need it held. Nothing here holds it across IPC, a process
-join, or user code: futures are resolved (``task.resolve_all``) after it is released, from
-``self._resolutions``, which only the dispatcher thread touches.
+Locks: the backlog's lock (see ``backlog``; taken with ``Backlog.locked()``) guards its order,
+the counts and the items' states; the ``*_locked`` methods need it held. Nothing here holds
+it across IPC, a process join, or user code: futures are resolved (``task.resolve_all``) after
+it is released, from ``self._resolutions``, which only the dispatcher thread touches.
 
 The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
 stops every orchestrator first). Its body is guarded: if it ever fails, the backend is told
@@ -71,7 +73,6 @@ from taskorch._errors import (
     WorkerCrashedError,
 )
 from taskorch._parent.backlog import Backlog
-from taskorch._parent.backoff import BackoffQueue
 from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
@@ -94,12 +95,13 @@ class DispatcherCore:
 
     def __init__(self, backlog: Backlog, circuit_breaker: CircuitBreaker | None) -> None:
         self._backlog = backlog
+        self._clock = backlog.clock  # the backlog's, for its due times and stop's deadline
         self._breaker = (
-            Breaker(circuit_breaker, publish=self._publish_breaker_locked)
+            Breaker(circuit_breaker, publish=backlog.set_breaker_state_locked,
+                    clock=self._clock.monotonic)
             if circuit_breaker is not None else None
         )
         # Dispatcher thread only.
-        self._delayed = BackoffQueue()  # crash retries waiting out their backoff
         self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._resolutions: list[Resolution] = []  # collected under the lock, resolved after
         self._retries: list[tuple[WorkItem, int, str, float]] = []  # logged after the lock
@@ -160,7 +162,7 @@ class DispatcherCore:
             self._wait_and_handle(self._next_timeout())
             self._recall_for_cancel()
             self._flush()
-            now = time.monotonic()
+            now = self._clock.monotonic()
             self._fire_timers(now)
             self._dispatch(now)
             self._flush()
@@ -195,9 +197,7 @@ class DispatcherCore:
                          timed_out: bool) -> None:
         """Attempt ``attempt`` failed inside the worker, which retries after ``delay``."""
         item.attempt_started = 0.0  # backing off: no attempt runs
-        self._backlog.retried += 1
-        if timed_out:
-            self._backlog.timeouts += 1
+        self._backlog.count_retry_locked(timed_out)
         self._retries.append((item, attempt, summary, delay))
 
     def _outcome_locked(self, item: WorkItem, event: Event, now: float) -> float:
@@ -217,7 +217,7 @@ class DispatcherCore:
             self._resolutions.append((item, "result", event[4]))
         elif tag == FAILED:
             if event[5] == TIMEOUT_TYPE:
-                backlog.timeouts += 1
+                backlog.count_timeout_locked()
             backlog.finish_locked(item, TaskState.FAILED)
             self._resolutions.append((item, "error", event[4:]))
         else:
@@ -229,8 +229,9 @@ class DispatcherCore:
         return float(seconds) / max(1, int(attempts))
 
     def _requeue_locked(self, items: list[WorkItem]) -> None:
-        """Calls handed over that never started go back to the front of the backlog, in
-        order, uncharged (they never ran); a half-open circuit's probe slot frees."""
+        """Calls handed over that never started go back to the front of the backlog (of
+        their priority), in order, uncharged (they never ran); a half-open circuit's probe
+        slot frees."""
         if not items:
             return
         back = []
@@ -244,25 +245,15 @@ class DispatcherCore:
                 self._backlog.finish_locked(item, TaskState.CANCELLED)
             else:
                 back.append(item)
-        self._backlog.pending.extendleft(reversed(back))
-        self._backlog.dispatcher_will_look = True
+        self._backlog.put_back_locked(back)
 
     def _recall_for_cancel(self) -> None:
         """Callers wait to cancel calls that were handed over: ask the backend to take them
         back (its answer comes through ``_requeue_locked``, or their start refuses it)."""
-        backlog = self._backlog
-        with backlog.lock:
-            if not backlog.recall_wanted:
-                return
-            items = [item for item in backlog.recall_wanted if item.cancel_request is not None
-                     and item.state is TaskState.QUEUED]
-            backlog.recall_wanted.clear()
+        items = self._backlog.take_recall_requests()
         refused = self._recall_calls(items) if items else []
         if refused:
-            with backlog.lock:
-                for item in refused:
-                    if item.cancel_request is not None:
-                        item.cancel_request.answer_locked(item, False)
+            self._backlog.refuse_cancels(refused)
 
     def _crash_locked(self, item: WorkItem, error: BaseException) -> str:
         """The attempt of ``item`` that started was lost with its worker: charge it; retry
@@ -271,19 +262,18 @@ class DispatcherCore:
         backlog = self._backlog
         item.worker = item.started_on = None
         item.attempt_started = 0.0
-        backlog.crashes += 1
-        if isinstance(error, TaskTimeoutError):
-            backlog.timeouts += 1
+        timed_out = isinstance(error, TaskTimeoutError)
         retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
         if retryable and item.attempts < item.policy.max_attempts:
-            backlog.retried += 1
             delay = item.policy.backoff_before(item.attempts + 1)
-            self._delayed.push(item, delay)
+            backlog.crashed_locked(item, timed_out, retry_in=delay)  # it waits in the backlog
             return f"retrying in {delay:.3g} s"
+        backlog.crashed_locked(item, timed_out)
         backlog.finish_locked(item, TaskState.FAILED)
         self._resolutions.append((item, "exception", error))
-        if backlog.figures is not None:
-            backlog.figures.failed(item, error)
+        figures = backlog.figures
+        if figures is not None:
+            figures.failed(item, error)
         if self._breaker is not None:
             self._breaker.record(item.task_id, True)
         return "task failed"
@@ -292,14 +282,11 @@ class DispatcherCore:
         """The task fails with ``error`` without a retry (the backend could not run it)."""
         self._backlog.finish_locked(item, TaskState.FAILED)
         self._resolutions.append((item, "exception", error))
-        if self._backlog.figures is not None:
-            self._backlog.figures.failed(item, error)
+        figures = self._backlog.figures
+        if figures is not None:
+            figures.failed(item, error)
         if self._breaker is not None:
             self._breaker.record(item.task_id, True)
-
-    def _publish_breaker_locked(self, state: str) -> None:
-        """The breaker changed state (it only does under the backlog lock): show it now."""
-        self._backlog.breaker_state = state
 
     # -- dispatching -----------------------------------------------------------------------
 
@@ -309,20 +296,19 @@ class DispatcherCore:
         if backlog.broken is not None:
             return
         while True:
-            with backlog.lock:
+            with backlog.locked():
                 admission = self._admission_locked()
-                submitted_before = backlog.submitted
+                arrivals = backlog.arrivals_locked()
             self._hand_over(now, admission)
             if self._breaker is not None and admission.probes:
                 self._breaker.admitted(admission.probes)
-            with backlog.lock:
-                # Will something other than a producer's wakeup bring us back to `pending`?
-                # Yes if it is non-empty: capacity only frees through what the workers send
+            with backlog.locked():
+                # Will something other than a producer's wakeup bring us back to the ready
+                # tasks? Yes if any is left: capacity only frees through what the workers send
                 # (or, with the circuit open in HOLD mode, through the breaker's timer).
-                waiting = bool(backlog.pending)
-                backlog.dispatcher_will_look = waiting
-                arrived = backlog.submitted != submitted_before
-            # Tasks that arrived meanwhile found `dispatcher_will_look` set and wrote no
+                waiting = backlog.note_waiting_locked()
+                arrived = backlog.arrivals_locked() != arrivals
+            # Tasks that arrived meanwhile found the dispatcher due to look and wrote no
             # wakeup: go round again while a worker could take them.
             if not (waiting and arrived and self._has_room(now)):
                 break
@@ -342,24 +328,9 @@ class DispatcherCore:
         self, admission: Admission, limit: int, budget: int | None = None,
         first_may_exceed: bool = True,
     ) -> list[WorkItem]:
-        """Up to ``limit`` calls from the front of ``pending``, as ``admission`` allows; with a
-        ``budget`` (payload bytes), a call that would cross it is left for later unless it is
-        the first and ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
-        pending = self._backlog.pending
-        taken: list[WorkItem] = []
-        size = 0
-        while pending and len(taken) < limit:
-            item = pending[0]
-            if budget is not None and size + len(item.payload) > budget and (
-                    taken or not first_may_exceed):
-                break
-            if not admission.allows(item):
-                break  # held back by the circuit breaker (HOLD mode)
-            admission.count(item)
-            pending.popleft()
-            size += len(item.payload)
-            taken.append(item)
-        return taken
+        """Up to ``limit`` calls from the backlog, in its order, as ``admission`` allows
+        (``Backlog.take_locked``: a payload ``budget``, ``first_may_exceed``)."""
+        return self._backlog.take_locked(admission, limit, budget, first_may_exceed)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -369,12 +340,12 @@ class DispatcherCore:
         if backlog.broken is not None and self._holds_anything():
             return 0.0  # settle at once
         deadlines = [
-            self._delayed.next_due(), self._rebalance_at, backlog.stop_deadline,
+            backlog.next_due(), self._rebalance_at, backlog.stop_deadline,
             self._breaker.next_change() if self._breaker is not None else None,
             *self._backend_deadlines(),
         ]
         first = min((d for d in deadlines if d is not None), default=None)
-        return None if first is None else max(0.0, first - time.monotonic())
+        return None if first is None else max(0.0, first - self._clock.monotonic())
 
     def _fire_timers(self, now: float) -> None:
         backlog = self._backlog
@@ -382,14 +353,11 @@ class DispatcherCore:
             self._settle(OrchestratorBrokenError(backlog.broken))
             return
         self._fire_backend_timers(now)
-        due = self._delayed.take_due(now)
-        if due:
-            with backlog.lock:
-                backlog.pending.extendleft(reversed(due))
+        backlog.release_due(now)  # (crash retries whose backoff is over, delayed tasks)
 
     def _holds_anything(self) -> bool:
-        with self._backlog.lock:
-            return bool(self._backlog.pending) or bool(self._delayed) or self._has_inflight()
+        with self._backlog.locked():
+            return self._backlog.holds_tasks_locked() or self._has_inflight()
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -413,10 +381,8 @@ class DispatcherCore:
         (``error`` None: stop()'s deadline) or failed with ``error`` (broken)."""
         self._before_settle()
         backlog = self._backlog
-        with backlog.lock:
-            items: list[WorkItem] = list(backlog.pending)
-            backlog.pending.clear()
-            items += self._delayed.take_all()
+        with backlog.locked():
+            items = backlog.take_all_locked()
             held = self._take_all_inflight_locked()
             items += [item for item, _ in held]
             notes = {item.task_id: note for item, note in held}
@@ -468,8 +434,8 @@ class DispatcherCore:
         is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
         now = time.monotonic()
         views = self.worker_views()
-        with self._backlog.lock:
-            queued_since = [self._backlog.pending[0].accepted_at] if self._backlog.pending else []
+        oldest = self._backlog.oldest_waiting_since()
+        queued_since = [] if oldest is None else [oldest]
         queued_since += [v.waiting_since for v in views if v.waiting_since is not None]
         workers = [{
             "pid": v.pid, "tasks": v.tasks_run or 0,

@@ -142,17 +142,19 @@ class Figures:
 
 def enable(backlog: Backlog) -> Figures:
     """Start recording figures for the orchestrator of ``backlog`` (idempotent)."""
-    with backlog.lock:
-        if backlog.figures is None:
-            backlog.figures = Figures()
-        return backlog.figures
+    with backlog.locked():
+        figures = backlog.figures
+        if not isinstance(figures, Figures):
+            figures = Figures()
+            backlog.set_figures_locked(figures)
+        return figures
 
 
 def disable(backlog: Backlog) -> None:
     """Stop recording (the benchmark toggles metrics on one pool; tasks in flight across the
     switch are left out of the figures)."""
-    with backlog.lock:
-        backlog.figures = None
+    with backlog.locked():
+        backlog.set_figures_locked(None)
 
 
 # -- naming tasks (the submitting thread) -------------------------------------------------------

@@ -40,7 +40,6 @@ from typing import Any, Iterable
 
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.backlog import Backlog
-from taskorch._parent.backoff import BackoffQueue
 from taskorch._parent.breaker import Admission
 from taskorch._parent.dispatch import DispatcherCore
 from taskorch._parent.figures import WorkerView
@@ -205,7 +204,7 @@ class LocalDispatcher(DispatcherCore):
         worker.events_seen = True
         self._start_failures = 0
         now = time.monotonic()
-        with self._backlog.lock:
+        with self._backlog.locked():
             for event in events:
                 tag = event[0]
                 if tag in _PROGRESS:
@@ -257,8 +256,8 @@ class LocalDispatcher(DispatcherCore):
         self.pids = tuple(w.pid for w in self._workers.values())
         backlog = self._backlog
         outcome = ""
-        with backlog.lock:
-            backlog.workers = len(self._workers)
+        with backlog.locked():
+            backlog.set_workers_locked(len(self._workers))
             items = list(worker.inflight)
             worker.inflight.clear()
             # Only the head can have started here; the rest never ran.
@@ -313,17 +312,17 @@ class LocalDispatcher(DispatcherCore):
         rooms = sorted(((w, w.room(now)) for w in list(self._workers.values())),
                        key=lambda wr: len(wr[0].inflight))
         takers = sum(room > 0 for _, room in rooms)
-        with backlog.lock:
+        with backlog.locked():
             # No worker takes more than its share of what waits: prefetch must not starve
             # a worker that is idle now.
-            share = -(-len(backlog.pending) // takers) if takers else 0
+            share = -(-backlog.ready_count_locked() // takers) if takers else 0
         for worker, room in rooms:
             room = min(room, share)
             if self._max_tasks_per_worker:  # never hand a worker more than its quota
                 room = min(room, self._max_tasks_per_worker - worker.handed)
             if room <= 0:
                 continue
-            with backlog.lock:
+            with backlog.locked():
                 batch = self._take_locked(
                     admission, room, budget=PREFETCH_BYTES - worker.inflight_bytes,
                     first_may_exceed=not worker.inflight,  # an idle worker is reading
@@ -389,8 +388,8 @@ class LocalDispatcher(DispatcherCore):
             raise
         self._workers[slot] = worker
         self.pids = tuple(w.pid for w in self._workers.values())
-        with self._backlog.lock:
-            self._backlog.workers = len(self._workers)
+        with self._backlog.locked():
+            self._backlog.set_workers_locked(len(self._workers))
         log.debug("started worker %d (pid %d)", slot, worker.pid)
         return worker
 
@@ -408,16 +407,13 @@ class LocalDispatcher(DispatcherCore):
                 self._start_failures += 1
                 self._check_broken()
                 return
-            with self._backlog.lock:
-                self._backlog.worker_restarts += 1
-                causes = self._backlog.restarts_by_cause
-                causes[cause] = causes.get(cause, 0) + 1
+            self._backlog.count_restarts(1, cause)
 
     def _finishing(self) -> bool:
         """stop() was called and nothing is left to run: no replacement is needed."""
         backlog = self._backlog
-        with backlog.lock:
-            return backlog.closed and not backlog.pending and not self._delayed and not any(
+        with backlog.locked():
+            return backlog.closed and not backlog.holds_tasks_locked() and not any(
                 w.inflight for w in self._workers.values())
 
     def _begin_retirement(self, worker: WorkerProcess, reason: str) -> None:
@@ -525,8 +521,8 @@ class LocalDispatcher(DispatcherCore):
             worker.close()
         self._workers.clear()
         self.pids = ()
-        with self._backlog.lock:
-            self._backlog.workers = 0
+        with self._backlog.locked():
+            self._backlog.set_workers_locked(0)
 
     def _close(self) -> None:
         self._kill_everything()  # (none left, but after a failed start)
@@ -553,7 +549,6 @@ class LocalDispatcher(DispatcherCore):
         for worker in self._workers.values():
             worker.forget_in_forked_child()
         self._workers.clear()
-        self._delayed = BackoffQueue()
         self.pids = ()
 
 

@@ -426,7 +426,7 @@ class WorkItem:
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "accepted_at",
-                 "cancel_request", "name", "on_start", "__weakref__")
+                 "cancel_request", "name", "on_start", "priority", "not_before", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -452,6 +452,10 @@ class WorkItem:
         # (taskorch serve journals it: a restart charges what was spent); must not block or
         # take another lock. None: nobody asked.
         self.on_start: Callable[[WorkItem], None] | None = None
+        # Its place in the backlog (``order``): higher first, and not before this
+        # ``Clock.monotonic()`` value (None: at once).
+        self.priority = 0
+        self.not_before: float | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
