@@ -75,21 +75,28 @@ def test_failure_ratio_counts_only_the_window() -> None:
 
 def test_fail_mode_rejects_new_tasks_beyond_the_probes_but_keeps_crash_retries() -> None:
     from taskorch._parent.backlog import Backlog
+    from taskorch._parent.breaker import Admission
 
     breaker, clock, _ = make(CircuitBreaker(failure_threshold=1, break_duration=30))
     breaker.record(1, True)
     backlog = Backlog(max_backlog=10)
-    new = [WorkItem(i, TaskFuture(), b"", Policy(), None) for i in (10, 11)]
-    retry = WorkItem(12, TaskFuture(), b"", Policy(), None)
-    retry.state = TaskState.RUNNING  # a started task waiting to be retried after a crash
-    backlog.queued = 2
-    backlog.running = 1
-    backlog.pending.extend([new[0], retry, new[1]])
-    with backlog.lock:
+    backlog.connect(lambda: None, recalls_for_cancel=False)
+    new = [WorkItem(0, TaskFuture(), b"", Policy(), None) for _ in range(2)]
+    retry = WorkItem(0, TaskFuture(), b"", Policy(), None)
+    for item in (new[0], retry, new[1]):
+        backlog.offer(item, drop_when_full=False)
+    with backlog.locked():
+        # `retry`: a started task waiting to be retried after a crash, between two new ones.
+        assert backlog.take_locked(Admission(None), 3) == [new[0], retry, new[1]]
+        backlog.start_locked(retry)
+        backlog.put_back_locked([new[0], retry, new[1]])
+    assert retry.state is TaskState.RUNNING
+    with backlog.locked():
         rejected = breaker.reject_beyond_locked(backlog, breaker.admit().left or 0)
-    assert [item.task_id for item, _, _ in rejected] == [10, 11]
+    assert [item.task_id for item, _, _ in rejected] == [new[0].task_id, new[1].task_id]
     assert "again in 30 s" in str(rejected[0][2])
-    assert list(backlog.pending) == [retry]
+    with backlog.locked():
+        assert backlog.take_all_locked() == [retry]
 
 
 def test_stats_show_the_open_circuit_by_the_time_the_failure_that_opened_it_is_seen() -> None:

@@ -667,17 +667,32 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
 
 
 def test_backoff_queue_gives_due_retries_in_due_order() -> None:
-    from taskorch._parent.backoff import BackoffQueue
+    # Crash retries wait out their backoff in the backlog, on its clock.
+    from taskorch._parent.backlog import Backlog
+    from taskorch._parent.breaker import Admission
+    from taskorch._parent.clock import Clock
     from taskorch._parent.task import TaskFuture, WorkItem
 
-    items = [WorkItem(i, TaskFuture(), b"", Policy(), None) for i in range(4)]
+    items = [WorkItem(0, TaskFuture(), b"", Policy(), None) for i in range(3)]
     now = [1000.0]
-    delays = BackoffQueue(clock=lambda: now[0])
-    delays.push(items[0], 60.0)
-    delays.push(items[1], 10.0)
-    delays.push(items[2], 10.0)
+    delays = Backlog(10, Clock(monotonic=lambda: now[0]))
+    delays.connect(lambda: None, recalls_for_cancel=False)
+    for item in items:
+        delays.offer(item, drop_when_full=False)
+    with delays.locked():
+        assert delays.take_locked(Admission(None), 3) == items
+        for item in items:
+            delays.start_locked(item)
+        delays.crashed_locked(items[0], False, retry_in=60.0)
+        delays.crashed_locked(items[1], False, retry_in=10.0)
+        delays.crashed_locked(items[2], False, retry_in=10.0)
     assert delays.next_due() == 1010.0
-    assert delays.take_due(1009.0) == []  # nothing due yet
-    assert delays.take_due(1015.0) == [items[1], items[2]]  # due, in order; item 0 not
-    assert delays and delays.take_all() == [items[0]]
-    assert not delays and delays.next_due() is None
+    delays.release_due(1009.0)
+    with delays.locked():
+        assert delays.take_locked(Admission(None), 3) == []  # nothing due yet
+    delays.release_due(1015.0)
+    with delays.locked():
+        assert delays.take_locked(Admission(None), 3) == [items[1], items[2]]  # due, in order
+        assert delays.holds_tasks_locked() and delays.take_all_locked() == [items[0]]
+        assert not delays.holds_tasks_locked()
+    assert delays.next_due() is None

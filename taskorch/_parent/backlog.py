@@ -2,19 +2,26 @@
 
 Producers (any application thread via ``run()``, event loops via ``run_async()``) add
 ``WorkItem``s; the dispatcher thread takes them for the workers and reports every transition
-back here, so the counts and the bound live in one place under one lock.
+back here, so the counts, the bound, the order and the time keeping live in one place under
+one lock. Nothing outside this module touches its state, only its methods.
 
-The lock (``Backlog.lock``, a plain ``threading.Lock``):
-- guards ``pending``, every counter, ``closed``/``stop_deadline``, the room waiters, and each
-  item's ``state`` and ``worker`` fields;
-- is taken by producers once per task and by the dispatcher once per batch of events;
+The lock (``Backlog._lock``, a plain ``threading.Lock``; callers take it with ``locked()``):
+- guards the order (``order.TaskOrder``), every counter, ``closed``/``stop_deadline``, the
+  room waiters, and each item's ``state`` and ``worker`` fields;
+- is taken by producers once per task and by the dispatcher once per batch of events (the
+  ``*_locked`` methods need it held);
 - is never held across IPC, a ``join``, a Future method that runs callbacks, or logging of
   user data: callers collect what to resolve and do it after releasing it.
 
-The bound is exact: ``queued`` counts tasks accepted and not yet started (in ``pending`` or
-prefetched by a worker), and ``offer`` checks and increments it under the lock, so no number of
-concurrent producers can push it past ``max_backlog``. A slot frees when a worker acknowledges
-the start of a task (or the task is cancelled), not when it is handed over.
+The bound is exact: ``queued`` counts tasks accepted and not yet started (waiting here, due or
+not, or prefetched by a worker), and ``offer`` checks and increments it under the lock, so no
+number of concurrent producers can push it past ``max_backlog``. A slot frees when a worker
+acknowledges the start of a task (or the task is cancelled), not when it is handed over.
+A crash retry waiting out its backoff here is a started task: counted running, outside it.
+
+Order and time (``order``): ready tasks leave by priority, first in first out among equals; a
+task not due yet (its ``not_before``, a crash retry's backoff) waits, read against one
+injectable ``clock.Clock``; ``next_due`` tells the dispatcher when to look again.
 
 ``reserved`` slots count against the same bound: ``taskorch serve`` holds one for each
 submission while its journal record commits (``reserve`` ... ``admit_reserved`` or
@@ -25,137 +32,166 @@ the bound: the tasks a server recovers from its journal were accepted before it 
 from __future__ import annotations
 
 import threading
-import time
-from collections import deque
-from typing import TYPE_CHECKING, Callable, Union
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Callable
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
+from taskorch._parent.clock import SYSTEM_CLOCK, Clock
+from taskorch._parent.counts import Counts
+from taskorch._parent.order import Gate, TaskOrder
+from taskorch._parent.room import RoomWaiters, Waiter
 from taskorch._parent.task import CancelRequest, TaskListener, TaskState, WorkItem
 from taskorch._stats import Stats
 
 if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it
     import asyncio
 
-    from taskorch._parent.figures import Figures
-
-#: Terminal states and the counter each one increments.
-_TERMINAL = {
-    TaskState.SUCCEEDED: "succeeded",
-    TaskState.FAILED: "failed",
-    TaskState.CANCELLED: "cancelled",
-    TaskState.ABANDONED: "abandoned",
-}
-
 
 class Backlog:
-    def __init__(self, max_backlog: int) -> None:
-        self.max_backlog = max_backlog
-        self.lock = threading.Lock()
-        self.wake_dispatcher: Callable[[], None] = _no_dispatcher_yet
-        # Accepted tasks not handed to a worker, oldest first; re-queued ones go to the front.
-        self.pending: deque[WorkItem] = deque()
-        # True while the dispatcher is known to come back to `pending` without a wakeup (it
-        # was woken already, or it left work behind for lack of worker capacity): producers
-        # then skip the wakeup syscall. Cleared by the dispatcher when it empties `pending`.
-        self.dispatcher_will_look = False
-        self.closed = False
-        self.broken: str | None = None  # why no worker can be started, once that is so
-        self.stop_deadline: float | None = None  # time.monotonic() by which stop() must end
-        # Can the dispatcher take back a call handed over and not started, to cancel it? Set
-        # once by the orchestrator (the local backend can; see ``cancel_queued``).
-        self.recalls_for_cancel = False
+    def __init__(self, max_backlog: int, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.max_backlog = max_backlog  # (read-only)
+        self.clock = clock  # (read-only) what every time here is read from (``clock``)
+        self._lock = threading.Lock()
+        self._wake: Callable[[], None] = _no_dispatcher_yet  # set once by ``connect``
+        # Accepted tasks not handed to a worker, ready or not due yet, and crash retries
+        # waiting out their backoff (see ``order``).
+        self._order = TaskOrder()
+        # True while the dispatcher is known to come back to the ready tasks without a wakeup
+        # (it was woken already, or it left work behind for lack of worker capacity):
+        # producers then skip the wakeup syscall. Set by the dispatcher (``note_waiting_locked``).
+        self._dispatcher_will_look = False
+        self._closed = False
+        self._broken: str | None = None  # why no worker can be started, once that is so
+        self._stop_deadline: float | None = None  # clock.monotonic() by which stop() must end
+        # Can the dispatcher take back a call handed over, to cancel it (``cancel_queued``)?
+        self._recalls_for_cancel = False  # set once by ``connect``
         # Calls handed over that a caller waits to cancel: the dispatcher recalls them.
-        self.recall_wanted: list[WorkItem] = []
-        # Every accepted task not finished, by id, wherever it is (pending, in transit to a
-        # worker, held by one, backing off): what a forked child fails at the fork.
-        self.unfinished: dict[int, WorkItem] = {}
+        self._recall_wanted: list[WorkItem] = []
+        # Every accepted task not finished, by id, wherever it is (waiting here, in transit to
+        # a worker, held by one, backing off): what a forked child fails at the fork.
+        self._unfinished: dict[int, WorkItem] = {}
         # Callers waiting for room, FIFO: run_async() (an asyncio future and its loop) and
         # blocking producers such as map() (a threading.Event, loop None).
-        self._room_waiters: deque[tuple[asyncio.AbstractEventLoop | None, _Waiter]] = deque()
+        self._room_waiters = RoomWaiters(self._pass_room_on)
         self._last_task_id = 0
         # Slots held for tasks not yet enqueued (see the module docstring); they count in the
         # bound, not in the stats.
-        self.reserved = 0
-        # Counters (see Stats).
-        self.submitted = self.queued = self.running = 0
-        self.succeeded = self.failed = self.cancelled = self.abandoned = 0
-        self.retried = self.dropped = self.rejected = 0
-        self.workers = self.worker_restarts = self.crashes = self.timeouts = 0
-        self.breaker_state = "closed"
-        # Workers started to replace another, by cause (sums to worker_restarts; for metrics).
-        self.restarts_by_cause: dict[str, int] = {}
+        self._reserved = 0
+        self._counts = Counts()  # what stats() shows
         # Per-task figures for metrics, once enabled (``figures.enable``); recorded under the lock.
-        self.figures: Figures | None = None
-        # The orchestrator's listeners to every task's moments (``listeners``; swapped whole,
-        # under the lock); called with it held.
-        self.listeners: tuple[TaskListener, ...] = ()
+        self._figures: TaskListener | None = None
+        # The orchestrator's listeners to every task's moments (``task.TaskListener``: the
+        # figures, once enabled); swapped whole under the lock, called with it held.
+        self._listeners: tuple[TaskListener, ...] = ()
+
+    def connect(self, wake: Callable[[], None], recalls_for_cancel: bool) -> None:
+        """Wire the dispatcher, once, before any task: ``wake`` makes it look here soon (any
+        thread); ``recalls_for_cancel``: it can take back a call handed over, for a cancel."""
+        self._wake = wake
+        self._recalls_for_cancel = recalls_for_cancel
+
+    def wake_dispatcher(self) -> None:  # (any thread, never under the lock)
+        self._wake()
+
+    def locked(self) -> AbstractContextManager[object]:
+        """The lock, for a batch of ``*_locked`` calls (see the module docstring)."""
+        return self._lock
+
+    @property
+    def closed(self) -> bool:
+        """stop() was called: no new task (read without the lock: a flag set once)."""
+        return self._closed
+
+    @property
+    def broken(self) -> str | None:
+        """Why no task can run any more, once that is so (set once, read without the lock)."""
+        return self._broken
+
+    @property
+    def stop_deadline(self) -> float | None:
+        """The ``clock.monotonic()`` by which stop() must end, once it was called."""
+        return self._stop_deadline
+
+    @property
+    def figures(self) -> TaskListener | None:
+        """Per-task figures (None: metrics off): the dispatcher's rules record them."""
+        return self._figures
+
+    def set_figures_locked(self, figures: TaskListener | None) -> None:
+        self._figures = figures
+
+    @property
+    def listeners(self) -> tuple[TaskListener, ...]:
+        """The orchestrator's listeners (the dispatcher's rules announce to them)."""
+        return self._listeners
+
+    def set_listeners_locked(self, listeners: tuple[TaskListener, ...]) -> None:
+        self._listeners = listeners
 
     # -- producers -----------------------------------------------------------------------
 
     def offer(self, item: WorkItem, drop_when_full: bool) -> bool:
         """Accept ``item`` (True), drop it (False), or raise QueueFullError / closed errors."""
-        with self.lock:
+        with self._lock:
             if not self._room_or_refuse_locked(drop_when_full):
                 return False
             wake = self._accept(item)
         if wake:
-            self.wake_dispatcher()
+            self._wake()
         return True
 
-    def offer_or_wait(
-        self, item: WorkItem, loop: asyncio.AbstractEventLoop
-    ) -> asyncio.Future[None] | None:
+    def offer_or_wait(self, item: WorkItem,
+                      loop: asyncio.AbstractEventLoop) -> asyncio.Future[None] | None:
         """Accept ``item`` (None), or return a future that resolves when there may be room."""
-        with self.lock:
+        with self._lock:
             self._check_open()
             if not self._has_room_locked():
-                return self._room_waiter_locked(loop)
+                return self._room_waiters.future(loop)
             wake = self._accept(item)
         if wake:
-            self.wake_dispatcher()
+            self._wake()
         return None
 
     def offer_blocking(self, item: WorkItem, deadline: float | None) -> bool:
         """Accept ``item`` (True), waiting for room until ``deadline`` (False: timed out)."""
         while True:
-            with self.lock:
+            with self._lock:
                 self._check_open()
                 if self._has_room_locked():
                     wake = self._accept(item)
                     break
-                event = threading.Event()
-                self._room_waiters.append((None, event))
-            remaining = None if deadline is None else deadline - time.monotonic()
+                event = self._room_waiters.event()
+            remaining = None if deadline is None else deadline - self.clock.monotonic()
             if (remaining is not None and remaining <= 0) or not event.wait(remaining):
                 self.forget_waiter(event)
                 return False
         if wake:
-            self.wake_dispatcher()
+            self._wake()
         return True
 
     def reserve(self, drop_when_full: bool) -> bool:
         """Hold one slot (True), or count a drop (False) or raise QueueFullError as offer()
         does. The holder then calls ``admit_reserved`` or ``unreserve``."""
-        with self.lock:
+        with self._lock:
             if not self._room_or_refuse_locked(drop_when_full):
                 return False
-            self.reserved += 1
+            self._reserved += 1
         return True
 
     def reserve_or_wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None] | None:
         """Hold one slot (None), or return a future that resolves when there may be room."""
-        with self.lock:
+        with self._lock:
             self._check_open()
             if not self._has_room_locked():
-                return self._room_waiter_locked(loop)
-            self.reserved += 1
+                return self._room_waiters.future(loop)
+            self._reserved += 1
         return None
 
     # -- the bound (the lock held) -------------------------------------------------------
 
     def _has_room_locked(self) -> bool:
         """The bound: queued tasks plus slots held for clients stay under max_backlog."""
-        return self.queued + self.reserved < self.max_backlog
+        return self._counts.queued + self._reserved < self.max_backlog
 
     def _room_or_refuse_locked(self, drop_when_full: bool) -> bool:
         """run()'s rule: True if there is room; else count a drop (False) or a rejection
@@ -164,101 +200,97 @@ class Backlog:
         if self._has_room_locked():
             return True
         if drop_when_full:
-            self.dropped += 1
+            self._counts.dropped += 1
             return False
-        self.rejected += 1
+        self._counts.rejected += 1
         raise QueueFullError(self.max_backlog)
-
-    def _room_waiter_locked(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future on ``loop`` that resolves when there may be room (FIFO among waiters)."""
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._room_waiters.append((loop, waiter))
-        return waiter
 
     def reserve_share(self, limit: int, share: int) -> int:
         """Hold up to ``limit`` slots, at most 1/``share`` of the room left; how many. Never
         raises, never counts a rejection (taskorch serve's credits)."""
-        with self.lock:
-            if self.closed or self.broken is not None:
+        with self._lock:
+            if self._closed or self._broken is not None:
                 return 0
-            room = self.max_backlog - self.queued - self.reserved
+            room = self.max_backlog - self._counts.queued - self._reserved
             n = max(0, min(limit, room // share))
-            self.reserved += n
+            self._reserved += n
         return n
 
     def unreserve(self, n: int = 1) -> None:
         if n <= 0:
             return
-        with self.lock:
-            self.reserved -= n
-            self._wake_room_waiters_locked(n)
+        with self._lock:
+            self._reserved -= n
+            self._room_waiters.wake(n)
 
     def admit_reserved(self, item: WorkItem) -> None:
         """Enqueue ``item`` in a slot held by ``reserve``; the slot is given back whatever
         happens. Raises OrchestratorClosedError / OrchestratorBrokenError as offer() does."""
-        with self.lock:
-            self.reserved -= 1
+        with self._lock:
+            self._reserved -= 1
             try:
                 self._check_open()
             except BaseException:
-                self._wake_room_waiters_locked(1)
+                self._room_waiters.wake(1)
                 raise
             wake = self._accept(item)
         if wake:
-            self.wake_dispatcher()
+            self._wake()
 
     def recover(self, item: WorkItem, crashed: bool, fail: bool) -> None:
         """Enqueue a task recovered from a journal, past the bound if need be. ``crashed``: it
         was running when its server died (counted as a crash, and a retry unless ``fail``).
         ``fail``: its attempts are spent; it is counted submitted and failed at once, and the
         caller resolves its future."""
-        with self.lock:
+        with self._lock:
             self._check_open()
             if crashed:
-                self.crashes += 1
+                self._counts.crashes += 1
             if not fail:
-                self.retried += crashed
+                self._counts.retried += crashed
                 wake = self._accept(item)
             else:
                 self._last_task_id += 1
                 item.task_id = item.future.task_id = self._last_task_id
-                self.submitted += 1
-                self.failed += 1
+                self._counts.submitted += 1
+                self._counts.failed += 1
                 item.state = TaskState.FAILED
                 wake = False
         if wake:
-            self.wake_dispatcher()
+            self._wake()
 
-    def forget_waiter(self, waiter: _Waiter) -> None:
+    def forget_waiter(self, waiter: Waiter) -> None:
         """A waiting caller gave up: drop its waiter, and pass on a wakeup it received."""
-        with self.lock:
-            for i, (_, w) in enumerate(self._room_waiters):
-                if w is waiter:
-                    del self._room_waiters[i]
-                    return
-            self._wake_room_waiters_locked(1)
+        with self._lock:
+            if not self._room_waiters.forget(waiter):
+                self._room_waiters.wake(1)
+
+    def _pass_room_on(self) -> None:
+        with self._lock:
+            self._room_waiters.wake(1)
 
     def _check_open(self) -> None:
-        if self.closed:
+        if self._closed:
             raise OrchestratorClosedError(
                 "the orchestrator was stopped and takes no new tasks; create a new one"
             )
-        if self.broken is not None:
-            raise OrchestratorBrokenError(self.broken)
+        if self._broken is not None:
+            raise OrchestratorBrokenError(self._broken)
 
     def _accept(self, item: WorkItem) -> bool:
         """Enqueue (lock held); True if the caller must wake the dispatcher after unlocking."""
         self._last_task_id += 1
         item.task_id = item.future.task_id = self._last_task_id
-        self.submitted += 1
-        self.queued += 1
-        item.accepted_at = time.monotonic()
-        self.pending.append(item)
-        self.unfinished[item.task_id] = item
-        for listener in self.listeners:
+        counts = self._counts
+        counts.submitted += 1
+        counts.queued += 1
+        item.accepted_at = now = self.clock.monotonic()
+        first_due = self._order.push(item, now)  # (a task not due yet may change the timeout)
+        self._unfinished[item.task_id] = item
+        for listener in self._listeners:
             listener.accepted(item)
-        wake = not self.dispatcher_will_look
-        self.dispatcher_will_look = True
+        wake = first_due or not self._dispatcher_will_look
+        self._dispatcher_will_look = True
         return wake
 
     # -- state transitions (callers hold the lock) -------------------------------------------
@@ -267,11 +299,11 @@ class Backlog:
         """A worker acknowledged the start of ``item``'s first attempt: its slot frees."""
         if item.state is TaskState.QUEUED:
             item.state = TaskState.RUNNING
-            self.queued -= 1
-            self.running += 1
+            self._counts.queued -= 1
+            self._counts.running += 1
             if not item.future.done():  # (unless the caller resolved it itself)
                 item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
-            self._wake_room_waiters_locked(1)
+            self._room_waiters.wake(1)
             if item.cancel_request is not None:  # it started first: too late to cancel
                 item.cancel_request.answer_locked(item, False)
 
@@ -280,18 +312,18 @@ class Backlog:
         unless this returns True: it ended cancelled while a caller of ``cancel()`` waited,
         and that caller cancels the future itself (before its cancel() returns True)."""
         if item.state is TaskState.QUEUED:
-            self.queued -= 1
-            self._wake_room_waiters_locked(1)
+            self._counts.queued -= 1
+            self._room_waiters.wake(1)
         elif item.state is TaskState.RUNNING:
-            self.running -= 1
+            self._counts.running -= 1
         else:
             raise AssertionError(f"{item!r} finished twice")
         item.state = state
         item.worker = None
-        self.unfinished.pop(item.task_id, None)
-        setattr(self, _TERMINAL[state], getattr(self, _TERMINAL[state]) + 1)
+        self._unfinished.pop(item.task_id, None)
+        self._counts.ended(state)
         if state is TaskState.CANCELLED:
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener.cancelled(item)
             if item.listener is not None:
                 item.listener.cancelled(item)
@@ -302,49 +334,145 @@ class Backlog:
         request.answer_locked(item, granted)
         return granted
 
+    # -- the dispatcher: order and time (lock held, but ``next_due`` / ``release_due``) ------
+
+    def take_locked(self, gate: Gate, limit: int, budget: int | None = None,
+                    first_may_exceed: bool = True) -> list[WorkItem]:
+        """Up to ``limit`` ready tasks, in order, as ``gate`` allows; with a ``budget``
+        (payload bytes), a task that would cross it stays unless it is the first and
+        ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
+        return self._order.take(limit, gate, budget, first_may_exceed)
+
+    def put_back_locked(self, items: list[WorkItem]) -> None:
+        """Calls handed over and never started go back to the front of their priority, in
+        order, uncharged (they never ran); the dispatcher will look at them again."""
+        self._order.push_front(items)
+        self._dispatcher_will_look = True
+
+    def arrivals_locked(self) -> int:  # changes whenever a task is accepted
+        return self._counts.submitted
+
+    def note_waiting_locked(self) -> bool:
+        """The dispatcher handed over what it could: True if ready tasks remain; it then comes
+        back to them without a wakeup (capacity frees through the workers' events or the
+        breaker's timer), so producers skip theirs until it finds none left."""
+        waiting = self._dispatcher_will_look = self._order.ready_count() > 0
+        return waiting
+
+    def ready_count_locked(self) -> int:  # tasks due and not handed over
+        return self._order.ready_count()
+
+    def holds_tasks_locked(self) -> bool:  # any task here, due or not (a retry backing off)
+        return self._order.holds_any()
+
+    def next_due(self) -> float | None:
+        """When the next task is due, or None (without the lock: ``TaskOrder.next_due``)."""
+        return self._order.next_due()
+
+    def release_due(self, now: float) -> None:
+        """Tasks due by ``now`` join the ready ones (the lock is taken only if one is due)."""
+        due = self._order.next_due()
+        if due is not None and due <= now:
+            with self._lock:
+                self._order.release_due(now)
+
+    def take_all_locked(self) -> list[WorkItem]:
+        """Empty it (stop, or broken): the ready tasks in order, then the others, soonest first."""
+        return self._order.take_all()
+
+    def take_new_beyond_locked(self, admit: int) -> list[WorkItem]:
+        """The circuit breaker's FAIL mode: remove the new ready tasks beyond the first
+        ``admit`` (the caller fails them); crash retries stay."""
+        return self._order.take_new_beyond(admit)
+
+    def oldest_waiting_since(self) -> float | None:
+        """The ``accepted_at`` of the oldest ready task (None: none). Any thread."""
+        with self._lock:
+            return self._order.oldest_accepted()
+
+    # -- the dispatcher: counts (lock held) -------------------------------------------------
+
+    def count_retry_locked(self, timed_out: bool) -> None:  # the worker retries an attempt
+        self._counts.retry(timed_out)
+
+    def count_timeout_locked(self) -> None:  # the last attempt failed with its timeout
+        self._counts.timeouts += 1
+
+    def crashed_locked(self, item: WorkItem, timed_out: bool,
+                       retry_in: float | None = None) -> None:
+        """The started attempt of ``item`` was lost with its worker (``timed_out``: killed at
+        its hard timeout): count the crash. With ``retry_in`` (seconds of backoff) it is
+        retried: counted, it waits here until then, still a started task (running, outside
+        the bound), and then goes to the front. Else the caller fails it."""
+        self._counts.crash(timed_out)
+        if retry_in is not None:
+            self._counts.retried += 1
+            self._order.later(item, self.clock.monotonic() + retry_in)
+
+    def set_workers_locked(self, count: int) -> None:  # worker processes alive now
+        self._counts.workers = count
+
+    def count_restarts_locked(self, count: int, cause: str | None) -> None:
+        """``count`` workers started to replace others (``cause``: why, if the pool knows)."""
+        self._counts.restarts(count, cause)
+
+    def restarts_by_cause_locked(self) -> dict[str, int]:
+        return dict(self._counts.restarts_by_cause)
+
+    def set_breaker_state_locked(self, state: str) -> None:
+        """The circuit breaker changed state (it only does under this lock): show it now."""
+        self._counts.breaker_state = state
+
+    # -- cancelling -------------------------------------------------------------------------
+
+    def take_recall_requests(self) -> list[WorkItem]:
+        """Dispatcher thread: calls handed over that callers wait to cancel, still queued."""
+        with self._lock:
+            if not self._recall_wanted:
+                return []
+            items = [item for item in self._recall_wanted if item.cancel_request is not None
+                     and item.state is TaskState.QUEUED]
+            self._recall_wanted.clear()
+        return items
+
+    def refuse_cancels(self, items: list[WorkItem]) -> None:
+        """The dispatcher could not recall ``items``: their cancels are refused (they run)."""
+        with self._lock:
+            for item in items:
+                if item.cancel_request is not None:
+                    item.cancel_request.answer_locked(item, False)
+
     def cancel_queued(self, items: list[WorkItem], wait: float) -> list[WorkItem]:
         """``future.cancel()`` (and ``Executor.shutdown(cancel_futures=True)``): cancel those of
         ``items`` that are queued, and their futures (after the lock is released, in this
         thread: their callbacks run here when called from ``future.cancel()``); returns them.
 
-        A call waiting in ``pending`` is cancelled at once. One handed to a worker and not
+        A call waiting here (due or not) is cancelled at once. One handed to a worker and not
         started is recalled, if the dispatcher can (``recalls_for_cancel``): the caller waits
         up to ``wait`` seconds for the worker's answer (its reader thread answers at once,
         even while a task runs; a worker that dies answers by its death). A call that starts
         first, or whose answer is later than ``wait``, is not cancelled: it runs."""
         cancelled: list[WorkItem] = []
-        with self.lock:
+        with self._lock:
             queued = {id(item): item for item in items if item.state is TaskState.QUEUED
                       and item.cancel_request is None}
             if not queued:
                 return cancelled
-            if len(queued) == 1:  # future.cancel(): no need to rebuild the deque
-                (item,) = queued.values()
-                try:
-                    self.pending.remove(item)
-                    cancelled.append(item)
-                except ValueError:  # handed over
-                    pass
-            else:
-                kept: deque[WorkItem] = deque()
-                for item in self.pending:
-                    (cancelled if id(item) in queued else kept).append(item)
-                self.pending.clear()
-                self.pending.extend(kept)
+            cancelled = self._order.remove(queued)
             for item in cancelled:
                 del queued[id(item)]
                 self.finish_locked(item, TaskState.CANCELLED)
-            handed = list(queued.values()) if self.recalls_for_cancel else []
+            handed = list(queued.values()) if self._recalls_for_cancel else []
             if handed:
                 request = CancelRequest(handed)
-                self.recall_wanted += handed
+                self._recall_wanted += handed
         try:
             if handed:
-                self.wake_dispatcher()
+                self._wake()
                 request.done.wait(wait)
         finally:  # (a KeyboardInterrupt in the wait too: a granted call is ours to resolve)
             if handed:
-                with self.lock:
+                with self._lock:
                     for item in handed:
                         if item.cancel_request is request:  # unanswered in time: it runs
                             item.cancel_request = None
@@ -355,55 +483,33 @@ class Backlog:
 
     def mark_broken(self, reason: str) -> None:
         """No task can run any more: producers and waiters get OrchestratorBrokenError."""
-        with self.lock:
-            if self.broken is None:
-                self.broken = reason
-            self._wake_room_waiters_locked(len(self._room_waiters))  # they see `broken`
+        with self._lock:
+            if self._broken is None:
+                self._broken = reason
+            self._room_waiters.wake(len(self._room_waiters))  # they see `broken`
 
     def close(self, deadline: float) -> None:
-        with self.lock:
-            self.closed = True
-            if self.stop_deadline is None or deadline < self.stop_deadline:
-                self.stop_deadline = deadline
-            self._wake_room_waiters_locked(len(self._room_waiters))  # they see `closed`
+        with self._lock:
+            self._closed = True
+            if self._stop_deadline is None or deadline < self._stop_deadline:
+                self._stop_deadline = deadline
+            self._room_waiters.wake(len(self._room_waiters))  # they see `closed`
 
-    def _wake_room_waiters_locked(self, n: int) -> None:
-        while n > 0 and self._room_waiters:
-            loop, waiter = self._room_waiters.popleft()
-            if isinstance(waiter, threading.Event):
-                waiter.set()
-            else:
-                assert loop is not None
-                try:
-                    loop.call_soon_threadsafe(_deliver_room, self, waiter)
-                except RuntimeError:  # that loop is closed: its caller is gone
-                    continue
-            n -= 1
+    def forget_in_forked_child(self) -> list[WorkItem]:
+        """In a forked child, at the fork (the lock may have been copied held; the waiters are
+        the parent's): empty it all; return the unfinished tasks (the child fails them)."""
+        self._lock = threading.Lock()
+        self._room_waiters.clear()
+        items = list(self._unfinished.values())
+        self._unfinished.clear()
+        self._order.take_all()
+        return items
 
     # -- snapshots ---------------------------------------------------------------------------
 
     def stats(self) -> Stats:
-        with self.lock:
-            return Stats(
-                submitted=self.submitted, queued=self.queued, running=self.running,
-                succeeded=self.succeeded, failed=self.failed, cancelled=self.cancelled,
-                abandoned=self.abandoned, retried=self.retried, dropped=self.dropped,
-                rejected=self.rejected, workers=self.workers,
-                worker_restarts=self.worker_restarts, crashes=self.crashes,
-                timeouts=self.timeouts, breaker_state=self.breaker_state,
-            )
-
-
-def _deliver_room(backlog: Backlog, waiter: asyncio.Future[None]) -> None:
-    """On the waiter's loop: wake it, or pass the wakeup on if it was cancelled meanwhile."""
-    if waiter.done():
-        with backlog.lock:
-            backlog._wake_room_waiters_locked(1)
-    else:
-        waiter.set_result(None)
-
-
-_Waiter = Union["asyncio.Future[None]", threading.Event]
+        with self._lock:
+            return self._counts.stats()
 
 
 def _no_dispatcher_yet() -> None:

@@ -154,19 +154,11 @@ class Breaker:
         lock it holds). Crash retries of tasks that already started stay."""
         rejected: list[Resolution] = []
         retry_in = max(0.0, self.open_until - self._clock())
-        kept: list[WorkItem] = []
-        for item in backlog.pending:
-            if item.state is TaskState.QUEUED and admit <= 0:
-                backlog.finish_locked(item, TaskState.FAILED)
-                rejected.append((item, "exception", CircuitOpenError(
-                    f"the circuit breaker is {self.state.value} after repeated task "
-                    f"failures: task {item.task_id} was not run; it lets tasks through "
-                    f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
-                )))
-            else:
-                admit -= item.state is TaskState.QUEUED
-                kept.append(item)
-        if rejected:
-            backlog.pending.clear()
-            backlog.pending.extend(kept)
+        for item in backlog.take_new_beyond_locked(admit):
+            backlog.finish_locked(item, TaskState.FAILED)
+            rejected.append((item, "exception", CircuitOpenError(
+                f"the circuit breaker is {self.state.value} after repeated task "
+                f"failures: task {item.task_id} was not run; it lets tasks through "
+                f"again in {retry_in:.3g} s (see the 'taskorch' log for why it opened)"
+            )))
         return rejected

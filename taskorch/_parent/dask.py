@@ -23,7 +23,7 @@ Data flow:
                             <--inbox-- "all" topic: add-worker / remove-worker
                             -> pool events: the core updates the counts and
                             resolves the futures
-                            timers: crash-retry backoff, recall, breaker, worker probe,
+                            timers: tasks due (backlog), recall, breaker, worker probe,
                             hard timeouts, stop deadline
                             --restart_worker--> "taskorch-dask-restart" thread:
                             Client.restart_workers([w]) --> w's nanny kills w, starts anew

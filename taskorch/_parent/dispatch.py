@@ -14,8 +14,8 @@ Data flow (the pool's part in brackets; ``pool.WorkerPool``, local processes or 
                                    _started_locked / _retrying_locked /
                                    _finished_locked / _returned_locked /
                                    _lost_locked  (the rules, written once),
-                                   announced to listeners (``listeners``)
-                                 _fire_timers(): crash-retry backoff, breaker,
+                                   announced to listeners (``task.TaskListener``)
+                                 _fire_timers(): tasks due (backlog), breaker,
                                    [hard timeouts, probes]
                                  _finish_if_done(): drain, or settle at stop()'s deadline
 
@@ -25,20 +25,22 @@ pool's workers.
 
 The rules, each written once here, whatever runs the tasks:
 
-- A call handed over but never started goes back to the front of the backlog, in order, with
-  no attempt charged (``_returned_locked``): it never ran. A half-open circuit's probe slot it
-  held frees. If a caller waits to cancel it (``future.cancel()`` of a queued task the
-  dispatcher had handed over: ``_recall_for_cancel`` asked the pool to take it back), it
-  ends cancelled instead; if it starts first, the cancel is refused (``Backlog.start_locked``).
+- A call handed over but never started goes back to the front of the backlog (of its
+  priority), in order, with no attempt charged (``_returned_locked``): it never ran. A
+  half-open circuit's probe slot it held frees. If a caller waits to cancel it
+  (``future.cancel()`` of a queued task the dispatcher had handed over: ``_recall_for_cancel``
+  asked the pool to take it back), it ends cancelled instead; if it starts first, the cancel
+  is refused (``Backlog.start_locked``).
 - An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
   lost with its Dask worker) is charged (``_lost_locked``): retried after the policy's backoff
-  while the task's one attempt budget lasts (crashes always, a hard timeout if the policy
-  retries ``TaskTimeoutError``), else the task fails with that error. A call that started may
-  have had side effects: after a crash a task runs at least once, not exactly once.
+  (waiting in the backlog: ``Backlog.crashed_locked``) while the task's one attempt budget lasts
+  (crashes always, a hard timeout if the policy retries ``TaskTimeoutError``), else the task
+  fails with that error. A call that started may have had side effects: after a crash a task
+  runs at least once, not exactly once.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
   backlog lock, at the moment it changes, before the futures that changed it resolve.
 - Each moment (started, retrying, finished, crashed) is announced to the listeners
-  (``listeners.TaskListener``: ``Backlog.listeners``, such as the metrics' figures, and the
+  (``task.TaskListener``: ``Backlog.listeners``, such as the metrics' figures, and the
   task's own ``WorkItem.listener``, such as ``taskorch serve``'s journal) under the lock the
   rule already holds; they do no I/O and never wait.
 - At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
@@ -46,11 +48,11 @@ The rules, each written once here, whatever runs the tasks:
   orchestrator (no worker can run anything) fails what it holds with
   ``OrchestratorBrokenError``.
 
-Locks: the backlog's lock (see ``backlog``) guards ``pending``, the counts and the items'
-states; the ``*_locked`` methods need it held, and ``_apply`` takes it once per batch of pool
-events. Nothing here holds it across IPC, a process join, or user code: futures are resolved
-(``task.resolve_all``) after it is released, from ``self._resolutions``, which only the
-dispatcher thread touches; a pool's calls are made without it.
+Locks: the backlog's lock (see ``backlog``; taken with ``Backlog.locked()``) guards its order,
+the counts and the items' states; the ``*_locked`` methods need it held, and ``_apply`` takes it
+once per batch of pool events. Nothing here holds it across IPC, a process join, or user code:
+futures are resolved (``task.resolve_all``) after it is released, from ``self._resolutions``,
+which only the dispatcher thread touches; a pool's calls are made without it.
 
 The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
 stops every orchestrator first). Its body is guarded: if it ever fails, the pool is told to
@@ -73,7 +75,6 @@ from taskorch._errors import (
     WorkerCrashedError,
 )
 from taskorch._parent.backlog import Backlog
-from taskorch._parent.backoff import BackoffQueue
 from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.pool import (
@@ -105,13 +106,14 @@ class DispatcherCore:
     def __init__(self, backlog: Backlog, pool: WorkerPool,
                  circuit_breaker: CircuitBreaker | None) -> None:
         self._backlog = backlog
+        self._clock = backlog.clock  # the backlog's, for its due times and stop's deadline
         self.pool = pool  # dispatcher thread only, but for its methods marked "any thread"
         self._breaker = (
-            Breaker(circuit_breaker, publish=self._publish_breaker_locked)
+            Breaker(circuit_breaker, publish=backlog.set_breaker_state_locked,
+                    clock=self._clock.monotonic)
             if circuit_breaker is not None else None
         )
         # Dispatcher thread only.
-        self._delayed = BackoffQueue()  # crash retries waiting out their backoff
         self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._admission = Admission(None)  # what the breaker lets start in this hand-over
         self._resolutions: list[Resolution] = []  # collected under the lock, resolved after
@@ -202,7 +204,7 @@ class DispatcherCore:
             self._apply(pool.wait(self._next_timeout()))
             self._recall_for_cancel()
             self._flush()
-            now = time.monotonic()
+            now = self._clock.monotonic()
             self._fire_timers(now)
             self._dispatch(now)
             self._flush()
@@ -233,9 +235,9 @@ class DispatcherCore:
         if not events:
             return
         broken: list[str] = []
-        now = time.monotonic()
+        now = self._clock.monotonic()
         rules = self._rules
-        with self._backlog.lock:
+        with self._backlog.locked():
             for event in events:
                 rule = rules.get(type(event))
                 if rule is not None:
@@ -248,14 +250,10 @@ class DispatcherCore:
             self._backlog.mark_broken(reason)
 
     def _workers_changed_locked(self, event: WorkersChanged, now: float) -> None:
-        self._backlog.workers = event.workers
+        self._backlog.set_workers_locked(event.workers)
 
     def _restarted_locked(self, event: Restarted, now: float) -> None:
-        backlog = self._backlog
-        backlog.worker_restarts += event.started
-        if event.cause is not None:
-            causes = backlog.restarts_by_cause
-            causes[event.cause] = causes.get(event.cause, 0) + event.started
+        self._backlog.count_restarts_locked(event.started, event.cause)
 
     # -- the task life: the rules (backlog lock held) ---------------------------------------------
 
@@ -277,9 +275,7 @@ class DispatcherCore:
         """An attempt failed inside the worker, which retries after ``event.delay``."""
         item = event.item
         item.attempt_started = 0.0  # backing off: no attempt runs
-        self._backlog.retried += 1
-        if event.timed_out:
-            self._backlog.timeouts += 1
+        self._backlog.count_retry_locked(event.timed_out)
         self._retries.append((item, event.attempt, event.summary, event.delay))
         for listener in self._backlog.listeners:
             listener.retrying(item, event.attempt, event.summary, event.delay)
@@ -300,7 +296,7 @@ class DispatcherCore:
             self._resolutions.append((item, "result", outcome[4]))
         elif tag == FAILED:
             if outcome[5] == TIMEOUT_TYPE:
-                backlog.timeouts += 1
+                backlog.count_timeout_locked()
             backlog.finish_locked(item, TaskState.FAILED)
             self._resolutions.append((item, "error", outcome[4:]))
         else:
@@ -311,8 +307,9 @@ class DispatcherCore:
             self._breaker.record(item.task_id, failed)
 
     def _returned_locked(self, event: Returned, now: float) -> None:
-        """Calls handed over that never started go back to the front of the backlog, in
-        order, uncharged (they never ran); a half-open circuit's probe slot frees."""
+        """Calls handed over that never started go back to the front of the backlog (of
+        their priority), in order, uncharged (they never ran); a half-open circuit's probe
+        slot frees."""
         back = []
         for item in event.items:
             item.worker = item.started_on = None
@@ -324,8 +321,7 @@ class DispatcherCore:
                 self._backlog.finish_locked(item, TaskState.CANCELLED)
             else:
                 back.append(item)
-        self._backlog.pending.extendleft(reversed(back))
-        self._backlog.dispatcher_will_look = True
+        self._backlog.put_back_locked(back)
 
     def _lost_locked(self, event: Lost, now: float) -> None:
         """The attempt that started was lost with its worker: charge it; retry after the
@@ -335,18 +331,16 @@ class DispatcherCore:
         backlog = self._backlog
         item.worker = item.started_on = None
         item.attempt_started = 0.0
-        backlog.crashes += 1
-        if isinstance(error, TaskTimeoutError):
-            backlog.timeouts += 1
+        timed_out = isinstance(error, TaskTimeoutError)
         retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
         if retryable and item.attempts < item.policy.max_attempts:
-            backlog.retried += 1
             delay = item.policy.backoff_before(item.attempts + 1)
-            self._delayed.push(item, delay)
+            backlog.crashed_locked(item, timed_out, retry_in=delay)  # it waits in the backlog
             for listener in backlog.listeners:
                 listener.crashed(item, error, False)
             self._losses.append((note, f"retrying in {delay:.3g} s"))
             return
+        backlog.crashed_locked(item, timed_out)
         self._fail_locked(Failed(item, error), now)
         self._losses.append((note, "task failed"))
 
@@ -361,28 +355,15 @@ class DispatcherCore:
         if self._breaker is not None:
             self._breaker.record(item.task_id, True)
 
-    def _publish_breaker_locked(self, state: str) -> None:
-        """The breaker changed state (it only does under the backlog lock): show it now."""
-        self._backlog.breaker_state = state
-
 
     def _recall_for_cancel(self) -> None:
         """Callers wait to cancel calls that were handed over: ask the pool to take them back
         (they come back ``Returned``, and ``_returned_locked`` cancels them, or their start
         refuses it)."""
-        backlog = self._backlog
-        with backlog.lock:
-            if not backlog.recall_wanted:
-                return
-            items = [item for item in backlog.recall_wanted if item.cancel_request is not None
-                     and item.state is TaskState.QUEUED]
-            backlog.recall_wanted.clear()
+        items = self._backlog.take_recall_requests()
         refused = self.pool.recall(items) if items else []
         if refused:
-            with backlog.lock:
-                for item in refused:
-                    if item.cancel_request is not None:
-                        item.cancel_request.answer_locked(item, False)
+            self._backlog.refuse_cancels(refused)
 
     # -- dispatching -----------------------------------------------------------------------
 
@@ -393,22 +374,21 @@ class DispatcherCore:
             return
         pool = self.pool
         while True:
-            with backlog.lock:
+            with backlog.locked():
                 self._admission = admission = self._admission_locked()
-                submitted_before = backlog.submitted
-                waiting = len(backlog.pending)
-                finishing = backlog.closed and not waiting and not self._delayed
-            self._apply(pool.hand_over(now, waiting, self._take, finishing))
+                arrivals = backlog.arrivals_locked()
+                ready = backlog.ready_count_locked()
+                finishing = backlog.closed and not backlog.holds_tasks_locked()
+            self._apply(pool.hand_over(now, ready, self._take, finishing))
             if self._breaker is not None and admission.probes:
                 self._breaker.admitted(admission.probes)
-            with backlog.lock:
-                # Will something other than a producer's wakeup bring us back to `pending`?
-                # Yes if it is non-empty: capacity only frees through what the workers send
+            with backlog.locked():
+                # Will something other than a producer's wakeup bring us back to the ready
+                # tasks? Yes if any is left: capacity only frees through what the workers send
                 # (or, with the circuit open in HOLD mode, through the breaker's timer).
-                left = bool(backlog.pending)
-                backlog.dispatcher_will_look = left
-                arrived = backlog.submitted != submitted_before
-            # Tasks that arrived meanwhile found `dispatcher_will_look` set and wrote no
+                left = backlog.note_waiting_locked()
+                arrived = backlog.arrivals_locked() != arrivals
+            # Tasks that arrived meanwhile found the dispatcher due to look and wrote no
             # wakeup: go round again while a worker could take them.
             if not (left and arrived and pool.has_room(now)):
                 break
@@ -426,27 +406,11 @@ class DispatcherCore:
 
     def _take(self, limit: int, budget: int | None = None,
               first_may_exceed: bool = True) -> list[WorkItem]:
-        """The pool's ``take`` (``pool.Take``): up to ``limit`` calls from the front of
-        ``pending``, as this hand-over's admission allows; with a ``budget`` (payload bytes),
-        a call that would cross it is left for later unless it is the first and
-        ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
-        admission = self._admission
-        taken: list[WorkItem] = []
-        size = 0
-        with self._backlog.lock:
-            pending = self._backlog.pending
-            while pending and len(taken) < limit:
-                item = pending[0]
-                if budget is not None and size + len(item.payload) > budget and (
-                        taken or not first_may_exceed):
-                    break
-                if not admission.allows(item):
-                    break  # held back by the circuit breaker (HOLD mode)
-                admission.count(item)
-                pending.popleft()
-                size += len(item.payload)
-                taken.append(item)
-        return taken
+        """The pool's ``take`` (``pool.Take``): up to ``limit`` calls from the backlog, in its
+        order, as this hand-over's admission allows (``Backlog.take_locked``: a payload
+        ``budget``, ``first_may_exceed``; see ``process.PREFETCH_BYTES``)."""
+        with self._backlog.locked():
+            return self._backlog.take_locked(self._admission, limit, budget, first_may_exceed)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -456,12 +420,12 @@ class DispatcherCore:
         if backlog.broken is not None and self._holds_anything():
             return 0.0  # settle at once
         deadlines = [
-            self._delayed.next_due(), self._rebalance_at, backlog.stop_deadline,
+            backlog.next_due(), self._rebalance_at, backlog.stop_deadline,
             self._breaker.next_change() if self._breaker is not None else None,
             *self.pool.deadlines(),
         ]
         first = min((d for d in deadlines if d is not None), default=None)
-        return None if first is None else max(0.0, first - time.monotonic())
+        return None if first is None else max(0.0, first - self._clock.monotonic())
 
     def _fire_timers(self, now: float) -> None:
         backlog = self._backlog
@@ -469,14 +433,11 @@ class DispatcherCore:
             self._settle(OrchestratorBrokenError(backlog.broken))
             return
         self._apply(self.pool.fire_timers(now))
-        due = self._delayed.take_due(now)
-        if due:
-            with backlog.lock:
-                backlog.pending.extendleft(reversed(due))
+        backlog.release_due(now)  # (crash retries whose backoff is over, delayed tasks)
 
     def _holds_anything(self) -> bool:
-        with self._backlog.lock:
-            return bool(self._backlog.pending) or bool(self._delayed) or self.pool.has_inflight()
+        with self._backlog.locked():
+            return self._backlog.holds_tasks_locked() or self.pool.has_inflight()
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -503,10 +464,8 @@ class DispatcherCore:
         events, held = self.pool.stop_all()
         self._apply(events)
         backlog = self._backlog
-        with backlog.lock:
-            items: list[WorkItem] = list(backlog.pending)
-            backlog.pending.clear()
-            items += self._delayed.take_all()
+        with backlog.locked():
+            items = backlog.take_all_locked()
             items += [item for item, _ in held]
             notes = {item.task_id: note for item, note in held}
             for item in items:
@@ -533,7 +492,6 @@ class DispatcherCore:
         at the fork (the child's orchestrator fails them with the unfinished ones)."""
         items = [item for item, _, _ in self._resolutions]
         self._resolutions = []
-        self._delayed = BackoffQueue()
         try:
             self.pool.forget_in_forked_child()
         finally:
@@ -549,8 +507,8 @@ class DispatcherCore:
         is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
         now = time.monotonic()
         views = self.worker_views()
-        with self._backlog.lock:
-            queued_since = [self._backlog.pending[0].accepted_at] if self._backlog.pending else []
+        oldest = self._backlog.oldest_waiting_since()
+        queued_since = [] if oldest is None else [oldest]
         queued_since += [v.waiting_since for v in views if v.waiting_since is not None]
         workers = [{
             "pid": v.pid, "tasks": v.tasks_run or 0,

@@ -3,7 +3,7 @@
 Two sides, one lock (the backlog's):
 
 - the dispatcher thread records, with the backlog lock held, as a listener to the core's
-  rules (``listeners.TaskListener``: started, finished, crashed): a few additions and a
+  rules (``task.TaskListener``: started, finished, crashed): a few additions and a
   ``bisect`` per event, no allocation on the common path, no I/O, nothing that waits.
   ``Figures`` exists only once metrics were enabled (``enable``); until then the core pays an
   empty loop per event;
@@ -24,7 +24,6 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from taskorch._parent import listeners
 from taskorch._parent.task import TaskListener, TaskState
 from taskorch._wire import _FN_LENGTH, BY_REFERENCE
 
@@ -148,21 +147,22 @@ class Figures(TaskListener):
 
 def enable(backlog: Backlog) -> Figures:
     """Start recording figures for the orchestrator of ``backlog`` (idempotent)."""
-    with backlog.lock:
+    with backlog.locked():
         figures = backlog.figures
-        if figures is None:
-            figures = backlog.figures = Figures()
-    listeners.add(backlog, figures)
-    return figures
+        if not isinstance(figures, Figures):
+            figures = Figures()
+            backlog.set_figures_locked(figures)
+            backlog.set_listeners_locked((*backlog.listeners, figures))
+        return figures
 
 
 def disable(backlog: Backlog) -> None:
     """Stop recording (the benchmark toggles metrics on one pool; tasks in flight across the
     switch are left out of the figures)."""
-    with backlog.lock:
-        figures, backlog.figures = backlog.figures, None
-    if figures is not None:
-        listeners.remove(backlog, figures)
+    with backlog.locked():
+        figures = backlog.figures
+        backlog.set_figures_locked(None)
+        backlog.set_listeners_locked(tuple(x for x in backlog.listeners if x is not figures))
 
 
 # -- naming tasks (the submitting thread) -------------------------------------------------------

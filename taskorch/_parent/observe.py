@@ -63,8 +63,8 @@ class Observer:
     def snapshot(self) -> Snapshot:
         backlog = self._backlog
         stats = backlog.stats()
-        with backlog.lock:
-            restarts = dict(backlog.restarts_by_cause)
+        with backlog.locked():
+            restarts = backlog.restarts_by_cause_locked()
             tasks, raw_failures = self._figures.copy_locked()
             intake = ("open" if backlog.broken is None and not backlog.closed
                       else "stopping" if backlog.broken is None else f"broken: {backlog.broken}")

@@ -138,8 +138,7 @@ class TaskOrchestrator:
             return
         self._dispatcher = self._backend.create_dispatcher(self._backlog, self._config)
         # Not a bound method of self: the finalizer below must not keep self alive.
-        self._backlog.wake_dispatcher = self._dispatcher.wake
-        self._backlog.recalls_for_cancel = self._dispatcher.recalls_for_cancel
+        self._backlog.connect(self._dispatcher.wake, self._dispatcher.recalls_for_cancel)
         self._dispatcher.start()
         _running[self._dispatcher] = self._backlog
         # Garbage-collected without stop(): close intake and let the dispatcher drain.
@@ -176,12 +175,7 @@ class TaskOrchestrator:
         if self._finalizer is not None:
             self._finalizer.detach()  # it would wake the parent's dispatcher through its pipe
             self._finalizer = None
-        backlog = self._backlog
-        backlog.lock = threading.Lock()
-        backlog._room_waiters.clear()  # their threads and loops are the parent's
-        items = list(backlog.unfinished.values())
-        backlog.unfinished.clear()
-        backlog.pending.clear()
+        items = self._backlog.forget_in_forked_child()
         forget = getattr(self._dispatcher, "forget_in_forked_child", None)
         if forget is not None:
             items += forget()
@@ -328,7 +322,8 @@ class TaskOrchestrator:
                 if self._backlog.closed or self._schedules_closed:
                     raise OrchestratorClosedError(
                         "the orchestrator was stopped and takes no new schedules")
-                self._scheduler = Scheduler(self._intake, store=self._schedule_store)
+                self._scheduler = Scheduler(self._intake, store=self._schedule_store,
+                                            clock=self._backlog.clock.time)
             scheduler = self._scheduler
         scheduler.add(spec, fn, args, kwargs, policy)
         return ScheduledTask(scheduler, spec.name)

@@ -27,6 +27,9 @@ wakeups from ``add``/``trigger``/``stop``) and fires through the orchestrator's 
 "taskorch-callbacks" thread). ``_lock`` guards the jobs' state; it is never held while a task
 is offered or a store is written. ``run_due(now)`` is the whole firing rule as one step, which
 tests drive with a clock of their own instead of the thread.
+
+Time: ``clock`` gives wall-clock seconds (ticks are calendar instants); an orchestrator passes
+its backlog's ``Clock.time``, the one clock that also keeps the backlog's due times.
 """
 
 from __future__ import annotations

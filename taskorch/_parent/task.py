@@ -335,8 +335,17 @@ class RawOutcome(NamedTuple):
 
 
 class TaskListener:
-    """A listener to the moments of tasks' lives; each method does nothing unless overridden
-    (backlog lock held for all of them)."""
+    """A listener to the moments of tasks' lives; each method does nothing unless overridden.
+
+    The dispatcher core and the backlog announce each moment once, where it happens, with the
+    backlog lock held: ``accepted`` (a producer's thread, in ``Backlog``), ``started``,
+    ``retrying``, ``finished``, ``crashed`` (the dispatcher thread, from the core's rules) and
+    ``cancelled`` (whichever thread cancels it, in ``Backlog.finish_locked``). Listeners are
+    the orchestrator's (``Backlog.listeners``: the metrics' ``figures.Figures``) or one task's
+    own (``WorkItem.listener``: ``taskorch serve``'s journal tracking, ``_service/registry``).
+    A listener records, or queues something for another thread: no I/O, no lock that may be
+    held while the backlog's is taken, never user code; it must not raise.
+    """
 
     __slots__ = ()
 
@@ -370,7 +379,8 @@ class WorkItem:
 
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "accepted_at",
-                 "cancel_request", "name", "listener", "__weakref__")
+                 "cancel_request", "name", "listener", "priority", "not_before",
+                 "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -392,9 +402,13 @@ class WorkItem:
         # Set while a caller waits to cancel it, handed over and not started (backlog lock).
         self.cancel_request: CancelRequest | None = None
         self.name = ""  # its label, set only while metrics are on (``figures``)
-        # This task's own listener (``listeners``; taskorch serve journals its starts: a restart
+        # This task's own listener (``TaskListener``; taskorch serve journals its starts: a restart
         # charges what was spent), besides the orchestrator's. None: nobody asked.
         self.listener: TaskListener | None = None
+        # Its place in the backlog (``order``): higher first, and not before this
+        # ``Clock.monotonic()`` value (None: at once).
+        self.priority = 0
+        self.not_before: float | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher

@@ -1,0 +1,236 @@
+"""Parent process: the order in which the backlog's tasks leave it, and when.
+
+``TaskOrder`` belongs to the ``Backlog`` and is guarded by its lock: every method here is
+called with that lock held (by producers accepting a task, by the dispatcher thread taking
+them), except ``next_due``, documented there. Nothing here waits, logs or resolves a future.
+
+Two parts:
+
+- **Ready** tasks, highest ``WorkItem.priority`` first, first in first out among equals: one
+  deque per priority present, and ``_top``, the highest non-empty one. With one priority (all
+  tasks today) accepting and taking cost a deque append and popleft, as a single deque would;
+  a new priority, or a level that empties, costs a pass over the priorities present (few).
+  A call handed over and never started goes back to the front of its priority (``push_front``):
+  it keeps its place ahead of later arrivals, and no attempt is charged.
+- **Not yet due**: a heap keyed ``(due, seq)``: new tasks whose ``not_before`` has not come,
+  and crash retries waiting out their backoff (started tasks: the backlog counts them as
+  running, outside the bound). ``release_due`` moves the due ones to the ready part: a crash
+  retry to the front of its priority (it was taken before everything waiting), a new task to
+  the back (it arrives when it is due).
+
+Times are the backlog clock's ``monotonic()`` values (``clock``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from typing import Iterator, Protocol
+
+from taskorch._parent.task import TaskState, WorkItem
+
+
+class Gate(Protocol):
+    """What lets a task leave now (``breaker.Admission``: the circuit breaker's quota)."""
+
+    def allows(self, item: WorkItem) -> bool: ...
+
+    def count(self, item: WorkItem) -> None: ...
+
+
+class TaskOrder:
+    """Ready tasks by (priority, arrival), and tasks not due yet by (due time, arrival)."""
+
+    __slots__ = ("_levels", "_priorities", "_top", "_top_priority", "_later", "_seq")
+
+    def __init__(self) -> None:
+        # Ready tasks per priority, each in the order they leave; level 0 is always there.
+        self._levels: dict[int, deque[WorkItem]] = {0: deque()}
+        self._priorities: list[int] = [0]  # the keys of _levels, highest first
+        # The highest non-empty level (level 0's deque while none is non-empty), and its key.
+        self._top: deque[WorkItem] = self._levels[0]
+        self._top_priority = 0
+        # Tasks not due yet: (due, seq, item); seq keeps arrivals in order (items never compare).
+        self._later: list[tuple[float, int, WorkItem]] = []
+        self._seq = itertools.count()
+
+    # -- putting in ----------------------------------------------------------------------
+
+    def push(self, item: WorkItem, now: float) -> bool:
+        """Accept ``item``: ready, or not before ``item.not_before``. True if it is now the
+        first task due (whoever waits for the next due time must look again)."""
+        not_before = item.not_before
+        if not_before is not None and not_before > now:
+            return self.later(item, not_before)
+        if item.priority == self._top_priority:
+            self._top.append(item)
+        else:
+            self._level(item.priority).append(item)
+        return False
+
+    def push_front(self, items: list[WorkItem]) -> None:
+        """Calls handed over and never started: back to the front of their priority, in order."""
+        for item in reversed(items):
+            if item.priority == self._top_priority:
+                self._top.appendleft(item)
+            else:
+                self._level(item.priority).appendleft(item)
+
+    def later(self, item: WorkItem, due: float) -> bool:
+        """``item`` waits until ``due``; True if it is now the first task due."""
+        heapq.heappush(self._later, (due, next(self._seq), item))
+        return self._later[0][2] is item
+
+    def _level(self, priority: int) -> deque[WorkItem]:
+        """The ready deque of ``priority`` (made if new); ``_top`` follows a higher one."""
+        level = self._levels.get(priority)
+        if level is None:
+            level = self._levels[priority] = deque()
+            self._priorities.append(priority)
+            self._priorities.sort(reverse=True)
+        if priority > self._top_priority or not self._top:
+            self._top, self._top_priority = level, priority
+        return level
+
+    def _retop(self) -> None:
+        """The top level emptied (or levels changed): find the highest non-empty one, and
+        drop the empty levels but level 0."""
+        if len(self._priorities) == 1:
+            return  # level 0 alone: it stays the top, empty or not
+        self._priorities = [p for p in self._priorities if p == 0 or self._levels[p]]
+        for priority in list(self._levels):
+            if priority not in self._priorities:
+                del self._levels[priority]
+        self._top_priority = next((p for p in self._priorities if self._levels[p]), 0)
+        self._top = self._levels[self._top_priority]
+
+    # -- taking out ----------------------------------------------------------------------
+
+    def take(self, limit: int, gate: Gate, budget: int | None,
+             first_may_exceed: bool) -> list[WorkItem]:
+        """Up to ``limit`` ready tasks in order, as ``gate`` allows; with a ``budget`` (payload
+        bytes), a task that would cross it stays unless it is the first and
+        ``first_may_exceed``. The dispatcher's hand-over: this loop runs per task."""
+        taken: list[WorkItem] = []
+        size = 0
+        top = self._top
+        while top and len(taken) < limit:
+            item = top[0]
+            if budget is not None and size + len(item.payload) > budget and (
+                    taken or not first_may_exceed):
+                break
+            if not gate.allows(item):
+                break  # held back by the circuit breaker (HOLD mode)
+            gate.count(item)
+            top.popleft()
+            size += len(item.payload)
+            taken.append(item)
+            if not top:
+                self._retop()
+                top = self._top
+        return taken
+
+    def release_due(self, now: float) -> bool:
+        """Move the tasks due by ``now`` to the ready part (see the module docstring); True
+        if any moved."""
+        later = self._later
+        if not later or later[0][0] > now:
+            return False
+        retries: list[WorkItem] = []
+        while later and later[0][0] <= now:
+            item = heapq.heappop(later)[2]
+            if item.state is TaskState.QUEUED:
+                self._level(item.priority).append(item)
+            else:
+                retries.append(item)
+        self.push_front(retries)  # the first due first
+        return True
+
+    def next_due(self) -> float | None:
+        """When the first task not yet due will be (None: none waits). Read by the
+        dispatcher without the lock: one list index, atomic under the GIL; a producer that
+        pushes an earlier one wakes the dispatcher after, so a stale answer is corrected."""
+        later = self._later
+        return later[0][0] if later else None
+
+    def take_new_beyond(self, admit: int) -> list[WorkItem]:
+        """Remove the new (queued) ready tasks beyond the first ``admit`` in order; started
+        ones (crash retries) stay. For the circuit breaker's FAIL mode."""
+        removed: list[WorkItem] = []
+        for priority in self._priorities:
+            kept: deque[WorkItem] = deque()
+            for item in self._levels[priority]:
+                if item.state is TaskState.QUEUED and admit <= 0:
+                    removed.append(item)
+                else:
+                    admit -= item.state is TaskState.QUEUED
+                    kept.append(item)
+            if len(kept) != len(self._levels[priority]):
+                self._replace(priority, kept)
+        self._retop()
+        return removed
+
+    def remove(self, items: dict[int, WorkItem]) -> list[WorkItem]:
+        """Remove those of ``items`` (by ``id()``) that wait here, ready or not due yet;
+        return them in order. The others were handed over."""
+        removed: list[WorkItem] = []
+        if len(items) == 1:  # future.cancel(): no need to rebuild anything
+            (item,) = items.values()
+            try:
+                self._levels[item.priority].remove(item)
+                removed.append(item)
+            except (KeyError, ValueError):  # handed over, or not due yet
+                pass
+        else:
+            for priority in self._priorities:
+                kept: deque[WorkItem] = deque()
+                for item in self._levels[priority]:
+                    (removed if id(item) in items else kept).append(item)
+                if len(kept) != len(self._levels[priority]):
+                    self._replace(priority, kept)
+        if len(removed) < len(items) and self._later:
+            later = [entry for entry in self._later if id(entry[2]) not in items]
+            if len(later) != len(self._later):
+                removed += [e[2] for e in sorted(self._later) if id(e[2]) in items]
+                heapq.heapify(later)
+                self._later = later
+        self._retop()
+        return removed
+
+    def _replace(self, priority: int, level: deque[WorkItem]) -> None:
+        old = self._levels[priority]
+        old.clear()
+        old.extend(level)  # (the same deque: `_top` may be it)
+
+    def take_all(self) -> list[WorkItem]:
+        """Empty it: the ready tasks in order, then those not due yet, soonest first."""
+        items = list(self)
+        items += [entry[2] for entry in sorted(self._later)]
+        for level in self._levels.values():
+            level.clear()
+        self._later.clear()
+        self._retop()
+        return items
+
+    # -- looking -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        """The ready tasks, in the order they would leave."""
+        for priority in self._priorities:
+            yield from self._levels[priority]
+
+    def ready_count(self) -> int:
+        if len(self._priorities) == 1:
+            return len(self._top)
+        return sum(len(level) for level in self._levels.values())
+
+    def holds_any(self) -> bool:
+        """Does any task wait here, ready or not due yet?"""
+        return bool(self._top) or bool(self._later)
+
+    def oldest_accepted(self) -> float | None:
+        """The earliest ``accepted_at`` among the first ready task of each priority (each
+        level's first is its oldest), None if none is ready."""
+        heads = [level[0].accepted_at for level in self._levels.values() if level]
+        return min(heads) if heads else None
