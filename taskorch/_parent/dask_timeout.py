@@ -6,9 +6,9 @@ tasks that fail outside taskorch's worker function, the membership probes, and r
 The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
 a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
 its start event) and no outcome or retry came, the pool hands it back ``Lost`` and the core
-charges it (``_lost_locked``, a ``TaskTimeoutError``: retried only if the policy retries
-timeouts), as a local hard timeout is, and the Dask worker process is restarted by its nanny:
-nothing else stops a Dask thread. Until the restart's answer, the call holds its slot
+charges it (``rules.TaskRules.lost_locked``, a ``TaskTimeoutError``: retried only if the policy
+retries timeouts), as a local hard timeout is, and the Dask worker process is restarted by its
+nanny: nothing else stops a Dask thread. Until the restart's answer, the call holds its slot
 (``_held``: its worker gets no calls, and it counts against ``worker_count``), so the in-flight
 bound holds while the stuck thread runs; the worker's calls not started are recalled at once;
 when the worker leaves, the ones still there go back uncharged and the ones running are charged
@@ -76,7 +76,7 @@ class DaskHardTimeouts:
     def _hard_timeout(self, subs: list[Submission]) -> None:
         """Attempts ran ``kill_grace`` past their timeout: the in-process interrupt could not
         reach them (a thread blocked in C). Each is handed back ``Lost``: the core charges it
-        (``_lost_locked``, with a
+        (``rules.TaskRules.lost_locked``, with a
         TaskTimeoutError: retried only if the policy retries timeouts), and each one's worker is
         restarted by its nanny: the only way to stop a Dask thread. Meanwhile the call holds
         its slot (``_held``), and its worker gets nothing more; its calls not started are

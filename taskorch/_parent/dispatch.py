@@ -11,9 +11,7 @@ Data flow (the pool's part in brackets; ``pool.WorkerPool``, local processes or 
                                    -> Started / Retrying / Finished /            RETRYING /
                                       Returned / Lost / ... (``pool`` events)    outcome events
                                  _apply(): one pass under the backlog lock:      (``_wire``)
-                                   _started_locked / _retrying_locked /
-                                   _finished_locked / _returned_locked /
-                                   _lost_locked  (the rules, written once),
+                                   the rules (``rules.TaskRules``), each moment
                                    announced to listeners (``task.TaskListener``)
                                  _fire_timers(): tasks due (backlog), breaker,
                                    [hard timeouts, probes]
@@ -23,36 +21,16 @@ A call crosses to the pool once (``hand_over``) and comes back once (an event); 
 never calls the core and never takes the backlog lock, and the core never reaches into the
 pool's workers.
 
-The rules, each written once here, whatever runs the tasks:
-
-- A call handed over but never started goes back to the front of the backlog (of its
-  priority), in order, with no attempt charged (``_returned_locked``): it never ran. A
-  half-open circuit's probe slot it held frees. If a caller waits to cancel it
-  (``future.cancel()`` of a queued task the dispatcher had handed over: ``_recall_for_cancel``
-  asked the pool to take it back), it ends cancelled instead; if it starts first, the cancel
-  is refused (``Backlog.start_locked``).
-- An attempt that started and was lost (its worker died, was killed at a hard timeout, or was
-  lost with its Dask worker) is charged (``_lost_locked``): retried after the policy's backoff
-  (waiting in the backlog: ``Backlog.crashed_locked``) while the task's one attempt budget lasts
-  (crashes always, a hard timeout if the policy retries ``TaskTimeoutError``), else the task
-  fails with that error. A call that started may have had side effects: after a crash a task
-  runs at least once, not exactly once.
-- The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
-  backlog lock, at the moment it changes, before the futures that changed it resolve.
-- Each moment (started, retrying, finished, crashed) is announced to the listeners
-  (``task.TaskListener``: ``Backlog.listeners``, such as the metrics' figures, and the
-  task's own ``WorkItem.listener``, such as ``taskorch serve``'s journal) under the lock the
-  rule already holds; they do no I/O and never wait.
-- At stop(): once nothing is left the workers are shut down (drained). If stop()'s deadline
-  passes first, queued tasks are cancelled and running ones abandoned (``_settle``). A broken
-  orchestrator (no worker can run anything) fails what it holds with
-  ``OrchestratorBrokenError``.
+The rules, each written once whatever runs the tasks, are ``rules.TaskRules``'s: what a call
+handed back unstarted, a lost attempt, an outcome mean; the breaker's count; what stop() and a
+broken orchestrator do to what is left (``TaskRules.settle_locked``, from ``_settle``).
 
 Locks: the backlog's lock (see ``backlog``; taken with ``Backlog.locked()``) guards its order,
 the counts and the items' states; the ``*_locked`` methods need it held, and ``_apply`` takes it
 once per batch of pool events. Nothing here holds it across IPC, a process join, or user code:
-futures are resolved (``task.resolve_all``) after it is released, from ``self._resolutions``,
-which only the dispatcher thread touches; a pool's calls are made without it.
+futures are resolved (``task.resolve_all``) after it is released, from what the rules
+collected (``TaskRules.flush``), which only the dispatcher thread touches; a pool's calls are
+made without it.
 
 The thread is a daemon (a stuck stop must never keep the interpreter alive; the atexit hook
 stops every orchestrator first). Its body is guarded: if it ever fails, the pool is told to
@@ -66,38 +44,18 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-from taskorch._errors import (
-    OrchestratorBrokenError,
-    TaskAbandonedError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-)
+from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
-from taskorch._parent.pool import (
-    Broken,
-    Failed,
-    Finished,
-    Lost,
-    PoolEvent,
-    Restarted,
-    Retrying,
-    Returned,
-    Started,
-    WorkerPool,
-    WorkersChanged,
-)
-from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._parent.pool import Broken, PoolEvent, WorkerPool
+from taskorch._parent.rules import TaskRules
+from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
-from taskorch._wire import FAILED, SUCCEEDED
 
 log = logging.getLogger("taskorch")
-
-#: The type name a FAILED event carries for a per-attempt timeout.
-TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
 
 
 class DispatcherCore:
@@ -116,16 +74,7 @@ class DispatcherCore:
         # Dispatcher thread only.
         self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._admission = Admission(None)  # what the breaker lets start in this hand-over
-        self._resolutions: list[Resolution] = []  # collected under the lock, resolved after
-        self._retries: list[tuple[WorkItem, int, str, float]] = []  # logged after the lock
-        self._losses: list[tuple[str, str]] = []  # (note, outcome) of crashes, logged after
-        # The rule for each kind of pool event (``_apply``), by its type.
-        self._rules: dict[type, Callable[[Any, float], None]] = {
-            Started: self._started_locked, Finished: self._finished_locked,
-            Retrying: self._retrying_locked, Returned: self._returned_locked,
-            Lost: self._lost_locked, Failed: self._fail_locked,
-            WorkersChanged: self._workers_changed_locked, Restarted: self._restarted_locked,
-        }
+        self._life = TaskRules(backlog, self._breaker)  # the rules, and what they collect
         # Read by any thread.
         self.drained: bool | None = None  # set when the thread ends
         self.finished = threading.Event()
@@ -212,20 +161,8 @@ class DispatcherCore:
                 return
 
     def _flush(self) -> None:
-        """Log the retries and crashes, and resolve the futures collected under the lock (never
-        under it: resolving wakes waiters and hands done-callbacks over)."""
-        if self._retries:
-            retries, self._retries = self._retries, []
-            for item, attempt, summary, delay in retries:
-                log.info("task %d: attempt %d failed (%s); retrying in %.3f s",
-                         item.task_id, attempt, summary, delay)
-        if self._losses:
-            losses, self._losses = self._losses, []
-            for note, outcome in losses:
-                log.warning("%s%s", note, outcome)
-        resolutions, self._resolutions = self._resolutions, []
-        if resolutions:
-            resolve_all(resolutions)
+        """Log and resolve what the rules collected under the lock (never under it)."""
+        self._life.flush()
 
     # -- what the pool hands back: applied in one pass under the backlog lock ------------------
 
@@ -236,7 +173,7 @@ class DispatcherCore:
             return
         broken: list[str] = []
         now = self._clock.monotonic()
-        rules = self._rules
+        rules = self._life.by_event
         with self._backlog.locked():
             for event in events:
                 rule = rules.get(type(event))
@@ -249,116 +186,9 @@ class DispatcherCore:
         for reason in broken:
             self._backlog.mark_broken(reason)
 
-    def _workers_changed_locked(self, event: WorkersChanged, now: float) -> None:
-        self._backlog.set_workers_locked(event.workers)
-
-    def _restarted_locked(self, event: Restarted, now: float) -> None:
-        self._backlog.count_restarts_locked(event.started, event.cause)
-
-    # -- the task life: the rules (backlog lock held) ---------------------------------------------
-
-    def _started_locked(self, event: Started, now: float) -> None:
-        """An attempt began; the first one frees its backlog slot."""
-        item = event.item
-        item.attempts = item.future.attempts = event.attempt
-        item.attempt_started = now
-        self._announce_started(item, now)
-        self._backlog.start_locked(item)
-
-    def _announce_started(self, item: WorkItem, now: float) -> None:
-        for listener in self._backlog.listeners:  # (metrics on: the queue wait, at the first)
-            listener.started(item, now)
-        if item.listener is not None:  # (taskorch serve's journal: queues a record)
-            item.listener.started(item, now)
-
-    def _retrying_locked(self, event: Retrying, now: float) -> None:
-        """An attempt failed inside the worker, which retries after ``event.delay``."""
-        item = event.item
-        item.attempt_started = 0.0  # backing off: no attempt runs
-        self._backlog.count_retry_locked(event.timed_out)
-        self._retries.append((item, event.attempt, event.summary, event.delay))
-        for listener in self._backlog.listeners:
-            listener.retrying(item, event.attempt, event.summary, event.delay)
-
-    def _finished_locked(self, event: Finished, now: float) -> None:
-        """A SUCCEEDED or FAILED event (``_wire``): the task is over."""
-        item, outcome = event
-        tag, _, attempts, seconds = outcome[:4]
-        backlog = self._backlog
-        if item.state is TaskState.QUEUED:  # (on Dask its STARTED event may not have come)
-            self._announce_started(item, now)
-        backlog.start_locked(item)
-        item.attempts = item.future.attempts = attempts
-        item.future.seconds = seconds
-        failed = tag != SUCCEEDED
-        if tag == SUCCEEDED:
-            backlog.finish_locked(item, TaskState.SUCCEEDED)
-            self._resolutions.append((item, "result", outcome[4]))
-        elif tag == FAILED:
-            if outcome[5] == TIMEOUT_TYPE:
-                backlog.count_timeout_locked()
-            backlog.finish_locked(item, TaskState.FAILED)
-            self._resolutions.append((item, "error", outcome[4:]))
-        else:
-            raise AssertionError(f"not an outcome: {outcome!r} for {item!r}")
-        for listener in backlog.listeners:
-            listener.finished(item, seconds, outcome[4:] if failed else None)
-        if self._breaker is not None:
-            self._breaker.record(item.task_id, failed)
-
-    def _returned_locked(self, event: Returned, now: float) -> None:
-        """Calls handed over that never started go back to the front of the backlog (of
-        their priority), in order, uncharged (they never ran); a half-open circuit's probe
-        slot frees."""
-        back = []
-        for item in event.items:
-            item.worker = item.started_on = None
-            if self._breaker is not None:
-                self._breaker.release(item.task_id)
-            if item.cancel_request is not None:
-                # A caller waits to cancel it: it never ran, so it is cancelled, and that
-                # caller cancels its future (finish_locked answers the request).
-                self._backlog.finish_locked(item, TaskState.CANCELLED)
-            else:
-                back.append(item)
-        self._backlog.put_back_locked(back)
-
-    def _lost_locked(self, event: Lost, now: float) -> None:
-        """The attempt that started was lost with its worker: charge it; retry after the
-        policy's backoff while the budget lasts, else fail. What became of it ends the
-        pool's warning (logged after the lock)."""
-        item, error, note = event
-        backlog = self._backlog
-        item.worker = item.started_on = None
-        item.attempt_started = 0.0
-        timed_out = isinstance(error, TaskTimeoutError)
-        retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
-        if retryable and item.attempts < item.policy.max_attempts:
-            delay = item.policy.backoff_before(item.attempts + 1)
-            backlog.crashed_locked(item, timed_out, retry_in=delay)  # it waits in the backlog
-            for listener in backlog.listeners:
-                listener.crashed(item, error, False)
-            self._losses.append((note, f"retrying in {delay:.3g} s"))
-            return
-        backlog.crashed_locked(item, timed_out)
-        self._fail_locked(Failed(item, error), now)
-        self._losses.append((note, "task failed"))
-
-    def _fail_locked(self, event: Failed, now: float) -> None:
-        """The task fails with ``error`` without a retry (its last attempt was lost, or the
-        pool could not run it)."""
-        item, error = event
-        self._backlog.finish_locked(item, TaskState.FAILED)
-        self._resolutions.append((item, "exception", error))
-        for listener in self._backlog.listeners:
-            listener.crashed(item, error, True)
-        if self._breaker is not None:
-            self._breaker.record(item.task_id, True)
-
-
     def _recall_for_cancel(self) -> None:
         """Callers wait to cancel calls that were handed over: ask the pool to take them back
-        (they come back ``Returned``, and ``_returned_locked`` cancels them, or their start
+        (they come back ``Returned``, and ``TaskRules.returned_locked`` cancels them, or their start
         refuses it)."""
         items = self._backlog.take_recall_requests()
         refused = self.pool.recall(items) if items else []
@@ -401,7 +231,8 @@ class DispatcherCore:
             return Admission(None)
         admission = self._breaker.admit()
         if admission.left is not None and self._breaker.fails_fast:
-            self._resolutions += self._breaker.reject_beyond_locked(self._backlog, admission.left)
+            self._life.resolutions += self._breaker.reject_beyond_locked(
+                self._backlog, admission.left)
         return admission
 
     def _take(self, limit: int, budget: int | None = None,
@@ -467,20 +298,7 @@ class DispatcherCore:
         with backlog.locked():
             items = backlog.take_all_locked()
             items += [item for item, _ in held]
-            notes = {item.task_id: note for item, note in held}
-            for item in items:
-                if error is not None:
-                    backlog.finish_locked(item, TaskState.FAILED)
-                    self._resolutions.append((item, "exception", error))
-                elif item.state is TaskState.RUNNING:
-                    backlog.finish_locked(item, TaskState.ABANDONED)
-                    note = notes.get(item.task_id) or "it was waiting to be retried after a crash"
-                    self._resolutions.append((item, "exception", TaskAbandonedError(
-                        f"stop()'s timeout expired while task {item.task_id} was running "
-                        f"(attempt {item.attempts}); {note}"
-                    )))
-                elif not backlog.finish_locked(item, TaskState.CANCELLED):
-                    self._resolutions.append((item, "cancel", None))  # (else its canceller does)
+            self._life.settle_locked(items, held, error)
         self._flush()
 
     # -- fork ------------------------------------------------------------------------------
@@ -490,8 +308,8 @@ class DispatcherCore:
         here): the pool lets go of the parent's channels without a word on them. Returns
         the tasks that finished but whose futures the parent's thread had not resolved yet
         at the fork (the child's orchestrator fails them with the unfinished ones)."""
-        items = [item for item, _, _ in self._resolutions]
-        self._resolutions = []
+        items = [item for item, _, _ in self._life.resolutions]
+        self._life.resolutions = []
         try:
             self.pool.forget_in_forked_child()
         finally:

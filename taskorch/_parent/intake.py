@@ -168,8 +168,9 @@ class Intake:
         travel to the worker as ``attempts_done``), past the bound if need be.
 
         ``crashed``: it was running when its server died. The rule is the dispatcher's
-        ``_lost_locked`` for a lost worker: that attempt is spent, and the task runs again
-        while its budget lasts, else fails with ``WorkerCrashedError`` (returned resolved).
+        ``rules.TaskRules.lost_locked`` for a lost worker: that attempt is spent, and the task
+        runs again while its budget lasts, else fails with ``WorkerCrashedError`` (returned
+        resolved).
         Unlike a crash seen live, no backoff delays its retry: the restart took longer.
         """
         from taskorch._errors import WorkerCrashedError

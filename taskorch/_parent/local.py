@@ -25,10 +25,11 @@ what is local, and hands back what came as ``pool`` events:
   without a round trip each while a slow task never holds many others back; calls waiting
   behind a long task are recalled when another worker idles.
 
-Crash isolation: every worker has its own channel, so a death concerns one worker: the calls
-it held but had not started go back uncharged, the one it was running is charged (the core's
-``_returned_locked`` / ``_lost_locked``), and a replacement starts at the next hand-over, in
-the same round (then the core, having applied the loss, knows whether anything is left).
+Crash isolation: every worker has its own channel, so a death concerns one worker: the calls it
+held but had not started go back uncharged, the one it was running is charged (the core's
+``rules.TaskRules.returned_locked`` / ``lost_locked``), and a replacement starts at the next
+hand-over, in the same round (then the core, having applied the loss, knows whether anything is
+left).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Everything here runs in the application's threads (or event loops) and does little: validate,
 pickle the call (so a bad task fails in the caller), and offer it to the ``Backlog``. The
-dispatcher thread (``_parent.local``) does the rest.
+dispatcher thread (``_parent.dispatch`` and its pool) does the rest.
 """
 
 from __future__ import annotations
