@@ -191,7 +191,7 @@ class LocalPool:
         worker.events_seen = True
         self._set.start_failures = 0
         now = time.monotonic()
-        out = self._out
+        out = self._out.append
         for event in events:
             tag = event[0]
             if tag in _PROGRESS:
@@ -199,10 +199,10 @@ class LocalPool:
             if tag == STARTED:
                 item = _head(worker, event[1])
                 item.started_on = worker
-                out.append(Started(item, event[2]))
+                out(Started(item, event[2]))
             elif tag == RETRYING:
-                out.append(Retrying(_head(worker, event[1]), event[2], event[3], event[4],
-                                    event[5]))
+                out(Retrying(_head(worker, event[1]), event[2], event[3], event[4],
+                             event[5]))
             elif tag == SUCCEEDED or tag == FAILED:
                 item = worker.inflight.popleft()
                 if item.task_id != event[1]:
@@ -211,7 +211,7 @@ class LocalPool:
                 worker.inflight_bytes -= len(item.payload)
                 worker.tasks_run += 1
                 worker.record_duration(float(event[3]) / max(1, int(event[2])))
-                out.append(Finished(item, event))
+                out(Finished(item, event))
             elif tag == RETIRING:
                 worker.retiring = event[1]
             elif tag == RECALLED:

@@ -87,11 +87,15 @@ class TaskRules:
 
     def started_locked(self, event: Started, now: float) -> None:
         """An attempt began; the first one frees its backlog slot."""
-        item = event.item
-        item.attempts = item.future.attempts = event.attempt
+        item, attempt = event
+        item.attempts = item.future.attempts = attempt
         item.attempt_started = now
-        self._announce_started(item, now)
-        self._backlog.start_locked(item)
+        backlog = self._backlog
+        for listener in backlog.listeners:  # (metrics on: the queue wait, at the first)
+            listener.started(item, now)
+        if item.listener is not None:  # (taskorch serve's journal: queues a record)
+            item.listener.started(item, now)
+        backlog.start_locked(item)
 
     def _announce_started(self, item: WorkItem, now: float) -> None:
         for listener in self._backlog.listeners:  # (metrics on: the queue wait, at the first)
