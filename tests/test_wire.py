@@ -51,17 +51,17 @@ def test_drain_reads_what_a_dead_worker_sent_even_after_a_failed_send() -> None:
     # A failed send closes the channel for calls (channel_open False), not for reading: the
     # outcomes the worker sent before dying still count when its exit is handled.
     from taskorch._parent.process import WorkerProcess
-    from taskorch._wire import READY, SUCCEEDED, encode_frame
+    from taskorch._wire import Ready, Succeeded, encode_frame, ready, succeeded
 
     reader, writer = multiprocessing.Pipe()
     worker = object.__new__(WorkerProcess)  # the channel half only: no process needed
     worker.conn, worker._fd, worker._received = reader, reader.fileno(), bytearray()
     worker.eof, worker.last_read, worker.channel_open = False, 0.0, False
     try:
-        writer.send_bytes(encode_frame([(READY, 123)]))
-        writer.send_bytes(encode_frame([(SUCCEEDED, 7, 1, 0.01, b"x")]))
+        writer.send_bytes(encode_frame([ready(123)]))
+        writer.send_bytes(encode_frame([succeeded(7, 1, 0.01, b"x")]))
         writer.close()
-        assert worker.drain() == [(READY, 123), (SUCCEEDED, 7, 1, 0.01, b"x")]
+        assert worker.drain() == [Ready(123), Succeeded(7, 1, 0.01, b"x")]
         assert worker.eof and not worker.channel_open
     finally:
         reader.close()

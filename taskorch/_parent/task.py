@@ -277,12 +277,14 @@ class TaskFuture(Future[Any]):
                     )
                     exception.__cause__ = exc
             else:
+                pickled, type_name, message, tb = data  # (a DescribedException)
                 try:
-                    exception = decode_exception(*data)  # falls back to RemoteTaskError itself
+                    # falls back to RemoteTaskError itself
+                    exception = decode_exception(pickled, type_name, message, tb)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
-                    exception = decode_exception(None, *data[1:])
+                    exception = decode_exception(None, type_name, message, tb)
             with self._condition:
                 self._result = result
                 self._exception = exception
