@@ -244,11 +244,16 @@ def recalled(task_ids: list[int]) -> WireMessage:
     return (_RECALLED, task_ids)
 
 
-def decode_events(frame: bytes) -> list[Event]:
-    """The events of a worker's frame (parent, dispatcher thread; once per frame read, so no
-    check beyond the one the tag lookup makes)."""
+def decode_events(frames: list[bytes]) -> list[Event]:
+    """The events of a worker's frames, in order (parent, dispatcher thread: every frame one
+    read brought, in one call; no check beyond the one the tag lookup makes)."""
+    events: list[Event] = []
+    append = events.append
     types = _EVENT_TYPES
-    return [_new(types[event[0]], event[1:]) for event in decode_frame(frame)]
+    for frame in frames:
+        for event in decode_frame(frame):
+            append(_new(types[event[0]], event[1:]))
+    return events
 
 
 def decode_event(raw: Sequence[Any]) -> Event:

@@ -206,10 +206,7 @@ class WorkerProcess:
             return None
         self.last_read = time.monotonic()
         self._received += data
-        events: list[Event] = []
-        for frame in split_frames(self._received):
-            events.extend(decode_events(frame))
-        return events
+        return decode_events(split_frames(self._received))
 
     def mid_frame(self) -> bool:
         """Part of a frame has arrived, not all of it (a large result, say)."""

@@ -213,16 +213,15 @@ def _run_task(
     policy or a call that does not unpickle here, the task's own exceptions, a result that
     does not pickle. Unpickling and pickling the result count against the first and last
     attempt's timeout, as the parent's hard timeout counts them (it runs from the start ack)."""
+    task_id, policy_bytes = call.task_id, call.policy
     started = time.perf_counter()
-    runner.announce_first_attempt(call.task_id, call.attempts_done)
+    runner.announce_first_attempt(task_id, call.attempts_done)
     try:
-        policy = default if call.policy is None else _policy(call.policy, policies)
+        policy = default if policy_bytes is None else _policy(policy_bytes, policies)
         result = runner.run_call(call.payload, policy)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
-        return failed(
-            call.task_id, runner.attempt, time.perf_counter() - started, encode_exception(exc)
-        )
-    return succeeded(call.task_id, runner.attempt, time.perf_counter() - started, result)
+        return failed(task_id, runner.attempt, time.perf_counter() - started, encode_exception(exc))
+    return succeeded(task_id, runner.attempt, time.perf_counter() - started, result)
 
 
 def _policy(data: bytes, cache: dict[bytes, Policy]) -> Policy:
