@@ -14,8 +14,8 @@ Data flow:
      if it is asleep)       key=unique, workers=[w]) -----------------> scheduler -> worker w,
                                                                         a task thread:
                                                                         _worker.dask.run_call
-                            <--inbox-- topic handler <-- scheduler <--- log_event STARTED /
-                                                                        RETRYING (tenacity),
+                            <--inbox-- topic handler <-- scheduler <--- log_event Started /
+                                                                        Retrying (tenacity),
                                                                         small outcomes
                             <--inbox-- gather coroutine <-- scheduler <-- return value (larger
                                                                         outcomes)
@@ -96,11 +96,9 @@ from taskorch._parent.dask_pool import (
 from taskorch._parent.dask_timeout import DaskHardTimeouts
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
-from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED, Event
+from taskorch._wire import Event, Failed, Recalled, Retrying, Started, Succeeded
 
 log = logging.getLogger("taskorch")
-
-_OUTCOMES = frozenset({SUCCEEDED, FAILED})
 
 
 class DaskDispatcher(DaskHardTimeouts):
@@ -230,24 +228,27 @@ class DaskDispatcher(DaskHardTimeouts):
         if refresh or (members.probe_again and not members.probe_in_flight):
             self._probe_workers()
 
-    def _on_event_locked(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
-        sub = self._subs.get(event[1])
+    def _on_event_locked(
+        self, event: Started | Retrying | Succeeded | Failed, now: float,
+        lost: list[tuple[str, str]],
+    ) -> None:
+        sub = self._subs.get(event.task_id)
         if sub is None:
-            held = self._held.get(event[1])
-            if held is not None and event[0] in _OUTCOMES:
+            held = self._held.get(event.task_id)
+            if held is not None and isinstance(event, (Succeeded, Failed)):
                 self._held_ended_locked(held)
             return  # from a call taken back, lost, abandoned or timed out
         sub.worker.last_progress = now
-        tag = event[0]
-        if tag in _OUTCOMES:
+        if isinstance(event, (Succeeded, Failed)):
             self._on_outcome_locked(sub.sub_id, event, None, now, lost)
-        elif tag == STARTED:
+        elif isinstance(event, Started):
             sub.started = True
-            sub.pid = event[3] if len(event) > 3 else None
+            sub.pid = event.pid
             self._running[sub.sub_id] = sub
-            self._started_locked(sub.item, event[2], now)
-        elif tag == RETRYING:
-            self._retrying_locked(sub.item, event[2], event[3], event[4], event[5])
+            self._started_locked(sub.item, event.attempt, now)
+        elif isinstance(event, Retrying):
+            self._retrying_locked(sub.item, event.attempt, event.error, event.delay,
+                                  event.timed_out)
 
     def _on_outcome_locked(
         self, sub_id: int, outcome: Event | None, exc: BaseException | None, now: float,
@@ -263,10 +264,10 @@ class DaskDispatcher(DaskHardTimeouts):
         if exc is not None:
             self._on_dask_error_locked(sub, exc, lost)
             return
-        if not isinstance(outcome, tuple) or not outcome:
+        if not isinstance(outcome, (Succeeded, Failed, Recalled)):
             raise AssertionError(f"unexpected outcome {outcome!r} for {sub.item!r}")
         self._to_release.append(self._forget_sub(sub))
-        if outcome[0] == RECALLED:  # taken back by a recall whose answer we have not read yet
+        if isinstance(outcome, Recalled):  # taken back by a recall whose answer we have not read
             self._requeue_locked([sub.item])
             return
         sub.worker.record_duration(self._outcome_locked(sub.item, outcome, now))

@@ -7,8 +7,8 @@ Data flow (the backend's part in brackets):
     cloudpickle the call
     Backlog.offer() --pending--> _dispatch(): breaker admission, then
     (wake() if asleep)            [_hand_over: take calls, send them] ---------> run attempts
-                                 [_wait_and_handle: read what came back] <----- STARTED /
-                                   _started_locked / _retrying_locked /          RETRYING /
+                                 [_wait_and_handle: read what came back] <----- Started /
+                                   _started_locked / _retrying_locked /          Retrying /
                                    _outcome_locked / _requeue_locked /           outcome events
                                    _crash_locked  (the rules, written once)       (``_wire``)
                                  _fire_timers(): tasks due (backlog), breaker,
@@ -77,11 +77,11 @@ from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
 from taskorch._policy import CircuitBreaker
-from taskorch._wire import FAILED, SUCCEEDED, Event
+from taskorch._wire import Failed, Outcome, Succeeded
 
 log = logging.getLogger("taskorch")
 
-#: The type name a FAILED event carries for a per-attempt timeout.
+#: The type name a Failed event carries for a per-attempt timeout.
 TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
 
 
@@ -200,30 +200,30 @@ class DispatcherCore:
         self._backlog.count_retry_locked(timed_out)
         self._retries.append((item, attempt, summary, delay))
 
-    def _outcome_locked(self, item: WorkItem, event: Event, now: float) -> float:
-        """A SUCCEEDED or FAILED event (``_wire``): the task is over. Returns its worker-side
+    def _outcome_locked(self, item: WorkItem, event: Outcome, now: float) -> float:
+        """A Succeeded or Failed event (``_wire``): the task is over. Returns its worker-side
         seconds per attempt, for the backend's prefetch estimate."""
-        tag, _, attempts, seconds = event[:4]
+        attempts, seconds = event.attempts, event.seconds
         backlog = self._backlog
         figures = backlog.figures
         if figures is not None and item.state is TaskState.QUEUED:
             figures.started(item, now)
-        backlog.start_locked(item)  # (on Dask its STARTED event may not have come first)
+        backlog.start_locked(item)  # (on Dask its Started event may not have come first)
         item.attempts = item.future.attempts = attempts
         item.future.seconds = seconds
-        failed = tag != SUCCEEDED
-        if tag == SUCCEEDED:
+        failed = not isinstance(event, Succeeded)
+        if isinstance(event, Succeeded):
             backlog.finish_locked(item, TaskState.SUCCEEDED)
-            self._resolutions.append((item, "result", event[4]))
-        elif tag == FAILED:
-            if event[5] == TIMEOUT_TYPE:
+            self._resolutions.append((item, "result", event.result))
+        elif isinstance(event, Failed):
+            if event.type_name == TIMEOUT_TYPE:
                 backlog.count_timeout_locked()
             backlog.finish_locked(item, TaskState.FAILED)
-            self._resolutions.append((item, "error", event[4:]))
+            self._resolutions.append((item, "error", event.error))
         else:
             raise AssertionError(f"not an outcome: {event!r} for {item!r}")
         if figures is not None:
-            figures.finished(item, seconds, event[4:] if failed else None)
+            figures.finished(item, seconds, event.error if isinstance(event, Failed) else None)
         if self._breaker is not None:
             self._breaker.record(item.task_id, failed)
         return float(seconds) / max(1, int(attempts))

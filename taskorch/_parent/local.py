@@ -6,7 +6,7 @@ The task life (start, retry, outcome, crash charge, breaker, stop) is the core's
     dispatcher thread ("taskorch-dispatcher")                         worker i (``_worker.main``)
     -----------------------------------------                         --------
     _hand_over: CALLS frame, private socketpair ----------------------> run attempts (tenacity)
-    _wait_and_handle: selector.select(timeout)  <--- STARTED / RETRYING / outcome frames
+    _wait_and_handle: selector.select(timeout)  <--- Started / Retrying / outcome frames
       wake pipe | each worker's channel | each worker's exit fd (pidfd) | the timeout
     a death: its unstarted calls re-queued uncharged, its running call charged a crash
     timers: hard timeouts (SIGTERM, SIGKILL), respawn after a failed start
@@ -47,14 +47,14 @@ from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
 from taskorch._wire import (
-    FAILED,
-    READY,
-    RECALLED,
-    RETIRING,
-    RETRYING,
-    STARTED,
-    SUCCEEDED,
     Event,
+    Failed,
+    Ready,
+    Recalled,
+    Retiring,
+    Retrying,
+    Started,
+    Succeeded,
 )
 
 log = logging.getLogger("taskorch")
@@ -65,7 +65,7 @@ SIGKILL_AFTER = 0.5
 #: before they are killed, even if stop's own timeout is shorter.
 IDLE_EXIT_GRACE = 2.0
 #: Consecutive workers that fail to start (the spawn raises, or the process dies before its
-#: READY event) before the orchestrator declares itself broken, e.g. because the interpreter
+#: Ready event) before the orchestrator declares itself broken, e.g. because the interpreter
 #: cannot start or import taskorch. Each failure delays the next spawn by RESPAWN_DELAY.
 MAX_START_FAILURES = 3
 RESPAWN_DELAY = 1.0
@@ -73,8 +73,8 @@ RESPAWN_DELAY = 1.0
 #: stop() deadline weeks away (Executor.shutdown(wait=True) has none) would overflow.
 MAX_SELECT_WAIT = 3600.0
 
-# Events that show a worker making progress (a RECALLED answer does not).
-_PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
+# Events that show a worker making progress (a Recalled answer does not).
+_PROGRESS = frozenset({Started, Retrying, Succeeded, Failed, Ready})
 
 
 class LocalDispatcher(DispatcherCore):
@@ -206,30 +206,29 @@ class LocalDispatcher(DispatcherCore):
         now = time.monotonic()
         with self._backlog.locked():
             for event in events:
-                tag = event[0]
-                if tag in _PROGRESS:
+                if type(event) in _PROGRESS:
                     worker.last_progress = now
-                if tag == STARTED:
-                    item = _head(worker, event[1])
+                if isinstance(event, Started):
+                    item = _head(worker, event.task_id)
                     item.started_on = worker
-                    self._started_locked(item, event[2], now)
-                elif tag == RETRYING:
-                    self._retrying_locked(_head(worker, event[1]), event[2], event[3],
-                                          event[4], event[5])
-                elif tag == SUCCEEDED or tag == FAILED:
+                    self._started_locked(item, event.attempt, now)
+                elif isinstance(event, Retrying):
+                    self._retrying_locked(_head(worker, event.task_id), event.attempt,
+                                          event.error, event.delay, event.timed_out)
+                elif isinstance(event, (Succeeded, Failed)):
                     item = worker.inflight.popleft()
-                    if item.task_id != event[1]:
+                    if item.task_id != event.task_id:
                         raise AssertionError(
-                            f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
+                            f"worker {worker.pid} reported task {event.task_id}, expected {item!r}")
                     worker.inflight_bytes -= len(item.payload)
                     worker.tasks_run += 1
                     worker.record_duration(self._outcome_locked(item, event, now))
-                elif tag == RETIRING:
-                    worker.retiring = event[1]
-                elif tag == RECALLED:
-                    self._take_back_locked(worker, set(event[1]))
+                elif isinstance(event, Retiring):
+                    worker.retiring = event.reason
+                elif isinstance(event, Recalled):
+                    self._take_back_locked(worker, set(event.task_ids))
                     worker.recall_sent = False
-                # READY: events_seen, set above, is what matters
+                # Ready: events_seen, set above, is what matters
         if worker.retiring is not None:
             self._begin_retirement(worker, worker.retiring)
             if not worker.inflight:
@@ -272,14 +271,14 @@ class LocalDispatcher(DispatcherCore):
                         worker.pid, _how(exitcode), crashed.task_id, crashed.attempts,
                         crashed.policy.max_attempts, outcome)
         elif not planned:
-            # One still starting (no READY yet: it held nothing) or ended while the pool stops
+            # One still starting (no Ready yet: it held nothing) or ended while the pool stops
             # costs nothing: a signal sent to the parent's whole group (timeout(1), before the
             # worker left that group) is not worth a warning.
             quiet = not worker.events_seen or not items and self._finishing()
             log.log(logging.INFO if quiet else logging.WARNING,
                     "worker pid %d %s while running no task%s", worker.pid, _how(exitcode),
                     f" ({len(items)} calls it held go to other workers)" if items else "")
-        # A worker that exits on its own before READY could not start (an import error, say);
+        # A worker that exits on its own before Ready could not start (an import error, say);
         # one killed by a signal then (an impatient operator, a chaos test) is just replaced.
         if not worker.events_seen and exitcode is not None and exitcode >= 0 and not planned:
             self._start_failures += 1

@@ -42,13 +42,12 @@ import threading
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import SerializationError
 from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
-    from taskorch._parent.process import WorkerProcess
     from taskorch._policy import Policy
 
 log = logging.getLogger("taskorch")
@@ -277,12 +276,14 @@ class TaskFuture(Future[Any]):
                     )
                     exception.__cause__ = exc
             else:
+                pickled, type_name, message, tb = data  # (a DescribedException)
                 try:
-                    exception = decode_exception(*data)  # falls back to RemoteTaskError itself
+                    # falls back to RemoteTaskError itself
+                    exception = decode_exception(pickled, type_name, message, tb)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
-                    exception = decode_exception(None, *data[1:])
+                    exception = decode_exception(None, type_name, message, tb)
             with self._condition:
                 self._result = result
                 self._exception = exception
@@ -419,6 +420,13 @@ class RawOutcome(NamedTuple):
     data: Any
 
 
+class Holder(Protocol):
+    """What a ``WorkItem`` needs of the worker holding its call (``process.WorkerProcess``)."""
+
+    def send_recall(self) -> None:
+        """Ask the worker for the calls it has not started back."""
+
+
 class WorkItem:
     """The parent's record of an accepted task. Fields are guarded by the backlog's lock,
     except ``started_on``, ``attempts`` and ``attempt_started`` (dispatcher thread only).
@@ -440,8 +448,8 @@ class WorkItem:
         # Raw: the future gets the worker's pickled outcome, undecoded (see RawOutcome).
         self.raw = raw
         self.state = TaskState.QUEUED
-        self.worker: WorkerProcess | None = None  # set while handed over to a worker
-        self.started_on: WorkerProcess | None = None  # the worker running its current attempt
+        self.worker: Holder | None = None  # set while handed over to a worker
+        self.started_on: Holder | None = None  # the worker running its current attempt
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
         self.accepted_at = 0.0  # time.monotonic() of its acceptance (status, queue wait)
