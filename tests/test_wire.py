@@ -51,20 +51,49 @@ def test_drain_reads_what_a_dead_worker_sent_even_after_a_failed_send() -> None:
     # A failed send closes the channel for calls (channel_open False), not for reading: the
     # outcomes the worker sent before dying still count when its exit is handled.
     from taskorch._parent.process import WorkerProcess
-    from taskorch._wire import READY, SUCCEEDED, encode_frame
+    from taskorch._wire import Ready, Succeeded, encode_frame, ready, succeeded
 
     reader, writer = multiprocessing.Pipe()
     worker = object.__new__(WorkerProcess)  # the channel half only: no process needed
     worker.conn, worker._fd, worker._received = reader, reader.fileno(), bytearray()
     worker.eof, worker.last_read, worker.channel_open = False, 0.0, False
     try:
-        writer.send_bytes(encode_frame([(READY, 123)]))
-        writer.send_bytes(encode_frame([(SUCCEEDED, 7, 1, 0.01, b"x")]))
+        writer.send_bytes(encode_frame([ready(123)]))
+        writer.send_bytes(encode_frame([succeeded(7, 1, 0.01, b"x")]))
         writer.close()
-        assert worker.drain() == [(READY, 123), (SUCCEEDED, 7, 1, 0.01, b"x")]
+        assert worker.drain() == [Ready(123), Succeeded(7, 1, 0.01, b"x")]
         assert worker.eof and not worker.channel_open
     finally:
         reader.close()
+
+
+def test_each_message_is_built_in_one_place_and_read_by_name() -> None:
+    # What a worker's constructors send comes back as the named type, field for field; a
+    # call item likewise; what is none of ours is refused when it arrives through Dask.
+    from taskorch import _wire as w
+
+    events = [w.started(1, 2), w.retrying(1, 2, "E: x", 0.5, True),
+              w.succeeded(1, 3, 0.25, b"r"), w.failed(1, 3, 0.25, (None, "E", "x", "tb")),
+              w.retiring("memory"), w.ready(99), w.recalled([4, 5])]
+    decoded = w.decode_events([w.encode_frame(events[:3]), w.encode_frame(events[3:])])
+    assert decoded == [
+        w.Started(1, 2, None), w.Retrying(1, 2, "E: x", 0.5, True), w.Succeeded(1, 3, 0.25, b"r"),
+        w.Failed(1, 3, 0.25, None, "E", "x", "tb"), w.Retiring("memory"), w.Ready(99),
+        w.Recalled([4, 5]),
+    ]
+    assert [type(e) for e in decoded] == [w.Started, w.Retrying, w.Succeeded, w.Failed,
+                                          w.Retiring, w.Ready, w.Recalled]
+    failed = decoded[3]
+    assert isinstance(failed, w.Failed) and failed.error == (None, "E", "x", "tb")
+    assert [w.decode_event(list(e)) for e in events] == decoded  # (Dask: lists)
+    for junk in ([], [0, 1], [1, 2], [42], ["x"], {"a": 1}):
+        with pytest.raises(ValueError):
+            w.decode_event(junk)
+
+    class Item:
+        task_id, payload, policy_bytes, attempts = 7, b"call", None, 2
+
+    assert w.decode_calls(w.encode_calls([Item()])) == [w.Call(7, b"call", None, 2)]
 
 
 # -- calls: encode_call in the parent, decode_call in the worker --------------------------------

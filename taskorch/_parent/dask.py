@@ -15,8 +15,8 @@ Data flow:
      if it is asleep)       key=unique, workers=[w]) -----------------> scheduler -> worker w,
                                                                         a task thread:
                                                                         _worker.dask.run_call
-                            <--inbox-- topic handler <-- scheduler <--- log_event STARTED /
-                                                                        RETRYING (tenacity),
+                            <--inbox-- topic handler <-- scheduler <--- log_event Started /
+                                                                        Retrying (tenacity),
                                                                         small outcomes
                             <--inbox-- gather coroutine <-- scheduler <-- return value (larger
                                                                         outcomes)
@@ -90,20 +90,18 @@ from taskorch._parent.dask_pool import (
 from taskorch._parent.dask_timeout import DaskHardTimeouts
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.pool import (
-    Broken,
-    Finished,
+    AttemptRetrying,
+    AttemptStarted,
+    CallsReturned,
+    PoolBroken,
     PoolEvent,
-    Retrying,
-    Returned,
-    Started,
     Take,
+    TaskFinished,
 )
 from taskorch._parent.task import WorkItem
-from taskorch._wire import FAILED, RECALLED, RETRYING, STARTED, SUCCEEDED, Event
+from taskorch._wire import Event, Failed, Recalled, Retrying, Started, Succeeded
 
 log = logging.getLogger("taskorch")
-
-_OUTCOMES = frozenset({SUCCEEDED, FAILED})
 
 
 class DaskPool(DaskHardTimeouts):
@@ -232,7 +230,7 @@ class DaskPool(DaskHardTimeouts):
         self._to_release.clear()
         if self._break_reason is not None:
             log.error("orchestrator broken: %s", self._break_reason)
-            self._out.append(Broken(self._break_reason))
+            self._out.append(PoolBroken(self._break_reason))
             self._break_reason = None
         for address, taken in recalled:
             self._on_recall_answer(address, taken)
@@ -246,24 +244,27 @@ class DaskPool(DaskHardTimeouts):
         if refresh or (members.probe_again and not members.probe_in_flight):
             self._probe_workers()
 
-    def _on_event(self, event: Event, now: float, lost: list[tuple[str, str]]) -> None:
-        sub = self._subs.get(event[1])
+    def _on_event(
+        self, event: Started | Retrying | Succeeded | Failed, now: float,
+        lost: list[tuple[str, str]],
+    ) -> None:
+        sub = self._subs.get(event.task_id)
         if sub is None:
-            held = self._held.get(event[1])
-            if held is not None and event[0] in _OUTCOMES:
+            held = self._held.get(event.task_id)
+            if held is not None and isinstance(event, (Succeeded, Failed)):
                 self._held_ended(held)
             return  # from a call taken back, lost, abandoned or timed out
         sub.worker.last_progress = now
-        tag = event[0]
-        if tag in _OUTCOMES:
+        if isinstance(event, (Succeeded, Failed)):
             self._on_outcome(sub.sub_id, event, None, now, lost)
-        elif tag == STARTED:
+        elif isinstance(event, Started):
             sub.started = True
-            sub.pid = event[3] if len(event) > 3 else None
+            sub.pid = event.pid
             self._running[sub.sub_id] = sub
-            self._out.append(Started(sub.item, event[2]))
-        elif tag == RETRYING:
-            self._out.append(Retrying(sub.item, event[2], event[3], event[4], event[5]))
+            self._out.append(AttemptStarted(sub.item, event.attempt))
+        elif isinstance(event, Retrying):
+            self._out.append(AttemptRetrying(sub.item, event.attempt, event.error, event.delay,
+                                             event.timed_out))
 
     def _on_outcome(
         self, sub_id: int, outcome: Event | None, exc: BaseException | None, now: float,
@@ -279,15 +280,14 @@ class DaskPool(DaskHardTimeouts):
         if exc is not None:
             self._on_dask_error(sub, exc, lost)
             return
-        if not isinstance(outcome, tuple) or not outcome:
+        if not isinstance(outcome, (Succeeded, Failed, Recalled)):
             raise AssertionError(f"unexpected outcome {outcome!r} for {sub.item!r}")
         self._to_release.append(self._forget_sub(sub))
-        if outcome[0] == RECALLED:  # taken back by a recall whose answer we have not read yet
-            self._out.append(Returned([sub.item]))
+        if isinstance(outcome, Recalled):  # taken back by a recall whose answer we have not read
+            self._out.append(CallsReturned([sub.item]))
             return
-        if outcome[0] in _OUTCOMES:
-            sub.worker.record_duration(float(outcome[3]) / max(1, int(outcome[2])))
-        self._out.append(Finished(sub.item, outcome))
+        sub.worker.record_duration(float(outcome.seconds) / max(1, int(outcome.attempts)))
+        self._out.append(TaskFinished(sub.item, outcome))
 
     # -- handing over ----------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class DaskPool(DaskHardTimeouts):
             if status in ("closing", "closed", "failed"):
                 reason = f"the Dask client is {status}; create a new orchestrator"
                 log.error("orchestrator broken: %s", reason)
-                self._out.append(Broken(reason))
+                self._out.append(PoolBroken(reason))
             return self._handing_back()
         batches: dict[str, list[Submission]] = {}
         if waiting and self._workers:
@@ -347,11 +347,11 @@ class DaskPool(DaskHardTimeouts):
             log.error("could not submit %d call(s) to Dask worker %s: %r", len(subs), address, exc)
             for sub in subs:
                 self._forget_sub(sub)
-            self._out.append(Returned([sub.item for sub in subs]))
+            self._out.append(CallsReturned([sub.item for sub in subs]))
             if self._link.status != "running":
                 reason = f"the Dask client is {self._link.status}; create a new orchestrator"
                 log.error("orchestrator broken: %s", reason)
-                self._out.append(Broken(reason))
+                self._out.append(PoolBroken(reason))
             return
         for sub, future in zip(subs, futures):
             sub.future = future

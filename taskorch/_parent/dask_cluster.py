@@ -28,13 +28,13 @@ import threading
 from typing import Any, Callable, Coroutine
 
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError
-from taskorch._wire import FAILED, SUCCEEDED, Event
+from taskorch._wire import Event, Failed, Ready, Recalled, Retiring, Succeeded, decode_event
 
 log = logging.getLogger("taskorch")
 
 WAKE = 0  # (WAKE,): new tasks, or stop()
-EVENT = 1  # (EVENT, event): a ``_wire`` event from run_call, sent through the scheduler
-OUTCOME = 2  # (OUTCOME, sub_id, outcome event or None, exception or None): a gather's end
+EVENT = 1  # (EVENT, event): a ``_wire`` event from run_call, sent through the scheduler, decoded
+OUTCOME = 2  # (OUTCOME, sub_id, decoded outcome event or None, exception or None): a gather's end
 CLUSTER = 3  # (CLUSTER, msg): an "all" topic event about workers
 RECALL_ANSWER = 4  # (RECALL_ANSWER, address, [sub_id, ...] or None)
 WORKERS = 5  # (WORKERS, {address: nthreads} or None, probe number): a probe's answer
@@ -212,16 +212,25 @@ class ClusterLink:
     # -- on the Client's event loop thread: put into the inbox, nothing else -----------------
 
     def _on_task_event(self, event: tuple[float, Any]) -> None:
-        ours: Event = tuple(event[1].get("ev") or ())
-        if not ours:
+        raw = event[1].get("ev")
+        if not raw:
+            return
+        ours: Event | None
+        try:
+            ours = decode_event(raw)
+        except ValueError:
+            ours = None
+        if ours is None or isinstance(ours, (Ready, Retiring, Recalled)):
+            log.error("ignored an event that taskorch's Dask worker function does not send (is "
+                      "the same taskorch installed on every Dask worker?): %r", raw)
             return
         self._inbox.put((EVENT, ours))
-        if ours[0] == SUCCEEDED or ours[0] == FAILED:
+        if isinstance(ours, (Succeeded, Failed)):
             # An outcome sent inline: release the call's Dask future, so that the gather
             # waiting on it ends (cancelled) instead of fetching the task's None; that runs
             # before the scheduler's "key-in-memory" message, which follows the event on the
             # same stream. release() is idempotent and thread-safe.
-            future = self._future_of(ours[1])
+            future = self._future_of(ours.task_id)
             if future is not None:
                 future.release()
 
@@ -237,8 +246,14 @@ class ClusterLink:
             except BaseException as exc:  # cancelled (by us, or not), KilledWorker, a lost client
                 inbox.put((OUTCOME, sub_id, None, exc))
             else:
-                if value is not None:  # None: the outcome came inline, in an event
-                    inbox.put((OUTCOME, sub_id, tuple(value), None))
+                if value is None:  # the outcome came inline, in an event
+                    return
+                try:
+                    outcome = decode_event(value)
+                except ValueError as exc:  # failed "outside taskorch's worker function"
+                    inbox.put((OUTCOME, sub_id, None, exc))
+                else:
+                    inbox.put((OUTCOME, sub_id, outcome, None))
 
         await asyncio.gather(*(one(s, f) for s, f in pairs), return_exceptions=True)
 

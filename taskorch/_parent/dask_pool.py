@@ -2,7 +2,7 @@
 (``DaskWorker``) with what is pinned to each (``Submission``), and the membership (who is
 there, learned from events and probes).
 
-Bounds: a call handed to Dask stays "queued" in the backlog until its STARTED event arrives,
+Bounds: a call handed to Dask stays "queued" in the backlog until its Started event arrives,
 so the backlog bound is exact as locally. What runs at once is bounded by the cluster's
 threads: each call is pinned to one worker (``workers=[w]``, ``allow_other_workers=False``),
 and each worker gets at most its ``nthreads`` plus a prefetch sized from its recent task
@@ -94,7 +94,7 @@ class Submission:
         self.key = key
         self.worker = worker
         self.future: Any = None  # the distributed.Future, once submitted
-        self.started = False  # its STARTED event arrived: it may have had side effects
+        self.started = False  # its Started event arrived: it may have had side effects
         self.pid: int | None = None  # the Dask worker process running it
         self.ended = False  # its Dask task finished: no hard timeout while its outcome comes
 

@@ -1,11 +1,12 @@
 """Parent process, the Dask dispatcher thread: what is lost on Dask, a layer of the Dask pool
 (``dask.DaskPool`` sets up the attributes declared below and reads the inbox): hard timeouts,
-workers that leave (their calls not started ``Returned``, the running ones ``Lost``), Dask
-tasks that fail outside taskorch's worker function, the membership probes, and recalls.
+workers that leave (their calls not started ``CallsReturned``, the running ones
+``AttemptLost``), Dask tasks that fail outside taskorch's worker function, the membership
+probes, and recalls.
 
 The hard timeout: the worker's in-process interrupt (``_worker.dask.ThreadTimer``) cannot reach
 a thread blocked in C. When an attempt has run ``kill_grace`` past its policy's timeout (from
-its start event) and no outcome or retry came, the pool hands it back ``Lost`` and the core
+its start event) and no outcome or retry came, the pool hands it back ``AttemptLost`` and the core
 charges it (``rules.TaskRules.lost_locked``, a ``TaskTimeoutError``: retried only if the policy
 retries timeouts), as a local hard timeout is, and the Dask worker process is restarted by its
 nanny: nothing else stops a Dask thread. Until the restart's answer, the call holds its slot
@@ -36,7 +37,14 @@ from typing import Any
 
 from taskorch._parent.dask_cluster import ClusterLink, hard_timeout_error, worker_lost_error
 from taskorch._parent.dask_pool import SLOW_AFTER, DaskWorker, Membership, Submission
-from taskorch._parent.pool import Failed, Lost, PoolEvent, Restarted, Returned, WorkersChanged
+from taskorch._parent.pool import (
+    AttemptLost,
+    CallsReturned,
+    CannotRun,
+    PoolEvent,
+    WorkersChanged,
+    WorkersRestarted,
+)
 from taskorch._parent.task import WorkItem
 
 log = logging.getLogger("taskorch")
@@ -75,7 +83,7 @@ class DaskHardTimeouts:
 
     def _hard_timeout(self, subs: list[Submission]) -> None:
         """Attempts ran ``kill_grace`` past their timeout: the in-process interrupt could not
-        reach them (a thread blocked in C). Each is handed back ``Lost``: the core charges it
+        reach them (a thread blocked in C). Each is handed back ``AttemptLost``: the core charges it
         (``rules.TaskRules.lost_locked``, with a
         TaskTimeoutError: retried only if the policy retries timeouts), and each one's worker is
         restarted by its nanny: the only way to stop a Dask thread. Meanwhile the call holds
@@ -93,7 +101,7 @@ class DaskHardTimeouts:
             self._held[sub.sub_id] = sub  # (still in worker.subs: the slot stays busy)
             error = hard_timeout_error(item.attempts, item.policy.timeout or 0.0,
                                        self._kill_grace, worker.address, sub.pid)
-            self._out.append(Lost(item, error, (
+            self._out.append(AttemptLost(item, error, (
                 f"task {item.task_id}: attempt {item.attempts} of {item.policy.max_attempts} "
                 f"still running {self._kill_grace:g} s past its {item.policy.timeout:g} s "
                 f"timeout on Dask worker {worker.address}; restarting it; ")))
@@ -161,7 +169,7 @@ class DaskHardTimeouts:
                     f"the Dask client lost its scheduler or was closed ({reason}), and with it "
                     "every task it had submitted; create a new orchestrator"
                 )
-                return  # _handle hands back Broken; the core then settles everything
+                return  # _handle hands back PoolBroken; the core then settles everything
             self._forget_sub(sub)  # cancelled already
             self._crash_sub(sub, f"its Dask task was cancelled on the cluster ({exc})",
                             worker_lost=False)
@@ -171,13 +179,13 @@ class DaskHardTimeouts:
         log.error("task %d: its Dask task failed outside taskorch's worker function (%s: %s); "
                   "is the same taskorch installed on every Dask worker?", sub.item.task_id,
                   type(exc).__name__, exc)
-        self._out.append(Failed(sub.item, exc))
+        self._out.append(CannotRun(sub.item, exc))
 
     def _crash_sub(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
         """The attempt that started on ``sub.worker`` was lost: the core charges it."""
         item = sub.item
         error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
-        self._out.append(Lost(item, error, (
+        self._out.append(AttemptLost(item, error, (
             f"task {item.task_id}: attempt {item.attempts} of {item.policy.max_attempts} "
             f"lost: {error}; ")))
 
@@ -205,7 +213,7 @@ class DaskHardTimeouts:
         if joined:
             log.info("Dask workers joined: %s (%d threads in all)", ", ".join(joined),
                      self._members.total_threads)
-            self._out.append(Restarted(len(joined), None))
+            self._out.append(WorkersRestarted(len(joined), None))
 
     def _probe_workers(self) -> None:
         """Ask the scheduler for its workers (asynchronously: the answer comes to the inbox)."""
@@ -225,7 +233,7 @@ class DaskHardTimeouts:
             futures += [self._forget_sub(sub) for sub in held]
         requeue = [sub.item for sub in subs if not sub.started]
         if requeue:
-            self._out.append(Returned(requeue))
+            self._out.append(CallsReturned(requeue))
         for sub in subs:
             if sub.started:
                 self._crash_sub(sub, why)
@@ -269,5 +277,5 @@ class DaskHardTimeouts:
         if not subs:
             return
         futures = [self._forget_sub(sub) for sub in subs]
-        self._out.append(Returned([sub.item for sub in subs]))
+        self._out.append(CallsReturned([sub.item for sub in subs]))
         self._link.cancel(futures)

@@ -7,10 +7,11 @@ Data flow (the pool's part in brackets; ``pool.WorkerPool``, local processes or 
     cloudpickle the call
     Backlog.offer() --pending--> _dispatch(): breaker admission, then
     (wake() if asleep)            [pool.hand_over: take calls, send them] -------> run attempts
-                                 [pool.wait: read what came back] <------------- STARTED /
-                                   -> Started / Retrying / Finished /            RETRYING /
-                                      Returned / Lost / ... (``pool`` events)    outcome events
-                                 _apply(): one pass under the backlog lock:      (``_wire``)
+                                 [pool.wait: read what came back] <------------- Started /
+                                   -> AttemptStarted / AttemptRetrying /         Retrying /
+                                      TaskFinished / CallsReturned /             outcome events
+                                      AttemptLost / ... (``pool`` events)        (``_wire``)
+                                 _apply(): one pass under the backlog lock:
                                    the rules (``rules.TaskRules``), each moment
                                    announced to listeners (``task.TaskListener``)
                                  _fire_timers(): tasks due (backlog), breaker,
@@ -50,7 +51,7 @@ from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
-from taskorch._parent.pool import Broken, PoolEvent, WorkerPool
+from taskorch._parent.pool import PoolBroken, PoolEvent, WorkerPool
 from taskorch._parent.rules import TaskRules
 from taskorch._parent.task import WorkItem
 from taskorch._policy import CircuitBreaker
@@ -168,7 +169,7 @@ class DispatcherCore:
 
     def _apply(self, events: list[PoolEvent]) -> None:
         """Apply a batch of pool events, in order, under one acquisition of the backlog lock.
-        ``Broken`` marks the backlog after it (``mark_broken`` takes the lock itself)."""
+        ``PoolBroken`` marks the backlog after it (``mark_broken`` takes the lock itself)."""
         if not events:
             return
         broken: list[str] = []
@@ -179,7 +180,7 @@ class DispatcherCore:
                 rule = rules.get(type(event))
                 if rule is not None:
                     rule(event, now)
-                elif isinstance(event, Broken):
+                elif isinstance(event, PoolBroken):
                     broken.append(event.reason)
                 else:
                     raise AssertionError(f"not a pool event: {event!r}")
@@ -188,8 +189,8 @@ class DispatcherCore:
 
     def _recall_for_cancel(self) -> None:
         """Callers wait to cancel calls that were handed over: ask the pool to take them back
-        (they come back ``Returned``, and ``TaskRules.returned_locked`` cancels them, or their start
-        refuses it)."""
+        (they come back ``CallsReturned``, and ``TaskRules.returned_locked`` cancels them, or
+        their start refuses it)."""
         items = self._backlog.take_recall_requests()
         refused = self.pool.recall(items) if items else []
         if refused:

@@ -93,7 +93,7 @@ class Figures(TaskListener):
     def __init__(self) -> None:
         self.by_name: dict[str, TaskFigures] = {}
         # Raw failures, newest last: (time, task_id, name, attempts, what), where ``what`` is
-        # a FAILED event's ``encode_exception`` tuple or an exception object (a crash).
+        # a Failed event's ``error`` (``encode_exception``'s) or an exception object (a crash).
         # Decoded by readers, never here.
         self.failures: deque[tuple[float, int, str, int, Any]] = deque(maxlen=RECENT_FAILURES)
 
@@ -119,7 +119,7 @@ class Figures(TaskListener):
             wait.total += value  # this runs twice per task, on the dispatcher thread)
 
     def finished(self, item: WorkItem, seconds: float, error: Any) -> None:
-        """An outcome event: ``error`` is the FAILED event's exception tuple, or None."""
+        """An outcome event: ``error`` is the Failed event's ``error``, or None."""
         figures = self.by_name.get(item.name) or self._of(item.name)
         run = figures.run
         run.counts[bisect_left(run.bounds, seconds)] += 1

@@ -7,10 +7,11 @@ what is local, and hands back what came as ``pool`` events:
     dispatcher thread ("taskorch-dispatcher")                         worker i (``_worker.main``)
     -----------------------------------------                         --------
     hand_over: CALLS frame, private socketpair -----------------------> run attempts (tenacity)
-    wait: selector.select(timeout)  <-------------- STARTED / RETRYING / outcome frames
+    wait: selector.select(timeout)  <-------------- Started / Retrying / outcome frames
       wake pipe | each worker's channel | each worker's exit fd (pidfd) | the timeout
-      -> Started / Retrying / Finished / Returned (RECALLED) events, for the core
-    a death: its unstarted calls Returned (uncharged), its running call Lost (charged)
+      -> AttemptStarted / AttemptRetrying / TaskFinished / CallsReturned (Recalled)
+         events, for the core
+    a death: its unstarted calls CallsReturned (uncharged), its running call AttemptLost
     the worker set (``local_workers.WorkerSet``): spawning, replacing at the next
       hand_over, recycling, hard timeouts (SIGTERM, SIGKILL)
 
@@ -45,24 +46,24 @@ from typing import Iterable, Iterator
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.local_workers import WorkerSet
 from taskorch._parent.pool import (
-    Finished,
+    AttemptRetrying,
+    AttemptStarted,
+    CallsReturned,
     PoolEvent,
-    Retrying,
-    Returned,
-    Started,
     Take,
+    TaskFinished,
 )
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
 from taskorch._wire import (
-    FAILED,
-    READY,
-    RECALLED,
-    RETIRING,
-    RETRYING,
-    STARTED,
-    SUCCEEDED,
     Event,
+    Failed,
+    Ready,
+    Recalled,
+    Retiring,
+    Retrying,
+    Started,
+    Succeeded,
 )
 
 log = logging.getLogger("taskorch")
@@ -74,8 +75,8 @@ IDLE_EXIT_GRACE = 2.0
 #: stop() deadline weeks away (Executor.shutdown(wait=True) has none) would overflow.
 MAX_SELECT_WAIT = 3600.0
 
-# Events that show a worker making progress (a RECALLED answer does not).
-_PROGRESS = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, READY})
+# Events that show a worker making progress (a Recalled answer does not).
+_PROGRESS = frozenset({Started, Retrying, Succeeded, Failed, Ready})
 
 
 class LocalPool:
@@ -193,31 +194,30 @@ class LocalPool:
         now = time.monotonic()
         out = self._out.append
         for event in events:
-            tag = event[0]
-            if tag in _PROGRESS:
+            if type(event) in _PROGRESS:
                 worker.last_progress = now
-            if tag == STARTED:
-                item = _head(worker, event[1])
+            if isinstance(event, Started):
+                item = _head(worker, event.task_id)
                 item.started_on = worker
-                out(Started(item, event[2]))
-            elif tag == RETRYING:
-                out(Retrying(_head(worker, event[1]), event[2], event[3], event[4],
-                             event[5]))
-            elif tag == SUCCEEDED or tag == FAILED:
+                out(AttemptStarted(item, event.attempt))
+            elif isinstance(event, Retrying):
+                out(AttemptRetrying(_head(worker, event.task_id), event.attempt, event.error,
+                                    event.delay, event.timed_out))
+            elif isinstance(event, (Succeeded, Failed)):
                 item = worker.inflight.popleft()
-                if item.task_id != event[1]:
+                if item.task_id != event.task_id:
                     raise AssertionError(
-                        f"worker {worker.pid} reported task {event[1]}, expected {item!r}")
+                        f"worker {worker.pid} reported task {event.task_id}, expected {item!r}")
                 worker.inflight_bytes -= len(item.payload)
                 worker.tasks_run += 1
-                worker.record_duration(float(event[3]) / max(1, int(event[2])))
-                out(Finished(item, event))
-            elif tag == RETIRING:
-                worker.retiring = event[1]
-            elif tag == RECALLED:
-                self._take_back(worker, set(event[1]))
+                worker.record_duration(float(event.seconds) / max(1, int(event.attempts)))
+                out(TaskFinished(item, event))
+            elif isinstance(event, Retiring):
+                worker.retiring = event.reason
+            elif isinstance(event, Recalled):
+                self._take_back(worker, set(event.task_ids))
                 worker.recall_sent = False
-            # READY: events_seen, set above, is what matters
+            # Ready: events_seen, set above, is what matters
         if worker.retiring is not None:
             self._set.begin_retirement(worker, worker.retiring)
             if not worker.inflight:
@@ -230,7 +230,7 @@ class LocalPool:
             return
         worker.inflight = deque(i for i in worker.inflight if i.task_id not in task_ids)
         worker.inflight_bytes -= sum(len(item.payload) for item in back)
-        self._out.append(Returned(back))
+        self._out.append(CallsReturned(back))
 
     def _on_worker_exit(self, worker: WorkerProcess) -> None:
         self._set.unregister(worker.exit_fd)

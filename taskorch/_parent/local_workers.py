@@ -23,7 +23,14 @@ from typing import Any, Iterable
 
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
 from taskorch._parent.figures import WorkerView
-from taskorch._parent.pool import Broken, Lost, PoolEvent, Restarted, Returned, WorkersChanged
+from taskorch._parent.pool import (
+    AttemptLost,
+    CallsReturned,
+    PoolBroken,
+    PoolEvent,
+    WorkersChanged,
+    WorkersRestarted,
+)
 from taskorch._parent.process import WorkerProcess
 from taskorch._parent.task import WorkItem
 
@@ -49,13 +56,13 @@ class WorkerSet:
         self._default_policy_bytes = default_policy_bytes
         self._max_memory_per_worker = max_memory_per_worker
         self._selector = selector  # the pool's: each worker's channel and exit fd
-        self._out = out  # the pool's events for the core (WorkersChanged, Restarted, Broken)
+        self._out = out  # the pool's events for the core (WorkersChanged, ..., PoolBroken)
         self.by_slot: dict[int, WorkerProcess] = {}
         self.pids: tuple[int, ...] = ()  # read by any thread (swapped whole)
         self._slots = itertools.count(1)
         self.respawn_at: float | None = None  # the next spawn after a failed start
         self.start_failures = 0  # in a row
-        self.broken = False  # too many starts failed (a Broken event was handed back)
+        self.broken = False  # too many starts failed (a PoolBroken event was handed back)
         # Replacements to start at the next hand_over: (why, cause for metrics) each.
         self._replace: list[tuple[str, str]] = []
 
@@ -136,7 +143,7 @@ class WorkerSet:
                 self.start_failures += 1
                 self._check_broken()
                 return
-            self._out.append(Restarted(1, cause))
+            self._out.append(WorkersRestarted(1, cause))
 
     def begin_retirement(self, worker: WorkerProcess, reason: str) -> None:
         """Recycle ``worker``: no more calls for it; its replacement starts at the next
@@ -161,14 +168,15 @@ class WorkerSet:
         )
         log.error("orchestrator broken: %s", reason)
         self.broken = True
-        self._out.append(Broken(reason))
+        self._out.append(PoolBroken(reason))
         self.respawn_at = None
 
     # -- ending -----------------------------------------------------------------------------
 
     def exited(self, worker: WorkerProcess, kill_grace: float, finishing: bool) -> None:
         """``worker``'s process ended (what it sent before is read): reap it; the calls it
-        held and never started are ``Returned``, the one it ran is ``Lost``; then ``ended``.
+        held and never started are ``CallsReturned``, the one it ran is ``AttemptLost``; then
+        ``ended``.
         ``finishing``: as the core said at the last hand-over (a quiet log line then)."""
         exitcode = worker.reap()
         worker.close()
@@ -177,11 +185,11 @@ class WorkerSet:
         # Only the head can have started here; the rest never ran.
         crashed = items.pop(0) if items and items[0].started_on is worker else None
         if items:
-            self._out.append(Returned(items))
+            self._out.append(CallsReturned(items))
         planned = worker.retiring is not None and exitcode == 0 and crashed is None
         if crashed is not None:
             error = _attempt_error(worker, crashed, exitcode, kill_grace)
-            self._out.append(Lost(crashed, error, (
+            self._out.append(AttemptLost(crashed, error, (
                 f"worker pid {worker.pid} {how(exitcode)} while running task "
                 f"{crashed.task_id} (attempt {crashed.attempts} of "
                 f"{crashed.policy.max_attempts}): ")))

@@ -20,7 +20,7 @@ from taskorch._wire import decode_exception, encode_call
 from taskorch._worker.map import ItemError, run_chunk
 
 if TYPE_CHECKING:
-    from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._parent.intake import Intake
     from taskorch._parent.task import TaskFuture
 
 #: Aim for chunks that keep a worker busy this long (seconds of worker time).
@@ -30,10 +30,10 @@ MAX_CHUNK_ITEMS = 10_000
 
 
 def map_in_chunks(
-    orchestrator: TaskOrchestrator, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-    chunksize: int | None, return_exceptions: bool,
+    intake: Intake, worker_count: int, fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...], chunksize: int | None, return_exceptions: bool,
 ) -> Iterator[Any]:
-    intake = orchestrator.intake
+    """``TaskOrchestrator.map()``: chunks submitted to ``intake``, waiting for room."""
 
     def submit(payload: bytes) -> TaskFuture:
         future = intake.offer_blocking(intake.prepare(payload))
@@ -41,8 +41,7 @@ def map_in_chunks(
             raise OrchestratorClosedError("map(): the task was not accepted")
         return future
 
-    return map_chunks(submit, orchestrator.worker_count, fn, iterables, chunksize,
-                      return_exceptions)
+    return map_chunks(submit, worker_count, fn, iterables, chunksize, return_exceptions)
 
 
 def map_chunks(

@@ -259,7 +259,8 @@ class TaskOrchestrator:
             check_int("chunksize", chunksize, minimum=1)
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        return map_in_chunks(self, fn, iterables, chunksize, return_exceptions)
+        return map_in_chunks(self.intake, self.worker_count, fn, iterables, chunksize,
+                             return_exceptions)
 
     @property
     def intake(self) -> Intake:

@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Protocol, Unio
 if TYPE_CHECKING:
     from taskorch._parent.figures import WorkerView
     from taskorch._parent.task import WorkItem
-    from taskorch._wire import Event
+    from taskorch._wire import Outcome
 
 
-class Started(NamedTuple):
+class AttemptStarted(NamedTuple):
     """Attempt ``attempt`` of ``item`` began on a worker (the first one frees its slot)."""
 
     item: WorkItem
     attempt: int
 
 
-class Retrying(NamedTuple):
+class AttemptRetrying(NamedTuple):
     """Attempt ``attempt`` failed inside the worker, which retries after ``delay`` seconds."""
 
     item: WorkItem
@@ -39,21 +39,21 @@ class Retrying(NamedTuple):
     timed_out: bool
 
 
-class Finished(NamedTuple):
-    """The task's outcome: a SUCCEEDED or FAILED event (``_wire``)."""
+class TaskFinished(NamedTuple):
+    """The task's outcome: a Succeeded or Failed event (``_wire``)."""
 
     item: WorkItem
-    outcome: Event
+    outcome: Outcome
 
 
-class Returned(NamedTuple):
+class CallsReturned(NamedTuple):
     """Calls handed over that never started, in hand-over order: back to the front of the
     backlog, uncharged (or cancelled, if a caller waits to cancel one)."""
 
     items: list[WorkItem]
 
 
-class Lost(NamedTuple):
+class AttemptLost(NamedTuple):
     """The attempt of ``item`` that started was lost with its worker (a death, a hard timeout):
     charged. ``note`` begins the warning the core logs, which it ends with what became of the
     task ("retrying in 0.1 s", "task failed")."""
@@ -63,7 +63,7 @@ class Lost(NamedTuple):
     note: str
 
 
-class Failed(NamedTuple):
+class CannotRun(NamedTuple):
     """``item`` fails with ``error`` without a retry: the pool could not run it."""
 
     item: WorkItem
@@ -76,21 +76,21 @@ class WorkersChanged(NamedTuple):
     workers: int
 
 
-class Restarted(NamedTuple):
+class WorkersRestarted(NamedTuple):
     """``started`` workers started to replace others; ``cause`` (for metrics), if known."""
 
     started: int
     cause: str | None
 
 
-class Broken(NamedTuple):
+class PoolBroken(NamedTuple):
     """No task can run any more (``reason``): the core settles everything."""
 
     reason: str
 
 
-PoolEvent = Union[Started, Retrying, Finished, Returned, Lost, Failed, WorkersChanged,
-                  Restarted, Broken]
+PoolEvent = Union[AttemptStarted, AttemptRetrying, TaskFinished, CallsReturned, AttemptLost,
+                  CannotRun, WorkersChanged, WorkersRestarted, PoolBroken]
 
 
 class Take(Protocol):
@@ -143,11 +143,11 @@ class WorkerPool(Protocol):
 
     def recall_unstarted(self, now: float) -> float | None:
         """Nothing waits in the backlog: take back calls a busy worker holds unstarted while
-        another idles (they come back as ``Returned``). When to look again (None: no need)."""
+        another idles (they come back as ``CallsReturned``). When to look again (None: no need)."""
 
     def recall(self, items: list[WorkItem]) -> list[WorkItem]:
         """Take back ``items`` (handed over, not started when asked) for a cancel: each comes
-        back as ``Returned`` if it had not started. Returns those it cannot recall. Only
+        back as ``CallsReturned`` if it had not started. Returns those it cannot recall. Only
         called if ``recalls_for_cancel``."""
 
     def deadlines(self) -> Iterable[float | None]:

@@ -54,7 +54,7 @@ from typing import Any
 from loky.backend.context import get_context
 
 from taskorch._parent.task import WorkItem
-from taskorch._wire import RECALL, SHUTDOWN, Event, decode_frame, encode_frame, split_frames
+from taskorch._wire import RECALL, SHUTDOWN, Event, decode_events, encode_calls, split_frames
 from taskorch._worker.main import worker_main
 
 #: Upper bound on payload bytes handed to a worker and not yet finished (see module docstring).
@@ -89,7 +89,7 @@ class WorkerProcess:
         self.exit_fd, self._owns_exit_fd = _exit_fd(process)
         self.started_at = time.monotonic()
         # Calls handed over and not finished, in the order the worker runs them; the head is
-        # running once its STARTED event arrived (item.state RUNNING and item.worker is self).
+        # running once its Started event arrived (item.state RUNNING and item.worker is self).
         self.inflight: deque[WorkItem] = deque()
         self.inflight_bytes = 0
         self.handed = 0  # calls ever handed over (for max_tasks_per_worker)
@@ -140,7 +140,7 @@ class WorkerProcess:
         if self.retiring is not None or self.kill_reason is not None or not self.channel_open:
             return 0
         if not self.events_seen:
-            # Still starting (no READY yet). Calls wait in the backlog rather than in its
+            # Still starting (no Ready yet). Calls wait in the backlog rather than in its
             # socket: whichever worker is up first takes them, as from a shared queue, instead
             # of the first call waiting for the slower of two interpreters to boot.
             return 0
@@ -165,9 +165,7 @@ class WorkerProcess:
     def send_calls(self, items: list[WorkItem], now: float) -> None:
         if not self.inflight:
             self.last_progress = now  # busy from now on
-        self.conn.send_bytes(encode_frame(
-            [(it.task_id, it.payload, it.policy_bytes, it.attempts) for it in items]
-        ))
+        self.conn.send_bytes(encode_calls(items))
         self.inflight.extend(items)
         self.inflight_bytes += sum(len(it.payload) for it in items)
         self.handed += len(items)
@@ -178,7 +176,7 @@ class WorkerProcess:
         return n - 1 if n and self.inflight[0].started_on is self else n
 
     def send_recall(self) -> None:
-        """Ask for the calls not started back (answered by a RECALLED event)."""
+        """Ask for the calls not started back (answered by a Recalled event)."""
         self.recall_sent = True
         try:
             self.conn.send_bytes(RECALL)
@@ -208,10 +206,7 @@ class WorkerProcess:
             return None
         self.last_read = time.monotonic()
         self._received += data
-        events: list[Event] = []
-        for frame in split_frames(self._received):
-            events.extend(decode_frame(frame))
-        return events
+        return decode_events(split_frames(self._received))
 
     def mid_frame(self) -> bool:
         """Part of a frame has arrived, not all of it (a large result, say)."""

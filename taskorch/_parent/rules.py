@@ -43,21 +43,21 @@ from taskorch._errors import TaskAbandonedError, TaskTimeoutError, WorkerCrashed
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Breaker
 from taskorch._parent.pool import (
-    Failed,
-    Finished,
-    Lost,
-    Restarted,
-    Retrying,
-    Returned,
-    Started,
+    AttemptLost,
+    AttemptRetrying,
+    AttemptStarted,
+    CallsReturned,
+    CannotRun,
+    TaskFinished,
     WorkersChanged,
+    WorkersRestarted,
 )
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
-from taskorch._wire import FAILED, SUCCEEDED
+from taskorch._wire import Failed, Succeeded
 
 log = logging.getLogger("taskorch")
 
-#: The type name a FAILED event carries for a per-attempt timeout.
+#: The type name a Failed event carries for a per-attempt timeout.
 TIMEOUT_TYPE = f"{TaskTimeoutError.__module__}.{TaskTimeoutError.__qualname__}"
 
 
@@ -71,21 +71,21 @@ class TaskRules:
         self.resolutions: list[Resolution] = []  # collected under the lock, resolved after
         self.retries: list[tuple[WorkItem, int, str, float]] = []  # logged after the lock
         self.losses: list[tuple[str, str]] = []  # (note, outcome) of lost attempts, logged after
-        # The rule for each kind of pool event, by its type (``Broken`` is the core's).
+        # The rule for each kind of pool event, by its type (``PoolBroken`` is the core's).
         self.by_event: dict[type, Callable[[Any, float], None]] = {
-            Started: self.started_locked, Finished: self.finished_locked,
-            Retrying: self.retrying_locked, Returned: self.returned_locked,
-            Lost: self.lost_locked, Failed: self.fail_locked,
-            WorkersChanged: self.workers_changed_locked, Restarted: self.restarted_locked,
+            AttemptStarted: self.started_locked, TaskFinished: self.finished_locked,
+            AttemptRetrying: self.retrying_locked, CallsReturned: self.returned_locked,
+            AttemptLost: self.lost_locked, CannotRun: self.fail_locked,
+            WorkersChanged: self.workers_changed_locked, WorkersRestarted: self.restarted_locked,
         }
 
     def workers_changed_locked(self, event: WorkersChanged, now: float) -> None:
         self._backlog.set_workers_locked(event.workers)
 
-    def restarted_locked(self, event: Restarted, now: float) -> None:
+    def restarted_locked(self, event: WorkersRestarted, now: float) -> None:
         self._backlog.count_restarts_locked(event.started, event.cause)
 
-    def started_locked(self, event: Started, now: float) -> None:
+    def started_locked(self, event: AttemptStarted, now: float) -> None:
         """An attempt began; the first one frees its backlog slot."""
         item, attempt = event
         item.attempts = item.future.attempts = attempt
@@ -103,7 +103,7 @@ class TaskRules:
         if item.listener is not None:  # (taskorch serve's journal: queues a record)
             item.listener.started(item, now)
 
-    def retrying_locked(self, event: Retrying, now: float) -> None:
+    def retrying_locked(self, event: AttemptRetrying, now: float) -> None:
         """An attempt failed inside the worker, which retries after ``event.delay``."""
         item = event.item
         item.attempt_started = 0.0  # backing off: no attempt runs
@@ -112,33 +112,33 @@ class TaskRules:
         for listener in self._backlog.listeners:
             listener.retrying(item, event.attempt, event.summary, event.delay)
 
-    def finished_locked(self, event: Finished, now: float) -> None:
-        """A SUCCEEDED or FAILED event (``_wire``): the task is over."""
+    def finished_locked(self, event: TaskFinished, now: float) -> None:
+        """A Succeeded or Failed event (``_wire``): the task is over."""
         item, outcome = event
-        tag, _, attempts, seconds = outcome[:4]
+        attempts, seconds = outcome.attempts, outcome.seconds
         backlog = self._backlog
-        if item.state is TaskState.QUEUED:  # (on Dask its STARTED event may not have come)
+        if item.state is TaskState.QUEUED:  # (on Dask its Started event may not have come)
             self._announce_started(item, now)
         backlog.start_locked(item)
         item.attempts = item.future.attempts = attempts
         item.future.seconds = seconds
-        failed = tag != SUCCEEDED
-        if tag == SUCCEEDED:
+        failed = not isinstance(outcome, Succeeded)
+        if isinstance(outcome, Succeeded):
             backlog.finish_locked(item, TaskState.SUCCEEDED)
-            self.resolutions.append((item, "result", outcome[4]))
-        elif tag == FAILED:
-            if outcome[5] == TIMEOUT_TYPE:
+            self.resolutions.append((item, "result", outcome.result))
+        elif isinstance(outcome, Failed):
+            if outcome.type_name == TIMEOUT_TYPE:
                 backlog.count_timeout_locked()
             backlog.finish_locked(item, TaskState.FAILED)
-            self.resolutions.append((item, "error", outcome[4:]))
+            self.resolutions.append((item, "error", outcome.error))
         else:
             raise AssertionError(f"not an outcome: {outcome!r} for {item!r}")
         for listener in backlog.listeners:
-            listener.finished(item, seconds, outcome[4:] if failed else None)
+            listener.finished(item, seconds, outcome.error if isinstance(outcome, Failed) else None)
         if self._breaker is not None:
             self._breaker.record(item.task_id, failed)
 
-    def returned_locked(self, event: Returned, now: float) -> None:
+    def returned_locked(self, event: CallsReturned, now: float) -> None:
         """Calls handed over that never started go back to the front of the backlog (of
         their priority), in order, uncharged (they never ran); a half-open circuit's probe
         slot frees."""
@@ -155,7 +155,7 @@ class TaskRules:
                 back.append(item)
         self._backlog.put_back_locked(back)
 
-    def lost_locked(self, event: Lost, now: float) -> None:
+    def lost_locked(self, event: AttemptLost, now: float) -> None:
         """The attempt that started was lost with its worker: charge it; retry after the
         policy's backoff while the budget lasts, else fail. What became of it ends the
         pool's warning (logged after the lock)."""
@@ -173,10 +173,10 @@ class TaskRules:
             self.losses.append((note, f"retrying in {delay:.3g} s"))
             return
         backlog.crashed_locked(item, timed_out)
-        self.fail_locked(Failed(item, error), now)
+        self.fail_locked(CannotRun(item, error), now)
         self.losses.append((note, "task failed"))
 
-    def fail_locked(self, event: Failed, now: float) -> None:
+    def fail_locked(self, event: CannotRun, now: float) -> None:
         """The task fails with ``error`` without a retry (its last attempt was lost, or the
         pool could not run it)."""
         item, error = event

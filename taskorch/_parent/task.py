@@ -40,14 +40,13 @@ import threading
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import SerializationError
 from taskorch._parent.callbacks import call_each, callback_runner
 from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
-    from taskorch._parent.process import WorkerProcess
     from taskorch._policy import Policy
 
 log = logging.getLogger("taskorch")
@@ -278,12 +277,14 @@ class TaskFuture(Future[Any]):
                     )
                     exception.__cause__ = exc
             else:
+                pickled, type_name, message, tb = data  # (a DescribedException)
                 try:
-                    exception = decode_exception(*data)  # falls back to RemoteTaskError itself
+                    # falls back to RemoteTaskError itself
+                    exception = decode_exception(pickled, type_name, message, tb)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
-                    exception = decode_exception(None, *data[1:])
+                    exception = decode_exception(None, type_name, message, tb)
             with self._condition:
                 self._result = result
                 self._exception = exception
@@ -360,7 +361,7 @@ class TaskListener:
         """Attempt ``attempt`` failed inside the worker, which retries after ``delay`` s."""
 
     def finished(self, item: WorkItem, seconds: float, error: Any) -> None:
-        """An outcome came: ``error`` is the FAILED event's exception tuple (``_wire``), or
+        """An outcome came: ``error`` is the Failed event's ``error`` (``_wire``), or
         None for a success; ``seconds`` its attempts' run time in the worker."""
 
     def crashed(self, item: WorkItem, error: BaseException, ended: bool) -> None:
@@ -370,6 +371,12 @@ class TaskListener:
     def cancelled(self, item: WorkItem) -> None:
         """``item`` ended cancelled before it started."""
 
+
+class Holder(Protocol):
+    """What a ``WorkItem`` needs of the worker holding its call (``process.WorkerProcess``)."""
+
+    def send_recall(self) -> None:
+        """Ask the worker for the calls it has not started back."""
 
 
 class WorkItem:
@@ -394,8 +401,8 @@ class WorkItem:
         # Raw: the future gets the worker's pickled outcome, undecoded (see RawOutcome).
         self.raw = raw
         self.state = TaskState.QUEUED
-        self.worker: WorkerProcess | None = None  # set while handed over to a worker
-        self.started_on: WorkerProcess | None = None  # the worker running its current attempt
+        self.worker: Holder | None = None  # set while handed over to a worker
+        self.started_on: Holder | None = None  # the worker running its current attempt
         self.attempts = 0  # attempts started (and so charged) so far
         self.attempt_started = 0.0  # time.monotonic() of the current attempt's start ack
         self.accepted_at = 0.0  # time.monotonic() of its acceptance (status, queue wait)

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import TaskTimeoutError
 from taskorch._policy import Policy
-from taskorch._wire import RETRYING, STARTED, Event, decode_call, encode_result, summarize
+from taskorch._wire import WireMessage, decode_call, encode_result, retrying, started, summarize
 
 if TYPE_CHECKING:  # tenacity is imported on first use: a worker whose tasks have no retries
     from tenacity import RetryCallState, Retrying  # never pays its import (~30 ms)
 
-Emit = Callable[[Event], None]
+Emit = Callable[[WireMessage], None]
 
 
 def call_to_completion(
@@ -162,7 +162,7 @@ class AttemptRunner:
         self._task_id = task_id
         self._attempts_done = attempts_done
         self.attempt = attempts_done + 1
-        self._emit((STARTED, task_id, self.attempt))
+        self._emit(started(task_id, self.attempt))
         self._flush()
 
     def run_call(self, payload: bytes, policy: Policy) -> bytes:
@@ -206,14 +206,14 @@ class AttemptRunner:
     def _before_attempt(self, state: RetryCallState) -> None:
         if state.attempt_number > 1:  # attempt 1 was announced before the call was unpickled
             self.attempt = self._attempts_done + state.attempt_number
-            self._emit((STARTED, self._task_id, self.attempt))
+            self._emit(started(self._task_id, self.attempt))
             self._flush()
 
     def _before_sleep(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         delay = state.next_action.sleep if state.next_action is not None else 0.0
-        self._emit((
-            RETRYING, self._task_id, self.attempt, summarize(error) if error else "?", delay,
+        self._emit(retrying(
+            self._task_id, self.attempt, summarize(error) if error else "?", delay,
             isinstance(error, TaskTimeoutError),
         ))
         self._flush()  # now, not after the sleep: the parent's hard timeout must pause

@@ -6,20 +6,20 @@ unpickled only here, and the outcome is pickled here, so that user objects are d
 the parent. Everything else runs as in a local worker (``_worker.main``): tenacity drives the
 attempts under the task's policy, so an ordinary retry costs no round trip.
 
-What goes back: the events of ``_wire`` (the local workers' vocabulary), with the submission's
-``sub_id`` where a local worker puts the task id, and how:
+What goes back: the events of ``_wire`` (the local workers' vocabulary, built by its
+constructors), with the submission's ``sub_id`` where a local worker puts the task id, and how:
 
-    events, as ``{"ev": [event...]}`` through ``Worker.log_event`` to the dispatcher's own
-    topic (scheduler -> client):
-        (STARTED, sub_id, attempt, pid)          before every attempt; for attempt 1 this is
+    events, each as ``{"ev": [the event's wire fields]}`` through ``Worker.log_event`` to the
+    dispatcher's own topic (scheduler -> client):
+        Started(sub_id, attempt, pid)            before every attempt; for attempt 1 this is
                                                  the start ack
-        (RETRYING, sub_id, attempt, error, delay, timed_out)
-        (SUCCEEDED | FAILED, sub_id, ...)        a small outcome (INLINE_OUTCOME_BYTES), sent
+        Retrying(sub_id, attempt, error, delay, timed_out)
+        Succeeded | Failed                       a small outcome (INLINE_OUTCOME_BYTES), sent
                                                  before the task returns None
     the outcome, as the Dask task's return value otherwise (fetched by the parent with a gather):
-        (SUCCEEDED, sub_id, attempts, seconds, result_bytes)
-        (FAILED, sub_id, attempts, seconds, exc_bytes_or_None, type_name, message, traceback)
-        (RECALLED, [sub_id])  the parent took the call back before it started
+        Succeeded(sub_id, attempts, seconds, result_bytes)
+        Failed(sub_id, attempts, seconds, exc_bytes_or_None, type_name, message, traceback)
+        Recalled([sub_id])    the parent took the call back before it started
                               (``recall_unstarted``); nothing ran
 
 Events travel on the worker's batched stream, the one that later reports the task finished, so
@@ -70,16 +70,16 @@ from typing import TYPE_CHECKING, Any, Callable
 from taskorch._errors import TaskTimeoutError
 from taskorch._policy import Policy
 from taskorch._wire import (
-    FAILED,
-    RECALLED,
-    RETRYING,
-    STARTED,
-    SUCCEEDED,
-    Event,
+    WireMessage,
     decode_call,
     decode_policy,
     encode_exception,
     encode_result,
+    failed,
+    recalled,
+    retrying,
+    started,
+    succeeded,
     summarize,
 )
 from taskorch._worker.attempts import call_to_completion, new_retrying, run_attempts
@@ -99,14 +99,13 @@ INLINE_OUTCOME_BYTES = 1024
 #: Decoded policies kept per process, by their pickled bytes.
 _POLICY_CACHE_SIZE = 64
 
-Outcome = tuple[Any, ...]
-Emit = Callable[[Event], None]
+Emit = Callable[[WireMessage], None]
 
 
 def run_call(
     sub_id: int, payload: bytes, policy_bytes: bytes | None, attempts_done: int, *,
     topic: str, default_policy: bytes,
-) -> Outcome | None:
+) -> WireMessage | None:
     """The Dask task: run one call's attempts (``attempts_done`` were charged already by
     crashes) and return its outcome. Never raises: everything after the start event fails only
     this task and is in the outcome (a policy or call that does not unpickle here, the task's
@@ -114,12 +113,12 @@ def run_call(
     timed too, each on a clock of its own (a local worker puts them on the first and the last
     attempt's clock; here the parent has no hard timeout that they must fit in)."""
     if _take_recall_mark(topic, sub_id):
-        return (RECALLED, [sub_id])
-    started = time.perf_counter()
+        return recalled([sub_id])
+    began = time.perf_counter()
     emit = _emitter(topic)
     runner = _Runner(sub_id, attempts_done, emit)
     runner.announce(attempts_done + 1)
-    outcome: Outcome
+    outcome: WireMessage
     try:
         policy = _policy(policy_bytes if policy_bytes is not None else default_policy)
         timeout = policy.timeout
@@ -127,11 +126,13 @@ def run_call(
         value = runner.run(fn, args, kwargs, policy)
         result = TIMER.call(lambda: encode_result(value), timeout)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
-        outcome = (FAILED, sub_id, runner.attempt, time.perf_counter() - started,
-                   *encode_exception(exc))
+        error = encode_exception(exc)
+        size = sum(len(part) for part in error if part is not None)
+        outcome = failed(sub_id, runner.attempt, time.perf_counter() - began, error)
     else:
-        outcome = (SUCCEEDED, sub_id, runner.attempt, time.perf_counter() - started, result)
-    if sum(len(part) for part in outcome[4:] if part is not None) <= INLINE_OUTCOME_BYTES:
+        size = len(result)
+        outcome = succeeded(sub_id, runner.attempt, time.perf_counter() - began, result)
+    if size <= INLINE_OUTCOME_BYTES:
         try:
             emit(outcome)
         except Exception:
@@ -173,7 +174,7 @@ class _Runner:
 
     def announce(self, attempt: int) -> None:
         self.attempt = attempt
-        self._emit((STARTED, self._sub_id, attempt, os.getpid()))
+        self._emit(started(self._sub_id, attempt, os.getpid()))
 
     def run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy,
@@ -194,8 +195,8 @@ class _Runner:
     def _before_sleep(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         delay = state.next_action.sleep if state.next_action is not None else 0.0
-        self._emit((RETRYING, self._sub_id, self.attempt, summarize(error) if error else "?",
-                    float(delay), isinstance(error, TaskTimeoutError)))
+        self._emit(retrying(self._sub_id, self.attempt, summarize(error) if error else "?",
+                            float(delay), isinstance(error, TaskTimeoutError)))
 
 
 # -- the per-attempt timeout in threads -----------------------------------------------------
@@ -320,7 +321,7 @@ TIMER = ThreadTimer()
 # -- recall: the parent takes back calls a busy worker has not started ------------------------
 
 # (topic, sub_id) -> Dask key, of calls recalled before they started: run_call returns
-# RECALLED for them. Written by recall_unstarted (the Dask worker's event loop thread), taken by
+# Recalled for them. Written by recall_unstarted (the Dask worker's event loop thread), taken by
 # run_call (task threads), under _recall_lock.
 _recall_lock = threading.Lock()
 _recall_marks: dict[tuple[str, int], str] = {}

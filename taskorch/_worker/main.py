@@ -16,7 +16,7 @@ parent (see ``_wire``), used by two threads:
 
 ``_Inbox.cond`` guards the calls not started and the closed flag; the reader takes it to add or
 hand back calls, the main thread to take the next one. ``send_lock`` serializes writes to
-``conn`` (events from the main thread, RECALLED from the reader); nothing blocks while holding
+``conn`` (events from the main thread, Recalled from the reader); nothing blocks while holding
 it but the write itself.
 
 Process group and signals (``_lead_own_process_group``, first thing, before any task runs):
@@ -46,9 +46,9 @@ Process group and signals (``_lead_own_process_group``, first thing, before any 
   or a parent death. A SIGKILL to the guardian itself (the OOM killer, an operator) leaves
   only the parent's group kill. Killed processes that the worker no longer parents are reaped
   by init (or the nearest subreaper); a container whose PID 1 does not reap keeps zombies.
-- Startup window: between the fork and ``setpgid`` (interpreter start, before READY) a
+- Startup window: between the fork and ``setpgid`` (interpreter start, before Ready) a
   worker is still in the parent's group; a group signal then kills it. It held no call (the
-  parent hands none over before READY), so it is only replaced.
+  parent hands none over before Ready), so it is only replaced.
 - SIGTERM keeps its default action (the parent's hard kill sends it to the group first);
   SIGALRM belongs to the per-attempt timer (``_worker.attempts``).
 - A task that waits for "any child" (``os.wait()``) with no child of its own waits forever
@@ -84,19 +84,19 @@ from typing import NoReturn
 
 from taskorch._policy import Policy
 from taskorch._wire import (
-    FAILED,
-    READY,
     RECALL,
-    RECALLED,
-    RETIRING,
     SHUTDOWN,
-    SUCCEEDED,
-    CallItem,
-    Event,
-    decode_frame,
+    Call,
+    WireMessage,
+    decode_calls,
     decode_policy,
     encode_exception,
     encode_frame,
+    failed,
+    ready,
+    recalled,
+    retiring,
+    succeeded,
 )
 from taskorch._worker.attempts import AttemptRunner
 
@@ -114,7 +114,7 @@ _guardian: int | None = None
 class _Inbox:
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.calls: deque[CallItem] = deque()  # handed over, not started, in order
+        self.calls: deque[Call] = deque()  # handed over, not started, in order
         self.closed = False  # SHUTDOWN received: no more calls will come
 
 
@@ -123,7 +123,7 @@ def worker_main(
 ) -> None:
     _lead_own_process_group(parent_pid)
     send_lock = threading.Lock()
-    outbox: list[Event] = []
+    outbox: list[WireMessage] = []
 
     def flush() -> None:
         if outbox:
@@ -137,7 +137,7 @@ def worker_main(
     policies: dict[bytes, Policy] = {}
     default = decode_policy(default_policy)
     runner = AttemptRunner(outbox.append, flush)
-    outbox.append((READY, os.getpid()))
+    outbox.append(ready(os.getpid()))
     try:
         while True:
             with inbox.cond:
@@ -151,7 +151,7 @@ def worker_main(
                 continue
             outbox.append(_run_task(runner, call, default, policies))
             if max_memory_mib is not None and _rss_mib() > max_memory_mib:
-                outbox.append((RETIRING, f"resident memory above {max_memory_mib:g} MiB"))
+                outbox.append(retiring(f"resident memory above {max_memory_mib:g} MiB"))
                 break  # calls still in the inbox were never started: the parent re-dispatches them
         flush()
     except OSError:
@@ -193,12 +193,12 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
                 return
             if frame == RECALL:
                 with inbox.cond:
-                    recalled = [call[0] for call in inbox.calls]
+                    taken = [call.task_id for call in inbox.calls]
                     inbox.calls.clear()
                 with send_lock:
-                    conn.send_bytes(encode_frame([(RECALLED, recalled)]))
+                    conn.send_bytes(encode_frame([recalled(taken)]))
                 continue
-            calls = decode_frame(frame)
+            calls = decode_calls(frame)
             with inbox.cond:
                 inbox.calls.extend(calls)
                 inbox.cond.notify()
@@ -207,23 +207,21 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
 
 
 def _run_task(
-    runner: AttemptRunner, call: CallItem, default: Policy, policies: dict[bytes, Policy],
-) -> Event:
+    runner: AttemptRunner, call: Call, default: Policy, policies: dict[bytes, Policy],
+) -> WireMessage:
     """One call, start to outcome. Everything after the start ack fails only this task: a
     policy or a call that does not unpickle here, the task's own exceptions, a result that
     does not pickle. Unpickling and pickling the result count against the first and last
     attempt's timeout, as the parent's hard timeout counts them (it runs from the start ack)."""
-    task_id, payload, policy_bytes, attempts_done = call
+    task_id, policy_bytes = call.task_id, call.policy
     started = time.perf_counter()
-    runner.announce_first_attempt(task_id, attempts_done)
+    runner.announce_first_attempt(task_id, call.attempts_done)
     try:
         policy = default if policy_bytes is None else _policy(policy_bytes, policies)
-        result = runner.run_call(payload, policy)
+        result = runner.run_call(call.payload, policy)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt fail the task only
-        return (
-            FAILED, task_id, runner.attempt, time.perf_counter() - started, *encode_exception(exc)
-        )
-    return (SUCCEEDED, task_id, runner.attempt, time.perf_counter() - started, result)
+        return failed(task_id, runner.attempt, time.perf_counter() - started, encode_exception(exc))
+    return succeeded(task_id, runner.attempt, time.perf_counter() - started, result)
 
 
 def _policy(data: bytes, cache: dict[bytes, Policy]) -> Policy:
