@@ -48,6 +48,7 @@ from taskorch import (
     connect,
 )
 from taskorch._parent import intake
+from taskorch._service.client.requests import Request, new_future, payload
 from taskorch._service.protocol import (
     C_STATS,
     C_SUBMIT,
@@ -57,7 +58,6 @@ from taskorch._service.protocol import (
     S_STATS,
     SERVICE_MAX_FRAME,
 )
-from taskorch._service.requests import Request, new_future, payload
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -508,8 +508,8 @@ def test_sigint_drains_and_exits_130(start_server, gates) -> None:
 _GC_ON_THE_CLOCK = r"""
 import gc, json, os, signal, sys, threading, weakref
 from taskorch import TaskOrchestrator
-from taskorch._service import serving
-from taskorch._service.listener import bind_unix
+from taskorch._service.server import serving
+from taskorch._service.server.listener import bind_unix
 
 serving.GC_INTERVAL = 0.05
 ready, collected, seen = threading.Event(), threading.Event(), {}
@@ -552,9 +552,9 @@ from pathlib import Path
 
 import _tasks as t
 from taskorch import TaskOrchestrator, connect
-from taskorch._service import journal, serving
-from taskorch._service.listener import bind_unix
-from taskorch._service.server import Server
+from taskorch._service.server import journal, serving
+from taskorch._service.server.listener import bind_unix
+from taskorch._service.server.server import Server
 
 # A slow disk, by a handshake: once the server drains, a COMMIT waits until the server either
 # asks its journal for what is pending (Journal.flush: the order that delivers the outcome)

@@ -23,8 +23,8 @@ from _tasks import wait_until
 
 from taskorch import TaskOrchestrator, connect
 from taskorch._service.handshake import REFUSED
-from taskorch._service.listener import bind_tcp, bind_unix
-from taskorch._service.server import Server
+from taskorch._service.server.listener import bind_tcp, bind_unix
+from taskorch._service.server.server import Server
 
 R = 30  # deadlock guard only
 KEY = b"k" * 32

@@ -37,8 +37,8 @@ from taskorch import (
     WorkerCrashedError,
     connect,
 )
+from taskorch._service.client.requests import Request, new_future, payload
 from taskorch._service.protocol import C_SUBMIT, O_ERROR, O_RESULT, S_ACCEPTED
-from taskorch._service.requests import Request, new_future, payload
 
 NO_RETRY = Policy(retries=0)
 # test_service's fixtures, used here by name.

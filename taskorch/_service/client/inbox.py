@@ -21,7 +21,8 @@ from taskorch._errors import (
     ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
-from taskorch._service.link import Link
+from taskorch._service.client.link import Link
+from taskorch._service.client.requests import Request, resolve
 from taskorch._service.protocol import (
     C_RETURN,
     S_ACCEPTED,
@@ -37,7 +38,6 @@ from taskorch._service.protocol import (
     decode_service_error,
     encode_service_frame,
 )
-from taskorch._service.requests import Request, resolve
 
 log = logging.getLogger("taskorch")
 

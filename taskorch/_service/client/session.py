@@ -55,7 +55,13 @@ from taskorch._errors import (
     ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
-from taskorch._service.inbox import Inbox
+from taskorch._service.client.inbox import Inbox
+from taskorch._service.client.requests import (
+    Request,
+    new_future,
+    payload,
+    set_send_timeout,
+)
 from taskorch._service.protocol import (
     C_RESULT,
     C_STATS,
@@ -70,12 +76,6 @@ from taskorch._service.protocol import (
     decode_service_error,
     decode_stats,
     encode_service_frame,
-)
-from taskorch._service.requests import (
-    Request,
-    new_future,
-    payload,
-    set_send_timeout,
 )
 
 if TYPE_CHECKING:

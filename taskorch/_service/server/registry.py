@@ -44,7 +44,6 @@ from taskorch._errors import (
     TaskorchError,
 )
 from taskorch._parent.task import RawOutcome
-from taskorch._service.journal import DONE, Journal, Row
 from taskorch._service.protocol import (
     O_CANCELLED,
     O_ERROR,
@@ -55,6 +54,7 @@ from taskorch._service.protocol import (
     decode_service_policy,
     encode_service_error,
 )
+from taskorch._service.server.journal import DONE, Journal, Row
 from taskorch._wire import PROTOCOL
 
 if TYPE_CHECKING:

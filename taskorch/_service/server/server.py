@@ -60,12 +60,12 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from taskorch._policy import Features
-from taskorch._service.connection import ServedConnection
 from taskorch._service.handshake import configure_socket, peer_name
-from taskorch._service.journal import Journal
-from taskorch._service.listener import Listener
 from taskorch._service.protocol import S_RECALL
-from taskorch._service.registry import TaskRegistry
+from taskorch._service.server.connection import ServedConnection
+from taskorch._service.server.journal import Journal
+from taskorch._service.server.listener import Listener
+from taskorch._service.server.registry import TaskRegistry
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator

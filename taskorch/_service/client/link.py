@@ -23,8 +23,8 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import ServerTimeoutError, ServerUnavailableError
+from taskorch._service.client.requests import Request, resend_message, set_send_timeout
 from taskorch._service.protocol import C_STATS, C_TRIGGER, encode_service_frame
-from taskorch._service.requests import Request, resend_message, set_send_timeout
 
 if TYPE_CHECKING:
     Dial = Callable[[float], tuple[socket.socket, Connection[Any, Any], dict[str, Any]]]

@@ -36,7 +36,6 @@ from taskorch._errors import (
     SerializationError,
     TaskorchError,
 )
-from taskorch._service.credits import ConnectionCredits
 from taskorch._service.handshake import (
     SerializedSends,
     peer_name,
@@ -69,10 +68,11 @@ from taskorch._service.protocol import (
     frame_batch,
     frame_bytes,
 )
+from taskorch._service.server.credits import ConnectionCredits
 
 if TYPE_CHECKING:
-    from taskorch._service.registry import Outcome
-    from taskorch._service.server import Server
+    from taskorch._service.server.registry import Outcome
+    from taskorch._service.server.server import Server
 
 log = logging.getLogger("taskorch")
 

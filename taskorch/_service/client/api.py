@@ -48,9 +48,9 @@ from taskorch._service.addressing import (
     normalize_address,
     read_authkey,
 )
+from taskorch._service.client.session import Session
 from taskorch._service.handshake import client_handshake, configure_socket
 from taskorch._service.protocol import encode_service_policy
-from taskorch._service.session import Session
 
 if TYPE_CHECKING:
     from taskorch._stats import Stats

@@ -37,10 +37,10 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Callable
 
-from taskorch._service.journal import Journal
-from taskorch._service.listener import Listener
-from taskorch._service.registry import TaskRegistry
-from taskorch._service.server import (
+from taskorch._service.server.journal import Journal
+from taskorch._service.server.listener import Listener
+from taskorch._service.server.registry import TaskRegistry
+from taskorch._service.server.server import (
     HANDSHAKE_TIMEOUT,
     MAX_CONNECTIONS,
     MAX_UNAUTHENTICATED,
@@ -49,7 +49,7 @@ from taskorch._service.server import (
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._service.http import HttpService
+    from taskorch._service.server.http import HttpService
     from taskorch._stats import StopReport
 
 log = logging.getLogger("taskorch")
