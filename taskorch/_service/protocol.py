@@ -125,7 +125,7 @@ from __future__ import annotations
 import pickle
 from typing import TYPE_CHECKING, Any
 
-from taskorch._errors import RemoteTaskError
+from taskorch._errors import RemoteTaskError, SerializationError
 from taskorch._policy import Policy
 from taskorch._wire import PROTOCOL, encode_exception, encode_policy
 
@@ -261,11 +261,26 @@ class FrameReader:
 
 
 def frame_bytes(message: tuple[Any, ...]) -> bytes:
-    """``message`` encoded and framed as ``Connection.send_bytes`` would (frames < 2 GiB)."""
+    """``message`` encoded and framed as ``Connection.send_bytes`` would (frames < 2 GiB). An
+    S_DONE over SERVICE_MAX_FRAME becomes an O_ERROR outcome (SerializationError) for its
+    caller; any other frame over it raises SerializationError."""
     import struct
 
     body = encode_service_frame(message)
+    if len(body) > SERVICE_MAX_FRAME:
+        return _oversized(message, len(body))
     return struct.pack("!i", len(body)) + body
+
+
+def _oversized(message: tuple[Any, ...], size: int) -> bytes:
+    error = SerializationError(
+        f"the task's outcome is {size / 2**20:.1f} MiB pickled, over taskorch serve's "
+        f"{SERVICE_MAX_FRAME // 2**20} MiB frame limit; return large data in a file and pass "
+        "its path")
+    if message[0] != S_DONE:
+        raise error
+    tag, req, _, attempts, seconds, _ = message
+    return frame_bytes((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
 
 
 def frame_batch(messages: list[tuple[Any, ...]]) -> bytes | None:

@@ -28,7 +28,7 @@ import queue
 import socket
 import threading
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from taskorch._errors import (
     OrchestratorClosedError,
@@ -49,7 +49,6 @@ from taskorch._service.protocol import (
     C_SUBMIT,
     C_TRIGGER,
     C_WITHDRAW,
-    O_ERROR,
     S_ACCEPTED,
     S_CREDIT,
     S_DONE,
@@ -71,8 +70,8 @@ from taskorch._service.protocol import (
 from taskorch._service.server.credits import ConnectionCredits
 
 if TYPE_CHECKING:
-    from taskorch._service.server.registry import Outcome
-    from taskorch._service.server.server import Server
+    from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._service.server.registry import Outcome, TaskRegistry
 
 log = logging.getLogger("taskorch")
 
@@ -89,10 +88,38 @@ REFUSAL_LOCK_TIMEOUT = 1.0
 _STOP = None  # the outbox sentinel: flush what is queued, then exit
 
 
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (``server.Server``, which
+    imports this module; this one imports nothing of it). ``promote``, ``forget`` and
+    ``recall_credits`` are called from the connection's reader thread."""
+
+    @property
+    def orchestrator(self) -> TaskOrchestrator: ...
+    @property
+    def registry(self) -> TaskRegistry: ...
+    @property
+    def authkey(self) -> bytes: ...
+    @property
+    def info(self) -> dict[str, Any]: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...  # the server's asyncio thread's
+    @property
+    def stopping(self) -> bool: ...
+
+    def promote(self, connection: ServedConnection) -> bool:
+        """The peer authenticated: True if it may be served (else it was refused)."""
+
+    def forget(self, connection: ServedConnection) -> None:
+        """The connection has ended."""
+
+    def recall_credits(self) -> None:
+        """The backlog was found full: ask every client for the credits it holds."""
+
+
 class ServedConnection:
     """One client connection: its reader thread, its writer thread, and its tasks."""
 
-    def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
+    def __init__(self, server: Host, sock: socket.socket, number: int) -> None:
         self.server = server
         self.orchestrator = server.orchestrator
         self.registry = server.registry
@@ -415,7 +442,7 @@ class ServedConnection:
                 if messages:
                     data = frame_batch(messages) if len(messages) > 1 else None
                     if data is None:  # one message, or a batch over the limit: frame by frame
-                        data = b"".join(self._frame(message) for message in messages)
+                        data = b"".join(frame_bytes(message) for message in messages)
                     with self._send_lock:  # every frame queued meanwhile, in one write
                         self.sock.sendall(data)
                 if stop:
@@ -426,24 +453,6 @@ class ServedConnection:
         except BaseException:
             log.exception("taskorch serve: %s: writer failed", self.peer)
             self.shut_down()
-
-    @classmethod
-    def _frame(cls, message: tuple[Any, ...]) -> bytes:
-        frame = frame_bytes(message)
-        if len(frame) - 4 > SERVICE_MAX_FRAME:
-            frame = cls._oversized(message, len(frame) - 4)
-        return frame
-
-    @staticmethod
-    def _oversized(message: tuple[Any, ...], size: int) -> bytes:
-        error = SerializationError(
-            f"the task's outcome is {size / 2**20:.1f} MiB pickled, over taskorch serve's "
-            f"{SERVICE_MAX_FRAME // 2**20} MiB frame limit; return large data in a file and pass "
-            "its path")
-        if message[0] != S_DONE:
-            raise error
-        tag, req, _, attempts, seconds, _ = message
-        return frame_bytes((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
 
     # -- closing ----------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._policy import Features
 from taskorch._service.handshake import configure_socket, peer_name
@@ -117,7 +117,7 @@ class Server:
         self.max_unauthenticated = max_unauthenticated
         self.max_connections = max_connections
         self._on_thread_death = on_thread_death
-        self.info = {
+        self.info: dict[str, Any] = {
             "pid": os.getpid(), "taskorch": _version(),
             "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
             "workers": orchestrator.worker_count,

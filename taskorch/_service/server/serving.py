@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._service.server.journal import Journal
 from taskorch._service.server.listener import Listener
@@ -102,116 +102,185 @@ def serve(
     limits are ``Server``'s. ``before_accepting`` runs once the journal is recovered and
     its writer started, before any client is served (``taskorch serve`` adds its schedules
     there); if it raises, everything is closed and the error propagates."""
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # collected on the clock instead (_GcClock; see the module docstring)
-    clock = _GcClock()
+    process = _ServerProcess(orchestrator, listener, http, say)
+    process.recover(journal, authkey, drain_timeout, before_accepting,
+                    handshake_timeout=handshake_timeout, max_unauthenticated=max_unauthenticated,
+                    max_connections=max_connections)
     try:
-        if not drain_timeout >= 0 or drain_timeout == float("inf"):
-            raise ValueError(f"the drain timeout must be a number >= 0, got {drain_timeout}")
-        journal = journal or Journal(None)
-        registry = TaskRegistry(orchestrator, journal)
-        server = Server(orchestrator, listener, authkey, registry=registry,
-                        handshake_timeout=handshake_timeout,
-                        max_unauthenticated=max_unauthenticated, max_connections=max_connections,
-                        on_thread_death=lambda: _wake(wake_w, _WAKE_THREAD_DIED))
-        queued, retried, failed = registry.recover()
-        journal.start()
-        if before_accepting is not None:  # (the schedules: they fire from now on)
-            before_accepting()
-    except BaseException:
-        os.close(wake_r)
-        os.close(wake_w)
-        if http is not None:
-            http.close()
-        listener.close()
-        orchestrator.stop(timeout=0)
+        process.catch_signals()
+        process.start_serving(ready_details)
+        stopped_by = process.wait_for_signal()
+        report = process.drain(stopped_by, drain_timeout)
+        process.deliver_last_outcomes()
+        process.say_stopped(report)
+        return ServeOutcome(stopped_by, report)
+    finally:
+        process.close()
+
+
+class _ServerProcess:
+    """``serve()``'s steps and what they share (main thread). Owns the wake pipe: the main
+    thread sleeps reading it; the C-level signal handler writes the signal's number there
+    (``signal.set_wakeup_fd``), the drain thread _WAKE_DRAINED, a dying server thread
+    _WAKE_THREAD_DIED."""
+
+    def __init__(self, orchestrator: TaskOrchestrator, listener: Listener,
+                 http: HttpService | None, say: Callable[[str], None]) -> None:
+        self.orchestrator = orchestrator
+        self.listener = listener
+        self.http = http
+        self.say = say
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.gc_was_enabled = gc.isenabled()
+        gc.disable()  # collected on the clock instead (_GcClock; see the module docstring)
+        self.clock = _GcClock()
+        # Set by recover(); None until then.
+        self.journal: Journal | None = None
+        self.registry: TaskRegistry | None = None
+        self.server: Server | None = None
+        # Set by catch_signals(): what close() restores (None: not caught yet).
+        self.old_wakeup_fd: int | None = None
+        self.old_handlers: dict[int, Any] = {}
+
+    def recover(self, journal: Journal | None, authkey: bytes, drain_timeout: float,
+                before_accepting: Callable[[], None] | None, *, handshake_timeout: float,
+                max_unauthenticated: int, max_connections: int) -> None:
+        """Make the server, recover the journal, start its writer, run ``before_accepting``;
+        on any failure close everything (nothing was served) and raise."""
+        try:
+            if not drain_timeout >= 0 or drain_timeout == float("inf"):
+                raise ValueError(f"the drain timeout must be a number >= 0, got {drain_timeout}")
+            self.journal = journal = journal or Journal(None)
+            self.registry = registry = TaskRegistry(self.orchestrator, journal)
+            self.server = Server(self.orchestrator, self.listener, authkey, registry=registry,
+                                 handshake_timeout=handshake_timeout,
+                                 max_unauthenticated=max_unauthenticated,
+                                 max_connections=max_connections,
+                                 on_thread_death=lambda: _wake(self.wake_w, _WAKE_THREAD_DIED))
+            queued, retried, failed = registry.recover()
+            journal.start()
+            if before_accepting is not None:  # (the schedules: they fire from now on)
+                before_accepting()
+        except BaseException:
+            self._close_unserved(journal)
+            raise
+        if queued or retried or failed:
+            self.say(f"recovered from the journal: {queued} queued tasks queued again, {retried} "
+                     f"that were running retried (an attempt charged), {failed} failed (attempts "
+                     "spent)")
+
+    def _close_unserved(self, journal: Journal | None) -> None:
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        if self.http is not None:
+            self.http.close()
+        self.listener.close()
+        self.orchestrator.stop(timeout=0)
         if journal is not None:
             journal.close()  # (releases its lock)
-        if gc_was_enabled:
+        if self.gc_was_enabled:
             gc.enable()
-        raise
-    if queued or retried or failed:
-        say(f"recovered from the journal: {queued} queued tasks queued again, {retried} that were "
-            f"running retried (an attempt charged), {failed} failed (attempts spent)")
-    old_wakeup_fd = signal.set_wakeup_fd(wake_w)
-    reports: list[StopReport] = []  # the drain thread's result
-    old_handlers = {
-        signum: signal.signal(signum, _ignore_signal) for signum in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        server.start()
-        if http is not None:
-            http.add_readiness_check("journal", journal.unwritable)
-            http.start()
-            say(f"metrics and dashboard on {http.url}")
-        say(f"listening on {server.where} ({ready_details}pid {os.getpid()}, "
-            f"{orchestrator.worker_count} workers)")
-        # Sleep until a signal (its number, written by the C-level handler) or a thread's byte.
+
+    def catch_signals(self) -> None:
+        """SIGTERM and SIGINT only write their number to the wake pipe (``_ignore_signal``)."""
+        self.old_wakeup_fd = signal.set_wakeup_fd(self.wake_w)
+        self.old_handlers = {signum: signal.signal(signum, _ignore_signal)
+                             for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def start_serving(self, ready_details: str) -> None:
+        assert self.server is not None and self.journal is not None
+        self.server.start()
+        if self.http is not None:
+            self.http.add_readiness_check("journal", self.journal.unwritable)
+            self.http.start()
+            self.say(f"metrics and dashboard on {self.http.url}")
+        self.say(f"listening on {self.server.where} ({ready_details}pid {os.getpid()}, "
+                 f"{self.orchestrator.worker_count} workers)")
+
+    def wait_for_signal(self) -> int | None:
+        """Sleep until SIGTERM or SIGINT (its number) or a dead server thread (None)."""
         while True:
-            byte = clock.next_byte(wake_r)
-            if byte in (signal.SIGTERM, signal.SIGINT) or byte == _WAKE_THREAD_DIED:
-                break
-        stopped_by = None if byte == _WAKE_THREAD_DIED else byte
+            byte = self.clock.next_byte(self.wake_r)
+            if byte in (signal.SIGTERM, signal.SIGINT):
+                return byte
+            if byte == _WAKE_THREAD_DIED:
+                return None
+
+    def drain(self, stopped_by: int | None, drain_timeout: float) -> StopReport | None:
+        """Stop accepting, then ``o.stop(drain_timeout)`` on the drain thread while the
+        connections stay open; a second signal shortens it to nothing. The drain's report
+        (None: stop() itself failed)."""
+        assert self.server is not None and self.registry is not None
         stopped_at = time.monotonic()
-        why = (
-            "a server thread died (see the log)"
-            if stopped_by is None
-            else signal.Signals(byte).name
-        )
-        registry.stopping = True
-        s = orchestrator.stats()
-        say(f"{why}: stopping; draining {s.queued} queued and {s.running} running tasks "
-            f"(up to {drain_timeout:g} s)")
-        server.stop_accepting()
-        drain = threading.Thread(target=_drain, args=(orchestrator, drain_timeout, wake_w, reports),
-                                 name="taskorch-serve-drain", daemon=True)
+        why = ("a server thread died (see the log)" if stopped_by is None
+               else signal.Signals(stopped_by).name)
+        self.registry.stopping = True
+        s = self.orchestrator.stats()
+        self.say(f"{why}: stopping; draining {s.queued} queued and {s.running} running tasks "
+                 f"(up to {drain_timeout:g} s)")
+        self.server.stop_accepting()
+        reports: list[StopReport] = []  # the drain thread's result
+        drain = threading.Thread(
+            target=_drain, args=(self.orchestrator, drain_timeout, self.wake_w, reports),
+            name="taskorch-serve-drain", daemon=True)
         # daemon: the main thread joins it below; if stop() itself hung (a bug) the process
         # must still be able to exit.
         drain.start()
+        self._wait_drained(stopped_by, stopped_at)
+        drain.join()
+        return reports[0] if reports else None
+
+    def _wait_drained(self, stopped_by: int | None, stopped_at: float) -> None:
         while True:
-            byte = clock.next_byte(wake_r)
+            byte = self.clock.next_byte(self.wake_r)
             if byte == _WAKE_DRAINED:
-                break
+                return
             if (byte == stopped_by == signal.SIGTERM
                     and time.monotonic() - stopped_at < SIGNAL_ECHO_WINDOW):
                 continue  # the same signal again at once: an echo (SIGNAL_ECHO_WINDOW)
             if byte in (signal.SIGTERM, signal.SIGINT):
-                say("second signal: cancelling queued tasks, terminating running ones")
-                orchestrator.stop(timeout=0)  # shortens the drain's deadline; returns once done
-        drain.join()
-        # Every task has ended; its outcome reaches the connection once the journal has
-        # committed it (registry: the writer publishes after COMMIT). So: the schedules'
-        # callbacks (they queue records), the journal's ops queued so far, then the outboxes.
+                self.say("second signal: cancelling queued tasks, terminating running ones")
+                self.orchestrator.stop(timeout=0)  # shortens the drain's deadline
+
+    def deliver_last_outcomes(self) -> None:
+        """Every task has ended; its outcome reaches the connection once the journal has
+        committed it (registry: the writer publishes after COMMIT). So: the schedules'
+        callbacks (they queue records), the journal's ops queued so far, then the outboxes."""
+        assert self.server is not None and self.journal is not None
         _wait_callbacks()
-        if not journal.flush(OUTCOMES_TIMEOUT):
+        if not self.journal.flush(OUTCOMES_TIMEOUT):
             log.warning("taskorch serve: the journal did not commit the last outcomes within "
                         "%g s; their clients may not get them (they run again after a restart "
                         "if not journaled)", OUTCOMES_TIMEOUT)
-        server.close_connections()  # flush every outbox, then disconnect
-        report = reports[0] if reports else None
+        self.server.close_connections()  # flush every outbox, then disconnect
+
+    def say_stopped(self, report: StopReport | None) -> None:
+        assert self.registry is not None
         if report is not None:
-            left = (f"; {registry.left_for_next_start} left in the journal for the next start"
-                    if registry.left_for_next_start else "")
-            say(f"stopped ({'drained' if report.drained else 'drain timed out'}: "
-                f"{report.succeeded} succeeded, {report.failed} failed, "
-                f"{report.cancelled} cancelled, {report.abandoned} abandoned{left})")
-        return ServeOutcome(stopped_by, report)
-    finally:
-        if http is not None:
-            http.close()
-        server.close()
-        orchestrator.stop(timeout=0)
+            left = (f"; {self.registry.left_for_next_start} left in the journal for the next "
+                    "start" if self.registry.left_for_next_start else "")
+            self.say(f"stopped ({'drained' if report.drained else 'drain timed out'}: "
+                     f"{report.succeeded} succeeded, {report.failed} failed, "
+                     f"{report.cancelled} cancelled, {report.abandoned} abandoned{left})")
+
+    def close(self) -> None:
+        """Everything, in order, whatever happened (idempotent parts; signals restored)."""
+        assert self.server is not None and self.journal is not None
+        if self.http is not None:
+            self.http.close()
+        self.server.close()
+        self.orchestrator.stop(timeout=0)
         _wait_callbacks()
-        journal.close()
-        listener.close()
-        for signum, handler in old_handlers.items():
+        self.journal.close()
+        self.listener.close()
+        for signum, handler in self.old_handlers.items():
             signal.signal(signum, handler)
-        signal.set_wakeup_fd(old_wakeup_fd)
-        os.close(wake_r)
-        os.close(wake_w)
-        if gc_was_enabled:
+        if self.old_wakeup_fd is not None:
+            signal.set_wakeup_fd(self.old_wakeup_fd)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        if self.gc_was_enabled:
             gc.enable()
 
 
