@@ -51,12 +51,12 @@ from taskorch._parent import intake
 from taskorch._service.client.requests import Request, new_future, payload
 from taskorch._service.protocol import (
     C_STATS,
-    C_SUBMIT,
     S_ACCEPTED,
     S_CREDIT,
     S_HELLO,
     S_STATS,
     SERVICE_MAX_FRAME,
+    submit_frame,
 )
 
 R = 30  # deadline for any one result: only catches deadlocks
@@ -313,9 +313,9 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
         # A submission accepted, and held by the busy worker (taken ahead, not started).
         session = withdrawing._session
         request = Request(new_future())
-        req = session._start(request, lambda req: (
-            C_SUBMIT, req, payload(t.square, (2,), {}), None, False, session.token, False,
-            False))
+        req = session._start(request, lambda req: submit_frame(
+            req, payload(t.square, (2,), {}), None, wait=False, client=session.token, retry=False,
+            credit=False))
         assert request.event is not None and request.event.wait(R)
         assert request.answer is not None and request.answer[0] == S_ACCEPTED
         wait_until(lambda: held(o) == 2, what="the worker to take the call ahead")

@@ -2,7 +2,9 @@
 
 Shared (imported by both sides; no thread of their own):
 
-    protocol.py         the frames after the handshake
+    protocol.py         the frames after the handshake: one named type each, and their codec
+    values.py           what frames carry: the per-task policy, errors, statistics
+    transport.py        frames on the socket: reading them in bulk, framing a batch
     addressing.py       addresses and key files
     handshake.py        socket options, the HMAC handshake on each side, refusals
 

@@ -12,7 +12,7 @@ from typing import Any
 from taskorch._errors import OrchestratorClosedError
 from taskorch._service.addressing import Address
 from taskorch._service.client.api import fetch_status
-from taskorch._service.protocol import decode_stats, encode_stats
+from taskorch._service.values import decode_stats, encode_stats
 from taskorch.cli.options import EXIT_FAILED, EXIT_OK, add_server_arguments, server_address
 
 

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._policy import Features
 from taskorch._service.handshake import configure_socket, peer_name
-from taskorch._service.protocol import S_RECALL
+from taskorch._service.protocol import credit_recall_frame
 from taskorch._service.server.connection import ServedConnection
 from taskorch._service.server.journal import Journal
 from taskorch._service.server.listener import Listener
@@ -279,7 +279,7 @@ class Server:
         """A reader found the backlog full: ask the clients holding credits for them back."""
         for connection in self.connections()[1]:
             if connection.credits.recall():
-                connection.send((S_RECALL,))
+                connection.send(credit_recall_frame())
 
     def connections(self) -> tuple[list[ServedConnection], list[ServedConnection]]:
         """(waiting to authenticate, authenticated): a snapshot, for tests and logs."""
