@@ -307,9 +307,14 @@ ServerFrame = (Hello | Accepted | Dropped | Rejected | Done | StatsReply | Credi
 FINAL_ANSWERS = (Done, Dropped, Rejected, StatsReply)
 
 
+#: A frame from its fields, tag first: ``tuple.__new__`` in C, without the Python-level
+#: ``__new__`` a NamedTuple's class call runs (a frame or two per task on each side).
+_new = tuple.__new__
+
+
 def submit_frame(req: int, payload: bytes, policy: WirePolicy | None, *, wait: bool,
                  client: bytes, retry: bool, credit: bool) -> Submit:
-    return Submit(C_SUBMIT, req, payload, policy, wait, client, retry, credit)
+    return _new(Submit, (C_SUBMIT, req, payload, policy, wait, client, retry, credit))
 
 
 def resubmit_frame(frame: Submit, credit: bool) -> Submit:
@@ -321,66 +326,71 @@ def resubmit_frame(frame: Submit, credit: bool) -> Submit:
 
 
 def withdraw_frame(req: int) -> Withdraw:
-    return Withdraw(C_WITHDRAW, req)
+    return _new(Withdraw, (C_WITHDRAW, req))
 
 
 def stats_request_frame(req: int) -> StatsRequest:
-    return StatsRequest(C_STATS, req)
+    return _new(StatsRequest, (C_STATS, req))
 
 
 def result_request_frame(req: int, task_id: int, wait: bool) -> ResultRequest:
-    return ResultRequest(C_RESULT, req, task_id, wait)
+    return _new(ResultRequest, (C_RESULT, req, task_id, wait))
 
 
 def credit_return_frame(n: int) -> CreditReturn:
-    return CreditReturn(C_RETURN, n)
+    return _new(CreditReturn, (C_RETURN, n))
 
 
 def trigger_request_frame(req: int, name: str) -> TriggerRequest:
-    return TriggerRequest(C_TRIGGER, req, name)
+    return _new(TriggerRequest, (C_TRIGGER, req, name))
 
 
 def hello_frame(info: dict[str, Any]) -> Hello:
-    return Hello(S_HELLO, SERVICE_VERSION, info)
+    return _new(Hello, (S_HELLO, SERVICE_VERSION, info))
 
 
 def accepted_frame(req: int, task_id: int, grant: int) -> Accepted:
-    return Accepted(S_ACCEPTED, req, task_id, grant)
+    return _new(Accepted, (S_ACCEPTED, req, task_id, grant))
 
 
 def dropped_frame(req: int) -> Dropped:
-    return Dropped(S_DROPPED, req)
+    return _new(Dropped, (S_DROPPED, req))
 
 
 def rejected_frame(req: int, error: BaseException) -> Rejected:
-    return Rejected(S_REJECTED, req, encode_service_error(error))
+    return _new(Rejected, (S_REJECTED, req, encode_service_error(error)))
 
 
 def done_frame(req: int, outcome: int, attempts: int, seconds: float | None,
                data: Any) -> Done:
-    return Done(S_DONE, req, outcome, attempts, seconds, data)
+    return _new(Done, (S_DONE, req, outcome, attempts, seconds, data))
 
 
 def stats_reply_frame(req: int, fields: dict[str, Any]) -> StatsReply:
-    return StatsReply(S_STATS, req, fields)
+    return _new(StatsReply, (S_STATS, req, fields))
 
 
 def credit_grant_frame(n: int) -> CreditGrant:
-    return CreditGrant(S_CREDIT, n)
+    return _new(CreditGrant, (S_CREDIT, n))
 
 
 def credit_recall_frame() -> CreditRecall:
-    return CreditRecall(S_RECALL)
+    return _new(CreditRecall, (S_RECALL,))
 
 
 # -- the codec ---------------------------------------------------------------------------------
 
-_CLIENT_FRAMES: dict[int, Any] = {
-    C_SUBMIT: Submit, C_WITHDRAW: Withdraw, C_STATS: StatsRequest, C_RESULT: ResultRequest,
-    C_RETURN: CreditReturn, C_TRIGGER: TriggerRequest}
-_SERVER_FRAMES: dict[int, Any] = {
-    S_HELLO: Hello, S_ACCEPTED: Accepted, S_DROPPED: Dropped, S_REJECTED: Rejected,
-    S_DONE: Done, S_STATS: StatsReply, S_CREDIT: CreditGrant, S_RECALL: CreditRecall}
+_UNKNOWN: tuple[Any, int] = (None, -1)
+
+#: Tag -> (its frame's type, its number of fields).
+_CLIENT_FRAMES: dict[int, tuple[Any, int]] = {
+    tag: (kind, len(kind._fields)) for tag, kind in (
+        (C_SUBMIT, Submit), (C_WITHDRAW, Withdraw), (C_STATS, StatsRequest),
+        (C_RESULT, ResultRequest), (C_RETURN, CreditReturn), (C_TRIGGER, TriggerRequest))}
+_SERVER_FRAMES: dict[int, tuple[Any, int]] = {
+    tag: (kind, len(kind._fields)) for tag, kind in (
+        (S_HELLO, Hello), (S_ACCEPTED, Accepted), (S_DROPPED, Dropped), (S_REJECTED, Rejected),
+        (S_DONE, Done), (S_STATS, StatsReply), (S_CREDIT, CreditGrant), (S_RECALL, CreditRecall))}
 
 
 class _BuiltinsOnlyUnpickler(pickle.Unpickler):
@@ -406,9 +416,9 @@ def decode_client_frame(data: bytes) -> ClientFrame:
             f"a frame must be a non-empty tuple, got {type(message).__name__}"
         )
     tag = message[0]
-    kind = _CLIENT_FRAMES.get(tag) if isinstance(tag, int) else None
-    if kind is not None and len(message) == len(kind._fields):
-        frame: ClientFrame = kind._make(message)
+    kind, size = _CLIENT_FRAMES.get(tag, _UNKNOWN) if isinstance(tag, int) else _UNKNOWN
+    if len(message) == size:
+        frame: ClientFrame = _new(kind, message)
         if _is_valid(frame):
             return frame
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
@@ -435,23 +445,20 @@ def decode_server_frames(data: bytes) -> tuple[ServerFrame, ...]:
     """Decode one server frame in the client: its messages (an S_BATCH holds several; the
     client trusts the server it authenticated, but not its layouts)."""
     message = pickle.loads(data)
-    if isinstance(message, tuple) and len(message) == 2 and message[0] == S_BATCH:
-        return tuple(_server_frame(m) for m in message[1])
-    return (_server_frame(message),)
-
-
-def _server_frame(message: object) -> ServerFrame:
-    if not isinstance(message, tuple) or not message:
-        raise ServiceProtocolError(
-            f"a frame must be a non-empty tuple, got {type(message).__name__}"
-        )
-    tag = message[0]
-    kind = _SERVER_FRAMES.get(tag) if isinstance(tag, int) else None
-    if kind is None or len(message) != len(kind._fields):
-        raise ServiceProtocolError(
-            f"unexpected frame from the server (tag {tag!r}, {len(message)} fields)")
-    frame: ServerFrame = kind._make(message)
-    return frame
+    messages = (message[1] if isinstance(message, tuple) and len(message) == 2
+                and message[0] == S_BATCH else (message,))
+    frames: list[ServerFrame] = []
+    known = _SERVER_FRAMES
+    m: Any = message
+    try:
+        for m in messages:
+            kind, size = known[m[0]]
+            if len(m) != size or type(m) is not tuple:
+                raise ValueError
+            frames.append(_new(kind, m))
+    except (LookupError, TypeError, ValueError):
+        raise ServiceProtocolError(f"unexpected frame from the server: {m!r:.100}") from None
+    return tuple(frames)
 
 
 def decode_hello(data: bytes) -> Hello:

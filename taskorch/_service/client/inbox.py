@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskorch")
 
+#: Server frames that answer a request.
+_ANSWERS = (Accepted, *FINAL_ANSWERS)
+
 
 class _Tally:
     """What one batch of messages brought: credits, answers to credit submissions, task ids."""
@@ -127,7 +130,7 @@ class Inbox:
             if not request.answered:  # a result() wait (or a resent submission)
                 request.deliver(accepted_frame(frame.req, 0, 0))
             resolve(request.future, frame.outcome, frame.attempts, frame.seconds, frame.data)
-        elif isinstance(frame, (Accepted, *FINAL_ANSWERS)):
+        elif isinstance(frame, _ANSWERS):
             if request is None:
                 return  # withdrawn
             if request.answered:  # a re-attached task: accepted again, or lost

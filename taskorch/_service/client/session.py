@@ -2,10 +2,10 @@
 
 One class, ``Session``, which owns its ``link.Link`` (the socket, sending, reconnecting) and
 its ``inbox.Inbox`` (the reader thread and what the server sends). Runs in the application's
-process: ``submit()``, ``submit_async()``, ``result()`` and
-``stats()`` in the caller's threads (or event loops), and one reader thread per session
-("taskorch-client-reader-N") that receives every frame, resolves the futures, and, when the
-connection is lost, reconnects.
+process: ``submit()``, ``submit_async()``, ``result()`` and ``stats()`` in the caller's
+threads (or event loops), and one reader thread per session ("taskorch-client-reader-N")
+that receives every frame, resolves the futures, and, when the connection is lost,
+reconnects; the methods under "the reader's side" run there.
 
     caller's thread                         "taskorch-client-reader-N"           server
     ---------------                         --------------------------           ------
