@@ -382,13 +382,13 @@ def credit_recall_frame() -> CreditRecall:
 
 _UNKNOWN: tuple[Any, int] = (None, -1)
 
-#: Tag -> (its frame's type, its number of fields).
+#: Tag -> (its frame's type, its number of fields); the server's frames by tag.
 _CLIENT_FRAMES: dict[int, tuple[Any, int]] = {
     tag: (kind, len(kind._fields)) for tag, kind in (
         (C_SUBMIT, Submit), (C_WITHDRAW, Withdraw), (C_STATS, StatsRequest),
         (C_RESULT, ResultRequest), (C_RETURN, CreditReturn), (C_TRIGGER, TriggerRequest))}
-_SERVER_FRAMES: dict[int, tuple[Any, int]] = {
-    tag: (kind, len(kind._fields)) for tag, kind in (
+_SERVER_FRAMES: dict[int, Any] = {
+    tag: kind for tag, kind in (
         (S_HELLO, Hello), (S_ACCEPTED, Accepted), (S_DROPPED, Dropped), (S_REJECTED, Rejected),
         (S_DONE, Done), (S_STATS, StatsReply), (S_CREDIT, CreditGrant), (S_RECALL, CreditRecall))}
 
@@ -447,18 +447,11 @@ def decode_server_frames(data: bytes) -> tuple[ServerFrame, ...]:
     message = pickle.loads(data)
     messages = (message[1] if isinstance(message, tuple) and len(message) == 2
                 and message[0] == S_BATCH else (message,))
-    frames: list[ServerFrame] = []
     known = _SERVER_FRAMES
-    m: Any = message
-    try:
-        for m in messages:
-            kind, size = known[m[0]]
-            if len(m) != size or type(m) is not tuple:
-                raise ValueError
-            frames.append(_new(kind, m))
-    except (LookupError, TypeError, ValueError):
-        raise ServiceProtocolError(f"unexpected frame from the server: {m!r:.100}") from None
-    return tuple(frames)
+    try:  # (a layout of the wrong length fails where a field is read: IndexError)
+        return tuple([_new(known[m[0]], m) for m in messages])
+    except (LookupError, TypeError) as exc:
+        raise ServiceProtocolError(f"unexpected frame from the server ({exc!r})") from None
 
 
 def decode_hello(data: bytes) -> Hello:
@@ -469,7 +462,8 @@ def decode_hello(data: bytes) -> Hello:
     except ServiceProtocolError as exc:
         raise ServiceProtocolError(f"not a hello: {exc}") from exc
     hello = frames[0] if len(frames) == 1 else None
-    if not isinstance(hello, Hello) or hello.version != SERVICE_VERSION:
+    if (not isinstance(hello, Hello) or len(hello) != len(Hello._fields)
+            or hello.version != SERVICE_VERSION):
         got = (hello.tag, hello.version) if isinstance(hello, Hello) else "another frame"
         raise ServiceProtocolError(f"got {got!r}")
     return hello

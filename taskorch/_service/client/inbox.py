@@ -18,13 +18,14 @@ from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.task import TaskFuture
 from taskorch._service.client.requests import Request, resolve
 from taskorch._service.protocol import (
-    FINAL_ANSWERS,
     Accepted,
     CreditGrant,
     CreditRecall,
     Done,
+    Dropped,
     Rejected,
     ServerFrame,
+    StatsReply,
     accepted_frame,
     decode_server_frames,
 )
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskorch")
 
-#: Server frames that answer a request.
-_ANSWERS = (Accepted, *FINAL_ANSWERS)
+#: The answers to a request besides Accepted and Done.
+_OTHER_ANSWERS = (Dropped, Rejected, StatsReply)
 
 
 class _Tally:
@@ -124,20 +125,20 @@ class Inbox:
 
     def _handle_one(self, frame: ServerFrame, request: Request | None, tally: _Tally) -> None:
         """One message and the request it answers (if any); credits counted in ``tally``."""
-        if isinstance(frame, Done):
+        if type(frame) is Done:
             if request is None or request.future is None or request.future.done():
                 return  # withdrawn
             if not request.answered:  # a result() wait (or a resent submission)
                 request.deliver(accepted_frame(frame.req, 0, 0))
             resolve(request.future, frame.outcome, frame.attempts, frame.seconds, frame.data)
-        elif isinstance(frame, _ANSWERS):
+        elif type(frame) is Accepted or isinstance(frame, _OTHER_ANSWERS):
             if request is None:
                 return  # withdrawn
             if request.answered:  # a re-attached task: accepted again, or lost
                 if isinstance(frame, Rejected) and request.future is not None:
                     self._lost(request.future, decode_service_error(frame.error))
                 return
-            if isinstance(frame, Accepted) and request.future is not None:
+            if type(frame) is Accepted and request.future is not None:
                 request.future.task_id = frame.task_id
                 tally.granted += frame.grant
                 tally.answered += request.credit

@@ -151,7 +151,7 @@ class Session:
                 raise ServerTimeoutError(
                     f"taskorch serve at {self.where} did not answer run() within "
                     f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
-            credit = self._credits > 0 and self.down_reason is None
+            credit = self._credits > 0 and self._link.down_reason is None
             self._credits -= credit
             self._credit_inflight += credit
         request = Request(new_future(), credit=credit)
@@ -313,7 +313,7 @@ class Session:
         request.message = message
         with self._lock:
             self._check_open_locked()
-            if self.down_reason is not None and when_down == "fail":
+            if self._link.down_reason is not None and when_down == "fail":
                 raise self._link.unavailable()
             self._requests[req] = request  # before sending: the answer may come at once
         try:
@@ -407,7 +407,7 @@ class Session:
         lock; a final answer takes its request out of the table."""
         with self._lock:
             requests = self._requests
-            return [requests.get(f.req) if isinstance(f, Accepted)
+            return [requests.get(f.req) if type(f) is Accepted
                     else requests.pop(f.req, None) if isinstance(f, FINAL_ANSWERS) else None
                     for f in frames]
 
@@ -428,7 +428,8 @@ class Session:
             self._credit_change.notify_all()
 
     def _credit_or_answers(self) -> bool:  # (_lock held)
-        return (self._credits > 0 or self._credit_inflight == 0 or self.down_reason is not None
+        return (self._credits > 0 or self._credit_inflight == 0
+                or self._link.down_reason is not None
                 or self._closing or self.closed_reason is not None)
 
     def return_credits(self) -> None:
