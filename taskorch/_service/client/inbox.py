@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.task import TaskFuture
@@ -34,7 +34,6 @@ from taskorch._service.values import decode_service_error
 
 if TYPE_CHECKING:
     from taskorch._service.client.link import Link
-    from taskorch._service.client.session import Session
 
 log = logging.getLogger("taskorch")
 
@@ -53,10 +52,39 @@ class _Tally:
         self.accepted = False
 
 
+class Owner(Protocol):
+    """What the reader needs of its session (``session.Session``, which imports this module;
+    this one imports nothing of it). All called from the reader thread."""
+
+    @property
+    def closing(self) -> bool: ...
+
+    def requests_answered_by(self, frames: tuple[ServerFrame, ...]) -> list[Request | None]:
+        """The request each frame answers; a final answer takes it out of the table."""
+
+    def put_back(self, frames: tuple[ServerFrame, ...], requests: list[Request | None]) -> None:
+        """Frames not handled after all: their requests go back in the table."""
+
+    def grant(self, n: int, answered: int = 0) -> None:
+        """Credits granted, credit submissions answered."""
+
+    def return_credits(self) -> None:
+        """S_RECALL: give back every credit held."""
+
+    def go_down(self, why: str) -> None:
+        """The link is lost."""
+
+    def reconnect(self) -> bool:
+        """Dial again; True once connected."""
+
+    def end(self, reason: str) -> None:
+        """The session is over."""
+
+
 class Inbox:
     """The session's reader thread and what it does with each frame."""
 
-    def __init__(self, session: Session, link: Link, name: str) -> None:
+    def __init__(self, session: Owner, link: Link, name: str) -> None:
         self._session = session
         self._link = link
         # The only thread that receives, and the one that reconnects. Blocks in reading the
