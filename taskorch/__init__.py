@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from taskorch._parent.intake import PolicyOverride
     from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._parent.task import TaskFuture
-    from taskorch._service.client import Client, connect
+    from taskorch._service.client.api import Client, connect
     from taskorch._stats import Stats, StopReport
 
 __all__ = [
@@ -86,8 +86,8 @@ _LAZY = {
     "TaskFuture": "taskorch._parent.task",
     "Stats": "taskorch._stats",
     "StopReport": "taskorch._stats",
-    "Client": "taskorch._service.client",
-    "connect": "taskorch._service.client",
+    "Client": "taskorch._service.client.api",
+    "connect": "taskorch._service.client.api",
 }
 
 

@@ -14,7 +14,7 @@ import _tasks as T
 import pytest
 
 from taskorch import Policy, TaskOrchestrator
-from taskorch._service.http import HttpService
+from taskorch._service.server.http import HttpService
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -1,6 +1,6 @@
 """The layering of ``taskorch/``, read from its import statements with ``ast``.
 
-Three rules (DESIGN.md "The structure to grow into", STYLE.md "Layout"):
+Four rules (DESIGN.md "The structure to grow into", STYLE.md "Layout"):
 
 1. No import cycle among taskorch modules.
 2. A module under ``taskorch/_worker/`` imports, of taskorch, only ``taskorch._wire``,
@@ -8,6 +8,9 @@ Three rules (DESIGN.md "The structure to grow into", STYLE.md "Layout"):
    modules: never ``taskorch._parent``, ``taskorch._service``, ``taskorch.cli``, nor the
    package ``taskorch`` itself (its public API re-exports the parent side).
 3. Nothing outside ``taskorch/cli/`` and ``taskorch/__main__.py`` imports ``taskorch.cli``.
+4. The service's client code (``taskorch._service.client``, the application's process)
+   imports no server code (``taskorch._service.server``, the server process), and the
+   reverse; both import the shared ``taskorch._service`` top-level modules.
 
 Which imports count. Every ``import X`` and ``from X import y`` in a file, at any depth: at
 module level, inside functions and methods, under ``if TYPE_CHECKING:``, in ``try`` blocks.
@@ -19,7 +22,7 @@ cycle with a package ``__init__`` that re-exports it, and the cycle would say no
 Invisible to this test: ``importlib.import_module`` with a computed name (``taskorch``'s lazy
 ``__getattr__``), and anything a pickle imports.
 
-- Rules 2 and 3 count every import, TYPE_CHECKING ones included: a type-only dependency of a
+- Rules 2, 3 and 4 count every import, TYPE_CHECKING ones included: a type-only dependency of a
   worker module on the parent is still the wrong direction, and is one edit away from a real
   one. A violation says when it is TYPE_CHECKING-only.
 - Rule 1 (cycles) counts the imports that run: module level and function level, not those
@@ -48,6 +51,8 @@ WORKER_MAY_IMPORT = ("taskorch._wire", "taskorch._errors", "taskorch._policy", "
                      WORKER_PACKAGE)
 CLI_PACKAGE = "taskorch.cli"
 MAY_IMPORT_CLI = (CLI_PACKAGE, "taskorch.__main__")
+SERVICE_CLIENT = "taskorch._service.client"
+SERVICE_SERVER = "taskorch._service.server"
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,14 @@ def cli_violations(imports: list[Import]) -> list[Import]:
             and not any(_within(imp.importer, allowed) for allowed in MAY_IMPORT_CLI)]
 
 
+def service_side_violations(imports: list[Import]) -> list[Import]:
+    """Client code importing server code, or the reverse. Both may import the shared
+    ``taskorch._service`` top-level modules (the protocol, addressing, the handshake)."""
+    return [imp for imp in imports
+            if (_within(imp.importer, SERVICE_CLIENT) and _within(imp.target, SERVICE_SERVER))
+            or (_within(imp.importer, SERVICE_SERVER) and _within(imp.target, SERVICE_CLIENT))]
+
+
 def describe_cycle(component: list[str], cycle: list[Import]) -> str:
     chain = "\n".join(f"      -> {imp.target}   ({imp.where()})" for imp in cycle)
     return (f"  {len(component)} modules: {', '.join(component)}; e.g.\n"
@@ -298,6 +311,49 @@ def test_nothing_outside_the_cli_imports_it(imports: list[Import]) -> None:
             + "\n".join(f"  {imp.importer} imports {imp.target}   ({imp.where()})" for imp in bad),
             pytrace=False,
         )
+
+
+def test_service_client_and_server_do_not_import_each_other(imports: list[Import]) -> None:
+    """``taskorch._service.client`` runs in the application's process and
+    ``taskorch._service.server`` in the server's: neither imports the other, type-only
+    imports included; what both need is in the shared ``taskorch._service`` modules."""
+    sides = {imp.importer for imp in imports if _within(imp.importer, SERVICE_CLIENT)
+             or _within(imp.importer, SERVICE_SERVER)}
+    assert {f"{SERVICE_CLIENT}.session", f"{SERVICE_SERVER}.server"} <= sides  # not vacuous
+    bad = service_side_violations(imports)
+    if bad:
+        pytest.fail(
+            f"{len(bad)} import(s) across the service's client and server sides:\n"
+            + "\n".join(f"  {imp.importer} imports {imp.target}   ({imp.where()})" for imp in bad),
+            pytrace=False,
+        )
+
+
+def test_the_service_sides_rule_on_a_small_tree(tmp_path: Path) -> None:
+    """The rule catches a client module importing the server (type-only too) and a server
+    module importing the client, and lets both import the shared modules."""
+    files = {
+        "__init__.py": "",
+        "_service/__init__.py": "",
+        "_service/protocol.py": "",
+        "_service/client/__init__.py": "",
+        "_service/client/session.py": "from taskorch._service import protocol\n"
+                                      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                      "    from taskorch._service.server.server import Server\n",
+        "_service/client/api.py": "from . import session\n",
+        "_service/server/__init__.py": "",
+        "_service/server/server.py": "from taskorch._service.protocol import X\n"
+                                     "def f():\n    from ..client import api\n",
+    }
+    for name, text in files.items():
+        path = tmp_path / "taskorch" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    found = read_imports(tmp_path)
+    assert [(imp.importer, imp.target, imp.type_checking)
+            for imp in service_side_violations(found)] == [
+        ("taskorch._service.client.session", "taskorch._service.server.server", True),
+        ("taskorch._service.server.server", "taskorch._service.client.api", False)]
 
 
 def test_the_checker_itself_on_a_small_tree(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "taskorch"
-OURS = sorted([*PACKAGE.glob("_service/*.py"), *PACKAGE.glob("cli/*.py")])
+OURS = sorted([*PACKAGE.glob("_service/**/*.py"), *PACKAGE.glob("cli/*.py")])
 
 
 def _imports(path: Path) -> set[str]:
@@ -41,8 +41,8 @@ def test_only_the_cli_imports_the_cli() -> None:
     assert offenders == []
 
 
-@pytest.mark.parametrize("path", [p for p in OURS if p.parent.name == "_service"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in OURS if "_service" in p.parts],
+                         ids=lambda p: p.relative_to(PACKAGE).as_posix())
 def test_service_modules_host_no_argparse(path: Path) -> None:
     assert "argparse" not in _imports(path)
 
@@ -69,7 +69,7 @@ def test_wire_carries_the_worker_channel_only() -> None:
 
 
 @pytest.mark.parametrize("path", [p for p in OURS if p.name != "demo.py"],
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+                         ids=lambda p: p.relative_to(PACKAGE).as_posix())
 def test_modules_have_a_docstring_and_stay_under_500_lines(path: Path) -> None:
     source = path.read_text()
     assert ast.get_docstring(ast.parse(source)), f"{path.name} has no module docstring"

@@ -176,7 +176,7 @@ def test_status_lists_the_schedules_and_trigger_runs_one_now(tmp_path: Path) -> 
 
 
 def test_the_last_fire_survives_restarts_and_missed_ticks_coalesce(tmp_path: Path) -> None:
-    from taskorch._service.journal import Journal
+    from taskorch._service.server.journal import Journal
 
     out, journal_path = tmp_path / "stamps", tmp_path / "journal.db"
     config = write_config(tmp_path, f'''
@@ -269,7 +269,7 @@ def test_a_trigger_whose_answer_was_lost_is_not_sent_again_after_a_reconnect(
 def test_the_journal_is_ready_again_once_a_commit_goes_through(tmp_path: Path) -> None:
     # /readyz's "journal" check: a failed commit makes it unready until one goes through,
     # a pruning pass included (a server nobody submits to must not stay unready).
-    from taskorch._service.journal import Journal
+    from taskorch._service.server.journal import Journal
 
     journal = Journal(str(tmp_path / "j.db"))
     try:

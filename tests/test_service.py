@@ -48,16 +48,16 @@ from taskorch import (
     connect,
 )
 from taskorch._parent import intake
+from taskorch._service.client.requests import Request, new_future, payload
 from taskorch._service.protocol import (
     C_STATS,
-    C_SUBMIT,
     S_ACCEPTED,
     S_CREDIT,
     S_HELLO,
     S_STATS,
     SERVICE_MAX_FRAME,
+    submit_frame,
 )
-from taskorch._service.requests import Request, new_future, payload
 
 R = 30  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -313,9 +313,9 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
         # A submission accepted, and held by the busy worker (taken ahead, not started).
         session = withdrawing._session
         request = Request(new_future())
-        req = session._start(request, lambda req: (
-            C_SUBMIT, req, payload(t.square, (2,), {}), None, False, session.token, False,
-            False))
+        req = session._start(request, lambda req: submit_frame(
+            req, payload(t.square, (2,), {}), None, wait=False, client=session.token, retry=False,
+            credit=False))
         assert request.event is not None and request.event.wait(R)
         assert request.answer is not None and request.answer[0] == S_ACCEPTED
         wait_until(lambda: held(o) == 2, what="the worker to take the call ahead")
@@ -508,8 +508,8 @@ def test_sigint_drains_and_exits_130(start_server, gates) -> None:
 _GC_ON_THE_CLOCK = r"""
 import gc, json, os, signal, sys, threading, weakref
 from taskorch import TaskOrchestrator
-from taskorch._service import serving
-from taskorch._service.listener import bind_unix
+from taskorch._service.server import serving
+from taskorch._service.server.listener import bind_unix
 
 serving.GC_INTERVAL = 0.05
 ready, collected, seen = threading.Event(), threading.Event(), {}
@@ -552,9 +552,9 @@ from pathlib import Path
 
 import _tasks as t
 from taskorch import TaskOrchestrator, connect
-from taskorch._service import journal, serving
-from taskorch._service.listener import bind_unix
-from taskorch._service.server import Server
+from taskorch._service.server import journal, serving
+from taskorch._service.server.listener import bind_unix
+from taskorch._service.server.server import Server
 
 # A slow disk, by a handshake: once the server drains, a COMMIT waits until the server either
 # asks its journal for what is pending (Journal.flush: the order that delivers the outcome)

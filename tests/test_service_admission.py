@@ -23,8 +23,8 @@ from _tasks import wait_until
 
 from taskorch import TaskOrchestrator, connect
 from taskorch._service.handshake import REFUSED
-from taskorch._service.listener import bind_tcp, bind_unix
-from taskorch._service.server import Server
+from taskorch._service.server.listener import bind_tcp, bind_unix
+from taskorch._service.server.server import Server
 
 R = 30  # deadlock guard only
 KEY = b"k" * 32
@@ -140,7 +140,7 @@ def test_a_client_over_the_authenticated_cap_is_told_why(make_server) -> None:
 def test_tcp_connections_set_tcp_nodelay_on_both_ends(make_server) -> None:
     server = make_server(tcp=True)
     with connect(server.listener.address, authkey=KEY) as client:
-        client_sock = client._session._sock
+        client_sock = client._session._link._sock
         assert client_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         (served,) = wait_until(lambda: server.connections()[1], what="the client to authenticate")
         assert served.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

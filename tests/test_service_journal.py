@@ -37,8 +37,8 @@ from taskorch import (
     WorkerCrashedError,
     connect,
 )
-from taskorch._service.protocol import C_SUBMIT, O_ERROR, O_RESULT, S_ACCEPTED
-from taskorch._service.requests import Request, new_future, payload
+from taskorch._service.client.requests import Request, new_future, payload
+from taskorch._service.protocol import O_ERROR, O_RESULT, S_ACCEPTED, submit_frame
 
 NO_RETRY = Policy(retries=0)
 # test_service's fixtures, used here by name.
@@ -168,7 +168,7 @@ def test_submitters_during_a_sigkill_get_each_task_accepted_once(start_server, s
             except ServerUnavailableError:
                 with lock:
                     unavailable[0] += 1
-                client._session._up.wait(R)  # (a test's shortcut: wait for the reconnection)
+                client._session._link.up.wait(R)  # (a test's shortcut: wait for the reconnection)
                 continue
             with lock:
                 accepted.append(f)
@@ -206,8 +206,9 @@ def test_a_resent_submission_is_found_in_the_journal(start_server) -> None:
         assert f.result(R) == 49
         request = Request(new_future())
         second._session.token = session.token  # as if the same client, reconnected
-        req = second._session._start(request, lambda req: (
-            C_SUBMIT, 1, payload(t.square, (8,), {}), None, False, session.token, True))
+        req = second._session._start(request, lambda req: submit_frame(
+            1, payload(t.square, (8,), {}), None, wait=False, client=session.token, retry=True,
+            credit=False))
         assert req >= 1 and request.event.wait(R)
         assert request.answer[:3] == (S_ACCEPTED, 1, f.task_id)
         assert second.stats().submitted == 1

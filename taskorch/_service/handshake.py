@@ -35,10 +35,10 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from typing import Any, cast
 
 from taskorch._service.protocol import (
-    S_HELLO,
     SERVICE_MAX_FRAME,
     SERVICE_VERSION,
-    decode_server_frame,
+    ServiceProtocolError,
+    decode_hello,
 )
 
 #: The first bytes of a refusal frame (never the start of a pickle or an HMAC message).
@@ -132,7 +132,7 @@ def client_handshake(sock: socket.socket, conn: Connection[Any, Any], authkey: b
     try:
         answer_challenge(cast("Connection[Any, Any]", peer), authkey)
         deliver_challenge(cast("Connection[Any, Any]", peer), authkey)
-        hello = decode_server_frame(peer.recv_bytes(SERVICE_MAX_FRAME))
+        hello = peer.recv_bytes(SERVICE_MAX_FRAME)
     except AuthenticationError as exc:
         raise AuthenticationError(
             f"taskorch serve at {where} refused the authkey ({exc}): use the key file the "
@@ -153,11 +153,12 @@ def client_handshake(sock: socket.socket, conn: Connection[Any, Any], authkey: b
             done = True
         timer.cancel()
         timer.join()
-    if len(hello) != 3 or hello[0] != S_HELLO or hello[1] != SERVICE_VERSION:
+    try:
+        return dict(decode_hello(hello).info)
+    except ServiceProtocolError as exc:
         raise ConnectionError(
             f"{where} does not speak taskorch's service protocol version {SERVICE_VERSION} "
-            f"(got {hello[:2]!r}); upgrade the older side")
-    return dict(hello[2])
+            f"({exc}); upgrade the older side") from exc
 
 
 def peer_name(sock: socket.socket) -> str:

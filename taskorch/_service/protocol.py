@@ -12,16 +12,26 @@ Transport: ``multiprocessing.connection`` framing (a 4-byte big-endian signed le
 and an 8-byte length, then the body). First, multiprocessing's HMAC challenge, both ways
 (the server runs ``deliver_challenge`` then ``answer_challenge``, the client the reverse),
 whose frames are read with a 256-byte limit: nothing an unauthenticated peer sends reaches
-pickle. After that every frame is one pickled tuple whose first element is its tag. A frame
-longer than SERVICE_MAX_FRAME is refused from its length alone (the body is never read) and
-the connection closed; senders check first and turn an oversized frame into an error for
-the one call concerned (``SerializationError``), nothing sent.
+pickle. After that every frame is one pickled tuple whose first element is its tag (read in
+bulk by ``transport.FrameReader``). A frame longer than SERVICE_MAX_FRAME is refused from
+its length alone (the body is never read) and the connection closed; senders check first and
+turn an oversized frame into an error for the one call concerned (``SerializationError``),
+nothing sent.
 
 Client frames hold builtins only (tuple, bytes, str, int, float, bool, None): the server
 decodes them with ``decode_client_frame``, an unpickler that refuses every global, so nothing
 a client sends imports a module or runs code in the server. The call travels as
 ``encode_call()`` bytes that the server hands to a worker unopened; the per-task policy as
-``encode_policy()`` bytes for the worker plus the plain fields the parent needs (WirePolicy).
+``encode_policy()`` bytes for the worker plus the plain fields the parent needs
+(``values.WirePolicy``; ``values`` also encodes errors and statistics).
+
+In code, each frame below is a named type whose fields are the tuple's, the tag first
+(``Submit`` for C_SUBMIT; ``Withdraw``, ``StatsRequest``, ``ResultRequest``, ``CreditReturn``,
+``TriggerRequest``; ``Hello``, ``Accepted``, ``Dropped``, ``Rejected``, ``Done``,
+``StatsReply``, ``CreditGrant``, ``CreditRecall``), built by one constructor each
+(``submit_frame()``...) and read by field name. The codec here turns them into plain tuples
+and back (the server's unpickler accepts builtins only); S_BATCH exists on the wire only
+(``transport.frame_batch``; ``decode_server_frames`` returns its messages).
 
 server -> client, once, right after authentication:
 
@@ -102,10 +112,11 @@ server -> client:
                                           schedules
     (S_BATCH, messages)                   a tuple of the frames above (never S_BATCH), in
                                           order: what the server's writer found queued, in
-                                          one frame and one pickle (``frame_batch``); a batch
-                                          over SERVICE_MAX_FRAME goes as separate frames
+                                          one frame and one pickle
+                                          (``transport.frame_batch``); a batch over
+                                          SERVICE_MAX_FRAME goes as separate frames
 
-Credits (``_service.credits`` has the rules): a credit is a backlog slot the server holds for
+Credits (``_service.server.credits`` has the rules): a credit is a backlog slot the server holds for
 one connection, so that run() needs no round trip and the bound stays exact across clients:
 queued tasks plus every connection's credits never exceed ``max_backlog``. The server grants
 a few on connecting and with each ACCEPTED, recalls them when a round-trip submission finds
@@ -123,15 +134,10 @@ run to the end all the same, and count in the stats.
 from __future__ import annotations
 
 import pickle
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-from taskorch._errors import RemoteTaskError
-from taskorch._policy import Policy
-from taskorch._wire import PROTOCOL, encode_exception, encode_policy
-
-if TYPE_CHECKING:
-    from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._stats import Stats
+from taskorch._service.values import WirePolicy, encode_service_error, is_wire_policy
+from taskorch._wire import PROTOCOL
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
 #: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
@@ -167,17 +173,224 @@ O_RAISED = 2
 O_ERROR = 3
 O_CANCELLED = 4
 
-#: A per-task policy on the service wire: ``(policy_bytes, retries, timeout, backoff_initial,
-#: backoff_max, jitter, retry_timeouts)``. ``policy_bytes`` (``encode_policy()``) goes to the
-#: worker unopened; the plain fields rebuild, in the server, the part of the Policy the parent
-#: itself uses (the attempt budget, the backoff before retrying a crashed attempt, the hard
-#: timeout, and whether a hard timeout is retried: ``retry_timeouts``). Should the parent ever
-#: read another Policy field, it must be added here (and SERVICE_VERSION raised).
-WirePolicy = tuple[bytes, int, "float | None", float, float, bool, bool]
-
 
 class ServiceProtocolError(ValueError):
     """A peer sent a frame that is not part of the service protocol."""
+
+
+# -- the frames: one named type each, built by its constructor below ---------------------------
+# On the wire a frame is the plain tuple of its fields (the tag first): the server's unpickler
+# accepts builtins only, and the layout stays the one this docstring describes. The codec
+# (encode_service_frame, decode_client_frame, decode_server_frames) converts; nothing else reads
+# a frame by index.
+
+
+class Submit(NamedTuple):
+    """C_SUBMIT: a task to run (``submit_frame``)."""
+
+    tag: int
+    req: int
+    payload: bytes
+    policy: WirePolicy | None
+    wait: bool
+    client: bytes
+    retry: bool
+    credit: bool
+
+
+class Withdraw(NamedTuple):
+    """C_WITHDRAW: the caller stopped waiting for ``req``."""
+
+    tag: int
+    req: int
+
+
+class StatsRequest(NamedTuple):
+    """C_STATS."""
+
+    tag: int
+    req: int
+
+
+class ResultRequest(NamedTuple):
+    """C_RESULT: wait for task ``task_id``'s outcome."""
+
+    tag: int
+    req: int
+    task_id: int
+    wait: bool
+
+
+class CreditReturn(NamedTuple):
+    """C_RETURN: ``n`` credits given back."""
+
+    tag: int
+    n: int
+
+
+class TriggerRequest(NamedTuple):
+    """C_TRIGGER: run the schedule ``name`` now."""
+
+    tag: int
+    req: int
+    name: str
+
+
+class Hello(NamedTuple):
+    """S_HELLO: the server's version and ``info``."""
+
+    tag: int
+    version: int
+    info: dict[str, Any]
+
+
+class Accepted(NamedTuple):
+    """S_ACCEPTED: journaled and enqueued as ``task_id``; ``grant`` more credits."""
+
+    tag: int
+    req: int
+    task_id: int
+    grant: int
+
+
+class Dropped(NamedTuple):
+    """S_DROPPED."""
+
+    tag: int
+    req: int
+
+
+class Rejected(NamedTuple):
+    """S_REJECTED: ``error`` is ``encode_service_error()`` bytes."""
+
+    tag: int
+    req: int
+    error: bytes
+
+
+class Done(NamedTuple):
+    """S_DONE: the task's outcome (``data`` by ``outcome``: see above)."""
+
+    tag: int
+    req: int
+    outcome: int
+    attempts: int
+    seconds: float | None
+    data: Any
+
+
+class StatsReply(NamedTuple):
+    """S_STATS: ``encode_status()``'s fields (or a trigger's answer)."""
+
+    tag: int
+    req: int
+    fields: dict[str, Any]
+
+
+class CreditGrant(NamedTuple):
+    """S_CREDIT: ``n`` more credits."""
+
+    tag: int
+    n: int
+
+
+class CreditRecall(NamedTuple):
+    """S_RECALL: give back the credits not spent."""
+
+    tag: int
+
+
+ClientFrame = Submit | Withdraw | StatsRequest | ResultRequest | CreditReturn | TriggerRequest
+ServerFrame = (Hello | Accepted | Dropped | Rejected | Done | StatsReply | CreditGrant
+               | CreditRecall)
+#: The server frames that answer a request for good (its entry leaves the client's table).
+FINAL_ANSWERS = (Done, Dropped, Rejected, StatsReply)
+
+
+#: A frame from its fields, tag first: ``tuple.__new__`` in C, without the Python-level
+#: ``__new__`` a NamedTuple's class call runs (a frame or two per task on each side).
+_new = tuple.__new__
+
+
+def submit_frame(req: int, payload: bytes, policy: WirePolicy | None, *, wait: bool,
+                 client: bytes, retry: bool, credit: bool) -> Submit:
+    return _new(Submit, (C_SUBMIT, req, payload, policy, wait, client, retry, credit))
+
+
+def resubmit_frame(frame: Submit, credit: bool) -> Submit:
+    """``frame`` again on a new connection: the server finds it if the first got through
+    (``retry``). A credit run() has returned already: it must not be refused for room now,
+    so it waits for room (run_async's semantics)."""
+    return submit_frame(frame.req, frame.payload, frame.policy, wait=frame.wait or credit,
+                        client=frame.client, retry=True, credit=False)
+
+
+def withdraw_frame(req: int) -> Withdraw:
+    return _new(Withdraw, (C_WITHDRAW, req))
+
+
+def stats_request_frame(req: int) -> StatsRequest:
+    return _new(StatsRequest, (C_STATS, req))
+
+
+def result_request_frame(req: int, task_id: int, wait: bool) -> ResultRequest:
+    return _new(ResultRequest, (C_RESULT, req, task_id, wait))
+
+
+def credit_return_frame(n: int) -> CreditReturn:
+    return _new(CreditReturn, (C_RETURN, n))
+
+
+def trigger_request_frame(req: int, name: str) -> TriggerRequest:
+    return _new(TriggerRequest, (C_TRIGGER, req, name))
+
+
+def hello_frame(info: dict[str, Any]) -> Hello:
+    return _new(Hello, (S_HELLO, SERVICE_VERSION, info))
+
+
+def accepted_frame(req: int, task_id: int, grant: int) -> Accepted:
+    return _new(Accepted, (S_ACCEPTED, req, task_id, grant))
+
+
+def dropped_frame(req: int) -> Dropped:
+    return _new(Dropped, (S_DROPPED, req))
+
+
+def rejected_frame(req: int, error: BaseException) -> Rejected:
+    return _new(Rejected, (S_REJECTED, req, encode_service_error(error)))
+
+
+def done_frame(req: int, outcome: int, attempts: int, seconds: float | None,
+               data: Any) -> Done:
+    return _new(Done, (S_DONE, req, outcome, attempts, seconds, data))
+
+
+def stats_reply_frame(req: int, fields: dict[str, Any]) -> StatsReply:
+    return _new(StatsReply, (S_STATS, req, fields))
+
+
+def credit_grant_frame(n: int) -> CreditGrant:
+    return _new(CreditGrant, (S_CREDIT, n))
+
+
+def credit_recall_frame() -> CreditRecall:
+    return _new(CreditRecall, (S_RECALL,))
+
+
+# -- the codec ---------------------------------------------------------------------------------
+
+_UNKNOWN: tuple[Any, int] = (None, -1)
+
+#: Tag -> (its frame's type, its number of fields); the server's frames by tag.
+_CLIENT_FRAMES: dict[int, tuple[Any, int]] = {
+    tag: (kind, len(kind._fields)) for tag, kind in (
+        (C_SUBMIT, Submit), (C_WITHDRAW, Withdraw), (C_STATS, StatsRequest),
+        (C_RESULT, ResultRequest), (C_RETURN, CreditReturn), (C_TRIGGER, TriggerRequest))}
+_SERVER_FRAMES: dict[int, Any] = {
+    tag: kind for tag, kind in (
+        (S_HELLO, Hello), (S_ACCEPTED, Accepted), (S_DROPPED, Dropped), (S_REJECTED, Rejected),
+        (S_DONE, Done), (S_STATS, StatsReply), (S_CREDIT, CreditGrant), (S_RECALL, CreditRecall))}
 
 
 class _BuiltinsOnlyUnpickler(pickle.Unpickler):
@@ -185,11 +398,12 @@ class _BuiltinsOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a client frame may not reference {module}.{name}")
 
 
-def encode_service_frame(message: tuple[Any, ...]) -> bytes:
-    return pickle.dumps(message, PROTOCOL)
+def encode_service_frame(frame: tuple[Any, ...]) -> bytes:
+    """A frame's bytes: its fields as a plain tuple (a named frame pickles as its class)."""
+    return pickle.dumps(tuple(frame), PROTOCOL)
 
 
-def decode_client_frame(data: bytes) -> tuple[Any, ...]:
+def decode_client_frame(data: bytes) -> ClientFrame:
     """Decode and check one client frame in the server: builtins only, known layouts only."""
     import io
 
@@ -202,82 +416,57 @@ def decode_client_frame(data: bytes) -> tuple[Any, ...]:
             f"a frame must be a non-empty tuple, got {type(message).__name__}"
         )
     tag = message[0]
-    if tag == C_SUBMIT and len(message) == 8:
-        _, req, payload, policy, wait, client, retry, credit = message
-        if (_is_req(req) and isinstance(payload, bytes) and isinstance(wait, bool)
-                and (policy is None or _is_wire_policy(policy))
-                and isinstance(client, bytes) and 0 < len(client) <= 64
-                and isinstance(retry, bool) and isinstance(credit, bool)):
-            return message
-    elif (tag == C_RESULT and len(message) == 4 and _is_req(message[1]) and _is_req(message[2])
-          and isinstance(message[3], bool)):
-        return message
-    elif tag in (C_WITHDRAW, C_STATS, C_RETURN) and len(message) == 2 and _is_req(message[1]):
-        return message
-    elif (tag == C_TRIGGER and len(message) == 3 and _is_req(message[1])
-          and isinstance(message[2], str) and 0 < len(message[2]) <= 1000):
-        return message
+    kind, size = _CLIENT_FRAMES.get(tag, _UNKNOWN) if isinstance(tag, int) else _UNKNOWN
+    if len(message) == size:
+        frame: ClientFrame = _new(kind, message)
+        if _is_valid(frame):
+            return frame
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
 
 
-class FrameReader:
-    """Reads ``multiprocessing.connection`` frames from a blocking fd, many per ``read()``
-    (the reader threads of both sides, after the handshake, which reads exactly its own
-    frames). ``Connection.recv_bytes`` costs two reads per frame; a burst of small frames
-    here costs one read for all of them. A length over ``maxlength`` raises
-    ``OSError("bad message length")``, as ``recv_bytes`` does, before the body is read."""
-
-    CHUNK = 256 * 1024
-
-    def __init__(self, fd: int, maxlength: int = SERVICE_MAX_FRAME) -> None:
-        self._fd = fd
-        self._maxlength = maxlength
-        self._buf = bytearray()
-        self._pos = 0  # start of the first unread byte in _buf
-
-    def read(self) -> bytes:
-        import os
-        import struct
-
-        while True:
-            buf, pos = self._buf, self._pos
-            avail = len(buf) - pos
-            need = 4
-            if avail >= 4:
-                (size,) = struct.unpack_from("!i", buf, pos)
-                if size < 0 or size > self._maxlength:
-                    raise OSError("bad message length")
-                need = 4 + size
-                if avail >= need:
-                    self._pos = pos + need
-                    return bytes(buf[pos + 4:pos + need])
-            if pos:
-                del buf[:pos]  # drop what was consumed before reading more
-                self._pos = 0
-            chunk = os.read(self._fd, max(self.CHUNK, need - avail))
-            if not chunk:
-                raise EOFError
-            buf += chunk
+def _is_valid(frame: ClientFrame) -> bool:
+    if isinstance(frame, Submit):
+        return (_is_req(frame.req) and isinstance(frame.payload, bytes)
+                and isinstance(frame.wait, bool)
+                and (frame.policy is None or is_wire_policy(frame.policy))
+                and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64
+                and isinstance(frame.retry, bool) and isinstance(frame.credit, bool))
+    if isinstance(frame, ResultRequest):
+        return _is_req(frame.req) and _is_req(frame.task_id) and isinstance(frame.wait, bool)
+    if isinstance(frame, TriggerRequest):
+        return (_is_req(frame.req) and isinstance(frame.name, str)
+                and 0 < len(frame.name) <= 1000)
+    if isinstance(frame, CreditReturn):
+        return _is_req(frame.n)
+    return _is_req(frame.req)  # Withdraw, StatsRequest
 
 
-def frame_bytes(message: tuple[Any, ...]) -> bytes:
-    """``message`` encoded and framed as ``Connection.send_bytes`` would (frames < 2 GiB)."""
-    import struct
+def decode_server_frames(data: bytes) -> tuple[ServerFrame, ...]:
+    """Decode one server frame in the client: its messages (an S_BATCH holds several; the
+    client trusts the server it authenticated, but not its layouts)."""
+    message = pickle.loads(data)
+    messages = (message[1] if isinstance(message, tuple) and len(message) == 2
+                and message[0] == S_BATCH else (message,))
+    known = _SERVER_FRAMES
+    try:  # (a layout of the wrong length fails where a field is read: IndexError)
+        return tuple([_new(known[m[0]], m) for m in messages])
+    except (LookupError, TypeError) as exc:
+        raise ServiceProtocolError(f"unexpected frame from the server ({exc!r})") from None
 
-    body = encode_service_frame(message)
-    return struct.pack("!i", len(body)) + body
 
-
-def frame_batch(messages: list[tuple[Any, ...]]) -> bytes | None:
-    """Several server messages as one framed S_BATCH (one pickle for all: a writer that finds
-    hundreds of S_ACCEPTED and S_DONE queued spends one ``dumps`` and the client one
-    ``loads``); None if the batch would exceed SERVICE_MAX_FRAME (send them one by one)."""
-    import struct
-
-    body = encode_service_frame((S_BATCH, tuple(messages)))
-    if len(body) > SERVICE_MAX_FRAME:
-        return None
-    return struct.pack("!i", len(body)) + body
+def decode_hello(data: bytes) -> Hello:
+    """The server's first frame, in the client's handshake; ServiceProtocolError unless it
+    is a hello of this SERVICE_VERSION."""
+    try:
+        frames = decode_server_frames(data)
+    except ServiceProtocolError as exc:
+        raise ServiceProtocolError(f"not a hello: {exc}") from exc
+    hello = frames[0] if len(frames) == 1 else None
+    if (not isinstance(hello, Hello) or len(hello) != len(Hello._fields)
+            or hello.version != SERVICE_VERSION):
+        got = (hello.tag, hello.version) if isinstance(hello, Hello) else "another frame"
+        raise ServiceProtocolError(f"got {got!r}")
+    return hello
 
 
 def decode_builtins(data: bytes) -> Any:
@@ -287,105 +476,7 @@ def decode_builtins(data: bytes) -> Any:
     return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
 
 
-def decode_server_frame(data: bytes) -> tuple[Any, ...]:
-    """Decode one server frame in the client (the client trusts the server it authenticated)."""
-    message = pickle.loads(data)
-    if not isinstance(message, tuple) or not message:
-        raise ServiceProtocolError(
-            f"a frame must be a non-empty tuple, got {type(message).__name__}"
-        )
-    return message
-
-
-def encode_service_policy(policy: Policy) -> WirePolicy:
-    from taskorch._errors import TaskTimeoutError
-
-    return (
-        encode_policy(policy), policy.retries, policy.timeout, policy.backoff_initial,
-        policy.backoff_max, policy.jitter, policy.retries_type(TaskTimeoutError),
-    )
-
-
-def decode_service_policy(wire: WirePolicy) -> tuple[Policy, bytes]:
-    """The server's view of a client's policy, and the bytes to forward to the worker.
-
-    The Policy object is rebuilt from plain fields: its ``retry_on`` is reduced to what the
-    parent tests it against (a hard ``TaskTimeoutError``); the worker applies the client's own
-    ``retry_on`` from ``policy_bytes``. ValueError: the fields are not a valid Policy.
-    """
-    from taskorch._errors import TaskTimeoutError
-
-    policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = wire
-    policy = Policy(
-        retries=retries, timeout=timeout, backoff_initial=backoff_initial,
-        backoff_max=backoff_max, jitter=jitter,
-        retry_on=(TaskTimeoutError,) if retry_timeouts else (),
-    )
-    return policy, policy_bytes
-
-
-def encode_service_error(exc: BaseException) -> bytes:
-    """Pickle a taskorch error (they all define ``__reduce__``) for the client to raise."""
-    try:
-        return pickle.dumps(exc, PROTOCOL)
-    except Exception:
-        _, type_name, message, tb = encode_exception(exc)
-        return pickle.dumps(RemoteTaskError(type_name, message, tb), PROTOCOL)
-
-
-def decode_service_error(data: bytes) -> BaseException:
-    try:
-        exc = pickle.loads(data)
-    except Exception as err:
-        return RemoteTaskError(
-            "taskorch.TaskorchError", f"an error from the server did not unpickle: {err}"
-        )
-    if not isinstance(exc, BaseException):
-        return RemoteTaskError(
-            "taskorch.TaskorchError", f"the server sent {type(exc).__name__} as an error"
-        )
-    return exc
-
-
-def encode_stats(stats: Stats) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(stats)
-
-
-def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
-    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details`` and
-    ``oldest_queued_seconds`` for ``taskorch status`` (extra keys, which ``decode_stats``
-    and older clients ignore)."""
-    import dataclasses
-
-    details = orchestrator.status_details()
-    return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
-            "oldest_queued_seconds": details["oldest_queued_seconds"],
-            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}
-
-
-def decode_stats(fields: dict[str, Any]) -> Stats:
-    """A ``taskorch.Stats`` from ``encode_stats()``'s dict (fields this version lacks ignored)."""
-    import dataclasses
-
-    from taskorch._stats import Stats
-
-    known = {f.name for f in dataclasses.fields(Stats)}
-    return Stats(**{k: v for k, v in fields.items() if k in known})
-
-
 def _is_req(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_wire_policy(value: object) -> bool:
-    if not isinstance(value, tuple) or len(value) != 7:
-        return False
-    policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = value
-    return (
-        isinstance(policy_bytes, bytes) and _is_req(retries)
-        and (timeout is None or isinstance(timeout, (int, float)))
-        and isinstance(backoff_initial, (int, float)) and isinstance(backoff_max, (int, float))
-        and isinstance(jitter, bool) and isinstance(retry_timeouts, bool)
-    )

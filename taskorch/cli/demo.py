@@ -87,6 +87,18 @@ def main(args: argparse.Namespace) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _describe_workload(info: dict[str, Any]) -> str:
+    """What ``demo_workload.build`` made, one line per job kind."""
+    return (
+        f"  {info['sqlite']['rows']:,} sessions in app.db ({info['sqlite']['expired']:,} expired)\n"
+        f"  {len(info['logs']['files'])} logs, {info['logs']['bytes'] / 1e6:.0f} MB to compress\n"
+        f"  {info['files']['files']:,} files in {len(info['files']['projects'])} trees, "
+        f"{info['files']['duplicates']:,} of them duplicates\n"
+        f"  a priority queue of {info['pq']['nodes']:,} nodes, "
+        f"{info['pq']['deleted']:,} marked deleted\n"
+    )
+
+
 def _demo(args: argparse.Namespace, root: str, workload: Path) -> int:
     from taskorch import Policy, TaskOrchestrator
     from taskorch.cli.run import resolve_target
@@ -107,15 +119,8 @@ def _demo(args: argparse.Namespace, root: str, workload: Path) -> int:
     info = build(pool_root, scale=args.scale)
     if not args.no_serial:
         build(serial_root, scale=args.scale)
-    out.write(
-        f"Built a cleanup workload in {root} in {time.perf_counter() - started:.1f} s:\n"
-        f"  {info['sqlite']['rows']:,} sessions in app.db ({info['sqlite']['expired']:,} expired)\n"
-        f"  {len(info['logs']['files'])} logs, {info['logs']['bytes'] / 1e6:.0f} MB to compress\n"
-        f"  {info['files']['files']:,} files in {len(info['files']['projects'])} trees, "
-        f"{info['files']['duplicates']:,} of them duplicates\n"
-        f"  a priority queue of {info['pq']['nodes']:,} nodes, "
-        f"{info['pq']['deleted']:,} marked deleted\n\n"
-    )
+    out.write(f"Built a cleanup workload in {root} in {time.perf_counter() - started:.1f} s:\n"
+              f"{_describe_workload(info)}\n")
     # The longest job (the SQLite purge) first, as a scheduler that knows its jobs would.
     jobs = sorted(list_jobs(pool_root), key=lambda job: "purge_expired" not in job[0])
 

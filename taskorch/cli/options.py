@@ -232,7 +232,7 @@ def non_negative_float(text: str) -> float:
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a client command (status, trigger) finds a ``taskorch serve``, and its key."""
-    from taskorch._service.client import CONNECT_TIMEOUT
+    from taskorch._service.client.api import CONNECT_TIMEOUT
 
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", metavar="PATH", help="the server's Unix socket")

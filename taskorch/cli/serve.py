@@ -1,5 +1,6 @@
-"""``taskorch serve``: its options, and the translation of ``taskorch._service.serving.serve()``
-into messages and an exit status (CLI, server process, main thread).
+"""``taskorch serve``: its options, and the translation of
+``taskorch._service.server.serving.serve()`` into messages and an exit status (CLI, server
+process, main thread).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from taskorch._service.addressing import (
     normalize_address,
     parse_tcp_address,
 )
-from taskorch._service.journal import Journal
-from taskorch._service.listener import Listener, bind_tcp, bind_unix
-from taskorch._service.schedules import JournalScheduleStore
-from taskorch._service.serving import serve
+from taskorch._service.server.journal import Journal
+from taskorch._service.server.listener import Listener, bind_tcp, bind_unix
+from taskorch._service.server.schedules import JournalScheduleStore
+from taskorch._service.server.serving import serve
 from taskorch.cli import config
 from taskorch.cli.config import ScheduleEntry
 from taskorch.cli.options import (

@@ -1,5 +1,5 @@
 """``taskorch serve --http``: its options and the ``HttpService`` they make (CLI, server
-process, main thread). See ``taskorch._service.http``."""
+process, main thread). See ``taskorch._service.server.http``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from taskorch.cli.options import UsageError
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._service.http import HttpService
+    from taskorch._service.server.http import HttpService
 
 
 def add_http_arguments(p: Any) -> None:
@@ -34,7 +34,7 @@ def http_service_from_args(args: argparse.Namespace,
     if args.http is None:
         return None, ""
     try:
-        from taskorch._service.http import HttpService, load_or_create_token
+        from taskorch._service.server.http import HttpService, load_or_create_token
     except ImportError as exc:
         raise UsageError(f"--http needs prometheus_client ({exc}): "
                          "pip install 'taskorch[metrics]'") from exc

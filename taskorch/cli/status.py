@@ -11,8 +11,8 @@ from typing import Any
 
 from taskorch._errors import OrchestratorClosedError
 from taskorch._service.addressing import Address
-from taskorch._service.client import fetch_status
-from taskorch._service.protocol import decode_stats, encode_stats
+from taskorch._service.client.api import fetch_status
+from taskorch._service.values import decode_stats, encode_stats
 from taskorch.cli.options import EXIT_FAILED, EXIT_OK, add_server_arguments, server_address
 
 
@@ -113,7 +113,7 @@ def _cannot(address: Address, why: str) -> int:
 def _show_task(address: Address, args: argparse.Namespace) -> int:
     """``--task ID``: one line about the task (its outcome unpickled here, if it can be)."""
     from taskorch._errors import TaskNotFoundError
-    from taskorch._service.client import connect
+    from taskorch._service.client.api import connect
 
     try:
         with connect(address, authkey_file=args.authkey_file, timeout=args.timeout,

@@ -8,7 +8,7 @@ from multiprocessing import AuthenticationError
 from typing import Any
 
 from taskorch._errors import OrchestratorClosedError
-from taskorch._service.client import trigger_schedule
+from taskorch._service.client.api import trigger_schedule
 from taskorch.cli.options import EXIT_FAILED, EXIT_OK, add_server_arguments, server_address
 
 

@@ -3,7 +3,7 @@ scheduler's thread and the callbacks thread call it, the journal's writer writes
 
 from __future__ import annotations
 
-from taskorch._service.journal import Journal
+from taskorch._service.server.journal import Journal
 
 
 class JournalScheduleStore:

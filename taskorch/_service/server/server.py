@@ -57,15 +57,15 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._policy import Features
-from taskorch._service.connection import ServedConnection
 from taskorch._service.handshake import configure_socket, peer_name
-from taskorch._service.journal import Journal
-from taskorch._service.listener import Listener
-from taskorch._service.protocol import S_RECALL
-from taskorch._service.registry import TaskRegistry
+from taskorch._service.protocol import credit_recall_frame
+from taskorch._service.server.connection import ServedConnection
+from taskorch._service.server.journal import Journal
+from taskorch._service.server.listener import Listener
+from taskorch._service.server.registry import TaskRegistry
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
@@ -117,7 +117,7 @@ class Server:
         self.max_unauthenticated = max_unauthenticated
         self.max_connections = max_connections
         self._on_thread_death = on_thread_death
-        self.info = {
+        self.info: dict[str, Any] = {
             "pid": os.getpid(), "taskorch": _version(),
             "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
             "workers": orchestrator.worker_count,
@@ -279,7 +279,7 @@ class Server:
         """A reader found the backlog full: ask the clients holding credits for them back."""
         for connection in self.connections()[1]:
             if connection.credits.recall():
-                connection.send((S_RECALL,))
+                connection.send(credit_recall_frame())
 
     def connections(self) -> tuple[list[ServedConnection], list[ServedConnection]]:
         """(waiting to authenticate, authenticated): a snapshot, for tests and logs."""

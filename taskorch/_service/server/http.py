@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from taskorch._parent.observe import Observer, Snapshot
-from taskorch._service.listener import resolve_tcp
+from taskorch._service.server.listener import resolve_tcp
 from taskorch.metrics import TaskorchCollector
 
 if TYPE_CHECKING:
@@ -345,7 +345,7 @@ _html: list[str] = []
 
 def _dashboard_html() -> str:
     if not _html:
-        _html.append(resources.files("taskorch._service").joinpath("dashboard.html").read_text(
+        _html.append(resources.files("taskorch._service.server").joinpath("dashboard.html").read_text(
             encoding="utf-8"))
     return _html[0]
 

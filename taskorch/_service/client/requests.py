@@ -15,14 +15,17 @@ from typing import Any, Callable
 
 from taskorch._parent.task import TaskFuture
 from taskorch._service.protocol import (
-    C_RESULT,
-    C_SUBMIT,
     O_CANCELLED,
     O_ERROR,
     O_RAISED,
     O_RESULT,
-    decode_service_error,
+    ClientFrame,
+    ServerFrame,
+    Submit,
+    resubmit_frame,
+    result_request_frame,
 )
+from taskorch._service.values import decode_service_error
 from taskorch._wire import encode_call
 
 
@@ -42,12 +45,12 @@ class Request:
         self.event = threading.Event() if waiter is None and not credit else None
         self.loop = loop
         self.waiter = waiter
-        self.answer: tuple[Any, ...] | BaseException | None = None
+        self.answer: ServerFrame | BaseException | None = None
         # The frame sent, kept to send it again after a reconnection (None: not resendable).
-        self.message: tuple[Any, ...] | None = None
+        self.message: ClientFrame | None = None
         self.credit = credit  # a run() that spent a credit: nobody waits for the answer
 
-    def deliver(self, answer: tuple[Any, ...] | BaseException) -> None:
+    def deliver(self, answer: ServerFrame | BaseException) -> None:
         """Hand the answer to the caller (reader thread, or the session when it gives up)."""
         self.answered = True
         self.answer = answer
@@ -106,18 +109,16 @@ def resolve(
         raise ValueError(f"unknown outcome {outcome!r}")
 
 
-def resend_message(req: int, request: Request) -> tuple[Any, ...] | None:
+def resend(req: int, request: Request) -> ClientFrame | None:
     """What to send for ``request`` on a new link (None: nothing)."""
     future = request.future
     if request.answered:
-        if future is not None and not future.done():
-            return (C_RESULT, req, future.task_id, True)  # re-attach: the outcome from the journal
+        if future is not None and not future.done():  # re-attach: the outcome from the journal
+            return result_request_frame(req, future.task_id, True)
         return None
     message = request.message
-    if message is not None and message[0] == C_SUBMIT:
-        # The server finds it if the first frame got through. A credit run() returned already:
-        # it must not be refused for room now, so it waits for room (run_async's semantics).
-        return (*message[:4], message[4] or request.credit, message[5], True, False)
+    if isinstance(message, Submit):  # found by the server if the first frame got through
+        return resubmit_frame(message, request.credit)
     return message  # a result() wait
 
 

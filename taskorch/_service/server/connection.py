@@ -28,7 +28,7 @@ import queue
 import socket
 import threading
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from taskorch._errors import (
     OrchestratorClosedError,
@@ -36,7 +36,6 @@ from taskorch._errors import (
     SerializationError,
     TaskorchError,
 )
-from taskorch._service.credits import ConnectionCredits
 from taskorch._service.handshake import (
     SerializedSends,
     peer_name,
@@ -44,35 +43,32 @@ from taskorch._service.handshake import (
     server_handshake,
 )
 from taskorch._service.protocol import (
-    C_RESULT,
-    C_RETURN,
-    C_STATS,
-    C_SUBMIT,
-    C_TRIGGER,
-    C_WITHDRAW,
-    O_ERROR,
-    S_ACCEPTED,
-    S_CREDIT,
-    S_DONE,
-    S_DROPPED,
-    S_HELLO,
-    S_REJECTED,
-    S_STATS,
     SERVICE_MAX_FRAME,
-    SERVICE_VERSION,
-    FrameReader,
+    CreditReturn,
+    ResultRequest,
+    ServerFrame,
     ServiceProtocolError,
+    StatsRequest,
+    Submit,
+    TriggerRequest,
+    Withdraw,
+    accepted_frame,
+    credit_grant_frame,
     decode_client_frame,
-    encode_service_error,
+    done_frame,
+    dropped_frame,
     encode_service_frame,
-    encode_status,
-    frame_batch,
-    frame_bytes,
+    hello_frame,
+    rejected_frame,
+    stats_reply_frame,
 )
+from taskorch._service.server.credits import ConnectionCredits
+from taskorch._service.transport import FrameReader, frame_batch, frame_bytes
+from taskorch._service.values import encode_status
 
 if TYPE_CHECKING:
-    from taskorch._service.registry import Outcome
-    from taskorch._service.server import Server
+    from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._service.server.registry import Outcome, TaskRegistry
 
 log = logging.getLogger("taskorch")
 
@@ -89,10 +85,38 @@ REFUSAL_LOCK_TIMEOUT = 1.0
 _STOP = None  # the outbox sentinel: flush what is queued, then exit
 
 
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (``server.Server``, which
+    imports this module; this one imports nothing of it). ``promote``, ``forget`` and
+    ``recall_credits`` are called from the connection's reader thread."""
+
+    @property
+    def orchestrator(self) -> TaskOrchestrator: ...
+    @property
+    def registry(self) -> TaskRegistry: ...
+    @property
+    def authkey(self) -> bytes: ...
+    @property
+    def info(self) -> dict[str, Any]: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...  # the server's asyncio thread's
+    @property
+    def stopping(self) -> bool: ...
+
+    def promote(self, connection: ServedConnection) -> bool:
+        """The peer authenticated: True if it may be served (else it was refused)."""
+
+    def forget(self, connection: ServedConnection) -> None:
+        """The connection has ended."""
+
+    def recall_credits(self) -> None:
+        """The backlog was found full: ask every client for the credits it holds."""
+
+
 class ServedConnection:
     """One client connection: its reader thread, its writer thread, and its tasks."""
 
-    def __init__(self, server: Server, sock: socket.socket, number: int) -> None:
+    def __init__(self, server: Host, sock: socket.socket, number: int) -> None:
         self.server = server
         self.orchestrator = server.orchestrator
         self.registry = server.registry
@@ -121,7 +145,7 @@ class ServedConnection:
         # Accepted hazard: a client that submits and never reads makes the server hold every
         # outcome of its tasks here (each up to SERVICE_MAX_FRAME) until it disconnects.
         # Sentinel _STOP: flush what is queued, then exit.
-        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[ServerFrame | None] = queue.SimpleQueue()
         # run_async() submits waiting for room, by req (asyncio thread only).
         self._waiting: dict[int, asyncio.Task[None]] = {}
         # Reader: blocks in recv_bytes(); wakeups: a frame, EOF or an error (the client left,
@@ -161,11 +185,11 @@ class ServedConnection:
         try:
             if not self._handshake():
                 return
-            self._answer((S_HELLO, SERVICE_VERSION, self.server.info))  # alone, first
+            self._answer(hello_frame(self.server.info))  # alone, first
             self.writer.start()
             granted = self.credits.top_up()
             if granted:
-                self.send((S_CREDIT, granted))
+                self.send(credit_grant_frame(granted))
             self._read()
         except (EOFError, BrokenPipeError, ConnectionResetError):
             pass  # the client left
@@ -228,24 +252,22 @@ class ServedConnection:
     def _read(self) -> None:
         frames = FrameReader(self.conn.fileno())  # (the fds live as long as this thread)
         while True:
-            message = decode_client_frame(frames.read())
-            tag = message[0]
-            if tag == C_SUBMIT:
-                self._submit(*message[1:])
-            elif tag == C_RESULT:
-                _, req, task_id, wait = message
+            frame = decode_client_frame(frames.read())
+            if isinstance(frame, Submit):
+                self._submit(frame)
+            elif isinstance(frame, ResultRequest):
                 with self._lock:
-                    self._inflight[req] = None
-                self.registry.watch(task_id, self, req, wait)
-            elif tag == C_RETURN:
-                self.credits.give_back(message[1])
-            elif tag == C_STATS:
-                self._reply((S_STATS, message[1], encode_status(self.orchestrator)))
-            elif tag == C_TRIGGER:
-                self._trigger(message[1], message[2])
+                    self._inflight[frame.req] = None
+                self.registry.watch(frame.task_id, self, frame.req, frame.wait)
+            elif isinstance(frame, CreditReturn):
+                self.credits.give_back(frame.n)
+            elif isinstance(frame, StatsRequest):
+                self._reply(stats_reply_frame(frame.req, encode_status(self.orchestrator)))
+            elif isinstance(frame, TriggerRequest):
+                self._trigger(frame.req, frame.name)
             else:
-                assert tag == C_WITHDRAW
-                self._on_loop(self._withdraw, message[1])
+                assert isinstance(frame, Withdraw)
+                self._on_loop(self._withdraw, frame.req)
 
     def _trigger(self, req: int, name: str) -> None:
         """``taskorch trigger NAME``: the schedule runs now (the server's own task)."""
@@ -253,55 +275,52 @@ class ServedConnection:
             future = self.orchestrator.trigger(name)
         except Exception as exc:  # no such schedule (KeyError), closed, broken
             error = ValueError(exc.args[0]) if isinstance(exc, KeyError) else exc
-            self._reply((S_REJECTED, req, encode_service_error(error)))
+            self._reply(rejected_frame(req, error))
             return
-        self._reply((S_STATS, req, {"triggered": name, "submitted": future is not None}))
+        self._reply(stats_reply_frame(req, {"triggered": name, "submitted": future is not None}))
 
-    def _submit(self, req: int, payload: bytes, wire_policy: Any, wait: bool, client: bytes,
-                retry: bool, credit: bool) -> None:
-        if credit:  # the slot is one this connection holds (see credits)
+    def _submit(self, frame: Submit) -> None:
+        if frame.credit:  # the slot is one this connection holds (see credits)
             if self.credits.spend():
-                self._journal(req, payload, wire_policy, client)
+                self._journal(frame)
                 granted = self.credits.top_up_when_low()
                 if granted:  # now, not after the commit: the client streams on meanwhile
-                    self._answer((S_CREDIT, granted), unless_busy=True)
+                    self._answer(credit_grant_frame(granted), unless_busy=True)
             else:
-                self._reply((S_REJECTED, req, encode_service_error(
-                    QueueFullError(self.orchestrator.max_backlog))))
-        elif retry:  # sent before on another connection? Then the journal has it.
-            self.registry.find(
-                client, req, self, req,
-                functools.partial(self._submit_new, req, payload, wire_policy, wait, client))
+                self._reply(rejected_frame(frame.req,
+                                           QueueFullError(self.orchestrator.max_backlog)))
+        elif frame.retry:  # sent before on another connection? Then the journal has it.
+            self.registry.find(frame.client, frame.req, self, frame.req,
+                               functools.partial(self._submit_new, frame))
         else:
-            self._submit_new(req, payload, wire_policy, wait, client)
+            self._submit_new(frame)
 
-    def _submit_new(self, req: int, payload: bytes, wire_policy: Any, wait: bool,
-                    client: bytes) -> None:
+    def _submit_new(self, frame: Submit) -> None:
         """The reader (or the journal's writer, for a retry it did not find)."""
-        if wait:
-            if not self._on_loop(self._start_waiting, req, payload, wire_policy, client):
-                self._reply((S_REJECTED, req, encode_service_error(
-                    OrchestratorClosedError("taskorch serve is stopping"))))
+        if frame.wait:
+            if not self._on_loop(self._start_waiting, frame):
+                self._reply(rejected_frame(
+                    frame.req, OrchestratorClosedError("taskorch serve is stopping")))
             return
         try:
             reserved = self.orchestrator.intake.reserve(f"from {self.peer}")
         except TaskorchError as exc:  # QueueFullError, OrchestratorClosedError, ...BrokenError
-            self._reply((S_REJECTED, req, encode_service_error(exc)))
+            self._reply(rejected_frame(frame.req, exc))
             if isinstance(exc, QueueFullError):
                 self.server.recall_credits()  # held slots may be what fills it
             return
         if not reserved:
-            self._reply((S_DROPPED, req))
+            self._reply(dropped_frame(frame.req))
             return
-        self._journal(req, payload, wire_policy, client)
+        self._journal(frame)
 
-    def _journal(self, req: int, payload: bytes, wire_policy: Any, client: bytes) -> None:
+    def _journal(self, frame: Submit) -> None:
         """A slot is held: journal the task; the registry calls admitted() once committed."""
         try:
-            self.registry.submit_reserved(client, req, payload, wire_policy, self, req)
+            self.registry.submit_reserved(frame.client, frame.req, frame.payload, frame.policy,
+                                          self, frame.req)
         except ValueError as exc:  # (the slot was given back)
-            self._reply((S_REJECTED, req, encode_service_error(
-                SerializationError(f"invalid policy: {exc}"))))
+            self._reply(rejected_frame(frame.req, SerializationError(f"invalid policy: {exc}")))
 
     # -- the registry's Sink: answers and outcomes (the journal's writer, mostly) -------------
 
@@ -309,11 +328,11 @@ class ServedConnection:
         """The submission is committed and enqueued as task ``admission``, or refused. The
         registry calls this before any outcome() for it, so S_DONE always follows S_ACCEPTED."""
         if isinstance(admission, BaseException):
-            self.send((S_REJECTED, req, encode_service_error(admission)))
+            self.send(rejected_frame(req, admission))
             return
         with self._lock:
             self._inflight[req] = admission
-        self.send((S_ACCEPTED, req, admission, self.credits.top_up_when_low()))
+        self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
 
     def outcome(self, req: int, outcome: Outcome) -> None:
         """The task of ``req`` ended: queue S_DONE, unless the request was withdrawn."""
@@ -321,22 +340,23 @@ class ServedConnection:
             if req not in self._inflight:
                 return
             del self._inflight[req]
-        self.send((S_DONE, req, *outcome))
+        self.send(done_frame(req, outcome.outcome, outcome.attempts, outcome.seconds,
+                             outcome.data))
 
     def rejected(self, req: int, error: BaseException) -> None:
         """A C_RESULT that has no outcome to wait for (see ``registry.watch``)."""
         with self._lock:
             self._inflight.pop(req, None)
-        self._reply((S_REJECTED, req, encode_service_error(error)))
+        self._reply(rejected_frame(req, error))
 
-    def _reply(self, message: tuple[Any, ...]) -> None:
+    def _reply(self, message: ServerFrame) -> None:
         """Answer directly from the reader thread (no thread hop), else through the outbox."""
         if threading.current_thread() is self.reader:
             self._answer(message)
         else:
             self.send(message)
 
-    def _answer(self, message: tuple[Any, ...], *, unless_busy: bool = False) -> None:
+    def _answer(self, message: ServerFrame, *, unless_busy: bool = False) -> None:
         """Send an answer from the reader thread itself, without the writer's thread hop. It
         blocks only this client's own reader, and only while this client does not read its
         socket. Frames queued in the outbox before it may go out after it; nothing relies on
@@ -360,23 +380,20 @@ class ServedConnection:
             return False
         return True
 
-    def _start_waiting(self, req: int, payload: bytes, wire_policy: Any, client: bytes) -> None:
+    def _start_waiting(self, frame: Submit) -> None:
         if self.closed:
             return  # the client left before this reached the loop
-        self._waiting[req] = self.server.loop.create_task(
-            self._reserve_when_room(req, payload, wire_policy, client))
+        self._waiting[frame.req] = self.server.loop.create_task(self._reserve_when_room(frame))
 
-    async def _reserve_when_room(
-        self, req: int, payload: bytes, wire_policy: Any, client: bytes
-    ) -> None:
+    async def _reserve_when_room(self, frame: Submit) -> None:
         try:
             await self.orchestrator.intake.reserve_async()  # cancelled: nothing held
         except TaskorchError as exc:
-            self.send((S_REJECTED, req, encode_service_error(exc)))
+            self.send(rejected_frame(frame.req, exc))
             return
         finally:
-            self._waiting.pop(req, None)
-        self._journal(req, payload, wire_policy, client)
+            self._waiting.pop(frame.req, None)
+        self._journal(frame)
 
     def _withdraw(self, req: int) -> None:
         task = self._waiting.pop(req, None)
@@ -395,7 +412,7 @@ class ServedConnection:
 
     # -- writer thread ----------------------------------------------------------------------
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ServerFrame) -> None:
         """Queue a frame for the client (any thread; never blocks). Dropped once closed: the
         outcome of a task whose client left is counted in the stats and discarded."""
         if not self.closed:
@@ -415,7 +432,7 @@ class ServedConnection:
                 if messages:
                     data = frame_batch(messages) if len(messages) > 1 else None
                     if data is None:  # one message, or a batch over the limit: frame by frame
-                        data = b"".join(self._frame(message) for message in messages)
+                        data = b"".join(frame_bytes(message) for message in messages)
                     with self._send_lock:  # every frame queued meanwhile, in one write
                         self.sock.sendall(data)
                 if stop:
@@ -426,24 +443,6 @@ class ServedConnection:
         except BaseException:
             log.exception("taskorch serve: %s: writer failed", self.peer)
             self.shut_down()
-
-    @classmethod
-    def _frame(cls, message: tuple[Any, ...]) -> bytes:
-        frame = frame_bytes(message)
-        if len(frame) - 4 > SERVICE_MAX_FRAME:
-            frame = cls._oversized(message, len(frame) - 4)
-        return frame
-
-    @staticmethod
-    def _oversized(message: tuple[Any, ...], size: int) -> bytes:
-        error = SerializationError(
-            f"the task's outcome is {size / 2**20:.1f} MiB pickled, over taskorch serve's "
-            f"{SERVICE_MAX_FRAME // 2**20} MiB frame limit; return large data in a file and pass "
-            "its path")
-        if message[0] != S_DONE:
-            raise error
-        tag, req, _, attempts, seconds, _ = message
-        return frame_bytes((tag, req, O_ERROR, attempts, seconds, encode_service_error(error)))
 
     # -- closing ----------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 Runs in the application's process, in the caller's threads (or event loops): ``connect()``
 opens the connection (``handshake``), ``Client`` is the submitting API, and a ``Session``
-(``session``) owns the connection and its reader thread ("taskorch-client-reader-N"), where
-futures are resolved. ``fetch_status()`` is ``taskorch status`` without the printing.
+(``session``) owns the connection (its ``link``) and its reader thread (its ``inbox``,
+"taskorch-client-reader-N"), where futures are resolved. ``fetch_status()`` is ``taskorch
+status`` without the printing.
 
 ``run()`` costs one round trip, so that a full backlog raises ``QueueFullError`` in the caller,
 as with a local orchestrator; the outcome arrives later on the same connection. The protocol
@@ -48,9 +49,9 @@ from taskorch._service.addressing import (
     normalize_address,
     read_authkey,
 )
+from taskorch._service.client.session import Session
 from taskorch._service.handshake import client_handshake, configure_socket
-from taskorch._service.protocol import encode_service_policy
-from taskorch._service.session import Session
+from taskorch._service.values import encode_service_policy
 
 if TYPE_CHECKING:
     from taskorch._stats import Stats
@@ -173,7 +174,7 @@ def _read_key(
 
 def fetch_status(address: Address, authkey_file: str | os.PathLike[str] | None = None, *,
                  timeout: float = CONNECT_TIMEOUT) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """A server's status fields (``protocol.encode_status``), what it said about itself, and
+    """A server's status fields (``values.encode_status``), what it said about itself, and
     its address as shown: one connection, one round trip. Raises what ``connect()`` and
     ``Client.stats()`` raise."""
     with connect(address, authkey_file=authkey_file, timeout=timeout) as client:

@@ -44,17 +44,15 @@ from taskorch._errors import (
     TaskorchError,
 )
 from taskorch._parent.task import RawOutcome, TaskListener
-from taskorch._service.journal import DONE, Journal, Row
 from taskorch._service.protocol import (
     O_CANCELLED,
     O_ERROR,
     O_RAISED,
     O_RESULT,
-    WirePolicy,
     decode_builtins,
-    decode_service_policy,
-    encode_service_error,
 )
+from taskorch._service.server.journal import DONE, Journal, Row
+from taskorch._service.values import WirePolicy, decode_service_policy, encode_service_error
 from taskorch._wire import PROTOCOL
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
-from taskorch._service.journal_file import lock_journal, next_task_id, open_journal
+from taskorch._service.server.journal_file import lock_journal, next_task_id, open_journal
 from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")

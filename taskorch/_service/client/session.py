@@ -1,15 +1,17 @@
-"""A client's link to ``taskorch serve``: its request table, its reader, its reconnections.
+"""A client's session with ``taskorch serve``: its requests, its link, its reader.
 
-Runs in the application's process: ``submit()``, ``submit_async()``, ``result()`` and
-``stats()`` in the caller's threads (or event loops), and one reader thread per session
-("taskorch-client-reader-N") that receives every frame, resolves the futures, and, when the
-connection is lost, reconnects.
+One class, ``Session``, which owns its ``link.Link`` (the socket, sending, reconnecting) and
+its ``inbox.Inbox`` (the reader thread and what the server sends). Runs in the application's
+process: ``submit()``, ``submit_async()``, ``result()`` and ``stats()`` in the caller's
+threads (or event loops), and one reader thread per session ("taskorch-client-reader-N")
+that receives every frame, resolves the futures, and, when the connection is lost,
+reconnects; the methods under "the reader's side" run there.
 
     caller's thread                         "taskorch-client-reader-N"           server
     ---------------                         --------------------------           ------
     cloudpickle the call (SerializationError here, nothing sent)
     register request ``req`` (``_lock``)
-    C_SUBMIT frame --------------(``_send_lock``)----------------------------------->
+    C_SUBMIT frame ------------(the link's ``send_lock``)---------------------------->
     wait for the answer (Event / asyncio future), at most request_timeout
                                                        <-- S_ACCEPTED / DROPPED / REJECTED
                                             answer the caller
@@ -55,28 +57,29 @@ from taskorch._errors import (
     ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
-from taskorch._service.inbox import Inbox
+from taskorch._service.client.inbox import Inbox
+from taskorch._service.client.link import Link
+from taskorch._service.client.requests import Request, new_future, payload, resend
 from taskorch._service.protocol import (
-    C_RESULT,
-    C_STATS,
-    C_SUBMIT,
-    C_TRIGGER,
-    C_WITHDRAW,
-    S_ACCEPTED,
-    S_DROPPED,
-    S_REJECTED,
+    FINAL_ANSWERS,
     SERVICE_MAX_FRAME,
-    WirePolicy,
-    decode_service_error,
-    decode_stats,
+    Accepted,
+    ClientFrame,
+    Dropped,
+    Rejected,
+    ServerFrame,
+    StatsReply,
+    StatsRequest,
+    TriggerRequest,
+    credit_return_frame,
     encode_service_frame,
+    result_request_frame,
+    stats_request_frame,
+    submit_frame,
+    trigger_request_frame,
+    withdraw_frame,
 )
-from taskorch._service.requests import (
-    Request,
-    new_future,
-    payload,
-    set_send_timeout,
-)
+from taskorch._service.values import WirePolicy, decode_service_error, decode_stats
 
 if TYPE_CHECKING:
     from taskorch._stats import Stats
@@ -88,31 +91,23 @@ log = logging.getLogger("taskorch")
 _client_numbers = itertools.count(1)
 
 
-class Session(Inbox):
-    """The link and its request table, shared by the callers and the reader thread."""
+class Session:
+    """The request table, shared by the callers and the reader thread; the session's link
+    and its reader (``Inbox``) are its parts."""
 
     def __init__(
         self, sock: socket.socket, conn: Connection[Any, Any], where: str, info: dict[str, Any],
         *, dial: Dial, connect_timeout: float, request_timeout: float, reconnect_for: float,
     ) -> None:
         self.where = where
-        self.info = info
-        self._dial = dial
-        self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
-        self.reconnect_for = reconnect_for
-        # The link: two fds for one socket, `_conn` frames messages, `_sock` is for shutdown().
-        # None while down. Replaced and closed only by the reader, under `_send_lock` and
-        # `_lock`, so that a send or shut_down() never acts on a closed (reused) fd number.
-        self._sock: socket.socket | None = sock
-        self._conn: Connection[Any, Any] | None = conn
-        set_send_timeout(sock, request_timeout)
-        # Guards the frames on the wire (callers' frames must not interleave). Held for one
-        # send_bytes() (bounded by the send timeout), or by the reader while it re-sends.
-        self._send_lock = threading.Lock()
-        # Guards `_requests`, `_closing`, `closed_reason`, `down_reason` and the link's
-        # lifetime. Never held while sending, waiting, or resolving a future (user callbacks).
+        # Guards `_requests`, the credits, `_closing`, `closed_reason`, and the link's
+        # `down_reason` and fds' lifetime (lock order: the link's send_lock, then this). Never
+        # held while sending, waiting, or resolving a future (user callbacks).
         self._lock = threading.Lock()
+        self._link = Link(sock, conn, where, info, self._lock, dial=dial,
+                          connect_timeout=connect_timeout, request_timeout=request_timeout,
+                          reconnect_for=reconnect_for)
         self._requests: dict[int, Request] = {}
         self._req_ids = itertools.count(1)
         # Names this client's submissions in the server's journal, with their req.
@@ -122,19 +117,24 @@ class Session(Inbox):
         self._credit_change = threading.Condition(self._lock)  # more credits, or an answer
         self._closing = False  # close() was called: no new requests
         self.closed_reason: str | None = None  # set when the session has ended
-        self.down_reason: str | None = None  # set while the link is lost (reconnecting)
-        self._up = threading.Event()  # set while connected, and once the session has ended
-        self._up.set()
-        self._stop_reconnecting = threading.Event()  # close(): stop the backoff now
-        # The reader: the only thread that receives, and the one that reconnects. Blocks in
-        # recv_bytes() (wakeups: a frame, EOF, errors, a shut_down()), then, while down, in
-        # dialing (bounded by connect_timeout) and in the backoff wait (woken by close()).
-        # Exits when closed, or when reconnecting gave up, after failing every request left.
-        # Daemon: a client never closed must not keep the interpreter from exiting.
-        self.reader = threading.Thread(
-            target=self._read_guarded, name=f"taskorch-client-reader-{next(_client_numbers)}",
-            daemon=True)
+        # The reader: the only thread that receives, and the one that reconnects (``inbox``).
+        self._inbox = Inbox(self, self._link, f"taskorch-client-reader-{next(_client_numbers)}")
+        self.reader = self._inbox.thread
         self.reader.start()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the server said about itself on connecting (again on reconnecting)."""
+        return self._link.info
+
+    @property
+    def down_reason(self) -> str | None:
+        """Why the link is lost, while it is (reconnecting); else None."""
+        return self._link.down_reason
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     # -- callers' side -----------------------------------------------------------------------
 
@@ -151,21 +151,22 @@ class Session(Inbox):
                 raise ServerTimeoutError(
                     f"taskorch serve at {self.where} did not answer run() within "
                     f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
-            credit = self._credits > 0 and self.down_reason is None
+            credit = self._credits > 0 and self._link.down_reason is None
             self._credits -= credit
             self._credit_inflight += credit
         request = Request(new_future(), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
             try:
-                self._start(request, lambda req: (C_SUBMIT, req, payload(fn, args, kwargs),
-                                                  wire_policy, False, self.token, False, True))
+                self._start(request, lambda req: submit_frame(
+                    req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
+                    retry=False, credit=True))
             except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
-                self._grant(1, 1)
+                self.grant(1, 1)
                 raise
             return request.future
-        answer = self._call(request, lambda req: (
-            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, False, self.token, False,
-            False), "run()")
+        answer = self._call(request, lambda req: submit_frame(
+            req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
+            retry=False, credit=False), "run()")
         return self._accepted(request, answer)
 
     async def submit_async(
@@ -174,11 +175,12 @@ class Session(Inbox):
     ) -> TaskFuture:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
-            await loop.run_in_executor(None, self._up.wait, self.request_timeout)
+            await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
         request = Request(new_future(), loop, loop.create_future())
         assert request.waiter is not None
-        req = self._start(request, lambda req: (
-            C_SUBMIT, req, payload(fn, args, kwargs), wire_policy, True, self.token, False, False))
+        req = self._start(request, lambda req: submit_frame(
+            req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
+            retry=False, credit=False))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:
@@ -194,8 +196,9 @@ class Session(Inbox):
         self._check_not_reader("map()")
         request = Request(new_future())
         # As submit_async(): no deadline on room, and a lost link is waited out (re-sent).
-        self._start(request, lambda req: (
-            C_SUBMIT, req, data, wire_policy, True, self.token, False, False), when_down="queue")
+        self._start(request, lambda req: submit_frame(
+            req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
+            when_down="queue")
         assert request.event is not None
         request.event.wait()  # the answer, or the session's end (a failure is delivered)
         assert request.answer is not None
@@ -238,7 +241,8 @@ class Session(Inbox):
         deadline = None if timeout is None else time.monotonic() + timeout
         request = Request(new_future())
         wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
-        req = self._start(request, lambda req: (C_RESULT, req, task_id, wait), when_down="queue")
+        req = self._start(request, lambda req: result_request_frame(req, task_id, wait),
+                          when_down="queue")
         assert request.event is not None and request.future is not None
         # Set by the reader when the outcome (or a refusal) arrives, or the session ends.
         if not request.event.wait(timeout if wait else self.request_timeout):
@@ -248,8 +252,8 @@ class Session(Inbox):
         if isinstance(answer, BaseException):
             raise answer
         assert answer is not None
-        if answer[0] == S_REJECTED:
-            raise decode_service_error(answer[2])
+        if isinstance(answer, Rejected):
+            raise decode_service_error(answer.error)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return request.future.result(remaining)  # resolved right after the event is set
 
@@ -258,28 +262,28 @@ class Session(Inbox):
 
     def status(self) -> dict[str, Any]:
         """The server's S_STATS fields as sent (the Stats fields, and what only ``taskorch
-        status`` shows: ``protocol.encode_status``)."""
+        status`` shows: ``values.encode_status``)."""
         self._check_not_reader("stats()")
-        answer = self._call(Request(None), lambda req: (C_STATS, req), "stats()")
-        if isinstance(answer, BaseException):
-            raise answer
-        fields: dict[str, Any] = answer[2]
-        return fields
+        return self._fields(self._call(Request(None), stats_request_frame, "stats()"))
 
     def trigger(self, name: str) -> dict[str, Any]:
         """Run the server's schedule ``name`` now (``taskorch trigger``)."""
         self._check_not_reader("trigger()")
-        answer = self._call(Request(None), lambda req: (C_TRIGGER, req, name), "trigger()")
+        return self._fields(self._call(
+            Request(None), lambda req: trigger_request_frame(req, name), "trigger()"))
+
+    @staticmethod
+    def _fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
         if isinstance(answer, BaseException):
             raise answer
-        if answer[0] == S_REJECTED:
-            raise decode_service_error(answer[2])
-        fields: dict[str, Any] = answer[2]
-        return fields
+        if isinstance(answer, Rejected):
+            raise decode_service_error(answer.error)
+        assert isinstance(answer, StatsReply), answer
+        return answer.fields
 
     def _call(
-        self, request: Request, build: Callable[[int], tuple[Any, ...]], what: str,
-    ) -> tuple[Any, ...] | BaseException:
+        self, request: Request, build: Callable[[int], ClientFrame], what: str,
+    ) -> ServerFrame | BaseException:
         req = self._start(request, build)
         assert request.event is not None
         # Set by the reader on the answer, or when the session gives up.
@@ -293,7 +297,7 @@ class Session(Inbox):
         assert request.answer is not None
         return request.answer
 
-    def _start(self, request: Request, build: Callable[[int], tuple[Any, ...]],
+    def _start(self, request: Request, build: Callable[[int], ClientFrame],
                when_down: str = "fail") -> int:
         """Register ``request`` and send its frame; raises (nothing sent) on a bad call, or
         ServerUnavailableError while down (``when_down="queue"``: sent at reconnection)."""
@@ -309,8 +313,8 @@ class Session(Inbox):
         request.message = message
         with self._lock:
             self._check_open_locked()
-            if self.down_reason is not None and when_down == "fail":
-                raise self._unavailable()
+            if self._link.down_reason is not None and when_down == "fail":
+                raise self._link.unavailable()
             self._requests[req] = request  # before sending: the answer may come at once
         try:
             self._send(frame)
@@ -325,21 +329,23 @@ class Session(Inbox):
         with self._lock:
             self._requests.pop(req, None)
         try:
-            self._send(encode_service_frame((C_WITHDRAW, req)))
+            self._send(encode_service_frame(withdraw_frame(req)))
         except (OrchestratorClosedError, ServerUnavailableError, ServerTimeoutError):
             pass
 
-    def _accepted(self, request: Request, answer: tuple[Any, ...] | BaseException,
+    def _send(self, frame: bytes) -> None:
+        self._link.send(frame)
+
+    def _accepted(self, request: Request, answer: ServerFrame | BaseException,
                   ) -> TaskFuture | None:
         if isinstance(answer, BaseException):
             raise answer
-        tag = answer[0]
-        if tag == S_ACCEPTED:
+        if isinstance(answer, Accepted):
             return request.future
-        if tag == S_DROPPED:
+        if isinstance(answer, Dropped):
             return None
-        assert tag == S_REJECTED, answer
-        raise decode_service_error(answer[2])
+        assert isinstance(answer, Rejected), answer
+        raise decode_service_error(answer.error)
 
     def _check_open_locked(self) -> None:
         if self._closing:
@@ -370,26 +376,117 @@ class Session(Inbox):
         if not in_reader:
             self.reader.join()
 
+    def abandon(self) -> None:
+        """End the session without waiting (close(), or the client was garbage-collected)."""
+        self._closing = True
+        self._link.stop_reconnecting()
+        self._link.shut_down()
+
     def forget_in_forked_child(self) -> None:
         """In a forked child, at the fork (one thread; the reader is the parent's): close this
         process's copies of the socket, without ``shutdown()``, which would end the parent's
         connection too, and fail the parent's requests here (their answers go to the parent).
         The locks may have been copied held: new ones."""
-        self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._credit_change = threading.Condition(self._lock)
+        self._link.forget_in_forked_child(self._lock)
         self._closing = True
-        self._stop_reconnecting.set()
         self.closed_reason = "it was opened by the process this one was forked from"
         requests = list(self._requests.values())
         self._requests.clear()
-        if self._conn is not None:
-            self._conn.close()
-        if self._sock is not None:
-            self._sock.close()
-        self._conn = self._sock = None
         for request in requests:
             if request.future is not None:
                 request.future.fail_in_forked_child(OrchestratorBrokenError(
                     "this task was submitted through a taskorch.Client by the process this one "
                     "was forked from: its outcome goes to that process only"))
+
+    # -- the reader's side (``inbox``: "taskorch-client-reader-N") ---------------------------
+
+    def requests_answered_by(self, frames: tuple[ServerFrame, ...]) -> list[Request | None]:
+        """The request each frame answers (None: none, or withdrawn), under one hold of the
+        lock; a final answer takes its request out of the table."""
+        with self._lock:
+            requests = self._requests
+            return [requests.get(f.req) if type(f) is Accepted
+                    else requests.pop(f.req, None) if isinstance(f, FINAL_ANSWERS) else None
+                    for f in frames]
+
+    def put_back(self, frames: tuple[ServerFrame, ...], requests: list[Request | None]) -> None:
+        """Frames not handled after all (the link is dropped): their requests go back in the
+        table, as if not received, to be sent again after the reconnection."""
+        with self._lock:
+            for frame, request in zip(frames, requests):
+                if request is not None and isinstance(frame, FINAL_ANSWERS):
+                    self._requests.setdefault(frame.req, request)
+
+    def grant(self, n: int, answered: int = 0) -> None:
+        """``n`` more credits; ``answered`` credit submissions answered. Wakes whoever waits
+        for either (``submit``) or for a task id (``accepted``)."""
+        with self._lock:
+            self._credits += n
+            self._credit_inflight = max(0, self._credit_inflight - answered)
+            self._credit_change.notify_all()
+
+    def _credit_or_answers(self) -> bool:  # (_lock held)
+        return (self._credits > 0 or self._credit_inflight == 0
+                or self._link.down_reason is not None
+                or self._closing or self.closed_reason is not None)
+
+    def return_credits(self) -> None:
+        """S_RECALL: give back every credit held (C_RETURN)."""
+        with self._lock:
+            n, self._credits = self._credits, 0
+        try:
+            self._send(encode_service_frame(credit_return_frame(n)))
+        except (ServerUnavailableError, ServerTimeoutError):
+            pass  # the link is lost: the server frees them itself
+
+    def go_down(self, why: str) -> None:
+        """The link is lost: close it; fail the requests that cannot be sent again."""
+        log.warning("taskorch.Client: lost the connection to %s (%s); reconnecting for up to "
+                    "%g s", self.where, why, self._link.reconnect_for)
+        self._link.shut_down()  # a sender blocked in send_bytes() fails now, releasing send_lock
+        with self._link.send_lock, self._lock:  # lock order: send_lock, then _lock
+            self._link.lost_locked(why)
+            self._credits = self._credit_inflight = 0  # the server frees what it granted
+            self._credit_change.notify_all()
+            stranded = [(req, r) for req, r in self._requests.items()
+                        if not r.answered and (r.message is None or isinstance(
+                            r.message, (StatsRequest, TriggerRequest)))]
+            for req, _ in stranded:
+                del self._requests[req]
+        for _, request in stranded:
+            request.deliver(self._link.unavailable())
+
+    def reconnect(self) -> bool:
+        """Dial again (``Link.reconnect``); on success, send what is pending again."""
+        return self._link.reconnect(lambda: self._closing, self._to_resend)
+
+    def _to_resend(self) -> list[ClientFrame | None]:  # (_lock held)
+        return [resend(req, request) for req, request in sorted(self._requests.items())]
+
+    def end(self, reason: str) -> None:
+        """The session is over (the reader's last act): fail what is left."""
+        self._link.shut_down()  # a sender blocked in send_bytes() fails now, releasing send_lock
+        with self._link.send_lock, self._lock:  # lock order: send_lock, then _lock
+            self.closed_reason = reason
+            self._credit_change.notify_all()
+            requests = list(self._requests.values())
+            self._requests.clear()
+            self._link.closed_locked()
+        self._link.up.set()  # run_async() callers waiting for the link see the end
+        for request in requests:
+            if not request.answered:
+                request.deliver(OrchestratorClosedError(
+                    f"the connection to taskorch serve at {self.where} closed ({reason}) before it "
+                    "answered; the task was probably not accepted"))
+            elif request.future is not None and not request.future.done():
+                if self._closing:
+                    error: Exception = OrchestratorClosedError(
+                        "the taskorch.Client was closed before this task's outcome arrived; the "
+                        "task still runs on the server")
+                else:
+                    error = OrchestratorBrokenError(
+                        f"lost the connection to taskorch serve at {self.where} ({reason}) before "
+                        "this task's outcome arrived: it may or may not have run")
+                request.future.set_exception(error)

@@ -1,0 +1,116 @@
+"""What service frames carry besides the call: a per-task policy, errors, statistics, each
+encoded for the wire and decoded on the other side. Imported by both sides (no thread of its
+own; see ``protocol`` for the frames)."""
+
+from __future__ import annotations
+
+import pickle
+from typing import TYPE_CHECKING, Any
+
+from taskorch._errors import RemoteTaskError
+from taskorch._policy import Policy
+from taskorch._wire import PROTOCOL, encode_exception, encode_policy
+
+if TYPE_CHECKING:
+    from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._stats import Stats
+
+#: A per-task policy on the service wire: ``(policy_bytes, retries, timeout, backoff_initial,
+#: backoff_max, jitter, retry_timeouts)``. ``policy_bytes`` (``encode_policy()``) goes to the
+#: worker unopened; the plain fields rebuild, in the server, the part of the Policy the parent
+#: itself uses (the attempt budget, the backoff before retrying a crashed attempt, the hard
+#: timeout, and whether a hard timeout is retried: ``retry_timeouts``). Should the parent ever
+#: read another Policy field, it must be added here (and SERVICE_VERSION raised).
+WirePolicy = tuple[bytes, int, "float | None", float, float, bool, bool]
+
+
+
+def encode_service_policy(policy: Policy) -> WirePolicy:
+    from taskorch._errors import TaskTimeoutError
+
+    return (
+        encode_policy(policy), policy.retries, policy.timeout, policy.backoff_initial,
+        policy.backoff_max, policy.jitter, policy.retries_type(TaskTimeoutError),
+    )
+
+
+def decode_service_policy(wire: WirePolicy) -> tuple[Policy, bytes]:
+    """The server's view of a client's policy, and the bytes to forward to the worker.
+
+    The Policy object is rebuilt from plain fields: its ``retry_on`` is reduced to what the
+    parent tests it against (a hard ``TaskTimeoutError``); the worker applies the client's own
+    ``retry_on`` from ``policy_bytes``. ValueError: the fields are not a valid Policy.
+    """
+    from taskorch._errors import TaskTimeoutError
+
+    policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = wire
+    policy = Policy(
+        retries=retries, timeout=timeout, backoff_initial=backoff_initial,
+        backoff_max=backoff_max, jitter=jitter,
+        retry_on=(TaskTimeoutError,) if retry_timeouts else (),
+    )
+    return policy, policy_bytes
+
+
+def encode_service_error(exc: BaseException) -> bytes:
+    """Pickle a taskorch error (they all define ``__reduce__``) for the client to raise."""
+    try:
+        return pickle.dumps(exc, PROTOCOL)
+    except Exception:
+        _, type_name, message, tb = encode_exception(exc)
+        return pickle.dumps(RemoteTaskError(type_name, message, tb), PROTOCOL)
+
+
+def decode_service_error(data: bytes) -> BaseException:
+    try:
+        exc = pickle.loads(data)
+    except Exception as err:
+        return RemoteTaskError(
+            "taskorch.TaskorchError", f"an error from the server did not unpickle: {err}"
+        )
+    if not isinstance(exc, BaseException):
+        return RemoteTaskError(
+            "taskorch.TaskorchError", f"the server sent {type(exc).__name__} as an error"
+        )
+    return exc
+
+
+def encode_stats(stats: Stats) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(stats)
+
+
+def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
+    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details`` and
+    ``oldest_queued_seconds`` for ``taskorch status`` (extra keys, which ``decode_stats``
+    and older clients ignore)."""
+    import dataclasses
+
+    details = orchestrator.status_details()
+    return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
+            "oldest_queued_seconds": details["oldest_queued_seconds"],
+            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}
+
+
+def decode_stats(fields: dict[str, Any]) -> Stats:
+    """A ``taskorch.Stats`` from ``encode_stats()``'s dict (fields this version lacks ignored)."""
+    import dataclasses
+
+    from taskorch._stats import Stats
+
+    known = {f.name for f in dataclasses.fields(Stats)}
+    return Stats(**{k: v for k, v in fields.items() if k in known})
+
+
+def is_wire_policy(value: object) -> bool:
+    if not isinstance(value, tuple) or len(value) != 7:
+        return False
+    policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = value
+    return (
+        isinstance(policy_bytes, bytes) and isinstance(retries, int)
+        and not isinstance(retries, bool)
+        and (timeout is None or isinstance(timeout, (int, float)))
+        and isinstance(backoff_initial, (int, float)) and isinstance(backoff_max, (int, float))
+        and isinstance(jitter, bool) and isinstance(retry_timeouts, bool)
+    )
