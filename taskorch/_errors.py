@@ -105,7 +105,7 @@ class WorkerCrashedError(TaskorchError):
         self.exitcode = exitcode
         self.attempts = attempts
         self.reason = reason
-        self.signal_name = _signal_name(exitcode)
+        self.signal_name = signal_name(exitcode)
         how = (
             f"was killed by {self.signal_name}"
             if self.signal_name
@@ -188,7 +188,9 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
-def _signal_name(exitcode: int | None) -> str | None:
+def signal_name(exitcode: int | None) -> str | None:
+    """The name of the signal that ended a process (``SIGKILL``), from its exit code; None
+    when it exited on its own."""
     if exitcode is None or exitcode >= 0:
         return None
     import signal

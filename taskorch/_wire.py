@@ -332,6 +332,16 @@ _by_reference: weakref.WeakKeyDictionary[Callable[..., Any], tuple[ModuleType, b
 )
 
 
+def function_reference(payload: bytes) -> bytes | None:
+    """The plain pickle of the function (its module and name) inside ``encode_call`` bytes
+    that carry it by reference, else None; nothing is unpickled (the metrics name tasks)."""
+    if not payload.startswith(BY_REFERENCE):
+        return None
+    start = len(BY_REFERENCE) + _FN_LENGTH.size
+    (length,) = _FN_LENGTH.unpack_from(payload, len(BY_REFERENCE))
+    return payload[start:start + length]
+
+
 def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a task in the caller's thread, so that a bad task fails in run(), not later."""
     try:

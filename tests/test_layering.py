@@ -2,7 +2,7 @@
 
 Four rules (DESIGN.md "The structure to grow into", STYLE.md "Layout"):
 
-1. No import cycle among taskorch modules.
+1. No import cycle among taskorch modules (a second test: none even through type-only imports).
 2. A module under ``taskorch/_worker/`` imports, of taskorch, only ``taskorch._wire``,
    ``taskorch._errors``, ``taskorch._policy``, ``taskorch._stats`` and ``taskorch._worker``
    modules: never ``taskorch._parent``, ``taskorch._service``, ``taskorch.cli``, nor the
@@ -25,11 +25,11 @@ Invisible to this test: ``importlib.import_module`` with a computed name (``task
 - Rules 2, 3 and 4 count every import, TYPE_CHECKING ones included: a type-only dependency of a
   worker module on the parent is still the wrong direction, and is one edit away from a real
   one. A violation says when it is TYPE_CHECKING-only.
-- Rule 1 (cycles) counts the imports that run: module level and function level, not those
-  under ``if TYPE_CHECKING:`` (they never execute, and annotating two modules that refer to
-  each other is what they are for). Function-level imports do count: an import moved into a
-  function to dodge a circular-import error leaves the two modules just as entangled, and
-  the cycle is reported with the line of that import marked "in a function".
+- Rule 1 (cycles) counts the imports that run: module level and function level. Function-level
+  imports do count: an import moved into a function to dodge a circular-import error leaves
+  the two modules just as entangled, and the cycle is reported with the line of that import
+  marked "in a function". Its second test counts ``if TYPE_CHECKING:`` imports as well: they
+  never execute, but two modules that name each other's types cannot be read apart either.
 
 Each rule is its own test, whose failure lists every violation with file and line.
 """
@@ -161,13 +161,15 @@ def _within(name: str, package: str) -> bool:
 # -- the three rules ------------------------------------------------------------------------------
 
 
-def find_cycles(imports: list[Import]) -> list[tuple[list[str], list[Import]]]:
+def find_cycles(
+    imports: list[Import], type_checking: bool = False,
+) -> list[tuple[list[str], list[Import]]]:
     """Each group of mutually dependent modules (a strongly connected component of the
-    runtime import graph: every import but TYPE_CHECKING-only ones), with one shortest cycle
-    through its first module, as the list of the cycle's edges."""
+    runtime import graph: every import but TYPE_CHECKING-only ones, unless ``type_checking``),
+    with one shortest cycle through its first module, as the list of the cycle's edges."""
     edges: dict[str, dict[str, Import]] = {}
     for imp in imports:
-        if imp.type_checking or imp.importer == imp.target:
+        if (imp.type_checking and not type_checking) or imp.importer == imp.target:
             continue
         edges.setdefault(imp.importer, {}).setdefault(imp.target, imp)  # first line wins
     nodes = sorted(set(edges) | {t for targets in edges.values() for t in targets})
@@ -291,6 +293,20 @@ def test_no_import_cycle_among_taskorch_modules(imports: list[Import]) -> None:
         )
 
 
+def test_no_import_cycle_even_through_type_only_imports(imports: list[Import]) -> None:
+    """Two modules that name each other's types are one module in two files: a reader cannot
+    take either alone. The fix is a Protocol, or the shared type moved where both can import
+    it, never an ``if TYPE_CHECKING:`` that hides the circle."""
+    cycles = find_cycles(imports, type_checking=True)
+    if cycles:
+        pytest.fail(
+            f"{len(cycles)} group(s) of taskorch modules that import each other in a cycle "
+            "once TYPE_CHECKING imports count too:\n"
+            + "\n".join(describe_cycle(*c) for c in cycles),
+            pytrace=False,
+        )
+
+
 def test_worker_modules_import_only_shared_modules(imports: list[Import]) -> None:
     bad = worker_violations(imports)
     if bad:
@@ -387,6 +403,8 @@ def test_the_checker_itself_on_a_small_tree(tmp_path: Path) -> None:
     cycles = {frozenset(component) for component, _ in find_cycles(found)}
     assert cycles == {frozenset({"taskorch._parent.a", "taskorch._parent.b"}),
                       frozenset({"taskorch._service.server", "taskorch.cli.main"})}
+    with_types = {frozenset(c) for c, _ in find_cycles(found, type_checking=True)}
+    assert with_types == cycles | {frozenset({"taskorch._parent.c", "taskorch._parent.d"})}
     assert [(imp.target, imp.type_checking) for imp in worker_violations(found)] == [
         ("taskorch._parent", False), ("taskorch._parent.a", True)]
     assert [(imp.importer, imp.line, imp.in_function) for imp in cli_violations(found)] == [

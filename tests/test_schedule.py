@@ -16,14 +16,8 @@ import _tasks as t
 import pytest
 
 from taskorch import OrchestratorClosedError, Policy, QueueFullError, TaskOrchestrator
-from taskorch._parent.schedule import (
-    MemoryStore,
-    Misfire,
-    Overlap,
-    Schedule,
-    Scheduler,
-    parse_every,
-)
+from taskorch._parent.schedule import Misfire, Overlap, Schedule, parse_every
+from taskorch._parent.scheduler import MemoryStore, Scheduler
 
 R = 30
 

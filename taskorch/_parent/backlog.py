@@ -23,10 +23,7 @@ Order and time (``order``): ready tasks leave by priority, first in first out am
 task not due yet (its ``not_before``, a crash retry's backoff) waits, read against one
 injectable ``clock.Clock``; ``next_due`` tells the dispatcher when to look again.
 
-``reserved`` slots count against the same bound: ``taskorch serve`` holds one for each
-submission while its journal record commits (``reserve`` ... ``admit_reserved`` or
-``unreserve``), so that a committed task always has its slot. ``recover`` alone may go past
-the bound: the tasks a server recovers from its journal were accepted before it died.
+Reserved slots (``reserve``) count against the same bound; ``recover`` alone may go past it.
 """
 
 from __future__ import annotations
@@ -52,7 +49,7 @@ class Backlog:
         self.max_backlog = max_backlog  # (read-only)
         self.clock = clock  # (read-only) what every time here is read from (``clock``)
         self._lock = threading.Lock()
-        self._wake: Callable[[], None] = _no_dispatcher_yet  # set once by ``connect``
+        self._wake: Callable[[], None] = self._no_dispatcher_yet  # set once by ``connect``
         # Accepted tasks not handed to a worker, ready or not due yet, and crash retries
         # waiting out their backoff (see ``order``).
         self._order = TaskOrder()
@@ -63,25 +60,20 @@ class Backlog:
         self._closed = False
         self._broken: str | None = None  # why no worker can be started, once that is so
         self._stop_deadline: float | None = None  # clock.monotonic() by which stop() must end
-        # Can the dispatcher take back a call handed over, to cancel it (``cancel_queued``)?
-        self._recalls_for_cancel = False  # set once by ``connect``
+        self._recalls_for_cancel = False  # can the dispatcher recall a call to cancel it? (connect)
         # Calls handed over that a caller waits to cancel: the dispatcher recalls them.
         self._recall_wanted: list[WorkItem] = []
         # Every accepted task not finished, by id, wherever it is (waiting here, in transit to
         # a worker, held by one, backing off): what a forked child fails at the fork.
         self._unfinished: dict[int, WorkItem] = {}
-        # Callers waiting for room, FIFO: run_async() (an asyncio future and its loop) and
-        # blocking producers such as map() (a threading.Event, loop None).
+        # Callers waiting for room, FIFO (``room``): run_async() and blocking producers (map()).
         self._room_waiters = RoomWaiters(self._pass_room_on)
         self._last_task_id = 0
-        # Slots held for tasks not yet enqueued (see the module docstring); they count in the
-        # bound, not in the stats.
+        # Slots held for tasks not yet enqueued (``reserve``): in the bound, not in the stats.
         self._reserved = 0
         self._counts = Counts()  # what stats() shows
-        # Per-task figures for metrics, once enabled (``figures.enable``); recorded under the lock.
-        self._figures: TaskListener | None = None
         # The orchestrator's listeners to every task's moments (``task.TaskListener``: the
-        # figures, once enabled); swapped whole under the lock, called with it held.
+        # metrics' figures, once enabled); swapped whole under the lock, called with it held.
         self._listeners: tuple[TaskListener, ...] = ()
 
     def connect(self, wake: Callable[[], None], recalls_for_cancel: bool) -> None:
@@ -113,16 +105,9 @@ class Backlog:
         return self._stop_deadline
 
     @property
-    def figures(self) -> TaskListener | None:
-        """Per-task figures (None: metrics off): the dispatcher's rules record them."""
-        return self._figures
-
-    def set_figures_locked(self, figures: TaskListener | None) -> None:
-        self._figures = figures
-
-    @property
     def listeners(self) -> tuple[TaskListener, ...]:
-        """The orchestrator's listeners (the dispatcher's rules announce to them)."""
+        """The orchestrator's listeners (the dispatcher's rules announce to them). Read
+        without the lock by producers: while there is one, tasks are named (``figures``)."""
         return self._listeners
 
     def set_listeners_locked(self, listeners: tuple[TaskListener, ...]) -> None:
@@ -171,7 +156,9 @@ class Backlog:
 
     def reserve(self, drop_when_full: bool) -> bool:
         """Hold one slot (True), or count a drop (False) or raise QueueFullError as offer()
-        does. The holder then calls ``admit_reserved`` or ``unreserve``."""
+        does. The holder then calls ``admit_reserved`` or ``unreserve``: ``taskorch serve``
+        holds one for each submission while its journal record commits, so that a committed
+        task always has its slot."""
         with self._lock:
             if not self._room_or_refuse_locked(drop_when_full):
                 return False
@@ -189,8 +176,7 @@ class Backlog:
 
     # -- the bound (the lock held) -------------------------------------------------------
 
-    def _has_room_locked(self) -> bool:
-        """The bound: queued tasks plus slots held for clients stay under max_backlog."""
+    def _has_room_locked(self) -> bool:  # the bound: queued + reserved stay under max_backlog
         return self._counts.queued + self._reserved < self.max_backlog
 
     def _room_or_refuse_locked(self, drop_when_full: bool) -> bool:
@@ -265,7 +251,7 @@ class Backlog:
             if not self._room_waiters.forget(waiter):
                 self._room_waiters.wake(1)
 
-    def _pass_room_on(self) -> None:
+    def _pass_room_on(self) -> None:  # (a waiter's loop: its caller gave up meanwhile)
         with self._lock:
             self._room_waiters.wake(1)
 
@@ -401,9 +387,8 @@ class Backlog:
     def crashed_locked(self, item: WorkItem, timed_out: bool,
                        retry_in: float | None = None) -> None:
         """The started attempt of ``item`` was lost with its worker (``timed_out``: killed at
-        its hard timeout): count the crash. With ``retry_in`` (seconds of backoff) it is
-        retried: counted, it waits here until then, still a started task (running, outside
-        the bound), and then goes to the front. Else the caller fails it."""
+        its hard timeout). With ``retry_in`` (seconds of backoff) it waits here until then,
+        still running (outside the bound), then goes to the front; else the caller fails it."""
         self._counts.crash(timed_out)
         if retry_in is not None:
             self._counts.retried += 1
@@ -505,12 +490,11 @@ class Backlog:
         self._order.take_all()
         return items
 
-    # -- snapshots ---------------------------------------------------------------------------
-
     def stats(self) -> Stats:
         with self._lock:
             return self._counts.stats()
 
+    @staticmethod
+    def _no_dispatcher_yet() -> None:
+        raise AssertionError("Backlog.wake_dispatcher was not set")
 
-def _no_dispatcher_yet() -> None:
-    raise AssertionError("Backlog.wake_dispatcher was not set")

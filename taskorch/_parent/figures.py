@@ -25,7 +25,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._parent.task import TaskListener, TaskState
-from taskorch._wire import _FN_LENGTH, BY_REFERENCE
+from taskorch._wire import function_reference
 
 if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
@@ -148,11 +148,11 @@ class Figures(TaskListener):
 def enable(backlog: Backlog) -> Figures:
     """Start recording figures for the orchestrator of ``backlog`` (idempotent)."""
     with backlog.locked():
-        figures = backlog.figures
-        if not isinstance(figures, Figures):
-            figures = Figures()
-            backlog.set_figures_locked(figures)
-            backlog.set_listeners_locked((*backlog.listeners, figures))
+        for listener in backlog.listeners:
+            if isinstance(listener, Figures):
+                return listener
+        figures = Figures()
+        backlog.set_listeners_locked((*backlog.listeners, figures))
         return figures
 
 
@@ -160,9 +160,8 @@ def disable(backlog: Backlog) -> None:
     """Stop recording (the benchmark toggles metrics on one pool; tasks in flight across the
     switch are left out of the figures)."""
     with backlog.locked():
-        figures = backlog.figures
-        backlog.set_figures_locked(None)
-        backlog.set_listeners_locked(tuple(x for x in backlog.listeners if x is not figures))
+        backlog.set_listeners_locked(
+            tuple(x for x in backlog.listeners if not isinstance(x, Figures)))
 
 
 # -- naming tasks (the submitting thread) -------------------------------------------------------
@@ -198,11 +197,9 @@ def name_of_payload(payload: bytes) -> str:
     """A task's label from ``_wire.encode_call`` bytes, without unpickling anything: a function
     sent by reference is a plain pickle of its module and name, read here with ``pickletools``
     (which decodes opcodes and imports nothing). Functions sent by value are ``BY_VALUE``."""
-    if not payload.startswith(BY_REFERENCE):
+    reference = function_reference(payload)
+    if reference is None:
         return BY_VALUE
-    start = len(BY_REFERENCE) + _FN_LENGTH.size
-    (length,) = _FN_LENGTH.unpack_from(payload, len(BY_REFERENCE))
-    reference = payload[start:start + length]
     name = _names_of_references.get(reference)
     if name is None:
         name = _read_global(reference)

@@ -73,7 +73,7 @@ class Intake:
         future = TaskFuture()
         item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
         future.set_canceller(functools.partial(_cancel, self._backlog, item))
-        if self._backlog.figures is not None:  # metrics on: label the task (figures.py)
+        if self._backlog.listeners:  # metrics on: label the task (figures.py)
             item.name = name or name_of_payload(payload)
         return item
 
@@ -86,7 +86,7 @@ class Intake:
         if not callable(fn):
             raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
         return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes,
-                            name=name_of(fn) if self._backlog.figures is not None else None)
+                            name=name_of(fn) if self._backlog.listeners else None)
 
     def offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
         """run()'s semantics: accept, raise QueueFullError, or drop (None, logged) when the

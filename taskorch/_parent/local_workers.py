@@ -21,7 +21,7 @@ import selectors
 import time
 from typing import Any, Iterable
 
-from taskorch._errors import TaskTimeoutError, WorkerCrashedError, _signal_name
+from taskorch._errors import TaskTimeoutError, WorkerCrashedError, signal_name
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.pool import (
     AttemptLost,
@@ -315,5 +315,5 @@ def how(exitcode: int | None) -> str:
     """How a worker ended, for a log line."""
     if exitcode is None:
         return "vanished"
-    name = _signal_name(exitcode)
+    name = signal_name(exitcode)
     return f"was killed by {name}" if name else f"exited with code {exitcode}"

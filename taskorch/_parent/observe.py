@@ -19,7 +19,7 @@ from taskorch._parent.figures import Failure, enable
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._parent.schedule import ScheduleStatus
+    from taskorch._parent.scheduler import ScheduleStatus
     from taskorch._stats import Stats
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

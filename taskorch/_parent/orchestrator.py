@@ -26,7 +26,7 @@ from taskorch._stats import Stats, StopReport
 
 if TYPE_CHECKING:
     from taskorch._parent.figures import WorkerView
-    from taskorch._parent.schedule import (
+    from taskorch._parent.scheduler import (
         ScheduledTask,
         Scheduler,
         ScheduleStatus,
@@ -300,15 +300,8 @@ class TaskOrchestrator:
         delays each run by up to that many seconds. Returns a handle (``cancel()``,
         ``trigger()``, ``status()``). The schedules end with ``stop()``. See the README's
         "Schedules"."""
-        from taskorch._parent.schedule import (
-            Misfire,
-            Overlap,
-            Schedule,
-            ScheduledTask,
-            Scheduler,
-            parse_choice,
-            parse_every,
-        )
+        from taskorch._parent.schedule import Misfire, Overlap, Schedule, parse_choice, parse_every
+        from taskorch._parent.scheduler import ScheduledTask, Scheduler
 
         spec = Schedule(
             name=name or getattr(fn, "__qualname__", None) or repr(fn), cron=cron,

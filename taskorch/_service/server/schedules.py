@@ -7,7 +7,7 @@ from taskorch._service.server.journal import Journal
 
 
 class JournalScheduleStore:
-    """The schedules' ``StateStore`` (``_parent.schedule``) in the journal: the last fires
+    """The schedules' ``StateStore`` (``_parent.scheduler``) in the journal: the last fires
     read at start, each fire and outcome written through the writer (never blocking), so a
     restarted server neither runs a tick twice nor forgets one that fell in its downtime."""
 
