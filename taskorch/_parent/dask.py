@@ -11,7 +11,7 @@ Data flow:
     -----------------       --------------------------                    ------------
     cloudpickle the call
     Backlog.offer() -----> take from the backlog, pin each call to one
-    (inbox.put(WAKE)        worker with room: Client.map(run_call,
+    (inbox.put(Wake())      worker with room: Client.map(run_call,
      if it is asleep)       key=unique, workers=[w]) -----------------> scheduler -> worker w,
                                                                         a task thread:
                                                                         _worker.dask.run_call
@@ -32,10 +32,10 @@ Data flow:
 The actors:
 
 - Producers only touch the ``Backlog`` (one lock, one deque append) and, when the dispatcher is
-  not already due to look at the backlog, put a WAKE into the inbox.
+  not already due to look at the backlog, put a ``Wake`` into the inbox.
 - The dispatcher thread is the only one that submits, cancels or recalls Dask tasks and the
   only one that changes this module's state. It blocks in one place, ``inbox.get(timeout)``,
-  whose wakeup sources are: WAKE (new tasks, stop()), task events, outcomes, cluster events,
+  whose wakeup sources are: ``Wake`` (new tasks, stop()), task events, outcomes, cluster events,
   answers to recalls and worker probes, and the timeout (the nearest crash-retry backoff,
   recall check, breaker change, worker probe or stop deadline). No fixed polling tick, except
   the worker probe, a safety net that runs only while calls are on the cluster.
@@ -71,16 +71,16 @@ import time
 import uuid
 from typing import Any, Iterable, Iterator
 
-from taskorch._parent.dask_cluster import (
-    CLUSTER,
-    EVENT,
-    OUTCOME,
-    RECALL_ANSWER,
-    RESTARTED,
-    WAKE,
-    WORKERS,
-    ClusterLink,
-    Inbox,
+from taskorch._parent.dask_cluster import ClusterLink, Inbox
+from taskorch._parent.dask_inbox import (
+    ClusterChanged,
+    EventArrived,
+    GatherEnded,
+    InboxEntry,
+    RecallAnswer,
+    Restarted,
+    Wake,
+    WorkersAnswer,
 )
 from taskorch._parent.dask_pool import (
     WORKER_PROBE_INTERVAL,
@@ -153,7 +153,7 @@ class DaskPool(DaskHardTimeouts):
         return max(1, self._members.total_threads)
 
     def wake(self) -> None:
-        self._inbox.put((WAKE,))
+        self._inbox.put(Wake())
 
     def worker_views(self) -> list[WorkerView]:
         return []  # (only local workers are shown)
@@ -186,7 +186,7 @@ class DaskPool(DaskHardTimeouts):
 
     def wait(self, timeout: float | None) -> list[PoolEvent]:
         inbox = self._inbox
-        entries: list[tuple[Any, ...]] = []
+        entries: list[InboxEntry] = []
         try:
             entries.append(inbox.get(timeout=timeout))
         except queue.Empty:
@@ -200,7 +200,7 @@ class DaskPool(DaskHardTimeouts):
             self._handle(entries)
         return self._handing_back()
 
-    def _handle(self, entries: list[tuple[Any, ...]]) -> None:
+    def _handle(self, entries: list[InboxEntry]) -> None:
         lost: list[tuple[str, str]] = []  # (address, why)
         recalled: list[tuple[str, list[int] | None]] = []
         restarted: list[tuple[str, BaseException | None]] = []
@@ -208,24 +208,24 @@ class DaskPool(DaskHardTimeouts):
         refresh = False
         now = time.monotonic()
         for entry in entries:
-            kind = entry[0]
-            if kind == EVENT:
-                self._on_event(entry[1], now, lost)
-            elif kind == OUTCOME:
-                self._on_outcome(entry[1], entry[2], entry[3], now, lost)
-            elif kind == CLUSTER:
-                msg = entry[1]
+            if isinstance(entry, EventArrived):
+                self._on_event(entry.event, now, lost)
+            elif isinstance(entry, GatherEnded):
+                self._on_outcome(entry.sub_id, entry.outcome, entry.error, now, lost)
+            elif isinstance(entry, ClusterChanged):
+                msg = entry.msg
                 if msg.get("action") == "remove-worker":
                     expected = " (retired)" if msg.get("expected") else ""
                     lost.append((str(msg.get("worker")), f"the scheduler removed it{expected}"))
                 else:
                     refresh = True  # a worker joined: learn its threads
-            elif kind == RECALL_ANSWER:
-                recalled.append((entry[1], entry[2]))
-            elif kind == RESTARTED:
-                restarted.append((entry[1], entry[2]))
-            elif kind == WORKERS:
-                answers.append((entry[1], entry[2]))
+            elif isinstance(entry, RecallAnswer):
+                recalled.append((entry.address, entry.taken))
+            elif isinstance(entry, Restarted):
+                restarted.append((entry.address, entry.error))
+            elif isinstance(entry, WorkersAnswer):
+                answers.append((entry.nthreads, entry.probe))
+            # Wake: nothing to do but look at the backlog, which the loop does
         self._link.release(self._to_release)
         self._to_release.clear()
         if self._break_reason is not None:

@@ -28,17 +28,18 @@ import threading
 from typing import Any, Callable, Coroutine
 
 from taskorch._errors import TaskTimeoutError, WorkerCrashedError
+from taskorch._parent.dask_inbox import (
+    ClusterChanged,
+    EventArrived,
+    GatherEnded,
+    InboxEntry,
+    RecallAnswer,
+    Restarted,
+    WorkersAnswer,
+)
 from taskorch._wire import Event, Failed, Ready, Recalled, Retiring, Succeeded, decode_event
 
 log = logging.getLogger("taskorch")
-
-WAKE = 0  # (WAKE,): new tasks, or stop()
-EVENT = 1  # (EVENT, event): a ``_wire`` event from run_call, sent through the scheduler, decoded
-OUTCOME = 2  # (OUTCOME, sub_id, decoded outcome event or None, exception or None): a gather's end
-CLUSTER = 3  # (CLUSTER, msg): an "all" topic event about workers
-RECALL_ANSWER = 4  # (RECALL_ANSWER, address, [sub_id, ...] or None)
-WORKERS = 5  # (WORKERS, {address: nthreads} or None, probe number): a probe's answer
-RESTARTED = 6  # (RESTARTED, address, None or the exception): a worker restart's answer
 
 #: How long closing our own Client may take at the end.
 CLIENT_CLOSE_TIMEOUT = 5.0
@@ -48,7 +49,7 @@ CLIENT_CLOSE_TIMEOUT = 5.0
 #: only delays giving up on a nanny that cannot start its worker again.
 RESTART_TIMEOUT = 60.0
 
-Inbox = queue.SimpleQueue[tuple[Any, ...]]
+Inbox = queue.SimpleQueue[InboxEntry]
 
 
 class ClusterLink:
@@ -94,7 +95,7 @@ class ClusterLink:
         self.client.subscribe_topic(self.topic, self._on_task_event)
         inbox = self._inbox
         self._cluster_events = ClusterEventsListener(
-            self.client, lambda msg: inbox.put((CLUSTER, msg)))
+            self.client, lambda msg: inbox.put(ClusterChanged(msg)))
         return dict(self.client.nthreads())
 
     def describe_failure(self, exc: BaseException) -> str:
@@ -163,26 +164,26 @@ class ClusterLink:
                 future.release()  # thread-safe: hops to the Client's loop
 
     def ask_workers(self, probe: int) -> None:
-        """Ask the scheduler for its workers; the answer comes to the inbox as WORKERS."""
+        """Ask the scheduler for its workers; the answer comes to the inbox as ``WorkersAnswer``."""
         inbox = self._inbox
 
         def on_done(result: Any, exc: BaseException | None) -> None:
             # A failed request answers "nothing known": the next probe will tell.
-            inbox.put((WORKERS, None if exc is not None else dict(result), probe))
+            inbox.put(WorkersAnswer(None if exc is not None else dict(result), probe))
 
         client = self.client
         self._call_soon(lambda: client.nthreads(asynchronous=True), on_done)
 
     def recall(self, address: str, calls: list[tuple[int, str]]) -> None:
         """Take back calls (sub_id, key) that ``address`` has not started; the answer comes
-        to the inbox as RECALL_ANSWER."""
+        to the inbox as ``RecallAnswer``."""
         from taskorch._worker.dask import recall_unstarted
 
         inbox = self._inbox
 
         def on_done(result: Any, exc: BaseException | None) -> None:
             taken = None if exc is not None else result.get(address)
-            inbox.put((RECALL_ANSWER, address, taken if isinstance(taken, list) else None))
+            inbox.put(RecallAnswer(address, taken if isinstance(taken, list) else None))
 
         client, topic = self.client, self.topic
         self._call_soon(lambda: client.run(
@@ -192,7 +193,7 @@ class ClusterLink:
 
     def restart_worker(self, address: str) -> None:
         """Have the worker's nanny restart the worker process at ``address``; the answer comes
-        to the inbox as RESTARTED, once the cluster has its number of workers back. A worker
+        to the inbox as ``Restarted``, once the cluster has its number of workers back. A worker
         without a nanny is left alone (``Client.restart_workers`` refuses it: ValueError)."""
         inbox, client = self._inbox, self.client
 
@@ -205,7 +206,7 @@ class ClusterLink:
                     error = RuntimeError(f"the scheduler answered {status.get(address)!r}")
             except BaseException as exc:  # noqa: BLE001 - every failure is an answer
                 error = exc
-            inbox.put((RESTARTED, address, error))
+            inbox.put(Restarted(address, error))
 
         threading.Thread(target=restart, name="taskorch-dask-restart", daemon=True).start()
 
@@ -224,7 +225,7 @@ class ClusterLink:
             log.error("ignored an event that taskorch's Dask worker function does not send (is "
                       "the same taskorch installed on every Dask worker?): %r", raw)
             return
-        self._inbox.put((EVENT, ours))
+        self._inbox.put(EventArrived(ours))
         if isinstance(ours, (Succeeded, Failed)):
             # An outcome sent inline: release the call's Dask future, so that the gather
             # waiting on it ends (cancelled) instead of fetching the task's None; that runs
@@ -244,16 +245,16 @@ class ClusterLink:
             try:
                 value = await client.gather(future, asynchronous=True)
             except BaseException as exc:  # cancelled (by us, or not), KilledWorker, a lost client
-                inbox.put((OUTCOME, sub_id, None, exc))
+                inbox.put(GatherEnded(sub_id, None, exc))
             else:
                 if value is None:  # the outcome came inline, in an event
                     return
                 try:
                     outcome = decode_event(value)
                 except ValueError as exc:  # failed "outside taskorch's worker function"
-                    inbox.put((OUTCOME, sub_id, None, exc))
+                    inbox.put(GatherEnded(sub_id, None, exc))
                 else:
-                    inbox.put((OUTCOME, sub_id, outcome, None))
+                    inbox.put(GatherEnded(sub_id, outcome, None))
 
         await asyncio.gather(*(one(s, f) for s, f in pairs), return_exceptions=True)
 
