@@ -188,3 +188,31 @@ def test_the_oldest_waiting_task_is_the_oldest_head_of_any_priority() -> None:
     clock.now += 5
     offer(backlog, task("hi", 1))
     assert backlog.oldest_waiting_since() == 1000.0
+
+
+def test_an_outcome_without_its_start_announces_the_start_with_its_attempts() -> None:
+    # On Dask an outcome may come without its Started event: the rules announce the start
+    # then, with the attempts the outcome counts (taskorch serve journals them: a restart
+    # charges what was spent), not the 0 of a task never seen starting.
+    from taskorch._parent.pool import TaskFinished
+    from taskorch._parent.rules import TaskRules
+    from taskorch._parent.task import TaskListener
+    from taskorch._wire import Succeeded
+
+    seen: list[tuple[str, int]] = []
+
+    class Journal(TaskListener):
+        def started(self, item: WorkItem, now: float) -> None:
+            seen.append(("started", item.attempts))
+
+    backlog, _, _ = make()
+    item = task("a")
+    item.listener = Journal()
+    backlog.offer(item, drop_when_full=False)
+    with backlog.locked():
+        assert backlog.take_locked(Admission(None), 1) == [item]
+    rules = TaskRules(backlog, None)
+    with backlog.locked():
+        rules.finished_locked(TaskFinished(item, Succeeded(item.task_id, 3, 0.1, b"")), 1.0)
+    assert seen == [("started", 3)]
+    assert item.state is TaskState.SUCCEEDED and item.future.attempts == 3

@@ -315,8 +315,14 @@ def test_workers_exit_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
         app.wait()
 
 
-def test_ctrl_c_reaches_the_app_not_the_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_reaches_the_app_not_the_workers(tmp_path: Path, inherited: str) -> None:
+    # "ignored": the app starts with SIGINT ignored, as every command of a background job
+    # (`./scripts/test > log &`) does when the shell has no job control (a script, `sh -c`);
+    # Python then installs no KeyboardInterrupt handler, and an app that wants Ctrl-C (as
+    # this one does, like the CLI) installs its own. Without it the app never sees the signal.
     tail = textwrap.dedent("""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             print(*o.worker_pids(), flush=True)  # inside the try: SIGINT may come right after
             signal.pause()
@@ -327,8 +333,10 @@ def test_ctrl_c_reaches_the_app_not_the_workers(tmp_path: Path) -> None:
     """)
     script = tmp_path / "app.py"
     script.write_text(APP.format(tests=TESTS, tmp=str(tmp_path), tail=tail.strip()))
-    app = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    command = [sys.executable, str(script)]
+    if inherited == "ignored":  # (exec keeps the pid: app.pid is the app's)
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    app = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert app.stdout is not None
         pids = [int(p) for p in app.stdout.readline().split()]
@@ -341,6 +349,8 @@ def test_ctrl_c_reaches_the_app_not_the_workers(tmp_path: Path) -> None:
         if app.poll() is None:
             app.kill()
             app.wait()
+        if app.stdout is not None:
+            app.stdout.close()
 
 
 # -- chaos -----------------------------------------------------------------------------------------

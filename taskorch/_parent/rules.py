@@ -117,10 +117,10 @@ class TaskRules:
         item, outcome = event
         attempts, seconds = outcome.attempts, outcome.seconds
         backlog = self._backlog
+        item.attempts = item.future.attempts = attempts  # (before a late start's announce)
         if item.state is TaskState.QUEUED:  # (on Dask its Started event may not have come)
             self._announce_started(item, now)
         backlog.start_locked(item)
-        item.attempts = item.future.attempts = attempts
         item.future.seconds = seconds
         failed = not isinstance(outcome, Succeeded)
         if isinstance(outcome, Succeeded):
