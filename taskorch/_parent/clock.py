@@ -5,7 +5,11 @@ the dispatcher core's timers, the circuit breaker and the schedule thread read t
 orchestrator's ``Clock``; tests of the backlog alone inject one they move by hand.
 
 Not here: the backends' worker timers (hard timeouts, SIGKILL escalation, respawns) read
-``time.monotonic`` directly, the same values as ``SYSTEM_CLOCK.monotonic``; and retries inside
+``time.monotonic`` directly, the same values as ``SYSTEM_CLOCK.monotonic``. Hazard: the core
+hands its clock's ``now`` to the pool, and a pool compares an attempt's start (stamped by the
+rules on this clock) with its own deadlines; both agree only because an orchestrator always
+runs on ``SYSTEM_CLOCK``. An injected clock is for the backlog alone (its tests), until the
+pools read this one too. Retries inside
 a worker (tenacity's waits between attempts, in the worker process) keep the worker's own
 time: they never come back to the parent, which is what makes them cheap.
 """

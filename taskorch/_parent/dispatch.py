@@ -5,7 +5,7 @@ Data flow (the pool's part in brackets; ``pool.WorkerPool``, local processes or 
     run()/run_async()          dispatcher thread                                  workers
     -----------------          -----------------                                  -------
     cloudpickle the call
-    Backlog.offer() --pending--> _dispatch(): breaker admission, then
+    Backlog.offer() --order----> _dispatch(): breaker admission, then
     (wake() if asleep)            [pool.hand_over: take calls, send them] -------> run attempts
                                  [pool.wait: read what came back] <------------- Started /
                                    -> AttemptStarted / AttemptRetrying /         Retrying /

@@ -121,7 +121,10 @@ class WorkerSet:
 
     def replace_due(self, now: float, finishing: bool) -> None:
         """Start the replacements asked for since the last call (and a respawn that is due),
-        unless ``finishing``: nothing is left to run."""
+        unless ``finishing``: nothing is left to run. The requests are consumed either way:
+        one top-up fills the pool back to ``worker_count``, whatever the number of requests,
+        and while a respawn is pending (``respawn_at``) they wait for it, their restarts then
+        counted under its cause ("start_failure")."""
         if self.respawn_at is not None and now >= self.respawn_at:
             self.respawn_at = None
             self._replace.append(("retrying a failed start", "start_failure"))

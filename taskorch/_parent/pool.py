@@ -154,7 +154,9 @@ class WorkerPool(Protocol):
         """The pool's own timers (hard timeouts, respawns, probes)."""
 
     def fire_timers(self, now: float) -> list[PoolEvent]:
-        """Act on the pool's timers that are due."""
+        """Act on the pool's timers that are due. A timer may only mark work for the next
+        ``hand_over`` (the local pool's respawn does): the core calls ``hand_over`` in the same
+        round unless the orchestrator is broken."""
 
     def stop_all(self) -> tuple[list[PoolEvent], list[tuple[WorkItem, str]]]:
         """Settling: stop everything now. What came back before (it still counts), and every

@@ -90,14 +90,11 @@ class TaskRules:
         item, attempt = event
         item.attempts = item.future.attempts = attempt
         item.attempt_started = now
-        backlog = self._backlog
-        for listener in backlog.listeners:  # (metrics on: the queue wait, at the first)
-            listener.started(item, now)
-        if item.listener is not None:  # (taskorch serve's journal: queues a record)
-            item.listener.started(item, now)
-        backlog.start_locked(item)
+        self._announce_started(item, now)
+        self._backlog.start_locked(item)
 
     def _announce_started(self, item: WorkItem, now: float) -> None:
+        """To the orchestrator's listeners, then the task's own."""
         for listener in self._backlog.listeners:  # (metrics on: the queue wait, at the first)
             listener.started(item, now)
         if item.listener is not None:  # (taskorch serve's journal: queues a record)

@@ -342,8 +342,10 @@ class TaskListener:
     backlog lock held: ``accepted`` (a producer's thread, in ``Backlog``), ``started``,
     ``retrying``, ``finished``, ``crashed`` (the dispatcher thread, from the core's rules) and
     ``cancelled`` (whichever thread cancels it, in ``Backlog.finish_locked``). Listeners are
-    the orchestrator's (``Backlog.listeners``: the metrics' ``figures.Figures``) or one task's
-    own (``WorkItem.listener``: ``taskorch serve``'s journal tracking, ``_service/registry``).
+    the orchestrator's (``Backlog.listeners``: the metrics' ``figures.Figures``), which hear
+    every moment, or one task's own (``WorkItem.listener``: ``taskorch serve``'s journal
+    tracking, ``_service/server/registry``), which hears only ``started`` and ``cancelled``
+    (its outcome reaches it through the future's observer, once resolved).
     A listener records, or queues something for another thread: no I/O, no lock that may be
     held while the backlog's is taken, never user code; it must not raise.
     """
