@@ -6,9 +6,11 @@ the records on the writer thread). The record format is in the README and ``run`
 from __future__ import annotations
 
 import json
+import traceback
 from concurrent.futures import Future
 from typing import Any
 
+from taskorch._errors import RemoteTraceback, WorkerCrashedError
 from taskorch._wire import decode_exception
 from taskorch._worker.map import ItemError
 from taskorch.cli.options import UsageError
@@ -57,13 +59,26 @@ def record(
                 "attempts": attempts}
     exc = future.exception()
     if exc is not None:
-        type_name = getattr(exc, "type_name", None) or type(exc).__name__
-        return {"index": index, "ok": False, "error": {"type": type_name, "message": str(exc)},
-                "attempts": attempts}
+        return {"index": index, "ok": False, "error": error_of(exc), "attempts": attempts}
     out: dict[str, Any] = {"index": index, "ok": True, "result": future.result(),
                            "attempts": attempts,
                            "seconds": round(getattr(future, "seconds", None) or 0.0, 6)}
     return out
+
+
+def error_of(exc: BaseException) -> dict[str, Any]:
+    """A record's "error": type and message; and, for the joblog alone (the writer pops them
+    before the record is written), "traceback" (the worker's) and "signal" (the number of the
+    signal that killed the worker, else 0)."""
+    type_name = getattr(exc, "type_name", None) or type(exc).__name__
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        tb = cause.tb
+    else:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exitcode = exc.exitcode if isinstance(exc, WorkerCrashedError) else None
+    return {"type": type_name, "message": str(exc), "traceback": tb,
+            "signal": -exitcode if exitcode is not None and exitcode < 0 else 0}
 
 
 def records_of(indices: list[int], future: Future[Any] | None, error: tuple[str, str] | None,
@@ -75,10 +90,8 @@ def records_of(indices: list[int], future: Future[Any] | None, error: tuple[str,
     attempts = getattr(future, "attempts", 0)
     for index, item in zip(indices, future.result()):
         if isinstance(item, ItemError):
-            exc = decode_exception(*item.described)
-            type_name = getattr(exc, "type_name", None) or type(exc).__name__
             out.append({"index": index, "ok": False,
-                        "error": {"type": type_name, "message": str(exc)},
+                        "error": error_of(decode_exception(*item.described)),
                         "attempts": attempts})
         else:
             out.append({"index": index, "ok": True, "result": item, "attempts": attempts})

@@ -42,9 +42,10 @@ from concurrent.futures import Future
 from types import FrameType
 from typing import IO, Any, BinaryIO, Callable, Iterator
 
+from taskorch._parent.task import TaskFuture, TaskListener, WorkItem
 from taskorch._wire import encode_call
 from taskorch._worker.map import run_chunk
-from taskorch.cli.joblog import Joblog
+from taskorch.cli.joblog import Entry, Joblog
 from taskorch.cli.lines import LineError, decode_line, numbered_lines
 from taskorch.cli.options import (
     EXIT_FAILED,
@@ -88,8 +89,10 @@ def add_parser(sub: Any) -> None:
                         "retries and timeouts then apply to the whole chunk, and records carry "
                         "the chunk's attempts and no seconds (default: 1)")
     p.add_argument("--joblog", metavar="FILE",
-                   help="also write every record to FILE, with its input line number and a hash "
-                        "of the line, for --resume (appended to with --resume, else replaced)")
+                   help="also log every input to FILE in GNU parallel's --joblog format (TSV: "
+                        "Seq, Host, Starttime, JobRuntime, Exitval, Signal, the input, the "
+                        "worker's PID, a hash of the line, the error and its traceback), for "
+                        "--resume (appended to with --resume, else replaced)")
     p.add_argument("--resume", action="store_true",
                    help="skip the inputs that --joblog FILE has a record of (by line number; "
                         "a line that differs from the one recorded is refused: another input)")
@@ -111,6 +114,32 @@ def add_parser(sub: Any) -> None:
 _Done = tuple[list[int], "Future[Any] | None", "tuple[str, str] | None", bool]
 
 
+class _Stamps(TaskListener):
+    """For the joblog: when each task's first attempt started (wall clock) and the pid of the
+    worker running its last. Set as each task's own listener; hears ``started`` on the
+    dispatcher thread, with the backlog lock held: it only sets a dict entry (atomic under the
+    GIL), which the writer thread pops once the task's future is done."""
+
+    __slots__ = ("by_future",)
+
+    def __init__(self) -> None:
+        self.by_future: dict[TaskFuture, tuple[float, int | None]] = {}
+
+    def started(self, item: WorkItem, now: float) -> None:
+        first = self.by_future.get(item.future)
+        # A local worker is the item's holder (its pid); a Dask worker's pid is not known here.
+        pid = getattr(item.started_on, "pid", None)
+        self.by_future[item.future] = (first[0] if first else time.time(),
+                                       pid if isinstance(pid, int) else None)
+
+    def pop(self, future: Future[Any] | None) -> tuple[float | None, int | None, float]:
+        """(start time, worker pid, worker-side seconds) of ``future``'s task, once done."""
+        if not isinstance(future, TaskFuture):
+            return None, None, 0.0
+        started, pid = self.by_future.pop(future, (None, None))
+        return started, pid, future.seconds or 0.0
+
+
 class _Run:
     def __init__(self, args: argparse.Namespace, fn: Callable[..., Any], out: IO[str],
                  joblog: Joblog | None = None) -> None:
@@ -118,6 +147,7 @@ class _Run:
         self.fn = fn
         self.out = out
         self.joblog = joblog  # written by the writer thread; read (resume) by the reader
+        self.stamps = _Stamps() if joblog is not None else None  # (joblog only)
         self.orchestrator = orchestrator_from_args(args)
         # Guards the fields below up to `stopping` (reader, writer, main and drain threads).
         self.lock = threading.Condition()
@@ -293,6 +323,7 @@ class _Run:
                 payload = encode_call(run_chunk, (self.fn, [a for _, a, _ in chunk], True, True,
                                                   [k for _, _, k in chunk]), {})
                 item = o.intake.prepare(payload)
+            item.listener = self.stamps
             future = (o.intake.offer(item, self.fn) if self.args.drop
                       else o.intake.offer_blocking(item))
         except Exception as exc:  # closed by a signal, or the call does not pickle
@@ -334,11 +365,15 @@ class _Run:
                 if entry is None:
                     return
                 indices, future, error, chunked = entry
+                stamp = (self.stamps.pop(future) if self.stamps is not None
+                         else (None, None, 0.0))
                 for rec in records_of(indices, future, error, chunked):
+                    failure = rec.get("error", {})
+                    tb, sig = failure.pop("traceback", ""), failure.pop("signal", 0)
                     line = dump_record(rec) + "\n"
                     out.write(line)
                     if self.joblog is not None:
-                        self.joblog.write(rec, line)
+                        self.joblog.write(rec["index"], _entry(rec, stamp, len(line), tb, sig))
                     self.counts["ok" if rec["ok"] else "failed"] += 1
                 if self.done_queue.empty():
                     out.flush()
@@ -369,6 +404,17 @@ class _Run:
             + (f"; {self.skipped} inputs skipped (--resume)" if self.skipped else ""),
             file=sys.stderr,
         )
+
+
+def _entry(rec: dict[str, Any], stamp: tuple[float | None, int | None, float], received: int,
+           tb: str, sig: int) -> Entry:
+    """The joblog's entry for an output record ``rec`` (``received``: its bytes)."""
+    started, pid, seconds = stamp
+    error = rec.get("error")
+    exitval = 0 if rec["ok"] else 1 if started is not None or sig else -1
+    return Entry(exitval=exitval, started=started, seconds=seconds,
+                 pid=pid, signal=sig, received=received,
+                 error=f"{error['type']}: {error['message']}" if error else "", traceback=tb)
 
 
 def _progress_bar(args: argparse.Namespace) -> Any:
