@@ -188,6 +188,26 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
+#: Added to a task's PicklingError / AttributeError about ``__main__``: the usual cause is a
+#: task that starts its own stdlib pool (spawn, forkserver) on functions of ``__main__``.
+MAIN_HINT = (
+    "hint: in a taskorch worker, __main__ is the worker, not your script: a task that starts "
+    "its own multiprocessing pool (spawn, forkserver) cannot send it functions defined in "
+    "__main__; define them in an importable module and import them from there"
+)
+
+
+def explain_main(exc: BaseException, message: str) -> str:
+    """A task's PicklingError / AttributeError about ``__main__`` gets ``MAIN_HINT`` as a note
+    (its traceback shows it) and in ``message`` (returned), for when it does not unpickle."""
+    import pickle
+
+    if isinstance(exc, (pickle.PicklingError, AttributeError)) and "__main__" in message:
+        exc.add_note(MAIN_HINT)
+        return f"{message} ({MAIN_HINT})"
+    return message
+
+
 def signal_name(exitcode: int | None) -> str | None:
     """The name of the signal that ended a process (``SIGKILL``), from its exit code; None
     when it exited on its own."""

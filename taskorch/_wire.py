@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence, Unio
 
 import cloudpickle
 
-from taskorch._errors import RemoteTaskError, RemoteTraceback, SerializationError
+from taskorch._errors import RemoteTaskError, RemoteTraceback, SerializationError, explain_main
 from taskorch._policy import Policy
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -460,13 +460,13 @@ def encode_result(value: object) -> bytes:
 
 def encode_exception(exc: BaseException) -> DescribedException:
     """Describe a task's exception: pickled when it round-trips, always with name and text."""
-    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    if type(exc).__module__ == "builtins":
-        type_name = type(exc).__qualname__
+    module = "" if type(exc).__module__ == "builtins" else f"{type(exc).__module__}."
+    type_name = module + type(exc).__qualname__
     try:
         message = str(exc)
     except Exception:
         message = "<str() of the exception failed>"
+    message = explain_main(exc, message)  # (a note in its traceback, and in the message)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     data: bytes | None = None
     if isinstance(exc, Exception):  # SystemExit / KeyboardInterrupt must not re-raise in the parent

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +338,64 @@ def test_a_module_found_through_path_travels_by_value(tmp_path: Path) -> None:
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert [r["result"] for r in records(proc.stdout)] == [2, 3]
+
+
+def test_a_pickling_error_about_main_in_a_task_says_why(tmp_path: Path) -> None:
+    # What a task that starts a stdlib spawn pool on a __main__ function meets: pickle
+    # looks the function up in the worker's __main__, which is taskorch's worker.
+    (tmp_path / "job.py").write_text(textwrap.dedent("""
+        import pickle
+
+        def helper(x):
+            return x
+
+        helper.__module__ = "__main__"
+
+        def work(x):
+            return len(pickle.dumps(helper))
+    """))
+    out = subprocess.run([sys.executable, "-m", "taskorch", "run", "job.py:work",
+                          "--no-progress"], input="[1]\n", capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    record = json.loads(out.stdout)
+    assert record["error"]["type"].endswith("PicklingError")
+    assert "__main__ is the worker, not your script" in record["error"]["message"]
+    assert "import them from there" in record["error"]["message"]
+
+
+def test_papercuts_of_the_command_line(tmp_path: Path) -> None:
+    def taskorch(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "taskorch", *args], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+
+    # an unknown flag after a subcommand: that subcommand's usage
+    out = taskorch("run", "x:y", "--bogus")
+    assert out.returncode == 2 and out.stderr.startswith("usage: taskorch run ")
+    assert "unrecognized arguments: --bogus" in out.stderr
+    # a word where a number goes: the option, what it expects, what it got
+    out = taskorch("run", "x:y", "--workers", "two")
+    assert "--workers: expected a positive integer, got 'two'" in out.stderr
+    assert "positive_int" not in out.stderr
+    # one input, singular
+    (tmp_path / "job.py").write_text("def work(x):\n    return x\n")
+    (tmp_path / "in.jsonl").write_text("[1]\n")
+    out = taskorch("run", "job.py:work", "-i", "in.jsonl", "--no-progress")
+    assert "taskorch run: 1 input: 1 ok" in out.stderr, out.stderr
+
+
+def test_run_on_a_terminal_says_it_reads_stdin(tmp_path: Path) -> None:
+    import pty
+
+    (tmp_path / "job.py").write_text("def work(x):\n    return x\n")
+    primary, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "taskorch", "run", "job.py:work",
+                           "--no-progress"], stdin=secondary, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=tmp_path) as proc:
+        os.close(secondary)
+        os.write(primary, b"[5]\n\x04")  # a line, then Ctrl-D
+        out, err = proc.communicate(timeout=60)
+    os.close(primary)
+    assert proc.returncode == 0, err
+    assert "reading the inputs from the terminal" in err and "Ctrl-D" in err
+    assert json.loads(out)["result"] == 5

@@ -187,7 +187,7 @@ def test_trigger_runs_now_and_unknown_names_are_refused() -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({}, "exactly one of cron and every"),
     ({"cron": "* * *"}, "not a cron expression"),
-    ({"cron": "61 * * * *"}, "not a cron expression"),
+    ({"cron": "61 * * * *"}, "the minute field .61. is out of range"),
     ({"every": "ten minutes"}, "duration such as"),
     ({"every": 0}, "positive duration"),
     ({"cron": "0 * * * *", "timezone": "Mars/Olympus"}, "unknown timezone"),
@@ -249,3 +249,23 @@ def test_a_schedule_racing_stop_is_refused_and_makes_no_scheduler(
         stopper.join(R)
     assert not stopper.is_alive()
     assert o._scheduler is None and o.schedules() == []
+
+
+def test_a_cron_field_out_of_range_is_named() -> None:
+    from taskorch._parent.schedule import Schedule
+
+    with pytest.raises(ValueError, match=r"the minute field '61' is out of range .*0-59"):
+        Schedule(name="x", cron="61 * * * *")
+    with pytest.raises(ValueError, match=r"the weekday field '9' is out of range"):
+        Schedule(name="x", cron="0 0 * * 9")
+    with pytest.raises(ValueError, match="five fields"):
+        Schedule(name="x", cron="* * *")
+
+
+def test_schedule_status_shows_readable_times() -> None:
+    from taskorch._parent.scheduler import ScheduleStatus
+
+    status = ScheduleStatus(name="x", next_run=0.0, last_run=None, last_outcome=None,
+                            last_seconds=None, running=False)
+    assert "next_run='1970-01-01 00:00:00 UTC'" in repr(status)
+    assert "last_run=None" in repr(status) and "0.0" not in repr(status)

@@ -69,7 +69,7 @@ def test_the_repository_config_checks_and_prints_the_next_fire_times() -> None:
     ("workers = 0\n", "workers: .*>= 1"),
     ("drop = 3\n", "drop: must be true or false"),
     ('[[schedule]]\nname = "a"\ntarget = "job.py:stamp"\ncron = "61 * * * *"\n',
-     "\\[\\[schedule\\]\\] #1 \\('a'\\): .*not a cron expression"),
+     "\\[\\[schedule\\]\\] #1 \\('a'\\): .*the minute field '61' is out of range"),
     ('[[schedule]]\nname = "a"\ntarget = "job.py:nope"\nevery = "1m"\n',
      "#1 \\('a'\\): target: .*has no attribute 'nope'"),
     ('[[schedule]]\nname = "a"\ntarget = "job.py:stamp"\nevery = "1m"\n'
@@ -280,3 +280,16 @@ def test_the_journal_is_ready_again_once_a_commit_goes_through(tmp_path: Path) -
         assert journal.unwritable() is None
     finally:
         journal.close()
+
+
+def test_check_config_shows_every_wrong_schedule(tmp_path: Path) -> None:
+    config = write_config(tmp_path, (
+        '[[schedule]]\nname = "a"\ntarget = "job.py:stamp"\ncron = "61 * * * *"\n'
+        '[[schedule]]\nname = "b"\ntarget = "job.py:stamp"\nevery = "1m"\n'
+        '[[schedule]]\nname = "c"\ntarget = "job.py:stamp"\ncron = "0 0 * 13 *"\n'))
+    proc = taskorch("serve", "--config", str(config), "--check-config", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"2 errors in --config {config}" in proc.stderr, proc.stderr
+    assert "#1 ('a'): schedule 'a': cron '61 * * * *': the minute field '61'" in proc.stderr
+    assert "#3 ('c'): schedule 'c': cron '0 0 * 13 *': the month field '13'" in proc.stderr
+    assert "('b')" not in proc.stderr

@@ -96,10 +96,12 @@ class Schedule:
         if self.cron is not None:
             from croniter import croniter
 
-            if not isinstance(self.cron, str) or len(self.cron.split()) != 5 or not (
-                    croniter.is_valid(self.cron)):
+            if not isinstance(self.cron, str) or len(self.cron.split()) != 5:
                 raise ValueError(f"schedule {self.name!r}: {self.cron!r} is not a cron "
                                  "expression of five fields (minute hour day month weekday)")
+            if not croniter.is_valid(self.cron):
+                raise ValueError(f"schedule {self.name!r}: cron {self.cron!r}: "
+                                 f"{_wrong_cron_field(self.cron)}")
         if self.every is not None:
             object.__setattr__(self, "every", parse_every(self.every))
         if self.timezone is not None:
@@ -162,6 +164,22 @@ def count_ticks(schedule: Schedule, first: float, latest: float, cap: int = 10_0
         tick = schedule.next_tick(tick)
         count += 1
     return count
+
+
+CRON_FIELDS = (("minute", "0-59"), ("hour", "0-23"), ("day", "1-31"), ("month", "1-12"),
+               ("weekday", "0-6, Sunday 0 or 7"))
+
+
+def _wrong_cron_field(cron: str) -> str:
+    """Which field of a five-field ``cron`` croniter refuses: each is tried alone."""
+    from croniter import croniter
+
+    fields = cron.split()
+    for i, (name, valid) in enumerate(CRON_FIELDS):
+        alone = " ".join(field if j == i else "*" for j, field in enumerate(fields))
+        if not croniter.is_valid(alone):
+            return f"the {name} field {fields[i]!r} is out of range or malformed ({valid})"
+    return "croniter refuses it (the fields are each valid alone)"
 
 
 def describe_time(t: float) -> str:

@@ -88,6 +88,15 @@ class ScheduleStatus:
     running: bool
     last_success: float | None = None  # when a run last succeeded (its outcome arrived)
 
+    def __repr__(self) -> str:  # the times readable, not epoch seconds
+        def when(t: float | None) -> str:
+            return "None" if t is None else f"'{describe_time(t)}'"
+
+        return (f"ScheduleStatus(name={self.name!r}, next_run={when(self.next_run)}, "
+                f"last_run={when(self.last_run)}, last_outcome={self.last_outcome!r}, "
+                f"last_seconds={self.last_seconds!r}, running={self.running!r}, "
+                f"last_success={when(self.last_success)})")
+
 
 class ScheduledTask:
     """The handle ``TaskOrchestrator.schedule()`` returns."""

@@ -110,58 +110,72 @@ def _convert(path: str, key: str, value: Any, action: argparse.Action) -> Any:
 
 
 def schedules(path: str, data: dict[str, Any], local_dirs: list[str]) -> list[ScheduleEntry]:
-    """The ``[[schedule]]`` entries, each checked (its target imported)."""
-    from taskorch._parent.schedule import Schedule, parse_every
-    from taskorch._policy import Policy
-    from taskorch.cli.target import resolve_target
-
+    """The ``[[schedule]]`` entries, each checked (its target imported); a UsageError lists
+    every wrong entry."""
     entries = data.get("schedule", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise UsageError(f"--config {path}: 'schedule' must be [[schedule]] tables")
     found: list[ScheduleEntry] = []
+    errors: list[str] = []
     folder = os.path.dirname(os.path.abspath(path))
     for number, entry in enumerate(entries, 1):
-        where = f"--config {path}: [[schedule]] #{number}"
-        name = entry.get("name")
-        if isinstance(name, str) and name:
-            where += f" ({name!r})"
-        unknown = [k for k in entry if k not in SCHEDULE_KEYS]
-        if unknown:
-            hint = difflib.get_close_matches(unknown[0], SCHEDULE_KEYS, n=1)
-            raise UsageError(f"{where}: unknown key {unknown[0]!r}"
-                             + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                             + f"; the keys are {', '.join(SCHEDULE_KEYS)}")
-        for key in ("name", "target"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
-                raise UsageError(f"{where}: {key!r} is required (a string)")
-        if any(e.name == name for e in found):
-            raise UsageError(f"{where}: a schedule named {name!r} is defined twice")
-        args, kwargs = entry.get("args", []), entry.get("kwargs", {})
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise UsageError(f"{where}: 'args' must be an array and 'kwargs' a table")
-        options = {k: entry[k] for k in ("cron", "timezone", "jitter", "overlap", "misfire",
-                                          "catch_up_limit") if k in entry}
-        try:
-            if "every" in entry:
-                options["every"] = parse_every(entry["every"])
-            Schedule(name=name, **options)
-            policy = None
-            if "retries" in entry or "timeout" in entry:
-                base = Policy.default()
-                timeout = entry.get("timeout", base.timeout)
-                policy = dataclasses.replace(
-                    base, retries=entry.get("retries", base.retries),
-                    timeout=None if timeout in ("none", None) else timeout)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{where}: {exc}") from None
-        target = _relative_to(entry["target"], folder)
-        try:
-            fn = resolve_target(target, local_dirs)
+        try:  # every entry is checked: all the errors are shown at once, not the first alone
+            found.append(_schedule(path, number, entry, found, folder, local_dirs))
         except UsageError as exc:
-            raise UsageError(f"{where}: target: {exc}") from None
-        found.append(ScheduleEntry(name, fn, entry["target"], options, tuple(args), kwargs,
-                                   policy))
+            errors.append(str(exc))
+    if len(errors) == 1:
+        raise UsageError(errors[0])
+    if errors:
+        raise UsageError(f"{len(errors)} errors in --config {path}:\n  " + "\n  ".join(errors))
     return found
+
+
+def _schedule(path: str, number: int, entry: dict[str, Any], found: list[ScheduleEntry],
+              folder: str, local_dirs: list[str]) -> ScheduleEntry:
+    """One ``[[schedule]]`` entry, checked; UsageError naming it if it is wrong."""
+    from taskorch._parent.schedule import Schedule, parse_every
+    from taskorch._policy import Policy
+    from taskorch.cli.target import resolve_target
+
+    where = f"--config {path}: [[schedule]] #{number}"
+    name = entry.get("name")
+    if isinstance(name, str) and name:
+        where += f" ({name!r})"
+    unknown = [k for k in entry if k not in SCHEDULE_KEYS]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], SCHEDULE_KEYS, n=1)
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; the keys are {', '.join(SCHEDULE_KEYS)}")
+    for key in ("name", "target"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise UsageError(f"{where}: {key!r} is required (a string)")
+    if any(e.name == name for e in found):
+        raise UsageError(f"{where}: a schedule named {name!r} is defined twice")
+    args, kwargs = entry.get("args", []), entry.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise UsageError(f"{where}: 'args' must be an array and 'kwargs' a table")
+    options: dict[str, Any] = {k: entry[k] for k in (
+        "cron", "timezone", "jitter", "overlap", "misfire", "catch_up_limit") if k in entry}
+    try:
+        if "every" in entry:
+            options["every"] = parse_every(entry["every"])
+        Schedule(name=entry["name"], **options)
+        policy = None
+        if "retries" in entry or "timeout" in entry:
+            base = Policy.default()
+            timeout = entry.get("timeout", base.timeout)
+            policy = dataclasses.replace(
+                base, retries=entry.get("retries", base.retries),
+                timeout=None if timeout in ("none", None) else timeout)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    target = _relative_to(entry["target"], folder)
+    try:
+        fn = resolve_target(target, local_dirs)
+    except UsageError as exc:
+        raise UsageError(f"{where}: target: {exc}") from None
+    return ScheduleEntry(entry["name"], fn, entry["target"], options, tuple(args), kwargs, policy)
 
 
 def _relative_to(target: str, folder: str) -> str:

@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, with its usage, not the top level's
+        sub = _subcommand_parser(parser, args.command)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
@@ -68,6 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OUTPUT
     return code
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser,
+                       command: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:  # (argparse keeps its subparsers there, and nowhere else)
+        choices = action.choices if action.dest == "command" else None
+        if isinstance(choices, dict):
+            found = choices.get(command)
+            return found if isinstance(found, argparse.ArgumentParser) else None
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,7 +77,11 @@ def error_of(exc: BaseException) -> dict[str, Any]:
     else:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exitcode = exc.exitcode if isinstance(exc, WorkerCrashedError) else None
-    return {"type": type_name, "message": str(exc), "traceback": tb,
+    message = str(exc)
+    for note in getattr(exc, "__notes__", ()):  # e.g. _wire's hint about __main__
+        if isinstance(note, str) and note not in message:
+            message += f" ({note})"
+    return {"type": type_name, "message": message, "traceback": tb,
             "signal": -exitcode if exitcode is not None and exitcode < 0 else 0}
 
 

@@ -397,13 +397,18 @@ class _Run:
         n = self.counts["ok"] + self.counts["failed"]
         rate = n / seconds if seconds > 0 else 0.0
         print(
-            f"taskorch run: {n} inputs: {self.counts['ok']} ok, {self.counts['failed']} failed "
+            f"taskorch run: {_count(n, 'input')}: {self.counts['ok']} ok, "
+            f"{self.counts['failed']} failed "
             f"({s.cancelled} cancelled, {s.abandoned} abandoned, {s.dropped} dropped) in "
             f"{seconds:.2f} s ({rate:.0f}/s); {s.retried} retries, {s.crashes} worker crashes, "
             f"{s.timeouts} timeouts" + ("" if drained else "; not drained")
-            + (f"; {self.skipped} inputs skipped (--resume)" if self.skipped else ""),
+            + (f"; {_count(self.skipped, 'input')} skipped (--resume)" if self.skipped else ""),
             file=sys.stderr,
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _entry(rec: dict[str, Any], stamp: tuple[float | None, int | None, float], received: int,
@@ -450,6 +455,9 @@ def main(args: argparse.Namespace) -> int:
             stdin = getattr(sys.stdin, "buffer", None)
             if stdin is None:
                 raise UsageError("there is no stdin to read the inputs from; pass --input FILE")
+            if sys.stdin.isatty():  # else a user waits on a silent terminal
+                print("taskorch run: reading the inputs from the terminal, one JSON line each "
+                      "(end with Ctrl-D; --input FILE reads a file)", file=sys.stderr)
             source = stdin
         if args.output:
             try:
