@@ -68,7 +68,7 @@ class DispatcherCore:
         self._clock = backlog.clock  # the backlog's, for its due times and stop's deadline
         self.pool = pool  # dispatcher thread only, but for its methods marked "any thread"
         self._breaker = (
-            Breaker(circuit_breaker, publish=backlog.set_breaker_state_locked,
+            Breaker(circuit_breaker, publish=backlog.counts.set_breaker_state,
                     clock=self._clock.monotonic)
             if circuit_breaker is not None else None
         )
@@ -224,6 +224,11 @@ class DispatcherCore:
             if not (left and arrived and pool.has_room(now)):
                 break
         self._rebalance_at = None if left else pool.recall_unstarted(now)
+        if left:
+            with backlog.locked():
+                mixed = backlog.mixed_locked()
+            if mixed:  # a priority waits: what busy workers prefetched must not run first
+                pool.recall_prefetched()
 
     def _admission_locked(self) -> Admission:
         """New tasks the breaker lets start now; in FAIL mode with the circuit not closed,
@@ -236,13 +241,14 @@ class DispatcherCore:
                 self._backlog, admission.left)
         return admission
 
-    def _take(self, limit: int, budget: int | None = None,
-              first_may_exceed: bool = True) -> list[WorkItem]:
+    def _take(self, limit: int, budget: int | None = None, first_may_exceed: bool = True,
+              plain_after: int | None = None) -> list[WorkItem]:
         """The pool's ``take`` (``pool.Take``): up to ``limit`` calls from the backlog, in its
         order, as this hand-over's admission allows (``Backlog.take_locked``: a payload
         ``budget``, ``first_may_exceed``; see ``process.PREFETCH_BYTES``)."""
         with self._backlog.locked():
-            return self._backlog.take_locked(self._admission, limit, budget, first_may_exceed)
+            return self._backlog.take_locked(self._admission, limit, budget, first_may_exceed,
+                                             plain_after)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -265,7 +271,9 @@ class DispatcherCore:
             self._settle(OrchestratorBrokenError(backlog.broken))
             return
         self._apply(self.pool.fire_timers(now))
-        backlog.release_due(now)  # (crash retries whose backoff is over, delayed tasks)
+        # Crash retries whose backoff is over, delayed tasks due; expired ones end.
+        for item in backlog.release_due(now):
+            self._life.expired(item)
 
     def _holds_anything(self) -> bool:
         with self._backlog.locked():
