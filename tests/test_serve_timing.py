@@ -1,0 +1,71 @@
+"""``options(priority=, delay=, expires=)`` through ``taskorch serve``: kept in the journal, so
+that a SIGKILL and a restart keep every task's priority, not-before time and expiry. Real
+server processes (the fixtures of ``test_service``); gates order the events, and the only waits
+on the clock are for the times the test is about."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import _tasks as t
+import pytest
+import test_service
+from _tasks import wait_until
+from test_service import R
+from test_service_journal import kill
+
+from taskorch import Policy, TaskExpiredError
+
+short_dir = test_service.short_dir
+start_server = test_service.start_server
+
+
+def test_priority_delay_and_expiry_survive_a_sigkill_and_restart(start_server,
+                                                                 short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    log = str(short_dir / "log")
+    gate = t.Gate(short_dir, "busy")
+    a = start_server("--journal", str(journal), "--workers", "1")
+    client = a.connect()
+    try:
+        held = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
+            t.blocker, str(gate.started), str(gate.release_fifo))
+        assert held is not None
+        gate.wait_started()
+        submitted = time.time()
+        delayed = client.options(delay=4.0).run(t.log_start, log, "delayed")
+        doomed = client.options(expires=1.0).run(t.log_start, log, "doomed")
+        low = client.options(priority=0).run(t.log_start, log, "low")
+        high = client.options(priority=9).run(t.log_start, log, "high")
+        futures = [delayed, doomed, low, high]
+        assert all(f is not None for f in futures)
+        ids = [client.accepted(f, R) for f in futures]  # type: ignore[arg-type]
+        kill(a)
+        db = sqlite3.connect(journal)
+        try:
+            rows = {row[0]: row[1:] for row in db.execute(
+                "SELECT id, priority, not_before, expires FROM tasks")}
+        finally:
+            db.close()
+        assert rows[ids[0]][1] == pytest.approx(submitted + 4.0, abs=1.0)
+        assert rows[ids[1]][2] == pytest.approx(submitted + 1.0, abs=1.0)
+        assert (rows[ids[2]][0], rows[ids[3]][0]) == (0, 9)
+
+        wait_until(lambda: time.time() > rows[ids[1]][2], what="the expiry to pass")
+        gate.started.unlink()
+        b = start_server("--journal", str(journal), "--workers", "1", like=a)
+        gate.wait_started()  # the blocker again (its attempt was charged)
+        gate.release()
+        with pytest.raises(TaskExpiredError):
+            doomed.result(R)  # type: ignore[union-attr]
+        assert [f.result(R) for f in (high, low, delayed)] == [  # type: ignore[union-attr]
+            "high", "low", "delayed"]
+        starts = t.logged(log)
+        assert [label for label, _ in starts] == ["high", "low", "delayed"]
+        assert dict(starts)["delayed"] >= rows[ids[0]][1]  # not run early after the restart
+        assert client.stats().expired == 1
+    finally:
+        client.close()
+    b.stop()
+    assert b.proc.returncode == 143, b.stderr()
