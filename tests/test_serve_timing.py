@@ -69,3 +69,58 @@ def test_priority_delay_and_expiry_survive_a_sigkill_and_restart(start_server,
         client.close()
     b.stop()
     assert b.proc.returncode == 143, b.stderr()
+
+
+def test_status_shows_delayed_tasks_and_when_the_next_is_due(start_server) -> None:
+    import json
+    import re
+    import subprocess
+
+    from test_service import _env, _taskorch
+
+    server = start_server()
+    with server.connect() as client:
+        due = time.time() + 3  # (soon: the fixture's stop drains them)
+        futures = [client.options(at=due + i / 10).run(t.square, i) for i in range(3)]
+        assert all(f is not None and client.accepted(f, R) for f in futures)
+        assert (client.stats().delayed, client.stats().queued) == (3, 3)
+        status = ["status", "--socket", server.address, "--authkey-file",
+                  str(server.authkey_file)]
+        out = subprocess.run(_taskorch(*status, "--json"), capture_output=True, text=True,
+                             timeout=R, env=_env())
+        assert out.returncode == 0, out.stderr
+        fields = json.loads(out.stdout)
+        assert fields["delayed"] == 3
+        assert fields["next_delayed_at"] == pytest.approx(due, abs=1.0)
+        out = subprocess.run(_taskorch(*status), capture_output=True, text=True, timeout=R,
+                             env=_env())
+        assert re.search(r"delayed\s+3", out.stdout), out.stdout
+        assert "next delayed due" in out.stdout and time.strftime(
+            "%Y-%m-%d", time.gmtime(due)) in out.stdout, out.stdout
+        assert [f.result(R) for f in futures] == [0, 1, 4]  # type: ignore[union-attr]
+        assert time.time() >= due
+
+
+def test_metrics_count_expired_and_delayed_tasks(tmp_path) -> None:
+    from prometheus_client import CollectorRegistry
+    from test_metrics import samples
+
+    from taskorch import TaskOrchestrator
+    from taskorch.metrics import TaskorchCollector
+
+    with TaskOrchestrator(1) as o:
+        registry = CollectorRegistry()
+        registry.register(TaskorchCollector(o))
+        gate = t.Gate(tmp_path, "busy")
+        held = o.run(t.blocker, str(gate.started), str(gate.release_fifo))
+        gate.wait_started()
+        later = o.options(delay=3600).run(t.square, 1)
+        doomed = o.options(expires=0.05).run(t.square, 2)
+        with pytest.raises(TaskExpiredError):
+            doomed.result(R)  # type: ignore[union-attr]
+        parsed = samples(registry)
+        assert parsed[("taskorch_tasks_expired_total", ())] == 1
+        assert parsed[("taskorch_tasks_delayed", ())] == 1
+        gate.release()
+        assert held is not None and held.result(R) == "go"
+        assert later is not None and later.cancel()

@@ -331,7 +331,8 @@ class DispatcherCore:
         """What ``taskorch status`` shows beyond the counts: ``workers``, one dict per worker
         process (from ``worker_views``), and ``oldest_queued_seconds``, the age of the oldest
         task accepted and not yet started, in the backlog or handed to a worker (None: none
-        is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
+        is), and ``next_delayed_at``, the epoch time the first delayed task is due (None:
+        none waits). Any thread: takes the backlog's lock briefly (no I/O under it)."""
         now = time.monotonic()
         views = self.worker_views()
         oldest = self._backlog.oldest_waiting_since()
@@ -345,7 +346,9 @@ class DispatcherCore:
                 "seconds": round(v.running_for or 0.0, 3)},
             "rss_mib": _rss_mib(v.pid),
         } for v in views]
-        return {"workers": workers,
+        with self._backlog.locked():
+            _, next_delayed = self._backlog.delayed_locked()
+        return {"workers": workers, "next_delayed_at": next_delayed,
                 "oldest_queued_seconds": round(now - min(queued_since), 3) if queued_since
                 else None}
 
