@@ -124,3 +124,40 @@ def test_metrics_count_expired_and_delayed_tasks(tmp_path) -> None:
         gate.release()
         assert held is not None and held.result(R) == "go"
         assert later is not None and later.cancel()
+
+
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, client BLOB NOT NULL, sub INTEGER NOT NULL,
+    payload BLOB, policy BLOB, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    submitted REAL NOT NULL, started REAL, finished REAL, outcome INTEGER, seconds REAL,
+    data BLOB, UNIQUE (client, sub)
+);
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_a_journal_written_before_the_timing_columns_opens_and_recovers(tmp_path) -> None:
+    from taskorch._service.server.journal import Journal
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute("INSERT INTO tasks (client, sub, payload, state, submitted) "
+               "VALUES (x'01', 1, x'00', 'queued', 0)")
+    db.commit()
+    db.close()
+    journal = Journal(str(path))
+    try:
+        (row,) = journal.rows_to_recover()
+        assert (row.state, row.priority, row.not_before, row.expires) == ("queued", 0, None,
+                                                                          None)
+    finally:
+        journal.close()
+    db = sqlite3.connect(path)
+    try:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+    finally:
+        db.close()
+    assert {"priority", "not_before", "expires"} <= columns
