@@ -219,16 +219,14 @@ class DispatcherCore:
                 # (or, with the circuit open in HOLD mode, through the breaker's timer).
                 left = backlog.note_waiting_locked()
                 arrived = backlog.arrivals_locked() != arrivals
+                mixed = left and backlog.mixed_locked()
             # Tasks that arrived meanwhile found the dispatcher due to look and wrote no
             # wakeup: go round again while a worker could take them.
             if not (left and arrived and pool.has_room(now)):
                 break
         self._rebalance_at = None if left else pool.recall_unstarted(now)
-        if left:
-            with backlog.locked():
-                mixed = backlog.mixed_locked()
-            if mixed:  # a priority waits: what busy workers prefetched must not run first
-                pool.recall_prefetched()
+        if mixed:  # a priority waits: what busy workers prefetched must not run first
+            pool.recall_prefetched()
 
     def _admission_locked(self) -> Admission:
         """New tasks the breaker lets start now; in FAIL mode with the circuit not closed,

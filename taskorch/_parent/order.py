@@ -153,16 +153,16 @@ class TaskOrder:
             if budget is not None and size + len(item.payload) > budget and (
                     taken or not first_may_exceed):
                 break
-            if plain_after is not None and len(taken) >= plain_after and (
-                    item.expires_at is not None):
-                break  # a prefetch position: not for a task with an expiry
-            if now is not None and item.expires_at is not None and item.expires_at <= now:
-                top.popleft()
-                self._expired.append(item)
-                if not top:
-                    self._retop()
-                    top = self._top
-                continue
+            if item.expires_at is not None:
+                if plain_after is not None and len(taken) >= plain_after:
+                    break  # a prefetch position: not for a task with an expiry
+                if now is not None and item.expires_at <= now:
+                    top.popleft()
+                    self._expired.append(item)
+                    if not top:
+                        self._retop()
+                        top = self._top
+                    continue
             if not gate.allows(item):
                 break  # held back by the circuit breaker (HOLD mode)
             gate.count(item)
