@@ -84,6 +84,11 @@ def test_status_shows_delayed_tasks_and_when_the_next_is_due(start_server) -> No
         futures = [client.options(at=due + i / 10).run(t.square, i) for i in range(3)]
         assert all(f is not None and client.accepted(f, R) for f in futures)
         assert (client.stats().delayed, client.stats().queued) == (3, 3)
+        for bad, option in (({"delay": -1}, "delay"), ({"priority": False}, "priority"),
+                            ({"delay": 5, "expires": 1}, "expires")):
+            with pytest.raises(ValueError, match=option):
+                client.options(**bad).run(t.square, 1)  # type: ignore[arg-type]
+        assert client.stats().submitted == 3  # nothing was sent
         status = ["status", "--socket", server.address, "--authkey-file",
                   str(server.authkey_file)]
         out = subprocess.run(_taskorch(*status, "--json"), capture_output=True, text=True,
