@@ -49,11 +49,13 @@ EXEC_ORDER = "DEABCIGHMPF"
 QUICK: dict[str, Any] = {
     "a_tasks": 5_000, "b_tasks": 20, "c_tasks": 1_000, "e_tasks": 500, "f_tasks": 200,
     "h_tasks": 50, "i_items": 50_000, "reps": 1, "d_reps": 1, "warmup": False,
+    "p_delayed": 5_000,
     "child_timeout": 45.0, "stop_timeout": 10.0,
 }
 FULL: dict[str, Any] = {
     "a_tasks": 20_000, "b_tasks": 40, "c_tasks": 2_000, "e_tasks": 1_000, "f_tasks": 200,
     "h_tasks": 50, "i_items": 200_000, "reps": 3, "d_reps": 7, "warmup": True,
+    "p_delayed": 100_000,
     "child_timeout": 150.0, "stop_timeout": 30.0,
 }
 CPU_TASK_S = 0.050          # section B: target duration of one CPU task
