@@ -107,3 +107,24 @@ def test_a_crash_retry_past_its_expiry_is_not_run_again() -> None:
     assert item.state is TaskState.EXPIRED
     stats = backlog.stats()
     assert (stats.running, stats.expired, stats.crashes) == (0, 1, 1)
+
+
+def test_expiry_entries_of_ended_tasks_do_not_pile_up() -> None:
+    """A task that ended long before its expiry time is not kept alive (nor its future, its
+    outcome) by the expiry heap, past a bounded number of them."""
+    import gc
+    import weakref
+
+    backlog, clock, _ = make(max_backlog=20_000)
+    refs = []
+    for i in range(10_000):
+        item = task(f"t{i}", expires_at=clock.now + 3600)
+        refs.append(weakref.ref(item))
+        offer(backlog, item)
+        with backlog.locked():
+            (taken,) = backlog.take_locked(Admission(None), 1)
+            backlog.start_locked(taken)
+            backlog.finish_locked(taken, TaskState.SUCCEEDED)
+        del item, taken
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) < 4096

@@ -54,7 +54,7 @@ class TaskOrder:
     """Ready tasks by (priority, arrival), and tasks not due yet by (due time, arrival)."""
 
     __slots__ = ("_levels", "_priorities", "_top", "_top_priority", "_later", "_seq",
-                 "_expiring", "_expired", "delayed")
+                 "_expiring", "_expired", "delayed", "_compact_at")
 
     def __init__(self) -> None:
         # Ready tasks per priority, each in the order they leave; level 0 is always there.
@@ -70,6 +70,9 @@ class TaskOrder:
         # here are skipped when they come up.
         self._expiring: list[tuple[float, int, WorkItem]] = []
         self._expired: list[WorkItem] = []  # found expired by ``take``: out of the order
+        # Entries of tasks that ended keep their items (and futures) until their expiry time:
+        # past this many entries, those are dropped (``_compact``; amortized O(1) a push).
+        self._compact_at = 4096
         self.delayed = 0  # new tasks in ``_later`` (not due yet; crash retries not counted)
 
     # -- putting in ----------------------------------------------------------------------
@@ -81,6 +84,8 @@ class TaskOrder:
         if item.expires_at is not None:
             heapq.heappush(self._expiring, (item.expires_at, next(self._seq), item))
             first = self._expiring[0][2] is item
+            if len(self._expiring) >= self._compact_at:
+                self._compact()
         not_before = item.not_before
         if not_before is not None and not_before > now:
             self.delayed += 1
@@ -90,6 +95,13 @@ class TaskOrder:
         else:
             self._level(item.priority).append(item)
         return first
+
+    def _compact(self) -> None:
+        """Drop the expiry entries of tasks that ended, and rebuild the heap."""
+        live = (TaskState.QUEUED, TaskState.RUNNING)
+        self._expiring = [entry for entry in self._expiring if entry[2].state in live]
+        heapq.heapify(self._expiring)
+        self._compact_at = max(4096, 2 * len(self._expiring))
 
     def push_front(self, items: list[WorkItem],
                    clock: Callable[[], float] | None = None) -> None:
