@@ -7,6 +7,8 @@
     ├── SerializationError(TypeError)      a task, result or exception does not pickle
     ├── TaskTimeoutError(TimeoutError)     an attempt ran past Policy.timeout
     ├── TaskAbandonedError                 stop(timeout) expired while the task ran
+    ├── TaskExpiredError                   the task was not started by its ``expires`` time:
+    │                                      it never ran
     ├── WorkerCrashedError                 the worker process died while running the task
     ├── CircuitOpenError                   the circuit breaker rejected the task
     ├── RemoteTaskError                    the task raised something that cannot be rebuilt
@@ -39,6 +41,7 @@ __all__ = [
     "ServerTimeoutError",
     "ServerUnavailableError",
     "TaskAbandonedError",
+    "TaskExpiredError",
     "TaskNotFoundError",
     "TaskTimeoutError",
     "TaskorchError",
@@ -89,6 +92,12 @@ class TaskAbandonedError(TaskorchError):
 
     The task may have had side effects before it was terminated.
     """
+
+
+class TaskExpiredError(TaskorchError):
+    """The task was not started by its ``expires`` time (``options(expires=...)``): it ended
+    ``expired`` without running, never to run (not after a crash retry, nor after a restart
+    of ``taskorch serve``). Raise the expiry, raise the priority, or add workers."""
 
 
 class WorkerCrashedError(TaskorchError):

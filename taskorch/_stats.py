@@ -31,6 +31,8 @@ class Stats:
     crashes: int  # worker deaths while running a task (kills by the hard timeout included)
     timeouts: int  # attempts that ran past their timeout (interrupted or killed)
     breaker_state: str  # "closed", "open" or "half_open" ("closed" without a breaker)
+    expired: int = 0  # not started by their ``expires`` time: ended without running
+    delayed: int = 0  # queued tasks waiting for their ``delay``/``at`` time (in ``queued``)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -49,6 +49,7 @@ COUNTERS = (
     ("failed", "tasks_failed", "Tasks that failed (after their retries)."),
     ("cancelled", "tasks_cancelled", "Tasks cancelled before they started."),
     ("abandoned", "tasks_abandoned", "Tasks abandoned while running (stop timed out)."),
+    ("expired", "tasks_expired", "Tasks not started by their expiry: ended without running."),
     ("rejected", "tasks_rejected", "Tasks refused with QueueFullError (backlog full)."),
     ("dropped", "tasks_dropped", "Tasks dropped with the backlog full (ALLOW_SYNC_TASK_DROP)."),
     ("retried", "task_retries", "Attempts after the first, whatever caused them."),
@@ -96,6 +97,7 @@ def metrics_of(snap: Snapshot, prefix: str = "taskorch_", names: list[str] | Non
     for name, doc, value in (
         ("tasks_queued", "Tasks accepted and not started.", stats.queued),
         ("tasks_running", "Tasks started and not finished.", stats.running),
+        ("tasks_delayed", "Queued tasks waiting for their delay or start time.", stats.delayed),
         ("workers", "Worker processes alive.", stats.workers),
         ("workers_wanted", "Worker processes the pool keeps.", snap.worker_count),
         ("max_backlog", "The backlog's bound.", snap.max_backlog),

@@ -489,3 +489,18 @@ def record(path: str, value: Any) -> Any:
     finally:
         os.close(fd)
     return value
+
+
+def log_start(path: str, label: str) -> str:
+    """Append ``label`` and the wall time to the file ``path`` (one line per start)."""
+    with open(path, "a") as f:
+        f.write(f"{label} {time.time()!r}\n")
+    return label
+
+
+def logged(path: str) -> list[tuple[str, float]]:
+    """What ``log_start`` wrote, in order."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [(label, float(t)) for label, t in (line.split() for line in f)]

@@ -38,6 +38,7 @@ from taskorch import (  # noqa: E402
     Policy,
     QueueFullError,
     TaskAbandonedError,
+    TaskExpiredError,
     TaskOrchestrator,
     TaskTimeoutError,
     WorkerCrashedError,
@@ -608,3 +609,33 @@ def test_the_command_line_runs_on_the_cluster(cluster: Any, client: Any, tmp_pat
          "--dask", cluster.scheduler_address, "--max-tasks-per-worker", "5"],
         input="[1]\n", capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "max_tasks_per_worker" in refused.stderr
+
+
+def test_options_priority_delay_and_expiry_on_the_cluster(make_dask: Callable[..., Any],
+                                                          gates: Callable[[str], _Gate],
+                                                          tmp_path: Path) -> None:
+    """The backlog is the parent's: the same options, unchanged, with both threads held."""
+    o = make_dask()
+    log = str(tmp_path / "log")
+    held = [gates(f"busy{i}") for i in range(WORKERS)]
+    blockers = [o.run(t.blocker, str(g.started), str(g.release_fifo)) for g in held]
+    for g in held:
+        g.wait_started()
+    submitted = time.time()
+    later = o.options(delay=0.5).run(t.log_start, log, "later")
+    doomed = o.options(expires=0.2).run(t.log_start, log, "doomed")
+    low = o.options(priority=0).run(t.log_start, log, "low")  # ("later" queues behind it)
+    high = o.options(priority=7).run(t.log_start, log, "high")
+    assert doomed is not None
+    with pytest.raises(TaskExpiredError):
+        doomed.result(R)  # the threads are still held: it never started
+    held[0].release()
+    for f in (blockers[0], high, low, later):
+        assert f is not None
+        f.result(R)
+    starts = t.logged(log)
+    assert [label for label, _ in starts][:2] == ["high", "low"]
+    assert dict(starts)["later"] >= submitted + 0.5
+    assert "doomed" not in dict(starts)
+    held[1].release()
+    assert o.stats().expired == 1

@@ -32,6 +32,8 @@ Sections:
      multiprocessing.Pool.imap and the executors' map with Pool.map's default chunk size)
   M  metrics overhead (taskorch only): A's no-op throughput with the per-task figures off
      and on (``taskorch.metrics``) on one pool, alternating blocks; the median on/off ratio
+  P  delayed backlog (taskorch only): A's no-op throughput without, then with 100,000
+     tasks delayed by an hour waiting in the backlog (``options(delay=)``); with / without
   noise: CPU that processes outside the pool's tree used during each section, % of one core
 
 Never asserts speed: every number is a measurement, not a verdict, and the exit status does
@@ -48,6 +50,7 @@ Modules, by role (the parent never imports the child's modules, and the reverse)
   throughput.py      child: sections A, B, C, I, M
   lifecycle.py       child: sections D, E, H
   failure.py         child: sections F, G
+  delayed.py         child: section P
   child_main.py      child: runs the sections in order, medians over repetitions
   parent.py          parent: calibration, the children under deadlines, cold starts (D)
   report.py          parent: the markdown table, ratio lines, notes, chart

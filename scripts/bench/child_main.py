@@ -11,7 +11,7 @@ import gc
 import time
 from typing import Any, Callable
 
-from . import failure, lifecycle, throughput
+from . import delayed, failure, lifecycle, throughput
 from .child import Child
 from .config import EXEC_ORDER
 from .harness import NoiseMeter, describe, median
@@ -28,6 +28,7 @@ SECTIONS: dict[str, Callable[[Child], dict[str, Any]]] = {
     "H": lifecycle.h_drain,
     "I": throughput.i_bulk_map,
     "M": throughput.m_metrics_overhead,
+    "P": delayed.p_delayed_backlog,
 }
 
 

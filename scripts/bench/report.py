@@ -76,6 +76,7 @@ ROWS: list[tuple[str, str]] = [  # (section, row title); a section may have seve
     ("H", "H drain: last result to stop() returned, ms"),
     ("I", "I bulk map, items/s"),
     ("M", "M metrics overhead: no-op tasks/s, metrics off / on (on vs off)"),
+    ("P", "P no-op tasks/s without / with delayed tasks waiting (100,000; --quick 5,000)"),
 ]
 
 
@@ -95,6 +96,9 @@ def fmt_cell(row: str, res: dict[str, Any] | None) -> str:
     if section == "M":
         return (f"{res['off_tasks_per_s']:,.0f} / {res['on_tasks_per_s']:,.0f} "
                 f"({res['on_vs_off']:.3f}x; by parent CPU {res['cpu_on_vs_off']:.3f}x)")
+    if section == "P":
+        return (f"{res['without_tasks_per_s']:,.0f} / {res['with_tasks_per_s']:,.0f} "
+                f"({res['with_vs_without']:.3f}x; enqueue {res['enqueue_delayed_us']:.1f} us)")
     if section == "B":
         return f"{res['speedup']:.2f}x"
     if section == "C":

@@ -23,6 +23,9 @@ Order and time (``order``): ready tasks leave by priority, first in first out am
 task not due yet (its ``not_before``, a crash retry's backoff) waits, read against one
 injectable ``clock.Clock``; ``next_due`` tells the dispatcher when to look again.
 
+Expiry: a task not started by its ``expires_at`` ends ``expired`` (``release_due``), never
+run, even as a crash retry. A task waiting for its time counts in ``queued``: in the bound.
+
 Reserved slots (``reserve``) count against the same bound; ``recover`` alone may go past it.
 """
 
@@ -225,9 +228,8 @@ class Backlog:
 
     def recover(self, item: WorkItem, crashed: bool, fail: bool) -> None:
         """Enqueue a task recovered from a journal, past the bound if need be. ``crashed``: it
-        was running when its server died (counted as a crash, and a retry unless ``fail``).
-        ``fail``: its attempts are spent; it is counted submitted and failed at once, and the
-        caller resolves its future."""
+        was running when its server died (a crash, and a retry unless ``fail``: its attempts
+        are spent, it is counted failed at once, and the caller resolves its future)."""
         with self._lock:
             self._check_open()
             if crashed:
@@ -323,25 +325,30 @@ class Backlog:
     # -- the dispatcher: order and time (lock held, but ``next_due`` / ``release_due``) ------
 
     def take_locked(self, gate: Gate, limit: int, budget: int | None = None,
-                    first_may_exceed: bool = True) -> list[WorkItem]:
+                    first_may_exceed: bool = True, plain_after: int | None = None,
+                    ) -> list[WorkItem]:
         """Up to ``limit`` ready tasks, in order, as ``gate`` allows; with a ``budget``
         (payload bytes), a task that would cross it stays unless it is the first and
-        ``first_may_exceed`` (see ``process.PREFETCH_BYTES``)."""
-        return self._order.take(limit, gate, budget, first_may_exceed)
+        ``first_may_exceed`` (``process.PREFETCH_BYTES``); ``plain_after``: see ``order``."""
+        now = self.clock.monotonic() if self._order.has_expiring() else None
+        return self._order.take(limit, gate, budget, first_may_exceed, now, plain_after)
 
     def put_back_locked(self, items: list[WorkItem]) -> None:
         """Calls handed over and never started go back to the front of their priority, in
-        order, uncharged (they never ran); the dispatcher will look at them again."""
-        self._order.push_front(items)
+        order, uncharged (they never ran); one past its expiry ends at ``release_due``."""
+        self._order.push_front(items, self.clock.monotonic)
         self._dispatcher_will_look = True
+
+    def mixed_locked(self) -> bool:  # does a priority but 0 wait? (prefetch: ``order``)
+        return self._order.mixed()
 
     def arrivals_locked(self) -> int:  # changes whenever a task is accepted
         return self._counts.submitted
 
     def note_waiting_locked(self) -> bool:
         """The dispatcher handed over what it could: True if ready tasks remain; it then comes
-        back to them without a wakeup (capacity frees through the workers' events or the
-        breaker's timer), so producers skip theirs until it finds none left."""
+        back without a wakeup (capacity frees through the workers' events or the breaker's
+        timer), so producers skip theirs until it finds none left."""
         waiting = self._dispatcher_will_look = self._order.ready_count() > 0
         return waiting
 
@@ -355,12 +362,23 @@ class Backlog:
         """When the next task is due, or None (without the lock: ``TaskOrder.next_due``)."""
         return self._order.next_due()
 
-    def release_due(self, now: float) -> None:
-        """Tasks due by ``now`` join the ready ones (the lock is taken only if one is due)."""
+    def release_due(self, now: float) -> list[WorkItem]:
+        """Tasks due by ``now`` join the ready ones; those not started by their expiry end
+        ``expired`` (returned: the caller fails their futures with ``TaskExpiredError``).
+        The lock is taken only if something is due."""
         due = self._order.next_due()
-        if due is not None and due <= now:
-            with self._lock:
-                self._order.release_due(now)
+        if due is None or due > now:
+            return []
+        with self._lock:
+            expired = self._order.release_due(now)
+            for item in expired:
+                self.finish_locked(item, TaskState.EXPIRED)
+        return expired
+
+    def delayed_locked(self) -> tuple[int, float | None]:
+        """How many new tasks wait for their time, and the ``clock.time()`` the first is due."""
+        first, clock = self._order.next_delayed() if self._order.delayed else None, self.clock
+        return self._order.delayed, first and first - clock.monotonic() + clock.time()
 
     def take_all_locked(self) -> list[WorkItem]:
         """Empty it (stop, or broken): the ready tasks in order, then the others, soonest first."""
@@ -378,35 +396,20 @@ class Backlog:
 
     # -- the dispatcher: counts (lock held) -------------------------------------------------
 
-    def count_retry_locked(self, timed_out: bool) -> None:  # the worker retries an attempt
-        self._counts.retry(timed_out)
-
-    def count_timeout_locked(self) -> None:  # the last attempt failed with its timeout
-        self._counts.timeouts += 1
+    @property
+    def counts(self) -> Counts:
+        """The counters behind ``stats()`` (``counts.Counts``): read and change them with the
+        lock held (the dispatcher's rules; the breaker publishes its state there)."""
+        return self._counts
 
     def crashed_locked(self, item: WorkItem, timed_out: bool,
                        retry_in: float | None = None) -> None:
-        """The started attempt of ``item`` was lost with its worker (``timed_out``: killed at
-        its hard timeout). With ``retry_in`` (seconds of backoff) it waits here until then,
-        still running (outside the bound), then goes to the front; else the caller fails it."""
+        """The started attempt of ``item`` was lost (``timed_out``: at its hard timeout). With
+        ``retry_in`` (s) it waits here, running (outside the bound), then goes to the front."""
         self._counts.crash(timed_out)
         if retry_in is not None:
             self._counts.retried += 1
             self._order.later(item, self.clock.monotonic() + retry_in)
-
-    def set_workers_locked(self, count: int) -> None:  # worker processes alive now
-        self._counts.workers = count
-
-    def count_restarts_locked(self, count: int, cause: str | None) -> None:
-        """``count`` workers started to replace others (``cause``: why, if the pool knows)."""
-        self._counts.restarts(count, cause)
-
-    def restarts_by_cause_locked(self) -> dict[str, int]:
-        return dict(self._counts.restarts_by_cause)
-
-    def set_breaker_state_locked(self, state: str) -> None:
-        """The circuit breaker changed state (it only does under this lock): show it now."""
-        self._counts.breaker_state = state
 
     # -- cancelling -------------------------------------------------------------------------
 
@@ -431,12 +434,9 @@ class Backlog:
         """``future.cancel()`` (and ``Executor.shutdown(cancel_futures=True)``): cancel those of
         ``items`` that are queued, and their futures (after the lock is released, in this
         thread: their callbacks run here when called from ``future.cancel()``); returns them.
-
-        A call waiting here (due or not) is cancelled at once. One handed to a worker and not
-        started is recalled, if the dispatcher can (``recalls_for_cancel``): the caller waits
-        up to ``wait`` seconds for the worker's answer (its reader thread answers at once,
-        even while a task runs; a worker that dies answers by its death). A call that starts
-        first, or whose answer is later than ``wait``, is not cancelled: it runs."""
+        A call waiting here is cancelled at once; one handed to a worker and not started is
+        recalled if the dispatcher can (``recalls_for_cancel``), the caller waiting up to
+        ``wait`` s for the worker's answer; one that starts first, or answers later, runs."""
         cancelled: list[WorkItem] = []
         with self._lock:
             queued = {id(item): item for item in items if item.state is TaskState.QUEUED
@@ -492,7 +492,7 @@ class Backlog:
 
     def stats(self) -> Stats:
         with self._lock:
-            return self._counts.stats()
+            return self._counts.stats(self._order.delayed)
 
     @staticmethod
     def _no_dispatcher_yet() -> None:

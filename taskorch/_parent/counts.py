@@ -14,12 +14,12 @@ class Counts:
     """Counters (see ``Stats``), plus the breaker's state and worker restarts by cause."""
 
     __slots__ = ("submitted", "queued", "running", "succeeded", "failed", "cancelled",
-                 "abandoned", "retried", "dropped", "rejected", "workers", "worker_restarts",
-                 "crashes", "timeouts", "breaker_state", "restarts_by_cause")
+                 "abandoned", "expired", "retried", "dropped", "rejected", "workers",
+                 "worker_restarts", "crashes", "timeouts", "breaker_state", "restarts_by_cause")
 
     def __init__(self) -> None:
         self.submitted = self.queued = self.running = 0
-        self.succeeded = self.failed = self.cancelled = self.abandoned = 0
+        self.succeeded = self.failed = self.cancelled = self.abandoned = self.expired = 0
         self.retried = self.dropped = self.rejected = 0
         self.workers = self.worker_restarts = self.crashes = self.timeouts = 0
         self.breaker_state = "closed"
@@ -36,6 +36,8 @@ class Counts:
             self.cancelled += 1
         elif state is TaskState.ABANDONED:
             self.abandoned += 1
+        elif state is TaskState.EXPIRED:
+            self.expired += 1
         else:
             raise AssertionError(f"not a terminal state: {state}")
 
@@ -49,12 +51,15 @@ class Counts:
         if timed_out:
             self.timeouts += 1
 
+    def set_breaker_state(self, state: str) -> None:  # (only changes under the lock)
+        self.breaker_state = state
+
     def restarts(self, count: int, cause: str | None) -> None:
         self.worker_restarts += count
         if cause is not None:
             self.restarts_by_cause[cause] = self.restarts_by_cause.get(cause, 0) + count
 
-    def stats(self) -> Stats:
+    def stats(self, delayed: int = 0) -> Stats:
         return Stats(
             submitted=self.submitted, queued=self.queued, running=self.running,
             succeeded=self.succeeded, failed=self.failed, cancelled=self.cancelled,
@@ -62,4 +67,5 @@ class Counts:
             rejected=self.rejected, workers=self.workers,
             worker_restarts=self.worker_restarts, crashes=self.crashes,
             timeouts=self.timeouts, breaker_state=self.breaker_state,
+            expired=self.expired, delayed=delayed,
         )

@@ -315,7 +315,8 @@ class DaskPool(DaskHardTimeouts):
                 if not takers:
                     break
                 worker = min(takers, key=lambda w: len(w.subs) / w.nthreads)
-                taken = take(1)
+                # A call beyond its free threads is prefetched: ``order`` keeps those plain.
+                taken = take(1, None, True, None if len(worker.subs) < worker.nthreads else 0)
                 if not taken:
                     break  # none left, or held back by the circuit breaker (HOLD mode)
                 sub_id = next(self._sub_ids)

@@ -260,6 +260,14 @@ class DaskHardTimeouts:
                 self._send_recall(worker, calls)
         return again
 
+    def recall_prefetched(self) -> None:
+        for worker in self._workers.values():
+            if worker.recall_sent or len(worker.subs) <= worker.nthreads:
+                continue
+            calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
+            if calls:
+                self._send_recall(worker, calls)
+
     def recall(self, items: list[WorkItem]) -> list[WorkItem]:
         return items  # (a Dask task cannot be taken back for a cancel)
 

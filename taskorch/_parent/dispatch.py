@@ -68,7 +68,7 @@ class DispatcherCore:
         self._clock = backlog.clock  # the backlog's, for its due times and stop's deadline
         self.pool = pool  # dispatcher thread only, but for its methods marked "any thread"
         self._breaker = (
-            Breaker(circuit_breaker, publish=backlog.set_breaker_state_locked,
+            Breaker(circuit_breaker, publish=backlog.counts.set_breaker_state,
                     clock=self._clock.monotonic)
             if circuit_breaker is not None else None
         )
@@ -219,11 +219,14 @@ class DispatcherCore:
                 # (or, with the circuit open in HOLD mode, through the breaker's timer).
                 left = backlog.note_waiting_locked()
                 arrived = backlog.arrivals_locked() != arrivals
+                mixed = left and backlog.mixed_locked()
             # Tasks that arrived meanwhile found the dispatcher due to look and wrote no
             # wakeup: go round again while a worker could take them.
             if not (left and arrived and pool.has_room(now)):
                 break
         self._rebalance_at = None if left else pool.recall_unstarted(now)
+        if mixed:  # a priority waits: what busy workers prefetched must not run first
+            pool.recall_prefetched()
 
     def _admission_locked(self) -> Admission:
         """New tasks the breaker lets start now; in FAIL mode with the circuit not closed,
@@ -236,13 +239,14 @@ class DispatcherCore:
                 self._backlog, admission.left)
         return admission
 
-    def _take(self, limit: int, budget: int | None = None,
-              first_may_exceed: bool = True) -> list[WorkItem]:
+    def _take(self, limit: int, budget: int | None = None, first_may_exceed: bool = True,
+              plain_after: int | None = None) -> list[WorkItem]:
         """The pool's ``take`` (``pool.Take``): up to ``limit`` calls from the backlog, in its
         order, as this hand-over's admission allows (``Backlog.take_locked``: a payload
         ``budget``, ``first_may_exceed``; see ``process.PREFETCH_BYTES``)."""
         with self._backlog.locked():
-            return self._backlog.take_locked(self._admission, limit, budget, first_may_exceed)
+            return self._backlog.take_locked(self._admission, limit, budget, first_may_exceed,
+                                             plain_after)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -265,7 +269,9 @@ class DispatcherCore:
             self._settle(OrchestratorBrokenError(backlog.broken))
             return
         self._apply(self.pool.fire_timers(now))
-        backlog.release_due(now)  # (crash retries whose backoff is over, delayed tasks)
+        # Crash retries whose backoff is over, delayed tasks due; expired ones end.
+        for item in backlog.release_due(now):
+            self._life.expired(item)
 
     def _holds_anything(self) -> bool:
         with self._backlog.locked():
@@ -323,7 +329,8 @@ class DispatcherCore:
         """What ``taskorch status`` shows beyond the counts: ``workers``, one dict per worker
         process (from ``worker_views``), and ``oldest_queued_seconds``, the age of the oldest
         task accepted and not yet started, in the backlog or handed to a worker (None: none
-        is). Any thread: takes the backlog's lock briefly (no I/O under it)."""
+        is), and ``next_delayed_at``, the epoch time the first delayed task is due (None:
+        none waits). Any thread: takes the backlog's lock briefly (no I/O under it)."""
         now = time.monotonic()
         views = self.worker_views()
         oldest = self._backlog.oldest_waiting_since()
@@ -337,7 +344,9 @@ class DispatcherCore:
                 "seconds": round(v.running_for or 0.0, 3)},
             "rss_mib": _rss_mib(v.pid),
         } for v in views]
-        return {"workers": workers,
+        with self._backlog.locked():
+            _, next_delayed = self._backlog.delayed_locked()
+        return {"workers": workers, "next_delayed_at": next_delayed,
                 "oldest_queued_seconds": round(now - min(queued_since), 3) if queued_since
                 else None}
 

@@ -14,7 +14,9 @@ import logging
 import time
 from typing import Any, Callable, Protocol
 
+from taskorch._options import Resolved, Timing
 from taskorch._parent.backlog import Backlog
+from taskorch._parent.clock import Clock
 from taskorch._parent.figures import name_of, name_of_payload
 from taskorch._parent.task import TaskFuture, WorkItem
 from taskorch._policy import Policy
@@ -87,6 +89,10 @@ class Intake:
             raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
         return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes,
                             name=name_of(fn) if self._backlog.listeners else None)
+
+    def time(self, item: WorkItem, timing: Resolved) -> None:
+        """Give ``item`` (not offered yet) its priority, not-before time and expiry."""
+        apply_timing(item, timing, self._backlog.clock)
 
     def offer(self, item: WorkItem, what: object = "") -> TaskFuture | None:
         """run()'s semantics: accept, raise QueueFullError, or drop (None, logged) when the
@@ -190,21 +196,47 @@ class _HasIntake(Protocol):  # a TaskOrchestrator, as seen from here
     @property
     def intake(self) -> Intake: ...
 
+    @property
+    def policy(self) -> Policy: ...
+
+
+def apply_timing(item: WorkItem, timing: Resolved, clock: Clock) -> None:
+    """Give ``item`` its place in order and time (``_options``; epoch seconds to ``clock``'s
+    monotonic time, read now)."""
+    item.priority = timing.priority
+    if timing.not_before is None and timing.expires is None:
+        return
+    offset = clock.monotonic() - clock.time()
+    if timing.not_before is not None:
+        item.not_before = timing.not_before + offset
+    if timing.expires is not None:
+        item.expires_at = timing.expires + offset
+
 
 class PolicyOverride:
-    """``run``/``run_async`` of an orchestrator with another policy (see ``with_policy``)."""
+    """``run``/``run_async`` of an orchestrator with one task's options (``options()``:
+    a policy, a priority, a delay or start time, an expiry)."""
 
-    def __init__(self, orchestrator: _HasIntake, policy: Policy) -> None:
+    def __init__(self, orchestrator: _HasIntake, policy: Policy | None,
+                 timing: Timing | None = None) -> None:
         self._orchestrator = orchestrator
         self._policy = policy
-        self._policy_bytes = encode_policy(policy)
+        self._policy_bytes = None if policy is None else encode_policy(policy)
+        self._timing = None if timing is None or timing.plain else timing
+
+    def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[Intake, WorkItem]:
+        intake = self._orchestrator.intake  # (a forked child's starts afresh here)
+        timing = None if self._timing is None else self._timing.resolve(time.time())
+        item = intake.prepare_call(fn, args, kwargs, self._policy, self._policy_bytes)
+        if timing is not None:
+            intake.time(item, timing)
+        return intake, item
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
-        intake = self._orchestrator.intake  # (a forked child's starts afresh here)
-        item = intake.prepare_call(fn, args, kwargs, self._policy, self._policy_bytes)
+        intake, item = self._prepare(fn, args, kwargs)
         return intake.offer(item, fn)  # (fn names the task if it is dropped)
 
     async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        intake = self._orchestrator.intake
-        item = intake.prepare_call(fn, args, kwargs, self._policy, self._policy_bytes)
+        intake, item = self._prepare(fn, args, kwargs)
         return await intake.offer_async(item)

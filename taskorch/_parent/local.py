@@ -259,8 +259,8 @@ class LocalPool:
                 room = min(room, self._max_tasks_per_worker - worker.handed)
             if room <= 0:
                 continue
-            batch = take(room, PREFETCH_BYTES - worker.inflight_bytes,
-                         not worker.inflight)  # an idle worker is reading
+            idle = not worker.inflight  # it is reading: its first call starts at once
+            batch = take(room, PREFETCH_BYTES - worker.inflight_bytes, idle, int(idle))
             if not batch:
                 continue
             for item in batch:
@@ -299,6 +299,13 @@ class LocalPool:
             elif again is None or due < again:
                 again = due
         return again
+
+    def recall_prefetched(self) -> None:
+        for worker in self._workers.values():
+            # (A lone unstarted call went to an idle worker: it starts at once, leave it.)
+            if (len(worker.inflight) > 1 and worker.unstarted() and not worker.recall_sent
+                    and worker.kill_reason is None):
+                worker.send_recall()
 
     def recall(self, items: list[WorkItem]) -> list[WorkItem]:
         # One RECALL per worker holding any of them, even if one is unanswered: that one may

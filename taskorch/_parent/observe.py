@@ -64,7 +64,7 @@ class Observer:
         backlog = self._backlog
         stats = backlog.stats()
         with backlog.locked():
-            restarts = backlog.restarts_by_cause_locked()
+            restarts = dict(backlog.counts.restarts_by_cause)
             tasks, raw_failures = self._figures.copy_locked()
             intake = ("open" if backlog.broken is None and not backlog.closed
                       else "stopping" if backlog.broken is None else f"broken: {backlog.broken}")

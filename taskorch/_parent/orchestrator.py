@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
+from taskorch._options import Duration, Moment, Timing
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, NothingRan, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.intake import Intake, PolicyOverride
@@ -25,6 +26,8 @@ from taskorch._policy import CircuitBreaker, Features, Policy, check_int, check_
 from taskorch._stats import Stats, StopReport
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from taskorch._parent.figures import WorkerView
     from taskorch._parent.scheduler import (
         ScheduledTask,
@@ -232,11 +235,19 @@ class TaskOrchestrator:
         return await self._run_async(self._policy, None, fn, args, kwargs)
 
     def with_policy(self, policy: Policy) -> PolicyOverride:
-        """``o.with_policy(Policy(retries=5)).run(fn, x)``: one task's own policy, without
-        taking a keyword argument away from ``fn``."""
+        """``o.with_policy(Policy(retries=5)).run(fn, x)``: ``options(policy=policy)``."""
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        return PolicyOverride(self, policy)
+        return self.options(policy=policy)
+
+    def options(self, *, priority: int | None = None, delay: Duration | None = None,
+                at: Moment | None = None, expires: Duration | datetime | None = None,
+                policy: Policy | None = None) -> PolicyOverride:
+        """``o.options(priority=5, delay=60, expires=600).run(fn, x)``: one task's options (see
+        ``_options`` and the README); bad values raise ValueError here, naming the option."""
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
+        return PolicyOverride(self, policy, Timing(priority, delay, at, expires))
 
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,

@@ -18,6 +18,17 @@ Two parts:
   retry to the front of its priority (it was taken before everything waiting), a new task to
   the back (it arrives when it is due).
 
+- **Expiring**: a heap keyed ``(expires_at, seq)`` of every task accepted with an expiry.
+  ``release_due`` takes out those still waiting here whose time has come (and a crash retry
+  due after its expiry): the backlog ends them expired. One found expired as it is taken
+  (``take``: accepted while the dispatcher was past its timers) is set aside for the same.
+
+Prefetch (a call handed to a worker that is busy, or behind the first call of a batch) must
+not defeat the order or the expiry: ``take`` puts in such a position neither a task with an
+expiry (it could wait there past its time, out of reach) nor any task while tasks of a
+priority other than 0 are ready (``mixed``: one arriving later must not wait behind it); the
+dispatcher then recalls what busy workers hold unstarted (``dispatch``).
+
 Times are the backlog clock's ``monotonic()`` values (``clock``).
 """
 
@@ -26,7 +37,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from taskorch._parent.task import TaskState, WorkItem
 
@@ -42,7 +53,8 @@ class Gate(Protocol):
 class TaskOrder:
     """Ready tasks by (priority, arrival), and tasks not due yet by (due time, arrival)."""
 
-    __slots__ = ("_levels", "_priorities", "_top", "_top_priority", "_later", "_seq")
+    __slots__ = ("_levels", "_priorities", "_top", "_top_priority", "_later", "_seq",
+                 "_expiring", "_expired", "delayed", "_compact_at")
 
     def __init__(self) -> None:
         # Ready tasks per priority, each in the order they leave; level 0 is always there.
@@ -54,23 +66,51 @@ class TaskOrder:
         # Tasks not due yet: (due, seq, item); seq keeps arrivals in order (items never compare).
         self._later: list[tuple[float, int, WorkItem]] = []
         self._seq = itertools.count()
+        # Tasks accepted with an expiry: (expires_at, seq, item); entries of tasks no longer
+        # here are skipped when they come up.
+        self._expiring: list[tuple[float, int, WorkItem]] = []
+        self._expired: list[WorkItem] = []  # found expired by ``take``: out of the order
+        # Entries of tasks that ended keep their items (and futures) until their expiry time:
+        # past this many entries, those are dropped (``_compact``; amortized O(1) a push).
+        self._compact_at = 4096
+        self.delayed = 0  # new tasks in ``_later`` (not due yet; crash retries not counted)
 
     # -- putting in ----------------------------------------------------------------------
 
     def push(self, item: WorkItem, now: float) -> bool:
         """Accept ``item``: ready, or not before ``item.not_before``. True if it is now the
         first task due (whoever waits for the next due time must look again)."""
+        first = False
+        if item.expires_at is not None:
+            heapq.heappush(self._expiring, (item.expires_at, next(self._seq), item))
+            first = self._expiring[0][2] is item
+            if len(self._expiring) >= self._compact_at:
+                self._compact()
         not_before = item.not_before
         if not_before is not None and not_before > now:
-            return self.later(item, not_before)
+            self.delayed += 1
+            return self.later(item, not_before) or first
         if item.priority == self._top_priority:
             self._top.append(item)
         else:
             self._level(item.priority).append(item)
-        return False
+        return first
 
-    def push_front(self, items: list[WorkItem]) -> None:
-        """Calls handed over and never started: back to the front of their priority, in order."""
+    def _compact(self) -> None:
+        """Drop the expiry entries of tasks that ended, and rebuild the heap."""
+        live = (TaskState.QUEUED, TaskState.RUNNING)
+        self._expiring = [entry for entry in self._expiring if entry[2].state in live]
+        heapq.heapify(self._expiring)
+        self._compact_at = max(4096, 2 * len(self._expiring))
+
+    def push_front(self, items: list[WorkItem],
+                   clock: Callable[[], float] | None = None) -> None:
+        """Calls handed over and never started: back to the front of their priority, in
+        order; with a ``clock``, one past its expiry is set aside (``release_due``)."""
+        if clock is not None and any(item.expires_at is not None for item in items):
+            now = clock()
+            self._expired += [i for i in items if i.expires_at is not None and i.expires_at <= now]
+            items = [i for i in items if i.expires_at is None or i.expires_at > now]
         for item in reversed(items):
             if item.priority == self._top_priority:
                 self._top.appendleft(item)
@@ -108,18 +148,33 @@ class TaskOrder:
     # -- taking out ----------------------------------------------------------------------
 
     def take(self, limit: int, gate: Gate, budget: int | None,
-             first_may_exceed: bool) -> list[WorkItem]:
+             first_may_exceed: bool, now: float | None = None,
+             plain_after: int | None = None) -> list[WorkItem]:
         """Up to ``limit`` ready tasks in order, as ``gate`` allows; with a ``budget`` (payload
         bytes), a task that would cross it stays unless it is the first and
-        ``first_may_exceed``. The dispatcher's hand-over: this loop runs per task."""
+        ``first_may_exceed``. ``plain_after``: the calls from that position on are prefetched
+        (see the module docstring). ``now``: set aside a task expired by then.
+        The dispatcher's hand-over: this loop runs per task."""
         taken: list[WorkItem] = []
         size = 0
         top = self._top
+        if plain_after is not None and (self._top_priority != 0 or len(self._priorities) > 1):
+            limit = min(limit, plain_after)  # mixed: no prefetch at all
         while top and len(taken) < limit:
             item = top[0]
             if budget is not None and size + len(item.payload) > budget and (
                     taken or not first_may_exceed):
                 break
+            if item.expires_at is not None:
+                if plain_after is not None and len(taken) >= plain_after:
+                    break  # a prefetch position: not for a task with an expiry
+                if now is not None and item.expires_at <= now:
+                    top.popleft()
+                    self._expired.append(item)
+                    if not top:
+                        self._retop()
+                        top = self._top
+                    continue
             if not gate.allows(item):
                 break  # held back by the circuit breaker (HOLD mode)
             gate.count(item)
@@ -131,28 +186,61 @@ class TaskOrder:
                 top = self._top
         return taken
 
-    def release_due(self, now: float) -> bool:
-        """Move the tasks due by ``now`` to the ready part (see the module docstring); True
-        if any moved."""
+    def release_due(self, now: float) -> list[WorkItem]:
+        """Move the tasks due by ``now`` to the ready part (see the module docstring), and
+        take out those that expired by then: returned, for the backlog to end them."""
+        expired, self._expired = self._expired, []
         later = self._later
-        if not later or later[0][0] > now:
-            return False
         retries: list[WorkItem] = []
         while later and later[0][0] <= now:
             item = heapq.heappop(later)[2]
-            if item.state is TaskState.QUEUED:
+            if item.expires_at is not None and item.expires_at <= now:
+                self.delayed -= item.state is TaskState.QUEUED
+                expired.append(item)
+            elif item.state is TaskState.QUEUED:
+                self.delayed -= 1
                 self._level(item.priority).append(item)
             else:
                 retries.append(item)
+                if item.expires_at is not None:  # (its entry may be gone: it ran meanwhile)
+                    heapq.heappush(self._expiring, (item.expires_at, next(self._seq), item))
         self.push_front(retries)  # the first due first
-        return True
+        expiring = self._expiring
+        if expiring and expiring[0][0] <= now:
+            due: dict[int, WorkItem] = {}
+            while expiring and expiring[0][0] <= now:
+                item = heapq.heappop(expiring)[2]
+                if item.state is TaskState.QUEUED or item.state is TaskState.RUNNING:
+                    due[id(item)] = item  # (``remove`` finds those still here)
+            if due:
+                expired += self.remove(due)
+        return expired
 
     def next_due(self) -> float | None:
-        """When the first task not yet due will be (None: none waits). Read by the
-        dispatcher without the lock: one list index, atomic under the GIL; a producer that
-        pushes an earlier one wakes the dispatcher after, so a stale answer is corrected."""
-        later = self._later
-        return later[0][0] if later else None
+        """When the first task not yet due, or the first expiry, will be (None: none).
+        Read by the dispatcher without the lock: list indexes, atomic under the GIL; a
+        producer that pushes an earlier one wakes the dispatcher after, so a stale answer is
+        corrected."""
+        if self._expired:
+            return 0.0
+        later, expiring = self._later, self._expiring
+        if not expiring:
+            return later[0][0] if later else None
+        if not later:
+            return expiring[0][0]
+        return min(later[0][0], expiring[0][0])
+
+    def next_delayed(self) -> float | None:
+        """When the first new task waiting for its time is due (None: none); a scan."""
+        return min((due for due, _, item in self._later if item.state is TaskState.QUEUED),
+                   default=None)
+
+    def has_expiring(self) -> bool:
+        return bool(self._expiring)
+
+    def mixed(self) -> bool:
+        """Are tasks of a priority other than 0 ready (prefetch must not be relied on)?"""
+        return self._top_priority != 0 or len(self._priorities) > 1
 
     def take_new_beyond(self, admit: int) -> list[WorkItem]:
         """Remove the new (queued) ready tasks beyond the first ``admit`` in order; started
@@ -192,7 +280,9 @@ class TaskOrder:
         if len(removed) < len(items) and self._later:
             later = [entry for entry in self._later if id(entry[2]) not in items]
             if len(later) != len(self._later):
-                removed += [e[2] for e in sorted(self._later) if id(e[2]) in items]
+                gone = [e[2] for e in sorted(self._later) if id(e[2]) in items]
+                self.delayed -= sum(item.state is TaskState.QUEUED for item in gone)
+                removed += gone
                 heapq.heapify(later)
                 self._later = later
         self._retop()
@@ -207,9 +297,13 @@ class TaskOrder:
         """Empty it: the ready tasks in order, then those not due yet, soonest first."""
         items = list(self)
         items += [entry[2] for entry in sorted(self._later)]
+        items += self._expired  # (not ended yet: whoever empties it ends them)
         for level in self._levels.values():
             level.clear()
         self._later.clear()
+        self._expiring.clear()
+        self._expired = []
+        self.delayed = 0
         self._retop()
         return items
 

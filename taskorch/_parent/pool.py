@@ -94,11 +94,13 @@ PoolEvent = Union[AttemptStarted, AttemptRetrying, TaskFinished, CallsReturned, 
 
 
 class Take(Protocol):
-    def __call__(self, limit: int, budget: int | None = None,
-                 first_may_exceed: bool = True) -> list[WorkItem]:
+    def __call__(self, limit: int, budget: int | None = None, first_may_exceed: bool = True,
+                 plain_after: int | None = None) -> list[WorkItem]:
         """Up to ``limit`` calls from the front of the backlog, as the circuit breaker allows;
         with a ``budget`` (payload bytes), a call that would cross it is left for later unless
-        it is the first and ``first_may_exceed``. Takes the backlog lock briefly."""
+        it is the first and ``first_may_exceed``; the calls from position ``plain_after`` on
+        are prefetched (``order``: then none while priorities mix, none with an expiry).
+        Takes the backlog lock briefly."""
 
 
 class WorkerPool(Protocol):
@@ -144,6 +146,11 @@ class WorkerPool(Protocol):
     def recall_unstarted(self, now: float) -> float | None:
         """Nothing waits in the backlog: take back calls a busy worker holds unstarted while
         another idles (they come back as ``CallsReturned``). When to look again (None: no need)."""
+
+    def recall_prefetched(self) -> None:
+        """Tasks of another priority wait in the backlog: take back the calls that busy
+        workers hold and have not started (they come back ``CallsReturned``), so that none
+        runs before a task that outranks it. A pool that cannot does nothing."""
 
     def recall(self, items: list[WorkItem]) -> list[WorkItem]:
         """Take back ``items`` (handed over, not started when asked) for a cancel: each comes

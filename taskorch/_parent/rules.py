@@ -17,6 +17,8 @@ breaks. The rules:
   (crashes always, a hard timeout if the policy retries ``TaskTimeoutError``), else the task
   fails with that error. A call that started may have had side effects: after a crash a task
   runs at least once, not exactly once.
+- A task not started by its expiry ends ``expired`` (``expired``), never run: from the
+  backlog (``Backlog.release_due``), or here when its attempt is lost after that time.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
   backlog lock, at the moment it changes, before the futures that changed it resolve.
 - Each moment (started, retrying, finished, crashed) is announced to the listeners
@@ -39,7 +41,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from taskorch._errors import TaskAbandonedError, TaskTimeoutError, WorkerCrashedError
+from taskorch._errors import (
+    TaskAbandonedError,
+    TaskExpiredError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Breaker
 from taskorch._parent.pool import (
@@ -80,10 +87,10 @@ class TaskRules:
         }
 
     def workers_changed_locked(self, event: WorkersChanged, now: float) -> None:
-        self._backlog.set_workers_locked(event.workers)
+        self._backlog.counts.workers = event.workers
 
     def restarted_locked(self, event: WorkersRestarted, now: float) -> None:
-        self._backlog.count_restarts_locked(event.started, event.cause)
+        self._backlog.counts.restarts(event.started, event.cause)
 
     def started_locked(self, event: AttemptStarted, now: float) -> None:
         """An attempt began; the first one frees its backlog slot."""
@@ -104,7 +111,7 @@ class TaskRules:
         """An attempt failed inside the worker, which retries after ``event.delay``."""
         item = event.item
         item.attempt_started = 0.0  # backing off: no attempt runs
-        self._backlog.count_retry_locked(event.timed_out)
+        self._backlog.counts.retry(event.timed_out)
         self.retries.append((item, event.attempt, event.summary, event.delay))
         for listener in self._backlog.listeners:
             listener.retrying(item, event.attempt, event.summary, event.delay)
@@ -125,7 +132,7 @@ class TaskRules:
             self.resolutions.append((item, "result", outcome.result))
         elif isinstance(outcome, Failed):
             if outcome.type_name == TIMEOUT_TYPE:
-                backlog.count_timeout_locked()
+                backlog.counts.timeouts += 1
             backlog.finish_locked(item, TaskState.FAILED)
             self.resolutions.append((item, "error", outcome.error))
         else:
@@ -162,6 +169,12 @@ class TaskRules:
         item.attempt_started = 0.0
         timed_out = isinstance(error, TaskTimeoutError)
         retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
+        if item.expires_at is not None and now >= item.expires_at:
+            backlog.crashed_locked(item, timed_out)
+            backlog.finish_locked(item, TaskState.EXPIRED)
+            self.expired(item)
+            self.losses.append((note, "task expired: not retried"))
+            return
         if retryable and item.attempts < item.policy.max_attempts:
             delay = item.policy.backoff_before(item.attempts + 1)
             backlog.crashed_locked(item, timed_out, retry_in=delay)  # it waits in the backlog
@@ -172,6 +185,12 @@ class TaskRules:
         backlog.crashed_locked(item, timed_out)
         self.fail_locked(CannotRun(item, error), now)
         self.losses.append((note, "task failed"))
+
+    def expired(self, item: WorkItem) -> None:
+        """``item`` ended ``expired`` (the backlog's expiry, or here): its future fails."""
+        self.resolutions.append((item, "exception", TaskExpiredError(
+            f"task {item.task_id} was not started by its expiry (options(expires=...)); it "
+            f"never ran{' after its crashed attempt' if item.attempts else ''}")))
 
     def fail_locked(self, event: CannotRun, now: float) -> None:
         """The task fails with ``error`` without a retry (its last attempt was lost, or the

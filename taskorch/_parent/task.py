@@ -9,6 +9,8 @@ resolved then):
       |                      |   crash or hard timeout, budget left: re-dispatched, still running
       |                      +--> abandoned   (stop's timeout expired while it ran)
       +--> cancelled          (future.cancel() before its start, or stop's timeout expired)
+      +--> expired            (not started by its ``expires_at``: never runs, even as a
+                               crash retry)
 
 "queued" covers both the parent's backlog and a worker's prefetch (handed over, no start ack
 yet): a task handed to a worker that dies before starting it goes back to the front of the
@@ -58,6 +60,7 @@ class TaskState(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     ABANDONED = "abandoned"
+    EXPIRED = "expired"
 
 
 class _PickledError(Exception):
@@ -389,7 +392,7 @@ class WorkItem:
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "accepted_at",
                  "cancel_request", "name", "listener", "priority", "not_before",
-                 "__weakref__")
+                 "expires_at", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -418,6 +421,8 @@ class WorkItem:
         # ``Clock.monotonic()`` value (None: at once).
         self.priority = 0
         self.not_before: float | None = None
+        # Not started by this ``Clock.monotonic()`` value, it ends expired (None: never).
+        self.expires_at: float | None = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher

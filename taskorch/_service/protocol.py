@@ -133,8 +133,9 @@ run to the end all the same, and count in the stats.
 
 from __future__ import annotations
 
+import math
 import pickle
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 from taskorch._service.values import WirePolicy, encode_service_error, is_wire_policy
 from taskorch._wire import PROTOCOL
@@ -185,6 +186,10 @@ class ServiceProtocolError(ValueError):
 # a frame by index.
 
 
+#: A submission's ``options()`` timing: (priority, not-before, expiry; epoch seconds or None).
+WireTiming = tuple[int, Optional[float], Optional[float]]
+
+
 class Submit(NamedTuple):
     """C_SUBMIT: a task to run (``submit_frame``)."""
 
@@ -196,6 +201,9 @@ class Submit(NamedTuple):
     client: bytes
     retry: bool
     credit: bool
+    # (priority, not-before, expiry epoch seconds) of ``options()`` (``_options.Resolved``),
+    # None: plain (priority 0, at once, never expires).
+    timing: WireTiming | None
 
 
 class Withdraw(NamedTuple):
@@ -313,8 +321,9 @@ _new = tuple.__new__
 
 
 def submit_frame(req: int, payload: bytes, policy: WirePolicy | None, *, wait: bool,
-                 client: bytes, retry: bool, credit: bool) -> Submit:
-    return _new(Submit, (C_SUBMIT, req, payload, policy, wait, client, retry, credit))
+                 client: bytes, retry: bool, credit: bool,
+                 timing: WireTiming | None = None) -> Submit:
+    return _new(Submit, (C_SUBMIT, req, payload, policy, wait, client, retry, credit, timing))
 
 
 def resubmit_frame(frame: Submit, credit: bool) -> Submit:
@@ -322,7 +331,7 @@ def resubmit_frame(frame: Submit, credit: bool) -> Submit:
     (``retry``). A credit run() has returned already: it must not be refused for room now,
     so it waits for room (run_async's semantics)."""
     return submit_frame(frame.req, frame.payload, frame.policy, wait=frame.wait or credit,
-                        client=frame.client, retry=True, credit=False)
+                        client=frame.client, retry=True, credit=False, timing=frame.timing)
 
 
 def withdraw_frame(req: int) -> Withdraw:
@@ -430,7 +439,8 @@ def _is_valid(frame: ClientFrame) -> bool:
                 and isinstance(frame.wait, bool)
                 and (frame.policy is None or is_wire_policy(frame.policy))
                 and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64
-                and isinstance(frame.retry, bool) and isinstance(frame.credit, bool))
+                and isinstance(frame.retry, bool) and isinstance(frame.credit, bool)
+                and (frame.timing is None or _is_timing(frame.timing)))
     if isinstance(frame, ResultRequest):
         return _is_req(frame.req) and _is_req(frame.task_id) and isinstance(frame.wait, bool)
     if isinstance(frame, TriggerRequest):
@@ -474,6 +484,12 @@ def decode_builtins(data: bytes) -> Any:
     import io
 
     return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
+
+
+def _is_timing(value: object) -> bool:
+    return (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], int)
+            and not isinstance(value[0], bool)
+            and all(t is None or (isinstance(t, float) and math.isfinite(t)) for t in value[1:]))
 
 
 def _is_req(value: object) -> bool:

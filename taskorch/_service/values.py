@@ -90,6 +90,7 @@ def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
     details = orchestrator.status_details()
     return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
             "oldest_queued_seconds": details["oldest_queued_seconds"],
+            "next_delayed_at": details.get("next_delayed_at"),
             "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}
 
 

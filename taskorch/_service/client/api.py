@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorClosedError
+from taskorch._options import Duration, Moment, Timing
 from taskorch._parent.task import TaskFuture
 from taskorch._policy import Policy
 from taskorch._service.addressing import (
@@ -54,6 +55,9 @@ from taskorch._service.handshake import client_handshake, configure_socket
 from taskorch._service.values import encode_service_policy
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from taskorch._service.protocol import WireTiming
     from taskorch._stats import Stats
 
 log = logging.getLogger("taskorch")
@@ -270,10 +274,19 @@ class Client:
         return await self._here().submit_async(None, fn, args, kwargs)
 
     def with_policy(self, policy: Policy) -> RemotePolicyOverride:
-        """``client.with_policy(Policy(retries=5)).run(fn, x)``: one task's own policy."""
+        """``client.with_policy(Policy(retries=5)).run(fn, x)``: ``options(policy=policy)``."""
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         return RemotePolicyOverride(self, policy)
+
+    def options(self, *, priority: int | None = None, delay: Duration | None = None,
+                at: Moment | None = None, expires: Duration | datetime | None = None,
+                policy: Policy | None = None) -> RemotePolicyOverride:
+        """``TaskOrchestrator.options`` on the server: the times are resolved here, at each
+        run(), and kept in the server's journal (a restart keeps them)."""
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
+        return RemotePolicyOverride(self, policy, Timing(priority, delay, at, expires))
 
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
@@ -365,15 +378,27 @@ class Client:
 class RemotePolicyOverride:
     """``run``/``run_async`` of a ``Client`` with another policy (see ``Client.with_policy``)."""
 
-    def __init__(self, client: Client, policy: Policy) -> None:
+    def __init__(self, client: Client, policy: Policy | None,
+                 timing: Timing | None = None) -> None:
         self._client = client
-        self._wire_policy = encode_service_policy(policy)  # SerializationError here
+        # SerializationError here:
+        self._wire_policy = None if policy is None else encode_service_policy(policy)
+        self._timing = None if timing is None or timing.plain else timing
+
+    def _wire_timing(self) -> WireTiming | None:
+        if self._timing is None:
+            return None
+        resolved = self._timing.resolve(time.time())  # (ValueError: nothing was sent)
+        return (resolved.priority, resolved.not_before, resolved.expires)
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
-        return self._client._here().submit(self._wire_policy, fn, args, kwargs)
+        timing = self._wire_timing()
+        return self._client._here().submit(self._wire_policy, fn, args, kwargs, timing)
 
     async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        return await self._client._here().submit_async(self._wire_policy, fn, args, kwargs)
+        timing = self._wire_timing()
+        return await self._client._here().submit_async(self._wire_policy, fn, args, kwargs,
+                                                       timing)
 
 
 # -- fork --------------------------------------------------------------------------------------

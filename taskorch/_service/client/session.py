@@ -82,6 +82,7 @@ from taskorch._service.protocol import (
 from taskorch._service.values import WirePolicy, decode_service_error, decode_stats
 
 if TYPE_CHECKING:
+    from taskorch._service.protocol import WireTiming
     from taskorch._stats import Stats
 
     Dial = Callable[[float], tuple[socket.socket, Connection[Any, Any], dict[str, Any]]]
@@ -140,7 +141,7 @@ class Session:
 
     def submit(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        kwargs: dict[str, Any], timing: WireTiming | None = None,
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
         with self._lock:
@@ -159,19 +160,19 @@ class Session:
             try:
                 self._start(request, lambda req: submit_frame(
                     req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-                    retry=False, credit=True))
+                    retry=False, credit=True, timing=timing))
             except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
                 self.grant(1, 1)
                 raise
             return request.future
         answer = self._call(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-            retry=False, credit=False), "run()")
+            retry=False, credit=False, timing=timing), "run()")
         return self._accepted(request, answer)
 
     async def submit_async(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        kwargs: dict[str, Any], timing: WireTiming | None = None,
     ) -> TaskFuture:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
@@ -180,7 +181,7 @@ class Session:
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
-            retry=False, credit=False))
+            retry=False, credit=False, timing=timing))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:

@@ -318,9 +318,9 @@ class ServedConnection:
         """A slot is held: journal the task; the registry calls admitted() once committed."""
         try:
             self.registry.submit_reserved(frame.client, frame.req, frame.payload, frame.policy,
-                                          self, frame.req)
+                                          self, frame.req, frame.timing)
         except ValueError as exc:  # (the slot was given back)
-            self._reply(rejected_frame(frame.req, SerializationError(f"invalid policy: {exc}")))
+            self._reply(rejected_frame(frame.req, SerializationError(f"invalid options: {exc}")))
 
     # -- the registry's Sink: answers and outcomes (the journal's writer, mostly) -------------
 

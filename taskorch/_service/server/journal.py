@@ -50,7 +50,7 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
 from taskorch._service.server.journal_file import lock_journal, next_task_id, open_journal
@@ -67,7 +67,11 @@ PRUNE_CHUNK = 1000
 PRUNE_INTERVAL = 60.0
 PRUNE_MIN_INTERVAL = 1.0
 
+if TYPE_CHECKING:
+    from taskorch._service.protocol import WireTiming
+
 QUEUED, RUNNING, DONE = "queued", "running", "done"
+_PLAIN = (0, None, None)  # a submission's timing without options()
 
 
 
@@ -82,9 +86,13 @@ class Row(NamedTuple):
     outcome: int | None
     seconds: float | None
     data: bytes | None
+    priority: int = 0  # its options() (``_options.Resolved``; times in epoch seconds)
+    not_before: float | None = None
+    expires: float | None = None
 
 
-_ROW_COLUMNS = "id, state, attempts, payload, policy, outcome, seconds, data"
+_ROW_COLUMNS = ("id, state, attempts, payload, policy, outcome, seconds, data, priority, "
+                "not_before, expires")
 
 #: ``on_commit(task_id, existing, error)``: the record's id; ``existing`` is the record that
 #: was already there (a retried submission), else None; ``error`` the JournalError that
@@ -183,8 +191,9 @@ class Journal:
         self._started = True
 
     def submit(self, client: bytes, sub: int, payload: bytes, policy: bytes | None,
-               on_commit: OnCommit) -> None:
-        self._ops.put(("submit", client, sub, payload, policy, on_commit))
+               on_commit: OnCommit,
+               timing: WireTiming | None = None) -> None:
+        self._ops.put(("submit", client, sub, payload, policy, on_commit, timing or _PLAIN))
 
     def find(self, client: bytes, sub: int, on_row: Callable[[Row | None], None]) -> None:
         """The record of submission ``sub`` of ``client``, if any (after what is queued)."""
@@ -312,9 +321,11 @@ class Journal:
         first = self._next_id
         self._next_id += len(submits)
         inserted = self._db.executemany(
-            "INSERT INTO tasks (id, client, sub, payload, policy, state, submitted) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?) ON CONFLICT (client, sub) DO NOTHING",
-            [(first + i, op[1], op[2], op[3], op[4], now) for i, op in enumerate(submits)],
+            "INSERT INTO tasks (id, client, sub, payload, policy, state, submitted, priority, "
+            "not_before, expires) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) "
+            "ON CONFLICT (client, sub) DO NOTHING",
+            [(first + i, op[1], op[2], op[3], op[4], now, *op[6])
+             for i, op in enumerate(submits)],
         ).rowcount
         callbacks: list[Callable[[], None]] = []
         for i, op in enumerate(submits):
@@ -360,7 +371,7 @@ class Journal:
         """The batch failed: what each op's caller learns."""
         kind = op[0]
         if kind == "submit":
-            on_commit = op[-1]
+            on_commit = op[5]
             error = JournalError(
                 f"taskorch serve could not write the task to its journal ({exc}): it was NOT "
                 "accepted and will not run. The server's disk may be full")

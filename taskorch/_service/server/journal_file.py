@@ -35,6 +35,9 @@ CREATE TABLE tasks (
     outcome INTEGER,
     seconds REAL,
     data BLOB,
+    priority INTEGER NOT NULL DEFAULT 0,
+    not_before REAL,
+    expires REAL,
     UNIQUE (client, sub)
 );
 CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL;
@@ -65,6 +68,7 @@ def open_journal(path: str | None, synchronous: str) -> sqlite3.Connection:
         if fresh:
             db.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        _add_timing_columns(db)
         # The schedules' state (taskorch serve --config): additive, so made in any journal.
         db.execute("CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, "
                    "last_fire REAL, last_outcome TEXT, last_seconds REAL)")
@@ -79,6 +83,20 @@ def open_journal(path: str | None, synchronous: str) -> sqlite3.Connection:
             f"cannot use the journal {where}: {exc}; nothing in it was changed. Check its "
             "permissions and the free space, or pass another --journal") from exc
     return db
+
+#: Columns added to ``tasks`` since schema 1 was first written (``options()``: the task's
+#: priority, and its not-before and expiry times in epoch seconds): additive, so a journal
+#: written before them gains them at its next opening, its rows taking the defaults.
+_TIMING_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "REAL"),
+                   ("expires", "REAL"))
+
+
+def _add_timing_columns(db: sqlite3.Connection) -> None:
+    present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+    for name, kind in _TIMING_COLUMNS:
+        if name not in present:
+            db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
+
 
 def _check_existing(db: sqlite3.Connection, path: str) -> None:
     """Refuse a file that is not an intact taskorch journal (before any write)."""

@@ -43,12 +43,14 @@ from taskorch._errors import (
     TaskNotFoundError,
     TaskorchError,
 )
+from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import RawOutcome, TaskListener
 from taskorch._service.protocol import (
     O_CANCELLED,
     O_ERROR,
     O_RAISED,
     O_RESULT,
+    WireTiming,
     decode_builtins,
 )
 from taskorch._service.server.journal import DONE, Journal, Row
@@ -151,6 +153,7 @@ class TaskRegistry:
             attempts = max(1, row.attempts) if crashed else row.attempts
             policy, policy_bytes = self._policy(row.policy)
             item = self._intake.prepare(row.payload or b"", policy, policy_bytes, raw=True)
+            self._intake.time(item, Resolved(row.priority, row.not_before, row.expires))
             self._track(row.id, item, None)
             future = self._intake.recover(item, attempts, crashed)
             if crashed:
@@ -163,20 +166,24 @@ class TaskRegistry:
     # -- submitting (readers, the asyncio thread, the journal's writer) ----------------------
 
     def submit_reserved(self, client: bytes, sub: int, payload: bytes,
-                        wire_policy: WirePolicy | None, sink: Sink, req: int) -> None:
+                        wire_policy: WirePolicy | None, sink: Sink, req: int,
+                        timing: WireTiming | None = None) -> None:
         """Journal a submission whose backlog slot is held; ``sink.admitted(req, ...)`` is
         called (by the journal's writer) once it is committed and enqueued, or refused, and
         ``sink.outcome(req, ...)`` when it ends. ValueError (slot released, nothing sent to
-        the journal): a bad policy."""
+        the journal): a bad policy or timing (``options()``: kept in the journal)."""
         try:
             policy, policy_bytes = self._policy_of(wire_policy)
+            resolved = None if timing is None else check_resolved(*timing)
         except ValueError:
             self._intake.unreserve()
             raise
         item = self._intake.prepare(payload, policy, policy_bytes, raw=True)
+        if resolved is not None:
+            self._intake.time(item, resolved)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
         self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, item, sink, req))
+            self._committed, item, sink, req), resolved)
 
     def _committed(self, item: WorkItem, sink: Sink, req: int, task_id: int,
                    existing: Row | None, error: JournalError | None) -> None:
