@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._parent.task import TaskFuture
     from taskorch._service.client.api import Client, connect
-    from taskorch._stats import Stats, StopReport
+    from taskorch._stats import Progress, Stats, StopReport, TaskInfo
 
 __all__ = [
     "BreakerMode",
@@ -58,6 +58,7 @@ __all__ = [
     "OrchestratorClosedError",
     "Policy",
     "PolicyOverride",
+    "Progress",
     "QueueFullError",
     "RemoteTaskError",
     "RemoteTraceback",
@@ -69,6 +70,7 @@ __all__ = [
     "TaskAbandonedError",
     "TaskExpiredError",
     "TaskFuture",
+    "TaskInfo",
     "TaskNotFoundError",
     "TaskOrchestrator",
     "TaskTimeoutError",
@@ -88,6 +90,8 @@ _LAZY = {
     "TaskFuture": "taskorch._parent.task",
     "Stats": "taskorch._stats",
     "StopReport": "taskorch._stats",
+    "Progress": "taskorch._stats",
+    "TaskInfo": "taskorch._stats",
     "Client": "taskorch._service.client.api",
     "connect": "taskorch._service.client.api",
 }

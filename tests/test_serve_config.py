@@ -18,6 +18,7 @@ import pytest
 from _tasks import sigstop, wait_until
 
 from taskorch import ServerUnavailableError, connect
+from taskorch._service.protocol import trigger_request_frame
 
 R = 30
 REPO = Path(__file__).resolve().parent.parent
@@ -238,7 +239,8 @@ def test_a_trigger_whose_answer_was_lost_is_not_sent_again_after_a_reconnect(
 
         def trigger() -> None:
             try:
-                outcome.append(session.trigger("hourly"))
+                outcome.append(session.ask(
+                    lambda req: trigger_request_frame(req, "hourly"), "trigger()"))
             except Exception as exc:
                 outcome.append(exc)
 

@@ -312,7 +312,7 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
         worker = g.wait_started()
         # A submission accepted, and held by the busy worker (taken ahead, not started).
         session = withdrawing._session
-        request = Request(new_future())
+        request = Request(new_future(lambda op, args: False))
         req = session._start(request, lambda req: submit_frame(
             req, payload(t.square, (2,), {}), None, wait=False, client=session.token, retry=False,
             credit=False))

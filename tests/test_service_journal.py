@@ -204,7 +204,7 @@ def test_a_resent_submission_is_found_in_the_journal(start_server) -> None:
         session = first._session
         f = first.run(t.square, 7)
         assert f.result(R) == 49
-        request = Request(new_future())
+        request = Request(new_future(lambda op, args: False))
         second._session.token = session.token  # as if the same client, reconnected
         req = second._session._start(request, lambda req: submit_frame(
             1, payload(t.square, (8,), {}), None, wait=False, client=session.token, retry=True,

@@ -80,6 +80,7 @@ the client, across reconnections):
                                           answered by S_STATS with ``{"triggered": name,
                                           "submitted": bool}`` (False: the backlog was full),
                                           or S_REJECTED (no such schedule)
+    (C_ADMIN, req, op, args)              an operator's request: see ``operations``
 
 server -> client:
 
@@ -137,6 +138,7 @@ import math
 import pickle
 from typing import Any, NamedTuple, Optional
 
+from taskorch._service.operations import C_ADMIN, AdminRequest, is_valid_admin
 from taskorch._service.values import WirePolicy, encode_service_error, is_wire_policy
 from taskorch._wire import PROTOCOL
 
@@ -213,9 +215,7 @@ class Withdraw(NamedTuple):
     req: int
 
 
-class StatsRequest(NamedTuple):
-    """C_STATS."""
-
+class StatsRequest(NamedTuple):  # C_STATS
     tag: int
     req: int
 
@@ -261,9 +261,7 @@ class Accepted(NamedTuple):
     grant: int
 
 
-class Dropped(NamedTuple):
-    """S_DROPPED."""
-
+class Dropped(NamedTuple):  # S_DROPPED
     tag: int
     req: int
 
@@ -302,13 +300,12 @@ class CreditGrant(NamedTuple):
     n: int
 
 
-class CreditRecall(NamedTuple):
-    """S_RECALL: give back the credits not spent."""
-
+class CreditRecall(NamedTuple):  # S_RECALL: give back the credits not spent
     tag: int
 
 
-ClientFrame = Submit | Withdraw | StatsRequest | ResultRequest | CreditReturn | TriggerRequest
+ClientFrame = (Submit | Withdraw | StatsRequest | ResultRequest | CreditReturn | TriggerRequest
+               | AdminRequest)
 ServerFrame = (Hello | Accepted | Dropped | Rejected | Done | StatsReply | CreditGrant
                | CreditRecall)
 #: The server frames that answer a request for good (its entry leaves the client's table).
@@ -395,7 +392,8 @@ _UNKNOWN: tuple[Any, int] = (None, -1)
 _CLIENT_FRAMES: dict[int, tuple[Any, int]] = {
     tag: (kind, len(kind._fields)) for tag, kind in (
         (C_SUBMIT, Submit), (C_WITHDRAW, Withdraw), (C_STATS, StatsRequest),
-        (C_RESULT, ResultRequest), (C_RETURN, CreditReturn), (C_TRIGGER, TriggerRequest))}
+        (C_RESULT, ResultRequest), (C_RETURN, CreditReturn), (C_TRIGGER, TriggerRequest),
+        (C_ADMIN, AdminRequest))}
 _SERVER_FRAMES: dict[int, Any] = {
     tag: kind for tag, kind in (
         (S_HELLO, Hello), (S_ACCEPTED, Accepted), (S_DROPPED, Dropped), (S_REJECTED, Rejected),
@@ -448,6 +446,8 @@ def _is_valid(frame: ClientFrame) -> bool:
                 and 0 < len(frame.name) <= 1000)
     if isinstance(frame, CreditReturn):
         return _is_req(frame.n)
+    if isinstance(frame, AdminRequest):
+        return is_valid_admin(frame)
     return _is_req(frame.req)  # Withdraw, StatsRequest
 
 

@@ -52,7 +52,9 @@ from taskorch._service.addressing import (
 )
 from taskorch._service.client.session import Session
 from taskorch._service.handshake import client_handshake, configure_socket
+from taskorch._service.protocol import trigger_request_frame
 from taskorch._service.values import encode_service_policy
+from taskorch._stats import TaskInfo
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -192,7 +194,8 @@ def trigger_schedule(address: Address, name: str,
     False if the server's backlog was full (the run is dropped). ValueError: no such
     schedule. Raises what ``connect()`` raises."""
     with connect(address, authkey_file=authkey_file, timeout=timeout, reconnect_for=0) as client:
-        return bool(client._session.trigger(name)["submitted"])
+        return bool(client._session.ask(
+            lambda req: trigger_request_frame(req, name), "trigger()")["submitted"])
 
 
 class Client:
@@ -339,6 +342,40 @@ class Client:
     def stats(self) -> Stats:
         """The server's ``stats()`` (every client's tasks), one round trip."""
         return self._here().stats()
+
+    # -- operating: the server's task records (issue 25; ``_service.operations``) -----------
+
+    def tasks(self, state: str | Iterable[str] | None = None, name: str | None = None,
+              limit: int = 100, before_id: int | None = None) -> list[TaskInfo]:
+        """The server's task records, newest first: at most ``limit`` (up to 1000), of ids
+        below ``before_id`` (the next page: the last id of this one), of ``state`` (one or
+        several of ``TaskInfo``'s states) and ``name``. Finished ones stay for the server's
+        ``--result-ttl``."""
+        states = (state,) if isinstance(state, str) else tuple(state or ())
+        found = self._here().operate("tasks", {"states": states, "name": name,
+                                               "limit": limit, "before_id": before_id})
+        return [TaskInfo.from_dict(fields) for fields in found]
+
+    def task(self, task_id: int) -> TaskInfo:
+        """Task ``task_id``'s record; ``TaskNotFoundError`` if the server knows none."""
+        return TaskInfo.from_dict(self._here().operate("task", {"id": task_id}))
+
+    def cancel(self, task_id: int, terminate: bool = False) -> bool:
+        """Cancel task ``task_id``: True if it was queued or waiting (it never runs, and that
+        is committed: it stays cancelled across a restart); False if it had started (it runs
+        on) or ended. ``terminate`` (killing a running attempt) is not supported yet.
+        ``TaskNotFoundError`` for an unknown id."""
+        return bool(self._here().operate("cancel", {"id": task_id, "terminate": terminate}))
+
+    def retry(self, task_id: int) -> int:
+        """Submit a task that ended failed, cancelled, abandoned or expired again, as a new
+        task (its record names the old in ``retry_of``): the new id. ValueError for a task in
+        another state; ``TaskNotFoundError`` for an unknown id."""
+        return int(self._here().operate("retry", {"id": task_id}))
+
+    def purge(self, name: str | None = None) -> int:
+        """Cancel every queued or waiting task (or those named ``name``): how many."""
+        return int(self._here().operate("purge", {"name": name}))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop submitting, wait up to ``timeout`` s for outstanding futures, disconnect.

@@ -8,11 +8,14 @@ answered by the session's reader thread ("taskorch-client-reader-N"); ``resolve`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import socket
 import struct
 import threading
 from typing import Any, Callable
 
+from taskorch._errors import TaskorchError
 from taskorch._parent.task import TaskFuture
 from taskorch._service.protocol import (
     O_CANCELLED,
@@ -70,14 +73,32 @@ def payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
     return encode_call(fn, args, kwargs)
 
 
-def new_future() -> TaskFuture:
+def new_future(operate: Callable[[str, dict[str, Any]], Any]) -> TaskFuture:
+    """A client future; its ``cancel()`` asks the server (``operate``: ``Session.operate``)."""
     future = TaskFuture()
-    future.set_canceller(_cannot_cancel)  # a remote task cannot be cancelled from here
+    future.set_canceller(functools.partial(_cancel_remote, operate))
     return future
 
 
-def _cannot_cancel(future: TaskFuture) -> bool:
-    return False
+#: How long a client future's cancel() waits for the S_DONE of the cancel the server made.
+CANCEL_WAIT = 5.0
+
+
+def _cancel_remote(operate: Callable[[str, dict[str, Any]], Any], future: TaskFuture) -> bool:
+    """``future.cancel()``: the server cancels the task if it has not started (True: it never
+    runs; its cancelled outcome, committed, comes as S_DONE). False before the server
+    accepted it (no id yet), from the reader thread, or if the server cannot be asked."""
+    if not future.task_id:
+        return False
+    try:
+        cancelled = bool(operate("cancel", {"id": future.task_id}))
+    except (TaskorchError, ValueError, LookupError, TimeoutError):
+        return False
+    if cancelled:
+        concurrent.futures.wait([future], CANCEL_WAIT)  # its S_DONE (the same commit)
+        if not future.done():
+            future.cancel_now()
+    return cancelled
 
 
 def _deliver(waiter: asyncio.Future[Any], answer: Any) -> None:
@@ -104,7 +125,8 @@ def resolve(
     elif outcome == O_ERROR:
         future.set_exception(decode_service_error(data))
     elif outcome == O_CANCELLED:
-        future.cancel_now()
+        if not future.cancelled():  # (a cancel() of this client may have got there first)
+            future.cancel_now()
     else:
         raise ValueError(f"unknown outcome {outcome!r}")
 

@@ -60,6 +60,7 @@ from taskorch._parent.task import TaskFuture
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
 from taskorch._service.client.requests import Request, new_future, payload, resend
+from taskorch._service.operations import AdminRequest, admin_request_frame
 from taskorch._service.protocol import (
     FINAL_ANSWERS,
     SERVICE_MAX_FRAME,
@@ -76,7 +77,6 @@ from taskorch._service.protocol import (
     result_request_frame,
     stats_request_frame,
     submit_frame,
-    trigger_request_frame,
     withdraw_frame,
 )
 from taskorch._service.values import WirePolicy, decode_service_error, decode_stats
@@ -155,7 +155,7 @@ class Session:
             credit = self._credits > 0 and self._link.down_reason is None
             self._credits -= credit
             self._credit_inflight += credit
-        request = Request(new_future(), credit=credit)
+        request = Request(new_future(self.operate), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
             try:
                 self._start(request, lambda req: submit_frame(
@@ -177,7 +177,7 @@ class Session:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
             await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
-        request = Request(new_future(), loop, loop.create_future())
+        request = Request(new_future(self.operate), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
@@ -195,7 +195,7 @@ class Session:
         """A call pickled by the caller (``Client.map()``'s chunks), accepted once the
         server's backlog has room (the server waits, as for ``submit_async``)."""
         self._check_not_reader("map()")
-        request = Request(new_future())
+        request = Request(new_future(self.operate))
         # As submit_async(): no deadline on room, and a lost link is waited out (re-sent).
         self._start(request, lambda req: submit_frame(
             req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
@@ -240,7 +240,7 @@ class Session:
         """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
         self._check_not_reader("result()")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = Request(new_future())
+        request = Request(new_future(self.operate))
         wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
         req = self._start(request, lambda req: result_request_frame(req, task_id, wait),
                           when_down="queue")
@@ -267,11 +267,13 @@ class Session:
         self._check_not_reader("stats()")
         return self._fields(self._call(Request(None), stats_request_frame, "stats()"))
 
-    def trigger(self, name: str) -> dict[str, Any]:
-        """Run the server's schedule ``name`` now (``taskorch trigger``)."""
-        self._check_not_reader("trigger()")
-        return self._fields(self._call(
-            Request(None), lambda req: trigger_request_frame(req, name), "trigger()"))
+    def ask(self, build: Callable[[int], ClientFrame], what: str) -> dict[str, Any]:
+        """A request answered by S_STATS (``taskorch trigger``, an operator's): its fields."""
+        self._check_not_reader(what)
+        return self._fields(self._call(Request(None), build, what))
+
+    def operate(self, op: str, args: dict[str, Any]) -> Any:  # (``operations``)
+        return self.ask(lambda req: admin_request_frame(req, op, args), f"{op}()")["answer"]
 
     @staticmethod
     def _fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
@@ -453,7 +455,7 @@ class Session:
             self._credit_change.notify_all()
             stranded = [(req, r) for req, r in self._requests.items()
                         if not r.answered and (r.message is None or isinstance(
-                            r.message, (StatsRequest, TriggerRequest)))]
+                            r.message, (StatsRequest, TriggerRequest, AdminRequest)))]
             for req, _ in stranded:
                 del self._requests[req]
         for _, request in stranded:

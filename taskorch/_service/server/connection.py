@@ -42,6 +42,7 @@ from taskorch._service.handshake import (
     refusal_frame,
     server_handshake,
 )
+from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
     CreditReturn,
@@ -63,6 +64,7 @@ from taskorch._service.protocol import (
     stats_reply_frame,
 )
 from taskorch._service.server.credits import ConnectionCredits
+from taskorch._service.server.operator import Operator
 from taskorch._service.transport import FrameReader, frame_batch, frame_bytes
 from taskorch._service.values import encode_status
 
@@ -265,6 +267,8 @@ class ServedConnection:
                 self._reply(stats_reply_frame(frame.req, encode_status(self.orchestrator)))
             elif isinstance(frame, TriggerRequest):
                 self._trigger(frame.req, frame.name)
+            elif isinstance(frame, AdminRequest):
+                self._reply(Operator(self.registry).answer(frame))  # (waits: see there)
             else:
                 assert isinstance(frame, Withdraw)
                 self._on_loop(self._withdraw, frame.req)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
 from taskorch._service.server.journal_file import lock_journal, next_task_id, open_journal
+from taskorch._service.server.records import label_of
 from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")
@@ -199,15 +200,22 @@ class Journal:
         """The record of submission ``sub`` of ``client``, if any (after what is queued)."""
         self._ops.put(("find", client, sub, on_row))
 
-    def started(self, task_id: int, attempts: int) -> None:
-        self._ops.put(("started", task_id, attempts))
+    def started(self, task_id: int, attempts: int, pid: int | None = None) -> None:
+        self._ops.put(("started", task_id, attempts, pid))
 
     def finished(self, task_id: int, outcome: int, attempts: int, seconds: float | None,
-                 data: Any, then: Callable[[], None]) -> None:
+                 data: Any, then: Callable[[], None], status: str = "failed") -> None:
         """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer, off the
-        caller's thread: a dispatcher); ``then()`` once it is committed (or failed to be:
-        logged)."""
-        self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then))
+        caller's thread: a dispatcher; ``status``: its ``TaskInfo`` state); ``then()`` once
+        it is committed (or failed to be: logged). The call bytes stay with a task that did
+        not succeed, for ``Client.retry()``."""
+        self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then, status))
+
+    def run(self, fn: Callable[[sqlite3.Connection], Any], then: Callable[[Any], None]) -> None:
+        """``fn(db)`` in the writer's transaction, after what is queued (the operator's reads
+        and marks: ``records``); ``then(its result)`` after COMMIT (``then(None)`` if the
+        transaction failed). ``fn`` must be quick: submissions wait behind it."""
+        self._ops.put(("run", fn, then))
 
     def forget(self, task_id: int, then: Callable[[], None]) -> None:
         """Delete a record that was committed but not enqueued (the server was stopping)."""
@@ -300,14 +308,15 @@ class Journal:
         callbacks = self._insert(by_kind["submit"], now)
         if by_kind["started"]:
             db.executemany(
-                "UPDATE tasks SET state='running', attempts=?, started=? WHERE id=? "
-                "AND state != 'done'", [(op[2], now, op[1]) for op in by_kind["started"]])
+                "UPDATE tasks SET state='running', status='running', attempts=?, started=?, "
+                "worker_pid=? WHERE id=? AND state != 'done'",
+                [(op[2], now, op[3], op[1]) for op in by_kind["started"]])
         if by_kind["finished"]:
             db.executemany(
-                "UPDATE tasks SET state='done', payload=NULL, attempts=?, finished=?, outcome=?, "
-                "seconds=?, data=? WHERE id=?",
-                [(op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL), op[1])
-                 for op in by_kind["finished"]])
+                "UPDATE tasks SET state='done', status=?, payload=CASE WHEN ?='succeeded' THEN "
+                "NULL ELSE payload END, attempts=?, finished=?, outcome=?, seconds=?, data=? "
+                "WHERE id=?", [(op[7], op[7], op[3], now, op[2], op[4],
+                               pickle.dumps(op[5], PROTOCOL), op[1]) for op in by_kind["finished"]])
             callbacks += [op[6] for op in by_kind["finished"]]
         callbacks += [self._apply(op) for op in others]
         return callbacks
@@ -321,10 +330,10 @@ class Journal:
         first = self._next_id
         self._next_id += len(submits)
         inserted = self._db.executemany(
-            "INSERT INTO tasks (id, client, sub, payload, policy, state, submitted, priority, "
-            "not_before, expires) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) "
-            "ON CONFLICT (client, sub) DO NOTHING",
-            [(first + i, op[1], op[2], op[3], op[4], now, *op[6])
+            "INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
+            "priority, not_before, expires, name, args_repr) VALUES (?, ?, ?, ?, ?, 'queued', "
+            "'queued', ?, ?, ?, ?, ?, ?) ON CONFLICT (client, sub) DO NOTHING",
+            [(first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]))
              for i, op in enumerate(submits)],
         ).rowcount
         callbacks: list[Callable[[], None]] = []
@@ -359,6 +368,9 @@ class Journal:
             _, task_id, then = op
             db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
             return then  # type: ignore[no-any-return]
+        if kind == "run":
+            result = op[1](db)
+            return functools.partial(op[2], result)
         if kind == "flush":  # (its callback runs after every other of the batch: see above)
             return op[1].set  # type: ignore[no-any-return]
         assert kind == "lookup", op
@@ -376,7 +388,7 @@ class Journal:
                 f"taskorch serve could not write the task to its journal ({exc}): it was NOT "
                 "accepted and will not run. The server's disk may be full")
             return lambda: on_commit(0, None, error)
-        if kind in ("find", "lookup"):
+        if kind in ("find", "lookup", "run"):
             on_row = op[-1]
             return lambda: on_row(None)
         if kind == "forget":
@@ -386,7 +398,7 @@ class Journal:
         if kind == "finished":  # published all the same: the task did end
             log.error("taskorch serve: journal write failed (%s): the outcome of task %d is not "
                       "journaled; after a restart that task would run again", exc, op[1])
-            return op[-1]  # type: ignore[no-any-return]
+            return op[6]  # type: ignore[no-any-return]
         log.error("taskorch serve: journal write failed (%s): the %s record of task %d is lost; "
                   "after a restart that task would run again", exc, kind, op[1])
         return _nothing

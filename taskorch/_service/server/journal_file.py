@@ -89,13 +89,26 @@ def open_journal(path: str | None, synchronous: str) -> sqlite3.Connection:
 #: written before them gains them at its next opening, its rows taking the defaults.
 _TIMING_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "REAL"),
                    ("expires", "REAL"))
+#: Columns of the task records (``TaskInfo``, issue 25), additive as above: the task's label
+#: and bounded argument repr (read from its call bytes at submission), its ``TaskInfo`` state
+#: (``status``: queued, running, or how it ended), the pid of the worker that ran it, the
+#: task it retries, and its latest progress (pickled builtins). A journal written before them
+#: gains them (its rows: status from ``state``, the rest NULL) and the listing index.
+_RECORD_COLUMNS = (("name", "TEXT"), ("args_repr", "TEXT"), ("status", "TEXT"),
+                   ("worker_pid", "INTEGER"), ("retry_of", "INTEGER"), ("progress", "BLOB"))
 
 
 def _add_timing_columns(db: sqlite3.Connection) -> None:
     present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-    for name, kind in _TIMING_COLUMNS:
+    for name, kind in _TIMING_COLUMNS + _RECORD_COLUMNS:
         if name not in present:
             db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
+    if "status" not in present:  # an older journal: its records' states, as far as known
+        db.execute("UPDATE tasks SET status = CASE state WHEN 'done' THEN CASE outcome "
+                   "WHEN 1 THEN 'succeeded' WHEN 4 THEN 'cancelled' ELSE 'failed' END "
+                   "ELSE state END")
+    # The listing (``taskorch tasks``, the dashboard): newest first, by state or not.
+    db.execute("CREATE INDEX IF NOT EXISTS tasks_listing ON tasks (status, id)")
 
 
 def _check_existing(db: sqlite3.Connection, path: str) -> None:

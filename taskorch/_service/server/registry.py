@@ -54,7 +54,9 @@ from taskorch._service.protocol import (
     decode_builtins,
 )
 from taskorch._service.server.journal import DONE, Journal, Row
+from taskorch._service.server.records import status_of
 from taskorch._service.values import WirePolicy, decode_service_policy, encode_service_error
+from taskorch._stats import Progress
 from taskorch._wire import PROTOCOL
 
 if TYPE_CHECKING:
@@ -121,7 +123,8 @@ class _Live(TaskListener):
     def started(self, item: WorkItem, now: float) -> None:
         """A ``TaskListener`` moment (the task's own, ``WorkItem.listener``): the dispatcher,
         under the backlog lock: only queue the record."""
-        self.registry.journal.started(self.task_id, item.attempts)
+        self.registry.journal.started(self.task_id, item.attempts,
+                                      getattr(item.started_on, "pid", None))
 
     def ended(self, future: TaskFuture) -> None:
         """The future's observer (``TaskFuture.set_observer``): see ``TaskRegistry._ended``."""
@@ -139,6 +142,13 @@ class TaskRegistry:
         # Set when the server starts to stop (main thread); read by _ended.
         self.stopping = False
         self.left_for_next_start = 0  # tasks the drain ended that stay live in the journal
+        # Running tasks' latest ``taskorch.progress()`` (the dispatcher writes, any thread
+        # reads; a dict's get/set/pop are atomic); an entry goes with the task's outcome.
+        self.progress: dict[int, Progress] = {}
+
+    def reserve_slot(self, what: str) -> bool:
+        """Hold a backlog slot for ``submit_reserved`` (``Intake.reserve``)."""
+        return self._intake.reserve(what)
 
     # -- recovery (main thread, before the journal's writer and the listener start) ---------
 
@@ -250,12 +260,16 @@ class TaskRegistry:
         else:
             self._attach(row, sink, req, admitted=False)
 
-    def cancel(self, task_id: int) -> None:
-        """A run_async() withdrawn just as it was accepted: cancel it if not started."""
+    def cancel(self, task_id: int) -> bool | None:
+        """Cancel task ``task_id`` if it has not started (a run_async() withdrawn just as it
+        was accepted; ``Client.cancel()``): True if it was, False if it had started, None if
+        it is not live here (ended, or unknown). Its cancelled outcome goes to the journal as
+        any outcome does (``watch`` says when it is committed)."""
         with self._lock:
             live = self._live.get(task_id)
-        if live is not None:
-            live.future.cancel()  # succeeds only while queued in the backlog
+        if live is None:
+            return None
+        return live.future.cancel()  # succeeds only while queued in the backlog
 
     def _attach(self, row: Row, sink: Sink, req: int, admitted: bool = True) -> None:
         """An existing record answers ``req``: admitted (a retried submission), then its
@@ -287,13 +301,17 @@ class TaskRegistry:
                 self._live.pop(task_id, None)
                 self.left_for_next_start += 1
             return  # left live in the journal for the next start (see the module docstring)
+        cancelled, exc, raw = future.settled()
+        status = status_of(cancelled, exc, isinstance(raw, RawOutcome) and raw.ok)
         self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
-                              outcome.data, functools.partial(self._publish, task_id, outcome))
+                              outcome.data, functools.partial(self._publish, task_id, outcome),
+                              status)
 
     def _publish(self, task_id: int, outcome: Outcome) -> None:
         """The journal's writer, once the outcome is committed (or failed to be)."""
         with self._lock:
             live = self._live.pop(task_id, None)
+        self.progress.pop(task_id, None)
         if live is not None:
             for sink, req in live.watchers():
                 sink.outcome(req, outcome)

@@ -1,0 +1,201 @@
+"""``taskorch serve``'s operator requests (issue 25): list, show, cancel, retry and purge tasks
+by id (server process).
+
+``Operator`` answers ``operations``' requests for a connection's reader (C_ADMIN) and for the
+HTTP server's threads: synchronously, in the calling thread, which waits for the journal's
+writer (``Journal.run``) and, for a cancel or a retry, for the commit that makes it durable.
+Never call it from the journal's writer (it would wait for itself).
+
+- A cancel goes through the registry to the task's future (``TaskFuture.cancel``: the backlog
+  takes it out, or a worker that holds it unstarted hands it back): a task that started is not
+  cancelled (False), so that a cancel racing the start ends in exactly one of "cancelled" or
+  "ran". True is answered once the cancelled outcome is committed: a kill -9 after the answer
+  finds the task cancelled at the next start.
+- A retry submits the old record's call bytes (kept for a task that did not succeed) as a new
+  task, under this server's operator token, and notes the old id in the new record.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from taskorch._errors import TaskNotFoundError, TaskorchError
+from taskorch._service.operations import MAX_PAGE, AdminRequest
+from taskorch._service.protocol import (
+    ServerFrame,
+    decode_builtins,
+    rejected_frame,
+    stats_reply_frame,
+)
+from taskorch._service.server.records import info_of, list_rows, queued_ids, read_row
+from taskorch._stats import TASK_STATES
+
+if TYPE_CHECKING:
+    from taskorch._service.server.registry import Outcome, TaskRegistry
+
+#: How long a request waits for the journal (a commit in progress, the batches before it).
+JOURNAL_WAIT = 30.0
+#: The ended states a task may be retried from.
+RETRYABLE = ("failed", "cancelled", "abandoned", "expired")
+
+
+class Operator:
+    def __init__(self, registry: TaskRegistry) -> None:
+        self._registry = registry
+        self._journal = registry.journal
+        self._token = b"taskorch-operator-" + os.urandom(8)  # (client, sub) of retries
+        self._next_sub = 0
+        self._sub_lock = threading.Lock()
+
+    def answer(self, frame: AdminRequest) -> ServerFrame:
+        """A C_ADMIN request's answer (S_STATS, or S_REJECTED with the error)."""
+        try:
+            answer = self.handle(frame.op, frame.args)
+        except (TaskorchError, ValueError, LookupError, TimeoutError) as exc:
+            return rejected_frame(frame.req, exc)
+        return stats_reply_frame(frame.req, {"answer": answer})
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        """The answer to ``op`` (see ``operations``); raises TaskNotFoundError, ValueError
+        (a bad argument, a task that cannot be retried), TimeoutError (the journal is stuck),
+        or the backlog's errors (a retry: QueueFullError, closed)."""
+        if op == "tasks":
+            return [info.to_dict() for info in self.tasks(
+                tuple(args.get("states") or ()), _str(args.get("name")),
+                _int(args.get("limit", 100)), args.get("before_id"))]
+        if op == "purge":
+            return self.purge(_str(args.get("name")))
+        task_id = _int(args.get("id"))
+        if op == "task":
+            return self.task(task_id).to_dict()
+        if op == "cancel":
+            return self.cancel(task_id, bool(args.get("terminate", False)))
+        if op == "retry":
+            return self.retry(task_id)
+        raise ValueError(f"unknown operation {op!r}")
+
+    def tasks(self, states: tuple[str, ...] = (), name: str | None = None, limit: int = 100,
+              before_id: int | None = None) -> list[Any]:
+        unknown = set(states) - set(TASK_STATES)
+        if unknown:
+            raise ValueError(f"unknown states {sorted(unknown)}; states are {TASK_STATES}")
+        if not 0 < limit <= MAX_PAGE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        if before_id is not None and not isinstance(before_id, int):
+            raise ValueError(f"before_id must be an integer, got {before_id!r}")
+        rows = self._read(lambda db: list_rows(db, states, name, limit, before_id))
+        progress = self._registry.progress
+        return [info_of(row, progress.get(row[0])) for row in rows]
+
+    def task(self, task_id: int) -> Any:
+        row = self._read(lambda db: read_row(db, task_id))
+        if row is None:
+            raise _not_found(task_id)
+        return info_of(row, self._registry.progress.get(task_id))
+
+    def cancel(self, task_id: int, terminate: bool = False) -> bool:
+        """True once a queued or waiting task is cancelled and that is committed; False if it
+        started (``terminate`` is not supported yet: it runs on) or had ended."""
+        cancelled = self._registry.cancel(task_id)
+        if cancelled is None:  # not live: ended, or unknown
+            if self._read(lambda db: read_row(db, task_id)) is None:
+                raise _not_found(task_id)
+            return False
+        if not cancelled:
+            return False
+        waiter = _Waiter()
+        self._registry.watch(task_id, waiter, 0, True)  # its outcome, once committed
+        waiter.wait()
+        return True
+
+    def retry(self, task_id: int) -> int:
+        found = self._read(lambda db: db.execute(
+            "SELECT status, payload, policy, priority FROM tasks WHERE id=?",
+            (task_id,)).fetchone())
+        if found is None:
+            raise _not_found(task_id)
+        status, payload, policy, priority = found
+        if status not in RETRYABLE or payload is None:
+            raise ValueError(f"task {task_id} is {status}: only a task that ended "
+                             f"{', '.join(RETRYABLE)} can be retried")
+        wire_policy = None if policy is None else decode_builtins(policy)
+        if not self._registry.reserve_slot("for a retry"):
+            raise ValueError("the backlog is full (--drop): the retry was dropped")
+        with self._sub_lock:
+            self._next_sub += 1
+            sub = self._next_sub
+        waiter = _Waiter()
+        self._registry.submit_reserved(self._token, sub, payload, wire_policy, waiter, 0,
+                                       (priority, None, None))
+        new_id = waiter.wait()
+        assert isinstance(new_id, int)
+        self._read(lambda db: db.execute("UPDATE tasks SET retry_of=? WHERE id=?",
+                                         (task_id, new_id)).rowcount)
+        return new_id
+
+    def purge(self, name: str | None = None) -> int:
+        """Cancel every queued or waiting task (of ``name``); how many were. Committed when
+        this returns, except a task a worker handed back later than its cancel (logged as
+        any outcome: it is cancelled all the same)."""
+        ids = self._read(lambda db: queued_ids(db, name))
+        count = sum(1 for task_id in ids if self._registry.cancel(task_id))
+        self._read(lambda db: None)  # the cancelled outcomes queued before it are committed
+        return count
+
+    def _read(self, fn: Any) -> Any:
+        """``fn(db)`` in the journal's writer, waited for."""
+        done = threading.Event()
+        box: list[Any] = []
+
+        def then(result: Any) -> None:
+            box.append(result)
+            done.set()
+
+        self._journal.run(fn, then)
+        if not done.wait(JOURNAL_WAIT):
+            raise TimeoutError(f"the journal did not answer within {JOURNAL_WAIT:g} s")
+        return box[0]
+
+
+class _Waiter:
+    """A ``registry.Sink`` that one thread waits on: the admission or the outcome."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._value: Any = None
+
+    def admitted(self, req: int, admission: int | BaseException) -> None:
+        self._value = admission
+        self._event.set()
+
+    def outcome(self, req: int, outcome: Outcome) -> None:
+        self._value = outcome
+        self._event.set()
+
+    def rejected(self, req: int, error: BaseException) -> None:
+        self._value = error
+        self._event.set()
+
+    def wait(self) -> Any:
+        if not self._event.wait(JOURNAL_WAIT):
+            raise TimeoutError(f"the journal did not commit within {JOURNAL_WAIT:g} s")
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
+
+
+def _not_found(task_id: int) -> TaskNotFoundError:
+    return TaskNotFoundError(f"taskorch serve knows no task {task_id}: never accepted, or its "
+                             "record was pruned (--result-ttl)")
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

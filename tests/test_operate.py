@@ -1,0 +1,215 @@
+"""Operating a served pool (issue 25): task records, cancel, retry and purge by id, with real
+servers and clients; every wait is a handshake (a started file, a release FIFO), never a
+sleep."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import threading
+
+import _tasks as t
+import pytest
+import test_service
+from _tasks import wait_until
+from test_service import R
+
+from taskorch import Policy, TaskInfo, TaskNotFoundError
+
+NO_RETRY = Policy(retries=0)
+short_dir = test_service.short_dir
+start_server = test_service.start_server
+
+
+def _busy(client, short_dir, name="busy"):  # the one worker runs a blocker until released
+    gate = t.Gate(short_dir, name)
+    future = client.with_policy(NO_RETRY).run(t.blocker, str(gate.started), str(gate.release_fifo))
+    gate.wait_started()
+    return gate, future
+
+
+def test_records_list_newest_first_by_state_with_names_args_and_pages(start_server,
+                                                                      short_dir) -> None:
+    server = start_server("--workers", "1")
+    with server.connect() as client:
+        gate, running = _busy(client, short_dir)
+        queued = [client.run(t.add, i, 10, policy="p") for i in range(5)]
+        ids = [client.accepted(f, R) for f in queued]
+        infos = client.tasks(state="queued")
+        assert [i.id for i in infos] == ids[::-1]
+        first = infos[-1]
+        assert isinstance(first, TaskInfo) and first.name == "_tasks.add"
+        assert first.args_repr == "0, 10, policy='p'" and first.state == "queued"
+        page = client.tasks(limit=2, before_id=ids[3])
+        assert [i.id for i in page] == [ids[2], ids[1]]
+        mine = client.task(running.task_id)
+        assert mine.state == "running" and mine.worker_pid == int(gate.started.read_text())
+        assert mine.started_at is not None and mine.started_at >= mine.accepted_at
+        gate.release()
+        assert [f.result(R) for f in queued] == [(i + 10, "p") for i in range(5)]
+        done = client.task(ids[0])
+        assert done.state == "succeeded" and done.result_repr == "(10, 'p')"
+        assert done.finished_at is not None and done.attempts == 1
+        with pytest.raises(TaskNotFoundError):
+            client.task(10 ** 9)
+        with pytest.raises(ValueError, match="unknown states"):
+            client.tasks(state="sleeping")
+
+
+def test_cancel_a_queued_task_by_id_and_by_its_future(start_server, short_dir) -> None:
+    server = start_server("--workers", "1")
+    out = short_dir / "ran.txt"
+    with server.connect() as client:
+        gate, running = _busy(client, short_dir)
+        a = client.run(t.record, str(out), "a")
+        b = client.run(t.record, str(out), "b")
+        c = client.run(t.record, str(out), "c")
+        a_id = client.accepted(a, R)
+        client.accepted(b, R)
+        assert client.cancel(a_id) is True
+        assert b.cancel() is True and b.cancelled()  # a client future, queued at the server
+        with pytest.raises(concurrent.futures.CancelledError):
+            b.result(R)
+        with pytest.raises(concurrent.futures.CancelledError):
+            a.result(R)
+        assert client.cancel(a_id) is False  # already ended
+        assert client.cancel(running.task_id) is False  # running: runs on
+        with pytest.raises(TaskNotFoundError):
+            client.cancel(10 ** 9)
+        gate.release()
+        assert running.result(R) == "go" and c.result(R) == "c"
+        assert client.task(a_id).state == "cancelled"
+        assert client.task(b.task_id).state == "cancelled"
+        assert client.cancel(c.task_id) is False
+    assert out.read_text().split() == ["c"]
+
+
+def test_a_cancel_survives_a_kill_9_and_a_restart(start_server, short_dir) -> None:
+    journal = short_dir / "j.sqlite3"
+    out = short_dir / "ran.txt"
+    a = start_server("--journal", str(journal), "--workers", "1")
+    client = a.connect()
+    try:
+        _busy(client, short_dir)
+        victim = client.run(t.record, str(out), "victim")
+        other = client.run(t.record, str(out), "other")
+        victim_id, other_id = client.accepted(victim, R), client.accepted(other, R)
+        assert client.cancel(victim_id) is True
+    finally:
+        client.close(0)
+    a.proc.send_signal(signal.SIGKILL)
+    assert a.proc.wait(R) == -signal.SIGKILL
+    a.expected_exit = -signal.SIGKILL
+    b = start_server("--journal", str(journal), "--workers", "1", like=a)
+    with b.connect() as client:
+        assert client.result(other_id, R) == "other"
+        assert client.task(victim_id).state == "cancelled"
+        assert client.task(other_id).state == "succeeded"
+    assert "victim" not in out.read_text().split()
+
+
+def test_a_cancel_racing_the_start_ends_in_exactly_one_of_cancelled_or_ran(start_server,
+                                                                          short_dir) -> None:
+    server = start_server("--workers", "1")
+    with server.connect() as client:
+        for n in range(5):
+            out = short_dir / f"ran{n}.txt"
+            gate, running = _busy(client, short_dir, f"busy{n}")
+            racer = client.run(t.record, str(out), n)
+            racer_id = client.accepted(racer, R)
+            answer: list[bool] = []
+            go = threading.Barrier(2)
+
+            def cancel(task_id: int = racer_id) -> None:
+                go.wait()
+                answer.append(client.cancel(task_id))
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            go.wait()
+            gate.release()  # the worker frees up: the racer starts, unless cancelled first
+            canceller.join(R)
+            assert running.result(R) == "go"
+            ran = racer.exception(R) is None if not racer.cancelled() else False
+            assert answer == [not ran] and racer.cancelled() == (not ran)
+            assert out.exists() == ran
+            assert client.task(racer_id).state == ("succeeded" if ran else "cancelled")
+
+
+def test_retry_a_failed_task_as_a_new_one(start_server, short_dir) -> None:
+    server = start_server("--workers", "1")
+    counter = short_dir / "counter"
+    with server.connect() as client:
+        failed = client.with_policy(NO_RETRY).run(t.fail_until, str(counter), 2)
+        with pytest.raises(ConnectionError):
+            failed.result(R)
+        old = client.task(failed.task_id)
+        assert old.state == "failed" and old.error == "ConnectionError: attempt 1 failed"
+        assert old.traceback is not None and "ConnectionError" in old.traceback
+        new_id = client.retry(failed.task_id)
+        assert new_id > failed.task_id
+        assert client.result(new_id, R) == 2
+        new = client.task(new_id)
+        assert new.retry_of == failed.task_id and new.name == "_tasks.fail_until"
+        with pytest.raises(ValueError, match="succeeded"):
+            client.retry(new_id)
+        with pytest.raises(TaskNotFoundError):
+            client.retry(10 ** 9)
+
+
+def test_purge_cancels_1000_queued_tasks(start_server, short_dir) -> None:
+    server = start_server("--workers", "1", "--backlog", "2000")
+    out = short_dir / "ran.txt"
+    with server.connect() as client:
+        gate, running = _busy(client, short_dir)
+        futures = [client.run(t.record, str(out), i) for i in range(1000)]
+        keep = client.run(t.square, 3)
+        for f in futures + [keep]:
+            client.accepted(f, R)
+        assert client.purge(name="_tasks.record") == 1000
+        assert len(client.tasks(state="cancelled", limit=1000)) == 1000
+        wait_until(lambda: all(f.cancelled() for f in futures), what="the S_DONEs")
+        gate.release()
+        assert keep.result(R) == 9 and running.result(R) == "go"
+        assert client.purge() == 0
+    assert not out.exists()
+
+
+def test_a_journal_written_before_the_records_gains_them_and_the_listing_index(
+        short_dir) -> None:
+    """A journal of schema 1 as first written (no timing nor record columns) opens: its rows
+    get their states, the listing index is made, and they list as records."""
+    import sqlite3
+
+    from taskorch._service.server.journal import Journal
+    from taskorch._service.server.operator import Operator
+
+    path = short_dir / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, client BLOB NOT NULL,
+            sub INTEGER NOT NULL, payload BLOB, policy BLOB, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, submitted REAL NOT NULL, started REAL,
+            finished REAL, outcome INTEGER, seconds REAL, data BLOB, UNIQUE (client, sub));
+        INSERT INTO tasks (client, sub, state, attempts, submitted, finished, outcome)
+            VALUES (x'01', 1, 'done', 1, 1.0, 2.0, 4), (x'01', 2, 'queued', 0, 3.0, NULL, NULL);
+    """)
+    db.commit()
+    db.close()
+    journal = Journal(str(path), result_ttl=1e12)  # (its outcome, of 1970, stays)
+    try:
+        indexes = {r[1] for r in journal._db.execute("PRAGMA index_list(tasks)")}
+        assert "tasks_listing" in indexes
+        journal.start()
+
+        class Registry:
+            progress: dict[int, object] = {}
+
+        Registry.journal = journal  # type: ignore[attr-defined]
+        operator = Operator(Registry())  # type: ignore[arg-type]
+        assert [(i.id, i.state) for i in operator.tasks()] == [(2, "queued"), (1, "cancelled")]
+        assert [i.id for i in operator.tasks(("cancelled",))] == [1]
+    finally:
+        journal.close()
