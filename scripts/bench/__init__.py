@@ -52,6 +52,8 @@ Modules, by role (the parent never imports the child's modules, and the reverse)
   parent.py          parent: calibration, the children under deadlines, cold starts (D)
   report.py          parent: the markdown table, ratio lines, notes, chart
   cli.py             both: the command line, and which role to play
+  cost.py            ``--cost``: CPU of the dispatching process (local parent, remote client,
+                     serve) per no-op task, and how many 1 ms workers that keeps busy
   peers/             ``--peers``: taskorch serve against Celery, RQ, Huey and Dramatiq, W1-W4,
                      each peer in a venv of its own (its ``__init__`` says more)
 
