@@ -95,7 +95,8 @@ def print_report(results: dict[str, list[dict[str, Any]]], why_not: dict[str, st
     print(f"W1 {meta['w1']:,} no-op tasks; W2 {meta['w2']} sequential round trips; W3 "
           f"{meta['w3']} CPU tasks of ~50 ms (serial {meta['serial_s']:.2f} s); W4 SIGKILL of "
           f"the broker or server after half of {meta['w4']:,} short tasks ended, then a "
-          f"restart (a wait of at most {meta['stall_s']:g} s without progress). Python "
+          f"restart; \"lost\": accepted (the enqueue call returned) but not ended by the time "
+          f"{meta['stall_s']:g} s passed without a task ending. Python "
           f"{meta['python']}, redis-server {meta['redis'] or 'absent'}, {meta['cpu_count']} "
           f"CPUs, load average at the end {meta['loadavg_end'][0]:.2f}.")
     print()
