@@ -25,6 +25,7 @@ def run_peers(tmp_path: Path, systems: str, venv: Path) -> tuple[str, dict]:
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.timeout(360)  # (minutes on a busy machine; the subprocess's timeout guards)
 def test_bench_peers_quick_runs_taskorch_and_reports_a_missing_peer(tmp_path: Path) -> None:
     stdout, data = run_peers(tmp_path, "taskorch,taskorch-nj,rq", tmp_path / "no-venv")
     assert "| taskorch serve, journal |" in stdout and "x taskorch" in stdout
@@ -42,6 +43,7 @@ def test_bench_peers_quick_runs_taskorch_and_reports_a_missing_peer(tmp_path: Pa
 @pytest.mark.skipif(not PEERS_PYTHON.exists(),
                     reason="no peers venv (.bench-peers-venv): a full `scripts/bench.py --peers` "
                            "run creates it; the suite never installs the peers")
+@pytest.mark.timeout(360)
 def test_bench_peers_quick_runs_huey_sqlite(tmp_path: Path) -> None:
     probe = subprocess.run([str(PEERS_PYTHON), "-c", "import huey"], capture_output=True)
     if probe.returncode != 0:

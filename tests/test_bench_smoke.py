@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 
 
+# The quick mode runs every pool and section in fresh interpreters: minutes on a busy machine.
+# The subprocess's own timeout is the deadlock guard; pytest's default (90 s) is not one here.
+@pytest.mark.timeout(660)
 def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
@@ -43,6 +48,7 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     assert "remote run() through connect()" in proc.stdout
 
 
+@pytest.mark.timeout(360)
 def test_bench_cost_quick_prints_the_per_task_cost(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--cost", "--quick", "--json", str(out)],
