@@ -504,3 +504,14 @@ def logged(path: str) -> list[tuple[str, float]]:
         return []
     with open(path) as f:
         return [(label, float(t)) for label, t in (line.split() for line in f)]
+
+
+def hang_in_c_with_signals_blocked(started: str) -> None:
+    """Ignore SIGTERM, block the signals a worker could catch (SIGTERM, SIGALRM, SIGINT),
+    then wait in C (``pause()``, which only a handled signal ends): only SIGKILL ends this."""
+    import ctypes
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGALRM, signal.SIGINT})
+    announce(started)
+    ctypes.CDLL(None).pause()

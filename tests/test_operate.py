@@ -213,3 +213,31 @@ def test_a_journal_written_before_the_records_gains_them_and_the_listing_index(
         assert [i.id for i in operator.tasks(("cancelled",))] == [1]
     finally:
         journal.close()
+
+
+def test_terminate_kills_a_task_stuck_in_c_code_and_replaces_its_worker(start_server,
+                                                                         short_dir) -> None:
+    server = start_server("--workers", "1")
+    started = short_dir / "stuck.started"
+    with server.connect() as client:
+        stuck = client.with_policy(Policy(retries=3)).run(
+            t.hang_in_c_with_signals_blocked, str(started))
+        wait_until(lambda: started.exists() and started.read_text(), what="the stuck task")
+        pid = int(started.read_text())
+        assert client.cancel(stuck.task_id) is False  # running: without terminate, it runs on
+        assert not stuck.done()
+        assert client.cancel(stuck.task_id, terminate=True) is True
+        assert stuck.cancelled()  # never retried, though its policy allows 3 retries
+        info = client.task(stuck.task_id)
+        assert info.state == "cancelled" and info.attempts == 1
+        assert client.run(t.getpid).result(R) != pid  # a new worker
+        wait_until(lambda: not _alive(pid), what=f"worker pid {pid} to be gone")
+        assert client.cancel(stuck.task_id, terminate=True) is False  # ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

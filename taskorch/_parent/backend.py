@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
     from taskorch._parent.figures import WorkerView
     from taskorch._parent.pool import WorkerPool
+    from taskorch._parent.task import WorkItem
 
 
 #: Seconds a local task may run past its timeout, unresponsive, before its worker is killed.
@@ -73,6 +74,10 @@ class Dispatcher(Protocol):
     def worker_views(self) -> list[WorkerView]:
         """The workers now, for the dashboard (any thread)."""
 
+    def terminate(self, item: WorkItem) -> bool:
+        """Kill the running attempt of ``item``, which then ends cancelled (``terminate``);
+        False if it is not running an attempt on a worker this pool can kill. Any thread."""
+
 
 class NothingRan:
     """The dispatcher of an orchestrator that a forked child stopped before using it there:
@@ -101,6 +106,9 @@ class NothingRan:
 
     def worker_views(self) -> list[WorkerView]:
         return []
+
+    def terminate(self, item: WorkItem) -> bool:
+        return False
 
 
 class Backend(Protocol):

@@ -109,6 +109,10 @@ class DaskPool(DaskHardTimeouts):
 
     thread_name = "taskorch-dask-dispatcher"
     recalls_for_cancel = False
+    terminates = False  # (a Dask worker runs several tasks: none is killed alone)
+
+    def terminate(self, item: WorkItem) -> None:
+        pass
     pids: tuple[int, ...] = ()  # (no worker process on this machine)
 
     def __init__(

@@ -53,7 +53,8 @@ from taskorch._parent.breaker import Admission, Breaker
 from taskorch._parent.figures import WorkerView
 from taskorch._parent.pool import PoolBroken, PoolEvent, WorkerPool
 from taskorch._parent.rules import TaskRules
-from taskorch._parent.task import WorkItem
+from taskorch._parent.task import TaskState, WorkItem
+from taskorch._parent.terminate import Terminations
 from taskorch._policy import CircuitBreaker
 
 log = logging.getLogger("taskorch")
@@ -76,6 +77,7 @@ class DispatcherCore:
         self._rebalance_at: float | None = None  # when to look again for calls to recall
         self._admission = Admission(None)  # what the breaker lets start in this hand-over
         self._life = TaskRules(backlog, self._breaker)  # the rules, and what they collect
+        self._terminations = Terminations()  # attempts to kill for a cancel (any thread)
         # Read by any thread.
         self.drained: bool | None = None  # set when the thread ends
         self.finished = threading.Event()
@@ -118,6 +120,18 @@ class DispatcherCore:
         """The workers now, for the dashboard (any thread; see ``WorkerPool.worker_views``)."""
         return self.pool.worker_views()
 
+    def terminate(self, item: WorkItem) -> bool:
+        """Kill ``item``'s running attempt (``terminate``); False if it runs none now or the
+        pool cannot. Any thread."""
+        if not self.pool.terminates:
+            return False
+        with self._backlog.locked():
+            if item.state is not TaskState.RUNNING or item.started_on is None:
+                return False
+            self._terminations.request(item)
+        self.wake()
+        return True
+
     # -- the thread ------------------------------------------------------------------------
 
     def _run_guarded(self) -> None:
@@ -153,6 +167,8 @@ class DispatcherCore:
         while True:
             self._apply(pool.wait(self._next_timeout()))
             self._recall_for_cancel()
+            for item in self._terminations.take():
+                self.pool.terminate(item)
             self._flush()
             now = self._clock.monotonic()
             self._fire_timers(now)

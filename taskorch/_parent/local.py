@@ -84,6 +84,7 @@ class LocalPool:
 
     thread_name = "taskorch-dispatcher"
     recalls_for_cancel = True  # a worker hands back the calls it has not started (RECALL)
+    terminates = True  # a worker runs one attempt at a time: killing it kills that one
 
     def __init__(
         self,
@@ -315,6 +316,11 @@ class LocalPool:
                        if item.worker is not None}.values():
             worker.send_recall()
         return [item for item in items if item.worker is None]
+
+    def terminate(self, item: WorkItem) -> None:
+        worker = next((w for w in self._workers.values() if w is item.started_on), None)
+        if worker is not None and worker.inflight and worker.inflight[0] is item:
+            self._set.kill_attempt(worker, item, "cancel", time.monotonic())
 
     # -- timers --------------------------------------------------------------------------
 

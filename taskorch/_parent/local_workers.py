@@ -33,6 +33,7 @@ from taskorch._parent.pool import (
 )
 from taskorch._parent.process import WorkerProcess
 from taskorch._parent.task import WorkItem
+from taskorch._parent.terminate import Terminated
 
 log = logging.getLogger("taskorch")
 
@@ -254,16 +255,24 @@ class WorkerSet:
                     "terminating worker pid %d", item.task_id, item.attempts, kill_grace,
                     item.policy.timeout, worker.pid,
                 )
-                worker.kill_reason = "timeout"
-                worker.kill_item = item
-                worker.sigkill_at = now + SIGKILL_AFTER
-                worker.terminate()
-                # Its other calls come back uncharged: now, through RECALL, if its reader
-                # thread can still run, else when its exit is handled (at most SIGKILL_AFTER
-                # from now). Not taken back here: a task that survives SIGTERM and returns
-                # would let the worker start them, and they would run twice.
-                if worker.unstarted() and not worker.recall_sent:
-                    worker.send_recall()
+                self.kill_attempt(worker, item, "timeout", now)
+
+    def kill_attempt(self, worker: WorkerProcess, item: WorkItem, reason: str,
+                     now: float) -> None:
+        """SIGTERM ``worker``, which runs ``item``'s attempt (``reason``: "timeout", or
+        "cancel" for ``cancel(terminate=True)``), and SIGKILL it after SIGKILL_AFTER."""
+        if worker.kill_reason is not None:
+            return  # already being killed
+        worker.kill_reason = reason
+        worker.kill_item = item
+        worker.sigkill_at = now + SIGKILL_AFTER
+        worker.terminate()
+        # Its other calls come back uncharged: now, through RECALL, if its reader thread can
+        # still run, else when its exit is handled (at most SIGKILL_AFTER from now). Not taken
+        # back here: a task that survives SIGTERM and returns would let the worker start them,
+        # and they would run twice.
+        if worker.unstarted() and not worker.recall_sent:
+            worker.send_recall()
 
     def kill_everything(self) -> None:
         self._replace.clear()  # (nothing is left to run)
@@ -305,6 +314,9 @@ def hard_deadline(worker: WorkerProcess, kill_grace: float) -> float | None:
 def _attempt_error(worker: WorkerProcess, item: WorkItem, exitcode: int | None,
                    kill_grace: float) -> BaseException:
     """What the attempt of ``item`` lost with ``worker`` fails with."""
+    if worker.kill_reason == "cancel" and worker.kill_item is item:
+        return Terminated(f"task {item.task_id} was cancelled while it ran (attempt "
+                          f"{item.attempts}): its worker (pid {worker.pid}) was terminated")
     if worker.kill_reason is not None and worker.kill_item is item:
         return TaskTimeoutError(
             f"attempt {item.attempts} ran past its {item.policy.timeout:g} s timeout and did "

@@ -81,7 +81,7 @@ class Observer:
 
     def workers(self) -> list[dict[str, Any]]:
         """The worker processes: pid, resident memory, tasks run, the task running now."""
-        views = self.orchestrator.worker_views()
+        views = self.orchestrator.dispatcher.worker_views()
         return [dict(dataclasses.asdict(view), rss_bytes=_rss(view.pid)) for view in views]
 
 

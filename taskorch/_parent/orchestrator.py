@@ -28,7 +28,6 @@ from taskorch._stats import Stats, StopReport
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from taskorch._parent.figures import WorkerView
     from taskorch._parent.scheduler import (
         ScheduledTask,
         Scheduler,
@@ -373,9 +372,9 @@ class TaskOrchestrator:
         RSS, tasks run, what each runs now) and ``oldest_queued_seconds``."""
         return self._dispatcher.status_details()
 
-    def worker_views(self) -> list[WorkerView]:
-        """The workers now, for the dashboard (``observe``)."""
-        return self._dispatcher.worker_views()
+    @property
+    def dispatcher(self) -> Dispatcher:  # its workers (``observe``); ``terminate`` (serve)
+        return self._dispatcher
 
     @property
     def backlog(self) -> Backlog:

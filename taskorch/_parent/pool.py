@@ -108,6 +108,13 @@ class WorkerPool(Protocol):
     thread_name: str
     #: Can ``recall`` take back a call handed over and not started (for a cancel)?
     recalls_for_cancel: bool
+    #: Can ``terminate`` kill one running attempt (``terminate``)?
+    terminates: bool
+
+    def terminate(self, item: WorkItem) -> None:
+        """Kill the worker running ``item``'s attempt, if it still does: its loss comes back
+        as ``AttemptLost`` with ``terminate.Terminated`` (dispatcher thread)."""
+
     @property
     def pids(self) -> tuple[int, ...]:
         """Worker processes on this machine (swapped whole; any thread)."""

@@ -60,6 +60,7 @@ from taskorch._parent.pool import (
     WorkersRestarted,
 )
 from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._parent.terminate import Terminated
 from taskorch._wire import Failed, Succeeded
 
 log = logging.getLogger("taskorch")
@@ -167,6 +168,11 @@ class TaskRules:
         backlog = self._backlog
         item.worker = item.started_on = None
         item.attempt_started = 0.0
+        if isinstance(error, Terminated):  # killed for a cancel: never retried
+            if not backlog.finish_locked(item, TaskState.CANCELLED):
+                self.resolutions.append((item, "cancel", None))
+            self.losses.append((note, "task cancelled"))
+            return
         timed_out = isinstance(error, TaskTimeoutError)
         retryable = isinstance(error, WorkerCrashedError) or item.policy.retries_error(error)
         if item.expires_at is not None and now >= item.expires_at:

@@ -192,6 +192,8 @@ class TaskFuture(Future[Any]):
     def cancel_now(self) -> None:
         """Cancel for real (the orchestrator decided) and wake wait()/as_completed() callers."""
         self._cancel_hook = None
+        with self._condition:  # (a running attempt killed for a cancel: made pending first)
+            self._state = PENDING if self._state == "RUNNING" else self._state
         Future.cancel(self)
         self.set_running_or_notify_cancel()
 

@@ -362,8 +362,10 @@ class Client:
 
     def cancel(self, task_id: int, terminate: bool = False) -> bool:
         """Cancel task ``task_id``: True if it was queued or waiting (it never runs, and that
-        is committed: it stays cancelled across a restart); False if it had started (it runs
-        on) or ended. ``terminate`` (killing a running attempt) is not supported yet.
+        is committed: it stays cancelled across a restart); False if it had ended, or started
+        and ``terminate`` is False (it runs on). With ``terminate``, a running attempt is
+        killed (SIGTERM, then SIGKILL: a task stuck in C code too), the task ends cancelled
+        and its worker is replaced (local workers; a Dask pool answers False).
         ``TaskNotFoundError`` for an unknown id."""
         return bool(self._here().operate("cancel", {"id": task_id, "terminate": terminate}))
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from taskorch._errors import TaskNotFoundError, TaskorchError
 from taskorch._service.operations import MAX_PAGE, AdminRequest
 from taskorch._service.protocol import (
+    O_CANCELLED,
     ServerFrame,
     decode_builtins,
     rejected_frame,
@@ -97,18 +98,20 @@ class Operator:
 
     def cancel(self, task_id: int, terminate: bool = False) -> bool:
         """True once a queued or waiting task is cancelled and that is committed; False if it
-        started (``terminate`` is not supported yet: it runs on) or had ended."""
+        had ended, or started and runs on. With ``terminate``, a running attempt is killed
+        (its worker replaced) and True once the task's cancelled outcome is committed (False:
+        it ended otherwise first, or the pool cannot kill one attempt)."""
         cancelled = self._registry.cancel(task_id)
         if cancelled is None:  # not live: ended, or unknown
             if self._read(lambda db: read_row(db, task_id)) is None:
                 raise _not_found(task_id)
             return False
-        if not cancelled:
+        if not cancelled and not (terminate and self._registry.terminate(task_id)):
             return False
         waiter = _Waiter()
         self._registry.watch(task_id, waiter, 0, True)  # its outcome, once committed
-        waiter.wait()
-        return True
+        outcome = waiter.wait()
+        return bool(outcome.outcome == O_CANCELLED)
 
     def retry(self, task_id: int) -> int:
         found = self._read(lambda db: db.execute(

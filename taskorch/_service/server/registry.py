@@ -95,13 +95,14 @@ class _Live(TaskListener):
     first watcher inline, the others in a list), and the task's hooks (bound methods of this
     object, not partials: a live task holds few objects for the garbage collector to visit)."""
 
-    __slots__ = ("registry", "task_id", "future", "sink", "req", "more")
+    __slots__ = ("registry", "task_id", "item", "future", "sink", "req", "more")
 
-    def __init__(self, registry: TaskRegistry, task_id: int, future: TaskFuture,
+    def __init__(self, registry: TaskRegistry, task_id: int, item: WorkItem,
                  watcher: tuple[Sink, int] | None) -> None:
         self.registry = registry
         self.task_id = task_id
-        self.future = future
+        self.item = item  # (for a terminate: ``Dispatcher.terminate``)
+        self.future = item.future
         self.sink: Sink | None = None
         self.req = 0
         if watcher is not None:
@@ -219,7 +220,7 @@ class TaskRegistry:
         sink.admitted(req, task_id)
 
     def _track(self, task_id: int, item: WorkItem, watcher: tuple[Sink, int] | None) -> None:
-        live = _Live(self, task_id, item.future, watcher)
+        live = _Live(self, task_id, item, watcher)
         item.listener = live
         item.future.set_observer(live.ended)
         with self._lock:
@@ -270,6 +271,13 @@ class TaskRegistry:
         if live is None:
             return None
         return live.future.cancel()  # succeeds only while queued in the backlog
+
+    def terminate(self, task_id: int) -> bool:
+        """Kill task ``task_id``'s running attempt; it ends cancelled (``_parent.terminate``).
+        False if it is not running here, or the pool cannot kill one attempt (Dask)."""
+        with self._lock:
+            live = self._live.get(task_id)
+        return live is not None and self._orchestrator.dispatcher.terminate(live.item)
 
     def _attach(self, row: Row, sink: Sink, req: int, admitted: bool = True) -> None:
         """An existing record answers ``req``: admitted (a retried submission), then its
