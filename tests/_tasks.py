@@ -504,3 +504,18 @@ def logged(path: str) -> list[tuple[str, float]]:
         return []
     with open(path) as f:
         return [(label, float(t)) for label, t in (line.split() for line in f)]
+
+
+def exclusive(lock_path: str, started: str = "", release_fifo: str = "") -> str:
+    """Hold ``lock_path`` (created exclusively: a second holder at once raises) while it runs;
+    with ``started``, announce and block on ``release_fifo`` (a ``Gate``) in between."""
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if started:
+            announce(started)
+            with open(release_fifo) as f:
+                f.read()
+        return lock_path
+    finally:
+        os.close(fd)
+        os.unlink(lock_path)
