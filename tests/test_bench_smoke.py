@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 
 
+# The quick mode runs every pool and section in fresh interpreters: minutes on a busy machine.
+# The subprocess's own timeout is the deadlock guard; pytest's default (90 s) is not one here.
+@pytest.mark.timeout(660)
 def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
@@ -41,3 +46,16 @@ def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
         sections = data["pools"][pool]["sections"]
         assert set(sections) == {"A"} and "error" not in sections["A"], sections
     assert "remote run() through connect()" in proc.stdout
+
+
+@pytest.mark.timeout(360)
+def test_bench_cost_quick_prints_the_per_task_cost(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--cost", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| local: the TaskOrchestrator's process |" in proc.stdout
+    cost = json.loads(out.read_text())["cost"]
+    for kind in ("local", "remote", "remote-nj"):
+        assert "error" not in cost[kind] and cost[kind]["own_us"] > 0, cost[kind]
+    assert cost["remote"]["server_us"] > 0

@@ -55,6 +55,10 @@ Modules, by role (the parent never imports the child's modules, and the reverse)
   parent.py          parent: calibration, the children under deadlines, cold starts (D)
   report.py          parent: the markdown table, ratio lines, notes, chart
   cli.py             both: the command line, and which role to play
+  cost.py            ``--cost``: CPU of the dispatching process (local parent, remote client,
+                     serve) per no-op task, and how many 1 ms workers that keeps busy
+  peers/             ``--peers``: taskorch serve against Celery, RQ, Huey and Dramatiq, W1-W4,
+                     each peer in a venv of its own (its ``__init__`` says more)
 
 Hazard: imports. Workers import this package to unpickle the task functions (``bench.tasks``),
 and loky-style workers (loky, taskorch) also re-import the main module (the launcher

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ALL_POOLS, ALL_SECTIONS, FULL, QUICK
+from .config import ALL_POOLS, ALL_SECTIONS, FULL, PEER_SYSTEMS, PEERS_VENV, QUICK
 from .report import ROWS
 
 
@@ -37,6 +37,20 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
     parser.add_argument("--chart", metavar="FILE.png",
                         help="also draw a bar chart (only if matplotlib imports)")
+    peers = parser.add_argument_group(
+        "peers", "taskorch serve against Celery, RQ, Huey and Dramatiq (bench/peers/)")
+    peers.add_argument("--peers", action="store_true",
+                       help="run the peers section instead of the pools (W1-W4; --reps rounds)")
+    peers.add_argument("--systems", default=",".join(PEER_SYSTEMS),
+                       help=f"comma-separated subset of {','.join(PEER_SYSTEMS)} (default: all)")
+    peers.add_argument("--peers-venv", default=PEERS_VENV,
+                       help="the peers' own venv, created and filled if missing (default: "
+                            ".bench-peers-venv at the repository's top)")
+    peers.add_argument("--no-install", action="store_true",
+                       help="never create or pip install into the peers' venv")
+    parser.add_argument("--cost", action="store_true",
+                        help="run the per-task cost section instead: CPU of the parent (and of "
+                             "the server, for remote run()) per no-op task")
     # The child role: internal.
     parser.add_argument("--child", choices=ALL_POOLS, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -53,6 +67,10 @@ def parse_args(argv: list[str] | None) -> Any:
         parser.error(f"--sections: choose letters from {ALL_SECTIONS}")
     if args.workers < 1 or (args.reps is not None and args.reps < 1):
         parser.error("--workers and --reps must be at least 1")
+    args.system_list = list(dict.fromkeys(s.strip() for s in args.systems.split(",")
+                                          if s.strip()))
+    if not args.system_list or any(s not in PEER_SYSTEMS for s in args.system_list):
+        parser.error(f"--systems: choose from {','.join(PEER_SYSTEMS)}")
     if args.child and not args.child_out:
         parser.error("--child needs --child-out")
     return args
@@ -64,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import child_main
 
         return child_main.main(args)
+    if args.peers:
+        from .peers import run
+
+        return run.main(args)
+    if args.cost:
+        from . import cost
+
+        return cost.main(args)
     from . import parent
 
     return parent.main(args)

@@ -14,6 +14,11 @@ SCRIPTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the parent runs for each child: the same thin launcher a user runs.
 LAUNCHER = os.path.join(SCRIPTS_DIR, "bench.py")
 
+# The peers section (bench/peers/): its systems, and the peers' own venv.
+PEER_SYSTEMS = ("taskorch", "taskorch-nj", "huey-sqlite", "huey-redis", "rq", "dramatiq",
+                "celery")
+PEERS_VENV = os.path.join(os.path.dirname(SCRIPTS_DIR), ".bench-peers-venv")
+
 MIB = 1024 * 1024
 ALL_POOLS = ("taskorch", "cf", "loky", "mp", "pebble", "taskorch-dask", "dask",
              "taskorch-remote", "taskorch-remote-nj")

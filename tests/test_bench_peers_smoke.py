@@ -1,0 +1,55 @@
+"""The peers section of the benchmark still runs (its quick mode): a smoke test, never a speed
+test. It needs no network and no Redis: taskorch serve only, plus Huey with SQLite storage where
+the peers' venv (created by a full run of ``scripts/bench.py --peers``) is there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+BENCH = ROOT / "scripts" / "bench.py"
+PEERS_PYTHON = ROOT / ".bench-peers-venv" / "bin" / "python"
+
+
+def run_peers(tmp_path: Path, systems: str, venv: Path) -> tuple[str, dict]:
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--peers", "--quick", "--no-install",
+                           "--systems", systems, "--peers-venv", str(venv), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.timeout(360)  # (minutes on a busy machine; the subprocess's timeout guards)
+def test_bench_peers_quick_runs_taskorch_and_reports_a_missing_peer(tmp_path: Path) -> None:
+    stdout, data = run_peers(tmp_path, "taskorch,taskorch-nj,rq", tmp_path / "no-venv")
+    assert "| taskorch serve, journal |" in stdout and "x taskorch" in stdout
+    # A peer that cannot run is reported as such, with the reason, never skipped silently.
+    assert "| RQ, Redis |" in stdout and "not run: no peers venv" in stdout
+    assert "rq" in data["not_run"]
+    (journal,) = data["peers"]["taskorch"]
+    for w in ("W1", "W2", "W3", "W4"):
+        assert "error" not in journal["w"][w], (w, journal["w"][w])
+    assert journal["w"]["W4"]["accepted"] == 100 and journal["w"]["W4"]["lost"] == 0
+    (no_journal,) = data["peers"]["taskorch-nj"]
+    assert no_journal["w"]["W4"] == {"skipped": "not durable"}
+
+
+@pytest.mark.skipif(not PEERS_PYTHON.exists(),
+                    reason="no peers venv (.bench-peers-venv): a full `scripts/bench.py --peers` "
+                           "run creates it; the suite never installs the peers")
+@pytest.mark.timeout(360)
+def test_bench_peers_quick_runs_huey_sqlite(tmp_path: Path) -> None:
+    probe = subprocess.run([str(PEERS_PYTHON), "-c", "import huey"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("huey does not import in the peers venv")
+    stdout, data = run_peers(tmp_path, "taskorch,huey-sqlite", PEERS_PYTHON.parent.parent)
+    (huey,) = data["peers"]["huey-sqlite"]
+    for w in ("W1", "W2", "W3", "W4"):
+        assert "error" not in huey["w"][w], (w, huey["w"][w])
+    assert "| Huey, SQLite storage |" in stdout
