@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskorch._errors import (
     CircuitOpenError,
+    DependencyFailedError,
     JournalError,
     OrchestratorBrokenError,
     OrchestratorClosedError,
@@ -36,6 +37,7 @@ from taskorch._errors import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
+from taskorch._options import Limit
 from taskorch._policy import BreakerMode, CircuitBreaker, Features, Policy
 
 if TYPE_CHECKING:
@@ -51,9 +53,11 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "Client",
+    "DependencyFailedError",
     "Executor",
     "Features",
     "JournalError",
+    "Limit",
     "OrchestratorBrokenError",
     "OrchestratorClosedError",
     "Policy",

@@ -9,6 +9,8 @@
     ├── TaskAbandonedError                 stop(timeout) expired while the task ran
     ├── TaskExpiredError                   the task was not started by its ``expires`` time:
     │                                      it never ran
+    ├── DependencyFailedError              a task it was to run after (``options(after=)``)
+    │                                      failed, was cancelled or expired: it never ran
     ├── WorkerCrashedError                 the worker process died while running the task
     ├── CircuitOpenError                   the circuit breaker rejected the task
     ├── RemoteTaskError                    the task raised something that cannot be rebuilt
@@ -31,6 +33,7 @@ import queue
 
 __all__ = [
     "CircuitOpenError",
+    "DependencyFailedError",
     "JournalError",
     "OrchestratorBrokenError",
     "OrchestratorClosedError",
@@ -98,6 +101,24 @@ class TaskExpiredError(TaskorchError):
     """The task was not started by its ``expires`` time (``options(expires=...)``): it ended
     ``expired`` without running, never to run (not after a crash retry, nor after a restart
     of ``taskorch serve``). Raise the expiry, raise the priority, or add workers."""
+
+
+class DependencyFailedError(TaskorchError):
+    """A task listed in this one's ``options(after=[...])`` did not succeed (it failed, was
+    cancelled or expired), so this one ended without running, and so do the tasks after it.
+    ``dependency`` is that task's id; ``__cause__`` is its exception (a ``CancelledError`` for
+    a cancelled one)."""
+
+    def __init__(self, task_id: int, dependency: int, what: str = "failed") -> None:
+        self.task_id = task_id
+        self.dependency = dependency
+        self.what = what
+        super().__init__(
+            f"task {task_id} did not run: task {dependency}, which it was to run after "
+            f"(options(after=...)), {what}; see __cause__ for why")
+
+    def __reduce__(self) -> tuple[type[DependencyFailedError], tuple[int, int, str]]:
+        return (type(self), (self.task_id, self.dependency, self.what))
 
 
 class WorkerCrashedError(TaskorchError):

@@ -106,3 +106,76 @@ def check_resolved(priority: object, not_before: object, expires: object) -> Res
             raise ValueError(f"{option} must be epoch seconds or None, got {value!r}")
     return Resolved(priority, None if not_before is None else float(not_before),  # type: ignore[arg-type]
                     None if expires is None else float(expires))  # type: ignore[arg-type]
+
+
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Limit:
+    """``TaskOrchestrator(limits={"myapp.jobs.purge": Limit(concurrency=1, rate="10/s")})``:
+    at most ``concurrency`` tasks of that name at once, and at most ``rate`` starts ("N/s",
+    "N/m" or "N/h"), spread evenly: a token bucket that holds one token, so no burst (frozen).
+    A task over its limit waits in the backlog (in its bound) while other tasks overtake it."""
+
+    __slots__ = ("concurrency", "rate", "interval")
+
+    concurrency: int | None
+    rate: str | None
+    interval: float | None  # seconds between two starts (None: no rate)
+
+    def __init__(self, concurrency: int | None = None, rate: str | None = None) -> None:
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(
+                concurrency, int) or concurrency < 1):
+            raise ValueError(f"Limit concurrency must be an int >= 1 or None, got {concurrency!r}")
+        interval = None if rate is None else parse_rate(rate)
+        if concurrency is None and rate is None:
+            raise ValueError("a Limit needs a concurrency, a rate, or both")
+        object.__setattr__(self, "concurrency", concurrency)
+        object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "interval", interval)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a Limit is frozen")
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Limit) and other.concurrency == self.concurrency
+                and other.interval == self.interval)
+
+    def __hash__(self) -> int:
+        return hash((self.concurrency, self.interval))
+
+    def __repr__(self) -> str:
+        return f"Limit(concurrency={self.concurrency!r}, rate={self.rate!r})"
+
+
+def parse_rate(rate: object) -> float:
+    """``"10/s"``, ``"30/m"``, ``"100/h"``: the seconds between two starts; ValueError."""
+    count, _, per = rate.partition("/") if isinstance(rate, str) else ("", "", "")
+    try:
+        n = int(count.strip())
+    except ValueError:
+        n = 0
+    if n < 1 or per.strip() not in _PER:
+        raise ValueError(f"Limit rate must be 'N/s', 'N/m' or 'N/h' with N >= 1, got {rate!r}")
+    return _PER[per.strip()] / n
+
+
+def check_limits(limits: object) -> dict[str, Limit]:
+    """``limits=`` of an orchestrator: task names (module.qualname) to ``Limit``s."""
+    if limits is None:
+        return {}
+    if not isinstance(limits, dict):
+        raise ValueError(f"limits must be a dict of task names to taskorch.Limit, got {limits!r}")
+    for name, limit in limits.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"limits: a task name must be a non-empty str, got {name!r}")
+        if not isinstance(limit, Limit):
+            raise ValueError(f"limits[{name!r}] must be a taskorch.Limit, got {limit!r}")
+    return dict(limits)
+
+
+def check_key(key: object) -> str | None:
+    """``options(key=...)``: a non-empty str (or None)."""
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 1024):
+        raise ValueError(f"key must be a non-empty str of at most 1024 characters, got {key!r}")
+    return key

@@ -515,3 +515,18 @@ def hang_in_c_with_signals_blocked(started: str) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGALRM, signal.SIGINT})
     announce(started)
     ctypes.CDLL(None).pause()
+
+
+def exclusive(lock_path: str, started: str = "", release_fifo: str = "") -> str:
+    """Hold ``lock_path`` (created exclusively: a second holder at once raises) while it runs;
+    with ``started``, announce and block on ``release_fifo`` (a ``Gate``) in between."""
+    fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if started:
+            announce(started)
+            with open(release_fifo) as f:
+                f.read()
+        return lock_path
+    finally:
+        os.close(fd)
+        os.unlink(lock_path)

@@ -152,9 +152,9 @@ def test_cancel_removes_a_waiting_task_due_or_not() -> None:
     backlog, _, _ = make()
     a, b, c, d = task("a"), task("b", 3), task("c", not_before=1050.0), task("d")
     offer(backlog, a, b, c, d)
-    assert backlog.cancel_queued([c], wait=0) == [c]
+    assert backlog.cancels.cancel_queued([c], wait=0) == [c]
     assert backlog.next_due() is None
-    assert backlog.cancel_queued([b, d], wait=0) == [b, d]
+    assert backlog.cancels.cancel_queued([b, d], wait=0) == [b, d]
     assert [item.state for item in (a, b, c, d)] == [
         TaskState.QUEUED, TaskState.CANCELLED, TaskState.CANCELLED, TaskState.CANCELLED]
     assert c.future.cancelled()

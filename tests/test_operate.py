@@ -207,6 +207,9 @@ def test_a_journal_written_before_the_records_gains_them_and_the_listing_index(
         class Registry:
             progress: dict[int, object] = {}
 
+            def waiting(self, task_id: int) -> None:
+                return None
+
         Registry.journal = journal  # type: ignore[attr-defined]
         operator = Operator(Registry())  # type: ignore[arg-type]
         assert [(i.id, i.state) for i in operator.tasks()] == [(2, "queued"), (1, "cancelled")]

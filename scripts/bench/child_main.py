@@ -29,6 +29,7 @@ SECTIONS: dict[str, Callable[[Child], dict[str, Any]]] = {
     "I": throughput.i_bulk_map,
     "M": throughput.m_metrics_overhead,
     "P": delayed.p_delayed_backlog,
+    "Q": delayed.q_dependencies_and_keys,
 }
 
 

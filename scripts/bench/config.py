@@ -40,7 +40,7 @@ POOL_LABELS = {
 }
 # The remote pair runs only A: remote run() against the local orchestrator, journal on and off.
 REMOTE_POOLS = ("taskorch-remote", "taskorch-remote-nj")
-ALL_SECTIONS = "ABCDEFGHIMP"
+ALL_SECTIONS = "ABCDEFGHIMPQ"
 # Sections every pool runs; M (metrics overhead) is taskorch's alone.
 POOL_SECTIONS = "ABCDEFGHI"
 # Execution order inside a child, which is not the table order. D runs in children of its own
@@ -48,7 +48,7 @@ POOL_SECTIONS = "ABCDEFGHI"
 # start" really is the first pool this interpreter builds. E next, before sections A-C have
 # grown the heap with tens of thousands of futures; F last, since a crash may leave a pool
 # half-broken.
-EXEC_ORDER = "DEABCIGHMPF"
+EXEC_ORDER = "DEABCIGHMPQF"
 
 # Sizes. QUICK keeps the whole run (4-5 pools) under a minute; FULL under six.
 QUICK: dict[str, Any] = {

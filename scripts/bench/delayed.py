@@ -42,3 +42,37 @@ def p_delayed_backlog(child: Child) -> dict[str, Any]:
     return {"without_tasks_per_s": rates[0], "with_tasks_per_s": rates[1],
             "with_vs_without": rates[1] / rates[0], "delayed": p_delayed,
             "enqueue_delayed_us": enqueue_us, "tasks": 2 * n}
+
+
+def q_dependencies_and_keys(child: Child) -> dict[str, Any]:
+    """Section Q (taskorch only): no-op tasks/s with plain ``run()``, then each task with one
+    dependency (the task submitted 100 before it: not a serial chain), then each with a key; the
+    ratios to plain in the same pool (the issue asks for at least 0.5x each)."""
+    n = child.p["a_tasks"]
+    pool = child.new_pool()
+    try:
+        child.warm(pool)
+        orchestrator = pool.pool
+        noop = T.noop
+        rates = []
+        for kind in ("plain", "after", "key"):
+            gc.collect()
+            t0 = time.perf_counter()
+            handles: list[Any] = []
+            previous = orchestrator.run(noop)
+            for i in range(n):
+                if kind == "plain":
+                    handles.append(orchestrator.run(noop))
+                elif kind == "after":
+                    before = handles[i - 100] if i >= 100 else previous
+                    handles.append(orchestrator.options(after=[before]).run(noop))
+                else:
+                    handles.append(orchestrator.options(key=f"k{i}").run(noop))
+            for handle in handles:
+                handle.result(max(30.0, n / 200))
+            rates.append(n / (time.perf_counter() - t0))
+    finally:
+        child.close(pool, graceful=False)
+    return {"plain_tasks_per_s": rates[0], "after_tasks_per_s": rates[1],
+            "key_tasks_per_s": rates[2], "after_vs_plain": rates[1] / rates[0],
+            "key_vs_plain": rates[2] / rates[0], "tasks": 3 * n}

@@ -93,7 +93,7 @@ class PoolAdapter:
 class TaskorchAdapter(PoolAdapter):
     name = "taskorch"
     has_task_timeout = True
-    sections = POOL_SECTIONS + "MP"
+    sections = POOL_SECTIONS + "MPQ"
 
     @staticmethod
     def preload() -> str:

@@ -21,11 +21,9 @@ A crash retry waiting out its backoff here is a started task: counted running, o
 
 Order and time (``order``): ready tasks leave by priority, first in first out among equals; a
 task not due yet (its ``not_before``, a crash retry's backoff) waits, read against one
-injectable ``clock.Clock``; ``next_due`` tells the dispatcher when to look again.
-
-Expiry: a task not started by its ``expires_at`` ends ``expired`` (``release_due``), never
-run, even as a crash retry. A task waiting for its time counts in ``queued``: in the bound.
-
+injectable ``clock.Clock``; ``next_due`` tells the dispatcher when to look again. A task not
+started by its ``expires_at`` ends ``expired`` (``release_due``), never run. Keys,
+dependencies and per-name limits are ``waits``'s. A task waiting for any of these is queued.
 Reserved slots (``reserve``) count against the same bound; ``recover`` alone may go past it.
 """
 
@@ -36,11 +34,14 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Callable
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError, QueueFullError
+from taskorch._options import Limit
+from taskorch._parent.cancels import Cancels
 from taskorch._parent.clock import SYSTEM_CLOCK, Clock
 from taskorch._parent.counts import Counts
 from taskorch._parent.order import Gate, TaskOrder
 from taskorch._parent.room import RoomWaiters, Waiter
-from taskorch._parent.task import CancelRequest, TaskListener, TaskState, WorkItem
+from taskorch._parent.task import TaskFuture, TaskListener, TaskState, WorkItem
+from taskorch._parent.waits import Waits, dependency_failed, fail_dependant
 from taskorch._stats import Stats
 
 if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers need it, and have it
@@ -48,14 +49,17 @@ if TYPE_CHECKING:  # asyncio costs ~14 ms to import; only run_async() callers ne
 
 
 class Backlog:
-    def __init__(self, max_backlog: int, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, max_backlog: int, clock: Clock = SYSTEM_CLOCK,
+                 limits: dict[str, Limit] | None = None) -> None:
         self.max_backlog = max_backlog  # (read-only)
         self.clock = clock  # (read-only) what every time here is read from (``clock``)
         self._lock = threading.Lock()
         self._wake: Callable[[], None] = self._no_dispatcher_yet  # set once by ``connect``
         # Accepted tasks not handed to a worker, ready or not due yet, and crash retries
-        # waiting out their backoff (see ``order``).
+        # waiting out their backoff (see ``order``); and those waiting in ``waits``.
         self._order = TaskOrder()
+        self._waits = Waits(self._order, limits or {}, clock.monotonic)  # keys, after, limits
+        self.limited = bool(limits)  # (read-only) are there limits? Tasks are named then
         # True while the dispatcher is known to come back to the ready tasks without a wakeup
         # (it was woken already, or it left work behind for lack of worker capacity):
         # producers then skip the wakeup syscall. Set by the dispatcher (``note_waiting_locked``).
@@ -63,9 +67,8 @@ class Backlog:
         self._closed = False
         self._broken: str | None = None  # why no worker can be started, once that is so
         self._stop_deadline: float | None = None  # clock.monotonic() by which stop() must end
-        self._recalls_for_cancel = False  # can the dispatcher recall a call to cancel it? (connect)
-        # Calls handed over that a caller waits to cancel: the dispatcher recalls them.
-        self._recall_wanted: list[WorkItem] = []
+        # (read-only) future.cancel() of queued tasks, and the dispatcher's recalls for it.
+        self.cancels = Cancels(self)
         # Every accepted task not finished, by id, wherever it is (waiting here, in transit to
         # a worker, held by one, backing off): what a forked child fails at the fork.
         self._unfinished: dict[int, WorkItem] = {}
@@ -83,7 +86,7 @@ class Backlog:
         """Wire the dispatcher, once, before any task: ``wake`` makes it look here soon (any
         thread); ``recalls_for_cancel``: it can take back a call handed over, for a cancel."""
         self._wake = wake
-        self._recalls_for_cancel = recalls_for_cancel
+        self.cancels.recalls = recalls_for_cancel
 
     def wake_dispatcher(self) -> None:  # (any thread, never under the lock)
         self._wake()
@@ -121,6 +124,8 @@ class Backlog:
     def offer(self, item: WorkItem, drop_when_full: bool) -> bool:
         """Accept ``item`` (True), drop it (False), or raise QueueFullError / closed errors."""
         with self._lock:
+            if item.key is not None and self._waits.join(item):
+                return True  # (``item`` is now the unfinished task with its key)
             if not self._room_or_refuse_locked(drop_when_full):
                 return False
             wake = self._accept(item)
@@ -133,6 +138,8 @@ class Backlog:
         """Accept ``item`` (None), or return a future that resolves when there may be room."""
         with self._lock:
             self._check_open()
+            if item.key is not None and self._waits.join(item):
+                return None
             if not self._has_room_locked():
                 return self._room_waiters.future(loop)
             wake = self._accept(item)
@@ -222,6 +229,9 @@ class Backlog:
             except BaseException:
                 self._room_waiters.wake(1)
                 raise
+            if item.key is not None and self._waits.join(item):
+                self._room_waiters.wake(1)  # (the task of that key stands: slot passed on)
+                return
             wake = self._accept(item)
         if wake:
             self._wake()
@@ -273,7 +283,10 @@ class Backlog:
         counts.submitted += 1
         counts.queued += 1
         item.accepted_at = now = self.clock.monotonic()
-        first_due = self._order.push(item, now)  # (a task not due yet may change the timeout)
+        if (item.key is None and item.after is None) or not self._waits.accepted(item):
+            first_due = self._order.push(item, now)  # (one not due yet may change the timeout)
+        else:
+            first_due = False  # (waits for its dependencies: ``dependency_ended``)
         self._unfinished[item.task_id] = item
         for listener in self._listeners:
             listener.accepted(item)
@@ -308,6 +321,8 @@ class Backlog:
             raise AssertionError(f"{item!r} finished twice")
         item.state = state
         item.worker = None
+        if (item.key is not None or item.limit is not None) and self._waits.ended(item):
+            self._dispatcher_will_look = True  # (the dispatcher's thread, or it is woken)
         self._unfinished.pop(item.task_id, None)
         self._counts.ended(state)
         if state is TaskState.CANCELLED:
@@ -331,11 +346,15 @@ class Backlog:
         (payload bytes), a task that would cross it stays unless it is the first and
         ``first_may_exceed`` (``process.PREFETCH_BYTES``); ``plain_after``: see ``order``."""
         now = self.clock.monotonic() if self._order.has_expiring() else None
-        return self._order.take(limit, gate, budget, first_may_exceed, now, plain_after)
+        return self._order.take(limit, gate, budget, first_may_exceed, now, plain_after,
+                                self._waits.limits)
 
     def put_back_locked(self, items: list[WorkItem]) -> None:
         """Calls handed over and never started go back to the front of their priority, in
         order, uncharged (they never ran); one past its expiry ends at ``release_due``."""
+        for item in items:
+            if item.limit is not None:
+                self._waits.free(item)
         self._order.push_front(items, self.clock.monotonic)
         self._dispatcher_will_look = True
 
@@ -355,21 +374,22 @@ class Backlog:
     def ready_count_locked(self) -> int:  # tasks due and not handed over
         return self._order.ready_count()
 
-    def holds_tasks_locked(self) -> bool:  # any task here, due or not (a retry backing off)
-        return self._order.holds_any()
+    def holds_tasks_locked(self) -> bool:  # any task here, due or not, or waiting (``waits``)
+        return self._order.holds_any() or self._waits.holds_any()
 
     def next_due(self) -> float | None:
         """When the next task is due, or None (without the lock: ``TaskOrder.next_due``)."""
-        return self._order.next_due()
+        due, token = self._order.next_due(), self._waits.next_due()
+        return due if token is None else token if due is None else min(due, token)
 
     def release_due(self, now: float) -> list[WorkItem]:
-        """Tasks due by ``now`` join the ready ones; those not started by their expiry end
-        ``expired`` (returned: the caller fails their futures with ``TaskExpiredError``).
-        The lock is taken only if something is due."""
-        due = self._order.next_due()
+        """Tasks due by ``now`` join the ready ones (and limits' tokens back); those not
+        started by their expiry end ``expired`` (returned: the caller fails their futures)."""
+        due = self.next_due()
         if due is None or due > now:
             return []
         with self._lock:
+            self._waits.release_due(now)
             expired = self._order.release_due(now)
             for item in expired:
                 self.finish_locked(item, TaskState.EXPIRED)
@@ -381,8 +401,8 @@ class Backlog:
         return self._order.delayed, first and first - clock.monotonic() + clock.time()
 
     def take_all_locked(self) -> list[WorkItem]:
-        """Empty it (stop, or broken): the ready tasks in order, then the others, soonest first."""
-        return self._order.take_all()
+        """Empty it (stop, broken): ready tasks in order, the others soonest first, ``waits``'s."""
+        return self._order.take_all() + self._waits.take_all()
 
     def take_new_beyond_locked(self, admit: int) -> list[WorkItem]:
         """The circuit breaker's FAIL mode: remove the new ready tasks beyond the first
@@ -407,63 +427,21 @@ class Backlog:
         """The started attempt of ``item`` was lost (``timed_out``: at its hard timeout). With
         ``retry_in`` (s) it waits here, running (outside the bound), then goes to the front."""
         self._counts.crash(timed_out)
+        if item.limit is not None:
+            self._waits.free(item)  # (its slot is taken again when it is)
         if retry_in is not None:
             self._counts.retried += 1
             self._order.later(item, self.clock.monotonic() + retry_in)
 
-    # -- cancelling -------------------------------------------------------------------------
+    # -- cancelling (``cancels``: what ``cancels`` needs here) ---------------------------------
 
-    def take_recall_requests(self) -> list[WorkItem]:
-        """Dispatcher thread: calls handed over that callers wait to cancel, still queued."""
-        with self._lock:
-            if not self._recall_wanted:
-                return []
-            items = [item for item in self._recall_wanted if item.cancel_request is not None
-                     and item.state is TaskState.QUEUED]
-            self._recall_wanted.clear()
-        return items
-
-    def refuse_cancels(self, items: list[WorkItem]) -> None:
-        """The dispatcher could not recall ``items``: their cancels are refused (they run)."""
-        with self._lock:
-            for item in items:
-                if item.cancel_request is not None:
-                    item.cancel_request.answer_locked(item, False)
-
-    def cancel_queued(self, items: list[WorkItem], wait: float) -> list[WorkItem]:
-        """``future.cancel()`` (and ``Executor.shutdown(cancel_futures=True)``): cancel those of
-        ``items`` that are queued, and their futures (after the lock is released, in this
-        thread: their callbacks run here when called from ``future.cancel()``); returns them.
-        A call waiting here is cancelled at once; one handed to a worker and not started is
-        recalled if the dispatcher can (``recalls_for_cancel``), the caller waiting up to
-        ``wait`` s for the worker's answer; one that starts first, or answers later, runs."""
-        cancelled: list[WorkItem] = []
-        with self._lock:
-            queued = {id(item): item for item in items if item.state is TaskState.QUEUED
-                      and item.cancel_request is None}
-            if not queued:
-                return cancelled
-            cancelled = self._order.remove(queued)
-            for item in cancelled:
-                del queued[id(item)]
-                self.finish_locked(item, TaskState.CANCELLED)
-            handed = list(queued.values()) if self._recalls_for_cancel else []
-            if handed:
-                request = CancelRequest(handed)
-                self._recall_wanted += handed
-        try:
-            if handed:
-                self._wake()
-                request.done.wait(wait)
-        finally:  # (a KeyboardInterrupt in the wait too: a granted call is ours to resolve)
-            if handed:
-                with self._lock:
-                    for item in handed:
-                        if item.cancel_request is request:  # unanswered in time: it runs
-                            item.cancel_request = None
-                    cancelled += request.granted
-            for item in cancelled:
-                item.future.cancel_now()
+    def remove_queued_locked(self, queued: dict[int, WorkItem]) -> list[WorkItem]:
+        """End cancelled those of ``queued`` (by ``id()``) still here, wherever (``cancels``)."""
+        cancelled = self._order.remove(queued)
+        if len(cancelled) < len(queued):
+            cancelled += self._waits.remove(queued)
+        for item in cancelled:
+            self.finish_locked(item, TaskState.CANCELLED)
         return cancelled
 
     def mark_broken(self, reason: str) -> None:
@@ -488,7 +466,29 @@ class Backlog:
         items = list(self._unfinished.values())
         self._unfinished.clear()
         self._order.take_all()
+        self._waits.take_all()
         return items
+
+    # -- keys, dependencies, limits (``waits``) -----------------------------------------------
+
+    def dependency_ended(self, item: WorkItem, dependency: TaskFuture) -> None:
+        """The done-callback of each of ``item``'s dependencies (``waits``)."""
+        failed = dependency_failed(dependency)
+        with self._lock:
+            if not self._waits.dependency_ended(item, failed, self.clock.monotonic()):
+                return
+            if failed:
+                self.finish_locked(item, TaskState.FAILED)
+            else:
+                self._dispatcher_will_look = True
+        if failed:
+            fail_dependant(item, dependency)
+        else:
+            self._wake()
+
+    def waiting_for_locked(self, item: WorkItem) -> str | None:
+        """Why ``item`` waits: "dependency", "limit", "time" or None (``waits``)."""
+        return self._waits.waiting_for(item, self.clock.monotonic())
 
     def stats(self) -> Stats:
         with self._lock:

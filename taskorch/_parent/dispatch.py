@@ -207,10 +207,10 @@ class DispatcherCore:
         """Callers wait to cancel calls that were handed over: ask the pool to take them back
         (they come back ``CallsReturned``, and ``TaskRules.returned_locked`` cancels them, or
         their start refuses it)."""
-        items = self._backlog.take_recall_requests()
+        items = self._backlog.cancels.take_recall_requests()
         refused = self.pool.recall(items) if items else []
         if refused:
-            self._backlog.refuse_cancels(refused)
+            self._backlog.cancels.refuse(refused)
 
     # -- dispatching -----------------------------------------------------------------------
 

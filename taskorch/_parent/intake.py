@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from taskorch._options import Resolved, Timing
+from taskorch._options import Resolved, Timing, check_key
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.clock import Clock
 from taskorch._parent.figures import name_of, name_of_payload
@@ -39,7 +39,7 @@ def _cancel(backlog: Backlog, item: WorkItem, future: TaskFuture) -> bool:
 def cancel_items(backlog: Backlog, items: list[WorkItem]) -> int:
     """Cancel those of ``items`` still queued (recalling them from workers that have not
     started them) and their futures; how many were cancelled."""
-    return len(backlog.cancel_queued(items, RECALL_WAIT))
+    return len(backlog.cancels.cancel_queued(items, RECALL_WAIT))
 
 
 class Intake:
@@ -75,7 +75,8 @@ class Intake:
         future = TaskFuture()
         item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
         future.set_canceller(functools.partial(_cancel, self._backlog, item))
-        if self._backlog.listeners:  # metrics on: label the task (figures.py)
+        future.owner = self._backlog
+        if self._backlog.listeners or self._backlog.limited:  # metrics, limits: name the task
             item.name = name or name_of_payload(payload)
         return item
 
@@ -88,7 +89,8 @@ class Intake:
         if not callable(fn):
             raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
         return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes,
-                            name=name_of(fn) if self._backlog.listeners else None)
+                            name=name_of(fn) if self._backlog.listeners or self._backlog.limited
+                            else None)
 
     def time(self, item: WorkItem, timing: Resolved) -> None:
         """Give ``item`` (not offered yet) its priority, not-before time and expiry."""
@@ -98,9 +100,33 @@ class Intake:
         """run()'s semantics: accept, raise QueueFullError, or drop (None, logged) when the
         orchestrator has ``Features.ALLOW_SYNC_TASK_DROP``."""
         if self._backlog.offer(item, self._drop_when_full):
+            if item.after is not None:
+                self.await_dependencies(item)
             return item.future
         self._log_drop(what)
         return None
+
+    def await_dependencies(self, item: WorkItem) -> None:
+        """``item`` was accepted with ``after``: each of its dependencies tells the backlog
+        when it ends (``waits``; at once, here, for one already done)."""
+        after = item.after or ()
+        ended = functools.partial(self._backlog.dependency_ended, item)
+        for dependency in after:
+            dependency.add_done_callback(ended)
+
+    def check_after(self, after: object) -> tuple[TaskFuture, ...]:
+        """``options(after=...)``: futures of tasks of this orchestrator (ValueError)."""
+        if isinstance(after, (TaskFuture, str, bytes)) or not hasattr(after, "__iter__"):
+            raise ValueError(f"after must be a list of futures, got {after!r}")
+        futures: dict[int, TaskFuture] = {}
+        for dependency in after:
+            if not isinstance(dependency, TaskFuture) or dependency.owner is not self._backlog:
+                raise ValueError(
+                    f"after: {dependency!r} is not a future of this orchestrator's tasks; a task "
+                    "can only run after tasks of the same orchestrator (or, on a client, of the "
+                    "same server)")
+            futures[id(dependency)] = dependency
+        return tuple(futures.values())
 
     def _log_drop(self, what: object) -> None:
         """A task dropped for a full backlog (``ALLOW_SYNC_TASK_DROP``); ``what``: its function,
@@ -123,6 +149,8 @@ class Intake:
         while True:
             waiter = self._backlog.offer_or_wait(item, loop)
             if waiter is None:
+                if item.after is not None:
+                    self.await_dependencies(item)
                 return item.future
             try:
                 await waiter
@@ -199,6 +227,9 @@ class _HasIntake(Protocol):  # a TaskOrchestrator, as seen from here
     @property
     def policy(self) -> Policy: ...
 
+    @property
+    def worker_count(self) -> int: ...
+
 
 def apply_timing(item: WorkItem, timing: Resolved, clock: Clock) -> None:
     """Give ``item`` its place in order and time (``_options``; epoch seconds to ``clock``'s
@@ -215,14 +246,17 @@ def apply_timing(item: WorkItem, timing: Resolved, clock: Clock) -> None:
 
 class PolicyOverride:
     """``run``/``run_async`` of an orchestrator with one task's options (``options()``:
-    a policy, a priority, a delay or start time, an expiry)."""
+    a policy, a priority, a delay or start time, an expiry, a key, dependencies)."""
 
     def __init__(self, orchestrator: _HasIntake, policy: Policy | None,
-                 timing: Timing | None = None) -> None:
+                 timing: Timing | None = None, key: object = None, after: object = None,
+                 ) -> None:
         self._orchestrator = orchestrator
         self._policy = policy
         self._policy_bytes = None if policy is None else encode_policy(policy)
         self._timing = None if timing is None or timing.plain else timing
+        self._key = check_key(key)
+        self._after = None if after is None else orchestrator.intake.check_after(after)
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[Intake, WorkItem]:
@@ -231,7 +265,26 @@ class PolicyOverride:
         item = intake.prepare_call(fn, args, kwargs, self._policy, self._policy_bytes)
         if timing is not None:
             intake.time(item, timing)
+        item.key, item.after = self._key, self._after
         return intake, item
+
+    def map(self, fn: Callable[..., Any], /, *iterables: Iterable[Any],
+            chunksize: int | None = None, return_exceptions: bool = False) -> Iterator[Any]:
+        """``map()`` with these options: only a policy applies to its chunks (a key, which
+        makes one task, or a place in order, time or dependencies is a ValueError)."""
+        if self._key is not None:
+            raise ValueError("options(key=...) makes one task, map() many: a key cannot apply "
+                             "to map(); submit each keyed task with run()")
+        if self._timing is not None or self._after is not None:
+            raise ValueError("map() takes no priority, delay, at, expires or after option: "
+                             "submit such tasks with run()")
+        from taskorch._parent.map import map_in_chunks
+
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        return map_in_chunks(self._orchestrator.intake, self._orchestrator.worker_count, fn,
+                             iterables, chunksize, return_exceptions, self._policy,
+                             self._policy_bytes)
 
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
         intake, item = self._prepare(fn, args, kwargs)

@@ -13,15 +13,22 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from taskorch._errors import OrchestratorClosedError
 from taskorch._wire import decode_exception, encode_call
 from taskorch._worker.map import ItemError, run_chunk
 
 if TYPE_CHECKING:
-    from taskorch._parent.intake import Intake
-    from taskorch._parent.task import TaskFuture
+    from taskorch._parent.task import TaskFuture, WorkItem
+    from taskorch._policy import Policy
+
+
+class Intake(Protocol):  # an orchestrator's ``intake.Intake``, as seen from here
+    def prepare(self, payload: bytes, policy: Policy | None = None,
+                policy_bytes: bytes | None = None) -> WorkItem: ...
+
+    def offer_blocking(self, item: WorkItem) -> TaskFuture | None: ...
 
 #: Aim for chunks that keep a worker busy this long (seconds of worker time).
 TARGET_CHUNK_SECONDS = 0.02
@@ -32,11 +39,13 @@ MAX_CHUNK_ITEMS = 10_000
 def map_in_chunks(
     intake: Intake, worker_count: int, fn: Callable[..., Any],
     iterables: tuple[Iterable[Any], ...], chunksize: int | None, return_exceptions: bool,
+    policy: Policy | None = None, policy_bytes: bytes | None = None,
 ) -> Iterator[Any]:
-    """``TaskOrchestrator.map()``: chunks submitted to ``intake``, waiting for room."""
+    """``TaskOrchestrator.map()``: chunks submitted to ``intake``, waiting for room (with
+    ``policy``: ``options(policy=...).map()``; its ``policy_bytes`` travel with each chunk)."""
 
     def submit(payload: bytes) -> TaskFuture:
-        future = intake.offer_blocking(intake.prepare(payload))
+        future = intake.offer_blocking(intake.prepare(payload, policy, policy_bytes))
         if future is None:  # cannot happen without a deadline
             raise OrchestratorClosedError("map(): the task was not accepted")
         return future

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
-from taskorch._options import Duration, Moment, Timing
+from taskorch._options import Duration, Limit, Moment, Timing, check_limits
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, NothingRan, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.intake import Intake, PolicyOverride
@@ -62,7 +62,8 @@ class TaskOrchestrator:
     ``max_memory_per_worker`` (MiB of resident memory, checked after each task) recycle a
     worker after the task that crossed the line; its replacement starts at once.
     ``circuit_breaker`` (a ``CircuitBreaker``) stops tasks from starting while the work keeps
-    failing.
+    failing. ``limits`` (task name to ``Limit``: the name is the function's module and qualified
+    name) caps how many tasks of a name run at once and how often one starts.
 
     Stop it with ``stop()``, ``with``, or ``async with``. One that is never stopped is stopped
     at interpreter exit (drained for up to ``EXIT_TIMEOUT`` seconds), and if it is garbage
@@ -81,6 +82,7 @@ class TaskOrchestrator:
         max_memory_per_worker: float | None = None,
         circuit_breaker: CircuitBreaker | None = None,
         backend: Backend | None = None,
+        limits: dict[str, Limit] | None = None,
     ) -> None:
         if worker_count is not None:
             check_int("worker_count", worker_count, minimum=1)
@@ -100,6 +102,7 @@ class TaskOrchestrator:
         if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
             raise ValueError(
                 f"circuit_breaker must be a taskorch.CircuitBreaker, got {circuit_breaker!r}")
+        self._limits = check_limits(limits)
         self._max_backlog = max_backlog
         self._features = features
         self._drop_when_full = Features.ALLOW_SYNC_TASK_DROP in features
@@ -126,7 +129,7 @@ class TaskOrchestrator:
     def _start(self, *, idle: bool = False) -> None:
         """Make the backlog and the dispatcher, and start it (its workers). ``idle``: stopped
         in a forked child before any use there, nothing starts (see ``stop``)."""
-        self._backlog = Backlog(self._max_backlog)
+        self._backlog = Backlog(self._max_backlog, limits=self._limits)
         self._intake = Intake(self._backlog, self._policy, self._drop_when_full)
         # Schedules are this process's own: a forked child starts with none.
         self._schedule_lock = threading.Lock()
@@ -241,12 +244,13 @@ class TaskOrchestrator:
 
     def options(self, *, priority: int | None = None, delay: Duration | None = None,
                 at: Moment | None = None, expires: Duration | datetime | None = None,
-                policy: Policy | None = None) -> PolicyOverride:
-        """``o.options(priority=5, delay=60, expires=600).run(fn, x)``: one task's options (see
-        ``_options`` and the README); bad values raise ValueError here, naming the option."""
+                policy: Policy | None = None, key: str | None = None,
+                after: Iterable[TaskFuture] | None = None) -> PolicyOverride:
+        """``o.options(priority=5, delay=60, expires=600, key="k", after=[f]).run(fn, x)``: one
+        task's options (see the README); bad values raise ValueError here, naming the option."""
         if policy is not None and not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        return PolicyOverride(self, policy, Timing(priority, delay, at, expires))
+        return PolicyOverride(self, policy, Timing(priority, delay, at, expires), key, after)
 
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
@@ -274,8 +278,7 @@ class TaskOrchestrator:
 
     @property
     def intake(self) -> Intake:
-        """Where callers that prepare calls themselves submit them (``map()``, the CLI, the
-        server); see ``Intake``. Not part of the public API."""
+        """Where ``map()``, the CLI and the server submit calls they prepare (not public)."""
         self._here()
         return self._intake
 
@@ -349,21 +352,18 @@ class TaskOrchestrator:
             raise KeyError(f"no schedule named {name!r}; there are: none")
         return scheduler.trigger(name)
 
-    def schedules(self) -> list[ScheduleStatus]:
-        """The schedules' state: next and last run, the last outcome (see ``schedule()``)."""
+    def schedules(self) -> list[ScheduleStatus]:  # next and last run, last outcome (schedule())
         self._here()
         scheduler = self._scheduler
         return scheduler.status() if scheduler is not None else []
 
     # -- observing -------------------------------------------------------------------------
 
-    def stats(self) -> Stats:
-        """A consistent snapshot of the counts (see ``Stats``)."""
+    def stats(self) -> Stats:  # a consistent snapshot of the counts (see ``Stats``)
         self._here()
         return self._backlog.stats()
 
-    def worker_pids(self) -> list[int]:
-        """The pids of the worker processes alive now."""
+    def worker_pids(self) -> list[int]:  # the pids of the worker processes alive now
         self._here()
         return list(self._dispatcher.pids)
 

@@ -37,9 +37,12 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from taskorch._parent.task import TaskState, WorkItem
+
+if TYPE_CHECKING:
+    from taskorch._parent.limits import Limits
 
 
 class Gate(Protocol):
@@ -149,11 +152,12 @@ class TaskOrder:
 
     def take(self, limit: int, gate: Gate, budget: int | None,
              first_may_exceed: bool, now: float | None = None,
-             plain_after: int | None = None) -> list[WorkItem]:
+             plain_after: int | None = None, limits: Limits | None = None) -> list[WorkItem]:
         """Up to ``limit`` ready tasks in order, as ``gate`` allows; with a ``budget`` (payload
         bytes), a task that would cross it stays unless it is the first and
         ``first_may_exceed``. ``plain_after``: the calls from that position on are prefetched
-        (see the module docstring). ``now``: set aside a task expired by then.
+        (see the module docstring). ``now``: set aside a task expired by then. ``limits``: a
+        task over its name's limit is set aside there (``limits``), the others go on.
         The dispatcher's hand-over: this loop runs per task."""
         taken: list[WorkItem] = []
         size = 0
@@ -177,6 +181,15 @@ class TaskOrder:
                     continue
             if not gate.allows(item):
                 break  # held back by the circuit breaker (HOLD mode)
+            if limits is not None and item.name in limits.by_name:
+                if plain_after is not None and len(taken) >= plain_after:
+                    break  # a prefetch position: its slot would be held by a waiting call
+                if not limits.admit(item):
+                    top.popleft()  # (set aside there)
+                    if not top:
+                        self._retop()
+                        top = self._top
+                    continue
             gate.count(item)
             top.popleft()
             size += len(item.payload)

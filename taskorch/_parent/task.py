@@ -39,13 +39,13 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import SerializationError
 from taskorch._parent.callbacks import call_each, callback_runner
+from taskorch._parent.condition import FutureCondition
 from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
@@ -71,36 +71,6 @@ class _PickledError(Exception):
 
 # A future resolved with a pickled result holds this as its `_result` until it is unpickled.
 _PICKLED_RESULT: Any = object()
-
-
-class _FutureCondition(threading.Condition):
-    """A future's ``_condition``: a ``threading.Condition`` on an ``RLock``, as
-    ``concurrent.futures`` makes it, without the five bound methods that
-    ``Condition.__init__`` stores on each instance (they are methods of the class here). Why:
-    every task alive holds its future, and a plain ``Condition()`` makes eight objects the
-    cyclic garbage collector tracks; with 20,000 tasks queued, the collector's passes over them
-    cost ``taskorch serve`` about 50 us of CPU per task (measured with ``gc.callbacks``; see
-    README "Durability"). Three objects here. Reentrant, as the stdlib's: a signal handler or
-    a finalizer may touch a future while its thread holds the condition."""
-
-    def __init__(self) -> None:  # (no super().__init__: see the class docstring)
-        self._lock = threading.RLock()
-        self._waiters: deque[threading.Lock] = deque()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def _release_save(self) -> Any:
-        return self._lock._release_save()  # type: ignore[attr-defined]
-
-    def _acquire_restore(self, state: Any) -> None:
-        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
-
-    def _is_owned(self) -> bool:
-        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
 
 
 # What Future.__init__ sets, when it is exactly this (CPython 3.11-3.13): TaskFuture sets it
@@ -134,10 +104,13 @@ class TaskFuture(Future[Any]):
     # the waiters of wait() / as_completed().
     _done_callbacks: list[Callable[[Future[Any]], object]]
     _waiters: list[Any]
+    #: The backlog of the orchestrator that accepted it (set by its ``Intake``): what tells
+    #: a future of this orchestrator from another's in ``options(after=...)``.
+    owner: object = None
 
     def __init__(self) -> None:
         if _OWN_INIT:
-            self._condition = _FutureCondition()
+            self._condition = FutureCondition()
             self._state = PENDING
             self._result = None
             self._exception = None
@@ -145,7 +118,7 @@ class TaskFuture(Future[Any]):
             self._done_callbacks = []
         else:  # another Future.__init__: let it set what it sets, then swap the condition
             super().__init__()
-            self._condition = _FutureCondition()
+            self._condition = FutureCondition()
         self.task_id = 0
         self.attempts = 0
         self.seconds: float | None = None
@@ -202,7 +175,7 @@ class TaskFuture(Future[Any]):
         here, so that nothing here waits for it forever. Its locks may have been copied held,
         and its waiters (``wait()``, ``as_completed()``) are threads of the parent: new locks,
         no waiters (one thread runs in the child now)."""
-        self._condition = _FutureCondition()
+        self._condition = FutureCondition()
         self._decode_lock = None
         self._waiters = []
         self._cancel_hook = None
@@ -394,7 +367,7 @@ class WorkItem:
     __slots__ = ("task_id", "future", "payload", "policy", "policy_bytes", "raw", "state",
                  "worker", "started_on", "attempts", "attempt_started", "accepted_at",
                  "cancel_request", "name", "listener", "priority", "not_before",
-                 "expires_at", "__weakref__")
+                 "expires_at", "key", "after", "waiting_for", "limit", "__weakref__")
 
     def __init__(
         self, task_id: int, future: TaskFuture, payload: bytes, policy: Policy,
@@ -425,6 +398,14 @@ class WorkItem:
         self.not_before: float | None = None
         # Not started by this ``Clock.monotonic()`` value, it ends expired (None: never).
         self.expires_at: float | None = None
+        self.key: str | None = None  # ``options(key=)``: one unfinished task per key (backlog)
+        # ``options(after=)``: the futures of the tasks it runs after (``waits``); None: none.
+        self.after: tuple[TaskFuture, ...] | None = None
+        # Why it waits in the backlog beyond its place in order (``waits.DEPENDENCY`` or
+        # ``waits.LIMIT``; a ``not_before`` is read from it): see ``Backlog.waiting_for_locked``.
+        self.waiting_for: str | None = None
+        # The per-name limit whose slot it holds while handed over or running (``limits``).
+        self.limit: Any = None
 
     def release(self) -> None:
         """The task is over and its future resolved (dispatcher thread, after the dispatcher
@@ -436,6 +417,7 @@ class WorkItem:
         self.policy_bytes = None
         self.worker = self.started_on = None
         self.listener = None
+        self.after = None
         self.future.set_canceller(None)
 
     def __repr__(self) -> str:

@@ -87,14 +87,18 @@ class Operator:
         if before_id is not None and not isinstance(before_id, int):
             raise ValueError(f"before_id must be an integer, got {before_id!r}")
         rows = self._read(lambda db: list_rows(db, states, name, limit, before_id))
-        progress = self._registry.progress
-        return [info_of(row, progress.get(row[0])) for row in rows]
+        return [self._info(row) for row in rows]
 
     def task(self, task_id: int) -> Any:
         row = self._read(lambda db: read_row(db, task_id))
         if row is None:
             raise _not_found(task_id)
-        return info_of(row, self._registry.progress.get(task_id))
+        return self._info(row)
+
+    def _info(self, row: Any) -> Any:
+        task_id, status = row[0], row[2]
+        waiting = self._registry.waiting(task_id) if status == "queued" else None
+        return info_of(row, self._registry.progress.get(task_id), waiting)
 
     def cancel(self, task_id: int, terminate: bool = False) -> bool:
         """True once a queued or waiting task is cancelled and that is committed; False if it

@@ -102,13 +102,16 @@ def queued_ids(db: sqlite3.Connection, name: str | None) -> list[int]:
     return [r[0] for r in rows]
 
 
-def info_of(row: tuple[Any, ...], live: Progress | None = None) -> TaskInfo:
+def info_of(row: tuple[Any, ...], live: Progress | None = None,
+            waiting: bool | None = None) -> TaskInfo:
     """A journal row (``_COLUMNS``) as a ``TaskInfo``; ``live``: the progress the registry
-    holds for a running task (newer than the journal's)."""
+    holds for a running task (newer than the journal's); ``waiting``: what the backlog says
+    of a queued task (None: judged by its not-before time alone)."""
     (task_id, name, status, attempts, submitted, started, finished, pid, priority,
      not_before, outcome, data, args_repr, progress, retry_of) = row
     state = status or "queued"
-    if state == "queued" and not_before is not None and not_before > time.time():
+    if state == "queued" and (waiting if waiting is not None else
+                              not_before is not None and not_before > time.time()):
         state = "waiting"
     error = tb = result = None
     if data is not None and outcome is not None:

@@ -44,7 +44,7 @@ from taskorch._errors import (
     TaskorchError,
 )
 from taskorch._options import Resolved, check_resolved
-from taskorch._parent.task import RawOutcome, TaskListener
+from taskorch._parent.task import RawOutcome, TaskListener, TaskState
 from taskorch._service.protocol import (
     O_CANCELLED,
     O_ERROR,
@@ -271,6 +271,17 @@ class TaskRegistry:
         if live is None:
             return None
         return live.future.cancel()  # succeeds only while queued in the backlog
+
+    def waiting(self, task_id: int) -> bool | None:
+        """Does queued task ``task_id`` wait (for a time, a dependency or a limit: the
+        backlog's ``waiting_for_locked``)? None if it is not queued here."""
+        with self._lock:
+            live = self._live.get(task_id)
+        if live is None or live.item.state is not TaskState.QUEUED:
+            return None
+        backlog = self._orchestrator.backlog
+        with backlog.locked():
+            return backlog.waiting_for_locked(live.item) is not None
 
     def terminate(self, task_id: int) -> bool:
         """Kill task ``task_id``'s running attempt; it ends cancelled (``_parent.terminate``).

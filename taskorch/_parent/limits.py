@@ -1,0 +1,135 @@
+"""Parent process: per-task-name limits (``TaskOrchestrator(limits={name: Limit(...)})``).
+
+``Limits`` belongs to the ``Backlog`` and is guarded by its lock: every method is called with
+it held, except ``next_due`` (a float read without it, as ``TaskOrder.next_due``). It is
+consulted as the dispatcher takes ready tasks (``order.TaskOrder.take``): a task whose name is
+over its limit is set aside here (``admit`` returns False), still queued and in the bound,
+while the tasks behind it go on. It goes back to the front of the ready tasks when it may
+start: one task per slot freed (``free``: a task of that name ended, came back unstarted, or
+backs off before a crash retry) and one per token (``release_due``).
+
+- **Concurrency**: a task holds its name's slot from the moment it is handed to a worker
+  (``WorkItem.limit``) until it ends or comes back: a prefetched call counts, so the limit
+  holds for what runs, never exceeded, at the cost of a slot held by a call waiting in a
+  busy worker (``order.take`` keeps limited tasks out of prefetch positions).
+- **Rate**: a token bucket that holds one token: a start may happen ``interval`` seconds after
+  the previous one, never sooner, and time not used is not saved up (no burst). The times
+  are the backlog clock's ``monotonic()`` (injectable: the tests measure a rate on it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from taskorch._options import Limit
+from taskorch._parent.task import WorkItem
+
+#: ``WorkItem.waiting_for`` while a task waits here.
+LIMIT = "limit"
+
+
+class NameLimit:
+    """One task name's limit and its state (the backlog's lock)."""
+
+    __slots__ = ("name", "concurrency", "interval", "running", "next_at", "held")
+
+    def __init__(self, name: str, limit: Limit) -> None:
+        self.name = name
+        self.concurrency = limit.concurrency
+        self.interval = limit.interval
+        self.running = 0  # tasks of this name handed over or running (holding a slot)
+        self.next_at = float("-inf")  # when the bucket's one token is back (monotonic)
+        self.held: deque[WorkItem] = deque()  # set aside, in the order they were taken
+
+
+class Limits:
+    """The limits of one backlog, by task name (``figures.name_of``: module.qualname)."""
+
+    __slots__ = ("by_name", "_monotonic", "next_due")
+
+    def __init__(self, limits: dict[str, Limit], monotonic: Callable[[], float]) -> None:
+        self.by_name = {name: NameLimit(name, limit) for name, limit in limits.items()}
+        self._monotonic = monotonic
+        # The first time a token is back for a name with tasks set aside (None: none); read
+        # without the lock by the dispatcher (``Backlog.next_due``).
+        self.next_due: float | None = None
+
+    def admit(self, item: WorkItem) -> bool:
+        """May ``item`` be handed over now? If so it takes its name's slot and token; if not,
+        it is set aside here (False): the caller drops it from the ready tasks."""
+        limit = self.by_name.get(item.name)
+        if limit is None or item.limit is not None:
+            return True
+        if limit.concurrency is not None and limit.running >= limit.concurrency:
+            return self._hold(limit, item)
+        if limit.interval is not None:
+            now = self._monotonic()
+            if now < limit.next_at:
+                self._hold(limit, item)
+                if self.next_due is None or limit.next_at < self.next_due:
+                    self.next_due = limit.next_at
+                return False
+            limit.next_at = max(now, limit.next_at) + limit.interval
+        limit.running += 1
+        item.limit = limit
+        return True
+
+    @staticmethod
+    def _hold(limit: NameLimit, item: WorkItem) -> bool:
+        item.waiting_for = LIMIT
+        limit.held.append(item)
+        return False
+
+    def free(self, item: WorkItem) -> list[WorkItem]:
+        """``item`` gives its slot back: the first task set aside for want of it, to go back
+        to the ready tasks (the caller puts it there)."""
+        limit: NameLimit = item.limit
+        item.limit = None
+        limit.running -= 1
+        if not limit.held:
+            return []
+        if limit.interval is None or limit.next_at <= self._monotonic():
+            return [self._release(limit.held.popleft())]
+        if self.next_due is None or limit.next_at < self.next_due:
+            self.next_due = limit.next_at  # (its token comes later: ``release_due``)
+        return []
+
+    def release_due(self, now: float) -> list[WorkItem]:
+        """One task per name whose token is back by ``now`` (and that has a slot free)."""
+        released: list[WorkItem] = []
+        self.next_due = None
+        for limit in self.by_name.values():
+            if not limit.held or limit.interval is None:
+                continue
+            if limit.next_at <= now:
+                if limit.concurrency is None or limit.running < limit.concurrency:
+                    released.append(self._release(limit.held.popleft()))
+            elif self.next_due is None or limit.next_at < self.next_due:
+                self.next_due = limit.next_at
+        return released
+
+    @staticmethod
+    def _release(item: WorkItem) -> WorkItem:
+        item.waiting_for = None
+        return item
+
+    def remove(self, items: dict[int, WorkItem]) -> list[WorkItem]:
+        """Take out those of ``items`` (by ``id()``) set aside here (a cancel)."""
+        removed: list[WorkItem] = []
+        for limit in self.by_name.values():
+            if limit.held and any(id(item) in items for item in limit.held):
+                removed += [self._release(i) for i in limit.held if id(i) in items]
+                limit.held = deque(i for i in limit.held if id(i) not in items)
+        return removed
+
+    def holds_any(self) -> bool:
+        return any(limit.held for limit in self.by_name.values())
+
+    def take_all(self) -> list[WorkItem]:
+        """Empty it (stop): every task set aside."""
+        items = [self._release(i) for limit in self.by_name.values() for i in limit.held]
+        for limit in self.by_name.values():
+            limit.held.clear()
+        self.next_due = None
+        return items

@@ -1,0 +1,175 @@
+"""``options(key=)``, ``options(after=)`` and ``TaskOrchestrator(limits=)`` with real workers
+(gates order the events, never sleeps), and a rate measured on the backlog's injected clock."""
+
+from __future__ import annotations
+
+from concurrent.futures import wait
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from taskorch import (
+    DependencyFailedError,
+    Limit,
+    Policy,
+    TaskExpiredError,
+    TaskOrchestrator,
+)
+from taskorch._parent.backlog import Backlog
+from taskorch._parent.breaker import Admission
+from taskorch._parent.clock import Clock
+from taskorch._parent.task import TaskFuture, TaskState, WorkItem
+from tests._tasks import Gate, blocker, exclusive, identity, raise_value_error, square, wait_until
+from tests.test_backlog import FakeClock
+
+Make = Callable[..., TaskOrchestrator]
+
+
+def test_a_key_dedups_while_unfinished(make_orchestrator: Make, tmp_path: Path) -> None:
+    o = make_orchestrator(2)
+    gate = Gate(tmp_path, "k")
+    first = o.options(key="tenant-42:cleanup").run(blocker, str(gate.started),
+                                                   str(gate.release_fifo))
+    gate.wait_started()
+    again = o.options(key="tenant-42:cleanup").run(identity, "never")
+    other = o.options(key="tenant-43:cleanup").run(identity, 43)
+    assert first is not None and again is first
+    assert other is not None and other.result(30) == 43
+    assert o.stats().submitted == 2
+    gate.release("done")
+    assert again.result(30) == "done"
+    later = o.options(key="tenant-42:cleanup").run(identity, "next")  # finished: free again
+    assert later is not None and later is not first and later.result(30) == "next"
+
+
+def test_a_chain_of_three_where_the_middle_fails(make_orchestrator: Make) -> None:
+    o = make_orchestrator(2)
+    a = o.run(identity, 1)
+    assert a is not None
+    b = o.options(after=[a]).run(raise_value_error, "middle")
+    assert b is not None
+    c = o.options(after=[b]).run(identity, 3)
+    assert c is not None
+    assert a.result(30) == 1
+    with pytest.raises(ValueError, match="middle"):
+        b.result(30)
+    with pytest.raises(DependencyFailedError) as info:
+        c.result(30)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert info.value.dependency == b.task_id
+    s = o.stats()
+    assert (s.succeeded, s.failed, s.queued) == (1, 2, 0)
+
+
+def test_a_fan_in_of_50_shards(make_orchestrator: Make, tmp_path: Path) -> None:
+    o = make_orchestrator(2, max_backlog=60)
+    gate = Gate(tmp_path, "first")
+    shards: list[Any] = [o.run(blocker, str(gate.started), str(gate.release_fifo))]
+    shards += [o.run(square, i) for i in range(1, 50)]
+    report = o.options(after=shards).run(identity, "report")
+    assert report is not None
+    gate.wait_started()
+    wait([s for s in shards[1:]], timeout=30)  # the others ran past the report, waiting
+    assert not report.done()
+    assert o.stats().queued == 1
+    gate.release("0")
+    assert report.result(30) == "report"
+    assert all(s.done() and s.exception() is None for s in shards)
+
+
+def test_a_dependency_that_expires_fails_its_dependant(make_orchestrator: Make,
+                                                       tmp_path: Path) -> None:
+    o = make_orchestrator(1)
+    gate = Gate(tmp_path, "busy")
+    busy = o.run(blocker, str(gate.started), str(gate.release_fifo))
+    gate.wait_started()
+    doomed = o.options(expires=0.05).run(identity, "late")
+    assert doomed is not None
+    after = o.options(after=[doomed]).run(identity, "never")
+    assert after is not None
+    wait_until(after.done, what="the dependant to fail")
+    with pytest.raises(DependencyFailedError) as info:
+        after.result(0)
+    assert isinstance(info.value.__cause__, TaskExpiredError)
+    gate.release()
+    assert busy is not None and busy.result(30) == "go"
+
+
+def test_concurrency_1_is_never_exceeded_while_other_tasks_pass(make_orchestrator: Make,
+                                                                tmp_path: Path) -> None:
+    lock = str(tmp_path / "held")
+    name = f"{exclusive.__module__}.{exclusive.__qualname__}"
+    o = make_orchestrator(4, max_backlog=200, limits={name: Limit(concurrency=1)})
+    gate = Gate(tmp_path, "first")
+    limited = [o.run(exclusive, lock, str(gate.started), str(gate.release_fifo))]
+    gate.wait_started()
+    limited += [o.run(exclusive, lock) for _ in range(99)]
+    others = [o.run(square, i) for i in range(40)]
+    assert [f.result(30) for f in others if f is not None] == [i * i for i in range(40)]
+    assert o.stats().queued == 99  # the limited ones wait, in the bound
+    gate.release()
+    assert all(f is not None and f.result(60) == lock for f in limited)
+
+
+def test_a_rate_of_10_per_second_over_5_simulated_seconds() -> None:
+    fake = FakeClock()
+    backlog = Backlog(1000, Clock(monotonic=fake.monotonic),
+                      limits={"jobs.purge": Limit(rate="10/s")})
+    backlog.connect(lambda: None, recalls_for_cancel=False)
+    items = []
+    for i in range(100):
+        for name in ("jobs.purge", "jobs.other"):
+            item = WorkItem(0, TaskFuture(), f"{name}{i}".encode(), Policy(), None)
+            item.name = name
+            backlog.offer(item, False)
+            items.append(item)
+    starts: list[float] = []
+    others = 0
+    end = fake.now + 5.0
+    while fake.now < end:
+        backlog.release_due(fake.now)
+        with backlog.locked():
+            for item in backlog.take_locked(Admission(None), 10):
+                if item.name == "jobs.purge":
+                    starts.append(fake.now)
+                else:
+                    others += 1
+                backlog.start_locked(item)
+                backlog.finish_locked(item, TaskState.SUCCEEDED)
+        due = backlog.next_due()
+        fake.now = min(fake.now + 0.01, due) if due is not None and due > fake.now else (
+            fake.now + 0.01)
+    assert len(starts) == 50
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) >= 0.1 - 1e-9 and max(gaps) <= 0.1 + 0.011
+    assert others == 100  # never held behind the limited name
+    with backlog.locked():
+        waiting = {backlog.waiting_for_locked(item) for item in items
+                   if item.state is TaskState.QUEUED}
+    assert waiting == {"limit"}  # (those not taken yet are set aside at their first take)
+
+
+def test_bad_options_are_value_errors(make_orchestrator: Make) -> None:
+    o = make_orchestrator(1)
+    other = make_orchestrator(1)
+    foreign = other.run(identity, 1)
+    assert foreign is not None
+    with pytest.raises(ValueError, match="not a future of this orchestrator"):
+        o.options(after=[foreign])
+    with pytest.raises(ValueError, match="after must be a list"):
+        o.options(after=foreign)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a future"):
+        o.options(after=[3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="key must be"):
+        o.options(key="")
+    with pytest.raises(ValueError, match="key cannot apply to map"):
+        list(o.options(key="k").map(identity, [1, 2]))
+    with pytest.raises(ValueError, match="rate"):
+        Limit(rate="10/d")
+    with pytest.raises(ValueError, match="concurrency"):
+        Limit(concurrency=0)
+    with pytest.raises(ValueError, match="limits"):
+        TaskOrchestrator(limits={"x": 1})  # type: ignore[dict-item]
+    assert o.stats().submitted == 0
+    assert list(o.options(policy=Policy(retries=0)).map(identity, [1, 2])) == [1, 2]
