@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from taskorch._parent.task import TaskFuture
     from taskorch._service.client.api import Client, connect
     from taskorch._stats import Progress, Stats, StopReport, TaskInfo
+    from taskorch._worker.progress import progress
 
 __all__ = [
     "BreakerMode",
@@ -81,6 +82,7 @@ __all__ = [
     "TaskorchError",
     "WorkerCrashedError",
     "connect",
+    "progress",
 ]
 
 __version__ = "0.1.0"
@@ -95,6 +97,7 @@ _LAZY = {
     "Stats": "taskorch._stats",
     "StopReport": "taskorch._stats",
     "Progress": "taskorch._stats",
+    "progress": "taskorch._worker.progress",
     "TaskInfo": "taskorch._stats",
     "Client": "taskorch._service.client.api",
     "connect": "taskorch._service.client.api",

@@ -20,7 +20,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import pickle
 from typing import TYPE_CHECKING
+
+from taskorch._errors import SerializationError
 
 if TYPE_CHECKING:
     from tenacity.wait import wait_base
@@ -222,3 +225,27 @@ def check_number(name: str, value: object, *, allow_zero: bool = False) -> None:
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def encode_policy(policy: Policy) -> bytes:
+    """A policy's bytes for the workers (``_wire`` re-exports this and ``decode_policy``)."""
+    import cloudpickle  # (here: ``import taskorch`` stays light)
+
+    try:
+        return cloudpickle.dumps(policy, pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise SerializationError(f"policy {policy!r} cannot be pickled: {exc}") from exc
+
+
+def decode_policy(data: bytes) -> Policy:
+    """Unpickle a policy in a worker; a failure is the task's SerializationError."""
+    try:
+        policy = pickle.loads(data)
+    except Exception as exc:
+        raise SerializationError(
+            f"the task's policy could not be unpickled in the worker: {type(exc).__name__}: "
+            f"{exc}. The exception classes in its retry_on must be importable there"
+        ) from exc
+    if not isinstance(policy, Policy):
+        raise SerializationError(f"expected a pickled taskorch.Policy, got {type(policy).__name__}")
+    return policy

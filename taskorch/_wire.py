@@ -40,6 +40,9 @@ each built by the function named after it (``started()`` for ``Started``) and re
                                                  worker that dies before it failed to start
     Recalled(task_ids)                           the answer to RECALL: these calls were not
                                                  started and never will be here
+    Reported(task_id, done, total, message, at)  ``taskorch.progress()`` in the running task
+                                                 (rate-limited: ``_worker.progress``); sent at
+                                                 once, from any thread of the task
 
 On the wire a message is a plain tuple: a call item its fields, an event its tag then its
 fields, in the order of its named type. Only this module builds or reads those tuples (see
@@ -66,7 +69,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence, Unio
 import cloudpickle
 
 from taskorch._errors import RemoteTaskError, RemoteTraceback, SerializationError, explain_main
-from taskorch._policy import Policy
+from taskorch._policy import decode_policy as decode_policy  # (the policy's bytes: see there)
+from taskorch._policy import encode_policy as encode_policy
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -201,14 +205,24 @@ class Recalled(NamedTuple):
     task_ids: list[int]
 
 
-Event = Union[Started, Retrying, Succeeded, Failed, Retiring, Ready, Recalled]
+class Reported(NamedTuple):
+    """``taskorch.progress()`` in task ``task_id`` (``at``: the worker's Unix time)."""
+
+    task_id: int
+    done: float
+    total: float | None
+    message: str | None
+    at: float
+
+
+Event = Union[Started, Retrying, Succeeded, Failed, Retiring, Ready, Recalled, Reported]
 #: The events that end a task.
 Outcome = Union[Succeeded, Failed]
 
 # Each event's tag on the wire: its index here (no event has tag 0).
 _EVENT_TYPES: tuple[Any, ...] = (
-    None, Started, Retrying, Succeeded, Failed, Retiring, Ready, Recalled)
-(_STARTED, _RETRYING, _SUCCEEDED, _FAILED, _RETIRING, _READY, _RECALLED) = range(1, 8)
+    None, Started, Retrying, Succeeded, Failed, Retiring, Ready, Recalled, Reported)
+(_STARTED, _RETRYING, _SUCCEEDED, _FAILED, _RETIRING, _READY, _RECALLED, _REPORTED) = range(1, 9)
 
 # The events' constructors, run by the workers (a local worker's main thread, and its reader
 # thread for ``recalled``; a Dask worker's task threads).
@@ -242,6 +256,11 @@ def ready(pid: int) -> WireMessage:
 
 def recalled(task_ids: list[int]) -> WireMessage:
     return (_RECALLED, task_ids)
+
+
+def reported(task_id: int, done: float, total: float | None, message: str | None,
+             at: float) -> WireMessage:
+    return (_REPORTED, task_id, done, total, message, at)
 
 
 def decode_events(frames: list[bytes]) -> list[Event]:
@@ -419,27 +438,6 @@ def decode_call(payload: bytes) -> tuple[Callable[..., Any], tuple[Any, ...], di
             "a closure (sent by value)"
         ) from exc
     return fn, args, kwargs
-
-
-def encode_policy(policy: Policy) -> bytes:
-    try:
-        return cloudpickle.dumps(policy, PROTOCOL)  # type: ignore[no-any-return]
-    except Exception as exc:
-        raise SerializationError(f"policy {policy!r} cannot be pickled: {exc}") from exc
-
-
-def decode_policy(data: bytes) -> Policy:
-    """Unpickle a policy in a worker; a failure is the task's SerializationError."""
-    try:
-        policy = pickle.loads(data)
-    except Exception as exc:
-        raise SerializationError(
-            f"the task's policy could not be unpickled in the worker: {type(exc).__name__}: "
-            f"{exc}. The exception classes in its retry_on must be importable there"
-        ) from exc
-    if not isinstance(policy, Policy):
-        raise SerializationError(f"expected a pickled taskorch.Policy, got {type(policy).__name__}")
-    return policy
 
 
 def encode_result(value: object) -> bytes:

@@ -530,3 +530,27 @@ def exclusive(lock_path: str, started: str = "", release_fifo: str = "") -> str:
     finally:
         os.close(fd)
         os.unlink(lock_path)
+
+
+def report_then_block(started: str, release_fifo: str) -> str:
+    """``taskorch.progress(3, 10, "three")``, announce, block until released, then a report
+    that the rate limit drops (the first one of a task is always sent)."""
+    import taskorch
+
+    taskorch.progress(3, 10, "three")
+    taskorch.progress(4, 10, "dropped: within the interval")
+    announce(started)
+    with open(release_fifo) as f:
+        return f.read()
+
+
+def progress_loop(n: int) -> float:
+    """Call ``taskorch.progress()`` ``n`` times in a tight loop: the mean cost (seconds)."""
+    import time
+
+    import taskorch
+
+    begin = time.perf_counter()
+    for i in range(n):
+        taskorch.progress(i, n)
+    return (time.perf_counter() - begin) / n

@@ -205,7 +205,8 @@ def test_a_journal_written_before_the_records_gains_them_and_the_listing_index(
         journal.start()
 
         class Registry:
-            progress: dict[int, object] = {}
+            def progress_of(self, task_id: int) -> None:
+                return None
 
             def waiting(self, task_id: int) -> None:
                 return None
@@ -244,3 +245,36 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_progress_from_a_task_reaches_a_local_future(make_orchestrator, gates) -> None:
+    import taskorch
+
+    assert taskorch.progress(1, 2, "outside a worker") is None  # a no-op here
+    orchestrator = make_orchestrator(worker_count=1)
+    gate = gates("report")
+    future = orchestrator.run(t.report_then_block, str(gate.started), str(gate.release_fifo))
+    assert future.progress() is None or future.progress().done == 3
+    gate.wait_started()
+    reported = wait_until(future.progress, what="the progress report")
+    assert (reported.done, reported.total, reported.message) == (3, 10, "three")
+    assert isinstance(reported, taskorch.Progress) and reported.at > 0
+    gate.release()
+    assert future.result(R) == "go" and future.progress() == reported  # the latest stays
+
+
+def test_progress_is_seen_from_a_client_while_the_task_runs(start_server, short_dir) -> None:
+    server = start_server("--workers", "1")
+    gate = t.Gate(short_dir, "report")
+    with server.connect() as client:
+        future = client.run(t.report_then_block, str(gate.started), str(gate.release_fifo))
+        gate.wait_started()
+        reported = wait_until(future.progress, what="the progress at the server")
+        assert (reported.done, reported.total, reported.message) == (3, 10, "three")
+        info = client.task(future.task_id)
+        assert info.state == "running" and info.progress == reported
+        assert client.tasks(state="running")[0].progress == reported
+        gate.release()
+        assert future.result(R) == "go"
+        assert client.task(future.task_id).progress == reported  # kept in the journal
+        assert client.run(t.square, 2).progress() is None  # never reported

@@ -37,7 +37,16 @@ from taskorch._parent.dask_inbox import (
     Restarted,
     WorkersAnswer,
 )
-from taskorch._wire import Event, Failed, Ready, Recalled, Retiring, Succeeded, decode_event
+from taskorch._wire import (
+    Event,
+    Failed,
+    Ready,
+    Recalled,
+    Reported,
+    Retiring,
+    Succeeded,
+    decode_event,
+)
 
 log = logging.getLogger("taskorch")
 
@@ -221,7 +230,7 @@ class ClusterLink:
             ours = decode_event(raw)
         except ValueError:
             ours = None
-        if ours is None or isinstance(ours, (Ready, Retiring, Recalled)):
+        if ours is None or isinstance(ours, (Ready, Retiring, Recalled, Reported)):
             log.error("ignored an event that taskorch's Dask worker function does not send (is "
                       "the same taskorch installed on every Dask worker?): %r", raw)
             return

@@ -55,11 +55,13 @@ from taskorch._parent.pool import (
 )
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
+from taskorch._stats import Progress
 from taskorch._wire import (
     Event,
     Failed,
     Ready,
     Recalled,
+    Reported,
     Retiring,
     Retrying,
     Started,
@@ -218,6 +220,9 @@ class LocalPool:
             elif isinstance(event, Recalled):
                 self._take_back(worker, set(event.task_ids))
                 worker.recall_sent = False
+            elif isinstance(event, Reported):  # the latest only, on the future (any reader)
+                if worker.inflight and worker.inflight[0].task_id == event.task_id:
+                    worker.inflight[0].future.latest_progress = Progress(*event[1:])
             # Ready: events_seen, set above, is what matters
         if worker.retiring is not None:
             self._set.begin_retirement(worker, worker.retiring)

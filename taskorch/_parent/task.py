@@ -50,6 +50,7 @@ from taskorch._wire import decode_exception, decode_frame
 
 if TYPE_CHECKING:
     from taskorch._policy import Policy
+    from taskorch._stats import Progress
 
 log = logging.getLogger("taskorch")
 
@@ -122,6 +123,9 @@ class TaskFuture(Future[Any]):
         self.task_id = 0
         self.attempts = 0
         self.seconds: float | None = None
+        # The task's latest ``taskorch.progress()``: set by the dispatcher thread (local
+        # workers) as reports come; read by any thread (``progress()``).
+        self.latest_progress: Progress | None = None
         # Set by the orchestrator: removes the task from the backlog if it is still there.
         # Dropped once the future is done (it leads to the WorkItem and what it holds).
         self._cancel_hook: Callable[[TaskFuture], bool] | None = None
@@ -139,6 +143,10 @@ class TaskFuture(Future[Any]):
         # be quick and never block or raise: it runs on a dispatcher thread mostly (else a
         # canceller's, stop()'s, the server's recovery). Not for user code.
         self._observer: Callable[[TaskFuture], None] | None = None
+
+    def progress(self) -> Progress | None:
+        """The latest ``taskorch.progress()`` the task reported while it ran, or None."""
+        return self.latest_progress
 
     def cancel(self) -> bool:
         hook = self._cancel_hook

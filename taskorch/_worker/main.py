@@ -72,6 +72,7 @@ This module imports only the worker side (``_wire``, ``_errors``, ``_policy``,
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import select
 import signal
@@ -95,9 +96,11 @@ from taskorch._wire import (
     failed,
     ready,
     recalled,
+    reported,
     retiring,
     succeeded,
 )
+from taskorch._worker import progress
 from taskorch._worker.attempts import AttemptRunner
 
 #: Exit status of a worker that saw its parent die.
@@ -149,7 +152,11 @@ def worker_main(
                 with inbox.cond:
                     inbox.cond.wait_for(lambda: inbox.calls or inbox.closed)
                 continue
-            outbox.append(_run_task(runner, call, default, policies))
+            progress.begin(functools.partial(_report, conn, send_lock, call.task_id))
+            try:
+                outbox.append(_run_task(runner, call, default, policies))
+            finally:
+                progress.end()
             if max_memory_mib is not None and _rss_mib() > max_memory_mib:
                 outbox.append(retiring(f"resident memory above {max_memory_mib:g} MiB"))
                 break  # calls still in the inbox were never started: the parent re-dispatches them
@@ -204,6 +211,13 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
                 inbox.cond.notify()
     except BaseException:
         _exit_with_group(EXIT_PARENT_GONE)  # EOF: the parent died or dropped us
+
+
+def _report(conn: Connection, send_lock: threading.Lock, task_id: int, done: float,
+            total: float | None, message: str | None, at: float) -> None:
+    """``taskorch.progress()`` of the running task, sent now (any thread of the task)."""
+    with send_lock:
+        conn.send_bytes(encode_frame([reported(task_id, done, total, message, at)]))
 
 
 def _run_task(

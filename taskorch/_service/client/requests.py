@@ -29,6 +29,7 @@ from taskorch._service.protocol import (
     result_request_frame,
 )
 from taskorch._service.values import decode_service_error
+from taskorch._stats import Progress
 from taskorch._wire import encode_call
 
 
@@ -73,9 +74,29 @@ def payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
     return encode_call(fn, args, kwargs)
 
 
+class RemoteTaskFuture(TaskFuture):
+    """A client's future: ``cancel()`` and ``progress()`` ask the server (``operate``:
+    ``Session.operate``, one round trip each)."""
+
+    def __init__(self, operate: Callable[[str, dict[str, Any]], Any]) -> None:
+        super().__init__()
+        self._operate = operate
+
+    def progress(self) -> Progress | None:
+        """The task's latest ``taskorch.progress()`` as the server holds it (None before the
+        server accepted it, or if it cannot be asked: then the last one seen)."""
+        if self.task_id:
+            try:
+                fields = self._operate("task", {"id": self.task_id}).get("progress")
+            except (TaskorchError, ValueError, LookupError, TimeoutError):
+                return self.latest_progress
+            self.latest_progress = None if fields is None else Progress(**fields)
+        return self.latest_progress
+
+
 def new_future(operate: Callable[[str, dict[str, Any]], Any]) -> TaskFuture:
     """A client future; its ``cancel()`` asks the server (``operate``: ``Session.operate``)."""
-    future = TaskFuture()
+    future = RemoteTaskFuture(operate)
     future.set_canceller(functools.partial(_cancel_remote, operate))
     return future
 

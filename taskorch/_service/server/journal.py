@@ -204,12 +204,14 @@ class Journal:
         self._ops.put(("started", task_id, attempts, pid))
 
     def finished(self, task_id: int, outcome: int, attempts: int, seconds: float | None,
-                 data: Any, then: Callable[[], None], status: str = "failed") -> None:
+                 data: Any, then: Callable[[], None], status: str = "failed",
+                 progress: tuple[Any, ...] | None = None) -> None:
         """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer, off the
         caller's thread: a dispatcher; ``status``: its ``TaskInfo`` state); ``then()`` once
         it is committed (or failed to be: logged). The call bytes stay with a task that did
-        not succeed, for ``Client.retry()``."""
-        self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then, status))
+        not succeed, for ``Client.retry()``; ``progress``: its last ``Progress`` fields."""
+        self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then, status,
+                       None if progress is None else pickle.dumps(progress, PROTOCOL)))
 
     def run(self, fn: Callable[[sqlite3.Connection], Any], then: Callable[[Any], None]) -> None:
         """``fn(db)`` in the writer's transaction, after what is queued (the operator's reads
@@ -314,9 +316,10 @@ class Journal:
         if by_kind["finished"]:
             db.executemany(
                 "UPDATE tasks SET state='done', status=?, payload=CASE WHEN ?='succeeded' THEN "
-                "NULL ELSE payload END, attempts=?, finished=?, outcome=?, seconds=?, data=? "
-                "WHERE id=?", [(op[7], op[7], op[3], now, op[2], op[4],
-                               pickle.dumps(op[5], PROTOCOL), op[1]) for op in by_kind["finished"]])
+                "NULL ELSE payload END, attempts=?, finished=?, outcome=?, seconds=?, data=?, "
+                "progress=? WHERE id=?",
+                [(op[7], op[7], op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL), op[8],
+                  op[1]) for op in by_kind["finished"]])
             callbacks += [op[6] for op in by_kind["finished"]]
         callbacks += [self._apply(op) for op in others]
         return callbacks

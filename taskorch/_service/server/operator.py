@@ -98,7 +98,7 @@ class Operator:
     def _info(self, row: Any) -> Any:
         task_id, status = row[0], row[2]
         waiting = self._registry.waiting(task_id) if status == "queued" else None
-        return info_of(row, self._registry.progress.get(task_id), waiting)
+        return info_of(row, self._registry.progress_of(task_id), waiting)
 
     def cancel(self, task_id: int, terminate: bool = False) -> bool:
         """True once a queued or waiting task is cancelled and that is committed; False if it

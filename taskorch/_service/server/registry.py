@@ -31,6 +31,7 @@ outcome now; after reconnecting they get it from the next server.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import pickle
@@ -143,9 +144,6 @@ class TaskRegistry:
         # Set when the server starts to stop (main thread); read by _ended.
         self.stopping = False
         self.left_for_next_start = 0  # tasks the drain ended that stay live in the journal
-        # Running tasks' latest ``taskorch.progress()`` (the dispatcher writes, any thread
-        # reads; a dict's get/set/pop are atomic); an entry goes with the task's outcome.
-        self.progress: dict[int, Progress] = {}
 
     def reserve_slot(self, what: str) -> bool:
         """Hold a backlog slot for ``submit_reserved`` (``Intake.reserve``)."""
@@ -272,6 +270,12 @@ class TaskRegistry:
             return None
         return live.future.cancel()  # succeeds only while queued in the backlog
 
+    def progress_of(self, task_id: int) -> Progress | None:
+        """A live task's latest ``taskorch.progress()`` (``TaskFuture.latest_progress``)."""
+        with self._lock:
+            live = self._live.get(task_id)
+        return None if live is None else live.future.latest_progress
+
     def waiting(self, task_id: int) -> bool | None:
         """Does queued task ``task_id`` wait (for a time, a dependency or a limit: the
         backlog's ``waiting_for_locked``)? None if it is not queued here."""
@@ -322,15 +326,15 @@ class TaskRegistry:
             return  # left live in the journal for the next start (see the module docstring)
         cancelled, exc, raw = future.settled()
         status = status_of(cancelled, exc, isinstance(raw, RawOutcome) and raw.ok)
+        last = future.latest_progress
         self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
                               outcome.data, functools.partial(self._publish, task_id, outcome),
-                              status)
+                              status, None if last is None else dataclasses.astuple(last))
 
     def _publish(self, task_id: int, outcome: Outcome) -> None:
         """The journal's writer, once the outcome is committed (or failed to be)."""
         with self._lock:
             live = self._live.pop(task_id, None)
-        self.progress.pop(task_id, None)
         if live is not None:
             for sink, req in live.watchers():
                 sink.outcome(req, outcome)
