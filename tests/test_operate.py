@@ -278,3 +278,61 @@ def test_progress_is_seen_from_a_client_while_the_task_runs(start_server, short_
         assert future.result(R) == "go"
         assert client.task(future.task_id).progress == reported  # kept in the journal
         assert client.run(t.square, 2).progress() is None  # never reported
+
+
+def test_the_cli_lists_cancels_retries_and_purges_with_exit_codes(start_server,
+                                                                   short_dir) -> None:
+    import json
+    import subprocess
+
+    from test_service import _env, _taskorch
+
+    server = start_server("--workers", "1")
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            _taskorch(*argv, "--socket", str(server.address), "--authkey-file",
+                      str(server.authkey_file)),
+            capture_output=True, text=True, timeout=R, env=_env())
+
+    counter = short_dir / "counter"
+    with server.connect() as client:
+        failed = client.with_policy(NO_RETRY).run(t.fail_until, str(counter), 2)
+        with pytest.raises(ConnectionError):
+            failed.result(R)
+        gate, running = _busy(client, short_dir)
+        queued = [client.run(t.square, i) for i in range(3)]
+        ids = [client.accepted(f, R) for f in queued]
+
+        table = cli("tasks")
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[0].split()[:4] == ["ID", "NAME", "STATE", "TRIES"]
+        assert [line.split()[0] for line in lines[1:]] == [
+            str(i) for i in [*ids[::-1], running.task_id, failed.task_id]]
+        assert "ConnectionError: attempt 1 failed" in lines[-1]
+        listed = cli("tasks", "--state", "queued", "--json", "--limit", "2")
+        records = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [r["id"] for r in records] == [ids[2], ids[1]]
+        assert {r["state"] for r in records} == {"queued"}
+
+        done = cli("cancel", str(ids[0]))
+        assert done.returncode == 0 and done.stdout == f"task {ids[0]}: cancelled\n"
+        again = cli("cancel", str(ids[0]), "999999")
+        assert again.returncode == 1
+        assert "is cancelled" in again.stderr and "knows no task 999999" in again.stderr
+        busy = cli("cancel", str(running.task_id))
+        assert busy.returncode == 1 and "--terminate" in busy.stderr
+
+        retried = cli("retry", str(failed.task_id))
+        assert retried.returncode == 0, retried.stderr
+        new_id = int(retried.stdout.split()[-1])
+        assert cli("retry", str(ids[1])).returncode == 1  # queued: nothing to retry
+
+        assert cli("purge").returncode == 2  # without --yes
+        purged = cli("purge", "--yes", "--name", "_tasks.square")
+        assert purged.returncode == 0 and purged.stdout == "2 queued tasks cancelled\n"
+        assert cli("tasks", "--state", "sleeping").returncode == 2
+        gate.release()
+        assert client.result(new_id, R) == 2
+        assert all(f.cancelled() for f in queued)

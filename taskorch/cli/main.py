@@ -4,6 +4,7 @@
     taskorch serve           a long-running pool other processes submit to (taskorch.cli.serve)
     taskorch status          print a server's statistics (taskorch.cli.status)
     taskorch trigger NAME    run one of a server's schedules now (taskorch.cli.trigger)
+    taskorch tasks|cancel|retry|purge   a server's tasks, by id (taskorch.cli.operate)
     taskorch demo            the main job: offload real cleanup work (taskorch.cli.demo)
 
 Exit codes (``taskorch.cli.options``): 0 success, 1 some task failed, 2 usage error, 3 the
@@ -30,7 +31,7 @@ pipe, a full disk: records were lost); 130 / 143 stopped by SIGINT / SIGTERM, af
 
 def build_parser() -> argparse.ArgumentParser:
     from taskorch import __version__
-    from taskorch.cli import demo, run, serve, status, trigger
+    from taskorch.cli import demo, operate, run, serve, status, trigger
 
     parser = argparse.ArgumentParser(
         prog="taskorch",
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     status.add_parser(sub)
     trigger.add_parser(sub)
+    operate.add_parsers(sub)
     demo.add_parser(sub)
     return parser
 
