@@ -126,11 +126,11 @@ def test_the_api_views(make_orchestrator: Callable[..., TaskOrchestrator],
     (failure,) = overview["failures"]
     assert failure["type"] == "ValueError" and "raise ValueError" in failure["traceback"]
     assert [s["name"] for s in overview["schedules"]] == ["hourly"]
-    assert {t["name"] for t in overview["tasks"]} >= {"_tasks.square",
+    assert {t["name"] for t in overview["names"]} >= {"_tasks.square",
                                                       "_tasks.raise_value_error"}
     assert [w["pid"] for w in overview["workers"]] == o.worker_pids()
     assert overview["history"]["samples"] and overview["readiness"]["breaker"] == "ok"
-    for view in ("stats", "workers", "failures", "schedules", "tasks", "history"):
+    for view in ("stats", "workers", "failures", "schedules", "names", "history"):
         assert get(service.url + "api/" + view)[0] == 200, view
     assert get(service.url + "api/nothing")[0] == 404
 
@@ -168,7 +168,7 @@ def test_serve_http_end_to_end(start_server: Callable[..., Server]) -> None:  # 
     assert parsed["taskorch_tasks_succeeded_total"] == stats.succeeded == 3
     assert parsed["taskorch_tasks_failed_total"] == stats.failed == 1
     # The server never unpickles a call, yet names module functions (read from the pickle).
-    tasks = {t["name"]: t for t in json.loads(get(url + "api/tasks")[1])}
+    tasks = {t["name"]: t for t in json.loads(get(url + "api/names")[1])}
     assert tasks["_tasks.square"]["finished"] == 3
     assert tasks["_tasks.raise_value_error"]["failed"] == 1
     assert get(url + "healthz")[0] == 200

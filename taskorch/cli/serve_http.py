@@ -42,12 +42,18 @@ def http_service_from_args(args: argparse.Namespace,
         host, port = parse_tcp_address(args.http)
         token, note = None, ""
         path = args.http_token_file or (None if _loopback(host) else _default_token_path())
+        action_token = None
         if path is not None:
             token, created = load_or_create_token(Path(path))
             note = (f"/metrics and /api/... need the bearer token in {path}"
                     + (" (generated, mode 0600)" if created else ""))
+        else:  # loopback, open to GETs: actions (POST) still need a token (see ``http``)
+            path = _default_token_path()
+            action_token, created = load_or_create_token(Path(path))
+            note = (f"actions (POST /api/...) need the bearer token in {path}"
+                    + (" (generated, mode 0600)" if created else ""))
         service = HttpService(orchestrator, host, port, token=token,
-                              allow_remote=args.allow_remote)
+                              allow_remote=args.allow_remote, action_token=action_token)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     return service, note

@@ -18,15 +18,23 @@ threads, never the dispatcher.
 
 Endpoints: ``/metrics`` (the exposition, ``prometheus_client``), ``/healthz`` (the process
 answers), ``/readyz`` (every readiness check passes: 200, else 503 with the reasons), ``/api/...``
-(JSON: ``stats``, ``workers``, ``failures``, ``schedules``, ``tasks``, ``history``, and
-``overview``, all of them at once, which the dashboard polls), and ``/`` (the dashboard,
-``dashboard.html``).
+(JSON: ``stats``, ``workers``, ``failures``, ``schedules``, ``names`` (the per-name figures),
+``history``, and ``overview``, all of them at once, which the dashboard polls), the task
+records and actions of ``http_tasks`` (``/api/tasks``..., POST ``/api/tasks/{id}/cancel``...;
+only with ``taskorch serve``'s ``operator``), and ``/`` (the dashboard, ``dashboard.html``).
 
 Security: loopback only unless the operator allows remote clients, and then a token is
 required. With a token, ``/metrics`` and ``/api/...`` need ``Authorization: Bearer TOKEN``
 (Prometheus' ``authorization`` setting); ``/``, ``/healthz`` and ``/readyz`` show no data and stay
 open, for supervisors and load balancers. The dashboard page reads the token from its URL's
 fragment (``/#token=...``), which browsers never send to a server or write to its logs.
+
+Actions (every POST) need a bearer token always, on loopback too, since any web page a browser
+shows can send requests to 127.0.0.1: the token, or on a loopback server without one the
+``action_token`` (``serve_http``: the default token file); no token at all, no action (401).
+A POST whose ``Origin`` header is present and not this server's own (``http://`` + its
+``Host``) is refused with 403 before its token is read; one with no ``Origin`` (curl, scripts)
+is judged by its token alone. GETs keep the rules above.
 """
 
 from __future__ import annotations
@@ -47,16 +55,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from taskorch._parent.observe import Observer, Snapshot
+from taskorch._service.server.http_tasks import get, is_task_path, post
 from taskorch._service.server.listener import resolve_tcp
 from taskorch.metrics import TaskorchCollector
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
+    from taskorch._service.server.operator import Operator
 
 log = logging.getLogger("taskorch")
 
@@ -80,7 +90,8 @@ class HttpService:
 
     def __init__(self, orchestrator: TaskOrchestrator, host: str, port: int, *,
                  token: str | None = None, allow_remote: bool = False,
-                 sample_interval: float = SAMPLE_INTERVAL) -> None:
+                 sample_interval: float = SAMPLE_INTERVAL,
+                 action_token: str | None = None) -> None:
         shown = f"{host}:{port}"
         family, sockaddr, loopback = resolve_tcp(
             host, port, allow_remote=allow_remote,
@@ -90,6 +101,9 @@ class HttpService:
             raise ValueError(f"serving HTTP on the non-loopback {shown} needs a token")
         self.observer = Observer(orchestrator)
         self.token = token
+        self.action_token = token or action_token  # what a POST must carry (None: no POST)
+        # The task records and actions (``http_tasks``): set by taskorch serve before start().
+        self.operator: Operator | None = None
         self.readiness_checks: list[tuple[str, ReadinessCheck]] = [
             ("intake", self._intake_open), ("workers", self._workers_up),
             ("breaker", self._breaker_not_open),
@@ -201,7 +215,7 @@ class HttpService:
         snap = self.observer.snapshot()
         views: dict[str, Callable[[Snapshot], Any]] = {
             "stats": _stats_json, "failures": _failures_json, "schedules": _schedules_json,
-            "tasks": _tasks_json,
+            "names": _names_json,
         }
         if what == "overview":
             out = {name: view(snap) for name, view in views.items()}
@@ -225,7 +239,7 @@ def _schedules_json(snap: Snapshot) -> list[dict[str, Any]]:
     return [dataclasses.asdict(s) for s in snap.schedules]
 
 
-def _tasks_json(snap: Snapshot) -> list[dict[str, Any]]:
+def _names_json(snap: Snapshot) -> list[dict[str, Any]]:
     out = []
     for t in snap.tasks:
         finished, started = sum(t.run_counts), sum(t.wait_counts)
@@ -292,6 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
                            extra={"WWW-Authenticate": 'Bearer realm="taskorch"'})
             elif path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(service.registry))
+            elif is_task_path(path) and service.operator is not None:
+                self._send_answer(get(service.operator, path,
+                                      parse_qs(urlsplit(self.path).query)))
             elif path.startswith("/api/"):
                 try:
                     body = service.api(path[len("/api/"):])
@@ -310,14 +327,40 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def _authorized(self) -> bool:
-        token = self.server.service.token
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        """An action (``http_tasks``): same-origin or no Origin (403), the token (401)."""
+        service = self.server.service
+        split = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= 65536:
+            self.rfile.read(length)  # (no body is used; read so that the answer is seen)
+        origin = self.headers.get("Origin")
+        try:
+            if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+                self._send(403, "application/json", {"error": f"a request from {origin} may "
+                           "not act on this server (only its own dashboard's pages may)"})
+            elif not service.action_token or not self._authorized(service.action_token):
+                self._send(401, "application/json", {"error": "an action needs the token "
+                           "(Authorization: Bearer TOKEN)"},
+                           extra={"WWW-Authenticate": 'Bearer realm="taskorch"'})
+            elif service.operator is None or not is_task_path(split.path):
+                self._send(404, "application/json", {"error": f"not found: {split.path}"})
+            else:
+                self._send_answer(post(service.operator, split.path, parse_qs(split.query)))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away
+
+    def _authorized(self, required: str | None = None) -> bool:
+        token = required or self.server.service.token
         if not token:
             return True
         given = self.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             value.strip().encode(), token.encode())
+
+    def _send_answer(self, answer: tuple[int, Any]) -> None:
+        self._send(answer[0], "application/json", answer[1])
 
     def _send(self, status: int, content_type: str, body: Any,
               extra: dict[str, str] | None = None) -> None:
