@@ -108,3 +108,28 @@ def test_on_loopback_without_a_token_gets_are_open_and_posts_need_the_default_to
         assert post(retry)[0] == 401
         token = token_file.read_text().strip()
         assert post(retry, token)[0] == 400  # authorized; a succeeded task is not retried
+
+
+def test_the_hour_of_history_is_kept_in_fixed_buckets(make_orchestrator: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hours of samples, one a second, on a fake clock: the hour view keeps one sample per
+    HOUR_BUCKET seconds and at most HOUR_BUCKETS of them (memory does not grow), the fine
+    view its last HISTORY."""
+    from taskorch._service.server import http as http_module
+
+    o = make_orchestrator(worker_count=1)
+    service = http_module.HttpService(o, "127.0.0.1", 0)
+    try:
+        now = [1_000_000.0]
+        monkeypatch.setattr(http_module.time, "time", lambda: now[0])
+        for _ in range(7200):
+            service._sample()
+            now[0] += 1.0
+        hour = service.api("history")["hour"]
+        assert len(hour) == http_module.HOUR_BUCKETS
+        gaps = {round(b[0] - a[0]) for a, b in zip(hour, hour[1:])}
+        assert gaps == {http_module.HOUR_BUCKET}
+        assert hour[-1][0] >= now[0] - 1 - http_module.HOUR_BUCKET
+        assert len(service.api("history")["samples"]) == http_module.HISTORY
+    finally:
+        service.close()

@@ -13,8 +13,9 @@ threads, never the dispatcher.
                                the socket times out after ``REQUEST_TIMEOUT`` (a client that
                                stalls loses its connection). Daemon; ``close()`` joins them.
     "taskorch-http-sampler"    every ``SAMPLE_INTERVAL`` s, appends the counts to the history
-                               the dashboard's charts draw (``HISTORY`` samples); waits on an
-                               Event that ``close()`` sets. Daemon; joined by ``close()``.
+                               the dashboard's charts draw (``HISTORY`` samples, and the hour
+                               in ``HOUR_BUCKETS`` fixed buckets); waits on an Event that
+                               ``close()`` sets. Daemon; joined by ``close()``.
 
 Endpoints: ``/metrics`` (the exposition, ``prometheus_client``), ``/healthz`` (the process
 answers), ``/readyz`` (every readiness check passes: 200, else 503 with the reasons), ``/api/...``
@@ -73,8 +74,13 @@ log = logging.getLogger("taskorch")
 #: Seconds between two samples of the dashboard's history. One second shows a burst; the
 #: cost is a stats() call (one lock acquisition) per second.
 SAMPLE_INTERVAL = 1.0
-#: Samples kept: the charts' window (10 minutes at SAMPLE_INTERVAL).
-HISTORY = 600
+#: Samples kept: the fine charts' window (5 minutes at SAMPLE_INTERVAL).
+HISTORY = 300
+#: The hour chart: one sample per HOUR_BUCKET seconds (the first of each bucket), at most
+#: HOUR_BUCKETS of them: an hour in a fixed-size deque, so memory never grows with uptime,
+#: and the page fetches 120 points, not 3,600.
+HOUR_BUCKET = 30.0
+HOUR_BUCKETS = 120
 #: A request's socket timeout: a client that stalls longer loses its connection (and frees
 #: its thread).
 REQUEST_TIMEOUT = 10.0
@@ -114,6 +120,7 @@ class HttpService:
         # appended by the sampler, copied by requests (a deque's append and list() are atomic
         # under the GIL).
         self.history: deque[tuple[float, ...]] = deque(maxlen=HISTORY)
+        self.hour: deque[tuple[float, ...]] = deque(maxlen=HOUR_BUCKETS)  # (same fields)
         self.sample_interval = sample_interval
         try:
             server_class = _Server6 if family == socket.AF_INET6 else _Server
@@ -172,8 +179,12 @@ class HttpService:
 
     def _sample(self) -> None:
         s = self.observer.orchestrator.stats()
-        self.history.append((time.time(), s.submitted, s.succeeded, s.failed, s.queued,
-                             s.running, s.workers))
+        sample = (time.time(), s.submitted, s.succeeded, s.failed, s.queued, s.running,
+                  s.workers)
+        self.history.append(sample)
+        hour = self.hour
+        if not hour or sample[0] // HOUR_BUCKET != hour[-1][0] // HOUR_BUCKET:
+            hour.append(sample)  # (the sampler's thread alone appends)
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -207,7 +218,7 @@ class HttpService:
         if what == "history":
             return {"interval": self.sample_interval, "fields": [
                 "time", "submitted", "succeeded", "failed", "queued", "running", "workers"],
-                "samples": list(self.history)}
+                "samples": list(self.history), "bucket": HOUR_BUCKET, "hour": list(self.hour)}
         if what == "workers":
             return self.observer.workers()
         if what == "readiness":
@@ -220,7 +231,7 @@ class HttpService:
         if what == "overview":
             out = {name: view(snap) for name, view in views.items()}
             out.update(workers=self.observer.workers(), history=self.api("history"),
-                       readiness=self.readiness())
+                       readiness=self.readiness(), records=self.operator is not None)
             return out
         return views[what](snap)
 
