@@ -178,6 +178,15 @@ class ServiceProtocolError(ValueError):
     """A peer sent a frame that is not part of the service protocol."""
 
 
+class BadRequest(ServiceProtocolError):
+    """A client frame of a known layout with a valid request number whose other fields are
+    not valid (a type, a range, a size): that request is refused, the connection goes on."""
+
+    def __init__(self, req: int, reason: str) -> None:
+        super().__init__(reason)
+        self.req = req
+
+
 # -- the frames: one named type each, built by its constructor below ---------------------------
 # On the wire a frame is the plain tuple of its fields (the tag first): the server's unpickler
 # accepts builtins only, and the layout stays the one this docstring describes. The codec
@@ -421,6 +430,9 @@ def decode_client_frame(data: bytes) -> ClientFrame:
         frame: ClientFrame = _new(kind, message)
         if _is_valid(frame):
             return frame
+        if kind is not CreditReturn and _is_req(message[1]):
+            raise BadRequest(message[1], f"invalid fields in a {kind.__name__} frame (a type, "
+                             f"a range: integers 0 to 2**63-1, or a size)")
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
 
 
@@ -476,7 +488,13 @@ def decode_builtins(data: bytes) -> Any:
     return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
 
 
+#: Integers a client sends are request numbers, task ids and counts: each must fit a signed
+#: 64-bit SQLite integer (the journal stores them), checked here rather than where SQLite would
+#: raise OverflowError.
+MAX_INT = 2**63 - 1
+
+
 def _is_req(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
 
 

@@ -109,7 +109,7 @@ def is_wire_policy(value: object) -> bool:
     policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = value
     return (
         isinstance(policy_bytes, bytes) and isinstance(retries, int)
-        and not isinstance(retries, bool)
+        and not isinstance(retries, bool) and 0 <= retries < 2**31
         and (timeout is None or isinstance(timeout, (int, float)))
         and isinstance(backoff_initial, (int, float)) and isinstance(backoff_max, (int, float))
         and isinstance(jitter, bool) and isinstance(retry_timeouts, bool)

@@ -98,6 +98,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--journal-sync", choices=("full", "normal"), default="full",
                    help="full (default): a commit survives a power loss (an fsync per group "
                         "commit); normal: it survives a crash of the server, not of the machine")
+    p.add_argument("--recover-damaged", action="store_true",
+                   help="start on a journal that is damaged (its -wal garbled or missing, the "
+                        "file emptied: refused by default, naming the accepted tasks lost) "
+                        "and run what is left in it")
     p.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
                    help="how long outcomes stay in the journal for Client.result(task_id) "
                         "(default: 3600)")
@@ -194,7 +198,8 @@ def _open_journal(args: argparse.Namespace) -> Journal:
             default.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = str(default)
     try:
-        return Journal(path, result_ttl=args.result_ttl, synchronous=args.journal_sync.upper())
+        return Journal(path, result_ttl=args.result_ttl, synchronous=args.journal_sync.upper(),
+                       recover_damaged=args.recover_damaged)
     except JournalError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -44,6 +44,7 @@ from taskorch._service.handshake import (
 )
 from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
+    BadRequest,
     CreditReturn,
     ResultRequest,
     ServerFrame,
@@ -252,7 +253,13 @@ class ServedConnection:
     def _read(self) -> None:
         frames = FrameReader(self.conn.fileno())  # (the fds live as long as this thread)
         while True:
-            frame = decode_client_frame(frames.read())
+            try:
+                frame = decode_client_frame(frames.read())
+            except BadRequest as exc:  # that request is refused, nothing else
+                log.warning("taskorch serve: %s: request %d refused: %s", self.peer, exc.req, exc)
+                self._reply(rejected_frame(exc.req, ValueError(
+                    f"taskorch serve refused this request: {exc}")))
+                continue
             if isinstance(frame, Submit):
                 self._submit(frame)
             elif isinstance(frame, ResultRequest):

@@ -51,7 +51,8 @@ from taskorch._service.protocol import (
     O_RESULT,
     decode_builtins,
 )
-from taskorch._service.server.journal import DONE, Journal, Row
+from taskorch._service.server.journal import DONE, Journal
+from taskorch._service.server.journal_file import Row
 from taskorch._service.values import WirePolicy, decode_service_policy, encode_service_error
 from taskorch._wire import PROTOCOL
 
