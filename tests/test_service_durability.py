@@ -23,6 +23,7 @@ from test_service import R, _env, _taskorch
 from test_service_journal import journal_counts, kill
 
 from taskorch import JournalError
+from taskorch._service.protocol import submit_frame
 from taskorch._service.server.journal import Journal
 
 short_dir = test_service.short_dir
@@ -213,3 +214,41 @@ def test_many_submitters_and_a_hostile_one_lose_nothing(start_server, short_dir)
             with pytest.raises(ValueError):
                 hostile.result(-1 if _ % 2 else 2**64, timeout=R)
         assert all(r.result(R) == [i * i for i in range(800)] for r in results)
+
+
+def test_a_truncated_call_is_refused_and_the_connection_goes_on(start_server) -> None:
+    """A call cut short where the server reads it (its function reference) is refused as a
+    bad request; the reader lives on and serves the next frame."""
+    import pickle
+
+    from test_service import _authenticated
+
+    from taskorch._service.protocol import C_STATS, S_REJECTED, S_STATS
+    from taskorch._wire import encode_call
+
+    server = start_server()
+    whole = encode_call(t.square, (3,), {})
+    sock, conn = _authenticated(server)
+    try:
+        for cut in (whole[:len(whole) // 8], whole[:20]):
+            conn.send_bytes(pickle.dumps(tuple(submit_frame(
+                5, cut, None, wait=False, client=b"c" * 16, retry=False, credit=False))))
+            tag, req, _ = pickle.loads(conn.recv_bytes())
+            assert (tag, req) == (S_REJECTED, 5)
+        conn.send_bytes(pickle.dumps((C_STATS, 7)))
+        tag, req, _ = pickle.loads(conn.recv_bytes())
+        assert (tag, req) == (S_STATS, 7)
+    finally:
+        conn.close()
+        sock.close()
+    assert "internal error" not in server.stderr()
+
+
+def test_http_answers_carry_security_headers(start_server) -> None:
+    server = start_server("--http", "127.0.0.1:0", "--workers", "1", tcp=True)
+    url = http_url(server)
+    for path in ("", "readyz", "metrics"):
+        _, _, headers = get(url + path)
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]

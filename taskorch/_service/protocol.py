@@ -137,7 +137,7 @@ import pickle
 from typing import Any, NamedTuple
 
 from taskorch._service.values import WirePolicy, encode_service_error, is_wire_policy
-from taskorch._wire import PROTOCOL
+from taskorch._wire import PROTOCOL, function_reference
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
 #: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
@@ -439,7 +439,7 @@ def decode_client_frame(data: bytes) -> ClientFrame:
 def _is_valid(frame: ClientFrame) -> bool:
     if isinstance(frame, Submit):
         return (_is_req(frame.req) and isinstance(frame.payload, bytes)
-                and isinstance(frame.wait, bool)
+                and _is_whole_call(frame.payload) and isinstance(frame.wait, bool)
                 and (frame.policy is None or is_wire_policy(frame.policy))
                 and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64
                 and isinstance(frame.retry, bool) and isinstance(frame.credit, bool))
@@ -492,6 +492,15 @@ def decode_builtins(data: bytes) -> Any:
 #: 64-bit SQLite integer (the journal stores them), checked here rather than where SQLite would
 #: raise OverflowError.
 MAX_INT = 2**63 - 1
+
+
+def _is_whole_call(payload: bytes) -> bool:
+    """Not cut short where the server reads it (the function reference the metrics name)."""
+    try:
+        function_reference(payload)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_req(value: object) -> bool:
