@@ -136,8 +136,14 @@ from __future__ import annotations
 import pickle
 from typing import Any, NamedTuple
 
-from taskorch._service.values import WirePolicy, encode_service_error, is_wire_policy
-from taskorch._wire import PROTOCOL, function_reference
+from taskorch._service.values import (
+    WirePolicy,
+    encode_service_error,
+    is_count,
+    is_whole_call,
+    is_wire_policy,
+)
+from taskorch._wire import PROTOCOL
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
 #: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
@@ -430,7 +436,7 @@ def decode_client_frame(data: bytes) -> ClientFrame:
         frame: ClientFrame = _new(kind, message)
         if _is_valid(frame):
             return frame
-        if kind is not CreditReturn and _is_req(message[1]):
+        if kind is not CreditReturn and is_count(message[1]):
             raise BadRequest(message[1], f"invalid fields in a {kind.__name__} frame (a type, "
                              f"a range: integers 0 to 2**63-1, or a size)")
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
@@ -438,19 +444,19 @@ def decode_client_frame(data: bytes) -> ClientFrame:
 
 def _is_valid(frame: ClientFrame) -> bool:
     if isinstance(frame, Submit):
-        return (_is_req(frame.req) and isinstance(frame.payload, bytes)
-                and _is_whole_call(frame.payload) and isinstance(frame.wait, bool)
+        return (is_count(frame.req) and isinstance(frame.payload, bytes)
+                and is_whole_call(frame.payload) and isinstance(frame.wait, bool)
                 and (frame.policy is None or is_wire_policy(frame.policy))
                 and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64
                 and isinstance(frame.retry, bool) and isinstance(frame.credit, bool))
     if isinstance(frame, ResultRequest):
-        return _is_req(frame.req) and _is_req(frame.task_id) and isinstance(frame.wait, bool)
+        return is_count(frame.req) and is_count(frame.task_id) and isinstance(frame.wait, bool)
     if isinstance(frame, TriggerRequest):
-        return (_is_req(frame.req) and isinstance(frame.name, str)
+        return (is_count(frame.req) and isinstance(frame.name, str)
                 and 0 < len(frame.name) <= 1000)
     if isinstance(frame, CreditReturn):
-        return _is_req(frame.n)
-    return _is_req(frame.req)  # Withdraw, StatsRequest
+        return is_count(frame.n)
+    return is_count(frame.req)  # Withdraw, StatsRequest
 
 
 def decode_server_frames(data: bytes) -> tuple[ServerFrame, ...]:
@@ -486,24 +492,5 @@ def decode_builtins(data: bytes) -> Any:
     import io
 
     return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
-
-
-#: Integers a client sends are request numbers, task ids and counts: each must fit a signed
-#: 64-bit SQLite integer (the journal stores them), checked here rather than where SQLite would
-#: raise OverflowError.
-MAX_INT = 2**63 - 1
-
-
-def _is_whole_call(payload: bytes) -> bool:
-    """Not cut short where the server reads it (the function reference the metrics name)."""
-    try:
-        function_reference(payload)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_req(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
 
 

@@ -5,11 +5,12 @@ own; see ``protocol`` for the frames)."""
 from __future__ import annotations
 
 import pickle
+import struct
 from typing import TYPE_CHECKING, Any
 
 from taskorch._errors import RemoteTaskError
 from taskorch._policy import Policy
-from taskorch._wire import PROTOCOL, encode_exception, encode_policy
+from taskorch._wire import PROTOCOL, encode_exception, encode_policy, function_reference
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
@@ -114,3 +115,23 @@ def is_wire_policy(value: object) -> bool:
         and isinstance(backoff_initial, (int, float)) and isinstance(backoff_max, (int, float))
         and isinstance(jitter, bool) and isinstance(retry_timeouts, bool)
     )
+
+
+#: Integers a client sends are request numbers, task ids and counts: each must fit a signed
+#: 64-bit SQLite integer (the journal stores them), checked when a frame is decoded rather
+#: than where SQLite would raise OverflowError.
+MAX_INT = 2**63 - 1
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+
+
+def is_whole_call(payload: bytes) -> bool:
+    """Not cut short where the server reads it: the function reference the metrics name (a
+    whole pickle ends with STOP, ".")."""
+    try:
+        reference = function_reference(payload)
+    except struct.error:  # not even its length
+        return False
+    return reference is None or reference.endswith(b".")

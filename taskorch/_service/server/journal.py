@@ -56,18 +56,17 @@ import time
 from typing import Any, Callable
 
 from taskorch._errors import JournalError
+from taskorch._service.protocol import SERVICE_MAX_FRAME
 from taskorch._service.server.journal_file import (
     ROW_COLUMNS,
     Mark,
     Row,
     Transaction,
-    check_mark,
-    lock_journal,
     next_task_id,
     open_journal,
-    record_opening,
-    refuse_empty,
+    open_marked,
 )
+from taskorch._service.server.outbox import OUTBOX_LIMIT, ByteBound, data_bytes
 from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")
@@ -88,6 +87,12 @@ RETRY_PAUSE = 0.5
 _KEPT = frozenset({"started", "finished", "forget", "schedule_fired", "schedule_ended"})
 
 QUEUED, RUNNING, DONE = "queued", "running", "done"
+#: Outcomes of at least this many bytes count in MAX_QUEUED_BYTES (smaller ones skip its lock).
+LARGE_OUTCOME = 4096
+#: Most bytes of large outcomes waiting for the writer: past it, whoever ends a task waits.
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+#: Default largest result a task may return through ``taskorch serve``: what one frame carries.
+MAX_RESULT_BYTES = SERVICE_MAX_FRAME - 4096
 
 
 
@@ -106,20 +111,27 @@ class Journal:
     """
 
     def __init__(self, path: str | None, *, result_ttl: float = 3600.0,
-                 synchronous: str = "FULL", recover_damaged: bool = False) -> None:
+                 synchronous: str = "FULL", recover_damaged: bool = False,
+                 max_result_bytes: int = MAX_RESULT_BYTES,
+                 outbox_bytes: int = OUTBOX_LIMIT) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        # What the journal keeps out of RAM (read by the registry and the connections): a
+        # larger result fails its task; past ``outbox_bytes`` of outcomes a connection has not
+        # sent, the rest wait here (``outbox``).
+        self.max_result_bytes = max_result_bytes
+        self.outbox_bytes = outbox_bytes
         self.path = path
         self.durable = path is not None
         self.result_ttl = result_ttl
         self._lock_fd: int | None = None
         self._mark: Mark | None = None
-        try:
-            self._db, self._inserted, marked_next = self._open(path, synchronous,
-                                                               recover_damaged)
-        except BaseException:
-            self._unlock()
-            raise
+        if path is None:
+            self._db, self._inserted, marked_next = open_journal(None, synchronous, True), 0, 0
+        else:  # (locked, checked against its mark: see journal_file)
+            self._lock_fd, self._mark, self._db, self._inserted = open_marked(
+                path, synchronous, recover_damaged)
+            marked_next = self._mark.next_id
         # Operations for the writer (see the module docstring). Unbounded: its producers must
         # never block (one runs under the backlog lock); every submission in it holds a
         # backlog slot, which bounds the submissions; the rest are a few per task.
@@ -129,6 +141,8 @@ class Journal:
         # the server stopped is committed; it never waits on anything but the disk.
         self._writer = threading.Thread(target=self._write_guarded, name="taskorch-serve-journal")
         self._next_prune = 0.0
+        # Large outcomes queued or kept, not yet committed: finished() waits past the bound.
+        self._queued = ByteBound(MAX_QUEUED_BYTES)
         self._started = self._closed = False
         # The next task id (writer thread): ids are given here rather than by SQLite, so that
         # a batch of submissions is one executemany(); never reused, as AUTOINCREMENT's are
@@ -141,30 +155,6 @@ class Journal:
         # State changes of failed transactions, to apply again (writer thread; see _KEPT).
         self._kept: list[tuple[Any, ...]] = []
         self._retry_at = 0.0
-
-    def _open(self, path: str | None, synchronous: str,
-              recover: bool) -> tuple[sqlite3.Connection, int, int]:
-        """Lock, open and check the file: the connection, the count of records ever inserted
-        and the next id the mark names (see ``journal_file``)."""
-        if path is None:
-            return open_journal(None, synchronous, fresh=True), 0, 0  # (no mark: not kept)
-        self._lock_fd, existed = lock_journal(path)
-        mark = self._mark = Mark(path)
-        if not existed:
-            mark.write(0, mark.next_id)  # before the file has anything to lose
-        elif os.path.getsize(path) == 0:
-            refuse_empty(path, mark, recover)
-        fresh = not existed or os.path.getsize(path) == 0
-        if not fresh:
-            check_mark(path, mark, recover)
-        db = open_journal(path, synchronous, fresh,
-                          functools.partial(refuse_empty, path, mark, recover))
-        try:
-            return db, record_opening(db), mark.next_id
-        except sqlite3.Error as exc:
-            db.close()
-            raise JournalError(f"cannot use the journal {path}: {exc}. Check its permissions "
-                               "and the free space, or pass another --journal") from exc
 
     # -- before start(): recovery (main thread) ---------------------------------------------
 
@@ -235,6 +225,9 @@ class Journal:
         """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer, off the
         caller's thread: a dispatcher); ``then()`` once it is committed (or failed to be:
         logged)."""
+        size = data_bytes(data)
+        if size >= LARGE_OUTCOME:  # (small ones are bounded by the tasks in flight)
+            self._queued.add(size, self._may_wait)
         self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then))
 
     def forget(self, task_id: int, then: Callable[[], None]) -> None:
@@ -262,6 +255,7 @@ class Journal:
         if self._writer.is_alive():
             self._ops.put(None)
             self._writer.join()
+        self._queued.release(0)  # (wakes a producer waiting for the writer that ended)
         if self._kept:
             log.error("taskorch serve: %d journal records could not be committed before the "
                       "server stopped (their tasks run again at the next start)",
@@ -319,6 +313,8 @@ class Journal:
             self.last_failure = None
             if self._mark is not None and self._inserted != inserted:
                 self._mark.write(self._inserted, self._next_id)
+            self._queued.release(sum(n for n in (data_bytes(op[5]) for op in batch if op[0]
+                                                 == "finished") if n >= LARGE_OUTCOME))
         except Exception as exc:  # any: the batch failed, and with it only its submissions
             self._inserted = inserted
             self.last_failure = f"{type(exc).__name__}: {exc}"
@@ -335,6 +331,9 @@ class Journal:
                 callback()
             except BaseException:
                 log.exception("taskorch serve: a journal callback failed")
+
+    def _may_wait(self) -> bool:
+        return self._writer.is_alive() and threading.current_thread() is not self._writer
 
     def _apply_alone(self, kept: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Kept changes that failed together for another reason than the disk: each in its

@@ -23,6 +23,7 @@ there (``serve --recover-damaged``). A new journal is made only where no file ex
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -81,7 +82,7 @@ def open_journal(path: str | None, synchronous: str, fresh: bool,
     proven writable; JournalError (nothing in the file changed) if it cannot be used. A
     database without any table (its ``-wal`` lost before any checkpoint) is made anew if
     ``on_empty()`` returns (it raises to refuse)."""
-    where = path or ":memory:"
+    where = path or ""  # "": SQLite's private temporary database, spilled to disk past its cache
     try:
         db = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -310,3 +311,32 @@ class Transaction:
             self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # no transaction left (SQLite rolled it back itself)
+
+
+def open_marked(path: str, synchronous: str,
+                recover: bool) -> tuple[int, Mark, sqlite3.Connection, int]:
+    """Lock, open and check the journal file: the locked descriptor, the mark, the
+    connection and the count of records ever inserted. JournalError (everything closed) if
+    it cannot be used."""
+    fd, existed = lock_journal(path)
+    mark = Mark(path)
+    try:
+        if not existed:
+            mark.write(0, mark.next_id)  # before the file has anything to lose
+        elif os.path.getsize(path) == 0:
+            refuse_empty(path, mark, recover)
+        fresh = not existed or os.path.getsize(path) == 0
+        if not fresh:
+            check_mark(path, mark, recover)
+        db = open_journal(path, synchronous, fresh,
+                          functools.partial(refuse_empty, path, mark, recover))
+        try:
+            return fd, mark, db, record_opening(db)
+        except sqlite3.Error as exc:
+            db.close()
+            raise JournalError(f"cannot use the journal {path}: {exc}. Check its permissions "
+                               "and the free space, or pass another --journal") from exc
+    except BaseException:
+        mark.close()
+        os.close(fd)
+        raise
