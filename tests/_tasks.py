@@ -489,3 +489,8 @@ def record(path: str, value: Any) -> Any:
     finally:
         os.close(fd)
     return value
+
+
+def bytes_of(n: int) -> bytes:
+    """A result of ``n`` bytes, made in the worker (nothing that large travels in)."""
+    return b"x" * n

@@ -22,7 +22,7 @@ from test_http import get, http_url
 from test_service import R, _env, _taskorch
 from test_service_journal import journal_counts, kill
 
-from taskorch import JournalError
+from taskorch import JournalError, SerializationError
 from taskorch._service.protocol import submit_frame
 from taskorch._service.server.journal import Journal
 
@@ -252,3 +252,58 @@ def test_http_answers_carry_security_headers(start_server) -> None:
         assert headers["X-Content-Type-Options"] == "nosniff"
         assert headers["X-Frame-Options"] == "DENY"
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+
+
+def test_a_result_over_max_result_bytes_fails_its_task_clearly(start_server) -> None:
+    server = start_server("--max-result-bytes", "100000")
+    with server.connect() as client:
+        with pytest.raises(SerializationError, match="over this server's --max-result-bytes"):
+            client.run(t.bytes_of, 200_000).result(R)
+        assert client.run(t.bytes_of, 1000).result(R) == b"x" * 1000
+
+
+def test_a_client_that_does_not_read_costs_the_server_only_its_outbox_bound(
+        start_server, short_dir) -> None:
+    """A raw client submits 150 tasks that return 1 MiB each and reads nothing: the server
+    holds at most its --max-outbox-bytes of them (the rest wait in the journal); its RSS
+    grows by far less than the 150 MiB of outcomes. Then the client reads: every outcome
+    comes, whole, fetched back from the journal."""
+    import pickle
+
+    import psutil
+    from test_service import _authenticated
+
+    from taskorch._service.protocol import Accepted, Done, decode_server_frames
+    from taskorch._wire import encode_call
+
+    n, size = 150, 1 << 20
+    server = start_server("--journal", str(short_dir / "j.sqlite3"), "--backlog", "1000",
+                          "--max-outbox-bytes", "2000000")
+    process = psutil.Process(server.proc.pid)
+    with server.connect() as observer:
+        assert observer.run(t.bytes_of, size).result(R) == b"x" * size  # warm: a first one
+        before = process.memory_info().rss
+        sock, conn = _authenticated(server)
+        try:
+            call = encode_call(t.bytes_of, (size,), {})
+            for req in range(1, n + 1):
+                conn.send_bytes(pickle.dumps(tuple(submit_frame(
+                    req, call, None, wait=False, client=b"r" * 16, retry=False, credit=False))))
+            wait_until(lambda: journal_counts(short_dir / "j.sqlite3").get("done:1", 0) > n,
+                       timeout=120, what="every outcome to be committed")
+            grown = process.memory_info().rss - before
+            # (bound: the outbox, 2 MB, plus the journal writer's queue, MAX_QUEUED_BYTES)
+            assert grown < 110 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
+            accepted, done = set(), {}
+            while len(done) < n:
+                assert conn.poll(R), (len(accepted), len(done))
+                for frame in decode_server_frames(conn.recv_bytes()):
+                    if isinstance(frame, Accepted):
+                        accepted.add(frame.req)
+                    elif isinstance(frame, Done):
+                        assert frame.req in accepted
+                        done[frame.req] = pickle.loads(frame.data)
+        finally:
+            conn.close()
+            sock.close()
+    assert all(v == b"x" * size for v in done.values()) and len(done) == n

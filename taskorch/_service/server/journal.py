@@ -90,7 +90,7 @@ QUEUED, RUNNING, DONE = "queued", "running", "done"
 #: Outcomes of at least this many bytes count in MAX_QUEUED_BYTES (smaller ones skip its lock).
 LARGE_OUTCOME = 4096
 #: Most bytes of large outcomes waiting for the writer: past it, whoever ends a task waits.
-MAX_QUEUED_BYTES = 256 * 1024 * 1024
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 #: Default largest result a task may return through ``taskorch serve``: what one frame carries.
 MAX_RESULT_BYTES = SERVICE_MAX_FRAME - 4096
 
