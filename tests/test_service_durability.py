@@ -189,6 +189,12 @@ def test_an_outcome_that_cannot_be_committed_is_not_published(start_server, shor
 
             wait_until(unready, what="/readyz to report the failed commit")
             assert not future.done(), "an outcome that is not committed was published"
+            host, port = a.address
+            status = subprocess.run(
+                _taskorch("status", "--tcp", f"{host}:{port}", "--authkey-file",
+                          str(a.authkey_file)), capture_output=True, text=True, timeout=R,
+                env=_env())
+            assert "journal" in status.stdout and "NOT READY" in status.stdout, status.stdout
             filler.unlink()
             assert future.result(R) == "x" * 300_000
             wait_until(lambda: get(url + "readyz")[0] == 200, what="ready again")

@@ -82,16 +82,18 @@ def encode_stats(stats: Stats) -> dict[str, Any]:
     return dataclasses.asdict(stats)
 
 
-def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
-    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details`` and
-    ``oldest_queued_seconds`` for ``taskorch status`` (extra keys, which ``decode_stats``
-    and older clients ignore)."""
+def encode_status(orchestrator: TaskOrchestrator, journal: str | None = None) -> dict[str, Any]:
+    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details``,
+    ``oldest_queued_seconds`` and ``journal`` ("ok", or why it cannot commit: ``journal``
+    given) for ``taskorch status`` (extra keys, which ``decode_stats`` and older clients
+    ignore)."""
     import dataclasses
 
     details = orchestrator.status_details()
     return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
             "oldest_queued_seconds": details["oldest_queued_seconds"],
-            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}
+            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()],
+            "journal": journal or "ok"}
 
 
 def decode_stats(fields: dict[str, Any]) -> Stats:

@@ -73,6 +73,8 @@ def main(args: argparse.Namespace) -> int:
     if "oldest_queued_seconds" in fields:
         print(f"  {'oldest queued':<{width}}  "
               + ("none queued" if oldest is None else f"{oldest:.3f} s ago"))
+    if fields.get("journal", "ok") != "ok":
+        print(f"  {'journal':<{width}}  NOT READY: {fields['journal']}")
     details = fields.get("worker_details")
     if details:
         print("  worker processes:")

@@ -268,7 +268,8 @@ class ServedConnection:
             elif isinstance(frame, CreditReturn):
                 self.credits.give_back(frame.n)
             elif isinstance(frame, StatsRequest):
-                self._reply(stats_reply_frame(frame.req, encode_status(self.orchestrator)))
+                self._reply(stats_reply_frame(frame.req, encode_status(
+                    self.orchestrator, self.registry.journal.unwritable())))
             elif isinstance(frame, TriggerRequest):
                 self._trigger(frame.req, frame.name)
             else:
