@@ -313,8 +313,9 @@ class Journal:
             self.last_failure = None
             if self._mark is not None and self._inserted != inserted:
                 self._mark.write(self._inserted, self._next_id)
-            self._queued.release(sum(n for n in (data_bytes(op[5]) for op in batch if op[0]
-                                                 == "finished") if n >= LARGE_OUTCOME))
+            if self._queued.queued:
+                self._queued.release(sum(n for n in (data_bytes(op[5]) for op in batch if op[0]
+                                                     == "finished") if n >= LARGE_OUTCOME))
         except Exception as exc:  # any: the batch failed, and with it only its submissions
             self._inserted = inserted
             self.last_failure = f"{type(exc).__name__}: {exc}"

@@ -33,9 +33,17 @@ BATCH_BYTES = 4 * 1024 * 1024
 FETCHING = 8
 
 
+#: Outcomes smaller than this count as 0 bytes (they cost no lock; what bounds them is the
+#: number of tasks in flight).
+SMALL = 4096
+
+
 def outcome_bytes(message: Any) -> int:
-    """What an S_DONE holds in memory, roughly: its data's bytes."""
-    return data_bytes(message.data) if isinstance(message, Done) else 0
+    """What an S_DONE holds in memory, roughly: its data's bytes (0 below SMALL)."""
+    if isinstance(message, Done):
+        size = data_bytes(message.data)
+        return size if size >= SMALL else 0
+    return 0
 
 
 def data_bytes(data: Any) -> int:
@@ -71,6 +79,9 @@ class Outbox:
         """Queue the outcome of task ``task_id``, or keep only its id if the outbox is over its
         bound (or outcomes are deferred already: they go first)."""
         size = outcome_bytes(message)
+        if not size and not self._deferred:  # (small: no lock, see SMALL)
+            self._queue.put(message)
+            return
         with self._lock:
             if self._deferred or (self._bytes and self._bytes + size > self.limit):
                 self._deferred.append((message.req, task_id))
@@ -106,6 +117,8 @@ class Outbox:
         """The writer sent these: count them out, and fetch deferred outcomes while the
         queue is below half its bound."""
         size = sum(map(outcome_bytes, messages))
+        if not size and not self._deferred:
+            return
         fetch: list[tuple[int, int]] = []
         with self._lock:
             self._bytes -= size
