@@ -519,3 +519,16 @@ def exclusive(lock_path: str, started: str = "", release_fifo: str = "") -> str:
     finally:
         os.close(fd)
         os.unlink(lock_path)
+
+
+def bytes_of(n: int) -> bytes:
+    """A result of ``n`` bytes, made in the worker (nothing that large travels in)."""
+    return b"x" * n
+
+
+def orphan_with_setsid(pid_file: str) -> int:
+    """Leave a grandchild that left the worker's group and session (``_fork_orphan``), report
+    its pid, and return normally."""
+    pid = _fork_orphan(setsid=True)
+    _write_atomically(pid_file, str(pid))
+    return pid

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import (
     JournalError,
+    SerializationError,
     TaskAbandonedError,
     TaskNotFoundError,
     TaskorchError,
@@ -51,10 +52,15 @@ from taskorch._service.protocol import (
     O_RAISED,
     O_RESULT,
     WireTiming,
-    decode_builtins,
 )
-from taskorch._service.server.journal import DONE, Journal, Row
-from taskorch._service.values import WirePolicy, decode_service_policy, encode_service_error
+from taskorch._service.server.journal import DONE, Journal
+from taskorch._service.server.journal_file import Row
+from taskorch._service.values import (
+    WirePolicy,
+    decode_builtins,
+    decode_service_policy,
+    encode_service_error,
+)
 from taskorch._wire import PROTOCOL
 
 if TYPE_CHECKING:
@@ -281,6 +287,14 @@ class TaskRegistry:
         """The future's observer, in the thread that resolved it: queue the outcome for the
         journal, which publishes it once committed."""
         outcome = _outcome_of(future)
+        if (outcome.outcome == O_RESULT and isinstance(outcome.data, bytes)
+                and len(outcome.data) > self.journal.max_result_bytes):
+            outcome = Outcome(O_ERROR, outcome.attempts, outcome.seconds, encode_service_error(
+                SerializationError(
+                    f"task {task_id} returned a result of {len(outcome.data):,} bytes, over "
+                    f"this server's --max-result-bytes ({self.journal.max_result_bytes:,}): "
+                    "it was discarded (the task ran). Return a smaller result (large data "
+                    "belongs in a file, returned by path), or raise --max-result-bytes")))
         if self.stopping and self.journal.durable and (
                 outcome.outcome == O_CANCELLED or _abandoned(future)):
             with self._lock:
