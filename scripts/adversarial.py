@@ -356,6 +356,121 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
+def make_bytes(n: int) -> bytes:
+    return b"x" * n
+
+
+def oversized_integer(tmp: Path) -> None:
+    """An honest client streams 3,000 tasks while another asks for result(2**63) 50 times:
+    how many honest tasks resolve, how many hostile requests are refused?"""
+    proc, (address, key) = serve(tmp, "--backlog", "5000")
+    try:
+        with taskorch.connect(address, authkey_file=key) as honest, \
+                taskorch.connect(address, authkey_file=key) as hostile:
+            futures = [honest.run(noop) for _ in range(3000)]
+            refused = 0
+            for _ in range(50):
+                try:
+                    hostile.result(2**63, timeout=10)
+                except ValueError:
+                    refused += 1
+            done = sum(1 for f in futures if f is not None and _resolves(f, 60))
+        report("oversized_integer", honest_resolved=f"{done}/3000", hostile_refused=refused)
+    finally:
+        stop_server(proc)
+
+
+def _resolves(future: Any, timeout: float) -> bool:
+    try:
+        future.result(timeout)
+    except Exception:  # noqa: BLE001 - a failure resolves it too; a timeout does not
+        return bool(future.done())
+    return True
+
+
+def lock_file_deleted(tmp: Path) -> None:
+    """The journal's lock file is deleted while its server runs: does a second server start?"""
+    proc, _ = serve(tmp)
+    try:
+        os.unlink(tmp / "journal.sqlite3.lock")
+        second = subprocess.run(
+            [PYTHON, "-m", "taskorch", "serve", "--socket", str(tmp / "s2.sock"),
+             "--authkey-file", str(tmp / "authkey"), "--journal", str(tmp / "journal.sqlite3")],
+            capture_output=True, text=True, timeout=30)
+        report("lock_file_deleted", second_server_exit=second.returncode,
+               refused="in use by another" in second.stderr)
+    finally:
+        stop_server(proc)
+
+
+def damaged_journal(tmp: Path) -> None:
+    """300 tasks accepted behind a blocked worker, kill -9, then the -wal deleted or garbled,
+    or the file emptied: is the restart refused, naming the tasks lost?"""
+    for damage in ("delete -wal", "garble -wal", "empty file"):
+        where = tmp / damage.replace(" ", "_")
+        where.mkdir()
+        proc, (address, key) = serve(where, "--backlog", "1000")
+        with taskorch.connect(address, authkey_file=key) as client:
+            client.run(time.sleep, 600)
+            client.run(time.sleep, 600)
+            for f in [client.run(noop) for _ in range(300)]:
+                assert f is not None
+                client.accepted(f, 30)
+            proc.kill()
+            proc.wait()
+        journal, wal = where / "journal.sqlite3", where / "journal.sqlite3-wal"
+        if damage == "garble -wal":
+            with open(wal, "r+b") as fh:
+                fh.seek(wal.stat().st_size // 2)
+                fh.write(os.urandom(4096))
+        else:
+            wal.unlink()
+            if damage == "empty file":
+                journal.write_bytes(b"")
+        again = subprocess.run(
+            [PYTHON, "-m", "taskorch", "serve", "--socket", str(where / "s.sock"),
+             "--authkey-file", str(key), "--journal", str(journal)],
+            capture_output=True, text=True, timeout=30)
+        said = [line for line in again.stderr.splitlines() if "would be lost" in line]
+        report("damaged_journal", damage=damage, exit=again.returncode,
+               message=(said[0][:160] if said else "(no loss named)"))
+
+
+def stalled_reader(tmp: Path) -> None:
+    """A client submits 300 tasks returning 1 MiB each and never reads (SIGSTOP-like): how
+    much does the server's RSS grow (default --max-outbox-bytes, 64 MiB)?"""
+    from multiprocessing.connection import Client as RawClient
+
+    from taskorch._service.protocol import submit_frame
+    from taskorch._wire import encode_call
+
+    proc, (address, key) = serve(tmp, "--backlog", "1000")
+    try:
+        server = psutil.Process(proc.pid)
+        before = server.memory_info().rss
+        raw = RawClient(address, authkey=key.read_bytes())
+        call = encode_call(make_bytes, (1 << 20,), {})
+        import pickle
+
+        for req in range(1, 301):
+            raw.send_bytes(pickle.dumps(tuple(submit_frame(
+                req, call, None, wait=False, client=b"s" * 16, retry=False, credit=False))))
+        peak = before
+        with taskorch.connect(address, authkey_file=key) as observer:
+            deadline = time.monotonic() + 120
+            while observer.stats().succeeded < 300 and time.monotonic() < deadline:
+                peak = max(peak, server.memory_info().rss)
+                time.sleep(0.1)
+        for _ in range(20):
+            peak = max(peak, server.memory_info().rss)
+            time.sleep(0.1)
+        report("stalled_reader", rss_before_mib=before >> 20, rss_peak_mib=peak >> 20,
+               outcomes_mib=300)
+        raw.close()
+    finally:
+        stop_server(proc)
+
+
 SCENARIOS: dict[str, Callable[[Path], None]] = {
     "slow_drip": slow_drip,
     "crash_with_fork": crash_with_fork,
@@ -364,6 +479,10 @@ SCENARIOS: dict[str, Callable[[Path], None]] = {
     "tcp_round_trip": tcp_round_trip,
     "leftovers_after_stop": leftovers_after_stop,
     "leftovers_after_parent_sigkill": leftovers_after_parent_sigkill,
+    "oversized_integer": oversized_integer,
+    "lock_file_deleted": lock_file_deleted,
+    "damaged_journal": damaged_journal,
+    "stalled_reader": stalled_reader,
 }
 
 

@@ -554,3 +554,16 @@ def progress_loop(n: int) -> float:
     for i in range(n):
         taskorch.progress(i, n)
     return (time.perf_counter() - begin) / n
+
+
+def bytes_of(n: int) -> bytes:
+    """A result of ``n`` bytes, made in the worker (nothing that large travels in)."""
+    return b"x" * n
+
+
+def orphan_with_setsid(pid_file: str) -> int:
+    """Leave a grandchild that left the worker's group and session (``_fork_orphan``), report
+    its pid, and return normally."""
+    pid = _fork_orphan(setsid=True)
+    _write_atomically(pid_file, str(pid))
+    return pid

@@ -102,6 +102,21 @@ def test_a_popen_child_left_by_a_task_is_gone_after_stop(make_orchestrator: Make
         _kill_if_alive([child])
 
 
+def test_a_grandchild_that_left_the_group_is_gone_after_stop(make_orchestrator: Make,
+                                                              tmp_path: Path) -> None:
+    """A daemon's double fork with setsid(): the grandchild leaves the worker's group and
+    session, so no group kill reaches it; the worker, a child subreaper, adopts it and ends it
+    when it exits."""
+    o = make_orchestrator(worker_count=1)
+    grandchild = o.run(t.orphan_with_setsid, str(tmp_path / "grandchild")).result(R)
+    try:
+        assert _alive(grandchild) and os.getsid(grandchild) != os.getsid(0)
+        assert o.stop(timeout=R).drained
+        wait_until(lambda: not _alive(grandchild), timeout=10, what="the grandchild to end")
+    finally:
+        _kill_if_alive([grandchild])
+
+
 def test_an_orphaned_grandchild_is_gone_after_its_worker_crashes(
     make_orchestrator: Make, tmp_path: Path
 ) -> None:

@@ -560,12 +560,12 @@ from taskorch._service.server.server import Server
 # asks its journal for what is pending (Journal.flush: the order that delivers the outcome)
 # or has closed its connections (the order that loses it). 60 s only catches a deadlock.
 draining, may_commit = threading.Event(), threading.Event()
-commit = journal._Transaction.__exit__
+commit = journal.Transaction.__exit__
 def held_commit(self, *exc):
     if draining.is_set():
         may_commit.wait(60)
     return commit(self, *exc)
-journal._Transaction.__exit__ = held_commit
+journal.Transaction.__exit__ = held_commit
 flush = journal.Journal.flush
 def flush_then_commit(self, timeout):
     may_commit.set()

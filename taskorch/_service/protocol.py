@@ -134,12 +134,19 @@ run to the end all the same, and count in the stats.
 
 from __future__ import annotations
 
-import math
 import pickle
 from typing import Any, NamedTuple, Optional
 
 from taskorch._service.operations import C_ADMIN, AdminRequest, is_valid_admin
-from taskorch._service.values import WirePolicy, encode_service_error, is_wire_policy
+from taskorch._service.values import (
+    WirePolicy,
+    decode_builtins,
+    encode_service_error,
+    is_count,
+    is_whole_call,
+    is_wire_policy,
+    is_wire_timing,
+)
 from taskorch._wire import PROTOCOL
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
@@ -179,6 +186,15 @@ O_CANCELLED = 4
 
 class ServiceProtocolError(ValueError):
     """A peer sent a frame that is not part of the service protocol."""
+
+
+class BadRequest(ServiceProtocolError):
+    """A client frame of a known layout with a valid request number whose other fields are
+    not valid (a type, a range, a size): that request is refused, the connection goes on."""
+
+    def __init__(self, req: int, reason: str) -> None:
+        super().__init__(reason)
+        self.req = req
 
 
 # -- the frames: one named type each, built by its constructor below ---------------------------
@@ -400,11 +416,6 @@ _SERVER_FRAMES: dict[int, Any] = {
         (S_DONE, Done), (S_STATS, StatsReply), (S_CREDIT, CreditGrant), (S_RECALL, CreditRecall))}
 
 
-class _BuiltinsOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a client frame may not reference {module}.{name}")
-
-
 def encode_service_frame(frame: tuple[Any, ...]) -> bytes:
     """A frame's bytes: its fields as a plain tuple (a named frame pickles as its class)."""
     return pickle.dumps(tuple(frame), PROTOCOL)
@@ -412,10 +423,8 @@ def encode_service_frame(frame: tuple[Any, ...]) -> bytes:
 
 def decode_client_frame(data: bytes) -> ClientFrame:
     """Decode and check one client frame in the server: builtins only, known layouts only."""
-    import io
-
     try:
-        message = _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
+        message = decode_builtins(data)
     except Exception as exc:
         raise ServiceProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
     if not isinstance(message, tuple) or not message:
@@ -428,27 +437,30 @@ def decode_client_frame(data: bytes) -> ClientFrame:
         frame: ClientFrame = _new(kind, message)
         if _is_valid(frame):
             return frame
+        if kind is not CreditReturn and is_count(message[1]):
+            raise BadRequest(message[1], f"invalid fields in a {kind.__name__} frame (a type, "
+                             f"a range: integers 0 to 2**63-1, or a size)")
     raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
 
 
 def _is_valid(frame: ClientFrame) -> bool:
     if isinstance(frame, Submit):
-        return (_is_req(frame.req) and isinstance(frame.payload, bytes)
-                and isinstance(frame.wait, bool)
+        return (is_count(frame.req) and isinstance(frame.payload, bytes)
+                and is_whole_call(frame.payload) and isinstance(frame.wait, bool)
                 and (frame.policy is None or is_wire_policy(frame.policy))
                 and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64
                 and isinstance(frame.retry, bool) and isinstance(frame.credit, bool)
-                and (frame.timing is None or _is_timing(frame.timing)))
+                and (frame.timing is None or is_wire_timing(frame.timing)))
     if isinstance(frame, ResultRequest):
-        return _is_req(frame.req) and _is_req(frame.task_id) and isinstance(frame.wait, bool)
+        return is_count(frame.req) and is_count(frame.task_id) and isinstance(frame.wait, bool)
     if isinstance(frame, TriggerRequest):
-        return (_is_req(frame.req) and isinstance(frame.name, str)
+        return (is_count(frame.req) and isinstance(frame.name, str)
                 and 0 < len(frame.name) <= 1000)
     if isinstance(frame, CreditReturn):
-        return _is_req(frame.n)
+        return is_count(frame.n)
     if isinstance(frame, AdminRequest):
         return is_valid_admin(frame)
-    return _is_req(frame.req)  # Withdraw, StatsRequest
+    return is_count(frame.req)  # Withdraw, StatsRequest
 
 
 def decode_server_frames(data: bytes) -> tuple[ServerFrame, ...]:
@@ -478,21 +490,5 @@ def decode_hello(data: bytes) -> Hello:
         raise ServiceProtocolError(f"got {got!r}")
     return hello
 
-
-def decode_builtins(data: bytes) -> Any:
-    """Unpickle data that may hold builtins only (the journal's policy and outcome columns)."""
-    import io
-
-    return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()
-
-
-def _is_timing(value: object) -> bool:
-    return (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], int)
-            and not isinstance(value[0], bool)
-            and all(t is None or (isinstance(t, float) and math.isfinite(t)) for t in value[1:]))
-
-
-def _is_req(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -4,12 +4,14 @@ own; see ``protocol`` for the frames)."""
 
 from __future__ import annotations
 
+import math
 import pickle
+import struct
 from typing import TYPE_CHECKING, Any
 
 from taskorch._errors import RemoteTaskError
 from taskorch._policy import Policy
-from taskorch._wire import PROTOCOL, encode_exception, encode_policy
+from taskorch._wire import PROTOCOL, encode_exception, encode_policy, function_reference
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
@@ -81,17 +83,19 @@ def encode_stats(stats: Stats) -> dict[str, Any]:
     return dataclasses.asdict(stats)
 
 
-def encode_status(orchestrator: TaskOrchestrator) -> dict[str, Any]:
-    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details`` and
-    ``oldest_queued_seconds`` for ``taskorch status`` (extra keys, which ``decode_stats``
-    and older clients ignore)."""
+def encode_status(orchestrator: TaskOrchestrator, journal: str | None = None) -> dict[str, Any]:
+    """The S_STATS answer: ``encode_stats()``'s fields, plus ``worker_details``,
+    ``oldest_queued_seconds`` and ``journal`` ("ok", or why it cannot commit: ``journal``
+    given) for ``taskorch status`` (extra keys, which ``decode_stats`` and older clients
+    ignore)."""
     import dataclasses
 
     details = orchestrator.status_details()
     return {**encode_stats(orchestrator.stats()), "worker_details": details["workers"],
             "oldest_queued_seconds": details["oldest_queued_seconds"],
             "next_delayed_at": details.get("next_delayed_at"),
-            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()]}
+            "schedules": [dataclasses.asdict(s) for s in orchestrator.schedules()],
+            "journal": journal or "ok"}
 
 
 def decode_stats(fields: dict[str, Any]) -> Stats:
@@ -110,8 +114,49 @@ def is_wire_policy(value: object) -> bool:
     policy_bytes, retries, timeout, backoff_initial, backoff_max, jitter, retry_timeouts = value
     return (
         isinstance(policy_bytes, bytes) and isinstance(retries, int)
-        and not isinstance(retries, bool)
+        and not isinstance(retries, bool) and 0 <= retries < 2**31
         and (timeout is None or isinstance(timeout, (int, float)))
         and isinstance(backoff_initial, (int, float)) and isinstance(backoff_max, (int, float))
         and isinstance(jitter, bool) and isinstance(retry_timeouts, bool)
     )
+
+
+#: Integers a client sends are request numbers, task ids and counts: each must fit a signed
+#: 64-bit SQLite integer (the journal stores them), checked when a frame is decoded rather
+#: than where SQLite would raise OverflowError.
+MAX_INT = 2**63 - 1
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+
+
+def is_whole_call(payload: bytes) -> bool:
+    """Not cut short where the server reads it: the function reference the metrics name (a
+    whole pickle ends with STOP, ".")."""
+    try:
+        reference = function_reference(payload)
+    except struct.error:  # not even its length
+        return False
+    return reference is None or reference.endswith(b".")
+
+
+def is_wire_timing(value: object) -> bool:
+    """A submission's timing (priority, not_before, expires): a priority SQLite can store,
+    finite epoch times or None."""
+    return (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], int)
+            and not isinstance(value[0], bool) and -2**63 <= value[0] < 2**63
+            and all(t is None or (isinstance(t, float) and math.isfinite(t)) for t in value[1:]))
+
+
+class _BuiltinsOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a client frame may not reference {module}.{name}")
+
+
+def decode_builtins(data: bytes) -> Any:
+    """Unpickle data that may hold builtins only (a client's frames, and the journal's policy
+    and outcome columns): the server never unpickles a user object."""
+    import io
+
+    return _BuiltinsOnlyUnpickler(io.BytesIO(data)).load()

@@ -40,10 +40,14 @@ Process group and signals (``_lead_own_process_group``, first thing, before any 
   (``_exit_with_group``), which needs the GIL: with PDEATHSIG the worker dies first and its
   group lives on; without it (a task cleared it, or not Linux) a task holding the GIL keeps
   the worker and its group alive until it lets go.
-- Not covered: a process that leaves the group itself (``setsid()``/``setpgid()``, as a
-  daemon does) escapes every group kill: on a hard kill or a stop-timeout kill the parent
-  still kills it if it is below the worker at that moment (from /proc), never after a crash
-  or a parent death. A SIGKILL to the guardian itself (the OOM killer, an operator) leaves
+- A process that leaves the group itself (``setsid()``/``setpgid()``, as a daemon does)
+  escapes every group kill. The worker is a child subreaper (``PR_SET_CHILD_SUBREAPER``):
+  such a process, orphaned by a daemon's double fork, becomes the worker's child rather than
+  init's, and a worker that exits normally (``stop()``, recycling) kills and reaps every child
+  it has but the guardian (``_end_adopted``). On a hard kill or a stop-timeout kill the parent
+  kills it if it is below the worker at that moment (from /proc); not after a crash or a
+  parent death. Adopted processes that exit stay zombies of the worker until it exits.
+  A SIGKILL to the guardian itself (the OOM killer, an operator) leaves
   only the parent's group kill. Killed processes that the worker no longer parents are reaped
   by init (or the nearest subreaper); a container whose PID 1 does not reap keeps zombies.
 - Startup window: between the fork and ``setpgid`` (interpreter start, before Ready) a
@@ -108,6 +112,7 @@ EXIT_PARENT_GONE = 70
 #: Linux prctl(2) options.
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
 
 #: Pid of this worker's guardian (see the module docstring), None without one. Set once by the
 #: main thread before any other thread exists; read when the worker exits.
@@ -178,7 +183,8 @@ def _exit_quickly() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
-    _stop_guardian()  # what tasks left running is the parent's to kill (WorkerProcess.reap)
+    _end_adopted()
+    _stop_guardian()  # what tasks left in the group is the parent's to kill (WorkerProcess.reap)
     os._exit(0)
 
 
@@ -259,6 +265,7 @@ def _lead_own_process_group(parent_pid: int) -> None:
         try:
             libc = _libc()
             libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # (see _end_adopted)
         except (OSError, AttributeError):
             pass  # the reader thread still sees the parent's death as EOF
     watched = _pidfds(parent_pid)
@@ -324,6 +331,38 @@ def _guard_group(watched: tuple[int, int]) -> NoReturn:
         os.killpg(0, signal.SIGKILL)
     finally:
         os._exit(0)
+
+
+def _end_adopted() -> None:
+    """Kill and reap every child of the worker but the guardian: what its tasks left, the
+    processes that left its group (``setsid()``) among them, adopted as their parents exited
+    (the worker is a child subreaper). Each round may orphan the next generation onto us."""
+    for _ in range(100):
+        pids = [pid for pid in _children() if pid != _guardian]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def _children() -> list[int]:
+    """The worker's child processes (every thread's), from /proc; none where it cannot tell."""
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+    except (OSError, ValueError):
+        return []
+    return pids
 
 
 def _stop_guardian() -> None:

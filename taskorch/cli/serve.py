@@ -20,8 +20,9 @@ from taskorch._service.addressing import (
     normalize_address,
     parse_tcp_address,
 )
-from taskorch._service.server.journal import Journal
+from taskorch._service.server.journal import MAX_RESULT_BYTES, Journal
 from taskorch._service.server.listener import Listener, bind_tcp, bind_unix
+from taskorch._service.server.outbox import OUTBOX_LIMIT
 from taskorch._service.server.schedules import JournalScheduleStore
 from taskorch._service.server.serving import serve
 from taskorch.cli import config
@@ -98,6 +99,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--journal-sync", choices=("full", "normal"), default="full",
                    help="full (default): a commit survives a power loss (an fsync per group "
                         "commit); normal: it survives a crash of the server, not of the machine")
+    p.add_argument("--max-result-bytes", type=int, default=MAX_RESULT_BYTES, metavar="BYTES",
+                   help="largest pickled result a task may return; a larger one fails that "
+                        "task with SerializationError (default: 64 MiB less 4 KiB, one frame)")
+    p.add_argument("--max-outbox-bytes", type=int, default=OUTBOX_LIMIT, metavar="BYTES",
+                   help="per client, most bytes of outcomes held in memory for it; past it "
+                        "they wait in the journal until it reads (default: 64 MiB)")
+    p.add_argument("--recover-damaged", action="store_true",
+                   help="start on a journal that is damaged (its -wal garbled or missing, the "
+                        "file emptied: refused by default, naming the accepted tasks lost) "
+                        "and run what is left in it")
     p.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
                    help="how long outcomes stay in the journal for Client.result(task_id) "
                         "(default: 3600)")
@@ -194,7 +205,10 @@ def _open_journal(args: argparse.Namespace) -> Journal:
             default.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = str(default)
     try:
-        return Journal(path, result_ttl=args.result_ttl, synchronous=args.journal_sync.upper())
+        return Journal(path, result_ttl=args.result_ttl, synchronous=args.journal_sync.upper(),
+                       recover_damaged=args.recover_damaged,
+                       max_result_bytes=args.max_result_bytes,
+                       outbox_bytes=args.max_outbox_bytes)
     except JournalError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -75,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
               + ("none queued" if oldest is None else f"{oldest:.3f} s ago"))
     if fields.get("delayed"):
         print(f"  {'next delayed due':<{width}}  {_when(fields.get('next_delayed_at'))}")
+    if fields.get("journal", "ok") != "ok":
+        print(f"  {'journal':<{width}}  NOT READY: {fields['journal']}")
     details = fields.get("worker_details")
     if details:
         print("  worker processes:")

@@ -11,7 +11,8 @@ Server process. Per connection, two threads:
 
 plus calls from threads it does not own: the journal's writer (the registry's ``Sink``: a
 submission committed, S_ACCEPTED; an outcome committed, S_DONE) and the server's asyncio
-thread (submits waiting for room). A slow or hostile client can hold only its own two threads.
+thread (submits waiting for room). A slow or hostile client can hold only its own two threads
+and its outbox's byte bound (``outbox``).
 
 A submission: hold a backlog slot (``intake.reserve``: QueueFullError, a drop, or a slot;
 run_async() waits for one on the asyncio thread), hand it to the registry, which journals it
@@ -24,7 +25,6 @@ import asyncio
 import functools
 import logging
 import os
-import queue
 import socket
 import threading
 from multiprocessing.connection import Connection
@@ -45,6 +45,7 @@ from taskorch._service.handshake import (
 from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
+    BadRequest,
     CreditReturn,
     ResultRequest,
     ServerFrame,
@@ -64,7 +65,8 @@ from taskorch._service.protocol import (
     stats_reply_frame,
 )
 from taskorch._service.server.credits import ConnectionCredits
-from taskorch._service.server.operator import Operator
+from taskorch._service.server.operator import Operator, trigger_answer
+from taskorch._service.server.outbox import Fetched, Outbox
 from taskorch._service.transport import FrameReader, frame_batch, frame_bytes
 from taskorch._service.values import encode_status
 
@@ -141,13 +143,11 @@ class ServedConnection:
         self.refused: str | None = None
         # Held by the writer around each send_bytes() and by the reader while closing the fds.
         self._send_lock = threading.Lock()
-        # The outbox: frames for the writer. Producers: the asyncio thread (answers to waiting
-        # submits) and the journal's writer (S_ACCEPTED, S_DONE); the reader sends its own
-        # answers directly. Unbounded, because no producer may ever wait on a client.
-        # Accepted hazard: a client that submits and never reads makes the server hold every
-        # outcome of its tasks here (each up to SERVICE_MAX_FRAME) until it disconnects.
-        # Sentinel _STOP: flush what is queued, then exit.
-        self._outbox: queue.SimpleQueue[ServerFrame | None] = queue.SimpleQueue()
+        # The outbox: frames for the writer, from the asyncio thread (answers to waiting
+        # submits) and the journal's writer (S_ACCEPTED, S_DONE); never waits on a client: past
+        # its byte bound, outcomes wait in the journal (``outbox``). _STOP: flush, then exit.
+        self._outbox = Outbox(self._fetch, self.registry.journal.outbox_bytes)
+        self._fetched = Fetched(self._outbox)
         # run_async() submits waiting for room, by req (asyncio thread only).
         self._waiting: dict[int, asyncio.Task[None]] = {}
         # Reader: blocks in recv_bytes(); wakeups: a frame, EOF or an error (the client left,
@@ -254,7 +254,13 @@ class ServedConnection:
     def _read(self) -> None:
         frames = FrameReader(self.conn.fileno())  # (the fds live as long as this thread)
         while True:
-            frame = decode_client_frame(frames.read())
+            try:
+                frame = decode_client_frame(frames.read())
+            except BadRequest as exc:  # that request is refused, nothing else
+                log.warning("taskorch serve: %s: request %d refused: %s", self.peer, exc.req, exc)
+                self._reply(rejected_frame(exc.req, ValueError(
+                    f"taskorch serve refused this request: {exc}")))
+                continue
             if isinstance(frame, Submit):
                 self._submit(frame)
             elif isinstance(frame, ResultRequest):
@@ -264,24 +270,15 @@ class ServedConnection:
             elif isinstance(frame, CreditReturn):
                 self.credits.give_back(frame.n)
             elif isinstance(frame, StatsRequest):
-                self._reply(stats_reply_frame(frame.req, encode_status(self.orchestrator)))
+                self._reply(stats_reply_frame(frame.req, encode_status(
+                    self.orchestrator, self.registry.journal.unwritable())))
             elif isinstance(frame, TriggerRequest):
-                self._trigger(frame.req, frame.name)
+                self._reply(trigger_answer(self.orchestrator, frame.req, frame.name))
             elif isinstance(frame, AdminRequest):
                 self._reply(Operator(self.registry).answer(frame))  # (waits: see there)
             else:
                 assert isinstance(frame, Withdraw)
                 self._on_loop(self._withdraw, frame.req)
-
-    def _trigger(self, req: int, name: str) -> None:
-        """``taskorch trigger NAME``: the schedule runs now (the server's own task)."""
-        try:
-            future = self.orchestrator.trigger(name)
-        except Exception as exc:  # no such schedule (KeyError), closed, broken
-            error = ValueError(exc.args[0]) if isinstance(exc, KeyError) else exc
-            self._reply(rejected_frame(req, error))
-            return
-        self._reply(stats_reply_frame(req, {"triggered": name, "submitted": future is not None}))
 
     def _submit(self, frame: Submit) -> None:
         if frame.credit:  # the slot is one this connection holds (see credits)
@@ -339,13 +336,20 @@ class ServedConnection:
         self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
 
     def outcome(self, req: int, outcome: Outcome) -> None:
-        """The task of ``req`` ended: queue S_DONE, unless the request was withdrawn."""
+        """The task of ``req`` ended: queue S_DONE (or defer it), unless it was withdrawn."""
         with self._lock:
             if req not in self._inflight:
                 return
-            del self._inflight[req]
-        self.send(done_frame(req, outcome.outcome, outcome.attempts, outcome.seconds,
-                             outcome.data))
+            task_id = self._inflight.pop(req)
+        frame = done_frame(req, outcome.outcome, outcome.attempts, outcome.seconds, outcome.data)
+        if task_id is None:  # a C_RESULT wait
+            self.send(frame)
+        elif not self.closed:
+            self._outbox.defer_or_put(frame, task_id)
+
+    def _fetch(self, req: int, task_id: int) -> None:
+        """A deferred outcome: read it back from the journal (the outbox, writer thread)."""
+        self.registry.watch(task_id, self._fetched, req, True)
 
     def rejected(self, req: int, error: BaseException) -> None:
         """A C_RESULT that has no outcome to wait for (see ``registry.watch``)."""
@@ -425,12 +429,7 @@ class ServedConnection:
     def _write_guarded(self) -> None:
         try:
             while True:
-                batch = [self._outbox.get()]  # wakeups: a frame, or _STOP
-                while batch[-1] is not _STOP and len(batch) < WRITE_BATCH:
-                    try:
-                        batch.append(self._outbox.get_nowait())
-                    except queue.Empty:
-                        break
+                batch = self._outbox.take(WRITE_BATCH)  # wakeups: a frame, or _STOP
                 stop = batch[-1] is _STOP
                 messages = [message for message in batch if message is not _STOP]
                 if messages:
@@ -439,6 +438,7 @@ class ServedConnection:
                         data = b"".join(frame_bytes(message) for message in messages)
                     with self._send_lock:  # every frame queued meanwhile, in one write
                         self.sock.sendall(data)
+                    self._outbox.sent(messages)
                 if stop:
                     return
         except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed

@@ -24,15 +24,18 @@ Records (table ``tasks``): the task id clients see (given by the writer, never r
 client's token and submission number (unique together: a submission retried over a new
 connection finds its record instead of making a second one), the call and policy bytes, state
 (queued, running, done), attempts charged, timestamps (wall clock: the result TTL spans
-restarts), and for a done task its outcome (the ``S_DONE`` fields: outcome code, seconds,
-data). A done task drops its call bytes. Outcomes older than ``result_ttl`` are deleted by
-the writer, at most PRUNE_CHUNK rows per transaction, so that pruning never holds submissions
-long.
+restarts), and for a done task its outcome (the ``S_DONE`` fields: outcome code, seconds, data).
+A task that succeeded drops its call bytes (others keep them: ``Client.retry()``). ``records``
+has the operator's columns. Outcomes older than ``result_ttl`` are deleted by the writer, at
+most PRUNE_CHUNK rows per transaction, so that pruning never holds submissions long.
 
-Failure: a transaction that fails (a full disk, an I/O error) is rolled back whole; its
-submissions are refused (their callbacks get ``JournalError``: never run, never half-written),
-and the state changes it carried are lost, which only means that after a restart such a task
-is recovered as queued or running (at-least-once). The writer itself never dies of it.
+Failure: a transaction that fails (a full disk, an I/O error, or any exception while applying
+it) is rolled back whole; its submissions are refused (their callbacks get ``JournalError``:
+never run, never half-written), and the state changes it carried (starts, outcomes, schedule
+records, forgotten records) are kept and applied again with the next batch, at the latest
+after RETRY_PAUSE: an outcome is published only once committed, so a client never sees the
+result of a task that the journal would run again. Until they are committed the journal says
+why it is unwritable (``/readyz``). The writer itself never dies of it.
 
 Durability: ``synchronous=FULL`` (the default) syncs the WAL at every commit, so an accepted
 task survives a power loss; ``NORMAL`` syncs only at checkpoints: it survives a crash of the
@@ -50,10 +53,20 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from taskorch._errors import JournalError
-from taskorch._service.server.journal_file import lock_journal, next_task_id, open_journal
+from taskorch._service.protocol import SERVICE_MAX_FRAME, WireTiming
+from taskorch._service.server.journal_file import (
+    ROW_COLUMNS,
+    Mark,
+    Row,
+    Transaction,
+    next_task_id,
+    open_journal,
+    open_marked,
+)
+from taskorch._service.server.outbox import OUTBOX_LIMIT, ByteBound, data_bytes
 from taskorch._service.server.records import label_of
 from taskorch._wire import PROTOCOL
 
@@ -67,33 +80,21 @@ PRUNE_CHUNK = 1000
 #: Longest and shortest pause between two pruning passes (half the TTL between them).
 PRUNE_INTERVAL = 60.0
 PRUNE_MIN_INTERVAL = 1.0
-
-if TYPE_CHECKING:
-    from taskorch._service.protocol import WireTiming
+#: After a failed transaction, the longest wait before its state changes are tried again (a
+#: disk that was full may have room now).
+RETRY_PAUSE = 0.5
+#: Kinds of operation that a failed transaction keeps for the next one (the others are
+#: answered at once: submissions refused, reads answered "not found").
+_KEPT = frozenset({"started", "finished", "forget", "schedule_fired", "schedule_ended"})
 
 QUEUED, RUNNING, DONE = "queued", "running", "done"
 _PLAIN = (0, None, None)  # a submission's timing without options()
-
-
-
-class Row(NamedTuple):
-    """One task's record, as recovery and lookups see it."""
-
-    id: int
-    state: str
-    attempts: int
-    payload: bytes | None
-    policy: bytes | None
-    outcome: int | None
-    seconds: float | None
-    data: bytes | None
-    priority: int = 0  # its options() (``_options.Resolved``; times in epoch seconds)
-    not_before: float | None = None
-    expires: float | None = None
-
-
-_ROW_COLUMNS = ("id, state, attempts, payload, policy, outcome, seconds, data, priority, "
-                "not_before, expires")
+#: Outcomes of at least this many bytes count in MAX_QUEUED_BYTES (smaller ones skip its lock).
+LARGE_OUTCOME = 4096
+#: Most bytes of large outcomes waiting for the writer: past it, whoever ends a task waits.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+#: Default largest result a task may return through ``taskorch serve``: what one frame carries.
+MAX_RESULT_BYTES = SERVICE_MAX_FRAME - 4096
 
 #: ``on_commit(task_id, existing, error)``: the record's id; ``existing`` is the record that
 #: was already there (a retried submission), else None; ``error`` the JournalError that
@@ -110,20 +111,27 @@ class Journal:
     """
 
     def __init__(self, path: str | None, *, result_ttl: float = 3600.0,
-                 synchronous: str = "FULL") -> None:
+                 synchronous: str = "FULL", recover_damaged: bool = False,
+                 max_result_bytes: int = MAX_RESULT_BYTES,
+                 outbox_bytes: int = OUTBOX_LIMIT) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        # What the journal keeps out of RAM (read by the registry and the connections): a
+        # larger result fails its task; past ``outbox_bytes`` of outcomes a connection has not
+        # sent, the rest wait here (``outbox``).
+        self.max_result_bytes = max_result_bytes
+        self.outbox_bytes = outbox_bytes
         self.path = path
         self.durable = path is not None
         self.result_ttl = result_ttl
         self._lock_fd: int | None = None
-        if path is not None:
-            self._lock_fd = lock_journal(path)
-        try:
-            self._db = open_journal(path, synchronous)
-        except BaseException:
-            self._unlock()
-            raise
+        self._mark: Mark | None = None
+        if path is None:
+            self._db, self._inserted, marked_next = open_journal(None, synchronous, True), 0, 0
+        else:  # (locked, checked against its mark: see journal_file)
+            self._lock_fd, self._mark, self._db, self._inserted = open_marked(
+                path, synchronous, recover_damaged)
+            marked_next = self._mark.next_id
         # Operations for the writer (see the module docstring). Unbounded: its producers must
         # never block (one runs under the backlog lock); every submission in it holds a
         # backlog slot, which bounds the submissions; the rest are a few per task.
@@ -133,19 +141,27 @@ class Journal:
         # the server stopped is committed; it never waits on anything but the disk.
         self._writer = threading.Thread(target=self._write_guarded, name="taskorch-serve-journal")
         self._next_prune = 0.0
+        # Large outcomes queued or kept, not yet committed: finished() waits past the bound.
+        self._queued = ByteBound(MAX_QUEUED_BYTES)
         self._started = self._closed = False
         # The next task id (writer thread): ids are given here rather than by SQLite, so that
         # a batch of submissions is one executemany(); never reused, as AUTOINCREMENT's are
         # (an explicit id above the table's sequence moves the sequence).
-        self._next_id = next_task_id(self._db)
+        # (Above the mark's too: ids of tasks lost to damage are never given again.)
+        self._next_id = max(next_task_id(self._db), marked_next)
+        if self._mark is not None:
+            self._mark.write(self._inserted, self._next_id)
         self.last_failure: str | None = None  # the last failed transaction (writer thread)
+        # State changes of failed transactions, to apply again (writer thread; see _KEPT).
+        self._kept: list[tuple[Any, ...]] = []
+        self._retry_at = 0.0
 
     # -- before start(): recovery (main thread) ---------------------------------------------
 
     def rows_to_recover(self) -> list[Row]:
         """Tasks not done, oldest first: the ones a previous server accepted and did not end."""
         cursor = self._db.execute(
-            f"SELECT {_ROW_COLUMNS} FROM tasks WHERE state != 'done' ORDER BY id")
+            f"SELECT {ROW_COLUMNS} FROM tasks WHERE state != 'done' ORDER BY id")
         return [Row(*r) for r in cursor]
 
     def requeue(self, charged: list[tuple[int, int]]) -> None:
@@ -155,22 +171,14 @@ class Journal:
                 "UPDATE tasks SET state='queued', attempts=? WHERE id=?",
                 [(attempts, task_id) for task_id, attempts in charged])
 
-    def counts(self) -> dict[str, int]:
-        """Records by state (and by outcome code for done ones, as ``done:N``); for tests and
-        logs. Safe from the main thread before start() or after close() only."""
-        out: dict[str, int] = {}
-        for state, outcome, n in self._db.execute(
-                "SELECT state, outcome, count(*) FROM tasks GROUP BY state, outcome"):
-            key = state if state != DONE else f"done:{outcome}"
-            out[key] = n
-        return out
-
     def unwritable(self) -> str | None:
         """Why the journal cannot take submissions now (its last transaction failed, or its
         writer stopped), else None: ``/readyz``'s "journal" check (any thread)."""
         if self._started and not self._writer.is_alive() and not self._closed:
             return "the journal's writer thread has stopped"
-        return None if self.last_failure is None else f"the last commit failed: {self.last_failure}"
+        failure = self.last_failure
+        return None if failure is None else (
+            f"the last commit failed ({failure}); outcomes wait for the next one")
 
     def schedule_states(self) -> dict[str, float]:
         """Each schedule's last fire time (Unix time), as the last server left it (before
@@ -192,8 +200,7 @@ class Journal:
         self._started = True
 
     def submit(self, client: bytes, sub: int, payload: bytes, policy: bytes | None,
-               on_commit: OnCommit,
-               timing: WireTiming | None = None) -> None:
+               on_commit: OnCommit, timing: WireTiming | None = None) -> None:
         self._ops.put(("submit", client, sub, payload, policy, on_commit, timing or _PLAIN))
 
     def find(self, client: bytes, sub: int, on_row: Callable[[Row | None], None]) -> None:
@@ -205,18 +212,17 @@ class Journal:
 
     def finished(self, task_id: int, outcome: int, attempts: int, seconds: float | None,
                  data: Any, then: Callable[[], None], status: str = "failed",
-                 progress: tuple[Any, ...] | None = None) -> None:
-        """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer, off the
-        caller's thread: a dispatcher; ``status``: its ``TaskInfo`` state); ``then()`` once
-        it is committed (or failed to be: logged). The call bytes stay with a task that did
-        not succeed, for ``Client.retry()``; ``progress``: its last ``Progress`` fields."""
+                 progress: bytes | None = None) -> None:
+        """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer; ``status``
+        and ``progress``, pickled: ``records``'); ``then()`` once committed (or failed to be)."""
+        size = data_bytes(data)
+        if size >= LARGE_OUTCOME:  # (small ones are bounded by the tasks in flight)
+            self._queued.add(size, self._may_wait)
         self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then, status,
-                       None if progress is None else pickle.dumps(progress, PROTOCOL)))
+                       progress))
 
     def run(self, fn: Callable[[sqlite3.Connection], Any], then: Callable[[Any], None]) -> None:
-        """``fn(db)`` in the writer's transaction, after what is queued (the operator's reads
-        and marks: ``records``); ``then(its result)`` after COMMIT (``then(None)`` if the
-        transaction failed). ``fn`` must be quick: submissions wait behind it."""
+        """``fn(db)`` in a transaction; then ``then(its result, or a JournalError)``."""
         self._ops.put(("run", fn, then))
 
     def forget(self, task_id: int, then: Callable[[], None]) -> None:
@@ -244,6 +250,11 @@ class Journal:
         if self._writer.is_alive():
             self._ops.put(None)
             self._writer.join()
+        self._queued.release(0)  # (wakes a producer waiting for the writer that ended)
+        if self._kept:
+            log.error("taskorch serve: %d journal records could not be committed before the "
+                      "server stopped (their tasks run again at the next start)",
+                      len(self._kept))
         self._db.close()
         self._unlock()
 
@@ -259,11 +270,14 @@ class Journal:
 
     def _write(self) -> bool:
         """One batch. False once the sentinel is seen (after committing what preceded it)."""
-        timeout = max(0.0, self._next_prune - time.monotonic())
+        due = min(self._next_prune, self._retry_at) if self._kept else self._next_prune
         try:
-            first = self._ops.get(timeout=timeout)
+            first = self._ops.get(timeout=max(0.0, due - time.monotonic()))
         except queue.Empty:
-            self._prune()
+            if self._kept:
+                self._commit([])
+            if time.monotonic() >= self._next_prune:
+                self._prune()
             return True
         ops = [first]
         while first is not None and len(ops) < MAX_BATCH:
@@ -275,25 +289,67 @@ class Journal:
             if op is None:
                 break
         more = ops[-1] is not None
+        self._commit([op for op in ops if op is not None])
+        if time.monotonic() >= self._next_prune:
+            self._prune()
+        return more
+
+    def _commit(self, new: list[tuple[Any, ...]]) -> None:
+        """Apply what failed before and ``new`` in one transaction, then call back."""
+        ops = self._kept + new
+        self._kept = []
         # A task that started and ended within one batch needs no "running" record.
-        ended = {op[1] for op in ops if op is not None and op[0] == "finished"}
-        batch = [op for op in ops
-                 if op is not None and not (op[0] == "started" and op[1] in ended)]
+        ended = {op[1] for op in ops if op[0] == "finished"}
+        batch = [op for op in ops if not (op[0] == "started" and op[1] in ended)]
+        inserted = self._inserted
         try:
             with self._transaction():
                 callbacks = self._apply_all(batch)
             self.last_failure = None
-        except sqlite3.Error as exc:
+            if self._mark is not None and self._inserted != inserted:
+                self._mark.write(self._inserted, self._next_id)
+            if self._queued.queued:
+                self._queued.release(sum(n for n in (data_bytes(op[5]) for op in batch if op[0]
+                                                     == "finished") if n >= LARGE_OUTCOME))
+        except Exception as exc:  # any: the batch failed, and with it only its submissions
+            self._inserted = inserted
             self.last_failure = f"{type(exc).__name__}: {exc}"
+            self._retry_at = time.monotonic() + RETRY_PAUSE
+            if len(batch) > 1 and not isinstance(exc, sqlite3.Error):
+                log.warning("taskorch serve: a journal transaction failed (%s); its "
+                            "submissions are refused", self.last_failure)
             callbacks = [self._refuse(op, exc) for op in batch]
+            if self._kept and not isinstance(exc, sqlite3.Error) and len(batch) == len(
+                    self._kept):  # nothing but kept changes, and not the disk: a bad one
+                self._kept = self._apply_alone(self._kept)
         for callback in callbacks:
             try:
                 callback()
             except BaseException:
                 log.exception("taskorch serve: a journal callback failed")
-        if time.monotonic() >= self._next_prune:
-            self._prune()
-        return more
+
+    def _may_wait(self) -> bool:
+        return self._writer.is_alive() and threading.current_thread() is not self._writer
+
+    def _apply_alone(self, kept: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Kept changes that failed together for another reason than the disk: each in its
+        own transaction, so that one that cannot be applied (a bug) does not hold the others;
+        it is logged and dropped. Returns the ones that failed for the disk."""
+        left: list[tuple[Any, ...]] = []
+        for op in kept:
+            try:
+                with self._transaction():
+                    callbacks = self._apply_all([op])
+            except sqlite3.Error:
+                left.append(op)
+                continue
+            except Exception:
+                log.exception("taskorch serve: cannot journal the %s record of task %s; "
+                              "dropped", op[0], op[1])
+                continue
+            for callback in callbacks:
+                callback()
+        return left
 
     def _apply_all(self, batch: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
         """Apply a batch inside its transaction; return what to call after COMMIT, in order:
@@ -339,6 +395,10 @@ class Journal:
             [(first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]))
              for i, op in enumerate(submits)],
         ).rowcount
+        if inserted:
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key='inserted'",
+                             (inserted,))
+            self._inserted += inserted
         callbacks: list[Callable[[], None]] = []
         for i, op in enumerate(submits):
             on_commit: OnCommit = op[5]
@@ -371,19 +431,18 @@ class Journal:
             _, task_id, then = op
             db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
             return then  # type: ignore[no-any-return]
-        if kind == "run":
-            result = op[1](db)
-            return functools.partial(op[2], result)
+        if kind == "run":  # (the operator's)
+            return functools.partial(op[2], op[1](db))
         if kind == "flush":  # (its callback runs after every other of the batch: see above)
             return op[1].set  # type: ignore[no-any-return]
         assert kind == "lookup", op
         _, task_id, on_row = op
-        found = db.execute(f"SELECT {_ROW_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
+        found = db.execute(f"SELECT {ROW_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
         result = None if found is None else Row(*found)
         return lambda: on_row(result)
 
-    def _refuse(self, op: tuple[Any, ...], exc: sqlite3.Error) -> Callable[[], None]:
-        """The batch failed: what each op's caller learns."""
+    def _refuse(self, op: tuple[Any, ...], exc: Exception) -> Callable[[], None]:
+        """The batch failed: what each op's caller learns; the state changes are kept."""
         kind = op[0]
         if kind == "submit":
             on_commit = op[5]
@@ -391,24 +450,20 @@ class Journal:
                 f"taskorch serve could not write the task to its journal ({exc}): it was NOT "
                 "accepted and will not run. The server's disk may be full")
             return lambda: on_commit(0, None, error)
-        if kind in ("find", "lookup", "run"):
-            on_row = op[-1]
-            return lambda: on_row(None)
-        if kind == "forget":
-            return op[-1]  # type: ignore[no-any-return]
+        if kind in ("find", "lookup", "run"):  # answered, not kept
+            answer = JournalError(f"the journal failed: {exc}") if kind == "run" else None
+            return functools.partial(op[-1], answer)
         if kind == "flush":
             return op[1].set  # type: ignore[no-any-return]
-        if kind == "finished":  # published all the same: the task did end
-            log.error("taskorch serve: journal write failed (%s): the outcome of task %d is not "
-                      "journaled; after a restart that task would run again", exc, op[1])
-            return op[6]  # type: ignore[no-any-return]
-        log.error("taskorch serve: journal write failed (%s): the %s record of task %d is lost; "
-                  "after a restart that task would run again", exc, kind, op[1])
+        if kind == "finished" and not any(k[0] == "finished" for k in self._kept):
+            log.error("taskorch serve: journal write failed (%s): outcomes wait until they "
+                      "are committed (task %d first)", exc, op[1])
+        self._kept.append(op)
         return _nothing
 
     def _find(self, client: bytes, sub: int) -> Row | None:
         found = self._db.execute(
-            f"SELECT {_ROW_COLUMNS} FROM tasks WHERE client=? AND sub=?", (client, sub)).fetchone()
+            f"SELECT {ROW_COLUMNS} FROM tasks WHERE client=? AND sub=?", (client, sub)).fetchone()
         return None if found is None else Row(*found)
 
     def _prune(self) -> None:
@@ -419,7 +474,8 @@ class Journal:
                 deleted = self._db.execute(
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished < ? "
                     "LIMIT ?)", (cutoff, PRUNE_CHUNK)).rowcount
-            self.last_failure = None  # a commit went through: writable again (readiness)
+            if not self._kept:
+                self.last_failure = None  # a commit went through: writable again (readiness)
         except sqlite3.Error as exc:
             log.warning("taskorch serve: pruning the journal failed: %s", exc)
             deleted = 0
@@ -427,39 +483,16 @@ class Journal:
             PRUNE_MIN_INTERVAL, min(PRUNE_INTERVAL, self.result_ttl / 2))
         self._next_prune = time.monotonic() + pause
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self) -> Transaction:
+        return Transaction(self._db)
 
     def _unlock(self) -> None:
+        if self._mark is not None:
+            self._mark.close()
+            self._mark = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-
-
-class _Transaction:
-    """BEGIN ... COMMIT, or ROLLBACK on an exception (autocommit connection)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            try:
-                self._db.execute("COMMIT")
-                return
-            except sqlite3.Error:
-                self._rollback()
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        try:
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # no transaction left (SQLite rolled it back itself)
 
 
 def _nothing() -> None:

@@ -21,19 +21,20 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from taskorch._errors import TaskNotFoundError, TaskorchError
+from taskorch._errors import JournalError, TaskNotFoundError, TaskorchError
 from taskorch._service.operations import MAX_PAGE, AdminRequest
 from taskorch._service.protocol import (
     O_CANCELLED,
     ServerFrame,
-    decode_builtins,
     rejected_frame,
     stats_reply_frame,
 )
 from taskorch._service.server.records import info_of, list_rows, queued_ids, read_row
+from taskorch._service.values import decode_builtins
 from taskorch._stats import TASK_STATES
 
 if TYPE_CHECKING:
+    from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._service.server.registry import Outcome, TaskRegistry
 
 #: How long a request waits for the journal (a commit in progress, the batches before it).
@@ -163,6 +164,8 @@ class Operator:
         self._journal.run(fn, then)
         if not done.wait(JOURNAL_WAIT):
             raise TimeoutError(f"the journal did not answer within {JOURNAL_WAIT:g} s")
+        if isinstance(box[0], JournalError):
+            raise box[0]
         return box[0]
 
 
@@ -191,6 +194,15 @@ class _Waiter:
         if isinstance(self._value, BaseException):
             raise self._value
         return self._value
+
+
+def trigger_answer(orchestrator: TaskOrchestrator, req: int, name: str) -> ServerFrame:
+    """``taskorch trigger NAME`` (C_TRIGGER): the schedule runs now (the server's own task)."""
+    try:
+        future = orchestrator.trigger(name)
+    except Exception as exc:  # no such schedule (KeyError), closed, broken
+        return rejected_frame(req, ValueError(exc.args[0]) if isinstance(exc, KeyError) else exc)
+    return stats_reply_frame(req, {"triggered": name, "submitted": future is not None})
 
 
 def _not_found(task_id: int) -> TaskNotFoundError:

@@ -16,8 +16,8 @@ from typing import Any
 
 from taskorch._errors import TaskAbandonedError, TaskExpiredError
 from taskorch._parent.figures import name_of_payload
-from taskorch._service.protocol import O_ERROR, O_RAISED, O_RESULT, decode_builtins
-from taskorch._service.values import decode_service_error
+from taskorch._service.protocol import O_ERROR, O_RAISED, O_RESULT
+from taskorch._service.values import decode_builtins, decode_service_error
 from taskorch._stats import Progress, TaskInfo
 from taskorch._wire import BY_REFERENCE, function_reference
 

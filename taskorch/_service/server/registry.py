@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import (
     JournalError,
+    SerializationError,
     TaskAbandonedError,
     TaskNotFoundError,
     TaskorchError,
@@ -52,11 +53,16 @@ from taskorch._service.protocol import (
     O_RAISED,
     O_RESULT,
     WireTiming,
-    decode_builtins,
 )
-from taskorch._service.server.journal import DONE, Journal, Row
+from taskorch._service.server.journal import DONE, Journal
+from taskorch._service.server.journal_file import Row
 from taskorch._service.server.records import status_of
-from taskorch._service.values import WirePolicy, decode_service_policy, encode_service_error
+from taskorch._service.values import (
+    WirePolicy,
+    decode_builtins,
+    decode_service_policy,
+    encode_service_error,
+)
 from taskorch._stats import Progress
 from taskorch._wire import PROTOCOL
 
@@ -318,6 +324,14 @@ class TaskRegistry:
         """The future's observer, in the thread that resolved it: queue the outcome for the
         journal, which publishes it once committed."""
         outcome = _outcome_of(future)
+        if (outcome.outcome == O_RESULT and isinstance(outcome.data, bytes)
+                and len(outcome.data) > self.journal.max_result_bytes):
+            outcome = Outcome(O_ERROR, outcome.attempts, outcome.seconds, encode_service_error(
+                SerializationError(
+                    f"task {task_id} returned a result of {len(outcome.data):,} bytes, over "
+                    f"this server's --max-result-bytes ({self.journal.max_result_bytes:,}): "
+                    "it was discarded (the task ran). Return a smaller result (large data "
+                    "belongs in a file, returned by path), or raise --max-result-bytes")))
         if self.stopping and self.journal.durable and (
                 outcome.outcome == O_CANCELLED or _abandoned(future)):
             with self._lock:
@@ -329,7 +343,8 @@ class TaskRegistry:
         last = future.latest_progress
         self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
                               outcome.data, functools.partial(self._publish, task_id, outcome),
-                              status, None if last is None else dataclasses.astuple(last))
+                              status, None if last is None else pickle.dumps(
+                                  dataclasses.astuple(last), PROTOCOL))
 
     def _publish(self, task_id: int, outcome: Outcome) -> None:
         """The journal's writer, once the outcome is committed (or failed to be)."""
