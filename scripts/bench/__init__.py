@@ -34,6 +34,8 @@ Sections:
      and on (``taskorch.metrics``) on one pool, alternating blocks; the median on/off ratio
   P  delayed backlog (taskorch only): A's no-op throughput without, then with 100,000
      tasks delayed by an hour waiting in the backlog (``options(delay=)``); with / without
+  R  task records (taskorch only): ``taskorch serve``'s journal with 10,000 retained tasks,
+     ms per page of 100 as ``Client.tasks()`` reads it (newest, middle, failed, by name)
   noise: CPU that processes outside the pool's tree used during each section, % of one core
 
 Never asserts speed: every number is a measurement, not a verdict, and the exit status does
@@ -51,6 +53,7 @@ Modules, by role (the parent never imports the child's modules, and the reverse)
   lifecycle.py       child: sections D, E, H
   failure.py         child: sections F, G
   delayed.py         child: section P
+  records.py         child: section R
   child_main.py      child: runs the sections in order, medians over repetitions
   parent.py          parent: calibration, the children under deadlines, cold starts (D)
   report.py          parent: the markdown table, ratio lines, notes, chart

@@ -11,7 +11,7 @@ import gc
 import time
 from typing import Any, Callable
 
-from . import delayed, failure, lifecycle, throughput
+from . import delayed, failure, lifecycle, records, throughput
 from .child import Child
 from .config import EXEC_ORDER
 from .harness import NoiseMeter, describe, median
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Callable[[Child], dict[str, Any]]] = {
     "M": throughput.m_metrics_overhead,
     "P": delayed.p_delayed_backlog,
     "Q": delayed.q_dependencies_and_keys,
+    "R": records.r_task_records,
 }
 
 

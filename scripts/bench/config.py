@@ -40,7 +40,7 @@ POOL_LABELS = {
 }
 # The remote pair runs only A: remote run() against the local orchestrator, journal on and off.
 REMOTE_POOLS = ("taskorch-remote", "taskorch-remote-nj")
-ALL_SECTIONS = "ABCDEFGHIMPQ"
+ALL_SECTIONS = "ABCDEFGHIMPQR"
 # Sections every pool runs; M (metrics overhead) is taskorch's alone.
 POOL_SECTIONS = "ABCDEFGHI"
 # Execution order inside a child, which is not the table order. D runs in children of its own
@@ -48,19 +48,19 @@ POOL_SECTIONS = "ABCDEFGHI"
 # start" really is the first pool this interpreter builds. E next, before sections A-C have
 # grown the heap with tens of thousands of futures; F last, since a crash may leave a pool
 # half-broken.
-EXEC_ORDER = "DEABCIGHMPQF"
+EXEC_ORDER = "DEABCIGHMPQRF"
 
 # Sizes. QUICK keeps the whole run (4-5 pools) under a minute; FULL under six.
 QUICK: dict[str, Any] = {
     "a_tasks": 5_000, "b_tasks": 20, "c_tasks": 1_000, "e_tasks": 500, "f_tasks": 200,
     "h_tasks": 50, "i_items": 50_000, "reps": 1, "d_reps": 1, "warmup": False,
-    "p_delayed": 5_000,
+    "p_delayed": 5_000, "r_tasks": 10_000,
     "child_timeout": 45.0, "stop_timeout": 10.0,
 }
 FULL: dict[str, Any] = {
     "a_tasks": 20_000, "b_tasks": 40, "c_tasks": 2_000, "e_tasks": 1_000, "f_tasks": 200,
     "h_tasks": 50, "i_items": 200_000, "reps": 3, "d_reps": 7, "warmup": True,
-    "p_delayed": 100_000,
+    "p_delayed": 100_000, "r_tasks": 10_000,
     "child_timeout": 150.0, "stop_timeout": 30.0,
 }
 CPU_TASK_S = 0.050          # section B: target duration of one CPU task

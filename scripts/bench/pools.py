@@ -93,7 +93,7 @@ class PoolAdapter:
 class TaskorchAdapter(PoolAdapter):
     name = "taskorch"
     has_task_timeout = True
-    sections = POOL_SECTIONS + "MPQ"
+    sections = POOL_SECTIONS + "MPQR"
 
     @staticmethod
     def preload() -> str:

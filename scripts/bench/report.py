@@ -78,6 +78,8 @@ ROWS: list[tuple[str, str]] = [  # (section, row title); a section may have seve
     ("M", "M metrics overhead: no-op tasks/s, metrics off / on (on vs off)"),
     ("P", "P no-op tasks/s without / with delayed tasks waiting (100,000; --quick 5,000)"),
     ("Q", "Q no-op tasks/s plain / one dependency each / a key each"),
+    ("R", "R serve's task records, 10,000 retained: ms per page of 100 (newest / middle / "
+          "failed / by name)"),
 ]
 
 
@@ -100,6 +102,9 @@ def fmt_cell(row: str, res: dict[str, Any] | None) -> str:
     if section == "P":
         return (f"{res['without_tasks_per_s']:,.0f} / {res['with_tasks_per_s']:,.0f} "
                 f"({res['with_vs_without']:.3f}x; enqueue {res['enqueue_delayed_us']:.1f} us)")
+    if section == "R":
+        return (f"{res['newest_ms']:.2f} / {res['middle_ms']:.2f} / {res['failed_ms']:.2f} / "
+                f"{res['name_ms']:.2f}")
     if section == "Q":
         return (f"{res['plain_tasks_per_s']:,.0f} / {res['after_tasks_per_s']:,.0f} / "
                 f"{res['key_tasks_per_s']:,.0f} ({res['after_vs_plain']:.2f}x, "
