@@ -544,17 +544,6 @@ def report_then_block(started: str, release_fifo: str) -> str:
         return f.read()
 
 
-def progress_loop(n: int) -> float:
-    """Call ``taskorch.progress()`` ``n`` times in a tight loop: the mean cost (seconds)."""
-    import time
-
-    import taskorch
-
-    begin = time.perf_counter()
-    for i in range(n):
-        taskorch.progress(i, n)
-    return (time.perf_counter() - begin) / n
-
 
 def bytes_of(n: int) -> bytes:
     """A result of ``n`` bytes, made in the worker (nothing that large travels in)."""

@@ -79,7 +79,7 @@ ROWS: list[tuple[str, str]] = [  # (section, row title); a section may have seve
     ("P", "P no-op tasks/s without / with delayed tasks waiting (100,000; --quick 5,000)"),
     ("Q", "Q no-op tasks/s plain / one dependency each / a key each"),
     ("R", "R serve's task records, 10,000 retained: ms per page of 100 (newest / middle / "
-          "failed / by name)"),
+          "failed / by name); taskorch.progress() in a loop, ns a call"),
 ]
 
 
@@ -104,7 +104,7 @@ def fmt_cell(row: str, res: dict[str, Any] | None) -> str:
                 f"({res['with_vs_without']:.3f}x; enqueue {res['enqueue_delayed_us']:.1f} us)")
     if section == "R":
         return (f"{res['newest_ms']:.2f} / {res['middle_ms']:.2f} / {res['failed_ms']:.2f} / "
-                f"{res['name_ms']:.2f}")
+                f"{res['name_ms']:.2f}; progress {res['progress_call_ns']:.0f} ns")
     if section == "Q":
         return (f"{res['plain_tasks_per_s']:,.0f} / {res['after_tasks_per_s']:,.0f} / "
                 f"{res['key_tasks_per_s']:,.0f} ({res['after_vs_plain']:.2f}x, "
