@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
-from _tasks import Gate, wait_until
+from _tasks import Gate, scaled, wait_until
 
 from taskorch import Policy, TaskOrchestrator
 
@@ -148,11 +148,31 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     before = open_fds()
     yield
-    wait_until(lambda: not leftover_processes(), timeout=10,
-               what="every worker process to be gone")
+    try:
+        wait_until(lambda: not leftover_processes(), timeout=10,
+                   what="every worker process to be gone")
+    except AssertionError:
+        # One slow or failed test is one failure: its processes must not fail the leak
+        # checks of every test after it. Kill them (SIGKILL, the whole tree) and report them.
+        left = kill_leftover_processes()
+        raise AssertionError(f"the test left {len(left)} process(es), now killed: {left}") from None
     wait_until(lambda: not taskorch_threads(), timeout=10,
                what="every taskorch thread to be gone")
     check_fds_closed(before, request.node.nodeid)
+
+
+def kill_leftover_processes() -> list[str]:
+    """SIGKILL every process ``leftover_processes`` finds, wait for them; what they were."""
+    procs = leftover_processes()
+    described = []
+    for proc in procs:
+        try:
+            described.append(f"{proc.pid} {' '.join(proc.cmdline()[:6])}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(procs, timeout=scaled(10))
+    return described
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -175,11 +195,12 @@ def make_orchestrator() -> Iterator[Callable[..., TaskOrchestrator]]:
         kwargs.setdefault("policy", FAST)
         o = TaskOrchestrator(*args, **kwargs)
         made.append(o)
+        o.start()  # its workers now, as tests that look at them expect (lazy start: its own tests)
         return o
 
     yield make
     for o in made:
-        o.stop(timeout=5)
+        o.stop(timeout=scaled(5))
 
 
 @pytest.fixture

@@ -7,13 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _tasks import scaled
+
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 
 
 def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=scaled(600))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| A no-op throughput" in proc.stdout and "Ratios" in proc.stdout
     data = json.loads(out.read_text())

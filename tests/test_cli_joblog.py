@@ -10,8 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _tasks import scaled
 
-R = 60
+R = scaled(60)
 
 
 def taskorch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -13,14 +13,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 from test_cli import records, release_once_the_signal_is_noticed
 
 from taskorch import BreakerMode, Policy
 from taskorch.cli.main import build_parser
 from taskorch.cli.options import UsageError, exception_classes
 
-R = 60
+R = scaled(60)
 
 
 def taskorch(*args: str, cwd: Path, input: str = "") -> subprocess.CompletedProcess[str]:

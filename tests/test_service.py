@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import _tasks as t
 import pytest
-from _tasks import sigstop, wait_until
+from _tasks import scaled, sigstop, wait_until
 from test_executor import held
 from test_service_admission import KEY, make_server  # noqa: F401 - a fixture
 
@@ -59,7 +59,7 @@ from taskorch._service.protocol import (
     submit_frame,
 )
 
-R = 30  # deadline for any one result: only catches deadlocks
+R = scaled(30)  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
