@@ -175,6 +175,18 @@ def kill_leftover_processes() -> list[str]:
     return described
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """pytest-timeout's deadline (``timeout`` in pyproject.toml), scaled like every other
+    deadline of the suite (``TASKORCH_TEST_SCALE``, tests/_tasks.py) for the tests that do
+    not set their own (theirs are written with ``scaled`` already)."""
+    default = config.getini("timeout")
+    if not default or config.getoption("timeout", None) is not None:
+        return  # none set, or --timeout on the command line wins
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(scaled(float(default))))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not closed_only_by_gc:
         return

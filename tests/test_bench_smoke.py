@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _tasks import scaled
 
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(scaled(300))  # every pool and section of the benchmark, quick mode
 def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],

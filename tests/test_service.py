@@ -58,6 +58,7 @@ from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
     submit_frame,
 )
+from taskorch._service.server import connection
 
 R = scaled(30)  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -343,6 +344,53 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
             g.release()
         other.close()
         withdrawing.close()
+
+
+def test_a_run_async_cancelled_while_its_record_is_committed_enqueues_nothing(
+    make_server, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    # The race behind (5, 5, 1) != (4, 4, 1) above on a busy machine: a run_async() that got
+    # its slot, whose record the journal was committing when its withdraw arrived. The
+    # withdraw found the request neither waiting for room nor accepted, and the task ran.
+    # Forced here: the record reaches the journal only once the server handled the withdraw.
+    server = make_server()
+    journal = server.registry.journal
+    submit, withdraw = journal.submit, connection.ServedConnection._withdraw
+    held, withdrawn = threading.Event(), threading.Event()
+    late: list[threading.Thread] = []
+
+    def submit_after_the_withdraw(*args: Any) -> None:  # (on the server's asyncio thread)
+        late.append(threading.Thread(target=lambda: withdrawn.wait(R) and submit(*args),
+                                     name="test-late-journal-submit"))
+        late[-1].start()
+        held.set()
+
+    def withdraw_and_tell(self: Any, req: int) -> None:
+        withdraw(self, req)
+        withdrawn.set()
+
+    monkeypatch.setattr(journal, "submit", submit_after_the_withdraw)
+    monkeypatch.setattr(connection.ServedConnection, "_withdraw", withdraw_and_tell)
+    client = connect(server.listener.address, authkey=KEY)
+    try:
+        async def cancel_while_committing() -> None:
+            task = asyncio.ensure_future(client.run_async(t.square, 4))
+            await asyncio.get_running_loop().run_in_executor(None, held.wait, R)
+            task.cancel()  # the server holds the slot; the record is on its way: withdraw
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel_while_committing())
+        assert withdrawn.wait(R) and held.is_set()
+        late[0].join(R)
+        monkeypatch.setattr(journal, "submit", submit)
+        assert journal.flush(R)  # the withdrawn record's commit and its callback have run
+        assert client.run(t.square, 5).result(R) == 25
+        s = server.orchestrator.stats()
+        assert (s.submitted, s.succeeded, s.cancelled, s.queued) == (1, 1, 0, 0)
+    finally:
+        withdrawn.set()
+        client.close()
 
 
 def test_drop_mode_returns_none_across_the_connection(start_server, gates) -> None:
