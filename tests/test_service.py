@@ -12,6 +12,7 @@ test needs the server in this process, to stretch a wait of its own: it uses
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import pickle
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
@@ -281,6 +283,30 @@ def test_a_full_backlog_raises_queue_full_in_the_client_and_run_async_waits(
             loop.close()
         stats = client.stats()  # the withdrawn request was never enqueued
         assert (stats.submitted, stats.succeeded, stats.rejected) == (4, 4, 1)
+
+
+def test_with_wait_waits_for_room_and_raises_queue_full_only_past_its_seconds(
+    start_server, gates
+) -> None:
+    server = start_server("--workers", "1", "--backlog", "1")
+    running = gates("running")
+    with server.connect() as client:
+        first = client.run(t.blocker, str(running.started), str(running.release_fifo))
+        running.wait_started()
+        queued = client.run(t.square, 2)  # the backlog is full now
+        with pytest.raises(QueueFullError):
+            client.run(t.square, 3)
+        started = time.monotonic()
+        with pytest.raises(QueueFullError):
+            client.with_wait(0.3).run(t.square, 4)
+        assert time.monotonic() - started >= 0.3  # it waited its seconds, not less
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: client.with_wait(R).run(t.square, 5))
+            running.release()  # (before or after the request reaches the server: both wait)
+            assert waiting.result(R).result(R) == 25
+        assert first.result(R) == "go" and queued.result(R) == 4
+        s = client.stats()  # one refusal (run()), none for the waits; the timed-out one: nothing
+        assert (s.submitted, s.succeeded, s.rejected) == (3, 3, 1)
 
 
 def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_async(
