@@ -5,7 +5,7 @@ own workers, which import the task's module)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import _module_orchestrator as m
 import _tasks as t
@@ -29,6 +29,20 @@ def descendants() -> set[int]:
     return t.wait_until(same_twice, what="a stable set of descendants")[0]
 
 
+@pytest.fixture
+def lazy_orchestrator() -> Iterator[Callable[..., TaskOrchestrator]]:
+    """As conftest's make_orchestrator (always stopped), but not started."""
+    made: list[TaskOrchestrator] = []
+
+    def make(**kwargs: Any) -> TaskOrchestrator:
+        made.append(TaskOrchestrator(policy=FAST, **kwargs))
+        return made[-1]
+
+    yield make
+    for o in made:
+        o.stop(R)
+
+
 def pool_processes(workers: list[int]) -> set[int]:
     """The processes a pool of these workers is expected to have: each worker and its guardian
     (the one child it forks at its start; taskorch/_worker/main.py)."""
@@ -43,17 +57,20 @@ def test_the_constructor_starts_no_process_and_the_first_run_does() -> None:
     o = TaskOrchestrator(worker_count=2, policy=FAST)
     assert o.worker_pids() == [] and descendants() == set()
     assert "not started" in repr(o) and o.worker_count == 2 and o.stats().workers == 0
-    assert o.run(t.square, 3).result(R) == 9
-    assert len(o.worker_pids()) == 2
-    assert descendants() == pool_processes(o.worker_pids())
-    o.stop(R)
+    try:
+        assert o.run(t.square, 3).result(R) == 9
+        assert len(o.worker_pids()) == 2
+        expected = pool_processes(o.worker_pids())
+        assert descendants() == expected
+    finally:
+        o.stop(R)
 
 
 @pytest.mark.parametrize("first", ["start", "map", "schedule", "run_async"])
-def test_each_entry_point_starts_the_workers(first: str) -> None:
+def test_each_entry_point_starts_the_workers(lazy_orchestrator: Any, first: str) -> None:
     import asyncio
 
-    o = TaskOrchestrator(worker_count=1, policy=FAST)
+    o = lazy_orchestrator(worker_count=1)
     assert o.worker_pids() == []
     if first == "start":
         o.start()
@@ -65,7 +82,6 @@ def test_each_entry_point_starts_the_workers(first: str) -> None:
     else:
         assert asyncio.run(o.run_async(t.square, 4)).result(R) == 16
     assert len(o.worker_pids()) == 1
-    o.stop(R)
 
 
 def test_stopped_before_any_use_it_starts_nothing_ever() -> None:
@@ -90,7 +106,8 @@ def test_a_module_level_orchestrator_starts_nothing_in_the_workers_that_import_i
         assert seen == set(o.worker_pids())
         # The 2 workers and their guardians: no pool under them (there were 2 x 2 workers,
         # their guardians and resource trackers before lazy start).
-        assert descendants() == pool_processes(o.worker_pids())
+        expected = pool_processes(o.worker_pids())
+        assert descendants() == expected
         assert len(descendants()) == 4
         # Running a task from inside a task stays possible; it costs that worker a pool of
         # its own (its 2 workers at least), kept until that worker exits.
