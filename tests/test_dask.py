@@ -144,7 +144,7 @@ def gates(tmp_path: Path) -> Iterator[Callable[[str], _Gate]]:
     for gate in made:
         if gate.done_with or not gate.started.exists():
             continue
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + scaled(5)
         while not _free(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
 

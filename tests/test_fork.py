@@ -162,7 +162,7 @@ ORCHESTRATOR_SCRIPT = """if 1:
 
 def test_children_that_exit_leave_the_parents_workers_alone() -> None:
     done = subprocess.run([sys.executable, "-c", ORCHESTRATOR_SCRIPT], capture_output=True,
-                          env=_env(), timeout=120)
+                          env=_env(), timeout=scaled(120))
     err = done.stderr.decode()
     assert done.returncode == 0 and done.stdout.decode() == "ok\n", err
     assert err.count("starting its own workers here") == 4, err  # 2 children x 2 pools
@@ -313,7 +313,7 @@ def test_gunicorn_preload_with_an_orchestrator_and_a_client_made_at_import(
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(60)  # graceful-timeout is 60: a web worker that hangs fails here
+            code = proc.wait(scaled(60))  # graceful-timeout 60: a hung web worker fails here
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

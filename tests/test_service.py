@@ -637,7 +637,7 @@ draining, may_commit = threading.Event(), threading.Event()
 commit = journal._Transaction.__exit__
 def held_commit(self, *exc):
     if draining.is_set():
-        may_commit.wait(60)
+        may_commit.wait(t.scaled(60))
     return commit(self, *exc)
 journal._Transaction.__exit__ = held_commit
 flush = journal.Journal.flush
@@ -669,7 +669,7 @@ def client_side():
         future = client.run(t.blocker, str(gate.started), str(gate.release_fifo))
         gate.wait_started()
         os.kill(os.getpid(), signal.SIGTERM)
-        draining.wait(60)  # (a deadlock guard)
+        draining.wait(t.scaled(60))  # (a deadlock guard)
         gate.release()
         try:
             seen["result"] = future.result(60)
