@@ -154,22 +154,24 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     except AssertionError:
         # One slow or failed test is one failure: its processes must not fail the leak
         # checks of every test after it. Kill them (SIGKILL, the whole tree) and report them.
-        left = kill_leftover_processes()
-        raise AssertionError(f"the test left {len(left)} process(es), now killed: {left}") from None
+        stopped, left = kill_leftover_processes()
+        raise AssertionError(
+            f"the test left {stopped} orchestrator(s) running (now stopped) and "
+            f"{len(left)} process(es) after that (now killed): {left}") from None
     wait_until(lambda: not taskorch_threads(), timeout=10,
                what="every taskorch thread to be gone")
     check_fds_closed(before, request.node.nodeid)
 
 
-def kill_leftover_processes() -> list[str]:
+def kill_leftover_processes() -> tuple[int, list[str]]:
     """Stop every orchestrator still running in this process (a test that failed or timed
     out before its stop(): its dispatcher would replace killed workers), then SIGKILL every
     process ``leftover_processes`` finds and wait for them; what they were."""
     from taskorch._parent import orchestrator
 
-    for o in list(orchestrator._live):
-        if o.worker_pids():  # (one never started stays so: stop() would close it for good)
-            o.stop(timeout=0)
+    running = [o for o in list(orchestrator._live) if o.worker_pids()]
+    for o in running:  # (one never started stays so: stop() would close it for good)
+        o.stop(timeout=0)
     procs = leftover_processes()
     described = []
     for proc in procs:
@@ -179,7 +181,7 @@ def kill_leftover_processes() -> list[str]:
         except psutil.Error:
             continue
     psutil.wait_procs(procs, timeout=scaled(10))
-    return described
+    return len(running), described
 
 
 # The tests that ./scripts/test --quick leaves out (marked "slow" here, in one place): whole
@@ -213,9 +215,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     default = config.getini("timeout")
     if not default or config.getoption("timeout", None) is not None:
         return  # none set, or --timeout on the command line wins
-    for item in items:
+    for item in items:  # (a slow test: 18 s on an idle machine for the chaos run)
         if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(scaled(float(default))))
+            slow = item.get_closest_marker("slow") is not None
+            item.add_marker(pytest.mark.timeout(scaled(float(default) * (3 if slow else 1))))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
