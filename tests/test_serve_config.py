@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _tasks import sigstop, wait_until
+from _tasks import scaled, sigstop, wait_until
 
 from taskorch import ServerUnavailableError, connect
 
-R = 30
+R = scaled(30)
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

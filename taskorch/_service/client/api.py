@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from taskorch._errors import OrchestratorClosedError
 from taskorch._options import Duration, Moment, Timing
 from taskorch._parent.task import TaskFuture
-from taskorch._policy import Policy
+from taskorch._policy import Policy, check_number
 from taskorch._service.addressing import (
     Address,
     default_authkey_path,
@@ -50,6 +50,7 @@ from taskorch._service.addressing import (
     normalize_address,
     read_authkey,
 )
+from taskorch._service.client.requests import payload
 from taskorch._service.client.session import Session
 from taskorch._service.handshake import client_handshake, configure_socket
 from taskorch._service.values import encode_service_policy
@@ -288,6 +289,17 @@ class Client:
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         return RemotePolicyOverride(self, policy, Timing(priority, delay, at, expires))
 
+    def with_wait(self, seconds: float | None) -> WaitingClient:
+        """``client.with_wait(30).run(fn, x)``: sync back-pressure. ``run()`` of this view
+        waits up to ``seconds`` (None: without limit) for room in the server's backlog, and
+        rides out a lost connection (a server restart: the request is sent again once
+        reconnected), raising ``QueueFullError`` (full) or ``ServerUnavailableError``
+        (down) only when ``seconds`` pass; nothing is enqueued then. The server waits for
+        room: one round trip per task, whatever the refusals (like ``run_async()``)."""
+        if seconds is not None:
+            check_number("seconds", seconds, allow_zero=True)
+        return WaitingClient(self, seconds)
+
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
         return_exceptions: bool = False,
@@ -399,6 +411,23 @@ class RemotePolicyOverride:
         timing = self._wire_timing()
         return await self._client._here().submit_async(self._wire_policy, fn, args, kwargs,
                                                        timing)
+
+
+class WaitingClient:
+    """``run()`` of a ``Client`` that waits for room and for the connection (see
+    ``Client.with_wait``)."""
+
+    def __init__(self, client: Client, seconds: float | None) -> None:
+        self._client = client
+        self._seconds = seconds
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Submit ``fn(*args, **kwargs)``, waiting for room up to the view's seconds."""
+        return self._client._here().submit_payload_waiting(
+            None, payload(fn, args, kwargs), self._seconds, "with_wait().run()")
+
+    def __repr__(self) -> str:
+        return f"<WaitingClient {self._client.address} wait={self._seconds}>"
 
 
 # -- fork --------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from taskorch._wire import encode_call
 class Request:
     """One request waiting for its answer (and, once accepted, for its outcome)."""
 
-    __slots__ = ("future", "answered", "event", "loop", "waiter", "answer", "message", "credit")
+    __slots__ = ("future", "answered", "taken", "event", "loop", "waiter", "answer", "message",
+                 "credit")
 
     def __init__(
         self, future: TaskFuture | None, loop: asyncio.AbstractEventLoop | None = None,
@@ -40,6 +41,7 @@ class Request:
     ) -> None:
         self.future = future  # None for a stats request
         self.answered = False  # the answer was handed to the caller (reader thread only)
+        self.taken = False  # the reader found its answer (set under the session's lock)
         # How the caller waits: a threading.Event (run(), stats()) or an asyncio future; a
         # credit run() does not wait (neither).
         self.event = threading.Event() if waiter is None and not credit else None
