@@ -99,6 +99,10 @@ class DaskBackend:
     ``OrchestratorBrokenError`` if the cluster cannot be used.
     """
 
+    #: A Dask-backed orchestrator connects in its constructor: it starts no process here, and
+    #: a wrong address or an option the cluster cannot honour fails there, at once.
+    starts_lazily = False
+
     def __init__(self, address: Any, *, connect_timeout: float | None = None) -> None:
         try:
             import distributed

@@ -19,12 +19,26 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # (not imported in the workers, which import this module)
     import subprocess
 
-DEADLOCK_TIMEOUT = 30.0
+#: Every deadline of the suite is multiplied by this (TASKORCH_TEST_SCALE, default 1): on a
+#: busy or slow machine, TASKORCH_TEST_SCALE=3 gives each deadlock guard three times as long.
+#: Deadlines only catch deadlocks, so a larger scale never changes what a test asserts; the
+#: timings a test sets up on purpose (a task's per-attempt timeout) are never scaled.
+SCALE = float(os.environ.get("TASKORCH_TEST_SCALE") or 1)
+
+
+def scaled(seconds: float) -> float:
+    """A deadline of ``seconds`` on an idle machine, times ``SCALE``."""
+    return seconds * SCALE
+
+
+DEADLOCK_TIMEOUT = scaled(30.0)
 
 
 def wait_until(
-    predicate: Callable[[], Any], timeout: float = DEADLOCK_TIMEOUT, what: str = ""
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = ""
 ) -> Any:
+    """Poll ``predicate`` until it is true; fail after ``scaled(timeout)`` seconds."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
-from _tasks import Gate, wait_until
+from _tasks import Gate, scaled, wait_until
 
 from taskorch import Policy, TaskOrchestrator
 
@@ -148,11 +148,77 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     before = open_fds()
     yield
-    wait_until(lambda: not leftover_processes(), timeout=10,
-               what="every worker process to be gone")
+    try:
+        wait_until(lambda: not leftover_processes(), timeout=10,
+                   what="every worker process to be gone")
+    except AssertionError:
+        # One slow or failed test is one failure: its processes must not fail the leak
+        # checks of every test after it. Kill them (SIGKILL, the whole tree) and report them.
+        stopped, left = kill_leftover_processes()
+        raise AssertionError(
+            f"the test left {stopped} orchestrator(s) running (now stopped) and "
+            f"{len(left)} process(es) after that (now killed): {left}") from None
     wait_until(lambda: not taskorch_threads(), timeout=10,
                what="every taskorch thread to be gone")
     check_fds_closed(before, request.node.nodeid)
+
+
+def kill_leftover_processes() -> tuple[int, list[str]]:
+    """Stop every orchestrator still running in this process (a test that failed or timed
+    out before its stop(): its dispatcher would replace killed workers), then SIGKILL every
+    process ``leftover_processes`` finds and wait for them; what they were."""
+    from taskorch._parent import orchestrator
+
+    running = [o for o in list(orchestrator._live) if o.worker_pids()]
+    for o in running:  # (one never started stays so: stop() would close it for good)
+        o.stop(timeout=0)
+    procs = leftover_processes()
+    described = []
+    for proc in procs:
+        try:
+            described.append(f"{proc.pid} {' '.join(proc.cmdline()[:6])}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(procs, timeout=scaled(10))
+    return len(running), described
+
+
+# The tests that ./scripts/test --quick leaves out (marked "slow" here, in one place): whole
+# modules that start a cluster, a browser, a build or the benchmark, and the tests that took
+# over about 4 s on 2 busy cores (`pytest --durations=70`), mostly subprocess pipelines.
+SLOW_MODULES = {"test_bench_smoke.py", "test_wheel.py", "test_dask.py", "test_dask_timeout.py",
+                "test_dashboard.py", "test_cpython_executor.py"}
+SLOW_TESTS = {
+    "test_chaos_random_worker_kills_and_crashing_tasks",
+    "test_finished_futures_keep_no_worker_fds_open",
+    "test_a_module_beside_the_user_reaches_the_dask_workers",
+    "test_retry_on_and_retry_unless",
+    "test_default_policy_on_the_command_line_fails_not_found_at_once_and_retries_transient",
+    "test_path_puts_a_directory_on_the_import_path_of_the_cli_and_its_workers",
+    "test_resume_skips_what_has_a_record_and_resume_failed_reruns_failures",
+    "test_a_run_that_died_resumes_where_it_stopped",
+    "test_a_joblog_of_another_input_is_refused",
+    "test_resume_needs_a_joblog_and_a_joblog_file",
+    "test_the_demo_runs",
+    "test_gunicorn_preload_with_an_orchestrator_and_a_client_made_at_import",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the slow tests (``SLOW_*``); give pytest-timeout's deadline (``timeout`` in
+    pyproject.toml) scaled like every other deadline of the suite (``TASKORCH_TEST_SCALE``,
+    tests/_tasks.py) to the tests that do not set their own (written with ``scaled``)."""
+    for item in items:
+        if item.path.name in SLOW_MODULES or getattr(item, "originalname", None) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+    default = config.getini("timeout")
+    if not default or config.getoption("timeout", None) is not None:
+        return  # none set, or --timeout on the command line wins
+    for item in items:  # (a slow test: 18 s on an idle machine for the chaos run)
+        if item.get_closest_marker("timeout") is None:
+            slow = item.get_closest_marker("slow") is not None
+            item.add_marker(pytest.mark.timeout(scaled(float(default) * (3 if slow else 1))))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -175,11 +241,12 @@ def make_orchestrator() -> Iterator[Callable[..., TaskOrchestrator]]:
         kwargs.setdefault("policy", FAST)
         o = TaskOrchestrator(*args, **kwargs)
         made.append(o)
+        o.start()  # its workers now, as tests that look at them expect (lazy start: its own tests)
         return o
 
     yield make
     for o in made:
-        o.stop(timeout=5)
+        o.stop(timeout=scaled(5))
 
 
 @pytest.fixture

@@ -9,12 +9,13 @@ from typing import Callable
 
 import _tasks as t
 import pytest
+from _tasks import scaled
 
 import taskorch
 from taskorch import Policy, TaskOrchestrator
 
 Make = Callable[..., TaskOrchestrator]
-R = 30
+R = scaled(30)
 
 
 def test_all_is_sorted_and_everything_in_it_imports() -> None:
@@ -84,7 +85,7 @@ def test_map_keeps_memory_flat_on_a_long_input(make_orchestrator: Make) -> None:
     # Lazy: at most 2 * worker_count chunks were read ahead of what we took.
     assert consumed <= 100 + 10 * (2 * 2 + 1)
     results.close()  # cancels what is still queued
-    assert o.stop(timeout=10).drained
+    assert o.stop(timeout=scaled(10)).drained
 
 
 def test_map_validates_its_arguments(make_orchestrator: Make) -> None:

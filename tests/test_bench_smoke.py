@@ -8,17 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from _tasks import scaled
 
 BENCH = Path(__file__).parent.parent / "scripts" / "bench.py"
 
 
-# The quick mode runs every pool and section in fresh interpreters: minutes on a busy machine.
-# The subprocess's own timeout is the deadlock guard; pytest's default (90 s) is not one here.
-@pytest.mark.timeout(660)
+# The quick mode runs every pool and section in fresh interpreters: minutes on a busy machine;
+# the subprocess's own timeout is the deadlock guard.
+@pytest.mark.slow
+@pytest.mark.timeout(scaled(660))
 def test_bench_quick_runs_every_pool_and_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=scaled(600))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| A no-op throughput" in proc.stdout and "Ratios" in proc.stdout
     data = json.loads(out.read_text())

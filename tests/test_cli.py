@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 
-R = 60
+R = scaled(60)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _tasks import scaled
 
-R = 60
+R = scaled(60)
 
 
 def taskorch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -11,16 +11,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 from test_cli import records, release_once_the_signal_is_noticed
 
 from taskorch import BreakerMode, Policy
 from taskorch.cli.main import build_parser
 from taskorch.cli.options import UsageError, exception_classes
 
-R = 60
+R = scaled(60)
 
 
 def taskorch(*args: str, cwd: Path, input: str = "") -> subprocess.CompletedProcess[str]:
@@ -113,7 +114,8 @@ def test_timeout_none_and_kill_grace_and_breaker_reach_the_orchestrator(monkeypa
     from taskorch.cli.options import orchestrator_from_args
 
     given: dict = {}
-    monkeypatch.setattr(taskorch, "TaskOrchestrator", lambda **kwargs: given.update(kwargs))
+    monkeypatch.setattr(taskorch, "TaskOrchestrator", lambda **kwargs: given.update(kwargs)
+                        or SimpleNamespace(start=lambda: None))  # (the CLI starts it at once)
     args = build_parser().parse_args([
         "run", "x:y", "--workers", "1", "--timeout", "none", "--kill-grace", "0.25",
         "--breaker-failures", "3", "--breaker-duration", "5", "--breaker-mode", "hold",

@@ -13,7 +13,7 @@ from typing import Callable
 
 import _tasks as t
 import pytest
-from _tasks import Gate, wait_until
+from _tasks import Gate, scaled, wait_until
 
 from taskorch import (
     Features,
@@ -30,7 +30,7 @@ from taskorch import (
 )
 
 Make = Callable[..., TaskOrchestrator]
-R = 30  # seconds: result() deadlines only catch deadlocks
+R = scaled(30)  # seconds: result() deadlines only catch deadlocks
 
 
 def invariant_holds(s: Stats) -> bool:
@@ -539,7 +539,7 @@ def test_default_policy_in_a_worker_fails_a_missing_file_at_once_retries_a_conne
 def test_stop_drains_500_queued_tasks(tmp_path: Path) -> None:
     o = TaskOrchestrator(worker_count=2, max_backlog=500, policy=Policy())
     futures = [o.run(t.square, i) for i in range(500)]
-    report = o.stop(timeout=60)
+    report = o.stop(timeout=scaled(60))
     assert report.drained and report.succeeded == 500
     assert report.cancelled == report.abandoned == report.failed == 0
     assert all(f.done() for f in futures)
@@ -584,7 +584,7 @@ def test_stop_from_several_threads_at_once(gates) -> None:
     o = TaskOrchestrator(worker_count=1, policy=Policy())
     blocked = block_all_workers(o, gates)
     reports = []
-    threads = [threading.Thread(target=lambda: reports.append(o.stop(timeout=20)))
+    threads = [threading.Thread(target=lambda: reports.append(o.stop(timeout=scaled(20))))
                for _ in range(4)]
     for th in threads:
         th.start()
@@ -616,7 +616,7 @@ def test_stop_from_a_done_callback_does_not_deadlock() -> None:
     fut = o.run(t.square, 2)
     fut.add_done_callback(lambda f: reports.append(o.stop()))
     assert fut.result(R) == 4
-    report = o.stop(timeout=10)
+    report = o.stop(timeout=scaled(10))
     # The callback runs on the "taskorch-callbacks" thread: its own stop() returns on its own.
     wait_until(lambda: reports, what="the callback's stop() to return")
     assert report.drained and len(reports) == 1 and reports[0].drained
@@ -645,6 +645,7 @@ def test_wake_after_stop_never_writes_to_a_reused_descriptor() -> None:
     import os
 
     o = TaskOrchestrator(worker_count=1, policy=Policy())
+    o.start()
     old_fd = o._dispatcher.pool._wake_w
     o.stop()
     pipes = []

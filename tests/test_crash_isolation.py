@@ -13,12 +13,12 @@ from typing import Callable
 import _tasks as t
 import psutil
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 
 from taskorch import Policy, TaskOrchestrator, WorkerCrashedError
 
 Make = Callable[..., TaskOrchestrator]
-R = 30
+R = scaled(30)
 
 
 def test_a_task_that_kills_its_worker_fails_alone(make_orchestrator: Make, gates) -> None:
@@ -105,7 +105,8 @@ def test_interpreter_exit_without_stop_drains_and_leaves_no_process(tmp_path: Pa
         print(*o.worker_pids(), flush=True)
         # no stop(): the interpreter exits here
     """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=scaled(60))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     pids = [int(p) for p in proc.stdout.split()]
@@ -144,7 +145,8 @@ def test_interpreter_exit_without_stop_does_not_hang_whatever_was_registered_fir
         fut = o.run(_tasks.write_file, {str(tmp_path / "done")!r}, "yes")
         print(*o.worker_pids(), flush=True)
     """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=scaled(60))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "done").read_text() == "yes"
     pids = [int(p) for p in proc.stdout.split()]

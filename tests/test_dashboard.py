@@ -12,6 +12,7 @@ from typing import Callable
 
 import _tasks as T
 import pytest
+from _tasks import scaled
 
 from taskorch import Policy, TaskOrchestrator
 from taskorch._service.server.http import HttpService
@@ -19,7 +20,7 @@ from taskorch._service.server.http import HttpService
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-R = 30  # deadline for any one result: only catches deadlocks
+R = scaled(30)  # deadline for any one result: only catches deadlocks
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} is missing (apt-get install chromium)")

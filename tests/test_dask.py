@@ -28,7 +28,7 @@ import pytest
 distributed = pytest.importorskip("distributed")
 
 import _tasks as t  # noqa: E402
-from _tasks import wait_until  # noqa: E402
+from _tasks import scaled, wait_until  # noqa: E402
 from conftest import leftover_processes, taskorch_threads  # noqa: E402
 
 from taskorch import (  # noqa: E402
@@ -48,7 +48,7 @@ from taskorch._wire import decode_frame, encode_call  # noqa: E402
 from taskorch.dask import DaskBackend  # noqa: E402
 
 Make = Callable[..., TaskOrchestrator]
-R = 30  # deadlock guard for results, not a speed assertion
+R = scaled(30)  # deadlock guard for results, not a speed assertion
 WORKERS = 2
 
 
@@ -145,7 +145,7 @@ def gates(tmp_path: Path) -> Iterator[Callable[[str], _Gate]]:
     for gate in made:
         if gate.done_with or not gate.started.exists():
             continue
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + scaled(5)
         while not _free(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
 
@@ -599,7 +599,8 @@ def test_the_command_line_runs_on_the_cluster(cluster: Any, client: Any, tmp_pat
     proc = subprocess.run(
         [sys.executable, "-m", "taskorch", "run", f"{jobs}:where",
          "--dask", cluster.scheduler_address, "--retries", "1"],
-        input="".join(f"[{i}]\n" for i in range(20)), capture_output=True, text=True, timeout=120)
+        input="".join(f"[{i}]\n" for i in range(20)), capture_output=True, text=True,
+        timeout=scaled(120))
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert sorted(r["result"][0] for r in records) == [2 * i for i in range(20)]
@@ -607,7 +608,7 @@ def test_the_command_line_runs_on_the_cluster(cluster: Any, client: Any, tmp_pat
     refused = subprocess.run(
         [sys.executable, "-m", "taskorch", "run", f"{jobs}:where",
          "--dask", cluster.scheduler_address, "--max-tasks-per-worker", "5"],
-        input="[1]\n", capture_output=True, text=True, timeout=120)
+        input="[1]\n", capture_output=True, text=True, timeout=scaled(120))
     assert refused.returncode == 2 and "max_tasks_per_worker" in refused.stderr
 
 

@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterator
 
 import _tasks as t
 import pytest
-from _tasks import Gate, wait_until
+from _tasks import Gate, scaled, wait_until
 from conftest import FAST
 
 from taskorch import Executor, SerializationError, TaskOrchestrator, WorkerCrashedError
 
-R = 30  # deadline for any one result: only catches deadlocks
+R = scaled(30)  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 Make = Callable[..., Executor]
@@ -41,7 +41,7 @@ def make_executor() -> Iterator[Make]:
 
     yield make
     for executor in made:
-        executor.orchestrator.stop(timeout=5)
+        executor.orchestrator.stop(timeout=scaled(5))
 
 
 def held(o: TaskOrchestrator) -> int:
@@ -207,7 +207,7 @@ def test_interpreter_exit_runs_what_was_submitted_then_refuses_more() -> None:
     """
     env = dict(os.environ, PYTHONPATH=TESTS_DIR)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env,
-                          timeout=60)
+                          timeout=scaled(60))
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().split() == ["apple", "runtime-error"]
     assert "Traceback" not in done.stderr.decode()

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import _tasks as t
 import psutil
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 
 from taskorch import (
     BreakerMode,
@@ -36,7 +36,7 @@ from taskorch import (
 )
 
 Make = Callable[..., TaskOrchestrator]
-R = 30
+R = scaled(30)
 TESTS = str(Path(__file__).parent)
 
 
@@ -399,12 +399,12 @@ def test_chaos_random_worker_kills_and_crashing_tasks(tmp_path: Path) -> None:
     th = threading.Thread(target=killer)
     th.start()
     try:
-        done, not_done = concurrent.futures.wait(futures, timeout=120)
+        done, not_done = concurrent.futures.wait(futures, timeout=scaled(120))
     finally:
         stop_killing.set()
         th.join()
     assert not not_done
-    report = o.stop(timeout=30)
+    report = o.stop(timeout=scaled(30))
     assert report.drained
     assert len(kills) >= 5
     with lock:

@@ -27,12 +27,12 @@ from typing import Any, Callable
 import _tasks as t
 import psutil
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 from test_service import Server, short_dir, start_server  # noqa: F401 - fixtures
 
 from taskorch import OrchestratorBrokenError
 
-R = 30
+R = scaled(30)
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
@@ -95,7 +95,7 @@ def test_an_orchestrator_starts_afresh_in_a_forked_child(make_orchestrator, gate
     logger.setLevel(logging.INFO)
     def child() -> dict[str, Any]:
         report: dict[str, Any] = {}
-        error = queued.exception(timeout=5)  # at once: it is the parent's
+        error = queued.exception(timeout=scaled(5))  # at once: it is the parent's
         report["inherited"] = [type(error).__name__, str(error)]
         report["square"] = o.run(t.square, 4).result(R)
         report["workers"] = o.worker_pids()
@@ -162,7 +162,7 @@ ORCHESTRATOR_SCRIPT = """if 1:
 
 def test_children_that_exit_leave_the_parents_workers_alone() -> None:
     done = subprocess.run([sys.executable, "-c", ORCHESTRATOR_SCRIPT], capture_output=True,
-                          env=_env(), timeout=120)
+                          env=_env(), timeout=scaled(120))
     err = done.stderr.decode()
     assert done.returncode == 0 and done.stdout.decode() == "ok\n", err
     assert err.count("starting its own workers here") == 4, err  # 2 children x 2 pools
@@ -202,7 +202,7 @@ def test_a_client_opens_its_own_connection_in_a_forked_child(start_server) -> No
     server: Server = start_server()
     done = subprocess.run(
         [sys.executable, "-c", CLIENT_SCRIPT, str(server.address), str(server.authkey_file)],
-        capture_output=True, env=_env(), timeout=120)
+        capture_output=True, env=_env(), timeout=scaled(120))
     err = done.stderr.decode()
     assert done.returncode == 0 and done.stdout.decode() == "ok\n", err
     assert err.count("opening its own connection") == 1, err
@@ -313,7 +313,7 @@ def test_gunicorn_preload_with_an_orchestrator_and_a_client_made_at_import(
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            code = proc.wait(60)  # graceful-timeout is 60: a web worker that hangs fails here
+            code = proc.wait(scaled(60))  # graceful-timeout 60: a hung web worker fails here
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -327,6 +327,7 @@ def test_gunicorn_preload_with_an_orchestrator_and_a_client_made_at_import(
 def test_a_stopped_orchestrator_closes_none_of_the_childs_fds_at_the_fork(
         make_orchestrator) -> None:
     o = make_orchestrator(worker_count=1)
+    o.start()  # (an orchestrator stopped before it started has no pipes to close)
     o.stop()
     dispatcher = o._dispatcher.pool
     freed = {dispatcher._wake_r, dispatcher._wake_w}  # closed by stop(): free for reuse

@@ -22,12 +22,12 @@ from typing import Any, Callable
 
 import _tasks as t
 import pytest
-from _tasks import Gate, wait_until
+from _tasks import Gate, scaled, wait_until
 
 from taskorch import SerializationError, TaskOrchestrator
 
 Make = Callable[..., TaskOrchestrator]
-R = 30  # seconds: deadlines only catch deadlocks
+R = scaled(30)  # seconds: deadlines only catch deadlocks
 # stop() gives up waiting for its dispatcher this long after its timeout (_STOP_SLACK): a stop
 # that returns later than that returned without its dispatcher, futures unresolved.
 STOP_FALLBACK = 5.0

@@ -13,13 +13,14 @@ from typing import Any, Callable, Iterator
 
 import _tasks as T
 import pytest
+from _tasks import scaled
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import Server, _env, _taskorch, short_dir, start_server  # noqa: F401 (fixtures)
 
 from taskorch import CircuitBreaker, Policy, TaskOrchestrator
 from taskorch._service.server.http import HttpService, load_or_create_token
 
-R = 30  # deadline for any one result: only catches deadlocks
+R = scaled(30)  # deadline for any one result: only catches deadlocks
 
 
 def get(url: str, token: str | None = None) -> tuple[int, str, dict[str, str]]:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import _tasks as T
 import pytest
+from _tasks import scaled
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,11 +48,11 @@ def run_known_workload(o: TaskOrchestrator, tmp_path: Path, fifo: Callable[[str]
         T.exit_first_time, str(tmp_path / "marker"), "back")
     timed_out = o.with_policy(Policy(timeout=0.3)).run(
         T.hang, str(tmp_path / "hang.started"), fifo("never"))
-    assert [f.result(timeout=30) for f in futures if f] == [0, 1, 4]
-    assert failing and isinstance(failing.exception(timeout=30), ValueError)
-    assert retried and retried.result(timeout=30) == 2
-    assert crashed and crashed.result(timeout=30) == "back"
-    assert timed_out and isinstance(timed_out.exception(timeout=30), TimeoutError)
+    assert [f.result(timeout=scaled(30)) for f in futures if f] == [0, 1, 4]
+    assert failing and isinstance(failing.exception(timeout=scaled(30)), ValueError)
+    assert retried and retried.result(timeout=scaled(30)) == 2
+    assert crashed and crashed.result(timeout=scaled(30)) == "back"
+    assert timed_out and isinstance(timed_out.exception(timeout=scaled(30)), TimeoutError)
 
 
 def test_exposition_matches_stats_after_a_known_workload(
@@ -93,9 +94,9 @@ def test_failures_carry_their_traceback_and_crashes_their_error(
 ) -> None:
     o = make_orchestrator(worker_count=1, policy=FAST)
     observer = Observer(o)
-    assert o.run(T.raise_value_error, "kaput").exception(timeout=30)  # type: ignore[union-attr]
+    assert o.run(T.raise_value_error, "kaput").exception(timeout=scaled(30))  # type: ignore[union-attr]
     crash = o.run(T.crash_os_exit, 9)
-    assert crash and isinstance(crash.exception(timeout=30), WorkerCrashedError)
+    assert crash and isinstance(crash.exception(timeout=scaled(30)), WorkerCrashedError)
     snap = observer.snapshot()
     crashed, failed = snap.failures  # newest first
     assert (failed.name, failed.type, failed.message) == (
@@ -119,7 +120,7 @@ def test_workers_show_the_running_task(
     assert worker["running_for"] >= 0 and worker["tasks_run"] == 0
     assert worker["rss_bytes"] is None or worker["rss_bytes"] > 1_000_000
     gate.release()
-    assert future and future.result(timeout=30) == "go"
+    assert future and future.result(timeout=scaled(30)) == "go"
     T.wait_until(lambda: observer.workers()[0]["tasks_run"] == 1, what="the outcome")
 
 
@@ -142,7 +143,7 @@ def test_import_taskorch_imports_no_metrics_library() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('prometheus_client', 'playwright') or m == 'taskorch.metrics'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+                         timeout=scaled(60), check=True).stdout
     assert out.strip() == "[]"
 
 
@@ -152,7 +153,7 @@ def test_collector_labels(make_orchestrator: Callable[..., TaskOrchestrator],
     o = make_orchestrator(worker_count=1)
     registry = CollectorRegistry()
     registry.register(TaskorchCollector(o, namespace="app", labels=labels))
-    assert o.run(T.square, 2).result(timeout=30) == 4  # type: ignore[union-attr]
+    assert o.run(T.square, 2).result(timeout=scaled(30)) == 4  # type: ignore[union-attr]
     parsed = samples(registry)
     key = tuple(sorted((labels or {}).items()))
     assert parsed[("app_tasks_succeeded_total", key)] == 1

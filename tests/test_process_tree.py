@@ -15,13 +15,13 @@ from typing import Callable
 import _tasks as t
 import psutil
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 from test_cli import records, release_once_the_signal_is_noticed, start_gated_run
 
 from taskorch import Policy, TaskOrchestrator, TaskTimeoutError, WorkerCrashedError
 
 Make = Callable[..., TaskOrchestrator]
-R = 30
+R = scaled(30)
 TESTS = str(Path(__file__).parent)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 #: Before the fix the dispatcher joined a crashed worker on loky's sentinel pipe for up to 5 s

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-R = 120  # seconds: a deadlock guard for one block (the Dask one starts a local cluster)
+R = scaled(120)  # seconds: a deadlock guard for one block (the Dask one starts a local cluster)
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->$", re.M)  # alone on its line
 

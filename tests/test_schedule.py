@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 import _tasks as t
 import pytest
+from _tasks import scaled
 
 from taskorch import OrchestratorClosedError, Policy, QueueFullError, TaskOrchestrator
 from taskorch._parent.schedule import Misfire, Overlap, Schedule, parse_every
 from taskorch._parent.scheduler import MemoryStore, Scheduler
 
-R = 30
+R = scaled(30)
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0,
@@ -214,7 +215,7 @@ def test_a_real_orchestrator_runs_an_every_schedule_until_stopped(tmp_path: Path
         t.wait_until(lambda: job.status().last_run != first, timeout=R, what="a second run")
         assert job.trigger() is not None
     finally:
-        o.stop(timeout=10)
+        o.stop(timeout=scaled(10))
     assert o.schedules() and out.exists()
     with pytest.raises(Exception, match="stopped"):
         o.schedule(t.identity, every=1)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _tasks import sigstop, wait_until
+from _tasks import scaled, sigstop, wait_until
 
 from taskorch import ServerUnavailableError, connect
 from taskorch._service.protocol import trigger_request_frame
 
-R = 30
+R = scaled(30)
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -21,11 +21,11 @@ from typing import Iterator
 import _tasks as t
 import pytest
 import test_service
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 
 from taskorch import connect
 
-R = 30
+R = scaled(30)
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 

@@ -12,6 +12,7 @@ test needs the server in this process, to stretch a wait of its own: it uses
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import pickle
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import _tasks as t
 import pytest
-from _tasks import sigstop, wait_until
+from _tasks import scaled, sigstop, wait_until
 from test_executor import held
 from test_service_admission import KEY, make_server  # noqa: F401 - a fixture
 
@@ -58,8 +60,9 @@ from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
     submit_frame,
 )
+from taskorch._service.server import connection
 
-R = 30  # deadline for any one result: only catches deadlocks
+R = scaled(30)  # deadline for any one result: only catches deadlocks
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
 
@@ -282,6 +285,30 @@ def test_a_full_backlog_raises_queue_full_in_the_client_and_run_async_waits(
         assert (stats.submitted, stats.succeeded, stats.rejected) == (4, 4, 1)
 
 
+def test_with_wait_waits_for_room_and_raises_queue_full_only_past_its_seconds(
+    start_server, gates
+) -> None:
+    server = start_server("--workers", "1", "--backlog", "1")
+    running = gates("running")
+    with server.connect() as client:
+        first = client.run(t.blocker, str(running.started), str(running.release_fifo))
+        running.wait_started()
+        queued = client.run(t.square, 2)  # the backlog is full now
+        with pytest.raises(QueueFullError):
+            client.run(t.square, 3)
+        started = time.monotonic()
+        with pytest.raises(QueueFullError):
+            client.with_wait(0.3).run(t.square, 4)
+        assert time.monotonic() - started >= 0.3  # it waited its seconds, not less
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: client.with_wait(R).run(t.square, 5))
+            running.release()  # (before or after the request reaches the server: both wait)
+            assert waiting.result(R).result(R) == 25
+        assert first.result(R) == "go" and queued.result(R) == 4
+        s = client.stats()  # one refusal (run()), none for the waits; the timed-out one: nothing
+        assert (s.submitted, s.succeeded, s.rejected) == (3, 3, 1)
+
+
 def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_async(
     make_server, gates, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
@@ -312,7 +339,7 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
         worker = g.wait_started()
         # A submission accepted, and held by the busy worker (taken ahead, not started).
         session = withdrawing._session
-        request = Request(new_future(lambda op, args: False))
+        request = Request(new_future(lambda build, what: {"answer": False}))
         req = session._start(request, lambda req: submit_frame(
             req, payload(t.square, (2,), {}), None, wait=False, client=session.token, retry=False,
             credit=False))
@@ -343,6 +370,53 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
             g.release()
         other.close()
         withdrawing.close()
+
+
+def test_a_run_async_cancelled_while_its_record_is_committed_enqueues_nothing(
+    make_server, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    # The race behind (5, 5, 1) != (4, 4, 1) above on a busy machine: a run_async() that got
+    # its slot, whose record the journal was committing when its withdraw arrived. The
+    # withdraw found the request neither waiting for room nor accepted, and the task ran.
+    # Forced here: the record reaches the journal only once the server handled the withdraw.
+    server = make_server()
+    journal = server.registry.journal
+    submit, withdraw = journal.submit, connection.ServedConnection._withdraw
+    held, withdrawn = threading.Event(), threading.Event()
+    late: list[threading.Thread] = []
+
+    def submit_after_the_withdraw(*args: Any) -> None:  # (on the server's asyncio thread)
+        late.append(threading.Thread(target=lambda: withdrawn.wait(R) and submit(*args),
+                                     name="test-late-journal-submit"))
+        late[-1].start()
+        held.set()
+
+    def withdraw_and_tell(self: Any, req: int) -> None:
+        withdraw(self, req)
+        withdrawn.set()
+
+    monkeypatch.setattr(journal, "submit", submit_after_the_withdraw)
+    monkeypatch.setattr(connection.ServedConnection, "_withdraw", withdraw_and_tell)
+    client = connect(server.listener.address, authkey=KEY)
+    try:
+        async def cancel_while_committing() -> None:
+            task = asyncio.ensure_future(client.run_async(t.square, 4))
+            await asyncio.get_running_loop().run_in_executor(None, held.wait, R)
+            task.cancel()  # the server holds the slot; the record is on its way: withdraw
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel_while_committing())
+        assert withdrawn.wait(R) and held.is_set()
+        late[0].join(R)
+        monkeypatch.setattr(journal, "submit", submit)
+        assert journal.flush(R)  # the withdrawn record's commit and its callback have run
+        assert client.run(t.square, 5).result(R) == 25
+        s = server.orchestrator.stats()
+        assert (s.submitted, s.succeeded, s.cancelled, s.queued) == (1, 1, 0, 0)
+    finally:
+        withdrawn.set()
+        client.close()
 
 
 def test_drop_mode_returns_none_across_the_connection(start_server, gates) -> None:
@@ -563,7 +637,7 @@ draining, may_commit = threading.Event(), threading.Event()
 commit = journal.Transaction.__exit__
 def held_commit(self, *exc):
     if draining.is_set():
-        may_commit.wait(60)
+        may_commit.wait(t.scaled(60))
     return commit(self, *exc)
 journal.Transaction.__exit__ = held_commit
 flush = journal.Journal.flush
@@ -595,7 +669,7 @@ def client_side():
         future = client.run(t.blocker, str(gate.started), str(gate.release_fifo))
         gate.wait_started()
         os.kill(os.getpid(), signal.SIGTERM)
-        draining.wait(60)  # (a deadlock guard)
+        draining.wait(t.scaled(60))  # (a deadlock guard)
         gate.release()
         try:
             seen["result"] = future.result(60)

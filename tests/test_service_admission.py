@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from _tasks import wait_until
+from _tasks import scaled, wait_until
 
 from taskorch import TaskOrchestrator, connect
 from taskorch._service.handshake import REFUSED
 from taskorch._service.server.listener import bind_tcp, bind_unix
 from taskorch._service.server.server import Server
 
-R = 30  # deadlock guard only
+R = scaled(30)  # deadlock guard only
 KEY = b"k" * 32
 
 

@@ -204,7 +204,7 @@ def test_a_resent_submission_is_found_in_the_journal(start_server) -> None:
         session = first._session
         f = first.run(t.square, 7)
         assert f.result(R) == 49
-        request = Request(new_future(lambda op, args: False))
+        request = Request(new_future(lambda build, what: {"answer": False}))
         second._session.token = session.token  # as if the same client, reconnected
         req = second._session._start(request, lambda req: submit_frame(
             1, payload(t.square, (8,), {}), None, wait=False, client=session.token, retry=True,
@@ -306,6 +306,34 @@ def test_map_waits_for_the_reconnection(start_server, short_dir) -> None:
             assert not pending.done(), pending.exception()
             start_server("--journal", str(journal), like=a)
             assert pending.result(R) == [i * i for i in range(6)]
+    finally:
+        client.close()
+
+
+def test_with_wait_rides_out_a_restart_and_times_out_only_past_its_seconds(
+        start_server, short_dir) -> None:
+    # Sync back-pressure: with_wait(seconds).run() waits for the link instead of raising
+    # ServerUnavailableError at once, and raises it only once its seconds have passed.
+    journal = short_dir / "j.sqlite3"
+    a = start_server("--journal", str(journal))
+    client = connect(a.address, authkey_file=a.authkey_file, request_timeout=R)
+    try:
+        kill(a)
+        session = client._session
+        wait_until(lambda: session.down_reason, what="the client to notice")
+        with pytest.raises(ServerUnavailableError):
+            client.run(t.square, 2)  # (run() itself does not wait)
+        with pytest.raises(ServerUnavailableError):
+            client.with_wait(0.2).run(t.square, 3)
+        assert not session._requests  # withdrawn: not sent again on reconnection
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(lambda: client.with_wait(R).run(t.square, 5).result(R))
+            wait_until(lambda: session._requests or pending.done(), what="the run to wait")
+            assert not pending.done(), pending.exception()
+            start_server("--journal", str(journal), like=a)
+            assert pending.result(R) == 25
+        s = client.stats()
+        assert (s.submitted, s.succeeded) == (1, 1)  # the timed-out one was never enqueued
     finally:
         client.close()
 

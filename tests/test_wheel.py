@@ -13,9 +13,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _tasks import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
-R = 600  # seconds: a deadlock guard; a cold pip cache means downloads
+R = scaled(600)  # seconds: a deadlock guard; a cold pip cache means downloads
 
 
 def run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:

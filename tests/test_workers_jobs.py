@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from _tasks import scaled
 
 WORKERS = Path(__file__).resolve().parents[1] / "workers"
 JOB_MODULES = ("dedupe", "demo_workload", "log_rotate", "pq_compact", "sqlite_purge")
@@ -825,7 +826,7 @@ def test_every_job_runs_in_a_worker_by_path_and_arrives_by_value(
 
     o = make_orchestrator(worker_count=2, policy=Policy(retries=0, timeout=120.0))
     build = _resolve(f"{WORKERS / 'demo_workload.py'}:build")
-    info = o.run(build, str(tmp_path / "demo"), scale=0.05).result(timeout=120)
+    info = o.run(build, str(tmp_path / "demo"), scale=0.05).result(timeout=scaled(120))
     assert info["pq"]["deleted"] > 0
 
     calls = _resolve(f"{WORKERS / 'demo_workload.py'}:jobs")(str(tmp_path / "demo"))
@@ -833,7 +834,7 @@ def test_every_job_runs_in_a_worker_by_path_and_arrives_by_value(
     futures = [(t, o.run(functions[t], *args, **kwargs)) for t, args, kwargs in calls]
     results: dict[str, list[dict[str, Any]]] = {}
     for target, future in futures:
-        results.setdefault(target.rpartition(":")[2], []).append(future.result(timeout=120))
+        results.setdefault(target.rpartition(":")[2], []).append(future.result(timeout=scaled(120)))
     assert sum(r["bytes_in"] for r in results["compress_file"]) == info["logs"]["bytes"]
     assert results["purge_expired"][0]["deleted"] == info["sqlite"]["expired"]
     removed = sum(r["removed_files"] for r in results["remove_duplicates"])
@@ -844,13 +845,13 @@ def test_every_job_runs_in_a_worker_by_path_and_arrives_by_value(
     assert len(private_names) == 5 and all(name in sys.modules for name in private_names)
     # Belt and braces: had any of them been pickled by reference, its task would have failed
     # above with ModuleNotFoundError in the worker.
-    assert not any(o.run(has_module, name).result(timeout=60) for name in private_names)
+    assert not any(o.run(has_module, name).result(timeout=scaled(60)) for name in private_names)
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "taskorch", "demo", "--no-progress", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=scaled(120),
     )
 
 

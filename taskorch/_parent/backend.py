@@ -20,7 +20,8 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
-from taskorch._policy import CircuitBreaker, Policy
+from taskorch._policy import CircuitBreaker, Policy, check_int, check_number
+from taskorch._wire import encode_policy
 
 if TYPE_CHECKING:
     from taskorch._parent.backlog import Backlog
@@ -44,6 +45,34 @@ class PoolConfig:
     max_tasks_per_worker: int | None
     max_memory_per_worker: float | None
     circuit_breaker: CircuitBreaker | None
+
+    @classmethod
+    def checked(
+        cls, *, worker_count: int | None, policy: Policy | None, kill_grace: float | None,
+        max_tasks_per_worker: int | None, max_memory_per_worker: float | None,
+        circuit_breaker: CircuitBreaker | None,
+    ) -> PoolConfig:
+        """The TaskOrchestrator's arguments, checked (ValueError), the policy pickled."""
+        if worker_count is not None:
+            check_int("worker_count", worker_count, minimum=1)
+        if policy is None:
+            policy = Policy.default()
+        elif not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
+        if kill_grace is not None:
+            check_number("kill_grace", kill_grace)
+        if max_tasks_per_worker is not None:
+            check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        if max_memory_per_worker is not None:
+            check_number("max_memory_per_worker", max_memory_per_worker)
+        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
+            raise ValueError(
+                f"circuit_breaker must be a taskorch.CircuitBreaker, got {circuit_breaker!r}")
+        return cls(
+            worker_count=worker_count, policy=policy, policy_bytes=encode_policy(policy),
+            kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
+            max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker,
+        )
 
 
 class Dispatcher(Protocol):
@@ -80,17 +109,20 @@ class Dispatcher(Protocol):
 
 
 class NothingRan:
-    """The dispatcher of an orchestrator that a forked child stopped before using it there:
-    no thread, no worker, nothing ran (``stop()`` then costs nothing)."""
+    """The dispatcher of an orchestrator not started yet (``started`` False: it starts on
+    first use), or stopped before any use (in this process, or in a forked child): no
+    thread, no worker, nothing ran (``stop()`` then costs nothing)."""
 
-    drained: bool | None = True
     pids: tuple[int, ...] = ()
     recalls_for_cancel = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, started: bool, worker_count: int = 0) -> None:
         self.thread = threading.Thread()  # never started: stop() is never called from it
         self.finished = threading.Event()
-        self.finished.set()
+        self.drained: bool | None = True if started else None
+        self._worker_count = worker_count  # what start() will ask for
+        if started:
+            self.finished.set()
 
     def start(self) -> None:
         pass
@@ -99,7 +131,7 @@ class NothingRan:
         pass
 
     def effective_worker_count(self) -> int:
-        return 0
+        return self._worker_count
 
     def status_details(self) -> dict[str, Any]:
         return {"workers": [], "oldest_queued_seconds": None}
@@ -112,6 +144,9 @@ class NothingRan:
 
 
 class Backend(Protocol):
+    # Optional class attribute ``starts_lazily`` (default True): False makes the orchestrator
+    # start its dispatcher in its constructor (DaskBackend: it checks the cluster at once).
+
     def create_dispatcher(self, backlog: Backlog, config: PoolConfig) -> Dispatcher:
         """A dispatcher for one orchestrator (not started)."""
 

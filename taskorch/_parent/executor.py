@@ -72,6 +72,7 @@ class Executor(concurrent.futures.Executor):
             max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker,
             backend=backend,
         )
+        self._orchestrator.start()  # at once, as concurrent.futures' executors do
         # The tasks this executor accepted and that are alive (the dispatcher holds a task's
         # item until it ends): what shutdown(cancel_futures=True) cancels. Weak: a finished
         # task the caller dropped is not kept.

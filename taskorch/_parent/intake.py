@@ -251,6 +251,8 @@ class PolicyOverride:
     def __init__(self, orchestrator: _HasIntake, policy: Policy | None,
                  timing: Timing | None = None, key: object = None, after: object = None,
                  ) -> None:
+        if policy is not None and not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         self._orchestrator = orchestrator
         self._policy = policy
         self._policy_bytes = None if policy is None else encode_policy(policy)

@@ -16,12 +16,12 @@ import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from taskorch._errors import OrchestratorBrokenError, OrchestratorClosedError
+from taskorch._errors import OrchestratorClosedError
 from taskorch._options import Duration, Limit, Moment, Timing, check_limits
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, NothingRan, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.intake import Intake, PolicyOverride
-from taskorch._parent.task import TaskFuture
+from taskorch._parent.task import TaskFuture, fail_in_forked_child
 from taskorch._policy import CircuitBreaker, Features, Policy, check_int, check_number
 from taskorch._stats import Stats, StopReport
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
         ScheduleStatus,
         StateStore,
     )
-from taskorch._wire import encode_policy
 
 log = logging.getLogger("taskorch")
 
@@ -48,10 +47,10 @@ EXIT_TIMEOUT = 30.0
 class TaskOrchestrator:
     """Runs callables in worker processes, with a bounded backlog and a resilience policy.
 
-    ``worker_count`` (default 2) worker processes start in the constructor (loky's fork+exec
-    start method; the constructor returns once they are launched, without waiting for them to
-    import). With ``backend=taskorch.dask.DaskBackend(address)`` the tasks run on a Dask
-    cluster instead, with the same backlog, policy and stop semantics. At most
+    ``worker_count`` (default 2) worker processes start on first use (``run``, ``run_async``,
+    ``map``, ``schedule``) or ``start()``, never in the constructor (loky's fork+exec). With
+    ``backend=taskorch.dask.DaskBackend(address)`` the tasks run on a Dask cluster instead
+    (connected in the constructor), with the same backlog, policy and stop semantics. At most
     ``max_backlog`` tasks wait to start; ``run()`` never waits for room, ``run_async()``
     does. ``policy`` (default ``Policy.default()``) applies to every task, unless overridden
     per task with ``with_policy()``.
@@ -84,51 +83,39 @@ class TaskOrchestrator:
         backend: Backend | None = None,
         limits: dict[str, Limit] | None = None,
     ) -> None:
-        if worker_count is not None:
-            check_int("worker_count", worker_count, minimum=1)
         check_int("max_backlog", max_backlog, minimum=1)
         if not isinstance(features, Features):
             raise ValueError(f"features must be a taskorch.Features flag, got {features!r}")
-        if policy is None:
-            policy = Policy.default()
-        elif not isinstance(policy, Policy):
-            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        if kill_grace is not None:
-            check_number("kill_grace", kill_grace)
-        if max_tasks_per_worker is not None:
-            check_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
-        if max_memory_per_worker is not None:
-            check_number("max_memory_per_worker", max_memory_per_worker)
-        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
-            raise ValueError(
-                f"circuit_breaker must be a taskorch.CircuitBreaker, got {circuit_breaker!r}")
+        self._config = config = PoolConfig.checked(
+            worker_count=worker_count, policy=policy, kill_grace=kill_grace,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker)
         self._limits = check_limits(limits)
         self._max_backlog = max_backlog
         self._features = features
         self._drop_when_full = Features.ALLOW_SYNC_TASK_DROP in features
-        self._policy = policy
+        self._policy = config.policy
         backend = LocalBackend() if backend is None else backend
         if not callable(getattr(backend, "create_dispatcher", None)):
             raise ValueError(
                 f"backend must be a taskorch backend (e.g. DaskBackend), got {backend!r}")
         self._backend = backend
-        self._config = PoolConfig(
-            worker_count=worker_count, policy=policy, policy_bytes=encode_policy(policy),
-            kill_grace=kill_grace, max_tasks_per_worker=max_tasks_per_worker,
-            max_memory_per_worker=max_memory_per_worker, circuit_breaker=circuit_breaker,
-        )
         # Fork (see _after_fork_in_child): the process this orchestrator's workers belong to,
-        # and the fork generation it was made in; a forked child that uses it starts afresh
-        # (_start_in_this_process) under `_fork_lock`.
+        # and its fork generation; a forked child starts afresh under `_fork_lock`.
         self._pid = os.getpid()
         self._generation = _fork_generation
         self._fork_lock = threading.Lock()
         self._start()
+        if not getattr(backend, "starts_lazily", True):
+            self.start()  # (DaskBackend: checks the cluster and the options at once)
         _live.add(self)
 
     def _start(self, *, idle: bool = False) -> None:
-        """Make the backlog and the dispatcher, and start it (its workers). ``idle``: stopped
-        in a forked child before any use there, nothing starts (see ``stop``)."""
+        """Make the backlog, and a dispatcher that is not started yet (``_launch`` starts
+        it). ``idle``: stopped in a forked child before any use there: nothing ever starts."""
+        # The fork generation in which the dispatcher was started (-1: not started in this
+        # process): run()'s hot path compares it with _fork_generation, one global read.
+        self._launched = -1
         self._backlog = Backlog(self._max_backlog, limits=self._limits)
         self._intake = Intake(self._backlog, self._policy, self._drop_when_full)
         # Schedules are this process's own: a forked child starts with none.
@@ -137,18 +124,40 @@ class TaskOrchestrator:
         self._schedule_store: StateStore | None = None  # None: in memory
         self._schedules_closed = False  # stop() began: no new scheduler
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._dispatcher: Dispatcher = NothingRan(
+            started=idle, worker_count=self._config.worker_count or 2)
         if idle:
             self._backlog.close(time.monotonic())
-            self._dispatcher: Dispatcher = NothingRan()
-            return
-        self._dispatcher = self._backend.create_dispatcher(self._backlog, self._config)
-        # Not a bound method of self: the finalizer below must not keep self alive.
-        self._backlog.connect(self._dispatcher.wake, self._dispatcher.recalls_for_cancel)
-        self._dispatcher.start()
-        _running[self._dispatcher] = self._backlog
-        # Garbage-collected without stop(): close intake and let the dispatcher drain.
-        self._finalizer = weakref.finalize(
-            self, _close_intake, self._backlog, self._dispatcher, EXIT_TIMEOUT)
+            self._launched = _fork_generation
+
+    def start(self) -> None:
+        """Start the workers now. Optional: the first ``run``, ``run_async``, ``map`` or
+        ``schedule`` does it (so a module-level orchestrator costs nothing in a process that
+        never submits, such as a gunicorn master or taskorch's own workers). Idempotent;
+        raises ``OrchestratorBrokenError`` if no worker can start."""
+        if self._launched != _fork_generation:
+            self._launch()
+
+    def _launch(self, *, nothing: bool = False) -> None:
+        """Start the dispatcher (its thread opens the pool), once per process; ``nothing``
+        (stop() before any use), or after a stop: nothing ever starts."""
+        self._here()
+        with self._fork_lock:
+            if self._launched == _fork_generation:
+                return  # another thread did it, or stop() came first
+            if nothing or self._backlog.closed:
+                self._backlog.close(time.monotonic())  # the intake raises OrchestratorClosed
+                self._dispatcher, self._launched = NothingRan(started=True), _fork_generation
+                return
+            dispatcher = self._backend.create_dispatcher(self._backlog, self._config)
+            # Not a bound method of self: the finalizer below must not keep self alive.
+            self._backlog.connect(dispatcher.wake, dispatcher.recalls_for_cancel)
+            self._dispatcher, self._launched = dispatcher, _fork_generation
+            _running[dispatcher] = self._backlog
+            # Garbage-collected without stop(): close intake and let the dispatcher drain.
+            self._finalizer = weakref.finalize(
+                self, _close_intake, self._backlog, dispatcher, EXIT_TIMEOUT)
+            dispatcher.start()  # (a failure marks the backlog broken: later runs raise too)
 
     def _here(self) -> None:
         """Every entry point calls this first: a forked child that inherited this orchestrator
@@ -184,12 +193,7 @@ class TaskOrchestrator:
         forget = getattr(self._dispatcher, "forget_in_forked_child", None)
         if forget is not None:
             items += forget()
-        child = os.getpid()
-        for item in items:
-            item.future.fail_in_forked_child(OrchestratorBrokenError(
-                f"task {item.task_id} was submitted in process {self._pid}, and this process "
-                f"({child}) was forked from it: the task belongs to that process, runs there, "
-                "and only there is its outcome known"))
+        fail_in_forked_child(items, self._pid)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -248,8 +252,6 @@ class TaskOrchestrator:
                 after: Iterable[TaskFuture] | None = None) -> PolicyOverride:
         """``o.options(priority=5, delay=60, expires=600, key="k", after=[f]).run(fn, x)``: one
         task's options (see the README); bad values raise ValueError here, naming the option."""
-        if policy is not None and not isinstance(policy, Policy):
-            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         return PolicyOverride(self, policy, Timing(priority, delay, at, expires), key, after)
 
     def map(
@@ -278,16 +280,17 @@ class TaskOrchestrator:
 
     @property
     def intake(self) -> Intake:
-        """Where ``map()``, the CLI and the server submit calls they prepare (not public)."""
-        self._here()
+        """Where callers that prepare calls themselves submit them (``map()``, the CLI, the
+        server), which starts the workers; see ``Intake``. Not part of the public API."""
+        self.start()
         return self._intake
 
     def _run(
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture | None:
-        if self._generation != _fork_generation:  # (_here(), inlined: run()'s hot path)
-            self._start_in_this_process()
+        if self._launched != _fork_generation:  # (start(), inlined: run()'s hot path)
+            self._launch()
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
         return self._intake.offer(item, fn)  # (fn names the task if it is dropped)
 
@@ -295,7 +298,7 @@ class TaskOrchestrator:
         self, policy: Policy, policy_bytes: bytes | None, fn: Callable[..., Any],
         args: tuple[Any, ...], kwargs: dict[str, Any],
     ) -> TaskFuture:
-        self._here()
+        self.start()
         item = self._intake.prepare_call(fn, args, kwargs, policy, policy_bytes)
         return await self._intake.offer_async(item)
 
@@ -313,17 +316,13 @@ class TaskOrchestrator:
         delays each run by up to that many seconds. Returns a handle (``cancel()``,
         ``trigger()``, ``status()``). The schedules end with ``stop()``. See the README's
         "Schedules"."""
-        from taskorch._parent.schedule import Misfire, Overlap, Schedule, parse_choice, parse_every
+        from taskorch._parent.schedule import schedule_of
         from taskorch._parent.scheduler import ScheduledTask, Scheduler
 
-        spec = Schedule(
-            name=name or getattr(fn, "__qualname__", None) or repr(fn), cron=cron,
-            every=None if every is None else parse_every(every), timezone=timezone,
-            jitter=jitter, overlap=parse_choice(Overlap, overlap, "overlap"),
-            misfire=parse_choice(Misfire, misfire, "misfire"),
-            catch_up_limit=catch_up_limit,
-        )
-        self._here()
+        spec = schedule_of(fn, name=name, cron=cron, every=every, timezone=timezone,
+                           jitter=jitter, overlap=overlap, misfire=misfire,
+                           catch_up_limit=catch_up_limit)
+        self.start()
         with self._schedule_lock:
             if self._scheduler is None:
                 if self._backlog.closed or self._schedules_closed:
@@ -397,6 +396,8 @@ class TaskOrchestrator:
         if self._generation != _fork_generation:  # a forked child, not used here yet
             self._start_in_this_process(idle=True)
         started = time.monotonic()
+        if self._launched != _fork_generation:  # never started: nothing to stop
+            self._launch(nothing=True)
         with self._schedule_lock:
             scheduler = self._scheduler
             self._schedules_closed = True  # a schedule() racing this one is refused
@@ -445,7 +446,8 @@ class TaskOrchestrator:
             return f"<TaskOrchestrator of process {self._pid}, not used in this forked child>"
         s = self.stats()
         state = "stopped" if self._dispatcher.finished.is_set() else (
-            "stopping" if self._backlog.closed else "running")
+            "stopping" if self._backlog.closed else "running"
+            if self._launched == _fork_generation else "not started")
         return (f"<TaskOrchestrator {state} workers={s.workers}/{self.worker_count} "
                 f"queued={s.queued}/{self._max_backlog} running={s.running}>")
 

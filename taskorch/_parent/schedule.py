@@ -26,7 +26,7 @@ import datetime
 import enum
 import math
 import re
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 #: A tick later than this (seconds) when it can first fire counts as missed (see misfire).
 MISFIRE_GRACE = 1.0
@@ -186,3 +186,15 @@ def describe_time(t: float) -> str:
     """A Unix time as the logs and ``--check-config`` show it."""
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%S UTC")
+
+
+def schedule_of(fn: Callable[..., Any], *, name: str | None, cron: str | None,
+                every: float | str | None, timezone: str | None, jitter: float, overlap: str,
+                misfire: str, catch_up_limit: int) -> Schedule:
+    """``TaskOrchestrator.schedule()``'s arguments as a ``Schedule`` (ValueError naming a bad
+    one); its name defaults to the function's qualified name."""
+    return Schedule(
+        name=name or getattr(fn, "__qualname__", None) or repr(fn), cron=cron,
+        every=None if every is None else parse_every(every), timezone=timezone,
+        jitter=jitter, overlap=parse_choice(Overlap, overlap, "overlap"),
+        misfire=parse_choice(Misfire, misfire, "misfire"), catch_up_limit=catch_up_limit)

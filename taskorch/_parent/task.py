@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
-from taskorch._errors import SerializationError
+from taskorch._errors import OrchestratorBrokenError, SerializationError
 from taskorch._parent.callbacks import call_each, callback_runner
 from taskorch._parent.condition import FutureCondition
 from taskorch._wire import decode_exception, decode_frame
@@ -123,9 +124,7 @@ class TaskFuture(Future[Any]):
         self.task_id = 0
         self.attempts = 0
         self.seconds: float | None = None
-        # The task's latest ``taskorch.progress()``: set by the dispatcher thread (local
-        # workers) as reports come; read by any thread (``progress()``).
-        self.latest_progress: Progress | None = None
+        self.latest_progress: Progress | None = None  # (the dispatcher sets, any thread reads)
         # Set by the orchestrator: removes the task from the backlog if it is still there.
         # Dropped once the future is done (it leads to the WorkItem and what it holds).
         self._cancel_hook: Callable[[TaskFuture], bool] | None = None
@@ -488,3 +487,14 @@ def _resolve(item: WorkItem, kind: str, value: Any) -> None:
         future.cancel_now()
     else:
         raise AssertionError(kind)
+
+
+def fail_in_forked_child(items: list[WorkItem], parent: int) -> None:
+    """In a forked child: the futures of tasks that ``parent`` submitted fail at once (a wait
+    on them would never end here)."""
+    child = os.getpid()
+    for item in items:
+        item.future.fail_in_forked_child(OrchestratorBrokenError(
+            f"task {item.task_id} was submitted in process {parent}, and this process "
+            f"({child}) was forked from it: the task belongs to that process, runs there, "
+            "and only there is its outcome known"))

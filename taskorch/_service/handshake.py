@@ -32,7 +32,7 @@ import threading
 import time
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
@@ -56,6 +56,30 @@ def configure_socket(sock: socket.socket) -> None:
 def refusal_frame(reason: str) -> bytes:
     body = REFUSED + reason.encode("utf-8", "replace")[:_MAX_REASON]
     return struct.pack("!i", len(body)) + body
+
+
+#: How long a refusal waits for a handshake message being written to finish (see there).
+REFUSAL_LOCK_TIMEOUT = 1.0
+
+
+def refuse_then_cut(sock: socket.socket, send_lock: threading.Lock, reason: str,
+                    cut: Callable[[], None]) -> None:
+    """Server side, any thread: tell the peer why it is not served, then ``cut`` the
+    connection. Before authentication no writer runs; ``send_lock`` orders this frame with
+    the handshake's, which the reader holds only to write tens of bytes into an empty socket
+    buffer (at worst it waits for the GIL): hence the short wait, after which it just cuts."""
+    if send_lock.acquire(timeout=REFUSAL_LOCK_TIMEOUT):
+        try:
+            if sock.fileno() != -1:
+                try:
+                    sock.send(refusal_frame(reason), socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+            cut()
+        finally:
+            send_lock.release()
+    else:
+        cut()
 
 
 class SerializedSends:

@@ -157,13 +157,15 @@ def orchestrator_from_args(args: argparse.Namespace) -> TaskOrchestrator:
         except (ImportError, ValueError) as exc:
             raise UsageError(f"--dask: {exc}") from exc
     try:
-        return TaskOrchestrator(
+        orchestrator = TaskOrchestrator(
             worker_count=args.workers, max_backlog=args.backlog, policy=policy,
             features=Features.ALLOW_SYNC_TASK_DROP if args.drop else Features.NONE,
             max_tasks_per_worker=args.max_tasks_per_worker,
             max_memory_per_worker=args.max_memory_per_worker, backend=backend,
             kill_grace=args.kill_grace, circuit_breaker=breaker,
         )
+        orchestrator.start()  # `serve` and `run` start their workers at once
+        return orchestrator
     except ValueError as exc:  # e.g. an option a Dask cluster cannot honour
         raise UsageError(str(exc)) from exc
     except OrchestratorBrokenError as exc:  # e.g. no scheduler at the --dask address

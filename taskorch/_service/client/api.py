@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from taskorch._errors import OrchestratorClosedError
 from taskorch._options import Duration, Moment, Timing
 from taskorch._parent.task import TaskFuture
-from taskorch._policy import Policy
+from taskorch._policy import Policy, check_number
 from taskorch._service.addressing import (
     Address,
     default_authkey_path,
@@ -50,6 +50,7 @@ from taskorch._service.addressing import (
     normalize_address,
     read_authkey,
 )
+from taskorch._service.client.requests import operate, payload
 from taskorch._service.client.session import Session
 from taskorch._service.handshake import client_handshake, configure_socket
 from taskorch._service.protocol import trigger_request_frame
@@ -291,6 +292,17 @@ class Client:
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
         return RemotePolicyOverride(self, policy, Timing(priority, delay, at, expires))
 
+    def with_wait(self, seconds: float | None) -> WaitingClient:
+        """``client.with_wait(30).run(fn, x)``: sync back-pressure. ``run()`` of this view
+        waits up to ``seconds`` (None: without limit) for room in the server's backlog, and
+        rides out a lost connection (a server restart: the request is sent again once
+        reconnected), raising ``QueueFullError`` (full) or ``ServerUnavailableError``
+        (down) only when ``seconds`` pass; nothing is enqueued then. The server waits for
+        room: one round trip per task, whatever the refusals (like ``run_async()``)."""
+        if seconds is not None:
+            check_number("seconds", seconds, allow_zero=True)
+        return WaitingClient(self, seconds)
+
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
         return_exceptions: bool = False,
@@ -352,13 +364,13 @@ class Client:
         several of ``TaskInfo``'s states) and ``name``. Finished ones stay for the server's
         ``--result-ttl``."""
         states = (state,) if isinstance(state, str) else tuple(state or ())
-        found = self._here().operate("tasks", {"states": states, "name": name,
+        found = operate(self._here().ask, "tasks", {"states": states, "name": name,
                                                "limit": limit, "before_id": before_id})
         return [TaskInfo.from_dict(fields) for fields in found]
 
     def task(self, task_id: int) -> TaskInfo:
         """Task ``task_id``'s record; ``TaskNotFoundError`` if the server knows none."""
-        return TaskInfo.from_dict(self._here().operate("task", {"id": task_id}))
+        return TaskInfo.from_dict(operate(self._here().ask, "task", {"id": task_id}))
 
     def cancel(self, task_id: int, terminate: bool = False) -> bool:
         """Cancel task ``task_id``: True if it was queued or waiting (it never runs, and that
@@ -367,17 +379,17 @@ class Client:
         killed (SIGTERM, then SIGKILL: a task stuck in C code too), the task ends cancelled
         and its worker is replaced (local workers; a Dask pool answers False).
         ``TaskNotFoundError`` for an unknown id."""
-        return bool(self._here().operate("cancel", {"id": task_id, "terminate": terminate}))
+        return bool(operate(self._here().ask, "cancel", {"id": task_id, "terminate": terminate}))
 
     def retry(self, task_id: int) -> int:
         """Submit a task that ended failed, cancelled, abandoned or expired again, as a new
         task (its record names the old in ``retry_of``): the new id. ValueError for a task in
         another state; ``TaskNotFoundError`` for an unknown id."""
-        return int(self._here().operate("retry", {"id": task_id}))
+        return int(operate(self._here().ask, "retry", {"id": task_id}))
 
     def purge(self, name: str | None = None) -> int:
         """Cancel every queued or waiting task (or those named ``name``): how many."""
-        return int(self._here().operate("purge", {"name": name}))
+        return int(operate(self._here().ask, "purge", {"name": name}))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop submitting, wait up to ``timeout`` s for outstanding futures, disconnect.
@@ -438,6 +450,23 @@ class RemotePolicyOverride:
         timing = self._wire_timing()
         return await self._client._here().submit_async(self._wire_policy, fn, args, kwargs,
                                                        timing)
+
+
+class WaitingClient:
+    """``run()`` of a ``Client`` that waits for room and for the connection (see
+    ``Client.with_wait``)."""
+
+    def __init__(self, client: Client, seconds: float | None) -> None:
+        self._client = client
+        self._seconds = seconds
+
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Submit ``fn(*args, **kwargs)``, waiting for room up to the view's seconds."""
+        return self._client._here().submit_payload_waiting(
+            None, payload(fn, args, kwargs), self._seconds, "with_wait().run()")
+
+    def __repr__(self) -> str:
+        return f"<WaitingClient {self._client.address} wait={self._seconds}>"
 
 
 # -- fork --------------------------------------------------------------------------------------

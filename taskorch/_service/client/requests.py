@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from taskorch._errors import TaskorchError
 from taskorch._parent.task import TaskFuture
+from taskorch._service.operations import admin_request_frame
 from taskorch._service.protocol import (
     O_CANCELLED,
     O_ERROR,
@@ -36,7 +37,8 @@ from taskorch._wire import encode_call
 class Request:
     """One request waiting for its answer (and, once accepted, for its outcome)."""
 
-    __slots__ = ("future", "answered", "event", "loop", "waiter", "answer", "message", "credit")
+    __slots__ = ("future", "answered", "taken", "event", "loop", "waiter", "answer", "message",
+                 "credit")
 
     def __init__(
         self, future: TaskFuture | None, loop: asyncio.AbstractEventLoop | None = None,
@@ -44,6 +46,7 @@ class Request:
     ) -> None:
         self.future = future  # None for a stats request
         self.answered = False  # the answer was handed to the caller (reader thread only)
+        self.taken = False  # the reader found its answer (set under the session's lock)
         # How the caller waits: a threading.Event (run(), stats()) or an asyncio future; a
         # credit run() does not wait (neither).
         self.event = threading.Event() if waiter is None and not credit else None
@@ -94,10 +97,20 @@ class RemoteTaskFuture(TaskFuture):
         return self.latest_progress
 
 
-def new_future(operate: Callable[[str, dict[str, Any]], Any]) -> TaskFuture:
-    """A client future; its ``cancel()`` asks the server (``operate``: ``Session.operate``)."""
-    future = RemoteTaskFuture(operate)
-    future.set_canceller(functools.partial(_cancel_remote, operate))
+#: ``Session.ask``: send the request ``build(req)`` makes, return the answer's fields.
+Ask = Callable[[Callable[[int], Any], str], dict[str, Any]]
+
+
+def operate(ask: Ask, op: str, args: dict[str, Any]) -> Any:
+    """An operator's request (``operations``) through ``ask``: its answer."""
+    return ask(lambda req: admin_request_frame(req, op, args), f"{op}()")["answer"]
+
+
+def new_future(ask: Ask) -> TaskFuture:
+    """A client future; its ``cancel()`` and ``progress()`` ask the server through ``ask``."""
+    operator = functools.partial(operate, ask)
+    future = RemoteTaskFuture(operator)
+    future.set_canceller(functools.partial(_cancel_remote, operator))
     return future
 
 

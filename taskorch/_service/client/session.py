@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from taskorch._errors import (
     OrchestratorBrokenError,
     OrchestratorClosedError,
+    QueueFullError,
     SerializationError,
     ServerTimeoutError,
     ServerUnavailableError,
@@ -60,7 +61,7 @@ from taskorch._parent.task import TaskFuture
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
 from taskorch._service.client.requests import Request, new_future, payload, resend
-from taskorch._service.operations import AdminRequest, admin_request_frame
+from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
     FINAL_ANSWERS,
     SERVICE_MAX_FRAME,
@@ -111,8 +112,7 @@ class Session:
                           reconnect_for=reconnect_for)
         self._requests: dict[int, Request] = {}
         self._req_ids = itertools.count(1)
-        # Names this client's submissions in the server's journal, with their req.
-        self.token = os.urandom(16)
+        self.token = os.urandom(16)  # names its submissions in the server's journal, with req
         self._credits = 0  # backlog slots the server holds for us (see ``credits``)
         self._credit_inflight = 0  # credit submissions sent, not answered yet
         self._credit_change = threading.Condition(self._lock)  # more credits, or an answer
@@ -145,9 +145,8 @@ class Session:
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
         with self._lock:
-            # Out of credits while credit submissions are unanswered: their answers (or the
-            # S_CREDIT the server sends as it reads them) bring more, unless the backlog is
-            # full; wait for that rather than pay a round trip through a group commit.
+            # Out of credits while credit submissions are unanswered: their answers (or S_CREDIT)
+            # bring more unless the backlog is full; wait rather than pay a group commit.
             if not self._credit_change.wait_for(self._credit_or_answers, self.request_timeout):
                 raise ServerTimeoutError(
                     f"taskorch serve at {self.where} did not answer run() within "
@@ -155,7 +154,7 @@ class Session:
             credit = self._credits > 0 and self._link.down_reason is None
             self._credits -= credit
             self._credit_inflight += credit
-        request = Request(new_future(self.operate), credit=credit)
+        request = Request(new_future(self.ask), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
             try:
                 self._start(request, lambda req: submit_frame(
@@ -177,7 +176,7 @@ class Session:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
             await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
-        request = Request(new_future(self.operate), loop, loop.create_future())
+        request = Request(new_future(self.ask), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
@@ -191,17 +190,26 @@ class Session:
         assert future is not None  # the server never drops a waiting request
         return future
 
-    def submit_payload_waiting(self, wire_policy: WirePolicy | None, data: bytes) -> TaskFuture:
-        """A call pickled by the caller (``Client.map()``'s chunks), accepted once the
-        server's backlog has room (the server waits, as for ``submit_async``)."""
-        self._check_not_reader("map()")
-        request = Request(new_future(self.operate))
-        # As submit_async(): no deadline on room, and a lost link is waited out (re-sent).
-        self._start(request, lambda req: submit_frame(
+    def submit_payload_waiting(self, wire_policy: WirePolicy | None, data: bytes,
+                               timeout: float | None = None, what: str = "map()") -> TaskFuture:
+        """A pickled call (``map()``'s chunks, ``with_wait()``), accepted once the backlog has
+        room (the server waits: one round trip); a lost link is waited out (sent again). Past
+        ``timeout``: withdrawn, QueueFullError (ServerUnavailableError while down)."""
+        self._check_not_reader(what)
+        request = Request(new_future(self.ask))
+        req = self._start(request, lambda req: submit_frame(
             req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
             when_down="queue")
-        assert request.event is not None
-        request.event.wait()  # the answer, or the session's end (a failure is delivered)
+        assert request.event is not None  # set on the answer, or the session's end (failure)
+        if not request.event.wait(timeout):
+            with self._lock:  # the reader takes answers under this lock (requests_answered_by)
+                if not request.taken:
+                    self._requests.pop(req, None)  # an answer from now on is not for us
+            if not request.taken:
+                self._withdraw(req)
+                raise (self._link.unavailable() if self._link.down_reason is not None
+                       else QueueFullError(int(self.info.get("max_backlog") or 0)))
+            request.event.wait()  # taken before the timeout hit: being delivered now
         assert request.answer is not None
         future = self._accepted(request, request.answer)
         assert future is not None  # the server never drops a waiting request
@@ -216,8 +224,7 @@ class Session:
                     or any(r.future is future for r in self._requests.values())):
                 raise ValueError("accepted() takes a future that this client's run() or "
                                  "run_async() returned")
-            # Woken (_credit_change) by every S_ACCEPTED and refusal of a credit submission
-            # (the reader's grant), and by the session's end.
+            # Woken by each S_ACCEPTED, refused credit submission (grant), the session's end.
             while not future.task_id and not future.done() and self.closed_reason is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -240,12 +247,11 @@ class Session:
         """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
         self._check_not_reader("result()")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = Request(new_future(self.operate))
+        request = Request(new_future(self.ask))
         wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
         req = self._start(request, lambda req: result_request_frame(req, task_id, wait),
                           when_down="queue")
-        assert request.event is not None and request.future is not None
-        # Set by the reader when the outcome (or a refusal) arrives, or the session ends.
+        assert request.event is not None and request.future is not None  # (see _call)
         if not request.event.wait(timeout if wait else self.request_timeout):
             self._withdraw(req)
             raise TimeoutError(f"task {task_id} did not end within {timeout:g} s")
@@ -262,18 +268,13 @@ class Session:
         return decode_stats(self.status())
 
     def status(self) -> dict[str, Any]:
-        """The server's S_STATS fields as sent (the Stats fields, and what only ``taskorch
-        status`` shows: ``values.encode_status``)."""
-        self._check_not_reader("stats()")
-        return self._fields(self._call(Request(None), stats_request_frame, "stats()"))
+        """The server's S_STATS fields (Stats', and ``taskorch status``'s: encode_status)."""
+        return self.ask(stats_request_frame, "stats()")
 
     def ask(self, build: Callable[[int], ClientFrame], what: str) -> dict[str, Any]:
-        """A request answered by S_STATS (``taskorch trigger``, an operator's): its fields."""
+        """A request answered by S_STATS (stats, trigger, an operator's): its fields."""
         self._check_not_reader(what)
         return self._fields(self._call(Request(None), build, what))
-
-    def operate(self, op: str, args: dict[str, Any]) -> Any:  # (``operations``)
-        return self.ask(lambda req: admin_request_frame(req, op, args), f"{op}()")["answer"]
 
     @staticmethod
     def _fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
@@ -386,10 +387,9 @@ class Session:
         self._link.shut_down()
 
     def forget_in_forked_child(self) -> None:
-        """In a forked child, at the fork (one thread; the reader is the parent's): close this
-        process's copies of the socket, without ``shutdown()``, which would end the parent's
-        connection too, and fail the parent's requests here (their answers go to the parent).
-        The locks may have been copied held: new ones."""
+        """In a forked child, at the fork (one thread; the reader is the parent's): close our
+        copies of the socket without ``shutdown()`` (it would end the parent's connection),
+        fail the parent's requests here (answered there), new locks (copied held?)."""
         self._lock = threading.Lock()
         self._credit_change = threading.Condition(self._lock)
         self._link.forget_in_forked_child(self._lock)
@@ -410,9 +410,12 @@ class Session:
         lock; a final answer takes its request out of the table."""
         with self._lock:
             requests = self._requests
-            return [requests.get(f.req) if type(f) is Accepted
-                    else requests.pop(f.req, None) if isinstance(f, FINAL_ANSWERS) else None
-                    for f in frames]
+            found = [requests.get(f.req) if type(f) is Accepted
+                     else requests.pop(f.req, None) if isinstance(f, FINAL_ANSWERS) else None
+                     for f in frames]
+            for request in filter(None, found):
+                request.taken = True
+            return found
 
     def put_back(self, frames: tuple[ServerFrame, ...], requests: list[Request | None]) -> None:
         """Frames not handled after all (the link is dropped): their requests go back in the

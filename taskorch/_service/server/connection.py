@@ -40,6 +40,7 @@ from taskorch._service.handshake import (
     SerializedSends,
     peer_name,
     refusal_frame,
+    refuse_then_cut,
     server_handshake,
 )
 from taskorch._service.operations import AdminRequest
@@ -64,6 +65,7 @@ from taskorch._service.protocol import (
     rejected_frame,
     stats_reply_frame,
 )
+from taskorch._service.server.admitting import Admitting
 from taskorch._service.server.credits import ConnectionCredits
 from taskorch._service.server.operator import Operator, trigger_answer
 from taskorch._service.server.outbox import Fetched, Outbox
@@ -82,9 +84,6 @@ FLUSH_TIMEOUT = 5.0
 
 #: Most outbox frames the writer sends in one write.
 WRITE_BATCH = 256
-
-#: How long refuse() waits for a handshake message being written to finish (see there).
-REFUSAL_LOCK_TIMEOUT = 1.0
 
 _STOP = None  # the outbox sentinel: flush what is queued, then exit
 
@@ -138,9 +137,9 @@ class ServedConnection:
         # Requests whose outcome is awaited, by req: an accepted submission (its task id, to
         # cancel it on a withdraw) or a C_RESULT wait (None).
         self._inflight: dict[int, int | None] = {}
+        self._admitting = Admitting(self._lock)  # and those being journaled, before that
         self.closed = False  # no more frames are queued once set
-        # Why the server cut this connection before serving it (set by refuse(), once).
-        self.refused: str | None = None
+        self.refused: str | None = None  # why the server cut it unserved (refuse(), once)
         # Held by the writer around each send_bytes() and by the reader while closing the fds.
         self._send_lock = threading.Lock()
         # The outbox: frames for the writer, from the asyncio thread (answers to waiting
@@ -231,25 +230,10 @@ class ServedConnection:
         return True
 
     def refuse(self, reason: str) -> None:
-        """Tell the peer why it is not served, then cut the connection (any thread). For a
-        connection that has not authenticated: its writer is not running, and `_send_lock`
-        serializes this frame with the handshake's own messages. The reader holds that lock
-        only while it writes a handshake message (tens of bytes into an empty socket buffer:
-        it never waits on the peer, only, at worst, for the GIL), hence the short wait; if
-        even that passes, the refusal is skipped and the connection just cut."""
+        """Tell the peer why it is not served, then cut the connection (any thread; see
+        ``handshake.refuse_then_cut``)."""
         self.refused = reason
-        if self._send_lock.acquire(timeout=REFUSAL_LOCK_TIMEOUT):
-            try:
-                if self.sock.fileno() != -1:
-                    try:
-                        self.sock.send(refusal_frame(reason), socket.MSG_DONTWAIT)
-                    except OSError:
-                        pass
-                self.shut_down()
-            finally:
-                self._send_lock.release()
-        else:
-            self.shut_down()
+        refuse_then_cut(self.sock, self._send_lock, reason, self.shut_down)
 
     def _read(self) -> None:
         frames = FrameReader(self.conn.fileno())  # (the fds live as long as this thread)
@@ -317,10 +301,12 @@ class ServedConnection:
 
     def _journal(self, frame: Submit) -> None:
         """A slot is held: journal the task; the registry calls admitted() once committed."""
+        self._admitting.begin(frame.req)
         try:
             self.registry.submit_reserved(frame.client, frame.req, frame.payload, frame.policy,
                                           self, frame.req, frame.timing)
         except ValueError as exc:  # (the slot was given back)
+            self._admitting.abandon(frame.req)
             self._reply(rejected_frame(frame.req, SerializationError(f"invalid options: {exc}")))
 
     # -- the registry's Sink: answers and outcomes (the journal's writer, mostly) -------------
@@ -332,8 +318,15 @@ class ServedConnection:
             self.send(rejected_frame(req, admission))
             return
         with self._lock:
-            self._inflight[req] = admission
+            if not (withdrawn := self._admitting.end_locked(req)):
+                self._inflight[req] = admission
+        if withdrawn:  # between wanted() and now: cancelled if it has not started
+            self._on_loop(self.server.loop.run_in_executor, None, self.registry.cancel, admission)
+            return
         self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
+
+    def wanted(self, req: int) -> bool:
+        return self._admitting.wanted(req)
 
     def outcome(self, req: int, outcome: Outcome) -> None:
         """The task of ``req`` ended: queue S_DONE (or defer it), unless it was withdrawn."""
@@ -409,6 +402,8 @@ class ServedConnection:
             task.cancel()
             return
         with self._lock:
+            if self._admitting.withdraw_locked(req):  # being journaled: never enqueued
+                return
             task_id = self._inflight.pop(req, None)
         if task_id is not None:
             # Off the shared loop: a cancel may wait for a recall (intake.RECALL_WAIT).

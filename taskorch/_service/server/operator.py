@@ -188,6 +188,9 @@ class _Waiter:
         self._value = error
         self._event.set()
 
+    def wanted(self, req: int) -> bool:
+        return True  # (this waiter never withdraws)
+
     def wait(self) -> Any:
         if not self._event.wait(JOURNAL_WAIT):
             raise TimeoutError(f"the journal did not commit within {JOURNAL_WAIT:g} s")

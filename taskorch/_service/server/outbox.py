@@ -140,6 +140,9 @@ class Fetched:
     def admitted(self, req: int, admission: int | BaseException) -> None:
         pass  # (never: a fetch is not a submission)
 
+    def wanted(self, req: int) -> bool:
+        return True  # (never asked: a fetch is not a submission)
+
     def outcome(self, req: int, outcome: Any) -> None:
         self._outbox.put_fetched(done_frame(req, outcome.outcome, outcome.attempts,
                                             outcome.seconds, outcome.data))

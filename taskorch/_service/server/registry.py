@@ -93,6 +93,10 @@ class Sink(Protocol):
     def outcome(self, req: int, outcome: Outcome) -> None:
         """The task ended (its outcome is committed)."""
 
+    def wanted(self, req: int) -> bool:
+        """At the commit, before the enqueue: False if ``req`` was withdrawn meanwhile (its
+        record is forgotten and nothing is enqueued; ``admitted`` is not called)."""
+
     def rejected(self, req: int, error: BaseException) -> None:
         """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
 
@@ -210,6 +214,10 @@ class TaskRegistry:
             else:
                 assert existing is not None
                 self._attach(existing, sink, req)
+            return
+        if not sink.wanted(req):  # a run_async() cancelled while its record was committed
+            self._intake.unreserve()
+            self.journal.forget(task_id, lambda: None)
             return
         self._track(task_id, item, (sink, req))
         try:
