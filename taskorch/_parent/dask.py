@@ -110,9 +110,6 @@ class DaskPool(DaskHardTimeouts):
     thread_name = "taskorch-dask-dispatcher"
     recalls_for_cancel = False
     terminates = False  # (a Dask worker runs several tasks: none is killed alone)
-
-    def terminate(self, item: WorkItem) -> None:
-        pass
     pids: tuple[int, ...] = ()  # (no worker process on this machine)
 
     def __init__(
@@ -147,6 +144,9 @@ class DaskPool(DaskHardTimeouts):
         # Found while reading the inbox, acted upon after (_handle).
         self._break_reason: str | None = None
         self._to_release: list[Any] = []  # Dask futures whose outcome is in
+
+    def terminate(self, item: WorkItem) -> None:  # (dispatcher thread)
+        pass  # (never asked: ``terminates`` is False)
 
     # -- called from other threads -------------------------------------------------------------
 
