@@ -231,6 +231,8 @@ def test_terminate_kills_a_task_stuck_in_c_code_and_replaces_its_worker(start_se
         assert client.cancel(stuck.task_id) is False  # running: without terminate, it runs on
         assert not stuck.done()
         assert client.cancel(stuck.task_id, terminate=True) is True
+        # Its outcome reaches the future on its own frame, after the cancel's answer.
+        concurrent.futures.wait([stuck], timeout=R)
         assert stuck.cancelled()  # never retried, though its policy allows 3 retries
         info = client.task(stuck.task_id)
         assert info.state == "cancelled" and info.attempts == 1
