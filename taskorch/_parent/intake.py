@@ -71,14 +71,20 @@ class Intake:
         """A task from ``_wire.encode_call`` bytes. ``policy_bytes`` None: the workers'
         default policy (``policy`` must then be the orchestrator's, or None). ``raw``: its
         future gets the worker's outcome still pickled (``task.RawOutcome``). ``name``: the
-        task's label for metrics (by default read from ``payload``; see ``figures``)."""
+        task's label for metrics and limits (None: read from ``payload`` if a name is needed;
+        "": none is; see ``figures``)."""
         future = TaskFuture()
         item = WorkItem(0, future, payload, policy or self._default_policy, policy_bytes, raw)
         future.set_canceller(functools.partial(_cancel, self._backlog, item))
         future.owner = self._backlog
-        if self._backlog.listeners or self._backlog.limited:  # metrics, limits: name the task
-            item.name = name or name_of_payload(payload)
+        if name is None:
+            name = name_of_payload(payload) if self._names_tasks() else ""
+        item.name = name
         return item
+
+    def _names_tasks(self) -> bool:
+        """Does a task need its name (metrics are on, or some name has a limit)?"""
+        return bool(self._backlog.listeners) or self._backlog.limited
 
     def prepare_call(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -89,8 +95,7 @@ class Intake:
         if not callable(fn):
             raise TypeError(f"the task must be callable, got {type(fn).__qualname__}")
         return self.prepare(encode_call(fn, args, kwargs), policy, policy_bytes,
-                            name=name_of(fn) if self._backlog.listeners or self._backlog.limited
-                            else None)
+                            name=name_of(fn) if self._names_tasks() else "")
 
     def time(self, item: WorkItem, timing: Resolved) -> None:
         """Give ``item`` (not offered yet) its priority, not-before time and expiry."""
