@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import socket
 import struct
 import threading
@@ -78,19 +77,25 @@ def payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 class RemoteTaskFuture(TaskFuture):
-    """A client's future: ``cancel()`` and ``progress()`` ask the server (``operate``:
-    ``Session.operate``, one round trip each)."""
+    """A client's future: ``cancel()`` and ``progress()`` ask the server (``operate``, one
+    round trip each, through ``ask``: ``Session.ask``). Every future of a session shares its
+    ``ask`` and the module's canceller: nothing per future but the future (each held future's
+    objects are the cyclic collector's work, see ``condition``)."""
 
-    def __init__(self, operate: Callable[[str, dict[str, Any]], Any]) -> None:
+    def __init__(self, ask: Ask) -> None:
         super().__init__()
-        self._operate = operate
+        self._ask = ask
+
+    def operate(self, op: str, args: dict[str, Any]) -> Any:
+        """An operator's request to this future's server (``operate``): its answer."""
+        return operate(self._ask, op, args)
 
     def progress(self) -> Progress | None:
         """The task's latest ``taskorch.progress()`` as the server holds it (None before the
         server accepted it, or if it cannot be asked: then the last one seen)."""
         if self.task_id:
             try:
-                fields = self._operate("task", {"id": self.task_id}).get("progress")
+                fields = self.operate("task", {"id": self.task_id}).get("progress")
             except (TaskorchError, ValueError, LookupError, TimeoutError):
                 return self.latest_progress
             self.latest_progress = None if fields is None else Progress(**fields)
@@ -107,10 +112,10 @@ def operate(ask: Ask, op: str, args: dict[str, Any]) -> Any:
 
 
 def new_future(ask: Ask) -> TaskFuture:
-    """A client future; its ``cancel()`` and ``progress()`` ask the server through ``ask``."""
-    operator = functools.partial(operate, ask)
-    future = RemoteTaskFuture(operator)
-    future.set_canceller(functools.partial(_cancel_remote, operator))
+    """A client future; its ``cancel()`` and ``progress()`` ask the server through ``ask``
+    (pass the same ``ask`` for every future: see ``RemoteTaskFuture``)."""
+    future = RemoteTaskFuture(ask)
+    future.set_canceller(_cancel_remote)
     return future
 
 
@@ -118,14 +123,14 @@ def new_future(ask: Ask) -> TaskFuture:
 CANCEL_WAIT = 5.0
 
 
-def _cancel_remote(operate: Callable[[str, dict[str, Any]], Any], future: TaskFuture) -> bool:
+def _cancel_remote(future: TaskFuture) -> bool:
     """``future.cancel()``: the server cancels the task if it has not started (True: it never
     runs; its cancelled outcome, committed, comes as S_DONE). False before the server
     accepted it (no id yet), from the reader thread, or if the server cannot be asked."""
-    if not future.task_id:
+    if not future.task_id or not isinstance(future, RemoteTaskFuture):
         return False
     try:
-        cancelled = bool(operate("cancel", {"id": future.task_id}))
+        cancelled = bool(future.operate("cancel", {"id": future.task_id}))
     except (TaskorchError, ValueError, LookupError, TimeoutError):
         return False
     if cancelled:

@@ -117,6 +117,7 @@ class Session:
         self._credit_inflight = 0  # credit submissions sent, not answered yet
         self._credit_change = threading.Condition(self._lock)  # more credits, or an answer
         self._closing = False  # close() was called: no new requests
+        self._ask = self.ask  # (one bound method, shared by every future: ``new_future``)
         self.closed_reason: str | None = None  # set when the session has ended
         # The reader: the only thread that receives, and the one that reconnects (``inbox``).
         self._inbox = Inbox(self, self._link, f"taskorch-client-reader-{next(_client_numbers)}")
@@ -154,7 +155,7 @@ class Session:
             credit = self._credits > 0 and self._link.down_reason is None
             self._credits -= credit
             self._credit_inflight += credit
-        request = Request(new_future(self.ask), credit=credit)
+        request = Request(new_future(self._ask), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
             try:
                 self._start(request, lambda req: submit_frame(
@@ -176,7 +177,7 @@ class Session:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
             await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
-        request = Request(new_future(self.ask), loop, loop.create_future())
+        request = Request(new_future(self._ask), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
@@ -196,7 +197,7 @@ class Session:
         room (the server waits: one round trip); a lost link is waited out (sent again). Past
         ``timeout``: withdrawn, QueueFullError (ServerUnavailableError while down)."""
         self._check_not_reader(what)
-        request = Request(new_future(self.ask))
+        request = Request(new_future(self._ask))
         req = self._start(request, lambda req: submit_frame(
             req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
             when_down="queue")
@@ -247,7 +248,7 @@ class Session:
         """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
         self._check_not_reader("result()")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = Request(new_future(self.ask))
+        request = Request(new_future(self._ask))
         wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
         req = self._start(request, lambda req: result_request_frame(req, task_id, wait),
                           when_down="queue")
