@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from taskorch._errors import TaskAbandonedError, TaskExpiredError
-from taskorch._parent.figures import name_of_payload
+from taskorch._parent.figures import BY_VALUE, name_of_reference
 from taskorch._service.protocol import O_ERROR, O_RAISED, O_RESULT
 from taskorch._service.values import decode_builtins, decode_service_error
 from taskorch._stats import Progress, TaskInfo
@@ -37,12 +37,11 @@ def bounded(text: str, limit: int = REPR_LIMIT) -> str:
 def label_of(payload: bytes) -> tuple[str, str | None]:
     """(name, args repr) of a task from its call bytes; the repr is None unless the call
     carries its function by reference and its arguments as plain data."""
-    name = name_of_payload(payload)
-    reference = function_reference(payload)
+    reference = function_reference(payload)  # (read once: it is on every submission's path)
     if reference is None:
-        return name, None
+        return BY_VALUE, None
     rest = payload[payload.index(reference, len(BY_REFERENCE)) + len(reference):]
-    return name, plain_repr(rest)
+    return name_of_reference(reference), plain_repr(rest)
 
 
 def plain_repr(data: bytes) -> str | None:
