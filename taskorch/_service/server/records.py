@@ -41,7 +41,23 @@ def label_of(payload: bytes) -> tuple[str, str | None]:
     if reference is None:
         return BY_VALUE, None
     rest = payload[payload.index(reference, len(BY_REFERENCE)) + len(reference):]
-    return name_of_reference(reference), plain_repr(rest)
+    if len(rest) > _SHORT_ARGS:
+        return name_of_reference(reference), plain_repr(rest)
+    if rest in _short_args:  # (unpickling even plain data costs ~2 us: a submission's path)
+        args = _short_args[rest]
+    else:
+        args = plain_repr(rest)
+        if len(_short_args) < _SHORT_ARGS_KEPT:  # (full: each is read anew)
+            _short_args[rest] = args
+    return name_of_reference(reference), args
+
+
+#: The reprs of the few short argument pickles most seen (calls without arguments, or with the
+#: same few small ones), read once: a pickle up to _SHORT_ARGS bytes, the first
+#: _SHORT_ARGS_KEPT of them (the journal's writer only).
+_SHORT_ARGS = 64
+_SHORT_ARGS_KEPT = 1024
+_short_args: dict[bytes, str | None] = {}
 
 
 def plain_repr(data: bytes) -> str | None:
