@@ -279,7 +279,8 @@ def test_a_client_that_does_not_read_costs_the_server_only_its_outbox_bound(
     import psutil
     from test_service import _authenticated
 
-    from taskorch._service.protocol import Accepted, Done, decode_server_frames
+    from taskorch._service.codec import decode_server_frames
+    from taskorch._service.protocol import Accepted, Done
     from taskorch._wire import encode_call
 
     n, size = 150, 1 << 20
