@@ -214,7 +214,6 @@ def test_cancelled_and_expired_dependencies_fail_their_dependants(start_server,
         assert busy.result(R) == "go"
 
 
-@pytest.mark.slow
 def test_waiting_tasks_survive_a_sigkill_and_restart(start_server, short_dir) -> None:
     journal = short_dir / "j.sqlite3"
     log = str(short_dir / "log")

@@ -267,7 +267,8 @@ class PolicyOverride:
         self._policy_bytes = None if policy is None else encode_policy(policy)
         self._timing = None if timing is None or timing.plain else timing
         self._key = check_key(key)
-        self._after = None if after is None else orchestrator.intake.check_after(after)
+        # (an empty list: no dependency, not a wait for none to end, which never comes)
+        self._after = None if after is None else orchestrator.intake.check_after(after) or None
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[Intake, WorkItem]:

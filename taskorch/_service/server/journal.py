@@ -24,7 +24,9 @@ Records (table ``tasks``): the task id clients see (given by the writer, never r
 client's token and submission number (unique together: a submission retried over a new
 connection finds its record instead of making a second one), the call and policy bytes, state
 (queued, running, done), attempts charged, timestamps (wall clock: the result TTL spans
-restarts), and for a done task its outcome (the ``S_DONE`` fields: outcome code, seconds, data).
+restarts), its ``options()`` (priority, times, key, the ids it runs after: ``submissions``
+dedups by key and checks those ids as it inserts), and for a done task its outcome (the
+``S_DONE`` fields: outcome code, seconds, data).
 A task that succeeded drops its call bytes (others keep them: ``Client.retry()``). ``records``
 has the operator's columns. Outcomes older than ``result_ttl`` are deleted by the writer, at
 most PRUNE_CHUNK rows per transaction, so that pruning never holds submissions long.
