@@ -35,7 +35,8 @@ from taskorch._stats import TASK_STATES
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._service.server.registry import Outcome, TaskRegistry
+    from taskorch._service.server.outcomes import Outcome
+    from taskorch._service.server.registry import TaskRegistry
 
 #: How long a request waits for the journal (a commit in progress, the batches before it).
 JOURNAL_WAIT = 30.0
@@ -88,7 +89,8 @@ class Operator:
         if before_id is not None and not isinstance(before_id, int):
             raise ValueError(f"before_id must be an integer, got {before_id!r}")
         rows = self._read(lambda db: list_rows(db, states, name, limit, before_id))
-        return [self._info(row) for row in rows]
+        infos = [self._info(row) for row in rows]  # (queued or waiting: as the backlog says)
+        return [info for info in infos if not states or info.state in states]
 
     def task(self, task_id: int) -> Any:
         row = self._read(lambda db: read_row(db, task_id))
