@@ -187,14 +187,14 @@ def kill_leftover_processes() -> tuple[int, list[str]]:
 # The tests that ./scripts/test --quick leaves out (marked "slow" here, in one place): whole
 # modules that start a cluster, a browser, a build or the benchmark, and the tests that took
 # over about 1.5 s on 2 busy cores (load average 4-5; `./scripts/test --quick --durations=0`),
-# mostly servers restarted or waited out in real time, and the README's examples (each a
+# mostly servers restarted or waited out in real time, and the docs' examples (each a
 # subprocess): --quick then takes about 2 minutes on such a busy machine, 1 on an idle one.
 SLOW_MODULES = {"test_bench_smoke.py", "test_bench_peers_smoke.py", "test_wheel.py",
                 "test_dask.py", "test_dask_timeout.py", "test_dashboard.py",
                 "test_cpython_executor.py"}
 SLOW_TESTS = {
     # (1.5-17 s each with load 4-5 on 2 cores, issue 26's measure)
-    "test_readme_example_runs_as_written",
+    "test_example_runs_as_written",  # (the README's and docs' examples, each a subprocess)
     "test_status_lists_workers_what_they_run_and_the_oldest_queued_task",
     "test_priority_delay_and_expiry_survive_a_sigkill_and_restart",
     "test_dashboard_cancels_a_queued_task_and_retries_a_failed_one",
