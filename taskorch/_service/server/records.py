@@ -16,7 +16,7 @@ from typing import Any
 
 from taskorch._errors import TaskAbandonedError, TaskExpiredError
 from taskorch._parent.figures import name_of_payload
-from taskorch._service.protocol import O_ERROR, O_RAISED, O_RESULT
+from taskorch._service.protocol import O_DEPENDENCY, O_ERROR, O_RAISED, O_RESULT
 from taskorch._service.values import decode_builtins, decode_service_error
 from taskorch._stats import Progress, TaskInfo
 from taskorch._wire import BY_REFERENCE, function_reference
@@ -91,8 +91,9 @@ def state_of(status: str | None, not_before: float | None, waiting: bool | None,
     it). A row's status is its state, except that a queued task is "waiting" while it is held
     back (for a time, a dependency or a per-name limit): ``waiting`` is what the backlog says
     of it (the registry's ``waiting``, from ``Backlog.waiting_for_locked``: every reason a
-    task is held, dependencies included, whatever column they come from); None, when the
-    backlog does not hold it (not live here), falls back to its not-before time."""
+    task is held, its ``after_ids`` dependencies and per-name limits included, which no
+    column tells); None, when the backlog does not hold it (not live here), falls back to its
+    not-before time."""
     state = status or "queued"
     if state != "queued":
         return state
@@ -143,6 +144,8 @@ def _outcome_text(outcome: int, data: bytes) -> tuple[str | None, str | None, st
         value = decode_builtins(data)
     except Exception:  # noqa: BLE001 - a damaged outcome: say nothing of it
         return None, None, None
+    if outcome == O_DEPENDENCY and isinstance(value, tuple) and len(value) == 3:
+        outcome, value = O_ERROR, value[0]  # (its DependencyFailedError says which, and why)
     if outcome == O_RESULT and isinstance(value, bytes):
         return None, None, plain_repr(value) or f"<not plain data: {len(value)} bytes>"
     if outcome == O_RAISED and isinstance(value, tuple) and len(value) == 4:
