@@ -87,8 +87,17 @@ class Operator:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         if before_id is not None and not isinstance(before_id, int):
             raise ValueError(f"before_id must be an integer, got {before_id!r}")
-        rows = self._read(lambda db: list_rows(db, states, name, limit, before_id))
-        return [self._info(row) for row in rows]
+        # A queued record is "waiting" or not by what the backlog says of it (a time, a
+        # dependency, a limit), which the journal does not know: queued records are read
+        # page by page and judged here until the page is full.
+        infos: list[Any] = []
+        while len(infos) < limit:
+            rows = self._read(lambda db: list_rows(db, states, name, limit, before_id))
+            infos += [info for info in map(self._info, rows) if not states or info.state in states]
+            if len(rows) < limit:
+                break
+            before_id = rows[-1][0]
+        return infos[:limit]
 
     def task(self, task_id: int) -> Any:
         row = self._read(lambda db: read_row(db, task_id))

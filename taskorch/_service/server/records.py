@@ -63,7 +63,8 @@ def plain_repr(data: bytes) -> str | None:
 def list_rows(db: sqlite3.Connection, states: tuple[str, ...], name: str | None, limit: int,
               before_id: int | None) -> list[tuple[Any, ...]]:
     """Newest first, ``limit`` at most, below ``before_id``; by ``status`` (the listing index)
-    when ``states`` is given (``waiting`` is a queued task whose time has not come)."""
+    when ``states`` is given: ``queued`` and ``waiting`` both read the queued records (which
+    of the two a record is, the backlog says: ``info_of``'s ``waiting``)."""
     where = ["id < ?"]
     params: list[object] = [before_id if before_id is not None else 2 ** 62]
     wanted = set(states)
@@ -72,12 +73,6 @@ def list_rows(db: sqlite3.Connection, states: tuple[str, ...], name: str | None,
             wanted |= {"queued"}
         where.append(f"status IN ({', '.join('?' * len(wanted - {'waiting'}))})")
         params += sorted(wanted - {"waiting"})
-        if "queued" in states and "waiting" not in states:
-            where.append("(status != 'queued' OR not_before IS NULL OR not_before <= ?)")
-            params.append(time.time())
-        elif "waiting" in states and "queued" not in states:
-            where.append("(status != 'queued' OR not_before > ?)")
-            params.append(time.time())
     if name:
         where.append("name = ?")
         params.append(name)
