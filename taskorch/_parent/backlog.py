@@ -479,11 +479,11 @@ class Backlog:
                 return
             if failed:
                 self.finish_locked(item, TaskState.FAILED)
-            else:
-                self._dispatcher_will_look = True
+            wake = not failed and not self._dispatcher_will_look  # (``_accept``'s rule)
+            self._dispatcher_will_look |= not failed
         if failed:
             fail_dependant(item, dependency)
-        else:
+        elif wake:
             self._wake()
 
     def waiting_for_locked(self, item: WorkItem) -> str | None:
