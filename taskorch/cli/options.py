@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from taskorch._options import Limit
     from taskorch._parent.orchestrator import TaskOrchestrator
 
-#: Exit statuses of every command (``--help`` and the README list them).
+#: Exit statuses of every command (``--help`` and docs/cli.md list them).
 EXIT_OK = 0  # success
 EXIT_FAILED = 1  # some task failed (run, demo), or the server could not be reached (status)
 EXIT_USAGE = 2  # bad command-line input or input data (argparse's own code)

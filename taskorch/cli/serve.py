@@ -57,8 +57,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--config", metavar="FILE", default=None,
                    help="read options and [[schedule]] entries from a TOML file (keys: the long "
-                        "options of serve; options on the command line win; see the README's "
-                        "'Schedules')")
+                        "options of serve; options on the command line win; see "
+                        "docs/schedules.md)")
     p.add_argument("--check-config", action="store_true",
                    help="check --config (its options, schedules and their targets, limits), "
                         "print the next fire times of each schedule and the limits, and exit: 0 "
