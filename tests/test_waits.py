@@ -174,6 +174,8 @@ def test_bad_options_are_value_errors(make_orchestrator: Make) -> None:
         TaskOrchestrator(limits={"x": 1})  # type: ignore[dict-item]
     assert o.stats().submitted == 0
     assert list(o.options(policy=Policy(retries=0)).map(identity, [1, 2])) == [1, 2]
+    none = o.options(after=[]).run(identity, "no dependency")  # (runs: nothing to wait for)
+    assert none is not None and none.result(30) == "no dependency"
 
 
 def _task(name: str, expires_at: float | None = None,

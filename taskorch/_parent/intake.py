@@ -203,6 +203,8 @@ class Intake:
     def admit_reserved(self, item: WorkItem) -> TaskFuture:
         """Enqueue ``item`` in the slot ``reserve`` held (given back if this raises)."""
         self._backlog.admit_reserved(item)
+        if item.after is not None:
+            self.await_dependencies(item)
         return item.future
 
     def recover(self, item: WorkItem, attempts: int, crashed: bool) -> TaskFuture:
@@ -220,6 +222,8 @@ class Intake:
         item.attempts = item.future.attempts = attempts
         fail = crashed and attempts >= item.policy.max_attempts
         self._backlog.recover(item, crashed, fail)
+        if item.after is not None and not fail:
+            self.await_dependencies(item)
         if fail:
             item.future.set_exception(WorkerCrashedError(
                 None, None, attempts, "taskorch serve died while it ran; its journal said so "
@@ -277,7 +281,8 @@ class PolicyOverride:
         self._policy_bytes = None if policy is None else encode_policy(policy)
         self._timing = None if timing is None or timing.plain else timing
         self._key = check_key(key)
-        self._after = None if after is None else orchestrator.intake.check_after(after)
+        # (an empty list: no dependency, not a wait for none to end, which never comes)
+        self._after = None if after is None else orchestrator.intake.check_after(after) or None
 
     def _prepare(self, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> tuple[Intake, WorkItem]:

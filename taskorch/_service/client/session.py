@@ -61,6 +61,7 @@ from taskorch._parent.task import TaskFuture
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
 from taskorch._service.client.requests import Request, new_future, payload, resend
+from taskorch._service.codec import encode_service_frame
 from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
     FINAL_ANSWERS,
@@ -74,7 +75,6 @@ from taskorch._service.protocol import (
     StatsRequest,
     TriggerRequest,
     credit_return_frame,
-    encode_service_frame,
     result_request_frame,
     stats_request_frame,
     submit_frame,
@@ -83,7 +83,7 @@ from taskorch._service.protocol import (
 from taskorch._service.values import WirePolicy, decode_service_error, decode_stats
 
 if TYPE_CHECKING:
-    from taskorch._service.protocol import WireTiming
+    from taskorch._service.protocol import SubmitOptions
     from taskorch._stats import Stats
 
     Dial = Callable[[float], tuple[socket.socket, Connection[Any, Any], dict[str, Any]]]
@@ -141,7 +141,7 @@ class Session:
 
     def submit(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any], timing: WireTiming | None = None,
+        kwargs: dict[str, Any], options: SubmitOptions | None = None,
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
         with self._lock:
@@ -151,36 +151,37 @@ class Session:
                 raise ServerTimeoutError(
                     f"taskorch serve at {self.where} did not answer run() within "
                     f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
-            credit = self._credits > 0 and self._link.down_reason is None
+            credit = (self._credits > 0 and self._link.down_reason is None  # (a bad ``after``
+                      and (options is None or options.after is None))  # raises in run())
             self._credits -= credit
             self._credit_inflight += credit
-        request = Request(new_future(self.ask), credit=credit)
+        request = Request(new_future(self.ask, self), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
             try:
                 self._start(request, lambda req: submit_frame(
                     req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-                    retry=False, credit=True, timing=timing))
+                    retry=False, credit=True, options=options))
             except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
                 self.grant(1, 1)
                 raise
             return request.future
         answer = self._call(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-            retry=False, credit=False, timing=timing), "run()")
+            retry=False, credit=False, options=options), "run()")
         return self._accepted(request, answer)
 
     async def submit_async(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any], timing: WireTiming | None = None,
+        kwargs: dict[str, Any], options: SubmitOptions | None = None,
     ) -> TaskFuture:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
             await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
-        request = Request(new_future(self.ask), loop, loop.create_future())
+        request = Request(new_future(self.ask, self), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
-            retry=False, credit=False, timing=timing))
+            retry=False, credit=False, options=options))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:
@@ -196,7 +197,7 @@ class Session:
         room (the server waits: one round trip); a lost link is waited out (sent again). Past
         ``timeout``: withdrawn, QueueFullError (ServerUnavailableError while down)."""
         self._check_not_reader(what)
-        request = Request(new_future(self.ask))
+        request = Request(new_future(self.ask, self))
         req = self._start(request, lambda req: submit_frame(
             req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
             when_down="queue")

@@ -35,7 +35,8 @@ from taskorch._stats import TASK_STATES
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._service.server.registry import Outcome, TaskRegistry
+    from taskorch._service.server.outcomes import Outcome
+    from taskorch._service.server.registry import TaskRegistry
 
 #: How long a request waits for the journal (a commit in progress, the batches before it).
 JOURNAL_WAIT = 30.0

@@ -16,7 +16,7 @@ from typing import Any
 
 from taskorch._errors import TaskAbandonedError, TaskExpiredError
 from taskorch._parent.figures import name_of_payload
-from taskorch._service.protocol import O_ERROR, O_RAISED, O_RESULT
+from taskorch._service.protocol import O_DEPENDENCY, O_ERROR, O_RAISED, O_RESULT
 from taskorch._service.values import decode_builtins, decode_service_error
 from taskorch._stats import Progress, TaskInfo
 from taskorch._wire import BY_REFERENCE, function_reference
@@ -64,7 +64,8 @@ def list_rows(db: sqlite3.Connection, states: tuple[str, ...], name: str | None,
               before_id: int | None) -> list[tuple[Any, ...]]:
     """Newest first, ``limit`` at most, below ``before_id``; by ``status`` (the listing index)
     when ``states`` is given: ``queued`` and ``waiting`` both read the queued records (which
-    of the two a record is, the backlog says: ``info_of``'s ``waiting``)."""
+    of the two a record is, the backlog says, for a time, dependencies or a limit: the
+    operator judges them, ``info_of``'s ``waiting``)."""
     where = ["id < ?"]
     params: list[object] = [before_id if before_id is not None else 2 ** 62]
     wanted = set(states)
@@ -126,6 +127,8 @@ def _outcome_text(outcome: int, data: bytes) -> tuple[str | None, str | None, st
         value = decode_builtins(data)
     except Exception:  # noqa: BLE001 - a damaged outcome: say nothing of it
         return None, None, None
+    if outcome == O_DEPENDENCY and isinstance(value, tuple) and len(value) == 3:
+        outcome, value = O_ERROR, value[0]  # (its DependencyFailedError says which, and why)
     if outcome == O_RESULT and isinstance(value, bytes):
         return None, None, plain_repr(value) or f"<not plain data: {len(value)} bytes>"
     if outcome == O_RAISED and isinstance(value, tuple) and len(value) == 4:
