@@ -1,6 +1,6 @@
 """The dashboard in a real headless Chromium (Debian's ``chromium``, driven by Playwright's
 Python package; never ``playwright install``): the counts after a known workload, a failure
-with its traceback, no error in the browser's console. Saves the screenshot the README shows
+with its traceback, no error in the browser's console. Saves the screenshot docs/operating.md shows
 (``TASKORCH_SCREENSHOT=docs/dashboard.png`` writes it there too)."""
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_dashboard_shows_counts_workers_and_a_failure_with_its_traceback(
                     expect(page.locator("#workers")).to_contain_text(str(pid))
                 expect(page.locator("#schedules")).to_contain_text("hourly-square")
                 expect(page.locator("#tasks")).to_contain_text("_tasks.square")
-                # Let the charts get a few samples, then take the README's picture.
+                # Let the charts get a few samples, then take the docs' picture.
                 page.wait_for_function(
                     "() => document.getElementById('status').textContent.startsWith('updated')")
                 shot = tmp_path / "dashboard.png"

@@ -165,4 +165,4 @@ def test_a_journal_written_before_the_timing_columns_opens_and_recovers(tmp_path
         columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
     finally:
         db.close()
-    assert {"priority", "not_before", "expires"} <= columns
+    assert {"priority", "not_before", "expires", "key", "after_ids"} <= columns

@@ -38,7 +38,7 @@ def test_a_batch_that_raises_refuses_its_submissions_and_the_writer_goes_on(tmp_
     answers: dict[int, Any] = {}
     answered = threading.Event()
 
-    def on_commit(sub: int, task_id: int, existing: Any, error: Any) -> None:
+    def on_commit(sub: int, task_id: int, existing: Any, error: Any, _after: Any) -> None:
         answers[sub] = error if error is not None else task_id
         if len(answers) == 3:
             answered.set()
@@ -50,7 +50,7 @@ def test_a_batch_that_raises_refuses_its_submissions_and_the_writer_goes_on(tmp_
         assert answered.wait(R), answers
         assert all(isinstance(answers[s], JournalError) for s in (1, 2**63, 3)), answers
         done = threading.Event()
-        journal.submit(b"client", 4, b"call", None, lambda task_id, e, error: (
+        journal.submit(b"client", 4, b"call", None, lambda task_id, e, error, _after: (
             answers.__setitem__(4, error or task_id), done.set()))
         assert done.wait(R) and isinstance(answers[4], int), answers
     finally:
@@ -279,7 +279,8 @@ def test_a_client_that_does_not_read_costs_the_server_only_its_outbox_bound(
     import psutil
     from test_service import _authenticated
 
-    from taskorch._service.protocol import Accepted, Done, decode_server_frames
+    from taskorch._service.codec import decode_server_frames
+    from taskorch._service.protocol import Accepted, Done
     from taskorch._wire import encode_call
 
     n, size = 150, 1 << 20

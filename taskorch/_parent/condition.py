@@ -19,7 +19,7 @@ class FutureCondition(threading.Condition):
     every task alive holds its future, and a plain ``Condition()`` makes eight objects the
     cyclic garbage collector tracks; with 20,000 tasks queued, the collector's passes over them
     cost ``taskorch serve`` about 50 us of CPU per task (measured with ``gc.callbacks``; see
-    README "Durability"). Three objects here. Reentrant, as the stdlib's: a signal handler or
+    docs/durability.md). Three objects here. Reentrant, as the stdlib's: a signal handler or
     a finalizer may touch a future while its thread holds the condition."""
 
     def __init__(self) -> None:  # (no super().__init__: see the class docstring)

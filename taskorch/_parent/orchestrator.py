@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorClosedError
-from taskorch._options import Duration, Limit, Moment, Timing, check_limits
+from taskorch._options import Duration, Limit, Moment, check_limits, timing_of
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, NothingRan, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.intake import Intake, PolicyOverride
@@ -251,8 +251,8 @@ class TaskOrchestrator:
                 policy: Policy | None = None, key: str | None = None,
                 after: Iterable[TaskFuture] | None = None) -> PolicyOverride:
         """``o.options(priority=5, delay=60, expires=600, key="k", after=[f]).run(fn, x)``: one
-        task's options (see the README); bad values raise ValueError here, naming the option."""
-        return PolicyOverride(self, policy, Timing(priority, delay, at, expires), key, after)
+        task's options (docs/options.md); bad values raise ValueError here, naming the option."""
+        return PolicyOverride(self, policy, timing_of(priority, delay, at, expires), key, after)
 
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,
@@ -314,8 +314,8 @@ class TaskOrchestrator:
         ``overlap`` ("skip", "queue", "allow") says what a tick does while the last run still
         goes; ``misfire`` ("coalesce", "skip", "catch_up") what ticks missed do; ``jitter``
         delays each run by up to that many seconds. Returns a handle (``cancel()``,
-        ``trigger()``, ``status()``). The schedules end with ``stop()``. See the README's
-        "Schedules"."""
+        ``trigger()``, ``status()``). The schedules end with ``stop()``. See
+        docs/schedules.md."""
         from taskorch._parent.schedule import schedule_of
         from taskorch._parent.scheduler import ScheduledTask, Scheduler
 

@@ -45,7 +45,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import OrchestratorBrokenError, SerializationError
-from taskorch._parent.callbacks import call_each, callback_runner
+from taskorch._parent.callbacks import call_each, run_or_queue
 from taskorch._parent.condition import FutureCondition
 from taskorch._wire import decode_exception, decode_frame
 
@@ -301,8 +301,8 @@ class TaskFuture(Future[Any]):
         if not callbacks:
             return
         self._done_callbacks = []  # done: nothing is added any more; let them go once run
-        (call_each if getattr(_inline, "callbacks", False) else callback_runner.submit)(
-            self, callbacks)
+        (call_each if getattr(_inline, "callbacks", False) else run_or_queue)(  # (run_or_queue:
+            self, callbacks)  # taskorch's ``InlineCallback``s run there)
 
 
 # cancel() sets `callbacks` for the duration of the call: the callbacks of the future it

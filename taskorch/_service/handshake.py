@@ -34,12 +34,8 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, Callable, cast
 
-from taskorch._service.protocol import (
-    SERVICE_MAX_FRAME,
-    SERVICE_VERSION,
-    ServiceProtocolError,
-    decode_hello,
-)
+from taskorch._service.codec import decode_hello
+from taskorch._service.protocol import SERVICE_MAX_FRAME, SERVICE_VERSION, ServiceProtocolError
 
 #: The first bytes of a refusal frame (never the start of a pickle or an HMAC message).
 REFUSED = b"#TASKORCH-REFUSED#"

@@ -29,9 +29,9 @@ In code, each frame below is a named type whose fields are the tuple's, the tag 
 (``Submit`` for C_SUBMIT; ``Withdraw``, ``StatsRequest``, ``ResultRequest``, ``CreditReturn``,
 ``TriggerRequest``; ``Hello``, ``Accepted``, ``Dropped``, ``Rejected``, ``Done``,
 ``StatsReply``, ``CreditGrant``, ``CreditRecall``), built by one constructor each
-(``submit_frame()``...) and read by field name. The codec here turns them into plain tuples
-and back (the server's unpickler accepts builtins only); S_BATCH exists on the wire only
-(``transport.frame_batch``; ``decode_server_frames`` returns its messages).
+(``submit_frame()``...) and read by field name. ``codec`` turns them into plain tuples and
+back (the server's unpickler accepts builtins only); S_BATCH exists on the wire only
+(``transport.frame_batch``; ``codec.decode_server_frames`` returns its messages).
 
 server -> client, once, right after authentication:
 
@@ -43,7 +43,7 @@ server -> client, once, right after authentication:
 client -> server (``req``: an int the client picks, unique among its requests for the life of
 the client, across reconnections):
 
-    (C_SUBMIT, req, payload, policy, wait, client, retry, credit)
+    (C_SUBMIT, req, payload, policy, wait, client, retry, credit, timing, key, after)
                                           ``payload``: ``encode_call()`` bytes; ``policy``:
                                           None (the server's policy) or a WirePolicy;
                                           ``wait`` False: run() semantics, answered as soon as
@@ -62,7 +62,12 @@ the client, across reconnections):
                                           task in that slot (never QueueFullError); its
                                           answer still comes (ACCEPTED, or REJECTED with a
                                           JournalError or a closed error), the caller's
-                                          future already returned
+                                          future already returned. ``timing``, ``key``,
+                                          ``after``: ``options()`` (``SubmitOptions``; the
+                                          journal keeps them). A ``key`` of an unfinished
+                                          task: ACCEPTED with that task's id, nothing new is
+                                          enqueued. ``after``: ids of tasks journaled before
+                                          it; another id is REJECTED with a ValueError
     (C_RETURN, n)                         the answer to S_RECALL: ``n`` credits not spent,
                                           given back (the client now holds none)
     (C_RESULT, req, task_id, wait)        wait for task ``task_id``'s outcome (any client's):
@@ -108,6 +113,11 @@ server -> client:
                                                          TaskTimeoutError, TaskAbandonedError,
                                                          CircuitOpenError, ...)
                                             O_CANCELLED  None
+                                            O_DEPENDENCY (error, outcome, data): ``error``
+                                                         is O_ERROR's (a
+                                                         DependencyFailedError), the other
+                                                         two its cause: the dependency's
+                                                         own outcome and data
     (S_STATS, req, fields)                ``encode_status()``: the Stats fields as a dict,
                                           plus worker_details, oldest_queued_seconds,
                                           schedules
@@ -134,25 +144,15 @@ run to the end all the same, and count in the stats.
 
 from __future__ import annotations
 
-import pickle
 from typing import Any, NamedTuple, Optional
 
-from taskorch._service.operations import C_ADMIN, AdminRequest, is_valid_admin
-from taskorch._service.values import (
-    WirePolicy,
-    decode_builtins,
-    encode_service_error,
-    is_count,
-    is_whole_call,
-    is_wire_policy,
-    is_wire_timing,
-)
-from taskorch._wire import PROTOCOL
+from taskorch._service.operations import AdminRequest
+from taskorch._service.values import WirePolicy, encode_service_error
 
 #: 2: calls may come in encode_call's by-reference form, which version 1 workers cannot read.
 #: 3: the journal: client tokens and retried submissions in C_SUBMIT, C_RESULT; credits.
-#: 4: S_BATCH.
-SERVICE_VERSION = 4
+#: 4: S_BATCH. 5: options(timing, key, after) in C_SUBMIT; O_DEPENDENCY.
+SERVICE_VERSION = 5
 
 #: Largest frame either side sends or accepts: 64 MiB. A call, its arguments or a result
 #: beyond it fails alone with SerializationError; a peer that announces a longer frame is
@@ -182,6 +182,7 @@ O_RESULT = 1
 O_RAISED = 2
 O_ERROR = 3
 O_CANCELLED = 4
+O_DEPENDENCY = 5
 
 
 class ServiceProtocolError(ValueError):
@@ -199,13 +200,24 @@ class BadRequest(ServiceProtocolError):
 
 # -- the frames: one named type each, built by its constructor below ---------------------------
 # On the wire a frame is the plain tuple of its fields (the tag first): the server's unpickler
-# accepts builtins only, and the layout stays the one this docstring describes. The codec
+# accepts builtins only, and the layout stays the one this docstring describes. ``codec``
 # (encode_service_frame, decode_client_frame, decode_server_frames) converts; nothing else reads
 # a frame by index.
 
 
 #: A submission's ``options()`` timing: (priority, not-before, expiry; epoch seconds or None).
 WireTiming = tuple[int, Optional[float], Optional[float]]
+
+
+class SubmitOptions(NamedTuple):
+    """A submission's ``options()`` beyond the policy, as ``Submit`` carries them."""
+
+    timing: WireTiming | None = None
+    key: str | None = None
+    after: tuple[int, ...] | None = None
+
+
+_PLAIN = SubmitOptions()
 
 
 class Submit(NamedTuple):
@@ -222,6 +234,8 @@ class Submit(NamedTuple):
     # (priority, not-before, expiry epoch seconds) of ``options()`` (``_options.Resolved``),
     # None: plain (priority 0, at once, never expires).
     timing: WireTiming | None
+    key: str | None  # ``options(key=)``: one unfinished task per key, in the whole journal
+    after: tuple[int, ...] | None  # ``options(after=)``: ids of the tasks it runs after
 
 
 class Withdraw(NamedTuple):
@@ -335,8 +349,10 @@ _new = tuple.__new__
 
 def submit_frame(req: int, payload: bytes, policy: WirePolicy | None, *, wait: bool,
                  client: bytes, retry: bool, credit: bool,
-                 timing: WireTiming | None = None) -> Submit:
-    return _new(Submit, (C_SUBMIT, req, payload, policy, wait, client, retry, credit, timing))
+                 options: SubmitOptions | None = None) -> Submit:
+    timing, key, after = options or _PLAIN
+    return _new(Submit, (C_SUBMIT, req, payload, policy, wait, client, retry, credit, timing,
+                         key, after))
 
 
 def resubmit_frame(frame: Submit, credit: bool) -> Submit:
@@ -344,7 +360,8 @@ def resubmit_frame(frame: Submit, credit: bool) -> Submit:
     (``retry``). A credit run() has returned already: it must not be refused for room now,
     so it waits for room (run_async's semantics)."""
     return submit_frame(frame.req, frame.payload, frame.policy, wait=frame.wait or credit,
-                        client=frame.client, retry=True, credit=False, timing=frame.timing)
+                        client=frame.client, retry=True, credit=False,
+                        options=SubmitOptions(frame.timing, frame.key, frame.after))
 
 
 def withdraw_frame(req: int) -> Withdraw:
@@ -398,97 +415,3 @@ def credit_grant_frame(n: int) -> CreditGrant:
 
 def credit_recall_frame() -> CreditRecall:
     return _new(CreditRecall, (S_RECALL,))
-
-
-# -- the codec ---------------------------------------------------------------------------------
-
-_UNKNOWN: tuple[Any, int] = (None, -1)
-
-#: Tag -> (its frame's type, its number of fields); the server's frames by tag.
-_CLIENT_FRAMES: dict[int, tuple[Any, int]] = {
-    tag: (kind, len(kind._fields)) for tag, kind in (
-        (C_SUBMIT, Submit), (C_WITHDRAW, Withdraw), (C_STATS, StatsRequest),
-        (C_RESULT, ResultRequest), (C_RETURN, CreditReturn), (C_TRIGGER, TriggerRequest),
-        (C_ADMIN, AdminRequest))}
-_SERVER_FRAMES: dict[int, Any] = {
-    tag: kind for tag, kind in (
-        (S_HELLO, Hello), (S_ACCEPTED, Accepted), (S_DROPPED, Dropped), (S_REJECTED, Rejected),
-        (S_DONE, Done), (S_STATS, StatsReply), (S_CREDIT, CreditGrant), (S_RECALL, CreditRecall))}
-
-
-def encode_service_frame(frame: tuple[Any, ...]) -> bytes:
-    """A frame's bytes: its fields as a plain tuple (a named frame pickles as its class)."""
-    return pickle.dumps(tuple(frame), PROTOCOL)
-
-
-def decode_client_frame(data: bytes) -> ClientFrame:
-    """Decode and check one client frame in the server: builtins only, known layouts only."""
-    try:
-        message = decode_builtins(data)
-    except Exception as exc:
-        raise ServiceProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(message, tuple) or not message:
-        raise ServiceProtocolError(
-            f"a frame must be a non-empty tuple, got {type(message).__name__}"
-        )
-    tag = message[0]
-    kind, size = _CLIENT_FRAMES.get(tag, _UNKNOWN) if isinstance(tag, int) else _UNKNOWN
-    if len(message) == size:
-        frame: ClientFrame = _new(kind, message)
-        if _is_valid(frame):
-            return frame
-        if kind is not CreditReturn and is_count(message[1]):
-            raise BadRequest(message[1], f"invalid fields in a {kind.__name__} frame (a type, "
-                             f"a range: integers 0 to 2**63-1, or a size)")
-    raise ServiceProtocolError(f"unknown frame layout (tag {tag!r}, {len(message)} fields)")
-
-
-def _is_valid(frame: ClientFrame) -> bool:
-    if isinstance(frame, Submit):
-        return (is_count(frame.req) and isinstance(frame.payload, bytes)
-                and is_whole_call(frame.payload) and isinstance(frame.wait, bool)
-                and (frame.policy is None or is_wire_policy(frame.policy))
-                and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64
-                and isinstance(frame.retry, bool) and isinstance(frame.credit, bool)
-                and (frame.timing is None or is_wire_timing(frame.timing)))
-    if isinstance(frame, ResultRequest):
-        return is_count(frame.req) and is_count(frame.task_id) and isinstance(frame.wait, bool)
-    if isinstance(frame, TriggerRequest):
-        return (is_count(frame.req) and isinstance(frame.name, str)
-                and 0 < len(frame.name) <= 1000)
-    if isinstance(frame, CreditReturn):
-        return is_count(frame.n)
-    if isinstance(frame, AdminRequest):
-        return is_valid_admin(frame)
-    return is_count(frame.req)  # Withdraw, StatsRequest
-
-
-def decode_server_frames(data: bytes) -> tuple[ServerFrame, ...]:
-    """Decode one server frame in the client: its messages (an S_BATCH holds several; the
-    client trusts the server it authenticated, but not its layouts)."""
-    message = pickle.loads(data)
-    messages = (message[1] if isinstance(message, tuple) and len(message) == 2
-                and message[0] == S_BATCH else (message,))
-    known = _SERVER_FRAMES
-    try:  # (a layout of the wrong length fails where a field is read: IndexError)
-        return tuple([_new(known[m[0]], m) for m in messages])
-    except (LookupError, TypeError) as exc:
-        raise ServiceProtocolError(f"unexpected frame from the server ({exc!r})") from None
-
-
-def decode_hello(data: bytes) -> Hello:
-    """The server's first frame, in the client's handshake; ServiceProtocolError unless it
-    is a hello of this SERVICE_VERSION."""
-    try:
-        frames = decode_server_frames(data)
-    except ServiceProtocolError as exc:
-        raise ServiceProtocolError(f"not a hello: {exc}") from exc
-    hello = frames[0] if len(frames) == 1 else None
-    if (not isinstance(hello, Hello) or len(hello) != len(Hello._fields)
-            or hello.version != SERVICE_VERSION):
-        got = (hello.tag, hello.version) if isinstance(hello, Hello) else "another frame"
-        raise ServiceProtocolError(f"got {got!r}")
-    return hello
-
-
-

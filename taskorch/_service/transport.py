@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 
 from taskorch._errors import SerializationError
+from taskorch._service.codec import encode_service_frame
 from taskorch._service.protocol import (
     O_ERROR,
     S_BATCH,
@@ -15,7 +16,6 @@ from taskorch._service.protocol import (
     Done,
     ServerFrame,
     done_frame,
-    encode_service_frame,
 )
 from taskorch._service.values import encode_service_error
 from taskorch._wire import PROTOCOL

@@ -149,6 +149,22 @@ def is_wire_timing(value: object) -> bool:
             and all(t is None or (isinstance(t, float) and math.isfinite(t)) for t in value[1:]))
 
 
+#: Most tasks one submission may run after (``options(after=)``): a fan-in of thousands of
+#: shards fits; the journal reads them all at each submission and at a restart.
+MAX_AFTER = 10_000
+
+
+def is_wire_key(value: object) -> bool:
+    """``options(key=)``: a non-empty str of at most 1024 characters (``_options.check_key``)."""
+    return isinstance(value, str) and 0 < len(value) <= 1024
+
+
+def is_wire_after(value: object) -> bool:
+    """``options(after=)`` ids: a non-empty tuple of task ids (ints >= 1), at most MAX_AFTER."""
+    return (isinstance(value, tuple) and 0 < len(value) <= MAX_AFTER
+            and all(is_count(i) and i > 0 for i in value))
+
+
 class _BuiltinsOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"a client frame may not reference {module}.{name}")

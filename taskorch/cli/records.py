@@ -1,6 +1,6 @@
 """``taskorch run``'s JSON lines: an input line parsed into a call's arguments, and the
 record written for each input (CLI, parent process; ``parse_input`` on the reader thread,
-the records on the writer thread). The record format is in the README and ``run``'s help.
+the records on the writer thread). The record format is in docs/cli.md and ``run``'s help.
 """
 
 from __future__ import annotations

@@ -50,17 +50,16 @@ from taskorch._service.addressing import (
     normalize_address,
     read_authkey,
 )
+from taskorch._service.client.options import RemotePolicyOverride
 from taskorch._service.client.requests import operate, payload
 from taskorch._service.client.session import Session
 from taskorch._service.handshake import client_handshake, configure_socket
 from taskorch._service.protocol import trigger_request_frame
-from taskorch._service.values import encode_service_policy
 from taskorch._stats import TaskInfo
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from taskorch._service.protocol import WireTiming
     from taskorch._stats import Stats
 
 log = logging.getLogger("taskorch")
@@ -281,16 +280,18 @@ class Client:
         """``client.with_policy(Policy(retries=5)).run(fn, x)``: ``options(policy=policy)``."""
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        return RemotePolicyOverride(self, policy)
+        return RemotePolicyOverride(self._here, policy)
 
     def options(self, *, priority: int | None = None, delay: Duration | None = None,
                 at: Moment | None = None, expires: Duration | datetime | None = None,
-                policy: Policy | None = None) -> RemotePolicyOverride:
+                policy: Policy | None = None, key: str | None = None,
+                after: Iterable[TaskFuture | int] | None = None) -> RemotePolicyOverride:
         """``TaskOrchestrator.options`` on the server: the times are resolved here, at each
-        run(), and kept in the server's journal (a restart keeps them)."""
-        if policy is not None and not isinstance(policy, Policy):
-            raise ValueError(f"policy must be a taskorch.Policy, got {policy!r}")
-        return RemotePolicyOverride(self, policy, Timing(priority, delay, at, expires))
+        run(); ``key`` dedups across every client of the server; ``after`` takes futures of
+        this client or task ids (an id the server does not know: ValueError from run()).
+        The server's journal keeps them all: a restart keeps them (see the README)."""
+        return RemotePolicyOverride(self._here, policy, Timing(priority, delay, at, expires),
+                                    key, after)
 
     def with_wait(self, seconds: float | None) -> WaitingClient:
         """``client.with_wait(30).run(fn, x)``: sync back-pressure. ``run()`` of this view
@@ -379,7 +380,9 @@ class Client:
         is committed: it stays cancelled across a restart); False if it had ended, or started
         and ``terminate`` is False (it runs on). With ``terminate``, a running attempt is
         killed (SIGTERM, then SIGKILL: a task stuck in C code too), the task ends cancelled
-        and its worker is replaced (local workers; a Dask pool answers False). A future of
+        and its worker is replaced (on ``serve --dask``: the Dask worker process running it
+        is restarted by its nanny, and the other attempts running there are lost with it, as
+        in a crash; without a nanny it cannot be, and the task runs on). A future of
         the task that this client holds resolves cancelled when its outcome frame arrives,
         which may be just after this returns. ``TaskNotFoundError`` for an unknown id."""
         return bool(operate(self._here().ask, "cancel", {"id": task_id, "terminate": terminate}))
@@ -427,32 +430,6 @@ class Client:
     def __repr__(self) -> str:
         state = "closed" if self._session.closed_reason is not None else "open"
         return f"<taskorch.Client {state} {self._session.where}>"
-
-
-class RemotePolicyOverride:
-    """``run``/``run_async`` of a ``Client`` with another policy (see ``Client.with_policy``)."""
-
-    def __init__(self, client: Client, policy: Policy | None,
-                 timing: Timing | None = None) -> None:
-        self._client = client
-        # SerializationError here:
-        self._wire_policy = None if policy is None else encode_service_policy(policy)
-        self._timing = None if timing is None or timing.plain else timing
-
-    def _wire_timing(self) -> WireTiming | None:
-        if self._timing is None:
-            return None
-        resolved = self._timing.resolve(time.time())  # (ValueError: nothing was sent)
-        return (resolved.priority, resolved.not_before, resolved.expires)
-
-    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture | None:
-        timing = self._wire_timing()
-        return self._client._here().submit(self._wire_policy, fn, args, kwargs, timing)
-
-    async def run_async(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        timing = self._wire_timing()
-        return await self._client._here().submit_async(self._wire_policy, fn, args, kwargs,
-                                                       timing)
 
 
 class WaitingClient:

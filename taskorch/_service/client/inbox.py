@@ -18,6 +18,7 @@ from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.task import TaskFuture
 from taskorch._service.client.credits import Credits
 from taskorch._service.client.requests import Request, resolve
+from taskorch._service.codec import decode_server_frames
 from taskorch._service.protocol import (
     Accepted,
     CreditGrant,
@@ -28,7 +29,6 @@ from taskorch._service.protocol import (
     ServerFrame,
     StatsReply,
     accepted_frame,
-    decode_server_frames,
 )
 from taskorch._service.transport import FrameReader
 from taskorch._service.values import decode_service_error

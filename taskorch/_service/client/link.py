@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import ServerTimeoutError, ServerUnavailableError
 from taskorch._service.client.requests import set_send_timeout
-from taskorch._service.protocol import ClientFrame, encode_service_frame
+from taskorch._service.codec import encode_service_frame
+from taskorch._service.protocol import ClientFrame
 
 if TYPE_CHECKING:
     Dial = Callable[[float], tuple[socket.socket, Connection[Any, Any], dict[str, Any]]]

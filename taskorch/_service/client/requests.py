@@ -2,7 +2,8 @@
 
 Runs in the application's process: ``Request`` objects are made by the caller's threads and
 answered by the session's reader thread ("taskorch-client-reader-N"); ``resolve`` turns an
-``S_DONE`` frame into a resolved ``TaskFuture`` without running user code there.
+``S_DONE`` frame into a resolved ``TaskFuture`` without running user code there (the cause of
+a ``DependencyFailedError`` is unpickled later, by the first caller that asks: ``decode_cause``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import struct
 import threading
 from typing import Any, Callable
 
-from taskorch._errors import TaskorchError
+from taskorch._errors import RemoteTaskError, TaskorchError
 from taskorch._parent.task import TaskFuture
 from taskorch._service.operations import admin_request_frame
 from taskorch._service.protocol import (
     O_CANCELLED,
+    O_DEPENDENCY,
     O_ERROR,
     O_RAISED,
     O_RESULT,
@@ -30,7 +32,7 @@ from taskorch._service.protocol import (
 )
 from taskorch._service.values import decode_service_error
 from taskorch._stats import Progress
-from taskorch._wire import encode_call
+from taskorch._wire import decode_exception, encode_call
 
 
 class Request:
@@ -85,10 +87,40 @@ class RemoteTaskFuture(TaskFuture):
     def __init__(self, ask: Ask) -> None:
         super().__init__()
         self._ask = ask
+        # O_DEPENDENCY: the cause's (outcome, data), set before the future is done, decoded
+        # and attached by the first result()/exception() (under ``_cause_lock``), then None.
+        self._cause: tuple[int, Any] | None = None
+        self._cause_lock: threading.Lock | None = None
 
     def operate(self, op: str, args: dict[str, Any]) -> Any:
         """An operator's request to this future's server (``operate``): its answer."""
         return operate(self._ask, op, args)
+
+    def set_dependency_failed(self, data: Any) -> None:
+        """Resolve with O_DEPENDENCY's ``DependencyFailedError`` (reader thread: only
+        taskorch's error is unpickled now; its cause, maybe user code, when asked)."""
+        error, outcome, cause = data
+        self._cause_lock = threading.Lock()
+        self._cause = (outcome, cause)
+        self.set_exception(decode_service_error(error))
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._attach_cause(timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._attach_cause(timeout)
+        return super().exception(0)
+
+    def _attach_cause(self, timeout: float | None) -> None:
+        """Wait until done (as ``exception()``), then give a DependencyFailedError its cause."""
+        error = super().exception(timeout)
+        if self._cause is None or self._cause_lock is None or error is None:
+            return
+        with self._cause_lock:
+            if self._cause is not None:
+                error.__cause__ = decode_cause(*self._cause)
+                self._cause = None
 
     def progress(self) -> Progress | None:
         """The task's latest ``taskorch.progress()`` as the server holds it (None before the
@@ -111,10 +143,12 @@ def operate(ask: Ask, op: str, args: dict[str, Any]) -> Any:
     return ask(lambda req: admin_request_frame(req, op, args), f"{op}()")["answer"]
 
 
-def new_future(ask: Ask) -> TaskFuture:
+def new_future(ask: Ask, owner: object = None) -> TaskFuture:
     """A client future; its ``cancel()`` and ``progress()`` ask the server through ``ask``
-    (pass the same ``ask`` for every future: see ``RemoteTaskFuture``)."""
+    (pass the same ``ask`` for every future: see ``RemoteTaskFuture``); ``owner``: its session
+    (what tells this client's futures in ``options(after=...)``)."""
     future = RemoteTaskFuture(ask)
+    future.owner = owner
     future.set_canceller(_cancel_remote)
     return future
 
@@ -166,8 +200,36 @@ def resolve(
     elif outcome == O_CANCELLED:
         if not future.cancelled():  # (a cancel() of this client may have got there first)
             future.cancel_now()
+    elif outcome == O_DEPENDENCY and isinstance(future, RemoteTaskFuture):
+        future.set_dependency_failed(data)
+    elif outcome == O_DEPENDENCY:
+        future.set_exception(decode_cause(outcome, data))
     else:
         raise ValueError(f"unknown outcome {outcome!r}")
+
+
+def decode_cause(outcome: int, data: Any) -> BaseException:
+    """A failed task's exception from its S_DONE ``outcome`` and ``data``, as its own future
+    would raise it (the caller's thread: this may unpickle the task's exception); an
+    O_DEPENDENCY's ``DependencyFailedError`` with its cause, and so on down the chain."""
+    if outcome == O_RAISED:
+        pickled, type_name, message, tb = data
+        try:
+            return decode_exception(pickled, type_name, message, tb)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - as TaskFuture: SystemExit from a __setstate__
+            return decode_exception(None, type_name, message, tb)
+    if outcome == O_ERROR:
+        return decode_service_error(data)
+    if outcome == O_CANCELLED:
+        return concurrent.futures.CancelledError()
+    if outcome == O_DEPENDENCY:
+        error, cause_outcome, cause = data
+        exc = decode_service_error(error)
+        exc.__cause__ = decode_cause(cause_outcome, cause)
+        return exc
+    return RemoteTaskError("taskorch.TaskorchError", f"an unknown outcome {outcome!r}")
 
 
 def resend(req: int, request: Request) -> ClientFrame | None:

@@ -62,6 +62,7 @@ from taskorch._service.client.credits import Credits
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
 from taskorch._service.client.requests import Request, new_future, payload, resend
+from taskorch._service.codec import encode_service_frame
 from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
     FINAL_ANSWERS,
@@ -75,7 +76,6 @@ from taskorch._service.protocol import (
     StatsRequest,
     TriggerRequest,
     credit_return_frame,
-    encode_service_frame,
     result_request_frame,
     stats_request_frame,
     submit_frame,
@@ -84,7 +84,7 @@ from taskorch._service.protocol import (
 from taskorch._service.values import WirePolicy, decode_service_error, decode_stats
 
 if TYPE_CHECKING:
-    from taskorch._service.protocol import WireTiming
+    from taskorch._service.protocol import SubmitOptions
     from taskorch._stats import Stats
 
     Dial = Callable[[float], tuple[socket.socket, Connection[Any, Any], dict[str, Any]]]
@@ -141,34 +141,35 @@ class Session:
 
     def submit(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any], timing: WireTiming | None = None,
+        kwargs: dict[str, Any], options: SubmitOptions | None = None,
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
-        credit = self._take_credit(self.request_timeout)
+        credit = self._take_credit(self.request_timeout,  # (a bad ``after`` raises in run())
+                                   options is None or options.after is None)
         if credit is None:
             raise ServerTimeoutError(
                 f"taskorch serve at {self.where} did not answer run() within "
                 f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
-        request = Request(new_future(self._ask), credit=credit)
+        request = Request(new_future(self._ask, self), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
-            return self._spend(request, lambda: payload(fn, args, kwargs), wire_policy, timing)
+            return self._spend(request, lambda: payload(fn, args, kwargs), wire_policy, options)
         answer = self._call(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-            retry=False, credit=False, timing=timing), "run()")
+            retry=False, credit=False, options=options), "run()")
         return self._accepted(request, answer)
 
     async def submit_async(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
-        kwargs: dict[str, Any], timing: WireTiming | None = None,
+        kwargs: dict[str, Any], options: SubmitOptions | None = None,
     ) -> TaskFuture:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
             await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
-        request = Request(new_future(self._ask), loop, loop.create_future())
+        request = Request(new_future(self._ask, self), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
-            retry=False, credit=False, timing=timing))
+            retry=False, credit=False, options=options))
         try:
             answer = await request.waiter
         except asyncio.CancelledError:
@@ -190,13 +191,13 @@ class Session:
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._take_credit(self.request_timeout if timeout is None
                              else min(timeout, self.request_timeout)):
-            future = self._spend(Request(new_future(self._ask), credit=True), lambda: data,
-                                 wire_policy, None, when_down="queue")
+            future = self._spend(Request(new_future(self._ask, self), credit=True),
+                                 lambda: data, wire_policy, None, when_down="queue")
             assert future is not None
             return future
         if deadline is not None:
             timeout = max(0.0, deadline - time.monotonic())
-        request = Request(new_future(self._ask))
+        request = Request(new_future(self._ask, self))
         req = self._start(request, lambda req: submit_frame(
             req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
             when_down="queue")
@@ -215,18 +216,18 @@ class Session:
         assert future is not None  # the server never drops a waiting request
         return future
 
-    def _take_credit(self, wait: float | None) -> bool | None:
-        """``Credits.take``: True, spent; False, a round trip; None, none after ``wait`` s."""
-        return self.credits.take(wait, lambda: self._link.down_reason is None,
-                                   lambda: self._closing or self.closed_reason is not None)
+    def _take_credit(self, wait: float | None, may: bool = True) -> bool | None:
+        """``Credits.take``: True, spent; False, a round trip (if not ``may``: at once)."""
+        return self.credits.take(wait, lambda: may and self._link.down_reason is None,
+                                 lambda: self._closing or self.closed_reason is not None)
 
     def _spend(self, request: Request, data: Callable[[], bytes], wire_policy: WirePolicy | None,
-               timing: WireTiming | None, when_down: str = "fail") -> TaskFuture | None:
+               options: SubmitOptions | None, when_down: str = "fail") -> TaskFuture | None:
         """Send a credit submission (``_take_credit`` took the credit): no answer awaited."""
         try:
             self._start(request, lambda req: submit_frame(
                 req, data(), wire_policy, wait=False, client=self.token, retry=False,
-                credit=True, timing=timing), when_down)
+                credit=True, options=options), when_down)
         except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
             self.credits.grant(1, 1)
             raise

@@ -36,6 +36,7 @@ from taskorch._errors import (
     SerializationError,
     TaskorchError,
 )
+from taskorch._service.codec import decode_client_frame, encode_service_frame
 from taskorch._service.handshake import (
     SerializedSends,
     peer_name,
@@ -57,10 +58,8 @@ from taskorch._service.protocol import (
     Withdraw,
     accepted_frame,
     credit_grant_frame,
-    decode_client_frame,
     done_frame,
     dropped_frame,
-    encode_service_frame,
     hello_frame,
     rejected_frame,
     stats_reply_frame,
@@ -74,7 +73,8 @@ from taskorch._service.values import encode_status
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
-    from taskorch._service.server.registry import Outcome, TaskRegistry
+    from taskorch._service.server.outcomes import Outcome
+    from taskorch._service.server.registry import TaskRegistry
 
 log = logging.getLogger("taskorch")
 
@@ -304,7 +304,7 @@ class ServedConnection:
         self._admitting.begin(frame.req)
         try:
             self.registry.submit_reserved(frame.client, frame.req, frame.payload, frame.policy,
-                                          self, frame.req, frame.timing)
+                                          self, frame.req, frame.timing, frame.key, frame.after)
         except ValueError as exc:  # (the slot was given back)
             self._admitting.abandon(frame.req)
             self._reply(rejected_frame(frame.req, SerializationError(f"invalid options: {exc}")))

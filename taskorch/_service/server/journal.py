@@ -24,7 +24,9 @@ Records (table ``tasks``): the task id clients see (given by the writer, never r
 client's token and submission number (unique together: a submission retried over a new
 connection finds its record instead of making a second one), the call and policy bytes, state
 (queued, running, done), attempts charged, timestamps (wall clock: the result TTL spans
-restarts), and for a done task its outcome (the ``S_DONE`` fields: outcome code, seconds, data).
+restarts), its ``options()`` (priority, times, key, the ids it runs after: ``submissions``
+dedups by key and checks those ids as it inserts), and for a done task its outcome (the
+``S_DONE`` fields: outcome code, seconds, data).
 A task that succeeded drops its call bytes (others keep them: ``Client.retry()``). ``records``
 has the operator's columns. Outcomes older than ``result_ttl`` are deleted by the writer, at
 most PRUNE_CHUNK rows per transaction, so that pruning never holds submissions long.
@@ -67,7 +69,12 @@ from taskorch._service.server.journal_file import (
     open_marked,
 )
 from taskorch._service.server.outbox import OUTBOX_LIMIT, ByteBound, data_bytes
-from taskorch._service.server.records import label_of
+from taskorch._service.server.submissions import (
+    OnCommit,
+    dependency_rows,
+    find_submission,
+    insert_submissions,
+)
 from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")
@@ -96,10 +103,6 @@ MAX_QUEUED_BYTES = 64 * 1024 * 1024
 #: Default largest result a task may return through ``taskorch serve``: what one frame carries.
 MAX_RESULT_BYTES = SERVICE_MAX_FRAME - 4096
 
-#: ``on_commit(task_id, existing, error)``: the record's id; ``existing`` is the record that
-#: was already there (a retried submission), else None; ``error`` the JournalError that
-#: refused it (then task_id is 0).
-OnCommit = Callable[[int, "Row | None", "JournalError | None"], None]
 
 
 class Journal:
@@ -164,6 +167,10 @@ class Journal:
             f"SELECT {ROW_COLUMNS} FROM tasks WHERE state != 'done' ORDER BY id")
         return [Row(*r) for r in cursor]
 
+    def dependency_rows(self, ids: list[int]) -> dict[int, Row]:
+        """Recovery: the rows of those of ``ids`` that exist (the dependencies that ended)."""
+        return dependency_rows(self._db, ids)
+
     def requeue(self, charged: list[tuple[int, int]]) -> None:
         """Recovery: these running tasks go back to queued with their attempts charged."""
         with self._transaction():
@@ -200,8 +207,12 @@ class Journal:
         self._started = True
 
     def submit(self, client: bytes, sub: int, payload: bytes, policy: bytes | None,
-               on_commit: OnCommit, timing: WireTiming | None = None) -> None:
-        self._ops.put(("submit", client, sub, payload, policy, on_commit, timing or _PLAIN))
+               on_commit: OnCommit, timing: WireTiming | None = None, key: str | None = None,
+               after: tuple[int, ...] | None = None) -> None:
+        """Journal a submission (``submissions``: a retry, a key or a bad ``after`` may
+        answer it otherwise); ``on_commit`` once committed or refused."""
+        self._ops.put(("submit", client, sub, payload, policy, on_commit, timing or _PLAIN,
+                       key, after))
 
     def find(self, client: bytes, sub: int, on_row: Callable[[Row | None], None]) -> None:
         """The record of submission ``sub`` of ``client``, if any (after what is queued)."""
@@ -381,32 +392,16 @@ class Journal:
         return callbacks
 
     def _insert(self, submits: list[tuple[Any, ...]], now: float) -> list[Callable[[], None]]:
-        """New records for submissions, with the next ids; one that names a submission
-        already journaled (a retry: same client and number) gets that record instead. (Only
-        that conflict is ignored: an id already taken, a bug, fails the batch.)"""
+        """New records for submissions, with the next ids (``submissions``)."""
         if not submits:
             return []
         first = self._next_id
         self._next_id += len(submits)
-        inserted = self._db.executemany(
-            "INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
-            "priority, not_before, expires, name, args_repr) VALUES (?, ?, ?, ?, ?, 'queued', "
-            "'queued', ?, ?, ?, ?, ?, ?) ON CONFLICT (client, sub) DO NOTHING",
-            [(first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]))
-             for i, op in enumerate(submits)],
-        ).rowcount
+        callbacks, inserted = insert_submissions(self._db, submits, first, now)
         if inserted:
             self._db.execute("UPDATE meta SET value = value + ? WHERE key='inserted'",
                              (inserted,))
             self._inserted += inserted
-        callbacks: list[Callable[[], None]] = []
-        for i, op in enumerate(submits):
-            on_commit: OnCommit = op[5]
-            existing = None if inserted == len(submits) else self._find(op[1], op[2])
-            if existing is None or existing.id == first + i:
-                callbacks.append(functools.partial(on_commit, first + i, None, None))
-            else:
-                callbacks.append(functools.partial(on_commit, existing.id, existing, None))
         return callbacks
 
     def _apply(self, op: tuple[Any, ...]) -> Callable[[], None]:
@@ -416,7 +411,7 @@ class Journal:
         kind = op[0]
         if kind == "find":
             _, client, sub, on_row = op
-            row = self._find(client, sub)
+            row = find_submission(db, client, sub)
             return lambda: on_row(row)
         if kind == "schedule_fired":
             db.execute("INSERT INTO schedules (name, last_fire) VALUES (?, ?) ON CONFLICT (name) "
@@ -449,7 +444,7 @@ class Journal:
             error = JournalError(
                 f"taskorch serve could not write the task to its journal ({exc}): it was NOT "
                 "accepted and will not run. The server's disk may be full")
-            return lambda: on_commit(0, None, error)
+            return lambda: on_commit(0, None, error, None)
         if kind in ("find", "lookup", "run"):  # answered, not kept
             answer = JournalError(f"the journal failed: {exc}") if kind == "run" else None
             return functools.partial(op[-1], answer)
@@ -460,11 +455,6 @@ class Journal:
                       "are committed (task %d first)", exc, op[1])
         self._kept.append(op)
         return _nothing
-
-    def _find(self, client: bytes, sub: int) -> Row | None:
-        found = self._db.execute(
-            f"SELECT {ROW_COLUMNS} FROM tasks WHERE client=? AND sub=?", (client, sub)).fetchone()
-        return None if found is None else Row(*found)
 
     def _prune(self) -> None:
         """Delete up to PRUNE_CHUNK outcomes older than the TTL; come back soon if more."""

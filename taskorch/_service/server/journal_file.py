@@ -51,10 +51,12 @@ class Row(NamedTuple):
     priority: int = 0  # its options() (``_options.Resolved``; times in epoch seconds)
     not_before: float | None = None
     expires: float | None = None
+    key: str | None = None  # options(key=, after=): its key, the ids it runs after ("1,2")
+    after: str | None = None
 
 
 ROW_COLUMNS = ("id, state, attempts, payload, policy, outcome, seconds, data, priority, "
-               "not_before, expires")
+               "not_before, expires, key, after_ids")
 
 
 _SCHEMA = """
@@ -109,7 +111,7 @@ def open_journal(path: str | None, synchronous: str, fresh: bool,
         if fresh:
             db.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        _add_timing_columns(db)
+        _add_columns(db)
         # The schedules' state (taskorch serve --config): additive, so made in any journal.
         db.execute("CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, "
                    "last_fire REAL, last_outcome TEXT, last_seconds REAL)")
@@ -135,11 +137,14 @@ _TIMING_COLUMNS = (("priority", "INTEGER NOT NULL DEFAULT 0"), ("not_before", "R
 #: gains them (its rows: status from ``state``, the rest NULL) and the listing index.
 _RECORD_COLUMNS = (("name", "TEXT"), ("args_repr", "TEXT"), ("status", "TEXT"),
                    ("worker_pid", "INTEGER"), ("retry_of", "INTEGER"), ("progress", "BLOB"))
+#: ``options(key=, after=)`` (issue 24), additive as above: the task's key, and the ids of the
+#: tasks it runs after ("3,5,8"); the unfinished tasks by key (``submissions``) are indexed.
+_WAIT_COLUMNS = (("key", "TEXT"), ("after_ids", "TEXT"))
 
 
-def _add_timing_columns(db: sqlite3.Connection) -> None:
+def _add_columns(db: sqlite3.Connection) -> None:
     present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-    for name, kind in _TIMING_COLUMNS + _RECORD_COLUMNS:
+    for name, kind in _TIMING_COLUMNS + _RECORD_COLUMNS + _WAIT_COLUMNS:
         if name not in present:
             db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {kind}")
     if "status" not in present:  # an older journal: its records' states, as far as known
@@ -148,6 +153,8 @@ def _add_timing_columns(db: sqlite3.Connection) -> None:
                    "ELSE state END")
     # The listing (``taskorch tasks``, the dashboard): newest first, by state or not.
     db.execute("CREATE INDEX IF NOT EXISTS tasks_listing ON tasks (status, id)")
+    db.execute("CREATE INDEX IF NOT EXISTS tasks_key ON tasks (key) WHERE key IS NOT NULL "
+               "AND state != 'done'")
 
 
 def _check_existing(db: sqlite3.Connection, path: str) -> bool:

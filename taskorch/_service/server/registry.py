@@ -36,26 +36,27 @@ import functools
 import logging
 import pickle
 import threading
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from taskorch._errors import (
+    DependencyFailedError,
     JournalError,
     SerializationError,
-    TaskAbandonedError,
     TaskNotFoundError,
     TaskorchError,
 )
 from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import RawOutcome, TaskListener, TaskState
-from taskorch._service.protocol import (
-    O_CANCELLED,
-    O_ERROR,
-    O_RAISED,
-    O_RESULT,
-    WireTiming,
-)
+from taskorch._service.protocol import O_CANCELLED, O_ERROR, O_RESULT, WireTiming
 from taskorch._service.server.journal import DONE, Journal
 from taskorch._service.server.journal_file import Row
+from taskorch._service.server.outcomes import (
+    Dependency,
+    Outcome,
+    abandoned,
+    dependency_outcome,
+    outcome_of,
+)
 from taskorch._service.server.records import status_of
 from taskorch._service.values import (
     WirePolicy,
@@ -71,15 +72,6 @@ if TYPE_CHECKING:
     from taskorch._parent.task import TaskFuture, WorkItem
 
 log = logging.getLogger("taskorch")
-
-
-class Outcome(NamedTuple):
-    """A task's end as ``S_DONE`` carries it (see ``protocol``)."""
-
-    outcome: int
-    attempts: int
-    seconds: float | None
-    data: Any
 
 
 class Sink(Protocol):
@@ -106,7 +98,7 @@ class _Live(TaskListener):
     first watcher inline, the others in a list), and the task's hooks (bound methods of this
     object, not partials: a live task holds few objects for the garbage collector to visit)."""
 
-    __slots__ = ("registry", "task_id", "item", "future", "sink", "req", "more")
+    __slots__ = ("registry", "task_id", "item", "future", "sink", "req", "more", "after")
 
     def __init__(self, registry: TaskRegistry, task_id: int, item: WorkItem,
                  watcher: tuple[Sink, int] | None) -> None:
@@ -119,6 +111,8 @@ class _Live(TaskListener):
         if watcher is not None:
             self.sink, self.req = watcher
         self.more: list[tuple[Sink, int]] | None = None
+        # Its ``options(after=)``, by journal id, while it has some (``outcomes``).
+        self.after: dict[int, Dependency] | None = None
 
     def watch(self, sink: Sink, req: int) -> None:  # (registry lock held)
         if self.sink is None:
@@ -140,7 +134,7 @@ class _Live(TaskListener):
 
     def ended(self, future: TaskFuture) -> None:
         """The future's observer (``TaskFuture.set_observer``): see ``TaskRegistry._ended``."""
-        self.registry._ended(self.task_id, future)
+        self.registry._ended(self.task_id, future, self.after)
 
 
 class TaskRegistry:
@@ -165,6 +159,12 @@ class TaskRegistry:
         """Enqueue what the journal holds unfinished, in id order. Returns (queued again,
         running ones retried, running ones failed: their attempts were spent)."""
         rows = self.journal.rows_to_recover()
+        # A queued task waits again for the tasks it runs after: those that ended meanwhile
+        # are read here (their outcomes), the others are recovered before it (lower ids). One
+        # that was running had seen them succeed.
+        after = {row.id: _ids(row.after) for row in rows if row.after and row.state == "queued"}
+        ended = self.journal.dependency_rows(sorted(
+            {i for ids in after.values() for i in ids} - {row.id for row in rows}))
         requeued: list[tuple[int, int]] = []
         counts = [0, 0, 0]
         for row in rows:
@@ -173,7 +173,9 @@ class TaskRegistry:
             policy, policy_bytes = self._policy(row.policy)
             item = self._intake.prepare(row.payload or b"", policy, policy_bytes, raw=True)
             self._intake.time(item, Resolved(row.priority, row.not_before, row.expires))
-            self._track(row.id, item, None)
+            live = self._track(row.id, item, None)
+            if row.id in after:
+                self._await(live, item, after[row.id], ended)
             future = self._intake.recover(item, attempts, crashed)
             if crashed:
                 requeued.append((row.id, attempts))
@@ -186,11 +188,14 @@ class TaskRegistry:
 
     def submit_reserved(self, client: bytes, sub: int, payload: bytes,
                         wire_policy: WirePolicy | None, sink: Sink, req: int,
-                        timing: WireTiming | None = None) -> None:
+                        timing: WireTiming | None = None, key: str | None = None,
+                        after: tuple[int, ...] | None = None) -> None:
         """Journal a submission whose backlog slot is held; ``sink.admitted(req, ...)`` is
-        called (by the journal's writer) once it is committed and enqueued, or refused, and
-        ``sink.outcome(req, ...)`` when it ends. ValueError (slot released, nothing sent to
-        the journal): a bad policy or timing (``options()``: kept in the journal)."""
+        called (by the journal's writer) once it is committed and enqueued, or refused (a
+        ValueError for an ``after`` id the journal does not have before it), and
+        ``sink.outcome(req, ...)`` when it ends. An unfinished task with its ``key`` answers
+        instead (``submissions``). ValueError (slot released, nothing sent to the journal): a
+        bad policy or timing (``options()``: all kept in the journal)."""
         try:
             policy, policy_bytes = self._policy_of(wire_policy)
             resolved = None if timing is None else check_resolved(*timing)
@@ -202,10 +207,11 @@ class TaskRegistry:
             self._intake.time(item, resolved)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
         self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, item, sink, req), resolved)
+            self._committed, item, sink, req), resolved, key, after)
 
     def _committed(self, item: WorkItem, sink: Sink, req: int, task_id: int,
-                   existing: Row | None, error: JournalError | None) -> None:
+                   existing: Row | None, error: BaseException | None,
+                   dependencies: list[Row] | None) -> None:
         """The journal's writer, after COMMIT."""
         if error is not None or existing is not None:
             self._intake.unreserve()
@@ -219,7 +225,10 @@ class TaskRegistry:
             self._intake.unreserve()
             self.journal.forget(task_id, lambda: None)
             return
-        self._track(task_id, item, (sink, req))
+        live = self._track(task_id, item, (sink, req))
+        if dependencies:
+            self._await(live, item, [row.id for row in dependencies],
+                        {row.id: row for row in dependencies})
         try:
             self._intake.admit_reserved(item)
         except TaskorchError as exc:  # stopping: the record goes, then the client is told
@@ -231,12 +240,35 @@ class TaskRegistry:
         # Before any outcome: both run on the journal's writer, which alone publishes.
         sink.admitted(req, task_id)
 
-    def _track(self, task_id: int, item: WorkItem, watcher: tuple[Sink, int] | None) -> None:
+    def _track(self, task_id: int, item: WorkItem, watcher: tuple[Sink, int] | None) -> _Live:
         live = _Live(self, task_id, item, watcher)
         item.listener = live
         item.future.set_observer(live.ended)
         with self._lock:
             self._live[task_id] = live
+        return live
+
+    def _await(self, live: _Live, item: WorkItem, ids: tuple[int, ...] | list[int],
+               ended: dict[int, Row]) -> None:
+        """Give ``item`` (not enqueued yet) the tasks it runs after (``outcomes``): each
+        watched for its committed outcome, from its row if ``ended`` has it (at once if it
+        is done), else as a live task of this server."""
+        dependencies = {task_id: Dependency(task_id) for task_id in ids}
+        for task_id, dependency in dependencies.items():
+            row = ended.get(task_id)
+            if row is not None:
+                self._attach(row, dependency, 0, admitted=False)
+                continue
+            with self._lock:
+                watched = self._live.get(task_id)
+                if watched is not None:
+                    watched.watch(dependency, 0)
+            if watched is None:
+                dependency.rejected(0, TaskNotFoundError(
+                    f"task {task_id}'s record is gone (its outcome was pruned after "
+                    "--result-ttl while the server was down)"))
+        live.after = dependencies
+        item.after = tuple(d.future for d in dependencies.values())
 
     def find(self, client: bytes, sub: int, sink: Sink, req: int,
              on_missing: Callable[[], None]) -> None:
@@ -303,7 +335,7 @@ class TaskRegistry:
 
     def terminate(self, task_id: int) -> bool:
         """Kill task ``task_id``'s running attempt; it ends cancelled (``_parent.terminate``).
-        False if it is not running here, or the pool cannot kill one attempt (Dask)."""
+        False if it is not running here (on Dask, its worker process is restarted)."""
         with self._lock:
             live = self._live.get(task_id)
         return live is not None and self._orchestrator.dispatcher.terminate(live.item)
@@ -328,10 +360,15 @@ class TaskRegistry:
 
     # -- the task's life ----------------------------------------------------------------------
 
-    def _ended(self, task_id: int, future: TaskFuture) -> None:
+    def _ended(self, task_id: int, future: TaskFuture,
+               after: dict[int, Dependency] | None = None) -> None:
         """The future's observer, in the thread that resolved it: queue the outcome for the
         journal, which publishes it once committed."""
-        outcome = _outcome_of(future)
+        outcome = outcome_of(future)
+        if after is not None and outcome.outcome == O_ERROR:
+            error = future.settled()[1]
+            if isinstance(error, DependencyFailedError):
+                outcome = dependency_outcome(task_id, error, after, outcome)
         if (outcome.outcome == O_RESULT and isinstance(outcome.data, bytes)
                 and len(outcome.data) > self.journal.max_result_bytes):
             outcome = Outcome(O_ERROR, outcome.attempts, outcome.seconds, encode_service_error(
@@ -341,7 +378,7 @@ class TaskRegistry:
                     "it was discarded (the task ran). Return a smaller result (large data "
                     "belongs in a file, returned by path), or raise --max-result-bytes")))
         if self.stopping and self.journal.durable and (
-                outcome.outcome == O_CANCELLED or _abandoned(future)):
+                outcome.outcome == O_CANCELLED or abandoned(future)):
             with self._lock:
                 self._live.pop(task_id, None)
                 self.left_for_next_start += 1
@@ -371,17 +408,6 @@ class TaskRegistry:
         return decode_service_policy(wire_policy)
 
 
-def _outcome_of(future: TaskFuture) -> Outcome:
-    attempts, seconds = future.attempts, future.seconds
-    cancelled, exc, raw = future.settled()
-    if cancelled:
-        return Outcome(O_CANCELLED, attempts, seconds, None)
-    if exc is not None:
-        return Outcome(O_ERROR, attempts, seconds, encode_service_error(exc))
-    assert isinstance(raw, RawOutcome)
-    return Outcome(O_RESULT if raw.ok else O_RAISED, attempts, seconds, raw.data)
-
-
-def _abandoned(future: TaskFuture) -> bool:
-    cancelled, exc, _ = future.settled()
-    return not cancelled and isinstance(exc, TaskAbandonedError)
+def _ids(after: str) -> tuple[int, ...]:
+    """A record's ``after_ids`` ("3,5,8") as ids."""
+    return tuple(int(part) for part in after.split(","))

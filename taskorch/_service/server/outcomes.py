@@ -1,0 +1,131 @@
+"""``taskorch serve``'s outcomes (server process): a task's end as ``S_DONE`` carries it
+(``Outcome``, from the task's future: ``outcome_of``), and the other way round, the futures
+that a served task's dependencies (``options(after=)``) are to the backlog (``Dependency``).
+
+The backlog's ``waits`` wait for futures; a served task waits for tasks known by their
+journal ids. For each of them the registry makes a ``Dependency``: a ``Sink`` that watches
+that task like any client, and so hears of its outcome once it is committed (a dependant never
+starts before its dependency's success is durable: after a kill -9 the journal never shows a
+dependant that ran after a dependency that will run again), and resolves its future from it:
+a success with None, a task's own exception as a ``RawOutcome`` (the server never unpickles
+a user object; ``waits.fail_dependant`` reads its type and message), a taskorch error as
+itself, a cancel as a cancel. The waits' rules then apply unchanged: a dependency that did not
+succeed fails its dependant with ``DependencyFailedError``.
+
+That dependant's outcome for its clients (``dependency_outcome``): O_DEPENDENCY, the
+``DependencyFailedError`` with the journal's ids, and as its cause the dependency's own
+outcome, which the client decodes as that dependency's future would (its exception itself,
+unpickled there, with its remote traceback). Down a chain they nest: at most MAX_CHAIN deep,
+past which the innermost is its error without its cause (the outcome stays small).
+
+Threads: a ``Dependency`` is resolved by whoever publishes its task's outcome (the journal's
+writer, after the commit) or, for one that had ended, by the registry's caller (the writer
+again, or the main thread at recovery); its done-callbacks run on "taskorch-callbacks".
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from taskorch._errors import DependencyFailedError, TaskAbandonedError
+from taskorch._parent.task import RawOutcome, TaskFuture
+from taskorch._service.protocol import (
+    O_CANCELLED,
+    O_DEPENDENCY,
+    O_ERROR,
+    O_RAISED,
+    O_RESULT,
+)
+from taskorch._service.values import decode_service_error, encode_service_error
+
+#: The deepest chain of causes an O_DEPENDENCY outcome carries (its size grows with each).
+MAX_CHAIN = 8
+
+
+class Outcome(NamedTuple):
+    """A task's end as ``S_DONE`` carries it (see ``protocol``)."""
+
+    outcome: int
+    attempts: int
+    seconds: float | None
+    data: Any
+
+
+def outcome_of(future: TaskFuture) -> Outcome:
+    """A served task's outcome from its (raw) future, done."""
+    attempts, seconds = future.attempts, future.seconds
+    cancelled, exc, raw = future.settled()
+    if cancelled:
+        return Outcome(O_CANCELLED, attempts, seconds, None)
+    if exc is not None:
+        return Outcome(O_ERROR, attempts, seconds, encode_service_error(exc))
+    assert isinstance(raw, RawOutcome)
+    return Outcome(O_RESULT if raw.ok else O_RAISED, attempts, seconds, raw.data)
+
+
+def abandoned(future: TaskFuture) -> bool:
+    cancelled, exc, _ = future.settled()
+    return not cancelled and isinstance(exc, TaskAbandonedError)
+
+
+class Dependency:
+    """One dependency of a served task: a ``registry.Sink`` for that task's outcome, and the
+    future the backlog waits for (its ``task_id``: the dependency's journal id)."""
+
+    __slots__ = ("future", "ended")
+
+    def __init__(self, task_id: int) -> None:
+        self.future = TaskFuture()
+        self.future.task_id = task_id
+        self.ended: Outcome | None = None  # its outcome, once it has one (the dependant's cause)
+
+    def admitted(self, req: int, admission: int | BaseException) -> None:
+        pass  # (never asked: it only watches)
+
+    def wanted(self, req: int) -> bool:
+        return True
+
+    def rejected(self, req: int, error: BaseException) -> None:
+        """Its task cannot be found (a record gone): it counts as failed with ``error``."""
+        self.outcome(req, Outcome(O_ERROR, 0, None, encode_service_error(error)))
+
+    def outcome(self, req: int, outcome: Outcome) -> None:
+        future = self.future
+        if future.done():
+            return
+        self.ended = outcome
+        code, data = outcome.outcome, outcome.data
+        if code == O_RESULT:
+            future.set_result(None)
+        elif code == O_RAISED:
+            future.set_result(RawOutcome(False, data))
+        elif code == O_CANCELLED:
+            future.cancel_now()
+        else:  # O_ERROR, O_DEPENDENCY: taskorch's own errors, which the server made
+            future.set_exception(decode_service_error(data[0] if code == O_DEPENDENCY
+                                                      else data))
+
+
+def dependency_outcome(task_id: int, error: DependencyFailedError,
+                       dependencies: dict[int, Dependency], outcome: Outcome) -> Outcome:
+    """The O_DEPENDENCY outcome of task ``task_id`` (journal id), which ``error`` (from the
+    backlog: its ``task_id`` is the backlog's) ended, with its dependency's outcome as cause."""
+    rebuilt = DependencyFailedError(task_id, error.dependency, error.what)
+    dependency = dependencies.get(error.dependency)
+    cause = None if dependency is None else dependency.ended
+    if cause is None:
+        return Outcome(O_ERROR, outcome.attempts, outcome.seconds,
+                       encode_service_error(rebuilt))
+    code, data = cause.outcome, cause.data
+    if code == O_DEPENDENCY and _depth(data) >= MAX_CHAIN:
+        code, data = O_ERROR, data[0]
+    return Outcome(O_DEPENDENCY, outcome.attempts, outcome.seconds,
+                   (encode_service_error(rebuilt), code, data))
+
+
+def _depth(data: Any) -> int:
+    """How many DependencyFailedErrors an O_DEPENDENCY's data nests (itself included)."""
+    depth = 1
+    while isinstance(data, tuple) and len(data) == 3 and data[1] == O_DEPENDENCY:
+        depth, data = depth + 1, data[2]
+    return depth

@@ -1,0 +1,125 @@
+"""``taskorch serve``'s journal: new records for submissions (server process, the journal's
+writer "taskorch-serve-journal", inside a batch's transaction; see ``journal``).
+
+A submission becomes a new record with the next id, unless:
+
+- it was journaled already (a retry: the same client token and submission number): that
+  record answers it;
+- it has a key (``options(key=)``) that an unfinished record has: that record answers it and
+  nothing new is made. The journal owns this rule for served tasks (the backlog's ``waits``
+  owns it for local ones): the records are what holds across clients and restarts, and a
+  record is unfinished until its outcome is committed;
+- it runs after (``options(after=)``) an id that is not a record accepted before it (unknown,
+  pruned, or its own): it is refused with a ValueError naming the id, nothing is written.
+  Otherwise its answer carries the rows of its dependencies as they are now (the registry
+  waits for those not done; ``data`` only for those that did not succeed).
+
+Plain submissions (no key, no after: the common case) go in one ``executemany``; the others
+one by one, in order, so that each sees the records made before it (two in one batch with one
+key: the second joins the first).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from typing import Any, Callable
+
+from taskorch._service.protocol import O_RESULT
+from taskorch._service.server.journal_file import ROW_COLUMNS, Row
+from taskorch._service.server.records import label_of
+
+#: ``on_commit(task_id, existing, error, dependencies)``: the record's id; ``existing``: the
+#: record that answers it instead (a retried submission, or an unfinished one with its key),
+#: else None; ``error``: what refused it (a JournalError: the batch failed; a ValueError: a
+#: bad ``after``), then ``task_id`` is 0; ``dependencies``: the rows of its ``after`` ids.
+OnCommit = Callable[[int, "Row | None", "BaseException | None", "list[Row] | None"], None]
+
+_INSERT = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
+           "priority, not_before, expires, name, args_repr, key, after_ids) VALUES (?, ?, ?, ?, "
+           "?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
+#: A dependency's row, without its result's bytes (only whether it succeeded matters).
+_DEPENDENCY_COLUMNS = (f"id, state, attempts, NULL, NULL, outcome, seconds, CASE WHEN outcome "
+                       f"= {O_RESULT} THEN NULL ELSE data END")
+
+
+def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], first: int,
+                       now: float) -> tuple[list[Callable[[], None]], int]:
+    """Records for ``submits`` (``Journal.submit``'s ops), the i-th with id ``first + i``:
+    what to call after COMMIT (in their order), and how many records were inserted."""
+    answers: list[Callable[[], None] | None] = [None] * len(submits)
+    plain = [(i, op) for i, op in enumerate(submits) if op[7] is None and op[8] is None]
+    inserted = 0
+    if plain:
+        inserted = db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING",
+                                  [_values(first + i, op, now) for i, op in plain]).rowcount
+        for i, op in plain:
+            existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
+            if existing is None or existing.id == first + i:
+                answers[i] = functools.partial(op[5], first + i, None, None, None)
+            else:
+                answers[i] = functools.partial(op[5], existing.id, existing, None, None)
+    for i, op in enumerate(submits):
+        if answers[i] is None:
+            answers[i], made = _insert_one(db, op, first + i, now)
+            inserted += made
+    return [answer for answer in answers if answer is not None], inserted
+
+
+def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
+                now: float) -> tuple[Callable[[], None], int]:
+    """A submission with a key or dependencies: its answer, and 1 if a record was made."""
+    _, client, sub, _, _, on_commit, _, key, after = op
+    existing = find_submission(db, client, sub)
+    if existing is None and key is not None:
+        found = db.execute(f"SELECT {ROW_COLUMNS} FROM tasks WHERE key=? AND state != 'done' "
+                           "ORDER BY id LIMIT 1", (key,)).fetchone()
+        existing = None if found is None else Row(*found)
+    if existing is not None:
+        return functools.partial(on_commit, existing.id, existing, None, None), 0
+    dependencies: list[Row] | None = None
+    if after is not None:
+        try:
+            dependencies = _dependencies(db, after, task_id)
+        except ValueError as exc:
+            return functools.partial(on_commit, 0, None, exc, None), 0
+    db.execute(_INSERT, _values(task_id, op, now))
+    return functools.partial(on_commit, task_id, None, None, dependencies), 1
+
+
+def _dependencies(db: sqlite3.Connection, after: tuple[int, ...], task_id: int) -> list[Row]:
+    """The rows of ``after``: records older than ``task_id`` (ValueError if not)."""
+    if task_id in after:
+        raise ValueError(f"after: task {task_id} is this task itself: a task cannot run after "
+                         "itself; nothing was enqueued")
+    rows = dependency_rows(db, [i for i in after if i < task_id])
+    missing = [i for i in after if i not in rows]
+    if missing:
+        raise ValueError(
+            f"after: taskorch serve knows no task {missing[0]} (never accepted, or its "
+            "outcome was pruned after --result-ttl); nothing was enqueued")
+    return [rows[i] for i in after]
+
+
+def _values(task_id: int, op: tuple[Any, ...], now: float) -> tuple[Any, ...]:
+    _, client, sub, payload, policy, _, timing, key, after = op
+    return (task_id, client, sub, payload, policy, now, *timing, *label_of(payload), key,
+            None if after is None else ",".join(map(str, after)))
+
+
+def find_submission(db: sqlite3.Connection, client: bytes, sub: int) -> Row | None:
+    """The record of submission ``sub`` of ``client``, if any."""
+    found = db.execute(
+        f"SELECT {ROW_COLUMNS} FROM tasks WHERE client=? AND sub=?", (client, sub)).fetchone()
+    return None if found is None else Row(*found)
+
+
+def dependency_rows(db: sqlite3.Connection, ids: list[int]) -> dict[int, Row]:
+    """The rows of those of ``ids`` that exist, without a result's bytes."""
+    rows: dict[int, Row] = {}
+    for start in range(0, len(ids), 500):  # (SQLite's bound on parameters: 999 at least)
+        chunk = ids[start:start + 500]
+        for found in db.execute(f"SELECT {_DEPENDENCY_COLUMNS} FROM tasks WHERE id IN "
+                                f"({', '.join('?' * len(chunk))})", chunk):
+            rows[found[0]] = Row(*found)
+    return rows
