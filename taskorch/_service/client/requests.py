@@ -105,12 +105,19 @@ class RemoteTaskFuture(TaskFuture):
         self.set_exception(decode_service_error(error))
 
     def result(self, timeout: float | None = None) -> Any:
-        self._attach_cause(timeout)
+        try:
+            return super().result(timeout)  # (one wait: the cause is looked at only on failure)
+        except BaseException:
+            if self._cause_lock is None:  # (set before the future is done: see above)
+                raise
+        self._attach_cause(0)
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._attach_cause(timeout)
-        return super().exception(0)
+        error = super().exception(timeout)
+        if error is not None and self._cause_lock is not None:
+            self._attach_cause(0)
+        return error
 
     def _attach_cause(self, timeout: float | None) -> None:
         """Wait until done (as ``exception()``), then give a DependencyFailedError its cause."""
