@@ -142,6 +142,16 @@ _RECORD_COLUMNS = (("name", "TEXT"), ("args_repr", "TEXT"), ("status", "TEXT"),
 _WAIT_COLUMNS = (("key", "TEXT"), ("after_ids", "TEXT"))
 
 
+def after_ids_text(after: tuple[int, ...] | None) -> str | None:
+    """The ``after_ids`` column of a task that runs after ``after``: "3,5,8" (None: none)."""
+    return None if after is None else ",".join(map(str, after))
+
+
+def after_ids_of(text: str) -> tuple[int, ...]:
+    """A record's ``after_ids`` column ("3,5,8") as ids (``after_ids_text``'s reverse)."""
+    return tuple(int(part) for part in text.split(","))
+
+
 def _add_columns(db: sqlite3.Connection) -> None:
     present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
     for name, kind in _TIMING_COLUMNS + _RECORD_COLUMNS + _WAIT_COLUMNS:

@@ -49,7 +49,7 @@ from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import RawOutcome, TaskListener, TaskState
 from taskorch._service.protocol import O_CANCELLED, O_ERROR, O_RESULT, WireTiming
 from taskorch._service.server.journal import DONE, Journal
-from taskorch._service.server.journal_file import Row
+from taskorch._service.server.journal_file import Row, after_ids_of
 from taskorch._service.server.outcomes import (
     Dependency,
     Outcome,
@@ -162,7 +162,8 @@ class TaskRegistry:
         # A queued task waits again for the tasks it runs after: those that ended meanwhile
         # are read here (their outcomes), the others are recovered before it (lower ids). One
         # that was running had seen them succeed.
-        after = {row.id: _ids(row.after) for row in rows if row.after and row.state == "queued"}
+        after = {row.id: after_ids_of(row.after) for row in rows
+                 if row.after and row.state == "queued"}
         ended = self.journal.dependency_rows(sorted(
             {i for ids in after.values() for i in ids} - {row.id for row in rows}))
         requeued: list[tuple[int, int]] = []
@@ -407,7 +408,3 @@ class TaskRegistry:
             return self._orchestrator.policy, None
         return decode_service_policy(wire_policy)
 
-
-def _ids(after: str) -> tuple[int, ...]:
-    """A record's ``after_ids`` ("3,5,8") as ids."""
-    return tuple(int(part) for part in after.split(","))

@@ -26,7 +26,7 @@ import sqlite3
 from typing import Any, Callable
 
 from taskorch._service.protocol import O_RESULT
-from taskorch._service.server.journal_file import ROW_COLUMNS, Row
+from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
 from taskorch._service.server.records import label_of
 
 #: ``on_commit(task_id, existing, error, dependencies)``: the record's id; ``existing``: the
@@ -104,7 +104,7 @@ def _dependencies(db: sqlite3.Connection, after: tuple[int, ...], task_id: int) 
 def _values(task_id: int, op: tuple[Any, ...], now: float) -> tuple[Any, ...]:
     _, client, sub, payload, policy, _, timing, key, after = op
     return (task_id, client, sub, payload, policy, now, *timing, *label_of(payload), key,
-            None if after is None else ",".join(map(str, after)))
+            after_ids_text(after))
 
 
 def find_submission(db: sqlite3.Connection, client: bytes, sub: int) -> Row | None:
