@@ -25,8 +25,8 @@ import functools
 import sqlite3
 from typing import Any, Callable
 
-from taskorch._service.protocol import O_RESULT
 from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
+from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
 #: ``on_commit(task_id, existing, error, dependencies)``: the record's id; ``existing``: the
@@ -38,9 +38,8 @@ OnCommit = Callable[[int, "Row | None", "BaseException | None", "list[Row] | Non
 _INSERT = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
            "priority, not_before, expires, name, args_repr, key, after_ids) VALUES (?, ?, ?, ?, "
            "?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
-#: A dependency's row, without its result's bytes (only whether it succeeded matters).
-_DEPENDENCY_COLUMNS = (f"id, state, attempts, NULL, NULL, outcome, seconds, CASE WHEN outcome "
-                       f"= {O_RESULT} THEN NULL ELSE data END")
+#: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
+_DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUSE_DATA_SQL}"
 
 
 def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], first: int,
