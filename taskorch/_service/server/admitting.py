@@ -14,6 +14,16 @@ that check and before the connection hears of the acceptance cancels the task (s
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
+
+
+class Inflight(NamedTuple):
+    """A connection's accepted submission whose outcome it waits for: its task, and whether
+    the task is its own (``owned``: a withdraw cancels it if it has not started) or another
+    submission's that it joined by its key (a withdraw only stops watching it)."""
+
+    task_id: int
+    owned: bool
 
 
 class Admitting:

@@ -71,7 +71,9 @@ def outcome_of(future: TaskFuture) -> Outcome:
 
 def as_cause(outcome: Outcome) -> Outcome:
     """``outcome`` as a dependant keeps it (see CAUSE_DATA_SQL)."""
-    return outcome._replace(data=None) if outcome.outcome == O_RESULT else outcome
+    if outcome.outcome != O_RESULT:
+        return outcome
+    return Outcome(O_RESULT, outcome.attempts, outcome.seconds, None)
 
 
 def abandoned(future: TaskFuture) -> bool:
@@ -90,7 +92,7 @@ class Dependency:
         self.future.task_id = task_id
         self.ended: Outcome | None = None  # its outcome, once it has one (the dependant's cause)
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         pass  # (never asked: it only watches)
 
     def wanted(self, req: int) -> bool:
