@@ -75,6 +75,15 @@ class Timing:
         return Resolved(self.priority, not_before, expires)
 
 
+def timing_of(priority: int | None, delay: Duration | None, at: Moment | None,
+              expires: Duration | datetime.datetime | None) -> Timing | None:
+    """``options()``' timing, checked; None when none is given (``options(key=...)``, say:
+    then nothing is checked at the call nor resolved per task)."""
+    if priority is None and delay is None and at is None and expires is None:
+        return None
+    return Timing(priority, delay, at, expires)
+
+
 def _seconds(option: str, value: object) -> float:
     if isinstance(value, datetime.timedelta):
         value = value.total_seconds()

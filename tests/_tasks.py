@@ -546,6 +546,38 @@ def exclusive(lock_path: str, started: str = "", release_fifo: str = "") -> str:
         os.unlink(lock_path)
 
 
+def exclusive_logged(lock_path: str, log_path: str, started: str = "",
+                     release_fifo: str = "") -> str:
+    """``exclusive``, with a line appended to ``log_path`` (O_APPEND: lines never interleave)
+    as it starts, "+ pid", and as it ends, "- pid": the running sum over the log, in order, is
+    how many ran at once, as the tasks themselves saw it. A little work in between (hashing)
+    gives an overlap, were there one, the time to show."""
+    import hashlib
+
+    def log(line: str) -> None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, f"{line} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+    log("+")
+    try:
+        hashlib.sha256(b"x" * 1_000_000).hexdigest()
+        return exclusive(lock_path, started, release_fifo)
+    finally:
+        log("-")
+
+
+def most_at_once(log_path: str) -> int:
+    """The most ``exclusive_logged`` tasks that ran at once, by its log."""
+    running = most = 0
+    for line in Path(log_path).read_text().splitlines():
+        running += 1 if line.startswith("+") else -1
+        most = max(most, running)
+    return most
+
+
 def report_then_block(started: str, release_fifo: str) -> str:
     """``taskorch.progress(3, 10, "three")``, announce, block until released, then a report
     that the rate limit drops (the first one of a task is always sent)."""

@@ -34,6 +34,8 @@ from conftest import leftover_processes, taskorch_threads  # noqa: E402
 from taskorch import (  # noqa: E402
     CircuitBreaker,
     CircuitOpenError,
+    DependencyFailedError,
+    Limit,
     OrchestratorBrokenError,
     Policy,
     QueueFullError,
@@ -640,3 +642,42 @@ def test_options_priority_delay_and_expiry_on_the_cluster(make_dask: Callable[..
     assert "doomed" not in dict(starts)
     held[1].release()
     assert o.stats().expired == 1
+
+
+def test_keys_dependencies_and_limits_on_the_cluster(make_dask: Callable[..., Any],
+                                                     gates: Callable[[str], _Gate],
+                                                     tmp_path: Path) -> None:
+    """The backlog is the parent's: keys, after= and per-name limits, unchanged."""
+    name = f"{t.exclusive_logged.__module__}.{t.exclusive_logged.__qualname__}"
+    o = make_dask(max_backlog=100, limits={name: Limit(concurrency=1)})
+    gate = gates("keyed")
+    keyed = o.options(key="tenant-42").run(t.blocker, str(gate.started), str(gate.release_fifo))
+    gate.wait_started()
+    assert keyed is not None and o.options(key="tenant-42").run(t.identity, "x") is keyed
+    gate.release()
+    assert keyed.result(R) == "go" and o.stats().submitted == 1
+
+    a = o.run(t.identity, 1)
+    b = o.options(after=[a]).run(t.square, 3)
+    failing = o.options(policy=Policy(retries=0)).run(t.raise_value_error, "boom")
+    dependant = o.options(after=[b, failing]).run(t.identity, "never")
+    assert b is not None and b.result(R) == 9 and dependant is not None
+    with pytest.raises(DependencyFailedError) as info:
+        dependant.result(R)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert failing is not None and info.value.dependency == failing.task_id
+
+    lock, log = str(tmp_path / "held"), str(tmp_path / "log")
+    first_gate = gates("limited")
+    strict = o.options(policy=Policy(retries=0))
+    first = strict.run(t.exclusive_logged, lock, log, str(first_gate.started),
+                       str(first_gate.release_fifo))
+    first_gate.wait_started()
+    limited = [strict.run(t.exclusive_logged, lock, log) for _ in range(10)]
+    others = [o.run(t.square, i) for i in range(10)]  # on the other thread, meanwhile
+    assert [f.result(R) for f in others if f is not None] == [i * i for i in range(10)]
+    assert not any(f is None or f.done() for f in limited)
+    first_gate.release()
+    assert first is not None and first.result(R) == lock
+    assert [f.result(R) for f in limited if f is not None] == [lock] * 10
+    assert t.most_at_once(log) == 1

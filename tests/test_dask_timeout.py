@@ -3,6 +3,8 @@ nannies, 1 thread each; its own, since these tests restart its workers): an atte
 in-process interrupt cannot reach (a thread blocked in C) fails on time, the worker's nanny
 restarts the worker process, the slot stays busy until it is back, and the next task runs; a
 cluster without nannies fails the attempt on time all the same and says why it cannot restart.
+A terminate (``Client.cancel(id, terminate=True)`` on ``taskorch serve --dask``) is the same
+restart: the task ends cancelled, never retried, and the next task runs.
 
 The fixtures (the cluster, ``no_leaks`` allowing the cluster's processes, gates, ``make_dask``)
 are test_dask's. Handshakes order events; the result timeouts only catch deadlocks: each is
@@ -12,6 +14,7 @@ when the call returned by itself fails the test instead of passing it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -24,6 +27,7 @@ distributed = pytest.importorskip("distributed")
 
 import _tasks as t  # noqa: E402
 import test_dask  # noqa: E402
+import test_service  # noqa: E402
 from _tasks import wait_until  # noqa: E402
 from test_dask import WORKERS, R, _Gate  # noqa: E402
 
@@ -54,6 +58,9 @@ client = test_dask.client
 no_leaks = test_dask.no_leaks
 gates = test_dask.gates
 make_dask = test_dask.make_dask
+# test_service's served pool, here on this module's cluster (``--dask``).
+start_server = test_service.start_server
+short_dir = test_service.short_dir
 
 
 # -- tasks (run in the Dask workers, imported by reference from this module) ----------------------
@@ -180,3 +187,26 @@ def test_a_worker_without_a_nanny_fails_the_attempt_on_time_and_says_why(
         assert len(warned) == 1 and "nanny" in warned[0].getMessage()
         assert o.stop(R).drained
         assert len(bare.scheduler.workers) == 1  # not shut down by taskorch
+
+
+def test_terminate_on_dask_restarts_the_worker_and_the_task_ends_cancelled(
+    cluster: Any, client: Any, start_server: Any, short_dir: Path,
+) -> None:
+    server = start_server("--dask", cluster.scheduler_address)
+    started, never = short_dir / "stuck.started", short_dir / "never"
+    os.mkfifo(never)
+    with server.connect() as served:
+        stuck = served.with_policy(Policy(retries=3)).run(
+            t.hang_with_signals_blocked, str(started), str(never))
+        wait_until(lambda: started.exists() and started.read_text(), what="the stuck task")
+        stuck_pid = int(started.read_text())
+        assert served.cancel(stuck.task_id) is False  # running: without terminate, it runs on
+        assert served.cancel(stuck.task_id, terminate=True) is True
+        concurrent.futures.wait([stuck], timeout=R)
+        assert stuck.cancelled()  # never retried, though its policy allows 3 retries
+        info = served.task(stuck.task_id)
+        assert info.state == "cancelled" and info.attempts == 1
+        wait_until(lambda: not alive(stuck_pid), what="the stuck worker process to be gone")
+        client.wait_for_workers(WORKERS, timeout=R)
+        assert served.run(t.square, 7).result(R) == 49
+        assert served.cancel(stuck.task_id, terminate=True) is False  # ended

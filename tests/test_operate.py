@@ -340,3 +340,82 @@ def test_the_cli_lists_cancels_retries_and_purges_with_exit_codes(start_server,
         gate.release()
         assert client.result(new_id, R) == 2
         assert all(f.cancelled() for f in queued)
+
+
+def _listing_agrees_with_records(client, states=("queued", "waiting", "running")) -> dict:
+    """For each state: the ids the filter lists, checked against every record's own state."""
+    every = client.tasks(limit=1000)
+    by_state = {}
+    for state in states:
+        listed = client.tasks(state=state, limit=1000)
+        assert [i.id for i in listed] == [i.id for i in every if i.state == state], state
+        assert all(i.state == state for i in listed)
+        by_state[state] = [i.id for i in listed]
+    return by_state
+
+
+def test_the_state_filter_and_the_records_state_are_one_rule(start_server, short_dir) -> None:
+    """queued, waiting (a delay) and running tasks list under the state their records show,
+    and each under that one only."""
+    server = start_server("--workers", "1")
+    with server.connect() as client:
+        gate, running = _busy(client, short_dir)
+        queued = client.run(t.square, 3)
+        delayed = client.options(delay=3600).run(t.square, 4)
+        ids = [client.accepted(f, R) for f in (queued, delayed)]
+        assert _listing_agrees_with_records(client) == {
+            "queued": [ids[0]], "waiting": [ids[1]], "running": [running.task_id]}
+        assert client.task(ids[1]).state == "waiting"
+        assert client.cancel(ids[1]) is True
+        gate.release()
+        assert queued.result(R) == 9
+
+
+def test_a_task_the_backlog_holds_back_lists_as_waiting_whatever_its_row_says(
+        short_dir) -> None:
+    """A queued row with no not-before time that the backlog holds back (a dependency, a
+    limit: the registry's answer) is "waiting" in its record and in the filter; a row whose
+    not-before time is past, which the backlog does not hold, is "queued"; rows the backlog
+    does not know fall back to their not-before time."""
+    import time
+
+    from taskorch._service.server.journal import Journal
+    from taskorch._service.server.operator import Operator
+
+    journal = Journal(str(short_dir / "j.sqlite3"), result_ttl=1e12)
+    now, later = time.time(), time.time() + 3600
+    rows = [(1, "queued", None), (2, "queued", now - 60), (3, "queued", later),
+            (4, "queued", None), (5, "running", None)]
+    for task_id, status, not_before in rows:
+        journal._db.execute(
+            "INSERT INTO tasks (id, client, sub, state, status, submitted, not_before, name) "
+            "VALUES (?, x'01', ?, ?, ?, ?, ?, 'n')",
+            (task_id, task_id, "queued" if status == "queued" else "running", status, now,
+             not_before))
+    journal._db.commit()
+    try:
+        journal.start()
+
+        class Registry:
+            held = {1: True, 2: False}  # what the backlog says of the tasks it holds
+
+            def progress_of(self, task_id: int) -> None:
+                return None
+
+            def waiting(self, task_id: int) -> bool | None:
+                return self.held.get(task_id)
+
+        Registry.journal = journal  # type: ignore[attr-defined]
+        operator = Operator(Registry())  # type: ignore[arg-type]
+        assert {i.id: i.state for i in operator.tasks()} == {
+            1: "waiting", 2: "queued", 3: "waiting", 4: "queued", 5: "running"}
+        assert [i.id for i in operator.tasks(("waiting",))] == [3, 1]
+        assert [i.id for i in operator.tasks(("queued",))] == [4, 2]
+        assert [i.id for i in operator.tasks(("queued", "running"))] == [5, 4, 2]
+        # A page of 1 row that the filter leaves out reads on to fill the page.
+        assert [i.id for i in operator.tasks(("waiting",), limit=1)] == [3]
+        assert [i.id for i in operator.tasks(("queued",), limit=1, before_id=4)] == [2]
+        assert [i.state for i in map(operator.task, (1, 2, 3))] == ["waiting", "queued",
+                                                                   "waiting"]
+    finally:
+        journal.close()

@@ -396,7 +396,8 @@ def test_a_full_disk_fails_the_submission_and_nothing_half_written_runs(
     a = start_server("--journal", str(journal), preexec_fn=limit_files)
     refused: list[int] = []
     accepted = []
-    with a.connect() as client:
+    client = a.connect()
+    try:
         # run() spends credits: a refusal fails the future (a round trip would raise it).
         futures = [client.run(t.write_file, str(marks / str(i)), "x" * 65536) for i in range(40)]
         for i, f in enumerate(futures):
@@ -408,7 +409,10 @@ def test_a_full_disk_fails_the_submission_and_nothing_half_written_runs(
             else:
                 accepted.append(f)
         assert refused, "the file size limit was never reached"
-        # (their outcomes may never be committed under this limit: then they are not sent)
+    finally:
+        # Their outcomes may never be committed under this limit, and then are not sent:
+        # waiting for them (close()'s default, 30 s) would only wait out its timeout.
+        client.close(0)
     a.stop()
     assert a.proc.returncode == 143, a.stderr()
     ran = {int(p.name) for p in marks.iterdir()}

@@ -19,6 +19,7 @@ from taskorch import (
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Admission
 from taskorch._parent.clock import Clock
+from taskorch._parent.intake import Intake
 from taskorch._parent.task import TaskFuture, TaskState, WorkItem
 from tests._tasks import Gate, blocker, exclusive, identity, raise_value_error, square, wait_until
 from tests.test_backlog import FakeClock
@@ -175,3 +176,74 @@ def test_bad_options_are_value_errors(make_orchestrator: Make) -> None:
     assert list(o.options(policy=Policy(retries=0)).map(identity, [1, 2])) == [1, 2]
     none = o.options(after=[]).run(identity, "no dependency")  # (runs: nothing to wait for)
     assert none is not None and none.result(30) == "no dependency"
+
+
+def _task(name: str, expires_at: float | None = None,
+          after: tuple[TaskFuture, ...] | None = None) -> WorkItem:
+    item = WorkItem(0, TaskFuture(), name.encode(), Policy(), None)
+    item.name, item.expires_at, item.after = name, expires_at, after
+    return item
+
+
+def test_a_task_waiting_for_a_dependency_or_a_limit_expires_at_its_time() -> None:
+    fake = FakeClock()
+    backlog = Backlog(100, Clock(monotonic=fake.monotonic),
+                      limits={"jobs.purge": Limit(concurrency=1)})
+    backlog.connect(lambda: None, recalls_for_cancel=False)
+    intake = Intake(backlog, Policy(), drop_when_full=False)
+    dependency, purging = _task("jobs.other"), _task("jobs.purge")
+    for item in (dependency, purging):
+        intake.offer(item)
+    with backlog.locked():
+        for item in backlog.take_locked(Admission(None), 10):
+            backlog.start_locked(item)  # both run, and never end here
+    waiting = _task("jobs.report", fake.now + 5, after=(dependency.future,))
+    held = _task("jobs.purge", fake.now + 5)
+    dependant = _task("jobs.mail", after=(waiting.future,))
+    for item in (waiting, held, dependant):
+        intake.offer(item)
+    with backlog.locked():
+        assert backlog.take_locked(Admission(None), 10) == []  # held: set aside for its limit
+        assert [backlog.waiting_for_locked(i) for i in (waiting, held, dependant)] == [
+            "dependency", "limit", "dependency"]
+    assert backlog.next_due() == fake.now + 5
+    fake.now += 4.9
+    assert backlog.release_due(fake.now) == []
+    fake.now += 0.2
+    expired = backlog.release_due(fake.now)  # while the dependency and the slot's holder run
+    assert sorted(i.name for i in expired) == ["jobs.purge", "jobs.report"]
+    assert waiting.state is held.state is TaskState.EXPIRED
+    for item in expired:  # what the dispatcher does with them (``rules.expired``)
+        item.future.set_exception(TaskExpiredError(f"task {item.task_id} expired"))
+    wait_until(dependant.future.done, what="the dependant of the expired task to fail")
+    error = dependant.future.exception()
+    assert isinstance(error, DependencyFailedError) and error.dependency == waiting.task_id
+    assert isinstance(error.__cause__, TaskExpiredError)
+    stats = backlog.stats()
+    assert (stats.expired, stats.failed, stats.queued, stats.running) == (2, 1, 0, 2)
+    with backlog.locked():
+        backlog.finish_locked(purging, TaskState.SUCCEEDED)  # its slot frees: nothing held
+        assert backlog.take_locked(Admission(None), 10) == []
+        assert not backlog.holds_tasks_locked()
+
+
+def test_a_task_waiting_for_a_running_dependency_expires_without_it(make_orchestrator: Make,
+                                                                     tmp_path: Path) -> None:
+    o = make_orchestrator(2)
+    gate = Gate(tmp_path, "dependency")
+    dependency = o.run(blocker, str(gate.started), str(gate.release_fifo))
+    assert dependency is not None
+    gate.wait_started()
+    waiting = o.options(after=[dependency], expires=0.2).run(identity, "never")
+    dependant = o.options(after=[waiting]).run(identity, "never either")
+    assert waiting is not None and dependant is not None
+    wait_until(dependant.done, what="the waiting task to expire while its dependency runs")
+    assert not dependency.done()
+    with pytest.raises(TaskExpiredError):
+        waiting.result(0)
+    with pytest.raises(DependencyFailedError) as info:
+        dependant.result(0)
+    assert isinstance(info.value.__cause__, TaskExpiredError)
+    gate.release()
+    assert dependency.result(30) == "go"
+    assert (o.stats().expired, o.stats().failed) == (1, 1)

@@ -94,7 +94,7 @@ def _submit(journal: Any, n: int, encode_call: Any) -> list[int]:
     lock = threading.Lock()
     done = threading.Semaphore(0)
 
-    def committed(task_id: int, existing: Any, error: Any) -> None:
+    def committed(task_id: int, existing: Any, error: Any, dependencies: Any = None) -> None:
         with lock:
             ids.append(task_id)
         done.release()

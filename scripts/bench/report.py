@@ -108,7 +108,8 @@ def fmt_cell(row: str, res: dict[str, Any] | None) -> str:
     if section == "Q":
         return (f"{res['plain_tasks_per_s']:,.0f} / {res['after_tasks_per_s']:,.0f} / "
                 f"{res['key_tasks_per_s']:,.0f} ({res['after_vs_plain']:.2f}x, "
-                f"{res['key_vs_plain']:.2f}x)")
+                f"{res['key_vs_plain']:.2f}x; by parent CPU "
+                f"{res['cpu_after_vs_plain']:.2f}x, {res['cpu_key_vs_plain']:.2f}x)")
     if section == "B":
         return f"{res['speedup']:.2f}x"
     if section == "C":

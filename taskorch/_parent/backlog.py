@@ -285,8 +285,8 @@ class Backlog:
         item.accepted_at = now = self.clock.monotonic()
         if (item.key is None and item.after is None) or not self._waits.accepted(item):
             first_due = self._order.push(item, now)  # (one not due yet may change the timeout)
-        else:
-            first_due = False  # (waits for its dependencies: ``dependency_ended``)
+        else:  # it waits for its dependencies (``dependency_ended``); its expiry runs meanwhile
+            first_due = self._order.track_expiry(item)
         self._unfinished[item.task_id] = item
         for listener in self._listeners:
             listener.accepted(item)
@@ -390,7 +390,7 @@ class Backlog:
             return []
         with self._lock:
             self._waits.release_due(now)
-            expired = self._order.release_due(now)
+            expired = self._order.release_due(now, self._waits.remove)
             for item in expired:
                 self.finish_locked(item, TaskState.EXPIRED)
         return expired
@@ -479,11 +479,11 @@ class Backlog:
                 return
             if failed:
                 self.finish_locked(item, TaskState.FAILED)
-            else:
-                self._dispatcher_will_look = True
+            wake = not failed and not self._dispatcher_will_look  # (``_accept``'s rule)
+            self._dispatcher_will_look |= not failed
         if failed:
             fail_dependant(item, dependency)
-        else:
+        elif wake:
             self._wake()
 
     def waiting_for_locked(self, item: WorkItem) -> str | None:

@@ -28,6 +28,31 @@ CALLBACK_EXIT_TIMEOUT = 10.0
 
 
 
+class InlineCallback:
+    """A done-callback of taskorch's own that runs in the thread that resolves the future (a
+    dispatcher's, mostly), not on this module's thread: a thread switch less per future. It
+    must run no user code and never block but on the backlog's lock (futures are resolved
+    outside it); ``intake``'s dependencies, which hand what would unpickle to ``submit``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Future[Any]], object]) -> None:
+        self.fn = fn
+
+    def __call__(self, future: Future[Any]) -> None:
+        self.fn(future)
+
+
+def run_or_queue(future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
+    """A future's done-callbacks: the ``InlineCallback`` ones now, the others queued."""
+    if any(type(callback) is InlineCallback for callback in callbacks):
+        call_each(future, [c for c in callbacks if type(c) is InlineCallback])
+        callbacks = [c for c in callbacks if type(c) is not InlineCallback]
+        if not callbacks:
+            return
+    callback_runner.submit(future, callbacks)
+
+
 def call_each(future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
     for callback in callbacks:
         try:
@@ -59,12 +84,16 @@ class _CallbackRunner:
         self._queue: deque[tuple[Future[Any], list[Callable[[Future[Any]], object]]]] = deque()
         self._thread: threading.Thread | None = None  # alive (or starting), or None
         self._busy = False  # a batch is running outside the lock
+        # The thread waits in ``_work`` (submit() notifies only then: a notify costs the
+        # resolving thread, a dispatcher, a lock round trip per future otherwise).
+        self._waiting = False
 
     def submit(self, future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
         with self._lock:
             self._queue.append((future, callbacks))
             if self._thread is not None:
-                self._work.notify()
+                if self._waiting:
+                    self._work.notify()
                 return
             thread = self._thread = threading.Thread(
                 target=self._run, name="taskorch-callbacks", daemon=True)
@@ -85,13 +114,17 @@ class _CallbackRunner:
                 self._busy = False
                 if not self._queue:
                     self._idle.notify_all()
+                    self._waiting = True
                     self._work.wait(CALLBACK_IDLE_EXIT)  # woken by submit(), or times out
+                    self._waiting = False
                     if not self._queue:
                         self._thread = None  # a later submit() starts a new thread
                         return
-                future, callbacks = self._queue.popleft()
+                batch = list(self._queue)  # all of them, in order: one lock round trip
+                self._queue.clear()
                 self._busy = True
-            call_each(future, callbacks)  # guarded: this loop never dies on a callback
+            for future, callbacks in batch:
+                call_each(future, callbacks)  # guarded: this loop never dies on a callback
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued callback has run; False if ``timeout`` passed first."""

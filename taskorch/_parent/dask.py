@@ -109,7 +109,7 @@ class DaskPool(DaskHardTimeouts):
 
     thread_name = "taskorch-dask-dispatcher"
     recalls_for_cancel = False
-    terminates = False  # (a Dask worker runs several tasks: none is killed alone)
+    terminates = True  # (by restarting its worker process: ``dask_timeout._terminate``)
     pids: tuple[int, ...] = ()  # (no worker process on this machine)
 
     def __init__(
@@ -138,6 +138,7 @@ class DaskPool(DaskHardTimeouts):
         self._running: dict[int, Submission] = {}  # see dask_timeout, as for the next three
         self._held: dict[int, Submission] = {}
         self._restarts: dict[str, float] = {}
+        self._terminating: dict[int, Submission] = {}
         self._warned_no_restart = False
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
         self._out: list[PoolEvent] = []  # events to hand back from the method running now
@@ -146,7 +147,7 @@ class DaskPool(DaskHardTimeouts):
         self._to_release: list[Any] = []  # Dask futures whose outcome is in
 
     def terminate(self, item: WorkItem) -> None:  # (dispatcher thread)
-        pass  # (never asked: ``terminates`` is False)
+        self._terminate(item)
 
     # -- called from other threads -------------------------------------------------------------
 

@@ -18,6 +18,15 @@ a crash, as for any lost worker. A worker without a nanny cannot be restarted
 so once, the attempt fails on time all the same, and the slot stays held until its Dask task
 ends by itself.
 
+A terminate (``Client.cancel(id, terminate=True)`` on ``taskorch serve --dask``) is the same
+kill: the attempt's worker process is restarted by its nanny, and when it leaves, that attempt
+is lost as ``terminate.Terminated`` (the task ends cancelled) and every other attempt running
+there is lost as with any worker death (charged a crash, retried while attempts remain): a
+Dask worker runs several tasks in one process, and no thread of it can be stopped alone. A
+worker that cannot be restarted (no nanny) is left alone: the task runs on, a warning says
+why, and the cancel's answer is False once it ends. Until the restart's answer, the worker gets
+no calls and its calls not started are recalled, as after a hard timeout.
+
 Accepted races: a stuck attempt that returns to Python between the parent's hard timeout and
 the worker's end may start another attempt there (tenacity retries inside the worker) while the
 parent's retry runs elsewhere: after a hard timeout a task runs at least once, as after a
@@ -46,6 +55,7 @@ from taskorch._parent.pool import (
     WorkersRestarted,
 )
 from taskorch._parent.task import WorkItem
+from taskorch._parent.terminate import Terminated
 
 log = logging.getLogger("taskorch")
 
@@ -63,6 +73,9 @@ class DaskHardTimeouts:
     # and outcomes are ignored: the core settled them.
     _held: dict[int, Submission]
     _restarts: dict[str, float]  # address -> when its restart was asked for
+    # Running calls to end cancelled when their worker leaves (a terminate asked for its
+    # restart); dropped at the restart's answer.
+    _terminating: dict[int, Submission]
     _warned_no_restart: bool
     _to_release: list[Any]
     _out: list[PoolEvent]  # events for the core, handed back by the method running now
@@ -115,6 +128,26 @@ class DaskHardTimeouts:
             if calls and not worker.recall_sent:
                 self._send_recall(worker, calls)
 
+    def _terminate(self, item: WorkItem) -> None:
+        """Kill ``item``'s running attempt: restart the worker process that runs it (see the
+        module docstring). Nothing if no attempt of it runs on a worker now (it ended: its
+        outcome is on its way)."""
+        sub = next((s for s in self._running.values() if s.item is item), None)
+        if sub is None or sub.ended or (sub.future is not None and sub.future.done()):
+            return
+        self._terminating[sub.sub_id] = sub
+        worker = sub.worker
+        log.warning("task %d: terminating its attempt %d: restarting Dask worker %s (its other "
+                    "running attempts are lost with it)", item.task_id, item.attempts,
+                    worker.address)
+        if worker.address in self._restarts:
+            return  # a restart is under way already
+        self._restarts[worker.address] = time.monotonic()
+        self._link.restart_worker(worker.address)
+        calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
+        if calls and not worker.recall_sent:
+            self._send_recall(worker, calls)
+
     def _held_ended(self, sub: Submission) -> None:
         """A timed-out call's Dask task ended after all: its slot frees, unless its worker's
         restart is under way (then the restart's answer frees it)."""
@@ -129,6 +162,15 @@ class DaskHardTimeouts:
         asked = self._restarts.pop(address, None)
         held = [sub for sub in self._held.values() if sub.worker.address == address]
         worker = self._workers.get(address)
+        terminating = [sub for sub in self._terminating.values()
+                       if sub.worker.address == address]
+        if error is not None:  # they run on: only a restart could stop them
+            for sub in terminating:
+                self._terminating.pop(sub.sub_id)
+                if sub.sub_id in self._subs:
+                    log.warning("task %d could not be terminated: Dask worker %s was not "
+                                "restarted (%s: %s; a worker needs a nanny for that): it runs "
+                                "on", sub.item.task_id, address, type(error).__name__, error)
         if error is None:
             log.warning("Dask worker %s restarted (%.2f s after the request)", address,
                         time.monotonic() - (asked or 0.0))
@@ -144,7 +186,10 @@ class DaskHardTimeouts:
         futures = [self._forget_sub(sub) for sub in held]
         self._link.cancel(futures)
         if error is None:
-            self._on_worker_lost(address, "it was restarted after a task overran its timeout")
+            self._on_worker_lost(address, "it was restarted (a task overran its timeout, or "
+                                 "was terminated)")
+            for sub in terminating:  # (lost as Terminated just now, or ended before)
+                self._terminating.pop(sub.sub_id, None)
             self._probe_workers()  # learn of its successor
 
     # -- lost calls and workers ---------------------------------------------------------------
@@ -182,8 +227,15 @@ class DaskHardTimeouts:
         self._out.append(CannotRun(sub.item, exc))
 
     def _crash_sub(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
-        """The attempt that started on ``sub.worker`` was lost: the core charges it."""
+        """The attempt that started on ``sub.worker`` was lost: the core charges it, or, if
+        it was being terminated, ends the task cancelled."""
         item = sub.item
+        if self._terminating.pop(sub.sub_id, None) is not None:
+            self._out.append(AttemptLost(item, Terminated(
+                f"task {item.task_id} was cancelled while it ran (attempt {item.attempts}): "
+                f"its Dask worker {sub.worker.address} was restarted"), (
+                f"task {item.task_id}: attempt {item.attempts} terminated; ")))
+            return
         error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
         self._out.append(AttemptLost(item, error, (
             f"task {item.task_id}: attempt {item.attempts} of {item.policy.max_attempts} "

@@ -126,7 +126,10 @@ class DispatcherCore:
         if not self.pool.terminates:
             return False
         with self._backlog.locked():
-            if item.state is not TaskState.RUNNING or item.started_on is None:
+            # A local worker holds its running item (``started_on``, through its own backoff
+            # too); a Dask attempt is known by its start ack alone.
+            if item.state is not TaskState.RUNNING or (item.started_on is None
+                                                       and not item.attempt_started):
                 return False
             self._terminations.request(item)
         self.wake()

@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from taskorch._options import Resolved, Timing, check_after, check_key
 from taskorch._parent.backlog import Backlog
+from taskorch._parent.callbacks import InlineCallback, callback_runner
 from taskorch._parent.clock import Clock
 from taskorch._parent.figures import name_of, name_of_payload
 from taskorch._parent.task import TaskFuture, WorkItem
+from taskorch._parent.waits import dependency_failed
 from taskorch._policy import Policy
 from taskorch._wire import encode_call, encode_policy
 
@@ -113,11 +115,12 @@ class Intake:
 
     def await_dependencies(self, item: WorkItem) -> None:
         """``item`` was accepted with ``after``: each of its dependencies tells the backlog
-        when it ends (``waits``; at once, here, for one already done)."""
-        after = item.after or ()
+        when it ends (``waits``; at once, here, for one already done), in the thread that
+        resolves it for a success (``_dependency_done``)."""
         ended = functools.partial(self._backlog.dependency_ended, item)
-        for dependency in after:
-            dependency.add_done_callback(ended)
+        callback = InlineCallback(functools.partial(_dependency_done, ended))
+        for dependency in item.after or ():
+            dependency.add_done_callback(callback)
 
     def check_after(self, after: object) -> tuple[TaskFuture, ...]:
         """``options(after=...)``: futures of tasks of this orchestrator (ValueError: the
@@ -218,6 +221,17 @@ class Intake:
                 "at the restart"))
             item.release()
         return item.future
+
+
+def _dependency_done(ended: Callable[[TaskFuture], None], dependency: TaskFuture) -> None:
+    """A dependency's future resolved, in the thread that resolved it (a dispatcher's,
+    mostly): a success releases its dependant at once (``Backlog.dependency_ended``: the
+    backlog's lock, no user code); a failure goes to the "taskorch-callbacks" thread, since
+    failing the dependant unpickles the dependency's exception (user code)."""
+    if dependency_failed(dependency):
+        callback_runner.submit(dependency, [ended])  # type: ignore[list-item]
+    else:
+        ended(dependency)
 
 
 class _HasIntake(Protocol):  # a TaskOrchestrator, as seen from here

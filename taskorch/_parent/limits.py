@@ -115,8 +115,10 @@ class Limits:
         return item
 
     def remove(self, items: dict[int, WorkItem]) -> list[WorkItem]:
-        """Take out those of ``items`` (by ``id()``) set aside here (a cancel)."""
+        """Take out those of ``items`` (by ``id()``) set aside here (a cancel, an expiry)."""
         removed: list[WorkItem] = []
+        if not any(item.waiting_for == LIMIT for item in items.values()):
+            return removed
         for limit in self.by_name.values():
             if limit.held and any(id(item) in items for item in limit.held):
                 removed += [self._release(i) for i in limit.held if id(i) in items]

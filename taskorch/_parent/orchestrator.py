@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from taskorch._errors import OrchestratorClosedError
-from taskorch._options import Duration, Limit, Moment, Timing, check_limits
+from taskorch._options import Duration, Limit, Moment, check_limits, timing_of
 from taskorch._parent.backend import Backend, Dispatcher, LocalBackend, NothingRan, PoolConfig
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.intake import Intake, PolicyOverride
@@ -252,7 +252,7 @@ class TaskOrchestrator:
                 after: Iterable[TaskFuture] | None = None) -> PolicyOverride:
         """``o.options(priority=5, delay=60, expires=600, key="k", after=[f]).run(fn, x)``: one
         task's options (docs/options.md); bad values raise ValueError here, naming the option."""
-        return PolicyOverride(self, policy, Timing(priority, delay, at, expires), key, after)
+        return PolicyOverride(self, policy, timing_of(priority, delay, at, expires), key, after)
 
     def map(
         self, fn: Callable[..., Any], /, *iterables: Iterable[Any], chunksize: int | None = None,

@@ -18,10 +18,12 @@ Two parts:
   retry to the front of its priority (it was taken before everything waiting), a new task to
   the back (it arrives when it is due).
 
-- **Expiring**: a heap keyed ``(expires_at, seq)`` of every task accepted with an expiry.
-  ``release_due`` takes out those still waiting here whose time has come (and a crash retry
-  due after its expiry): the backlog ends them expired. One found expired as it is taken
-  (``take``: accepted while the dispatcher was past its timers) is set aside for the same.
+- **Expiring**: a heap keyed ``(expires_at, seq)`` of every task accepted with an expiry,
+  including those that wait outside the order (``waits``: for dependencies, or set aside by a
+  limit). ``release_due`` takes out those still waiting whose time has come, here or there
+  (and a crash retry due after its expiry): the backlog ends them expired. One found expired
+  as it is taken (``take``: accepted while the dispatcher was past its timers) is set aside
+  for the same.
 
 Prefetch (a call handed to a worker that is busy, or behind the first call of a batch) must
 not defeat the order or the expiry: ``take`` puts in such a position neither a task with an
@@ -80,15 +82,11 @@ class TaskOrder:
 
     # -- putting in ----------------------------------------------------------------------
 
-    def push(self, item: WorkItem, now: float) -> bool:
+    def push(self, item: WorkItem, now: float, tracked: bool = False) -> bool:
         """Accept ``item``: ready, or not before ``item.not_before``. True if it is now the
-        first task due (whoever waits for the next due time must look again)."""
-        first = False
-        if item.expires_at is not None:
-            heapq.heappush(self._expiring, (item.expires_at, next(self._seq), item))
-            first = self._expiring[0][2] is item
-            if len(self._expiring) >= self._compact_at:
-                self._compact()
+        first task due (whoever waits for the next due time must look again). ``tracked``:
+        its expiry is in the heap already (``track_expiry``: it waited for dependencies)."""
+        first = item.expires_at is not None and not tracked and self.track_expiry(item)
         not_before = item.not_before
         if not_before is not None and not_before > now:
             self.delayed += 1
@@ -98,6 +96,17 @@ class TaskOrder:
         else:
             self._level(item.priority).append(item)
         return first
+
+    def track_expiry(self, item: WorkItem) -> bool:
+        """Watch ``item``'s expiry (if any), wherever it waits; True if it is now the first
+        time due."""
+        expires_at = item.expires_at
+        if expires_at is None:
+            return False
+        heapq.heappush(self._expiring, (expires_at, next(self._seq), item))
+        if len(self._expiring) >= self._compact_at:
+            self._compact()
+        return self._expiring[0][2] is item
 
     def _compact(self) -> None:
         """Drop the expiry entries of tasks that ended, and rebuild the heap."""
@@ -199,9 +208,12 @@ class TaskOrder:
                 top = self._top
         return taken
 
-    def release_due(self, now: float) -> list[WorkItem]:
+    def release_due(self, now: float, outside: Callable[[dict[int, WorkItem]], list[WorkItem]]
+                    ) -> list[WorkItem]:
         """Move the tasks due by ``now`` to the ready part (see the module docstring), and
-        take out those that expired by then: returned, for the backlog to end them."""
+        take out those that expired by then: returned, for the backlog to end them.
+        ``outside`` takes out, of the expired ones not here, those waiting elsewhere
+        (``waits.Waits.remove``); the others were handed over."""
         expired, self._expired = self._expired, []
         later = self._later
         retries: list[WorkItem] = []
@@ -226,7 +238,12 @@ class TaskOrder:
                 if item.state is TaskState.QUEUED or item.state is TaskState.RUNNING:
                     due[id(item)] = item  # (``remove`` finds those still here)
             if due:
-                expired += self.remove(due)
+                found = self.remove(due)
+                if len(found) < len(due):
+                    for item in found:
+                        del due[id(item)]
+                    found += outside(due)
+                expired += found
         return expired
 
     def next_due(self) -> float | None:

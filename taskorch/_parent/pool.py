@@ -108,7 +108,8 @@ class WorkerPool(Protocol):
     thread_name: str
     #: Can ``recall`` take back a call handed over and not started (for a cancel)?
     recalls_for_cancel: bool
-    #: Can ``terminate`` kill one running attempt (``terminate``)?
+    #: Can ``terminate`` kill a running attempt (``terminate``; on Dask, with the others of
+    #: its worker process)?
     terminates: bool
 
     def terminate(self, item: WorkItem) -> None:

@@ -45,7 +45,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import OrchestratorBrokenError, SerializationError
-from taskorch._parent.callbacks import call_each, callback_runner
+from taskorch._parent.callbacks import call_each, run_or_queue
 from taskorch._parent.condition import FutureCondition
 from taskorch._wire import decode_exception, decode_frame
 
@@ -303,7 +303,7 @@ class TaskFuture(Future[Any]):
         if getattr(_inline, "callbacks", False):
             call_each(self, callbacks)
         else:
-            callback_runner.submit(self, callbacks)
+            run_or_queue(self, callbacks)  # (taskorch's ``InlineCallback``s run here)
 
 
 # cancel() sets `callbacks` for the duration of the call: the callbacks of the future it

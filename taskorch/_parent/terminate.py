@@ -7,7 +7,8 @@ pool kills the worker that runs the attempt (``WorkerPool.terminate``: SIGTERM, 
 after ``local_workers.SIGKILL_AFTER``, exactly as at a hard timeout, so a task stuck in C code
 with its signals blocked dies all the same). The death comes back as ``AttemptLost`` with a
 ``Terminated`` error, which the rules end ``cancelled`` (never retried: ``TaskRules``); the
-worker is replaced as after any death. A Dask pool cannot kill one attempt: it answers no.
+worker is replaced as after any death. A Dask pool restarts the worker process that runs the
+attempt (``dask_timeout``: its other running attempts are lost with it, as in a crash).
 
 Accepted race: the attempt may end on its own between the request and the kill. Then nothing
 is killed (the pool checks that the worker still runs that attempt) and the task keeps its

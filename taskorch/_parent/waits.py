@@ -15,8 +15,9 @@ nobody behind it. ``WorkItem.waiting_for`` says why it waits (``waiting_for``).
   costs one hop of that thread. When the last one succeeded the task joins the ready tasks (or
   its not-before heap); when one did not (failed, cancelled, expired) it ends ``failed`` with
   ``DependencyFailedError`` (``fail_dependant``, after the lock), and its own dependants
-  follow through their callbacks on its future. A task that expires while it waits for a
-  dependency ends expired when it is released, never run.
+  follow through their callbacks on its future. A task with an expiry has it watched by the
+  order while it waits here, for dependencies or a limit (``TaskOrder.track_expiry``): at its
+  time it is taken out (``remove``) and ends expired, never run, and its own dependants fail.
 - **Limits**: see ``limits``; what a freed slot or a token releases goes back to the front of
   the ready tasks of its priority (it was taken before those behind it).
 """
@@ -96,7 +97,7 @@ class Waits:
         del self._dependants[item]
         item.waiting_for = None
         if not failed:
-            self._order.push(item, now)
+            self._order.push(item, now, tracked=True)  # (its expiry watched since accepted)
         return True
 
     # -- limits --------------------------------------------------------------------------
@@ -126,8 +127,8 @@ class Waits:
         return TIME if item.not_before is not None and item.not_before > now else None
 
     def remove(self, items: dict[int, WorkItem]) -> list[WorkItem]:
-        """Take out those of ``items`` (by ``id()``) that wait here (a cancel)."""
-        removed = [item for item in self._dependants if id(item) in items]
+        """Take out those of ``items`` (by ``id()``) that wait here (a cancel, an expiry)."""
+        removed = [item for item in items.values() if item in self._dependants]
         for item in removed:
             del self._dependants[item]
             item.waiting_for = None

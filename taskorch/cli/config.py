@@ -12,13 +12,19 @@
     kwargs = { db_path = "/var/lib/myapp/app.db", table = "sessions", column = "expires_at" }
     every = "10m"                            # or cron = "30 2 * * *" (and timezone = "...")
 
+    [[limit]]                                # see ``limits``
+    name = "sqlite_purge.purge_expired"
+    concurrency = 1
+
 A key of the file is a long option of ``taskorch serve`` (``workers``, ``max-tasks-per-worker``,
 ``retry-on``, ...), read as the command line would read it; an option given on the command
 line wins over the file. ``[[schedule]]`` entries take ``name``, ``target``, ``args``,
 ``kwargs``, ``cron`` or ``every``, ``timezone``, ``jitter``, ``overlap``, ``misfire``,
-``catch_up_limit``, ``retries`` and ``timeout`` (the schedule's own policy). Anything wrong (a
-syntax error with its line, an unknown key, a bad value, a cron expression, a target that does
-not import, two schedules with one name) is a ``UsageError`` that names the file and the key.
+``catch_up_limit``, ``retries`` and ``timeout`` (the schedule's own policy). ``[[limit]]``
+entries take ``name``, ``concurrency`` and ``rate`` (``limits``). Anything wrong (a syntax
+error with its line, an unknown key, a bad value, a cron expression, a target that does not
+import, two schedules or limits with one name) is a ``UsageError`` that names the file and the
+key; the entries' errors are listed all at once (``entries``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+from taskorch._options import Limit
+from taskorch.cli import limits as limit_entries
 from taskorch.cli.options import UsageError
 
 #: The keys of a ``[[schedule]]`` entry.
@@ -72,11 +80,11 @@ def apply_options(path: str, data: dict[str, Any], args: argparse.Namespace,
     names = {a.option_strings[-1].lstrip("-"): a for a in actions.values()
              if a.option_strings[-1].startswith("--") and a.dest not in NOT_IN_FILE}
     for key, value in data.items():
-        if key == "schedule":
+        if key in ("schedule", "limit"):  # (tables: ``entries``)
             continue
         action = names.get(key)
         if action is None:
-            hint = difflib.get_close_matches(key, list(names) + ["schedule"], n=1)
+            hint = difflib.get_close_matches(key, list(names) + ["schedule", "limit"], n=1)
             raise UsageError(f"--config {path}: unknown key {key!r}"
                              + (f" (did you mean {hint[0]!r}?)" if hint else "")
                              + "; the keys are the long options of 'taskorch serve'")
@@ -109,25 +117,40 @@ def _convert(path: str, key: str, value: Any, action: argparse.Action) -> Any:
     return converted if isinstance(action, argparse._AppendAction) else converted[0]  # noqa: SLF001
 
 
-def schedules(path: str, data: dict[str, Any], local_dirs: list[str]) -> list[ScheduleEntry]:
-    """The ``[[schedule]]`` entries, each checked (its target imported); a UsageError lists
-    every wrong entry."""
-    entries = data.get("schedule", [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise UsageError(f"--config {path}: 'schedule' must be [[schedule]] tables")
+def entries(path: str | None, data: dict[str, Any], local_dirs: list[str],
+            limit_flags: list[str]) -> tuple[list[ScheduleEntry], dict[str, Limit]]:
+    """The ``[[schedule]]`` entries, each checked (its target imported), and the limits of
+    ``[[limit]]`` and ``--limit`` (those win for a name in both); a UsageError lists every
+    wrong entry and flag (``path`` None: no file, the flags alone)."""
+    found, errors = ([], []) if path is None else _schedules(path, data, local_dirs)
+    limits, limit_errors = ({}, []) if path is None else limit_entries.from_file(path, data)
+    flagged, flag_errors = limit_entries.from_flags(limit_flags)
+    errors += limit_errors + flag_errors
+    if len(errors) == 1:
+        raise UsageError(errors[0])
+    if errors:
+        raise UsageError(f"{len(errors)} errors in "
+                         + (f"--config {path}" if path is not None else "--limit")
+                         + (" and --limit" if path is not None and flag_errors else "")
+                         + ":\n  " + "\n  ".join(errors))
+    return found, {**limits, **flagged}
+
+
+def _schedules(path: str, data: dict[str, Any], local_dirs: list[str],
+               ) -> tuple[list[ScheduleEntry], list[str]]:
+    """The good ``[[schedule]]`` entries and the errors of the others."""
+    tables = data.get("schedule", [])
+    if not isinstance(tables, list) or not all(isinstance(e, dict) for e in tables):
+        return [], [f"--config {path}: 'schedule' must be [[schedule]] tables"]
     found: list[ScheduleEntry] = []
     errors: list[str] = []
     folder = os.path.dirname(os.path.abspath(path))
-    for number, entry in enumerate(entries, 1):
+    for number, entry in enumerate(tables, 1):
         try:  # every entry is checked: all the errors are shown at once, not the first alone
             found.append(_schedule(path, number, entry, found, folder, local_dirs))
         except UsageError as exc:
             errors.append(str(exc))
-    if len(errors) == 1:
-        raise UsageError(errors[0])
-    if errors:
-        raise UsageError(f"{len(errors)} errors in --config {path}:\n  " + "\n  ".join(errors))
-    return found
+    return found, errors
 
 
 def _schedule(path: str, number: int, entry: dict[str, Any], found: list[ScheduleEntry],

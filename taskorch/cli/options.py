@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from taskorch._options import Limit
     from taskorch._parent.orchestrator import TaskOrchestrator
 
 #: Exit statuses of every command (``--help`` and docs/cli.md list them).
@@ -117,8 +118,10 @@ def prepend_import_paths(paths: list[str]) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(absolute + ([inherited] if inherited else []))
 
 
-def orchestrator_from_args(args: argparse.Namespace) -> TaskOrchestrator:
-    """A TaskOrchestrator configured by ``add_pool_arguments``' options."""
+def orchestrator_from_args(args: argparse.Namespace,
+                           limits: dict[str, Limit] | None = None) -> TaskOrchestrator:
+    """A TaskOrchestrator configured by ``add_pool_arguments``' options, with ``limits``
+    (``serve --limit``, checked)."""
     from taskorch import (
         BreakerMode,
         CircuitBreaker,
@@ -162,7 +165,7 @@ def orchestrator_from_args(args: argparse.Namespace) -> TaskOrchestrator:
             features=Features.ALLOW_SYNC_TASK_DROP if args.drop else Features.NONE,
             max_tasks_per_worker=args.max_tasks_per_worker,
             max_memory_per_worker=args.max_memory_per_worker, backend=backend,
-            kill_grace=args.kill_grace, circuit_breaker=breaker,
+            kill_grace=args.kill_grace, circuit_breaker=breaker, limits=limits,
         )
         orchestrator.start()  # `serve` and `run` start their workers at once
         return orchestrator

@@ -14,8 +14,9 @@ Threads, each with one job:
 - "taskorch-cli-drain", started by a first signal: sends the inputs read but not yet sent,
   waits until every record is written, then lets the main thread finish.
 - "taskorch-cli-writer": writes one JSON record per input as tasks finish, updates the
-  progress bar. Fed by the futures' done callbacks (in the dispatcher thread) through a
-  ``queue.SimpleQueue``, so the dispatcher never waits on output.
+  progress bar and, on a terminal, the lines of the tasks running long (``live``). Fed by the
+  futures' done callbacks (in the dispatcher thread) through a ``queue.SimpleQueue``, so the
+  dispatcher never waits on output.
 
 Every input line that was read gets exactly one record: a result, an error, ``Dropped``
 (``--drop`` and a full backlog), or ``Cancelled`` (never started because of a signal). A line
@@ -47,6 +48,7 @@ from taskorch._wire import encode_call
 from taskorch._worker.map import run_chunk
 from taskorch.cli.joblog import Entry, Joblog
 from taskorch.cli.lines import LineError, decode_line, numbered_lines
+from taskorch.cli.live import Display
 from taskorch.cli.options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -100,7 +102,9 @@ def add_parser(sub: Any) -> None:
                    help="like --resume, but run again the inputs whose record says they failed")
     progress = p.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
-                          help="show a progress bar on stderr (default: when stderr is a terminal)")
+                          help="show a progress bar on stderr (default: when stderr is a "
+                               "terminal; there, tasks running over a second get a line each, "
+                               "with their latest taskorch.progress())")
     progress.add_argument("--no-progress", dest="progress", action="store_false")
     add_pool_arguments(p)
     p.set_defaults(handler=main)
@@ -149,6 +153,7 @@ class _Run:
         self.joblog = joblog  # written by the writer thread; read (resume) by the reader
         self.stamps = _Stamps() if joblog is not None else None  # (joblog only)
         self.orchestrator = orchestrator_from_args(args)
+        self.display = Display(args, out)  # (the writer thread's, but `track`)
         # Guards the fields below up to `stopping` (reader, writer, main and drain threads).
         self.lock = threading.Condition()
         self.read = 0  # inputs read (and so owed a record)
@@ -333,6 +338,7 @@ class _Run:
         if future is None:
             self._owe(indices, None, ("Dropped", "the backlog was full (--drop)"))
             return
+        self.display.track(future, indices)  # (before its outcome can reach the writer)
         future.add_done_callback(lambda f: self.done_queue.put((indices, f, None, chunked)))
         with self.lock:
             self.busy = False
@@ -357,30 +363,30 @@ class _Run:
             self.finished.set()
 
     def _write_records(self) -> None:
-        bar = _progress_bar(self.args)
-        out = self.out
+        display, out = self.display, self.out
         try:
             while True:
-                entry = self.done_queue.get()
+                entry = display.next_done(self.done_queue)
                 if entry is None:
                     return
                 indices, future, error, chunked = entry
                 stamp = (self.stamps.pop(future) if self.stamps is not None
                          else (None, None, 0.0))
-                for rec in records_of(indices, future, error, chunked):
-                    failure = rec.get("error", {})
-                    tb, sig = failure.pop("traceback", ""), failure.pop("signal", 0)
-                    line = dump_record(rec) + "\n"
-                    out.write(line)
-                    if self.joblog is not None:
-                        self.joblog.write(rec["index"], _entry(rec, stamp, len(line), tb, sig))
-                    self.counts["ok" if rec["ok"] else "failed"] += 1
+                with display.writing_records():
+                    for rec in records_of(indices, future, error, chunked):
+                        failure = rec.get("error", {})
+                        tb, sig = failure.pop("traceback", ""), failure.pop("signal", 0)
+                        line = dump_record(rec) + "\n"
+                        out.write(line)
+                        if self.joblog is not None:
+                            self.joblog.write(rec["index"],
+                                              _entry(rec, stamp, len(line), tb, sig))
+                        self.counts["ok" if rec["ok"] else "failed"] += 1
                 if self.done_queue.empty():
                     out.flush()
                     if self.joblog is not None:
                         self.joblog.flush()
-                if bar is not None:
-                    bar.update(len(indices))
+                display.finished(future, len(indices))
                 with self.lock:
                     self.outstanding -= len(indices)
                     if self.outstanding == 0:
@@ -388,8 +394,7 @@ class _Run:
                         if self.reader_done and not self.busy and not self.chunk:
                             self.finished.set()
         finally:
-            if bar is not None:
-                bar.close()
+            display.close()
             out.flush()
 
     def _summary(self, seconds: float, drained: bool) -> None:
@@ -420,17 +425,6 @@ def _entry(rec: dict[str, Any], stamp: tuple[float | None, int | None, float], r
     return Entry(exitval=exitval, started=started, seconds=seconds,
                  pid=pid, signal=sig, received=received,
                  error=f"{error['type']}: {error['message']}" if error else "", traceback=tb)
-
-
-def _progress_bar(args: argparse.Namespace) -> Any:
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    if not show:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(unit="task", file=sys.stderr, dynamic_ncols=True)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from taskorch._errors import JournalError
+from taskorch._options import Limit
 from taskorch._service.addressing import (
     default_authkey_path,
     default_journal_path,
@@ -27,6 +28,7 @@ from taskorch._service.server.schedules import JournalScheduleStore
 from taskorch._service.server.serving import serve
 from taskorch.cli import config
 from taskorch.cli.config import ScheduleEntry
+from taskorch.cli.limits import add_limit_argument
 from taskorch.cli.options import (
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -58,8 +60,10 @@ def add_parser(subparsers: Any) -> None:
                         "options of serve; options on the command line win; see "
                         "docs/schedules.md)")
     p.add_argument("--check-config", action="store_true",
-                   help="check --config (its options, schedules and their targets), print the "
-                        "next fire times of each schedule, and exit: 0 if it is good, 2 if not")
+                   help="check --config (its options, schedules and their targets, limits), "
+                        "print the next fire times of each schedule and the limits, and exit: 0 "
+                        "if it is good, 2 if not")
+    add_limit_argument(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", metavar="PATH",
                        help="listen on this Unix socket (its directory is created with mode 0700 "
@@ -118,9 +122,9 @@ def add_parser(subparsers: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``taskorch serve``: runs in the main thread until SIGTERM / SIGINT."""
-    entries = _read_config(args)
+    entries, limits = _read_config(args)
     if args.check_config:
-        return _print_schedules(entries)
+        return _print_schedules(entries, limits)
     if (args.socket is None) == (args.tcp is None):
         raise UsageError("give one of --socket PATH and --tcp HOST:PORT (on the command line "
                          "or in --config)")
@@ -156,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
                           not socket_dir_existed)
         if args.pidfile is not None:
             pidfile = _write_pidfile(Path(args.pidfile))
-        orchestrator = orchestrator_from_args(args)
+        orchestrator = orchestrator_from_args(args, limits)
         try:
             http, http_note = http_service_from_args(args, orchestrator)
         except BaseException:
@@ -312,25 +316,30 @@ def _add_schedules(orchestrator: Any, journal: Journal, entries: list[ScheduleEn
                               policy=entry.policy, **entry.options)
 
 
-def _read_config(args: argparse.Namespace) -> list[ScheduleEntry]:
-    """``--config``: its options onto ``args`` (the command line wins), its schedules."""
+def _read_config(args: argparse.Namespace) -> tuple[list[ScheduleEntry], dict[str, Limit]]:
+    """``--config``: its options onto ``args`` (the command line wins); its schedules, and
+    its limits with ``--limit``'s."""
     if args.config is None:
         if args.check_config:
             raise UsageError("--check-config needs --config FILE")
-        return []
+        return config.entries(None, {}, args.path, args.limit)
     data = config.read_file(args.config)
     config.apply_options(args.config, data, args, args.serve_parser)
     prepend_import_paths(args.path)  # the schedules' targets may live there
-    return config.schedules(args.config, data, args.path)
+    return config.entries(args.config, data, args.path, args.limit)
 
 
-def _print_schedules(entries: list[ScheduleEntry], count: int = 3) -> int:
+def _print_schedules(entries: list[ScheduleEntry], limits: dict[str, Limit],
+                     count: int = 3) -> int:
     import time
 
     from taskorch._parent.schedule import Schedule, describe_time
+    from taskorch.cli.limits import describe
 
     out = sys.stdout
-    out.write(f"config ok: {len(entries)} schedule(s)\n")
+    out.write(f"config ok: {len(entries)} schedule(s), {len(limits)} limit(s)\n")
+    for name, limit in limits.items():
+        out.write(f"limit {describe(name, limit)}\n")
     for entry in entries:
         spec = Schedule(name=entry.name, **entry.options)
         when = spec.cron and f"cron {spec.cron!r} ({spec.timezone or 'UTC'})" or (

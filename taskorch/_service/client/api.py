@@ -378,7 +378,9 @@ class Client:
         is committed: it stays cancelled across a restart); False if it had ended, or started
         and ``terminate`` is False (it runs on). With ``terminate``, a running attempt is
         killed (SIGTERM, then SIGKILL: a task stuck in C code too), the task ends cancelled
-        and its worker is replaced (local workers; a Dask pool answers False). A future of
+        and its worker is replaced (on ``serve --dask``: the Dask worker process running it
+        is restarted by its nanny, and the other attempts running there are lost with it, as
+        in a crash; without a nanny it cannot be, and the task runs on). A future of
         the task that this client holds resolves cancelled when its outcome frame arrives,
         which may be just after this returns. ``TaskNotFoundError`` for an unknown id."""
         return bool(operate(self._here().ask, "cancel", {"id": task_id, "terminate": terminate}))

@@ -33,9 +33,15 @@ from taskorch._service.protocol import (
     rejected_frame,
     stats_reply_frame,
 )
-from taskorch._service.server.records import info_of, list_rows, queued_ids, read_row
+from taskorch._service.server.records import (
+    info_of,
+    list_rows,
+    queued_ids,
+    read_row,
+    statuses_for,
+)
 from taskorch._service.values import decode_builtins
-from taskorch._stats import TASK_STATES
+from taskorch._stats import TASK_STATES, TaskInfo
 
 if TYPE_CHECKING:
     from taskorch._parent.orchestrator import TaskOrchestrator
@@ -84,7 +90,7 @@ class Operator:
         raise ValueError(f"unknown operation {op!r}")
 
     def tasks(self, states: tuple[str, ...] = (), name: str | None = None, limit: int = 100,
-              before_id: int | None = None) -> list[Any]:
+              before_id: int | None = None) -> list[TaskInfo]:
         unknown = set(states) - set(TASK_STATES)
         if unknown:
             raise ValueError(f"unknown states {sorted(unknown)}; states are {TASK_STATES}")
@@ -92,9 +98,18 @@ class Operator:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         if before_id is not None and not isinstance(before_id, int):
             raise ValueError(f"before_id must be an integer, got {before_id!r}")
-        rows = self._read(lambda db: list_rows(db, states, name, limit, before_id))
-        infos = [self._info(row) for row in rows]  # (queued or waiting: as the backlog says)
-        return [info for info in infos if not states or info.state in states]
+        # The journal's status narrows the rows (its index); each row's TaskInfo state, the
+        # one rule (``records.state_of``), decides: a queued row may be "waiting" (held back
+        # for a time, a dependency or a limit), so a page may take more than one read.
+        wanted, statuses = set(states), statuses_for(states)
+        found: list[TaskInfo] = []
+        below = before_id
+        while True:
+            rows = self._read(lambda db, below=below: list_rows(db, statuses, name, limit, below))
+            found += [info for info in map(self._info, rows) if not wanted or info.state in wanted]
+            if len(found) >= limit or len(rows) < limit:
+                return found[:limit]
+            below = rows[-1][0]
 
     def task(self, task_id: int) -> Any:
         row = self._read(lambda db: read_row(db, task_id))
@@ -102,7 +117,7 @@ class Operator:
             raise _not_found(task_id)
         return self._info(row)
 
-    def _info(self, row: Any) -> Any:
+    def _info(self, row: Any) -> TaskInfo:
         task_id, status = row[0], row[2]
         waiting = self._registry.waiting(task_id) if status == "queued" else None
         return info_of(row, self._registry.progress_of(task_id), waiting)
@@ -111,7 +126,8 @@ class Operator:
         """True once a queued or waiting task is cancelled and that is committed; False if it
         had ended, or started and runs on. With ``terminate``, a running attempt is killed
         (its worker replaced) and True once the task's cancelled outcome is committed (False:
-        it ended otherwise first, or the pool cannot kill one attempt)."""
+        it ended otherwise first; on Dask, a worker without a nanny cannot be restarted: the task
+        runs on, and this waits for its end up to ``JOURNAL_WAIT``)."""
         cancelled = self._registry.cancel(task_id)
         if cancelled is None:  # not live: ended, or unknown
             if self._read(lambda db: read_row(db, task_id)) is None:

@@ -60,31 +60,46 @@ def plain_repr(data: bytes) -> str | None:
     return bounded(repr(value))
 
 
-def list_rows(db: sqlite3.Connection, states: tuple[str, ...], name: str | None, limit: int,
+def list_rows(db: sqlite3.Connection, statuses: tuple[str, ...], name: str | None, limit: int,
               before_id: int | None) -> list[tuple[Any, ...]]:
     """Newest first, ``limit`` at most, below ``before_id``; by ``status`` (the listing index)
-    when ``states`` is given (``waiting`` is a queued task whose time has not come, or one
-    with dependencies: the operator keeps those the backlog says wait)."""
+    when ``statuses`` is given. The journal's status never says "waiting" (a queued task's
+    status is "queued"): ``statuses_for`` turns the states asked for into statuses, and the
+    caller keeps the rows whose ``state_of`` is one of them."""
     where = ["id < ?"]
     params: list[object] = [before_id if before_id is not None else 2 ** 62]
-    wanted = set(states)
-    if wanted:
-        if wanted & {"queued", "waiting"}:
-            wanted |= {"queued"}
-        where.append(f"status IN ({', '.join('?' * len(wanted - {'waiting'}))})")
-        params += sorted(wanted - {"waiting"})
-        if "queued" in states and "waiting" not in states:
-            where.append("(status != 'queued' OR not_before IS NULL OR not_before <= ?)")
-            params.append(time.time())
-        elif "waiting" in states and "queued" not in states:  # (the backlog tells the rest)
-            where.append("(status != 'queued' OR not_before > ? OR after_ids IS NOT NULL)")
-            params.append(time.time())
+    if statuses:
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        params += statuses
     if name:
         where.append("name = ?")
         params.append(name)
     params.append(limit)
     return db.execute(f"SELECT {_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
                       "ORDER BY id DESC LIMIT ?", params).fetchall()
+
+
+def statuses_for(states: tuple[str, ...]) -> tuple[str, ...]:
+    """The journal statuses whose rows may be in ``states`` (both "queued" and "waiting" are
+    rows of status "queued": ``state_of`` tells them apart)."""
+    return tuple(sorted({"queued" if s == "waiting" else s for s in states}))
+
+
+def state_of(status: str | None, not_before: float | None, waiting: bool | None,
+             now: float) -> str:
+    """A task's state, the one rule (``TaskInfo.state`` and the listing's filter both read
+    it). A row's status is its state, except that a queued task is "waiting" while it is held
+    back (for a time, a dependency or a per-name limit): ``waiting`` is what the backlog says
+    of it (the registry's ``waiting``, from ``Backlog.waiting_for_locked``: every reason a
+    task is held, its ``after_ids`` dependencies and per-name limits included, which no
+    column tells); None, when the backlog does not hold it (not live here), falls back to its
+    not-before time."""
+    state = status or "queued"
+    if state != "queued":
+        return state
+    if waiting is None:
+        waiting = not_before is not None and not_before > now
+    return "waiting" if waiting else "queued"
 
 
 def read_row(db: sqlite3.Connection, task_id: int) -> tuple[Any, ...] | None:
@@ -107,13 +122,10 @@ def info_of(row: tuple[Any, ...], live: Progress | None = None,
             waiting: bool | None = None) -> TaskInfo:
     """A journal row (``_COLUMNS``) as a ``TaskInfo``; ``live``: the progress the registry
     holds for a running task (newer than the journal's); ``waiting``: what the backlog says
-    of a queued task (None: judged by its not-before time alone)."""
+    of a queued task (``state_of``)."""
     (task_id, name, status, attempts, submitted, started, finished, pid, priority,
      not_before, outcome, data, args_repr, progress, retry_of) = row
-    state = status or "queued"
-    if state == "queued" and (waiting if waiting is not None else
-                              not_before is not None and not_before > time.time()):
-        state = "waiting"
+    state = state_of(status, not_before, waiting, time.time())
     error = tb = result = None
     if data is not None and outcome is not None:
         error, tb, result = _outcome_text(outcome, data)

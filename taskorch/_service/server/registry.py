@@ -380,7 +380,7 @@ class TaskRegistry:
 
     def terminate(self, task_id: int) -> bool:
         """Kill task ``task_id``'s running attempt; it ends cancelled (``_parent.terminate``).
-        False if it is not running here, or the pool cannot kill one attempt (Dask)."""
+        False if it is not running here (on Dask, its worker process is restarted)."""
         with self._lock:
             live = self._live.get(task_id)
         return live is not None and self._orchestrator.dispatcher.terminate(live.item)
