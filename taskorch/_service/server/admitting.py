@@ -6,9 +6,10 @@ record is committed (``registry._committed``, on the journal's writer). A withdr
 ``run_async()`` cancelled) that arrives in that window used to find the request neither
 waiting for room nor accepted, and was ignored: the task was enqueued and ran. Now the window
 is tracked here: a withdraw in it marks the request, and at the commit the registry asks the
-connection (``Sink.wanted``) and forgets the record instead of enqueuing it. A withdraw after
-that check and before the connection hears of the acceptance cancels the task (see
-``Connection.admitted``).
+connection (``Sink.wanted``) and forgets the record instead of enqueuing it (or, for a
+submission that joined another's task by its key, does not attach it). A withdraw after that
+check and before the connection hears of the acceptance cancels the task if it is the
+submission's own (see ``Connection.admitted``), and only stops watching one it joined.
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ class Sink(Protocol):
 
     def wanted(self, req: int) -> bool:
         """At the commit, before the enqueue: False if ``req`` was withdrawn meanwhile (its
-        record is forgotten and nothing is enqueued; ``admitted`` is not called)."""
+        record is forgotten, or its join of another's task dropped, and nothing is enqueued;
+        ``admitted`` is not called)."""
 
     def rejected(self, req: int, error: BaseException) -> None:
         """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
