@@ -389,8 +389,11 @@ class Client:
 
     def retry(self, task_id: int) -> int:
         """Submit a task that ended failed, cancelled, abandoned or expired again, as a new
-        task (its record names the old in ``retry_of``): the new id. ValueError for a task in
-        another state; ``TaskNotFoundError`` for an unknown id."""
+        task (its record names the old in ``retry_of``): the new id. It keeps the task's
+        policy, priority and key, not its times nor its dependencies (it runs without
+        waiting for them); while an unfinished task has its key, it joins that task (whose
+        id it returns). ValueError for a task in another state; ``TaskNotFoundError`` for an
+        unknown id."""
         return int(operate(self._here().ask, "retry", {"id": task_id}))
 
     def purge(self, name: str | None = None) -> int:

@@ -140,7 +140,7 @@ class Fetched:
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         pass  # (never: a fetch is not a submission)
 
     def wanted(self, req: int) -> bool:
