@@ -207,6 +207,37 @@ def test_a_join_withdrawn_once_accepted_only_stops_watching(served: Served,
         assert busy.result(R) == "go" and k.result(R) == "one's"
 
 
+def test_an_owner_withdrawn_once_others_joined_leaves_the_task_to_them(
+        served: Served, short_dir: Path) -> None:
+    """``one``'s keyed run_async() is accepted (its S_ACCEPTED unread), ``two`` joins its task
+    by the key, then ``one``'s is withdrawn: the task is two's too by then, so it runs on."""
+    gate = t.Gate(short_dir, "busy")
+    with served.connect() as one, served.connect() as two:
+        busy = one.run(t.blocker, str(gate.started), str(gate.release_fifo))
+        gate.wait_started()
+        n = served.journal.submits
+
+        async def owner_withdrawn_late() -> tuple[Any, int]:
+            hold = Hold(served.journal).wait_entered()
+            task = asyncio.ensure_future(one.options(key="shared").run_async(t.identity, "1"))
+            await asyncio.to_thread(served.journal.wait_submits, n + 1)
+            hold.release()
+            # The loop is blocked from here to the cancel: the answer cannot reach the task.
+            assert served.journal.flush(R)  # committed and accepted
+            joined = two.options(key="shared").run(t.identity, "2")
+            task_id = two.accepted(joined, R)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return joined, task_id
+
+        joined, task_id = asyncio.run(owner_withdrawn_late())
+        served.barrier(one)
+        assert two.task(task_id).state == "queued"
+        gate.release()
+        assert busy.result(R) == "go" and joined.result(R) == "1"
+
+
 def test_cancelling_a_joined_future_cancels_the_shared_task_as_locally(
         served: Served, short_dir: Path) -> None:
     gate = t.Gate(short_dir, "busy")

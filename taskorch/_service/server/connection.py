@@ -323,8 +323,8 @@ class ServedConnection:
                 self._inflight[req] = Inflight(admission, not joined)
         if withdrawn:  # between wanted() and now: its own is cancelled if it has not started
             if not joined:
-                self._on_loop(self.server.loop.run_in_executor, None, self.registry.cancel,
-                              admission)
+                self._on_loop(self.server.loop.run_in_executor, None, self.registry.withdrawn,
+                              admission, self, req)
             return
         self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
 
@@ -410,7 +410,8 @@ class ServedConnection:
             accepted = self._inflight.pop(req, None)
         if accepted is not None and accepted.owned:  # (a joined task: only watched, no more)
             # Off the shared loop: a cancel may wait for a recall (intake.RECALL_WAIT).
-            self.server.loop.run_in_executor(None, self.registry.cancel, accepted.task_id)
+            self.server.loop.run_in_executor(None, self.registry.withdrawn, accepted.task_id,
+                                             self, req)
 
     def _cancel_waiting(self) -> None:
         for task in list(self._waiting.values()):

@@ -352,8 +352,8 @@ class TaskRegistry:
             self._attach(row, sink, req, admitted=False)
 
     def cancel(self, task_id: int) -> bool | None:
-        """Cancel task ``task_id`` if it has not started (a run_async() withdrawn just as it
-        was accepted; ``Client.cancel()``): True if it was, False if it had started, None if
+        """Cancel task ``task_id`` if it has not started (``Client.cancel()``; a withdrawn
+        run_async(): ``withdrawn``): True if it was, False if it had started, None if
         it is not live here (ended, or unknown). Its cancelled outcome goes to the journal as
         any outcome does (``watch`` says when it is committed)."""
         with self._lock:
@@ -361,6 +361,17 @@ class TaskRegistry:
         if live is None:
             return None
         return live.future.cancel()  # succeeds only while queued in the backlog
+
+    def withdrawn(self, task_id: int, sink: Sink, req: int) -> None:
+        """``req``'s run_async() was withdrawn once its task ``task_id`` was accepted: cancel
+        the task if it has not started, unless someone else watches it by now (a submission
+        that joined it by its key, a dependant): then the task goes on for them, and the
+        withdrawn request's outcome is dropped by its connection."""
+        with self._lock:
+            live = self._live.get(task_id)
+            if live is None or any(watcher != (sink, req) for watcher in live.watchers()):
+                return
+        live.future.cancel()  # succeeds only while queued in the backlog
 
     def progress_of(self, task_id: int) -> Progress | None:
         """A live task's latest ``taskorch.progress()`` (``TaskFuture.latest_progress``)."""
