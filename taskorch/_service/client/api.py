@@ -298,8 +298,10 @@ class Client:
         waits up to ``seconds`` (None: without limit) for room in the server's backlog, and
         rides out a lost connection (a server restart: the request is sent again once
         reconnected), raising ``QueueFullError`` (full) or ``ServerUnavailableError``
-        (down) only when ``seconds`` pass; nothing is enqueued then. The server waits for
-        room: one round trip per task, whatever the refusals (like ``run_async()``)."""
+        (down) only when ``seconds`` pass; nothing is enqueued then. Like ``run()``, it
+        spends the credits the server grants (slots held for this client: no round trip);
+        out of them, the server waits for room (one round trip, whose answer brings more
+        credits when there is room)."""
         if seconds is not None:
             check_number("seconds", seconds, allow_zero=True)
         return WaitingClient(self, seconds)

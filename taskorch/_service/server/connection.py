@@ -437,7 +437,7 @@ class ServedConnection:
                         data = b"".join(frame_bytes(message) for message in messages)
                     with self._send_lock:  # every frame queued meanwhile, in one write
                         self.sock.sendall(data)
-                    self._outbox.sent(messages)
+                    self._outbox.sent()
                 if stop:
                     return
         except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed
