@@ -326,7 +326,9 @@ class ServedConnection:
                 self._on_loop(self.server.loop.run_in_executor, None, self.registry.withdrawn,
                               admission, self, req)
             return
-        self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
+        if not self.closed:  # (``send``, without an outcome's size to read)
+            self._outbox.put_plain(accepted_frame(req, admission,
+                                                  self.credits.top_up_when_low()))
 
     def wanted(self, req: int) -> bool:
         return self._admitting.wanted(req)
