@@ -163,9 +163,11 @@ class Journal:
     # -- before start(): recovery (main thread) ---------------------------------------------
 
     def rows_to_recover(self) -> list[Row]:
-        """Tasks not done, oldest first: the ones a previous server accepted and did not end."""
+        """Tasks not done, oldest first: the ones a previous server accepted and did not end
+        (their status is queued or running while their state is not done: ``journal_file``'s
+        listing index finds them)."""
         cursor = self._db.execute(
-            f"SELECT {ROW_COLUMNS} FROM tasks WHERE state != 'done' ORDER BY id")
+            f"SELECT {ROW_COLUMNS} FROM tasks WHERE status IN ('queued', 'running') ORDER BY id")
         return [Row(*r) for r in cursor]
 
     def dependency_rows(self, ids: list[int]) -> dict[int, Row]:
