@@ -230,7 +230,7 @@ class Journal:
                  progress: bytes | None = None) -> None:
         """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer; ``status``
         and ``progress``, pickled: ``records``'); ``then()`` once committed (or failed to be)."""
-        size = data_bytes(data)
+        size = len(data) if type(data) is bytes else data_bytes(data)  # (once per task)
         if size >= LARGE_OUTCOME:  # (small ones are bounded by the tasks in flight)
             self._queued.add(size, self._may_wait)
         self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then, status,

@@ -224,8 +224,9 @@ class TaskRegistry:
         if resolved is not None:
             self._intake.time(item, resolved)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
-        self._journal(_Pending((client, sub, payload, blob, resolved, key, after), item, sink,
-                               req))
+        pending = _Pending((client, sub, payload, blob, resolved, key, after), item, sink, req)
+        self.journal.submit(client, sub, payload, blob, functools.partial(
+            self._committed, pending), resolved, key, after)  # (``_journal``, inline)
 
     def _journal(self, pending: _Pending) -> None:
         client, sub, payload, blob, resolved, key, after = pending.record
@@ -450,9 +451,13 @@ class TaskRegistry:
         """The journal's writer, once the outcome is committed (or failed to be)."""
         with self._lock:
             live = self._live.pop(task_id, None)
-        if live is not None:
-            for sink, req in live.watchers():
-                sink.outcome(req, outcome)
+        if live is None:
+            return
+        if live.more is None and live.sink is not None:  # (one watcher: the common case)
+            live.sink.outcome(live.req, outcome)
+            return
+        for sink, req in live.watchers():
+            sink.outcome(req, outcome)
 
     def _policy(self, blob: bytes | None) -> tuple[Any, bytes | None]:
         return self._policy_of(None if blob is None else decode_builtins(blob))

@@ -63,8 +63,9 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
     plain = [(i, op) for i, op in enumerate(submits) if op[7] is None and op[8] is None]
     inserted = 0
     if plain:
-        inserted = db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING",
-                                  [_values(first + i, op, now) for i, op in plain]).rowcount
+        inserted = db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING", [
+            (first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]), None, None)
+            for i, op in plain]).rowcount  # (``_values`` inline: no key, no after)
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
             if existing is None or existing.row.id == first + i:
