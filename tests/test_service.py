@@ -320,14 +320,14 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
     monkeypatch.setattr(intake, "RECALL_WAIT", 10 * R)
     server = make_server()
     o = server.orchestrator
-    cancel = server.registry.cancel
+    withdrawn = server.registry.withdrawn
     cancelling = threading.Event()
 
-    def cancel_and_tell(task_id: int) -> None:
+    def cancel_and_tell(task_id: int, *watcher: Any) -> None:
         cancelling.set()
-        cancel(task_id)
+        withdrawn(task_id, *watcher)
 
-    monkeypatch.setattr(server.registry, "cancel", cancel_and_tell)
+    monkeypatch.setattr(server.registry, "withdrawn", cancel_and_tell)
     g = gates("busy")
     withdrawing = connect(server.listener.address, authkey=KEY)
     other = connect(server.listener.address, authkey=KEY)
