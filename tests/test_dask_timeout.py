@@ -200,6 +200,10 @@ def test_terminate_on_dask_restarts_the_worker_and_the_task_ends_cancelled(
             t.hang_with_signals_blocked, str(started), str(never))
         wait_until(lambda: started.exists() and started.read_text(), what="the stuck task")
         stuck_pid = int(started.read_text())
+        # The task runs before the server hears of its start (the attempt's start ack comes
+        # through the scheduler): a terminate needs the server to know it is running.
+        wait_until(lambda: served.task(stuck.task_id).state == "running",
+                   what="the server to see the task running")
         assert served.cancel(stuck.task_id) is False  # running: without terminate, it runs on
         assert served.cancel(stuck.task_id, terminate=True) is True
         concurrent.futures.wait([stuck], timeout=R)
