@@ -77,11 +77,16 @@ class Waits:
         return True
 
     def ended(self, item: WorkItem) -> bool:
-        """``item`` ended (it has a key or holds a limit's slot): its key is free; True if a
-        task set aside for its limit went back to the ready tasks."""
+        """``item`` ended (it has a key, or there are limits): its key is free; True if a
+        task set aside for its limit went back to the ready tasks (the slot it held, or the
+        slot or token it was released for and never took: ``limits.Limits.dropped``)."""
         if item.key is not None and self._keys.get(item.key) is item:
             del self._keys[item.key]
-        return item.limit is not None and self.free(item)
+        if item.limit is not None:
+            return self.free(item)
+        released = self.limits.dropped(item) if self.limits is not None else []
+        self._order.push_front(released)
+        return bool(released)
 
     # -- dependencies --------------------------------------------------------------------
 
