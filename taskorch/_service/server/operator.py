@@ -122,8 +122,8 @@ class Operator:
         """True once a queued or waiting task is cancelled and that is committed; False if it
         had ended, or started and runs on. With ``terminate``, a running attempt is killed
         (its worker replaced) and True once the task's cancelled outcome is committed (False:
-        it ended otherwise first; on Dask, a worker without a nanny cannot be restarted: the task
-        runs on, and this waits for its end up to ``JOURNAL_WAIT``)."""
+        it ended otherwise first, or it cannot be killed: on Dask, a worker without a nanny
+        cannot be restarted, the task runs on, and the pool's refusal answers at once)."""
         cancelled = self._registry.cancel(task_id)
         if cancelled is None:  # not live: ended, or unknown
             if self._read(lambda db: read_row(db, task_id)) is None:
