@@ -302,6 +302,29 @@ def test_a_task_waiting_for_a_dependency_or_a_limit_expires_at_its_time() -> Non
         assert not backlog.holds_tasks_locked()
 
 
+def test_a_submission_that_joins_a_task_by_key_does_not_wait_for_its_dependencies() -> None:
+    fake = FakeClock()
+    backlog = Backlog(100, Clock(monotonic=fake.monotonic))
+    backlog.connect(lambda: None, recalls_for_cancel=False)
+    intake = Intake(backlog, Policy(), drop_when_full=False)
+    dependency = _task("jobs.other")
+    intake.offer(dependency)
+    waiting = _task("jobs.report", after=(dependency.future,))
+    joining = _task("jobs.report", after=(dependency.future,))
+    waiting.key = joining.key = "report"
+    assert intake.offer(waiting) is waiting.future
+    assert intake.offer(joining) is waiting.future  # it is that task now, no dependant
+    # One done-callback on the dependency: the waiting task's (the joiner's used to be added).
+    assert len(dependency.future._done_callbacks) == 1  # type: ignore[attr-defined]
+    with backlog.locked():
+        for item in backlog.take_locked(Admission(None), 10):
+            backlog.start_locked(item)
+            backlog.finish_locked(item, TaskState.SUCCEEDED)
+    dependency.future.set_result(None)  # the dependant is released, once
+    with backlog.locked():
+        assert backlog.take_locked(Admission(None), 10) == [waiting]
+
+
 def test_a_task_waiting_for_a_running_dependency_expires_without_it(make_orchestrator: Make,
                                                                      tmp_path: Path) -> None:
     o = make_orchestrator(2)
