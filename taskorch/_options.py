@@ -14,7 +14,8 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from typing import NamedTuple, Union
+from concurrent.futures import Future
+from typing import Any, Iterable, NamedTuple, Union
 
 #: What ``delay`` and a relative ``expires`` take: seconds, or a ``timedelta``.
 Duration = Union[float, int, datetime.timedelta]
@@ -188,3 +189,33 @@ def check_key(key: object) -> str | None:
     if key is not None and (not isinstance(key, str) or not key or len(key) > 1024):
         raise ValueError(f"key must be a non-empty str of at most 1024 characters, got {key!r}")
     return key
+
+
+def check_after(after: object, owner: object, *, ids: bool = False,
+                most: int | None = None) -> tuple[Any, ...]:
+    """``options(after=...)``, for an orchestrator and for a client alike: a list of futures
+    of ``owner``'s tasks (``TaskFuture.owner``: an orchestrator's backlog, a client's
+    session), and with ``ids`` (a client's) task ids too, ints >= 1; at most ``most``. Each
+    once, in order. ValueError naming what is wrong (nothing is enqueued)."""
+    what = "futures or task ids" if ids else "futures"
+    if isinstance(after, (Future, str, bytes)) or not isinstance(after, Iterable):
+        raise ValueError(f"after must be a list of {what}, got {after!r}")
+    items: dict[object, Any] = {}
+    for dependency in after:
+        if ids and isinstance(dependency, int) and not isinstance(dependency, bool):
+            if dependency < 1:
+                raise ValueError(f"after: {dependency!r} is not a task id (ids are ints >= 1)")
+            items[dependency] = dependency
+            continue
+        if not isinstance(dependency, Future) or getattr(dependency, "owner", None) is not owner:
+            raise ValueError(
+                f"after: {dependency!r} is not a future of this client's tasks nor a task id; "
+                "a task can only run after tasks of the same server (futures this client's "
+                "run() returned, or ids from future.task_id)" if ids else
+                f"after: {dependency!r} is not a future of this orchestrator's tasks; a task "
+                "can only run after tasks of the same orchestrator (or, on a client, of the "
+                "same server)")
+        items[id(dependency)] = dependency
+    if most is not None and len(items) > most:
+        raise ValueError(f"after: {len(items)} tasks, over the {most} one task may run after")
+    return tuple(items.values())

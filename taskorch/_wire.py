@@ -345,7 +345,7 @@ BY_REFERENCE = b"R"
 _FN_LENGTH = struct.Struct("!H")
 _MAX_FN_LENGTH = 0xFFFF
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
-# function -> (its module when decided, its pickle or None)
+# function -> (its module when decided, its payload's head or None: _reference_head)
 _by_reference: weakref.WeakKeyDictionary[Callable[..., Any], tuple[ModuleType, bytes | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -364,20 +364,18 @@ def function_reference(payload: bytes) -> bytes | None:
 def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a task in the caller's thread, so that a bad task fails in run(), not later."""
     try:
-        fn_bytes = (
-            _reference_pickle(fn)
+        head = (
+            _reference_head(fn)
             if type(fn) is FunctionType and not cloudpickle.list_registry_pickle_by_value()
             else None
         )
-        if fn_bytes is None:
+        if head is None:
             return cloudpickle.dumps((fn, args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
-        if all(type(a) in _PLAIN_TYPES for a in args) and all(
-            type(v) in _PLAIN_TYPES for v in kwargs.values()
-        ):
-            rest = pickle.dumps((args, kwargs), PROTOCOL)
-        else:
-            rest = cloudpickle.dumps((args, kwargs), PROTOCOL)
-        return b"".join((BY_REFERENCE, _FN_LENGTH.pack(len(fn_bytes)), fn_bytes, rest))
+        # (set.issuperset over map(type, ...): the check in C, no generator per call)
+        if _PLAIN_TYPES.issuperset(map(type, args)) and (
+                not kwargs or _PLAIN_TYPES.issuperset(map(type, kwargs.values()))):
+            return head + pickle.dumps((args, kwargs), PROTOCOL)
+        return head + cloudpickle.dumps((args, kwargs), PROTOCOL)  # type: ignore[no-any-return]
     except Exception as exc:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise SerializationError(
@@ -388,14 +386,15 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
         ) from exc
 
 
-def _reference_pickle(fn: FunctionType) -> bytes | None:
-    """``fn``'s pickle if cloudpickle would pickle it by reference now (then it is the plain
+def _reference_head(fn: FunctionType) -> bytes | None:
+    """What a BY_REFERENCE payload of ``fn`` starts with (the marker, the length, ``fn``'s
+    pickle) if cloudpickle would pickle it by reference now (then its pickle is the plain
     pickle of its module and name, the same bytes the C pickler makes), else None.
 
     As cloudpickle does on every call, it checks every time that ``fn`` is still what its
     module (still the one in sys.modules: not reloaded, not removed) holds under its name; a
     lambda, a closure or a __main__ function fails these checks before anything is pickled.
-    The pickle itself is made once per function object and module."""
+    The head itself is made once per function object and module."""
     module_name, qualname = fn.__module__, fn.__qualname__
     if module_name == "__main__" or "<locals>" in qualname:
         return None
@@ -415,7 +414,8 @@ def _reference_pickle(fn: FunctionType) -> bytes | None:
         plain: bytes | None = pickle.dumps(fn, PROTOCOL)
     except Exception:  # noqa: BLE001 - then cloudpickle's decision stands
         plain = None
-    result = reference if plain == reference and len(reference) <= _MAX_FN_LENGTH else None
+    result = (b"".join((BY_REFERENCE, _FN_LENGTH.pack(len(reference)), reference))
+              if plain == reference and len(reference) <= _MAX_FN_LENGTH else None)
     _by_reference[fn] = (module, result)
     return result
 

@@ -66,3 +66,15 @@ def test_bench_cost_quick_prints_the_per_task_cost(tmp_path: Path) -> None:
     for kind in ("local", "remote", "remote-nj"):
         assert "error" not in cost[kind] and cost[kind]["own_us"] > 0, cost[kind]
     assert cost["remote"]["server_us"] > 0
+
+
+def test_bench_defaults_quick_prints_remote_and_local_at_serves_defaults() -> None:
+    from taskorch.cli.serve import SERVICE_BACKLOG
+
+    proc = subprocess.run([sys.executable, str(BENCH), "--defaults", "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(f"| {SERVICE_BACKLOG:,}")
+            or line.startswith("| 128 ")]
+    assert len(rows) == 2 and "error" not in proc.stdout, proc.stdout
+    assert all(row.rstrip(" |").endswith("x") for row in rows), rows  # both ran: a ratio each

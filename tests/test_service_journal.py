@@ -214,6 +214,23 @@ def test_a_resent_submission_is_found_in_the_journal(start_server) -> None:
         assert second.stats().submitted == 1
 
 
+def test_with_wait_spends_a_credit_held_without_a_round_trip(start_server, short_dir) -> None:
+    # Issue 23: a producer that waits for room pays no round trip while the server has granted
+    # this client slots (credits); a stopped server shows it: the call returns all the same.
+    a = start_server("--journal", str(short_dir / "j.sqlite3"))
+    with a.connect() as client:
+        first = client.with_wait(R).run(t.square, 2)
+        assert client.accepted(first, R) == first.task_id > 0  # (credits granted by now)
+        sigstop(a.proc.pid)
+        try:
+            stalled = client.with_wait(R).run(t.square, 3)  # returned without the server
+            assert stalled.task_id == 0 and not stalled.done()
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert stalled.result(R) == 9 and first.result(R) == 4
+        assert client.accepted(stalled, R) == stalled.task_id > first.task_id
+
+
 def test_accepted_waits_for_the_commit_of_a_run_that_spent_a_credit(
         start_server, short_dir) -> None:
     a = start_server("--journal", str(short_dir / "j.sqlite3"))
@@ -251,7 +268,9 @@ def test_accepted_waits_for_the_commit_of_a_run_that_spent_a_credit(
 
 
 def test_a_stopped_server_makes_calls_fail_within_their_timeout(start_server, short_dir) -> None:
-    a = start_server()
+    # A backlog of 128 (serve's default before issue 23): its credits (a quarter of it) run out
+    # well before the 1,000 calls below fill the socket.
+    a = start_server("--backlog", "128")
     client = connect(a.address, authkey_file=a.authkey_file, request_timeout=0.5)
     try:
         assert client.run(t.square, 2).result(R) == 4

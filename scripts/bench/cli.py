@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--cost", action="store_true",
                         help="run the per-task cost section instead: CPU of the parent (and of "
                              "the server, for remote run()) per no-op task")
+    parser.add_argument("--defaults", action="store_true",
+                        help="run the default-settings section instead: remote run() at "
+                             "taskorch serve's defaults against a local pool, each with a "
+                             "producer that waits for room")
     # The child role: internal.
     parser.add_argument("--child", choices=ALL_POOLS, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import cost
 
         return cost.main(args)
+    if args.defaults:
+        from . import defaults
+
+        return defaults.main(args)
     from . import parent
 
     return parent.main(args)

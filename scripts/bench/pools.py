@@ -380,6 +380,8 @@ class TaskorchRemoteAdapter(PoolAdapter):
     name = "taskorch-remote"
     sections = "A"
     journal = True
+    # A huge backlog bound, as for the local pool: the bound never throttles section A.
+    backlog_args: tuple[str, ...] = ("--backlog", "1000000")
 
     @staticmethod
     def preload() -> str:
@@ -403,7 +405,7 @@ class TaskorchRemoteAdapter(PoolAdapter):
         with open(log, "wb") as err:
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "taskorch", "serve", "--socket", sock, "--authkey-file",
-                 key, "--workers", str(self.workers), "--backlog", "1000000", *journal],
+                 key, "--workers", str(self.workers), *self.backlog_args, *journal],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
         deadline = time.monotonic() + 30.0
         while "listening on" not in open(log).read():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import _thread
 import threading
 from collections import deque
 from typing import Any
+
+# The C lock itself: ``threading.RLock`` is a Python function that makes one (a call per task
+# saved on run()'s path).
+_new_rlock = getattr(_thread, "RLock", threading.RLock)
 
 
 class FutureCondition(threading.Condition):
@@ -18,7 +23,7 @@ class FutureCondition(threading.Condition):
     a finalizer may touch a future while its thread holds the condition."""
 
     def __init__(self) -> None:  # (no super().__init__: see the class docstring)
-        self._lock = threading.RLock()
+        self._lock: threading.RLock = _new_rlock()
         self._waiters: deque[threading.Lock] = deque()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:

@@ -198,8 +198,11 @@ def name_of_payload(payload: bytes) -> str:
     sent by reference is a plain pickle of its module and name, read here with ``pickletools``
     (which decodes opcodes and imports nothing). Functions sent by value are ``BY_VALUE``."""
     reference = function_reference(payload)
-    if reference is None:
-        return BY_VALUE
+    return BY_VALUE if reference is None else name_of_reference(reference)
+
+
+def name_of_reference(reference: bytes) -> str:
+    """``name_of_payload`` for the function reference already read from a payload."""
     name = _names_of_references.get(reference)
     if name is None:
         name = _read_global(reference)

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from taskorch._options import Resolved, Timing, check_key
+from taskorch._options import Resolved, Timing, check_after, check_key
 from taskorch._parent.backlog import Backlog
 from taskorch._parent.callbacks import InlineCallback, callback_runner
 from taskorch._parent.clock import Clock
@@ -127,18 +127,9 @@ class Intake:
             dependency.add_done_callback(callback)
 
     def check_after(self, after: object) -> tuple[TaskFuture, ...]:
-        """``options(after=...)``: futures of tasks of this orchestrator (ValueError)."""
-        if isinstance(after, (TaskFuture, str, bytes)) or not hasattr(after, "__iter__"):
-            raise ValueError(f"after must be a list of futures, got {after!r}")
-        futures: dict[int, TaskFuture] = {}
-        for dependency in after:
-            if not isinstance(dependency, TaskFuture) or dependency.owner is not self._backlog:
-                raise ValueError(
-                    f"after: {dependency!r} is not a future of this orchestrator's tasks; a task "
-                    "can only run after tasks of the same orchestrator (or, on a client, of the "
-                    "same server)")
-            futures[id(dependency)] = dependency
-        return tuple(futures.values())
+        """``options(after=...)``: futures of tasks of this orchestrator (ValueError: the
+        rule is ``_options.check_after``'s)."""
+        return check_after(after, self._backlog)
 
     def _log_drop(self, what: object) -> None:
         """A task dropped for a full backlog (``ALLOW_SYNC_TASK_DROP``); ``what``: its function,

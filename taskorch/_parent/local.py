@@ -80,6 +80,8 @@ MAX_SELECT_WAIT = 3600.0
 
 # Events that show a worker making progress (a Recalled answer does not).
 _PROGRESS = frozenset({Started, Retrying, Succeeded, Failed, Ready})
+# The per-task pool events are built without the NamedTuple's Python-level __new__.
+_new = tuple.__new__
 
 
 class LocalPool:
@@ -200,13 +202,10 @@ class LocalPool:
         for event in events:
             if type(event) in _PROGRESS:
                 worker.last_progress = now
-            if isinstance(event, Started):
+            if type(event) is Started:  # (exactly a ``_wire`` event type: decode_events)
                 item = _head(worker, event.task_id)
                 item.started_on = worker
-                out(AttemptStarted(item, event.attempt))
-            elif isinstance(event, Retrying):
-                out(AttemptRetrying(_head(worker, event.task_id), event.attempt, event.error,
-                                    event.delay, event.timed_out))
+                out(_new(AttemptStarted, (item, event.attempt)))
             elif isinstance(event, (Succeeded, Failed)):
                 item = worker.inflight.popleft()
                 if item.task_id != event.task_id:
@@ -215,7 +214,10 @@ class LocalPool:
                 worker.inflight_bytes -= len(item.payload)
                 worker.tasks_run += 1
                 worker.record_duration(float(event.seconds) / max(1, int(event.attempts)))
-                out(TaskFinished(item, event))
+                out(_new(TaskFinished, (item, event)))
+            elif isinstance(event, Retrying):
+                out(AttemptRetrying(_head(worker, event.task_id), event.attempt, event.error,
+                                    event.delay, event.timed_out))
             elif isinstance(event, Retiring):
                 worker.retiring = event.reason
             elif isinstance(event, Recalled):

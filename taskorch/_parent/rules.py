@@ -102,8 +102,10 @@ class TaskRules:
         item, attempt = event
         item.attempts = item.future.attempts = attempt
         item.attempt_started = now
-        self._announce_started(item, now)
-        self._backlog.start_locked(item)
+        backlog = self._backlog
+        if backlog.listeners or item.listener is not None:
+            self._announce_started(item, now)
+        backlog.start_locked(item)
 
     def _announce_started(self, item: WorkItem, now: float) -> None:
         """To the orchestrator's listeners, then the task's own."""
@@ -131,8 +133,8 @@ class TaskRules:
             self._announce_started(item, now)
         backlog.start_locked(item)
         item.future.seconds = seconds
-        failed = not isinstance(outcome, Succeeded)
-        if isinstance(outcome, Succeeded):
+        failed = type(outcome) is not Succeeded  # (exactly a ``_wire`` type)
+        if type(outcome) is Succeeded:
             backlog.finish_locked(item, TaskState.SUCCEEDED)
             self.resolutions.append((item, "result", outcome.result))
         elif isinstance(outcome, Failed):
@@ -142,8 +144,11 @@ class TaskRules:
             self.resolutions.append((item, "error", outcome.error))
         else:
             raise AssertionError(f"not an outcome: {outcome!r} for {item!r}")
-        for listener in backlog.listeners:
-            listener.finished(item, seconds, outcome.error if isinstance(outcome, Failed) else None)
+        listeners = backlog.listeners
+        if listeners:
+            error = outcome.error if isinstance(outcome, Failed) else None
+            for listener in listeners:
+                listener.finished(item, seconds, error)
         if self._breaker is not None:
             self._breaker.record(item.task_id, failed)
 

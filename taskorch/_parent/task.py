@@ -135,7 +135,7 @@ class TaskFuture(Future[Any]):
         # Held while unpickling (user code: can be slow): only result()/exception() callers
         # of this future wait on it; `_condition`, which wait(), done() and the dispatcher
         # take, is never held while user code runs. Made by the first decoder (under
-        # `_condition`): a future that is never decoded (taskorch serve's) never has one.
+        # `_condition`), dropped once decoded (one object less per future for the collector).
         self._decode_lock: threading.Lock | None = None
         # Internal: called once, with this future, in the thread that resolves it, before
         # its done-callbacks are queued (taskorch serve's registry journals the outcome). Must
@@ -274,6 +274,7 @@ class TaskFuture(Future[Any]):
                 self._result = result
                 self._exception = exception
                 self._undecoded = None
+            self._decode_lock = None
 
     def __repr__(self) -> str:
         pending = self._undecoded  # never unpickle here: repr runs in logs, on any thread
@@ -300,10 +301,8 @@ class TaskFuture(Future[Any]):
         if not callbacks:
             return
         self._done_callbacks = []  # done: nothing is added any more; let them go once run
-        if getattr(_inline, "callbacks", False):
-            call_each(self, callbacks)
-        else:
-            run_or_queue(self, callbacks)  # (taskorch's ``InlineCallback``s run here)
+        (call_each if getattr(_inline, "callbacks", False) else run_or_queue)(  # (run_or_queue:
+            self, callbacks)  # taskorch's ``InlineCallback``s run there)
 
 
 # cancel() sets `callbacks` for the duration of the call: the callbacks of the future it

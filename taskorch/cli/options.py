@@ -26,17 +26,18 @@ class UsageError(Exception):
     """Bad command-line input: printed without a traceback, exit code 2."""
 
 
-def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+def add_pool_arguments(parser: argparse.ArgumentParser, *, backlog: int = 128) -> None:
     """The options shared by every command that starts a pool. The policy's defaults are
-    ``Policy.default()``'s, as in the library: one default for both."""
+    ``Policy.default()``'s, as in the library: one default for both. ``backlog``: the
+    command's default bound (``taskorch serve``'s is a service's: ``serve.SERVICE_BACKLOG``)."""
     from taskorch._policy import Policy
 
     d = Policy.default()
     pool = parser.add_argument_group("pool")
     pool.add_argument("--workers", type=positive_int, default=None, metavar="N",
                       help="worker processes (default: 2)")
-    pool.add_argument("--backlog", type=positive_int, default=128, metavar="N",
-                      help="tasks that may wait to start (default: 128)")
+    pool.add_argument("--backlog", type=positive_int, default=backlog, metavar="N",
+                      help=f"tasks that may wait to start (default: {backlog:,})")
     pool.add_argument("--drop", action="store_true",
                       help="drop tasks that find the backlog full (ALLOW_SYNC_TASK_DROP); "
                            "without it, taskorch run waits for room and a client's run() "

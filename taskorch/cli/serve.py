@@ -40,6 +40,16 @@ from taskorch.cli.options import (
 )
 from taskorch.cli.serve_http import add_http_arguments, http_service_from_args
 
+#: ``taskorch serve``'s default ``--backlog``: a service's, far above an in-process pool's 128.
+#: A queued task is committed to the journal, on disk, before it is accepted: a restart loses
+#: none of them, however many, so the bound is not what keeps them safe; it only says how many
+#: the server holds in memory at once (about 2.7 KiB each with small arguments: 27 MiB) and
+#: how long the last one may wait. What a small bound costs a service is throughput: producers
+#: that meet a full backlog wait for room (a round trip each for a remote one, once its credits
+#: are spent), and at 128 the workers ran dry between those waits (issue 23: remote run() at
+#: 0.25-0.35x a local pool). With 10,000, a producer that waits for room keeps the workers fed.
+SERVICE_BACKLOG = 10_000
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -116,7 +126,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--result-ttl", type=float, default=3600.0, metavar="SECONDS",
                    help="how long outcomes stay in the journal for Client.result(task_id) "
                         "(default: 3600)")
-    add_pool_arguments(p)
+    add_pool_arguments(p, backlog=SERVICE_BACKLOG)
     p.set_defaults(handler=main, serve_parser=p)
 
 

@@ -298,8 +298,10 @@ class Client:
         waits up to ``seconds`` (None: without limit) for room in the server's backlog, and
         rides out a lost connection (a server restart: the request is sent again once
         reconnected), raising ``QueueFullError`` (full) or ``ServerUnavailableError``
-        (down) only when ``seconds`` pass; nothing is enqueued then. The server waits for
-        room: one round trip per task, whatever the refusals (like ``run_async()``)."""
+        (down) only when ``seconds`` pass; nothing is enqueued then. Like ``run()``, it
+        spends the credits the server grants (slots held for this client: no round trip);
+        out of them, the server waits for room (one round trip, whose answer brings more
+        credits when there is room)."""
         if seconds is not None:
             check_number("seconds", seconds, allow_zero=True)
         return WaitingClient(self, seconds)
@@ -388,8 +390,11 @@ class Client:
 
     def retry(self, task_id: int) -> int:
         """Submit a task that ended failed, cancelled, abandoned or expired again, as a new
-        task (its record names the old in ``retry_of``): the new id. ValueError for a task in
-        another state; ``TaskNotFoundError`` for an unknown id."""
+        task (its record names the old in ``retry_of``): the new id. It keeps the task's
+        policy, priority and key, not its times nor its dependencies (it runs without
+        waiting for them); while an unfinished task has its key, it joins that task (whose
+        id it returns). ValueError for a task in another state; ``TaskNotFoundError`` for an
+        unknown id."""
         return int(operate(self._here().ask, "retry", {"id": task_id}))
 
     def purge(self, name: str | None = None) -> int:

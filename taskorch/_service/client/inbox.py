@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.task import TaskFuture
+from taskorch._service.client.credits import Credits
 from taskorch._service.client.requests import Request, resolve
 from taskorch._service.codec import decode_server_frames
 from taskorch._service.protocol import (
@@ -65,8 +66,7 @@ class Owner(Protocol):
     def put_back(self, frames: tuple[ServerFrame, ...], requests: list[Request | None]) -> None:
         """Frames not handled after all: their requests go back in the table."""
 
-    def grant(self, n: int, answered: int = 0) -> None:
-        """Credits granted, credit submissions answered."""
+    credits: Credits  # (the reader grants them)
 
     def return_credits(self) -> None:
         """S_RECALL: give back every credit held."""
@@ -149,7 +149,7 @@ class Inbox:
                 self._session.put_back(frames[i + 1:], found[i + 1:])
                 raise
         if tally.granted or tally.answered or tally.accepted:
-            self._session.grant(tally.granted, tally.answered)
+            self._session.credits.grant(tally.granted, tally.answered)
 
     def _handle_one(self, frame: ServerFrame, request: Request | None, tally: _Tally) -> None:
         """One message and the request it answers (if any); credits counted in ``tally``."""
@@ -178,7 +178,7 @@ class Inbox:
         elif isinstance(frame, CreditGrant):
             tally.granted += frame.n
         elif isinstance(frame, CreditRecall):
-            self._session.grant(tally.granted, tally.answered)  # (they count in the return)
+            self._session.credits.grant(tally.granted, tally.answered)  # (they count in the return)
             tally.granted = tally.answered = 0
             self._session.return_credits()
         else:

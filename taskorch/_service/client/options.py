@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
-from taskorch._options import Timing, check_key
+from taskorch._options import Timing, check_after, check_key
 from taskorch._parent.task import TaskFuture
 from taskorch._policy import Policy
 from taskorch._service.protocol import SubmitOptions
@@ -31,27 +31,6 @@ if TYPE_CHECKING:
 
 #: A dependency as ``options(after=...)`` takes it on a client.
 Dependency = TaskFuture | int
-
-
-def check_after(after: object, session: Session) -> tuple[Dependency, ...] | None:
-    """``options(after=...)`` on a client: futures of ``session``'s tasks or task ids."""
-    if isinstance(after, (TaskFuture, str, bytes, int)) or not isinstance(after, Iterable):
-        raise ValueError(f"after must be a list of futures or task ids, got {after!r}")
-    items: list[Dependency] = []
-    for dependency in after:
-        if isinstance(dependency, int) and not isinstance(dependency, bool):
-            if dependency < 1:
-                raise ValueError(f"after: {dependency!r} is not a task id (ids are ints >= 1)")
-        elif not isinstance(dependency, TaskFuture) or dependency.owner is not session:
-            raise ValueError(
-                f"after: {dependency!r} is not a future of this client's tasks nor a task id; "
-                "a task can only run after tasks of the same server (futures this client's "
-                "run() returned, or ids from future.task_id)")
-        items.append(dependency)
-    if len(items) > MAX_AFTER:
-        raise ValueError(f"after: {len(items)} tasks, over the {MAX_AFTER} one task may "
-                         "run after")
-    return tuple(items) or None
 
 
 class RemotePolicyOverride:
@@ -68,7 +47,9 @@ class RemotePolicyOverride:
         self._wire_policy = None if policy is None else encode_service_policy(policy)
         self._timing = None if timing is None or timing.plain else timing
         self._key = check_key(key)
-        self._after = None if after is None else check_after(after, here())
+        # (futures of this client's tasks, or ids: ``_options.check_after``'s rule)
+        self._after: tuple[Dependency, ...] | None = None if after is None else check_after(
+            after, here(), ids=True, most=MAX_AFTER) or None
 
     def _options(self, session: Session) -> SubmitOptions | None:
         """What the Submit frame carries; ``after``'s futures as ids (committed by now)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import socket
 import struct
 import threading
@@ -80,16 +79,22 @@ def payload(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 class RemoteTaskFuture(TaskFuture):
-    """A client's future: ``cancel()`` and ``progress()`` ask the server (``operate``:
-    ``Session.operate``, one round trip each)."""
+    """A client's future: ``cancel()`` and ``progress()`` ask the server (``operate``, one
+    round trip each, through ``ask``: ``Session.ask``). Every future of a session shares its
+    ``ask`` and the module's canceller: nothing per future but the future (each held future's
+    objects are the cyclic collector's work, see ``condition``)."""
 
-    def __init__(self, operate: Callable[[str, dict[str, Any]], Any]) -> None:
+    def __init__(self, ask: Ask) -> None:
         super().__init__()
-        self._operate = operate
+        self._ask = ask
         # O_DEPENDENCY: the cause's (outcome, data), set before the future is done, decoded
         # and attached by the first result()/exception() (under ``_cause_lock``), then None.
         self._cause: tuple[int, Any] | None = None
         self._cause_lock: threading.Lock | None = None
+
+    def operate(self, op: str, args: dict[str, Any]) -> Any:
+        """An operator's request to this future's server (``operate``): its answer."""
+        return operate(self._ask, op, args)
 
     def set_dependency_failed(self, data: Any) -> None:
         """Resolve with O_DEPENDENCY's ``DependencyFailedError`` (reader thread: only
@@ -100,12 +105,19 @@ class RemoteTaskFuture(TaskFuture):
         self.set_exception(decode_service_error(error))
 
     def result(self, timeout: float | None = None) -> Any:
-        self._attach_cause(timeout)
+        try:
+            return super().result(timeout)  # (one wait: the cause is looked at only on failure)
+        except BaseException:
+            if self._cause_lock is None:  # (set before the future is done: see above)
+                raise
+        self._attach_cause(0)
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._attach_cause(timeout)
-        return super().exception(0)
+        error = super().exception(timeout)
+        if error is not None and self._cause_lock is not None:
+            self._attach_cause(0)
+        return error
 
     def _attach_cause(self, timeout: float | None) -> None:
         """Wait until done (as ``exception()``), then give a DependencyFailedError its cause."""
@@ -122,7 +134,7 @@ class RemoteTaskFuture(TaskFuture):
         server accepted it, or if it cannot be asked: then the last one seen)."""
         if self.task_id:
             try:
-                fields = self._operate("task", {"id": self.task_id}).get("progress")
+                fields = self.operate("task", {"id": self.task_id}).get("progress")
             except (TaskorchError, ValueError, LookupError, TimeoutError):
                 return self.latest_progress
             self.latest_progress = None if fields is None else Progress(**fields)
@@ -139,12 +151,12 @@ def operate(ask: Ask, op: str, args: dict[str, Any]) -> Any:
 
 
 def new_future(ask: Ask, owner: object = None) -> TaskFuture:
-    """A client future; its ``cancel()`` and ``progress()`` ask the server through ``ask``;
-    ``owner``: its session (what tells this client's futures in ``options(after=...)``)."""
-    operator = functools.partial(operate, ask)
-    future = RemoteTaskFuture(operator)
+    """A client future; its ``cancel()`` and ``progress()`` ask the server through ``ask``
+    (pass the same ``ask`` for every future: see ``RemoteTaskFuture``); ``owner``: its session
+    (what tells this client's futures in ``options(after=...)``)."""
+    future = RemoteTaskFuture(ask)
     future.owner = owner
-    future.set_canceller(functools.partial(_cancel_remote, operator))
+    future.set_canceller(_cancel_remote)
     return future
 
 
@@ -152,14 +164,14 @@ def new_future(ask: Ask, owner: object = None) -> TaskFuture:
 CANCEL_WAIT = 5.0
 
 
-def _cancel_remote(operate: Callable[[str, dict[str, Any]], Any], future: TaskFuture) -> bool:
+def _cancel_remote(future: TaskFuture) -> bool:
     """``future.cancel()``: the server cancels the task if it has not started (True: it never
     runs; its cancelled outcome, committed, comes as S_DONE). False before the server
     accepted it (no id yet), from the reader thread, or if the server cannot be asked."""
-    if not future.task_id:
+    if not future.task_id or not isinstance(future, RemoteTaskFuture):
         return False
     try:
-        cancelled = bool(operate("cancel", {"id": future.task_id}))
+        cancelled = bool(future.operate("cancel", {"id": future.task_id}))
     except (TaskorchError, ValueError, LookupError, TimeoutError):
         return False
     if cancelled:

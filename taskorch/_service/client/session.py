@@ -58,6 +58,7 @@ from taskorch._errors import (
     ServerUnavailableError,
 )
 from taskorch._parent.task import TaskFuture
+from taskorch._service.client.credits import Credits
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
 from taskorch._service.client.requests import Request, new_future, payload, resend
@@ -113,10 +114,9 @@ class Session:
         self._requests: dict[int, Request] = {}
         self._req_ids = itertools.count(1)
         self.token = os.urandom(16)  # names its submissions in the server's journal, with req
-        self._credits = 0  # backlog slots the server holds for us (see ``credits``)
-        self._credit_inflight = 0  # credit submissions sent, not answered yet
-        self._credit_change = threading.Condition(self._lock)  # more credits, or an answer
+        self.credits = Credits(self._lock)  # (granted by the reader: see ``credits``)
         self._closing = False  # close() was called: no new requests
+        self._ask = self.ask  # (one bound method, shared by every future: ``new_future``)
         self.closed_reason: str | None = None  # set when the session has ended
         # The reader: the only thread that receives, and the one that reconnects (``inbox``).
         self._inbox = Inbox(self, self._link, f"taskorch-client-reader-{next(_client_numbers)}")
@@ -144,27 +144,15 @@ class Session:
         kwargs: dict[str, Any], options: SubmitOptions | None = None,
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
-        with self._lock:
-            # Out of credits while credit submissions are unanswered: their answers (or S_CREDIT)
-            # bring more unless the backlog is full; wait rather than pay a group commit.
-            if not self._credit_change.wait_for(self._credit_or_answers, self.request_timeout):
-                raise ServerTimeoutError(
-                    f"taskorch serve at {self.where} did not answer run() within "
-                    f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
-            credit = (self._credits > 0 and self._link.down_reason is None  # (a bad ``after``
-                      and (options is None or options.after is None))  # raises in run())
-            self._credits -= credit
-            self._credit_inflight += credit
-        request = Request(new_future(self.ask, self), credit=credit)
+        credit = self._take_credit(self.request_timeout,  # (a bad ``after`` raises in run())
+                                   options is None or options.after is None)
+        if credit is None:
+            raise ServerTimeoutError(
+                f"taskorch serve at {self.where} did not answer run() within "
+                f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
+        request = Request(new_future(self._ask, self), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
-            try:
-                self._start(request, lambda req: submit_frame(
-                    req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-                    retry=False, credit=True, options=options))
-            except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
-                self.grant(1, 1)
-                raise
-            return request.future
+            return self._spend(request, lambda: payload(fn, args, kwargs), wire_policy, options)
         answer = self._call(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
             retry=False, credit=False, options=options), "run()")
@@ -177,7 +165,7 @@ class Session:
         loop = asyncio.get_running_loop()
         if self.down_reason is not None:
             await loop.run_in_executor(None, self._link.up.wait, self.request_timeout)
-        request = Request(new_future(self.ask, self), loop, loop.create_future())
+        request = Request(new_future(self._ask, self), loop, loop.create_future())
         assert request.waiter is not None
         req = self._start(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=True, client=self.token,
@@ -194,10 +182,22 @@ class Session:
     def submit_payload_waiting(self, wire_policy: WirePolicy | None, data: bytes,
                                timeout: float | None = None, what: str = "map()") -> TaskFuture:
         """A pickled call (``map()``'s chunks, ``with_wait()``), accepted once the backlog has
-        room (the server waits: one round trip); a lost link is waited out (sent again). Past
-        ``timeout``: withdrawn, QueueFullError (ServerUnavailableError while down)."""
+        room; a lost link is waited out (sent again). With a credit held (or coming with the
+        answers to credit submissions), no round trip: a slot is the client's already, as in
+        run(). Else the server waits for room: one round trip, whose answer tops the credits
+        up if room allows. Past ``timeout``: withdrawn, QueueFullError
+        (ServerUnavailableError while down)."""
         self._check_not_reader(what)
-        request = Request(new_future(self.ask, self))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._take_credit(self.request_timeout if timeout is None
+                             else min(timeout, self.request_timeout)):
+            future = self._spend(Request(new_future(self._ask, self), credit=True),
+                                 lambda: data, wire_policy, None, when_down="queue")
+            assert future is not None
+            return future
+        if deadline is not None:
+            timeout = max(0.0, deadline - time.monotonic())
+        request = Request(new_future(self._ask, self))
         req = self._start(request, lambda req: submit_frame(
             req, data, wire_policy, wait=True, client=self.token, retry=False, credit=False),
             when_down="queue")
@@ -216,6 +216,23 @@ class Session:
         assert future is not None  # the server never drops a waiting request
         return future
 
+    def _take_credit(self, wait: float | None, may: bool = True) -> bool | None:
+        """``Credits.take``: True, spent; False, a round trip (if not ``may``: at once)."""
+        return self.credits.take(wait, lambda: may and self._link.down_reason is None,
+                                 lambda: self._closing or self.closed_reason is not None)
+
+    def _spend(self, request: Request, data: Callable[[], bytes], wire_policy: WirePolicy | None,
+               options: SubmitOptions | None, when_down: str = "fail") -> TaskFuture | None:
+        """Send a credit submission (``_take_credit`` took the credit): no answer awaited."""
+        try:
+            self._start(request, lambda req: submit_frame(
+                req, data(), wire_policy, wait=False, client=self.token, retry=False,
+                credit=True, options=options), when_down)
+        except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
+            self.credits.grant(1, 1)
+            raise
+        return request.future
+
     def accepted(self, future: TaskFuture, timeout: float | None) -> int:
         """Wait until the server has committed ``future``'s task (see ``Client.accepted``)."""
         self._check_not_reader("accepted()")
@@ -232,7 +249,7 @@ class Session:
                     raise TimeoutError(
                         f"taskorch serve at {self.where} did not commit the task within "
                         f"{timeout:g} s")
-                self._credit_change.wait(remaining)
+                self.credits.change.wait(remaining)
             reason = self.closed_reason
         if future.task_id:
             return future.task_id
@@ -248,7 +265,7 @@ class Session:
         """Wait for task ``task_id``'s outcome (any client's) and return or raise it."""
         self._check_not_reader("result()")
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = Request(new_future(self.ask))
+        request = Request(new_future(self._ask))
         wait = timeout is None or timeout > 0  # 0: ask whether it has ended, do not wait
         req = self._start(request, lambda req: result_request_frame(req, task_id, wait),
                           when_down="queue")
@@ -392,7 +409,7 @@ class Session:
         copies of the socket without ``shutdown()`` (it would end the parent's connection),
         fail the parent's requests here (answered there), new locks (copied held?)."""
         self._lock = threading.Lock()
-        self._credit_change = threading.Condition(self._lock)
+        self.credits = Credits(self._lock)
         self._link.forget_in_forked_child(self._lock)
         self._closing = True
         self.closed_reason = "it was opened by the process this one was forked from"
@@ -426,25 +443,10 @@ class Session:
                 if request is not None and isinstance(frame, FINAL_ANSWERS):
                     self._requests.setdefault(frame.req, request)
 
-    def grant(self, n: int, answered: int = 0) -> None:
-        """``n`` more credits; ``answered`` credit submissions answered. Wakes whoever waits
-        for either (``submit``) or for a task id (``accepted``)."""
-        with self._lock:
-            self._credits += n
-            self._credit_inflight = max(0, self._credit_inflight - answered)
-            self._credit_change.notify_all()
-
-    def _credit_or_answers(self) -> bool:  # (_lock held)
-        return (self._credits > 0 or self._credit_inflight == 0
-                or self._link.down_reason is not None
-                or self._closing or self.closed_reason is not None)
-
     def return_credits(self) -> None:
         """S_RECALL: give back every credit held (C_RETURN)."""
-        with self._lock:
-            n, self._credits = self._credits, 0
         try:
-            self._send(encode_service_frame(credit_return_frame(n)))
+            self._send(encode_service_frame(credit_return_frame(self.credits.return_all())))
         except (ServerUnavailableError, ServerTimeoutError):
             pass  # the link is lost: the server frees them itself
 
@@ -455,8 +457,7 @@ class Session:
         self._link.shut_down()  # a sender blocked in send_bytes() fails now, releasing send_lock
         with self._link.send_lock, self._lock:  # lock order: send_lock, then _lock
             self._link.lost_locked(why)
-            self._credits = self._credit_inflight = 0  # the server frees what it granted
-            self._credit_change.notify_all()
+            self.credits.clear_locked()  # the server frees what it granted
             stranded = [(req, r) for req, r in self._requests.items()
                         if not r.answered and (r.message is None or isinstance(
                             r.message, (StatsRequest, TriggerRequest, AdminRequest)))]
@@ -477,7 +478,7 @@ class Session:
         self._link.shut_down()  # a sender blocked in send_bytes() fails now, releasing send_lock
         with self._link.send_lock, self._lock:  # lock order: send_lock, then _lock
             self.closed_reason = reason
-            self._credit_change.notify_all()
+            self.credits.change.notify_all()
             requests = list(self._requests.values())
             self._requests.clear()
             self._link.closed_locked()

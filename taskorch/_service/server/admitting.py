@@ -6,14 +6,25 @@ record is committed (``registry._committed``, on the journal's writer). A withdr
 ``run_async()`` cancelled) that arrives in that window used to find the request neither
 waiting for room nor accepted, and was ignored: the task was enqueued and ran. Now the window
 is tracked here: a withdraw in it marks the request, and at the commit the registry asks the
-connection (``Sink.wanted``) and forgets the record instead of enqueuing it. A withdraw after
-that check and before the connection hears of the acceptance cancels the task (see
-``Connection.admitted``).
+connection (``Sink.wanted``) and forgets the record instead of enqueuing it (or, for a
+submission that joined another's task by its key, does not attach it). A withdraw after that
+check and before the connection hears of the acceptance cancels the task if it is the
+submission's own (see ``Connection.admitted``), and only stops watching one it joined.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
+
+
+class Inflight(NamedTuple):
+    """A connection's accepted submission whose outcome it waits for: its task, and whether
+    the task is its own (``owned``: a withdraw cancels it if it has not started) or another
+    submission's that it joined by its key (a withdraw only stops watching it)."""
+
+    task_id: int
+    owned: bool
 
 
 class Admitting:

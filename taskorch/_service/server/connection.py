@@ -64,7 +64,7 @@ from taskorch._service.protocol import (
     rejected_frame,
     stats_reply_frame,
 )
-from taskorch._service.server.admitting import Admitting
+from taskorch._service.server.admitting import Admitting, Inflight
 from taskorch._service.server.credits import ConnectionCredits
 from taskorch._service.server.operator import Operator, trigger_answer
 from taskorch._service.server.outbox import Fetched, Outbox
@@ -134,9 +134,9 @@ class ServedConnection:
         # Guards `_inflight`, `closed` and the fds' lifetime. Taken by the reader, the asyncio
         # thread, the journal's writer and the main thread; never held across I/O.
         self._lock = threading.Lock()
-        # Requests whose outcome is awaited, by req: an accepted submission (its task id, to
-        # cancel it on a withdraw) or a C_RESULT wait (None).
-        self._inflight: dict[int, int | None] = {}
+        # Requests whose outcome is awaited, by req: an accepted submission (its task, to
+        # cancel it on a withdraw if it is its own) or a C_RESULT wait (None).
+        self._inflight: dict[int, Inflight | None] = {}
         self._admitting = Admitting(self._lock)  # and those being journaled, before that
         self.closed = False  # no more frames are queued once set
         self.refused: str | None = None  # why the server cut it unserved (refuse(), once)
@@ -311,17 +311,20 @@ class ServedConnection:
 
     # -- the registry's Sink: answers and outcomes (the journal's writer, mostly) -------------
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
-        """The submission is committed and enqueued as task ``admission``, or refused. The
-        registry calls this before any outcome() for it, so S_DONE always follows S_ACCEPTED."""
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
+        """The submission is committed and enqueued as task ``admission`` (another's if
+        ``joined``), or refused. The registry calls this before any outcome() for it, so
+        S_DONE always follows S_ACCEPTED."""
         if isinstance(admission, BaseException):
             self.send(rejected_frame(req, admission))
             return
         with self._lock:
             if not (withdrawn := self._admitting.end_locked(req)):
-                self._inflight[req] = admission
-        if withdrawn:  # between wanted() and now: cancelled if it has not started
-            self._on_loop(self.server.loop.run_in_executor, None, self.registry.cancel, admission)
+                self._inflight[req] = Inflight(admission, not joined)
+        if withdrawn:  # between wanted() and now: its own is cancelled if it has not started
+            if not joined:
+                self._on_loop(self.server.loop.run_in_executor, None, self.registry.withdrawn,
+                              admission, self, req)
             return
         self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
 
@@ -333,12 +336,12 @@ class ServedConnection:
         with self._lock:
             if req not in self._inflight:
                 return
-            task_id = self._inflight.pop(req)
+            accepted = self._inflight.pop(req)
         frame = done_frame(req, outcome.outcome, outcome.attempts, outcome.seconds, outcome.data)
-        if task_id is None:  # a C_RESULT wait
+        if accepted is None:  # a C_RESULT wait
             self.send(frame)
         elif not self.closed:
-            self._outbox.defer_or_put(frame, task_id)
+            self._outbox.defer_or_put(frame, accepted.task_id)
 
     def _fetch(self, req: int, task_id: int) -> None:
         """A deferred outcome: read it back from the journal (the outbox, writer thread)."""
@@ -404,10 +407,11 @@ class ServedConnection:
         with self._lock:
             if self._admitting.withdraw_locked(req):  # being journaled: never enqueued
                 return
-            task_id = self._inflight.pop(req, None)
-        if task_id is not None:
+            accepted = self._inflight.pop(req, None)
+        if accepted is not None and accepted.owned:  # (a joined task: only watched, no more)
             # Off the shared loop: a cancel may wait for a recall (intake.RECALL_WAIT).
-            self.server.loop.run_in_executor(None, self.registry.cancel, task_id)
+            self.server.loop.run_in_executor(None, self.registry.withdrawn, accepted.task_id,
+                                             self, req)
 
     def _cancel_waiting(self) -> None:
         for task in list(self._waiting.values()):
@@ -433,7 +437,7 @@ class ServedConnection:
                         data = b"".join(frame_bytes(message) for message in messages)
                     with self._send_lock:  # every frame queued meanwhile, in one write
                         self.sock.sendall(data)
-                    self._outbox.sent(messages)
+                    self._outbox.sent()
                 if stop:
                     return
         except (OSError, ValueError) as exc:  # the client left; ValueError: fds closed

@@ -70,6 +70,7 @@ from taskorch._service.server.journal_file import (
 )
 from taskorch._service.server.outbox import OUTBOX_LIMIT, ByteBound, data_bytes
 from taskorch._service.server.submissions import (
+    Existing,
     OnCommit,
     dependency_rows,
     find_submission,
@@ -214,8 +215,9 @@ class Journal:
         self._ops.put(("submit", client, sub, payload, policy, on_commit, timing or _PLAIN,
                        key, after))
 
-    def find(self, client: bytes, sub: int, on_row: Callable[[Row | None], None]) -> None:
-        """The record of submission ``sub`` of ``client``, if any (after what is queued)."""
+    def find(self, client: bytes, sub: int, on_row: Callable[[Existing | None], None]) -> None:
+        """The record of submission ``sub`` of ``client``, if any: its own or the one it
+        joined (after what is queued)."""
         self._ops.put(("find", client, sub, on_row))
 
     def started(self, task_id: int, attempts: int, pid: int | None = None) -> None:
@@ -237,7 +239,8 @@ class Journal:
         self._ops.put(("run", fn, then))
 
     def forget(self, task_id: int, then: Callable[[], None]) -> None:
-        """Delete a record that was committed but not enqueued (the server was stopping)."""
+        """Delete a record that was committed but not enqueued (withdrawn, or the server was
+        stopping), before the submissions of its batch; then ``then()``."""
         self._ops.put(("forget", task_id, then))
 
     def lookup(self, task_id: int, on_row: Callable[[Row | None], None]) -> None:
@@ -364,16 +367,20 @@ class Journal:
 
     def _apply_all(self, batch: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
         """Apply a batch inside its transaction; return what to call after COMMIT, in order:
-        the submissions (in their order), the outcomes, then the other ops in theirs. The
-        writes go first, by kind, one ``executemany`` each (one task's ops are never in one
-        batch out of order: it starts only once its submission is committed), then the reads,
-        which see every write of the batch."""
+        the submissions (in their order), the outcomes, the forgotten, then the other ops in
+        theirs. The writes go first, by kind, one ``executemany`` each (one task's ops are never
+        in one batch out of order: it starts only once its submission is committed; forgotten
+        records go before the new ones, which must not join them), then the reads, which see
+        every write of the batch."""
         db = self._db
         now = time.time()
-        by_kind: dict[str, list[tuple[Any, ...]]] = {"submit": [], "started": [], "finished": []}
+        by_kind: dict[str, list[tuple[Any, ...]]] = {"forget": [], "submit": [], "started": [],
+                                                     "finished": []}
         others: list[tuple[Any, ...]] = []
         for op in batch:
             (by_kind[op[0]] if op[0] in by_kind else others).append(op)
+        if by_kind["forget"]:  # first: no submission of the batch joins a record forgotten here
+            db.executemany("DELETE FROM tasks WHERE id=?", [(op[1],) for op in by_kind["forget"]])
         callbacks = self._insert(by_kind["submit"], now)
         if by_kind["started"]:
             db.executemany(
@@ -388,6 +395,7 @@ class Journal:
                 [(op[7], op[7], op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL), op[8],
                   op[1]) for op in by_kind["finished"]])
             callbacks += [op[6] for op in by_kind["finished"]]
+        callbacks += [op[2] for op in by_kind["forget"]]
         callbacks += [self._apply(op) for op in others]
         return callbacks
 
@@ -422,10 +430,6 @@ class Journal:
                        "ON CONFLICT (name) DO UPDATE SET last_outcome=excluded.last_outcome, "
                        "last_seconds=excluded.last_seconds", (op[1], op[2][:1000], op[3]))
             return _nothing
-        if kind == "forget":
-            _, task_id, then = op
-            db.execute("DELETE FROM tasks WHERE id=?", (task_id,))
-            return then  # type: ignore[no-any-return]
         if kind == "run":  # (the operator's)
             return functools.partial(op[2], op[1](db))
         if kind == "flush":  # (its callback runs after every other of the batch: see above)

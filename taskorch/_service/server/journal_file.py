@@ -115,6 +115,7 @@ def open_journal(path: str | None, synchronous: str, fresh: bool,
         # The schedules' state (taskorch serve --config): additive, so made in any journal.
         db.execute("CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, "
                    "last_fire REAL, last_outcome TEXT, last_seconds REAL)")
+        db.executescript(_JOINS)
     except JournalError:
         db.close()
         raise
@@ -140,6 +141,27 @@ _RECORD_COLUMNS = (("name", "TEXT"), ("args_repr", "TEXT"), ("status", "TEXT"),
 #: ``options(key=, after=)`` (issue 24), additive as above: the task's key, and the ids of the
 #: tasks it runs after ("3,5,8"); the unfinished tasks by key (``submissions``) are indexed.
 _WAIT_COLUMNS = (("key", "TEXT"), ("after_ids", "TEXT"))
+
+
+def after_ids_text(after: tuple[int, ...] | None) -> str | None:
+    """The ``after_ids`` column of a task that runs after ``after``: "3,5,8" (None: none)."""
+    return None if after is None else ",".join(map(str, after))
+
+
+def after_ids_of(text: str) -> tuple[int, ...]:
+    """A record's ``after_ids`` column ("3,5,8") as ids (``after_ids_text``'s reverse)."""
+    return tuple(int(part) for part in text.split(","))
+
+
+#: Submissions that joined another's task by its key (``submissions``): additive, as above.
+#: A join record goes when its task's record does (pruned after --result-ttl, or forgotten).
+_JOINS = """
+CREATE TABLE IF NOT EXISTS joins (client BLOB NOT NULL, sub INTEGER NOT NULL,
+    task_id INTEGER NOT NULL, PRIMARY KEY (client, sub)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS joins_task ON joins (task_id);
+CREATE TRIGGER IF NOT EXISTS joins_go AFTER DELETE ON tasks
+    BEGIN DELETE FROM joins WHERE task_id = old.id; END;
+"""
 
 
 def _add_columns(db: sqlite3.Connection) -> None:

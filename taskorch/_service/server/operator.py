@@ -12,7 +12,11 @@ Never call it from the journal's writer (it would wait for itself).
   "ran". True is answered once the cancelled outcome is committed: a kill -9 after the answer
   finds the task cancelled at the next start.
 - A retry submits the old record's call bytes (kept for a task that did not succeed) as a new
-  task, under this server's operator token, and notes the old id in the new record.
+  task, under this server's operator token, and notes the old id in the new record. It keeps
+  the task's policy, priority and key, not its times nor its dependencies: it runs now,
+  without waiting for anything (a retried dependant too). With its key it follows the key's
+  rule: if an unfinished task holds the key, the retry joins it (that task's id is the
+  answer, and no record says it retries the old one).
 """
 
 from __future__ import annotations
@@ -156,11 +160,11 @@ class Operator:
 
     def retry(self, task_id: int) -> int:
         found = self._read(lambda db: db.execute(
-            "SELECT status, payload, policy, priority FROM tasks WHERE id=?",
+            "SELECT status, payload, policy, priority, key FROM tasks WHERE id=?",
             (task_id,)).fetchone())
         if found is None:
             raise _not_found(task_id)
-        status, payload, policy, priority = found
+        status, payload, policy, priority, key = found
         if status not in RETRYABLE or payload is None:
             raise ValueError(f"task {task_id} is {status}: only a task that ended "
                              f"{', '.join(RETRYABLE)} can be retried")
@@ -172,11 +176,12 @@ class Operator:
             sub = self._next_sub
         waiter = _Waiter()
         self._registry.submit_reserved(self._token, sub, payload, wire_policy, waiter, 0,
-                                       (priority, None, None))
+                                       (priority, None, None), key)
         new_id = waiter.wait()
         assert isinstance(new_id, int)
-        self._read(lambda db: db.execute("UPDATE tasks SET retry_of=? WHERE id=?",
-                                         (task_id, new_id)).rowcount)
+        if not waiter.joined:
+            self._read(lambda db: db.execute("UPDATE tasks SET retry_of=? WHERE id=?",
+                                             (task_id, new_id)).rowcount)
         return new_id
 
     def purge(self, name: str | None = None) -> int:
@@ -211,9 +216,11 @@ class _Waiter:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._value: Any = None
+        self.joined = False  # admitted as another submission's task (its key)
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         self._value = admission
+        self.joined = joined
         self._event.set()
 
     def outcome(self, req: int, outcome: Outcome) -> None:

@@ -61,7 +61,9 @@ class Outbox:
         # handed back with ``put_fetched`` (the connection, through the registry).
         self._fetch = fetch
         self.limit = limit
-        self._queue: queue.SimpleQueue[ServerFrame | None] = queue.SimpleQueue()
+        # Each frame with its outcome_bytes, counted once (writer: what it took last, ``_taken``).
+        self._queue: queue.SimpleQueue[tuple[ServerFrame | None, int]] = queue.SimpleQueue()
+        self._taken = 0
         self._lock = threading.Lock()
         self._bytes = 0  # outcome bytes queued and not yet sent
         self._deferred: collections.deque[tuple[int, int]] = collections.deque()
@@ -73,21 +75,21 @@ class Outbox:
         if size:
             with self._lock:
                 self._bytes += size
-        self._queue.put(message)
+        self._queue.put((message, size))
 
     def defer_or_put(self, message: Done, task_id: int) -> None:
         """Queue the outcome of task ``task_id``, or keep only its id if the outbox is over its
         bound (or outcomes are deferred already: they go first)."""
         size = outcome_bytes(message)
         if not size and not self._deferred:  # (small: no lock, see SMALL)
-            self._queue.put(message)
+            self._queue.put((message, 0))
             return
         with self._lock:
             if self._deferred or (self._bytes and self._bytes + size > self.limit):
                 self._deferred.append((message.req, task_id))
                 return
             self._bytes += size
-        self._queue.put(message)
+        self._queue.put((message, size))
 
     def put_fetched(self, message: ServerFrame) -> None:
         """A deferred outcome, read back from the journal."""
@@ -102,21 +104,22 @@ class Outbox:
     def take(self, most: int) -> list[ServerFrame | None]:
         """The writer: wait for a frame, then take what else is queued, up to ``most`` frames
         or BATCH_BYTES of outcomes (the sentinel ends a batch)."""
-        batch = [self._queue.get()]
-        size = outcome_bytes(batch[0])
-        while batch[-1] is not None and len(batch) < most and size < BATCH_BYTES:
+        message, size = self._queue.get()
+        batch = [message]
+        while message is not None and len(batch) < most and size < BATCH_BYTES:
             try:
-                message = self._queue.get_nowait()
+                message, n = self._queue.get_nowait()
             except queue.Empty:
                 break
             batch.append(message)
-            size += outcome_bytes(message)
+            size += n
+        self._taken = size
         return batch
 
-    def sent(self, messages: list[ServerFrame]) -> None:
-        """The writer sent these: count them out, and fetch deferred outcomes while the
-        queue is below half its bound."""
-        size = sum(map(outcome_bytes, messages))
+    def sent(self) -> None:
+        """The writer sent what it took last: count it out, and fetch deferred outcomes while
+        the queue is below half its bound."""
+        size, self._taken = self._taken, 0
         if not size and not self._deferred:
             return
         fetch: list[tuple[int, int]] = []
@@ -137,7 +140,7 @@ class Fetched:
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         pass  # (never: a fetch is not a submission)
 
     def wanted(self, req: int) -> bool:

@@ -44,6 +44,12 @@ from taskorch._service.values import decode_service_error, encode_service_error
 #: The deepest chain of causes an O_DEPENDENCY outcome carries (its size grows with each).
 MAX_CHAIN = 8
 
+#: What a dependant keeps of its dependency's outcome: a failure's data is its cause
+#: (``dependency_outcome``); a success's result is never read, so it is dropped, in memory
+#: (``as_cause``: a fan-in over large results holds none of them while it waits) and when a
+#: dependency's row is read (this SQL, ``submissions.dependency_rows``). One rule, two spellings.
+CAUSE_DATA_SQL = f"CASE WHEN outcome = {O_RESULT} THEN NULL ELSE data END"
+
 
 class Outcome(NamedTuple):
     """A task's end as ``S_DONE`` carries it (see ``protocol``)."""
@@ -66,6 +72,13 @@ def outcome_of(future: TaskFuture) -> Outcome:
     return Outcome(O_RESULT if raw.ok else O_RAISED, attempts, seconds, raw.data)
 
 
+def as_cause(outcome: Outcome) -> Outcome:
+    """``outcome`` as a dependant keeps it (see CAUSE_DATA_SQL)."""
+    if outcome.outcome != O_RESULT:
+        return outcome
+    return Outcome(O_RESULT, outcome.attempts, outcome.seconds, None)
+
+
 def abandoned(future: TaskFuture) -> bool:
     cancelled, exc, _ = future.settled()
     return not cancelled and isinstance(exc, TaskAbandonedError)
@@ -82,7 +95,7 @@ class Dependency:
         self.future.task_id = task_id
         self.ended: Outcome | None = None  # its outcome, once it has one (the dependant's cause)
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         pass  # (never asked: it only watches)
 
     def wanted(self, req: int) -> bool:
@@ -96,7 +109,7 @@ class Dependency:
         future = self.future
         if future.done():
             return
-        self.ended = outcome
+        self.ended = as_cause(outcome)
         code, data = outcome.outcome, outcome.data
         if code == O_RESULT:
             future.set_result(None)

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from taskorch._errors import TaskAbandonedError, TaskExpiredError
-from taskorch._parent.figures import name_of_payload
+from taskorch._parent.figures import BY_VALUE, name_of_reference
 from taskorch._service.protocol import O_DEPENDENCY, O_ERROR, O_RAISED, O_RESULT
 from taskorch._service.values import decode_builtins, decode_service_error
 from taskorch._stats import Progress, TaskInfo
@@ -37,12 +37,27 @@ def bounded(text: str, limit: int = REPR_LIMIT) -> str:
 def label_of(payload: bytes) -> tuple[str, str | None]:
     """(name, args repr) of a task from its call bytes; the repr is None unless the call
     carries its function by reference and its arguments as plain data."""
-    name = name_of_payload(payload)
-    reference = function_reference(payload)
+    reference = function_reference(payload)  # (read once: it is on every submission's path)
     if reference is None:
-        return name, None
+        return BY_VALUE, None
     rest = payload[payload.index(reference, len(BY_REFERENCE)) + len(reference):]
-    return name, plain_repr(rest)
+    if len(rest) > _SHORT_ARGS:
+        return name_of_reference(reference), plain_repr(rest)
+    if rest in _short_args:  # (unpickling even plain data costs ~2 us: a submission's path)
+        args = _short_args[rest]
+    else:
+        args = plain_repr(rest)
+        if len(_short_args) < _SHORT_ARGS_KEPT:  # (full: each is read anew)
+            _short_args[rest] = args
+    return name_of_reference(reference), args
+
+
+#: The reprs of the few short argument pickles most seen (calls without arguments, or with the
+#: same few small ones), read once: a pickle up to _SHORT_ARGS bytes, the first
+#: _SHORT_ARGS_KEPT of them (the journal's writer only).
+_SHORT_ARGS = 64
+_SHORT_ARGS_KEPT = 1024
+_short_args: dict[bytes, str | None] = {}
 
 
 def plain_repr(data: bytes) -> str | None:

@@ -49,7 +49,7 @@ from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import RawOutcome, TaskListener, TaskState
 from taskorch._service.protocol import O_CANCELLED, O_ERROR, O_RESULT, WireTiming
 from taskorch._service.server.journal import DONE, Journal
-from taskorch._service.server.journal_file import Row
+from taskorch._service.server.journal_file import Row, after_ids_of
 from taskorch._service.server.outcomes import (
     Dependency,
     Outcome,
@@ -58,6 +58,7 @@ from taskorch._service.server.outcomes import (
     outcome_of,
 )
 from taskorch._service.server.records import status_of
+from taskorch._service.server.submissions import Existing
 from taskorch._service.values import (
     WirePolicy,
     decode_builtins,
@@ -79,15 +80,18 @@ class Sink(Protocol):
     by the journal's writer (``admitted``, ``outcome``) or the caller of ``watch`` and
     ``find``; must not block."""
 
-    def admitted(self, req: int, admission: int | BaseException) -> None:
-        """Committed and enqueued as task ``admission``, or refused with that error."""
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
+        """Committed and enqueued as task ``admission``, or refused with that error.
+        ``joined``: task ``admission`` is another submission's, which this one joined by its
+        key (``submissions``): a withdraw of ``req`` then only stops watching it."""
 
     def outcome(self, req: int, outcome: Outcome) -> None:
         """The task ended (its outcome is committed)."""
 
     def wanted(self, req: int) -> bool:
         """At the commit, before the enqueue: False if ``req`` was withdrawn meanwhile (its
-        record is forgotten and nothing is enqueued; ``admitted`` is not called)."""
+        record is forgotten, or its join of another's task dropped, and nothing is enqueued;
+        ``admitted`` is not called)."""
 
     def rejected(self, req: int, error: BaseException) -> None:
         """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
@@ -137,6 +141,20 @@ class _Live(TaskListener):
         self.registry._ended(self.task_id, future, self.after)
 
 
+class _Pending:
+    """A submission being journaled: its record's fields (``Journal.submit``'s), its task
+    (not enqueued yet) and who hears of it; ``again``: journaled a second time (``_answer_by``)."""
+
+    __slots__ = ("record", "item", "sink", "req", "again")
+
+    def __init__(self, record: tuple[Any, ...], item: WorkItem, sink: Sink, req: int) -> None:
+        self.record = record
+        self.item = item
+        self.sink = sink
+        self.req = req
+        self.again = False
+
+
 class TaskRegistry:
     def __init__(self, orchestrator: TaskOrchestrator, journal: Journal) -> None:
         self._orchestrator = orchestrator
@@ -162,7 +180,8 @@ class TaskRegistry:
         # A queued task waits again for the tasks it runs after: those that ended meanwhile
         # are read here (their outcomes), the others are recovered before it (lower ids). One
         # that was running had seen them succeed.
-        after = {row.id: _ids(row.after) for row in rows if row.after and row.state == "queued"}
+        after = {row.id: after_ids_of(row.after) for row in rows
+                 if row.after and row.state == "queued"}
         ended = self.journal.dependency_rows(sorted(
             {i for ids in after.values() for i in ids} - {row.id for row in rows}))
         requeued: list[tuple[int, int]] = []
@@ -206,20 +225,24 @@ class TaskRegistry:
         if resolved is not None:
             self._intake.time(item, resolved)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
-        self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, item, sink, req), resolved, key, after)
+        self._journal(_Pending((client, sub, payload, blob, resolved, key, after), item, sink,
+                               req))
 
-    def _committed(self, item: WorkItem, sink: Sink, req: int, task_id: int,
-                   existing: Row | None, error: BaseException | None,
-                   dependencies: list[Row] | None) -> None:
+    def _journal(self, pending: _Pending) -> None:
+        client, sub, payload, blob, resolved, key, after = pending.record
+        self.journal.submit(client, sub, payload, blob, functools.partial(
+            self._committed, pending), resolved, key, after)
+
+    def _committed(self, pending: _Pending, task_id: int, existing: Existing | None,
+                   error: BaseException | None, dependencies: list[Row] | None) -> None:
         """The journal's writer, after COMMIT."""
-        if error is not None or existing is not None:
+        item, sink, req = pending.item, pending.sink, pending.req
+        if error is not None:
             self._intake.unreserve()
-            if error is not None:
-                sink.admitted(req, error)
-            else:
-                assert existing is not None
-                self._attach(existing, sink, req)
+            sink.admitted(req, error)
+            return
+        if existing is not None:
+            self._answer_by(existing, pending)
             return
         if not sink.wanted(req):  # a run_async() cancelled while its record was committed
             self._intake.unreserve()
@@ -239,6 +262,29 @@ class TaskRegistry:
             return
         # Before any outcome: both run on the journal's writer, which alone publishes.
         sink.admitted(req, task_id)
+
+    def _answer_by(self, existing: Existing, pending: _Pending) -> None:
+        """The journal's writer: a record that exists answers ``pending`` (its own, found
+        again, or another's it joined by its key). A withdrawn one is not answered (nor is its
+        task cancelled: a joined task is not its own). The record's own submission was made
+        before it and answered before it (the writer calls back in order): the record is live
+        or ended, else it was forgotten since it was read (that submission was withdrawn; the
+        forget is applied before the submissions of the next batch): then ``pending`` is
+        journaled again, as new, once (a stopping server leaves records neither live nor
+        ended: ``_attach`` says so)."""
+        sink, req = pending.sink, pending.req
+        if not sink.wanted(req):
+            self._intake.unreserve()
+            return
+        row = existing.row
+        with self._lock:
+            live = row.id in self._live
+        if not live and row.state != DONE and not pending.again:
+            pending.again = True
+            self._journal(pending)  # (it keeps its backlog slot)
+            return
+        self._intake.unreserve()
+        self._attach(row, sink, req, joined=existing.joined)
 
     def _track(self, task_id: int, item: WorkItem, watcher: tuple[Sink, int] | None) -> _Live:
         live = _Live(self, task_id, item, watcher)
@@ -274,11 +320,11 @@ class TaskRegistry:
              on_missing: Callable[[], None]) -> None:
         """A retried submission: its record, if there is one, answers ``req`` (admitted, then
         its outcome when there is one); else ``on_missing()`` (from the journal's writer)."""
-        def found(row: Row | None) -> None:
-            if row is None:
+        def found(existing: Existing | None) -> None:
+            if existing is None:
                 on_missing()
             else:
-                self._attach(row, sink, req)
+                self._attach(existing.row, sink, req, joined=existing.joined)
 
         self.journal.find(client, sub, found)
 
@@ -306,8 +352,8 @@ class TaskRegistry:
             self._attach(row, sink, req, admitted=False)
 
     def cancel(self, task_id: int) -> bool | None:
-        """Cancel task ``task_id`` if it has not started (a run_async() withdrawn just as it
-        was accepted; ``Client.cancel()``): True if it was, False if it had started, None if
+        """Cancel task ``task_id`` if it has not started (``Client.cancel()``; a withdrawn
+        run_async(): ``withdrawn``): True if it was, False if it had started, None if
         it is not live here (ended, or unknown). Its cancelled outcome goes to the journal as
         any outcome does (``watch`` says when it is committed)."""
         with self._lock:
@@ -315,6 +361,17 @@ class TaskRegistry:
         if live is None:
             return None
         return live.future.cancel()  # succeeds only while queued in the backlog
+
+    def withdrawn(self, task_id: int, sink: Sink, req: int) -> None:
+        """``req``'s run_async() was withdrawn once its task ``task_id`` was accepted: cancel
+        the task if it has not started, unless someone else watches it by now (a submission
+        that joined it by its key, a dependant): then the task goes on for them, and the
+        withdrawn request's outcome is dropped by its connection."""
+        with self._lock:
+            live = self._live.get(task_id)
+            if live is None or any(watcher != (sink, req) for watcher in live.watchers()):
+                return
+        live.future.cancel()  # succeeds only while queued in the backlog
 
     def progress_of(self, task_id: int) -> Progress | None:
         """A live task's latest ``taskorch.progress()`` (``TaskFuture.latest_progress``)."""
@@ -340,11 +397,12 @@ class TaskRegistry:
             live = self._live.get(task_id)
         return live is not None and self._orchestrator.dispatcher.terminate(live.item)
 
-    def _attach(self, row: Row, sink: Sink, req: int, admitted: bool = True) -> None:
-        """An existing record answers ``req``: admitted (a retried submission), then its
-        outcome: now if it has one, else when it comes."""
+    def _attach(self, row: Row, sink: Sink, req: int, admitted: bool = True,
+                joined: bool = False) -> None:
+        """An existing record answers ``req``: admitted (a submission found again, or one
+        that ``joined`` it), then its outcome: now if it has one, else when it comes."""
         if admitted:
-            sink.admitted(req, row.id)
+            sink.admitted(req, row.id, joined)
         with self._lock:
             live = self._live.get(row.id)
             if live is not None:  # live: its record says queued or running
@@ -407,7 +465,3 @@ class TaskRegistry:
             return self._orchestrator.policy, None
         return decode_service_policy(wire_policy)
 
-
-def _ids(after: str) -> tuple[int, ...]:
-    """A record's ``after_ids`` ("3,5,8") as ids."""
-    return tuple(int(part) for part in after.split(","))

@@ -6,9 +6,13 @@ A submission becomes a new record with the next id, unless:
 - it was journaled already (a retry: the same client token and submission number): that
   record answers it;
 - it has a key (``options(key=)``) that an unfinished record has: that record answers it and
-  nothing new is made. The journal owns this rule for served tasks (the backlog's ``waits``
-  owns it for local ones): the records are what holds across clients and restarts, and a
-  record is unfinished until its outcome is committed;
+  no task is made; a join record (table ``joins``: the submission's client token and number,
+  the task's id) says so, so that the same submission sent again after a lost answer finds
+  that task even once it has ended (``find_submission``), as a retry finds its own record.
+  A join record goes with its task's record (a trigger: pruned, or forgotten). The journal
+  owns this rule for served tasks (the backlog's ``waits`` owns it for local ones): the
+  records are what holds across clients and restarts, and a record is unfinished until its
+  outcome is committed;
 - it runs after (``options(after=)``) an id that is not a record accepted before it (unknown,
   pruned, or its own): it is refused with a ValueError naming the id, nothing is written.
   Otherwise its answer carries the rows of its dependencies as they are now (the registry
@@ -23,24 +27,32 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-from taskorch._service.protocol import O_RESULT
-from taskorch._service.server.journal_file import ROW_COLUMNS, Row
+from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
+from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
+
+class Existing(NamedTuple):
+    """The record that answers a submission instead of a new one: its own (a retried
+    submission), or another's that it joined (``joined``: by its key, now or when first sent)."""
+
+    row: Row
+    joined: bool
+
+
 #: ``on_commit(task_id, existing, error, dependencies)``: the record's id; ``existing``: the
-#: record that answers it instead (a retried submission, or an unfinished one with its key),
-#: else None; ``error``: what refused it (a JournalError: the batch failed; a ValueError: a
-#: bad ``after``), then ``task_id`` is 0; ``dependencies``: the rows of its ``after`` ids.
-OnCommit = Callable[[int, "Row | None", "BaseException | None", "list[Row] | None"], None]
+#: record that answers it instead, else None; ``error``: what refused it (a JournalError: the
+#: batch failed; a ValueError: a bad ``after``), then ``task_id`` is 0; ``dependencies``: the
+#: rows of its ``after`` ids.
+OnCommit = Callable[[int, "Existing | None", "BaseException | None", "list[Row] | None"], None]
 
 _INSERT = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
            "priority, not_before, expires, name, args_repr, key, after_ids) VALUES (?, ?, ?, ?, "
            "?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
-#: A dependency's row, without its result's bytes (only whether it succeeded matters).
-_DEPENDENCY_COLUMNS = (f"id, state, attempts, NULL, NULL, outcome, seconds, CASE WHEN outcome "
-                       f"= {O_RESULT} THEN NULL ELSE data END")
+#: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
+_DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUSE_DATA_SQL}"
 
 
 def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], first: int,
@@ -55,10 +67,10 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
                                   [_values(first + i, op, now) for i, op in plain]).rowcount
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
-            if existing is None or existing.id == first + i:
+            if existing is None or existing.row.id == first + i:
                 answers[i] = functools.partial(op[5], first + i, None, None, None)
             else:
-                answers[i] = functools.partial(op[5], existing.id, existing, None, None)
+                answers[i] = functools.partial(op[5], existing.row.id, existing, None, None)
     for i, op in enumerate(submits):
         if answers[i] is None:
             answers[i], made = _insert_one(db, op, first + i, now)
@@ -74,9 +86,12 @@ def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
     if existing is None and key is not None:
         found = db.execute(f"SELECT {ROW_COLUMNS} FROM tasks WHERE key=? AND state != 'done' "
                            "ORDER BY id LIMIT 1", (key,)).fetchone()
-        existing = None if found is None else Row(*found)
+        if found is not None:
+            existing = Existing(Row(*found), True)
+            db.execute("INSERT INTO joins (client, sub, task_id) VALUES (?, ?, ?) ON CONFLICT "
+                       "DO NOTHING", (client, sub, existing.row.id))
     if existing is not None:
-        return functools.partial(on_commit, existing.id, existing, None, None), 0
+        return functools.partial(on_commit, existing.row.id, existing, None, None), 0
     dependencies: list[Row] | None = None
     if after is not None:
         try:
@@ -104,14 +119,18 @@ def _dependencies(db: sqlite3.Connection, after: tuple[int, ...], task_id: int) 
 def _values(task_id: int, op: tuple[Any, ...], now: float) -> tuple[Any, ...]:
     _, client, sub, payload, policy, _, timing, key, after = op
     return (task_id, client, sub, payload, policy, now, *timing, *label_of(payload), key,
-            None if after is None else ",".join(map(str, after)))
+            after_ids_text(after))
 
 
-def find_submission(db: sqlite3.Connection, client: bytes, sub: int) -> Row | None:
-    """The record of submission ``sub`` of ``client``, if any."""
+def find_submission(db: sqlite3.Connection, client: bytes, sub: int) -> Existing | None:
+    """The record of submission ``sub`` of ``client``, if any: its own, or the one it joined."""
     found = db.execute(
         f"SELECT {ROW_COLUMNS} FROM tasks WHERE client=? AND sub=?", (client, sub)).fetchone()
-    return None if found is None else Row(*found)
+    if found is not None:
+        return Existing(Row(*found), False)
+    found = db.execute(f"SELECT {ROW_COLUMNS} FROM tasks WHERE id = (SELECT task_id FROM joins "
+                       "WHERE client=? AND sub=?)", (client, sub)).fetchone()
+    return None if found is None else Existing(Row(*found), True)
 
 
 def dependency_rows(db: sqlite3.Connection, ids: list[int]) -> dict[int, Row]:
