@@ -117,6 +117,11 @@ def state_of(status: str | None, not_before: float | None, waiting: bool | None,
     return "waiting" if waiting else "queued"
 
 
+def row_state(row: tuple[Any, ...], waiting: bool | None, now: float) -> str:
+    """``state_of`` a journal row (``_COLUMNS``)."""
+    return state_of(row[2], row[9], waiting, now)
+
+
 def read_row(db: sqlite3.Connection, task_id: int) -> tuple[Any, ...] | None:
     found: tuple[Any, ...] | None = db.execute(
         f"SELECT {_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
@@ -140,7 +145,7 @@ def info_of(row: tuple[Any, ...], live: Progress | None = None,
     of a queued task (``state_of``)."""
     (task_id, name, status, attempts, submitted, started, finished, pid, priority,
      not_before, outcome, data, args_repr, progress, retry_of) = row
-    state = state_of(status, not_before, waiting, time.time())
+    state = row_state(row, waiting, time.time())
     error = tb = result = None
     if data is not None and outcome is not None:
         error, tb, result = _outcome_text(outcome, data)
