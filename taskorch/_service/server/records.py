@@ -52,9 +52,9 @@ def label_of(payload: bytes) -> tuple[str, str | None]:
     return name_of_reference(reference), args
 
 
-#: The reprs of the few short argument pickles most seen (calls without arguments, or with the
-#: same few small ones), read once: a pickle up to _SHORT_ARGS bytes, the first
-#: _SHORT_ARGS_KEPT of them (the journal's writer only).
+#: The reprs of short argument pickles (calls without arguments, or with the same few small
+#: ones), read once: a pickle up to _SHORT_ARGS bytes, the first _SHORT_ARGS_KEPT distinct ones
+#: seen, never evicted (bounded; a repr depends on the bytes alone; the journal's writer only).
 _SHORT_ARGS = 64
 _SHORT_ARGS_KEPT = 1024
 _short_args: dict[bytes, str | None] = {}
