@@ -28,8 +28,8 @@ The same semantics as on local worker processes:
   (stuck in C code, where the in-thread interrupt cannot reach) fails on time with
   ``TaskTimeoutError`` (retried only if the policy retries timeouts), and its Dask worker
   process is restarted by its nanny (``Client.restart_workers``); the slot counts as busy until
-  the worker is back; that worker's other tasks go back to the backlog uncharged if they had
-  not started, and are charged a crash if they had;
+  the worker is back; that worker's other tasks go back to the backlog uncharged, started or
+  not (they did nothing wrong);
 - ``run()`` returns ``concurrent.futures.Future`` handles (``attempts`` and ``seconds`` set);
   results and exceptions are unpickled only in the parent; ``stats()`` counts the same things;
 - a Dask worker lost while it ran a task (killed, out of memory, segfault, a lost connection,
@@ -43,10 +43,12 @@ The same semantics as on local worker processes:
 What differs from local workers, because the cluster's processes and threads are not ours:
 
 - The hard timeout restarts a whole Dask worker process (a few seconds: its nanny waits 4 s for
-  a graceful close, then kills it and starts another), and with it every task running there,
-  each charged a crash. Workers without a nanny (``dask worker --no-nanny``, in-process
-  clusters) cannot be restarted: a warning says so at the first such timeout, the attempt fails
-  on time all the same, and its thread stays busy (its slot too) until the task returns.
+  a graceful close, then kills it and starts another), and with it every task running there:
+  each runs again, not charged (an attempt that ran may have had side effects). So does a
+  terminate (``taskorch serve --dask``). Workers without a nanny (``dask worker
+  --no-nanny``, in-process clusters) cannot be restarted: a warning says so at the first such
+  timeout, the attempt fails on time all the same, and its thread stays busy (its slot too)
+  until the task returns; a terminate is refused (the cancel answers False).
 - ``stop(timeout)`` abandons a running task without stopping it: it runs on in its Dask
   thread, its result discarded.
 - Tasks run in the Dask workers' threads, several per process: a task that changes process

@@ -22,7 +22,7 @@ import _tasks as t
 from _tasks import scaled, wait_until
 
 from taskorch._stats import Progress
-from taskorch.cli.live import Display, describe
+from taskorch.cli.live import Display, amount, describe
 
 R = scaled(60)
 TASKS = str(Path(t.__file__).resolve())
@@ -106,3 +106,12 @@ def test_a_line_says_what_was_reported() -> None:
         "  input 7: 12 s, 40/100 (40%) resizing")
     assert describe("inputs 0-9", 3.0, Progress(5, None, None, 0.0)) == "  inputs 0-9: 3 s, 5"
     assert describe("input 1", 2.0, None) == "  input 1: 2 s, running (no progress reported)"
+
+
+def test_large_and_fractional_counts_read_as_numbers() -> None:
+    assert describe("rows", 5.0, Progress(1234567, 20_000_000, None, 0.0)) == (
+        "  rows: 5 s, 1,234,567/20,000,000 (6%)")  # (not 1.23457e+06/2e+07)
+    assert describe("bytes", 1.0, Progress(1234.5, None, "read", 0.0)) == (
+        "  bytes: 1 s, 1,234.5 read")
+    assert [amount(v) for v in (0.0, 0.25, 2.0 / 3, 1e-4, 1e16)] == [
+        "0", "0.25", "0.67", "0.0001", "10,000,000,000,000,000"]

@@ -200,6 +200,10 @@ def test_terminate_on_dask_restarts_the_worker_and_the_task_ends_cancelled(
             t.hang_with_signals_blocked, str(started), str(never))
         wait_until(lambda: started.exists() and started.read_text(), what="the stuck task")
         stuck_pid = int(started.read_text())
+        # The task runs before the server hears of its start (the attempt's start ack comes
+        # through the scheduler): a terminate needs the server to know it is running.
+        wait_until(lambda: served.task(stuck.task_id).state == "running",
+                   what="the server to see the task running")
         assert served.cancel(stuck.task_id) is False  # running: without terminate, it runs on
         assert served.cancel(stuck.task_id, terminate=True) is True
         concurrent.futures.wait([stuck], timeout=R)
@@ -210,3 +214,63 @@ def test_terminate_on_dask_restarts_the_worker_and_the_task_ends_cancelled(
         client.wait_for_workers(WORKERS, timeout=R)
         assert served.run(t.square, 7).result(R) == 49
         assert served.cancel(stuck.task_id, terminate=True) is False  # ended
+
+
+def test_terminate_on_a_dask_worker_without_a_nanny_answers_false_and_the_task_runs_on(
+    start_server: Any, gates: Callable[[str], _Gate],
+) -> None:
+    # Workers in this process (processes=False): no nanny can restart them; on TCP, for the
+    # server's process. The cancel used to wait for an outcome that was not coming and fail
+    # with ServerTimeoutError.
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  protocol="tcp", host="127.0.0.1",
+                                  dashboard_address=None) as bare:
+        server = start_server("--dask", bare.scheduler_address)
+        gate = gates("runs-on")
+        with server.connect() as served:
+            # (no timeout: the attempt timer's thread, in this process, would outlive it)
+            running = served.with_policy(Policy()).run(
+                t.blocker, str(gate.started), str(gate.release_fifo))
+            gate.wait_started()
+            wait_until(lambda: running.task_id and served.task(running.task_id).state == (
+                "running"), what="the server to see the start")  # (task_id: once committed)
+            assert served.cancel(running.task_id, terminate=True) is False
+            assert served.task(running.task_id).state == "running"
+            log = server.stderr()
+            assert "could not be terminated" in log and "nanny" in log
+            assert "overran its timeout" not in log  # (no timeout happened)
+            gate.release("ran on")
+            assert running.result(R) == "ran on"
+        assert len(bare.scheduler.workers) == 1  # not shut down by taskorch
+
+
+@pytest.mark.slow
+def test_a_terminate_on_dask_runs_the_other_attempts_of_its_worker_again_uncharged(
+    start_server: Any, short_dir: Path,
+) -> None:
+    # One worker process (a nanny), two threads: the task terminated and an innocent one.
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                  dashboard_address=None) as one:
+        server = start_server("--dask", one.scheduler_address)
+        never = short_dir / "never"
+        os.mkfifo(never)
+        stuck_started, other_started = short_dir / "stuck.started", short_dir / "other.started"
+        once = Policy(retries=0)  # one attempt: a charge would fail it
+        with server.connect() as served:
+            stuck = served.with_policy(once).run(
+                t.hang_with_signals_blocked, str(stuck_started), str(never))
+            other = served.with_policy(once).run(
+                hang_once, str(short_dir / "marker"), str(other_started), str(never))
+            wait_until(lambda: stuck_started.exists() and other_started.exists(),
+                       what="both tasks to start in the worker")
+            for task in (stuck, other):  # (task_id: once committed)
+                wait_until(lambda task=task: task.task_id and served.task(
+                    task.task_id).state == "running", what="the server to see both start")
+            assert served.cancel(stuck.task_id, terminate=True) is True
+            assert other.result(R).startswith("ran again in")  # not failed with a crash
+            info = served.task(other.task_id)
+            assert info.state == "succeeded" and info.attempts == 1
+            assert served.task(stuck.task_id).state == "cancelled"
+        log = server.stderr()
+        assert f"was restarted to terminate task {stuck.task_id}; run again, not charged" in log
+        assert "segfault" not in log

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import threading
+from typing import Any
 
 import _tasks as t
 import pytest
@@ -417,5 +418,52 @@ def test_a_task_the_backlog_holds_back_lists_as_waiting_whatever_its_row_says(
         assert [i.id for i in operator.tasks(("queued",), limit=1, before_id=4)] == [2]
         assert [i.state for i in map(operator.task, (1, 2, 3))] == ["waiting", "queued",
                                                                    "waiting"]
+    finally:
+        journal.close()
+
+
+def test_a_filtered_page_reads_the_journal_in_chunks_not_a_page_at_a_time(short_dir) -> None:
+    """A page of 1 "waiting" task under 1,200 queued ones reads the journal a few times
+    (it read it once per ``limit`` rows: 1,200 round trips to the journal's writer), and
+    asks the registry for progress only of the rows it keeps."""
+    import time
+
+    from taskorch._service.server.journal import Journal
+    from taskorch._service.server.operator import Operator
+
+    journal = Journal(str(short_dir / "j.sqlite3"), result_ttl=1e12)
+    now = time.time()
+    journal._db.executemany(
+        "INSERT INTO tasks (id, client, sub, state, status, submitted, name) "
+        "VALUES (?, x'01', ?, 'queued', 'queued', ?, 'n')",
+        [(task_id, task_id, now) for task_id in range(1, 1202)])
+    journal._db.commit()
+    try:
+        journal.start()
+
+        class Counting:
+            runs = 0
+
+            def run(self, fn: Any, then: Any) -> None:
+                Counting.runs += 1
+                journal.run(fn, then)
+
+        class Registry:
+            journal = Counting()
+            progress_asked: list[int] = []
+
+            def progress_of(self, task_id: int) -> None:
+                self.progress_asked.append(task_id)
+
+            def waiting(self, task_id: int) -> bool | None:
+                return task_id == 1  # the oldest alone is held back
+
+        registry = Registry()
+        operator = Operator(registry)  # type: ignore[arg-type]
+        assert [i.id for i in operator.tasks(("waiting",), limit=1)] == [1]
+        assert Counting.runs <= 3 and registry.progress_asked == [1]
+        assert [i.id for i in operator.tasks(("queued",), limit=2)] == [1201, 1200]
+        assert len(operator.tasks(("waiting", "queued"), limit=1000)) == 1000
+        assert [i.id for i in operator.tasks(("waiting",), limit=5)] == [1]  # (the end)
     finally:
         journal.close()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from _tasks import DEADLOCK_TIMEOUT, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,8 @@ if sys.argv[1:3] == ["-m", "venv"]:
     note("venv-end")
 elif sys.argv[1:3] == ["-m", "pip"] and "install" in sys.argv and "-e" in sys.argv:
     note("pip-install " + sys.argv[-1])
+elif sys.argv[1] == "-c":  # (the lock without flock(1))
+    exec(sys.argv[2])
 """
 
 
@@ -52,7 +55,9 @@ def _blocked_on_a_lock(pid: int) -> bool:
                    for line in f)
 
 
-def test_two_setups_at_once_make_the_venv_once_one_after_the_other(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flock", [True, False], ids=["flock(1)", "no flock(1), as on macOS"])
+def test_two_setups_at_once_make_the_venv_once_one_after_the_other(tmp_path: Path,
+                                                                   flock: bool) -> None:
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(ROOT / "scripts" / "setup-venv", repo / "scripts" / "setup-venv")
@@ -62,6 +67,12 @@ def test_two_setups_at_once_make_the_venv_once_one_after_the_other(tmp_path: Pat
     log, release = tmp_path / "log", tmp_path / "release"
     env = {**os.environ, "PYTHON": str(fake), "VENV": ".venv", "FAKE_LOG": str(log),
            "FAKE_RELEASE": str(release)}
+    if not flock:  # a PATH with what the script runs but flock(1)
+        tools = tmp_path / "bin"
+        tools.mkdir()
+        for tool in ("bash", "dirname", "grep"):
+            (tools / tool).symlink_to(shutil.which(tool) or tool)
+        env["PATH"] = str(tools)
 
     def lines() -> list[str]:
         return log.read_text().splitlines() if log.exists() else []

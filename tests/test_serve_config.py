@@ -110,11 +110,21 @@ def _serve(tmp_path: Path, config: Path, *extra: str) -> tuple[Served, Path]:
         [sys.executable, "-m", "taskorch", "serve", "--config", str(config), "--socket",
          str(sock), *extra], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    for line in proc.stderr:  # the ready line is the handshake
+    # The ready line is the handshake. Read a byte at a time from the pipe itself: iterating
+    # the file object reads ahead, and what it buffered past the ready line (a schedule's
+    # first log line) would never reach communicate(), which reads the pipe.
+    while line := _line_of(proc.stderr.fileno()):
         proc.said += line
         if "listening on" in line:
             return proc, sock
     raise AssertionError(f"taskorch serve did not start (exit {proc.wait()})")
+
+
+def _line_of(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n") and (byte := os.read(fd, 1)):
+        data += byte
+    return data.decode()
 
 
 def _stop(proc: Served) -> str:

@@ -51,6 +51,9 @@ def test_check_config_prints_the_limits_of_the_file_and_the_flags(tmp_path: Path
     ('name = "a.b"\nconcurrency = "1"', "#1 \\('a.b'\\): concurrency must be .*, got '1'"),
     ('name = "a.b"', "#1 \\('a.b'\\): give concurrency, rate, or both"),
     ("concurrency = 1", "#1: 'name' is required"),
+    ('name = "myapp.jobs:purge"\nconcurrency = 1',
+     "#1 \\('myapp.jobs:purge'\\): a limit names a task by its module and qualified name, "
+     "dot-joined: 'myapp.jobs.purge', not 'myapp.jobs:purge'"),
 ])
 def test_a_bad_limit_entry_is_refused_naming_it(tmp_path: Path, entry: str,
                                                 message: str) -> None:
@@ -67,17 +70,20 @@ def test_check_config_lists_every_wrong_limit_and_flag(tmp_path: Path) -> None:
                            '[[limit]]\nname = "c"\nconcurrency = 3\n'
                            '[[schedule]]\nname = "s"\ntarget = "nowhere.py:f"\nevery = "1m"\n',
                  "--limit", "x=concurrency:2", "--limit", "x=rate:1/s",
-                 "--limit", "y=burst:3", "--limit", "z", "--limit", "w=rate:5/d")
+                 "--limit", "y=burst:3", "--limit", "z", "--limit", "w=rate:5/d",
+                 "--limit", "jobs:purge=rate:1/s")
     assert proc.returncode == 2
     config = tmp_path / "taskorch.toml"
-    assert f"7 errors in --config {config} and --limit:" in proc.stderr, proc.stderr
+    assert f"8 errors in --config {config} and --limit:" in proc.stderr, proc.stderr
     for expected in ("[[schedule]] #1 ('s'): target:",
                      "[[limit]] #2 ('a'): a limit for 'a' is defined twice",
                      "[[limit]] #3 ('b'): rate must be 'N/s', 'N/m' or 'N/h'",
                      "--limit 'x=rate:1/s': a limit for 'x' is given twice",
                      "--limit 'y=burst:3': unknown field 'burst'",
                      "--limit 'z': expected NAME=concurrency:N,rate:N/s",
-                     "--limit 'w=rate:5/d': rate must be"):
+                     "--limit 'w=rate:5/d': rate must be",
+                     "--limit 'jobs:purge=rate:1/s': a limit names a task by its module and "
+                     "qualified name, dot-joined: 'jobs.purge', not 'jobs:purge'"):
         assert expected in proc.stderr, (expected, proc.stderr)
     assert "('c')" not in proc.stderr and "#1 ('a')" not in proc.stderr
 

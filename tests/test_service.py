@@ -320,12 +320,12 @@ def test_a_withdraws_cancel_waits_for_its_recall_off_the_loop_that_serves_run_as
     monkeypatch.setattr(intake, "RECALL_WAIT", 10 * R)
     server = make_server()
     o = server.orchestrator
-    withdrawn = server.registry.withdrawn  # (a withdrawn run_async(): it cancels the task)
+    withdrawn = server.registry.withdrawn
     cancelling = threading.Event()
 
-    def cancel_and_tell(task_id: int, sink: Any, req: int) -> None:
+    def cancel_and_tell(task_id: int, *watcher: Any) -> None:
         cancelling.set()
-        withdrawn(task_id, sink, req)
+        withdrawn(task_id, *watcher)
 
     monkeypatch.setattr(server.registry, "withdrawn", cancel_and_tell)
     g = gates("busy")

@@ -151,6 +151,81 @@ def test_a_rate_of_10_per_second_over_5_simulated_seconds() -> None:
     assert waiting == {"limit"}  # (those not taken yet are set aside at their first take)
 
 
+def _limited(limits: dict[str, Limit]) -> tuple[Backlog, FakeClock]:
+    fake = FakeClock()
+    backlog = Backlog(1000, Clock(monotonic=fake.monotonic), limits=limits)
+    backlog.connect(lambda: None, recalls_for_cancel=False)
+    return backlog, fake
+
+
+def _take_and_start(backlog: Backlog) -> list[WorkItem]:
+    """What the dispatcher takes now; each starts and runs on (never ends here)."""
+    with backlog.locked():
+        taken = backlog.take_locked(Admission(None), 10)
+        for item in taken:
+            backlog.start_locked(item)
+    return taken
+
+
+def test_a_rate_holds_while_the_tasks_of_its_name_run_on() -> None:
+    # The tasks never end: each start must come from a token, not from a task ending
+    # (reviewed: 5 such tasks at 10/s gave 2 starts in 2 s).
+    backlog, fake = _limited({"jobs.purge": Limit(rate="10/s")})
+    for i in range(100):
+        backlog.offer(_task("jobs.purge"), False)
+    starts: list[float] = []
+    end = fake.now + 5.0
+    while fake.now < end:
+        backlog.release_due(fake.now)
+        starts += [fake.now for _ in _take_and_start(backlog)]
+        due = backlog.next_due()
+        assert due is not None  # tasks are set aside: a token is always coming
+        fake.now = max(due, fake.now + 0.001)  # (the dispatcher's wait: to the next due time)
+    assert len(starts) == 50
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) >= 0.1 - 1e-9 and max(gaps) <= 0.1 + 1e-9
+
+
+@pytest.mark.parametrize("how", ["cancelled", "expired"])
+def test_a_released_task_that_ends_unstarted_passes_its_token_on(how: str) -> None:
+    backlog, fake = _limited({"jobs.purge": Limit(rate="10/s")})
+    first, second, third = (_task("jobs.purge") for _ in range(3))
+    second.expires_at = fake.now + 0.15
+    for item in (first, second, third):
+        backlog.offer(item, False)
+    assert _take_and_start(backlog) == [first]  # it runs on; the others are set aside
+    assert backlog.next_due() == fake.now + 0.1
+    fake.now += 0.1
+    assert backlog.release_due(fake.now) == []  # the token is back: ``second`` is released
+    with backlog.locked():
+        assert backlog.waiting_for_locked(second) is None
+        assert backlog.waiting_for_locked(third) == "limit"
+    if how == "cancelled":  # before the dispatcher takes it
+        with backlog.locked():
+            assert backlog.remove_queued_locked({id(second): second}) == [second]
+    else:
+        fake.now += 0.1  # (not taken by its expiry: no worker was free)
+        assert backlog.release_due(fake.now) == [second]
+    assert second.state is (TaskState.CANCELLED if how == "cancelled" else TaskState.EXPIRED)
+    assert _take_and_start(backlog) == [third]  # the token ``second`` never took
+    with backlog.locked():
+        assert not backlog.holds_tasks_locked()
+
+
+def test_a_released_task_that_is_cancelled_passes_its_slot_on() -> None:
+    backlog, fake = _limited({"jobs.purge": Limit(concurrency=1)})
+    first, second, third = (_task("jobs.purge") for _ in range(3))
+    for item in (first, second, third):
+        backlog.offer(item, False)
+    assert _take_and_start(backlog) == [first]
+    with backlog.locked():
+        backlog.finish_locked(first, TaskState.SUCCEEDED)  # its slot frees: ``second`` goes
+        assert backlog.remove_queued_locked({id(second): second}) == [second]
+    assert _take_and_start(backlog) == [third]  # the slot ``second`` never took
+    with backlog.locked():
+        assert not backlog.holds_tasks_locked()
+
+
 def test_bad_options_are_value_errors(make_orchestrator: Make) -> None:
     o = make_orchestrator(1)
     other = make_orchestrator(1)
@@ -225,6 +300,29 @@ def test_a_task_waiting_for_a_dependency_or_a_limit_expires_at_its_time() -> Non
         backlog.finish_locked(purging, TaskState.SUCCEEDED)  # its slot frees: nothing held
         assert backlog.take_locked(Admission(None), 10) == []
         assert not backlog.holds_tasks_locked()
+
+
+def test_a_submission_that_joins_a_task_by_key_does_not_wait_for_its_dependencies() -> None:
+    fake = FakeClock()
+    backlog = Backlog(100, Clock(monotonic=fake.monotonic))
+    backlog.connect(lambda: None, recalls_for_cancel=False)
+    intake = Intake(backlog, Policy(), drop_when_full=False)
+    dependency = _task("jobs.other")
+    intake.offer(dependency)
+    waiting = _task("jobs.report", after=(dependency.future,))
+    joining = _task("jobs.report", after=(dependency.future,))
+    waiting.key = joining.key = "report"
+    assert intake.offer(waiting) is waiting.future
+    assert intake.offer(joining) is waiting.future  # it is that task now, no dependant
+    # One done-callback on the dependency: the waiting task's (the joiner's used to be added).
+    assert len(dependency.future._done_callbacks) == 1  # type: ignore[attr-defined]
+    with backlog.locked():
+        for item in backlog.take_locked(Admission(None), 10):
+            backlog.start_locked(item)
+            backlog.finish_locked(item, TaskState.SUCCEEDED)
+    dependency.future.set_result(None)  # the dependant is released, once
+    with backlog.locked():
+        assert backlog.take_locked(Admission(None), 10) == [waiting]
 
 
 def test_a_task_waiting_for_a_running_dependency_expires_without_it(make_orchestrator: Make,

@@ -321,7 +321,7 @@ class Backlog:
             raise AssertionError(f"{item!r} finished twice")
         item.state = state
         item.worker = None
-        if (item.key is not None or item.limit is not None) and self._waits.ended(item):
+        if (item.key is not None or self.limited) and self._waits.ended(item):
             self._dispatcher_will_look = True  # (the dispatcher's thread, or it is woken)
         self._unfinished.pop(item.task_id, None)
         self._counts.ended(state)

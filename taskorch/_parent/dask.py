@@ -99,6 +99,7 @@ from taskorch._parent.pool import (
     TaskFinished,
 )
 from taskorch._parent.task import WorkItem
+from taskorch._parent.terminate import TerminateRequest
 from taskorch._wire import Event, Failed, Recalled, Retrying, Started, Succeeded
 
 log = logging.getLogger("taskorch")
@@ -138,7 +139,7 @@ class DaskPool(DaskHardTimeouts):
         self._running: dict[int, Submission] = {}  # see dask_timeout, as for the next three
         self._held: dict[int, Submission] = {}
         self._restarts: dict[str, float] = {}
-        self._terminating: dict[int, Submission] = {}
+        self._terminating: dict[int, tuple[Submission, list[TerminateRequest]]] = {}
         self._warned_no_restart = False
         self._probe_at: float | None = None  # next worker probe (calls on the cluster only)
         self._out: list[PoolEvent] = []  # events to hand back from the method running now
@@ -146,8 +147,8 @@ class DaskPool(DaskHardTimeouts):
         self._break_reason: str | None = None
         self._to_release: list[Any] = []  # Dask futures whose outcome is in
 
-    def terminate(self, item: WorkItem) -> None:  # (dispatcher thread)
-        self._terminate(item)
+    def terminate(self, request: TerminateRequest) -> None:  # (dispatcher thread)
+        self._terminate(request)
 
     # -- called from other threads -------------------------------------------------------------
 

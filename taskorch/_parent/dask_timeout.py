@@ -12,8 +12,10 @@ retries timeouts), as a local hard timeout is, and the Dask worker process is re
 nanny: nothing else stops a Dask thread. Until the restart's answer, the call holds its slot
 (``_held``: its worker gets no calls, and it counts against ``worker_count``), so the in-flight
 bound holds while the stuck thread runs; the worker's calls not started are recalled at once;
-when the worker leaves, the ones still there go back uncharged and the ones running are charged
-a crash, as for any lost worker. A worker without a nanny cannot be restarted
+when the worker leaves, the ones still there go back uncharged, and so do the other attempts
+running there (``AttemptLostUncharged``: taskorch restarted their worker, they did nothing
+wrong; they may have had side effects, as after a crash). A worker without a nanny cannot be
+restarted
 (``Client.restart_workers`` refuses it, and taskorch never shuts a worker down): a warning says
 so once, the attempt fails on time all the same, and the slot stays held until its Dask task
 ends by itself.
@@ -21,11 +23,12 @@ ends by itself.
 A terminate (``Client.cancel(id, terminate=True)`` on ``taskorch serve --dask``) is the same
 kill: the attempt's worker process is restarted by its nanny, and when it leaves, that attempt
 is lost as ``terminate.Terminated`` (the task ends cancelled) and every other attempt running
-there is lost as with any worker death (charged a crash, retried while attempts remain): a
-Dask worker runs several tasks in one process, and no thread of it can be stopped alone. A
-worker that cannot be restarted (no nanny) is left alone: the task runs on, a warning says
-why, and the cancel's answer is False once it ends. Until the restart's answer, the worker gets
-no calls and its calls not started are recalled, as after a hard timeout.
+there goes back to the backlog, not charged, as above: a Dask worker runs several tasks in one
+process, and no thread of it can be stopped alone. The request (``terminate.TerminateRequest``)
+is answered True once the worker is gone (or the attempt ended meanwhile), False if the
+worker cannot be restarted (no nanny: ``Client.restart_workers`` refuses at once): the task
+runs on, a warning says why, and the cancel answers False at once. Until the restart's answer,
+the worker gets no calls and its calls not started are recalled, as after a hard timeout.
 
 Accepted races: a stuck attempt that returns to Python between the parent's hard timeout and
 the worker's end may start another attempt there (tenacity retries inside the worker) while the
@@ -48,6 +51,7 @@ from taskorch._parent.dask_cluster import ClusterLink, hard_timeout_error, worke
 from taskorch._parent.dask_pool import SLOW_AFTER, DaskWorker, Membership, Submission
 from taskorch._parent.pool import (
     AttemptLost,
+    AttemptLostUncharged,
     CallsReturned,
     CannotRun,
     PoolEvent,
@@ -55,7 +59,7 @@ from taskorch._parent.pool import (
     WorkersRestarted,
 )
 from taskorch._parent.task import WorkItem
-from taskorch._parent.terminate import Terminated
+from taskorch._parent.terminate import Terminated, TerminateRequest
 
 log = logging.getLogger("taskorch")
 
@@ -74,8 +78,8 @@ class DaskHardTimeouts:
     _held: dict[int, Submission]
     _restarts: dict[str, float]  # address -> when its restart was asked for
     # Running calls to end cancelled when their worker leaves (a terminate asked for its
-    # restart); dropped at the restart's answer.
-    _terminating: dict[int, Submission]
+    # restart), with the requests to answer; dropped at the restart's answer.
+    _terminating: dict[int, tuple[Submission, list[TerminateRequest]]]
     _warned_no_restart: bool
     _to_release: list[Any]
     _out: list[PoolEvent]  # events for the core, handed back by the method running now
@@ -128,18 +132,23 @@ class DaskHardTimeouts:
             if calls and not worker.recall_sent:
                 self._send_recall(worker, calls)
 
-    def _terminate(self, item: WorkItem) -> None:
-        """Kill ``item``'s running attempt: restart the worker process that runs it (see the
-        module docstring). Nothing if no attempt of it runs on a worker now (it ended: its
-        outcome is on its way)."""
+    def _terminate(self, request: TerminateRequest) -> None:
+        """Kill ``request.item``'s running attempt: restart the worker process that runs it
+        (see the module docstring). Nothing if no attempt of it runs on a worker now (it
+        ended: its outcome is on its way; the request is answered True at once)."""
+        item = request.item
         sub = next((s for s in self._running.values() if s.item is item), None)
         if sub is None or sub.ended or (sub.future is not None and sub.future.done()):
+            request.answer(True)
             return
-        self._terminating[sub.sub_id] = sub
+        asked = self._terminating.setdefault(sub.sub_id, (sub, []))[1]
+        asked.append(request)
+        if len(asked) > 1:
+            return  # (asked for already)
         worker = sub.worker
         log.warning("task %d: terminating its attempt %d: restarting Dask worker %s (its other "
-                    "running attempts are lost with it)", item.task_id, item.attempts,
-                    worker.address)
+                    "running attempts will run again, not charged)", item.task_id,
+                    item.attempts, worker.address)
         if worker.address in self._restarts:
             return  # a restart is under way already
         self._restarts[worker.address] = time.monotonic()
@@ -158,39 +167,48 @@ class DaskHardTimeouts:
 
     def _on_restarted(self, address: str, error: BaseException | None) -> None:
         """The answer to a restart: the held slots of ``address`` free once the worker is
-        back (or gone for good); if it could not be restarted, they free as their tasks end."""
+        back (or gone for good); if it could not be restarted, they free as their tasks end,
+        and the attempts being terminated run on (their requests are answered False)."""
         asked = self._restarts.pop(address, None)
         held = [sub for sub in self._held.values() if sub.worker.address == address]
         worker = self._workers.get(address)
-        terminating = [sub for sub in self._terminating.values()
+        terminating = [sub for sub, _ in self._terminating.values()
                        if sub.worker.address == address]
-        if error is not None:  # they run on: only a restart could stop them
-            for sub in terminating:
-                self._terminating.pop(sub.sub_id)
-                if sub.sub_id in self._subs:
-                    log.warning("task %d could not be terminated: Dask worker %s was not "
-                                "restarted (%s: %s; a worker needs a nanny for that): it runs "
-                                "on", sub.item.task_id, address, type(error).__name__, error)
         if error is None:
             log.warning("Dask worker %s restarted (%.2f s after the request)", address,
                         time.monotonic() - (asked or 0.0))
-        elif not self._warned_no_restart or not isinstance(error, ValueError):
-            self._warned_no_restart = True
+            # (if its removal was not heard of yet: the attempts being terminated end
+            # cancelled, the others run again, not charged)
+            self._on_worker_lost(address, "taskorch restarted it", restarted=True)
+        elif held and (not self._warned_no_restart or not isinstance(error, ValueError)):
+            self._warned_no_restart = True  # (a hard timeout asked for it, not a terminate)
             log.warning(
                 "could not restart Dask worker %s after a task overran its timeout (%s: %s): "
                 "its attempt failed on time all the same, but its thread stays busy until the "
                 "task returns. Run Dask workers under a nanny (the default of 'dask worker') "
                 "so that taskorch can restart them", address, type(error).__name__, error)
+        for sub in terminating:  # (lost as Terminated, or ended: answered already)
+            runs_on = error is not None and sub.sub_id in self._subs
+            self._answer_terminate(sub, granted=not runs_on)
+            if runs_on:  # only a restart could stop it
+                log.warning("task %d could not be terminated: Dask worker %s was not "
+                            "restarted (%s: %s; a worker needs a nanny for that): it runs "
+                            "on", sub.item.task_id, address, type(error).__name__, error)
         if error is not None and worker is not None:
             held = [sub for sub in held if sub.ended]  # the others free as their tasks end
         futures = [self._forget_sub(sub) for sub in held]
         self._link.cancel(futures)
         if error is None:
-            self._on_worker_lost(address, "it was restarted (a task overran its timeout, or "
-                                 "was terminated)")
-            for sub in terminating:  # (lost as Terminated just now, or ended before)
-                self._terminating.pop(sub.sub_id, None)
             self._probe_workers()  # learn of its successor
+
+    def _answer_terminate(self, sub: Submission, granted: bool, keep: bool = False) -> bool:
+        """Answer the terminate requests of ``sub`` (if it has any: True), and forget them
+        unless ``keep`` (its loss, to come, ends the task cancelled)."""
+        entry = self._terminating.get(sub.sub_id) if keep else (
+            self._terminating.pop(sub.sub_id, None))
+        for request in entry[1] if entry is not None else ():
+            request.answer(granted)
+        return entry is not None
 
     # -- lost calls and workers ---------------------------------------------------------------
 
@@ -226,15 +244,22 @@ class DaskHardTimeouts:
                   type(exc).__name__, exc)
         self._out.append(CannotRun(sub.item, exc))
 
-    def _crash_sub(self, sub: Submission, why: str, worker_lost: bool = True) -> None:
-        """The attempt that started on ``sub.worker`` was lost: the core charges it, or, if
-        it was being terminated, ends the task cancelled."""
+    def _crash_sub(self, sub: Submission, why: str, worker_lost: bool = True,
+                   restarted_for: str | None = None) -> None:
+        """The attempt that started on ``sub.worker`` was lost: the core charges it; if it
+        was being terminated, ends the task cancelled; if taskorch restarted its worker for
+        another task (``restarted_for`` says why), runs it again, not charged."""
         item = sub.item
-        if self._terminating.pop(sub.sub_id, None) is not None:
+        if self._answer_terminate(sub, True):
             self._out.append(AttemptLost(item, Terminated(
                 f"task {item.task_id} was cancelled while it ran (attempt {item.attempts}): "
                 f"its Dask worker {sub.worker.address} was restarted"), (
                 f"task {item.task_id}: attempt {item.attempts} terminated; ")))
+            return
+        if restarted_for is not None:
+            self._out.append(AttemptLostUncharged(item, (
+                f"task {item.task_id}: attempt {item.attempts} stopped: its Dask worker "
+                f"{sub.worker.address} was restarted {restarted_for}; ")))
             return
         error = worker_lost_error(sub.pid, sub.worker.address, item.attempts, why, worker_lost)
         self._out.append(AttemptLost(item, error, (
@@ -248,6 +273,7 @@ class DaskHardTimeouts:
         self._running.pop(sub.sub_id, None)
         self._held.pop(sub.sub_id, None)
         sub.worker.subs.pop(sub.sub_id, None)
+        self._answer_terminate(sub, True, keep=True)  # (gone, or it ended: no longer runs)
         future, sub.future = sub.future, None
         return future
 
@@ -273,12 +299,16 @@ class DaskHardTimeouts:
         if probe is not None:
             self._link.ask_workers(probe)
 
-    def _on_worker_lost(self, address: str, why: str) -> None:
+    def _on_worker_lost(self, address: str, why: str, restarted: bool = False) -> None:
+        """``address`` left: its calls not started go back, its running attempts are lost
+        (not charged if taskorch had it ``restarted``, for another task's sake)."""
         worker = self._members.remove(address)
         if worker is None:
             return
         held = [sub for sub in worker.subs.values() if sub.sub_id in self._held]
         subs = [sub for sub in worker.subs.values() if sub.sub_id not in self._held]
+        restarted_for = self._restarted_for(address, held, subs) if (
+            restarted or address in self._restarts) else None
         self._out.append(WorkersChanged(len(self._workers)))
         futures = [self._forget_sub(sub) for sub in subs]
         if address not in self._restarts:  # else they hold their slots until its answer
@@ -288,11 +318,19 @@ class DaskHardTimeouts:
             self._out.append(CallsReturned(requeue))
         for sub in subs:
             if sub.started:
-                self._crash_sub(sub, why)
+                self._crash_sub(sub, why, restarted_for=restarted_for)
         self._link.cancel(futures)  # they wait in "no-worker" state: drop them
         log.warning("Dask worker %s lost (%s): %d call(s) it had not started re-queued, %d "
                     "running call(s) lost; %d threads left", address, why, len(requeue),
                     len(subs) - len(requeue), self._members.total_threads)
+
+    def _restarted_for(self, address: str, held: list[Submission],
+                       subs: list[Submission]) -> str:
+        """Why taskorch restarted ``address``: the tasks it was restarted for."""
+        why = [f"to terminate task {sub.item.task_id}" for sub in subs
+               if sub.sub_id in self._terminating]
+        why += [f"to stop task {sub.item.task_id} past its hard timeout" for sub in held]
+        return " and ".join(why) or "by taskorch (a task overran its timeout, or was terminated)"
 
     def recall_unstarted(self, now: float) -> float | None:
         workers = self._workers.values()

@@ -54,7 +54,7 @@ from taskorch._parent.figures import WorkerView
 from taskorch._parent.pool import PoolBroken, PoolEvent, WorkerPool
 from taskorch._parent.rules import TaskRules
 from taskorch._parent.task import TaskState, WorkItem
-from taskorch._parent.terminate import Terminations
+from taskorch._parent.terminate import ANSWER_WAIT, Terminations
 from taskorch._policy import CircuitBreaker
 
 log = logging.getLogger("taskorch")
@@ -122,7 +122,8 @@ class DispatcherCore:
 
     def terminate(self, item: WorkItem) -> bool:
         """Kill ``item``'s running attempt (``terminate``); False if it runs none now or the
-        pool cannot. Any thread."""
+        pool cannot (it answers on the dispatcher thread: waited for here, up to
+        ``terminate.ANSWER_WAIT``). Any thread but the dispatcher's."""
         if not self.pool.terminates:
             return False
         with self._backlog.locked():
@@ -131,9 +132,11 @@ class DispatcherCore:
             if item.state is not TaskState.RUNNING or (item.started_on is None
                                                        and not item.attempt_started):
                 return False
-            self._terminations.request(item)
+            request = self._terminations.request(item)
         self.wake()
-        return True
+        if self.finished.is_set():  # (no turn is coming: ``_run_guarded`` answered, or will)
+            self._terminations.answer_all()
+        return request.wait(ANSWER_WAIT)
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -164,14 +167,15 @@ class DispatcherCore:
                 if self.drained is None:
                     self.drained = False
                 self.finished.set()
+                self._terminations.answer_all()  # (after ``finished``: see ``terminate``)
 
     def _run(self) -> None:
         pool = self.pool
         while True:
             self._apply(pool.wait(self._next_timeout()))
             self._recall_for_cancel()
-            for item in self._terminations.take():
-                self.pool.terminate(item)
+            for request in self._terminations.take():
+                self.pool.terminate(request)
             self._flush()
             now = self._clock.monotonic()
             self._fire_timers(now)

@@ -20,7 +20,7 @@ from taskorch._parent.callbacks import InlineCallback, callback_runner
 from taskorch._parent.clock import Clock
 from taskorch._parent.figures import name_of, name_of_payload
 from taskorch._parent.task import TaskFuture, WorkItem
-from taskorch._parent.waits import dependency_failed
+from taskorch._parent.waits import DEPENDENCY, dependency_failed
 from taskorch._policy import Policy
 from taskorch._wire import encode_call, encode_policy
 
@@ -114,9 +114,13 @@ class Intake:
         return None
 
     def await_dependencies(self, item: WorkItem) -> None:
-        """``item`` was accepted with ``after``: each of its dependencies tells the backlog
-        when it ends (``waits``; at once, here, for one already done), in the thread that
-        resolves it for a success (``_dependency_done``)."""
+        """``item`` was accepted with ``after``: if it waits for them, each dependency tells
+        the backlog when it ends (``waits``; at once, here, for one already done), in the
+        thread that resolves it for a success (``_dependency_done``). Nothing for a submission
+        that joined the unfinished task with its key (``waits.Waits.join``): it is that task,
+        no dependant (nor for one cancelled or expired since: it waits no more)."""
+        if item.waiting_for != DEPENDENCY:
+            return
         ended = functools.partial(self._backlog.dependency_ended, item)
         callback = InlineCallback(functools.partial(_dependency_done, ended))
         for dependency in item.after or ():

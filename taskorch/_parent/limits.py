@@ -8,6 +8,13 @@ while the tasks behind it go on. It goes back to the front of the ready tasks wh
 start: one task per slot freed (``free``: a task of that name ended, came back unstarted, or
 backs off before a crash retry) and one per token (``release_due``).
 
+A task sent back so is *released*: it claims that slot or token until it is taken
+(``admit``: it takes them, or, beaten to them by another task of its name, is set aside
+again, first) or ends unstarted (``dropped``: a cancel, an expiry; the next one set aside
+goes instead). While a released task of a name is out, no token releases another; else,
+while tasks wait for their name's token, ``next_due`` holds the time it is back, set as a
+token is used: the dispatcher comes back then, even while every task of that name runs on.
+
 - **Concurrency**: a task holds its name's slot from the moment it is handed to a worker
   (``WorkItem.limit``) until it ends or comes back: a prefetched call counts, so the limit
   holds for what runs, never exceeded, at the cost of a slot held by a call waiting in a
@@ -32,7 +39,7 @@ LIMIT = "limit"
 class NameLimit:
     """One task name's limit and its state (the backlog's lock)."""
 
-    __slots__ = ("name", "concurrency", "interval", "running", "next_at", "held")
+    __slots__ = ("name", "concurrency", "interval", "running", "next_at", "held", "released")
 
     def __init__(self, name: str, limit: Limit) -> None:
         self.name = name
@@ -41,6 +48,8 @@ class NameLimit:
         self.running = 0  # tasks of this name handed over or running (holding a slot)
         self.next_at = float("-inf")  # when the bucket's one token is back (monotonic)
         self.held: deque[WorkItem] = deque()  # set aside, in the order they were taken
+        # Sent back to the ready tasks (see the module docstring), not taken nor ended yet.
+        self.released: set[WorkItem] = set()
 
 
 class Limits:
@@ -61,53 +70,79 @@ class Limits:
         limit = self.by_name.get(item.name)
         if limit is None or item.limit is not None:
             return True
+        first = item in limit.released  # (a released task set aside again goes first)
+        limit.released.discard(item)
         if limit.concurrency is not None and limit.running >= limit.concurrency:
-            return self._hold(limit, item)
+            return self._hold(limit, item, first)
         if limit.interval is not None:
             now = self._monotonic()
             if now < limit.next_at:
-                self._hold(limit, item)
-                if self.next_due is None or limit.next_at < self.next_due:
-                    self.next_due = limit.next_at
-                return False
+                self._due(limit.next_at)
+                return self._hold(limit, item, first)
             limit.next_at = max(now, limit.next_at) + limit.interval
+            if limit.held:
+                self._due(limit.next_at)  # the next token is for them
         limit.running += 1
         item.limit = limit
         return True
 
     @staticmethod
-    def _hold(limit: NameLimit, item: WorkItem) -> bool:
+    def _hold(limit: NameLimit, item: WorkItem, first: bool) -> bool:
         item.waiting_for = LIMIT
-        limit.held.append(item)
+        if first:
+            limit.held.appendleft(item)
+        else:
+            limit.held.append(item)
         return False
 
+    def _due(self, at: float) -> None:
+        if self.next_due is None or at < self.next_due:
+            self.next_due = at
+
     def free(self, item: WorkItem) -> list[WorkItem]:
-        """``item`` gives its slot back: the first task set aside for want of it, to go back
-        to the ready tasks (the caller puts it there)."""
+        """``item`` gives its slot back: the first task set aside, to go back to the ready
+        tasks (the caller puts it there) if it may start (its token may come later:
+        ``release_due``)."""
         limit: NameLimit = item.limit
         item.limit = None
         limit.running -= 1
-        if not limit.held:
+        return self._release_next(limit, self._monotonic())
+
+    def dropped(self, item: WorkItem) -> list[WorkItem]:
+        """``item`` ended unstarted (cancelled, expired): if it was released, the slot or
+        token it claimed goes to the next task set aside (returned, for the ready tasks)."""
+        limit = self.by_name.get(item.name)
+        if limit is None or item not in limit.released:
             return []
-        if limit.interval is None or limit.next_at <= self._monotonic():
-            return [self._release(limit.held.popleft())]
-        if self.next_due is None or limit.next_at < self.next_due:
-            self.next_due = limit.next_at  # (its token comes later: ``release_due``)
-        return []
+        limit.released.remove(item)
+        return self._release_next(limit, self._monotonic())
 
     def release_due(self, now: float) -> list[WorkItem]:
         """One task per name whose token is back by ``now`` (and that has a slot free)."""
         released: list[WorkItem] = []
         self.next_due = None
         for limit in self.by_name.values():
-            if not limit.held or limit.interval is None:
-                continue
-            if limit.next_at <= now:
-                if limit.concurrency is None or limit.running < limit.concurrency:
-                    released.append(self._release(limit.held.popleft()))
-            elif self.next_due is None or limit.next_at < self.next_due:
-                self.next_due = limit.next_at
+            if limit.held and limit.interval is not None:
+                released += self._release_next(limit, now)
         return released
+
+    def _release_next(self, limit: NameLimit, now: float) -> list[WorkItem]:
+        """The first task set aside for ``limit`` if a slot is free and its token is back by
+        ``now`` (released tasks claim theirs); if only the token is missing, note when it
+        comes back (``next_due``)."""
+        if not limit.held or (limit.concurrency is not None
+                              and limit.running + len(limit.released) >= limit.concurrency):
+            return []
+        if limit.interval is not None:
+            if limit.released:
+                return []  # the token is claimed: that task's ``admit`` or end moves on
+            if limit.next_at > now:
+                self._due(limit.next_at)
+                return []
+        item = limit.held.popleft()
+        item.waiting_for = None
+        limit.released.add(item)
+        return [item]
 
     @staticmethod
     def _release(item: WorkItem) -> WorkItem:
@@ -133,5 +168,6 @@ class Limits:
         items = [self._release(i) for limit in self.by_name.values() for i in limit.held]
         for limit in self.by_name.values():
             limit.held.clear()
+            limit.released.clear()
         self.next_due = None
         return items

@@ -55,6 +55,7 @@ from taskorch._parent.pool import (
 )
 from taskorch._parent.process import PREFETCH_BYTES, SLOW_AFTER, WorkerProcess
 from taskorch._parent.task import WorkItem
+from taskorch._parent.terminate import TerminateRequest
 from taskorch._stats import Progress
 from taskorch._wire import (
     Event,
@@ -324,10 +325,12 @@ class LocalPool:
             worker.send_recall()
         return [item for item in items if item.worker is None]
 
-    def terminate(self, item: WorkItem) -> None:
+    def terminate(self, request: TerminateRequest) -> None:
+        item = request.item
         worker = next((w for w in self._workers.values() if w is item.started_on), None)
         if worker is not None and worker.inflight and worker.inflight[0] is item:
             self._set.kill_attempt(worker, item, "cancel", time.monotonic())
+        request.answer(True)  # killed, or it ended meanwhile: the outcome tells
 
     # -- timers --------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple, Protocol, Unio
 if TYPE_CHECKING:
     from taskorch._parent.figures import WorkerView
     from taskorch._parent.task import WorkItem
+    from taskorch._parent.terminate import TerminateRequest
     from taskorch._wire import Outcome
 
 
@@ -63,6 +64,15 @@ class AttemptLost(NamedTuple):
     note: str
 
 
+class AttemptLostUncharged(NamedTuple):
+    """The attempt of ``item`` that started was stopped through no fault of its own (taskorch
+    restarted its Dask worker to kill another task's attempt): run again, not charged.
+    ``note`` begins the warning the core logs."""
+
+    item: WorkItem
+    note: str
+
+
 class CannotRun(NamedTuple):
     """``item`` fails with ``error`` without a retry: the pool could not run it."""
 
@@ -90,7 +100,7 @@ class PoolBroken(NamedTuple):
 
 
 PoolEvent = Union[AttemptStarted, AttemptRetrying, TaskFinished, CallsReturned, AttemptLost,
-                  CannotRun, WorkersChanged, WorkersRestarted, PoolBroken]
+                  AttemptLostUncharged, CannotRun, WorkersChanged, WorkersRestarted, PoolBroken]
 
 
 class Take(Protocol):
@@ -112,9 +122,10 @@ class WorkerPool(Protocol):
     #: its worker process)?
     terminates: bool
 
-    def terminate(self, item: WorkItem) -> None:
-        """Kill the worker running ``item``'s attempt, if it still does: its loss comes back
-        as ``AttemptLost`` with ``terminate.Terminated`` (dispatcher thread)."""
+    def terminate(self, request: TerminateRequest) -> None:
+        """Kill the worker running ``request.item``'s attempt, if it still does: its loss
+        comes back as ``AttemptLost`` with ``terminate.Terminated``. Answer ``request``, now
+        or later: False if that worker cannot be killed (dispatcher thread)."""
 
     @property
     def pids(self) -> tuple[int, ...]:

@@ -17,6 +17,8 @@ breaks. The rules:
   (crashes always, a hard timeout if the policy retries ``TaskTimeoutError``), else the task
   fails with that error. A call that started may have had side effects: after a crash a task
   runs at least once, not exactly once.
+- An attempt stopped through no fault of its own (``lost_uncharged_locked``: its Dask worker
+  was restarted to kill another task's attempt) goes back to the front, not charged.
 - A task not started by its expiry ends ``expired`` (``expired``), never run: from the
   backlog (``Backlog.release_due``), or here when its attempt is lost after that time.
 - The circuit breaker counts finished tasks; its state is published in ``stats()`` under the
@@ -51,6 +53,7 @@ from taskorch._parent.backlog import Backlog
 from taskorch._parent.breaker import Breaker
 from taskorch._parent.pool import (
     AttemptLost,
+    AttemptLostUncharged,
     AttemptRetrying,
     AttemptStarted,
     CallsReturned,
@@ -83,7 +86,8 @@ class TaskRules:
         self.by_event: dict[type, Callable[[Any, float], None]] = {
             AttemptStarted: self.started_locked, TaskFinished: self.finished_locked,
             AttemptRetrying: self.retrying_locked, CallsReturned: self.returned_locked,
-            AttemptLost: self.lost_locked, CannotRun: self.fail_locked,
+            AttemptLost: self.lost_locked, AttemptLostUncharged: self.lost_uncharged_locked,
+            CannotRun: self.fail_locked,
             WorkersChanged: self.workers_changed_locked, WorkersRestarted: self.restarted_locked,
         }
 
@@ -196,6 +200,20 @@ class TaskRules:
         backlog.crashed_locked(item, timed_out)
         self.fail_locked(CannotRun(item, error), now)
         self.losses.append((note, "task failed"))
+
+    def lost_uncharged_locked(self, event: AttemptLostUncharged, now: float) -> None:
+        """The attempt that started was stopped through no fault of its own (its Dask worker
+        was restarted to kill another task's attempt): the task goes back to the front of the
+        backlog at once, that attempt not charged (the next one has its number again). It may
+        have had side effects, as after a crash. (Between two attempts, no attempt ran:
+        nothing to give back.)"""
+        item, note = event
+        if item.attempt_started:
+            item.attempts = item.future.attempts = item.attempts - 1
+        item.worker = item.started_on = None
+        item.attempt_started = 0.0
+        self._backlog.put_back_locked([item])
+        self.losses.append((note, "run again, not charged"))
 
     def expired(self, item: WorkItem) -> None:
         """``item`` ended ``expired`` (the backlog's expiry, or here): its future fails."""

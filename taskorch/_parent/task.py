@@ -274,7 +274,7 @@ class TaskFuture(Future[Any]):
                 self._result = result
                 self._exception = exception
                 self._undecoded = None
-            self._decode_lock = None
+                self._decode_lock = None  # (as it is made: never read back as None above)
 
     def __repr__(self) -> str:
         pending = self._undecoded  # never unpickle here: repr runs in logs, on any thread

@@ -10,9 +10,16 @@ nobody behind it. ``WorkItem.waiting_for`` says why it waits (``waiting_for``).
   key joins it (``join``: it takes that task's id and future; nothing is enqueued).
 - **Dependencies**: a task with ``after`` waits here until each listed task has ended. Each
   dependency's future gets a done-callback (``Backlog.dependency_ended``, registered by the
-  intake once the task is accepted: it runs on the "taskorch-callbacks" thread, or at once in
-  the registering thread if that dependency is done), so nothing here polls, and a success
-  costs one hop of that thread. When the last one succeeded the task joins the ready tasks (or
+  intake once the task is accepted, or at once in the registering thread if that dependency
+  is done), so nothing here polls. A success releases the dependant in the thread that
+  resolves the dependency's future, with no thread hop (``intake._dependency_done``, an
+  ``InlineCallback``): a dispatcher thread, or in ``taskorch serve`` the journal's writer
+  (served dependencies are resolved from committed outcomes). Hazard: that thread takes the
+  backlog's lock there, so a future of a task that others run after must never be resolved
+  with that lock held (the dispatcher resolves after it: ``rules.TaskRules.flush``), and
+  whoever holds the backlog's lock must never wait for the journal's writer. A failure goes
+  to the "taskorch-callbacks" thread (failing the dependant unpickles the dependency's
+  exception: user code). When the last one succeeded the task joins the ready tasks (or
   its not-before heap); when one did not (failed, cancelled, expired) it ends ``failed`` with
   ``DependencyFailedError`` (``fail_dependant``, after the lock), and its own dependants
   follow through their callbacks on its future. A task with an expiry has it watched by the
@@ -77,11 +84,16 @@ class Waits:
         return True
 
     def ended(self, item: WorkItem) -> bool:
-        """``item`` ended (it has a key or holds a limit's slot): its key is free; True if a
-        task set aside for its limit went back to the ready tasks."""
+        """``item`` ended (it has a key, or there are limits): its key is free; True if a
+        task set aside for its limit went back to the ready tasks (the slot it held, or the
+        slot or token it was released for and never took: ``limits.Limits.dropped``)."""
         if item.key is not None and self._keys.get(item.key) is item:
             del self._keys[item.key]
-        return item.limit is not None and self.free(item)
+        if item.limit is not None:
+            return self.free(item)
+        released = self.limits.dropped(item) if self.limits is not None else []
+        self._order.push_front(released)
+        return bool(released)
 
     # -- dependencies --------------------------------------------------------------------
 

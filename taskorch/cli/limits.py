@@ -11,7 +11,9 @@ Each becomes a ``taskorch.Limit`` for ``TaskOrchestrator(limits=...)``: the serv
 applies it to every task of that name, whichever client sent it. Every entry is checked and
 every error returned (``--check-config`` lists them all), each naming the entry or the flag and
 the field: an unknown field, a concurrency that is not an integer >= 1, a rate that is not
-``N/s``, ``N/m`` or ``N/h``, neither of them, a name given twice in one place. A name given both
+``N/s``, ``N/m`` or ``N/h``, neither of them, a name given twice in one place, a name with a
+``:`` (a schedule target's ``module:function`` form: a task's name is dot-joined, so that one
+would never match; the error names the dotted form). A name given both
 on the command line and in the file takes the command line's limit (as any option does).
 """
 
@@ -25,6 +27,14 @@ from taskorch._options import Limit
 
 #: The fields of a ``[[limit]]`` entry but its ``name``: those of a ``--limit`` flag.
 LIMIT_FIELDS = ("concurrency", "rate")
+
+
+def _check_name(where: str, name: str) -> None:
+    """ValueError for a name no task can have: ``module:function`` (a schedule's target)."""
+    if ":" in name:
+        raise ValueError(f"{where}: a limit names a task by its module and qualified name, "
+                         f"dot-joined: {name.replace(':', '.')!r}, not {name!r} (the "
+                         "module:function form is a schedule target's; it matches no task)")
 
 
 def _check(where: str, fields: dict[str, Any]) -> Limit:
@@ -64,6 +74,7 @@ def from_flag(text: str) -> tuple[str, Limit]:
         if field in fields:
             raise ValueError(f"{where}: {field!r} is given twice")
         fields[field] = value
+    _check_name(where, name)
     concurrency = fields.get("concurrency")
     if concurrency is not None and concurrency.lstrip("-").isdigit():
         fields["concurrency"] = int(concurrency)  # (else _check names the text)
@@ -112,6 +123,7 @@ def from_file(path: str, data: dict[str, Any]) -> tuple[dict[str, Limit], list[s
             continue
         names.add(name)
         try:
+            _check_name(where, name)
             limits[name] = _check(where, {k: v for k, v in entry.items() if k != "name"})
         except ValueError as exc:
             errors.append(str(exc))

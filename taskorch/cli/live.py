@@ -22,6 +22,7 @@ the bar are cleared before a batch of records is written and flushed, and drawn 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import sys
@@ -185,10 +186,21 @@ def describe(label: str, seconds: float, progress: Progress | None) -> str:
     head = f"  {label}: {seconds:.0f} s, "
     if progress is None:
         return head + "running (no progress reported)"
-    done = f"{progress.done:g}"
+    done = amount(progress.done)
     if progress.total:
-        done += f"/{progress.total:g} ({100 * progress.done / progress.total:.0f}%)"
+        done += f"/{amount(progress.total)} ({100 * progress.done / progress.total:.0f}%)"
     return head + done + (f" {progress.message}" if progress.message else "")
+
+
+def amount(value: float) -> str:
+    """A progress count as people read it: whole numbers in full with thousands separators
+    (1,234,567, where ``:g`` wrote 1.23457e+06), others to two decimals (1,234.5; 0.25),
+    a tiny fraction to three significant digits."""
+    if math.isfinite(value) and value == int(value):
+        return f"{int(value):,}"
+    if abs(value) >= 0.01:
+        return f"{value:,.2f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
 
 
 def _columns(stream: IO[Any]) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import OrchestratorClosedError, TaskNotFoundError
 from taskorch._stats import TASK_STATES, TaskInfo
+from taskorch.cli.live import amount
 from taskorch.cli.options import EXIT_FAILED, EXIT_OK, add_server_arguments, server_address
 
 if TYPE_CHECKING:  # (the client is imported when a command runs)
@@ -173,8 +174,8 @@ def _progress(info: TaskInfo) -> str:
     if p is None:
         return ""
     if p.total:
-        return f"{p.done:g}/{p.total:g} {100 * p.done / p.total:.0f}%"
-    return f"{p.done:g}"
+        return f"{amount(p.done)}/{amount(p.total)} {100 * p.done / p.total:.0f}%"
+    return amount(p.done)
 
 
 def _seconds(s: float) -> str:

@@ -226,9 +226,12 @@ class _Run:
             self.first_signal_at = now
         self.signals.append(signum)
         if len(self.signals) == 1:
+            # Stop first, then say so: a second signal may come (and run its handler inside
+            # this one) as soon as the line is out, and the inputs it refuses are "Cancelled"
+            # only once ``stopping`` is set.
+            self._stop_reading()
             print(f"taskorch run: {signal.Signals(signum).name}: no more input is read; "
                   "finishing what was accepted (signal again to abandon it)", file=sys.stderr)
-            self._stop_reading()
         elif len(self.signals) == 2:
             print(f"taskorch run: {signal.Signals(signum).name} again: abandoning running tasks",
                   file=sys.stderr)

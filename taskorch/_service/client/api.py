@@ -381,8 +381,9 @@ class Client:
         and ``terminate`` is False (it runs on). With ``terminate``, a running attempt is
         killed (SIGTERM, then SIGKILL: a task stuck in C code too), the task ends cancelled
         and its worker is replaced (on ``serve --dask``: the Dask worker process running it
-        is restarted by its nanny, and the other attempts running there are lost with it, as
-        in a crash; without a nanny it cannot be, and the task runs on). A future of
+        is restarted by its nanny, and the other attempts running there run again, not
+        charged; without a nanny it cannot be: the task runs on, and this answers False).
+        A future of
         the task that this client holds resolves cancelled when its outcome frame arrives,
         which may be just after this returns. ``TaskNotFoundError`` for an unknown id."""
         return bool(operate(self._here().ask, "cancel", {"id": task_id, "terminate": terminate}))

@@ -107,7 +107,7 @@ class RemoteTaskFuture(TaskFuture):
     def result(self, timeout: float | None = None) -> Any:
         try:
             return super().result(timeout)  # (one wait: the cause is looked at only on failure)
-        except BaseException:
+        except Exception:  # (never a KeyboardInterrupt that came while waiting)
             if self._cause_lock is None:  # (set before the future is done: see above)
                 raise
         self._attach_cause(0)

@@ -1,11 +1,10 @@
 """A client's session with ``taskorch serve``: its requests, its link, its reader.
 
 One class, ``Session``, which owns its ``link.Link`` (the socket, sending, reconnecting) and
-its ``inbox.Inbox`` (the reader thread and what the server sends). Runs in the application's
-process: ``submit()``, ``submit_async()``, ``result()`` and ``stats()`` in the caller's
-threads (or event loops), and one reader thread per session ("taskorch-client-reader-N")
-that receives every frame, resolves the futures, and, when the connection is lost,
-reconnects; the methods under "the reader's side" run there.
+its ``inbox.Inbox`` (the reader thread and what the server sends). In the application's
+process: ``submit()``, ``submit_async()``, ``result()`` and ``stats()`` run in the callers'
+threads (or event loops); one reader thread per session ("taskorch-client-reader-N") receives
+every frame, resolves the futures and reconnects (the methods under "the reader's side").
 
     caller's thread                         "taskorch-client-reader-N"           server
     ---------------                         --------------------------           ------
@@ -40,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -183,21 +183,21 @@ class Session:
 
     def submit_payload_waiting(self, wire_policy: WirePolicy | None, data: bytes,
                                timeout: float | None = None, what: str = "map()") -> TaskFuture:
-        """A pickled call (``map()``'s chunks, ``with_wait()``), accepted once the backlog has
-        room; a lost link is waited out (sent again). With a credit held (or coming with the
-        answers to credit submissions), no round trip: a slot is the client's already, as in
-        run(). Else the server waits for room: one round trip, whose answer tops the credits
-        up if room allows. Past ``timeout``: withdrawn, QueueFullError
-        (ServerUnavailableError while down)."""
+        """A pickled call (``map()``'s chunks, ``with_wait()``) accepted once the backlog has
+        room; a lost link waited out. With a credit held (or coming), no round trip (the slot
+        is the client's, as in run()); else one, in which the server waits for room and tops
+        the credits up. Past ``timeout``: withdrawn; QueueFullError (ServerUnavailableError
+        while down)."""
         self._check_not_reader(what)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._take_credit(self.request_timeout if timeout is None
                              else min(timeout, self.request_timeout)):
-            future = self._spend(Request(new_future(self._ask, self), credit=True), lambda req:
-                                 submit_frame(req, data, wire_policy, wait=False, client=self.token,
-                                              retry=False, credit=True), when_down="queue")
-            assert future is not None
-            return future
+            with contextlib.suppress(ServerUnavailableError, ServerTimeoutError):  # (down: below)
+                future = self._spend(Request(new_future(self._ask, self), credit=True), lambda req:
+                                     submit_frame(req, data, wire_policy, wait=False,
+                                                  client=self.token, retry=False, credit=True))
+                assert future is not None
+                return future
         if deadline is not None:
             timeout = max(0.0, deadline - time.monotonic())
         request = Request(new_future(self._ask, self))

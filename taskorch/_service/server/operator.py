@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from taskorch._errors import JournalError, TaskNotFoundError, TaskorchError
@@ -38,6 +39,7 @@ from taskorch._service.server.records import (
     list_rows,
     queued_ids,
     read_row,
+    row_state,
     statuses_for,
 )
 from taskorch._service.values import decode_builtins
@@ -50,6 +52,10 @@ if TYPE_CHECKING:
 
 #: How long a request waits for the journal (a commit in progress, the batches before it).
 JOURNAL_WAIT = 30.0
+#: The rows a filtered listing reads at a time when the filter may leave queued rows out (a
+#: page of "waiting" tasks among thousands queued): more rows per journal round trip, at the
+#: cost of reading past the page's end (a few hundred rows: well under a millisecond).
+LIST_CHUNK = 500
 #: The ended states a task may be retried from.
 RETRYABLE = ("failed", "cancelled", "abandoned", "expired")
 
@@ -98,17 +104,27 @@ class Operator:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         if before_id is not None and not isinstance(before_id, int):
             raise ValueError(f"before_id must be an integer, got {before_id!r}")
-        # The journal's status narrows the rows (its index); each row's TaskInfo state, the
-        # one rule (``records.state_of``), decides: a queued row may be "waiting" (held back
-        # for a time, a dependency or a limit), so a page may take more than one read.
+        # The journal's status narrows the rows (its index); each row's state, the one rule
+        # (``records.state_of``), decides: a queued row may be "waiting" (held back for a
+        # time, a dependency or a limit), so a page may take more than one read, each of
+        # ``LIST_CHUNK`` rows at least, and a row left out costs no TaskInfo.
         wanted, statuses = set(states), statuses_for(states)
+        chunk = max(limit, LIST_CHUNK) if wanted and "queued" in statuses else limit
         found: list[TaskInfo] = []
         below = before_id
         while True:
-            rows = self._read(lambda db, below=below: list_rows(db, statuses, name, limit, below))
-            found += [info for info in map(self._info, rows) if not wanted or info.state in wanted]
-            if len(found) >= limit or len(rows) < limit:
-                return found[:limit]
+            rows = self._read(lambda db, below=below: list_rows(db, statuses, name, chunk, below))
+            for row in rows:
+                waiting = self._waiting(row)
+                if wanted and row_state(row, waiting, time.time()) not in wanted:
+                    continue
+                info = info_of(row, self._registry.progress_of(row[0]), waiting)
+                if not wanted or info.state in wanted:  # (the same rule, a moment later)
+                    found.append(info)
+                if len(found) == limit:
+                    return found
+            if len(rows) < chunk:
+                return found
             below = rows[-1][0]
 
     def task(self, task_id: int) -> Any:
@@ -118,16 +134,18 @@ class Operator:
         return self._info(row)
 
     def _info(self, row: Any) -> TaskInfo:
-        task_id, status = row[0], row[2]
-        waiting = self._registry.waiting(task_id) if status == "queued" else None
-        return info_of(row, self._registry.progress_of(task_id), waiting)
+        return info_of(row, self._registry.progress_of(row[0]), self._waiting(row))
+
+    def _waiting(self, row: Any) -> bool | None:
+        """What the backlog says of a queued row's task (``records.state_of``)."""
+        return self._registry.waiting(row[0]) if row[2] == "queued" else None
 
     def cancel(self, task_id: int, terminate: bool = False) -> bool:
         """True once a queued or waiting task is cancelled and that is committed; False if it
         had ended, or started and runs on. With ``terminate``, a running attempt is killed
         (its worker replaced) and True once the task's cancelled outcome is committed (False:
-        it ended otherwise first; on Dask, a worker without a nanny cannot be restarted: the task
-        runs on, and this waits for its end up to ``JOURNAL_WAIT``)."""
+        it ended otherwise first, or it cannot be killed: on Dask, a worker without a nanny
+        cannot be restarted, the task runs on, and the pool's refusal answers at once)."""
         cancelled = self._registry.cancel(task_id)
         if cancelled is None:  # not live: ended, or unknown
             if self._read(lambda db: read_row(db, task_id)) is None:

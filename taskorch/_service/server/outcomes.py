@@ -20,7 +20,10 @@ past which the innermost is its error without its cause (the outcome stays small
 
 Threads: a ``Dependency`` is resolved by whoever publishes its task's outcome (the journal's
 writer, after the commit) or, for one that had ended, by the registry's caller (the writer
-again, or the main thread at recovery); its done-callbacks run on "taskorch-callbacks".
+again, or the main thread at recovery). A success releases the dependant right there, in that
+thread (the intake's ``InlineCallback``: ``waits``'s docstring): hazard, the journal's writer
+then takes the backlog's lock, so no holder of that lock may wait for the journal's writer.
+A failure's done-callbacks run on "taskorch-callbacks" (they unpickle the error).
 """
 
 from __future__ import annotations

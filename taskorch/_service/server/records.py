@@ -50,10 +50,10 @@ def label_of(payload: bytes) -> tuple[str, str | None]:
     return label
 
 
-#: The labels of the few short calls most seen (the same function with no arguments or the
-#: same few small ones: unpickling even plain data costs ~2 us, on a submission's path), read
-#: once: calls up to _SHORT_CALL bytes, the first _LABELS_KEPT of them (the journal's writer
-#: only).
+#: The labels of short calls (the same function with no arguments or the same few small ones:
+#: unpickling even plain data costs ~2 us, on a submission's path), read once: calls up to
+#: _SHORT_CALL bytes, the first _LABELS_KEPT distinct ones seen, never evicted (bounded; a
+#: label depends on the bytes alone; the journal's writer only).
 _SHORT_CALL = 256
 _LABELS_KEPT = 1024
 _labels: dict[bytes, tuple[str, str | None]] = {}
@@ -116,6 +116,11 @@ def state_of(status: str | None, not_before: float | None, waiting: bool | None,
     return "waiting" if waiting else "queued"
 
 
+def row_state(row: tuple[Any, ...], waiting: bool | None, now: float) -> str:
+    """``state_of`` a journal row (``_COLUMNS``)."""
+    return state_of(row[2], row[9], waiting, now)
+
+
 def read_row(db: sqlite3.Connection, task_id: int) -> tuple[Any, ...] | None:
     found: tuple[Any, ...] | None = db.execute(
         f"SELECT {_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
@@ -139,7 +144,7 @@ def info_of(row: tuple[Any, ...], live: Progress | None = None,
     of a queued task (``state_of``)."""
     (task_id, name, status, attempts, submitted, started, finished, pid, priority,
      not_before, outcome, data, args_repr, progress, retry_of) = row
-    state = state_of(status, not_before, waiting, time.time())
+    state = row_state(row, waiting, time.time())
     error = tb = result = None
     if data is not None and outcome is not None:
         error, tb, result = _outcome_text(outcome, data)
