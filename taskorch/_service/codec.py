@@ -53,6 +53,7 @@ from taskorch._service.protocol import (
     Withdraw,
 )
 from taskorch._service.values import (
+    MAX_INT,
     decode_builtins,
     is_count,
     is_whole_call,
@@ -108,8 +109,9 @@ def decode_client_frame(data: bytes) -> ClientFrame:
 
 
 def _is_valid(frame: ClientFrame) -> bool:
-    if isinstance(frame, Submit):
-        return (is_count(frame.req) and isinstance(frame.payload, bytes)
+    if isinstance(frame, Submit):  # (one per task: ``is_count`` inline, exactly an int)
+        req = frame.req
+        return (type(req) is int and 0 <= req <= MAX_INT and isinstance(frame.payload, bytes)
                 and is_whole_call(frame.payload) and isinstance(frame.wait, bool)
                 and (frame.policy is None or is_wire_policy(frame.policy))
                 and isinstance(frame.client, bytes) and 0 < len(frame.client) <= 64

@@ -143,6 +143,8 @@ class RemoteTaskFuture(TaskFuture):
 
 #: ``Session.ask``: send the request ``build(req)`` makes, return the answer's fields.
 Ask = Callable[[Callable[[int], Any], str], dict[str, Any]]
+#: What makes a request's frame from its number (``Session._start``).
+Builder = Callable[[int], ClientFrame]
 
 
 def operate(ask: Ask, op: str, args: dict[str, Any]) -> Any:

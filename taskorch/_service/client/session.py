@@ -61,7 +61,7 @@ from taskorch._parent.task import TaskFuture
 from taskorch._service.client.credits import Credits
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
-from taskorch._service.client.requests import Request, new_future, payload, resend
+from taskorch._service.client.requests import Builder, Request, new_future, payload, resend
 from taskorch._service.codec import encode_service_frame
 from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
@@ -152,7 +152,9 @@ class Session:
                 f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
         request = Request(new_future(self._ask, self), credit=credit)
         if credit:  # no round trip: the answer resolves or fails the future later
-            return self._spend(request, lambda: payload(fn, args, kwargs), wire_policy, options)
+            return self._spend(request, lambda req: submit_frame(
+                req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
+                retry=False, credit=True, options=options))
         answer = self._call(request, lambda req: submit_frame(
             req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
             retry=False, credit=False, options=options), "run()")
@@ -191,8 +193,9 @@ class Session:
         if self._take_credit(self.request_timeout if timeout is None
                              else min(timeout, self.request_timeout)):
             with contextlib.suppress(ServerUnavailableError, ServerTimeoutError):  # (down: below)
-                future = self._spend(Request(new_future(self._ask, self), credit=True),
-                                     lambda: data, wire_policy, None)
+                future = self._spend(Request(new_future(self._ask, self), credit=True), lambda req:
+                                     submit_frame(req, data, wire_policy, wait=False,
+                                                  client=self.token, retry=False, credit=True))
                 assert future is not None
                 return future
         if deadline is not None:
@@ -221,13 +224,11 @@ class Session:
         return self.credits.take(wait, lambda: may and self._link.down_reason is None,
                                  lambda: self._closing or self.closed_reason is not None)
 
-    def _spend(self, request: Request, data: Callable[[], bytes], wire_policy: WirePolicy | None,
-               options: SubmitOptions | None, when_down: str = "fail") -> TaskFuture | None:
-        """Send a credit submission (``_take_credit`` took the credit): no answer awaited."""
+    def _spend(self, request: Request, build: Builder, when_down: str = "fail",
+               ) -> TaskFuture | None:
+        """Send ``build(req)``, a credit submission (``_take_credit`` took it): no answer."""
         try:
-            self._start(request, lambda req: submit_frame(
-                req, data(), wire_policy, wait=False, client=self.token, retry=False,
-                credit=True, options=options), when_down)
+            self._start(request, build, when_down)
         except (TypeError, ValueError):  # nothing sent (SerializationError): keep it
             self.credits.grant(1, 1)
             raise
@@ -303,9 +304,7 @@ class Session:
         assert isinstance(answer, StatsReply), answer
         return answer.fields
 
-    def _call(
-        self, request: Request, build: Callable[[int], ClientFrame], what: str,
-    ) -> ServerFrame | BaseException:
+    def _call(self, request: Request, build: Builder, what: str) -> ServerFrame | BaseException:
         req = self._start(request, build)
         assert request.event is not None
         # Set by the reader on the answer, or when the session gives up.
@@ -319,8 +318,7 @@ class Session:
         assert request.answer is not None
         return request.answer
 
-    def _start(self, request: Request, build: Callable[[int], ClientFrame],
-               when_down: str = "fail") -> int:
+    def _start(self, request: Request, build: Builder, when_down: str = "fail") -> int:
         """Register ``request`` and send its frame; raises (nothing sent) on a bad call, or
         ServerUnavailableError while down (``when_down="queue"``: sent at reconnection)."""
         self._check_open_locked()  # early, without the lock (checked again under it below)

@@ -57,6 +57,10 @@ class Admitting:
 
     def wanted(self, req: int) -> bool:
         """At the commit: False (and forgotten here) if ``req`` was withdrawn."""
+        # Without the lock first (one dict read is atomic): a withdraw that comes after this
+        # read would come after the locked one too, and ``end_locked`` sees it either way.
+        if not self._withdrawn.get(req, False):
+            return True
         with self._lock:
             if not self._withdrawn.get(req, False):
                 return True

@@ -78,6 +78,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskorch")
 
+#: A named tuple from its fields (``tuple.__new__`` in C: an ``Inflight`` per task).
+_new = tuple.__new__
+
 #: At shutdown, how long a connection's outbox may take to flush to a client that does not
 #: read, before the connection is cut.
 FLUSH_TIMEOUT = 5.0
@@ -320,13 +323,15 @@ class ServedConnection:
             return
         with self._lock:
             if not (withdrawn := self._admitting.end_locked(req)):
-                self._inflight[req] = Inflight(admission, not joined)
+                self._inflight[req] = _new(Inflight, (admission, not joined))
         if withdrawn:  # between wanted() and now: its own is cancelled if it has not started
             if not joined:
                 self._on_loop(self.server.loop.run_in_executor, None, self.registry.withdrawn,
                               admission, self, req)
             return
-        self.send(accepted_frame(req, admission, self.credits.top_up_when_low()))
+        if not self.closed:  # (``send``, without an outcome's size to read)
+            self._outbox.put_plain(accepted_frame(req, admission,
+                                                  self.credits.top_up_when_low()))
 
     def wanted(self, req: int) -> bool:
         return self._admitting.wanted(req)

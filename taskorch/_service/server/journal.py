@@ -163,9 +163,11 @@ class Journal:
     # -- before start(): recovery (main thread) ---------------------------------------------
 
     def rows_to_recover(self) -> list[Row]:
-        """Tasks not done, oldest first: the ones a previous server accepted and did not end."""
+        """Tasks not done, oldest first: the ones a previous server accepted and did not end
+        (their status is queued or running while their state is not done: ``journal_file``'s
+        listing index finds them)."""
         cursor = self._db.execute(
-            f"SELECT {ROW_COLUMNS} FROM tasks WHERE state != 'done' ORDER BY id")
+            f"SELECT {ROW_COLUMNS} FROM tasks WHERE status IN ('queued', 'running') ORDER BY id")
         return [Row(*r) for r in cursor]
 
     def dependency_rows(self, ids: list[int]) -> dict[int, Row]:
@@ -228,7 +230,7 @@ class Journal:
                  progress: bytes | None = None) -> None:
         """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer; ``status``
         and ``progress``, pickled: ``records``'); ``then()`` once committed (or failed to be)."""
-        size = data_bytes(data)
+        size = len(data) if type(data) is bytes else data_bytes(data)  # (once per task)
         if size >= LARGE_OUTCOME:  # (small ones are bounded by the tasks in flight)
             self._queued.add(size, self._may_wait)
         self._ops.put(("finished", task_id, outcome, attempts, seconds, data, then, status,

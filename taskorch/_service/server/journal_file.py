@@ -81,7 +81,6 @@ CREATE TABLE tasks (
     UNIQUE (client, sub)
 );
 CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL;
-CREATE INDEX tasks_live ON tasks (state) WHERE state != 'done';
 """
 
 
@@ -173,8 +172,12 @@ def _add_columns(db: sqlite3.Connection) -> None:
         db.execute("UPDATE tasks SET status = CASE state WHEN 'done' THEN CASE outcome "
                    "WHEN 1 THEN 'succeeded' WHEN 4 THEN 'cancelled' ELSE 'failed' END "
                    "ELSE state END")
-    # The listing (``taskorch tasks``, the dashboard): newest first, by state or not.
+    # The listing (``taskorch tasks``, the dashboard): newest first, by state or not. It also
+    # finds the unfinished records at a restart (status queued or running: ``state`` is not
+    # done), which an index of their own (``tasks_live``, in journals written before) did: it
+    # cost every state change a second index write, and goes.
     db.execute("CREATE INDEX IF NOT EXISTS tasks_listing ON tasks (status, id)")
+    db.execute("DROP INDEX IF EXISTS tasks_live")
     db.execute("CREATE INDEX IF NOT EXISTS tasks_key ON tasks (key) WHERE key IS NOT NULL "
                "AND state != 'done'")
 

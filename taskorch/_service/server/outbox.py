@@ -77,10 +77,17 @@ class Outbox:
                 self._bytes += size
         self._queue.put((message, size))
 
+    def put_plain(self, message: ServerFrame) -> None:
+        """``put`` for a frame that holds no outcome (S_ACCEPTED: one per task, no size read)."""
+        self._queue.put((message, 0))
+
     def defer_or_put(self, message: Done, task_id: int) -> None:
         """Queue the outcome of task ``task_id``, or keep only its id if the outbox is over its
         bound (or outcomes are deferred already: they go first)."""
-        size = outcome_bytes(message)
+        data = message.data  # (outcome_bytes, read inline: once per task)
+        size = len(data) if type(data) is bytes else data_bytes(data)
+        if size < SMALL:
+            size = 0
         if not size and not self._deferred:  # (small: no lock, see SMALL)
             self._queue.put((message, 0))
             return

@@ -39,6 +39,7 @@ from taskorch._service.protocol import (
     O_RAISED,
     O_RESULT,
 )
+from taskorch._service.server.records import status_of
 from taskorch._service.values import decode_service_error, encode_service_error
 
 #: The deepest chain of causes an O_DEPENDENCY outcome carries (its size grows with each).
@@ -62,14 +63,23 @@ class Outcome(NamedTuple):
 
 def outcome_of(future: TaskFuture) -> Outcome:
     """A served task's outcome from its (raw) future, done."""
+    return outcome_and_status(future)[0]
+
+
+def outcome_and_status(future: TaskFuture) -> tuple[Outcome, str]:
+    """``outcome_of``, and the task's ``TaskInfo`` state (``records``), from one read of the
+    future (the dispatcher's path, once per task)."""
     attempts, seconds = future.attempts, future.seconds
     cancelled, exc, raw = future.settled()
     if cancelled:
-        return Outcome(O_CANCELLED, attempts, seconds, None)
+        return Outcome(O_CANCELLED, attempts, seconds, None), "cancelled"
     if exc is not None:
-        return Outcome(O_ERROR, attempts, seconds, encode_service_error(exc))
+        return (Outcome(O_ERROR, attempts, seconds, encode_service_error(exc)),
+                status_of(False, exc, False))
     assert isinstance(raw, RawOutcome)
-    return Outcome(O_RESULT if raw.ok else O_RAISED, attempts, seconds, raw.data)
+    if raw.ok:
+        return Outcome(O_RESULT, attempts, seconds, raw.data), "succeeded"
+    return Outcome(O_RAISED, attempts, seconds, raw.data), "failed"
 
 
 def as_cause(outcome: Outcome) -> Outcome:

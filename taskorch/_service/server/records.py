@@ -37,27 +37,26 @@ def bounded(text: str, limit: int = REPR_LIMIT) -> str:
 def label_of(payload: bytes) -> tuple[str, str | None]:
     """(name, args repr) of a task from its call bytes; the repr is None unless the call
     carries its function by reference and its arguments as plain data."""
+    short = len(payload) <= _SHORT_CALL
+    if short and (label := _labels.get(payload)) is not None:
+        return label
     reference = function_reference(payload)  # (read once: it is on every submission's path)
     if reference is None:
         return BY_VALUE, None
     rest = payload[payload.index(reference, len(BY_REFERENCE)) + len(reference):]
-    if len(rest) > _SHORT_ARGS:
-        return name_of_reference(reference), plain_repr(rest)
-    if rest in _short_args:  # (unpickling even plain data costs ~2 us: a submission's path)
-        args = _short_args[rest]
-    else:
-        args = plain_repr(rest)
-        if len(_short_args) < _SHORT_ARGS_KEPT:  # (full: each is read anew)
-            _short_args[rest] = args
-    return name_of_reference(reference), args
+    label = name_of_reference(reference), plain_repr(rest)
+    if short and len(_labels) < _LABELS_KEPT:  # (full: each is read anew)
+        _labels[payload] = label
+    return label
 
 
-#: The reprs of short argument pickles (calls without arguments, or with the same few small
-#: ones), read once: a pickle up to _SHORT_ARGS bytes, the first _SHORT_ARGS_KEPT distinct ones
-#: seen, never evicted (bounded; a repr depends on the bytes alone; the journal's writer only).
-_SHORT_ARGS = 64
-_SHORT_ARGS_KEPT = 1024
-_short_args: dict[bytes, str | None] = {}
+#: The labels of short calls (the same function with no arguments or the same few small ones:
+#: unpickling even plain data costs ~2 us, on a submission's path), read once: calls up to
+#: _SHORT_CALL bytes, the first _LABELS_KEPT distinct ones seen, never evicted (bounded; a
+#: label depends on the bytes alone; the journal's writer only).
+_SHORT_CALL = 256
+_LABELS_KEPT = 1024
+_labels: dict[bytes, tuple[str, str | None]] = {}
 
 
 def plain_repr(data: bytes) -> str | None:

@@ -46,7 +46,7 @@ from taskorch._errors import (
     TaskorchError,
 )
 from taskorch._options import Resolved, check_resolved
-from taskorch._parent.task import RawOutcome, TaskListener, TaskState
+from taskorch._parent.task import TaskListener, TaskState
 from taskorch._service.protocol import O_CANCELLED, O_ERROR, O_RESULT, WireTiming
 from taskorch._service.server.journal import DONE, Journal
 from taskorch._service.server.journal_file import Row, after_ids_of
@@ -55,9 +55,8 @@ from taskorch._service.server.outcomes import (
     Outcome,
     abandoned,
     dependency_outcome,
-    outcome_of,
+    outcome_and_status,
 )
-from taskorch._service.server.records import status_of
 from taskorch._service.server.submissions import Existing
 from taskorch._service.values import (
     WirePolicy,
@@ -225,8 +224,9 @@ class TaskRegistry:
         if resolved is not None:
             self._intake.time(item, resolved)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
-        self._journal(_Pending((client, sub, payload, blob, resolved, key, after), item, sink,
-                               req))
+        pending = _Pending((client, sub, payload, blob, resolved, key, after), item, sink, req)
+        self.journal.submit(client, sub, payload, blob, functools.partial(
+            self._committed, pending), resolved, key, after)  # (``_journal``, inline)
 
     def _journal(self, pending: _Pending) -> None:
         client, sub, payload, blob, resolved, key, after = pending.record
@@ -422,7 +422,7 @@ class TaskRegistry:
                after: dict[int, Dependency] | None = None) -> None:
         """The future's observer, in the thread that resolved it: queue the outcome for the
         journal, which publishes it once committed."""
-        outcome = outcome_of(future)
+        outcome, status = outcome_and_status(future)
         if after is not None and outcome.outcome == O_ERROR:
             error = future.settled()[1]
             if isinstance(error, DependencyFailedError):
@@ -441,8 +441,6 @@ class TaskRegistry:
                 self._live.pop(task_id, None)
                 self.left_for_next_start += 1
             return  # left live in the journal for the next start (see the module docstring)
-        cancelled, exc, raw = future.settled()
-        status = status_of(cancelled, exc, isinstance(raw, RawOutcome) and raw.ok)
         last = future.latest_progress
         self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
                               outcome.data, functools.partial(self._publish, task_id, outcome),
@@ -453,9 +451,13 @@ class TaskRegistry:
         """The journal's writer, once the outcome is committed (or failed to be)."""
         with self._lock:
             live = self._live.pop(task_id, None)
-        if live is not None:
-            for sink, req in live.watchers():
-                sink.outcome(req, outcome)
+        if live is None:
+            return
+        if live.more is None and live.sink is not None:  # (one watcher: the common case)
+            live.sink.outcome(live.req, outcome)
+            return
+        for sink, req in live.watchers():
+            sink.outcome(req, outcome)
 
     def _policy(self, blob: bytes | None) -> tuple[Any, bytes | None]:
         return self._policy_of(None if blob is None else decode_builtins(blob))

@@ -51,6 +51,12 @@ OnCommit = Callable[[int, "Existing | None", "BaseException | None", "list[Row] 
 _INSERT = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
            "priority, not_before, expires, name, args_repr, key, after_ids) VALUES (?, ?, ?, ?, "
            "?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
+#: A submission without options(): its priority, times, key and after ids keep their
+#: defaults (``Journal.submit``'s timing when none was given).
+_NO_TIMING = (0, None, None)
+_INSERT_BARE = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
+                "name, args_repr) VALUES (?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?) "
+                "ON CONFLICT (client, sub) DO NOTHING")
 #: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
 _DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUSE_DATA_SQL}"
 
@@ -63,8 +69,19 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
     plain = [(i, op) for i, op in enumerate(submits) if op[7] is None and op[8] is None]
     inserted = 0
     if plain:
-        inserted = db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING",
-                                  [_values(first + i, op, now) for i, op in plain]).rowcount
+        # No key, no after (``_values`` inline); without options() at all (``_NO_TIMING``)
+        # the columns that keep their defaults are not bound: a shorter row per task.
+        bare = [(i, op) for i, op in plain if op[6] == _NO_TIMING]
+        timed = [(i, op) for i, op in plain if op[6] != _NO_TIMING] if len(bare) < len(
+            plain) else []
+        if bare:
+            inserted += db.executemany(_INSERT_BARE, [
+                (first + i, op[1], op[2], op[3], op[4], now, *label_of(op[3]))
+                for i, op in bare]).rowcount
+        if timed:
+            inserted += db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING", [
+                (first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]), None,
+                 None) for i, op in timed]).rowcount
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
             if existing is None or existing.row.id == first + i:
