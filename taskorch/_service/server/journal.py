@@ -164,10 +164,12 @@ class Journal:
 
     def rows_to_recover(self) -> list[Row]:
         """Tasks not done, oldest first: the ones a previous server accepted and did not end
-        (their status is queued or running while their state is not done: ``journal_file``'s
-        listing index finds them)."""
+        (their status is queued or running, ``journal_file``'s listing index finds them; a
+        server older than the status column wrote none, and left a finished row's stale:
+        its state says)."""
         cursor = self._db.execute(
-            f"SELECT {ROW_COLUMNS} FROM tasks WHERE status IN ('queued', 'running') ORDER BY id")
+            f"SELECT {ROW_COLUMNS} FROM tasks WHERE (status IN ('queued', 'running') "
+            "OR status IS NULL) AND state != 'done' ORDER BY id")
         return [Row(*r) for r in cursor]
 
     def dependency_rows(self, ids: list[int]) -> dict[int, Row]:

@@ -1,5 +1,5 @@
 """``taskorch serve``'s outcomes (server process): a task's end as ``S_DONE`` carries it
-(``Outcome``, from the task's future: ``outcome_of``), and the other way round, the futures
+(``Outcome``, from the task's future: ``outcome_and_status``), and the other way round, the futures
 that a served task's dependencies (``options(after=)``) are to the backlog (``Dependency``).
 
 The backlog's ``waits`` wait for futures; a served task waits for tasks known by their
@@ -61,14 +61,9 @@ class Outcome(NamedTuple):
     data: Any
 
 
-def outcome_of(future: TaskFuture) -> Outcome:
-    """A served task's outcome from its (raw) future, done."""
-    return outcome_and_status(future)[0]
-
-
 def outcome_and_status(future: TaskFuture) -> tuple[Outcome, str]:
-    """``outcome_of``, and the task's ``TaskInfo`` state (``records``), from one read of the
-    future (the dispatcher's path, once per task)."""
+    """A served task's outcome from its (raw) future, done, and the task's ``TaskInfo`` state
+    (``records``), from one read of the future (the dispatcher's path, once per task)."""
     attempts, seconds = future.attempts, future.seconds
     cancelled, exc, raw = future.settled()
     if cancelled:

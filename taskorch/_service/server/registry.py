@@ -226,7 +226,7 @@ class TaskRegistry:
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
         pending = _Pending((client, sub, payload, blob, resolved, key, after), item, sink, req)
         self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, pending), resolved, key, after)  # (``_journal``, inline)
+            self._committed, pending), resolved, key, after)  # (``_journal``, inline: keep alike)
 
     def _journal(self, pending: _Pending) -> None:
         client, sub, payload, blob, resolved, key, after = pending.record
