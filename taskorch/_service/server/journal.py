@@ -50,7 +50,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 import queue
 import sqlite3
 import threading
@@ -67,6 +66,7 @@ from taskorch._service.server.journal_file import (
     next_task_id,
     open_journal,
     open_marked,
+    write_starts_and_ends,
 )
 from taskorch._service.server.outbox import OUTBOX_LIMIT, ByteBound, data_bytes
 from taskorch._service.server.submissions import (
@@ -76,7 +76,6 @@ from taskorch._service.server.submissions import (
     find_submission,
     insert_submissions,
 )
-from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")
 
@@ -316,9 +315,9 @@ class Journal:
         """Apply what failed before and ``new`` in one transaction, then call back."""
         ops = self._kept + new
         self._kept = []
-        # A task that started and ended within one batch needs no "running" record.
-        ended = {op[1] for op in ops if op[0] == "finished"}
-        batch = [op for op in ops if not (op[0] == "started" and op[1] in ended)]
+        # (a task that started and ended within one batch gets one UPDATE: journal_file's
+        # write_starts_and_ends)
+        batch = ops
         inserted = self._inserted
         try:
             with self._transaction():
@@ -386,19 +385,8 @@ class Journal:
         if by_kind["forget"]:  # first: no submission of the batch joins a record forgotten here
             db.executemany("DELETE FROM tasks WHERE id=?", [(op[1],) for op in by_kind["forget"]])
         callbacks = self._insert(by_kind["submit"], now)
-        if by_kind["started"]:
-            db.executemany(
-                "UPDATE tasks SET state='running', status='running', attempts=?, started=?, "
-                "worker_pid=? WHERE id=? AND state != 'done'",
-                [(op[2], now, op[3], op[1]) for op in by_kind["started"]])
-        if by_kind["finished"]:
-            db.executemany(
-                "UPDATE tasks SET state='done', status=?, payload=CASE WHEN ?='succeeded' THEN "
-                "NULL ELSE payload END, attempts=?, finished=?, outcome=?, seconds=?, data=?, "
-                "progress=? WHERE id=?",
-                [(op[7], op[7], op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL), op[8],
-                  op[1]) for op in by_kind["finished"]])
-            callbacks += [op[6] for op in by_kind["finished"]]
+        write_starts_and_ends(db, by_kind["started"], by_kind["finished"], now)
+        callbacks += [op[6] for op in by_kind["finished"]]
         callbacks += [op[2] for op in by_kind["forget"]]
         callbacks += [self._apply(op) for op in others]
         return callbacks

@@ -26,11 +26,13 @@ import fcntl
 import functools
 import logging
 import os
+import pickle
 import sqlite3
 import time
 from typing import Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
+from taskorch._wire import PROTOCOL
 
 log = logging.getLogger("taskorch")
 
@@ -140,6 +142,32 @@ _RECORD_COLUMNS = (("name", "TEXT"), ("args_repr", "TEXT"), ("status", "TEXT"),
 #: ``options(key=, after=)`` (issue 24), additive as above: the task's key, and the ids of the
 #: tasks it runs after ("3,5,8"); the unfinished tasks by key (``submissions``) are indexed.
 _WAIT_COLUMNS = (("key", "TEXT"), ("after_ids", "TEXT"))
+
+
+def write_starts_and_ends(db: sqlite3.Connection, started: list[tuple[Any, ...]],
+                          finished: list[tuple[Any, ...]], now: float) -> None:
+    """A batch's ``started`` ops ("started", id, attempts, pid) and ``finished`` ops
+    ("finished", id, outcome, attempts, seconds, data, then, status, progress), in that order.
+    A task that starts and ends within one batch (short tasks, at speed) gets one UPDATE, not
+    two: its end carries its start's time and pid, as the two in turn would have left them."""
+    starts = {op[1]: op for op in started}  # (the last start of a task wins, as in turn)
+    ends = []
+    for op in finished:
+        start = starts.pop(op[1], None)
+        ends.append((op[7], op[7], op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL),
+                     op[8], None if start is None else now,
+                     None if start is None else start[3], op[1]))
+    if starts:
+        db.executemany(
+            "UPDATE tasks SET state='running', status='running', attempts=?, started=?, "
+            "worker_pid=? WHERE id=? AND state != 'done'",
+            [(op[2], now, op[3], op[1]) for op in starts.values()])
+    if ends:
+        db.executemany(
+            "UPDATE tasks SET state='done', status=?, payload=CASE WHEN ?='succeeded' THEN "
+            "NULL ELSE payload END, attempts=?, finished=?, outcome=?, seconds=?, data=?, "
+            "progress=?, started=COALESCE(?, started), worker_pid=COALESCE(?, worker_pid) "
+            "WHERE id=?", ends)
 
 
 def after_ids_text(after: tuple[int, ...] | None) -> str | None:
