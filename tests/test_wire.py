@@ -156,3 +156,19 @@ def test_a_function_no_longer_importable_by_its_name_is_sent_by_value() -> None:
         assert encode_call(module.f, (1,), {})[:1] == b"\x80"
     finally:
         sys.modules.pop(module.__name__, None)
+
+
+@pytest.mark.parametrize("args", [{"id": 2**70}, {"before_id": -(2**70)}])
+def test_an_operators_request_with_an_integer_past_sqlites_range_is_a_bad_request(
+        args: dict[str, int]) -> None:
+    # As in every other frame: refused at decoding (that request alone), never an
+    # OverflowError inside the journal's shared transaction.
+    from taskorch._service.codec import decode_client_frame, encode_service_frame
+    from taskorch._service.operations import admin_request_frame
+    from taskorch._service.protocol import BadRequest, ServiceProtocolError
+
+    assert decode_client_frame(encode_service_frame(admin_request_frame(3, "task", {"id": 5})))
+    with pytest.raises(BadRequest):
+        decode_client_frame(encode_service_frame(admin_request_frame(3, "tasks", args)))
+    with pytest.raises(ServiceProtocolError):  # no request number to answer
+        decode_client_frame(encode_service_frame(admin_request_frame(2**70, "task", {"id": 5})))

@@ -1,5 +1,5 @@
 """The operator's requests to ``taskorch serve`` (issue 25): one client frame, C_ADMIN,
-imported by both sides (``protocol`` registers it in its codec). No thread of its own.
+imported by both sides (``codec`` decodes and checks it). No thread of its own.
 
     (C_ADMIN, req, op, args)              ``op``: one of OPS; ``args``: a dict of plain data
                                           (str keys; None, bool, int, float, str values, or a
@@ -20,6 +20,8 @@ imported by both sides (``protocol`` registers it in its codec). No thread of it
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+
+from taskorch._service.values import MAX_INT, is_count
 
 C_ADMIN = 7
 OPS = frozenset({"tasks", "task", "cancel", "retry", "purge"})
@@ -43,9 +45,15 @@ def admin_request_frame(req: int, op: str, args: dict[str, Any]) -> AdminRequest
 
 
 def is_valid_admin(frame: AdminRequest) -> bool:
-    """Its layout and types (the values' meaning is checked where they are used)."""
-    return (isinstance(frame.req, int) and not isinstance(frame.req, bool)
+    """Its layout and types, integers in SQLite's range as in every frame (``values.is_count``;
+    the values' meaning is checked where they are used)."""
+    return (is_count(frame.req)
             and frame.op in OPS and isinstance(frame.args, dict) and len(frame.args) <= 16
-            and all(isinstance(k, str) and (isinstance(v, _PLAIN) or (
+            and all(isinstance(k, str) and (_is_plain(v) or (
                 isinstance(v, tuple) and len(v) <= 16 and all(isinstance(x, str) for x in v)))
                 for k, v in frame.args.items()))
+
+
+def _is_plain(value: object) -> bool:
+    return isinstance(value, _PLAIN) and (not isinstance(value, int)
+                                          or -MAX_INT <= value <= MAX_INT)

@@ -313,11 +313,8 @@ class Journal:
 
     def _commit(self, new: list[tuple[Any, ...]]) -> None:
         """Apply what failed before and ``new`` in one transaction, then call back."""
-        ops = self._kept + new
+        batch = self._kept + new
         self._kept = []
-        # (a task that started and ended within one batch gets one UPDATE: journal_file's
-        # write_starts_and_ends)
-        batch = ops
         inserted = self._inserted
         try:
             with self._transaction():
@@ -325,9 +322,7 @@ class Journal:
             self.last_failure = None
             if self._mark is not None and self._inserted != inserted:
                 self._mark.write(self._inserted, self._next_id)
-            if self._queued.queued:
-                self._queued.release(sum(n for n in (data_bytes(op[5]) for op in batch if op[0]
-                                                     == "finished") if n >= LARGE_OUTCOME))
+            self._release(batch)
         except Exception as exc:  # any: the batch failed, and with it only its submissions
             self._inserted = inserted
             self.last_failure = f"{type(exc).__name__}: {exc}"
@@ -339,11 +334,13 @@ class Journal:
             if self._kept and not isinstance(exc, sqlite3.Error) and len(batch) == len(
                     self._kept):  # nothing but kept changes, and not the disk: a bad one
                 self._kept = self._apply_alone(self._kept)
-        for callback in callbacks:
-            try:
-                callback()
-            except BaseException:
-                log.exception("taskorch serve: a journal callback failed")
+        _call(callbacks)
+
+    def _release(self, done: list[tuple[Any, ...]]) -> None:
+        """The large outcomes among ``done`` (committed, or dropped) leave the byte bound."""
+        if self._queued.queued:
+            self._queued.release(sum(n for n in (data_bytes(op[5]) for op in done if op[0]
+                                                 == "finished") if n >= LARGE_OUTCOME))
 
     def _may_wait(self) -> bool:
         return self._writer.is_alive() and threading.current_thread() is not self._writer
@@ -363,9 +360,10 @@ class Journal:
             except Exception:
                 log.exception("taskorch serve: cannot journal the %s record of task %s; "
                               "dropped", op[0], op[1])
+                self._release([op])
                 continue
-            for callback in callbacks:
-                callback()
+            self._release([op])
+            _call(callbacks)
         return left
 
     def _apply_all(self, batch: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
@@ -483,3 +481,12 @@ class Journal:
 
 def _nothing() -> None:
     pass
+
+
+def _call(callbacks: list[Callable[[], None]]) -> None:
+    """A batch's callbacks, in order: one that raises is logged and the others still run."""
+    for callback in callbacks:
+        try:
+            callback()
+        except BaseException:
+            log.exception("taskorch serve: a journal callback failed")
