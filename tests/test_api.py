@@ -94,6 +94,8 @@ def test_map_validates_its_arguments(make_orchestrator: Make) -> None:
         o.map(t.square, [1], chunksize=0)
     with pytest.raises(TypeError):
         o.map(t.square)
+    with pytest.raises(ValueError, match="chunksize"):  # the options() view checks it too
+        o.options(policy=Policy(retries=0)).map(t.square, [1], chunksize=0)
 
 
 def test_map_applies_the_policy_per_chunk(make_orchestrator: Make, tmp_path) -> None:

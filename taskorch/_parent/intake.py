@@ -301,8 +301,6 @@ class PolicyOverride:
                              "submit such tasks with run()")
         from taskorch._parent.map import map_in_chunks
 
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
         return map_in_chunks(self._orchestrator.intake, self._orchestrator.worker_count, fn,
                              iterables, chunksize, return_exceptions, self._policy,
                              self._policy_bytes)

@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from taskorch._errors import OrchestratorClosedError
+from taskorch._policy import check_int
 from taskorch._wire import decode_exception, encode_call
 from taskorch._worker.map import ItemError, run_chunk
 
@@ -58,7 +59,20 @@ def map_chunks(
     iterables: tuple[Iterable[Any], ...], chunksize: int | None, return_exceptions: bool,
 ) -> Iterator[Any]:
     """map() over any pool: ``submit`` takes a pickled chunk call and returns its future once
-    accepted (waiting for room); ``worker_count`` sizes the chunks and the window."""
+    accepted (waiting for room); ``worker_count`` sizes the chunks and the window. Its
+    arguments are checked now, at the call (every map() of the project comes here); the
+    chunks go when the iterator is read."""
+    if chunksize is not None:
+        check_int("chunksize", chunksize, minimum=1)
+    if not iterables:
+        raise TypeError("map() needs at least one iterable")
+    return _chunks(submit, worker_count, fn, iterables, chunksize, return_exceptions)
+
+
+def _chunks(
+    submit: Callable[[bytes], TaskFuture], worker_count: int, fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...], chunksize: int | None, return_exceptions: bool,
+) -> Iterator[Any]:
     star = len(iterables) > 1
     items = iter(zip(*iterables) if star else iterables[0])
     known = _known_length(iterables)

@@ -271,10 +271,6 @@ class TaskOrchestrator:
         """
         from taskorch._parent.map import map_in_chunks
 
-        if chunksize is not None:
-            check_int("chunksize", chunksize, minimum=1)
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
         return map_in_chunks(self.intake, self.worker_count, fn, iterables, chunksize,
                              return_exceptions)
 

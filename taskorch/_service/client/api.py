@@ -316,11 +316,6 @@ class Client:
         chunks sent run on the server, their outcomes discarded)."""
         from taskorch._parent.map import map_chunks
 
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(
-                chunksize, int) or chunksize < 1):
-            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
         session = self._here()
         workers = session.info.get("workers")
         return map_chunks(
