@@ -19,7 +19,7 @@ from test_service import Server, short_dir, start_server  # noqa: F401 (fixtures
 
 from taskorch import Policy
 
-R = 30
+R = T.scaled(30)  # deadline for any one result: only catches deadlocks
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} is missing (apt-get install chromium)")

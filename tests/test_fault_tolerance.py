@@ -307,7 +307,7 @@ def test_workers_exit_when_the_parent_is_sigkilled(tmp_path: Path) -> None:
         app.kill()
         app.wait(R)
         killed_at = time.monotonic()
-        wait_until(lambda: not any(_alive(p) for p in pids), timeout=R,
+        wait_until(lambda: not any(_alive(p) for p in pids),
                    what="orphaned workers to exit")
         assert time.monotonic() - killed_at < 2.0
     finally:

@@ -5,7 +5,6 @@ sleep."""
 from __future__ import annotations
 
 import concurrent.futures
-import signal
 import threading
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 import test_service
 from _tasks import wait_until
 from test_service import R
+from test_service_journal import kill
 
 from taskorch import Policy, TaskInfo, TaskNotFoundError
 
@@ -98,9 +98,7 @@ def test_a_cancel_survives_a_kill_9_and_a_restart(start_server, short_dir) -> No
         assert client.cancel(victim_id) is True
     finally:
         client.close(0)
-    a.proc.send_signal(signal.SIGKILL)
-    assert a.proc.wait(R) == -signal.SIGKILL
-    a.expected_exit = -signal.SIGKILL
+    kill(a)
     b = start_server("--journal", str(journal), "--workers", "1", like=a)
     with b.connect() as client:
         assert client.result(other_id, R) == "other"

@@ -184,7 +184,7 @@ def test_a_parent_sigkill_takes_every_worker_and_its_descendants_down(tmp_path: 
         assert len(workers) == 2 and len(descendants) == 2 and all(_alive(p) for p in pids)
         app.kill()
         app.wait(R)
-        wait_until(lambda: not any(_alive(p) for p in pids), timeout=R,
+        wait_until(lambda: not any(_alive(p) for p in pids),
                    what="every worker and every process its tasks started to be gone")
     finally:
         app.kill()
@@ -221,7 +221,7 @@ def test_a_parent_sigkill_ends_a_worker_whose_task_cleared_pdeathsig_and_holds_t
         assert len(workers) == 1 and _alive(workers[0])
         app.kill()
         app.wait(R)
-        wait_until(lambda: not _alive(workers[0]), timeout=R, what="the worker to be killed")
+        wait_until(lambda: not _alive(workers[0]), what="the worker to be killed")
     finally:
         app.kill()
         app.wait()

@@ -149,7 +149,7 @@ overlap = "skip"
     proc, sock = _serve(tmp_path, config, "--no-journal")  # (waits for "listening on")
     try:
         assert f"listening on unix:{sock} " in proc.said, proc.said  # --socket won over the file
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2, timeout=R,
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 2,
                    what="two scheduled runs")
         assert not (tmp_path / "wrong.sock").exists()
     finally:
@@ -172,9 +172,9 @@ def test_status_lists_the_schedules_and_trigger_runs_one_now(tmp_path: Path) -> 
         assert not out.exists()
         done = taskorch("trigger", "hourly", "--socket", str(sock), cwd=tmp_path)
         assert done.returncode == 0 and "submitted" in done.stdout, done.stderr
-        wait_until(lambda: out.exists(), timeout=R, what="the triggered run")
+        wait_until(lambda: out.exists(), what="the triggered run")
         wait_until(lambda: _status(sock, tmp_path)["schedules"][0]["last_outcome"] == "succeeded",
-                   timeout=R, what="its outcome in status")
+                   what="its outcome in status")
         [hourly] = _status(sock, tmp_path)["schedules"]
         assert hourly["name"] == "hourly" and hourly["next_run"] > time.time()
         table = taskorch("status", "--socket", str(sock), cwd=tmp_path)
@@ -204,7 +204,7 @@ every = "10m"
     journal.close()
     proc, sock = _serve(tmp_path, config, "--journal", str(journal_path))
     try:
-        wait_until(lambda: out.exists(), timeout=R, what="the one run for the missed ticks")
+        wait_until(lambda: out.exists(), what="the one run for the missed ticks")
         [ten] = _status(sock, tmp_path)["schedules"]
     finally:
         err = _stop(proc)
@@ -265,7 +265,7 @@ def test_a_trigger_whose_answer_was_lost_is_not_sent_again_after_a_reconnect(
         assert not caller.is_alive()
         [answer] = outcome
         assert isinstance(answer, ServerUnavailableError), answer
-        wait_until(lambda: session.down_reason is None, timeout=R, what="the reconnection")
+        wait_until(lambda: session.down_reason is None, what="the reconnection")
         # Frames are read in order: whatever the reconnection re-sent came before this.
         assert client.stats().submitted == 0
     finally:

@@ -39,10 +39,9 @@ LIMIT = "limit"
 class NameLimit:
     """One task name's limit and its state (the backlog's lock)."""
 
-    __slots__ = ("name", "concurrency", "interval", "running", "next_at", "held", "released")
+    __slots__ = ("concurrency", "interval", "running", "next_at", "held", "released")
 
-    def __init__(self, name: str, limit: Limit) -> None:
-        self.name = name
+    def __init__(self, limit: Limit) -> None:
         self.concurrency = limit.concurrency
         self.interval = limit.interval
         self.running = 0  # tasks of this name handed over or running (holding a slot)
@@ -58,7 +57,7 @@ class Limits:
     __slots__ = ("by_name", "_monotonic", "next_due")
 
     def __init__(self, limits: dict[str, Limit], monotonic: Callable[[], float]) -> None:
-        self.by_name = {name: NameLimit(name, limit) for name, limit in limits.items()}
+        self.by_name = {name: NameLimit(limit) for name, limit in limits.items()}
         self._monotonic = monotonic
         # The first time a token is back for a name with tasks set aside (None: none); read
         # without the lock by the dispatcher (``Backlog.next_due``).

@@ -281,9 +281,8 @@ class Mark:
     def __init__(self, path: str) -> None:
         self.path = path + ".mark"
         self._fd: int | None = None
-        self.existed = os.path.exists(self.path)
         fields: list[str] = []
-        if self.existed:
+        if os.path.exists(self.path):
             try:
                 with open(self.path, "rb") as f:
                     fields = f.read(64).decode(errors="replace").split()

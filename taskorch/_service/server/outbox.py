@@ -104,10 +104,6 @@ class Outbox:
             self._fetching -= 1
         self.put(message)
 
-    @property
-    def deferred(self) -> int:
-        return len(self._deferred)
-
     def take(self, most: int) -> list[ServerFrame | None]:
         """The writer: wait for a frame, then take what else is queued, up to ``most`` frames
         or BATCH_BYTES of outcomes (the sentinel ends a batch)."""
