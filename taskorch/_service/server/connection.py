@@ -101,6 +101,8 @@ class Host(Protocol):
     @property
     def registry(self) -> TaskRegistry: ...
     @property
+    def operator(self) -> Operator: ...  # one per server: its retries' (client, sub) numbering
+    @property
     def authkey(self) -> bytes: ...
     @property
     def info(self) -> dict[str, Any]: ...
@@ -262,7 +264,7 @@ class ServedConnection:
             elif isinstance(frame, TriggerRequest):
                 self._reply(trigger_answer(self.orchestrator, frame.req, frame.name))
             elif isinstance(frame, AdminRequest):
-                self._reply(Operator(self.registry).answer(frame))  # (waits: see there)
+                self._reply(self.server.operator.answer(frame))  # (waits: see there)
             else:
                 assert isinstance(frame, Withdraw)
                 self._on_loop(self._withdraw, frame.req)

@@ -65,6 +65,7 @@ from taskorch._service.protocol import credit_recall_frame
 from taskorch._service.server.connection import ServedConnection
 from taskorch._service.server.journal import Journal
 from taskorch._service.server.listener import Listener
+from taskorch._service.server.operator import Operator
 from taskorch._service.server.registry import TaskRegistry
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Server:
         # No registry (tests of admission): one with an in-memory journal, owned by the server.
         self._own_journal = registry is None
         self.registry = registry or TaskRegistry(orchestrator, Journal(None))
+        self.operator = Operator(self.registry)  # (C_ADMIN's, and the HTTP service's)
         self.authkey = authkey
         self.listener = listener
         self.where = listener.where

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._service.server.journal import Journal
 from taskorch._service.server.listener import Listener
-from taskorch._service.server.operator import Operator
 from taskorch._service.server.registry import TaskRegistry
 from taskorch._service.server.server import (
     HANDSHAKE_TIMEOUT,
@@ -193,8 +192,7 @@ class _ServerProcess:
         assert self.server is not None and self.journal is not None
         self.server.start()
         if self.http is not None:
-            assert self.registry is not None
-            self.http.operator = Operator(self.registry)  # the task records and actions
+            self.http.operator = self.server.operator  # the task records and actions
             self.http.add_readiness_check("journal", self.journal.unwritable)
             self.http.start()
             self.say(f"metrics and dashboard on {self.http.url}")
