@@ -126,11 +126,7 @@ class DaskHardTimeouts:
                 restart.append(worker)
         now = time.monotonic()
         for worker in restart:
-            self._restarts[worker.address] = now
-            self._link.restart_worker(worker.address)
-            calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
-            if calls and not worker.recall_sent:
-                self._send_recall(worker, calls)
+            self._restart(worker, now)
 
     def _terminate(self, request: TerminateRequest) -> None:
         """Kill ``request.item``'s running attempt: restart the worker process that runs it
@@ -149,9 +145,13 @@ class DaskHardTimeouts:
         log.warning("task %d: terminating its attempt %d: restarting Dask worker %s (its other "
                     "running attempts will run again, not charged)", item.task_id,
                     item.attempts, worker.address)
-        if worker.address in self._restarts:
-            return  # a restart is under way already
-        self._restarts[worker.address] = time.monotonic()
+        if worker.address not in self._restarts:  # (else a restart is under way already)
+            self._restart(worker, time.monotonic())
+
+    def _restart(self, worker: DaskWorker, now: float) -> None:
+        """Restart ``worker``'s process (a hard timeout, a terminate); the calls it holds
+        and has not started are recalled first, to run elsewhere."""
+        self._restarts[worker.address] = now
         self._link.restart_worker(worker.address)
         calls = [(s.sub_id, s.key) for s in worker.subs.values() if not s.started]
         if calls and not worker.recall_sent:
