@@ -410,12 +410,14 @@ def damaged_journal(tmp: Path) -> None:
         where = tmp / damage.replace(" ", "_")
         where.mkdir()
         proc, (address, key) = serve(where, "--backlog", "1000")
-        with taskorch.connect(address, authkey_file=key) as client:
-            client.run(time.sleep, 600)
-            client.run(time.sleep, 600)
-            for f in [client.run(noop) for _ in range(300)]:
-                assert f is not None
-                client.accepted(f, 30)
+        try:
+            with taskorch.connect(address, authkey_file=key) as client:
+                client.run(time.sleep, 600)
+                client.run(time.sleep, 600)
+                for f in [client.run(noop) for _ in range(300)]:
+                    assert f is not None
+                    client.accepted(f, 30)
+        finally:  # the kill -9 of the scenario, and the cleanup if it failed before it
             proc.kill()
             proc.wait()
         journal, wal = where / "journal.sqlite3", where / "journal.sqlite3-wal"
@@ -445,6 +447,7 @@ def stalled_reader(tmp: Path) -> None:
     from taskorch._wire import encode_call
 
     proc, (address, key) = serve(tmp, "--backlog", "1000")
+    raw = None
     try:
         server = psutil.Process(proc.pid)
         before = server.memory_info().rss
@@ -466,8 +469,9 @@ def stalled_reader(tmp: Path) -> None:
             time.sleep(0.1)
         report("stalled_reader", rss_before_mib=before >> 20, rss_peak_mib=peak >> 20,
                outcomes_mib=300)
-        raw.close()
     finally:
+        if raw is not None:
+            raw.close()
         stop_server(proc)
 
 

@@ -110,18 +110,18 @@ class RemoteTaskFuture(TaskFuture):
         except Exception:  # (never a KeyboardInterrupt that came while waiting)
             if self._cause_lock is None:  # (set before the future is done: see above)
                 raise
-        self._attach_cause(0)
+        self._attach_cause()
         return super().result(0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         error = super().exception(timeout)
         if error is not None and self._cause_lock is not None:
-            self._attach_cause(0)
+            self._attach_cause()
         return error
 
-    def _attach_cause(self, timeout: float | None) -> None:
-        """Wait until done (as ``exception()``), then give a DependencyFailedError its cause."""
-        error = super().exception(timeout)
+    def _attach_cause(self) -> None:
+        """Done: give a DependencyFailedError its cause (once, whichever thread asks first)."""
+        error = super().exception(0)
         if self._cause is None or self._cause_lock is None or error is None:
             return
         with self._cause_lock:
