@@ -70,7 +70,7 @@ def outcome_and_status(future: TaskFuture) -> tuple[Outcome, str]:
         return Outcome(O_CANCELLED, attempts, seconds, None), "cancelled"
     if exc is not None:
         return (Outcome(O_ERROR, attempts, seconds, encode_service_error(exc)),
-                status_of(False, exc, False))
+                status_of(exc))
     assert isinstance(raw, RawOutcome)
     if raw.ok:
         return Outcome(O_RESULT, attempts, seconds, raw.data), "succeeded"

@@ -176,12 +176,11 @@ def _outcome_text(outcome: int, data: bytes) -> tuple[str | None, str | None, st
     return None, None, None
 
 
-def status_of(cancelled: bool, exc: BaseException | None, ok: bool) -> str:
-    """A finished task's ``TaskInfo`` state from its future's outcome."""
-    if cancelled:
-        return "cancelled"
+def status_of(exc: BaseException) -> str:
+    """The ``TaskInfo`` state of a task whose future ended with ``exc`` (the future's other
+    ends, a result, a raise, a cancel: ``outcomes.outcome_and_status``)."""
     if isinstance(exc, TaskAbandonedError):
         return "abandoned"
     if isinstance(exc, TaskExpiredError):
         return "expired"
-    return "succeeded" if exc is None and ok else "failed"
+    return "failed"
