@@ -21,10 +21,21 @@ from taskorch._parent.breaker import Admission
 from taskorch._parent.clock import Clock
 from taskorch._parent.intake import Intake
 from taskorch._parent.task import TaskFuture, TaskState, WorkItem
-from tests._tasks import Gate, blocker, exclusive, identity, raise_value_error, square, wait_until
+from tests._tasks import (
+    DEADLOCK_TIMEOUT,
+    Gate,
+    blocker,
+    exclusive,
+    identity,
+    raise_value_error,
+    scaled,
+    square,
+    wait_until,
+)
 from tests.test_backlog import FakeClock
 
 Make = Callable[..., TaskOrchestrator]
+R = DEADLOCK_TIMEOUT  # deadline for any one result: only catches deadlocks
 
 
 def test_a_key_dedups_while_unfinished(make_orchestrator: Make, tmp_path: Path) -> None:
@@ -36,12 +47,12 @@ def test_a_key_dedups_while_unfinished(make_orchestrator: Make, tmp_path: Path) 
     again = o.options(key="tenant-42:cleanup").run(identity, "never")
     other = o.options(key="tenant-43:cleanup").run(identity, 43)
     assert first is not None and again is first
-    assert other is not None and other.result(30) == 43
+    assert other is not None and other.result(R) == 43
     assert o.stats().submitted == 2
     gate.release("done")
-    assert again.result(30) == "done"
+    assert again.result(R) == "done"
     later = o.options(key="tenant-42:cleanup").run(identity, "next")  # finished: free again
-    assert later is not None and later is not first and later.result(30) == "next"
+    assert later is not None and later is not first and later.result(R) == "next"
 
 
 def test_a_chain_of_three_where_the_middle_fails(make_orchestrator: Make) -> None:
@@ -52,11 +63,11 @@ def test_a_chain_of_three_where_the_middle_fails(make_orchestrator: Make) -> Non
     assert b is not None
     c = o.options(after=[b]).run(identity, 3)
     assert c is not None
-    assert a.result(30) == 1
+    assert a.result(R) == 1
     with pytest.raises(ValueError, match="middle"):
-        b.result(30)
+        b.result(R)
     with pytest.raises(DependencyFailedError) as info:
-        c.result(30)
+        c.result(R)
     assert isinstance(info.value.__cause__, ValueError)
     assert info.value.dependency == b.task_id
     s = o.stats()
@@ -71,11 +82,11 @@ def test_a_fan_in_of_50_shards(make_orchestrator: Make, tmp_path: Path) -> None:
     report = o.options(after=shards).run(identity, "report")
     assert report is not None
     gate.wait_started()
-    wait([s for s in shards[1:]], timeout=30)  # the others ran past the report, waiting
+    wait([s for s in shards[1:]], timeout=R)  # the others ran past the report, waiting
     assert not report.done()
     assert o.stats().queued == 1
     gate.release("0")
-    assert report.result(30) == "report"
+    assert report.result(R) == "report"
     assert all(s.done() and s.exception() is None for s in shards)
 
 
@@ -94,7 +105,7 @@ def test_a_dependency_that_expires_fails_its_dependant(make_orchestrator: Make,
         after.result(0)
     assert isinstance(info.value.__cause__, TaskExpiredError)
     gate.release()
-    assert busy is not None and busy.result(30) == "go"
+    assert busy is not None and busy.result(R) == "go"
 
 
 def test_concurrency_1_is_never_exceeded_while_other_tasks_pass(make_orchestrator: Make,
@@ -107,10 +118,10 @@ def test_concurrency_1_is_never_exceeded_while_other_tasks_pass(make_orchestrato
     gate.wait_started()
     limited += [o.run(exclusive, lock) for _ in range(99)]
     others = [o.run(square, i) for i in range(40)]
-    assert [f.result(30) for f in others if f is not None] == [i * i for i in range(40)]
+    assert [f.result(R) for f in others if f is not None] == [i * i for i in range(40)]
     assert o.stats().queued == 99  # the limited ones wait, in the bound
     gate.release()
-    assert all(f is not None and f.result(60) == lock for f in limited)
+    assert all(f is not None and f.result(scaled(60)) == lock for f in limited)
 
 
 def test_a_rate_of_10_per_second_over_5_simulated_seconds() -> None:
@@ -250,7 +261,7 @@ def test_bad_options_are_value_errors(make_orchestrator: Make) -> None:
     assert o.stats().submitted == 0
     assert list(o.options(policy=Policy(retries=0)).map(identity, [1, 2])) == [1, 2]
     none = o.options(after=[]).run(identity, "no dependency")  # (runs: nothing to wait for)
-    assert none is not None and none.result(30) == "no dependency"
+    assert none is not None and none.result(R) == "no dependency"
 
 
 def _task(name: str, expires_at: float | None = None,
@@ -343,5 +354,5 @@ def test_a_task_waiting_for_a_running_dependency_expires_without_it(make_orchest
         dependant.result(0)
     assert isinstance(info.value.__cause__, TaskExpiredError)
     gate.release()
-    assert dependency.result(30) == "go"
+    assert dependency.result(R) == "go"
     assert (o.stats().expired, o.stats().failed) == (1, 1)
