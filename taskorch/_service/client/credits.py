@@ -40,6 +40,15 @@ class Credits:
             self.inflight += credit
         return credit
 
+    def spend_locked(self) -> bool:
+        """Spend a credit if one is held (the session's lock held: run()'s common case, in
+        the same hold as its request's registration); False: none held."""
+        if self.held > 0:
+            self.held -= 1
+            self.inflight += 1
+            return True
+        return False
+
     def grant(self, n: int, answered: int = 0) -> None:
         """``n`` more credits; ``answered`` credit submissions answered (reader thread, or a
         caller giving back the credit of a call that did not pickle)."""
