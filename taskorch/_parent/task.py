@@ -41,7 +41,13 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import OrchestratorBrokenError, SerializationError
@@ -183,6 +189,13 @@ class TaskFuture(Future[Any]):
         """Call ``observer`` once, in the thread that resolves this future (see
         ``_observer``); None: no more."""
         self._observer = observer
+
+    def mark_running(self) -> None:
+        """Its first attempt started: RUNNING, unless the caller resolved it itself (as
+        ``set_running_or_notify_cancel`` does for a pending future: no callbacks run)."""
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
 
     def cancel_now(self) -> None:
         """Cancel for real (the orchestrator decided) and wake wait()/as_completed() callers."""
