@@ -15,9 +15,9 @@ parent (see ``_wire``), used by two threads:
   SIGALRM interrupt reaches them) and writes the events.
 
 ``_Inbox.cond`` (on ``_Inbox.lock``) guards the calls not started and the closed flag; the
-reader takes it to add or hand back calls, the main thread to take the next one. ``send_lock`` serializes writes to
-``conn`` (events from the main thread, Recalled from the reader); nothing blocks while holding
-it but the write itself.
+reader takes it to add or hand back calls, the main thread to take the next one.
+``send_lock`` serializes writes to ``conn`` (events from the main thread, Recalled from the
+reader); nothing blocks while holding it but the write itself.
 
 Process group and signals (``_lead_own_process_group``, first thing, before any task runs):
 
