@@ -27,7 +27,10 @@ from taskorch._service.protocol import (
     O_RESULT,
     Accepted,
     ClientFrame,
+    Dropped,
+    Rejected,
     ServerFrame,
+    StatsReply,
     StatsRequest,
     Submit,
     TriggerRequest,
@@ -243,6 +246,29 @@ def decode_cause(outcome: int, data: Any) -> BaseException:
         exc.__cause__ = decode_cause(cause_outcome, cause)
         return exc
     return RemoteTaskError("taskorch.TaskorchError", f"an unknown outcome {outcome!r}")
+
+
+def submitted(request: Request, answer: ServerFrame | BaseException) -> TaskFuture | None:
+    """A submission's future once its answer came (None: dropped), or what refused it raised."""
+    if isinstance(answer, BaseException):
+        raise answer
+    if isinstance(answer, Accepted):
+        return request.future
+    if isinstance(answer, Dropped):
+        return None
+    assert isinstance(answer, Rejected), answer
+    raise decode_service_error(answer.error)
+
+
+def stats_fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
+    """The fields of an S_STATS answer (stats, triggers, operators' requests), or what
+    refused the request raised."""
+    if isinstance(answer, BaseException):
+        raise answer
+    if isinstance(answer, Rejected):
+        raise decode_service_error(answer.error)
+    assert isinstance(answer, StatsReply), answer
+    return answer.fields
 
 
 def answered_by(requests: dict[int, Request], frames: tuple[ServerFrame, ...],

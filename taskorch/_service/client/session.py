@@ -69,17 +69,16 @@ from taskorch._service.client.requests import (
     payload,
     put_back,
     resend,
+    stats_fields,
     strand,
+    submitted,
 )
 from taskorch._service.codec import encode_service_frame
 from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
-    Accepted,
     ClientFrame,
-    Dropped,
     Rejected,
     ServerFrame,
-    StatsReply,
     credit_return_frame,
     result_request_frame,
     stats_request_frame,
@@ -169,7 +168,7 @@ class Session:
             options=options)
         if credit:
             return self._spend(request, build)
-        return self._accepted(request, self._call(request, build, "run()"))
+        return submitted(request, self._call(request, build, "run()"))
 
     async def submit_async(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -188,7 +187,7 @@ class Session:
         except asyncio.CancelledError:
             self._withdraw(req)
             raise
-        future = self._accepted(request, answer)
+        future = submitted(request, answer)
         assert future is not None  # the server never drops a waiting request
         return future
 
@@ -226,7 +225,7 @@ class Session:
                        else QueueFullError(int(self.info.get("max_backlog") or 0)))
             request.event.wait()  # taken before the timeout hit: being delivered now
         assert request.answer is not None
-        future = self._accepted(request, request.answer)
+        future = submitted(request, request.answer)
         assert future is not None  # the server never drops a waiting request
         return future
 
@@ -304,16 +303,7 @@ class Session:
     def ask(self, build: Callable[[int], ClientFrame], what: str) -> dict[str, Any]:
         """A request answered by S_STATS (stats, trigger, an operator's): its fields."""
         self._check_not_reader(what)
-        return self._fields(self._call(Request(None), build, what))
-
-    @staticmethod
-    def _fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
-        if isinstance(answer, BaseException):
-            raise answer
-        if isinstance(answer, Rejected):
-            raise decode_service_error(answer.error)
-        assert isinstance(answer, StatsReply), answer
-        return answer.fields
+        return stats_fields(self._call(Request(None), build, what))
 
     def _call(self, request: Request, build: Builder, what: str) -> ServerFrame | BaseException:
         req = self._start(request, build)
@@ -353,7 +343,7 @@ class Session:
                 raise self._link.unavailable()
             self._requests[req] = request  # before sending: the answer may come at once
         try:
-            self._link.send(frame)
+            self._send(frame)
         except (ServerUnavailableError, ServerTimeoutError):
             if when_down == "fail":
                 with self._lock:
@@ -365,20 +355,12 @@ class Session:
         with self._lock:
             self._requests.pop(req, None)
         try:
-            self._link.send(encode_service_frame(withdraw_frame(req)))
+            self._send(encode_service_frame(withdraw_frame(req)))
         except (OrchestratorClosedError, ServerUnavailableError, ServerTimeoutError):
             pass
 
-    def _accepted(self, request: Request, answer: ServerFrame | BaseException,
-                  ) -> TaskFuture | None:
-        if isinstance(answer, BaseException):
-            raise answer
-        if isinstance(answer, Accepted):
-            return request.future
-        if isinstance(answer, Dropped):
-            return None
-        assert isinstance(answer, Rejected), answer
-        raise decode_service_error(answer.error)
+    def _send(self, frame: bytes) -> None:
+        self._link.send(frame)
 
     def _check_open_locked(self) -> None:
         if self._closing:
@@ -449,7 +431,7 @@ class Session:
     def return_credits(self) -> None:
         """S_RECALL: give back every credit held (C_RETURN)."""
         try:
-            self._link.send(encode_service_frame(credit_return_frame(self.credits.return_all())))
+            self._send(encode_service_frame(credit_return_frame(self.credits.return_all())))
         except (ServerUnavailableError, ServerTimeoutError):
             pass  # the link is lost: the server frees them itself
 
