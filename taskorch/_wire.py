@@ -288,40 +288,6 @@ def decode_event(raw: Sequence[Any]) -> Event:
     return cast(Event, _new(kind, fields))
 
 
-def split_frames(buffer: bytearray) -> list[bytes]:
-    """Remove the complete frames at the front of ``buffer`` and return them.
-
-    The framing is ``multiprocessing.connection.Connection.send_bytes``'s, which the workers
-    send with: a 4-byte big-endian signed length, or -1 and then an 8-byte length for a frame
-    of 2 GiB or more. The parent reads its channels in large chunks and splits them here: one
-    ``read`` for every frame that has arrived, where ``recv_bytes`` costs two reads and a poll
-    per frame (about one frame per task)."""
-    frames: list[bytes] = []
-    view = memoryview(buffer)
-    pos, end = 0, len(buffer)
-    try:
-        while end - pos >= 4:
-            size = _LENGTH.unpack_from(view, pos)[0]
-            head = 4
-            if size == -1:
-                if end - pos < 12:
-                    break
-                size = _LONG_LENGTH.unpack_from(view, pos + 4)[0]
-                head = 12
-            if end - pos - head < size:
-                break
-            frames.append(bytes(view[pos + head:pos + head + size]))
-            pos += head + size
-    finally:
-        view.release()
-    del buffer[:pos]
-    return frames
-
-
-_LENGTH = struct.Struct("!i")
-_LONG_LENGTH = struct.Struct("!Q")
-
-
 # A call's payload (``encode_call``) is one of two forms, told apart by the first byte:
 #
 #   b"\x80..."            cloudpickle of ``(fn, args, kwargs)``: the general form;

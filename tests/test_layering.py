@@ -4,9 +4,10 @@ Four rules (DESIGN.md "The structure to grow into", STYLE.md "Layout"):
 
 1. No import cycle among taskorch modules (a second test: none even through type-only imports).
 2. A module under ``taskorch/_worker/`` imports, of taskorch, only ``taskorch._wire``,
-   ``taskorch._errors``, ``taskorch._policy``, ``taskorch._stats`` and ``taskorch._worker``
-   modules: never ``taskorch._parent``, ``taskorch._service``, ``taskorch.cli``, nor the
-   package ``taskorch`` itself (its public API re-exports the parent side).
+   ``taskorch._framing``, ``taskorch._errors``, ``taskorch._policy``, ``taskorch._stats`` and
+   ``taskorch._worker`` modules: never ``taskorch._parent``, ``taskorch._service``,
+   ``taskorch.cli``, nor the package ``taskorch`` itself (its public API re-exports the parent
+   side).
 3. Nothing outside ``taskorch/cli/`` and ``taskorch/__main__.py`` imports ``taskorch.cli``.
 4. The service's client code (``taskorch._service.client``, the application's process)
    imports no server code (``taskorch._service.server``, the server process), and the
@@ -47,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "taskorch"
 
 WORKER_PACKAGE = "taskorch._worker"
-WORKER_MAY_IMPORT = ("taskorch._wire", "taskorch._errors", "taskorch._policy", "taskorch._stats",
-                     WORKER_PACKAGE)
+WORKER_MAY_IMPORT = ("taskorch._wire", "taskorch._framing", "taskorch._errors",
+                     "taskorch._policy", "taskorch._stats", WORKER_PACKAGE)
 CLI_PACKAGE = "taskorch.cli"
 MAY_IMPORT_CLI = (CLI_PACKAGE, "taskorch.__main__")
 SERVICE_CLIENT = "taskorch._service.client"

@@ -11,7 +11,8 @@ from typing import Callable
 import _tasks as t
 import pytest
 
-from taskorch._wire import BY_REFERENCE, decode_call, encode_call, split_frames
+from taskorch._framing import split_frames, write_frame
+from taskorch._wire import BY_REFERENCE, decode_call, encode_call
 
 SIZES = [0, 1, 100, 0, 70_000, 3]
 
@@ -34,6 +35,20 @@ def test_frames_sent_by_a_connection_come_back_whole_from_any_chunking(chunk: in
         buffer += raw[start:start + chunk]
         got += split_frames(buffer)
     assert got == sent and buffer == b""
+
+
+def test_write_frame_writes_what_a_connection_reads() -> None:
+    # The workers' events and a service client's requests go out through write_frame; the
+    # parent and the server read them as Connection frames (its one write, or two past 16 KiB).
+    reader, writer = multiprocessing.Pipe()
+    sent = [bytes([i % 251]) * size for i, size in enumerate(SIZES)]
+    try:
+        for frame in sent:  # ~70 KiB in all: fits in the socket's buffer
+            write_frame(writer.fileno(), frame)
+        assert [reader.recv_bytes() for _ in sent] == sent
+    finally:
+        reader.close()
+        writer.close()
 
 
 def test_the_long_length_form_and_a_partial_frame() -> None:

@@ -53,8 +53,9 @@ from typing import Any
 
 from loky.backend.context import get_context
 
+from taskorch._framing import split_frames
 from taskorch._parent.task import WorkItem
-from taskorch._wire import RECALL, SHUTDOWN, Event, decode_events, encode_calls, split_frames
+from taskorch._wire import RECALL, SHUTDOWN, Event, decode_events, encode_calls
 from taskorch._worker.main import worker_main
 
 #: Upper bound on payload bytes handed to a worker and not yet finished (see module docstring).

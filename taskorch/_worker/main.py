@@ -87,6 +87,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import NoReturn
 
+from taskorch._framing import write_frame
 from taskorch._policy import Policy
 from taskorch._wire import (
     RECALL,
@@ -134,10 +135,12 @@ def worker_main(
     send_lock = threading.Lock()
     outbox: list[WireMessage] = []
 
+    fd = conn.fileno()
+
     def flush() -> None:
         if outbox:
             with send_lock:
-                conn.send_bytes(encode_frame(outbox))
+                write_frame(fd, encode_frame(outbox))
             outbox.clear()
 
     inbox = _Inbox()
@@ -211,7 +214,7 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
                     taken = [call.task_id for call in inbox.calls]
                     inbox.calls.clear()
                 with send_lock:
-                    conn.send_bytes(encode_frame([recalled(taken)]))
+                    write_frame(conn.fileno(), encode_frame([recalled(taken)]))
                 continue
             calls = decode_calls(frame)
             with inbox.cond:
@@ -225,7 +228,7 @@ def _report(conn: Connection, send_lock: threading.Lock, task_id: int, done: flo
             total: float | None, message: str | None, at: float) -> None:
     """``taskorch.progress()`` of the running task, sent now (any thread of the task)."""
     with send_lock:
-        conn.send_bytes(encode_frame([reported(task_id, done, total, message, at)]))
+        write_frame(conn.fileno(), encode_frame([reported(task_id, done, total, message, at)]))
 
 
 def _run_task(

@@ -21,15 +21,14 @@ left unanswered is sent again, in req order (the session says what: ``requests.r
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import struct
 import threading
 import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import ServerTimeoutError, ServerUnavailableError
+from taskorch._framing import write_frame
 from taskorch._service.client.requests import set_send_timeout
 from taskorch._service.codec import encode_service_frame
 from taskorch._service.protocol import ClientFrame
@@ -42,32 +41,6 @@ log = logging.getLogger("taskorch")
 #: Reconnection backoff: first pause, and the longest.
 RECONNECT_DELAY = 0.05
 RECONNECT_DELAY_MAX = 2.0
-
-
-#: Connection's framing: a frame's length, 4 bytes big-endian (frames < 2 GiB).
-_LENGTH = struct.Struct("!i")
-#: A frame up to this size goes out with its length in one write (a copy); a larger one in two.
-_ONE_WRITE = 16384
-
-
-def write_frame(fd: int, frame: bytes) -> None:
-    """``Connection.send_bytes(frame)`` on the blocking socket ``fd`` (the same bytes on the
-    wire), without its Python layers: run() sends one frame per call, and this is most of
-    what it costs besides the system call. OSError as send_bytes raises it (BlockingIOError:
-    SO_SNDTIMEO expired); a frame cut short leaves the stream unusable (the caller drops it)."""
-    if len(frame) <= _ONE_WRITE:
-        _write_all(fd, _LENGTH.pack(len(frame)) + frame)
-    else:
-        _write_all(fd, _LENGTH.pack(len(frame)))
-        _write_all(fd, frame)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    n = os.write(fd, data)
-    if n < len(data):  # (cut short by the send timeout, or a signal: the rest)
-        rest = memoryview(data)[n:]
-        while rest:
-            rest = rest[os.write(fd, rest):]
 
 
 class Link:
