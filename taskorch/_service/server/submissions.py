@@ -25,10 +25,10 @@ key: the second joins the first).
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from typing import Any, Callable, NamedTuple
 
+from taskorch._service.server.callbacks import Calls
 from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
 from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
@@ -62,10 +62,10 @@ _DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUS
 
 
 def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], first: int,
-                       now: float) -> tuple[list[Callable[[], None]], int]:
-    """Records for ``submits`` (``Journal.submit``'s ops), the i-th with id ``first + i``:
-    what to call after COMMIT (in their order), and how many records were inserted."""
-    answers: list[Callable[[], None] | None] = [None] * len(submits)
+                       now: float, calls: Calls) -> int:
+    """Records for ``submits`` (``Journal.submit``'s ops), the i-th with id ``first + i``;
+    their answers go to ``calls`` (in their order). Returns how many records were inserted."""
+    answers: list[tuple[Any, ...] | None] = [None] * len(submits)
     plain = [(i, op) for i, op in enumerate(submits) if op[7] is None and op[8] is None]
     inserted = 0
     if plain:
@@ -85,19 +85,22 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
             if existing is None or existing.row.id == first + i:
-                answers[i] = functools.partial(op[5], first + i, None, None, None)
+                answers[i] = (op[5], first + i, None, None, None)
             else:
-                answers[i] = functools.partial(op[5], existing.row.id, existing, None, None)
+                answers[i] = (op[5], existing.row.id, existing, None, None)
     for i, op in enumerate(submits):
-        if answers[i] is None:
-            answers[i], made = _insert_one(db, op, first + i, now)
+        answer = answers[i]
+        if answer is None:
+            answer, made = _insert_one(db, op, first + i, now)
             inserted += made
-    return [answer for answer in answers if answer is not None], inserted
+        calls.add(*answer)
+    return inserted
 
 
 def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
-                now: float) -> tuple[Callable[[], None], int]:
-    """A submission with a key or dependencies: its answer, and 1 if a record was made."""
+                now: float) -> tuple[tuple[Any, ...], int]:
+    """A submission with a key or dependencies: its answer (its callback and what to call it
+    with), and 1 if a record was made."""
     _, client, sub, _, _, on_commit, _, key, after = op
     existing = find_submission(db, client, sub)
     if existing is None and key is not None:
@@ -108,15 +111,15 @@ def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
             db.execute("INSERT INTO joins (client, sub, task_id) VALUES (?, ?, ?) ON CONFLICT "
                        "DO NOTHING", (client, sub, existing.row.id))
     if existing is not None:
-        return functools.partial(on_commit, existing.row.id, existing, None, None), 0
+        return (on_commit, existing.row.id, existing, None, None), 0
     dependencies: list[Row] | None = None
     if after is not None:
         try:
             dependencies = _dependencies(db, after, task_id)
         except ValueError as exc:
-            return functools.partial(on_commit, 0, None, exc, None), 0
+            return (on_commit, 0, None, exc, None), 0
     db.execute(_INSERT, _values(task_id, op, now))
-    return functools.partial(on_commit, task_id, None, None, dependencies), 1
+    return (on_commit, task_id, None, None, dependencies), 1
 
 
 def _dependencies(db: sqlite3.Connection, after: tuple[int, ...], task_id: int) -> list[Row]:
