@@ -29,7 +29,7 @@ import sqlite3
 from typing import Any, Callable, NamedTuple
 
 from taskorch._service.server.callbacks import Calls
-from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
+from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text, write_rows
 from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
@@ -48,15 +48,18 @@ class Existing(NamedTuple):
 #: rows of its ``after`` ids.
 OnCommit = Callable[[int, "Existing | None", "BaseException | None", "list[Row] | None"], None]
 
-_INSERT = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
-           "priority, not_before, expires, name, args_repr, key, after_ids) VALUES (?, ?, ?, ?, "
-           "?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
+_INTO = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
+         "priority, not_before, expires, name, args_repr, key, after_ids) VALUES ")
+_ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = _INTO + _ROW
 #: A submission without options(): its priority, times, key and after ids keep their
 #: defaults (``Journal.submit``'s timing when none was given).
 _NO_TIMING = (0, None, None)
 _INSERT_BARE = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
-                "name, args_repr) VALUES (?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?) "
-                "ON CONFLICT (client, sub) DO NOTHING")
+                "name, args_repr) VALUES {rows} ON CONFLICT (client, sub) DO NOTHING")
+_BARE_ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?)"
+#: Both, many rows per statement (``journal_file.write_rows``).
+_INSERT_ROWS = _INTO + "{rows} ON CONFLICT (client, sub) DO NOTHING"
 #: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
 _DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUSE_DATA_SQL}"
 
@@ -75,13 +78,13 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
         timed = [(i, op) for i, op in plain if op[6] != _NO_TIMING] if len(bare) < len(
             plain) else []
         if bare:
-            inserted += db.executemany(_INSERT_BARE, [
+            inserted += write_rows(db, _INSERT_BARE, _BARE_ROW, [
                 (first + i, op[1], op[2], op[3], op[4], now, *label_of(op[3]))
-                for i, op in bare]).rowcount
+                for i, op in bare], 3)
         if timed:
-            inserted += db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING", [
+            inserted += write_rows(db, _INSERT_ROWS, _ROW, [
                 (first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]), None,
-                 None) for i, op in timed]).rowcount
+                 None) for i, op in timed], 3)
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
             if existing is None or existing.row.id == first + i:
