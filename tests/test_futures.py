@@ -317,3 +317,57 @@ def test_a_signal_handler_may_touch_a_future_whose_lock_its_thread_holds() -> No
     out = subprocess.run([sys.executable, "-c", _HANDLER_TOUCHES_A_HELD_FUTURE],
                          capture_output=True, text=True, timeout=R)
     assert out.stdout.strip() == "[False]", out.stderr
+
+
+def test_a_finished_future_holds_two_objects_for_the_garbage_collector(
+        make_orchestrator: Make) -> None:
+    # Programs hold many futures (``[pool.run(f) for ...]``, then the results): every object a
+    # held future keeps that the cyclic collector tracks is walked again by each full
+    # collection. Its condition is one object (its own lock), its done-callbacks list is made
+    # only by the first callback (see ``_parent/condition``).
+    o = make_orchestrator(worker_count=1)
+    future = o.run(t.add, 1, 2)
+    assert future is not None and future.result(R)[0] == 3
+    tracked = [type(v).__name__ for k, v in vars(future).items()
+               if gc.is_tracked(v) and k not in ("owner", "_result")]  # (shared; the user's)
+    assert sorted(tracked) == ["FutureCondition", "list"], tracked  # the condition, _waiters
+    late: list[Any] = []
+    future.add_done_callback(late.append)  # done: runs at once, in this thread
+    assert late == [future]
+
+
+def test_the_future_condition_waits_notifies_and_is_reentrant() -> None:
+    from taskorch._parent.condition import FutureCondition
+
+    cond = FutureCondition()
+    with pytest.raises(RuntimeError):
+        cond.wait(0)
+    with pytest.raises(RuntimeError):
+        cond.notify_all()
+    with cond:
+        assert cond.wait(0) is False and cond.wait(0.01) is False  # nobody notifies
+    woken: list[int] = []
+    waiting = threading.Semaphore(0)
+
+    def waiter(n: int) -> None:
+        with cond:
+            with cond:  # held twice: wait() releases both levels, and takes both back
+                waiting.release()
+                assert cond.wait(R)
+                woken.append(n)
+            assert cond._is_owned()
+
+    threads = [threading.Thread(target=waiter, args=(n,)) for n in range(3)]
+    for n, thread in enumerate(threads):
+        thread.start()
+        assert waiting.acquire(timeout=R)  # thread n is about to wait, holding the lock
+        with cond:  # taken: so thread n is inside wait(), which released it
+            pass
+    with cond:
+        cond.notify()  # the longest waiting first
+    wait_until(lambda: woken == [0], R)
+    with cond:
+        cond.notify_all()
+    for thread in threads:
+        thread.join(R)
+    assert sorted(woken) == [0, 1, 2] and woken[0] == 0

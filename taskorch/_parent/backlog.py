@@ -302,8 +302,7 @@ class Backlog:
             item.state = TaskState.RUNNING
             self._counts.queued -= 1
             self._counts.running += 1
-            if not item.future.done():  # (unless the caller resolved it itself)
-                item.future.set_running_or_notify_cancel()  # no callbacks run for RUNNING
+            item.future.mark_running()
             self._room_waiters.wake(1)
             if item.cancel_request is not None:  # it started first: too late to cancel
                 item.cancel_request.answer_locked(item, False)

@@ -28,7 +28,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable
 
 from taskorch._errors import CircuitOpenError
-from taskorch._parent.task import Resolution, TaskState, WorkItem
+from taskorch._parent.resolve import Resolution
+from taskorch._parent.task import TaskState, WorkItem
 from taskorch._policy import BreakerMode, CircuitBreaker
 
 if TYPE_CHECKING:

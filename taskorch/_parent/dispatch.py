@@ -29,7 +29,7 @@ broken orchestrator do to what is left (``TaskRules.settle_locked``, from ``_set
 Locks: the backlog's lock (see ``backlog``; taken with ``Backlog.locked()``) guards its order,
 the counts and the items' states; the ``*_locked`` methods need it held, and ``_apply`` takes it
 once per batch of pool events. Nothing here holds it across IPC, a process join, or user code:
-futures are resolved (``task.resolve_all``) after it is released, from what the rules
+futures are resolved (``resolve.resolve_all``) after it is released, from what the rules
 collected (``TaskRules.flush``), which only the dispatcher thread touches; a pool's calls are
 made without it.
 

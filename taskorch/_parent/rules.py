@@ -62,7 +62,8 @@ from taskorch._parent.pool import (
     WorkersChanged,
     WorkersRestarted,
 )
-from taskorch._parent.task import Resolution, TaskState, WorkItem, resolve_all
+from taskorch._parent.resolve import Resolution, resolve_all
+from taskorch._parent.task import TaskState, WorkItem
 from taskorch._parent.terminate import Terminated
 from taskorch._wire import Failed, Succeeded
 

@@ -1,5 +1,5 @@
-"""Parent process: one accepted task (``WorkItem``), the Future handed to the caller
-(``TaskFuture``), and how futures are resolved (``resolve_all``).
+"""Parent process: one accepted task (``WorkItem``) and the Future handed to the caller
+(``TaskFuture``); ``resolve`` resolves the futures.
 
 Life of a task (each accepted task ends in exactly one terminal state, and its future is
 resolved then):
@@ -16,7 +16,7 @@ resolved then):
 yet): a task handed to a worker that dies before starting it goes back to the front of the
 backlog with no attempt charged.
 
-Which thread runs user code. The dispatcher threads resolve futures (``resolve_all``) and must
+Which thread runs user code. The dispatcher threads resolve futures (``resolve``) and must
 never run user code: one slow ``__setstate__`` or blocking done-callback there once held every
 other task and made ``stop(timeout=0.5)`` return 5 s late with no future resolved (#11). So:
 
@@ -41,7 +41,13 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+)
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 from taskorch._errors import OrchestratorBrokenError, SerializationError
@@ -69,6 +75,9 @@ class _PickledError(Exception):
     """Stands in a future's ``_exception`` until the task's exception is unpickled, so that
     ``concurrent.futures.wait(return_when=FIRST_EXCEPTION)`` sees a failure at once. Never
     raised: ``result()`` and ``exception()`` replace it first."""
+
+
+_ENDED = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 # A future resolved with a pickled result holds this as its `_result` until it is unpickled.
@@ -102,10 +111,12 @@ class TaskFuture(Future[Any]):
     delays the callbacks after it, never a task or ``stop()``.
     """
 
-    # Future's own (CPython, not in typeshed): the callbacks added before it was done, and
-    # the waiters of wait() / as_completed().
-    _done_callbacks: list[Callable[[Future[Any]], object]]
+    # Future's own (CPython, not in typeshed): the callbacks added before it was done (a list
+    # made by the first: most futures never get one, and each list is one more object for the
+    # garbage collector, see ``condition``), and the waiters of wait() / as_completed().
+    _done_callbacks: list[Callable[[Future[Any]], object]] | tuple[()]
     _waiters: list[Any]
+    _condition: FutureCondition  # type: ignore[assignment]  # (Future's: a threading.Condition)
     #: The backlog of the orchestrator that accepted it (set by its ``Intake``): what tells
     #: a future of this orchestrator from another's in ``options(after=...)``.
     owner: object = None
@@ -117,7 +128,7 @@ class TaskFuture(Future[Any]):
             self._result = None
             self._exception = None
             self._waiters = []
-            self._done_callbacks = []
+            self._done_callbacks = ()
         else:  # another Future.__init__: let it set what it sets, then swap the condition
             super().__init__()
             self._condition = FutureCondition()
@@ -157,6 +168,16 @@ class TaskFuture(Future[Any]):
         finally:
             _inline.callbacks = False
 
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        with self._condition:
+            if self._state not in _ENDED:
+                if self._done_callbacks:
+                    self._done_callbacks.append(fn)
+                else:
+                    self._done_callbacks = [fn]
+                return
+        super().add_done_callback(fn)  # done: Future runs it now, in this thread
+
     # -- for the package: what its other modules may do to a future ---------------------------
 
     def set_canceller(self, hook: Callable[[TaskFuture], bool] | None) -> None:
@@ -168,6 +189,13 @@ class TaskFuture(Future[Any]):
         """Call ``observer`` once, in the thread that resolves this future (see
         ``_observer``); None: no more."""
         self._observer = observer
+
+    def mark_running(self) -> None:
+        """Its first attempt started: RUNNING, unless the caller resolved it itself (as
+        ``set_running_or_notify_cancel`` does for a pending future: no callbacks run)."""
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
 
     def cancel_now(self) -> None:
         """Cancel for real (the orchestrator decided) and wake wait()/as_completed() callers."""
@@ -300,7 +328,7 @@ class TaskFuture(Future[Any]):
         callbacks = self._done_callbacks
         if not callbacks:
             return
-        self._done_callbacks = []  # done: nothing is added any more; let them go once run
+        self._done_callbacks = ()  # done: nothing is added any more; let them go once run
         (call_each if getattr(_inline, "callbacks", False) else run_or_queue)(  # (run_or_queue:
             self, callbacks)  # taskorch's ``InlineCallback``s run there)
 
@@ -451,41 +479,6 @@ class CancelRequest:
         self.unanswered -= 1
         if self.unanswered == 0:
             self.done.set()
-
-
-#: What to do with an item's future: ("result", pickled value), ("error", encode_exception
-#: tuple), ("exception", an exception object), or ("cancel", None).
-Resolution = tuple[WorkItem, str, Any]
-
-
-def resolve_all(resolutions: list[Resolution]) -> None:
-    """Resolve futures (dispatcher threads), never under the backlog lock. No user code runs
-    here: results and exceptions stay pickled until a caller asks for them, done-callbacks
-    are queued for the "taskorch-callbacks" thread. Each item is then released: the
-    dispatcher calls this only for items it is done with."""
-    for item, kind, value in resolutions:
-        try:
-            _resolve(item, kind, value)
-        except InvalidStateError:  # the caller resolved the future itself
-            log.warning("task %d: its future was already resolved by someone else", item.task_id)
-        except BaseException:  # noqa: BLE001 - a bug here must not end the dispatcher
-            log.exception("task %d: resolving its future raised", item.task_id)
-        finally:
-            item.release()
-
-
-def _resolve(item: WorkItem, kind: str, value: Any) -> None:
-    future = item.future
-    if item.raw and kind in ("result", "error"):
-        future.set_result(RawOutcome(kind == "result", value))
-    elif kind == "result" or kind == "error":
-        future.set_undecoded(kind, value)
-    elif kind == "exception":
-        future.set_exception(value)
-    elif kind == "cancel":
-        future.cancel_now()
-    else:
-        raise AssertionError(kind)
 
 
 def fail_in_forked_child(items: list[WorkItem], parent: int) -> None:

@@ -18,9 +18,9 @@ Hazards, accepted and written down:
 
 from __future__ import annotations
 
-import inspect
 import signal
 import time
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import TaskTimeoutError
@@ -38,7 +38,7 @@ def call_to_completion(
 ) -> Any:
     """``fn(*args, **kwargs)``; a coroutine it returns is run to completion on a new loop."""
     result = fn(*args, **kwargs)
-    if inspect.iscoroutine(result):
+    if type(result) is CoroutineType:  # (``inspect.iscoroutine``, without a call per task)
         import asyncio  # only workers that run coroutines pay for the import
 
         result = asyncio.run(result)
@@ -62,7 +62,16 @@ def run_attempts(
     except BaseException as exc:  # noqa: BLE001 - tenacity's own check: retryable or re-raise
         if not policy.retries_error(exc):
             raise
-        first_failure: BaseException | None = exc
+        failure = exc
+    return retry_after(failure, attempt, retrying)
+
+
+def retry_after(failure: BaseException, attempt: Callable[[], Any],
+                retrying: Callable[[], Retrying]) -> Any:
+    """The attempts after a first one that failed with the retryable ``failure``: tenacity
+    (``retrying()``) replays it as its own first attempt, then runs ``attempt`` until it
+    returns or the budget is spent."""
+    first_failure: BaseException | None = failure
 
     def replay_then_attempt() -> Any:
         nonlocal first_failure
@@ -180,17 +189,24 @@ class AttemptRunner:
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy
     ) -> Any:
         timer, timeout = self._timer, policy.timeout
+        try:  # the first attempt, here (its clock runs: ``run_call``): most tasks end with it
+            return call_to_completion(fn, args, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - retried below if the policy says so
+            timer.stop()  # before tenacity's bookkeeping and the backoff sleep
+            budget = policy.max_attempts - self._attempts_done
+            if budget <= 1 or not policy.retries_error(exc):
+                raise
+            failure = exc
 
         def attempt() -> Any:
-            timer.start(timeout)  # a no-op for a first attempt whose clock already runs
+            timer.start(timeout)
             try:
                 return call_to_completion(fn, args, kwargs)
             except BaseException:
                 timer.stop()  # before tenacity's bookkeeping and the backoff sleep
                 raise
 
-        budget = policy.max_attempts - self._attempts_done
-        return run_attempts(attempt, policy, budget, lambda: self._retrying_for(policy, budget))
+        return retry_after(failure, attempt, lambda: self._retrying_for(policy, budget))
 
     def _retrying_for(self, policy: Policy, budget: int) -> Retrying:
         key = (policy, budget)

@@ -14,10 +14,10 @@ parent (see ``_wire``), used by two threads:
 - the main thread runs calls in order (tasks run in the main thread, so the per-attempt
   SIGALRM interrupt reaches them) and writes the events.
 
-``_Inbox.cond`` guards the calls not started and the closed flag; the reader takes it to add or
-hand back calls, the main thread to take the next one. ``send_lock`` serializes writes to
-``conn`` (events from the main thread, Recalled from the reader); nothing blocks while holding
-it but the write itself.
+``_Inbox.cond`` (on ``_Inbox.lock``) guards the calls not started and the closed flag; the
+reader takes it to add or hand back calls, the main thread to take the next one.
+``send_lock`` serializes writes to ``conn`` (events from the main thread, Recalled from the
+reader); nothing blocks while holding it but the write itself.
 
 Process group and signals (``_lead_own_process_group``, first thing, before any task runs):
 
@@ -121,7 +121,8 @@ _guardian: int | None = None
 
 class _Inbox:
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()  # (the main thread's take: the C lock, not a Python call)
+        self.cond = threading.Condition(self.lock)
         self.calls: deque[Call] = deque()  # handed over, not started, in order
         self.closed = False  # SHUTDOWN received: no more calls will come
 
@@ -145,10 +146,11 @@ def worker_main(
     policies: dict[bytes, Policy] = {}
     default = decode_policy(default_policy)
     runner = AttemptRunner(outbox.append, flush)
+    progress.install(functools.partial(_report, conn, send_lock))
     outbox.append(ready(os.getpid()))
     try:
         while True:
-            with inbox.cond:
+            with inbox.lock:
                 call = inbox.calls.popleft() if inbox.calls else None
                 if call is None and inbox.closed:
                     break
@@ -157,7 +159,7 @@ def worker_main(
                 with inbox.cond:
                     inbox.cond.wait_for(lambda: inbox.calls or inbox.closed)
                 continue
-            progress.begin(functools.partial(_report, conn, send_lock, call.task_id))
+            progress.begin(call.task_id)
             try:
                 outbox.append(_run_task(runner, call, default, policies))
             finally:

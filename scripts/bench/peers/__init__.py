@@ -3,7 +3,8 @@
 Run it as ``python scripts/bench.py --peers [--quick] [--systems ...] [--rounds N]``.
 Systems, 2 worker processes each: taskorch serve (journal on, and ``--no-journal``), Huey
 (SQLite storage, and Redis), RQ, Dramatiq and Celery (Redis). Redis is Debian's
-``redis-server``, started and stopped by each driver on a Unix socket. The peers live in a venv
+``redis-server`` (installed with apt-get by the orchestrator if missing, as root and without
+``--no-install``), started and stopped by each driver on a Unix socket. The peers live in a venv
 of their own (``.bench-peers-venv`` at the repository's top, created by the orchestrator; never
 taskorch's ``.venv``). A system that cannot be installed or started is reported as such.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,28 @@ def peers_venv(path: str, install: bool) -> tuple[str | None, str]:
     return python, ""
 
 
+def redis_server(install: bool) -> tuple[str | None, str]:
+    """Debian's redis-server: (its version, "") if it is there, installed with apt-get if
+    *install* and it is not (as root, as ``scripts/test`` installs chromium in CI); else
+    (None, why not)."""
+    version = redis_version()
+    if version is not None or not install:
+        return version, "" if version else (
+            "redis-server is not installed (Debian: apt-get install redis-server; or run "
+            "without --no-install, as root)")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None, ("redis-server is not installed, and the benchmark can install it only "
+                      "as root with apt-get (Debian: sudo apt-get install redis-server)")
+    log("bench: apt-get install redis-server ...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            return None, f"apt-get could not install redis-server: {proc.stderr.strip()[-300:]}"
+    version = redis_version()
+    return version, "" if version else "apt-get installed redis-server, but it does not start"
+
+
 def missing_imports(python: str, modules: list[str]) -> list[str]:
     code = ("import importlib,sys\nfor m in sys.argv[1:]:\n try: importlib.import_module(m)\n"
             " except Exception: print(m)")
@@ -75,7 +98,8 @@ def which_can_run(systems: list[str], args: Any) -> tuple[dict[str, str], dict[s
     peers = [s for s in systems if s not in TASKORCH_SYSTEMS]
     python, reason = peers_venv(args.peers_venv, not args.no_install) if peers else (None, "")
     missing = missing_imports(python, sorted({IMPORTS[s] for s in peers})) if python else []
-    redis = redis_version()
+    redis, no_redis = (redis_server(not args.no_install)
+                       if any(ADAPTERS[s].needs_redis for s in peers) else (None, ""))
     for system in systems:
         if system in TASKORCH_SYSTEMS:
             pythons[system] = sys.executable
@@ -84,7 +108,7 @@ def which_can_run(systems: list[str], args: Any) -> tuple[dict[str, str], dict[s
         elif IMPORTS[system] in missing:
             why_not[system] = f"{IMPORTS[system]} does not import in {args.peers_venv}"
         elif ADAPTERS[system].needs_redis and redis is None:
-            why_not[system] = "redis-server is not installed (Debian: apt-get install redis-server)"
+            why_not[system] = no_redis
         else:
             pythons[system] = python
     return pythons, why_not
