@@ -492,6 +492,42 @@ def test_backoff_intervals_follow_the_policy_without_wall_time(tmp_path: Path) -
         signal.signal(signal.SIGALRM, before)
 
 
+def test_an_alarm_in_the_first_attempts_failure_is_that_attempts_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The clock may fire while a failed first attempt stops it (the handler raises before
+    # stop() clears it): that TaskTimeoutError is the attempt's failure, retried as any other
+    # is, not an escape past the retries (the first attempt runs inline, without tenacity).
+    import pickle
+    import signal
+
+    from taskorch._wire import encode_call
+    from taskorch._worker.attempts import AttemptRunner, AttemptTimer
+
+    stop, fired = AttemptTimer.stop, []
+
+    def stop_as_the_alarm_fires(timer: AttemptTimer) -> None:
+        stop(timer)
+        if not fired:
+            fired.append(True)
+            raise TaskTimeoutError("the attempt ran longer than its 30 s timeout")
+
+    monkeypatch.setattr(AttemptTimer, "stop", stop_as_the_alarm_fires)
+    events: list[tuple] = []
+    before = signal.getsignal(signal.SIGALRM)
+    runner = AttemptRunner(events.append, lambda: None, sleep=lambda s: None)
+    try:
+        runner.announce_first_attempt(task_id=3, attempts_done=0)
+        payload = encode_call(t.fail_until, (str(tmp_path / "n"), 2), {})  # fails once
+        policy = Policy(retries=2, timeout=30.0, backoff_initial=0.0, jitter=False)
+        assert pickle.loads(runner.run_call(payload, policy)) == 2
+        assert fired and runner.attempt == 2
+        retried = [e for e in events if e[0] == 2]  # RETRYING: (..., delay, timed out)
+        assert len(retried) == 1 and retried[0][-1] is True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def test_default_policy_retries_with_backoff_and_a_timeout() -> None:
     p = Policy.default()
     assert p.retries >= 1 and p.timeout is not None and p.jitter

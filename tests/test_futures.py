@@ -371,3 +371,32 @@ def test_the_future_condition_waits_notifies_and_is_reentrant() -> None:
     for thread in threads:
         thread.join(R)
     assert sorted(woken) == [0, 1, 2] and woken[0] == 0
+
+
+_INTERRUPTS = [1]
+
+
+def _interrupted_once() -> str:
+    if _INTERRUPTS:
+        _INTERRUPTS.pop()
+        raise KeyboardInterrupt  # as Ctrl-C would, in the thread that unpickles
+    return "decoded"
+
+
+class _InterruptsOnce:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_interrupted_once, ())
+
+
+def test_ctrl_c_while_a_result_unpickles_leaves_it_to_the_next_caller() -> None:
+    import pickle
+
+    from taskorch._parent.task import TaskFuture
+
+    future = TaskFuture()
+    future.set_undecoded("result", pickle.dumps(_InterruptsOnce()))
+    with pytest.raises(KeyboardInterrupt):
+        future.result(0)
+    thread, out = _in_thread(lambda: future.result(R), name="next")  # not held by a claim
+    thread.join(R)
+    assert out == ["decoded"] and future.result(0) == "decoded"

@@ -14,7 +14,8 @@ lock's own ``__enter__``/``__exit__``, not a Python call each.
 Reentrant, as the stdlib's: a signal handler or a finalizer may touch a future while its thread
 holds the condition. The users are ``concurrent.futures``' own (``Future``'s methods, ``wait``
 and ``as_completed``, which take ``_condition`` with ``acquire``/``release``) and ``task``:
-they use ``with``, ``acquire``, ``release``, ``wait`` and ``notify_all``.
+they use ``with``, ``acquire``, ``release``, ``wait`` and ``notify_all``; ``notify`` completes
+the ``threading.Condition`` interface.
 """
 
 from __future__ import annotations

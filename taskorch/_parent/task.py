@@ -141,13 +141,11 @@ class TaskFuture(Future[Any]):
         self._cancel_hook: Callable[[TaskFuture], bool] | None = None
         # The worker's outcome, still pickled: ("result", pickle bytes) or ("error",
         # encode_exception() tuple). Set by the dispatcher before it resolves the future; read
-        # and cleared by the first result()/exception() under `_decode_lock`. None otherwise.
+        # and cleared by the first result()/exception(), which unpickles it (``_decode``).
         self._undecoded: tuple[str, Any] | None = None
-        # Held while unpickling (user code: can be slow): only result()/exception() callers
-        # of this future wait on it; `_condition`, which wait(), done() and the dispatcher
-        # take, is never held while user code runs. Made by the first decoder (under
-        # `_condition`), dropped once decoded (one object less per future for the collector).
-        self._decode_lock: threading.Lock | None = None
+        # Set while a thread unpickles the outcome (user code: slow, maybe) without holding
+        # `_condition`; other result()/exception() callers wait on `_condition` meanwhile.
+        self._decoding = False
         # Internal: called once, with this future, in the thread that resolves it, before
         # its done-callbacks are queued (taskorch serve's registry journals the outcome). Must
         # be quick and never block or raise: it runs on a dispatcher thread mostly (else a
@@ -211,7 +209,7 @@ class TaskFuture(Future[Any]):
         and its waiters (``wait()``, ``as_completed()``) are threads of the parent: new locks,
         no waiters (one thread runs in the child now)."""
         self._condition = FutureCondition()
-        self._decode_lock = None
+        self._decoding = False
         self._waiters = []
         self._cancel_hook = None
         self._observer = None
@@ -223,17 +221,23 @@ class TaskFuture(Future[Any]):
 
     def result(self, timeout: float | None = None) -> Any:
         self._wait_decoded(timeout)
-        return super().result(0)
+        exception = self._exception  # (final: see _wait_decoded)
+        if exception is None:
+            return self._result
+        try:
+            raise exception
+        finally:
+            exception = self = None  # type: ignore[assignment]  # (no cycle through the frame)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._wait_decoded(timeout)
-        return super().exception(0)
+        return self._exception
 
     def _wait_decoded(self, timeout: float | None) -> None:
         """Wait until done (CancelledError, TimeoutError as Future does), then make sure the
         outcome is unpickled. `_undecoded` is set before the future is published as done, and
         cleared only after the decoded outcome is stored under `_condition`: a reader that
-        sees it None finds the final outcome."""
+        sees it None finds the final outcome (done, it never changes again)."""
         super().exception(timeout)
         if self._undecoded is not None:
             self._decode()
@@ -259,50 +263,31 @@ class TaskFuture(Future[Any]):
             raise
 
     def _decode(self) -> None:
-        """Unpickle the outcome (the caller's thread; user code), once."""
-        lock = self._decode_lock
-        if lock is None:
-            with self._condition:
-                if self._decode_lock is None:
-                    self._decode_lock = threading.Lock()
-                lock = self._decode_lock
-        with lock:
+        """Unpickle the outcome (the caller's thread; user code), once: the first caller
+        claims it, the others wait for it (a claim given up by an exception, Ctrl-C in that
+        thread most likely, passes to the next caller)."""
+        with self._condition:
+            while self._decoding:
+                self._condition.wait()
             pending = self._undecoded
             if pending is None:
-                return  # another thread did it while we waited for the lock
+                return  # another thread did it while we waited
             kind, data = pending
             if (self._result is not _PICKLED_RESULT if kind == "result"
                     else not isinstance(self._exception, _PickledError)):
                 self._undecoded = None  # the caller resolved it itself (see set_undecoded)
                 return
-            result: Any = None
-            exception: BaseException | None = None
-            if kind == "result":
-                try:
-                    result = decode_frame(data)
-                except KeyboardInterrupt:
-                    # Ctrl-C in this thread, most likely: not the result's fault; retried next call
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
-                    exception = SerializationError(
-                        f"the task's result could not be unpickled in the parent: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-                    exception.__cause__ = exc
-            else:
-                pickled, type_name, message, tb = data  # (a DescribedException)
-                try:
-                    # falls back to RemoteTaskError itself
-                    exception = decode_exception(pickled, type_name, message, tb)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
-                    exception = decode_exception(None, type_name, message, tb)
-            with self._condition:
-                self._result = result
-                self._exception = exception
-                self._undecoded = None
-                self._decode_lock = None  # (as it is made: never read back as None above)
+            self._decoding = True
+        outcome = None
+        try:
+            outcome = _unpickled(kind, data)
+        finally:
+            with self._condition:  # the outcome stored and the claim let go at once
+                if outcome is not None:
+                    self._result, self._exception = outcome
+                    self._undecoded = None
+                self._decoding = False
+                self._condition.notify_all()
 
     def __repr__(self) -> str:
         pending = self._undecoded  # never unpickle here: repr runs in logs, on any thread
@@ -331,6 +316,29 @@ class TaskFuture(Future[Any]):
         self._done_callbacks = ()  # done: nothing is added any more; let them go once run
         (call_each if getattr(_inline, "callbacks", False) else run_or_queue)(  # (run_or_queue:
             self, callbacks)  # taskorch's ``InlineCallback``s run there)
+
+
+def _unpickled(kind: str, data: Any) -> tuple[Any, BaseException | None]:
+    """A worker's outcome (``TaskFuture._undecoded``), unpickled (user code): (the result,
+    None) or (None, the exception); a result that does not unpickle is a SerializationError."""
+    if kind == "result":
+        try:
+            return decode_frame(data), None
+        except KeyboardInterrupt:
+            raise  # Ctrl-C in this thread, most likely: not the result's fault; retried next call
+        except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
+            error = SerializationError(
+                f"the task's result could not be unpickled in the parent: "
+                f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            return None, error
+    pickled, type_name, message, tb = data  # (a DescribedException)
+    try:
+        return None, decode_exception(pickled, type_name, message, tb)  # (or RemoteTaskError)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
+        return None, decode_exception(None, type_name, message, tb)
 
 
 # cancel() sets `callbacks` for the duration of the call: the callbacks of the future it

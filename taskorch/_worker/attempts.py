@@ -190,9 +190,12 @@ class AttemptRunner:
     ) -> Any:
         timer, timeout = self._timer, policy.timeout
         try:  # the first attempt, here (its clock runs: ``run_call``): most tasks end with it
-            return call_to_completion(fn, args, kwargs)
+            try:
+                return call_to_completion(fn, args, kwargs)
+            except BaseException:
+                timer.stop()  # (an alarm in this handler, before the stop, is the failure)
+                raise
         except BaseException as exc:  # noqa: BLE001 - retried below if the policy says so
-            timer.stop()  # before tenacity's bookkeeping and the backoff sleep
             budget = policy.max_attempts - self._attempts_done
             if budget <= 1 or not policy.retries_error(exc):
                 raise

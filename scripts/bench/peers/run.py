@@ -77,7 +77,10 @@ def redis_server(install: bool) -> tuple[str | None, str]:
     log("bench: apt-get install redis-server ...")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:  # (a mirror that does not answer, or a held dpkg lock: not forever)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        except subprocess.TimeoutExpired:
+            return None, f"apt-get could not install redis-server: {' '.join(cmd)} timed out"
         if proc.returncode != 0:
             return None, f"apt-get could not install redis-server: {proc.stderr.strip()[-300:]}"
     version = redis_version()

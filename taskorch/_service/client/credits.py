@@ -2,8 +2,9 @@
 ``with_wait().run()`` without a round trip (application's process; the server's side, and the
 rules of grants and recalls, are ``_service/server/credits``).
 
-Threads: the callers' (``take``), the session's reader (``grant``, ``return_all``, ``clear``),
-``accepted()`` waiting for an answer (``wait``). Everything here is guarded by the session's
+Threads: the callers' (``take``; ``spend_locked``: run()'s common case, in the session's own
+hold of the lock), the session's reader (``grant``, ``return_all``, ``clear``), ``accepted()``
+waiting for an answer (``wait``). Everything here is guarded by the session's
 lock, which ``Credits`` shares (its condition is built on it), and never held across I/O.
 """
 
@@ -39,6 +40,15 @@ class Credits:
             self.held -= credit
             self.inflight += credit
         return credit
+
+    def spend_locked(self) -> bool:
+        """Spend a credit if one is held (the session's lock held: run()'s common case, in
+        the same hold as its request's registration); False: none held."""
+        if self.held > 0:
+            self.held -= 1
+            self.inflight += 1
+            return True
+        return False
 
     def grant(self, n: int, answered: int = 0) -> None:
         """``n`` more credits; ``answered`` credit submissions answered (reader thread, or a

@@ -21,7 +21,9 @@ left unanswered is sent again, in req order (the session says what: ``requests.r
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import struct
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -42,6 +44,32 @@ RECONNECT_DELAY = 0.05
 RECONNECT_DELAY_MAX = 2.0
 
 
+#: Connection's framing: a frame's length, 4 bytes big-endian (frames < 2 GiB).
+_LENGTH = struct.Struct("!i")
+#: A frame up to this size goes out with its length in one write (a copy); a larger one in two.
+_ONE_WRITE = 16384
+
+
+def write_frame(fd: int, frame: bytes) -> None:
+    """``Connection.send_bytes(frame)`` on the blocking socket ``fd`` (the same bytes on the
+    wire), without its Python layers: run() sends one frame per call, and this is most of
+    what it costs besides the system call. OSError as send_bytes raises it (BlockingIOError:
+    SO_SNDTIMEO expired); a frame cut short leaves the stream unusable (the caller drops it)."""
+    if len(frame) <= _ONE_WRITE:
+        _write_all(fd, _LENGTH.pack(len(frame)) + frame)
+    else:
+        _write_all(fd, _LENGTH.pack(len(frame)))
+        _write_all(fd, frame)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    n = os.write(fd, data)
+    if n < len(data):  # (cut short by the send timeout, or a signal: the rest)
+        rest = memoryview(data)[n:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
 class Link:
     """The socket to the server, replaced after a loss (see the module docstring)."""
 
@@ -60,6 +88,7 @@ class Link:
         # while down (see the module docstring for who replaces and closes them).
         self._sock: socket.socket | None = sock
         self._conn: Connection[Any, Any] | None = conn
+        self._fd = conn.fileno()  # `_conn`'s, for send (valid while `_conn` is set)
         set_send_timeout(sock, request_timeout)
         # Guards the frames on the wire (callers' frames must not interleave). Held for one
         # send_bytes() (bounded by the send timeout), or by the reader while it re-sends.
@@ -76,9 +105,9 @@ class Link:
             if conn is None:
                 raise self.unavailable()
             try:
-                conn.send_bytes(frame)
+                write_frame(self._fd, frame)  # (its fd is open: closed under send_lock only)
                 return
-            except (OSError, ValueError) as exc:  # ValueError: the reader closed the Connection
+            except OSError as exc:
                 error = exc
         self.shut_down()  # never send after a frame cut short: the reader reconnects
         if isinstance(error, BlockingIOError):  # SO_SNDTIMEO: the server does not read
@@ -158,7 +187,7 @@ class Link:
                     conn.close()
                     sock.close()
                     return False
-                self._sock, self._conn, self.info = sock, conn, info
+                self._sock, self._conn, self._fd, self.info = sock, conn, conn.fileno(), info
                 frames = pending()
             try:
                 for frame in frames:

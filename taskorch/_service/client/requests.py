@@ -17,16 +17,23 @@ from typing import Any, Callable
 
 from taskorch._errors import RemoteTaskError, TaskorchError
 from taskorch._parent.task import TaskFuture
-from taskorch._service.operations import admin_request_frame
+from taskorch._service.operations import AdminRequest, admin_request_frame
 from taskorch._service.protocol import (
+    FINAL_ANSWERS,
     O_CANCELLED,
     O_DEPENDENCY,
     O_ERROR,
     O_RAISED,
     O_RESULT,
+    Accepted,
     ClientFrame,
+    Dropped,
+    Rejected,
     ServerFrame,
+    StatsReply,
+    StatsRequest,
     Submit,
+    TriggerRequest,
     resubmit_frame,
     result_request_frame,
 )
@@ -239,6 +246,61 @@ def decode_cause(outcome: int, data: Any) -> BaseException:
         exc.__cause__ = decode_cause(cause_outcome, cause)
         return exc
     return RemoteTaskError("taskorch.TaskorchError", f"an unknown outcome {outcome!r}")
+
+
+def submitted(request: Request, answer: ServerFrame | BaseException) -> TaskFuture | None:
+    """A submission's future once its answer came (None: dropped), or what refused it raised."""
+    if isinstance(answer, BaseException):
+        raise answer
+    if isinstance(answer, Accepted):
+        return request.future
+    if isinstance(answer, Dropped):
+        return None
+    assert isinstance(answer, Rejected), answer
+    raise decode_service_error(answer.error)
+
+
+def stats_fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
+    """The fields of an S_STATS answer (stats, triggers, operators' requests), or what
+    refused the request raised."""
+    if isinstance(answer, BaseException):
+        raise answer
+    if isinstance(answer, Rejected):
+        raise decode_service_error(answer.error)
+    assert isinstance(answer, StatsReply), answer
+    return answer.fields
+
+
+def answered_by(requests: dict[int, Request], frames: tuple[ServerFrame, ...],
+                ) -> list[Request | None]:
+    """The request of ``requests`` (the session's table, its lock held) each frame answers
+    (None: none, or withdrawn); a final answer takes its request out of the table."""
+    found = [requests.get(f.req) if type(f) is Accepted
+             else requests.pop(f.req, None) if isinstance(f, FINAL_ANSWERS) else None
+             for f in frames]
+    for request in filter(None, found):
+        request.taken = True
+    return found
+
+
+def put_back(requests: dict[int, Request], frames: tuple[ServerFrame, ...],
+             found: list[Request | None]) -> None:
+    """Undo ``answered_by`` for ``frames`` (not handled after all): their requests go back in
+    the table, as if not received, to be sent again after the reconnection."""
+    for frame, request in zip(frames, found):
+        if request is not None and isinstance(frame, FINAL_ANSWERS):
+            requests.setdefault(frame.req, request)
+
+
+def strand(requests: dict[int, Request]) -> list[Request]:
+    """The link is lost: take the requests that cannot be sent again out of ``requests`` (the
+    session's table, its lock held): stats, triggers and operators' requests not answered."""
+    stranded = [(req, r) for req, r in requests.items()
+                if not r.answered and (r.message is None or isinstance(
+                    r.message, (StatsRequest, TriggerRequest, AdminRequest)))]
+    for req, _ in stranded:
+        del requests[req]
+    return [request for _, request in stranded]
 
 
 def resend(req: int, request: Request) -> ClientFrame | None:

@@ -61,20 +61,24 @@ from taskorch._parent.task import TaskFuture
 from taskorch._service.client.credits import Credits
 from taskorch._service.client.inbox import Inbox
 from taskorch._service.client.link import Link
-from taskorch._service.client.requests import Builder, Request, new_future, payload, resend
+from taskorch._service.client.requests import (
+    Builder,
+    Request,
+    answered_by,
+    new_future,
+    payload,
+    put_back,
+    resend,
+    stats_fields,
+    strand,
+    submitted,
+)
 from taskorch._service.codec import encode_service_frame
-from taskorch._service.operations import AdminRequest
 from taskorch._service.protocol import (
-    FINAL_ANSWERS,
     SERVICE_MAX_FRAME,
-    Accepted,
     ClientFrame,
-    Dropped,
     Rejected,
     ServerFrame,
-    StatsReply,
-    StatsRequest,
-    TriggerRequest,
     credit_return_frame,
     result_request_frame,
     stats_request_frame,
@@ -144,21 +148,27 @@ class Session:
         kwargs: dict[str, Any], options: SubmitOptions | None = None,
     ) -> TaskFuture | None:
         self._check_not_reader("run()")
-        credit = self._take_credit(self.request_timeout,  # (a bad ``after`` raises in run())
-                                   options is None or options.after is None)
+        self._check_open_locked()  # (closed: said before a bad call is, as in _start)
+        data = payload(fn, args, kwargs)  # (SerializationError: nothing taken, nothing sent)
+        may = options is None or options.after is None  # (a bad ``after`` raises in run())
+        request = Request(new_future(self._ask, self), credit=True)
+        # The common case: a credit held, spent as the request is registered (one lock hold).
+        if may and self._start(request, lambda req: submit_frame(
+                req, data, wire_policy, wait=False, client=self.token, retry=False,
+                credit=True, options=options), spend=True):
+            return request.future  # no round trip: the answer resolves or fails it later
+        credit = self._take_credit(self.request_timeout, may)  # (none held: wait for some)
         if credit is None:
             raise ServerTimeoutError(
                 f"taskorch serve at {self.where} did not answer run() within "
                 f"{self.request_timeout:g} s (stopped, or overloaded?); nothing was sent")
-        request = Request(new_future(self._ask, self), credit=credit)
-        if credit:  # no round trip: the answer resolves or fails the future later
-            return self._spend(request, lambda req: submit_frame(
-                req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-                retry=False, credit=True, options=options))
-        answer = self._call(request, lambda req: submit_frame(
-            req, payload(fn, args, kwargs), wire_policy, wait=False, client=self.token,
-            retry=False, credit=False, options=options), "run()")
-        return self._accepted(request, answer)
+        request = Request(request.future, credit=credit)
+        build: Builder = lambda req: submit_frame(  # noqa: E731
+            req, data, wire_policy, wait=False, client=self.token, retry=False, credit=credit,
+            options=options)
+        if credit:
+            return self._spend(request, build)
+        return submitted(request, self._call(request, build, "run()"))
 
     async def submit_async(
         self, wire_policy: WirePolicy | None, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -177,7 +187,7 @@ class Session:
         except asyncio.CancelledError:
             self._withdraw(req)
             raise
-        future = self._accepted(request, answer)
+        future = submitted(request, answer)
         assert future is not None  # the server never drops a waiting request
         return future
 
@@ -215,7 +225,7 @@ class Session:
                        else QueueFullError(int(self.info.get("max_backlog") or 0)))
             request.event.wait()  # taken before the timeout hit: being delivered now
         assert request.answer is not None
-        future = self._accepted(request, request.answer)
+        future = submitted(request, request.answer)
         assert future is not None  # the server never drops a waiting request
         return future
 
@@ -293,16 +303,7 @@ class Session:
     def ask(self, build: Callable[[int], ClientFrame], what: str) -> dict[str, Any]:
         """A request answered by S_STATS (stats, trigger, an operator's): its fields."""
         self._check_not_reader(what)
-        return self._fields(self._call(Request(None), build, what))
-
-    @staticmethod
-    def _fields(answer: ServerFrame | BaseException) -> dict[str, Any]:
-        if isinstance(answer, BaseException):
-            raise answer
-        if isinstance(answer, Rejected):
-            raise decode_service_error(answer.error)
-        assert isinstance(answer, StatsReply), answer
-        return answer.fields
+        return stats_fields(self._call(Request(None), build, what))
 
     def _call(self, request: Request, build: Builder, what: str) -> ServerFrame | BaseException:
         req = self._start(request, build)
@@ -318,9 +319,12 @@ class Session:
         assert request.answer is not None
         return request.answer
 
-    def _start(self, request: Request, build: Builder, when_down: str = "fail") -> int:
+    def _start(self, request: Request, build: Builder, when_down: str = "fail",
+               spend: bool = False) -> int:
         """Register ``request`` and send its frame; raises (nothing sent) on a bad call, or
-        ServerUnavailableError while down (``when_down="queue"``: sent at reconnection)."""
+        ServerUnavailableError while down (``when_down="queue"``: sent at reconnection).
+        ``spend``: only if a credit is held and the link is up, spent in the same hold of the
+        lock as the registration (else 0: nothing registered, nothing sent)."""
         self._check_open_locked()  # early, without the lock (checked again under it below)
         req = next(self._req_ids)  # (atomic: itertools.count is C, under the GIL)
         message = build(req)
@@ -333,6 +337,8 @@ class Session:
         request.message = message
         with self._lock:
             self._check_open_locked()
+            if spend and (self._link.down_reason is not None or not self.credits.spend_locked()):
+                return 0
             if self._link.down_reason is not None and when_down == "fail":
                 raise self._link.unavailable()
             self._requests[req] = request  # before sending: the answer may come at once
@@ -355,17 +361,6 @@ class Session:
 
     def _send(self, frame: bytes) -> None:
         self._link.send(frame)
-
-    def _accepted(self, request: Request, answer: ServerFrame | BaseException,
-                  ) -> TaskFuture | None:
-        if isinstance(answer, BaseException):
-            raise answer
-        if isinstance(answer, Accepted):
-            return request.future
-        if isinstance(answer, Dropped):
-            return None
-        assert isinstance(answer, Rejected), answer
-        raise decode_service_error(answer.error)
 
     def _check_open_locked(self) -> None:
         if self._closing:
@@ -425,21 +420,13 @@ class Session:
         """The request each frame answers (None: none, or withdrawn), under one hold of the
         lock; a final answer takes its request out of the table."""
         with self._lock:
-            requests = self._requests
-            found = [requests.get(f.req) if type(f) is Accepted
-                     else requests.pop(f.req, None) if isinstance(f, FINAL_ANSWERS) else None
-                     for f in frames]
-            for request in filter(None, found):
-                request.taken = True
-            return found
+            return answered_by(self._requests, frames)
 
     def put_back(self, frames: tuple[ServerFrame, ...], requests: list[Request | None]) -> None:
         """Frames not handled after all (the link is dropped): their requests go back in the
         table, as if not received, to be sent again after the reconnection."""
         with self._lock:
-            for frame, request in zip(frames, requests):
-                if request is not None and isinstance(frame, FINAL_ANSWERS):
-                    self._requests.setdefault(frame.req, request)
+            put_back(self._requests, frames, requests)
 
     def return_credits(self) -> None:
         """S_RECALL: give back every credit held (C_RETURN)."""
@@ -456,12 +443,8 @@ class Session:
         with self._link.send_lock, self._lock:  # lock order: send_lock, then _lock
             self._link.lost_locked(why)
             self.credits.clear_locked()  # the server frees what it granted
-            stranded = [(req, r) for req, r in self._requests.items()
-                        if not r.answered and (r.message is None or isinstance(
-                            r.message, (StatsRequest, TriggerRequest, AdminRequest)))]
-            for req, _ in stranded:
-                del self._requests[req]
-        for _, request in stranded:
+            stranded = strand(self._requests)
+        for request in stranded:
             request.deliver(self._link.unavailable())
 
     def reconnect(self) -> bool:
