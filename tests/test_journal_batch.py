@@ -3,14 +3,16 @@ batch (short tasks at speed): the record must read as if the two had been writte
 
 from __future__ import annotations
 
+import pickle
 import threading
 from typing import Any
 
 from test_serve_keys import Hold
 from test_service import R
 
-from taskorch._service.protocol import O_RESULT
+from taskorch._service.protocol import O_RAISED, O_RESULT
 from taskorch._service.server.journal import Journal
+from taskorch._service.server.journal_file import LARGE_VALUE
 
 
 def _record(journal: Journal, task_id: int) -> tuple[Any, ...]:
@@ -55,5 +57,52 @@ def test_a_start_and_an_end_in_one_batch_leave_both_in_the_record() -> None:
         assert (state, status, attempts, pid, outcome) == ("done", "succeeded", 2, 4444, O_RESULT)
         assert started is not None and finished is not None and started <= finished
         assert _record(journal, alone)[1:5:3] == ("running", 4545)
+    finally:
+        journal.close()
+
+
+def test_a_batch_of_many_records_reads_as_if_written_one_by_one() -> None:
+    """A batch's inserts and ends go many rows per statement (``write_rows``: chunks of 64,
+    32, ... 1; large results one by one): 100 submissions in one batch get their ids in
+    order, and 100 ends in one batch, some of them large or failed, leave each record as
+    its own end says."""
+    journal = Journal(None)
+    journal.start()
+    try:
+        ids: dict[int, int] = {}
+        committed = threading.Event()
+        hold = Hold(journal).wait_entered()
+        try:
+            for sub in range(100):
+                journal.submit(b"c" * 16, sub, b"call%d" % sub, None,
+                               lambda task_id, *rest, sub=sub: (
+                                   ids.__setitem__(sub, task_id),
+                                   len(ids) == 100 and committed.set()))
+        finally:
+            hold.release()
+        assert committed.wait(R)
+        assert [ids[sub] for sub in range(100)] == list(range(ids[0], ids[0] + 100))
+        hold = Hold(journal).wait_entered()
+        try:
+            for sub, task_id in ids.items():
+                large = sub % 10 == 3
+                journal.finished(task_id, O_RESULT if sub % 2 else O_RAISED, 1, 0.5,
+                                 b"r" * (LARGE_VALUE if large else sub), lambda: None,
+                                 "succeeded" if sub % 2 else "failed")
+        finally:
+            hold.release()
+        assert journal.flush(R)
+        got: list[Any] = []
+        done = threading.Event()
+        journal.run(lambda db: db.execute(
+            "SELECT id, state, status, outcome, data, payload FROM tasks ORDER BY id").fetchall(),
+            lambda rows: (got.extend(rows), done.set()))
+        assert done.wait(R) and len(got) == 100
+        for sub, (task_id, state, status, outcome, data, payload) in enumerate(got):
+            assert task_id == ids[sub] and state == "done"
+            assert (status, outcome) == (("succeeded", O_RESULT) if sub % 2 else
+                                         ("failed", O_RAISED))
+            assert pickle.loads(data) == b"r" * (LARGE_VALUE if sub % 10 == 3 else sub)
+            assert payload == (None if sub % 2 else b"call%d" % sub)  # a success drops it
     finally:
         journal.close()

@@ -187,3 +187,22 @@ def test_an_operators_request_with_an_integer_past_sqlites_range_is_a_bad_reques
         decode_client_frame(encode_service_frame(admin_request_frame(3, "tasks", args)))
     with pytest.raises(ServiceProtocolError):  # no request number to answer
         decode_client_frame(encode_service_frame(admin_request_frame(2**70, "task", {"id": 5})))
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("payload", "not bytes"), ("payload", BY_REFERENCE + b"\x00"),  # (cut short)
+    ("policy", (b"p", -1, None, 0.0, 0.0, False, False)), ("wait", 1), ("client", b""),
+    ("client", b"c" * 65), ("client", "text"), ("retry", None), ("credit", 0),
+    ("timing", (0, float("inf"), None)), ("key", ""), ("after", (0,))])
+def test_a_submission_with_a_bad_field_is_a_bad_request(field: str, bad: object) -> None:
+    # Checked field by field as a submission is decoded (``codec._is_valid``): that request
+    # alone is refused, naming the frame.
+    from taskorch._service.codec import decode_client_frame, encode_service_frame
+    from taskorch._service.protocol import BadRequest, Submit, submit_frame
+
+    good = submit_frame(7, encode_call(t.square, (3,), {}), None, wait=False, client=b"c" * 16,
+                        retry=False, credit=True)
+    assert decode_client_frame(encode_service_frame(good)) == good
+    with pytest.raises(BadRequest, match="invalid fields in a Submit frame") as refused:
+        decode_client_frame(encode_service_frame(good._replace(**{field: bad})))
+    assert refused.value.req == 7 and isinstance(good, Submit)

@@ -28,7 +28,7 @@ import os
 import socket
 import threading
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from taskorch._errors import (
     OrchestratorClosedError,
@@ -49,6 +49,7 @@ from taskorch._service.protocol import (
     SERVICE_MAX_FRAME,
     BadRequest,
     CreditReturn,
+    Done,
     ResultRequest,
     ServerFrame,
     ServiceProtocolError,
@@ -66,15 +67,14 @@ from taskorch._service.protocol import (
 )
 from taskorch._service.server.admitting import Admitting, Inflight
 from taskorch._service.server.credits import ConnectionCredits
-from taskorch._service.server.operator import Operator, trigger_answer
+from taskorch._service.server.host import Host
+from taskorch._service.server.operator import trigger_answer
 from taskorch._service.server.outbox import Fetched, Outbox
 from taskorch._service.transport import FrameReader, frame_batch, frame_bytes
 from taskorch._service.values import encode_status
 
 if TYPE_CHECKING:
-    from taskorch._parent.orchestrator import TaskOrchestrator
     from taskorch._service.server.outcomes import Outcome
-    from taskorch._service.server.registry import TaskRegistry
 
 log = logging.getLogger("taskorch")
 
@@ -91,40 +91,10 @@ WRITE_BATCH = 256
 _STOP = None  # the outbox sentinel: flush what is queued, then exit
 
 
-class Host(Protocol):
-    """What a connection needs of the server that accepted it (``server.Server``, which
-    imports this module; this one imports nothing of it). ``promote``, ``forget`` and
-    ``recall_credits`` are called from the connection's reader thread."""
-
-    @property
-    def orchestrator(self) -> TaskOrchestrator: ...
-    @property
-    def registry(self) -> TaskRegistry: ...
-    @property
-    def operator(self) -> Operator: ...  # one per server: its retries' (client, sub) numbering
-    @property
-    def authkey(self) -> bytes: ...
-    @property
-    def info(self) -> dict[str, Any]: ...
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...  # the server's asyncio thread's
-    @property
-    def stopping(self) -> bool: ...
-
-    def promote(self, connection: ServedConnection) -> bool:
-        """The peer authenticated: True if it may be served (else it was refused)."""
-
-    def forget(self, connection: ServedConnection) -> None:
-        """The connection has ended."""
-
-    def recall_credits(self) -> None:
-        """The backlog was found full: ask every client for the credits it holds."""
-
-
 class ServedConnection:
     """One client connection: its reader thread, its writer thread, and its tasks."""
 
-    def __init__(self, server: Host, sock: socket.socket, number: int) -> None:
+    def __init__(self, server: Host[ServedConnection], sock: socket.socket, number: int) -> None:
         self.server = server
         self.orchestrator = server.orchestrator
         self.registry = server.registry
@@ -322,33 +292,59 @@ class ServedConnection:
         S_DONE always follows S_ACCEPTED."""
         if isinstance(admission, BaseException):
             self.send(rejected_frame(req, admission))
-            return
+        else:
+            self.admitted_all([(req, admission)], joined)
+
+    def admitted_all(self, accepted: list[tuple[int, int]], joined: bool = False) -> None:
+        """``admitted(req, task_id)`` for many (a journal batch's submissions that made their
+        own tasks): one lock hold and one outbox put for them all."""
+        answered: list[tuple[int, int]] = []
+        withdrawn: list[tuple[int, int]] = []
         with self._lock:
-            if not (withdrawn := self._admitting.end_locked(req)):
-                self._inflight[req] = _new(Inflight, (admission, not joined))
-        if withdrawn:  # between wanted() and now: its own is cancelled if it has not started
-            if not joined:
-                self._on_loop(self.server.loop.run_in_executor, None, self.registry.withdrawn,
-                              admission, self, req)
-            return
-        if not self.closed:  # (``send``, without an outcome's size to read)
-            self._outbox.put_plain(accepted_frame(req, admission,
-                                                  self.credits.top_up_when_low()))
+            for req, task_id in accepted:
+                if self._admitting.end_locked(req):
+                    withdrawn.append((req, task_id))
+                else:
+                    self._inflight[req] = _new(Inflight, (task_id, not joined))
+                    answered.append((req, task_id))
+        for req, task_id in withdrawn if not joined else ():
+            # Between wanted() and now: its own is cancelled if it has not started.
+            self._on_loop(self.server.loop.run_in_executor, None, self.registry.withdrawn,
+                          task_id, self, req)
+        if answered and not self.closed:  # (a grant, if one is due, with the last)
+            last = answered.pop()
+            frames = [accepted_frame(req, task_id, 0) for req, task_id in answered]
+            frames.append(accepted_frame(*last, self.credits.top_up_when_low()))
+            self._outbox.put_plain_all(frames)
 
     def wanted(self, req: int) -> bool:
         return self._admitting.wanted(req)
 
     def outcome(self, req: int, outcome: Outcome) -> None:
         """The task of ``req`` ended: queue S_DONE (or defer it), unless it was withdrawn."""
+        self.outcomes([(req, outcome)])
+
+    def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
+        """``outcome`` for many requests (a journal batch's): one lock hold, and one outbox
+        put for the small outcomes of accepted tasks (``Outbox.defer_or_put_all``)."""
+        owned: list[tuple[Done, int]] = []
+        waits: list[Done] = []
         with self._lock:
-            if req not in self._inflight:
-                return
-            accepted = self._inflight.pop(req)
-        frame = done_frame(req, outcome.outcome, outcome.attempts, outcome.seconds, outcome.data)
-        if accepted is None:  # a C_RESULT wait
-            self.send(frame)
-        elif not self.closed:
-            self._outbox.defer_or_put(frame, accepted.task_id)
+            inflight = self._inflight
+            for req, outcome in ended:
+                if req in inflight:
+                    accepted = inflight.pop(req)
+                    frame = done_frame(req, *outcome)
+                    if accepted is None:  # a C_RESULT wait
+                        waits.append(frame)
+                    else:
+                        owned.append((frame, accepted.task_id))
+        if self.closed:
+            return
+        for frame in waits:
+            self._outbox.put(frame)
+        if owned:
+            self._outbox.defer_or_put_all(owned)
 
     def _fetch(self, req: int, task_id: int) -> None:
         """A deferred outcome: read it back from the journal (the outbox, writer thread)."""

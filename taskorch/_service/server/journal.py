@@ -13,7 +13,9 @@ hook, whichever thread resolves a task's future, the asyncio thread) only puts o
     finished(id, ..., then) -+             apply them in ONE transaction (one executemany
     lookup(id, on_row) ------+             per kind of write), COMMIT, then call back: the
                                            submissions in order, the outcomes, then the
-                                           rest in order (``_apply_all``): group commit
+                                           rest in order (``_apply_all``): group commit;
+                                           the registry's callbacks one call per batch
+                                           and kind (``callbacks.Grouped``)
 
 Group commit: while one transaction commits (an fsync with ``synchronous=FULL``), the
 submissions that arrive queue up, and the next transaction takes them all; a submitter waits
@@ -58,6 +60,7 @@ from typing import Any, Callable
 
 from taskorch._errors import JournalError
 from taskorch._service.protocol import SERVICE_MAX_FRAME, WireTiming
+from taskorch._service.server.callbacks import Calls, Grouped, nothing
 from taskorch._service.server.journal_file import (
     ROW_COLUMNS,
     Mark,
@@ -211,10 +214,11 @@ class Journal:
         self._started = True
 
     def submit(self, client: bytes, sub: int, payload: bytes, policy: bytes | None,
-               on_commit: OnCommit, timing: WireTiming | None = None, key: str | None = None,
-               after: tuple[int, ...] | None = None) -> None:
+               on_commit: OnCommit | Grouped, timing: WireTiming | None = None,
+               key: str | None = None, after: tuple[int, ...] | None = None) -> None:
         """Journal a submission (``submissions``: a retry, a key or a bad ``after`` may
-        answer it otherwise); ``on_commit`` once committed or refused."""
+        answer it otherwise); ``on_commit`` once committed or refused (a ``Grouped``: with
+        the batch's others, ``callbacks``)."""
         self._ops.put(("submit", client, sub, payload, policy, on_commit, timing or _PLAIN,
                        key, after))
 
@@ -227,7 +231,7 @@ class Journal:
         self._ops.put(("started", task_id, attempts, pid))
 
     def finished(self, task_id: int, outcome: int, attempts: int, seconds: float | None,
-                 data: Any, then: Callable[[], None], status: str = "failed",
+                 data: Any, then: Callable[[], None] | Grouped, status: str = "failed",
                  progress: bytes | None = None) -> None:
         """The task's outcome (``data``: S_DONE's, builtins, pickled by the writer; ``status``
         and ``progress``, pickled: ``records``'); ``then()`` once committed (or failed to be)."""
@@ -318,7 +322,7 @@ class Journal:
         inserted = self._inserted
         try:
             with self._transaction():
-                callbacks = self._apply_all(batch)
+                calls = self._apply_all(batch)
             self.last_failure = None
             if self._mark is not None and self._inserted != inserted:
                 self._mark.write(self._inserted, self._next_id)
@@ -330,11 +334,13 @@ class Journal:
             if len(batch) > 1 and not isinstance(exc, sqlite3.Error):
                 log.warning("taskorch serve: a journal transaction failed (%s); its "
                             "submissions are refused", self.last_failure)
-            callbacks = [self._refuse(op, exc) for op in batch]
+            calls = Calls()
+            for op in batch:
+                self._refuse(op, exc, calls)
             if self._kept and not isinstance(exc, sqlite3.Error) and len(batch) == len(
                     self._kept):  # nothing but kept changes, and not the disk: a bad one
                 self._kept = self._apply_alone(self._kept)
-        _call(callbacks)
+        calls.run()
 
     def _release(self, done: list[tuple[Any, ...]]) -> None:
         """The large outcomes among ``done`` (committed, or dropped) leave the byte bound."""
@@ -353,7 +359,7 @@ class Journal:
         for op in kept:
             try:
                 with self._transaction():
-                    callbacks = self._apply_all([op])
+                    calls = self._apply_all([op])
             except sqlite3.Error:
                 left.append(op)
                 continue
@@ -363,10 +369,10 @@ class Journal:
                 self._release([op])
                 continue
             self._release([op])
-            _call(callbacks)
+            calls.run()
         return left
 
-    def _apply_all(self, batch: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
+    def _apply_all(self, batch: list[tuple[Any, ...]]) -> Calls:
         """Apply a batch inside its transaction; return what to call after COMMIT, in order:
         the submissions (in their order), the outcomes, the forgotten, then the other ops in
         theirs. The writes go first, by kind, one ``executemany`` each (one task's ops are never
@@ -382,25 +388,28 @@ class Journal:
             (by_kind[op[0]] if op[0] in by_kind else others).append(op)
         if by_kind["forget"]:  # first: no submission of the batch joins a record forgotten here
             db.executemany("DELETE FROM tasks WHERE id=?", [(op[1],) for op in by_kind["forget"]])
-        callbacks = self._insert(by_kind["submit"], now)
+        calls = Calls()
+        self._insert(by_kind["submit"], now, calls)
         write_starts_and_ends(db, by_kind["started"], by_kind["finished"], now)
-        callbacks += [op[6] for op in by_kind["finished"]]
-        callbacks += [op[2] for op in by_kind["forget"]]
-        callbacks += [self._apply(op) for op in others]
-        return callbacks
+        for op in by_kind["finished"]:
+            calls.add(op[6])
+        for op in by_kind["forget"]:
+            calls.add(op[2])
+        for op in others:
+            calls.add(self._apply(op))
+        return calls
 
-    def _insert(self, submits: list[tuple[Any, ...]], now: float) -> list[Callable[[], None]]:
+    def _insert(self, submits: list[tuple[Any, ...]], now: float, calls: Calls) -> None:
         """New records for submissions, with the next ids (``submissions``)."""
         if not submits:
-            return []
+            return
         first = self._next_id
         self._next_id += len(submits)
-        callbacks, inserted = insert_submissions(self._db, submits, first, now)
+        inserted = insert_submissions(self._db, submits, first, now, calls)
         if inserted:
             self._db.execute("UPDATE meta SET value = value + ? WHERE key='inserted'",
                              (inserted,))
             self._inserted += inserted
-        return callbacks
 
     def _apply(self, op: tuple[Any, ...]) -> Callable[[], None]:
         """Apply one op other than a submission, start or outcome inside the batch's
@@ -414,12 +423,12 @@ class Journal:
         if kind == "schedule_fired":
             db.execute("INSERT INTO schedules (name, last_fire) VALUES (?, ?) ON CONFLICT (name) "
                        "DO UPDATE SET last_fire=excluded.last_fire", (op[1], op[2]))
-            return _nothing
+            return nothing
         if kind == "schedule_ended":
             db.execute("INSERT INTO schedules (name, last_outcome, last_seconds) VALUES (?, ?, ?) "
                        "ON CONFLICT (name) DO UPDATE SET last_outcome=excluded.last_outcome, "
                        "last_seconds=excluded.last_seconds", (op[1], op[2][:1000], op[3]))
-            return _nothing
+            return nothing
         if kind == "run":  # (the operator's)
             return functools.partial(op[2], op[1](db))
         if kind == "flush":  # (its callback runs after every other of the batch: see above)
@@ -430,25 +439,23 @@ class Journal:
         result = None if found is None else Row(*found)
         return lambda: on_row(result)
 
-    def _refuse(self, op: tuple[Any, ...], exc: Exception) -> Callable[[], None]:
+    def _refuse(self, op: tuple[Any, ...], exc: Exception, calls: Calls) -> None:
         """The batch failed: what each op's caller learns; the state changes are kept."""
         kind = op[0]
         if kind == "submit":
-            on_commit = op[5]
-            error = JournalError(
+            calls.add(op[5], 0, None, JournalError(
                 f"taskorch serve could not write the task to its journal ({exc}): it was NOT "
-                "accepted and will not run. The server's disk may be full")
-            return lambda: on_commit(0, None, error, None)
-        if kind in ("find", "lookup", "run"):  # answered, not kept
-            answer = JournalError(f"the journal failed: {exc}") if kind == "run" else None
-            return functools.partial(op[-1], answer)
-        if kind == "flush":
-            return op[1].set  # type: ignore[no-any-return]
-        if kind == "finished" and not any(k[0] == "finished" for k in self._kept):
-            log.error("taskorch serve: journal write failed (%s): outcomes wait until they "
-                      "are committed (task %d first)", exc, op[1])
-        self._kept.append(op)
-        return _nothing
+                "accepted and will not run. The server's disk may be full"), None)
+        elif kind in ("find", "lookup", "run"):  # answered, not kept
+            calls.add(op[-1], JournalError(f"the journal failed: {exc}") if kind == "run"
+                      else None)
+        elif kind == "flush":
+            calls.add(op[1].set)
+        else:
+            if kind == "finished" and not any(k[0] == "finished" for k in self._kept):
+                log.error("taskorch serve: journal write failed (%s): outcomes wait until "
+                          "they are committed (task %d first)", exc, op[1])
+            self._kept.append(op)
 
     def _prune(self) -> None:
         """Delete up to PRUNE_CHUNK outcomes older than the TTL; come back soon if more."""
@@ -478,15 +485,3 @@ class Journal:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-
-def _nothing() -> None:
-    pass
-
-
-def _call(callbacks: list[Callable[[], None]]) -> None:
-    """A batch's callbacks, in order: one that raises is logged and the others still run."""
-    for callback in callbacks:
-        try:
-            callback()
-        except BaseException:
-            log.exception("taskorch serve: a journal callback failed")

@@ -227,6 +227,14 @@ class _Waiter:
         self._value = outcome
         self._event.set()
 
+    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
+        for req, task_id in accepted:
+            self.admitted(req, task_id)
+
+    def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
+        for req, outcome in ended:
+            self.outcome(req, outcome)
+
     def rejected(self, req: int, error: BaseException) -> None:
         self._value = error
         self._event.set()

@@ -22,7 +22,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from taskorch._service.protocol import Done, ServerFrame, done_frame, rejected_frame
+from taskorch._service.protocol import Accepted, Done, ServerFrame, done_frame, rejected_frame
 
 #: Default bound on the outcome bytes queued for one connection and not yet sent.
 OUTBOX_LIMIT = 64 * 1024 * 1024
@@ -61,8 +61,10 @@ class Outbox:
         # handed back with ``put_fetched`` (the connection, through the registry).
         self._fetch = fetch
         self.limit = limit
-        # Each frame with its outcome_bytes, counted once (writer: what it took last, ``_taken``).
-        self._queue: queue.SimpleQueue[tuple[ServerFrame | None, int]] = queue.SimpleQueue()
+        # Each frame with its outcome_bytes, counted once (writer: what it took last, ``_taken``),
+        # or a list of frames put at once (``*_all``: a journal batch's) with their sum.
+        self._queue: queue.SimpleQueue[tuple[ServerFrame | list[ServerFrame] | None, int]] = (
+            queue.SimpleQueue())
         self._taken = 0
         self._lock = threading.Lock()
         self._bytes = 0  # outcome bytes queued and not yet sent
@@ -80,6 +82,24 @@ class Outbox:
     def put_plain(self, message: ServerFrame) -> None:
         """``put`` for a frame that holds no outcome (S_ACCEPTED: one per task, no size read)."""
         self._queue.put((message, 0))
+
+    def put_plain_all(self, messages: list[Accepted]) -> None:
+        """``put_plain`` for many frames, in one put."""
+        self._queue.put((list[ServerFrame](messages), 0))
+
+    def defer_or_put_all(self, outcomes: list[tuple[Done, int]]) -> None:
+        """``defer_or_put`` for many outcomes (each with its task id): the small ones, while
+        none is deferred (the common case), in one put."""
+        small: list[ServerFrame] = []
+        for message, task_id in outcomes:
+            data = message.data
+            if not self._deferred and (len(data) if type(data) is bytes
+                                       else data_bytes(data)) < SMALL:
+                small.append(message)
+            else:
+                self.defer_or_put(message, task_id)
+        if small:
+            self._queue.put((small, 0))
 
     def defer_or_put(self, message: Done, task_id: int) -> None:
         """Queue the outcome of task ``task_id``, or keep only its id if the outbox is over its
@@ -106,15 +126,21 @@ class Outbox:
 
     def take(self, most: int) -> list[ServerFrame | None]:
         """The writer: wait for a frame, then take what else is queued, up to ``most`` frames
-        or BATCH_BYTES of outcomes (the sentinel ends a batch)."""
+        (more if a list put at once holds more) or BATCH_BYTES of outcomes (the sentinel ends
+        a batch)."""
         message, size = self._queue.get()
-        batch = [message]
-        while message is not None and len(batch) < most and size < BATCH_BYTES:
+        batch: list[ServerFrame | None] = []
+        while True:
+            if type(message) is list:
+                batch += message
+            else:
+                batch.append(message)  # type: ignore[arg-type]
+            if message is None or len(batch) >= most or size >= BATCH_BYTES:
+                break
             try:
                 message, n = self._queue.get_nowait()
             except queue.Empty:
                 break
-            batch.append(message)
             size += n
         self._taken = size
         return batch
@@ -145,6 +171,13 @@ class Fetched:
 
     def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         pass  # (never: a fetch is not a submission)
+
+    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
+        pass  # (never: a fetch is not a submission)
+
+    def outcomes(self, ended: list[tuple[int, Any]]) -> None:
+        for req, outcome in ended:
+            self.outcome(req, outcome)
 
     def wanted(self, req: int) -> bool:
         return True  # (never asked: a fetch is not a submission)

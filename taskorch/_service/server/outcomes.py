@@ -28,7 +28,7 @@ A failure's done-callbacks run on "taskorch-callbacks" (they unpickle the error)
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from taskorch._errors import DependencyFailedError, TaskAbandonedError
 from taskorch._parent.task import RawOutcome, TaskFuture
@@ -59,6 +59,35 @@ class Outcome(NamedTuple):
     attempts: int
     seconds: float | None
     data: Any
+
+
+class Sink(Protocol):
+    """Who hears about a task from the registry (a connection): each call names the request
+    it answers. Called by the journal's writer (``admitted``, ``outcome``, and their batches)
+    or the caller of ``watch`` and ``find``; must not block."""
+
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
+        """Committed and enqueued as task ``admission``, or refused with that error.
+        ``joined``: task ``admission`` is another submission's, which this one joined by its
+        key (``submissions``): a withdraw of ``req`` then only stops watching it."""
+
+    def outcome(self, req: int, outcome: Outcome) -> None:
+        """The task ended (its outcome is committed)."""
+
+    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
+        """``admitted(req, task_id)`` for each (req, task_id), in order: the submissions of one
+        journal batch that made their own tasks (the writer's; one call, not one per task)."""
+
+    def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
+        """``outcome(req, outcome)`` for each (req, outcome), in order (as ``admitted_all``)."""
+
+    def wanted(self, req: int) -> bool:
+        """At the commit, before the enqueue: False if ``req`` was withdrawn meanwhile (its
+        record is forgotten, or its join of another's task dropped, and nothing is enqueued;
+        ``admitted`` is not called)."""
+
+    def rejected(self, req: int, error: BaseException) -> None:
+        """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
 
 
 def outcome_and_status(future: TaskFuture) -> tuple[Outcome, str]:
@@ -102,6 +131,13 @@ class Dependency:
 
     def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
         pass  # (never asked: it only watches)
+
+    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
+        pass  # (never asked: it only watches)
+
+    def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
+        for req, outcome in ended:
+            self.outcome(req, outcome)
 
     def wanted(self, req: int) -> bool:
         return True

@@ -36,7 +36,7 @@ import functools
 import logging
 import pickle
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable
 
 from taskorch._errors import (
     DependencyFailedError,
@@ -48,11 +48,13 @@ from taskorch._errors import (
 from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import TaskListener, TaskState
 from taskorch._service.protocol import O_CANCELLED, O_ERROR, O_RESULT, WireTiming
+from taskorch._service.server.callbacks import Grouped, nothing
 from taskorch._service.server.journal import DONE, Journal
 from taskorch._service.server.journal_file import Row, after_ids_of
 from taskorch._service.server.outcomes import (
     Dependency,
     Outcome,
+    Sink,
     abandoned,
     dependency_outcome,
     outcome_and_status,
@@ -73,27 +75,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskorch")
 
-
-class Sink(Protocol):
-    """Who hears about a task (a connection): each call names the request it answers. Called
-    by the journal's writer (``admitted``, ``outcome``) or the caller of ``watch`` and
-    ``find``; must not block."""
-
-    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
-        """Committed and enqueued as task ``admission``, or refused with that error.
-        ``joined``: task ``admission`` is another submission's, which this one joined by its
-        key (``submissions``): a withdraw of ``req`` then only stops watching it."""
-
-    def outcome(self, req: int, outcome: Outcome) -> None:
-        """The task ended (its outcome is committed)."""
-
-    def wanted(self, req: int) -> bool:
-        """At the commit, before the enqueue: False if ``req`` was withdrawn meanwhile (its
-        record is forgotten, or its join of another's task dropped, and nothing is enqueued;
-        ``admitted`` is not called)."""
-
-    def rejected(self, req: int, error: BaseException) -> None:
-        """A ``watch`` that cannot be answered with an outcome (unknown id, not ended)."""
+#: A named tuple from its fields (``tuple.__new__`` in C: a ``Grouped`` callback per task).
+_new = tuple.__new__
 
 
 class _Live(TaskListener):
@@ -225,29 +208,53 @@ class TaskRegistry:
             self._intake.time(item, resolved)
         blob = None if wire_policy is None else pickle.dumps(wire_policy, PROTOCOL)
         pending = _Pending((client, sub, payload, blob, resolved, key, after), item, sink, req)
-        self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, pending), resolved, key, after)  # (``_journal``, inline: keep alike)
+        self.journal.submit(client, sub, payload, blob, _new(Grouped, (
+            self._committed_all, pending)), resolved, key, after)  # (``_journal``, inline)
 
     def _journal(self, pending: _Pending) -> None:
         client, sub, payload, blob, resolved, key, after = pending.record
-        self.journal.submit(client, sub, payload, blob, functools.partial(
-            self._committed, pending), resolved, key, after)
+        self.journal.submit(client, sub, payload, blob, _new(Grouped, (
+            self._committed_all, pending)), resolved, key, after)
+
+    def _committed_all(self, answers: list[tuple[_Pending, int, Existing | None,
+                                                 BaseException | None, list[Row] | None]]
+                       ) -> None:
+        """The journal's writer, after COMMIT: a batch's submissions, in order (``Grouped``).
+        Those that made their own tasks are enqueued one by one, then answered per sink in one
+        call (``Sink.admitted_all``: a connection takes its lock and puts in its outbox once
+        for them all); the others one by one (``_committed``)."""
+        accepted: dict[Sink, list[tuple[int, int]]] = {}
+        for pending, task_id, existing, error, dependencies in answers:
+            if existing is not None or error is not None or dependencies:
+                self._committed(pending, task_id, existing, error, dependencies)
+            elif self._admit(pending, task_id, None):
+                group = accepted.get(pending.sink)
+                if group is None:
+                    group = accepted[pending.sink] = []
+                group.append((pending.req, task_id))
+        # Before any outcome: both run on the journal's writer, which alone publishes.
+        for sink, admitted in accepted.items():
+            sink.admitted_all(admitted)
 
     def _committed(self, pending: _Pending, task_id: int, existing: Existing | None,
                    error: BaseException | None, dependencies: list[Row] | None) -> None:
-        """The journal's writer, after COMMIT."""
-        item, sink, req = pending.item, pending.sink, pending.req
+        """The journal's writer, after COMMIT: one submission."""
         if error is not None:
             self._intake.unreserve()
-            sink.admitted(req, error)
-            return
-        if existing is not None:
+            pending.sink.admitted(pending.req, error)
+        elif existing is not None:
             self._answer_by(existing, pending)
-            return
+        elif self._admit(pending, task_id, dependencies):
+            pending.sink.admitted(pending.req, task_id)
+
+    def _admit(self, pending: _Pending, task_id: int, dependencies: list[Row] | None) -> bool:
+        """Enqueue the task of a new record, unless withdrawn or the server is stopping;
+        True if it was (and its submitter is to be told)."""
+        item, sink, req = pending.item, pending.sink, pending.req
         if not sink.wanted(req):  # a run_async() cancelled while its record was committed
             self._intake.unreserve()
-            self.journal.forget(task_id, lambda: None)
-            return
+            self.journal.forget(task_id, nothing)
+            return False
         live = self._track(task_id, item, (sink, req))
         if dependencies:
             self._await(live, item, [row.id for row in dependencies],
@@ -259,9 +266,8 @@ class TaskRegistry:
                 self._live.pop(task_id, None)
             item.future.set_observer(None)
             self.journal.forget(task_id, functools.partial(sink.admitted, req, exc))
-            return
-        # Before any outcome: both run on the journal's writer, which alone publishes.
-        sink.admitted(req, task_id)
+            return False
+        return True
 
     def _answer_by(self, existing: Existing, pending: _Pending) -> None:
         """The journal's writer: a record that exists answers ``pending`` (its own, found
@@ -443,21 +449,30 @@ class TaskRegistry:
             return  # left live in the journal for the next start (see the module docstring)
         last = future.latest_progress
         self.journal.finished(task_id, outcome.outcome, outcome.attempts, outcome.seconds,
-                              outcome.data, functools.partial(self._publish, task_id, outcome),
+                              outcome.data, _new(Grouped, (self._publish_all, (task_id, outcome))),
                               status, None if last is None else pickle.dumps(
                                   dataclasses.astuple(last), PROTOCOL))
 
-    def _publish(self, task_id: int, outcome: Outcome) -> None:
-        """The journal's writer, once the outcome is committed (or failed to be)."""
+    def _publish_all(self, ended: list[tuple[int, Outcome]]) -> None:
+        """The journal's writer, once a batch's outcomes are committed (or failed to be):
+        to each task's watchers; a task's only watcher (the common case) hears of it with the
+        others of its sink in one call (``Sink.outcomes``)."""
         with self._lock:
-            live = self._live.pop(task_id, None)
-        if live is None:
-            return
-        if live.more is None and live.sink is not None:  # (one watcher: the common case)
-            live.sink.outcome(live.req, outcome)
-            return
-        for sink, req in live.watchers():
-            sink.outcome(req, outcome)
+            lives = [self._live.pop(task_id, None) for task_id, _ in ended]
+        only: dict[Sink, list[tuple[int, Outcome]]] = {}
+        for live, (_, outcome) in zip(lives, ended):
+            if live is None:
+                continue
+            if live.more is None and live.sink is not None:
+                group = only.get(live.sink)
+                if group is None:
+                    group = only[live.sink] = []
+                group.append((live.req, outcome))
+            else:
+                for sink, req in live.watchers():
+                    sink.outcome(req, outcome)
+        for sink, outcomes in only.items():
+            sink.outcomes(outcomes)
 
     def _policy(self, blob: bytes | None) -> tuple[Any, bytes | None]:
         return self._policy_of(None if blob is None else decode_builtins(blob))

@@ -25,11 +25,11 @@ key: the second joins the first).
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from typing import Any, Callable, NamedTuple
 
-from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
+from taskorch._service.server.callbacks import Calls
+from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text, write_rows
 from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
@@ -48,24 +48,27 @@ class Existing(NamedTuple):
 #: rows of its ``after`` ids.
 OnCommit = Callable[[int, "Existing | None", "BaseException | None", "list[Row] | None"], None]
 
-_INSERT = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
-           "priority, not_before, expires, name, args_repr, key, after_ids) VALUES (?, ?, ?, ?, "
-           "?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)")
+_INTO = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
+         "priority, not_before, expires, name, args_repr, key, after_ids) VALUES ")
+_ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = _INTO + _ROW
 #: A submission without options(): its priority, times, key and after ids keep their
 #: defaults (``Journal.submit``'s timing when none was given).
 _NO_TIMING = (0, None, None)
 _INSERT_BARE = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
-                "name, args_repr) VALUES (?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?) "
-                "ON CONFLICT (client, sub) DO NOTHING")
+                "name, args_repr) VALUES {rows} ON CONFLICT (client, sub) DO NOTHING")
+_BARE_ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?)"
+#: Both, many rows per statement (``journal_file.write_rows``).
+_INSERT_ROWS = _INTO + "{rows} ON CONFLICT (client, sub) DO NOTHING"
 #: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
 _DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUSE_DATA_SQL}"
 
 
 def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], first: int,
-                       now: float) -> tuple[list[Callable[[], None]], int]:
-    """Records for ``submits`` (``Journal.submit``'s ops), the i-th with id ``first + i``:
-    what to call after COMMIT (in their order), and how many records were inserted."""
-    answers: list[Callable[[], None] | None] = [None] * len(submits)
+                       now: float, calls: Calls) -> int:
+    """Records for ``submits`` (``Journal.submit``'s ops), the i-th with id ``first + i``;
+    their answers go to ``calls`` (in their order). Returns how many records were inserted."""
+    answers: list[tuple[Any, ...] | None] = [None] * len(submits)
     plain = [(i, op) for i, op in enumerate(submits) if op[7] is None and op[8] is None]
     inserted = 0
     if plain:
@@ -75,29 +78,32 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
         timed = [(i, op) for i, op in plain if op[6] != _NO_TIMING] if len(bare) < len(
             plain) else []
         if bare:
-            inserted += db.executemany(_INSERT_BARE, [
+            inserted += write_rows(db, _INSERT_BARE, _BARE_ROW, [
                 (first + i, op[1], op[2], op[3], op[4], now, *label_of(op[3]))
-                for i, op in bare]).rowcount
+                for i, op in bare], 3)
         if timed:
-            inserted += db.executemany(_INSERT + " ON CONFLICT (client, sub) DO NOTHING", [
+            inserted += write_rows(db, _INSERT_ROWS, _ROW, [
                 (first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]), None,
-                 None) for i, op in timed]).rowcount
+                 None) for i, op in timed], 3)
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
             if existing is None or existing.row.id == first + i:
-                answers[i] = functools.partial(op[5], first + i, None, None, None)
+                answers[i] = (op[5], first + i, None, None, None)
             else:
-                answers[i] = functools.partial(op[5], existing.row.id, existing, None, None)
+                answers[i] = (op[5], existing.row.id, existing, None, None)
     for i, op in enumerate(submits):
-        if answers[i] is None:
-            answers[i], made = _insert_one(db, op, first + i, now)
+        answer = answers[i]
+        if answer is None:
+            answer, made = _insert_one(db, op, first + i, now)
             inserted += made
-    return [answer for answer in answers if answer is not None], inserted
+        calls.add(*answer)
+    return inserted
 
 
 def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
-                now: float) -> tuple[Callable[[], None], int]:
-    """A submission with a key or dependencies: its answer, and 1 if a record was made."""
+                now: float) -> tuple[tuple[Any, ...], int]:
+    """A submission with a key or dependencies: its answer (its callback and what to call it
+    with), and 1 if a record was made."""
     _, client, sub, _, _, on_commit, _, key, after = op
     existing = find_submission(db, client, sub)
     if existing is None and key is not None:
@@ -108,15 +114,15 @@ def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
             db.execute("INSERT INTO joins (client, sub, task_id) VALUES (?, ?, ?) ON CONFLICT "
                        "DO NOTHING", (client, sub, existing.row.id))
     if existing is not None:
-        return functools.partial(on_commit, existing.row.id, existing, None, None), 0
+        return (on_commit, existing.row.id, existing, None, None), 0
     dependencies: list[Row] | None = None
     if after is not None:
         try:
             dependencies = _dependencies(db, after, task_id)
         except ValueError as exc:
-            return functools.partial(on_commit, 0, None, exc, None), 0
+            return (on_commit, 0, None, exc, None), 0
     db.execute(_INSERT, _values(task_id, op, now))
-    return functools.partial(on_commit, task_id, None, None, dependencies), 1
+    return (on_commit, task_id, None, None, dependencies), 1
 
 
 def _dependencies(db: sqlite3.Connection, after: tuple[int, ...], task_id: int) -> list[Row]:
