@@ -106,3 +106,63 @@ def test_a_batch_of_many_records_reads_as_if_written_one_by_one() -> None:
             assert payload == (None if sub % 2 else b"call%d" % sub)  # a success drops it
     finally:
         journal.close()
+
+
+def test_a_submission_made_twice_in_one_batch_keeps_the_first_whatever_their_sizes() -> None:
+    # The same (client, request) twice in one batch (a resend): the first one made the record,
+    # the second is answered with it, even when one of them is large (written in its place).
+    journal = Journal(None)
+    journal.start()
+    try:
+        answers: dict[str, tuple[int, Any]] = {}
+        both = threading.Event()
+        hold = Hold(journal).wait_entered()
+        try:
+            for name, payload in (("small", b"call"), ("large", b"L" * LARGE_VALUE)):
+                journal.submit(b"c" * 16, 7, payload, None,
+                               lambda task_id, existing, *rest, name=name: (
+                                   answers.__setitem__(name, (task_id, existing)),
+                                   len(answers) == 2 and both.set()))
+        finally:
+            hold.release()
+        assert both.wait(R)
+        assert answers["small"][1] is None  # it made the record
+        assert answers["large"][0] == answers["small"][0] and answers["large"][1] is not None
+        got: list[Any] = []
+        done = threading.Event()
+        journal.run(lambda db: db.execute("SELECT payload FROM tasks").fetchall(),
+                    lambda rows: (got.extend(rows), done.set()))
+        assert done.wait(R) and got == [(b"call",)]
+    finally:
+        journal.close()
+
+
+def test_an_answer_that_fails_leaves_the_other_answers_of_its_batch() -> None:
+    # One connection's answer raising (a bug) is logged; the other connections of the batch
+    # still hear of their outcomes (each sink is told in its own guarded call).
+    import types
+
+    from taskorch._service.server.callbacks import Calls, Grouped
+    from taskorch._service.server.outcomes import Outcome
+    from taskorch._service.server.registry import TaskRegistry
+
+    heard: list[tuple[str, int]] = []
+
+    class Sink:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
+            if self.name == "broken":
+                raise RuntimeError("a bug in one connection")
+            heard.extend((self.name, req) for req, _ in ended)
+
+    registry = TaskRegistry.__new__(TaskRegistry)  # (only its live tasks are used here)
+    registry._lock = threading.Lock()
+    registry._live = {task_id: types.SimpleNamespace(more=None, sink=Sink(name), req=req)
+                      for task_id, name, req in ((1, "broken", 11), (2, "fine", 22))}
+    calls = Calls()
+    for task_id in (1, 2):
+        calls.add(Grouped(registry._publish_all, (task_id, Outcome(O_RESULT, 1, 0.1, None))))
+    calls.run()
+    assert heard == [("fine", 22)] and registry._live == {}

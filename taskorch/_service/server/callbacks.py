@@ -50,10 +50,17 @@ class Calls:
     def run(self) -> None:
         """In order: one that raises is logged and the others still run."""
         for callback in self._calls:
-            try:
-                callback()
-            except BaseException:
-                log.exception("taskorch serve: a journal callback failed")
+            guarded(callback)
+
+
+def guarded(fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)``; if it raises, the error is logged, and the caller goes on with the next
+    task's or sink's answer (a grouped callee keeps the rule per item: one answer that fails
+    must not hold the others of its batch)."""
+    try:
+        fn(*args)
+    except BaseException:
+        log.exception("taskorch serve: a journal callback failed")
 
 
 def nothing() -> None:

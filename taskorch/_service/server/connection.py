@@ -313,7 +313,8 @@ class ServedConnection:
                           task_id, self, req)
         if answered and not self.closed:  # (a grant, if one is due, with the last)
             last = answered.pop()
-            frames = [accepted_frame(req, task_id, 0) for req, task_id in answered]
+            frames: list[ServerFrame] = [accepted_frame(req, task_id, 0)
+                                         for req, task_id in answered]
             frames.append(accepted_frame(*last, self.credits.top_up_when_low()))
             self._outbox.put_plain_all(frames)
 

@@ -198,19 +198,28 @@ def write_rows(db: sqlite3.Connection, template: str, row: str, rows: list[tuple
     step resets the statement, and lets go of the GIL and takes it back: measured, ~2 us of
     CPU per task more for a task's insert and end). The chunks go by powers of two (64 down
     to 1), so that a template makes at most seven statements (kept in sqlite3's cache).
-    Rows whose value ``blob`` (bytes or None) has LARGE_VALUE bytes go one by one first: a
-    statement's values are copied into SQLite all at once, 64 large results would be held
+    A row whose value ``blob`` (bytes or None) has LARGE_VALUE bytes goes alone, in its place:
+    a statement's values are copied into SQLite all at once, 64 large results would be held
     twice over. Returns how many rows were changed."""
-    small = [r for r in rows if r[blob] is None or len(r[blob]) < LARGE_VALUE]
     changed = 0
-    if len(small) < len(rows):  # (their order among themselves kept, as the others')
-        changed += db.executemany(_statement(template, row, 1), [
-            r for r in rows if r[blob] is not None and len(r[blob]) >= LARGE_VALUE]).rowcount
+    start = 0  # the rows from here to the current one are small: written together
+    for i, values in enumerate(rows):
+        value = values[blob]
+        if value is not None and len(value) >= LARGE_VALUE:  # (in row order: the first of
+            changed += _write_small(db, template, row, rows[start:i])  # two alike wins)
+            changed += db.execute(_statement(template, row, 1), values).rowcount
+            start = i + 1
+    return changed + _write_small(db, template, row, rows[start:])
+
+
+def _write_small(db: sqlite3.Connection, template: str, row: str,
+                 rows: list[tuple[Any, ...]]) -> int:
+    changed = 0
     start = 0
-    while start < len(small):
-        size = min(ROWS_PER_STATEMENT, 1 << (len(small) - start).bit_length() - 1)
+    while start < len(rows):
+        size = min(ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
         changed += db.execute(_statement(template, row, size), list(
-            itertools.chain.from_iterable(small[start:start + size]))).rowcount
+            itertools.chain.from_iterable(rows[start:start + size]))).rowcount
         start += size
     return changed
 

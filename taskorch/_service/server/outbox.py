@@ -22,13 +22,16 @@ import queue
 import threading
 from typing import Any, Callable
 
-from taskorch._service.protocol import Accepted, Done, ServerFrame, done_frame, rejected_frame
+from taskorch._service.protocol import Done, ServerFrame, done_frame, rejected_frame
 
 #: Default bound on the outcome bytes queued for one connection and not yet sent.
 OUTBOX_LIMIT = 64 * 1024 * 1024
 #: Most bytes of outcomes the writer takes into one write (and so holds twice: as frames
 #: and as the bytes being sent).
 BATCH_BYTES = 4 * 1024 * 1024
+#: Most frames in one list put at once (``put_plain_all``, ``defer_or_put_all``): a batch the
+#: writer takes holds at most two such lists' worth of small outcomes beyond its ``most``.
+PUT_MOST = 256
 #: Most deferred outcomes being fetched from the journal at once.
 FETCHING = 8
 
@@ -83,9 +86,10 @@ class Outbox:
         """``put`` for a frame that holds no outcome (S_ACCEPTED: one per task, no size read)."""
         self._queue.put((message, 0))
 
-    def put_plain_all(self, messages: list[Accepted]) -> None:
-        """``put_plain`` for many frames, in one put."""
-        self._queue.put((list[ServerFrame](messages), 0))
+    def put_plain_all(self, messages: list[ServerFrame]) -> None:
+        """``put_plain`` for many frames, in puts of at most PUT_MOST."""
+        for start in range(0, len(messages), PUT_MOST):
+            self._queue.put((messages[start:start + PUT_MOST], 0))
 
     def defer_or_put_all(self, outcomes: list[tuple[Done, int]]) -> None:
         """``defer_or_put`` for many outcomes (each with its task id): the small ones, while
@@ -98,8 +102,8 @@ class Outbox:
                 small.append(message)
             else:
                 self.defer_or_put(message, task_id)
-        if small:
-            self._queue.put((small, 0))
+        for start in range(0, len(small), PUT_MOST):
+            self._queue.put((small[start:start + PUT_MOST], 0))
 
     def defer_or_put(self, message: Done, task_id: int) -> None:
         """Queue the outcome of task ``task_id``, or keep only its id if the outbox is over its

@@ -48,7 +48,7 @@ from taskorch._errors import (
 from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import TaskListener, TaskState
 from taskorch._service.protocol import O_CANCELLED, O_ERROR, O_RESULT, WireTiming
-from taskorch._service.server.callbacks import Grouped, nothing
+from taskorch._service.server.callbacks import Grouped, guarded, nothing
 from taskorch._service.server.journal import DONE, Journal
 from taskorch._service.server.journal_file import Row, after_ids_of
 from taskorch._service.server.outcomes import (
@@ -137,6 +137,13 @@ class _Pending:
         self.again = False
 
 
+def _admitted_all(accepted: dict[Sink, list[tuple[int, int]]]) -> None:
+    """Tell each sink of its accepted submissions, in one call each, and forget them."""
+    for sink, admitted in accepted.items():
+        guarded(sink.admitted_all, admitted)
+    accepted.clear()
+
+
 class TaskRegistry:
     def __init__(self, orchestrator: TaskOrchestrator, journal: Journal) -> None:
         self._orchestrator = orchestrator
@@ -219,22 +226,29 @@ class TaskRegistry:
     def _committed_all(self, answers: list[tuple[_Pending, int, Existing | None,
                                                  BaseException | None, list[Row] | None]]
                        ) -> None:
-        """The journal's writer, after COMMIT: a batch's submissions, in order (``Grouped``).
-        Those that made their own tasks are enqueued one by one, then answered per sink in one
-        call (``Sink.admitted_all``: a connection takes its lock and puts in its outbox once
-        for them all); the others one by one (``_committed``)."""
+        """The journal's writer, after COMMIT: a batch's submissions, answered in order
+        (``Grouped``). A run of those that made their own tasks is enqueued one by one, then
+        answered per sink in one call (``Sink.admitted_all``: a connection takes its lock and
+        puts in its outbox once for them all); any other is answered alone (``_committed``),
+        after the run before it. One that fails is logged; the others are answered."""
         accepted: dict[Sink, list[tuple[int, int]]] = {}
         for pending, task_id, existing, error, dependencies in answers:
             if existing is not None or error is not None or dependencies:
-                self._committed(pending, task_id, existing, error, dependencies)
-            elif self._admit(pending, task_id, None):
-                group = accepted.get(pending.sink)
-                if group is None:
-                    group = accepted[pending.sink] = []
-                group.append((pending.req, task_id))
+                _admitted_all(accepted)
+                guarded(self._committed, pending, task_id, existing, error, dependencies)
+                continue
+            try:
+                if not self._admit(pending, task_id, None):
+                    continue
+            except BaseException:  # a bug: this one is lost (see the log), not the batch
+                log.exception("taskorch serve: task %d could not be enqueued", task_id)
+                continue
+            group = accepted.get(pending.sink)
+            if group is None:
+                group = accepted[pending.sink] = []
+            group.append((pending.req, task_id))
         # Before any outcome: both run on the journal's writer, which alone publishes.
-        for sink, admitted in accepted.items():
-            sink.admitted_all(admitted)
+        _admitted_all(accepted)
 
     def _committed(self, pending: _Pending, task_id: int, existing: Existing | None,
                    error: BaseException | None, dependencies: list[Row] | None) -> None:
@@ -470,9 +484,9 @@ class TaskRegistry:
                 group.append((live.req, outcome))
             else:
                 for sink, req in live.watchers():
-                    sink.outcome(req, outcome)
+                    guarded(sink.outcome, req, outcome)
         for sink, outcomes in only.items():
-            sink.outcomes(outcomes)
+            guarded(sink.outcomes, outcomes)
 
     def _policy(self, blob: bytes | None) -> tuple[Any, bytes | None]:
         return self._policy_of(None if blob is None else decode_builtins(blob))
