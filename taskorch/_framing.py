@@ -50,7 +50,7 @@ def write_frame(fd: int, frame: bytes) -> None:
     the system call (a worker sends a frame per task, a service client one per run()). OSError
     as send_bytes raises it; a frame cut short leaves the channel unusable (its user drops it)."""
     size = len(frame)
-    head = _LENGTH.pack(size) if size < 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
+    head = _LENGTH.pack(size) if size <= 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
     if size <= _ONE_WRITE:
         _write_all(fd, head + frame)
     else:

@@ -263,31 +263,31 @@ class TaskFuture(Future[Any]):
             raise
 
     def _decode(self) -> None:
-        """Unpickle the outcome (the caller's thread; user code), once: the first caller
-        claims it, the others wait for it (a claim given up by an exception, Ctrl-C in that
-        thread most likely, passes to the next caller)."""
-        with self._condition:
-            while self._decoding:
-                self._condition.wait()
-            pending = self._undecoded
-            if pending is None:
-                return  # another thread did it while we waited
-            kind, data = pending
-            if (self._result is not _PICKLED_RESULT if kind == "result"
-                    else not isinstance(self._exception, _PickledError)):
-                self._undecoded = None  # the caller resolved it itself (see set_undecoded)
-                return
-            self._decoding = True
-        outcome = None
-        try:
+        """Unpickle the outcome (the caller's thread; user code), once: the first caller claims
+        it, the others wait (a claim given up by an exception, Ctrl-C most likely, passes on)."""
+        outcome, claimed = None, False
+        try:  # (the claim, too: a signal may raise as the block below is left)
+            with self._condition:
+                while self._decoding:
+                    self._condition.wait()
+                pending = self._undecoded
+                if pending is None:
+                    return  # another thread did it while we waited
+                kind, data = pending
+                if (self._result is not _PICKLED_RESULT if kind == "result"
+                        else not isinstance(self._exception, _PickledError)):
+                    self._undecoded = None  # the caller resolved it itself (see set_undecoded)
+                    return
+                self._decoding = claimed = True
             outcome = _unpickled(kind, data)
         finally:
-            with self._condition:  # the outcome stored and the claim let go at once
-                if outcome is not None:
-                    self._result, self._exception = outcome
-                    self._undecoded = None
-                self._decoding = False
-                self._condition.notify_all()
+            if claimed:
+                with self._condition:  # the outcome stored and the claim let go at once
+                    if outcome is not None:
+                        self._result, self._exception = outcome
+                        self._undecoded = None
+                    self._decoding = False
+                    self._condition.notify_all()
 
     def __repr__(self) -> str:
         pending = self._undecoded  # never unpickle here: repr runs in logs, on any thread

@@ -149,7 +149,7 @@ def worker_main(
     policies: dict[bytes, Policy] = {}
     default = decode_policy(default_policy)
     runner = AttemptRunner(outbox.append, flush)
-    progress.install(functools.partial(_report, conn, send_lock))
+    progress.install(functools.partial(_report, fd, send_lock))
     outbox.append(ready(os.getpid()))
     try:
         while True:
@@ -224,11 +224,11 @@ def _read_calls(conn: Connection, inbox: _Inbox, send_lock: threading.Lock) -> N
         _exit_with_group(EXIT_PARENT_GONE)  # EOF: the parent died or dropped us
 
 
-def _report(conn: Connection, send_lock: threading.Lock, task_id: int, done: float,
+def _report(fd: int, send_lock: threading.Lock, task_id: int, done: float,
             total: float | None, message: str | None, at: float) -> None:
     """``taskorch.progress()`` of the running task, sent now (any thread of the task)."""
     with send_lock:
-        write_frame(conn.fileno(), encode_frame([reported(task_id, done, total, message, at)]))
+        write_frame(fd, encode_frame([reported(task_id, done, total, message, at)]))
 
 
 def _run_task(

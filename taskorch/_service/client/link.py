@@ -80,9 +80,11 @@ class Link:
             try:
                 write_frame(self._fd, frame)  # (its fd is open: closed under send_lock only)
                 return
-            except OSError as exc:
+            except BaseException as exc:  # OSError; or Ctrl-C, maybe mid-frame: the same cut
                 error = exc
         self.shut_down()  # never send after a frame cut short: the reader reconnects
+        if not isinstance(error, OSError):
+            raise error
         if isinstance(error, BlockingIOError):  # SO_SNDTIMEO: the server does not read
             raise ServerTimeoutError(
                 f"taskorch serve at {self.where} did not read a request within "

@@ -113,12 +113,15 @@ class RemoteTaskFuture(TaskFuture):
 
     def result(self, timeout: float | None = None) -> Any:
         try:
-            return super().result(timeout)  # (one wait: the cause is looked at only on failure)
-        except Exception:  # (never a KeyboardInterrupt that came while waiting)
-            if self._cause_lock is None:  # (set before the future is done: see above)
-                raise
-        self._attach_cause()
-        return super().result(0)
+            try:
+                return super().result(timeout)  # (one wait: the cause only on a failure)
+            except Exception:  # (never a KeyboardInterrupt that came while waiting)
+                if self._cause_lock is None:  # (set before the future is done: see above)
+                    raise
+            self._attach_cause()
+            return super().result(0)
+        finally:
+            self = None  # type: ignore[assignment]  # (no cycle through the error's frame)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         error = super().exception(timeout)

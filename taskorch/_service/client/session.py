@@ -152,8 +152,9 @@ class Session:
         data = payload(fn, args, kwargs)  # (SerializationError: nothing taken, nothing sent)
         may = options is None or options.after is None  # (a bad ``after`` raises in run())
         request = Request(new_future(self._ask, self), credit=True)
-        # The common case: a credit held, spent as the request is registered (one lock hold).
-        if may and self._start(request, lambda req: submit_frame(
+        # The common case: a credit held, spent as the request is registered (one lock hold;
+        # ``held`` read here only as a hint, so that the frame is not built twice without one).
+        if may and self.credits.held > 0 and self._start(request, lambda req: submit_frame(
                 req, data, wire_policy, wait=False, client=self.token, retry=False,
                 credit=True, options=options), spend=True):
             return request.future  # no round trip: the answer resolves or fails it later
