@@ -63,5 +63,30 @@ def guarded(fn: Callable[..., None], *args: Any) -> None:
         log.exception("taskorch serve: a journal callback failed")
 
 
+class OneByOne:
+    """A base for a ``Sink`` of few answers (an operator's wait, a fetched outcome, a
+    dependency): a batch's answers reach it one by one (``admitted``, ``outcome``, which it
+    defines), it never withdraws, and one that submits nothing is never told of admissions."""
+
+    __slots__ = ()
+
+    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
+        pass
+
+    def outcome(self, req: int, outcome: Any) -> None:
+        raise NotImplementedError
+
+    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
+        for req, task_id in accepted:
+            self.admitted(req, task_id)
+
+    def outcomes(self, ended: list[tuple[int, Any]]) -> None:
+        for req, outcome in ended:
+            self.outcome(req, outcome)
+
+    def wanted(self, req: int) -> bool:
+        return True
+
+
 def nothing() -> None:
     pass

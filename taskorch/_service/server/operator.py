@@ -34,6 +34,7 @@ from taskorch._service.protocol import (
     rejected_frame,
     stats_reply_frame,
 )
+from taskorch._service.server.callbacks import OneByOne
 from taskorch._service.server.records import (
     info_of,
     list_rows,
@@ -210,7 +211,7 @@ class Operator:
         return box[0]
 
 
-class _Waiter:
+class _Waiter(OneByOne):
     """A ``registry.Sink`` that one thread waits on: the admission or the outcome."""
 
     def __init__(self) -> None:
@@ -227,20 +228,9 @@ class _Waiter:
         self._value = outcome
         self._event.set()
 
-    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
-        for req, task_id in accepted:
-            self.admitted(req, task_id)
-
-    def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
-        for req, outcome in ended:
-            self.outcome(req, outcome)
-
     def rejected(self, req: int, error: BaseException) -> None:
         self._value = error
         self._event.set()
-
-    def wanted(self, req: int) -> bool:
-        return True  # (this waiter never withdraws)
 
     def wait(self) -> Any:
         if not self._event.wait(JOURNAL_WAIT):

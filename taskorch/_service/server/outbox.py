@@ -23,6 +23,7 @@ import threading
 from typing import Any, Callable
 
 from taskorch._service.protocol import Done, ServerFrame, done_frame, rejected_frame
+from taskorch._service.server.callbacks import OneByOne
 
 #: Default bound on the outcome bytes queued for one connection and not yet sent.
 OUTBOX_LIMIT = 64 * 1024 * 1024
@@ -166,25 +167,12 @@ class Outbox:
             self._fetch(req, task_id)
 
 
-class Fetched:
+class Fetched(OneByOne):
     """The registry's ``Sink`` for deferred outcomes read back from the journal: each goes
     into the outbox (an outcome pruned meanwhile: its rejection)."""
 
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
-
-    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
-        pass  # (never: a fetch is not a submission)
-
-    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
-        pass  # (never: a fetch is not a submission)
-
-    def outcomes(self, ended: list[tuple[int, Any]]) -> None:
-        for req, outcome in ended:
-            self.outcome(req, outcome)
-
-    def wanted(self, req: int) -> bool:
-        return True  # (never asked: a fetch is not a submission)
 
     def outcome(self, req: int, outcome: Any) -> None:
         self._outbox.put_fetched(done_frame(req, outcome.outcome, outcome.attempts,

@@ -39,6 +39,7 @@ from taskorch._service.protocol import (
     O_RAISED,
     O_RESULT,
 )
+from taskorch._service.server.callbacks import OneByOne
 from taskorch._service.server.records import status_of
 from taskorch._service.values import decode_service_error, encode_service_error
 
@@ -118,7 +119,7 @@ def abandoned(future: TaskFuture) -> bool:
     return not cancelled and isinstance(exc, TaskAbandonedError)
 
 
-class Dependency:
+class Dependency(OneByOne):
     """One dependency of a served task: a ``registry.Sink`` for that task's outcome, and the
     future the backlog waits for (its ``task_id``: the dependency's journal id)."""
 
@@ -128,19 +129,6 @@ class Dependency:
         self.future = TaskFuture()
         self.future.task_id = task_id
         self.ended: Outcome | None = None  # its outcome, once it has one (the dependant's cause)
-
-    def admitted(self, req: int, admission: int | BaseException, joined: bool = False) -> None:
-        pass  # (never asked: it only watches)
-
-    def admitted_all(self, accepted: list[tuple[int, int]]) -> None:
-        pass  # (never asked: it only watches)
-
-    def outcomes(self, ended: list[tuple[int, Outcome]]) -> None:
-        for req, outcome in ended:
-            self.outcome(req, outcome)
-
-    def wanted(self, req: int) -> bool:
-        return True
 
     def rejected(self, req: int, error: BaseException) -> None:
         """Its task cannot be found (a record gone): it counts as failed with ``error``."""
