@@ -278,7 +278,7 @@ class TaskFuture(Future[Any]):
                         else not isinstance(self._exception, _PickledError)):
                     self._undecoded = None  # the caller resolved it itself (see set_undecoded)
                     return
-                self._decoding = claimed = True
+                claimed = self._decoding = True  # (claimed first: see the finally)
             outcome = _unpickled(kind, data)
         finally:
             if claimed:

@@ -350,6 +350,10 @@ class Session:
                 with self._lock:
                     self._requests.pop(req, None)  # (a frame cut short is never accepted)
                 raise
+        except BaseException:  # Ctrl-C, maybe mid-frame (the link is cut): not resent either
+            with self._lock:
+                self._requests.pop(req, None)
+            raise
         return req
 
     def _withdraw(self, req: int) -> None:

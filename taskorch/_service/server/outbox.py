@@ -94,7 +94,7 @@ class Outbox:
 
     def defer_or_put_all(self, outcomes: list[tuple[Done, int]]) -> None:
         """``defer_or_put`` for many outcomes (each with its task id): the small ones, while
-        none is deferred (the common case), in one put."""
+        none is deferred (the common case), put as ``put_plain_all`` puts them."""
         small: list[ServerFrame] = []
         for message, task_id in outcomes:
             data = message.data
@@ -103,8 +103,7 @@ class Outbox:
                 small.append(message)
             else:
                 self.defer_or_put(message, task_id)
-        for start in range(0, len(small), PUT_MOST):
-            self._queue.put((small[start:start + PUT_MOST], 0))
+        self.put_plain_all(small)
 
     def defer_or_put(self, message: Done, task_id: int) -> None:
         """Queue the outcome of task ``task_id``, or keep only its id if the outbox is over its

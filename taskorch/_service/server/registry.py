@@ -43,7 +43,6 @@ from taskorch._errors import (
     JournalError,
     SerializationError,
     TaskNotFoundError,
-    TaskorchError,
 )
 from taskorch._options import Resolved, check_resolved
 from taskorch._parent.task import TaskListener, TaskState
@@ -230,11 +229,13 @@ class TaskRegistry:
         (``Grouped``). A run of those that made their own tasks is enqueued one by one, then
         answered per sink in one call (``Sink.admitted_all``: a connection takes its lock and
         puts in its outbox once for them all); any other is answered alone (``_committed``),
-        after the run before it. One that fails is logged; the others are answered."""
+        after its sink's run before it. One that fails is logged; the others are answered."""
         accepted: dict[Sink, list[tuple[int, int]]] = {}
         for pending, task_id, existing, error, dependencies in answers:
             if existing is not None or error is not None or dependencies:
-                _admitted_all(accepted)
+                earlier = accepted.pop(pending.sink, None)  # (its connection's, told first)
+                if earlier:
+                    guarded(pending.sink.admitted_all, earlier)
                 guarded(self._committed, pending, task_id, existing, error, dependencies)
                 continue
             try:
@@ -275,7 +276,7 @@ class TaskRegistry:
                         {row.id: row for row in dependencies})
         try:
             self._intake.admit_reserved(item)
-        except TaskorchError as exc:  # stopping: the record goes, then the client is told
+        except Exception as exc:  # stopping (or a bug): the record goes, then the client is told
             with self._lock:
                 self._live.pop(task_id, None)
             item.future.set_observer(None)
