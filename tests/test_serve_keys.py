@@ -28,9 +28,9 @@ import pytest
 import test_service
 from test_service import R
 from test_service_admission import KEY
-from test_service_journal import kill
+from test_service_journal import hold_a_worker, kill
 
-from taskorch import DependencyFailedError, Policy, TaskOrchestrator, connect
+from taskorch import DependencyFailedError, TaskOrchestrator, connect
 from taskorch._service.codec import encode_service_frame
 from taskorch._service.protocol import (
     O_RAISED,
@@ -129,6 +129,29 @@ def _submitted(loop: asyncio.AbstractEventLoop, submission: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(submission, loop)
 
 
+def _withdraw_once_journaled(served: Served, client: Any, key: str, value: str, n: int,
+                             committed: bool = False,
+                             before_cancel: Callable[[], None] = lambda: None) -> None:
+    """``client``'s keyed run_async(), cancelled once its submission is the journal's
+    ``n + 1``-th (``committed``: and committed and accepted, its answer unread), after
+    ``before_cancel()``; the loop is blocked from the submission to the cancel, so no answer
+    reaches the call: it raises CancelledError, as a withdrawn call does."""
+    hold = Hold(served.journal).wait_entered() if committed else None
+
+    async def withdrawn() -> None:
+        task = asyncio.ensure_future(client.options(key=key).run_async(t.identity, value))
+        await asyncio.to_thread(served.journal.wait_submits, n + 1)
+        if hold is not None:
+            hold.release()
+            assert served.journal.flush(R)
+        before_cancel()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(withdrawn())
+
+
 @pytest.fixture
 def served(make_orchestrator: Callable[..., TaskOrchestrator],
            short_dir: Path) -> Iterator[Served]:
@@ -156,16 +179,8 @@ def test_a_withdrawn_run_async_that_joined_a_key_leaves_the_task_alone(served: S
         submitted = one.stats().submitted
         n = served.journal.submits
         hold = Hold(served.journal).wait_entered()
-
-        async def withdrawn() -> None:  # its join is being journaled when it is withdrawn
-            task = asyncio.ensure_future(two.options(key="shared").run_async(t.identity, "2"))
-            await asyncio.to_thread(served.journal.wait_submits, n + 1)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-        try:
-            asyncio.run(withdrawn())
+        try:  # its join is being journaled when it is withdrawn
+            _withdraw_once_journaled(served, two, "shared", "2", n)
             served.barrier(two)
         finally:
             hold.release()
@@ -188,19 +203,7 @@ def test_a_join_withdrawn_once_accepted_only_stops_watching(served: Served,
         k = one.options(key="shared").run(t.identity, "one's")
         k_id = one.accepted(k, R)
         n = served.journal.submits
-
-        async def withdrawn_late() -> None:
-            hold = Hold(served.journal).wait_entered()
-            task = asyncio.ensure_future(two.options(key="shared").run_async(t.identity, "2"))
-            await asyncio.to_thread(served.journal.wait_submits, n + 1)
-            hold.release()
-            # The loop is blocked from here to the cancel: the answer cannot reach the task.
-            assert served.journal.flush(R)  # committed and accepted as task k_id
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
-        asyncio.run(withdrawn_late())
+        _withdraw_once_journaled(served, two, "shared", "2", n, committed=True)  # (as k_id)
         served.barrier(two)
         assert one.task(k_id).state == "queued"
         gate.release()
@@ -216,22 +219,15 @@ def test_an_owner_withdrawn_once_others_joined_leaves_the_task_to_them(
         busy = one.run(t.blocker, str(gate.started), str(gate.release_fifo))
         gate.wait_started()
         n = served.journal.submits
+        joins: list[tuple[Any, int]] = []
 
-        async def owner_withdrawn_late() -> tuple[Any, int]:
-            hold = Hold(served.journal).wait_entered()
-            task = asyncio.ensure_future(one.options(key="shared").run_async(t.identity, "1"))
-            await asyncio.to_thread(served.journal.wait_submits, n + 1)
-            hold.release()
-            # The loop is blocked from here to the cancel: the answer cannot reach the task.
-            assert served.journal.flush(R)  # committed and accepted
+        def joined_by_two() -> None:
             joined = two.options(key="shared").run(t.identity, "2")
-            task_id = two.accepted(joined, R)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            return joined, task_id
+            joins.append((joined, two.accepted(joined, R)))
 
-        joined, task_id = asyncio.run(owner_withdrawn_late())
+        _withdraw_once_journaled(served, one, "shared", "1", n, committed=True,
+                                 before_cancel=joined_by_two)
+        ((joined, task_id),) = joins
         served.barrier(one)
         assert two.task(task_id).state == "queued"
         gate.release()
@@ -265,16 +261,8 @@ def test_a_join_of_a_record_forgotten_since_runs_as_a_new_task(
         n = served.journal.submits
         first = Hold(served.journal).wait_entered()
         holds = [first]
-
-        async def withdrawn() -> None:
-            task = asyncio.ensure_future(one.options(key="k2").run_async(t.identity, "A"))
-            await asyncio.to_thread(served.journal.wait_submits, n + 1)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-
         try:
-            asyncio.run(withdrawn())
+            _withdraw_once_journaled(served, one, "k2", "A", n)
             served.barrier(one)
             if batch == "next":  # one's record in a batch of its own, held before its COMMIT
                 holds.append(Hold(served.journal))
@@ -432,9 +420,7 @@ def test_unanswered_keyed_and_after_submissions_are_sent_again_after_a_restart(
     a = start_server("--journal", str(journal), "--workers", "1")
     client = a.connect()
     try:
-        busy = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
-            t.blocker, str(gate.started), str(gate.release_fifo))
-        gate.wait_started()
+        busy = hold_a_worker(client, gate)
         keyed = client.options(key="rk").run(t.identity, "keyed")
         keyed_id = client.accepted(keyed, R)
         t.sigstop(a.proc.pid)  # what is sent now is never answered by this server

@@ -13,9 +13,9 @@ import pytest
 import test_service
 from _tasks import wait_until
 from test_service import R
-from test_service_journal import kill
+from test_service_journal import hold_a_worker, kill
 
-from taskorch import Policy, TaskExpiredError
+from taskorch import TaskExpiredError
 
 short_dir = test_service.short_dir
 start_server = test_service.start_server
@@ -29,10 +29,7 @@ def test_priority_delay_and_expiry_survive_a_sigkill_and_restart(start_server,
     a = start_server("--journal", str(journal), "--workers", "1")
     client = a.connect()
     try:
-        held = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
-            t.blocker, str(gate.started), str(gate.release_fifo))
-        assert held is not None
-        gate.wait_started()
+        hold_a_worker(client, gate)
         submitted = time.time()
         delayed = client.options(delay=4.0).run(t.log_start, log, "delayed")
         doomed = client.options(expires=1.0).run(t.log_start, log, "doomed")

@@ -12,7 +12,7 @@ import _tasks as t
 import pytest
 import test_service
 from test_service import R
-from test_service_journal import kill
+from test_service_journal import hold_a_worker, kill
 
 from taskorch import (
     DependencyFailedError,
@@ -55,10 +55,7 @@ def test_a_key_dedups_across_a_sigkill_and_restart(start_server, short_dir) -> N
     a = start_server("--journal", str(journal), "--workers", "1")
     client = a.connect()
     try:
-        busy = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
-            t.blocker, str(gate.started), str(gate.release_fifo))
-        assert busy is not None
-        gate.wait_started()
+        hold_a_worker(client, gate)
         keyed = client.options(key="report:7").run(t.identity, "first")
         assert keyed is not None
         keyed_id = client.accepted(keyed, R)

@@ -65,6 +65,16 @@ def kill(server: Any) -> None:
     server.expected_exit = -signal.SIGKILL
 
 
+def hold_a_worker(client: Any, gate: t.Gate) -> Any:
+    """A task that keeps a worker busy until ``gate`` is released and runs once more after a
+    kill -9 of its server (``retries=1``): started when this returns; its future."""
+    busy = client.with_policy(Policy(retries=1, backoff_initial=0)).run(
+        t.blocker, str(gate.started), str(gate.release_fifo))
+    assert busy is not None
+    gate.wait_started()
+    return busy
+
+
 def test_sigkill_mid_load_then_restart_loses_nothing(start_server, short_dir) -> None:
     """2,000 tasks queued and 2 running when the server is SIGKILLed; a new server on the same
     journal and socket: the client reconnects by itself and every future resolves."""

@@ -136,13 +136,6 @@ class _Pending:
         self.again = False
 
 
-def _admitted_all(accepted: dict[Sink, list[tuple[int, int]]]) -> None:
-    """Tell each sink of its accepted submissions, in one call each, and forget them."""
-    for sink, admitted in accepted.items():
-        guarded(sink.admitted_all, admitted)
-    accepted.clear()
-
-
 class TaskRegistry:
     def __init__(self, orchestrator: TaskOrchestrator, journal: Journal) -> None:
         self._orchestrator = orchestrator
@@ -249,7 +242,8 @@ class TaskRegistry:
                 group = accepted[pending.sink] = []
             group.append((pending.req, task_id))
         # Before any outcome: both run on the journal's writer, which alone publishes.
-        _admitted_all(accepted)
+        for sink, admitted in accepted.items():
+            guarded(sink.admitted_all, admitted)
 
     def _committed(self, pending: _Pending, task_id: int, existing: Existing | None,
                    error: BaseException | None, dependencies: list[Row] | None) -> None:
