@@ -16,6 +16,7 @@ Shared (imported by both sides; no thread of their own):
     server/connection.py    one client connection (its reader and writer threads)
     server/journal.py       the SQLite journal: group commits (its writer thread)
     server/journal_file.py  the journal's file: lock, schema, checks (main thread, at start)
+    server/journal_rows.py  a batch's rows, many per statement (the journal's writer)
     server/schedules.py     the schedules' state in the journal
     server/registry.py      submission -> commit -> enqueue; tasks by id; recovery (server threads)
     server/credits.py       backlog slots reserved per connection (server threads)

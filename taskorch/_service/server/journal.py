@@ -69,8 +69,8 @@ from taskorch._service.server.journal_file import (
     next_task_id,
     open_journal,
     open_marked,
-    write_starts_and_ends,
 )
+from taskorch._service.server.journal_rows import write_starts_and_ends
 from taskorch._service.server.outbox import OUTBOX_LIMIT, ByteBound, data_bytes
 from taskorch._service.server.submissions import (
     Existing,

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import itertools
 import logging
 import os
-import pickle
 import sqlite3
 import time
 from typing import Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
-from taskorch._wire import PROTOCOL
+from taskorch._service.server.journal_rows import LARGE_VALUE as LARGE_VALUE
 
 log = logging.getLogger("taskorch")
 
@@ -143,90 +141,6 @@ _RECORD_COLUMNS = (("name", "TEXT"), ("args_repr", "TEXT"), ("status", "TEXT"),
 #: ``options(key=, after=)`` (issue 24), additive as above: the task's key, and the ids of the
 #: tasks it runs after ("3,5,8"); the unfinished tasks by key (``submissions``) are indexed.
 _WAIT_COLUMNS = (("key", "TEXT"), ("after_ids", "TEXT"))
-
-
-def write_starts_and_ends(db: sqlite3.Connection, started: list[tuple[Any, ...]],
-                          finished: list[tuple[Any, ...]], now: float) -> None:
-    """A batch's ``started`` ops ("started", id, attempts, pid) and ``finished`` ops
-    ("finished", id, outcome, attempts, seconds, data, then, status, progress), in that order.
-    A task that starts and ends within one batch (short tasks, at speed) gets one UPDATE, not
-    two: its end carries its start's time and pid, as the two in turn would have left them."""
-    starts = {op[1]: op for op in started}  # (the last start of a task wins, as in turn)
-    ends = []
-    for op in finished:
-        start = starts.pop(op[1], None)
-        ends.append((op[7], op[3], now, op[2], op[4], pickle.dumps(op[5], PROTOCOL), op[8],
-                     None if start is None else now, None if start is None else start[3],
-                     op[1]))
-    if starts:
-        db.executemany(
-            "UPDATE tasks SET state='running', status='running', attempts=?, started=?, "
-            "worker_pid=? WHERE id=? AND state != 'done'",
-            [(op[2], now, op[3], op[1]) for op in starts.values()])
-    if not ends:
-        return
-    if _UPDATE_FROM and len({end[-1] for end in ends}) == len(ends):  # (one row per id)
-        write_rows(db, _ENDS, "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ends, 5)
-    else:  # (an SQLite older than 3.33, or a task twice: row by row, in turn)
-        db.executemany(
-            "UPDATE tasks SET state='done', status=?1, payload=CASE WHEN ?1='succeeded' THEN "
-            "NULL ELSE payload END, attempts=?2, finished=?3, outcome=?4, seconds=?5, data=?6, "
-            "progress=?7, started=COALESCE(?8, started), worker_pid=COALESCE(?9, worker_pid) "
-            "WHERE id=?10", ends)
-
-
-#: The ends of a batch's tasks, many rows per statement (``write_rows``; UPDATE ... FROM:
-#: SQLite 3.33). A success drops its call bytes.
-_ENDS = ("WITH e (status, attempts, finished, outcome, seconds, data, progress, started, pid, "
-         "id) AS (VALUES {rows}) UPDATE tasks SET state='done', status=e.status, payload=CASE "
-         "WHEN e.status='succeeded' THEN NULL ELSE tasks.payload END, attempts=e.attempts, "
-         "finished=e.finished, outcome=e.outcome, seconds=e.seconds, data=e.data, "
-         "progress=e.progress, started=COALESCE(e.started, tasks.started), "
-         "worker_pid=COALESCE(e.pid, tasks.worker_pid) FROM e WHERE tasks.id = e.id")
-_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
-#: Most rows one statement of ``write_rows`` writes: 64 rows of up to 15 values stay under
-#: the smallest bound SQLite has had on a statement's variables (999).
-ROWS_PER_STATEMENT = 64
-#: Rows with a blob of this many bytes or more are written one by one (``write_rows``).
-LARGE_VALUE = 16 * 1024
-
-
-def write_rows(db: sqlite3.Connection, template: str, row: str, rows: list[tuple[Any, ...]],
-               blob: int) -> int:
-    """``template`` with ``{rows}`` made of ``row`` once per row, for all ``rows``: one
-    statement per chunk of rows rather than one step per row as ``executemany`` makes (each
-    step resets the statement, and lets go of the GIL and takes it back: measured, ~2 us of
-    CPU per task more for a task's insert and end). The chunks go by powers of two (64 down
-    to 1), so that a template makes at most seven statements (kept in sqlite3's cache).
-    A row whose value ``blob`` (bytes or None) has LARGE_VALUE bytes goes alone, in its place:
-    a statement's values are copied into SQLite all at once, 64 large results would be held
-    twice over. Returns how many rows were changed."""
-    changed = 0
-    start = 0  # the rows from here to the current one are small: written together
-    for i, values in enumerate(rows):
-        value = values[blob]
-        if value is not None and len(value) >= LARGE_VALUE:  # (in row order: the first of
-            changed += _write_small(db, template, row, rows[start:i])  # two alike wins)
-            changed += db.execute(_statement(template, row, 1), values).rowcount
-            start = i + 1
-    return changed + _write_small(db, template, row, rows[start:])
-
-
-def _write_small(db: sqlite3.Connection, template: str, row: str,
-                 rows: list[tuple[Any, ...]]) -> int:
-    changed = 0
-    start = 0
-    while start < len(rows):
-        size = min(ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
-        changed += db.execute(_statement(template, row, size), list(
-            itertools.chain.from_iterable(rows[start:start + size]))).rowcount
-        start += size
-    return changed
-
-
-@functools.lru_cache(maxsize=64)
-def _statement(template: str, row: str, size: int) -> str:
-    return template.format(rows=", ".join([row] * size))
 
 
 def after_ids_text(after: tuple[int, ...] | None) -> str | None:

@@ -29,7 +29,8 @@ import sqlite3
 from typing import Any, Callable, NamedTuple
 
 from taskorch._service.server.callbacks import Calls
-from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text, write_rows
+from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
+from taskorch._service.server.journal_rows import write_rows
 from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
@@ -58,7 +59,7 @@ _NO_TIMING = (0, None, None)
 _INSERT_BARE = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
                 "name, args_repr) VALUES {rows} ON CONFLICT (client, sub) DO NOTHING")
 _BARE_ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?)"
-#: Both, many rows per statement (``journal_file.write_rows``).
+#: Both, many rows per statement (``journal_rows.write_rows``).
 _INSERT_ROWS = _INTO + "{rows} ON CONFLICT (client, sub) DO NOTHING"
 #: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
 _DEPENDENCY_COLUMNS = f"id, state, attempts, NULL, NULL, outcome, seconds, {CAUSE_DATA_SQL}"
