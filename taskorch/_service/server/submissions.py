@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 from taskorch._service.server.callbacks import Calls
 from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
-from taskorch._service.server.journal_rows import write_rows
+from taskorch._service.server.journal_rows import LARGE_VALUE, write_rows
 from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
@@ -53,12 +53,13 @@ _INTO = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, su
          "priority, not_before, expires, name, args_repr, key, after_ids) VALUES ")
 _ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT = _INTO + _ROW
-#: A submission without options(): its priority, times, key and after ids keep their
-#: defaults (``Journal.submit``'s timing when none was given).
+#: A submission without options() and without a policy of its own: its policy, priority,
+#: times, key and after ids keep their defaults (``Journal.submit``'s timing when none was
+#: given), unbound (``journal_rows``' "Binding": a None costs a look-up).
 _NO_TIMING = (0, None, None)
-_INSERT_BARE = ("INSERT INTO tasks (id, client, sub, payload, policy, state, status, submitted, "
+_INSERT_BARE = ("INSERT INTO tasks (id, client, sub, payload, state, status, submitted, "
                 "name, args_repr) VALUES {rows} ON CONFLICT (client, sub) DO NOTHING")
-_BARE_ROW = "(?, ?, ?, ?, ?, 'queued', 'queued', ?, ?, ?)"
+_BARE_ROW = "(?, ?, ?, ?, 'queued', 'queued', ?, ?, ?)"
 #: Both, many rows per statement (``journal_rows.write_rows``).
 _INSERT_ROWS = _INTO + "{rows} ON CONFLICT (client, sub) DO NOTHING"
 #: A dependency's row, without a success's result (``outcomes.CAUSE_DATA_SQL``).
@@ -73,15 +74,16 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
     plain = [(i, op) for i, op in enumerate(submits) if op[7] is None and op[8] is None]
     inserted = 0
     if plain:
-        # No key, no after (``_values`` inline); without options() at all (``_NO_TIMING``)
-        # the columns that keep their defaults are not bound: a shorter row per task.
-        bare = [(i, op) for i, op in plain if op[6] == _NO_TIMING]
-        timed = [(i, op) for i, op in plain if op[6] != _NO_TIMING] if len(bare) < len(
-            plain) else []
+        # No key, no after (``_values`` inline); without options() or a policy (``_INSERT_BARE``)
+        # the columns that keep their defaults are not bound: a shorter row per task. The
+        # client token and a small call go as bytearrays (``journal_rows``' "Binding").
+        bare = [(i, op) for i, op in plain if op[6] == _NO_TIMING and op[4] is None]
+        timed = [(i, op) for i, op in plain if op[6] != _NO_TIMING or op[4] is not None] if len(
+            bare) < len(plain) else []
         if bare:
             inserted += write_rows(db, _INSERT_BARE, _BARE_ROW, [
-                (first + i, op[1], op[2], op[3], op[4], now, *label_of(op[3]))
-                for i, op in bare], 3)
+                (first + i, bytearray(op[1]), op[2], bytearray(op[3]) if len(op[3]) < LARGE_VALUE
+                 else op[3], now, *label_of(op[3])) for i, op in bare], 3)
         if timed:
             inserted += write_rows(db, _INSERT_ROWS, _ROW, [
                 (first + i, op[1], op[2], op[3], op[4], now, *op[6], *label_of(op[3]), None,
