@@ -296,13 +296,14 @@ class Backlog:
 
     # -- state transitions (callers hold the lock) -------------------------------------------
 
-    def start_locked(self, item: WorkItem) -> None:
-        """A worker acknowledged the start of ``item``'s first attempt: its slot frees."""
+    def start_locked(self, item: WorkItem, ending: bool = False) -> None:
+        """``item``'s first attempt started: its slot frees (``ending``: it ended, too)."""
         if item.state is TaskState.QUEUED:
             item.state = TaskState.RUNNING
             self._counts.queued -= 1
             self._counts.running += 1
-            item.future.mark_running()
+            if not ending:
+                item.future.mark_running()
             self._room_waiters.wake(1)
             if item.cancel_request is not None:  # it started first: too late to cancel
                 item.cancel_request.answer_locked(item, False)

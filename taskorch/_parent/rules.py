@@ -130,9 +130,9 @@ class TaskRules:
         attempts, seconds = outcome.attempts, outcome.seconds
         backlog = self._backlog
         item.attempts = item.future.attempts = attempts  # (before a late start's announce)
-        if item.state is TaskState.QUEUED:  # (on Dask its Started event may not have come)
-            self._announce_started(item, now)
-        backlog.start_locked(item)
+        if item.state is TaskState.QUEUED:  # (its start came with it: ``local``'s
+            self._announce_started(item, now)  # _read_events; on Dask it may not have come)
+            backlog.start_locked(item, ending=True)
         item.future.seconds = seconds
         failed = type(outcome) is not Succeeded  # (exactly a ``_wire`` type)
         if type(outcome) is Succeeded:
