@@ -339,7 +339,7 @@ class Backlog:
 
     # -- the dispatcher: order and time (lock held, but ``next_due`` / ``release_due``) ------
 
-    def take_locked(self, gate: Gate, limit: int, budget: int | None = None,
+    def take_locked(self, gate: Gate | None, limit: int, budget: int | None = None,
                     first_may_exceed: bool = True, plain_after: int | None = None,
                     ) -> list[WorkItem]:
         """Up to ``limit`` ready tasks, in order, as ``gate`` allows; with a ``budget``
