@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -319,21 +320,46 @@ def test_a_signal_handler_may_touch_a_future_whose_lock_its_thread_holds() -> No
     assert out.stdout.strip() == "[False]", out.stderr
 
 
-def test_a_finished_future_holds_two_objects_for_the_garbage_collector(
+def test_a_finished_future_holds_one_object_for_the_garbage_collector(
         make_orchestrator: Make) -> None:
     # Programs hold many futures (``[pool.run(f) for ...]``, then the results): every object a
     # held future keeps that the cyclic collector tracks is walked again by each full
-    # collection. Its condition is one object (its own lock), its done-callbacks list is made
-    # only by the first callback (see ``_parent/condition``).
+    # collection. Its condition is one object (its own lock); its done-callbacks list is made
+    # only by the first callback, its waiters' list by the first wait() (see ``_parent/condition``).
     o = make_orchestrator(worker_count=1)
     future = o.run(t.add, 1, 2)
     assert future is not None and future.result(R)[0] == 3
     tracked = [type(v).__name__ for k, v in vars(future).items()
                if gc.is_tracked(v) and k not in ("owner", "_result")]  # (shared; the user's)
-    assert sorted(tracked) == ["FutureCondition", "list"], tracked  # the condition, _waiters
+    assert tracked == ["FutureCondition"], tracked
     late: list[Any] = []
     future.add_done_callback(late.append)  # done: runs at once, in this thread
     assert late == [future]
+    assert wait([future], timeout=R).done == {future}  # (a waiters' list of its own now)
+    assert list(as_completed([future], timeout=R)) == [future]
+
+
+def test_wait_and_as_completed_are_woken_by_futures_that_end_while_they_wait(
+        make_orchestrator: Make, tmp_path: Path) -> None:
+    # They add a waiter to each future (its ``_waiters`` list, made then) that the future's
+    # resolution must find: a success, a task's exception, a cancel.
+    o = make_orchestrator(worker_count=1)
+    g = Gate(tmp_path, "held")
+    held = o.run(t.blocker, str(g.started), str(g.release_fifo))
+    ok, bad, queued = o.run(t.add, 1, 2), o.run(t.raise_value_error, "x"), o.run(t.add, 3, 4)
+    assert held is not None and ok is not None and bad is not None and queued is not None
+    g.wait_started()
+    assert queued.cancel()
+    first = wait([ok, bad, queued], timeout=R, return_when=FIRST_COMPLETED)
+    assert first.done == {queued}  # the cancel woke it; the others wait behind ``held``
+    finished: list[Any] = []
+    waiter = threading.Thread(target=lambda: finished.extend(as_completed([ok, bad], R)))
+    waiter.start()
+    g.release()
+    waiter.join(R)
+    assert set(finished) == {ok, bad} and not waiter.is_alive()
+    assert wait([bad], timeout=R, return_when=FIRST_EXCEPTION).done == {bad}
+    assert isinstance(bad.exception(R), ValueError) and ok.result(R)[0] == 3
 
 
 def test_the_future_condition_waits_notifies_and_is_reentrant() -> None:

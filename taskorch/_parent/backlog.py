@@ -296,13 +296,14 @@ class Backlog:
 
     # -- state transitions (callers hold the lock) -------------------------------------------
 
-    def start_locked(self, item: WorkItem) -> None:
-        """A worker acknowledged the start of ``item``'s first attempt: its slot frees."""
+    def start_locked(self, item: WorkItem, ending: bool = False) -> None:
+        """``item``'s first attempt started: its slot frees (``ending``: it ended, too)."""
         if item.state is TaskState.QUEUED:
             item.state = TaskState.RUNNING
             self._counts.queued -= 1
             self._counts.running += 1
-            item.future.mark_running()
+            if not ending:
+                item.future.mark_running()
             self._room_waiters.wake(1)
             if item.cancel_request is not None:  # it started first: too late to cancel
                 item.cancel_request.answer_locked(item, False)
@@ -338,7 +339,7 @@ class Backlog:
 
     # -- the dispatcher: order and time (lock held, but ``next_due`` / ``release_due``) ------
 
-    def take_locked(self, gate: Gate, limit: int, budget: int | None = None,
+    def take_locked(self, gate: Gate | None, limit: int, budget: int | None = None,
                     first_may_exceed: bool = True, plain_after: int | None = None,
                     ) -> list[WorkItem]:
         """Up to ``limit`` ready tasks, in order, as ``gate`` allows; with a ``budget``

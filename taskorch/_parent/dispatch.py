@@ -75,7 +75,7 @@ class DispatcherCore:
         )
         # Dispatcher thread only.
         self._rebalance_at: float | None = None  # when to look again for calls to recall
-        self._admission = Admission(None)  # what the breaker lets start in this hand-over
+        self._admission: Admission | None = None  # what the breaker lets start (None: any)
         self._life = TaskRules(backlog, self._breaker)  # the rules, and what they collect
         self._terminations = Terminations()  # attempts to kill for a cancel (any thread)
         # Read by any thread.
@@ -234,7 +234,7 @@ class DispatcherCore:
                 ready = backlog.ready_count_locked()
                 finishing = backlog.closed and not backlog.holds_tasks_locked()
             self._apply(pool.hand_over(now, ready, self._take, finishing))
-            if self._breaker is not None and admission.probes:
+            if self._breaker is not None and admission is not None and admission.probes:
                 self._breaker.admitted(admission.probes)
             with backlog.locked():
                 # Will something other than a producer's wakeup bring us back to the ready
@@ -251,13 +251,16 @@ class DispatcherCore:
         if mixed:  # a priority waits: what busy workers prefetched must not run first
             pool.recall_prefetched()
 
-    def _admission_locked(self) -> Admission:
-        """New tasks the breaker lets start now; in FAIL mode with the circuit not closed,
-        the new tasks beyond those fail at once (crash retries of started tasks stay)."""
+    def _admission_locked(self) -> Admission | None:
+        """New tasks the breaker lets start now (None: any number); in FAIL mode with the
+        circuit not closed, the new tasks beyond those fail at once (crash retries of started
+        tasks stay)."""
         if self._breaker is None:
-            return Admission(None)
+            return None
         admission = self._breaker.admit()
-        if admission.left is not None and self._breaker.fails_fast:
+        if admission.left is None:
+            return None
+        if self._breaker.fails_fast:
             self._life.resolutions += self._breaker.reject_beyond_locked(
                 self._backlog, admission.left)
         return admission

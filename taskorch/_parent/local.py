@@ -80,6 +80,7 @@ MAX_SELECT_WAIT = 3600.0
 
 # Events that show a worker making progress (a Recalled answer does not).
 _PROGRESS = frozenset({Started, Retrying, Succeeded, Failed, Ready})
+_OUTCOMES = (Succeeded, Failed)
 # The per-task pool events are built without the NamedTuple's Python-level __new__.
 _new = tuple.__new__
 
@@ -199,14 +200,25 @@ class LocalPool:
         self._set.start_failures = 0
         now = time.monotonic()
         out = self._out.append
+        # A first attempt's start is held back one event: when its outcome comes next, in
+        # the same read (a short task), the core gets one TaskFinished, whose rule announces
+        # the start itself (``TaskRules.finished_locked``), not two events (~1 us a task).
+        starting: WorkItem | None = None
         for event in events:
             if type(event) in _PROGRESS:
                 worker.last_progress = now
+            if starting is not None:
+                if not isinstance(event, _OUTCOMES) or event.task_id != starting.task_id:
+                    out(_new(AttemptStarted, (starting, 1)))
+                starting = None
             if type(event) is Started:  # (exactly a ``_wire`` event type: decode_events)
                 item = _head(worker, event.task_id)
                 item.started_on = worker
-                out(_new(AttemptStarted, (item, event.attempt)))
-            elif isinstance(event, (Succeeded, Failed)):
+                if event.attempt == 1:
+                    starting = item
+                else:
+                    out(_new(AttemptStarted, (item, event.attempt)))
+            elif isinstance(event, _OUTCOMES):
                 item = worker.inflight.popleft()
                 if item.task_id != event.task_id:
                     raise AssertionError(
@@ -227,6 +239,8 @@ class LocalPool:
                 if worker.inflight and worker.inflight[0].task_id == event.task_id:
                     worker.inflight[0].future.latest_progress = Progress(*event[1:])
             # Ready: events_seen, set above, is what matters
+        if starting is not None:
+            out(_new(AttemptStarted, (starting, 1)))
         if worker.retiring is not None:
             self._set.begin_retirement(worker, worker.retiring)
             if not worker.inflight:

@@ -159,11 +159,11 @@ class TaskOrder:
 
     # -- taking out ----------------------------------------------------------------------
 
-    def take(self, limit: int, gate: Gate, budget: int | None,
+    def take(self, limit: int, gate: Gate | None, budget: int | None,
              first_may_exceed: bool, now: float | None = None,
              plain_after: int | None = None, limits: Limits | None = None) -> list[WorkItem]:
-        """Up to ``limit`` ready tasks in order, as ``gate`` allows; with a ``budget`` (payload
-        bytes), a task that would cross it stays unless it is the first and
+        """Up to ``limit`` ready tasks in order, as ``gate`` allows (None: all); with a
+        ``budget`` (payload bytes), a task that would cross it stays unless it is the first and
         ``first_may_exceed``. ``plain_after``: the calls from that position on are prefetched
         (see the module docstring). ``now``: set aside a task expired by then. ``limits``: a
         task over its name's limit is set aside there (``limits``), the others go on.
@@ -188,7 +188,7 @@ class TaskOrder:
                         self._retop()
                         top = self._top
                     continue
-            if not gate.allows(item):
+            if gate is not None and not gate.allows(item):
                 break  # held back by the circuit breaker (HOLD mode)
             if limits is not None and item.name in limits.by_name:
                 if plain_after is not None and len(taken) >= plain_after:
@@ -199,7 +199,8 @@ class TaskOrder:
                         self._retop()
                         top = self._top
                     continue
-            gate.count(item)
+            if gate is not None:
+                gate.count(item)
             top.popleft()
             size += len(item.payload)
             taken.append(item)

@@ -129,10 +129,12 @@ class TaskRules:
         item, outcome = event
         attempts, seconds = outcome.attempts, outcome.seconds
         backlog = self._backlog
+        listeners = backlog.listeners
         item.attempts = item.future.attempts = attempts  # (before a late start's announce)
-        if item.state is TaskState.QUEUED:  # (on Dask its Started event may not have come)
-            self._announce_started(item, now)
-        backlog.start_locked(item)
+        if item.state is TaskState.QUEUED:  # its start came with it (``local._read_events``)
+            if listeners or item.listener is not None:  # or, on Dask, may never come
+                self._announce_started(item, now)
+            backlog.start_locked(item, ending=True)
         item.future.seconds = seconds
         failed = type(outcome) is not Succeeded  # (exactly a ``_wire`` type)
         if type(outcome) is Succeeded:
@@ -145,7 +147,6 @@ class TaskRules:
             self.resolutions.append((item, "error", outcome.error))
         else:
             raise AssertionError(f"not an outcome: {outcome!r} for {item!r}")
-        listeners = backlog.listeners
         if listeners:
             error = outcome.error if isinstance(outcome, Failed) else None
             for listener in listeners:

@@ -50,10 +50,10 @@ from concurrent.futures._base import (
 )
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
-from taskorch._errors import OrchestratorBrokenError, SerializationError
+from taskorch._errors import OrchestratorBrokenError
 from taskorch._parent.callbacks import call_each, run_or_queue
 from taskorch._parent.condition import FutureCondition
-from taskorch._wire import decode_exception, decode_frame
+from taskorch._parent.outcome import PICKLED_RESULT, PickledError, unpickled
 
 if TYPE_CHECKING:
     from taskorch._policy import Policy
@@ -71,17 +71,7 @@ class TaskState(enum.Enum):
     EXPIRED = "expired"
 
 
-class _PickledError(Exception):
-    """Stands in a future's ``_exception`` until the task's exception is unpickled, so that
-    ``concurrent.futures.wait(return_when=FIRST_EXCEPTION)`` sees a failure at once. Never
-    raised: ``result()`` and ``exception()`` replace it first."""
-
-
 _ENDED = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
-
-
-# A future resolved with a pickled result holds this as its `_result` until it is unpickled.
-_PICKLED_RESULT: Any = object()
 
 
 # What Future.__init__ sets, when it is exactly this (CPython 3.11-3.13): TaskFuture sets it
@@ -111,12 +101,12 @@ class TaskFuture(Future[Any]):
     delays the callbacks after it, never a task or ``stop()``.
     """
 
-    # Future's own (CPython, not in typeshed): the callbacks added before it was done (a list
-    # made by the first: most futures never get one, and each list is one more object for the
-    # garbage collector, see ``condition``), and the waiters of wait() / as_completed().
+    # Future's own (CPython, not in typeshed): the callbacks added before it was done, a list
+    # made by the first (most futures never get one, and each list is one more object for the
+    # garbage collector to go through while the future is kept: see ``condition``).
     _done_callbacks: list[Callable[[Future[Any]], object]] | tuple[()]
-    _waiters: list[Any]
     _condition: FutureCondition  # type: ignore[assignment]  # (Future's: a threading.Condition)
+    _waiter_list: list[Any] | None = None  # (``_waiters``: made by the first wait())
     #: The backlog of the orchestrator that accepted it (set by its ``Intake``): what tells
     #: a future of this orchestrator from another's in ``options(after=...)``.
     owner: object = None
@@ -127,7 +117,6 @@ class TaskFuture(Future[Any]):
             self._state = PENDING
             self._result = None
             self._exception = None
-            self._waiters = []
             self._done_callbacks = ()
         else:  # another Future.__init__: let it set what it sets, then swap the condition
             super().__init__()
@@ -151,6 +140,20 @@ class TaskFuture(Future[Any]):
         # be quick and never block or raise: it runs on a dispatcher thread mostly (else a
         # canceller's, stop()'s, the server's recovery). Not for user code.
         self._observer: Callable[[TaskFuture], None] | None = None
+
+    @property
+    def _waiters(self) -> list[Any]:
+        """Future's waiters of ``concurrent.futures.wait()`` / ``as_completed()`` (which append
+        and remove theirs), made by the first of them: the list of most futures would never
+        hold one. ``set_undecoded`` reads ``_waiter_list``, not to make it."""
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = []
+        return waiters
+
+    @_waiters.setter
+    def _waiters(self, waiters: list[Any]) -> None:
+        self._waiter_list = waiters
 
     def progress(self) -> Progress | None:
         """The latest ``taskorch.progress()`` the task reported while it ran, or None."""
@@ -210,7 +213,7 @@ class TaskFuture(Future[Any]):
         no waiters (one thread runs in the child now)."""
         self._condition = FutureCondition()
         self._decoding = False
-        self._waiters = []
+        self._waiter_list = None
         self._cancel_hook = None
         self._observer = None
         self._undecoded = None
@@ -252,15 +255,23 @@ class TaskFuture(Future[Any]):
     def set_undecoded(self, kind: str, data: Any) -> None:
         """Resolve with the worker's outcome still pickled (dispatcher thread: no user code
         runs, done-callbacks are queued for the callback thread)."""
-        self._undecoded = (kind, data)
-        try:
-            if kind == "result":
-                self.set_result(_PICKLED_RESULT)
-            else:
-                self.set_exception(_PickledError("the task's exception is not unpickled yet"))
-        except InvalidStateError:  # the caller resolved it itself: theirs stands
-            self._undecoded = None
-            raise
+        # Future.set_result / set_exception, but for reading ``_waiter_list`` (see ``_waiters``)
+        if kind == "result":
+            result, exception = PICKLED_RESULT, None
+        else:
+            result, exception = None, PickledError("the task's exception is not unpickled yet")
+        with self._condition:
+            if self._state in _ENDED:  # the caller resolved it itself: theirs stands
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._undecoded = (kind, data)
+            self._result, self._exception, self._state = result, exception, FINISHED
+            for waiter in self._waiter_list or ():
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
 
     def _decode(self) -> None:
         """Unpickle the outcome (the caller's thread; user code), once: the first caller claims
@@ -274,12 +285,12 @@ class TaskFuture(Future[Any]):
                 if pending is None:
                     return  # another thread did it while we waited
                 kind, data = pending
-                if (self._result is not _PICKLED_RESULT if kind == "result"
-                        else not isinstance(self._exception, _PickledError)):
+                if (self._result is not PICKLED_RESULT if kind == "result"
+                        else not isinstance(self._exception, PickledError)):
                     self._undecoded = None  # the caller resolved it itself (see set_undecoded)
                     return
                 claimed = self._decoding = True  # (claimed first: see the finally)
-            outcome = _unpickled(kind, data)
+            outcome = unpickled(kind, data)
         finally:
             if claimed:
                 with self._condition:  # the outcome stored and the claim let go at once
@@ -316,29 +327,6 @@ class TaskFuture(Future[Any]):
         self._done_callbacks = ()  # done: nothing is added any more; let them go once run
         (call_each if getattr(_inline, "callbacks", False) else run_or_queue)(  # (run_or_queue:
             self, callbacks)  # taskorch's ``InlineCallback``s run there)
-
-
-def _unpickled(kind: str, data: Any) -> tuple[Any, BaseException | None]:
-    """A worker's outcome (``TaskFuture._undecoded``), unpickled (user code): (the result,
-    None) or (None, the exception); a result that does not unpickle is a SerializationError."""
-    if kind == "result":
-        try:
-            return decode_frame(data), None
-        except KeyboardInterrupt:
-            raise  # Ctrl-C in this thread, most likely: not the result's fault; retried next call
-        except BaseException as exc:  # noqa: BLE001 - a __setstate__ may call sys.exit()
-            error = SerializationError(
-                f"the task's result could not be unpickled in the parent: "
-                f"{type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            return None, error
-    pickled, type_name, message, tb = data  # (a DescribedException)
-    try:
-        return None, decode_exception(pickled, type_name, message, tb)  # (or RemoteTaskError)
-    except KeyboardInterrupt:
-        raise
-    except BaseException:  # noqa: BLE001 - SystemExit from a __setstate__
-        return None, decode_exception(None, type_name, message, tb)
 
 
 # cancel() sets `callbacks` for the duration of the call: the callbacks of the future it
