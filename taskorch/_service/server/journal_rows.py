@@ -90,9 +90,9 @@ def write_rows(db: sqlite3.Connection, template: str, row: str, rows: list[tuple
     step resets the statement, and lets go of the GIL and takes it back: measured, ~2 us of
     CPU per task more for a task's insert and end). The chunks go by powers of two (64 down
     to 1), so that a template makes at most seven statements (kept in sqlite3's cache).
-    A row whose value ``blob`` (bytes or None) has LARGE_VALUE bytes goes alone, in its place:
-    a statement's values are copied into SQLite all at once, 64 large results would be held
-    twice over. Returns how many rows were changed."""
+    A row whose value ``blob`` (bytes, a bytearray or None) has LARGE_VALUE bytes goes alone,
+    in its place: a statement's values are copied into SQLite all at once, 64 large results
+    would be held twice over. Returns how many rows were changed."""
     changed = 0
     start = 0  # the rows from here to the current one are small: written together
     for i, values in enumerate(rows):
