@@ -359,7 +359,7 @@ def test_wait_and_as_completed_are_woken_by_futures_that_end_while_they_wait(
     waiters = [
         threading.Thread(target=lambda: finished.extend(as_completed([ok, bad], R))),
         threading.Thread(target=lambda: failed_first.append(
-            wait([bad, last], timeout=R, return_when=FIRST_EXCEPTION))),
+            wait([bad, last], timeout=3 * R, return_when=FIRST_EXCEPTION))),  # (> join's R)
     ]
     for waiter in waiters:
         waiter.start()
