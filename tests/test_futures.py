@@ -342,24 +342,37 @@ def test_a_finished_future_holds_one_object_for_the_garbage_collector(
 def test_wait_and_as_completed_are_woken_by_futures_that_end_while_they_wait(
         make_orchestrator: Make, tmp_path: Path) -> None:
     # They add a waiter to each future (its ``_waiters`` list, made then) that the future's
-    # resolution must find: a success, a task's exception, a cancel.
+    # resolution must find: a success, a task's exception (told from a result: a
+    # FIRST_EXCEPTION wait returns on it alone), a cancel.
     o = make_orchestrator(worker_count=1)
-    g = Gate(tmp_path, "held")
+    g, g_last = Gate(tmp_path, "held"), Gate(tmp_path, "last")
     held = o.run(t.blocker, str(g.started), str(g.release_fifo))
     ok, bad, queued = o.run(t.add, 1, 2), o.run(t.raise_value_error, "x"), o.run(t.add, 3, 4)
-    assert held is not None and ok is not None and bad is not None and queued is not None
+    last = o.run(t.blocker, str(g_last.started), str(g_last.release_fifo))
+    assert held and ok and bad and queued and last
     g.wait_started()
     assert queued.cancel()
     first = wait([ok, bad, queued], timeout=R, return_when=FIRST_COMPLETED)
     assert first.done == {queued}  # the cancel woke it; the others wait behind ``held``
     finished: list[Any] = []
-    waiter = threading.Thread(target=lambda: finished.extend(as_completed([ok, bad], R)))
-    waiter.start()
+    failed_first: list[Any] = []
+    waiters = [
+        threading.Thread(target=lambda: finished.extend(as_completed([ok, bad], R))),
+        threading.Thread(target=lambda: failed_first.append(
+            wait([bad, last], timeout=3 * R, return_when=FIRST_EXCEPTION))),  # (> join's R)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    wait_until(lambda: len(bad._waiters) == 2, what="both waiters installed")
     g.release()
-    waiter.join(R)
-    assert set(finished) == {ok, bad} and not waiter.is_alive()
-    assert wait([bad], timeout=R, return_when=FIRST_EXCEPTION).done == {bad}
+    for waiter in waiters:
+        waiter.join(R)  # (``last`` still blocks: the FIRST_EXCEPTION wait ends on ``bad``)
+    assert not any(waiter.is_alive() for waiter in waiters)
+    assert set(finished) == {ok, bad}
+    assert failed_first[0].done == {bad} and failed_first[0].not_done == {last}
     assert isinstance(bad.exception(R), ValueError) and ok.result(R)[0] == 3
+    g_last.release()
+    assert last.result(R) == "go"
 
 
 def test_the_future_condition_waits_notifies_and_is_reentrant() -> None:

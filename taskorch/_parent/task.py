@@ -240,8 +240,10 @@ class TaskFuture(Future[Any]):
         """Wait until done (CancelledError, TimeoutError as Future does), then make sure the
         outcome is unpickled. `_undecoded` is set before the future is published as done, and
         cleared only after the decoded outcome is stored under `_condition`: a reader that
-        sees it None finds the final outcome (done, it never changes again)."""
-        super().exception(timeout)
+        sees it None finds the final outcome (done, it never changes again). FINISHED is
+        final too: seen without the lock, it spares Future's wait a hold of it."""
+        if self._state != FINISHED:
+            super().exception(timeout)
         if self._undecoded is not None:
             self._decode()
 
