@@ -12,7 +12,7 @@ from test_service import R
 
 from taskorch._service.protocol import O_RAISED, O_RESULT
 from taskorch._service.server.journal import Journal
-from taskorch._service.server.journal_file import LARGE_VALUE
+from taskorch._service.server.journal_rows import LARGE_VALUE
 
 
 def _record(journal: Journal, task_id: int) -> tuple[Any, ...]:

@@ -31,7 +31,6 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from taskorch._errors import JournalError
-from taskorch._service.server.journal_rows import LARGE_VALUE as LARGE_VALUE
 
 log = logging.getLogger("taskorch")
 
@@ -108,11 +107,6 @@ def open_journal(path: str | None, synchronous: str, fresh: bool,
             if mode != "wal":
                 raise JournalError(f"the journal {path} could not be switched to WAL mode")
             db.execute(f"PRAGMA synchronous={synchronous}")
-            # Temporary tables in memory, not behind a temp file's pager: the ends' statement
-            # materializes its rows (``journal_rows._ENDS``: 64 small ones, or one large);
-            # measured ~0.4 us of CPU less per task. Hazard: that large result is held once
-            # more while its row is written (the journal's other temporary tables are small).
-            db.execute("PRAGMA temp_store=MEMORY")
         if fresh:
             db.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
