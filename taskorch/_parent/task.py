@@ -143,9 +143,8 @@ class TaskFuture(Future[Any]):
 
     @property
     def _waiters(self) -> list[Any]:
-        """Future's waiters of ``concurrent.futures.wait()`` / ``as_completed()`` (which append
-        and remove theirs), made by the first of them: the list of most futures would never
-        hold one. ``set_undecoded`` reads ``_waiter_list``, not to make it."""
+        """Future's waiters of ``wait()`` / ``as_completed()`` (which append and remove
+        theirs), made by the first: most futures' would stay empty (``_finish`` never makes it)."""
         waiters = self._waiter_list
         if waiters is None:
             waiters = self._waiter_list = []
@@ -257,15 +256,26 @@ class TaskFuture(Future[Any]):
     def set_undecoded(self, kind: str, data: Any) -> None:
         """Resolve with the worker's outcome still pickled (dispatcher thread: no user code
         runs, done-callbacks are queued for the callback thread)."""
-        # Future.set_result / set_exception, but for reading ``_waiter_list`` (see ``_waiters``)
         if kind == "result":
-            result, exception = PICKLED_RESULT, None
+            self._finish(PICKLED_RESULT, None, (kind, data))
         else:
-            result, exception = None, PickledError("the task's exception is not unpickled yet")
+            self._finish(None, PickledError("the task's exception is not unpickled yet"),
+                         (kind, data))
+
+    def set_result(self, result: Any) -> None:  # (a raw task's outcome: ``resolve``)
+        self._finish(result, None, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception, None)
+
+    def _finish(self, result: Any, exception: BaseException | None,
+                undecoded: tuple[str, Any] | None) -> None:
+        """Future.set_result / set_exception (CPython 3.11-3.13's) but for reading
+        ``_waiter_list``, not to make it (see ``_waiters``)."""
         with self._condition:
-            if self._state in _ENDED:  # the caller resolved it itself: theirs stands
+            if self._state in _ENDED:  # (resolved by its caller, say: theirs stands)
                 raise InvalidStateError(f"{self._state}: {self!r}")
-            self._undecoded = (kind, data)
+            self._undecoded = undecoded  # (before FINISHED: see _wait_decoded)
             self._result, self._exception, self._state = result, exception, FINISHED
             for waiter in self._waiter_list or ():
                 if exception is None:
