@@ -29,7 +29,7 @@ _new_lock = _thread.allocate_lock
 class FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final; it is not)
     """A condition variable that is its own reentrant lock (see the module docstring)."""
 
-    __slots__ = ("_sleepers",)
+    __slots__ = ("sleepers",)
 
     if TYPE_CHECKING:  # the C lock's own, which typeshed leaves out
         def _is_owned(self) -> bool: ...
@@ -37,8 +37,9 @@ class FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final;
         def _acquire_restore(self, state: Any) -> None: ...
 
     def __init__(self) -> None:
-        # One lock per waiting thread, each held until notify releases it (None: nobody waits).
-        self._sleepers: list[Any] | None = None
+        # One lock per waiting thread, each held until notify releases it (None: nobody waits;
+        # read by ``task.TaskFuture``, which skips notify_all then).
+        self.sleepers: list[Any] | None = None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock (all its recursion levels), sleep until notified or ``timeout``
@@ -47,9 +48,9 @@ class FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final;
             raise RuntimeError("cannot wait on un-acquired lock")
         sleeper = _new_lock()
         sleeper.acquire()
-        if self._sleepers is None:
-            self._sleepers = []
-        self._sleepers.append(sleeper)
+        if self.sleepers is None:
+            self.sleepers = []
+        self.sleepers.append(sleeper)
         held = self._release_save()
         woken = False
         try:
@@ -62,9 +63,9 @@ class FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final;
             return woken
         finally:
             self._acquire_restore(held)
-            if not woken and self._sleepers is not None:  # (gone, unless notified meanwhile)
+            if not woken and self.sleepers is not None:  # (gone, unless notified meanwhile)
                 try:
-                    self._sleepers.remove(sleeper)
+                    self.sleepers.remove(sleeper)
                 except ValueError:
                     pass
 
@@ -73,18 +74,18 @@ class FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final;
         the lock."""
         if not self._is_owned():
             raise RuntimeError("cannot notify on un-acquired lock")
-        sleepers = self._sleepers
+        sleepers = self.sleepers
         if not sleepers:
             return
-        woken, self._sleepers = sleepers[:n], sleepers[n:] or None
+        woken, self.sleepers = sleepers[:n], sleepers[n:] or None
         for sleeper in woken:
             sleeper.release()
 
     def notify_all(self) -> None:
         if not self._is_owned():
             raise RuntimeError("cannot notify on un-acquired lock")
-        sleepers = self._sleepers
+        sleepers = self.sleepers
         if sleepers:
-            self._sleepers = None
+            self.sleepers = None
             for sleeper in sleepers:
                 sleeper.release()

@@ -15,6 +15,7 @@ log = logging.getLogger("taskorch")
 #: What to do with an item's future: ("result", pickled value), ("error", encode_exception
 #: tuple), ("exception", an exception object), or ("cancel", None).
 Resolution = tuple[WorkItem, str, Any]
+_new = tuple.__new__  # (a NamedTuple without its Python-level __new__: once per served task)
 
 
 def resolve_all(resolutions: list[Resolution]) -> None:
@@ -36,7 +37,7 @@ def resolve_all(resolutions: list[Resolution]) -> None:
 def _resolve(item: WorkItem, kind: str, value: Any) -> None:
     future = item.future
     if item.raw and kind in ("result", "error"):
-        future.set_result(RawOutcome(kind == "result", value))
+        future.set_result(_new(RawOutcome, (kind == "result", value)))
     elif kind == "result" or kind == "error":
         future.set_undecoded(kind, value)
     elif kind == "exception":

@@ -125,15 +125,13 @@ class TaskFuture(Future[Any]):
         self.attempts = 0
         self.seconds: float | None = None
         self.latest_progress: Progress | None = None  # (the dispatcher sets, any thread reads)
-        # Set by the orchestrator: removes the task from the backlog if it is still there.
-        # Dropped once the future is done (it leads to the WorkItem and what it holds).
+        # Set by the orchestrator (takes a queued task out); dropped once done (leads to the item).
         self._cancel_hook: Callable[[TaskFuture], bool] | None = None
         # The worker's outcome, still pickled: ("result", pickle bytes) or ("error",
         # encode_exception() tuple). Set by the dispatcher before it resolves the future; read
         # and cleared by the first result()/exception(), which unpickles it (``_decode``).
         self._undecoded: tuple[str, Any] | None = None
-        # Set while a thread unpickles the outcome (user code: slow, maybe) without holding
-        # `_condition`; other result()/exception() callers wait on `_condition` meanwhile.
+        # Set while a thread unpickles the outcome (user code) out of `_condition`: others wait.
         self._decoding = False
         # Internal: called once, with this future, in the thread that resolves it, before
         # its done-callbacks are queued (taskorch serve's registry journals the outcome). Must
@@ -282,8 +280,10 @@ class TaskFuture(Future[Any]):
                     waiter.add_result(self)
                 else:
                     waiter.add_exception(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
+            if self._condition.sleepers:  # (else no call: _finish runs once per task)
+                self._condition.notify_all()
+        if self._observer is not None or self._done_callbacks:
+            self._invoke_callbacks()
 
     def _decode(self) -> None:
         """Unpickle the outcome (the caller's thread; user code), once: the first caller claims
