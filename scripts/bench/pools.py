@@ -394,8 +394,13 @@ class TaskorchRemoteAdapter(PoolAdapter):
         import subprocess
         import tempfile
 
+        import taskorch
         from taskorch import connect
 
+        # ``-m taskorch`` puts the child's working directory first on its sys.path: started in
+        # the directory that holds the package imported here, the server runs this same code
+        # (not the checkout the benchmark happens to be started from, as it once did).
+        root = os.path.dirname(os.path.dirname(os.path.abspath(taskorch.__file__)))
         self.tmp = tempfile.mkdtemp(prefix="tob-")
         sock, key, log = (os.path.join(self.tmp, name) for name in ("s.sock", "key", "log"))
         journal = (["--journal", os.path.join(self.tmp, "journal.sqlite3")] if self.journal
@@ -406,7 +411,8 @@ class TaskorchRemoteAdapter(PoolAdapter):
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "taskorch", "serve", "--socket", sock, "--authkey-file",
                  key, "--workers", str(self.workers), *self.backlog_args, *journal],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                cwd=root)
         deadline = time.monotonic() + 30.0
         while "listening on" not in open(log).read():
             if self.server.poll() is not None or time.monotonic() > deadline:
