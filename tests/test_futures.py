@@ -375,6 +375,30 @@ def test_wait_and_as_completed_are_woken_by_futures_that_end_while_they_wait(
     assert last.result(R) == "go"
 
 
+@pytest.mark.parametrize("error", [ValueError("x"), None])
+def test_set_exception_ends_a_first_exception_wait_as_concurrent_futures_does(
+        error: BaseException | None) -> None:
+    # TaskFuture resolves through its own ``_finish`` (Future's, but the waiters' list is made
+    # by the first wait() only): a waiter hears of set_exception() as an exception, even of
+    # None, as with a plain Future; a future nobody waited for gets no list.
+    from taskorch._parent.task import TaskFuture
+
+    for cls in (concurrent.futures.Future, TaskFuture):
+        futures = [cls(), cls()]
+        ended: list[Any] = []
+        waiter = threading.Thread(target=lambda: ended.append(
+            wait(futures, timeout=3 * R, return_when=FIRST_EXCEPTION)))  # (> join's R)
+        waiter.start()
+        wait_until(lambda: all(len(f._waiters) == 1 for f in futures), what="wait() waiting")
+        futures[0].set_exception(error)
+        waiter.join(R)
+        assert not waiter.is_alive() and ended[0].done == {futures[0]}, cls
+        futures[1].set_result(2)
+    alone = TaskFuture()
+    alone.set_result(1)
+    assert alone.result() == 1 and alone._waiter_list is None
+
+
 def test_the_future_condition_waits_notifies_and_is_reentrant() -> None:
     from taskorch._parent.condition import FutureCondition
 

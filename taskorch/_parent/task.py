@@ -258,16 +258,16 @@ class TaskFuture(Future[Any]):
             self._finish(PICKLED_RESULT, None, (kind, data))
         else:
             self._finish(None, PickledError("the task's exception is not unpickled yet"),
-                         (kind, data))
+                         (kind, data), failed=True)
 
     def set_result(self, result: Any) -> None:  # (a raw task's outcome: ``resolve``)
         self._finish(result, None, None)
 
     def set_exception(self, exception: BaseException | None) -> None:
-        self._finish(None, exception, None)
+        self._finish(None, exception, None, failed=True)  # (None too, as Future's does)
 
     def _finish(self, result: Any, exception: BaseException | None,
-                undecoded: tuple[str, Any] | None) -> None:
+                undecoded: tuple[str, Any] | None, failed: bool = False) -> None:
         """Future.set_result / set_exception (CPython 3.11-3.13's) but for reading
         ``_waiter_list``, not to make it (see ``_waiters``)."""
         with self._condition:
@@ -276,10 +276,10 @@ class TaskFuture(Future[Any]):
             self._undecoded = undecoded  # (before FINISHED: see _wait_decoded)
             self._result, self._exception, self._state = result, exception, FINISHED
             for waiter in self._waiter_list or ():
-                if exception is None:
-                    waiter.add_result(self)
-                else:
+                if failed:
                     waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
             if self._condition.sleepers:  # (else no call: _finish runs once per task)
                 self._condition.notify_all()
         if self._observer is not None or self._done_callbacks:
