@@ -6,6 +6,7 @@ Runs in the parent (serial baseline, reaping a killed child's leftovers) and in 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -15,6 +16,16 @@ from .config import NOISE_MIN_WALL_S
 
 class SectionError(Exception):
     """A section could not produce its measurement; its cell shows ``error: <message>``."""
+
+
+def taskorch_root() -> str:
+    """The directory holding the taskorch package this process imported: where to start a
+    ``python -m ...`` child, which puts its working directory first on its sys.path (started
+    elsewhere, it would run whatever taskorch that directory holds: a comparison of checkouts
+    once measured one server twice)."""
+    import taskorch
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(taskorch.__file__)))
 
 
 # -- statistics and messages -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable
 
 from .config import POOL_SECTIONS, SCRIPTS_DIR
-from .harness import SectionError, is_helper_process
+from .harness import SectionError, is_helper_process, taskorch_root
 
 
 def bulk_chunksize(n: int, workers: int) -> int:
@@ -394,13 +394,8 @@ class TaskorchRemoteAdapter(PoolAdapter):
         import subprocess
         import tempfile
 
-        import taskorch
         from taskorch import connect
 
-        # ``-m taskorch`` puts the child's working directory first on its sys.path: started in
-        # the directory that holds the package imported here, the server runs this same code
-        # (not the checkout the benchmark happens to be started from, as it once did).
-        root = os.path.dirname(os.path.dirname(os.path.abspath(taskorch.__file__)))
         self.tmp = tempfile.mkdtemp(prefix="tob-")
         sock, key, log = (os.path.join(self.tmp, name) for name in ("s.sock", "key", "log"))
         journal = (["--journal", os.path.join(self.tmp, "journal.sqlite3")] if self.journal
@@ -412,7 +407,7 @@ class TaskorchRemoteAdapter(PoolAdapter):
                 [sys.executable, "-m", "taskorch", "serve", "--socket", sock, "--authkey-file",
                  key, "--workers", str(self.workers), *self.backlog_args, *journal],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
-                cwd=root)
+                cwd=taskorch_root())  # (the same taskorch as this process's)
         deadline = time.monotonic() + 30.0
         while "listening on" not in open(log).read():
             if self.server.poll() is not None or time.monotonic() > deadline:

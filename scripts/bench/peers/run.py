@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from ..config import SCRIPTS_DIR
+from ..harness import taskorch_root
 from . import work
 from .procs import kill_group, redis_version
 from .report import print_report
@@ -127,7 +128,7 @@ def run_driver(python: str, opts: dict[str, Any], deadline_s: float) -> dict[str
         with open(err_path, "w+b") as err:
             proc = subprocess.Popen([python, "-m", "bench.peers.driver", json.dumps(opts), out],
                                     stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=taskorch_root())
             killed = False
             try:
                 proc.wait(timeout=deadline_s)
