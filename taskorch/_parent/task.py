@@ -296,11 +296,7 @@ class TaskFuture(Future[Any]):
                 pending = self._undecoded
                 if pending is None:
                     return  # another thread did it while we waited
-                kind, data = pending
-                if (self._result is not PICKLED_RESULT if kind == "result"
-                        else not isinstance(self._exception, PickledError)):
-                    self._undecoded = None  # the caller resolved it itself (see set_undecoded)
-                    return
+                kind, data = pending  # (set only with its stand-in outcome: ``_finish``)
                 claimed = self._decoding = True  # (claimed first: see the finally)
             outcome = unpickled(kind, data)
         finally:
