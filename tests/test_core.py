@@ -500,7 +500,7 @@ def test_an_alarm_in_the_first_attempts_failure_is_that_attempts_failure(
     import pickle
     import signal
 
-    from taskorch._wire import encode_call
+    from taskorch._wire import Retrying, decode_event, encode_call
     from taskorch._worker.attempts import AttemptRunner, AttemptTimer
 
     stop, fired = AttemptTimer.stop, []
@@ -521,8 +521,8 @@ def test_an_alarm_in_the_first_attempts_failure_is_that_attempts_failure(
         policy = Policy(retries=2, timeout=30.0, backoff_initial=0.0, jitter=False)
         assert pickle.loads(runner.run_call(payload, policy)) == 2
         assert fired and runner.attempt == 2
-        retried = [e for e in events if e[0] == 2]  # RETRYING: (..., delay, timed out)
-        assert len(retried) == 1 and retried[0][-1] is True
+        retried = [e for e in map(decode_event, events) if isinstance(e, Retrying)]
+        assert len(retried) == 1 and retried[0].timed_out is True
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)

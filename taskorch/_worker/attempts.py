@@ -2,7 +2,8 @@
 
 tenacity drives the attempts (stop after the budget left, exponential backoff with jitter,
 retry only what ``Policy.retries_error`` accepts), so an ordinary retry costs no round trip to
-the parent; a first attempt that succeeds never goes through it (``run_attempts``). tenacity
+the parent; a first attempt that succeeds never goes through it (``AttemptRunner._attempts``
+in a local worker, ``run_attempts`` in a Dask one). tenacity
 never interrupts a running attempt, so the per-attempt timeout is ours: a one-shot
 ``ITIMER_REAL`` timer whose ``SIGALRM`` handler raises ``TaskTimeoutError`` in the main thread
 (loky-spawned workers run tasks in their main thread, so Python signal handlers run there).
@@ -188,6 +189,8 @@ class AttemptRunner:
     def _attempts(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], policy: Policy
     ) -> Any:
+        # ``run_attempts``, inlined (no closure for a first attempt that succeeds), with the
+        # timer's stop in the first attempt's failure: a fix to one belongs in both.
         timer, timeout = self._timer, policy.timeout
         try:  # the first attempt, here (its clock runs: ``run_call``): most tasks end with it
             try:

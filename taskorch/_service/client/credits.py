@@ -29,9 +29,7 @@ class Credits:
         (both read under the lock)."""
         with self.change:
             if self.held > 0 and usable():  # (the common case: no wait, no predicate to build)
-                self.held -= 1
-                self.inflight += 1
-                return True
+                return self.spend_locked()
             if not self.change.wait_for(
                     lambda: self.held > 0 or self.inflight == 0 or not usable() or stopped(),
                     wait):

@@ -29,16 +29,12 @@ def write_starts_and_ends(db: sqlite3.Connection, started: list[tuple[Any, ...]]
     told: list[tuple[Any, ...]] = []  # the others; or every end, in turn (not ``at_once``)
     for op in finished:
         start = starts.pop(op[1], None)
-        data: bytes | bytearray = pickle.dumps(op[5], PROTOCOL)
-        if len(data) < LARGE_VALUE:
-            data = bytearray(data)  # (see "Binding")
+        began, pid = (None, None) if start is None else (now, start[3])
+        end = (op[7], op[3], now, op[2], op[4], bindable(pickle.dumps(op[5], PROTOCOL)))
         if at_once and op[8] is None:
-            quiet.append((op[7], op[3], now, op[2], op[4], data, None if start is None else now,
-                          None if start is None else start[3], op[1]))
+            quiet.append((*end, began, pid, op[1]))
         else:
-            told.append((op[7], op[3], now, op[2], op[4], data, op[8],
-                         None if start is None else now, None if start is None else start[3],
-                         op[1]))
+            told.append((*end, op[8], began, pid, op[1]))
     if starts:
         db.executemany(
             "UPDATE tasks SET state='running', status='running', attempts=?, started=?, "
@@ -81,6 +77,12 @@ _UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
 ROWS_PER_STATEMENT = 64
 #: Rows with a blob of this many bytes or more are written one by one (``write_rows``).
 LARGE_VALUE = 16 * 1024
+
+
+def bindable(blob: bytes) -> bytes | bytearray:
+    """A blob as a bytearray if it is small (see "Binding": sqlite3 binds one faster), as it
+    is if it has LARGE_VALUE bytes or more (not copied again)."""
+    return bytearray(blob) if len(blob) < LARGE_VALUE else blob
 
 
 def write_rows(db: sqlite3.Connection, template: str, row: str, rows: list[tuple[Any, ...]],

@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 
 from taskorch._service.server.callbacks import Calls
 from taskorch._service.server.journal_file import ROW_COLUMNS, Row, after_ids_text
-from taskorch._service.server.journal_rows import LARGE_VALUE, write_rows
+from taskorch._service.server.journal_rows import bindable, write_rows
 from taskorch._service.server.outcomes import CAUSE_DATA_SQL
 from taskorch._service.server.records import label_of
 
@@ -82,12 +82,12 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
             bare) < len(plain) else []
         if bare:
             inserted += write_rows(db, _INSERT_BARE, _BARE_ROW, [
-                (first + i, bytearray(op[1]), op[2], _small(op[3]), now, *label_of(op[3]))
+                (first + i, bytearray(op[1]), op[2], bindable(op[3]), now, *label_of(op[3]))
                 for i, op in bare], 3)
         if timed:
             inserted += write_rows(db, _INSERT_ROWS, _ROW, [
-                (first + i, bytearray(op[1]), op[2], _small(op[3]),
-                 None if op[4] is None else _small(op[4]), now, *op[6], *label_of(op[3]), None,
+                (first + i, bytearray(op[1]), op[2], bindable(op[3]),
+                 None if op[4] is None else bindable(op[4]), now, *op[6], *label_of(op[3]), None,
                  None) for i, op in timed], 3)
         for i, op in plain:
             existing = None if inserted == len(plain) else find_submission(db, op[1], op[2])
@@ -102,12 +102,6 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
             inserted += made
         calls.add(*answer)
     return inserted
-
-
-def _small(blob: bytes) -> bytes | bytearray:
-    """A blob as a bytearray if it is small (``journal_rows``' "Binding": sqlite3 binds one
-    faster), as it is if it has LARGE_VALUE bytes or more (not copied again)."""
-    return bytearray(blob) if len(blob) < LARGE_VALUE else blob
 
 
 def _insert_one(db: sqlite3.Connection, op: tuple[Any, ...], task_id: int,
