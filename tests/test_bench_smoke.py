@@ -63,8 +63,9 @@ def test_bench_cost_quick_prints_the_per_task_cost(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| local: the TaskOrchestrator's process |" in proc.stdout
     cost = json.loads(out.read_text())["cost"]
-    for kind in ("local", "remote", "remote-nj"):
+    for kind in ("local", "remote", "remote-nj", "floor"):
         assert "error" not in cost[kind] and cost[kind]["own_us"] > 0, cost[kind]
+    assert "| floor: the bare mechanism" in proc.stdout
     assert cost["remote"]["server_us"] > 0
 
 

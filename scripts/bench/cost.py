@@ -9,6 +9,8 @@ threads) of:
   remote, client   the process that calls ``taskorch.connect().run`` (the same)
   remote, server   the ``taskorch serve`` process, journal on and off (psutil; its own CPU
                    only, not its workers')
+  floor            the bare mechanism of taskorch's shape and nothing else (``floor.py``):
+                   a lower bound for any pool of this shape in this interpreter
 
 From it: how many workers busy with 1 ms tasks one dispatcher keeps fed (1 ms over the cost
 per task, were the dispatcher given a core of its own), and what share of a core it needs to
@@ -54,12 +56,13 @@ def submit_all(adapter: Any, n: int) -> float:
 
 
 def measure(kind: str, workers: int, n: int) -> dict[str, Any]:
-    """One setting: 'local', 'remote' (journal) or 'remote-nj'."""
+    """One setting: 'local', 'remote' (journal), 'remote-nj' or 'floor'."""
+    from .floor import FloorAdapter
     from .pools import ADAPTERS
 
-    name = {"local": "taskorch", "remote": "taskorch-remote",
-            "remote-nj": "taskorch-remote-nj"}[kind]
-    adapter = ADAPTERS[name](workers)
+    adapter = FloorAdapter(workers) if kind == "floor" else ADAPTERS[
+        {"local": "taskorch", "remote": "taskorch-remote", "remote-nj": "taskorch-remote-nj"}[kind]
+    ](workers)
     adapter.preload()
     adapter.create()
     try:
@@ -95,7 +98,8 @@ def print_report(results: dict[str, dict[str, Any]], workers: int, n: int, reps:
             ("remote: the client (connect().run), journal", "remote", "own_us"),
             ("remote: taskorch serve, journal", "remote", "server_us"),
             ("remote: the client, --no-journal", "remote-nj", "own_us"),
-            ("remote: taskorch serve, --no-journal", "remote-nj", "server_us")]
+            ("remote: taskorch serve, --no-journal", "remote-nj", "server_us"),
+            ("floor: the bare mechanism, nothing else (bench/floor.py)", "floor", "own_us")]
     for label, kind, key in rows:
         res = results.get(kind, {})
         if "error" in res:
@@ -112,7 +116,10 @@ def print_report(results: dict[str, dict[str, Any]], workers: int, n: int, reps:
           "Wall rates (tasks/s, these "
           + f"{workers} workers): " + ", ".join(
               f"{kind} {res['per_s']:,.0f}" for kind, res in results.items() if "per_s" in res)
-          + ".")
+          + ". The floor keeps of taskorch's shape only a future per task, the call pickled "
+          "in the caller's thread, a bounded deque under a lock, one dispatcher thread and "
+          "batched pipes to the workers (no retries, priorities, crash isolation, records, "
+          "metrics): a lower bound for any pool of this shape in this interpreter.")
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -133,7 +140,8 @@ def main(args: Any) -> int:
 
     n = QUICK_N if args.quick else FULL_N
     reps = args.reps or (1 if args.quick else 3)
-    runs: dict[str, list[dict[str, Any]]] = {"local": [], "remote": [], "remote-nj": []}
+    runs: dict[str, list[dict[str, Any]]] = {"local": [], "remote": [], "remote-nj": [],
+                                             "floor": []}
     for rep in range(reps):
         for kind in runs:
             print(f"bench: cost {rep + 1}/{reps}: {kind} ...", file=sys.stderr, flush=True)

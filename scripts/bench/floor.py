@@ -1,0 +1,174 @@
+"""The floor of the per-task cost (``--cost``): the bare mechanism taskorch's shape fixes, and
+nothing else, to tell how much of taskorch's cost per task is the mechanism itself.
+
+Runs in the cost section's process (the pool) and in its worker processes (``work``). What it
+keeps, each in its cheapest form: a future per task (taskorch's own ``TaskFuture``, the
+cheapest Future measured: a plain ``concurrent.futures.Future`` costs ~6 us more per task, most
+of it the garbage collector's), the call pickled in the caller's thread (plain pickle: no
+cloudpickle decision), a bounded deque under one lock, one dispatcher thread, a pipe to each of
+2 worker processes with calls and results batched (up to ``CREDIT`` calls a worker ahead).
+What it leaves out is everything else a task processor is for: retries and timeouts, priorities
+and delays, crash isolation (a worker's death loses its calls here), the exact bound's wait for
+room, cancel, progress, the tasks' records, metrics and events. So its figure is a lower bound
+for any pool of this shape in this interpreter, not a competitor.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import pickle
+import select
+import threading
+from typing import Any, Callable
+
+CREDIT = 64  # calls a worker holds ahead (taskorch's prefetch for tasks this short is similar)
+
+
+def work(conn: Any) -> None:
+    """A worker: run each batch of calls, send back one batch of results."""
+    loads, dumps = pickle.loads, pickle.dumps
+    while True:
+        try:
+            batch = loads(conn.recv_bytes())
+        except EOFError:
+            return
+        if batch is None:
+            return
+        results = []
+        for task_id, call in batch:
+            fn, args, kwargs = loads(call)
+            try:
+                results.append((task_id, True, fn(*args, **kwargs)))
+            except Exception as exc:  # noqa: BLE001 (the task's, sent back)
+                results.append((task_id, False, exc))
+        conn.send_bytes(dumps(results))
+
+
+class FloorPool:
+    """``submit`` and a future, as a pool; ``stop`` after every future is done."""
+
+    def __init__(self, workers: int, max_backlog: int = 1_000_000) -> None:
+        from taskorch._parent.task import TaskFuture
+
+        self._future = TaskFuture
+        self._queue: collections.deque[tuple[Any, bytes]] = collections.deque()
+        self._lock = threading.Lock()
+        self._max = max_backlog
+        self._sleeping = False
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        context = multiprocessing.get_context("spawn")
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        for _ in range(workers):
+            mine, theirs = context.Pipe()
+            proc = context.Process(target=work, args=(theirs,), daemon=True)
+            proc.start()
+            theirs.close()
+            self._conns.append(mine)
+            self._procs.append(proc)
+        self._thread = threading.Thread(target=self._dispatch, name="floor-dispatcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        call = pickle.dumps((fn, args, kwargs))
+        future = self._future()
+        with self._lock:
+            if len(self._queue) >= self._max:
+                raise RuntimeError("the floor's backlog is full")
+            self._queue.append((future, call))
+            wake, self._sleeping = self._sleeping, False
+        if wake:
+            os.write(self._wake_w, b"x")
+        return future
+
+    def _dispatch(self) -> None:
+        by_fd = {conn.fileno(): conn for conn in self._conns}
+        credit = {conn: CREDIT for conn in self._conns}
+        pending: dict[int, Any] = {}
+        next_id = 0
+        poll = select.epoll()
+        for fd in (*by_fd, self._wake_r):
+            poll.register(fd, select.EPOLLIN)
+        try:
+            while not self._closed:
+                with self._lock:
+                    for conn in self._conns:
+                        n = min(credit[conn], len(self._queue))
+                        if not n:
+                            continue
+                        batch = []
+                        for _ in range(n):
+                            future, call = self._queue.popleft()
+                            pending[next_id] = future
+                            batch.append((next_id, call))
+                            next_id += 1
+                        credit[conn] -= n
+                        conn.send_bytes(pickle.dumps(batch))
+                    if not self._queue:
+                        self._sleeping = True
+                for fd, _ in poll.poll(1.0):
+                    if fd == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                        continue
+                    conn = by_fd[fd]
+                    results = pickle.loads(conn.recv_bytes())
+                    credit[conn] += len(results)
+                    for task_id, ok, value in results:
+                        future = pending.pop(task_id)
+                        if ok:
+                            future.set_result(value)
+                        else:
+                            future.set_exception(value)
+        finally:
+            poll.close()
+
+    def stop(self, timeout: float) -> None:
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout)
+        for conn in self._conns:
+            try:
+                conn.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout)
+        for conn in self._conns:
+            conn.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class FloorAdapter:
+    """The cost section's verbs for the floor (``cost.measure``)."""
+
+    server = None
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: FloorPool | None = None
+
+    @staticmethod
+    def preload() -> str:
+        return "floor"
+
+    def create(self) -> None:
+        self.pool = FloorPool(self.workers)
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        assert self.pool is not None
+        return self.pool.submit(fn, *args)
+
+    def get(self, handle: Any, timeout: float) -> Any:
+        return handle.result(timeout=max(0.0, timeout))
+
+    def stop(self, timeout: float) -> None:
+        if self.pool is not None:
+            self.pool.stop(timeout)
