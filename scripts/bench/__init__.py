@@ -60,6 +60,7 @@ Modules, by role (the parent never imports the child's modules, and the reverse)
   cli.py             both: the command line, and which role to play
   cost.py            ``--cost``: CPU of the dispatching process (local parent, remote client,
                      serve) per no-op task, and how many 1 ms workers that keeps busy
+  floor.py           ``--cost``'s floor: the bare mechanism of taskorch's shape, nothing else
   defaults.py        ``--defaults``: remote run() at taskorch serve's defaults against a local
                      pool, each with a producer that waits for room (issue 23)
   peers/             ``--peers``: taskorch serve against Celery, RQ, Huey and Dramatiq, W1-W4,

@@ -10,7 +10,7 @@ threads) of:
   remote, server   the ``taskorch serve`` process, journal on and off (psutil; its own CPU
                    only, not its workers')
   floor            the bare mechanism of taskorch's shape and nothing else (``floor.py``):
-                   a lower bound for any pool of this shape in this interpreter
+                   the cheapest pool of this shape we built in this interpreter
 
 From it: how many workers busy with 1 ms tasks one dispatcher keeps fed (1 ms over the cost
 per task, were the dispatcher given a core of its own), and what share of a core it needs to
@@ -119,7 +119,7 @@ def print_report(results: dict[str, dict[str, Any]], workers: int, n: int, reps:
           + ". The floor keeps of taskorch's shape only a future per task, the call pickled "
           "in the caller's thread, a bounded deque under a lock, one dispatcher thread and "
           "batched pipes to the workers (no retries, priorities, crash isolation, records, "
-          "metrics): a lower bound for any pool of this shape in this interpreter.")
+          "metrics): the cheapest pool of this shape we built in this interpreter.")
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
