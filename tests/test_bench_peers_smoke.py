@@ -27,7 +27,8 @@ def run_peers(tmp_path: Path, systems: str, venv: Path) -> tuple[str, dict]:
 
 @pytest.mark.timeout(360)  # (minutes on a busy machine; the subprocess's timeout guards)
 def test_bench_peers_quick_runs_taskorch_and_reports_a_missing_peer(tmp_path: Path) -> None:
-    stdout, data = run_peers(tmp_path, "taskorch,taskorch-nj,rq", tmp_path / "no-venv")
+    stdout, data = run_peers(tmp_path, "taskorch,taskorch-normal,taskorch-nj,rq",
+                             tmp_path / "no-venv")
     assert "| taskorch serve, journal |" in stdout and "x taskorch" in stdout
     # A peer that cannot run is reported as such, with the reason, never skipped silently.
     assert "| RQ, Redis |" in stdout and "not run: no peers venv" in stdout
@@ -36,6 +37,10 @@ def test_bench_peers_quick_runs_taskorch_and_reports_a_missing_peer(tmp_path: Pa
     for w in ("W1", "W2", "W3", "W4"):
         assert "error" not in journal["w"][w], (w, journal["w"][w])
     assert journal["w"]["W4"]["accepted"] == 100 and journal["w"]["W4"]["lost"] == 0
+    # The journal without an fsync per commit survives the server's SIGKILL as well.
+    (normal,) = data["peers"]["taskorch-normal"]
+    assert "| taskorch serve, journal, --journal-sync normal |" in stdout
+    assert normal["w"]["W4"]["accepted"] == 100 and normal["w"]["W4"]["lost"] == 0, normal["w"]
     (no_journal,) = data["peers"]["taskorch-nj"]
     assert no_journal["w"]["W4"] == {"skipped": "not durable"}
 

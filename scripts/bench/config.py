@@ -15,8 +15,8 @@ SCRIPTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(SCRIPTS_DIR, "bench.py")
 
 # The peers section (bench/peers/): its systems, and the peers' own venv.
-PEER_SYSTEMS = ("taskorch", "taskorch-nj", "huey-sqlite", "huey-redis", "rq", "dramatiq",
-                "celery")
+PEER_SYSTEMS = ("taskorch", "taskorch-normal", "taskorch-nj", "huey-sqlite", "huey-redis", "rq",
+                "dramatiq", "celery")
 PEERS_VENV = os.path.join(os.path.dirname(SCRIPTS_DIR), ".bench-peers-venv")
 
 MIB = 1024 * 1024

@@ -8,7 +8,9 @@ W2 result through the system's own API), ``kill_broker`` (SIGKILL) and ``restart
 
 Settings: each system's defaults, except 2 worker processes of one thread each, quiet logs,
 Redis over a Unix socket without RDB snapshots, and taskorch serve's backlog bound raised to
-1,000,000 (the peers' queues are unbounded; serve's default bound is 128).
+1,000,000 (the peers' queues are unbounded). taskorch serve runs three ways: its journal as by
+default (an fsync per group commit), its journal with ``--journal-sync normal`` (no fsync per
+commit: about the Redis peers' durability), and ``--no-journal``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from ..config import SCRIPTS_DIR
 from . import work
 from .procs import RedisServer, Started, stop, wait_for
 
-TASKORCH_SYSTEMS = ("taskorch", "taskorch-nj")
+TASKORCH_SYSTEMS = ("taskorch", "taskorch-normal", "taskorch-nj")
 LABELS = {
     "taskorch": "taskorch serve, journal",
+    "taskorch-normal": "taskorch serve, journal, --journal-sync normal",
     "taskorch-nj": "taskorch serve, --no-journal",
     "huey-sqlite": "Huey, SQLite storage",
     "huey-redis": "Huey, Redis",
@@ -129,6 +132,7 @@ class Taskorch(System):
     package = "taskorch"
     needs_redis = False
     journal = True
+    sync: tuple[str, ...] = ()  # serve's default: --journal-sync full
 
     def start(self) -> None:
         self.sock = os.path.join(self.tmp, "s.sock")
@@ -137,8 +141,8 @@ class Taskorch(System):
         self.connect()
 
     def start_server(self) -> None:
-        journal = (["--journal", os.path.join(self.tmp, "journal.sqlite3")] if self.journal
-                   else ["--no-journal"])
+        journal = (["--journal", os.path.join(self.tmp, "journal.sqlite3"), *self.sync]
+                   if self.journal else ["--no-journal"])
         log = os.path.join(self.tmp, f"serve{len(self.procs)}.log")
         server = self.started.popen(
             [sys.executable, "-m", "taskorch", "serve", "--socket", self.sock, "--authkey-file",
@@ -190,6 +194,15 @@ class Taskorch(System):
             pass
         for proc in self.procs:
             stop(proc, 15.0)
+
+
+class TaskorchNormal(Taskorch):
+    """The journal without an fsync per commit: a commit survives the server's SIGKILL (W4), as
+    the Redis peers' AOF does (``appendfsync everysec``), not a power loss, which Redis's
+    loses up to a second of. The round trip at about the peers' durability."""
+
+    name = "taskorch-normal"
+    sync = ("--journal-sync", "normal")
 
 
 class TaskorchNoJournal(Taskorch):
@@ -305,5 +318,6 @@ class Celery(System):
 
 
 ADAPTERS: dict[str, type[System]] = {
-    a.name: a for a in (Taskorch, TaskorchNoJournal, HueySqlite, HueyRedis, Rq, Dramatiq, Celery)
+    a.name: a for a in (Taskorch, TaskorchNormal, TaskorchNoJournal, HueySqlite, HueyRedis, Rq,
+                        Dramatiq, Celery)
 }
