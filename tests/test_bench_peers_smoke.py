@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,8 @@ def test_bench_peers_quick_runs_taskorch_and_reports_a_missing_peer(tmp_path: Pa
     # The journal without an fsync per commit survives the server's SIGKILL as well.
     (normal,) = data["peers"]["taskorch-normal"]
     assert "| taskorch serve, journal, --journal-sync normal |" in stdout
+    for w in ("W1", "W2", "W3"):
+        assert "error" not in normal["w"][w], (w, normal["w"][w])
     assert normal["w"]["W4"]["accepted"] == 100 and normal["w"]["W4"]["lost"] == 0, normal["w"]
     (no_journal,) = data["peers"]["taskorch-nj"]
     assert no_journal["w"]["W4"] == {"skipped": "not durable"}
@@ -58,3 +61,30 @@ def test_bench_peers_quick_runs_huey_sqlite(tmp_path: Path) -> None:
     for w in ("W1", "W2", "W3", "W4"):
         assert "error" not in huey["w"][w], (w, huey["w"][w])
     assert "| Huey, SQLite storage |" in stdout
+
+
+def test_bench_peers_starts_each_taskorch_system_with_its_own_journal_setting(
+        tmp_path: Path) -> None:
+    """What each taskorch row's server is started with (the command line, not a server):
+    only the normal-sync row drops the fsync per commit, and the journal-less row its journal."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench.peers.systems import ADAPTERS
+
+    class Recording:
+        def popen(self, cmd: list[str], env: dict[str, str], log_path: str) -> Any:
+            self.cmd = cmd
+            Path(log_path).write_text("listening on")
+            return None
+
+    commands = {}
+    for name in ("taskorch", "taskorch-normal", "taskorch-nj"):
+        recording = Recording()
+        system = ADAPTERS[name](recording, str(tmp_path), 2, False)  # type: ignore[arg-type]
+        system.sock, system.key = "s.sock", "key"  # (as start() sets them)
+        system.start_server()  # type: ignore[attr-defined]
+        commands[name] = " ".join(recording.cmd)
+    assert "--journal-sync" not in commands["taskorch"] and "--journal " in commands["taskorch"]
+    assert "--journal-sync normal" in commands["taskorch-normal"]
+    assert "--journal " in commands["taskorch-normal"]
+    assert "--no-journal" in commands["taskorch-nj"]
+    assert "--journal-sync" not in commands["taskorch-nj"]

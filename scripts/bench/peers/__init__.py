@@ -1,7 +1,8 @@
 """The peers section: taskorch serve against the job queues users weigh it against.
 
-Run it as ``python scripts/bench.py --peers [--quick] [--systems ...] [--rounds N]``.
-Systems, 2 worker processes each: taskorch serve (journal on, and ``--no-journal``), Huey
+Run it as ``python scripts/bench.py --peers [--quick] [--systems ...] [--reps N]``.
+Systems, 2 worker processes each: taskorch serve (its journal; its journal with
+``--journal-sync normal``; ``--no-journal``), Huey
 (SQLite storage, and Redis), RQ, Dramatiq and Celery (Redis). Redis is Debian's
 ``redis-server`` (installed with apt-get by the orchestrator if missing, as root and without
 ``--no-install``), started and stopped by each driver on a Unix socket. The peers live in a venv

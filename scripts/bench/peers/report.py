@@ -109,7 +109,7 @@ def print_report(results: dict[str, list[dict[str, Any]]], why_not: dict[str, st
             cells = row(system, labels[system], results.get(system, []), results)
         print("| " + " | ".join(cells) + " |")
     print()
-    print("Ratios: a system's figure over taskorch serve's (journal on) in the same round, "
+    print("Ratios: a system's figure over taskorch serve's (journal, full sync) in the same round, "
           "median over rounds: end-to-end above 1 is faster than taskorch, p50 above 1 slower.")
     notes = [f"{system}: {r['killed']}: {r.get('stderr_tail', '').strip()[-200:]}"
              for system, runs in results.items() for r in runs if r.get("killed")]

@@ -198,8 +198,8 @@ class Taskorch(System):
 
 class TaskorchNormal(Taskorch):
     """The journal without an fsync per commit: a commit survives the server's SIGKILL (W4), as
-    the Redis peers' AOF does (``appendfsync everysec``), not a power loss, which Redis's
-    loses up to a second of. The round trip at about the peers' durability."""
+    the Redis peers' AOF does (``appendfsync everysec``), not a power loss (Redis loses up to a
+    second's writes to one). The round trip at about the peers' durability."""
 
     name = "taskorch-normal"
     sync = ("--journal-sync", "normal")
