@@ -60,9 +60,11 @@ def measure(kind: str, workers: int, n: int) -> dict[str, Any]:
     from .floor import FloorAdapter
     from .pools import ADAPTERS
 
-    adapter = FloorAdapter(workers) if kind == "floor" else ADAPTERS[
-        {"local": "taskorch", "remote": "taskorch-remote", "remote-nj": "taskorch-remote-nj"}[kind]
-    ](workers)
+    if kind == "floor":
+        adapter = FloorAdapter(workers)
+    else:
+        adapter = ADAPTERS[{"local": "taskorch", "remote": "taskorch-remote",
+                            "remote-nj": "taskorch-remote-nj"}[kind]](workers)
     adapter.preload()
     adapter.create()
     try:

@@ -26,6 +26,8 @@ import selectors
 import threading
 from typing import Any, Callable
 
+from .pools import PoolAdapter
+
 CREDIT = 64  # calls a worker holds ahead (taskorch's prefetch for tasks this short is similar)
 
 
@@ -167,14 +169,11 @@ class FloorPool:
             self._wake_w = -1
 
 
-class FloorAdapter:
-    """The cost section's verbs for the floor (``cost.measure``)."""
+class FloorAdapter(PoolAdapter):
+    """The cost section's verbs for the floor (``cost.measure``); ``get`` is PoolAdapter's."""
 
-    server = None
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.pool: FloorPool | None = None
+    name = "floor"
+    pool: FloorPool | None
 
     @staticmethod
     def preload() -> str:
@@ -186,9 +185,6 @@ class FloorAdapter:
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         assert self.pool is not None
         return self.pool.submit(fn, *args)
-
-    def get(self, handle: Any, timeout: float) -> Any:
-        return handle.result(timeout=max(0.0, timeout))
 
     def stop(self, timeout: float) -> None:
         if self.pool is not None:

@@ -77,9 +77,10 @@ def insert_submissions(db: sqlite3.Connection, submits: list[tuple[Any, ...]], f
         # No key, no after (``_values`` inline); without options() or a policy (``_INSERT_BARE``)
         # the columns that keep their defaults are not bound: a shorter row per task. The
         # client token and a small call go as bytearrays (``journal_rows``' "Binding").
-        bare = [(i, op) for i, op in plain if op[6] == _NO_TIMING and op[4] is None]
-        timed = [(i, op) for i, op in plain if op[6] != _NO_TIMING or op[4] is not None] if len(
-            bare) < len(plain) else []
+        bare: list[tuple[int, tuple[Any, ...]]] = []
+        timed: list[tuple[int, tuple[Any, ...]]] = []
+        for i, op in plain:
+            (bare if op[6] == _NO_TIMING and op[4] is None else timed).append((i, op))
         if bare:
             inserted += write_rows(db, _INSERT_BARE, _BARE_ROW, [
                 (first + i, bytearray(op[1]), op[2], bindable(op[3]), now, *label_of(op[3]))
